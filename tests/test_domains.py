@@ -190,10 +190,11 @@ def test_empty_csv():
 
 
 def test_csv_row_with_a_missing_cell_names_its_line():
-    text = 'domain,fact\nA,"two\nlines"\nA\nB,b1\n,b2\nB,b3\n'
+    # A quoted cell spans lines 2-3 and the bad row spans 4-5: the row's first line counts.
+    text = 'domain,fact\nA,"two\nlines"\n"A\nA"\nB,b1\n,b2\nB,b3\n'
     lines = _error(parse_domains_csv, text, "mine.csv").splitlines()
     assert lines == ["mine.csv, line 4: the row has 1 cell and no 'fact' cell.",
-                     "mine.csv, line 6: the 'domain' cell is empty."]
+                     "mine.csv, line 7: the 'domain' cell is empty."]
 
 
 def test_csv_validation_problems_name_the_line():
