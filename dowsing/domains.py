@@ -271,7 +271,8 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
     every fault found (line numbers count physical lines, from 1).
     """
     text = text.removeprefix("\ufeff")
-    reader = csv.reader(io.StringIO(text, newline=""))
+    # strict: an unclosed quote is an error, not a cell that swallows the rest of the file.
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     problems: list[str] = []
     header: list[str] | None = None
     header_line = 0
@@ -287,7 +288,7 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
         except StopIteration:
             break
         except csv.Error as exc:
-            problems.append(f"{source}, line {reader.line_num}: the CSV cannot be read ({exc}).")
+            problems.append(f"{source}, line {line}: the CSV cannot be read ({exc}); check the quotes in this row.")
             break
         line_end = reader.line_num
         if not any(cell.strip() for cell in row):

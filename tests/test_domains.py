@@ -282,3 +282,9 @@ def test_fingerprint_is_stable_and_sensitive():
     # Moving a fact across the domain boundary must change it too.
     moved = [Domain("A", ("x", "y")), Domain("B", ("z", "w"))]
     assert domains_fingerprint(moved) != domains_fingerprint([Domain("A", ("x",)), Domain("B", ("y", "z", "w"))])
+
+
+def test_csv_with_an_unclosed_quote_names_the_row_where_it_opens():
+    message = _error(parse_domains_csv, 'domain,fact\nA,a\nA,"b\nA,c\n', "mine.csv")
+    assert message.startswith("mine.csv, line 3: the CSV cannot be read")
+    assert "quotes" in message
