@@ -164,7 +164,8 @@ def test_wrong_json_shape_names_the_field(data, expected):
     ([("A", ["a", "b"]), ("", ["c", "d"])], "mine.json, domains[1].name: the unnamed domain has an empty name."),
     ([("A", ["a", "b", " "])], "mine.json, domains[0].facts[2]: domain 'A' has an empty fact."),
     ([("A", ["a", "b", "a"])], "mine.json, domains[0].facts[2]: domain 'A' has the fact 'a' twice."),
-    ([("A", ["a", "b"]), ("B", ["c", "b"])], "mine.json, domains[1].facts[1]: the fact 'b' is in both domain 'B' and domain 'A'."),
+    ([("A", ["a", "b"]), ("B", ["c", "b"])],
+     "mine.json, domains[1].facts[1]: the fact 'b' is in both domain 'B' and domain 'A'."),
 ])
 def test_json_validation_problems_name_the_field(domains, expected):
     assert expected in _error(parse_domains_json, _json(*domains), "mine.json")
@@ -211,6 +212,12 @@ def test_csv_validation_problems_name_the_line():
     assert "mine.csv, line 4: the fact 'a' is in both domain 'B' and domain 'A'." in message
     assert "mine.csv, line 6: domain 'C' has 1 fact" in message
     assert "mine.csv, line 7: domain 'a' repeats the name of an earlier domain ('A')" in message
+
+
+def test_csv_with_an_unclosed_quote_names_the_row_where_it_opens():
+    message = _error(parse_domains_csv, 'domain,fact\nA,a\nA,"b\nA,c\n', "mine.csv")
+    assert message.startswith("mine.csv, line 3: the CSV cannot be read")
+    assert "quotes" in message
 
 
 # --- files --------------------------------------------------------------------
@@ -282,9 +289,3 @@ def test_fingerprint_is_stable_and_sensitive():
     # Moving a fact across the domain boundary must change it too.
     moved = [Domain("A", ("x", "y")), Domain("B", ("z", "w"))]
     assert domains_fingerprint(moved) != domains_fingerprint([Domain("A", ("x",)), Domain("B", ("y", "z", "w"))])
-
-
-def test_csv_with_an_unclosed_quote_names_the_row_where_it_opens():
-    message = _error(parse_domains_csv, 'domain,fact\nA,a\nA,"b\nA,c\n', "mine.csv")
-    assert message.startswith("mine.csv, line 3: the CSV cannot be read")
-    assert "quotes" in message
