@@ -1,0 +1,205 @@
+"""The worker process of one job: ``python -m dowsing.worker JOB_ID``.
+
+It reads the job's request from the job store, waits for the machine's runner
+lock (one analysis at a time), runs `run_analysis` with a progress callback
+that writes stage / fraction / message into the job state, and ends with the
+state "done" (exit 0), "failed" with a one-line error (exit 1) or, on
+SIGTERM, "cancelled" (exit 143). The result itself lands in the ResultStore
+through run_analysis.
+"""
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+
+from .jobs import (
+    LOG_NOTE_PREFIX,
+    WAITING_MESSAGE,
+    JobRequest,
+    JobStore,
+    now_iso,
+    one_line,
+    result_summary,
+)
+
+FINAL = ("done", "failed", "cancelled")
+# At most this many progress writes per second reach the job store.
+WRITES_PER_S = 5.0
+LOCK_POLL_S = 0.25
+CANCELLED_EXIT = 128 + signal.SIGTERM
+
+
+class JobCancelled(BaseException):
+    """Raised by the SIGTERM handler; a BaseException so that no `except
+    Exception` in the engine swallows it."""
+
+
+def _on_sigterm(signum, frame):
+    # One cancellation is enough: ignore repeats while cleaning up.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise JobCancelled()
+
+
+def note(text: str) -> None:
+    print(f"{LOG_NOTE_PREFIX}{time.strftime('%H:%M:%S')} {text}", flush=True)
+
+
+class ProgressWriter:
+    """The progress callback: keeps the latest Progress in memory and a
+    background thread writes it to the job state at most WRITES_PER_S times a
+    second, so a chatty engine never waits on the disk; `close()` writes the last."""
+
+    def __init__(self, store: JobStore, job_id: str, run_id: str):
+        self.store = store
+        self.job_id = job_id
+        self.run_id = run_id
+        self._latest = None
+        self._written = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="progress-writer", daemon=True)
+        self._thread.start()
+
+    def __call__(self, progress) -> None:
+        fraction = min(1.0, max(0.0, float(getattr(progress, "fraction", 0.0) or 0.0)))
+        item = (str(getattr(progress, "stage", "")), fraction, str(getattr(progress, "message", "")))
+        with self._lock:
+            self._latest = item
+
+    def _loop(self) -> None:
+        while not self._stop.wait(1.0 / WRITES_PER_S):
+            self.flush()
+
+    def flush(self) -> None:
+        with self._lock:
+            item = self._latest
+        if item is None or item == self._written:
+            return
+        stage, fraction, message = item
+        self.store.update(self.job_id, run_id=self.run_id, unless=FINAL, stage=stage, fraction=fraction, message=message)
+        self._written = item
+
+    def close(self, flush: bool = True) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+        if flush:
+            self.flush()
+
+
+def _acquire_runner_lock(store: JobStore, job_id: str, run_id: str):
+    """Block until this process holds the machine's runner lock; the job
+    stays "queued" meanwhile. Returns the open lock file (closing it releases)."""
+    handle = open(store.lock_path, "a+")
+    waiting = False
+    while True:
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return handle
+        except BlockingIOError:
+            pass
+        if not waiting:
+            waiting = True
+            note("waiting for the runner lock")
+            store.update(job_id, run_id=run_id, unless=FINAL, stage="queued", message=WAITING_MESSAGE)
+        state = store.get(job_id)
+        if state is None or state.run_id != run_id or state.status in FINAL:
+            handle.close()
+            raise JobCancelled()  # cancelled or deleted while waiting
+        time.sleep(LOCK_POLL_S)
+
+
+def run_job(job_id: str, store: JobStore | None = None) -> int:
+    """Run one queued job to its end; the process exit code."""
+    store = store or JobStore()
+    state = store.get(job_id)
+    if state is None:
+        print(f"No job {job_id} in {store.root}.", flush=True)
+        return 1
+    if state.status != "queued":
+        note(f"job {job_id} is {state.status}; nothing to do")
+        return 0
+    run_id = state.run_id
+    store.update(job_id, run_id=run_id, unless=FINAL, pid=os.getpid())
+    note(f"worker pid {os.getpid()} for job {job_id}")
+    lock = None
+    writer = None
+    started = time.monotonic()
+    try:
+        lock = _acquire_runner_lock(store, job_id, run_id)
+        store.update(
+            job_id, run_id=run_id, unless=FINAL, status="running", stage="starting", fraction=0.0,
+            message="starting the engine", started_at=now_iso(),
+        )
+        note("running")
+        request = JobRequest.from_dict(state.request)
+        from .analysis import run_analysis
+
+        writer = ProgressWriter(store, job_id, run_id)
+        result = run_analysis(request.model_id, list(request.domains), request.config, progress=writer, use_cache=True)
+        writer.close()
+        seconds = time.monotonic() - started
+        store.update(
+            job_id, run_id=run_id, unless=FINAL, status="done", stage="done", fraction=1.0,
+            message=f"finished in {seconds:.1f} s", error=None, finished_at=now_iso(),
+            summary=result_summary(state.request, result),
+        )
+        note(f"done in {seconds:.1f} s")
+        return 0
+    except JobCancelled:
+        if writer is not None:
+            writer.close(flush=False)
+        store.update(job_id, run_id=run_id, unless=FINAL, status="cancelled", message="cancelled", finished_at=now_iso())
+        note("cancelled")
+        return CANCELLED_EXIT
+    except Exception as exc:  # noqa: BLE001 - every failure must reach the job state
+        if writer is not None:
+            writer.close(flush=False)
+        error = _error_line(exc)
+        if not _is_input_error(exc):
+            traceback.print_exc()
+        print(error, flush=True)
+        store.update(
+            job_id, run_id=run_id, unless=FINAL, status="failed", error=error, message=error, exit_code=1,
+            finished_at=now_iso(),
+        )
+        return 1
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _is_input_error(exc: BaseException) -> bool:
+    from .domains import DomainError
+    from .models import ModelError
+
+    return isinstance(exc, (ModelError, DomainError, ValueError))
+
+
+def _error_line(exc: BaseException) -> str:
+    """Input errors keep their own one-line message; anything else is
+    'TypeName: message' so a bug is recognisable."""
+    text = one_line(str(exc))
+    if _is_input_error(exc):
+        return text or type(exc).__name__
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m dowsing.worker JOB_ID", file=sys.stderr)
+        return 2
+    try:
+        return run_job(args[0])
+    except JobCancelled:
+        return CANCELLED_EXIT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
