@@ -1,0 +1,21 @@
+"""The dowsing dashboard: a router over the pages plus the shared sidebar.
+
+Run with `make run` (or `streamlit run app.py`). The pages only lay out
+widgets; the analysis runs in a worker process behind `dowsing.jobs`.
+"""
+import streamlit as st
+
+from pages import _shared
+
+st.set_page_config(page_title="Data dowsing", page_icon="🪄", layout="wide")
+
+page = st.navigation([
+    st.Page("pages/domains.py", title="Domains", icon=":material/edit_note:", url_path="domains", default=True),
+    st.Page("pages/run.py", title="Run", icon=":material/play_circle:", url_path="run"),
+    st.Page("pages/results.py", title="Results", icon=":material/leaderboard:", url_path="results"),
+    st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
+])
+model_box = _shared.sidebar()
+page.run()
+# After the page, so the page is on screen while a model loads.
+_shared.model_status(model_box)

@@ -1,0 +1,219 @@
+"""What every page shares: the sidebar (model picker, advanced settings, the
+active domain set), the executor, and the current job id.
+
+Pages read the user's choices through the functions here; all computation is
+in `dowsing/` (the engine runs in a worker process behind the executor).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import streamlit as st
+
+from dowsing import workspace
+from dowsing.config import CURVATURES, DEVICES, DTYPES, SOLVERS, AnalysisConfig
+from dowsing.jobs import Executor, JobState, default_executor
+from dowsing.models import EMBEDDED_ID, ModelError, load_model
+
+SOURCES = {
+    "embedded": "Embedded default (SmolLM2-135M-Instruct)",
+    "hub": "Hugging Face id",
+    "directory": "Local model folder",
+    "gguf": ".gguf file",
+}
+PLACEHOLDERS = {
+    "hub": "e.g. gpt2 or Qwen/Qwen2.5-0.5B",
+    "directory": "/path/to/model-folder (holds config.json)",
+    "gguf": "/path/to/model.gguf",
+}
+DEFAULTS = AnalysisConfig()
+
+
+@st.cache_resource(show_spinner=False)
+def executor() -> Executor:
+    """One executor per server process: it remembers the workers it started."""
+    return default_executor()
+
+
+@st.cache_resource(show_spinner=False, max_entries=2)
+def _load(model_id: str | None, device: str, dtype: str):
+    """(LoadedModel, None) or (None, one-line error). Errors are cached too, so an
+    offline hub id is not retried on every rerun; "Retry" clears the cache."""
+    try:
+        return load_model(model_id, device=device, dtype=dtype), None
+    except ModelError as exc:
+        return None, str(exc).strip().splitlines()[0]
+    except Exception as exc:  # a broken model folder must not take the app down
+        return None, f"The model could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
+@dataclass(frozen=True)
+class ModelChoice:
+    source: str  # a key of SOURCES
+    text: str  # what the user typed ("" for the embedded default)
+    problem: str | None  # a one-line reason the choice is unusable, before loading
+
+    @property
+    def model_id(self) -> str | None:
+        """The id the engine takes: None for the embedded default."""
+        return None if self.source == "embedded" else self.text
+
+    @property
+    def label(self) -> str:
+        return EMBEDDED_ID if self.source == "embedded" else self.text
+
+
+def model_choice() -> ModelChoice:
+    source = st.session_state.get("source", "embedded")
+    if source not in SOURCES:
+        source = "embedded"
+    text = (st.session_state.get("model") or "").strip()
+    if source == "embedded":
+        return ModelChoice("embedded", "", None)
+    problem = None
+    if not text:
+        problem = f"Enter a {SOURCES[source].lower()} or choose the embedded default."
+    elif source == "directory" and not Path(text).expanduser().is_dir():
+        problem = f"No folder at {text}."
+    elif source == "gguf" and not text.lower().endswith(".gguf"):
+        problem = "A .gguf file path must end in .gguf."
+    elif source == "gguf" and not Path(text).expanduser().is_file():
+        problem = f"No file at {text}."
+    return ModelChoice(source, text, problem)
+
+
+def analysis_config() -> tuple[AnalysisConfig | None, str | None]:
+    """The Advanced settings as an AnalysisConfig, or (None, the reason it is invalid)."""
+    state = st.session_state
+    try:
+        return AnalysisConfig(
+            damping=float(state.get("cfg_damping", DEFAULTS.damping)),
+            blocks=int(state.get("cfg_blocks", DEFAULTS.blocks)),
+            solver=state.get("cfg_solver", DEFAULTS.solver),
+            curvature=state.get("cfg_curvature", DEFAULTS.curvature),
+            device=state.get("cfg_device", DEFAULTS.device),
+            dtype=state.get("cfg_dtype", DEFAULTS.dtype),
+        ), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def active_set_name() -> str:
+    return workspace.active_set()
+
+
+# --- the job shown on Run and Results ---------------------------------------
+
+def current_job_id() -> str | None:
+    """The job in the URL (?job=...), else the one this session last looked at.
+    Kept in both, so a refresh and a page switch show the same job."""
+    job = st.query_params.get("job") or st.session_state.get("job_id")
+    if job:
+        set_current_job(job)
+    return job or None
+
+
+def set_current_job(job_id: str | None) -> None:
+    if job_id:
+        st.session_state["job_id"] = job_id
+        if st.query_params.get("job") != job_id:
+            st.query_params["job"] = job_id
+    else:
+        st.session_state.pop("job_id", None)
+        if "job" in st.query_params:
+            del st.query_params["job"]
+
+
+def job_label(state: JobState) -> str:
+    """'12 Mar 14:05 · Physics first · default set · gpt2' for pickers and history."""
+    summary = state.summary or {}
+    when = (state.created_at or "")[:16].replace("T", " ")
+    model = summary.get("model_id") or "embedded default"
+    if len(model) > 40:
+        model = "…" + model[-39:]
+    top = summary.get("top_domain")
+    parts = [when, state.status if state.status != "done" else f"{top} first" if top else "done",
+             summary.get("domain_set_name") or "", model]
+    return " · ".join(p for p in parts if p)
+
+
+# --- the sidebar --------------------------------------------------------------
+
+def sidebar():
+    """Model picker, advanced settings and the active domain set (every page).
+    Returns the sidebar slot where `model_status` later shows the loaded model."""
+    with st.sidebar:
+        st.markdown("### :material/water_drop: Data dowsing")
+        st.caption("Which concept domain would gain most from more training data?")
+        st.radio(
+            "Model", list(SOURCES), format_func=SOURCES.get, key="source", bind="query-params",
+            help="The causal language model to analyse. It is loaded once per server process.",
+        )
+        source = st.session_state.get("source", "embedded")
+        if source != "embedded":
+            st.text_input(
+                SOURCES[source], key="model", bind="query-params", placeholder=PLACEHOLDERS[source],
+                help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online).",
+            )
+        status_box = st.container()
+        with st.expander("Advanced settings"):
+            st.number_input("Damping λ", min_value=0.0, value=DEFAULTS.damping, format="%.1e", step=1e-4,
+                            key="cfg_damping", help="λ in (H + λI) z = g. Larger is more stable, less exact.")
+            st.number_input("Blocks B", min_value=1, max_value=48, value=DEFAULTS.blocks, step=1, key="cfg_blocks",
+                            help="How many final transformer blocks carry the concept adapter.")
+            st.selectbox("Solver", SOLVERS, index=SOLVERS.index(DEFAULTS.solver), key="cfg_solver",
+                         help="auto: the fastest exact method; cg: conjugate gradient (the paper's); exact: dense.")
+            st.selectbox("Curvature", CURVATURES, index=CURVATURES.index(DEFAULTS.curvature), key="cfg_curvature",
+                         help="hessian: exact second derivative; ggn: Gauss-Newton (positive semi-definite).")
+            st.selectbox("Device", DEVICES, index=DEVICES.index(DEFAULTS.device), key="cfg_device")
+            st.selectbox("Precision", DTYPES, index=DTYPES.index(DEFAULTS.dtype), key="cfg_dtype",
+                         help="bfloat16 needs CUDA.")
+            _, problem = analysis_config()
+            if problem:
+                st.error(problem[:1].upper() + problem[1:])
+        _domain_set_picker()
+    return status_box
+
+
+def _domain_set_picker() -> None:
+    names = workspace.list_sets()
+    active = workspace.active_set()
+    if not names:
+        return
+    if active not in names:
+        active = names[0]
+    st.selectbox(
+        "Domain set", names, index=names.index(active), key=f"sidebar_set_{active}",
+        on_change=_switch_set, args=(f"sidebar_set_{active}",),
+        help="The domains the next analysis uses. Edit them on the Domains page.",
+    )
+
+
+def _switch_set(key: str) -> None:
+    workspace.set_active(st.session_state[key])
+
+
+def model_status(box) -> None:
+    """Load the chosen model (cached per process) and show what is loaded, or a
+    one-line error. Runs after the page, so the page shows while a model loads."""
+    choice = model_choice()
+    config, _ = analysis_config()
+    device = config.device if config else "cpu"
+    dtype = config.dtype if config else "float32"
+    with box:
+        if choice.problem:
+            st.info(choice.problem)
+            return
+        with st.spinner("Loading model… (the embedded model is converted once, ~40 s)"):
+            loaded, error = _load(choice.model_id, device, dtype)
+        if error:
+            st.error(error)
+            if st.button("Retry", key="retry_model"):
+                _load.clear()
+                st.rerun()
+            return
+        info = loaded.info
+        st.success(f"**{info.architecture}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · {info.dtype}",
+                   icon="✅")
+

@@ -1,0 +1,52 @@
+"""Compare runs: two finished runs side by side (two models, or a domain set
+before and after an edit): ranks and means next to each other."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dowsing import charts, comparison, report
+from pages import _shared
+
+st.title("Compare runs")
+st.caption("Pick two finished runs, for example two models on the same domains, or one domain set before "
+           "and after an edit. Colours follow the domains, as on the Results page.")
+
+executor = _shared.executor()
+done = [s for s in executor.history() if s.status == "done"]
+if len(done) < 2:
+    st.info(f"Comparing needs two finished runs; there {'is' if len(done) == 1 else 'are'} {len(done)}. "
+            "Run another analysis (a different model, domain set or settings) on the Run page.",
+            icon=":material/info:")
+    st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
+    st.stop()
+
+ids = [s.job_id for s in done]
+labels = {s.job_id: _shared.job_label(s) for s in done}
+pick = st.columns(2)
+id_a = pick[0].selectbox("Run A", ids, index=1, format_func=labels.get, key="compare_a")
+id_b = pick[1].selectbox("Run B", ids, index=0, format_func=labels.get, key="compare_b")
+if id_a == id_b:
+    st.warning("Pick two different runs.", icon=":material/warning:")
+    st.stop()
+result_a, result_b = executor.result(id_a), executor.result(id_b)
+if result_a is None or result_b is None:
+    st.warning("One of these runs has no stored result any more; run it again.", icon=":material/warning:")
+    st.stop()
+
+for col, result, name in ((pick[0], result_a, "A"), (pick[1], result_b, "B")):
+    col.caption(f"{report.model_summary(result)} · {len(result.domains)} domains")
+
+table = comparison.compare(result_a, result_b, "A", "B")
+st.subheader("Ranks and means")
+st.dataframe(comparison.format_comparison(table), hide_index=True, width="stretch", key="compare_table",
+             column_config={"Rank change": st.column_config.TextColumn(
+                 help="▲ moved up in B, ▼ moved down, = same rank")})
+colors = charts.result_colors(result_a, result_b)
+cols = st.columns([2, 3])
+cols[0].plotly_chart(charts.rank_comparison(result_a, result_b, "A", "B", colors), key="rank_chart", width="stretch")
+with cols[1]:
+    donuts = st.columns(2)
+    for col, result, name in ((donuts[0], result_a, "A"), (donuts[1], result_b, "B")):
+        fig = charts.share_donut(result, colors)
+        fig.update_layout(title=dict(text=f"Share, run {name}"), showlegend=False, height=320)
+        col.plotly_chart(fig, key=f"share_{name}", width="stretch")

@@ -1,0 +1,128 @@
+"""Results: the ranked table in the paper's format, the share donut, the
+saturation curves, the facts that move each domain most, solver diagnostics
+and downloads (CSV, JSON, a self-contained HTML report)."""
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dowsing import charts, report
+from dowsing.result import format_sci
+from pages import _shared
+
+st.title("Results")
+
+executor = _shared.executor()
+job_id = _shared.current_job_id()
+done = [s for s in executor.history() if s.status == "done"]
+
+if not job_id and done:
+    job_id = done[0].job_id
+    _shared.set_current_job(job_id)
+if not job_id:
+    st.info("No run yet — go to **Run** and press Analyze.", icon=":material/info:")
+    st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
+    st.stop()
+
+state = executor.state(job_id)
+if state is not None and state.active:
+    st.info(f"This run is still {state.status} ({state.stage}: {state.message}). Results appear when it finishes.",
+            icon=":material/hourglass_top:")
+    st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
+    st.stop()
+result = executor.result(job_id)
+if result is None:
+    reason = state.error if state is not None and state.status == "failed" else None
+    st.warning("No result for this run" + (f": {reason}" if reason else ".") + " Run it again on the Run page.",
+               icon=":material/warning:")
+    st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
+    st.stop()
+
+if len(done) > 1:
+    ids = [s.job_id for s in done]
+    labels = {s.job_id: _shared.job_label(s) for s in done}
+    if job_id not in labels:
+        ids.insert(0, job_id)
+        labels[job_id] = "this run"
+    picked = st.selectbox("Run", ids, index=ids.index(job_id), format_func=labels.get, key=f"result_pick_{job_id}",
+                          help="Every finished run in the history.")
+    if picked != job_id:
+        _shared.set_current_job(picked)
+        st.rerun()
+
+colors = charts.result_colors(result)
+ranked = result.ranked()
+top = ranked[0] if ranked else None
+st.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · "
+           f"{sum(d.n_facts for d in result.domains)} facts · {(result.created_at or '')[:19].replace('T', ' ')}")
+
+if top is not None:
+    cols = st.columns(4)
+    cols[0].metric("Collect first", top.name, help="Rank 1: the highest mean per-example influence.")
+    cols[1].metric("Mean influence", format_sci(top.mean), help="I = gᵀz averaged over the domain's facts.")
+    biggest = max(result.domains, key=lambda d: d.share_pct or 0)
+    cols[2].metric("Largest share", f"{biggest.name} ({biggest.share_pct:.1f}%)",
+                   help="Share of the total absolute influence.")
+    cols[3].metric("Δn@10% for " + top.name, format_sci(top.delta_n_10pct),
+                   help="More facts until the marginal influence falls to 10% of today's value"
+                        + (f". Missing: {top.delta_n_reason}" if top.delta_n_10pct is None else "."))
+
+st.subheader("Concept priority ranking")
+st.markdown(f"<style>{report.TABLE_CSS}</style>" + report.table_html(result, colors), unsafe_allow_html=True)
+reasons = report.missing_reasons(result)
+if reasons:
+    st.caption("“—”: no saturation estimate (hover it for the reason). " +
+               " ".join(f"**{name}**: {why.rstrip('.')}." for name, why in reasons.items()))
+st.caption("Mean: average per-example influence I = gᵀz. Share: the domain's part of the total |influence|. "
+           "Δn@10%: more facts until the marginal gain falls to 10% (power-law fit). "
+           "t vs rest: Welch's t of the domain's influences against all others (p two-sided).")
+
+left, right = st.columns([2, 3])
+with left:
+    st.plotly_chart(charts.share_donut(result, colors), key="share_chart", width="stretch")
+with right:
+    st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
+
+st.subheader("Facts that move each domain most")
+st.caption("Per-example influence I = gᵀz of each fact in its own domain: the highest and the lowest.")
+if result.per_example:
+    tabs = st.tabs([d.name for d in ranked])
+    for tab, d in zip(tabs, ranked):
+        highest, lowest = report.top_examples(result, d.name, top=5)
+        with tab:
+            a, b = st.columns(2)
+            for col, title, rows in ((a, "Highest influence", highest), (b, "Lowest influence", lowest)):
+                col.markdown(f"**{title}**")
+                col.dataframe(
+                    pd.DataFrame({"Fact": [r["text"] for r in rows],
+                                  "Influence": [format_sci(r["influence"], 2) for r in rows]}),
+                    hide_index=True, width="stretch",
+                )
+else:
+    st.caption("This result holds no per-example influences.")
+
+with st.expander("Solver diagnostics"):
+    st.dataframe(report.diagnostics_table(result), hide_index=True, width="stretch")
+    flagged = [d.name for d in result.domains if (d.solver or {}).get("nonpositive_curvature")]
+    if flagged:
+        st.warning("Non-positive curvature met for " + ", ".join(flagged) +
+                   ": the solver stopped early; a larger damping λ gives a trustworthy answer.")
+    info = st.columns(2)
+    info[0].markdown("**Settings**")
+    info[0].json(result.config, expanded=False)
+    info[1].markdown("**Timings (s)**")
+    info[1].json({k: round(v, 3) if isinstance(v, float) else v for k, v in (result.timings or {}).items()},
+                 expanded=False)
+
+st.subheader("Download")
+dl = st.columns(3)
+dl[0].download_button("Table (CSV)", report.to_csv(result), file_name=report.report_filename(result, "csv"),
+                      mime="text/csv", icon=":material/table:", width="stretch", key="dl_csv")
+dl[1].download_button("Result (JSON)", result.to_json(), file_name=report.report_filename(result, "json"),
+                      mime="application/json", icon=":material/data_object:", width="stretch", key="dl_json")
+
+
+dl[2].download_button("Report (HTML)", lambda: report.build_report(result),
+                      file_name=report.report_filename(result, "html"), mime="text/html",
+                      icon=":material/description:", width="stretch", key="dl_html", on_click="ignore",
+                      help="One file with the table and interactive charts; opens offline, for people without the app.")

@@ -1,0 +1,148 @@
+"""Run: start an analysis in the background worker, follow its progress, and
+reopen or delete past runs. The job id sits in the URL, so a refresh or a
+second tab shows the same job."""
+from __future__ import annotations
+
+import streamlit as st
+
+from dowsing import workspace
+from dowsing.domains import Domain, DomainError, validation_problems
+from dowsing.jobs import JobRequest, JobState
+from dowsing.models import ModelError
+from pages import _shared
+
+st.title("Run an analysis")
+st.caption(
+    "The analysis runs in a separate worker process: you can switch pages, refresh or open a second tab "
+    "while it runs. A request that was computed before is shown at once from the cache."
+)
+
+choice = _shared.model_choice()
+config, config_problem = _shared.analysis_config()
+set_name = workspace.active_set()
+raw = workspace.load_set_raw(set_name)
+domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+domain_problems = validation_problems(domains)
+
+summary = st.columns(3)
+summary[0].metric("Model", "embedded default" if choice.source == "embedded" else choice.text.rsplit("/", 1)[-1],
+                  help=choice.label)
+summary[1].metric("Domain set", set_name, help=", ".join(d.name for d in domains))
+summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
+if config is not None:
+    changed = {k: v for k, v in config.to_dict().items() if v != _shared.DEFAULTS.to_dict()[k]}
+    st.caption("Settings: " + (", ".join(f"{k} = {v}" for k, v in changed.items()) if changed
+                               else "engine defaults (change them under Advanced settings in the sidebar)."))
+
+blockers = []
+if choice.problem:
+    blockers.append(f"Model: {choice.problem}")
+if config_problem:
+    blockers.append(f"Advanced settings: {config_problem}")
+if domain_problems:
+    blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
+                    f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
+for blocker in blockers:
+    st.warning(blocker, icon=":material/block:")
+if domain_problems:
+    with st.expander("Domain problems"):
+        for problem in domain_problems:
+            st.markdown(f"- {problem}")
+
+
+def _submit() -> None:
+    try:
+        request = JobRequest(model_id=choice.model_id, domains=domains, config=config, domain_set_name=set_name)
+        job_id = _shared.executor().submit(request)
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["run_error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return
+    _shared.set_current_job(job_id)
+
+
+st.button("Analyze", type="primary", icon=":material/play_arrow:", disabled=bool(blockers), on_click=_submit,
+          help="Compute influence, shares and saturation for every domain of the set.")
+if "run_error" in st.session_state:
+    st.error(st.session_state.pop("run_error"), icon=":material/error:")
+
+job_id = _shared.current_job_id()
+if st.session_state.pop("goto_results", False) and job_id:
+    opened = _shared.executor().state(job_id)
+    if opened is not None and opened.status == "done":
+        st.switch_page("pages/results.py", query_params={"job": job_id})
+
+
+def _cancel(job: str) -> None:
+    _shared.executor().cancel(job)
+
+
+def _show_job(job: str) -> None:
+    state = _shared.executor().state(job)
+    if state is None:
+        st.info("That run is no longer known (deleted, or from another cache). Start a new one above.")
+        return
+    st.caption(f"Job `{job[:12]}` · {_shared.job_label(state)}")
+    if state.active:
+        stage = state.stage or state.status
+        text = f"**{stage}** — {state.message}" if state.message else f"**{stage}**"
+        st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
+        st.button("Cancel", icon=":material/stop:", key=f"cancel-{job}", on_click=_cancel, args=(job,))
+    elif state.status == "done":
+        st.progress(1.0, text="**done** — " + (state.message or "finished"))
+        top = (state.summary or {}).get("top_domain")
+        st.success(f"Finished. {f'More data on **{top}** would help most.' if top else ''}",
+                   icon=":material/check_circle:")
+        st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
+    elif state.status == "failed":
+        st.error(f"The analysis failed: {state.error or state.message or 'no message'}", icon=":material/error:")
+        st.caption("The app is still usable: fix the cause (model, domains or settings) and press Analyze again.")
+    elif state.status == "cancelled":
+        st.warning("The analysis was cancelled.", icon=":material/cancel:")
+
+
+if job_id:
+    st.subheader("Current run")
+    first = _shared.executor().state(job_id)
+
+    @st.fragment(run_every=1.0 if first is not None and first.active else None)
+    def _job_panel() -> None:
+        _show_job(job_id)
+        now = _shared.executor().state(job_id)
+        if first is not None and first.active and now is not None and not now.active:
+            st.rerun()  # the whole page: stop polling, update the history
+
+    _job_panel()
+else:
+    st.info("No run yet: check the model in the sidebar and the domains, then press **Analyze**.")
+
+
+# --- history -------------------------------------------------------------------
+
+def _open(job: str) -> None:
+    _shared.set_current_job(job)
+    st.session_state["goto_results"] = True
+
+
+def _delete(job: str) -> None:
+    _shared.executor().delete(job)
+    if st.session_state.get("job_id") == job:
+        _shared.set_current_job(None)
+
+
+st.subheader("History")
+history: list[JobState] = _shared.executor().history()
+if not history:
+    st.caption("Past runs appear here, to reopen or delete.")
+for state in history[:30]:
+    summary = state.summary or {}
+    row = st.columns([2, 2, 3, 2, 1, 1], vertical_alignment="center")
+    row[0].write((state.created_at or "")[:19].replace("T", " "))
+    row[1].write(summary.get("domain_set_name") or "—")
+    row[2].write(f"`{summary.get('model_id') or 'embedded default'}`")
+    status = {"done": "✅", "failed": "❌", "cancelled": "⏹", "running": "⏳", "queued": "⏳"}.get(state.status, "")
+    top = summary.get("top_domain")
+    row[3].write(f"{status} {('top: ' + top) if top else state.status}")
+    row[4].button("Open", key=f"open-{state.job_id}", on_click=_open, args=(state.job_id,),
+                  type="primary" if state.job_id == job_id else "secondary")
+    row[5].button("", icon=":material/delete:", key=f"delete-{state.job_id}", on_click=_delete, args=(state.job_id,),
+                  help="Delete this run from the history (its cached result stays).")

@@ -1,0 +1,304 @@
+"""Every page of the app through Streamlit's AppTest, with a tiny model and a
+temporary cache (the worker processes inherit DOWSING_CACHE)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+from dowsing.result import format_sci
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+SMALL_CSV = """domain,fact
+Physics,Light travels faster than sound.
+Physics,A force changes the motion of a body.
+Physics,Energy is conserved in a closed system.
+Astronomy,The Moon orbits the Earth.
+Astronomy,Jupiter is the largest planet of the Solar System.
+Astronomy,The Sun is a star.
+"""
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A private cache for this module; cached Streamlit resources (the
+    executor, loaded models) are dropped so they point at it."""
+    folder = tmp_path_factory.mktemp("dowsing-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOWSING_CACHE", str(folder))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        st.cache_resource.clear()
+        yield folder
+        st.cache_resource.clear()
+
+
+@pytest.fixture(scope="module")
+def tiny(cache, tiny_gpt2_dir) -> str:
+    return str(tiny_gpt2_dir)
+
+
+def make_app(tiny: str, page: str | None = None) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = tiny
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def workspace_raw():
+    from dowsing import workspace
+
+    return workspace.load_set_raw(workspace.active_set())
+
+
+def editors(at):
+    return [e for e in at.data_editor if e.key and e.key.startswith("facts-")]
+
+
+def button(at, label):
+    return next(b for b in at.button if b.label == label)
+
+
+def test_domains_page_starts_from_the_default_set(tiny):
+    from dowsing.domains import default_domains
+
+    at = make_app(tiny)
+    assert at.title[0].value == "Domains"
+    defaults = default_domains()
+    eds = editors(at)
+    assert len(eds) == len(defaults)
+    assert list(eds[0].value["fact"]) == list(defaults[0].facts)
+    assert [t.value for t in at.text_input if t.key and t.key.startswith("name-")] == [d.name for d in defaults]
+    # The sidebar shows what is loaded.
+    assert "GPT2LMHeadModel" in at.sidebar.success[0].value
+    assert "cpu" in at.sidebar.success[0].value and "float32" in at.sidebar.success[0].value
+
+
+def test_empty_states_before_any_run(tiny):
+    for page, text in (("pages/run.py", "No run yet"), ("pages/results.py", "No run yet — go to **Run**"),
+                       ("pages/compare.py", "two finished runs")):
+        at = make_app(tiny, page)
+        assert any(text in i.value for i in at.info), (page, [i.value for i in at.info])
+
+
+def test_editing_a_fact_is_saved_and_validated(tiny):
+    at = make_app(tiny)
+    key = editors(at)[0].key
+    at.session_state[key] = {"edited_rows": {0: {"fact": "Edited: light is fast."}}, "added_rows": [],
+                             "deleted_rows": []}
+    at.run()
+    assert not at.exception
+    assert workspace_raw()[0]["facts"][0] == "Edited: light is fast."
+    # An empty fact and a duplicate are flagged inline, and still saved (mid-edit).
+    at2 = make_app(tiny)
+    key = editors(at2)[0].key
+    first = workspace_raw()[0]["facts"][0]
+    at2.session_state[key] = {"edited_rows": {1: {"fact": ""}}, "added_rows": [{"fact": first}], "deleted_rows": []}
+    at2.run()
+    warnings = " ".join(w.value for w in at2.warning)
+    assert "empty fact" in warnings and "twice" in warnings
+    assert workspace_raw()[0]["facts"][1] == ""
+    # Fix it again so later tests have a valid set.
+    at3 = make_app(tiny)
+    key = editors(at3)[0].key
+    at3.session_state[key] = {"edited_rows": {1: {"fact": "Second fact, fixed."}}, "added_rows": [],
+                              "deleted_rows": []}
+    at3.run()
+    assert not [w for w in at3.warning if "empty fact" in w.value]
+
+
+def test_add_rename_delete_undo_and_reorder_domains(tiny):
+    at = make_app(tiny)
+    n = len(editors(at))
+    at.text_input(key="new_domain_name").set_value("Chemistry")
+    button(at, "Add domain").click()
+    at.run()
+    assert len(editors(at)) == n + 1
+    assert workspace_raw()[-1]["name"] == "Chemistry"
+    # Rename through the name field.
+    name_key = [t.key for t in at.text_input if t.key and t.key.startswith("name-")][-1]
+    at.text_input(key=name_key).set_value("Chemistry 2").run()
+    assert workspace_raw()[-1]["name"] == "Chemistry 2"
+    # Move it up one place.
+    up = [b for b in at.button if b.key and b.key.startswith("up-")][-1]
+    up.click().run()
+    assert workspace_raw()[-2]["name"] == "Chemistry 2"
+    # Delete it, then undo.
+    delete = [b for b in at.button if b.key and b.key.startswith("del-")][-2]
+    delete.click().run()
+    assert "Chemistry 2" not in [d["name"] for d in workspace_raw()]
+    assert any("Deleted the domain" in s.value for s in at.success)
+    button(at, "Undo delete").click().run()
+    assert [d["name"] for d in workspace_raw()][-2] == "Chemistry 2"
+    delete = [b for b in at.button if b.key and b.key.startswith("del-")][-2]
+    delete.click().run()
+    assert len(editors(at)) == n
+
+
+def test_bad_import_names_line_or_field_and_changes_nothing(tiny):
+    from dowsing import workspace
+
+    at = make_app(tiny)
+    before_sets, before = workspace.list_sets(), workspace_raw()
+    at.text_area(key="paste_text").set_value('{"domains": [{"name": "A", "facts": ["x", 3]}]}')
+    button(at, "Import pasted text").click().run()
+    assert "domains[0].facts[1]" in at.error[0].value
+    at.text_area(key="paste_text").set_value("domain,fact\nA,x\nB\n")
+    button(at, "Import pasted text").click().run()
+    assert "line 3" in at.error[0].value
+    at.text_area(key="paste_text").set_value('{"domains": [')
+    button(at, "Import pasted text").click().run()
+    assert "line 1" in at.error[0].value
+    assert workspace.list_sets() == before_sets and workspace_raw() == before
+    assert not at.exception
+
+
+def test_import_export_and_named_sets(tiny):
+    from dowsing import workspace
+
+    at = make_app(tiny)
+    at.text_area(key="paste_text").set_value(SMALL_CSV)
+    button(at, "Import pasted text").click().run()
+    assert workspace.active_set() == "Pasted set"
+    assert [d["name"] for d in workspace_raw()] == ["Physics", "Astronomy"]
+    assert len(editors(at)) == 2
+    downloads = {d.label for d in at.get("download_button")}
+    assert {"Export JSON", "Export CSV"} <= downloads
+    # Both example sets load as sets of their own.
+    from dowsing.domains import example_sets
+
+    names = list(example_sets())
+    assert len(names) >= 2
+    at.button(key=f"example_{names[1]}").click().run()
+    assert workspace.active_set() == names[1]
+    assert len(editors(at)) >= 2
+    # Back to the small set for the run tests.
+    workspace.set_active("Pasted set")
+
+
+def run_until_done(at, timeout_s=180):
+    """Rerun the Run page (as the 1 s fragment would) until its job finishes;
+    returns the progress texts seen on the way."""
+    seen = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, at.exception
+        seen += [p.proto.text for p in at.get("progress")]
+        if any(s.value.startswith("Finished") for s in at.success):
+            return seen
+        if at.error:
+            raise AssertionError(at.error[0].value)
+        time.sleep(0.5)
+    raise AssertionError(f"the job did not finish in {timeout_s} s; progress seen: {seen[-3:]}")
+
+
+@pytest.fixture(scope="module")
+def finished_job(tiny):
+    from dowsing import workspace
+
+    workspace.save_set_raw("Small", [
+        {"name": "Physics", "facts": ["Light travels faster than sound.", "A force changes the motion of a body.",
+                                      "Energy is conserved in a closed system."]},
+        {"name": "Astronomy", "facts": ["The Moon orbits the Earth.", "The Sun is a star.",
+                                        "Jupiter is the largest planet of the Solar System."]},
+    ])
+    workspace.set_active("Small")
+    at = make_app(tiny, "pages/run.py")
+    assert at.title[0].value == "Run an analysis"
+    button(at, "Analyze").click()
+    at.run()
+    job_id = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
+    progress = run_until_done(at)
+    return at, job_id, progress
+
+
+def test_run_page_shows_progress_and_finishes(finished_job):
+    at, job_id, progress = finished_job
+    assert job_id
+    assert progress, "no progress bar was shown"
+    assert any("done" in p for p in progress)
+    # The history lists the run.
+    assert at.button(key=f"open-{job_id}")
+
+
+def test_results_show_the_numbers_of_the_result(finished_job, tiny):
+    _, job_id, _ = finished_job
+    from dowsing.jobs import default_executor
+
+    result = default_executor().result(job_id)
+    assert result is not None
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = tiny
+    at.query_params["job"] = job_id
+    at.switch_page("pages/results.py")
+    at.run()
+    assert not at.exception, at.exception
+    table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    for d in result.domains:
+        assert d.name in table
+        assert format_sci(d.mean) in table
+        assert f"{d.share_pct:.1f}%" in table
+        if d.delta_n_10pct is None and d.delta_n_reason:
+            assert d.delta_n_reason.replace("'", "&#x27;")[:20] in table  # the tooltip
+    ranked = result.ranked()
+    assert table.index(ranked[0].name) < table.index(ranked[-1].name)
+    charts = at.get("plotly_chart")
+    assert len(charts) == 2
+    specs = [json.loads(c.proto.spec) for c in charts]
+    assert specs[0]["data"][0]["type"] == "pie"
+    assert specs[1]["layout"]["xaxis"]["type"] == "log"
+    downloads = {d.label for d in at.get("download_button")}
+    assert {"Table (CSV)", "Result (JSON)", "Report (HTML)"} <= downloads
+    assert at.expander and any(e.label == "Solver diagnostics" for e in at.expander)
+
+
+def test_compare_two_runs(finished_job, tiny):
+    from dowsing import workspace
+
+    at = make_app(tiny, "pages/compare.py")
+    assert at.info and "two finished runs" in at.info[0].value
+    # A second run: the same domains with a different damping.
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = tiny
+    at.session_state["cfg_damping"] = 1e-2  # as if typed under Advanced settings
+    at.switch_page("pages/run.py")
+    at.run()
+    button(at, "Analyze").click()
+    run_until_done(at)
+    at.switch_page("pages/compare.py")
+    at.run()
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table["Concept"]) and set(table["Concept"]) == {d["name"] for d in workspace.load_set_raw("Small")}
+    assert {"Rank A", "Rank B", "Mean A", "Mean B"} <= set(table.columns)
+    assert at.get("plotly_chart")
+
+
+def test_bad_model_is_a_one_line_error(cache):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "hub"
+    at.session_state["model"] = "no-such-org/no-such-model-xyz"
+    at.run()
+    assert not at.exception
+    message = at.sidebar.error[0].value
+    assert "no-such-org/no-such-model-xyz" in message and "\n" not in message
+    # (A fresh AppTest per case: AppTest drops the sidebar on reruns, the browser does not.)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = "/no/such/folder"
+    at.run()
+    assert not at.exception
+    assert "No folder at /no/such/folder" in at.sidebar.info[0].value
+
+
