@@ -220,20 +220,27 @@ class JobStore:
 class Executor(Protocol):
     """What the pages need from a job runner."""
 
-    def submit(self, request: JobRequest) -> str: ...
+    def submit(self, request: JobRequest) -> str:
+        """Start the job, or join it when the same request is queued, running
+        or done; returns the job id (the engine's cache key) at once."""
 
-    def state(self, job_id: str) -> JobState | None: ...
+    def state(self, job_id: str) -> JobState | None:
+        """The job's current state; None for an unknown id."""
 
-    def result(self, job_id: str) -> Result | None: ...
+    def result(self, job_id: str) -> Result | None:
+        """The finished job's Result; None until then (or if it was lost)."""
 
-    def cancel(self, job_id: str) -> None: ...
+    def cancel(self, job_id: str) -> None:
+        """Stop a queued or running job; its state is "cancelled" after."""
 
-    def history(self) -> list[JobState]: ...
+    def history(self) -> list[JobState]:
+        """Every known job, newest first."""
 
-    def delete(self, job_id: str) -> None: ...
+    def delete(self, job_id: str) -> None:
+        """Forget a job (cancelling it if needed)."""
 
 
-def _pid_alive(pid: int, job_id: str | None = None) -> bool:
+def pid_alive(pid: int, job_id: str | None = None) -> bool:
     """Whether `pid` is a live (not zombie) process, and, where /proc can
     tell, still our worker for `job_id` rather than a reused pid."""
     try:
@@ -275,7 +282,7 @@ def last_log_line(path: Path) -> str:
     return ""
 
 
-def _parse_time(text: str | None) -> float | None:
+def parse_time(text: str | None) -> float | None:
     if not text:
         return None
     try:
@@ -296,6 +303,16 @@ class LocalProcessExecutor:
         # Workers started by this process, so their exit codes can be read
         # (and they are reaped rather than left as zombies).
         self._procs: dict[str, subprocess.Popen] = {}
+        self._results = None
+
+    @property
+    def results(self):
+        """The engine's ResultStore (opened on first use)."""
+        if self._results is None:
+            from .store import ResultStore
+
+            self._results = ResultStore()
+        return self._results
 
     # -- submit ---------------------------------------------------------
     def submit(self, request: JobRequest) -> str:
@@ -304,8 +321,6 @@ class LocalProcessExecutor:
         Raises what the engine's cache_key raises on bad input (ModelError,
         DomainError, ValueError) before anything starts.
         """
-        from .store import ResultStore
-
         job_id = request.job_id()
         current = self.store.get(job_id)
         if current is not None and current.active:
@@ -313,7 +328,7 @@ class LocalProcessExecutor:
             if current is not None and current.active:
                 return job_id
         request_dict = request.to_dict()
-        stored = ResultStore().get(job_id)
+        stored = self.results.get(job_id)
         if stored is not None:
             if current is None or current.status != "done":
                 self._put_done_from_cache(job_id, request_dict, stored)
@@ -341,10 +356,8 @@ class LocalProcessExecutor:
         try:
             proc = self._spawn(job_id)
         except OSError as exc:
-            self.store.update(
-                job_id, run_id=run_id, status="failed", error=f"The worker could not be started: {one_line(exc)}",
-                finished_at=now_iso(),
-            )
+            error = f"The worker could not be started: {one_line(exc)}"
+            self.store.update(job_id, run_id=run_id, status="failed", error=error, message=error, finished_at=now_iso())
             return job_id
         self._procs[job_id] = proc
         # The worker also records its own pid; whichever lands first wins.
@@ -404,21 +417,29 @@ class LocalProcessExecutor:
         exit_code = self._exit_code(job_id)
         if state.pid is None:
             if exit_code is None:
-                created = _parse_time(state.created_at)
+                created = parse_time(state.created_at)
                 if created is None or time.time() - created < START_TIMEOUT_S:
                     return state
-        elif exit_code is None and _pid_alive(state.pid, job_id):
+        elif exit_code is None and pid_alive(state.pid, job_id):
             return state
         return self._mark_dead(state, exit_code)
 
     def _check_done(self, state: JobState) -> JobState:
-        from .store import ResultStore
-
-        if ResultStore().get(state.job_id) is not None:
+        """Never "done" without a readable result: the store drops a corrupt
+        entry on read, and the job is then recomputed under the same id."""
+        if self.results.get(state.job_id) is not None:
             return state
-        # The store drops a corrupt entry on read: never show "done" without
-        # a result; submitting again recomputes it.
-        reason = "The stored result is missing or damaged; run the analysis again."
+        try:
+            request = JobRequest.from_dict(state.request)
+            same_key = request.job_id() == state.job_id
+        except Exception as exc:  # noqa: BLE001 - the model or domains are gone or invalid now
+            same_key, why = False, one_line(exc)
+        else:
+            why = "the model, domains or engine have changed since"
+        if same_key:
+            self.submit(request)
+            return self.store.get(state.job_id) or state
+        reason = f"The stored result is missing or damaged and it cannot be recomputed as it was: {why}."
         updated = self.store.update(
             state.job_id, run_id=state.run_id, unless=ACTIVE, status="failed", error=reason, message=reason,
         )
@@ -431,11 +452,17 @@ class LocalProcessExecutor:
         return proc.poll()
 
     def _mark_dead(self, state: JobState, exit_code: int | None) -> JobState:
-        reason = last_log_line(self.store.log_path(state.job_id))
+        if exit_code is not None and exit_code < 0:
+            # Killed from outside: whatever the log ends with is not the cause.
+            try:
+                name = signal.Signals(-exit_code).name
+            except ValueError:
+                name = "unknown"
+            reason = f"The worker was killed by signal {-exit_code} ({name}) before it finished."
+        else:
+            reason = last_log_line(self.store.log_path(state.job_id))
         if not reason:
-            if exit_code is not None and exit_code < 0:
-                reason = f"The worker was killed by signal {-exit_code} before it finished."
-            elif exit_code is not None:
+            if exit_code is not None:
                 reason = f"The worker exited with code {exit_code} before it finished."
             else:
                 reason = "The worker process stopped before it finished (killed, or out of memory?)."
@@ -453,9 +480,7 @@ class LocalProcessExecutor:
         return updated if updated is not None else self.store.get(state.job_id) or state
 
     def result(self, job_id: str) -> Result | None:
-        from .store import ResultStore
-
-        return ResultStore().get(job_id)
+        return self.results.get(job_id)
 
     # -- cancel / history / delete ---------------------------------------
     def cancel(self, job_id: str) -> None:
@@ -497,7 +522,7 @@ class LocalProcessExecutor:
         proc = self._procs.get(job_id)
         if proc is not None and proc.pid == pid:
             return proc.poll() is None
-        return _pid_alive(pid, job_id)
+        return pid_alive(pid, job_id)
 
     @staticmethod
     def _signal_group(pid: int, sig: int) -> None:

@@ -19,11 +19,15 @@ import traceback
 
 from .jobs import (
     LOG_NOTE_PREFIX,
+    START_TIMEOUT_S,
     WAITING_MESSAGE,
     JobRequest,
+    JobState,
     JobStore,
     now_iso,
     one_line,
+    parse_time,
+    pid_alive,
     result_summary,
 )
 
@@ -91,17 +95,35 @@ class ProgressWriter:
             self.flush()
 
 
+def _older_job_waiting(store: JobStore, me: JobState) -> bool:
+    """Whether a live job queued before `me` waits for the lock too: jobs
+    start in the order they were submitted, not as the lock happens to fall."""
+    mine = (me.created_at, me.job_id)
+    for other in store.all():
+        if other.job_id == me.job_id or other.status != "queued" or (other.created_at, other.job_id) >= mine:
+            continue
+        if other.pid is None:
+            created = parse_time(other.created_at)
+            if created is not None and time.time() - created < START_TIMEOUT_S:
+                return True
+        elif pid_alive(other.pid, other.job_id):
+            return True
+    return False
+
+
 def _acquire_runner_lock(store: JobStore, job_id: str, run_id: str):
     """Block until this process holds the machine's runner lock; the job
     stays "queued" meanwhile. Returns the open lock file (closing it releases)."""
     handle = open(store.lock_path, "a+")
     waiting = False
     while True:
-        try:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return handle
-        except BlockingIOError:
-            pass
+        me = store.get(job_id)
+        if me is not None and not _older_job_waiting(store, me):
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return handle
+            except BlockingIOError:
+                pass
         if not waiting:
             waiting = True
             note("waiting for the runner lock")
