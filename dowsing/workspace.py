@@ -175,15 +175,14 @@ class Workspace:
         return name
 
     def delete_set(self, name: str) -> None:
-        """Delete a set and its undo trash; the last set cannot be deleted."""
+        """Delete a set and its undo trash. The workspace is never empty:
+        deleting the last set brings back the default set."""
         name = self._require(name)
-        others = [n for n in self.list_sets() if n != name]
-        if not others:
-            raise WorkspaceError("The only domain set cannot be deleted; create another set first.")
         self._set_path(name).unlink(missing_ok=True)
         self._trash_path(name).unlink(missing_ok=True)
-        if self._state().get("active") == name:
-            self._write_state(active=others[0])
+        if self._state().get("active") == name or not self.list_sets():
+            self._write_state(active=None)
+            self.active_set()  # picks the first set, or recreates the default
 
     def rename_set(self, old: str, new: str) -> str:
         """Rename a set (with its trash and the active mark); returns the new name."""

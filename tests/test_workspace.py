@@ -80,10 +80,13 @@ def test_several_sets_rename_and_delete(ws_module):
     assert ws.list_sets() == ["A set", ws_module.DEFAULT_SET]
     assert ws.active_set() in ws.list_sets()
     ws.delete_set(ws_module.DEFAULT_SET)
-    # Deleting the default set is kept across restarts: no re-seeding.
+    # Deleting the default set is kept across restarts: no re-seeding...
     assert ws_module.Workspace().list_sets() == ["A set"]
-    with pytest.raises(ValueError, match="only domain set"):
-        ws.delete_set("A set")
+    assert ws.active_set() == "A set"
+    # ...unless the last set goes: the workspace is never empty.
+    ws.delete_set("A set")
+    assert ws.list_sets() == [ws_module.DEFAULT_SET] == [ws.active_set()]
+    assert ws.load_set(ws_module.DEFAULT_SET) == default_domains()
 
 
 def test_trash_restores_in_reverse_order_at_the_old_positions(ws_module):
