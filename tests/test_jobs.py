@@ -286,3 +286,23 @@ def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, erro
     state = store.get(job_id)
     assert (state.status, state.error) == ("failed", expected)
     assert state.status not in ACTIVE
+
+
+def test_cancel_kills_a_worker_that_ignores_sigterm(executor):
+    import subprocess
+    import sys
+
+    # A stand-in worker stuck where SIGTERM cannot reach Python code; the
+    # trailing arguments make it look like `dowsing.worker job2` in /proc.
+    stuck = subprocess.Popen(
+        [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+         "print('ready', flush=True); time.sleep(60)", "dowsing.worker", "job2"],
+        stdout=subprocess.PIPE, start_new_session=True,
+    )
+    assert stuck.stdout.readline().strip() == b"ready"
+    executor.store.put(JobState(job_id="job2", status="running", pid=stuck.pid, run_id="run2"))
+    executor.grace_s = 0.5
+    assert executor.state("job2").status == "running"  # alive, checked through /proc
+    executor.cancel("job2")
+    assert stuck.wait(timeout=5) == -signal.SIGKILL
+    assert executor.state("job2").status == "cancelled"
