@@ -82,7 +82,7 @@ TABLE_CSS = """
 .dw-table td.dw-text { text-align: left; font-weight: 600; }
 .dw-table tbody tr:first-child td { background: rgba(78,121,167,0.08); }
 .dw-swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px; margin-right: 0.5em; vertical-align: baseline; }
-.dw-missing { text-decoration: underline dotted; cursor: help; }
+.dw-missing { text-decoration: none; border-bottom: 1px dotted #888; cursor: help; font-size: 1.05em; }
 """
 
 

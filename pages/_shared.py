@@ -215,5 +215,5 @@ def model_status(box) -> None:
             return
         info = loaded.info
         st.success(f"**{info.architecture}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · {info.dtype}",
-                   icon="✅")
+                   icon=":material/check_circle:")
 

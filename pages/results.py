@@ -61,8 +61,8 @@ if top is not None:
     cols[0].metric("Collect first", top.name, help="Rank 1: the highest mean per-example influence.")
     cols[1].metric("Mean influence", format_sci(top.mean), help="I = gᵀz averaged over the domain's facts.")
     biggest = max(result.domains, key=lambda d: d.share_pct or 0)
-    cols[2].metric("Largest share", f"{biggest.name} ({biggest.share_pct:.1f}%)",
-                   help="Share of the total absolute influence.")
+    cols[2].metric("Largest share", biggest.name, delta=f"{biggest.share_pct:.1f}% of |influence|",
+                   delta_color="off", delta_arrow="off", help="Share of the total absolute influence.")
     cols[3].metric("Δn@10% for " + top.name, format_sci(top.delta_n_10pct),
                    help="More facts until the marginal influence falls to 10% of today's value"
                         + (f". Missing: {top.delta_n_reason}" if top.delta_n_10pct is None else "."))

@@ -139,7 +139,9 @@ for state in history[:30]:
     row[0].write((state.created_at or "")[:19].replace("T", " "))
     row[1].write(summary.get("domain_set_name") or "—")
     row[2].write(f"`{summary.get('model_id') or 'embedded default'}`")
-    status = {"done": "✅", "failed": "❌", "cancelled": "⏹", "running": "⏳", "queued": "⏳"}.get(state.status, "")
+    status = {"done": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
+              "cancelled": ":gray[:material/cancel:]", "running": ":blue[:material/hourglass_top:]",
+              "queued": ":blue[:material/hourglass_top:]"}.get(state.status, "")
     top = summary.get("top_domain")
     row[3].write(f"{status} {('top: ' + top) if top else state.status}")
     row[4].button("Open", key=f"open-{state.job_id}", on_click=_open, args=(state.job_id,),

@@ -302,3 +302,46 @@ def test_bad_model_is_a_one_line_error(cache):
     assert "No folder at /no/such/folder" in at.sidebar.info[0].value
 
 
+
+
+def test_cancel_stops_a_running_job(tiny):
+    from dowsing import workspace
+    from dowsing.domains import default_domains
+
+    # The full default set takes long enough on the tiny model to be cancelled.
+    before = workspace.active_set()
+    workspace.save_set_raw("Big", [{"name": d.name, "facts": list(d.facts)} for d in default_domains()])
+    workspace.set_active("Big")
+    at = make_app(tiny, "pages/run.py")
+    button(at, "Analyze").click()
+    at.run()
+    cancel = [b for b in at.button if b.label == "Cancel"]
+    assert cancel, [s.value for s in at.success]
+    cancel[0].click()
+    at.run()
+    assert any("cancelled" in w.value for w in at.warning)
+    workspace.set_active(before)
+
+
+def test_a_failing_worker_shows_its_error(tiny, tmp_path):
+    broken = tmp_path / "broken-model"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "gpt2"}')
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = str(broken)
+    at.switch_page("pages/run.py")
+    at.run()
+    button(at, "Analyze").click()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        at.run()
+        assert not at.exception, at.exception
+        messages = [e.value for e in at.error]
+        if messages:
+            break
+        time.sleep(0.5)
+    assert messages and len(messages[0].splitlines()) == 1, messages
+    assert "broken-model" in messages[0] or "failed" in messages[0]
+    # The app stays usable: the Analyze button is still there.
+    assert button(at, "Analyze")
