@@ -59,13 +59,15 @@ def share_donut(result: Result, colors: dict[str, str] | None = None) -> go.Figu
             direction="clockwise",
             marker=dict(colors=[colors[d.name] for d in domains], line=dict(color="white", width=2)),
             customdata=[[d.rank, format_sci(d.mean)] for d in domains],
-            texttemplate="%{label}<br>%{value:.1f}%",
-            textposition="outside",
+            texttemplate="%{value:.1f}%",
+            textposition="inside",
+            insidetextorientation="horizontal",
             hovertemplate="<b>%{label}</b><br>Share %{value:.1f}%<br>Rank %{customdata[0]}"
             "<br>Mean %{customdata[1]}<extra></extra>",
         )
     )
     fig.add_annotation(text="Share of<br>|influence|", showarrow=False, font=dict(size=14, color="#555"))
+    fig.update_layout(uniformtext=dict(minsize=10, mode="hide"))  # no text on slivers; the legend names them
     return _layout(fig, title=dict(text="Share of total influence", x=0), showlegend=True,
                    legend=dict(title=dict(text="Domain")), height=420)
 

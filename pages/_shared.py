@@ -30,6 +30,22 @@ PLACEHOLDERS = {
 DEFAULTS = AnalysisConfig()
 
 
+def ensure_router() -> None:
+    """Make sure this page runs under app.py's router.
+
+    A Streamlit server whose first request after start is a page URL
+    (/results?job=...) treats pages/ as a v1 multipage folder and runs the
+    page file alone, without app.py (no sidebar, no page config). Each page
+    calls this first: it switches that relic off and reruns, and the rerun
+    goes through app.py's st.navigation.
+    """
+    from streamlit.runtime.pages_manager import PagesManager
+
+    if PagesManager.uses_pages_directory:
+        PagesManager.uses_pages_directory = False
+        st.rerun()
+
+
 @st.cache_resource(show_spinner=False)
 def executor() -> Executor:
     """One executor per server process: it remembers the workers it started."""

@@ -7,6 +7,7 @@ import streamlit as st
 from dowsing import charts, comparison, report
 from pages import _shared
 
+_shared.ensure_router()
 st.title("Compare runs")
 st.caption("Pick two finished runs, for example two models on the same domains, or one domain set before "
            "and after an edit. Colours follow the domains, as on the Results page.")

@@ -20,6 +20,9 @@ from dowsing.domains import (
     validation_problems,
 )
 
+from pages import _shared
+
+_shared.ensure_router()
 st.title("Domains")
 st.caption(
     "Each domain is a concept (Physics, Astronomy, …) described by short, true, one-sentence facts. "

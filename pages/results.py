@@ -10,6 +10,7 @@ from dowsing import charts, report
 from dowsing.result import format_sci
 from pages import _shared
 
+_shared.ensure_router()
 st.title("Results")
 
 executor = _shared.executor()
@@ -94,9 +95,11 @@ if result.per_example:
             for col, title, rows in ((a, "Highest influence", highest), (b, "Lowest influence", lowest)):
                 col.markdown(f"**{title}**")
                 col.dataframe(
-                    pd.DataFrame({"Fact": [r["text"] for r in rows],
-                                  "Influence": [format_sci(r["influence"], 2) for r in rows]}),
+                    pd.DataFrame({"Influence": [format_sci(r["influence"], 2) for r in rows],
+                                  "Fact": [r["text"] for r in rows]}),
                     hide_index=True, width="stretch",
+                    column_config={"Influence": st.column_config.TextColumn(width="small"),
+                                   "Fact": st.column_config.TextColumn(width="large")},
                 )
 else:
     st.caption("This result holds no per-example influences.")

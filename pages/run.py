@@ -11,6 +11,7 @@ from dowsing.jobs import JobRequest, JobState
 from dowsing.models import ModelError
 from pages import _shared
 
+_shared.ensure_router()
 st.title("Run an analysis")
 st.caption(
     "The analysis runs in a separate worker process: you can switch pages, refresh or open a second tab "
