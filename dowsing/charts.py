@@ -183,12 +183,14 @@ def rank_comparison(a: Result, b: Result, label_a: str = "A", label_b: str = "B"
             ys.append(ranks_b[name])
         fig.add_trace(go.Scatter(
             x=xs, y=ys, mode="lines+markers+text", name=name, line=dict(color=colors[name], width=3),
-            marker=dict(size=12), text=[name] * len(xs), textposition="middle right",
+            marker=dict(size=12), text=[name] * len(xs),
+            # Names outside the lines: left of run A, right of run B.
+            textposition=["middle left" if x == label_a else "middle right" for x in xs],
             hovertemplate=f"<b>{name}</b><br>%{{x}}: rank %{{y}}<extra></extra>",
         ))
     n_max = max([*ranks_a.values(), *ranks_b.values(), 1])
     fig.update_yaxes(autorange=False, range=[n_max + 0.5, 0.5], dtick=1, title="rank")
-    fig.update_xaxes(type="category", categoryorder="array", categoryarray=[label_a, label_b])
+    fig.update_xaxes(type="category", categoryorder="array", categoryarray=[label_a, label_b], range=[-0.9, 1.9])
     return _layout(fig, title=dict(text="Rank in each run", x=0), height=360, showlegend=False)
 
 

@@ -168,9 +168,13 @@ def _import_text(text: str, source: str, fmt: str) -> None:
     except DomainError as exc:
         st.session_state["dom_import_error"] = str(exc)
         return
-    stem = Path(source).stem if source != "pasted text" else "Pasted set"
-    name = _unique_name(stem, workspace.list_sets())
-    workspace.save_set_raw(name, [{"name": d.name, "facts": list(d.facts)} for d in domains])
+    stem = Path(source).stem.strip(" .") if source != "pasted text" else "Pasted set"
+    name = _unique_name(stem or "Imported set", workspace.list_sets())
+    try:
+        workspace.save_set_raw(name, [{"name": d.name, "facts": list(d.facts)} for d in domains])
+    except ValueError as exc:  # WorkspaceError: a file name that cannot be a set name
+        st.session_state["dom_import_error"] = str(exc)
+        return
     _switch_set(name)
     st.session_state["dom_flash"] = f"Imported {len(domains)} domains from {source} as the set “{name}”."
 
