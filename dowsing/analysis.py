@@ -1,0 +1,321 @@
+"""One analysis, start to end: concept vectors, gradients, curvature, solve,
+influence, metrics and saturation for every domain."""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import warnings
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable
+
+import torch
+
+from . import metrics
+from .config import AnalysisConfig
+from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
+from .models import DTYPES, LoadedModel, file_sha256, load_model, resolve_model, _directory_fingerprint
+from .result import ENGINE_VERSION, DomainResult, Result
+from .saturation import mu_dense, mu_low_rank, saturation
+from .solvers import SolveReport, conjugate_gradient, damped, dense_solve
+from .subspace import capture_tail_inputs, encode_facts, find_anatomy, make_batches, per_fact_losses
+
+
+@dataclass
+class Progress:
+    stage: str
+    fraction: float  # of the whole analysis, in [0, 1]
+    message: str
+
+
+def _as_domains(domains):
+    from .domains import Domain, validate_domains
+
+    converted = [d if isinstance(d, Domain) else Domain(d["name"], tuple(d["facts"])) for d in domains]
+    return validate_domains(converted)
+
+
+@dataclass
+class FactTokens:
+    """What one plain forward pass over all facts gives every domain."""
+
+    x: torch.Tensor  # (N, d_ff) input of the last MLP projection at each predicting position
+    h: torch.Tensor  # (N, d_model) residual stream entering the final norm there
+    targets: torch.Tensor  # (N,) next-token ids
+    token_fact: torch.Tensor  # (N,) fact index of each position
+    token_scale: torch.Tensor  # (N,) 1 / (T_i - 1), float64
+    fact_losses: torch.Tensor  # (M,) l_i, float64
+    tail_matches: bool  # final norm + LM head reproduce the model's logits
+
+
+def _forward_all(model, anatomy, batches, fact_domain, n_domains):
+    """Concept vectors and the per-token quantities, in one pass."""
+    xs, hs, ys, facts, scales, losses = [], [], [], [], [], []
+    tail = tail_function(anatomy)
+    tail_ok = True
+    sums = None
+    with torch.no_grad():
+        for input_ids, mask, rows in batches:
+            store: dict = {}
+            with capture_tail_inputs(anatomy, store):
+                out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+            losses.append(per_fact_losses(out.logits, input_ids, mask).to(torch.float64))
+            hidden = out.hidden_states[-1]
+            m = mask.unsqueeze(-1).to(hidden.dtype)
+            fact_means = ((hidden * m).sum(dim=1) / m.sum(dim=1)).to(torch.float64)
+            if sums is None:
+                sums = torch.zeros((n_domains, hidden.shape[-1]), dtype=torch.float64, device=hidden.device)
+            for j, row in enumerate(rows):
+                sums[fact_domain[row]] += fact_means[j]
+                length = int(mask[j].sum())
+                xs.append(store["x"][j, : length - 1])
+                hs.append(store["h"][j, : length - 1])
+                ys.append(input_ids[j, 1:length])
+                facts.append(torch.full((length - 1,), row, dtype=torch.long))
+                scales.append(torch.full((length - 1,), 1.0 / (length - 1), dtype=torch.float64))
+            if tail_ok:
+                logits_again = tail(store["h"])
+                scale = out.logits.abs().max().clamp_min(1.0)
+                tol = 1e-3 if out.logits.dtype != torch.float64 else 1e-9
+                tail_ok = bool(((logits_again - out.logits).abs().max() / scale) < tol)
+    counts = torch.bincount(torch.tensor(fact_domain), minlength=n_domains).to(sums)
+    means = sums / counts.unsqueeze(-1)
+    norms = means.norm(dim=1)
+    if not torch.isfinite(norms).all() or (norms == 0).any():
+        raise ValueError("A concept vector is zero or not finite: the model's hidden states are degenerate.")
+    device = xs[0].device
+    tokens = FactTokens(
+        x=torch.cat(xs), h=torch.cat(hs), targets=torch.cat(ys).to(device),
+        token_fact=torch.cat(facts).to(device), token_scale=torch.cat(scales).to(device),
+        fact_losses=torch.cat(losses), tail_matches=tail_ok,
+    )
+    return means / norms.unsqueeze(-1), norms, tokens
+
+
+def choose_route(config: AnalysisConfig, tail_matches: bool) -> str:
+    """auto: the structured Hessian when B = 1 (exact and cheapest), else dense
+    from Hessian-vector products. cg / exact always go through HVPs."""
+    if config.solver == "auto":
+        return "structured" if config.blocks == 1 and tail_matches else "exact"
+    return config.solver
+
+
+def _cg_mu(obj: SubspaceObjective, w_all, w_k, n_k, n_total, g, damping, rtol, maxiter):
+    """mu(n) by CG on Hessian-vector products, warm-started from the last
+    solution: neighbouring n on the grid have close solutions."""
+    last = {"x": None}
+
+    def mu(n: float) -> float:
+        scale = (n - n_k) / n_total
+
+        def matvec(p):
+            return obj.matvec("all", w_all, p) + scale * obj.matvec("domain", w_k, p) + damping * p
+
+        report = conjugate_gradient(matvec, g, rtol=rtol, maxiter=maxiter, x0=last["x"])
+        if report.nonpositive_curvature:
+            last["x"] = None
+            return float("nan")
+        last["x"] = report.x
+        return float(g @ report.x)
+
+    return mu
+
+
+def analyze(model, domains, config: AnalysisConfig | None = None,
+            progress: Callable[[Progress], None] | None = None) -> Result:
+    """Rank domains by Mean_k = g_k^T (H_k + lambda I)^-1 g_k in each concept subspace.
+
+    model: a LoadedModel, or a model id / path (None for the embedded default).
+    domains: Domain objects or {"name", "facts"} dicts.
+    """
+    config = config or AnalysisConfig()
+    report = progress or (lambda p: None)
+    timings: dict = {}
+    clock = time.perf_counter()
+    domains = _as_domains(domains)
+    if not isinstance(model, LoadedModel):
+        report(Progress("loading model", 0.0, "loading model"))
+        model = load_model(model, config.device, config.dtype)
+        timings["load_model"] = time.perf_counter() - clock
+    if model.info.dtype != config.dtype or model.info.device != config.device:
+        raise ValueError(
+            f"The model is loaded as {model.info.dtype} on {model.info.device} but the configuration asks for "
+            f"{config.dtype} on {config.device}: load it with those settings."
+        )
+    net, anatomy = model.model, find_anatomy(model.model)
+    if config.blocks > len(anatomy.down_projs):
+        raise ValueError(f"blocks = {config.blocks} but the model has only {len(anatomy.down_projs)} blocks.")
+    dtype = DTYPES[config.dtype]
+    n_domains = len(domains)
+    facts = [f for d in domains for f in d.facts]
+    fact_domain = [k for k, d in enumerate(domains) for _ in d.facts]
+    n_total = len(facts)
+    rows_of = [[i for i, k in enumerate(fact_domain) if k == kk] for kk in range(n_domains)]
+    device = next(net.parameters()).device
+
+    t0 = time.perf_counter()
+    report(Progress("concept vectors", 0.05, f"forward pass over {n_total} facts"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoded = encode_facts(model.tokenizer, facts, anatomy.max_positions)
+    notes = [str(w.message) for w in caught]
+    for note in notes:
+        warnings.warn(note, stacklevel=2)
+    batches = make_batches(encoded, config.batch_size, device)
+    directions, norms, tokens = _forward_all(net, anatomy, batches, fact_domain, n_domains)
+    bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
+    if bad:
+        raise ValueError(
+            f"The model's loss is not finite (NaN or inf) on {len(bad)} fact(s), first: {facts[bad[0]]!r}; "
+            "the weights may be corrupt or the dtype too narrow."
+        )
+    timings["forward"] = time.perf_counter() - t0
+    route = choose_route(config, tokens.tail_matches)
+    if config.solver == "auto" and config.blocks == 1 and not tokens.tail_matches:
+        notes.append("The model's final norm and LM head do not reproduce its logits; used the exact HVP route.")
+
+    w_all = torch.full((n_total,), 1.0 / n_total, dtype=torch.float64)
+    per_domain = []
+    t_solve = time.perf_counter()
+    for k, domain in enumerate(domains):
+        base_fraction = 0.1 + 0.75 * k / n_domains
+        report(Progress("solve", base_fraction, f"domain {k + 1} of {n_domains}: {domain.name}"))
+        v = directions[k].to(dtype)
+        rows = rows_of[k]
+        n_k = len(rows)
+        w_k = torch.zeros(n_total, dtype=torch.float64)
+        w_k[rows] = 1.0 / n_k
+        if route == "structured":
+            a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, config.curvature)
+            grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, n_total)
+            g_bar = grads[rows].mean(dim=0)
+            hess = structured_hessian(tokens.x, tokens.token_scale / n_total, c)
+            base = damped(hess, config.damping)
+            solve = dense_solve(base, g_bar, method="auto (structured Hessian, dense solve)")
+            in_k = torch.isin(tokens.token_fact, torch.tensor(rows, device=tokens.token_fact.device))
+            u = tokens.x[in_k].to(torch.float64)
+            d = c[in_k] * tokens.token_scale[in_k] / n_k
+            if u.shape[0] < u.shape[1]:
+                mu = mu_low_rank(base, u, d, n_k, n_total, g_bar)
+            else:
+                mu = mu_dense(base, structured_hessian(u, tokens.token_scale[in_k] / n_k, c[in_k]), n_k, n_total, g_bar)
+        else:
+            obj = SubspaceObjective(net, anatomy, batches, v, config.blocks, config.curvature)
+            grads = obj.per_fact_gradients()
+            g_bar = grads[rows].mean(dim=0)
+            if route == "exact":
+                report(Progress("curvature", base_fraction, f"{domain.name}: dense {obj.dim}×{obj.dim} curvature"))
+                base = damped(obj.dense("all", w_all), config.damping)
+                solve = dense_solve(base, g_bar, method="exact")
+                mu = mu_dense(base, obj.dense("domain", w_k), n_k, n_total, g_bar)
+            else:
+                def on_iteration(i, residual, name=domain.name, f=base_fraction):
+                    report(Progress("solve", f, f"{name}: CG iteration {i}, relative residual {residual:.2e}"))
+
+                solve = conjugate_gradient(
+                    lambda p: obj.matvec("all", w_all, p) + config.damping * p, g_bar,
+                    rtol=config.cg_rtol, maxiter=config.cg_maxiter or None, callback=on_iteration,
+                )
+                mu = _cg_mu(obj, w_all, w_k, n_k, n_total, g_bar, config.damping, config.cg_rtol,
+                            config.cg_maxiter or None)
+        influence_all = grads @ solve.x  # g_i^T z_k for every fact i
+        per_domain.append(dict(
+            solve=solve, mu=mu, influence=influence_all[rows].cpu(), mean=float(g_bar @ solve.x),
+            transfer=[float(influence_all[r].mean()) for r in rows_of],
+        ))
+    timings["solve"] = time.perf_counter() - t_solve
+
+    means = [p["mean"] for p in per_domain]
+    ranks = metrics.ranks_by_mean(means)
+    shares = metrics.shares_pct([float(p["influence"].sum()) for p in per_domain])
+    tests = metrics.t_vs_rest([p["influence"].numpy() for p in per_domain])
+
+    t_sat = time.perf_counter()
+    results = []
+    for k, domain in enumerate(domains):
+        report(Progress("saturation", 0.85 + 0.14 * k / n_domains, f"saturation fit for {domain.name}"))
+        n_k = len(rows_of[k])
+        sat = saturation(per_domain[k]["mu"], n_k, means[k], config.saturation_points, config.saturation_max_factor)
+        solve: SolveReport = per_domain[k]["solve"]
+        results.append(DomainResult(
+            name=domain.name, rank=ranks[k], mean=means[k], share_pct=shares[k],
+            t_vs_rest=tests[k][0], p_value=tests[k][1], n_facts=n_k,
+            delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"],
+            delta_n_reason=sat["reason"],
+            saturation={key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
+            solver=solve.summary(), concept_vector_norm=float(norms[k]),
+        ))
+    timings["saturation"] = time.perf_counter() - t_sat
+    timings["total"] = time.perf_counter() - clock
+
+    per_example = [
+        {"domain": domain.name, "text": facts[i], "influence": float(per_domain[k]["influence"][j])}
+        for k, domain in enumerate(domains) for j, i in enumerate(rows_of[k])
+    ]
+    extras = {
+        "route": route,
+        "transfer": {
+            "domains": [d.name for d in domains],
+            # matrix[j][k] = grad L_j^T z_k: data aligned with k lowering the loss of j
+            "matrix": [[per_domain[k]["transfer"][j] for k in range(n_domains)] for j in range(n_domains)],
+        },
+        "domain_loss": [float(tokens.fact_losses[r].mean()) for r in rows_of],
+        "n_tokens": int(tokens.x.shape[0]),
+        "subspace_dim": config.blocks * anatomy.d_ff,
+        "warnings": notes,
+        "domains_input": [{"name": d.name, "facts": list(d.facts)} for d in domains],
+    }
+    report(Progress("done", 1.0, "analysis complete"))
+    return Result(
+        model=model.info.to_dict(), config=config.to_dict(), domains=results, per_example=per_example,
+        timings=timings, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), extras=extras,
+    )
+
+
+def model_fingerprint(model_id: str | None) -> str:
+    """Cheap identity of a model for the cache key (no weights loaded)."""
+    canonical, source, location = resolve_model(model_id)
+    if source in ("embedded", "gguf"):
+        return f"{source}:{file_sha256(location)}"
+    if source == "directory":
+        return f"directory:{_directory_fingerprint(location)}"
+    return f"hub:{canonical}"
+
+
+def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = None) -> str:
+    """sha256 over (model fingerprint, domains, config, engine version)."""
+    config = config or AnalysisConfig()
+    domains = _as_domains(domains)
+    payload = json.dumps({
+        "model": model_fingerprint(model_id),
+        "domains": [[d.name, list(d.facts)] for d in domains],
+        "config": config.to_dict(),
+        "engine": ENGINE_VERSION,
+    }, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = None,
+                 progress: Callable[[Progress], None] | None = None, use_cache: bool = True) -> Result:
+    """The cached entry point: a repeat of the same request returns at once."""
+    from .store import ResultStore
+
+    config = config or AnalysisConfig()
+    report = progress or (lambda p: None)
+    key = cache_key(model_id, domains, config)
+    store = ResultStore()
+    if use_cache:
+        cached = store.get(key)
+        if cached is not None:
+            report(Progress("done", 1.0, "cached result"))
+            return cached
+    report(Progress("loading model", 0.0, "loading model"))
+    t0 = time.perf_counter()
+    loaded = load_model(model_id, config.device, config.dtype)
+    load_s = time.perf_counter() - t0
+    result = analyze(loaded, domains, config, progress)
+    result.timings["load_model"] = load_s
+    result.cache_key = key
+    store.put(key, result)
+    return result

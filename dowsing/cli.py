@@ -1,0 +1,97 @@
+"""Command line: `python -m dowsing analyze ...`.
+
+Exit codes: 0 done, 2 bad input (a one-line message on stderr), 1 anything else.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from .config import CURVATURES, DEVICES, DTYPES, SOLVERS, AnalysisConfig
+from .models import EMBEDDED_ID, ModelError, atomic_write_text
+from .result import Result, format_sci
+
+BAD_INPUT = 2
+
+
+def format_table(result: Result) -> str:
+    """The paper's Table 1 as text."""
+    header = ["Rank", "Concept", "Mean", "Share", "Δn@10%", "t vs rest", "p"]
+    rows = []
+    for d in result.ranked():
+        rows.append([
+            str(d.rank), d.name, format_sci(d.mean), f"{d.share_pct:.1f}%", format_sci(d.delta_n_10pct),
+            "—" if d.t_vs_rest is None else f"{d.t_vs_rest:.2f}",
+            "—" if d.p_value is None else f"{d.p_value:.2g}",
+        ])
+    widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
+    notes = [f"  {d.name}: Δn is — because {d.delta_n_reason[0].lower()}{d.delta_n_reason[1:]}"
+             for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason]
+    return "\n".join(lines + (["", "Notes:"] + notes if notes else []))
+
+
+def _progress(p) -> None:
+    print(f"[{p.fraction * 100:5.1f}%] {p.stage}: {p.message}", file=sys.stderr, flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m dowsing", description="Which concept domain needs data most.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    analyze = sub.add_parser("analyze", help="rank domains by concept-subspace influence")
+    defaults = AnalysisConfig()
+    analyze.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
+    analyze.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
+    analyze.add_argument("--out", default=None, help="write the full result as JSON here")
+    analyze.add_argument("--damping", type=float, default=defaults.damping)
+    analyze.add_argument("--blocks", type=int, default=defaults.blocks)
+    analyze.add_argument("--solver", choices=SOLVERS, default=defaults.solver)
+    analyze.add_argument("--curvature", choices=CURVATURES, default=defaults.curvature)
+    analyze.add_argument("--device", choices=DEVICES, default=defaults.device)
+    analyze.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
+    analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    return parser
+
+
+def run_analyze(args) -> int:
+    from .analysis import run_analysis
+    from .domains import DomainError, default_domains, load_domains
+
+    try:
+        config = AnalysisConfig(damping=args.damping, blocks=args.blocks, solver=args.solver,
+                                curvature=args.curvature, device=args.device, dtype=args.dtype)
+        domains = load_domains(args.domains) if args.domains else default_domains()
+        if args.out:
+            out = Path(args.out)
+            if out.is_dir():
+                raise ValueError(f"--out {out} is a directory; give a file name.")
+            if not out.parent.exists():
+                raise ValueError(f"--out: the folder {out.parent} does not exist.")
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+            result = run_analysis(args.model, domains, config, None if args.quiet else _progress,
+                                  use_cache=not args.no_cache)
+    except (ModelError, DomainError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    print(format_table(result))
+    if args.out:
+        atomic_write_text(Path(args.out), result.to_json())
+        print(f"\nwrote {args.out}")
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "analyze":
+        return run_analyze(args)
+    return BAD_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Saturation (paper section 5): how many more examples until a domain's
+marginal influence drops to 10% of its current value.
+
+With Hbar_j the mean per-fact curvature of domain j in S_k, a corpus with n
+facts of domain k has curvature H_k(n) = (sum_{j!=k} N_j Hbar_j + n Hbar_k)/M
+= H_k + (n - N_k)/M Hbar_k, and the marginal influence is
+mu_k(n) = g_k^T (H_k(n) + lambda I)^-1 g_k, so mu_k(N_k) = Mean_k.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from scipy import optimize
+
+TARGET_FRACTION = 0.1
+
+
+def mu_dense(base: torch.Tensor, hbar_k: torch.Tensor, n_k: int, n_total: int, g: torch.Tensor) -> Callable:
+    """mu(n) by a dense solve; base = H_k + lambda I, all float64."""
+
+    def mu(n: float) -> float:
+        a = base + ((n - n_k) / n_total) * hbar_k
+        return float(g @ torch.linalg.solve(a, g))
+
+    return mu
+
+
+def mu_low_rank(base: torch.Tensor, u: torch.Tensor, d: torch.Tensor, n_k: int, n_total: int,
+                g: torch.Tensor) -> Callable:
+    """mu(n) through the Woodbury identity, for Hbar_k = U^T diag(d) U of rank r.
+
+    (B + U^T C U)^-1 = B^-1 - B^-1 U^T (I + C P)^-1 C U B^-1, P = U B^-1 U^T,
+    so each n costs an r x r solve instead of a D x D one. C = (n-N_k)/M diag(d)
+    needs no inverse, so tokens with zero or negative curvature are fine.
+    """
+    lu = torch.linalg.lu_factor(base)
+    binv_g = torch.linalg.lu_solve(*lu, g.unsqueeze(-1)).squeeze(-1)
+    binv_ut = torch.linalg.lu_solve(*lu, u.T.contiguous())
+    p = u @ binv_ut
+    q = u @ binv_g
+    mu0 = float(g @ binv_g)
+    eye = torch.eye(u.shape[0], dtype=base.dtype, device=base.device)
+
+    def mu(n: float) -> float:
+        cd = ((n - n_k) / n_total) * d
+        correction = torch.linalg.solve(eye + cd.unsqueeze(-1) * p, cd * q)
+        return mu0 - float(q @ correction)
+
+    return mu
+
+
+def n_grid(n_k: int, points: int, max_factor: float) -> np.ndarray:
+    """Log-spaced n from N_k/10 to max_factor * N_k, with N_k itself included."""
+    grid = np.geomspace(n_k / 10.0, max_factor * n_k, points)
+    return np.unique(np.append(grid, float(n_k)))
+
+
+@dataclass
+class PowerLawFit:
+    alpha: float
+    n0: float
+    c: float
+    r2: float
+
+
+def _linear_fit(log_n_shift: np.ndarray, log_mu: np.ndarray):
+    slope, intercept = np.polyfit(log_n_shift, log_mu, 1)
+    residual = log_mu - (intercept + slope * log_n_shift)
+    return -slope, intercept, float(residual @ residual)
+
+
+def fit_power_law(ns: np.ndarray, mus: np.ndarray) -> PowerLawFit:
+    """Least squares in log space: log mu = log c - alpha log(n + N0), alpha > 0,
+    N0 >= 0, c > 0. A grid over N0 gives the start (for fixed N0 the problem is
+    linear), scipy's bounded least_squares refines all three."""
+    ns = np.asarray(ns, dtype=float)
+    mus = np.asarray(mus, dtype=float)
+    if np.any(mus <= 0) or not np.all(np.isfinite(mus)):
+        raise ValueError("mu(n) must be positive and finite to fit a power law")
+    log_mu = np.log(mus)
+    candidates = np.concatenate([[0.0], np.geomspace(ns.min() * 1e-3, ns.max() * 10, 60)])
+    best = min(((n0,) + _linear_fit(np.log(ns + n0), log_mu) for n0 in candidates), key=lambda r: r[3])
+    n0, alpha, log_c, _ = best
+
+    def residuals(params):
+        lc, a, shift = params
+        return lc - a * np.log(ns + shift) - log_mu
+
+    start = [log_c, max(alpha, 1e-6), n0]
+    fit = optimize.least_squares(residuals, start, bounds=([-np.inf, 1e-12, 0.0], [np.inf, np.inf, np.inf]),
+                                 x_scale="jac", xtol=1e-14, ftol=1e-14, gtol=1e-14, max_nfev=5000)
+    lc, alpha, n0 = fit.x
+    ss_res = float(fit.fun @ fit.fun)
+    ss_tot = float(((log_mu - log_mu.mean()) ** 2).sum())
+    r2 = 1.0 - ss_res / ss_tot if ss_tot > 0 else 1.0
+    return PowerLawFit(alpha=float(alpha), n0=float(n0), c=float(math.exp(lc)), r2=float(r2))
+
+
+def delta_n_from_fit(n: float, n0: float, alpha: float, fraction: float = TARGET_FRACTION) -> float:
+    """Paper's formula: dn = (n + N0) * fraction^(-1/alpha) - N0 - n."""
+    return (n + n0) * fraction ** (-1.0 / alpha) - n0 - n
+
+
+def delta_n_on_curve(mu: Callable, n_k: int, ns: np.ndarray, mus: np.ndarray,
+                     fraction: float = TARGET_FRACTION) -> float | None:
+    """Root of mu(N_k + dn) = fraction * mu(N_k) on the computed curve (brentq
+    inside the first bracketing grid interval); None if beyond the grid."""
+    target = fraction * mu(n_k)
+    above = [(n, m) for n, m in zip(ns, mus) if n >= n_k]
+    for (n_lo, m_lo), (n_hi, m_hi) in zip(above, above[1:]):
+        if m_lo > target >= m_hi:
+            root = optimize.brentq(lambda n: mu(n) - target, n_lo, n_hi, xtol=1e-9 * n_hi, rtol=1e-12)
+            return float(root - n_k)
+    return None
+
+
+def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: float) -> dict:
+    """Evaluate mu on the grid, fit the power law, and give both dn estimates
+    or the reason there is none."""
+    ns = n_grid(n_k, points, max_factor)
+    mus = np.array([mu(float(n)) for n in ns])
+    out = {
+        "alpha": None, "n0": None, "c": None, "r2": None,
+        "points": [[float(n), float(m)] for n, m in zip(ns, mus)],
+        "delta_n_10pct": None, "delta_n_direct": None, "reason": None,
+    }
+    if not mean > 0:
+        out["reason"] = "Mean influence is not positive: more data of this kind is not predicted to lower the loss."
+        return out
+    if np.any(mus <= 0) or not np.all(np.isfinite(mus)):
+        out["reason"] = "μ(n) is not positive over the whole range (the damped curvature is indefinite)."
+        return out
+    if np.any(np.diff(mus) > 1e-9 * np.abs(mus[:-1])):
+        out["reason"] = "μ(n) does not decrease with n, so no saturation is in sight."
+        return out
+    out["delta_n_direct"] = delta_n_on_curve(mu, n_k, ns, mus)
+    try:
+        fit = fit_power_law(ns, mus)
+    except (ValueError, RuntimeError, np.linalg.LinAlgError) as exc:
+        out["reason"] = f"The power-law fit failed: {exc}."
+        return out
+    out.update(alpha=fit.alpha, n0=fit.n0, c=fit.c, r2=fit.r2)
+    dn = delta_n_from_fit(n_k, fit.n0, fit.alpha)
+    if not math.isfinite(dn):
+        out["reason"] = f"The fitted decay is too slow (α = {fit.alpha:.2g}) for a finite Δn."
+        return out
+    out["delta_n_10pct"] = float(dn)
+    return out

@@ -1,0 +1,44 @@
+"""Results on disk: diskcache under cache/results, keyed by the engine's cache key.
+
+Entries are JSON text with its sha256 beside it (diskcache stores str and
+bytes as they are, without pickling); a corrupt entry is dropped and
+recomputed, never shown.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+import diskcache
+
+from .paths import cache_dir
+from .result import Result
+
+
+class ResultStore:
+    def __init__(self, folder=None):
+        self.folder = folder or cache_dir() / "results"
+        self._cache = diskcache.Cache(str(self.folder))
+
+    def get(self, key: str) -> Result | None:
+        entry = self._cache.get(key)
+        if entry is None:
+            return None
+        try:
+            digest, text = entry.split("\n", 1)
+            if hashlib.sha256(text.encode()).hexdigest() != digest:
+                raise ValueError("checksum mismatch")
+            return Result.from_json(text)
+        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
+            self._cache.delete(key)
+            return None
+
+    def put(self, key: str, result: Result) -> None:
+        text = result.to_json(indent=None)
+        self._cache.set(key, hashlib.sha256(text.encode()).hexdigest() + "\n" + text)
+
+    def delete(self, key: str) -> None:
+        self._cache.delete(key)
+
+    def keys(self) -> list[str]:
+        return list(self._cache.iterkeys())

@@ -1,0 +1,244 @@
+"""Every engine number pinned to an independent float64 computation.
+
+The reference applies the rank-1 adapter by editing the weight itself,
+W <- W + v u^T, through torch.func.functional_call, runs one fact at a time
+with no padding, and takes derivatives with torch.autograd.functional. The
+engine instead uses forward hooks, padded batches, per-example u copies,
+double backprop and the structured per-token Hessian.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dowsing.analysis import _forward_all, analyze
+from dowsing.config import AnalysisConfig
+from dowsing.curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
+from dowsing.models import load_model
+from dowsing.subspace import encode_facts, find_anatomy, make_batches
+
+DOMAINS = [
+    {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
+                                  "Force equals mass times acceleration of a body."]},
+    {"name": "Biology", "facts": ["Cells are the basic unit of life.", "DNA carries genetic information.",
+                                  "Plants make sugar by photosynthesis."]},
+    {"name": "Economics", "facts": ["Inflation reduces the purchasing power of money.",
+                                    "Prices rise when demand exceeds supply."]},
+]
+FACTS = [f for d in DOMAINS for f in d["facts"]]
+FACT_DOMAIN = [k for k, d in enumerate(DOMAINS) for _ in d["facts"]]
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
+    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
+    return load_model(str(folder), dtype="float64")
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-300))
+
+
+class Reference:
+    """Loss of each fact as a function of u, with W_b + v u_b^T written into the weights."""
+
+    def __init__(self, loaded, n_blocks: int):
+        self.model = loaded.model
+        self.anatomy = find_anatomy(self.model)
+        self.n_blocks = n_blocks
+        names = {id(m): n for n, m in self.model.named_modules()}
+        self.modules = self.anatomy.down_projs[-n_blocks:]
+        self.weight_names = [names[id(m)] + ".weight" for m in self.modules]
+        self.ids = [torch.tensor([loaded.tokenizer(f)["input_ids"]]) for f in FACTS]
+
+    def fact_logits(self, i, u, v):
+        overrides = {}
+        for b, (module, name) in enumerate(zip(self.modules, self.weight_names)):
+            delta = torch.outer(v, u[b]) if type(module).__name__ != "Conv1D" else torch.outer(u[b], v)
+            overrides[name] = module.weight + delta
+        return torch.func.functional_call(self.model, overrides, (self.ids[i],), {"use_cache": False}).logits[0]
+
+    def fact_loss(self, i, u, v):
+        logits = self.fact_logits(i, u, v)
+        return F.cross_entropy(logits[:-1], self.ids[i][0, 1:])
+
+    def loss(self, u, v, weights):
+        return sum(w * self.fact_loss(i, u, v) for i, w in enumerate(weights) if w != 0)
+
+    def concept_vectors(self):
+        sums = torch.zeros((len(DOMAINS), self.anatomy.d_model), dtype=torch.float64)
+        with torch.no_grad():
+            for i, ids in enumerate(self.ids):
+                hidden = self.model(ids, output_hidden_states=True, use_cache=False).hidden_states[-1][0]
+                sums[FACT_DOMAIN[i]] += hidden.mean(dim=0)
+        counts = torch.tensor([len(d["facts"]) for d in DOMAINS], dtype=torch.float64)
+        means = sums / counts[:, None]
+        return means / means.norm(dim=1, keepdim=True)
+
+    def ggn(self, u, v, weights):
+        """J^T (diag p - p p^T) J summed over predicted tokens, J from autograd.functional.jacobian."""
+        total = torch.zeros((u.numel(), u.numel()), dtype=torch.float64)
+        for i, w in enumerate(weights):
+            if w == 0:
+                continue
+            # Forward mode: D columns instead of (T-1) * vocab rows.
+            jac = torch.autograd.functional.jacobian(lambda uu: self.fact_logits(i, uu, v)[:-1], u,
+                                                     vectorize=True, strategy="forward-mode")
+            jac = jac.reshape(jac.shape[0], jac.shape[1], -1)  # (T-1, V, D)
+            probs = torch.softmax(self.fact_logits(i, u, v)[:-1].detach(), dim=-1)
+            for t in range(jac.shape[0]):
+                # J^T (diag p - p p^T) J without the vocab x vocab matrix
+                jp = jac[t].T @ probs[t]
+                total += (w / jac.shape[0]) * ((jac[t].T * probs[t]) @ jac[t] - torch.outer(jp, jp))
+        return total
+
+
+def _engine_pass(loaded, batch_size):
+    anatomy = find_anatomy(loaded.model)
+    encoded = encode_facts(loaded.tokenizer, FACTS, anatomy.max_positions)
+    batches = make_batches(encoded, batch_size, "cpu")
+    directions, norms, tokens = _forward_all(loaded.model, anatomy, batches, FACT_DOMAIN, len(DOMAINS))
+    return anatomy, batches, directions, tokens
+
+
+def test_concept_vectors_match_one_fact_at_a_time_and_ignore_batching(tiny64):
+    ref = Reference(tiny64, 1).concept_vectors()
+    for batch_size in (1, 3, 8):
+        _, _, directions, tokens = _engine_pass(tiny64, batch_size)
+        assert _rel(directions, ref) < 1e-6
+    _, _, _, one = _engine_pass(tiny64, 1)
+    _, _, _, many = _engine_pass(tiny64, 8)
+    assert _rel(many.fact_losses, one.fact_losses) < 1e-10
+    assert torch.allclose(directions.norm(dim=1), torch.ones(len(DOMAINS), dtype=torch.float64))
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_structured_route_equals_reference_gradients_and_curvature(tiny64, curvature):
+    anatomy, batches, directions, tokens = _engine_pass(tiny64, 4)
+    reference = Reference(tiny64, 1)
+    m = len(FACTS)
+    u0 = torch.zeros((1, anatomy.d_ff), dtype=torch.float64)
+    for k in (0, len(DOMAINS) - 1):
+        v = directions[k]
+        a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, curvature)
+        grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, m)
+        hess = structured_hessian(tokens.x, tokens.token_scale / m, c)
+        for i in (0, m // 2, m - 1):
+            g_ref = torch.autograd.functional.jacobian(lambda u: reference.fact_loss(i, u, v), u0).reshape(-1)
+            assert _rel(grads[i], g_ref) < 1e-6
+        weights = [1.0 / m] * m
+        if curvature == "hessian":
+            h_ref = torch.autograd.functional.hessian(lambda u: reference.loss(u, v, weights), u0)
+            h_ref = h_ref.reshape(anatomy.d_ff, anatomy.d_ff)
+        else:
+            h_ref = reference.ggn(u0, v, weights)
+        assert _rel(hess, h_ref) < 1e-6
+
+
+@pytest.mark.parametrize("n_blocks", [1, 2])
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_hvp_route_equals_reference(tiny64, n_blocks, curvature):
+    anatomy, batches, directions, tokens = _engine_pass(tiny64, 3)
+    reference = Reference(tiny64, n_blocks)
+    m = len(FACTS)
+    v = directions[0]
+    u0 = torch.zeros((n_blocks, anatomy.d_ff), dtype=torch.float64)
+    obj = SubspaceObjective(tiny64.model, anatomy, batches, v, n_blocks, curvature)
+    grads = obj.per_fact_gradients()
+    for i in (0, 4, m - 1):
+        g_ref = torch.autograd.functional.jacobian(lambda u: reference.fact_loss(i, u, v), u0).reshape(-1)
+        assert _rel(grads[i], g_ref) < 1e-6
+    weights = torch.full((m,), 1.0 / m, dtype=torch.float64)
+    dense = obj.dense("all", weights)
+    dim = n_blocks * anatomy.d_ff
+    if curvature == "hessian":
+        h_ref = torch.autograd.functional.hessian(lambda u: reference.loss(u, v, weights.tolist()), u0)
+        h_ref = h_ref.reshape(dim, dim)
+    else:
+        h_ref = reference.ggn(u0, v, weights.tolist())
+        assert float(torch.linalg.eigvalsh(dense)[0]) > -1e-10  # Gauss-Newton is PSD
+    assert _rel(dense, h_ref) < 1e-6
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_z_and_mean_match_reference_solve(tiny64, curvature):
+    config = AnalysisConfig(dtype="float64", curvature=curvature, damping=1e-3)
+    result = analyze(tiny64, DOMAINS, config)
+    anatomy = find_anatomy(tiny64.model)
+    reference = Reference(tiny64, 1)
+    directions = reference.concept_vectors()
+    m = len(FACTS)
+    u0 = torch.zeros((1, anatomy.d_ff), dtype=torch.float64)
+    for k, domain in enumerate(DOMAINS):
+        v = directions[k]
+        weights = [1.0 / m] * m
+        if curvature == "hessian":
+            h = torch.autograd.functional.hessian(lambda u: reference.loss(u, v, weights), u0)
+            h = h.reshape(anatomy.d_ff, anatomy.d_ff)
+        else:
+            h = reference.ggn(u0, v, weights)
+        rows = [i for i in range(m) if FACT_DOMAIN[i] == k]
+        g = torch.stack([
+            torch.autograd.functional.jacobian(lambda u: reference.fact_loss(i, u, v), u0).reshape(-1) for i in rows
+        ])
+        z = torch.linalg.solve(h + 1e-3 * torch.eye(anatomy.d_ff, dtype=torch.float64), g.mean(0))
+        mean_ref = float(g.mean(0) @ z)
+        got = result.domain(domain["name"])
+        assert got.mean == pytest.approx(mean_ref, rel=1e-6, abs=1e-12)
+        per_example = [e["influence"] for e in result.per_example if e["domain"] == domain["name"]]
+        assert per_example == pytest.approx((g @ z).tolist(), rel=1e-6, abs=1e-12)
+        assert sum(per_example) / len(per_example) == pytest.approx(got.mean, rel=1e-9, abs=1e-15)
+
+
+@pytest.mark.parametrize("curvature,damping", [("hessian", 5.0), ("ggn", 1e-3)])
+def test_auto_exact_cg_agree(tiny64, curvature, damping):
+    """Where H + lambda I is positive definite the three solvers give one answer."""
+    means = {}
+    for solver in ("auto", "exact", "cg"):
+        config = AnalysisConfig(dtype="float64", curvature=curvature, damping=damping, solver=solver)
+        result = analyze(tiny64, DOMAINS, config)
+        means[solver] = [d.mean for d in result.domains]
+        deltas = [d.delta_n_direct for d in result.domains]
+        if solver == "cg":
+            assert all(d.solver["converged"] and d.solver["rel_residual"] <= 1e-5 for d in result.domains)
+            assert not any(d.solver["nonpositive_curvature"] for d in result.domains)
+        means[solver + "_dn"] = deltas
+    for solver in ("exact", "cg"):
+        assert means[solver] == pytest.approx(means["auto"], rel=1e-5)
+        assert [x is None for x in means[solver + "_dn"]] == [x is None for x in means["auto_dn"]]
+        for a, b in zip(means[solver + "_dn"], means["auto_dn"]):
+            if a is not None:
+                assert a == pytest.approx(b, rel=1e-4)
+
+
+def test_two_blocks_exact_and_cg_agree(tiny64):
+    results = {}
+    for solver in ("exact", "cg", "auto"):
+        config = AnalysisConfig(dtype="float64", blocks=2, damping=5.0, solver=solver, saturation_points=20)
+        results[solver] = analyze(tiny64, DOMAINS, config)
+    assert results["auto"].extras["route"] == "exact"
+    assert results["auto"].extras["subspace_dim"] == 2 * find_anatomy(tiny64.model).d_ff
+    exact = [d.mean for d in results["exact"].domains]
+    assert [d.mean for d in results["cg"].domains] == pytest.approx(exact, rel=1e-5)
+
+
+def test_cg_reports_nonpositive_curvature(tiny64):
+    """With no damping the exact Hessian of the tiny model is indefinite: CG must say so."""
+    config = AnalysisConfig(dtype="float64", damping=0.0, solver="cg")
+    exact = analyze(tiny64, DOMAINS, AnalysisConfig(dtype="float64", damping=0.0, solver="exact"))
+    result = analyze(tiny64, DOMAINS, config)
+    indefinite = [d.solver["nonpositive_curvature"] for d in exact.domains]
+    assert any(indefinite), "the tiny model should have an indefinite Hessian in some subspace"
+    for got, flag in zip(result.domains, indefinite):
+        if flag:
+            # CG stops at the first direction with p^T A p <= 0, or converges
+            # before meeting one; it never claims convergence with a large residual.
+            assert got.solver["nonpositive_curvature"] or got.solver["rel_residual"] <= 1e-5
+
+
+def test_transfer_diagonal_equals_means(tiny64):
+    result = analyze(tiny64, DOMAINS, AnalysisConfig(dtype="float64"))
+    matrix = result.extras["transfer"]["matrix"]
+    for k, d in enumerate(result.domains):
+        assert matrix[k][k] == pytest.approx(d.mean, rel=1e-9, abs=1e-15)
