@@ -49,7 +49,7 @@ class FactTokens:
     tail_matches: bool  # final norm + LM head reproduce the model's logits
 
 
-def _forward_all(model, anatomy, batches, fact_domain, n_domains):
+def forward_pass(model, anatomy, batches, fact_domain, n_domains):
     """Concept vectors and the per-token quantities, in one pass."""
     xs, hs, ys, facts, scales, losses = [], [], [], [], [], []
     tail = tail_function(anatomy)
@@ -163,7 +163,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     for note in notes:
         warnings.warn(note, stacklevel=2)
     batches = make_batches(encoded, config.batch_size, device)
-    directions, norms, tokens = _forward_all(net, anatomy, batches, fact_domain, n_domains)
+    directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, n_domains)
     bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(

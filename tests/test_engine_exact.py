@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dowsing.analysis import _forward_all, analyze
+from dowsing.analysis import forward_pass, analyze
 from dowsing.config import AnalysisConfig
 from dowsing.curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
 from dowsing.models import load_model
@@ -98,7 +98,7 @@ def _engine_pass(loaded, batch_size):
     anatomy = find_anatomy(loaded.model)
     encoded = encode_facts(loaded.tokenizer, FACTS, anatomy.max_positions)
     batches = make_batches(encoded, batch_size, "cpu")
-    directions, norms, tokens = _forward_all(loaded.model, anatomy, batches, FACT_DOMAIN, len(DOMAINS))
+    directions, norms, tokens = forward_pass(loaded.model, anatomy, batches, FACT_DOMAIN, len(DOMAINS))
     return anatomy, batches, directions, tokens
 
 
