@@ -1,0 +1,198 @@
+"""Bootstrap uncertainty (issue 4, section 3) on synthetic kernels with a
+known population."""
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from dowsing.saturation import delta_n_from_fit, fit_power_law, n_grid
+from dowsing.uncertainty import (RANK_STABLE_PROBABILITY, DomainKernels, _profile_gradient,
+                                 bootstrap_domains, fit_power_law_batch, resampled_curves)
+
+
+def population_domain(name, n_k, rng, mu_g, a_inv):
+    """n_k gradients g_i ~ N(mu_g, I); one kernel at n = n_k. The population
+    Mean is mu_g^T A^-1 mu_g (plus tr(A^-1)/n_k of bias in the estimate)."""
+    grads = mu_g + rng.normal(size=(n_k, mu_g.size))
+    return DomainKernels(name, n_k, np.array([float(n_k)]), (grads @ a_inv @ grads.T)[None])
+
+
+def engine_like_domain(name, n_k, rng, shift=1.0, dim=6, n_total=200):
+    """Kernels as the engine builds them: A(n) = B + (n - N_k)/M Hbar with
+    B = (other domains' curvature + N_k Hbar)/M + lambda I, so A(n) is
+    positive definite for n >= 0 and mu(n) decreases and saturates."""
+    grid = n_grid(n_k, 24, 10.0)
+    grads = rng.normal(size=dim) * shift + rng.normal(size=(n_k, dim))
+    q = rng.normal(size=(dim, dim))
+    others = q @ q.T / dim
+    q = rng.normal(size=(dim, dim))
+    hbar = q @ q.T / dim
+    base = others + n_k / n_total * hbar + 0.1 * np.eye(dim)
+    kernels = np.stack([grads @ np.linalg.solve(base + (n - n_k) / n_total * hbar, grads.T) for n in grid])
+    return DomainKernels(name, n_k, grid, kernels), grads, base, hbar, n_total
+
+
+def test_all_ones_counts_give_the_full_sample_mean():
+    rng = np.random.default_rng(0)
+    domain, grads, base, hbar, n_total = engine_like_domain("d", 17, rng)
+    curve = resampled_curves(domain.kernels, np.ones((1, 17)))[0]
+    g_bar = grads.mean(axis=0)
+    direct = [g_bar @ np.linalg.solve(base + (n - 17) / n_total * hbar, g_bar) for n in domain.grid]
+    np.testing.assert_allclose(curve, direct, rtol=1e-10)
+    np.testing.assert_allclose(curve, domain.kernels.mean(axis=(1, 2)), rtol=1e-12)
+
+
+def test_resampled_curve_is_the_resampled_mean_gradient():
+    rng = np.random.default_rng(1)
+    domain, grads, base, hbar, n_total = engine_like_domain("d", 11, rng)
+    counts = rng.multinomial(11, np.full(11, 1 / 11), size=3)
+    curves = resampled_curves(domain.kernels, counts)
+    for m, curve in zip(counts, curves):
+        g_m = m @ grads / 11
+        direct = [g_m @ np.linalg.solve(base + (n - 11) / n_total * hbar, g_m) for n in domain.grid]
+        np.testing.assert_allclose(curve, direct, rtol=1e-10)
+
+
+def test_mean_interval_covers_the_population_mean_at_the_stated_rate():
+    # 300 independent domains in one call: each domain's counts are drawn
+    # independently, so each Mean interval is its own repetition.
+    rng = np.random.default_rng(2)
+    mu_g = np.array([1.5, -1.0, 0.5])
+    a_inv = np.linalg.inv(np.diag([1.0, 2.0, 0.5]))
+    truth = mu_g @ a_inv @ mu_g
+    domains = [population_domain(f"d{i}", 40, rng, mu_g, a_inv) for i in range(300)]
+    result = bootstrap_domains(domains, n_resamples=200, level=0.90, seed=3)
+    covered = [d.mean_interval[0] <= truth <= d.mean_interval[1] for d in result.domains]
+    assert 0.82 <= np.mean(covered) <= 0.97
+
+
+def test_intervals_shrink_as_n_k_grows():
+    rng = np.random.default_rng(4)
+    mu_g = np.array([1.0, 0.5])
+    a_inv = np.eye(2)
+
+    def mean_width(n_k):
+        domains = [population_domain(f"d{i}", n_k, rng, mu_g, a_inv) for i in range(20)]
+        result = bootstrap_domains(domains, n_resamples=200, seed=5)
+        return np.mean([d.mean_interval[1] - d.mean_interval[0] for d in result.domains])
+
+    # Width ~ 1/sqrt(n_k): 16x the facts, about a quarter of the width.
+    assert mean_width(320) < 0.4 * mean_width(20)
+
+
+def test_rank_probabilities_sum_to_one_per_domain_and_per_rank():
+    rng = np.random.default_rng(6)
+    domains = [engine_like_domain(f"d{k}", 20, rng, shift=0.6)[0] for k in range(4)]
+    result = bootstrap_domains(domains, n_resamples=200, seed=0)
+    probs = np.array([d.rank_probabilities for d in result.domains])
+    np.testing.assert_allclose(probs.sum(axis=1), 1.0)
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0)
+    for d in result.domains:
+        assert 0.0 <= d.share_pct_interval[0] <= d.share_pct_interval[1] <= 100.0
+
+
+def test_separated_domains_are_rank_stable_and_an_overlapping_pair_is_not():
+    rng = np.random.default_rng(7)
+    a_inv = np.eye(3)
+    separated = [population_domain(f"d{k}", 40, rng, np.array([1.0, 0.0, 0.0]) * (1 + 2 * k), a_inv)
+                 for k in range(3)]
+    result = bootstrap_domains(separated, n_resamples=200, seed=0)
+    assert all(d.rank_stable for d in result.domains)
+    assert [d.most_likely_rank for d in result.domains] == [3, 2, 1]
+
+    mu_g = np.array([2.0, 0.0, 0.0])
+    pair = [population_domain("a", 40, rng, mu_g, a_inv), population_domain("b", 40, rng, mu_g, a_inv)]
+    result = bootstrap_domains(pair, n_resamples=200, seed=0)
+    assert not any(d.rank_stable for d in result.domains)
+    assert max(result.domains[0].rank_probabilities) < RANK_STABLE_PROBABILITY
+
+
+def test_deterministic_under_the_seed_and_json_ready():
+    rng = np.random.default_rng(8)
+    domains = [engine_like_domain(f"d{k}", 15, rng, shift=1 + k)[0] for k in range(3)]
+    first = bootstrap_domains(domains, n_resamples=50, seed=11).to_dict()
+    again = bootstrap_domains(domains, n_resamples=50, seed=11).to_dict()
+    other = bootstrap_domains(domains, n_resamples=50, seed=12).to_dict()
+    assert first == again
+    assert first != other
+    assert json.loads(json.dumps(first, allow_nan=False)) == first
+
+
+def test_delta_n_interval_around_the_point_estimate():
+    rng = np.random.default_rng(9)
+    domain = engine_like_domain("d", 33, rng, shift=2.0)[0]
+    result = bootstrap_domains([domain], n_resamples=200, seed=0).domains[0]
+    assert result.delta_n_fraction == 1.0
+    point = resampled_curves(domain.kernels, np.ones((1, 33)))[0]
+    fit = fit_power_law(domain.grid, point)
+    dn = delta_n_from_fit(33, fit.n0, fit.alpha)
+    low, high = result.delta_n_10pct_interval
+    assert low <= dn <= high
+    assert len(result.curve_band) == domain.grid.size
+    assert all(lo <= mu <= hi for (_, lo, hi), mu in zip(result.curve_band, point))
+
+
+def test_no_delta_n_when_the_mean_is_negative():
+    rng = np.random.default_rng(10)
+    domain = engine_like_domain("d", 20, rng)[0]
+    negative = DomainKernels("neg", 20, domain.grid, -domain.kernels)
+    result = bootstrap_domains([negative, domain], n_resamples=50, seed=0)
+    assert result.domains[0].delta_n_fraction == 0.0
+    assert result.domains[0].delta_n_10pct_interval is None
+    assert result.domains[0].mean_interval[1] < 0
+    assert result.to_dict()["domains"][0]["delta_n_10pct_interval"] is None
+
+
+def test_grid_must_contain_n_k():
+    rng = np.random.default_rng(11)
+    domain = engine_like_domain("d", 20, rng)[0]
+    with pytest.raises(ValueError):
+        bootstrap_domains([DomainKernels("d", 20, domain.grid + 0.5, domain.kernels)])
+
+
+def _fit_curves():
+    ns = n_grid(33, 24, 10.0)
+    rng = np.random.default_rng(12)
+    curves = [
+        2.0 * (ns + 5.0) ** -0.7,                                 # exact power law
+        3.0 * (ns + 40.0) ** -1.3 * (1 + 0.01 * np.sin(ns)),      # wiggle
+        0.5 * ns ** -0.4 * np.exp(0.005 * rng.normal(size=ns.size)),  # N0 near the bound
+    ]
+    for k in range(3):
+        domain = engine_like_domain(f"d{k}", 33, rng, shift=1 + k)[0]
+        curves.append(resampled_curves(domain.kernels, np.ones((1, 33)))[0])
+    return ns, np.array(curves)
+
+
+def test_batch_fit_matches_fit_power_law():
+    ns, curves = _fit_curves()
+    alpha, n0, c, r2 = fit_power_law_batch(ns, curves)
+    for i, curve in enumerate(curves):
+        ref = fit_power_law(ns, curve)
+        assert alpha[i] == pytest.approx(ref.alpha, rel=1e-6)
+        assert c[i] == pytest.approx(ref.c, rel=1e-6)
+        assert abs(n0[i] - ref.n0) <= 1e-6 * (ref.n0 + 1e-3 * ns.max())
+        assert r2[i] == pytest.approx(ref.r2, rel=1e-6, abs=1e-9)
+        ref_dn = delta_n_from_fit(33, ref.n0, ref.alpha)
+        assert delta_n_from_fit(33, n0[i], alpha[i]) == pytest.approx(ref_dn, rel=1e-6)
+        # Never a worse least-squares optimum than scipy's.
+        ours, _, _, _ = _profile_gradient(ns, n0[i:i + 1], np.log(curve[None]))
+        theirs, _, _, _ = _profile_gradient(ns, np.array([ref.n0]), np.log(curve[None]))
+        assert ours[0] <= theirs[0] * (1 + 1e-9) + 1e-30
+
+
+def test_batch_fit_rejects_non_positive_curves():
+    with pytest.raises(ValueError):
+        fit_power_law_batch(np.array([1.0, 2.0, 3.0]), np.array([[1.0, 0.0, -1.0]]))
+
+
+def test_bootstrap_is_fast_enough_for_the_default_size():
+    rng = np.random.default_rng(13)
+    domains = [engine_like_domain(f"d{k}", 33, rng, shift=1 + k)[0] for k in range(4)]
+    assert domains[0].grid.size == 25
+    start = time.perf_counter()
+    bootstrap_domains(domains, n_resamples=200)
+    assert time.perf_counter() - start < 5.0
