@@ -1,0 +1,347 @@
+"""Rival per-domain priority scores, computed on the same facts and the same
+concept subspaces, so the validation can put them side by side.
+
+Every estimator turns a domain's *training* facts into one number per domain:
+the larger, the more that domain's data is predicted to help. With
+g_i = grad_u l_i at u = 0 in S_k (B = 1), g_bar_k = mean_i g_ki over the
+domain's training facts, H_k the curvature of the training loss in S_k and
+lambda the damping:
+
+* ``influence_exact`` (dowsing's default): Mean_k = g_bar_k^T (H_k + lambda I)^-1 g_bar_k,
+  exact Hessian, dense solve;
+* ``influence_ggn``: the same with the Gauss-Newton matrix;
+* ``influence_cg``: the same system solved by conjugate gradient on
+  Hessian-vector products;
+* ``influence_lissa``: the same system solved by LiSSA on minibatch
+  Hessian-vector products (a stochastic Neumann series);
+* ``tracin``: gradient dot product without curvature, z = g_bar: g_bar^T g_bar;
+* ``mean_loss``: the domain's mean next-token loss (log perplexity);
+* ``grad_norm``: ||grad_theta L_k||, the norm of the domain's mean-loss
+  gradient over all model parameters.
+
+One forward pass over all facts (training and held-out) serves every
+estimator and the subspace ground truth; its time is reported as shared.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .analysis import forward_pass
+from .curvature import structured_fact_gradients, structured_hessian
+from .solvers import conjugate_gradient, damped, dense_solve, lissa
+from .subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
+
+ESTIMATORS = ("influence_exact", "influence_ggn", "influence_cg", "influence_lissa", "tracin", "mean_loss",
+              "grad_norm")
+DEFAULT_ESTIMATOR = "influence_exact"
+LABELS = {
+    "influence_exact": "Influence, exact Hessian (dowsing default)",
+    "influence_ggn": "Influence, Gauss-Newton",
+    "influence_cg": "Influence, CG inverse-HVP",
+    "influence_lissa": "Influence, LiSSA inverse-HVP",
+    "tracin": "Gradient dot product (TracIn-style, z = ḡ)",
+    "mean_loss": "Mean loss (log perplexity)",
+    "grad_norm": "Norm of the domain gradient (all parameters)",
+}
+
+
+@dataclass
+class SplitPass:
+    """One forward pass over every domain's training then held-out facts.
+
+    Fact rows 0..M_train-1 are the training facts (domain by domain), the
+    rest the held-out facts. directions[k] is v_k from domain k's training
+    facts only, so nothing of the held-out half leaks into S_k.
+    """
+
+    anatomy: object
+    directions: torch.Tensor  # (K, d_model), unit
+    tokens: object  # FactTokens over all facts
+    train_rows: list  # list[list[int]]
+    held_rows: list  # list[list[int]]
+    n_facts: int
+    forward_s: float
+
+    @property
+    def n_train(self) -> int:
+        return sum(len(r) for r in self.train_rows)
+
+
+def split_pass(loaded, train, held, batch_size: int = 16) -> SplitPass:
+    """Run the model once over train + held-out facts (lists of Domain)."""
+    t0 = time.perf_counter()
+    net = loaded.model
+    anatomy = find_anatomy(net)
+    facts, groups = [], []
+    for k, d in enumerate(train):
+        facts += list(d.facts)
+        groups += [k] * len(d.facts)
+    for k, d in enumerate(held):
+        facts += list(d.facts)
+        groups += [len(train) + k] * len(d.facts)
+    encoded = encode_facts(loaded.tokenizer, facts, anatomy.max_positions)
+    device = next(net.parameters()).device
+    batches = make_batches(encoded, batch_size, device)
+    directions, _, tokens = forward_pass(net, anatomy, batches, groups, 2 * len(train))
+    rows = [[i for i, g in enumerate(groups) if g == k] for k in range(2 * len(train))]
+    return SplitPass(anatomy, directions[: len(train)], tokens, rows[: len(train)], rows[len(train):], len(facts),
+                     time.perf_counter() - t0)
+
+
+@dataclass
+class DomainTerms:
+    """Domain k's first and second derivatives in S_k, all float64."""
+
+    grads: torch.Tensor  # (M, d_ff): g_i for every fact, training and held-out
+    a: torch.Tensor  # (N,) d ce_t / d s_t
+    c: torch.Tensor  # (N,) d^2 ce_t / d s_t^2 (exact Hessian)
+    c_ggn: torch.Tensor  # (N,) its Gauss-Newton part
+    hessian: torch.Tensor  # (d_ff, d_ff): Hessian of the mean training loss
+    train_weights: torch.Tensor  # (N,) w_t of the mean training loss (0 on held-out tokens)
+    seconds: float
+
+
+def domain_terms(split: SplitPass, k: int) -> DomainTerms:
+    t0 = time.perf_counter()
+    tokens = split.tokens
+    v = split.directions[k].to(tokens.h.dtype)
+    _, a, c, c_ggn = tail_derivatives(split.anatomy, tokens.h, tokens.targets, v)
+    grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, split.n_facts)
+    weights = token_weights(split, [r for rows in split.train_rows for r in rows])
+    hessian = structured_hessian(tokens.x, weights, c)
+    return DomainTerms(grads, a, c, c_ggn, hessian, weights, time.perf_counter() - t0)
+
+
+def tail_derivatives(anatomy, h: torch.Tensor, targets: torch.Tensor, direction: torch.Tensor,
+                     s: torch.Tensor | None = None, order: int = 2, chunk: int = 256):
+    """Per token t, along the residual h_t + s_t v (s = 0 when not given):
+    ce_t, a_t = d ce_t/d s_t, c_t = d^2 ce_t/d s_t^2 and its Gauss-Newton part.
+
+    With n(s) the final norm of h + s v, z = W n (the LM head),
+    z' = W n', z'' = W n'' (n', n'' by forward-mode AD through the norm only)
+    and p = softmax(z):  a = p.z' - z'_y,  c_ggn = p.z'^2 - (p.z')^2,
+    c = c_ggn + p.z'' - z''_y. Three products with the LM head per token,
+    against the five or more of double backprop. order = 0 gives ce only,
+    1 adds a, 2 adds c and c_ggn. Returns float64 tensors (None where not asked).
+    """
+    norm, head = anatomy.final_norm, anatomy.lm_head
+    weight = head.weight
+    outs = {"ce": [], "a": [], "c": [], "c_ggn": []}
+    with torch.no_grad():
+        for start in range(0, h.shape[0], chunk):
+            hc = h[start: start + chunk]
+            if s is not None:
+                hc = hc + s[start: start + chunk].to(hc.dtype).unsqueeze(-1) * direction
+            yc = targets[start: start + chunk]
+            vv = direction.expand_as(hc)
+            if order == 0:
+                z = head(norm(hc))
+            elif order == 1:
+                n0, n1 = torch.func.jvp(norm, (hc,), (vv,))
+                z, z1 = head(n0), n1 @ weight.T
+            else:
+                def first(x):
+                    return torch.func.jvp(norm, (x,), (vv,))
+
+                (n0, n1), (_, n2) = torch.func.jvp(first, (hc,), (vv,))
+                z, z1, z2 = head(n0), n1 @ weight.T, n2 @ weight.T
+            logp = torch.log_softmax(z.to(torch.float32), dim=-1)
+            outs["ce"].append((-logp.gather(1, yc[:, None])[:, 0]).to(torch.float64))
+            if order >= 1:
+                p = logp.exp()
+                z1 = z1.to(torch.float32)
+                m1 = (p * z1).sum(-1)
+                outs["a"].append((m1 - z1.gather(1, yc[:, None])[:, 0]).to(torch.float64))
+                if order >= 2:
+                    z2 = z2.to(torch.float32)
+                    c_ggn = (p * z1 * z1).sum(-1) - m1 * m1
+                    outs["c_ggn"].append(c_ggn.to(torch.float64))
+                    outs["c"].append((c_ggn + (p * z2).sum(-1) - z2.gather(1, yc[:, None])[:, 0]).to(torch.float64))
+    return tuple(torch.cat(outs[key]) if outs[key] else None for key in ("ce", "a", "c", "c_ggn"))
+
+
+def token_weights(split: SplitPass, rows) -> torch.Tensor:
+    """w_t such that sum_t w_t ce_t = mean over the given facts of l_i."""
+    tokens = split.tokens
+    member = torch.zeros(split.n_facts, dtype=torch.float64, device=tokens.token_scale.device)
+    member[list(rows)] = 1.0 / len(rows)
+    return tokens.token_scale * member[tokens.token_fact]
+
+
+@dataclass
+class EstimatorScore:
+    name: str
+    label: str
+    priority: list  # one number per domain; larger = collect first
+    per_example: list | None  # per domain, per training fact: numbers whose mean is the priority
+    time_s: float  # own time plus the shared forward pass
+    details: dict = field(default_factory=dict)  # solver cost and agreement with the exact solve
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "label": self.label, "priority": self.priority,
+                "per_example": self.per_example, "time_s": self.time_s, "details": self.details}
+
+
+def _largest_eigenvalue(matvec, dim: int, iterations: int = 40, seed: int = 0) -> float:
+    """|largest eigenvalue| of a symmetric operator by power iteration."""
+    gen = torch.Generator().manual_seed(seed)
+    p = torch.randn(dim, generator=gen, dtype=torch.float64)
+    p /= p.norm()
+    value = 0.0
+    for _ in range(iterations):
+        q = matvec(p)
+        value = float(q.norm())
+        if value == 0.0:
+            break
+        p = q / value
+    return value
+
+
+def lissa_solve(split: SplitPass, terms: DomainTerms, g_bar: torch.Tensor, damping: float, depth: int,
+                batch_facts: int, seed: int):
+    """LiSSA on (H + lambda I) z = g_bar with minibatch HVPs over training facts.
+
+    A_j p = (M_train / |B_j|) sum_{i in B_j} H_i p + lambda p, B_j a seeded
+    random minibatch of training facts, H_i = sum_{t in i} w_t c_t x_t x_t^T.
+    scale = 1.5 x the largest eigenvalue of H + lambda I (power iteration).
+    """
+    tokens = split.tokens
+    x64 = tokens.x.to(torch.float64)
+    wc = terms.train_weights * terms.c
+    train = [r for rows in split.train_rows for r in rows]
+    fact_tokens = {r: (tokens.token_fact == r).nonzero().flatten() for r in train}
+    gen = torch.Generator().manual_seed(seed)
+    n_train = len(train)
+    size = min(batch_facts, n_train)
+
+    def full(p):
+        return x64.T @ (wc * (x64 @ p)) + damping * p
+
+    def minibatch(p, step):
+        pick = torch.randperm(n_train, generator=gen)[:size].tolist()
+        idx = torch.cat([fact_tokens[train[i]] for i in pick])
+        xb = x64[idx]
+        return (n_train / size) * (xb.T @ (wc[idx] * (xb @ p))) + damping * p
+
+    scale = 1.5 * _largest_eigenvalue(full, x64.shape[1], seed=seed)
+    report = lissa(minibatch, g_bar, scale=scale, depth=depth, rtol=1e-4, full_matvec=full)
+    return report, scale
+
+
+def domain_grad_norm(loaded, facts, batch_size: int = 16) -> float:
+    """||grad_theta (mean_i l_i)|| over every parameter of the model."""
+    net = loaded.model
+    anatomy = find_anatomy(net)
+    encoded = encode_facts(loaded.tokenizer, list(facts), anatomy.max_positions)
+    device = next(net.parameters()).device
+    params = list(net.parameters())
+    flags = [p.requires_grad for p in params]
+    total = None
+    try:
+        for p in params:
+            p.requires_grad_(True)
+        for input_ids, mask, rows in make_batches(encoded, batch_size, device):
+            logits = net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
+            loss = per_fact_losses(logits, input_ids, mask).sum() / len(encoded.ids)
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [g if g is not None else torch.zeros_like(p) for g, p in zip(grads, params)]
+            total = grads if total is None else [t + g for t, g in zip(total, grads)]
+            del logits, loss
+    finally:
+        for p, flag in zip(params, flags):
+            p.requires_grad_(flag)
+    return float(math.sqrt(sum(float((g.to(torch.float64) ** 2).sum()) for g in total)))
+
+
+def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping: float = 1e-3,
+                     lissa_depth: int = 2000, lissa_batch_facts: int = 8, seed: int = 0,
+                     terms: list | None = None, progress=None) -> tuple[list[EstimatorScore], list[DomainTerms]]:
+    """Every named estimator's per-domain priority on the training facts.
+
+    terms: DomainTerms per domain, computed here when not given (the subspace
+    ground truth reuses them).
+    """
+    unknown = [n for n in names if n not in ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown estimator(s): {', '.join(unknown)}; choose from {', '.join(ESTIMATORS)}")
+    report = progress or (lambda fraction, message: None)
+    n_domains = len(train)
+    if terms is None:
+        terms = []
+        for k in range(n_domains):
+            report(k / n_domains * 0.5, f"derivatives in S_k for {train[k].name}")
+            terms.append(domain_terms(split, k))
+    shared_s = split.forward_s + sum(t.seconds for t in terms)
+    tokens = split.tokens
+    own = {n: 0.0 for n in names}
+    priority = {n: [] for n in names}
+    per_example = {n: [] for n in names}
+    details = {n: {"per_domain": []} for n in names}
+    exact_z = []
+    for k in range(n_domains):
+        report(0.5 + 0.5 * k / n_domains, f"estimators for {train[k].name}")
+        rows = split.train_rows[k]
+        t = terms[k]
+        g_train = t.grads[rows]
+        g_bar = g_train.mean(dim=0)
+        t0 = time.perf_counter()
+        base = damped(t.hessian, damping)
+        exact = dense_solve(base, g_bar)
+        exact_s = time.perf_counter() - t0
+        exact_z.append(exact.x)
+
+        def record(name, z, seconds, info):
+            own[name] += seconds
+            priority[name].append(float(g_bar @ z))
+            per_example[name].append((g_train @ z).tolist())
+            rel_err = float((z - exact.x).norm() / exact.x.norm().clamp_min(1e-300))
+            details[name]["per_domain"].append({"domain": train[k].name, "rel_error_vs_exact": rel_err, **info})
+
+        if "influence_exact" in names:
+            record("influence_exact", exact.x, exact_s, {"method": "dense", "nonpositive_curvature":
+                                                          exact.nonpositive_curvature})
+        if "influence_ggn" in names:
+            t0 = time.perf_counter()
+            ggn = dense_solve(damped(structured_hessian(tokens.x, t.train_weights, t.c_ggn), damping), g_bar)
+            record("influence_ggn", ggn.x, time.perf_counter() - t0, {"method": "dense (Gauss-Newton)"})
+        if "influence_cg" in names:
+            t0 = time.perf_counter()
+            x64 = tokens.x.to(torch.float64)
+            wc = t.train_weights * t.c
+            cg = conjugate_gradient(lambda p: x64.T @ (wc * (x64 @ p)) + damping * p, g_bar, rtol=1e-6)
+            record("influence_cg", cg.x, time.perf_counter() - t0,
+                   {"method": "cg", "hvps": cg.iterations + 1, "rel_residual": cg.rel_residual,
+                    "converged": cg.converged, "nonpositive_curvature": cg.nonpositive_curvature})
+        if "influence_lissa" in names:
+            t0 = time.perf_counter()
+            ls, scale = lissa_solve(split, t, g_bar, damping, lissa_depth, lissa_batch_facts, seed + k)
+            z = ls.x if torch.isfinite(ls.x).all() else torch.full_like(ls.x, float("nan"))
+            record("influence_lissa", z, time.perf_counter() - t0,
+                   {"method": "lissa", "hvps": ls.iterations, "scale": scale, "rel_residual": ls.rel_residual,
+                    "converged": ls.converged})
+        if "tracin" in names:
+            t0 = time.perf_counter()
+            record("tracin", g_bar.clone(), time.perf_counter() - t0, {"method": "z = g_bar"})
+        if "mean_loss" in names:
+            own["mean_loss"] += 0.0
+            losses = tokens.fact_losses[rows]
+            priority["mean_loss"].append(float(losses.mean()))
+            per_example["mean_loss"].append(losses.tolist())
+        if "grad_norm" in names:
+            t0 = time.perf_counter()
+            priority["grad_norm"].append(domain_grad_norm(loaded, train[k].facts))
+            per_example["grad_norm"] = None
+            own["grad_norm"] += time.perf_counter() - t0
+    scores = []
+    for n in names:
+        info = details[n]
+        if not info["per_domain"]:
+            info = {}
+        # tracin / grad_norm / mean_loss need no curvature: only the forward pass is shared
+        shared = shared_s if n.startswith("influence") or n == "tracin" else split.forward_s
+        scores.append(EstimatorScore(n, LABELS[n], priority[n], per_example[n], shared + own[n], info))
+    return scores, terms
