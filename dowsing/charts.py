@@ -1,5 +1,6 @@
-"""Plotly figures of a Result: the share donut, the saturation curves and the
-comparison of two runs. No Streamlit here: the app and the HTML report both
+"""Plotly figures of a Result: the share donut, the saturation curves (with the
+bootstrap band), the rank probabilities, the cross-domain transfer heatmap and
+the comparison of two runs. No Streamlit here: the app and the HTML report both
 draw with these builders, so a domain has the same colour everywhere.
 """
 from __future__ import annotations
@@ -34,6 +35,59 @@ def domain_colors(names: Iterable[str]) -> dict[str, str]:
 def result_colors(*results: Result) -> dict[str, str]:
     """Stable colours for one or more runs: the union of their domain names in set order."""
     return domain_colors(d.name for r in results for d in r.domains)
+
+
+def bootstrap_domains(result: Result) -> dict[str, dict]:
+    """Domain name -> its entry of extras["bootstrap"]["domains"]; {} when the run has
+    no bootstrap (CG solver, or a result cached before the bootstrap existed)."""
+    boot = (result.extras or {}).get("bootstrap") or {}
+    return {d["name"]: d for d in boot.get("domains") or [] if isinstance(d, dict) and "name" in d}
+
+
+def transfer_matrix(result: Result) -> tuple[list[str], list[list[float | None]]] | None:
+    """(domain names, T) with T[j][k] = ∇L_jᵀ z_k from extras["transfer"]; None when absent."""
+    transfer = (result.extras or {}).get("transfer") or {}
+    names, matrix = transfer.get("domains"), transfer.get("matrix")
+    if not names or not matrix or len(matrix) != len(names):
+        return None
+    return list(names), [list(row) for row in matrix]
+
+
+def _rgba(color: str, alpha: float) -> str:
+    """'#4C78A8' or 'rgb(76,120,168)' -> 'rgba(76,120,168,alpha)'."""
+    color = color.strip()
+    if color.startswith("#"):
+        h = color[1:]
+        if len(h) == 3:
+            h = "".join(c * 2 for c in h)
+        r, g, b = (int(h[i:i + 2], 16) for i in (0, 2, 4))
+    else:
+        r, g, b = (int(float(v)) for v in color[color.index("(") + 1:color.index(")")].split(",")[:3])
+    return f"rgba({r},{g},{b},{alpha})"
+
+
+def band_polygon(curve_band, lowest: float | None = None) -> tuple[list[float], list[float]]:
+    """The closed outline of a band [[n, lo, hi], ...]: x = n ascending then descending,
+    y = hi then lo reversed.
+
+    A log axis cannot show lo ≤ 0, so such a lo is drawn at a floor, a tenth of the
+    smallest positive value of the band (or of `lowest`, the smallest point drawn with
+    it, when that is smaller): the band then runs to the bottom of the plot,
+    which reads as "could be zero or negative". Rows with n ≤ 0, hi ≤ 0 or a missing
+    value are left out."""
+    rows = sorted(
+        (float(n), float(lo), float(hi)) for n, lo, hi in (curve_band or [])
+        if n is not None and lo is not None and hi is not None and n > 0 and hi > 0
+        and math.isfinite(lo) and math.isfinite(hi)
+    )
+    if not rows:
+        return [], []
+    positive = [v for _, lo, hi in rows for v in (lo, hi) if v > 0]
+    if lowest is not None and lowest > 0:
+        positive.append(lowest)
+    floor = 0.1 * min(positive)
+    ns = [r[0] for r in rows]
+    return ns + ns[::-1], [r[2] for r in rows] + [r[1] if r[1] > 0 else floor for r in rows][::-1]
 
 
 def _layout(fig: go.Figure, **kwargs) -> go.Figure:
@@ -99,19 +153,31 @@ def _positive_points(domain: DomainResult) -> tuple[list[float], list[float]]:
 
 def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> go.Figure:
     """Log-log μ_k(n) per domain: computed points, fitted c(n+N0)^−α, the current n
-    (N_k, Mean_k), the saturation point (N_k + Δn, 0.1·μ(N_k)) and the 10% line.
+    (N_k, Mean_k), the saturation point (N_k + Δn, 0.1·μ(N_k)) and the 10% line;
+    behind them, when the run has a bootstrap, the 90% band of the resampled μ(n)
+    curves (extras["bootstrap"], curve_band) as a translucent area.
 
     Every trace of a domain shares one legend group, so a click on the legend
     toggles the whole domain. Points with μ ≤ 0 cannot sit on a log axis and
     are left out; a domain with none is listed in the legend as such.
     """
     colors = colors or result_colors(result)
+    boot = bootstrap_domains(result)
     fig = go.Figure()
     for d in result.domains:
         color = colors[d.name]
         group = d.name
         xs, ys = _positive_points(d)
         sat = d.saturation or {}
+        band_x, band_y = band_polygon((boot.get(d.name) or {}).get("curve_band"),
+                                      lowest=min(ys) if ys else None)
+        if band_x:
+            # First, so the points and the fit are drawn over it.
+            fig.add_trace(go.Scatter(
+                x=band_x, y=band_y, mode="lines", fill="toself", fillcolor=_rgba(color, 0.18),
+                line=dict(color=color, width=0), name=f"{d.name} 90% band", legendgroup=group,
+                showlegend=False, hoverinfo="skip",
+            ))
         if not xs:
             fig.add_trace(go.Scatter(x=[None], y=[None], name=f"{d.name} (no positive μ)", legendgroup=group,
                                      mode="markers", marker=dict(color=color)))
@@ -166,6 +232,51 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
     )
 
 
+def rank_probability_chart(result: Result) -> go.Figure | None:
+    """Heatmap of P(domain holds rank r) over the bootstrap resamples: rows are the
+    domains in rank order, columns the ranks 1..K; None without a bootstrap."""
+    boot = bootstrap_domains(result)
+    rows = [d for d in result.ranked() if d.name in boot and boot[d.name].get("rank_probabilities")]
+    if not rows:
+        return None
+    k = max(len(boot[d.name]["rank_probabilities"]) for d in rows)
+    z = [[float(p) for p in boot[d.name]["rank_probabilities"]] + [0.0] * (k - len(boot[d.name]["rank_probabilities"]))
+         for d in rows]
+    labels = [d.name + ("" if boot[d.name].get("rank_stable", True) else " ⚠") for d in rows]
+    n_resamples = ((result.extras or {}).get("bootstrap") or {}).get("n_resamples")
+    fig = go.Figure(go.Heatmap(
+        z=z, x=[str(r) for r in range(1, k + 1)], y=labels, zmin=0, zmax=1, colorscale="Blues",
+        text=[[f"{p:.0%}" for p in row] for row in z], texttemplate="%{text}",
+        colorbar=dict(title="P", tickformat=".0%"), xgap=2, ygap=2,
+        hovertemplate="<b>%{y}</b><br>P(rank %{x}) = %{z:.1%}<extra></extra>",
+    ))
+    fig.update_xaxes(title="rank", type="category", side="top")
+    fig.update_yaxes(autorange="reversed", type="category")
+    title = "How often each domain holds each rank" + (f" ({n_resamples} bootstrap resamples)" if n_resamples else "")
+    return _layout(fig, title=dict(text=title, x=0), height=max(220, 70 + 42 * len(rows)))
+
+
+def transfer_heatmap(result: Result) -> go.Figure | None:
+    """Heatmap of T[j][k] = ∇L_jᵀ z_k: row j is the domain that improves, column k the
+    domain whose data is collected; the diagonal is each domain's Mean. A diverging
+    scale centred at 0 (blue: the loss of j drops, red: it rises). None when absent."""
+    found = transfer_matrix(result)
+    if found is None:
+        return None
+    names, matrix = found
+    z = [[None if v is None else float(v) for v in row] for row in matrix]
+    text = [[format_sci(v) for v in row] for row in z]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=names, y=names, zmid=0, colorscale="RdBu", text=text, texttemplate="%{text}",
+        colorbar=dict(title="∇L_jᵀz_k", exponentformat="power"), xgap=2, ygap=2,
+        hovertemplate="Collect <b>%{x}</b> → <b>%{y}</b> improves by %{text}<extra></extra>",
+    ))
+    fig.update_xaxes(title="data collected (k)", type="category", side="top")
+    fig.update_yaxes(title="improves (j)", type="category", autorange="reversed")
+    return _layout(fig, title=dict(text="Cross-domain transfer: collect column k, row j improves", x=0),
+                   height=max(300, 110 + 48 * len(names)))
+
+
 def rank_comparison(a: Result, b: Result, label_a: str = "A", label_b: str = "B",
                     colors: dict[str, str] | None = None) -> go.Figure:
     """Slope chart: each domain's rank in run A joined to its rank in run B."""
@@ -195,7 +306,12 @@ def rank_comparison(a: Result, b: Result, label_a: str = "A", label_b: str = "B"
 
 
 def figures(result: Result) -> dict[str, go.Figure]:
-    """The charts of one run, with one colour map."""
+    """The charts of one run, with one colour map; "rank" and "transfer" only when the
+    result carries a bootstrap and a transfer matrix."""
     colors = result_colors(result)
-    return {"share": share_donut(result, colors), "saturation": saturation_curves(result, colors)}
+    figs = {"share": share_donut(result, colors), "saturation": saturation_curves(result, colors)}
+    for key, fig in (("rank", rank_probability_chart(result)), ("transfer", transfer_heatmap(result))):
+        if fig is not None:
+            figs[key] = fig
+    return figs
 

@@ -30,26 +30,95 @@ def format_p(value: float | None) -> str:
     return f"{value:.3f}" if value >= 1e-3 else format_sci(value)
 
 
+UNSTABLE = "⚠ unstable"
+
+
+def format_share(value: float | None) -> str:
+    return "—" if value is None else f"{value:.1f}%"
+
+
+def format_interval(interval, fmt=format_sci) -> str | None:
+    """'[lo, hi]' with each end formatted like its column; None when there is no interval."""
+    if not interval or len(interval) != 2 or all(v is None for v in interval):
+        return None
+    return f"[{fmt(interval[0])}, {fmt(interval[1])}]"
+
+
+def rank_probability_text(probabilities) -> str:
+    """'P(rank 1) = 55%, P(rank 2) = 45%': the ranks a domain holds in ≥ 0.5% of resamples."""
+    parts = [f"P(rank {r}) = {p:.0%}" for r, p in enumerate(probabilities or [], start=1) if p >= 0.005]
+    return ", ".join(parts)
+
+
 def table_rows(result: Result) -> list[dict]:
-    """Rows of the paper's Table 1 as display strings, ranked, plus why Δn is missing."""
+    """Rows of the paper's Table 1 as display strings, ranked, plus why Δn is missing.
+
+    With a bootstrap in the result, "intervals" holds the 90% interval of Mean, Share
+    and Δn@10% per column ('[lo, hi]'), "rank_stable" whether the most likely rank has
+    probability ≥ the stability threshold, and "rank_help" the rank probabilities."""
+    boot = charts.bootstrap_domains(result)
     rows = []
     for d in result.ranked():
+        b = boot.get(d.name)
+        intervals: dict[str, str] = {}
+        rank_stable, rank_help = None, None
+        if b is not None:
+            for col, key, fmt in (("Mean", "mean_interval", format_sci), ("Share (%)", "share_pct_interval", format_share),
+                                  ("Δn@10%", "delta_n_10pct_interval", format_sci)):
+                text = format_interval(b.get(key), fmt)
+                if text:
+                    intervals[col] = text
+            rank_stable = bool(b.get("rank_stable", True))
+            rank_help = rank_probability_text(b.get("rank_probabilities"))
+            fraction = b.get("delta_n_fraction")
+            if "Δn@10%" in intervals and fraction is not None and fraction < 0.995:
+                intervals["Δn@10%"] += f" ({fraction:.0%} of resamples)"
         rows.append({
-            "Rank": d.rank,
+            "Rank": d.rank if rank_stable is not False else f"{d.rank} {UNSTABLE}",
             "Concept": d.name,
             "Mean": format_sci(d.mean),
-            "Share (%)": f"{d.share_pct:.1f}%" if d.share_pct is not None else "—",
+            "Share (%)": format_share(d.share_pct),
             "Δn@10%": format_sci(d.delta_n_10pct),
             "t vs rest": format_t(d.t_vs_rest),
             "p": format_p(d.p_value),
             "reason": d.delta_n_reason if d.delta_n_10pct is None else None,
+            "intervals": intervals,
+            "rank_stable": rank_stable,
+            "rank_help": rank_help,
         })
     return rows
 
 
 def formatted_table(result: Result) -> pd.DataFrame:
-    """The paper's table as strings (what the app and the report show)."""
-    return pd.DataFrame(table_rows(result), columns=TABLE_COLUMNS)
+    """The paper's table as strings (what the app and the report show); a 90% bootstrap
+    interval follows its value ('3.7×10⁻² [2.9×10⁻², 4.4×10⁻²]') when the result has one,
+    and an unstable rank reads '2 ⚠ unstable'."""
+    rows = []
+    for row in table_rows(result):
+        shown = {col: row[col] for col in TABLE_COLUMNS}
+        for col, interval in row["intervals"].items():
+            shown[col] = f"{shown[col]} {interval}"
+        if row["rank_stable"] is not None:
+            shown["Rank"] = str(shown["Rank"])  # one type per column once some ranks carry a mark
+        rows.append(shown)
+    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+
+
+def interval_note(result: Result) -> str | None:
+    """One sentence on what the brackets mean; None without a bootstrap."""
+    boot = (result.extras or {}).get("bootstrap")
+    if not boot:
+        return None
+    level = boot.get("level", 0.9)
+    threshold = boot.get("rank_stable_probability", 0.8)
+    return (f"[lo, hi]: {level:.0%} bootstrap interval over each domain's facts ({boot.get('n_resamples', '?')} "
+            f"resamples, curvature held fixed). {UNSTABLE}: the domain holds its rank in fewer than "
+            f"{threshold:.0%} of the resamples (hover the rank for the probabilities).")
+
+
+def unstable_domains(result: Result) -> dict[str, str]:
+    """Domain -> its rank probabilities, for the domains whose rank is unstable."""
+    return {row["Concept"]: row["rank_help"] for row in table_rows(result) if row["rank_stable"] is False}
 
 
 def table_html(result: Result, colors: dict[str, str] | None = None) -> str:
@@ -66,6 +135,11 @@ def table_html(result: Result, colors: dict[str, str] | None = None) -> str:
                 value = swatch + value
             elif col == "Δn@10%" and row["reason"]:
                 value = f'<abbr class="dw-missing" title="{html.escape(row["reason"], quote=True)}">—</abbr>'
+            elif col == "Rank" and row["rank_help"]:
+                css = "dw-unstable" if row["rank_stable"] is False else "dw-rank"
+                value = f'<abbr class="{css}" title="{html.escape(row["rank_help"], quote=True)}">{value}</abbr>'
+            if col in row["intervals"]:
+                value += f'<br><span class="dw-ci">{html.escape(row["intervals"][col])}</span>'
             cells.append(f'<td class="dw-{"text" if col == "Concept" else "num"}">{value}</td>')
         body.append("<tr>" + "".join(cells) + "</tr>")
     return (
@@ -83,7 +157,15 @@ TABLE_CSS = """
 .dw-table tbody tr:first-child td { background: rgba(78,121,167,0.08); }
 .dw-swatch { display: inline-block; width: 0.8em; height: 0.8em; border-radius: 2px; margin-right: 0.5em; vertical-align: baseline; }
 .dw-missing { text-decoration: none; border-bottom: 1px dotted #888; cursor: help; font-size: 1.05em; }
+.dw-ci { color: #666; font-size: 0.82em; white-space: nowrap; }
+.dw-rank { text-decoration: none; cursor: help; }
+.dw-unstable { text-decoration: none; border-bottom: 1px dotted #b35900; color: #b35900; cursor: help; font-weight: 600; white-space: nowrap; }
 """
+
+
+TRANSFER_HELP = ("Read across a row: cell (row j, column k) is how much collecting data like domain k is predicted "
+                 "to lower the loss of domain j (∇L_jᵀz_k; blue lowers it, red raises it; the diagonal is each "
+                 "domain's own Mean) — e.g. if we collect Physics, does Astronomy improve too?")
 
 
 def missing_reasons(result: Result) -> dict[str, str]:
@@ -131,7 +213,9 @@ def diagnostics_table(result: Result) -> pd.DataFrame:
 
 
 def to_csv(result: Result) -> str:
-    """One row per domain with full-precision numbers (empty cell = null)."""
+    """One row per domain with full-precision numbers (empty cell = null); with a
+    bootstrap also the 90% interval ends, rank stability and P(rank r)."""
+    boot = charts.bootstrap_domains(result)
     rows = []
     for d in result.ranked():
         sat = d.saturation or {}
@@ -146,6 +230,15 @@ def to_csv(result: Result) -> str:
             "nonpositive_curvature": solver.get("nonpositive_curvature"),
             "concept_vector_norm": d.concept_vector_norm,
         })
+        b = boot.get(d.name)
+        if b is not None:
+            for key in ("mean_interval", "share_pct_interval", "delta_n_10pct_interval"):
+                lo, hi = b.get(key) or (None, None)
+                rows[-1][key.replace("_interval", "_lo")] = lo
+                rows[-1][key.replace("_interval", "_hi")] = hi
+            rows[-1]["rank_stable"] = b.get("rank_stable")
+            for r, p in enumerate(b.get("rank_probabilities") or [], start=1):
+                rows[-1][f"p_rank_{r}"] = p
     buffer = io.StringIO()
     pd.DataFrame(rows).to_csv(buffer, index=False)
     return buffer.getvalue()
@@ -173,13 +266,35 @@ def report_filename(result: Result, ext: str) -> str:
 
 
 def build_report(result: Result, title: str = "Data dowsing report") -> str:
-    """A single HTML file: the table, the donut and the saturation curves (interactive,
-    plotly.js embedded once), the model, the domains with their facts, the settings,
+    """A single HTML file: the table with its 90% intervals, the donut, the rank
+    probabilities, the saturation curves with their bands and the transfer heatmap
+    (interactive, plotly.js embedded once), the model, the domains with their facts, the settings,
     the date. Opens offline in any browser."""
     figs = charts.figures(result)
     share_div = figs["share"].to_html(full_html=False, include_plotlyjs=True, default_width="100%")
     curve_div = figs["saturation"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
     esc = html.escape
+    note = interval_note(result)
+    unstable = unstable_domains(result)
+    uncertainty = ""
+    if note:
+        uncertainty = f"<p class='note'>{esc(note)}</p>"
+        if unstable:
+            items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in unstable.items())
+            uncertainty += f"<p>Ranks that do not hold across resamples:</p><ul>{items}</ul>"
+    else:
+        uncertainty = "<p class='note'>No bootstrap intervals in this result (CG solver, or an older result).</p>"
+    rank_section = ""
+    if "rank" in figs:
+        rank_div = figs["rank"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
+        rank_section = (f"<section><h2>Rank stability</h2><p>Each cell is the share of bootstrap resamples in which "
+                        f"the domain (row) holds the rank (column); a domain is stable when one rank has at least "
+                        f"{((result.extras or {}).get('bootstrap') or {}).get('rank_stable_probability', 0.8):.0%}."
+                        f"</p>{rank_div}</section>")
+    transfer_section = ""
+    if "transfer" in figs:
+        transfer_div = figs["transfer"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
+        transfer_section = f"<section><h2>Cross-domain transfer</h2><p>{esc(TRANSFER_HELP)}</p>{transfer_div}</section>"
     reasons = missing_reasons(result)
     reason_items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in reasons.items())
     top = result.ranked()[0] if result.domains else None
@@ -206,7 +321,7 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
 <style>
 body {{ font-family: {charts.FONT}; max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; color: #222; }}
 h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }}
-.lead {{ font-size: 1.15rem; }}
+.lead {{ font-size: 1.15rem; }} .note {{ color: #555; font-size: 0.95rem; }}
 .grid {{ display: grid; grid-template-columns: 1fr; gap: 1rem; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
 table.kv td {{ font-family: ui-monospace, monospace; }}
@@ -219,13 +334,16 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 {headline}
 <h2>Concept priority ranking</h2>
 {table_html(result)}
+{uncertainty}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
 <div class="grid">
+{rank_section}
 <section><h2>Share of influence</h2>{share_div}</section>
 <section><h2>Saturation curves</h2>
 <p>μ(n) is the marginal influence of one more fact when the corpus holds n facts of the domain;
 ◆ marks today's n, ★ the point n+Δn where μ falls to 10% of today's value (dotted line).
-Click a domain in the legend to hide or show it.</p>{curve_div}</section>
+Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n)." if note else ""}</p>{curve_div}</section>
+{transfer_section}
 </div>
 <h2>Domains</h2>{"".join(domain_blocks)}
 <h2>Model</h2><table class="kv">{model_rows}</table>

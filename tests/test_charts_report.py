@@ -170,3 +170,133 @@ def test_comparison_puts_ranks_and_means_side_by_side():
     assert shown.iloc[3]["Rank B"] == "—" and shown.iloc[4]["Rank A"] == "—"
     fig = charts.rank_comparison(a, b)
     assert {t.name for t in fig.data} == {"Physics", "Astronomy", "Biology", "Economics", "Chemistry"}
+
+
+def with_uncertainty(result: Result) -> Result:
+    """Add what the engine puts in extras: a bootstrap (Biology and Economics swap
+    ranks, so both are unstable) and a transfer matrix whose diagonal is the Means."""
+    probabilities = {"Physics": [0.97, 0.03, 0.0, 0.0], "Astronomy": [0.03, 0.95, 0.02, 0.0],
+                     "Biology": [0.0, 0.02, 0.55, 0.43], "Economics": [0.0, 0.0, 0.43, 0.57]}
+    domains = []
+    for d in result.domains:
+        points = d.saturation["points"]
+        band = [[n, abs(mu) * 0.8, abs(mu) * 1.25] for n, mu in points]
+        if d.name == "Astronomy":
+            band[0][1] = -1.0  # a lower end below zero: drawn at the floor of the log axis
+        domains.append({
+            "name": d.name, "n_k": d.n_facts,
+            "mean_interval": [d.mean * 0.8, d.mean * 1.2] if d.mean > 0 else [d.mean * 1.5, -d.mean],
+            "share_pct_interval": [d.share_pct - 2.0, d.share_pct + 3.0],
+            "delta_n_10pct_interval": [d.delta_n_10pct * 0.5, d.delta_n_10pct * 2] if d.delta_n_10pct else None,
+            "delta_n_fraction": 1.0 if d.delta_n_10pct else 0.0,
+            "rank_probabilities": probabilities[d.name],
+            "most_likely_rank": d.rank,
+            "rank_stable": max(probabilities[d.name]) >= 0.8,
+            "curve_band": band,
+        })
+    names = [d.name for d in result.domains]
+    means = [d.mean for d in result.domains]
+    matrix = [[means[j] if j == k else (j + 1) * 1e-3 - k * 2e-3 for k in range(4)] for j in range(4)]
+    result.extras = {
+        "bootstrap": {"n_resamples": 200, "level": 0.9, "seed": 0, "rank_stable_probability": 0.8,
+                      "conditional_on_curvature": True, "domains": domains},
+        "transfer": {"domains": names, "matrix": matrix},
+    }
+    return result
+
+
+def test_saturation_band_is_drawn_behind_each_domain_in_its_colour():
+    result = with_uncertainty(paper_like_result())
+    colors = charts.result_colors(result)
+    fig = charts.saturation_curves(result, colors)
+    boot = result.extras["bootstrap"]["domains"][0]
+    phys = [t for t in fig.data if t.legendgroup == "Physics"]
+    band = phys[0]  # first: the points and the fit lie on top of it
+    assert band.name == "Physics 90% band" and band.fill == "toself" and band.showlegend is False
+    ns = [row[0] for row in boot["curve_band"]]
+    assert list(band.x) == pytest.approx(ns + ns[::-1])
+    assert list(band.y) == pytest.approx([row[2] for row in boot["curve_band"]] +
+                                         [row[1] for row in boot["curve_band"]][::-1])
+    assert band.line.color == colors["Physics"]
+    assert band.fillcolor.startswith("rgba(") and band.fillcolor.endswith(",0.18)")
+    # A lower end ≤ 0 is drawn at a floor below everything else, not dropped.
+    astro = next(t for t in fig.data if t.name == "Astronomy 90% band")
+    assert len(astro.x) == 2 * len(boot["curve_band"])
+    assert 0 < astro.y[-1] < min(astro.y[:-1])
+    # Domains without positive points still get their band, in their legend group.
+    assert {t.legendgroup for t in fig.data if t.fill == "toself"} == {"Physics", "Astronomy", "Biology", "Economics"}
+    # The legend still has one entry per domain.
+    assert [t.name for t in fig.data if t.showlegend is not False] == [
+        "Physics", "Astronomy", "Biology (no positive μ)", "Economics (no positive μ)"]
+
+
+def test_no_band_and_no_extra_charts_without_a_bootstrap():
+    result = paper_like_result()
+    assert not [t for t in charts.saturation_curves(result).data if t.fill == "toself"]
+    assert charts.rank_probability_chart(result) is None and charts.transfer_heatmap(result) is None
+    assert set(charts.figures(result)) == {"share", "saturation"}
+    result.extras = {"bootstrap": None, "transfer": {"domains": [], "matrix": []}}
+    assert charts.rank_probability_chart(result) is None and charts.transfer_heatmap(result) is None
+    assert report.interval_note(result) is None and report.unstable_domains(result) == {}
+
+
+def test_transfer_heatmap_is_the_matrix():
+    result = with_uncertainty(paper_like_result())
+    fig = charts.transfer_heatmap(result)
+    heat = fig.data[0]
+    matrix = result.extras["transfer"]["matrix"]
+    assert [list(row) for row in heat.z] == matrix
+    assert list(heat.y) == result.extras["transfer"]["domains"] == list(heat.x)
+    assert heat.zmid == 0
+    assert heat.text[0][0] == format_sci(matrix[0][0]) and heat.text[2][1] == format_sci(matrix[2][1])
+    assert "improves" in fig.layout.yaxis.title.text and "collected" in fig.layout.xaxis.title.text
+    # The diagonal is each domain's own Mean.
+    assert [matrix[k][k] for k in range(4)] == [d.mean for d in result.domains]
+
+
+def test_rank_probability_chart_rows_in_rank_order():
+    result = with_uncertainty(paper_like_result())
+    heat = charts.rank_probability_chart(result).data[0]
+    assert list(heat.y) == ["Physics", "Astronomy", "Biology ⚠", "Economics ⚠"]
+    assert list(heat.x) == ["1", "2", "3", "4"]
+    assert [list(row) for row in heat.z][2] == [0.0, 0.02, 0.55, 0.43]
+    assert heat.text[0][0] == "97%"
+
+
+def test_formatted_table_shows_intervals_and_marks_unstable_ranks():
+    result = with_uncertainty(paper_like_result())
+    table = report.formatted_table(result)
+    boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}
+    for _, row in table.iterrows():
+        b = boot[row["Concept"]]
+        lo, hi = b["mean_interval"]
+        assert row["Mean"].endswith(f" [{format_sci(lo)}, {format_sci(hi)}]")
+        lo, hi = b["share_pct_interval"]
+        assert row["Share (%)"].endswith(f" [{lo:.1f}%, {hi:.1f}%]")
+        if b["delta_n_10pct_interval"]:
+            lo, hi = b["delta_n_10pct_interval"]
+            assert row["Δn@10%"].endswith(f" [{format_sci(lo)}, {format_sci(hi)}]")
+        else:
+            assert row["Δn@10%"] == "—"
+    assert table.iloc[0]["Mean"] == "3.7×10⁻² [3.0×10⁻², 4.4×10⁻²]"
+    assert list(table["Rank"]) == ["1", "2", "3 ⚠ unstable", "4 ⚠ unstable"]
+    assert report.unstable_domains(result) == {"Biology": "P(rank 2) = 2%, P(rank 3) = 55%, P(rank 4) = 43%",
+                                               "Economics": "P(rank 3) = 43%, P(rank 4) = 57%"}
+    html = report.table_html(result)
+    assert re.search(r'<abbr class="dw-unstable" title="P\(rank 2\) = 2%, P\(rank 3\) = 55%, P\(rank 4\) = 43%">'
+                     r"3 ⚠ unstable</abbr>", html)
+    assert '<span class="dw-ci">[3.0×10⁻², 4.4×10⁻²]</span>' in html
+    assert "3.7×10⁻²" in html and "10.2%" in html
+    csv_header = report.to_csv(result).splitlines()[0]
+    assert csv_header.endswith("mean_lo,mean_hi,share_pct_lo,share_pct_hi,delta_n_10pct_lo,delta_n_10pct_hi,"
+                               "rank_stable,p_rank_1,p_rank_2,p_rank_3,p_rank_4")
+
+
+def test_html_report_has_intervals_rank_stability_and_transfer():
+    result = with_uncertainty(paper_like_result())
+    html = report.build_report(result)
+    assert html.count('class="plotly-graph-div"') == 4
+    for text in ("[3.0×10⁻², 4.4×10⁻²]", "3 ⚠ unstable", "Rank stability", "Cross-domain transfer",
+                 "if we collect Physics, does Astronomy improve too?", "90% bootstrap interval",
+                 "Physics 90% band"):
+        assert text in html, text
