@@ -54,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    validate = sub.add_parser("validate", help="check the ranking against ground truth by training; rival estimators")
+    validate.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
+    validate.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
+    validate.add_argument("--held-out", default=None, help="JSON or CSV domain file of held-out facts (default: a seeded half)")
+    validate.add_argument("--config", default=None, help="JSON file of ValidationConfig fields")
+    validate.add_argument("--seed", type=int, default=None)
+    validate.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
+    validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
+    validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
+    validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
 
@@ -86,10 +96,50 @@ def run_analyze(args) -> int:
     return 0
 
 
+def run_validate(args) -> int:
+    import json
+
+    from .domains import DomainError, default_domains, load_domains
+    from .validate import ValidationConfig, validate
+
+    try:
+        fields = json.loads(Path(args.config).read_text()) if args.config else {}
+        if args.seed is not None:
+            fields["seed"] = args.seed
+        if args.steps is not None:
+            fields["finetune_steps"] = args.steps
+        config = ValidationConfig.from_dict(fields)
+        domains = load_domains(args.domains) if args.domains else default_domains()
+        held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
+    except (DomainError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+
+    def progress(p) -> None:
+        if not args.quiet:
+            _progress(p)
+        if args.progress_file:
+            atomic_write_text(Path(args.progress_file), json.dumps(
+                {"stage": p.stage, "fraction": p.fraction, "message": p.message}))
+
+    try:
+        result = validate(args.model, domains, config, held_out=held_out, progress=progress)
+    except (ModelError, DomainError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    print(result.table().to_string(index=False))
+    if args.out:
+        atomic_write_text(Path(args.out), result.to_json())
+        print(f"\nwrote {args.out}")
+    return 0
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "analyze":
         return run_analyze(args)
+    if args.command == "validate":
+        return run_validate(args)
     return BAD_INPUT
 
 

@@ -31,7 +31,9 @@ from dataclasses import dataclass, field
 import torch
 
 from .analysis import forward_pass
-from .curvature import structured_fact_gradients, structured_hessian
+import torch.nn.functional as F
+
+from .curvature import structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
 from .solvers import conjugate_gradient, damped, dense_solve, lissa
 from .subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
 
@@ -65,14 +67,22 @@ class SplitPass:
     held_rows: list  # list[list[int]]
     n_facts: int
     forward_s: float
+    line: LogitLine | None = None
+    ids: list | None = None  # token ids per fact
+    block_inputs: list | None = None  # per fact (T_i, d): input of block `capture_block`
+    capture_block: int | None = None
 
     @property
     def n_train(self) -> int:
         return sum(len(r) for r in self.train_rows)
 
 
-def split_pass(loaded, train, held, batch_size: int = 16) -> SplitPass:
-    """Run the model once over train + held-out facts (lists of Domain)."""
+def split_pass(loaded, train, held, batch_size: int = 16, capture_block: int | None = None) -> SplitPass:
+    """Run the model once over train + held-out facts (lists of Domain).
+
+    capture_block: also keep each fact's input to that transformer block
+    (for fine-tuning only the blocks after it without re-running the rest).
+    """
     t0 = time.perf_counter()
     net = loaded.model
     anatomy = find_anatomy(net)
@@ -86,10 +96,32 @@ def split_pass(loaded, train, held, batch_size: int = 16) -> SplitPass:
     encoded = encode_facts(loaded.tokenizer, facts, anatomy.max_positions)
     device = next(net.parameters()).device
     batches = make_batches(encoded, batch_size, device)
-    directions, _, tokens = forward_pass(net, anatomy, batches, groups, 2 * len(train))
+    captured = []
+    handle = None
+    if capture_block is not None:
+        from .subspace import _BLOCK_PATHS, _get
+
+        blocks = next(b for p in _BLOCK_PATHS if (b := _get(net, p)) is not None)
+
+        def grab(module, args, kwargs):
+            captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+        handle = blocks[capture_block].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        directions, _, tokens = forward_pass(net, anatomy, batches, groups, 2 * len(train))
+    finally:
+        if handle is not None:
+            handle.remove()
+    block_inputs = None
+    if capture_block is not None:
+        block_inputs = [None] * len(facts)
+        for (_, mask, rows), hidden in zip(batches, captured):
+            for j, row in enumerate(rows):
+                block_inputs[row] = hidden[j, : int(mask[j].sum())]
     rows = [[i for i, g in enumerate(groups) if g == k] for k in range(2 * len(train))]
+    line = LogitLine(anatomy, tokens.h)
     return SplitPass(anatomy, directions[: len(train)], tokens, rows[: len(train)], rows[len(train):], len(facts),
-                     time.perf_counter() - t0)
+                     time.perf_counter() - t0, line, encoded.ids, block_inputs, capture_block)
 
 
 @dataclass
@@ -109,7 +141,8 @@ def domain_terms(split: SplitPass, k: int) -> DomainTerms:
     t0 = time.perf_counter()
     tokens = split.tokens
     v = split.directions[k].to(tokens.h.dtype)
-    _, a, c, c_ggn = tail_derivatives(split.anatomy, tokens.h, tokens.targets, v)
+    idx = torch.arange(tokens.h.shape[0], device=tokens.h.device)
+    _, a, c, c_ggn = split.line.derivatives(v, idx, tokens.targets)
     grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, split.n_facts)
     weights = token_weights(split, [r for rows in split.train_rows for r in rows])
     hessian = structured_hessian(tokens.x, weights, c)
@@ -117,51 +150,123 @@ def domain_terms(split: SplitPass, k: int) -> DomainTerms:
 
 
 def tail_derivatives(anatomy, h: torch.Tensor, targets: torch.Tensor, direction: torch.Tensor,
-                     s: torch.Tensor | None = None, order: int = 2, chunk: int = 256):
+                     s: torch.Tensor | None = None, order: int = 2, chunk: int = 512):
     """Per token t, along the residual h_t + s_t v (s = 0 when not given):
-    ce_t, a_t = d ce_t/d s_t, c_t = d^2 ce_t/d s_t^2 and its Gauss-Newton part.
-
-    With n(s) the final norm of h + s v, z = W n (the LM head),
-    z' = W n', z'' = W n'' (n', n'' by forward-mode AD through the norm only)
-    and p = softmax(z):  a = p.z' - z'_y,  c_ggn = p.z'^2 - (p.z')^2,
-    c = c_ggn + p.z'' - z''_y. Three products with the LM head per token,
-    against the five or more of double backprop. order = 0 gives ce only,
-    1 adds a, 2 adds c and c_ggn. Returns float64 tensors (None where not asked).
+    ce_t, a_t = d ce_t/d s_t, c_t = d^2 ce_t/d s_t^2 and its Gauss-Newton part,
+    by the engine's double backprop (`tail_coefficients`) at the shifted
+    residual. The slow, general twin of `LogitLine.derivatives`. order = 0
+    gives ce only, 1 adds a, 2 adds c and c_ggn; float64 (None where not asked).
     """
-    norm, head = anatomy.final_norm, anatomy.lm_head
-    weight = head.weight
-    outs = {"ce": [], "a": [], "c": [], "c_ggn": []}
+    if s is not None:
+        h = h + s.to(h.dtype).unsqueeze(-1) * direction
+    tail = tail_function(anatomy)
     with torch.no_grad():
-        for start in range(0, h.shape[0], chunk):
-            hc = h[start: start + chunk]
-            if s is not None:
-                hc = hc + s[start: start + chunk].to(hc.dtype).unsqueeze(-1) * direction
-            yc = targets[start: start + chunk]
-            vv = direction.expand_as(hc)
-            if order == 0:
-                z = head(norm(hc))
-            elif order == 1:
-                n0, n1 = torch.func.jvp(norm, (hc,), (vv,))
-                z, z1 = head(n0), n1 @ weight.T
-            else:
-                def first(x):
-                    return torch.func.jvp(norm, (x,), (vv,))
+        ce = torch.cat([F.cross_entropy(tail(h[i: i + chunk]), targets[i: i + chunk], reduction="none")
+                        for i in range(0, h.shape[0], chunk)]).to(torch.float64)
+    if order == 0:
+        return ce, None, None, None
+    a, c = tail_coefficients(anatomy, h, targets, direction, "hessian", chunk)
+    if order == 1:
+        return ce, a, None, None
+    _, c_ggn = tail_coefficients(anatomy, h, targets, direction, "ggn", chunk)
+    return ce, a, c, c_ggn
 
-                (n0, n1), (_, n2) = torch.func.jvp(first, (hc,), (vv,))
-                z, z1, z2 = head(n0), n1 @ weight.T, n2 @ weight.T
-            logp = torch.log_softmax(z.to(torch.float32), dim=-1)
-            outs["ce"].append((-logp.gather(1, yc[:, None])[:, 0]).to(torch.float64))
-            if order >= 1:
+
+class LogitLine:
+    """The logits along h_t + s v without the LM head in the loop.
+
+    For a final norm n(x) = g * (P x) / sqrt(mean((P x)^2) + e) + beta, with P
+    centring (LayerNorm) or the identity (RMSNorm), and a linear head W:
+        z_t(s) = (A_t + s B) / r_t(s) + C,
+        A_t = W (g * P h_t), B = W (g * P v), C = W beta + bias,
+        r_t(s) = sqrt(q0_t + 2 s q1_t + s^2 q2 + e),
+    with q0 = mean((P h)^2), q1 = mean(P h * P v), q2 = mean((P v)^2). A is one
+    head product per token, shared by every direction; after that each
+    derivative or loss along any v and s costs elementwise work over the
+    vocabulary. The form is checked against the real norm and head when
+    built; where it does not hold (another norm), `ok` is False and
+    `derivatives` falls back to `tail_derivatives`.
+    """
+
+    def __init__(self, anatomy, h: torch.Tensor, chunk: int = 256):
+        self.anatomy, self.h, self.chunk = anatomy, h, chunk
+        norm, head = anatomy.final_norm, anatomy.lm_head
+        self.ok = False
+        if isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine:
+            self.center, self.eps = True, float(norm.eps)
+            self.beta = norm.bias
+        elif "RMSNorm" in type(norm).__name__ and hasattr(norm, "weight"):
+            self.center = False
+            self.eps = float(getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6)))
+            self.beta = None
+        else:
+            return
+        with torch.no_grad():
+            self.g, self.w = norm.weight, head.weight
+            hc = self._p(h)
+            self.a_base = torch.cat([(self.g * hc[i: i + chunk]) @ self.w.T for i in range(0, h.shape[0], chunk)])
+            self.q0 = (hc.to(torch.float64) ** 2).mean(-1)
+            c = torch.zeros(self.w.shape[0], dtype=h.dtype, device=h.device)
+            if self.beta is not None:
+                c = c + self.w @ self.beta
+            if getattr(head, "bias", None) is not None:
+                c = c + head.bias
+            self.c_const = c
+            probe = torch.randn(h.shape[-1], generator=torch.Generator().manual_seed(0)).to(h)
+            probe = probe / probe.norm()
+            n = min(4, h.shape[0])
+            s = torch.full((n,), 0.7, dtype=torch.float64, device=h.device)
+            want = head(norm(h[:n] + 0.7 * probe))
+            got = self._logits(self._direction(probe), torch.arange(n, device=h.device), s)[0]
+            self.ok = bool(((got - want).abs().max() / want.abs().max().clamp_min(1.0)) < 1e-4)
+
+    def _p(self, x):
+        return x - x.mean(-1, keepdim=True) if self.center else x
+
+    def _direction(self, v):
+        vc = self._p(v)
+        return {"b": self.w @ (self.g * vc), "vc": vc.to(torch.float64), "q2": float((vc.to(torch.float64) ** 2).mean())}
+
+    def _logits(self, d, idx, s):
+        hc = self._p(self.h[idx]).to(torch.float64)
+        q1 = (hc * d["vc"]).mean(-1)
+        r = torch.sqrt(self.q0[idx] + 2 * s * q1 + s * s * d["q2"] + self.eps)
+        num = self.a_base[idx].to(torch.float64) + s[:, None] * d["b"].to(torch.float64)
+        # vocabulary-sized arrays in the model's dtype (float32: half the time of float64)
+        num = num.to(self.h.dtype)
+        return num / r[:, None].to(num.dtype) + self.c_const, num, r, q1
+
+    def derivatives(self, v, idx, targets, s=None, order: int = 2):
+        """(ce, a, c, c_ggn) over tokens idx along h + s v, as tail_derivatives."""
+        if s is None:
+            s = torch.zeros(len(idx), dtype=torch.float64, device=self.h.device)
+        if not self.ok:
+            return tail_derivatives(self.anatomy, self.h[idx], targets, v.to(self.h.dtype), s, order)
+        d = self._direction(v.to(self.h.dtype))
+        b = d["b"]
+        outs = {"ce": [], "a": [], "c": [], "c_ggn": []}
+        with torch.no_grad():
+            for start in range(0, len(idx), self.chunk):
+                part, sc, yc = idx[start: start + self.chunk], s[start: start + self.chunk], targets[start: start + self.chunk]
+                z, num, r, q1 = self._logits(d, part, sc)
+                logp = torch.log_softmax(z, dim=-1)
+                outs["ce"].append(-logp.gather(1, yc[:, None])[:, 0].to(torch.float64))
+                r, r_dt = r.to(z.dtype), r
+                if order == 0:
+                    continue
+                r1 = ((q1 + sc * d["q2"]) / r_dt).to(z.dtype)
+                z1 = b / r[:, None] - num * (r1 / r ** 2)[:, None]
                 p = logp.exp()
-                z1 = z1.to(torch.float32)
                 m1 = (p * z1).sum(-1)
                 outs["a"].append((m1 - z1.gather(1, yc[:, None])[:, 0]).to(torch.float64))
-                if order >= 2:
-                    z2 = z2.to(torch.float32)
-                    c_ggn = (p * z1 * z1).sum(-1) - m1 * m1
-                    outs["c_ggn"].append(c_ggn.to(torch.float64))
-                    outs["c"].append((c_ggn + (p * z2).sum(-1) - z2.gather(1, yc[:, None])[:, 0]).to(torch.float64))
-    return tuple(torch.cat(outs[key]) if outs[key] else None for key in ("ce", "a", "c", "c_ggn"))
+                if order == 1:
+                    continue
+                r2 = (d["q2"] - r1 ** 2) / r
+                z2 = -2 * b * (r1 / r ** 2)[:, None] - num * (r2 / r ** 2 - 2 * r1 ** 2 / r ** 3)[:, None]
+                c_ggn = (p * z1 * z1).sum(-1) - m1 * m1
+                outs["c_ggn"].append(c_ggn.to(torch.float64))
+                outs["c"].append((c_ggn + (p * z2).sum(-1) - z2.gather(1, yc[:, None])[:, 0]).to(torch.float64))
+        return tuple(torch.cat(outs[key]) if outs[key] else None for key in ("ce", "a", "c", "c_ggn"))
 
 
 def token_weights(split: SplitPass, rows) -> torch.Tensor:

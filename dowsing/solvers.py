@@ -118,8 +118,8 @@ def lissa(matvec: Callable[[torch.Tensor, int], torch.Tensor], b: torch.Tensor, 
         for j in range(depth):
             z = b + z - matvec(z, r * depth + j) / scale
             steps += 1
-            if not torch.isfinite(z).all():
-                break
+            if not torch.isfinite(z).all() or float(z.norm()) > 1e12 * b_norm * scale:
+                break  # diverged: an eigenvalue of A / scale lies outside (0, 2)
             if full_matvec is not None and rtol > 0 and (j + 1) % 50 == 0:
                 residual = float((b - full_matvec(z / scale)).norm()) / b_norm
                 if callback is not None:
