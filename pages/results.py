@@ -1,6 +1,7 @@
-"""Results: the ranked table in the paper's format, the share donut, the
-saturation curves, the facts that move each domain most, solver diagnostics
-and downloads (CSV, JSON, a self-contained HTML report)."""
+"""Results: the ranked table in the paper's format with 90% bootstrap intervals,
+the share donut, the saturation curves with their bands, rank stability, the
+cross-domain transfer heatmap, the facts that move each domain most, solver
+diagnostics and downloads (CSV, JSON, a self-contained HTML report)."""
 from __future__ import annotations
 
 import pandas as pd
@@ -60,7 +61,10 @@ st.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · 
 if top is not None:
     cols = st.columns(4)
     cols[0].metric("Collect first", top.name, help="Rank 1: the highest mean per-example influence.")
-    cols[1].metric("Mean influence", format_sci(top.mean), help="I = gᵀz averaged over the domain's facts.")
+    top_boot = charts.bootstrap_domains(result).get(top.name) or {}
+    top_ci = report.format_interval(top_boot.get("mean_interval"))
+    cols[1].metric("Mean influence", format_sci(top.mean),
+                   help="I = gᵀz averaged over the domain's facts." + (f" 90% interval {top_ci}." if top_ci else ""))
     biggest = max(result.domains, key=lambda d: d.share_pct or 0)
     cols[2].metric("Largest share", biggest.name, delta=f"{biggest.share_pct:.1f}% of |influence|",
                    delta_color="off", delta_arrow="off", help="Share of the total absolute influence.")
@@ -77,12 +81,38 @@ if reasons:
 st.caption("Mean: average per-example influence I = gᵀz. Share: the domain's part of the total |influence|. "
            "Δn@10%: more facts until the marginal gain falls to 10% (power-law fit). "
            "t vs rest: Welch's t of the domain's influences against all others (p two-sided).")
+interval_note = report.interval_note(result)
+if interval_note:
+    st.caption(interval_note)
+    unstable = report.unstable_domains(result)
+    if unstable:
+        st.warning("Rank not stable under resampling of the facts — " +
+                   "; ".join(f"**{name}**: {probs}" for name, probs in unstable.items()) +
+                   ". Treat their order as a tie.", icon=":material/warning:")
+else:
+    st.caption("No 90% intervals for this result: the bootstrap needs a dense solve (not the CG solver), "
+               "and results cached before it existed do not carry one.")
 
 left, right = st.columns([2, 3])
 with left:
     st.plotly_chart(charts.share_donut(result, colors), key="share_chart", width="stretch")
 with right:
     st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
+
+rank_chart = charts.rank_probability_chart(result)
+transfer_chart = charts.transfer_heatmap(result)
+if rank_chart is not None or transfer_chart is not None:
+    left, right = st.columns([2, 3])
+    if rank_chart is not None:
+        with left:
+            st.subheader("Rank stability")
+            st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column).")
+            st.plotly_chart(rank_chart, key="rank_chart", width="stretch")
+    if transfer_chart is not None:
+        with right if rank_chart is not None else st.container():
+            st.subheader("Cross-domain transfer")
+            st.caption(report.TRANSFER_HELP)
+            st.plotly_chart(transfer_chart, key="transfer_chart", width="stretch")
 
 st.subheader("Facts that move each domain most")
 st.caption("Per-example influence I = gᵀz of each fact in its own domain: the highest and the lowest.")

@@ -253,13 +253,73 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     ranked = result.ranked()
     assert table.index(ranked[0].name) < table.index(ranked[-1].name)
     charts = at.get("plotly_chart")
-    assert len(charts) == 2
+    assert len(charts) >= 2  # + rank stability and transfer when the result has them
     specs = [json.loads(c.proto.spec) for c in charts]
     assert specs[0]["data"][0]["type"] == "pie"
     assert specs[1]["layout"]["xaxis"]["type"] == "log"
     downloads = {d.label for d in at.get("download_button")}
     assert {"Table (CSV)", "Result (JSON)", "Report (HTML)"} <= downloads
     assert at.expander and any(e.label == "Solver diagnostics" for e in at.expander)
+
+
+def results_page(tiny, job_id):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = tiny
+    at.query_params["job"] = job_id
+    at.switch_page("pages/results.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
+    _, job_id, _ = finished_job
+    from dowsing import report
+    from dowsing.jobs import default_executor
+
+    result = default_executor().result(job_id)
+    boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
+    at = results_page(tiny, job_id)
+    table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    for d in result.domains:
+        lo, hi = boot[d.name]["mean_interval"]
+        assert f"[{format_sci(lo)}, {format_sci(hi)}]" in table
+        lo, hi = boot[d.name]["share_pct_interval"]
+        assert f"[{lo:.1f}%, {hi:.1f}%]" in table
+        if not boot[d.name]["rank_stable"]:
+            assert f"{d.rank} ⚠ unstable" in table
+    assert any("90% bootstrap interval" in c.value for c in at.caption)
+    unstable = report.unstable_domains(result)
+    if unstable:
+        assert any("not stable" in w.value and next(iter(unstable)) in w.value for w in at.warning)
+    # Rank stability and the transfer heatmap, with the sentence that says how to read it.
+    assert {"Rank stability", "Cross-domain transfer"} <= {h.value for h in at.subheader}
+    assert any("if we collect Physics, does Astronomy improve too?" in c.value for c in at.caption)
+    specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    assert specs["transfer_chart"]["data"][0]["z"] == result.extras["transfer"]["matrix"]
+    assert specs["transfer_chart"]["data"][0]["type"] == "heatmap"
+    assert len(specs["rank_chart"]["data"][0]["z"]) == len(result.domains)
+    bands = [t for t in specs["saturation_chart"]["data"] if t.get("fill") == "toself"]
+    assert {t["legendgroup"] for t in bands} <= {d.name for d in result.domains} and bands
+
+
+def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
+    """A result cached before the bootstrap and the transfer matrix existed still shows."""
+    _, job_id, _ = finished_job
+    from dowsing.jobs import LocalProcessExecutor, default_executor
+    from dowsing.result import Result
+
+    result = default_executor().result(job_id)
+    old = Result.from_dict({**result.to_dict(), "extras": {}})
+    # The page reads results through the (cached) executor: replace the service, not the page.
+    monkeypatch.setattr(LocalProcessExecutor, "result", lambda self, _job_id: old)
+    at = results_page(tiny, job_id)
+    table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    body = table[table.index("<tbody>"):]  # after the CSS, which names every class
+    assert 'class="dw-ci"' not in body and "unstable" not in body
+    assert any("No 90% intervals" in c.value for c in at.caption)
+    assert {c.key for c in at.get("plotly_chart")} == {"share_chart", "saturation_chart"}
 
 
 def test_compare_two_runs(finished_job, tiny):
