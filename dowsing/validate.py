@@ -685,3 +685,38 @@ def _is_zombie(pid: int) -> bool:
 
 def latest_runs() -> list[str]:
     return sorted((p.name for p in validation_dir().iterdir() if p.is_dir()), reverse=True)
+
+
+def exactness_check(loaded, domains, damping: float = 1e-3, max_facts: int = 8, domain_index: int = 0) -> dict:
+    """CG against a dense solve of (H + lambda I) z = g_bar in one domain's
+    B = 1 subspace, on at most max_facts facts per domain (so it takes
+    seconds). Returns the relative error ||z_cg - z_dense|| / ||z_dense||, CG's
+    iterations and residual, and whether CG met non-positive curvature."""
+    from .analysis import forward_pass
+    from .curvature import structured_fact_gradients
+    from .solvers import conjugate_gradient
+    from .subspace import make_batches
+
+    domains = _as_domains(domains)
+    small = [Domain(d.name, d.facts[:max_facts]) for d in domains]
+    facts = [f for d in small for f in d.facts]
+    groups = [k for k, d in enumerate(small) for _ in d.facts]
+    anatomy = find_anatomy(loaded.model)
+    t0 = time.perf_counter()
+    encoded = encode_facts(loaded.tokenizer, facts, anatomy.max_positions)
+    batches = make_batches(encoded, 16, next(loaded.model.parameters()).device)
+    directions, _, tokens = forward_pass(loaded.model, anatomy, batches, groups, len(small))
+    v = directions[domain_index].to(tokens.h.dtype)
+    a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, "hessian")
+    grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, len(facts))
+    rows = [i for i, g in enumerate(groups) if g == domain_index]
+    g_bar = grads[rows].mean(dim=0)
+    x64 = tokens.x.to(torch.float64)
+    w = tokens.token_scale / len(facts) * c
+    dense = dense_solve(damped(structured_hessian(tokens.x, tokens.token_scale / len(facts), c), damping), g_bar)
+    cg = conjugate_gradient(lambda p: x64.T @ (w * (x64 @ p)) + damping * p, g_bar, rtol=1e-10)
+    rel = float((cg.x - dense.x).norm() / dense.x.norm().clamp_min(1e-300))
+    return {"domain": small[domain_index].name, "dim": int(g_bar.numel()), "n_facts": len(facts),
+            "rel_error": rel, "cg_iterations": cg.iterations, "cg_rel_residual": cg.rel_residual,
+            "nonpositive_curvature": cg.nonpositive_curvature or dense.nonpositive_curvature,
+            "damping": damping, "seconds": time.perf_counter() - t0}

@@ -1,0 +1,139 @@
+"""Validate: does the ranking hold? Ground truth by training, rival
+estimators side by side, cross-domain transfer, and an exactness check.
+
+The validation runs in its own process (`python -m dowsing validate`) that
+writes progress and the result under cache/validation/; this page polls it.
+"""
+from __future__ import annotations
+
+import pandas as pd
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+
+from dowsing import validate as validation
+from dowsing import workspace
+from dowsing.domains import Domain
+from pages import _shared
+
+_shared.ensure_router()
+st.title("Validate")
+st.caption("Does the ranking hold? Each domain's facts are split into a training and a held-out half; every "
+           "estimator scores the domains from the training half, and short training runs measure what adding "
+           "each domain's data really does to the held-out loss.")
+
+choice = _shared.model_choice()
+config, _ = _shared.analysis_config()
+set_name = workspace.active_set()
+raw = workspace.load_set_raw(set_name)
+domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+
+left, right = st.columns([3, 1])
+left.markdown(f"Model **{choice.label}** · domain set **{set_name}** · {len(domains)} domains · "
+              f"{sum(len(d.facts) for d in domains)} facts")
+steps = right.number_input("Fine-tuning steps", 1, 200, validation.ValidationConfig().finetune_steps,
+                           help="AdamW steps per run (one baseline run and one per domain).")
+if left.button("Start validation", icon=":material/science:", disabled=bool(choice.problem) or not domains,
+               help="Runs in the background (about 10 minutes on a 2-core CPU for the default model)."):
+    try:
+        vconfig = validation.ValidationConfig(finetune_steps=int(steps),
+                                              damping=config.damping if config else 1e-3)
+        st.session_state["validation_run"] = validation.start_background(choice.model_id, domains, vconfig)
+    except ValueError as exc:
+        st.error(str(exc))
+
+runs = validation.latest_runs()
+run_id = st.session_state.get("validation_run") or (runs[0] if runs else None)
+if runs:
+    run_id = st.selectbox("Validation run", runs, index=runs.index(run_id) if run_id in runs else 0)
+
+
+@st.fragment(run_every=2.0)
+def progress_box(run_id: str) -> None:
+    state = validation.background_state(run_id)
+    if state["status"] == "running":
+        st.progress(min(max(float(state["fraction"]), 0.0), 1.0), text=f"{state['stage']}: {state['message']}")
+    elif state["status"] == "failed":
+        st.error(f"The validation failed: {state['message']}")
+    elif st.session_state.get("validation_shown") != run_id:
+        st.session_state["validation_shown"] = run_id
+        st.rerun()
+
+
+result = None
+if run_id:
+    state = validation.background_state(run_id)
+    if state["status"] == "done":
+        result = state["result"]
+    else:
+        progress_box(run_id)
+
+if result is not None:
+    st.subheader("Leaderboard")
+    st.caption("ρ fine-tune: Spearman's ρ between the estimator's priority and the realised held-out gain from "
+               "fine-tuning, with a bootstrap interval over facts. ρ subspace: against the gain in the concept "
+               "subspace. τ vs default: Kendall's τ with dowsing's default ranking. Time includes the shared forward pass.")
+    st.dataframe(result.table(), hide_index=True, width="stretch",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f")
+                                for c in ("ρ fine-tune", "ρ subspace", "τ vs default", "time (s)")})
+    if result.finetune:
+        st.subheader("Predicted priority vs realised gain")
+        rows = []
+        for est in result.estimators:
+            for name, p, g in zip(result.domains, est["priority"], result.finetune["gain"]):
+                rows.append({"estimator": est["label"], "domain": name, "priority": p, "realised gain": g})
+        frame = pd.DataFrame(rows)
+        fig = px.scatter(frame, x="priority", y="realised gain", color="domain", facet_col="estimator",
+                         facet_col_wrap=3, height=260 * ((len(result.estimators) + 2) // 3))
+        fig.update_xaxes(matches=None, showticklabels=True)
+        fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
+        st.plotly_chart(fig, width="stretch", key="validate_scatter")
+    if result.subspace:
+        sub = result.subspace
+        st.subheader("In the concept subspace: predicted vs realised held-out change")
+        st.caption(f"Over domains × ε: Pearson {sub['pearson']:.2f}, Spearman {sub['spearman']:.2f}, "
+                   f"slope {sub['slope']:.2f} (1 = the linear prediction is exact).")
+        pts = [{"ε": eps, "data added": result.domains[k], "predicted": p, "realised": r}
+               for k, resp in enumerate(sub["per_domain"]) for i, eps in enumerate(resp["eps"])
+               for p, r in zip(resp["predicted"][i], resp["realised"][i])]
+        fig = px.scatter(pd.DataFrame(pts), x="predicted", y="realised", color="data added", symbol="ε",
+                         log_x=False, height=420)
+        st.plotly_chart(fig, width="stretch", key="validate_subspace")
+    with st.expander("Run details"):
+        st.json({"config": result.config, "timings": result.timings}, expanded=False)
+        st.download_button("Validation (JSON)", result.to_json(), file_name=f"validation-{run_id}.json",
+                           mime="application/json")
+
+st.subheader("Cross-domain transfer")
+job_id = _shared.current_job_id()
+analysis = _shared.executor().result(job_id) if job_id else None
+transfer = (analysis.extras or {}).get("transfer") if analysis is not None else None
+if transfer:
+    names = transfer["domains"]
+    fig = go.Figure(go.Heatmap(z=transfer["matrix"], x=names, y=names, colorscale="RdBu", zmid=0,
+                               hovertemplate="collect %{x} → improves %{y}: %{z:.3g}<extra></extra>"))
+    fig.update_layout(xaxis_title="data collected (k)", yaxis_title="improves (j)", height=420)
+    st.plotly_chart(fig, width="stretch", key="validate_transfer")
+    st.caption("T[j][k] = ∇L_jᵀ z_k: how much data aligned with domain k is predicted to lower the loss of "
+               "domain j. The diagonal is each domain's own Mean.")
+else:
+    st.info("No analysis result yet — run one on the Run page to see its transfer matrix.", icon=":material/info:")
+
+st.subheader("Exactness check")
+st.caption("Conjugate gradient against a dense solve of (H + λI) z = ḡ in the first domain's concept subspace "
+           "(B = 1, at most 8 facts per domain), on the loaded model.")
+if st.button("Run exactness check", icon=":material/rule:", disabled=bool(choice.problem) or not domains):
+    loaded, problem = _shared._load(choice.model_id, config.device if config else "cpu",
+                                    config.dtype if config else "float32")
+    if loaded is None:
+        st.error(problem)
+    else:
+        with st.spinner("Solving twice…"):
+            check = validation.exactness_check(loaded, domains, damping=config.damping if config else 1e-3)
+        cols = st.columns(3)
+        cols[0].metric("Relative error, CG vs dense", f"{check['rel_error']:.1e}")
+        cols[1].metric("CG iterations", check["cg_iterations"], help=f"subspace dimension {check['dim']}")
+        cols[2].metric("CG residual", f"{check['cg_rel_residual']:.1e}")
+        if check["nonpositive_curvature"]:
+            st.warning("The damped Hessian is not positive definite here: CG stops at the first direction of "
+                       "non-positive curvature, so it cannot match the dense solve. A larger damping λ fixes that.")
