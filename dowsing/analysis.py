@@ -17,7 +17,8 @@ from .config import AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
 from .models import DTYPES, LoadedModel, file_sha256, load_model, resolve_model, _directory_fingerprint
 from .result import ENGINE_VERSION, DomainResult, Result
-from .saturation import mu_dense, mu_low_rank, saturation
+from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
+from .uncertainty import DomainKernels, bootstrap_domains
 from .solvers import SolveReport, conjugate_gradient, damped, dense_solve
 from .subspace import capture_tail_inputs, encode_facts, find_anatomy, make_batches, per_fact_losses
 
@@ -91,6 +92,23 @@ def forward_pass(model, anatomy, batches, fact_domain, n_domains):
         fact_losses=torch.cat(losses), tail_matches=tail_ok,
     )
     return means / norms.unsqueeze(-1), norms, tokens
+
+
+def _structured_domain(anatomy, tokens: FactTokens, v, rows, n_total: int, config: AnalysisConfig):
+    """B = 1: per-fact gradients of all facts, H_k + lambda I, and the
+    saturation system for domain k, from the per-token coefficients."""
+    a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, config.curvature)
+    grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, n_total)
+    base = damped(structured_hessian(tokens.x, tokens.token_scale / n_total, c), config.damping)
+    n_k = len(rows)
+    in_k = torch.isin(tokens.token_fact, torch.tensor(rows, device=tokens.token_fact.device))
+    u = tokens.x[in_k].to(torch.float64)
+    scale_k = tokens.token_scale[in_k] / n_k
+    if u.shape[0] < u.shape[1]:
+        system = LowRankSystem(base, u, c[in_k] * scale_k, n_k, n_total)
+    else:
+        system = DenseSystem(base, structured_hessian(u, scale_k, c[in_k]), n_k, n_total)
+    return grads, base, system
 
 
 def choose_route(config: AnalysisConfig, tail_matches: bool) -> str:
@@ -187,19 +205,10 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
         w_k = torch.zeros(n_total, dtype=torch.float64)
         w_k[rows] = 1.0 / n_k
         if route == "structured":
-            a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, config.curvature)
-            grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, n_total)
+            grads, base, system = _structured_domain(anatomy, tokens, v, rows, n_total, config)
             g_bar = grads[rows].mean(dim=0)
-            hess = structured_hessian(tokens.x, tokens.token_scale / n_total, c)
-            base = damped(hess, config.damping)
             solve = dense_solve(base, g_bar, method="auto (structured Hessian, dense solve)")
-            in_k = torch.isin(tokens.token_fact, torch.tensor(rows, device=tokens.token_fact.device))
-            u = tokens.x[in_k].to(torch.float64)
-            d = c[in_k] * tokens.token_scale[in_k] / n_k
-            if u.shape[0] < u.shape[1]:
-                mu = mu_low_rank(base, u, d, n_k, n_total, g_bar)
-            else:
-                mu = mu_dense(base, structured_hessian(u, tokens.token_scale[in_k] / n_k, c[in_k]), n_k, n_total, g_bar)
+            mu = mu_function(system, g_bar)
         else:
             obj = SubspaceObjective(net, anatomy, batches, v, config.blocks, config.curvature)
             grads = obj.per_fact_gradients()
@@ -208,7 +217,8 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
                 report(Progress("curvature", base_fraction, f"{domain.name}: dense {obj.dim}×{obj.dim} curvature"))
                 base = damped(obj.dense("all", w_all), config.damping)
                 solve = dense_solve(base, g_bar, method="exact")
-                mu = mu_dense(base, obj.dense("domain", w_k), n_k, n_total, g_bar)
+                system = DenseSystem(base, obj.dense("domain", w_k), n_k, n_total)
+                mu = mu_function(system, g_bar)
             else:
                 def on_iteration(i, residual, name=domain.name, f=base_fraction):
                     report(Progress("solve", f, f"{name}: CG iteration {i}, relative residual {residual:.2e}"))
@@ -217,11 +227,21 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
                     lambda p: obj.matvec("all", w_all, p) + config.damping * p, g_bar,
                     rtol=config.cg_rtol, maxiter=config.cg_maxiter or None, callback=on_iteration,
                 )
-                mu = _cg_mu(obj, w_all, w_k, n_k, n_total, g_bar, config.damping, config.cg_rtol,
-                            config.cg_maxiter or None)
+                if config.blocks == 1 and tokens.tail_matches:
+                    # B = 1: the saturation curve needs a solve per n; the
+                    # structured system gives them exactly at a fraction of
+                    # the cost of a CG run per n.
+                    _, _, system = _structured_domain(anatomy, tokens, v, rows, n_total, config)
+                    mu = mu_function(system, g_bar)
+                else:
+                    system = None  # the bootstrap would need N_k CG solves per n
+                    mu = _cg_mu(obj, w_all, w_k, n_k, n_total, g_bar, config.damping, config.cg_rtol,
+                                config.cg_maxiter or None)
+            obj.release()
         influence_all = grads @ solve.x  # g_i^T z_k for every fact i
         per_domain.append(dict(
-            solve=solve, mu=mu, influence=influence_all[rows].cpu(), mean=float(g_bar @ solve.x),
+            solve=solve, mu=mu, system=system, grads=grads[rows], influence=influence_all[rows].cpu(),
+            mean=float(g_bar @ solve.x),
             transfer=[float(influence_all[r].mean()) for r in rows_of],
         ))
     timings["solve"] = time.perf_counter() - t_solve
@@ -247,6 +267,22 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
             solver=solve.summary(), concept_vector_norm=float(norms[k]),
         ))
     timings["saturation"] = time.perf_counter() - t_sat
+
+    t_boot = time.perf_counter()
+    bootstrap = None
+    if all(p["system"] is not None for p in per_domain):
+        report(Progress("uncertainty", 0.99, f"bootstrap over facts ({config.bootstrap_resamples} resamples)"))
+        kernels = []
+        for k, domain in enumerate(domains):
+            n_k = len(rows_of[k])
+            grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
+            kernels.append(DomainKernels(domain.name, n_k, grid,
+                                         resampling_kernels(per_domain[k]["system"], per_domain[k]["grads"], grid)))
+        bootstrap = bootstrap_domains(kernels, n_resamples=config.bootstrap_resamples, level=0.90,
+                                      seed=config.seed).to_dict()
+    else:
+        notes.append("No bootstrap intervals with the CG solver and B > 1: they need a dense system per domain.")
+    timings["bootstrap"] = time.perf_counter() - t_boot
     timings["total"] = time.perf_counter() - clock
 
     per_example = [
@@ -255,6 +291,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     ]
     extras = {
         "route": route,
+        "bootstrap": bootstrap,
         "transfer": {
             "domains": [d.name for d in domains],
             # matrix[j][k] = grad L_j^T z_k: data aligned with k lowering the loss of j

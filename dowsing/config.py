@@ -26,6 +26,8 @@ class AnalysisConfig:
     saturation_points: how many log-spaced n the saturation curve holds,
         from N_k / 10 to saturation_max_factor * N_k.
     batch_size: facts per forward pass (results do not depend on it).
+    bootstrap_resamples / seed: resamples of each domain's facts for the 90%
+        intervals and rank probabilities (curvature held fixed).
     """
 
     damping: float = 1e-3
@@ -39,6 +41,8 @@ class AnalysisConfig:
     saturation_points: int = 24
     saturation_max_factor: float = 1000.0
     batch_size: int = 16
+    bootstrap_resamples: int = 200
+    seed: int = 0
 
     def __post_init__(self) -> None:
         if not (self.damping >= 0.0) or self.damping != self.damping:
@@ -63,6 +67,8 @@ class AnalysisConfig:
             raise ValueError(f"saturation_points must be >= 20, got {self.saturation_points!r}")
         if self.saturation_max_factor < 10:
             raise ValueError("saturation_max_factor must be >= 10")
+        if self.bootstrap_resamples < 200:
+            raise ValueError(f"bootstrap_resamples must be >= 200, got {self.bootstrap_resamples!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
 

@@ -19,38 +19,51 @@ from scipy import optimize
 TARGET_FRACTION = 0.1
 
 
-def mu_dense(base: torch.Tensor, hbar_k: torch.Tensor, n_k: int, n_total: int, g: torch.Tensor) -> Callable:
-    """mu(n) by a dense solve; base = H_k + lambda I, all float64."""
+class DenseSystem:
+    """(H_k(n) + lambda I) x = rhs by a dense solve; base = H_k + lambda I (float64)."""
 
-    def mu(n: float) -> float:
-        a = base + ((n - n_k) / n_total) * hbar_k
-        return float(g @ torch.linalg.solve(a, g))
+    def __init__(self, base: torch.Tensor, hbar_k: torch.Tensor, n_k: int, n_total: int):
+        self.base, self.hbar_k, self.n_k, self.n_total = base, hbar_k, n_k, n_total
 
-    return mu
+    def solve(self, n: float, rhs: torch.Tensor) -> torch.Tensor:
+        return torch.linalg.solve(self.base + ((n - self.n_k) / self.n_total) * self.hbar_k, rhs)
 
 
-def mu_low_rank(base: torch.Tensor, u: torch.Tensor, d: torch.Tensor, n_k: int, n_total: int,
-                g: torch.Tensor) -> Callable:
-    """mu(n) through the Woodbury identity, for Hbar_k = U^T diag(d) U of rank r.
+class LowRankSystem:
+    """The same solves through the Woodbury identity, for Hbar_k = U^T diag(d) U of rank r.
 
     (B + U^T C U)^-1 = B^-1 - B^-1 U^T (I + C P)^-1 C U B^-1, P = U B^-1 U^T,
     so each n costs an r x r solve instead of a D x D one. C = (n-N_k)/M diag(d)
     needs no inverse, so tokens with zero or negative curvature are fine.
     """
-    lu = torch.linalg.lu_factor(base)
-    binv_g = torch.linalg.lu_solve(*lu, g.unsqueeze(-1)).squeeze(-1)
-    binv_ut = torch.linalg.lu_solve(*lu, u.T.contiguous())
-    p = u @ binv_ut
-    q = u @ binv_g
-    mu0 = float(g @ binv_g)
-    eye = torch.eye(u.shape[0], dtype=base.dtype, device=base.device)
 
-    def mu(n: float) -> float:
-        cd = ((n - n_k) / n_total) * d
-        correction = torch.linalg.solve(eye + cd.unsqueeze(-1) * p, cd * q)
-        return mu0 - float(q @ correction)
+    def __init__(self, base: torch.Tensor, u: torch.Tensor, d: torch.Tensor, n_k: int, n_total: int):
+        self.lu = torch.linalg.lu_factor(base)
+        self.u, self.d, self.n_k, self.n_total = u, d, n_k, n_total
+        self.binv_ut = torch.linalg.lu_solve(*self.lu, u.T.contiguous())
+        self.p = u @ self.binv_ut
+        self.eye = torch.eye(u.shape[0], dtype=base.dtype, device=base.device)
 
-    return mu
+    def solve(self, n: float, rhs: torch.Tensor) -> torch.Tensor:
+        column = rhs.dim() == 1
+        rhs2 = rhs.unsqueeze(-1) if column else rhs
+        binv_rhs = torch.linalg.lu_solve(*self.lu, rhs2)
+        cd = ((n - self.n_k) / self.n_total) * self.d
+        inner = torch.linalg.solve(self.eye + cd.unsqueeze(-1) * self.p, cd.unsqueeze(-1) * (self.u @ binv_rhs))
+        out = binv_rhs - self.binv_ut @ inner
+        return out.squeeze(-1) if column else out
+
+
+def mu_function(system, g: torch.Tensor) -> Callable:
+    """mu(n) = g^T (H_k(n) + lambda I)^-1 g."""
+    return lambda n: float(g @ system.solve(n, g))
+
+
+def resampling_kernels(system, grads: torch.Tensor, grid) -> np.ndarray:
+    """kernels[q] = G (H_k(n_q) + lambda I)^-1 G^T for the bootstrap: with counts
+    m, the resampled mu(n_q) is m^T kernels[q] m / N_k^2."""
+    gt = grads.T.contiguous()
+    return np.stack([(grads @ system.solve(float(n), gt)).cpu().numpy() for n in grid])
 
 
 def n_grid(n_k: int, points: int, max_factor: float) -> np.ndarray:
