@@ -250,7 +250,7 @@ def rank_probability_chart(result: Result) -> go.Figure | None:
         colorbar=dict(title="P", tickformat=".0%"), xgap=2, ygap=2,
         hovertemplate="<b>%{y}</b><br>P(rank %{x}) = %{z:.1%}<extra></extra>",
     ))
-    fig.update_xaxes(title="rank", type="category", side="top")
+    fig.update_xaxes(title="rank", type="category")
     fig.update_yaxes(autorange="reversed", type="category")
     title = "How often each domain holds each rank" + (f" ({n_resamples} bootstrap resamples)" if n_resamples else "")
     return _layout(fig, title=dict(text=title, x=0), height=max(220, 70 + 42 * len(rows)))
@@ -271,7 +271,7 @@ def transfer_heatmap(result: Result) -> go.Figure | None:
         colorbar=dict(title="∇L_jᵀz_k", exponentformat="power"), xgap=2, ygap=2,
         hovertemplate="Collect <b>%{x}</b> → <b>%{y}</b> improves by %{text}<extra></extra>",
     ))
-    fig.update_xaxes(title="data collected (k)", type="category", side="top")
+    fig.update_xaxes(title="data collected (k)", type="category")
     fig.update_yaxes(title="improves (j)", type="category", autorange="reversed")
     return _layout(fig, title=dict(text="Cross-domain transfer: collect column k, row j improves", x=0),
                    height=max(300, 110 + 48 * len(names)))

@@ -271,6 +271,7 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
     (interactive, plotly.js embedded once), the model, the domains with their facts, the settings,
     the date. Opens offline in any browser."""
     figs = charts.figures(result)
+    # plotly.js rides with the first chart on the page: the later ones call it.
     share_div = figs["share"].to_html(full_html=False, include_plotlyjs=True, default_width="100%")
     curve_div = figs["saturation"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
     esc = html.escape
@@ -337,8 +338,8 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 {uncertainty}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
 <div class="grid">
-{rank_section}
 <section><h2>Share of influence</h2>{share_div}</section>
+{rank_section}
 <section><h2>Saturation curves</h2>
 <p>μ(n) is the marginal influence of one more fact when the corpus holds n facts of the domain;
 ◆ marks today's n, ★ the point n+Δn where μ falls to 10% of today's value (dotted line).

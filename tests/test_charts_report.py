@@ -296,6 +296,8 @@ def test_html_report_has_intervals_rank_stability_and_transfer():
     result = with_uncertainty(paper_like_result())
     html = report.build_report(result)
     assert html.count('class="plotly-graph-div"') == 4
+    # plotly.js is inlined with the first chart; every other chart comes after it.
+    assert html.index('class="plotly-graph-div"') < html.index("<h2>Rank stability")
     for text in ("[3.0×10⁻², 4.4×10⁻²]", "3 ⚠ unstable", "Rank stability", "Cross-domain transfer",
                  "if we collect Physics, does Astronomy improve too?", "90% bootstrap interval",
                  "Physics 90% band"):
