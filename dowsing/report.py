@@ -284,7 +284,7 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
             items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in unstable.items())
             uncertainty += f"<p>Ranks that do not hold across resamples:</p><ul>{items}</ul>"
     else:
-        uncertainty = "<p class='note'>No bootstrap intervals in this result (CG solver, or an older result).</p>"
+        uncertainty = "<p class='note'>No bootstrap intervals in this result (CG solver with B &gt; 1, or an older result).</p>"
     rank_section = ""
     if "rank" in figs:
         rank_div = figs["rank"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")

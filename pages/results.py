@@ -90,7 +90,8 @@ if interval_note:
                    "; ".join(f"**{name}**: {probs}" for name, probs in unstable.items()) +
                    ". Treat their order as a tie.", icon=":material/warning:")
 else:
-    st.caption("No 90% intervals for this result: the bootstrap needs a dense solve (not the CG solver), "
+    st.caption("No 90% intervals for this result: the bootstrap needs a dense system per domain (not there with the "
+               "CG solver and B > 1), "
                "and results cached before it existed do not carry one.")
 
 left, right = st.columns([2, 3])
