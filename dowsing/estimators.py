@@ -17,13 +17,15 @@ lambda the damping:
 * ``tracin``: gradient dot product without curvature, z = g_bar: g_bar^T g_bar;
 * ``mean_loss``: the domain's mean next-token loss (log perplexity);
 * ``grad_norm``: ||grad_theta L_k||, the norm of the domain's mean-loss
-  gradient over all model parameters.
+  gradient over the parameters the fine-tuning ground truth trains (the last
+  blocks and the final norm; all parameters when no block inputs are cached).
 
 One forward pass over all facts (training and held-out) serves every
 estimator and the subspace ground truth; its time is reported as shared.
 """
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass, field
@@ -47,7 +49,7 @@ LABELS = {
     "influence_lissa": "Influence, LiSSA inverse-HVP",
     "tracin": "Gradient dot product (TracIn-style, z = ḡ)",
     "mean_loss": "Mean loss (log perplexity)",
-    "grad_norm": "Norm of the domain gradient (all parameters)",
+    "grad_norm": "Norm of the domain gradient (fine-tuned parameters)",
 }
 
 
@@ -362,6 +364,72 @@ def domain_grad_norm(loaded, facts, batch_size: int = 16) -> float:
     return float(math.sqrt(sum(float((g.to(torch.float64) ** 2).sum()) for g in total)))
 
 
+def tail_model(net, first: int):
+    """A deep copy that runs only blocks first.. on given block inputs.
+
+    GPT-2 adds position embeddings to inputs_embeds, so they are taken off
+    the block input first; the caller checks the copy reproduces the logits.
+    """
+    from .subspace import _BLOCK_PATHS, _get
+
+    path = next(p for p in _BLOCK_PATHS if _get(net, p) is not None)
+    work = copy.deepcopy(net)
+    parent_path, attr = path.rsplit(".", 1)
+    parent = _get(work, parent_path)
+    setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[first:]))
+    wpe = getattr(getattr(work, "transformer", None), "wpe", None)
+
+    def embed(hidden):
+        if wpe is None:
+            return hidden
+        return hidden - wpe(torch.arange(hidden.shape[1], device=hidden.device)).unsqueeze(0)
+
+    return work, embed
+
+
+def padded_block_batch(rows_ids, rows_hidden, device):
+    width = max(len(r) for r in rows_ids)
+    d = rows_hidden[0].shape[-1]
+    input_ids = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
+    hidden = torch.zeros((len(rows_ids), width, d), dtype=rows_hidden[0].dtype)
+    for j, (ids, hid) in enumerate(zip(rows_ids, rows_hidden)):
+        input_ids[j, : len(ids)] = torch.tensor(ids)
+        mask[j, : len(ids)] = 1
+        hidden[j, : len(ids)] = hid
+    return input_ids.to(device), mask.to(device), hidden.to(device)
+
+
+def trainable_parameters(work) -> list:
+    """The parameters fine-tuning trains: all but the embeddings and the LM
+    head (tied to the embeddings in most small models). Switches grads on for
+    them and off for the rest."""
+    chosen = [p for name, p in work.named_parameters()
+              if not any(key in name for key in ("wte", "wpe", "embed_tokens", "lm_head"))]
+    for p in work.parameters():
+        p.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    return chosen
+
+
+def domain_grad_norm_trained(work, embed, split, rows, batch_size: int = 16) -> float:
+    """||grad (mean_i l_i)|| over the fine-tuned parameters (the last blocks
+    and the final norm), from the cached block inputs."""
+    params = [p for p in work.parameters() if p.requires_grad]
+    device = params[0].device
+    total = None
+    for i in range(0, len(rows), batch_size):
+        part = rows[i: i + batch_size]
+        input_ids, mask, hidden = padded_block_batch([split.ids[r] for r in part],
+                                                     [split.block_inputs[r] for r in part], device)
+        logits = work(inputs_embeds=embed(hidden), attention_mask=mask, use_cache=False).logits
+        loss = per_fact_losses(logits, input_ids, mask).sum() / len(rows)
+        grads = torch.autograd.grad(loss, params)
+        total = list(grads) if total is None else [t + g for t, g in zip(total, grads)]
+    return float(math.sqrt(sum(float((g.to(torch.float64) ** 2).sum()) for g in total)))
+
+
 def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping: float = 1e-3,
                      lissa_depth: int = 2000, lissa_batch_facts: int = 8, seed: int = 0,
                      terms: list | None = None, progress=None) -> tuple[list[EstimatorScore], list[DomainTerms]]:
@@ -438,7 +506,15 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
             per_example["mean_loss"].append(losses.tolist())
         if "grad_norm" in names:
             t0 = time.perf_counter()
-            priority["grad_norm"].append(domain_grad_norm(loaded, train[k].facts))
+            if split.block_inputs is not None:
+                if k == 0:
+                    work, embed = tail_model(loaded.model, split.capture_block)
+                    trainable_parameters(work)
+                priority["grad_norm"].append(domain_grad_norm_trained(work, embed, split, rows))
+                if k == n_domains - 1:
+                    del work
+            else:
+                priority["grad_norm"].append(domain_grad_norm(loaded, train[k].facts))
             per_example["grad_norm"] = None
             own["grad_norm"] += time.perf_counter() - t0
     scores = []

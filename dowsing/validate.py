@@ -48,7 +48,8 @@ from scipy import stats
 from .analysis import Progress, _as_domains
 from .curvature import structured_hessian, tail_coefficients, tail_function
 from .domains import Domain
-from .estimators import DEFAULT_ESTIMATOR, ESTIMATORS, LABELS, score_estimators, split_pass, token_weights
+from .estimators import (DEFAULT_ESTIMATOR, ESTIMATORS, LABELS, padded_block_batch, score_estimators, split_pass,
+                         tail_model, token_weights, trainable_parameters)
 from .solvers import damped, dense_solve
 from .subspace import encode_facts, find_anatomy, per_fact_losses
 
@@ -346,42 +347,6 @@ def subspace_response(split, terms, k: int, eps_values, damping: float, newton_s
 # --- ground truth by fine-tuning ---------------------------------------------------------------------------
 
 
-def _tail_model(net, first: int):
-    """A deep copy that runs only blocks first.. on given block inputs.
-
-    GPT-2 adds position embeddings to inputs_embeds, so they are taken off
-    the block input first; the caller checks the copy reproduces the logits.
-    """
-    from .subspace import _BLOCK_PATHS, _get
-
-    path = next(p for p in _BLOCK_PATHS if _get(net, p) is not None)
-    work = copy.deepcopy(net)
-    parent_path, attr = path.rsplit(".", 1)
-    parent = _get(work, parent_path)
-    setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[first:]))
-    wpe = getattr(getattr(work, "transformer", None), "wpe", None)
-
-    def embed(hidden):
-        if wpe is None:
-            return hidden
-        return hidden - wpe(torch.arange(hidden.shape[1], device=hidden.device)).unsqueeze(0)
-
-    return work, embed
-
-
-def _padded(rows_ids, rows_hidden, device):
-    width = max(len(r) for r in rows_ids)
-    d = rows_hidden[0].shape[-1]
-    input_ids = torch.zeros((len(rows_ids), width), dtype=torch.long)
-    mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
-    hidden = torch.zeros((len(rows_ids), width, d), dtype=rows_hidden[0].dtype)
-    for j, (ids, hid) in enumerate(zip(rows_ids, rows_hidden)):
-        input_ids[j, : len(ids)] = torch.tensor(ids)
-        mask[j, : len(ids)] = 1
-        hidden[j, : len(ids)] = hid
-    return input_ids.to(device), mask.to(device), hidden.to(device)
-
-
 def finetune_gains(loaded, split, train, config: ValidationConfig, report=None) -> dict:
     """Held-out per-fact losses after the baseline run and after each domain's
     run, all from the same starting weights and the same seeded minibatches.
@@ -399,18 +364,13 @@ def finetune_gains(loaded, split, train, config: ValidationConfig, report=None) 
     net = loaded.model
     device = next(net.parameters()).device
     first = split.capture_block
-    work, embed = _tail_model(net, first)
+    work, embed = tail_model(net, first)
     work.eval()  # no dropout: runs differ only by the added data
-    trainable = [p for name, p in work.named_parameters()
-                 if not any(key in name for key in ("wte", "wpe", "embed_tokens", "lm_head"))]
-    for p in work.parameters():
-        p.requires_grad_(False)
-    for p in trainable:
-        p.requires_grad_(True)
+    trainable = trainable_parameters(work)
     original = [p.detach().clone() for p in trainable]
 
     def logits_of(rows):
-        input_ids, mask, hidden = _padded([split.ids[r] for r in rows], [split.block_inputs[r] for r in rows], device)
+        input_ids, mask, hidden = padded_block_batch([split.ids[r] for r in rows], [split.block_inputs[r] for r in rows], device)
         logits = work(inputs_embeds=embed(hidden), attention_mask=mask, use_cache=False).logits
         return logits, input_ids, mask
 
