@@ -14,6 +14,7 @@ page = st.navigation([
     st.Page("pages/run.py", title="Run", icon=":material/play_circle:", url_path="run"),
     st.Page("pages/results.py", title="Results", icon=":material/leaderboard:", url_path="results"),
     st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
+    st.Page("pages/validate.py", title="Validate", icon=":material/fact_check:", url_path="validate"),
 ])
 model_box = _shared.sidebar()
 page.run()
