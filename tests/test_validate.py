@@ -1,6 +1,8 @@
 """Validation and rival estimators, each pinned to an independent computation."""
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 import torch
@@ -160,22 +162,32 @@ def _saturate(folder, facts, steps=60, lr=1e-2):
     return loaded, float(loss.detach())
 
 
+def _templated(name, words, kind):
+    """Facts that share their words, so a tiny model learns a domain's held-out
+    facts from its training facts."""
+    return {"name": name, "facts": [f"{a} and {b} and {c} are {kind}." for a, b, c in
+                                    list(itertools.permutations(words))[:4]]}
+
+
 def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_dir):
-    saturated = "Biology"
-    facts = next(d["facts"] for d in DOMAINS if d["name"] == saturated)
-    loaded, final_loss = _saturate(tiny_gpt2_dir, facts)
-    assert final_loss < 0.5  # against about 10 nats on the other domains
-    config = ValidationConfig(eps=(0.01,), damping=1.0, finetune_steps=6, finetune_lr=1e-3, finetune_blocks=1,
+    domains = [_templated("Colors", ["Red", "blue", "green"], "colors"),
+               _templated("Animals", ["Cats", "dogs", "birds"], "animals"),
+               _templated("Metals", ["Iron", "copper", "gold"], "metals")]
+    saturated = "Animals"
+    loaded, final_loss = _saturate(tiny_gpt2_dir, domains[1]["facts"], steps=100)
+    assert final_loss < 0.5  # against 8 to 12 nats on the other domains
+    config = ValidationConfig(eps=(0.01,), damping=1.0, finetune_steps=10, finetune_lr=1e-2, finetune_blocks=2,
                               estimators=("influence_exact", "influence_ggn", "mean_loss"), bootstrap=50,
                               subspace=False)
-    result = validate(loaded, DOMAINS, config)
+    result = validate(loaded, domains, config)
     names = result.domains
-    gain = result.finetune["gain"]
-    assert names[int(np.argmin(gain))] == saturated
-    default = next(e for e in result.estimators if e["name"] == "influence_exact")
-    assert names[int(np.argmin(default["priority"]))] == saturated
-    engine = analyze(loaded, DOMAINS, AnalysisConfig(damping=1.0))
-    assert engine.domain(saturated).rank == len(DOMAINS)
+    assert names[int(np.argmin(result.finetune["gain"]))] == saturated
+    ggn = next(e for e in result.estimators if e["name"] == "influence_ggn")
+    assert names[int(np.argmin(ggn["priority"]))] == saturated
+    loss = next(e for e in result.estimators if e["name"] == "mean_loss")
+    assert names[int(np.argmin(loss["priority"]))] == saturated
+    engine = analyze(loaded, domains, AnalysisConfig(damping=1.0))
+    assert engine.domain(saturated).rank == len(domains)
     # the result survives JSON
     again = ValidationResult.from_json(result.to_json())
     assert again.leaderboard[0]["estimator"] == result.leaderboard[0]["estimator"]
