@@ -166,6 +166,7 @@ class ValidationResult:
             "ρ subspace": r["spearman_subspace"],
             "τ vs default": r["kendall_vs_default"],
             "time (s)": r["time_s"],
+            "solver converged": {None: "—", True: "yes", False: "no"}[r.get("solver_converged")],
         } for r in self.leaderboard]
         return pd.DataFrame(rows)
 
@@ -552,7 +553,12 @@ def build_leaderboard(scores, subspace, finetune, config: ValidationConfig) -> l
     for i, s in enumerate(scores):
         row = {"estimator": s.name, "label": s.label, "priority": s.priority, "time_s": s.time_s,
                "kendall_vs_default": kendall(s.priority, default.priority),
-               "spearman_finetune": None, "spearman_finetune_interval": [None, None], "spearman_subspace": None}
+               "spearman_finetune": None, "spearman_finetune_interval": [None, None], "spearman_subspace": None,
+               # iterative inverse-HVP solvers: did every domain's solve converge? (None: no iterative solve)
+               "solver_converged": None}
+        flags = [d["converged"] for d in (s.details or {}).get("per_domain", []) if "converged" in d]
+        if flags:
+            row["solver_converged"] = all(flags)
         if finetune is not None:
             row["spearman_finetune"] = spearman(s.priority, finetune["gain"])
             base = np.asarray(finetune["baseline"])

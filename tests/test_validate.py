@@ -192,3 +192,11 @@ def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_di
     again = ValidationResult.from_json(result.to_json())
     assert again.leaderboard[0]["estimator"] == result.leaderboard[0]["estimator"]
     assert len(again.table()) == 3
+
+
+def test_exactness_check_agrees_where_the_system_is_positive_definite(tiny64):
+    from dowsing.validate import exactness_check
+
+    check = exactness_check(tiny64, DOMAINS, damping=5.0, max_facts=3)
+    assert not check["nonpositive_curvature"]
+    assert check["rel_error"] < 1e-6
