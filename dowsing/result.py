@@ -40,7 +40,7 @@ class Result:
     extras: dict = field(default_factory=dict)  # optional additions (transfer, bootstrap)
 
     def to_dict(self) -> dict:
-        return _finite(asdict(self))
+        return finite_or_none(asdict(self))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -81,14 +81,14 @@ class Result:
         return pd.DataFrame(rows, columns=["Rank", "Concept", "Mean", "Share (%)", "Δn@10%", "t vs rest", "p"])
 
 
-def _finite(value):
+def finite_or_none(value):
     """JSON has no NaN or inf: turn them into null rather than invalid JSON."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
+        return {k: finite_or_none(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
+        return [finite_or_none(v) for v in value]
     return value
 
 

@@ -50,6 +50,7 @@ from .curvature import structured_hessian, tail_coefficients, tail_function
 from .domains import Domain
 from .estimators import (DEFAULT_ESTIMATOR, ESTIMATORS, LABELS, padded_block_batch, score_estimators, split_pass,
                          tail_model, token_weights, trainable_parameters)
+from .result import finite_or_none
 from .solvers import damped, dense_solve
 from .subspace import encode_facts, find_anatomy, per_fact_losses
 
@@ -141,7 +142,7 @@ class ValidationResult:
     extras: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return _finite(dataclasses.asdict(self))
+        return finite_or_none(dataclasses.asdict(self))
 
     def to_json(self, indent: int | None = 2) -> str:
         return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
@@ -175,16 +176,6 @@ def _interval_text(pair) -> str:
     if not pair or pair[0] is None:
         return "—"
     return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
-
-
-def _finite(value):
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 # --- the split ---------------------------------------------------------------------------------------------
