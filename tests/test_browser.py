@@ -40,13 +40,22 @@ def _free_port() -> int:
 
 
 def _seed_embedded_model(cache: Path) -> None:
-    """Copy the already converted embedded model, when this checkout has one,
-    so the first page load (which loads the default model) takes a second
-    instead of a ~40 s conversion. Reads the repo cache, never writes it."""
-    for folder in sorted((REPO / "cache" / "models").glob("SmolLM2-135M-Instruct*")):
-        if (folder / "config.json").is_file():
-            shutil.copytree(folder, cache / "models" / folder.name)
-            return
+    """Give the app an already converted embedded model, so the first page
+    load (which loads the default model) takes a second instead of a ~40 s
+    conversion in the middle of the test. Converts once into the repo cache
+    on a fresh checkout (the CLI test reuses it), then copies it."""
+    from dowsing.models import converted_dir, embedded_gguf_path
+
+    saved = os.environ.get("DOWSING_CACHE")
+    os.environ["DOWSING_CACHE"] = str(REPO / "cache")
+    try:
+        folder = converted_dir(embedded_gguf_path())
+    finally:
+        if saved is None:
+            os.environ.pop("DOWSING_CACHE")
+        else:
+            os.environ["DOWSING_CACHE"] = saved
+    shutil.copytree(folder, cache / "models" / folder.name)
 
 
 @pytest.fixture(scope="module")
@@ -129,7 +138,11 @@ def test_edit_run_results_and_reload(server, page):
     # Edit the first fact of the first domain in its table (a canvas grid):
     # select the cell, type over it, Enter commits.
     new_fact = "Light travels about a million times faster than sound."
-    page.locator("[data-testid=stDataFrame]").nth(1).wait_for()
+    try:
+        page.locator("[data-testid=stDataFrame]").nth(1).wait_for()
+    except Exception:
+        page.screenshot(path=str(SHOTS / "failed-editors.png"), full_page=True)
+        raise
     editor = page.locator("[data-testid=stDataFrame]").first
     editor.scroll_into_view_if_needed()
     page.wait_for_timeout(500)
