@@ -15,7 +15,7 @@ import torch
 from . import metrics
 from .config import AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
-from .models import DTYPES, LoadedModel, file_sha256, load_model, resolve_model, _directory_fingerprint
+from .models import DTYPES, LoadedModel, directory_fingerprint, file_sha256, load_model, resolve_model
 from .result import ENGINE_VERSION, DomainResult, Result
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
 from .uncertainty import DomainKernels, bootstrap_domains
@@ -316,7 +316,7 @@ def model_fingerprint(model_id: str | None) -> str:
     if source in ("embedded", "gguf"):
         return f"{source}:{file_sha256(location)}"
     if source == "directory":
-        return f"directory:{_directory_fingerprint(location)}"
+        return f"directory:{directory_fingerprint(location)}"
     return f"hub:{canonical}"
 
 

@@ -146,10 +146,11 @@ def tail_coefficients(anatomy: Anatomy, h: torch.Tensor, targets: torch.Tensor, 
             # gradient of sum(a) is exactly that diagonal.
             (c,) = torch.autograd.grad(a.sum(), s)
         else:
-            dummy = torch.ones(hc.shape[0], dtype=hc.dtype, device=hc.device, requires_grad=True)
+            # dz_t = d logits_t / d s_t by the double-vjp trick (s_t only
+            # reaches token t, so a vector of ones picks every token's column).
             probe = torch.zeros_like(logits, requires_grad=True)
             (js,) = torch.autograd.grad(logits, s, grad_outputs=probe, create_graph=True)
-            (dz,) = torch.autograd.grad(js, probe, grad_outputs=dummy.detach())
+            (dz,) = torch.autograd.grad(js, probe, grad_outputs=torch.ones_like(s))
             probs = torch.softmax(logits.detach(), dim=-1)
             onehot = F.one_hot(yc, logits.shape[-1]).to(probs.dtype)
             a = ((probs - onehot) * dz).sum(-1)

@@ -178,7 +178,7 @@ def embedded_tokenizer_dir() -> Path:
     return target
 
 
-def _directory_fingerprint(path: Path) -> str:
+def directory_fingerprint(path: Path) -> str:
     digest = hashlib.sha256()
     for name in sorted(os.listdir(path)):
         file = path / name
@@ -280,7 +280,7 @@ def load_model(model_id: str | None = None, device: str = "cpu", dtype: str = "f
             fingerprint = file_sha256(Path(location))
         elif source == "directory":
             folder = Path(location)
-            fingerprint = _directory_fingerprint(folder)
+            fingerprint = directory_fingerprint(folder)
         else:
             folder = None
         if folder is not None:

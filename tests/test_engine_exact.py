@@ -83,6 +83,13 @@ class Reference:
         means = sums / counts[:, None]
         return means / means.norm(dim=1, keepdim=True)
 
+    def curvature(self, kind, u, v, weights):
+        """The dense Hessian (autograd.functional.hessian) or Gauss-Newton matrix in S_k."""
+        if kind == "ggn":
+            return self.ggn(u, v, weights)
+        h = torch.autograd.functional.hessian(lambda uu: self.loss(uu, v, weights), u, vectorize=True)
+        return h.reshape(u.numel(), u.numel())
+
     def ggn(self, u, v, weights):
         """J^T (diag p - p p^T) J summed over predicted tokens, J from autograd.functional.jacobian."""
         total = torch.zeros((u.numel(), u.numel()), dtype=torch.float64)
@@ -136,12 +143,7 @@ def test_structured_route_equals_reference_gradients_and_curvature(tiny64, curva
         for i in (0, m // 2, m - 1):
             g_ref = torch.autograd.functional.jacobian(lambda u: reference.fact_loss(i, u, v), u0).reshape(-1)
             assert _rel(grads[i], g_ref) < 1e-6
-        weights = [1.0 / m] * m
-        if curvature == "hessian":
-            h_ref = torch.autograd.functional.hessian(lambda u: reference.loss(u, v, weights), u0, vectorize=True)
-            h_ref = h_ref.reshape(anatomy.d_ff, anatomy.d_ff)
-        else:
-            h_ref = reference.ggn(u0, v, weights)
+        h_ref = reference.curvature(curvature, u0, v, [1.0 / m] * m)
         assert _rel(hess, h_ref) < 1e-6
 
 
@@ -161,13 +163,8 @@ def test_hvp_route_equals_reference(tiny64, curvature):
         assert _rel(grads[i], g_ref) < 1e-6
     weights = torch.full((m,), 1.0 / m, dtype=torch.float64)
     dense = obj.dense("all", weights)
-    dim = n_blocks * anatomy.d_ff
-    if curvature == "hessian":
-        h_ref = torch.autograd.functional.hessian(lambda u: reference.loss(u, v, weights.tolist()), u0,
-                                                  vectorize=True)
-        h_ref = h_ref.reshape(dim, dim)
-    else:
-        h_ref = reference.ggn(u0, v, weights.tolist())
+    h_ref = reference.curvature(curvature, u0, v, weights.tolist())
+    if curvature == "ggn":
         assert float(torch.linalg.eigvalsh(dense)[0]) > -1e-10  # Gauss-Newton is PSD
     assert _rel(dense, h_ref) < 1e-6
 
@@ -186,12 +183,7 @@ def test_z_and_mean_match_reference_solve(tiny64, curvature, damping):
     u0 = torch.zeros((1, anatomy.d_ff), dtype=torch.float64)
     for k, domain in enumerate(DOMAINS):
         v = directions[k]
-        weights = [1.0 / m] * m
-        if curvature == "hessian":
-            h = torch.autograd.functional.hessian(lambda u: reference.loss(u, v, weights), u0, vectorize=True)
-            h = h.reshape(anatomy.d_ff, anatomy.d_ff)
-        else:
-            h = reference.ggn(u0, v, weights)
+        h = reference.curvature(curvature, u0, v, [1.0 / m] * m)
         rows = [i for i in range(m) if FACT_DOMAIN[i] == k]
         g = torch.stack([
             torch.autograd.functional.jacobian(lambda u: reference.fact_loss(i, u, v), u0).reshape(-1) for i in rows
