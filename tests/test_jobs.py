@@ -46,6 +46,19 @@ def executor(tmp_path, monkeypatch):
     ex.store.close()
 
 
+def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, tmp_path, monkeypatch):
+    from dowsing.analysis import run_analysis
+
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
+    reports = []
+    run_analysis(str(tiny_gpt2_dir), list(SMALL), AnalysisConfig(), progress=reports.append, use_cache=False)
+    stages = [p.stage for p in reports]
+    assert stages[0] == "loading model" and stages[-1] == "done"
+    assert {"concept vectors", "solve", "saturation"} <= set(stages) and set(stages) & ENGINE_STAGES
+    fractions = [p.fraction for p in reports]
+    assert fractions == sorted(fractions) and fractions[-1] == 1.0
+
+
 def request(model_dir, domains=SMALL, name="Science") -> JobRequest:
     return JobRequest(model_id=str(model_dir), domains=list(domains), config=AnalysisConfig(), domain_set_name=name)
 
@@ -96,10 +109,12 @@ def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(e
     state, seen = wait(executor, job_id, lambda s: not s.active)
     assert state.status == "done", state
     assert (state.stage, state.fraction, state.error) == ("done", 1.0, None)
+    # Worker progress reaches the job state; which engine stages a 50 ms poll
+    # catches on a tiny model is timing, so those are checked in-process below.
     stages = {s.stage for s in seen}
-    assert "loading model" in stages and stages & ENGINE_STAGES, stages
+    assert "loading model" in stages, stages
     running = [s.fraction for s in seen if s.status == "running"]
-    assert running == sorted(running) and max(running) > min(running)
+    assert running == sorted(running)  # never goes back; the rise itself is checked in-process
     # State is JSON text in diskcache, never a pickle.
     assert isinstance(executor.store.cache.get(JobStore.PREFIX + job_id), str)
 
