@@ -359,9 +359,11 @@ class LocalProcessExecutor:
             error = f"The worker could not be started: {one_line(exc)}"
             self.store.update(job_id, run_id=run_id, status="failed", error=error, message=error, finished_at=now_iso())
             return job_id
+        # Only the worker records its pid, once it runs: between fork and exec
+        # /proc/PID/cmdline is still this process's, so a pid written here
+        # could be judged "not our worker" (dead) by a poll in that window.
+        # Until then this process knows the worker by its Popen handle.
         self._procs[job_id] = proc
-        # The worker also records its own pid; whichever lands first wins.
-        self.store.update(job_id, run_id=run_id, pid=proc.pid)
         return job_id
 
     def _spawn(self, job_id: str) -> subprocess.Popen:
@@ -414,14 +416,18 @@ class LocalProcessExecutor:
             return self._check_done(state)
         if not state.active:
             return state
-        exit_code = self._exit_code(job_id)
-        if state.pid is None:
-            if exit_code is None:
+        proc = self._procs.get(job_id)
+        if proc is not None and proc.poll() is None:
+            return state  # our own child and still running: the handle is authoritative
+        exit_code = proc.poll() if proc is not None else None
+        if exit_code is None:
+            if state.pid is None:
+                # Started by another process and not yet reporting its pid.
                 created = parse_time(state.created_at)
                 if created is None or time.time() - created < START_TIMEOUT_S:
                     return state
-        elif exit_code is None and pid_alive(state.pid, job_id):
-            return state
+            elif pid_alive(state.pid, job_id):
+                return state
         return self._mark_dead(state, exit_code)
 
     def _check_done(self, state: JobState) -> JobState:
@@ -444,12 +450,6 @@ class LocalProcessExecutor:
             state.job_id, run_id=state.run_id, unless=ACTIVE, status="failed", error=reason, message=reason,
         )
         return updated if updated is not None else self.store.get(state.job_id) or state
-
-    def _exit_code(self, job_id: str) -> int | None:
-        proc = self._procs.get(job_id)
-        if proc is None:
-            return None
-        return proc.poll()
 
     def _mark_dead(self, state: JobState, exit_code: int | None) -> JobState:
         if exit_code is not None and exit_code < 0:

@@ -192,6 +192,30 @@ def test_a_queued_job_waits_for_the_runner_lock_and_can_be_cancelled(executor, t
         assert not running(state.pid)
 
 
+def test_a_just_spawned_worker_is_not_declared_dead(executor, tiny_gpt2_dir, monkeypatch):
+    """Between fork and exec a worker's /proc cmdline is still its parent's.
+    A child that is alive but not (yet) recognisable as a worker stands in for
+    that window: the executor must trust its own process handle, not /proc."""
+    import subprocess
+    import sys
+
+    def spawn_not_yet_a_worker(job_id):
+        return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
+
+    monkeypatch.setattr(executor, "_spawn", spawn_not_yet_a_worker)
+    job_id = executor.submit(request(tiny_gpt2_dir))
+    for _ in range(20):
+        state = executor.state(job_id)
+        assert state.status == "queued", state
+        time.sleep(0.05)
+    proc = executor._procs[job_id]
+    proc.kill()
+    proc.wait()
+    # Once the child has exited, the same handle reports it as dead.
+    state = executor.state(job_id)
+    assert state.status == "failed" and "signal 9" in state.error, state
+
+
 def test_a_killed_worker_fails_and_a_running_job_cancels(executor, tiny_gpt2_dir):
     req = request(tiny_gpt2_dir, default_domains(), "Science (paper)")  # long enough to interrupt
     job_id = executor.submit(req)
