@@ -225,7 +225,7 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
     fig.update_yaxes(type="log", title="marginal influence μ(n)", exponentformat="power")
     return _layout(
         fig,
-        title=dict(text="Saturation: μ(n) = c(n+N₀)^−α  ◆ now  ★ n+Δn@10%  ┈ 10% line", x=0),
+        title=dict(text="Saturation: μ(n) = c(n+N₀)<sup>−α</sup>  ◆ now  ★ n+Δn@10%  ┈ 10% line", x=0),
         legend=dict(title=dict(text="Domain (click to toggle)")),
         hovermode="closest",
         height=480,

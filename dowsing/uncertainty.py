@@ -122,6 +122,20 @@ def percentile_interval(samples: np.ndarray, level: float, axis: int = 0) -> np.
     return np.quantile(samples, [lo, hi], axis=axis)
 
 
+def magnitude_interval(low: float, high: float) -> tuple[float, float]:
+    """The image of [low, high] under |x|: [0, max(|low|, |high|)] when it
+    spans 0, else the two magnitudes in order.
+
+    Shares are magnitudes. A percentile interval taken on |x| itself cannot
+    reach 0, so for a domain whose signed influence straddles 0 it sits
+    entirely above the point estimate; mapping the signed interval keeps the
+    point estimate inside whenever the signed interval holds it."""
+    if low <= 0.0 <= high:
+        return 0.0, max(-low, high)
+    a, b = abs(low), abs(high)
+    return min(a, b), max(a, b)
+
+
 def _power_law_candidates(ns: np.ndarray) -> np.ndarray:
     # The same N0 start grid as dowsing.saturation.fit_power_law.
     return np.concatenate([[0.0], np.geomspace(ns.min() * 1e-3, ns.max() * 10, 60)])
@@ -265,7 +279,10 @@ def bootstrap_domains(domains: list[DomainKernels], n_resamples: int = 200, leve
     independently (one numpy Generator seeded with seed, domains in order),
     and computes per domain
       Mean_k  = m_k^T K_k[N_k] m_k / N_k^2,
-      Share_k = |N_k Mean_k| / sum_j |N_j Mean_j| * 100 (metrics.shares_pct),
+      Share_k = |N_k Mean_k| / sum_j |N_j Mean_j| * 100 (metrics.shares_pct);
+                its interval is the percentile interval of the signed share
+                N_k Mean_k / sum_j |N_j Mean_j| * 100 mapped through |x|
+                (magnitude_interval), so it reaches 0 when the sign is unsure,
       Rank_k  (1 = largest Mean, metrics.ranks_by_mean),
       Δn@10%  = (N_k + N0)(0.1^(-1/alpha)) - N0 - N_k from the power law fitted
                 to the resampled curve mu_m(n_g) (saturation.fit_power_law's
@@ -300,10 +317,11 @@ def bootstrap_domains(domains: list[DomainKernels], n_resamples: int = 200, leve
         means[:, k] = curves[:, at_n_k[0]]
 
     sizes = np.array([int(d.n_k) for d in domains], dtype=float)
-    magnitudes = np.abs(means * sizes[None, :])
-    totals = magnitudes.sum(axis=1, keepdims=True)
+    totals_k = means * sizes[None, :]
+    denominators = np.abs(totals_k).sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore", divide="ignore"):
-        shares = np.where(totals > 0, magnitudes / totals * 100.0, 0.0)
+        # Signed: Share_k is the magnitude of this; see magnitude_interval.
+        signed_shares = np.where(denominators > 0, totals_k / denominators * 100.0, 0.0)
     ranks = _ranks(means)
 
     out = []
@@ -324,7 +342,7 @@ def bootstrap_domains(domains: list[DomainKernels], n_resamples: int = 200, leve
             name=domain.name,
             n_k=int(domain.n_k),
             mean_interval=tuple(float(v) for v in percentile_interval(means[:, k], level)),
-            share_pct_interval=tuple(float(v) for v in percentile_interval(shares[:, k], level)),
+            share_pct_interval=magnitude_interval(*(float(v) for v in percentile_interval(signed_shares[:, k], level))),
             delta_n_10pct_interval=dn_interval,
             delta_n_fraction=dn_fraction,
             rank_probabilities=rank_probabilities,
