@@ -15,7 +15,8 @@ import torch
 from . import metrics
 from .config import AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
-from .models import DTYPES, LoadedModel, directory_fingerprint, file_sha256, load_model, resolve_model
+from .models import (DTYPES, LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model,
+                     resolve_model)
 from .result import ENGINE_VERSION, DomainResult, Result
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
 from .uncertainty import DomainKernels, bootstrap_domains
@@ -317,7 +318,9 @@ def model_fingerprint(model_id: str | None) -> str:
         return f"{source}:{file_sha256(location)}"
     if source == "directory":
         return f"directory:{directory_fingerprint(location)}"
-    return f"hub:{canonical}"
+    # The snapshot's commit: a model updated in the local cache must not
+    # return results computed on its old weights.
+    return f"hub:{canonical}@{hub_snapshot(canonical) or 'not-cached'}"
 
 
 def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = None) -> str:

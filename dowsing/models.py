@@ -254,6 +254,19 @@ def _from_hub(model_id: str, dtype: torch.dtype):
     return model, tokenizer
 
 
+def hub_snapshot(model_id: str) -> str | None:
+    """The commit hash of the local Hugging Face cache's snapshot of
+    `model_id` (what `refs/main` points at); None when it is not cached.
+    Reads the cache's folders only: no weights, no network."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        path = try_to_load_from_cache(model_id, "config.json")
+    except Exception:  # noqa: BLE001 - an id the hub would reject is simply not cached
+        return None
+    return Path(path).parent.name if isinstance(path, str) else None
+
+
 def _revision(model) -> str:
     return str(getattr(model.config, "_commit_hash", None) or getattr(model.config, "_name_or_path", "unknown"))
 
@@ -290,7 +303,7 @@ def load_model(model_id: str | None = None, device: str = "cpu", dtype: str = "f
             )
         else:
             model, tokenizer = _from_hub(str(location), torch_dtype)
-            fingerprint = _revision(model)
+            fingerprint = hub_snapshot(str(location)) or _revision(model)
     except ModelError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError) as exc:

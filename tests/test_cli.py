@@ -168,3 +168,41 @@ def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch):
     ranked = sorted(result["domains"], key=lambda d: d["rank"])
     assert ranked[0]["name"] in proc.stdout.splitlines()[1]
     assert result["extras"]["bootstrap"] is not None
+
+
+def _fake_hub_cache(root: Path, repo: str, model_dir: Path, commits: list[str]) -> Path:
+    """The Hugging Face cache layout: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    repo_cache = root / ("models--" + repo.replace("/", "--"))
+    for commit in commits:
+        shutil.copytree(model_dir, repo_cache / "snapshots" / commit)
+    (repo_cache / "refs").mkdir(parents=True, exist_ok=True)
+    (repo_cache / "refs" / "main").write_text(commits[-1])
+    return repo_cache
+
+
+def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tmp_path, monkeypatch, tiny_gpt2_dir):
+    from huggingface_hub import constants
+
+    from dowsing.analysis import cache_key, model_fingerprint
+
+    repo, old, new = "dowsing-test/tiny-gpt2", "a" * 40, "b" * 40
+    hub = tmp_path / "hub"
+    repo_cache = _fake_hub_cache(hub, repo, tiny_gpt2_dir, [old, new])
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    assert model_fingerprint(repo) == f"hub:{repo}@{new}"
+    assert model_fingerprint("dowsing-test/not-there") == "hub:dowsing-test/not-there@not-cached"
+    key_new = cache_key(repo, GOOD["domains"])
+    (repo_cache / "refs" / "main").write_text(old)  # the cached model moved to another commit
+    assert model_fingerprint(repo) == f"hub:{repo}@{old}" and cache_key(repo, GOOD["domains"]) != key_new
+
+    # The real loader, by id, offline, as a user runs it.
+    domains = _write(tmp_path / "d.json", GOOD)
+    out = tmp_path / "o.json"
+    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", DOWSING_CACHE=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "dowsing", "analyze", "--quiet", "--model", repo,
+                           "--domains", str(domains), "--out", str(out)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    assert result["model"]["id"] == repo and result["model"]["source"] == "hub"
+    assert result["model"]["fingerprint"] == old  # the revision of the snapshot that was loaded
