@@ -252,7 +252,9 @@ def rank_probability_chart(result: Result) -> go.Figure | None:
     ))
     fig.update_xaxes(title="rank", type="category")
     fig.update_yaxes(autorange="reversed", type="category")
-    title = "How often each domain holds each rank" + (f" ({n_resamples} bootstrap resamples)" if n_resamples else "")
+    # Short enough for the narrow column it sits in on the Results page; the
+    # resample count goes on a second, smaller line.
+    title = "P(domain holds rank)" + (f"<br><sup>{n_resamples} bootstrap resamples</sup>" if n_resamples else "")
     return _layout(fig, title=dict(text=title, x=0), height=max(220, 70 + 42 * len(rows)))
 
 
@@ -315,3 +317,65 @@ def figures(result: Result) -> dict[str, go.Figure]:
             figs[key] = fig
     return figs
 
+
+
+# --- validation (a ValidationResult from dowsing.validate) ----------------------
+
+def validation_scatter(validation) -> go.Figure | None:
+    """Per estimator, each domain's priority (x) against its realised held-out
+    gain from fine-tuning (y); one panel per estimator, own x scale each."""
+    if not validation.finetune:
+        return None
+    colors = domain_colors(validation.domains)
+    labels = [est["label"] for est in validation.estimators]
+    columns = 3
+    rows = (len(labels) + columns - 1) // columns
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(rows=rows, cols=columns, subplot_titles=labels, horizontal_spacing=0.08,
+                        vertical_spacing=0.14 if rows > 1 else 0.2)
+    for i, est in enumerate(validation.estimators):
+        row, col = i // columns + 1, i % columns + 1
+        for name, priority, gain in zip(validation.domains, est["priority"], validation.finetune["gain"]):
+            fig.add_trace(go.Scatter(
+                x=[priority], y=[gain], mode="markers", name=name, legendgroup=name, showlegend=i == 0,
+                marker=dict(color=colors[name], size=11, line=dict(width=1, color="white")),
+                hovertemplate=f"<b>{name}</b><br>{est['label']}: %{{x:.3g}}<br>realised gain: %{{y:.3g}}<extra></extra>",
+            ), row=row, col=col)
+    fig.update_yaxes(title_text="realised gain", col=1)
+    return _layout(fig, height=90 + 250 * rows, legend=dict(title=dict(text="Domain")),
+                   title=dict(text="Priority (x) against realised held-out gain from fine-tuning (y)", x=0))
+
+
+def subspace_response_scatter(validation) -> go.Figure | None:
+    """Predicted against realised held-out loss change in the concept subspace,
+    one point per (domain whose data is added, domain measured, ε), with the
+    line realised = predicted."""
+    sub = validation.subspace
+    if not sub:
+        return None
+    colors = domain_colors(validation.domains)
+    symbols = ("circle", "square", "diamond", "triangle-up", "x", "star")
+    eps_values = sorted({eps for resp in sub["per_domain"] for eps in resp["eps"]})
+    fig = go.Figure()
+    everything = []
+    for k, resp in enumerate(sub["per_domain"]):
+        name = validation.domains[k]
+        for i, eps in enumerate(resp["eps"]):
+            predicted, realised = resp["predicted"][i], resp["realised"][i]
+            everything += list(predicted) + list(realised)
+            fig.add_trace(go.Scatter(
+                x=predicted, y=realised, mode="markers", name=f"{name}, ε = {eps:g}", legendgroup=name,
+                marker=dict(color=colors[name], size=9, symbol=symbols[eps_values.index(eps) % len(symbols)]),
+                text=list(validation.domains),
+                hovertemplate=(f"add <b>{name}</b> (ε = {eps:g})<br>measured on %{{text}}<br>"
+                               "predicted %{x:.3g}<br>realised %{y:.3g}<extra></extra>"),
+            ))
+    finite = [v for v in everything if v is not None and math.isfinite(v)]
+    if finite:
+        lo, hi = min(finite), max(finite)
+        fig.add_trace(go.Scatter(x=[lo, hi], y=[lo, hi], mode="lines", name="realised = predicted",
+                                 line=dict(color="#888", dash="dot", width=1), hoverinfo="skip"))
+    fig.update_xaxes(title="predicted change of held-out loss")
+    fig.update_yaxes(title="realised change")
+    return _layout(fig, height=460, title=dict(text="Concept subspace: predicted vs realised", x=0))

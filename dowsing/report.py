@@ -212,6 +212,28 @@ def diagnostics_table(result: Result) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def curvature_warnings(result: Result) -> list[str]:
+    """What non-positive curvature means for this result, per kind of solver.
+
+    CG stops at the first direction with p^T (H + lambda I) p <= 0, so its z is
+    not the solution; a dense solve of an indefinite system is still exact, but
+    the Means can then be negative and mu(n) can pass through poles."""
+    flagged = [d for d in result.ranked() if (d.solver or {}).get("nonpositive_curvature")]
+    stopped = [d.name for d in flagged if (d.solver or {}).get("method") == "cg"]
+    indefinite = [d.name for d in flagged if (d.solver or {}).get("method") != "cg"]
+    out = []
+    if stopped:
+        out.append("CG met a direction of non-positive curvature for " + ", ".join(stopped) +
+                   " and stopped there: its z is not the solution and those Means are not to be trusted. "
+                   "Use the auto or exact solver, Gauss-Newton curvature, or a larger damping λ.")
+    if indefinite:
+        out.append("H + λI is not positive definite for " + ", ".join(indefinite) +
+                   ": the dense solve is still exact, but the loss is not convex in that concept subspace, so a "
+                   "Mean can be negative and μ(n) can jump where H(n) + λI turns singular. Gauss-Newton "
+                   "curvature or a larger damping λ gives a positive-definite system.")
+    return out
+
+
 def to_csv(result: Result) -> str:
     """One row per domain with full-precision numbers (empty cell = null); with a
     bootstrap also the 90% interval ends, rank stability and P(rank r)."""

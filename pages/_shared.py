@@ -130,6 +130,19 @@ def current_job_id() -> str | None:
     return job or None
 
 
+def job_to_show() -> str | None:
+    """The current job, else the newest finished run (which then becomes
+    current): a fresh tab shows the last result rather than an empty page."""
+    job = current_job_id()
+    if job:
+        return job
+    done = [s for s in executor().history() if s.status == "done"]
+    if not done:
+        return None
+    set_current_job(done[0].job_id)
+    return done[0].job_id
+
+
 def set_current_job(job_id: str | None) -> None:
     if job_id:
         st.session_state["job_id"] = job_id

@@ -15,12 +15,7 @@ _shared.ensure_router()
 st.title("Results")
 
 executor = _shared.executor()
-job_id = _shared.current_job_id()
-done = [s for s in executor.history() if s.status == "done"]
-
-if not job_id and done:
-    job_id = done[0].job_id
-    _shared.set_current_job(job_id)
+job_id = _shared.job_to_show()
 if not job_id:
     st.info("No run yet — go to **Run** and press Analyze.", icon=":material/info:")
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
@@ -40,6 +35,7 @@ if result is None:
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
     st.stop()
 
+done = [s for s in executor.history() if s.status == "done"]
 if len(done) > 1:
     ids = [s.job_id for s in done]
     labels = {s.job_id: _shared.job_label(s) for s in done}
@@ -122,10 +118,10 @@ if result.per_example:
     for tab, d in zip(tabs, ranked):
         highest, lowest = report.top_examples(result, d.name, top=5)
         with tab:
-            a, b = st.columns(2)
-            for col, title, rows in ((a, "Highest influence", highest), (b, "Lowest influence", lowest)):
-                col.markdown(f"**{title}**")
-                col.dataframe(
+            # One above the other at full width: side by side, the facts were cut off.
+            for title, rows in (("Highest influence", highest), ("Lowest influence", lowest)):
+                st.markdown(f"**{title}**")
+                st.dataframe(
                     pd.DataFrame({"Influence": [format_sci(r["influence"], 2) for r in rows],
                                   "Fact": [r["text"] for r in rows]}),
                     hide_index=True, width="stretch",
@@ -137,10 +133,8 @@ else:
 
 with st.expander("Solver diagnostics"):
     st.dataframe(report.diagnostics_table(result), hide_index=True, width="stretch")
-    flagged = [d.name for d in result.domains if (d.solver or {}).get("nonpositive_curvature")]
-    if flagged:
-        st.warning("Non-positive curvature met for " + ", ".join(flagged) +
-                   ": the solver stopped early; a larger damping λ gives a trustworthy answer.")
+    for text in report.curvature_warnings(result):
+        st.warning(text)
     info = st.columns(2)
     info[0].markdown("**Settings**")
     info[0].json(result.config, expanded=False)

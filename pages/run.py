@@ -113,6 +113,8 @@ if job_id:
             st.rerun()  # the whole page: stop polling, update the history
 
     _job_panel()
+elif _shared.executor().history():
+    st.info("No run open in this tab: press **Analyze**, or open a past run from the History below.")
 else:
     st.info("No run yet: check the model in the sidebar and the domains, then press **Analyze**.")
 

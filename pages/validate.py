@@ -6,11 +6,9 @@ writes progress and the result under cache/validation/; this page polls it.
 """
 from __future__ import annotations
 
-import pandas as pd
-import plotly.express as px
-import plotly.graph_objects as go
 import streamlit as st
 
+from dowsing import charts, report
 from dowsing import validate as validation
 from dowsing import workspace
 from dowsing.domains import Domain
@@ -32,15 +30,23 @@ left, right = st.columns([3, 1])
 left.markdown(f"Model **{choice.label}** · domain set **{set_name}** · {len(domains)} domains · "
               f"{sum(len(d.facts) for d in domains)} facts")
 steps = right.number_input("Fine-tuning steps", 1, 200, validation.ValidationConfig().finetune_steps,
+                           key="validation_steps",
                            help="AdamW steps per run (one baseline run and one per domain).")
-if left.button("Start validation", icon=":material/science:", disabled=bool(choice.problem) or not domains,
-               help="Runs in the background (about 10 minutes on a 2-core CPU for the default model)."):
+
+
+def _start() -> None:
     try:
-        vconfig = validation.ValidationConfig(finetune_steps=int(steps),
+        vconfig = validation.ValidationConfig(finetune_steps=int(st.session_state["validation_steps"]),
                                               damping=config.damping if config else 1e-3)
         st.session_state["validation_run"] = validation.start_background(choice.model_id, domains, vconfig)
     except ValueError as exc:
-        st.error(str(exc))
+        st.session_state["validation_error"] = str(exc)
+
+
+left.button("Start validation", icon=":material/science:", disabled=bool(choice.problem) or not domains,
+            on_click=_start, help="Runs in the background (about 10 minutes on a 2-core CPU for the default model).")
+if "validation_error" in st.session_state:
+    st.error(st.session_state.pop("validation_error"))
 
 runs = validation.latest_runs()
 run_id = st.session_state.get("validation_run") or (runs[0] if runs else None)
@@ -76,64 +82,57 @@ if result is not None:
     st.dataframe(result.table(), hide_index=True, width="stretch",
                  column_config={c: st.column_config.NumberColumn(format="%.2f")
                                 for c in ("ρ fine-tune", "ρ subspace", "τ vs default", "time (s)")})
-    if result.finetune:
+    scatter = charts.validation_scatter(result)
+    if scatter is not None:
         st.subheader("Predicted priority vs realised gain")
-        rows = []
-        for est in result.estimators:
-            for name, p, g in zip(result.domains, est["priority"], result.finetune["gain"]):
-                rows.append({"estimator": est["label"], "domain": name, "priority": p, "realised gain": g})
-        frame = pd.DataFrame(rows)
-        fig = px.scatter(frame, x="priority", y="realised gain", color="domain", facet_col="estimator",
-                         facet_col_wrap=3, height=260 * ((len(result.estimators) + 2) // 3))
-        fig.update_xaxes(matches=None, showticklabels=True)
-        fig.for_each_annotation(lambda a: a.update(text=a.text.split("=")[-1]))
-        st.plotly_chart(fig, width="stretch", key="validate_scatter")
-    if result.subspace:
+        st.plotly_chart(scatter, width="stretch", key="validate_scatter")
+    response = charts.subspace_response_scatter(result)
+    if response is not None:
         sub = result.subspace
         st.subheader("In the concept subspace: predicted vs realised held-out change")
         st.caption(f"Over domains × ε: Pearson {sub['pearson']:.2f}, Spearman {sub['spearman']:.2f}, "
                    f"slope {sub['slope']:.2f} (1 = the linear prediction is exact).")
-        pts = [{"ε": eps, "data added": result.domains[k], "predicted": p, "realised": r}
-               for k, resp in enumerate(sub["per_domain"]) for i, eps in enumerate(resp["eps"])
-               for p, r in zip(resp["predicted"][i], resp["realised"][i])]
-        fig = px.scatter(pd.DataFrame(pts), x="predicted", y="realised", color="data added", symbol="ε",
-                         log_x=False, height=420)
-        st.plotly_chart(fig, width="stretch", key="validate_subspace")
+        st.plotly_chart(response, width="stretch", key="validate_subspace")
     with st.expander("Run details"):
         st.json({"config": result.config, "timings": result.timings}, expanded=False)
         st.download_button("Validation (JSON)", result.to_json(), file_name=f"validation-{run_id}.json",
                            mime="application/json")
 
 st.subheader("Cross-domain transfer")
-job_id = _shared.current_job_id()
+job_id = _shared.job_to_show()
 analysis = _shared.executor().result(job_id) if job_id else None
-transfer = (analysis.extras or {}).get("transfer") if analysis is not None else None
-if transfer:
-    names = transfer["domains"]
-    fig = go.Figure(go.Heatmap(z=transfer["matrix"], x=names, y=names, colorscale="RdBu", zmid=0,
-                               hovertemplate="collect %{x} → improves %{y}: %{z:.3g}<extra></extra>"))
-    fig.update_layout(xaxis_title="data collected (k)", yaxis_title="improves (j)", height=420)
-    st.plotly_chart(fig, width="stretch", key="validate_transfer")
-    st.caption("T[j][k] = ∇L_jᵀ z_k: how much data aligned with domain k is predicted to lower the loss of "
-               "domain j. The diagonal is each domain's own Mean.")
+transfer_chart = charts.transfer_heatmap(analysis) if analysis is not None else None
+if transfer_chart is not None:
+    st.caption(report.TRANSFER_HELP + f" From the run shown on Results: {report.model_summary(analysis)}.")
+    st.plotly_chart(transfer_chart, width="stretch", key="validate_transfer")
 else:
     st.info("No analysis result yet — run one on the Run page to see its transfer matrix.", icon=":material/info:")
 
 st.subheader("Exactness check")
 st.caption("Conjugate gradient against a dense solve of (H + λI) z = ḡ in the first domain's concept subspace "
            "(B = 1, at most 8 facts per domain), on the loaded model.")
-if st.button("Run exactness check", icon=":material/rule:", disabled=bool(choice.problem) or not domains):
+def _exactness() -> None:
     loaded, problem = _shared._load(choice.model_id, config.device if config else "cpu",
                                     config.dtype if config else "float32")
     if loaded is None:
-        st.error(problem)
-    else:
-        with st.spinner("Solving twice…"):
-            check = validation.exactness_check(loaded, domains, damping=config.damping if config else 1e-3)
-        cols = st.columns(3)
-        cols[0].metric("Relative error, CG vs dense", f"{check['rel_error']:.1e}")
-        cols[1].metric("CG iterations", check["cg_iterations"], help=f"subspace dimension {check['dim']}")
-        cols[2].metric("CG residual", f"{check['cg_rel_residual']:.1e}")
-        if check["nonpositive_curvature"]:
-            st.warning("The damped Hessian is not positive definite here: CG stops at the first direction of "
-                       "non-positive curvature, so it cannot match the dense solve. A larger damping λ fixes that.")
+        st.session_state["exactness"] = {"error": problem}
+        return
+    check = validation.exactness_check(loaded, domains, damping=config.damping if config else 1e-3)
+    st.session_state["exactness"] = dict(check, model=choice.label)
+
+
+st.button("Run exactness check", icon=":material/rule:", disabled=bool(choice.problem) or not domains,
+          on_click=_exactness, help="Takes a few seconds on the default model.")
+check = st.session_state.get("exactness")
+if check and "error" in check:
+    st.error(check["error"])
+elif check:
+    st.caption(f"{check['model']} · domain {check['domain']} · {check['n_facts']} facts · λ = {check['damping']:g} · "
+               f"{check['seconds']:.1f} s")
+    cols = st.columns(3)
+    cols[0].metric("Relative error, CG vs dense", f"{check['rel_error']:.1e}")
+    cols[1].metric("CG iterations", check["cg_iterations"], help=f"subspace dimension {check['dim']}")
+    cols[2].metric("CG residual", f"{check['cg_rel_residual']:.1e}")
+    if check["nonpositive_curvature"]:
+        st.warning("The damped Hessian is not positive definite here: CG stops at the first direction of "
+                   "non-positive curvature, so it cannot match the dense solve. A larger damping λ fixes that.")

@@ -405,3 +405,54 @@ def test_a_failing_worker_shows_its_error(tiny, tmp_path):
     assert "broken-model" in messages[0] or "failed" in messages[0]
     # The app stays usable: the Analyze button is still there.
     assert button(at, "Analyze")
+
+
+def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_and_exactness(finished_job, tiny):
+    """Start a real validation (a background process on the tiny model) from the
+    page, poll until it is done, and check what the page shows against the
+    result file; then the transfer heatmap of the finished analysis and the
+    exactness check."""
+    from dowsing import validate as validation
+    from dowsing.jobs import default_executor
+
+    _, job_id, _ = finished_job
+    at = make_app(tiny, "pages/validate.py")
+    assert at.title[0].value == "Validate"
+    button(at, "Start validation").click()
+    at.run()
+    run_id = at.session_state["validation_run"]
+    deadline = time.monotonic() + 180
+    while not any(s.value == "Leaderboard" for s in at.subheader):
+        assert time.monotonic() < deadline, f"validation did not finish: {validation.background_state(run_id)}"
+        assert not at.error, at.error[0].value
+        time.sleep(1.0)
+        at.run()
+    assert not at.exception, at.exception
+    result = validation.background_state(run_id)["result"]
+    shown = at.dataframe[0].value
+    assert list(shown["Estimator"]) == list(result.table()["Estimator"])
+    assert len(shown) == len(result.estimators)
+
+    specs = {c.proto.id: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    scatter = next(s for s in specs.values() if "realised held-out gain" in s["layout"]["title"]["text"])
+    points = {(t["name"], t["x"][0], t["y"][0]) for t in scatter["data"]}
+    default = result.estimators[0]
+    for name, priority, gain in zip(result.domains, default["priority"], result.finetune["gain"]):
+        assert (name, pytest.approx(priority), pytest.approx(gain)) in [(n, x, y) for n, x, y in points]
+    assert any("Concept subspace" in s["layout"]["title"]["text"] for s in specs.values())
+
+    # The analysis shown on Results gives the transfer heatmap here: its matrix.
+    analysis = default_executor().result(at.query_params["job"][0] if isinstance(at.query_params["job"], list)
+                                         else at.query_params["job"])
+    heat = next(s for s in specs.values() if s["data"][0]["type"] == "heatmap")
+    assert heat["data"][0]["z"] == analysis.extras["transfer"]["matrix"]
+
+    button(at, "Run exactness check").click()
+    at.run(timeout=120)
+    assert not at.exception, at.exception
+    check = at.session_state["exactness"]
+    metrics = {m.label: m.value for m in at.metric}
+    assert metrics["Relative error, CG vs dense"] == f"{check['rel_error']:.1e}"
+    assert metrics["CG iterations"] == str(check["cg_iterations"])
+    at.run()  # any later rerun (a widget, the progress poll) keeps the check on screen
+    assert {m.label: m.value for m in at.metric} == metrics

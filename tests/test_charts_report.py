@@ -302,3 +302,14 @@ def test_html_report_has_intervals_rank_stability_and_transfer():
                  "if we collect Physics, does Astronomy improve too?", "90% bootstrap interval",
                  "Physics 90% band"):
         assert text in html, text
+
+
+def test_curvature_warnings_say_what_each_solver_did():
+    result = paper_like_result()
+    assert report.curvature_warnings(result) == []
+    cg, dense = result.domains[0], result.domains[1]
+    cg.solver = dict(cg.solver or {}, method="cg", nonpositive_curvature=True)
+    dense.solver = dict(dense.solver or {}, method="auto (structured Hessian, dense solve)", nonpositive_curvature=True)
+    stopped, indefinite = report.curvature_warnings(result)
+    assert cg.name in stopped and "stopped" in stopped and dense.name not in stopped
+    assert dense.name in indefinite and "still exact" in indefinite and cg.name not in indefinite
