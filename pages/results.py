@@ -125,8 +125,8 @@ if result.per_example:
                     pd.DataFrame({"Influence": [format_sci(r["influence"], 2) for r in rows],
                                   "Fact": [r["text"] for r in rows]}),
                     hide_index=True, width="stretch",
-                    column_config={"Influence": st.column_config.TextColumn(width="small"),
-                                   "Fact": st.column_config.TextColumn(width="large")},
+                    column_config={"Influence": st.column_config.TextColumn(width=100),
+                                   "Fact": st.column_config.TextColumn()},
                 )
 else:
     st.caption("This result holds no per-example influences.")
