@@ -131,6 +131,21 @@ def delta_n_on_curve(mu: Callable, n_k: int, ns: np.ndarray, mus: np.ndarray,
     return None
 
 
+def rise_reason(ns: np.ndarray, mus: np.ndarray, n_k: int, i: int) -> str:
+    """Why there is no Δn when mu rises between grid points i and i+1: where it
+    stops decreasing, and how far it had fallen by then. A rise means the
+    domain's own curvature Hbar_k is not positive semi-definite along the
+    solution (d mu/dn = -z(n)^T Hbar_k z(n) / M), which indefinite exact
+    Hessians allow; no power law describes such a curve."""
+    if i == 0:
+        return "μ(n) rises with n from the start: more data of this kind is not predicted to saturate."
+    at_n_k = float(np.interp(n_k, ns, mus))
+    fallen = 100.0 * float(mus[i]) / at_n_k if at_n_k > 0 else float("nan")
+    where = f"n ≈ {ns[i]:.3g}" + (f" (at {fallen:.0f}% of today's μ)" if math.isfinite(fallen) else "")
+    return (f"μ(n) stops decreasing at {where} and rises after it: the domain's curvature is indefinite here, "
+            "so no power law describes the curve.")
+
+
 def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: float) -> dict:
     """Evaluate mu on the grid, fit the power law, and give both dn estimates
     or the reason there is none."""
@@ -147,8 +162,9 @@ def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: flo
     if np.any(mus <= 0) or not np.all(np.isfinite(mus)):
         out["reason"] = "μ(n) is not positive over the whole range (the damped curvature is indefinite)."
         return out
-    if np.any(np.diff(mus) > 1e-9 * np.abs(mus[:-1])):
-        out["reason"] = "μ(n) does not decrease with n, so no saturation is in sight."
+    rises = np.flatnonzero(np.diff(mus) > 1e-9 * np.abs(mus[:-1]))
+    if rises.size:
+        out["reason"] = rise_reason(ns, mus, n_k, int(rises[0]))
         return out
     out["delta_n_direct"] = delta_n_on_curve(mu, n_k, ns, mus)
     try:

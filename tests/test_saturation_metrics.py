@@ -82,7 +82,13 @@ def test_saturation_gives_reasons_instead_of_numbers():
     negative = saturation(lambda n: -1.0 / n, 10, -0.1, 20, 1000.0)
     assert negative["delta_n_10pct"] is None and "not positive" in negative["reason"]
     rising = saturation(lambda n: 1.0 + n * 1e-3, 10, 1.01, 20, 1000.0)
-    assert rising["delta_n_10pct"] is None and "does not decrease" in rising["reason"]
+    assert rising["delta_n_10pct"] is None and "from the start" in rising["reason"]
+    # Falls to about a third of today's value, then rises (as an indefinite H_bar_k allows).
+    dip = saturation(lambda n: 1.0 / n if n < 40 else 0.025 + (n - 40) * 1e-2, 10, 0.1, 20, 1000.0)
+    ns = np.array([n for n, _ in dip["points"]])
+    last_fall = ns[ns < 40].max()
+    assert dip["delta_n_10pct"] is None
+    assert f"n ≈ {last_fall:.3g}" in dip["reason"] and f"{100 * (1 / last_fall) / 0.1:.0f}% of today" in dip["reason"]
     fine = saturation(lambda n: 2.0 * (n + 5.0) ** -1.2, 10, 2.0 * 15.0 ** -1.2, 20, 1000.0)
     assert fine["reason"] is None
     assert fine["delta_n_10pct"] == pytest.approx(delta_n_from_fit(10, 5.0, 1.2), rel=1e-4)
