@@ -336,6 +336,7 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
         items = "".join(f"<li>{esc(f)}</li>" for f in facts)
         domain_blocks.append(f"<details><summary><b>{esc(name)}</b> ({len(facts)} facts)</summary><ol>{items}</ol></details>")
     diag = diagnostics_table(result).to_html(index=False, classes="dw-table dw-diag", border=0, escape=True)
+    diag += "".join(f'<p class="note">{esc(text)}</p>' for text in curvature_warnings(result))
     created = result.created_at or datetime.now().isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

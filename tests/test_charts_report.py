@@ -313,3 +313,5 @@ def test_curvature_warnings_say_what_each_solver_did():
     stopped, indefinite = report.curvature_warnings(result)
     assert cg.name in stopped and "stopped" in stopped and dense.name not in stopped
     assert dense.name in indefinite and "still exact" in indefinite and cg.name not in indefinite
+    html = report.build_report(result)
+    assert stopped.split(":")[0] in html and "still exact" in html  # the report says it too
