@@ -236,13 +236,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
 
     result = default_executor().result(job_id)
     assert result is not None
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.session_state["source"] = "directory"
-    at.session_state["model"] = tiny
-    at.query_params["job"] = job_id
-    at.switch_page("pages/results.py")
-    at.run()
-    assert not at.exception, at.exception
+    at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
     for d in result.domains:
         assert d.name in table
