@@ -228,7 +228,7 @@ def curvature_warnings(result: Result) -> list[str]:
                    "Use the auto or exact solver, Gauss-Newton curvature, or a larger damping λ.")
     if indefinite:
         out.append("H + λI is not positive definite for " + ", ".join(indefinite) +
-                   ": the dense solve is still exact, but the loss is not convex in that concept subspace, so a "
+                   ": the dense solve is still exact, but the loss is not convex there, so a "
                    "Mean can be negative and μ(n) can jump where H(n) + λI turns singular. Gauss-Newton "
                    "curvature or a larger damping λ gives a positive-definite system.")
     return out

@@ -77,6 +77,10 @@ if reasons:
 st.caption("Mean: average per-example influence I = gᵀz. Share: the domain's part of the total |influence|. "
            "Δn@10%: more facts until the marginal gain falls to 10% (power-law fit). "
            "t vs rest: Welch's t of the domain's influences against all others (p two-sided).")
+# Under the table, not in the diagnostics: with an indefinite Hessian a Mean can
+# be negative for that reason alone, which whoever reads the ranking must know.
+for text in report.curvature_warnings(result):
+    st.warning(text, icon=":material/warning:")
 interval_note = report.interval_note(result)
 if interval_note:
     st.caption(interval_note)
@@ -133,8 +137,6 @@ else:
 
 with st.expander("Solver diagnostics"):
     st.dataframe(report.diagnostics_table(result), hide_index=True, width="stretch")
-    for text in report.curvature_warnings(result):
-        st.warning(text)
     info = st.columns(2)
     info[0].markdown("**Settings**")
     info[0].json(result.config, expanded=False)

@@ -232,12 +232,15 @@ def test_run_page_shows_progress_and_finishes(finished_job):
 
 def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     _, job_id, _ = finished_job
+    from dowsing import report
     from dowsing.jobs import default_executor
 
     result = default_executor().result(job_id)
     assert result is not None
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    shown = [w.value for w in at.warning]
+    assert all(text in shown for text in report.curvature_warnings(result))
     for d in result.domains:
         assert d.name in table
         assert format_sci(d.mean) in table
