@@ -86,3 +86,13 @@ class AnalysisConfig:
     def canonical_json(self) -> str:
         """Stable text form: part of the cache key."""
         return json.dumps(self.to_dict(), sort_keys=True)
+
+
+def settings_changes(config: dict) -> str:
+    """The settings of `config` (a to_dict()) that differ from the engine's
+    defaults, as 'curvature = ggn, damping = 0.01'; '' when there are none.
+    Unknown or missing fields are skipped, so older results still describe."""
+    defaults = AnalysisConfig().to_dict()
+    changed = [f"{name} = {value}" for name, value in (config or {}).items()
+               if name in defaults and value != defaults[name]]
+    return ", ".join(changed)

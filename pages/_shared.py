@@ -12,7 +12,7 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.config import CURVATURES, DEVICES, DTYPES, SOLVERS, AnalysisConfig
+from dowsing.config import CURVATURES, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
 from dowsing.jobs import Executor, JobState, default_executor
 from dowsing.models import EMBEDDED_ID, ModelError, load_model
 
@@ -155,15 +155,17 @@ def set_current_job(job_id: str | None) -> None:
 
 
 def job_label(state: JobState) -> str:
-    """'12 Mar 14:05 · Physics first · default set · gpt2' for pickers and history."""
+    """'12 Mar 14:05 · Physics first · default set · gpt2 · curvature = ggn' for
+    pickers and history (settings only where they differ from the defaults)."""
     summary = state.summary or {}
     when = (state.created_at or "")[:16].replace("T", " ")
     model = summary.get("model_id") or "embedded default"
     if len(model) > 40:
         model = "…" + model[-39:]
     top = summary.get("top_domain")
+    settings = settings_changes((state.request or {}).get("config") or {})
     parts = [when, state.status if state.status != "done" else f"{top} first" if top else "done",
-             summary.get("domain_set_name") or "", model]
+             summary.get("domain_set_name") or "", model, settings]
     return " · ".join(p for p in parts if p)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import charts, comparison, report
+from dowsing.config import settings_changes
 from pages import _shared
 
 _shared.ensure_router()
@@ -35,7 +36,8 @@ if result_a is None or result_b is None:
     st.stop()
 
 for col, result, name in ((pick[0], result_a, "A"), (pick[1], result_b, "B")):
-    col.caption(f"{report.model_summary(result)} · {len(result.domains)} domains")
+    col.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · settings: "
+                f"{settings_changes(result.config) or 'engine defaults'}")
 
 table = comparison.compare(result_a, result_b, "A", "B")
 st.subheader("Ranks and means")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import workspace
+from dowsing.config import settings_changes
 from dowsing.domains import Domain, DomainError, validation_problems
 from dowsing.jobs import JobRequest, JobState
 from dowsing.models import ModelError
@@ -31,9 +32,8 @@ summary[0].metric("Model", "embedded default" if choice.source == "embedded" els
 summary[1].metric("Domain set", set_name, help=", ".join(d.name for d in domains))
 summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
 if config is not None:
-    changed = {k: v for k, v in config.to_dict().items() if v != _shared.DEFAULTS.to_dict()[k]}
-    st.caption("Settings: " + (", ".join(f"{k} = {v}" for k, v in changed.items()) if changed
-                               else "engine defaults (change them under Advanced settings in the sidebar)."))
+    st.caption("Settings: " + (settings_changes(config.to_dict())
+                               or "engine defaults (change them under Advanced settings in the sidebar)."))
 
 blockers = []
 if choice.problem:
@@ -141,7 +141,8 @@ for state in history[:30]:
     row = st.columns([2, 2, 3, 2, 1, 1], vertical_alignment="center")
     row[0].write((state.created_at or "")[:19].replace("T", " "))
     row[1].write(summary.get("domain_set_name") or "—")
-    row[2].write(f"`{summary.get('model_id') or 'embedded default'}`")
+    settings = settings_changes((state.request or {}).get("config") or {})
+    row[2].write(f"`{summary.get('model_id') or 'embedded default'}`" + (f" · {settings}" if settings else ""))
     status = {"done": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
               "cancelled": ":gray[:material/cancel:]", "running": ":blue[:material/hourglass_top:]",
               "queued": ":blue[:material/hourglass_top:]"}.get(state.status, "")

@@ -1,0 +1,43 @@
+"""The analysis configuration: its checks, and how a run's settings are described."""
+from __future__ import annotations
+
+import pytest
+
+from dowsing.config import AnalysisConfig, settings_changes
+from dowsing.jobs import JobState
+
+
+def test_defaults_describe_as_nothing_and_changes_as_name_value_pairs():
+    assert settings_changes(AnalysisConfig().to_dict()) == ""
+    assert settings_changes(AnalysisConfig(curvature="ggn", damping=0.01).to_dict()) == \
+        "damping = 0.01, curvature = ggn"
+    # Results cached by older engines may lack fields or hold unknown ones.
+    assert settings_changes({"solver": "cg", "retired_knob": 3}) == "solver = cg"
+    assert settings_changes({}) == ""
+
+
+@pytest.mark.parametrize("kwargs,pattern", [
+    ({"damping": -1.0}, "damping"), ({"damping": float("nan")}, "damping"), ({"blocks": 0}, "blocks"),
+    ({"solver": "magic"}, "solver"), ({"curvature": "fisher"}, "curvature"), ({"dtype": "bfloat16"}, "cuda"),
+    ({"saturation_points": 5}, "saturation_points"), ({"bootstrap_resamples": 10}, "bootstrap_resamples"),
+    ({"cg_rtol": 0.0}, "cg_rtol"),
+])
+def test_bad_settings_are_refused_with_a_message_naming_them(kwargs, pattern):
+    with pytest.raises(ValueError, match=pattern):
+        AnalysisConfig(**kwargs)
+
+
+def test_a_run_label_names_its_non_default_settings():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from pages._shared import job_label
+
+    request = {"config": AnalysisConfig(curvature="ggn").to_dict()}
+    state = JobState(job_id="j", status="done", created_at="2026-01-02T03:04:05+00:00", request=request,
+                     summary={"top_domain": "Biology", "domain_set_name": "Science", "model_id": None})
+    assert job_label(state) == "2026-01-02 03:04 · Biology first · Science · embedded default · curvature = ggn"
+    default = JobState(job_id="k", status="done", created_at="2026-01-02T03:04:05+00:00",
+                       request={"config": AnalysisConfig().to_dict()}, summary={"top_domain": "Biology"})
+    assert job_label(default).endswith("embedded default")
