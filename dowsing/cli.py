@@ -39,19 +39,32 @@ def _progress(p) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m dowsing", description="Which concept domain needs data most.")
+    parser = argparse.ArgumentParser(
+        prog="python -m dowsing",
+        description="Which concept domain would gain most from more training data: influence functions restricted "
+                    "to each domain's concept direction (the Data Dowsing method). docs/METHOD.md has every formula.",
+        epilog="Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 anything else.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     analyze = sub.add_parser("analyze", help="rank domains by concept-subspace influence")
     defaults = AnalysisConfig()
     analyze.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     analyze.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
     analyze.add_argument("--out", default=None, help="write the full result as JSON here")
-    analyze.add_argument("--damping", type=float, default=defaults.damping)
-    analyze.add_argument("--blocks", type=int, default=defaults.blocks)
-    analyze.add_argument("--solver", choices=SOLVERS, default=defaults.solver)
-    analyze.add_argument("--curvature", choices=CURVATURES, default=defaults.curvature)
-    analyze.add_argument("--device", choices=DEVICES, default=defaults.device)
-    analyze.add_argument("--dtype", choices=DTYPES, default=defaults.dtype)
+    analyze.add_argument("--damping", type=float, default=defaults.damping,
+                         help=f"λ in (H + λI) z = g (default: {defaults.damping:g})")
+    analyze.add_argument("--blocks", type=int, default=defaults.blocks,
+                         help=f"last B blocks whose MLP output projection carries the concept adapter "
+                              f"(default: {defaults.blocks})")
+    analyze.add_argument("--solver", choices=SOLVERS, default=defaults.solver,
+                         help="auto: fastest exact method (structured Hessian for B = 1); cg: conjugate gradient "
+                              "on Hessian-vector products; exact: dense solve (default: %(default)s)")
+    analyze.add_argument("--curvature", choices=CURVATURES, default=defaults.curvature,
+                         help="hessian: exact second derivative; ggn: Gauss-Newton, positive semi-definite "
+                              "(default: %(default)s)")
+    analyze.add_argument("--device", choices=DEVICES, default=defaults.device, help="(default: %(default)s)")
+    analyze.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
+                         help="model precision; solves are float64 always; bfloat16 needs cuda (default: %(default)s)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     validate = sub.add_parser("validate", help="check the ranking against ground truth by training; rival estimators")
@@ -59,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
     validate.add_argument("--held-out", default=None, help="JSON or CSV domain file of held-out facts (default: a seeded half)")
     validate.add_argument("--config", default=None, help="JSON file of ValidationConfig fields")
-    validate.add_argument("--seed", type=int, default=None)
+    validate.add_argument("--seed", type=int, default=None, help="seed of the split, fine-tuning and bootstrap")
     validate.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run")
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
