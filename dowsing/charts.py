@@ -318,7 +318,6 @@ def figures(result: Result) -> dict[str, go.Figure]:
     return figs
 
 
-
 # --- validation (a ValidationResult from dowsing.validate) ----------------------
 
 def validation_scatter(validation) -> go.Figure | None:

@@ -417,9 +417,9 @@ class LocalProcessExecutor:
         if not state.active:
             return state
         proc = self._procs.get(job_id)
-        if proc is not None and proc.poll() is None:
-            return state  # our own child and still running: the handle is authoritative
         exit_code = proc.poll() if proc is not None else None
+        if proc is not None and exit_code is None:
+            return state  # our own child and still running: the handle is authoritative
         if exit_code is None:
             if state.pid is None:
                 # Started by another process and not yet reporting its pid.
