@@ -67,6 +67,7 @@ if "run_error" in st.session_state:
     st.error(st.session_state.pop("run_error"), icon=":material/error:")
 
 job_id = _shared.current_job_id()
+history: list[JobState] = _shared.executor().history()
 if st.session_state.pop("goto_results", False) and job_id:
     opened = _shared.executor().state(job_id)
     if opened is not None and opened.status == "done":
@@ -113,7 +114,7 @@ if job_id:
             st.rerun()  # the whole page: stop polling, update the history
 
     _job_panel()
-elif _shared.executor().history():
+elif history:
     st.info("No run open in this tab: press **Analyze**, or open a past run from the History below.")
 else:
     st.info("No run yet: check the model in the sidebar and the domains, then press **Analyze**.")
@@ -133,7 +134,6 @@ def _delete(job: str) -> None:
 
 
 st.subheader("History")
-history: list[JobState] = _shared.executor().history()
 if not history:
     st.caption("Past runs appear here, to reopen or delete.")
 for state in history[:30]:

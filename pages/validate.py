@@ -29,9 +29,8 @@ domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", [
 left, right = st.columns([3, 1])
 left.markdown(f"Model **{choice.label}** · domain set **{set_name}** · {len(domains)} domains · "
               f"{sum(len(d.facts) for d in domains)} facts")
-steps = right.number_input("Fine-tuning steps", 1, 200, validation.ValidationConfig().finetune_steps,
-                           key="validation_steps",
-                           help="AdamW steps per run (one baseline run and one per domain).")
+right.number_input("Fine-tuning steps", 1, 200, validation.ValidationConfig().finetune_steps,
+                   key="validation_steps", help="AdamW steps per run (one baseline run and one per domain).")
 
 
 def _start() -> None:
@@ -113,6 +112,8 @@ else:
 st.subheader("Exactness check")
 st.caption("Conjugate gradient against a dense solve of (H + λI) z = ḡ in the first domain's concept subspace "
            "(B = 1, at most 8 facts per domain), on the loaded model.")
+
+
 def _exactness() -> None:
     loaded, problem = _shared._load(choice.model_id, config.device if config else "cpu",
                                     config.dtype if config else "float32")

@@ -240,7 +240,9 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
     shown = [w.value for w in at.warning]
-    assert all(text in shown for text in report.curvature_warnings(result))
+    warnings = report.curvature_warnings(result)
+    assert warnings  # the tiny model's Hessian is indefinite: there is a warning to find
+    assert all(text in shown for text in warnings)
     for d in result.domains:
         assert d.name in table
         assert format_sci(d.mean) in table
