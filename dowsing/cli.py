@@ -113,7 +113,7 @@ def run_validate(args) -> int:
     import json
 
     from .domains import DomainError, default_domains, load_domains
-    from .validate import ValidationConfig, validate
+    from .validation.validate import ValidationConfig, validate
 
     try:
         fields = json.loads(Path(args.config).read_text()) if args.config else {}

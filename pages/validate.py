@@ -9,7 +9,8 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import charts, report
-from dowsing import validate as validation
+from dowsing.validation import background
+from dowsing.validation import validate as validation
 from dowsing import workspace
 from dowsing.domains import Domain
 from pages import _shared
@@ -37,7 +38,7 @@ def _start() -> None:
     try:
         vconfig = validation.ValidationConfig(finetune_steps=int(st.session_state["validation_steps"]),
                                               damping=config.damping if config else 1e-3)
-        st.session_state["validation_run"] = validation.start_background(choice.model_id, domains, vconfig)
+        st.session_state["validation_run"] = background.start_background(choice.model_id, domains, vconfig)
     except ValueError as exc:
         st.session_state["validation_error"] = str(exc)
 
@@ -49,7 +50,7 @@ left.button("Start validation", icon=":material/science:", disabled=bool(choice.
 if "validation_error" in st.session_state:
     st.error(st.session_state.pop("validation_error"))
 
-runs = validation.latest_runs()
+runs = background.latest_runs()
 run_id = st.session_state.get("validation_run") or (runs[0] if runs else None)
 if runs:
     run_id = st.selectbox("Validation run", runs, index=runs.index(run_id) if run_id in runs else 0)
@@ -57,7 +58,7 @@ if runs:
 
 @st.fragment(run_every=2.0)
 def progress_box(run_id: str) -> None:
-    state = validation.background_state(run_id)
+    state = background.background_state(run_id)
     if state["status"] == "running":
         st.progress(min(max(float(state["fraction"]), 0.0), 1.0), text=f"{state['stage']}: {state['message']}")
     elif state["status"] == "failed":
@@ -69,9 +70,9 @@ def progress_box(run_id: str) -> None:
 
 result = None
 if run_id:
-    state = validation.background_state(run_id)
+    state = background.background_state(run_id)
     if state["status"] == "done":
-        result = state["result"]
+        result = validation.ValidationResult.from_dict(state["result"])
     else:
         progress_box(run_id)
 

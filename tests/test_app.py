@@ -411,7 +411,8 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     page, poll until it is done, and check what the page shows against the
     result file; then the transfer heatmap of the finished analysis and the
     exactness check."""
-    from dowsing import validate as validation
+    from dowsing.validation import background
+    from dowsing.validation.validate import ValidationResult
     from dowsing.jobs import default_executor
 
     _, job_id, _ = finished_job
@@ -422,12 +423,12 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     run_id = at.session_state["validation_run"]
     deadline = time.monotonic() + 180
     while not any(s.value == "Leaderboard" for s in at.subheader):
-        assert time.monotonic() < deadline, f"validation did not finish: {validation.background_state(run_id)}"
+        assert time.monotonic() < deadline, f"validation did not finish: {background.background_state(run_id)}"
         assert not at.error, at.error[0].value
         time.sleep(1.0)
         at.run()
     assert not at.exception, at.exception
-    result = validation.background_state(run_id)["result"]
+    result = ValidationResult.from_dict(background.background_state(run_id)["result"])
     shown = at.dataframe[0].value
     assert list(shown["Estimator"]) == list(result.table()["Estimator"])
     assert len(shown) == len(result.estimators)

@@ -11,11 +11,13 @@ from scipy import stats
 from dowsing.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.curvature import tail_coefficients
-from dowsing.estimators import score_estimators, split_pass, tail_derivatives
+from dowsing.validation.estimators import score_estimators, split_pass, tail_derivatives
 from dowsing.models import load_model
 from dowsing.solvers import dense_solve, lissa
-from dowsing.validate import (ValidationConfig, ValidationResult, bootstrap_spearman, kendall, spearman,
-                              split_domains, subspace_response, validate)
+from dowsing.validation.correlations import bootstrap_spearman, kendall, spearman
+from dowsing.validation.split import split_domains
+from dowsing.validation.subspace_truth import subspace_response
+from dowsing.validation.validate import ValidationConfig, ValidationResult, validate
 
 DOMAINS = [
     {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
@@ -110,23 +112,23 @@ def test_line_derivatives_equal_double_backprop(tiny64):
 def test_default_estimator_equals_the_engine_on_the_training_half(tiny64):
     train, held = split_domains(DOMAINS, seed=0)
     split = split_pass(tiny64, train, held)
-    scores, _ = score_estimators(tiny64, train, split, ("influence_exact", "influence_cg", "tracin", "mean_loss"),
+    scores, _ = score_estimators(tiny64, train, split, ("paper", "influence_cg", "tracin", "mean_loss"),
                                  damping=2.0)
     by_name = {s.name: s for s in scores}
     result = analyze(tiny64, train, AnalysisConfig(dtype="float64", damping=2.0))
     engine = [d.mean for d in result.domains]
-    assert by_name["influence_exact"].priority == pytest.approx(engine, rel=1e-6)
+    assert by_name["paper"].priority == pytest.approx(engine, rel=1e-6)
     # with lambda = 2 the system is positive definite, and CG agrees with the dense solve
     assert by_name["influence_cg"].priority == pytest.approx(engine, rel=1e-6)
     assert by_name["mean_loss"].priority == pytest.approx(result.extras["domain_loss"], rel=1e-9)
-    for k, s in enumerate(by_name["influence_exact"].per_example):
-        assert np.mean(s) == pytest.approx(by_name["influence_exact"].priority[k], rel=1e-9)
+    for k, s in enumerate(by_name["paper"].per_example):
+        assert np.mean(s) == pytest.approx(by_name["paper"].priority[k], rel=1e-9)
 
 
 def test_subspace_ground_truth_matches_influence_as_eps_goes_to_zero(tiny64):
     train, held = split_domains(DOMAINS, seed=0)
     split = split_pass(tiny64, train, held)
-    _, terms = score_estimators(tiny64, train, split, ("influence_exact",), damping=1.0)
+    _, terms = score_estimators(tiny64, train, split, ("paper",), damping=1.0)
     eps = (1e-4, 1e-3, 1e-2)
     errors = []
     for k in range(len(train)):
@@ -177,7 +179,7 @@ def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_di
     loaded, final_loss = _saturate(tiny_gpt2_dir, domains[1]["facts"], steps=100)
     assert final_loss < 0.5  # against 8 to 12 nats on the other domains
     config = ValidationConfig(eps=(0.01,), damping=1.0, finetune_steps=10, finetune_lr=1e-2, finetune_blocks=2,
-                              estimators=("influence_exact", "influence_ggn", "mean_loss"), bootstrap=50,
+                              estimators=("paper", "influence_ggn", "mean_loss"), bootstrap=50,
                               subspace=False)
     result = validate(loaded, domains, config)
     names = result.domains
@@ -195,7 +197,7 @@ def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_di
 
 
 def test_exactness_check_agrees_where_the_system_is_positive_definite(tiny64):
-    from dowsing.validate import exactness_check
+    from dowsing.validation.validate import exactness_check
 
     check = exactness_check(tiny64, DOMAINS, damping=5.0, max_facts=3)
     assert not check["nonpositive_curvature"]

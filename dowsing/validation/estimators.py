@@ -7,7 +7,7 @@ g_i = grad_u l_i at u = 0 in S_k (B = 1), g_bar_k = mean_i g_ki over the
 domain's training facts, H_k the curvature of the training loss in S_k and
 lambda the damping:
 
-* ``influence_exact`` (dowsing's default): Mean_k = g_bar_k^T (H_k + lambda I)^-1 g_bar_k,
+* ``paper`` (the Data Dowsing paper's method): Mean_k = g_bar_k^T (H_k + lambda I)^-1 g_bar_k,
   exact Hessian, dense solve;
 * ``influence_ggn``: the same with the Gauss-Newton matrix;
 * ``influence_cg``: the same system solved by conjugate gradient on
@@ -18,38 +18,60 @@ lambda the damping:
 * ``mean_loss``: the domain's mean next-token loss (log perplexity);
 * ``grad_norm``: ||grad_theta L_k||, the norm of the domain's mean-loss
   gradient over the parameters the fine-tuning ground truth trains (the last
-  blocks and the final norm; all parameters when no block inputs are cached).
+  blocks and the final norm; all parameters when no block inputs are cached);
+* ``heldout_influence`` / ``heldout_influence_ggn``: influence of the held-out
+  facts Q_k on the training facts in S_k,
+  grad L_Q,k^T (H_k + lambda I)^-1 g_bar_k (exact Hessian / Gauss-Newton);
+* ``alignment``, ``alignment_adam``, ``alignment_heldout``,
+  ``alignment_heldout_adam``: gradient alignment over the parameters the
+  fine-tuning trains (`dowsing.alignment`): between a domain's own training
+  facts (i != j), or between its training and held-out facts; with the
+  identity or Adam's preconditioner;
+* ``ekfac``: grad L_Q,k^T (G + lambda I)^-1 g_bar_k over the same parameters,
+  G the EK-FAC curvature of kronfluence (`ekfac.py`).
 
 One forward pass over all facts (training and held-out) serves every
 estimator and the subspace ground truth; its time is reported as shared.
 """
 from __future__ import annotations
 
-import copy
 import math
 import time
 from dataclasses import dataclass, field
 
 import torch
-
-from .analysis import forward_pass
 import torch.nn.functional as F
 
-from .curvature import structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
-from .solvers import conjugate_gradient, damped, dense_solve, lissa
-from .subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
+from ..alignment import padded_block_batch, tail_model
+from ..analysis import forward_pass
+from ..curvature import structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
+from ..solvers import conjugate_gradient, damped, dense_solve, lissa
+from ..subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
 
-ESTIMATORS = ("influence_exact", "influence_ggn", "influence_cg", "influence_lissa", "tracin", "mean_loss",
-              "grad_norm")
-DEFAULT_ESTIMATOR = "influence_exact"
+# Estimators in the concept subspaces S_k, plus the loss and gradient-norm baselines.
+SUBSPACE_ESTIMATORS = ("paper", "influence_ggn", "influence_cg", "influence_lissa", "heldout_influence",
+                       "heldout_influence_ggn", "tracin", "mean_loss", "grad_norm")
+# Estimators in the space of the parameters fine-tuning changes (`alignment_scores`).
+ALIGNMENT_ESTIMATORS = ("alignment", "alignment_adam", "alignment_heldout", "alignment_heldout_adam")
+# EK-FAC influence through kronfluence (`ekfac_scores`).
+EKFAC_ESTIMATORS = ("ekfac",)
+ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS + EKFAC_ESTIMATORS
+PAPER = "paper"
 LABELS = {
-    "influence_exact": "Influence, exact Hessian (dowsing default)",
+    "paper": "Paper: concept-subspace influence, exact Hessian",
     "influence_ggn": "Influence, Gauss-Newton",
     "influence_cg": "Influence, CG inverse-HVP",
     "influence_lissa": "Influence, LiSSA inverse-HVP",
     "tracin": "Gradient dot product (TracIn-style, z = ḡ)",
     "mean_loss": "Mean loss (log perplexity)",
     "grad_norm": "Norm of the domain gradient (fine-tuned parameters)",
+    "heldout_influence": "Held-out influence in S_k, exact Hessian",
+    "heldout_influence_ggn": "Held-out influence in S_k, Gauss-Newton",
+    "alignment": "Gradient alignment between facts (fine-tuned parameters)",
+    "alignment_adam": "Gradient alignment between facts, Adam-preconditioned",
+    "alignment_heldout": "Gradient alignment, training vs held-out facts",
+    "alignment_heldout_adam": "Gradient alignment, training vs held-out, Adam-preconditioned",
+    "ekfac": "Held-out influence, EK-FAC (kronfluence)",
 }
 
 
@@ -101,7 +123,7 @@ def split_pass(loaded, train, held, batch_size: int = 16, capture_block: int | N
     captured = []
     handle = None
     if capture_block is not None:
-        from .subspace import _BLOCK_PATHS, _get
+        from ..subspace import _BLOCK_PATHS, _get
 
         blocks = next(b for p in _BLOCK_PATHS if (b := _get(net, p)) is not None)
 
@@ -364,42 +386,6 @@ def domain_grad_norm(loaded, facts, batch_size: int = 16) -> float:
     return float(math.sqrt(sum(float((g.to(torch.float64) ** 2).sum()) for g in total)))
 
 
-def tail_model(net, first: int):
-    """A deep copy that runs only blocks first.. on given block inputs.
-
-    GPT-2 adds position embeddings to inputs_embeds, so they are taken off
-    the block input first; the caller checks the copy reproduces the logits.
-    """
-    from .subspace import _BLOCK_PATHS, _get
-
-    path = next(p for p in _BLOCK_PATHS if _get(net, p) is not None)
-    work = copy.deepcopy(net)
-    parent_path, attr = path.rsplit(".", 1)
-    parent = _get(work, parent_path)
-    setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[first:]))
-    wpe = getattr(getattr(work, "transformer", None), "wpe", None)
-
-    def embed(hidden):
-        if wpe is None:
-            return hidden
-        return hidden - wpe(torch.arange(hidden.shape[1], device=hidden.device)).unsqueeze(0)
-
-    return work, embed
-
-
-def padded_block_batch(rows_ids, rows_hidden, device):
-    width = max(len(r) for r in rows_ids)
-    d = rows_hidden[0].shape[-1]
-    input_ids = torch.zeros((len(rows_ids), width), dtype=torch.long)
-    mask = torch.zeros((len(rows_ids), width), dtype=torch.long)
-    hidden = torch.zeros((len(rows_ids), width, d), dtype=rows_hidden[0].dtype)
-    for j, (ids, hid) in enumerate(zip(rows_ids, rows_hidden)):
-        input_ids[j, : len(ids)] = torch.tensor(ids)
-        mask[j, : len(ids)] = 1
-        hidden[j, : len(ids)] = hid
-    return input_ids.to(device), mask.to(device), hidden.to(device)
-
-
 def trainable_parameters(work) -> list:
     """The parameters fine-tuning trains: all but the embeddings and the LM
     head (tied to the embeddings in most small models). Switches grads on for
@@ -438,9 +424,9 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
     terms: DomainTerms per domain, computed here when not given (the subspace
     ground truth reuses them).
     """
-    unknown = [n for n in names if n not in ESTIMATORS]
+    unknown = [n for n in names if n not in SUBSPACE_ESTIMATORS]
     if unknown:
-        raise ValueError(f"unknown estimator(s): {', '.join(unknown)}; choose from {', '.join(ESTIMATORS)}")
+        raise ValueError(f"unknown estimator(s): {', '.join(unknown)}; choose from {', '.join(SUBSPACE_ESTIMATORS)}")
     report = progress or (lambda fraction, message: None)
     n_domains = len(train)
     if terms is None:
@@ -474,8 +460,8 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
             rel_err = float((z - exact.x).norm() / exact.x.norm().clamp_min(1e-300))
             details[name]["per_domain"].append({"domain": train[k].name, "rel_error_vs_exact": rel_err, **info})
 
-        if "influence_exact" in names:
-            record("influence_exact", exact.x, exact_s, {"method": "dense", "nonpositive_curvature":
+        if "paper" in names:
+            record("paper", exact.x, exact_s, {"method": "dense", "nonpositive_curvature":
                                                           exact.nonpositive_curvature})
         if "influence_ggn" in names:
             t0 = time.perf_counter()
@@ -499,6 +485,20 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
         if "tracin" in names:
             t0 = time.perf_counter()
             record("tracin", g_bar.clone(), time.perf_counter() - t0, {"method": "z = g_bar"})
+        for name, curvature in (("heldout_influence", t.c), ("heldout_influence_ggn", t.c_ggn)):
+            if name not in names:
+                continue
+            t0 = time.perf_counter()
+            g_held = t.grads[split.held_rows[k]].mean(dim=0)
+            system = base if name == "heldout_influence" else damped(
+                structured_hessian(tokens.x, t.train_weights, curvature), damping)
+            # H is symmetric: grad L_Q^T H^-1 g_i = g_i^T (H^-1 grad L_Q), one solve for every i
+            w = dense_solve(system, g_held)
+            own[name] += time.perf_counter() - t0
+            priority[name].append(float(g_bar @ w.x))
+            per_example[name].append((g_train @ w.x).tolist())
+            details[name]["per_domain"].append({"domain": train[k].name, "method": "dense",
+                                                "nonpositive_curvature": w.nonpositive_curvature})
         if "mean_loss" in names:
             own["mean_loss"] += 0.0
             losses = tokens.fact_losses[rows]
@@ -526,3 +526,80 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
         shared = shared_s if n.startswith("influence") or n == "tracin" else split.forward_s
         scores.append(EstimatorScore(n, LABELS[n], priority[n], per_example[n], shared + own[n], info))
     return scores, terms
+
+
+def alignment_scores(loaded, split: SplitPass, names=ALIGNMENT_ESTIMATORS, blocks: int = 4, adam_batch: int = 8,
+                     adam_batches: int = 8, seed: int = 0, progress=None) -> list[EstimatorScore]:
+    """The gradient-alignment estimators (`dowsing.alignment`) over the last
+    `blocks` transformer blocks and the final norm, from the block inputs
+    cached by the forward pass. Adam's second moment comes from `adam_batches`
+    seeded minibatches of `adam_batch` facts of the whole training pool, as a
+    fine-tune on the mixture would see them."""
+    from ..alignment import adam_preconditioner, domain_alignment, tail_grad_fn, tail_parameters
+
+    unknown = [n for n in names if n not in ALIGNMENT_ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown alignment estimator(s): {', '.join(unknown)}")
+    if split.block_inputs is None:
+        raise ValueError("the alignment estimators need the block inputs cached by the forward pass")
+    report = progress or (lambda fraction, message: None)
+    t0 = time.perf_counter()
+    work, embed = tail_model(loaded.model, split.capture_block)
+    work.eval()
+    params = tail_parameters(work, blocks)
+    grad_of = tail_grad_fn(work, embed, split.ids, split.block_inputs, params)
+    pool = [r for rows in split.train_rows for r in rows]
+    adam_needed = any(n.endswith("_adam") for n in names)
+    preconditioners = {"plain": None}
+    if adam_needed:
+        preconditioners["adam"] = adam_preconditioner(grad_of, pool, adam_batch, adam_batches, seed)
+    held_needed = any("heldout" in n for n in names)
+    values = {n: ([], []) for n in names}
+    for k, rows in enumerate(split.train_rows):
+        report(k / len(split.train_rows), f"gradient alignment, domain {k + 1} of {len(split.train_rows)}")
+        result = domain_alignment(grad_of, list(rows), preconditioners,
+                                  query_rows=list(split.held_rows[k]) if held_needed else None)
+        for n in names:
+            a = result["adam" if n.endswith("_adam") else "plain"]
+            if "heldout" in n:
+                values[n][0].append(a.query)
+                values[n][1].append(a.per_fact_query)
+            else:
+                values[n][0].append(a.pairs)
+                values[n][1].append(a.per_fact_pairs)
+    del work
+    seconds = time.perf_counter() - t0
+    # every alignment estimator shares the same backward passes: each is charged the whole time
+    return [EstimatorScore(n, LABELS[n], values[n][0], values[n][1], split.forward_s + seconds,
+                           {"blocks": blocks, "parameters": sum(p.numel() for p in params)})
+            for n in names]
+
+
+def ekfac_scores(loaded, split: SplitPass, blocks: int = 4, damping: float | None = None,
+                 progress=None) -> EstimatorScore:
+    """EK-FAC influence of each domain's held-out facts on its training
+    facts over the last `blocks` blocks and the final norm (kronfluence):
+    priority_k = mean_{q in Q_k, i in k} S[q, i]."""
+    from ..alignment import tail_parameters
+    from .ekfac import ekfac_pairwise_scores
+
+    t0 = time.perf_counter()
+    work, embed = tail_model(loaded.model, split.capture_block)
+    work.eval()
+    tail_parameters(work, blocks)
+    train = [r for rows in split.train_rows for r in rows]
+    held = [r for rows in split.held_rows for r in rows]
+    item = lambda r: (split.ids[r], split.block_inputs[r])  # noqa: E731
+    scores = ekfac_pairwise_scores(work, embed, [item(r) for r in train], [item(r) for r in held], damping)
+    col = {r: i for i, r in enumerate(train)}
+    row = {r: i for i, r in enumerate(held)}
+    priority, per_example = [], []
+    for k, rows in enumerate(split.train_rows):
+        q = [row[r] for r in split.held_rows[k]]
+        t = [col[r] for r in rows]
+        per_fact = scores[q][:, t].mean(dim=0)
+        per_example.append(per_fact.tolist())
+        priority.append(float(per_fact.mean()))
+    del work
+    return EstimatorScore("ekfac", LABELS["ekfac"], priority, per_example,
+                          split.forward_s + time.perf_counter() - t0, {"blocks": blocks, "damping": damping})
