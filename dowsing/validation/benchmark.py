@@ -1,0 +1,363 @@
+"""The benchmark: does an estimator's ranking of domains predict what
+fine-tuning really does, on enough domains for the answer to have power?
+
+1. Each domain's facts are split (seeded) into a training and a held-out half.
+2. Every estimator scores the domains (`estimators.py`); the held-out facts'
+   losses after training are never seen by any of them.
+3. Ground truth (`finetune.py`): for each recipe and seed, a baseline
+   fine-tune on all training halves and one run per domain that adds that
+   domain's training facts; realised gain of k = held-out loss of k after the
+   baseline - after run k. Its own noise is measured between seeds and
+   between recipes (`leaderboard.reliability`).
+4. Learning curves: for a few domains, the held-out loss after adding
+   n = 0, 4, 8, 16, 32 facts, beside the engine's predicted saturation curve.
+5. Leaderboard (`leaderboard.py`): per estimator and recipe, Spearman's rho
+   against the seed-averaged gain with an interval over resampled domains,
+   and the paired difference against mean loss.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from ..analysis import Progress, _as_domains
+from ..curvature import structured_hessian
+from ..domains import Domain
+from ..result import finite_or_none
+from ..saturation import DenseSystem, mu_function, saturation
+from ..solvers import damped, dense_solve
+from ..subspace import find_anatomy
+from .estimators import (ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, LABELS, SUBSPACE_ESTIMATORS,
+                         alignment_scores, ekfac_scores, score_estimators, split_pass)
+from .finetune import Recipe, TailTrainer, counterfactual_gains, learning_curve, measured_delta_n
+from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
+from .split import benchmark_domains, benchmark_groups, split_domains
+
+MIN_FACTS = 4
+LOW_POWER_DOMAINS = 5
+
+DEFAULT_RECIPES = (
+    Recipe("adamw", "adamw", lr=3e-5, steps=8, blocks=4),
+    Recipe("sgd", "sgd", lr=3e-2, steps=8, blocks=4),
+    Recipe("adamw_long", "adamw", lr=1e-4, steps=16, blocks=2),
+)
+# Every estimator but LiSSA and CG: on the exact Hessian of a pretrained
+# model they fail where it is indefinite (the validation shows it), and at
+# 27 domains they would cost minutes for no information.
+DEFAULT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in ("influence_cg", "influence_lissa"))
+CURVE_DOMAINS = ("Cooking", "World geography", "Physics", "Heraldry", "Norwegian (Bokmål)",
+                 "Invented: Kelvaran archipelago")
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Every knob of one benchmark run.
+
+    seed / seeds: the first seed and how many seeds each recipe is run with
+        (seeds seed, seed + 1, ...: the minibatches differ, the split not).
+    held_out_fraction: share of each domain's facts held out.
+    max_facts: use at most this many facts per domain (0: all).
+    recipes: the fine-tuning recipes of the ground truth; main_recipe names
+        the one the winner is chosen on.
+    estimators: which estimators go on the leaderboard.
+    damping: lambda of the influence estimators in S_k.
+    align_blocks: the last blocks (plus the final norm) whose parameters the
+        alignment and EK-FAC estimators use.
+    adam_batches: minibatches that estimate Adam's second moment.
+    curve_domains / curve_sizes / curve_held_out: the learning curves.
+    bootstrap / interval_pct: resamples of domains for the intervals.
+    """
+
+    seed: int = 0
+    seeds: int = 2
+    held_out_fraction: float = 0.5
+    max_facts: int = 0
+    recipes: tuple = DEFAULT_RECIPES
+    main_recipe: str = "adamw"
+    estimators: tuple = DEFAULT_ESTIMATORS
+    damping: float = 1e-3
+    align_blocks: int = 4
+    adam_batches: int = 8
+    curve_domains: tuple = CURVE_DOMAINS
+    curve_sizes: tuple = (0, 4, 8, 16, 32)
+    curve_held_out: int = 8
+    bootstrap: int = 2000
+    interval_pct: float = 90.0
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        recipes = tuple(r if isinstance(r, Recipe) else Recipe(**r) for r in self.recipes)
+        object.__setattr__(self, "recipes", recipes)
+        for name in ("estimators", "curve_domains"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        object.__setattr__(self, "curve_sizes", tuple(int(n) for n in self.curve_sizes))
+        if not recipes:
+            raise ValueError("the benchmark needs at least one recipe")
+        if len({r.name for r in recipes}) != len(recipes):
+            raise ValueError("recipe names must be unique")
+        if self.main_recipe not in {r.name for r in recipes}:
+            raise ValueError(f"main_recipe {self.main_recipe!r} is not one of the recipes")
+        bad = [e for e in self.estimators if e not in ESTIMATORS]
+        if bad:
+            raise ValueError(f"unknown estimator(s): {', '.join(bad)}; choose from {', '.join(ESTIMATORS)}")
+        if self.seeds < 1:
+            raise ValueError("seeds must be >= 1")
+        if not 0.0 < self.held_out_fraction < 1.0:
+            raise ValueError("held_out_fraction must be in (0, 1)")
+        if self.max_facts and self.max_facts < MIN_FACTS:
+            raise ValueError(f"max_facts must be 0 (all) or >= {MIN_FACTS}")
+        if self.bootstrap < 0:
+            raise ValueError("bootstrap must be >= 0")
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        for name in ("estimators", "curve_domains", "curve_sizes"):
+            data[name] = list(data[name])
+        data["recipes"] = [dataclasses.asdict(r) for r in self.recipes]
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchmarkConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise ValueError(f"unknown benchmark config fields: {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+    @classmethod
+    def quick(cls, **changes) -> "BenchmarkConfig":
+        """The quick benchmark: six domains of 12 facts, short recipes, small
+        learning curves; what the tests run."""
+        fields = dict(
+            max_facts=12, bootstrap=500, adam_batches=4, curve_sizes=(0, 2, 4, 8), curve_held_out=4,
+            recipes=(Recipe("adamw", "adamw", lr=3e-5, steps=4, blocks=2),
+                     Recipe("sgd", "sgd", lr=3e-2, steps=4, blocks=2),
+                     Recipe("adamw_long", "adamw", lr=1e-4, steps=8, blocks=1)),
+            align_blocks=2, curve_domains=CURVE_DOMAINS[:3],
+        )
+        fields.update(changes)
+        return cls(**fields)
+
+
+@dataclass
+class BenchmarkResult:
+    model: dict
+    config: dict
+    domains: list  # names
+    groups: dict  # name -> familiarity group (shipped domains only)
+    split: dict  # {"train": {name: [facts]}, "held_out": {name: [facts]}}
+    estimators: list  # EstimatorScore.to_dict()
+    truth: dict  # recipe -> {"gains": [[per domain] per seed], "gain": seed mean, "baseline_drop", "seconds"}
+    reliability: dict
+    leaderboard: list
+    winner: str | None
+    curves: list  # per curve domain: measured points, predicted mu ratio, delta n both ways
+    timings: dict
+    warnings: list = field(default_factory=list)
+    created_at: str = ""
+
+    def to_dict(self) -> dict:
+        return finite_or_none(dataclasses.asdict(self))
+
+    def to_json(self, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "BenchmarkResult":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in known})
+
+    @classmethod
+    def from_json(cls, text: str) -> "BenchmarkResult":
+        return cls.from_dict(json.loads(text))
+
+    def recipe_names(self) -> list:
+        return [r["name"] for r in self.config["recipes"]]
+
+    def table(self, recipe: str | None = None):
+        """The leaderboard for one recipe (the main one by default) as a
+        DataFrame, best rho first."""
+        import pandas as pd
+
+        recipe = recipe or self.config["main_recipe"]
+        rows = []
+        for r in self.leaderboard:
+            cell = r["recipes"][recipe]
+            rows.append({
+                "Estimator": r["label"],
+                "ρ": cell["spearman"],
+                "90% interval": interval_text(cell["interval"]),
+                "ρ − mean loss": cell["diff_vs_mean_loss"],
+                "difference interval": interval_text(cell["diff_interval"]),
+                "time (s)": r["time_s"],
+            })
+        frame = pd.DataFrame(rows)
+        return frame.sort_values("ρ", ascending=False, na_position="last").reset_index(drop=True)
+
+
+def interval_text(pair) -> str:
+    if not pair or pair[0] is None:
+        return "—"
+    return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
+
+
+def check_domains(domains) -> list:
+    """Domains fit for the benchmark: each has at least MIN_FACTS facts, so
+    both halves of the split have at least two. Raises ValueError (one line)."""
+    domains = _as_domains(domains)
+    for d in domains:
+        if len(d.facts) < MIN_FACTS:
+            raise ValueError(f"Domain {d.name!r} has {len(d.facts)} facts; the benchmark needs at least "
+                             f"{MIN_FACTS} per domain (half train, half held out).")
+    if len(domains) < 2:
+        raise ValueError("The benchmark needs at least 2 domains.")
+    return domains
+
+
+def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
+    """The engine's saturation prediction for domain k from its training half:
+    mu(n) = g_k^T (H + (n - N_k)/M Hbar_k + lambda I)^-1 g_k (exact Hessian,
+    as the analysis), the ratio mu(N_k + n) / mu(N_k) at the curve's n, and
+    the engine's delta n at 10% (or its reason)."""
+    tokens = split.tokens
+    rows = split.train_rows[k]
+    t = terms[k]
+    n_total = split.n_train
+    in_k = torch.isin(tokens.token_fact, torch.tensor(rows, device=tokens.token_fact.device))
+    hbar_k = structured_hessian(tokens.x[in_k], tokens.token_scale[in_k] / len(rows), t.c[in_k])
+    # t.hessian is the Hessian of the mean training loss, the analysis' H_k with M = the training facts
+    system = DenseSystem(damped(t.hessian, damping), hbar_k, len(rows), n_total)
+    g_bar = t.grads[rows].mean(dim=0)
+    mu = mu_function(system, g_bar)
+    mean = float(g_bar @ dense_solve(damped(t.hessian, damping), g_bar).x)
+    sat = saturation(mu, len(rows), mean, 24, 1000.0)
+    today = mu(len(rows))
+    ratio = [[n, mu(len(rows) + n) / today if today else None] for n in sizes if n > 0]
+    return {"n_facts": len(rows), "mean": mean, "ratio": ratio, "delta_n_10pct": sat["delta_n_10pct"],
+            "reason": sat["reason"]}
+
+
+def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
+                  progress: Callable[[Progress], None] | None = None) -> BenchmarkResult:
+    """Run the whole benchmark. model: a LoadedModel, or an id / path (None:
+    the embedded default), loaded in float32 on the CPU. domains: None for
+    the shipped benchmark domains."""
+    from datetime import datetime, timezone
+
+    from ..models import LoadedModel, load_model
+
+    config = config or BenchmarkConfig()
+    say = progress or (lambda p: None)
+    clock = time.perf_counter()
+    timings = {}
+    notes = []
+    domains = check_domains(domains if domains is not None else benchmark_domains())
+    if config.max_facts:
+        domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
+    if len(domains) < LOW_POWER_DOMAINS:
+        message = (f"Only {len(domains)} domains: Spearman's rho over so few has no power to tell estimators "
+                   "apart; use at least 12.")
+        warnings.warn(message, stacklevel=2)
+        notes.append(message)
+    if not isinstance(model, LoadedModel):
+        say(Progress("loading model", 0.0, "loading model"))
+        model = load_model(model, "cpu", "float32")
+        timings["load_model"] = time.perf_counter() - clock
+    train, held = split_domains(domains, config.seed, config.held_out_fraction)
+    names = [d.name for d in train]
+    depth = len(find_anatomy(model.model).down_projs)
+    keep = min(depth, max([r.blocks for r in config.recipes] + [config.align_blocks]))
+
+    say(Progress("forward", 0.01, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
+    split = split_pass(model, train, held, config.batch_size, capture_block=depth - keep)
+    timings["forward"] = split.forward_s
+
+    scores = []
+    t0 = time.perf_counter()
+    subspace_names = [e for e in config.estimators if e in SUBSPACE_ESTIMATORS]
+    terms = None
+    if subspace_names or config.curve_domains:
+        sub_scores, terms = score_estimators(
+            model, train, split, subspace_names or ("mean_loss",), config.damping, seed=config.seed,
+            progress=lambda f, m: say(Progress("estimators", 0.03 + 0.12 * f, m)))
+        scores += [s for s in sub_scores if s.name in subspace_names]
+    align_names = [e for e in config.estimators if e in ALIGNMENT_ESTIMATORS]
+    if align_names:
+        scores += alignment_scores(model, split, align_names, min(config.align_blocks, keep),
+                                   adam_batches=config.adam_batches, seed=config.seed,
+                                   progress=lambda f, m: say(Progress("estimators", 0.15 + 0.1 * f, m)))
+    if any(e in EKFAC_ESTIMATORS for e in config.estimators):
+        say(Progress("estimators", 0.25, "EK-FAC influence (kronfluence)"))
+        scores.append(ekfac_scores(model, split, min(config.align_blocks, keep)))
+    order = {e: i for i, e in enumerate(config.estimators)}
+    scores.sort(key=lambda s: order[s.name])
+    timings["estimators"] = time.perf_counter() - t0
+
+    trainer = TailTrainer(model, split)
+    trainer.check()
+    truth = {}
+    t0 = time.perf_counter()
+    units = len(config.recipes) * config.seeds
+    done = 0
+    for recipe in config.recipes:
+        runs, drops, seconds = [], [], 0.0
+        for s in range(config.seeds):
+            seed = config.seed + s
+            start = 0.3 + 0.55 * done / units
+
+            def report(f, m, recipe=recipe, seed=seed, start=start):
+                say(Progress("ground truth", start + 0.55 / units * f, f"{recipe.name}, seed {seed}: {m}"))
+
+            out = counterfactual_gains(trainer, recipe, seed, report)
+            runs.append(out["gain"])
+            drops.append(out["baseline_drop"])
+            seconds += out["seconds"]
+            done += 1
+        truth[recipe.name] = {"label": recipe.label(), "gains": runs,
+                              "gain": np.mean(np.asarray(runs), axis=0).tolist(),
+                              "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(), "seconds": seconds}
+    timings["ground_truth"] = time.perf_counter() - t0
+
+    t0 = time.perf_counter()
+    curves = []
+    main = next(r for r in config.recipes if r.name == config.main_recipe)
+    wanted = [n for n in config.curve_domains if n in names]
+    for i, name in enumerate(wanted):
+        say(Progress("learning curves", 0.85 + 0.1 * i / max(len(wanted), 1), f"learning curve for {name}"))
+        k = names.index(name)
+        measured = learning_curve(trainer, main, config.seed, k, config.curve_sizes, config.curve_held_out,
+                                  len(split.train_rows[k]))
+        curves.append({"domain": name, "recipe": main.name, "measured": measured,
+                       "measured_saturation": measured_delta_n(measured["points"]),
+                       "predicted": predicted_curve(split, terms, k, config.damping, config.curve_sizes)})
+    timings["learning_curves"] = time.perf_counter() - t0
+    del trainer
+
+    say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
+    gains = {name: t["gains"] for name, t in truth.items()}
+    board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
+                                  config.interval_pct)
+    if BASELINE not in config.estimators:
+        notes.append("mean_loss is not among the estimators: no paired differences against it.")
+    timings["total"] = time.perf_counter() - clock
+    say(Progress("done", 1.0, "benchmark complete"))
+    groups = benchmark_groups()
+    return BenchmarkResult(
+        model=model.info.to_dict(), config=config.to_dict(), domains=names,
+        groups={n: groups[n] for n in names if n in groups},
+        split={"train": {d.name: list(d.facts) for d in train}, "held_out": {d.name: list(d.facts) for d in held}},
+        estimators=[s.to_dict() for s in scores], truth=truth, reliability=reliability(gains), leaderboard=board,
+        winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    )
+
+
+def estimator_label(name: str) -> str:
+    return LABELS.get(name, name)
