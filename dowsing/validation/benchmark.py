@@ -46,7 +46,7 @@ LOW_POWER_DOMAINS = 5
 DEFAULT_RECIPES = (
     Recipe("adamw", "adamw", lr=3e-5, steps=8, blocks=4),
     Recipe("sgd", "sgd", lr=3e-2, steps=8, blocks=4),
-    Recipe("adamw_long", "adamw", lr=1e-4, steps=16, blocks=2),
+    Recipe("adamw_hi", "adamw", lr=1e-4, steps=8, blocks=2),
 )
 # Every estimator but LiSSA and CG: on the exact Hessian of a pretrained
 # model they fail where it is indefinite (the validation shows it), and at
@@ -69,7 +69,11 @@ class BenchmarkConfig:
     estimators: which estimators go on the leaderboard.
     damping: lambda of the influence estimators in S_k.
     align_blocks: the last blocks (plus the final norm) whose parameters the
-        alignment and EK-FAC estimators use.
+        alignment estimators use.
+    ekfac_blocks / ekfac_fit_facts: the last blocks whose Linear layers the
+        EK-FAC estimator uses, and how many training facts (a seeded sample)
+        its curvature is fitted on; both bound its cost, which grows with
+        the blocks times the facts.
     adam_batches: minibatches that estimate Adam's second moment.
     curve_domains / curve_sizes / curve_held_out: the learning curves.
     bootstrap / interval_pct: resamples of domains for the intervals.
@@ -85,6 +89,8 @@ class BenchmarkConfig:
     damping: float = 1e-3
     align_blocks: int = 4
     adam_batches: int = 8
+    ekfac_blocks: int = 2
+    ekfac_fit_facts: int = 128
     curve_domains: tuple = CURVE_DOMAINS
     curve_sizes: tuple = (0, 4, 8, 16, 32)
     curve_held_out: int = 8
@@ -139,8 +145,8 @@ class BenchmarkConfig:
             max_facts=12, bootstrap=500, adam_batches=4, curve_sizes=(0, 2, 4, 8), curve_held_out=4,
             recipes=(Recipe("adamw", "adamw", lr=3e-5, steps=4, blocks=2),
                      Recipe("sgd", "sgd", lr=3e-2, steps=4, blocks=2),
-                     Recipe("adamw_long", "adamw", lr=1e-4, steps=8, blocks=1)),
-            align_blocks=2, curve_domains=CURVE_DOMAINS[:3],
+                     Recipe("adamw_hi", "adamw", lr=1e-4, steps=4, blocks=1)),
+            align_blocks=2, ekfac_blocks=1, ekfac_fit_facts=32, curve_domains=CURVE_DOMAINS[:3],
         )
         fields.update(changes)
         return cls(**fields)
@@ -224,8 +230,10 @@ def check_domains(domains) -> list:
 def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
     """The engine's saturation prediction for domain k from its training half:
     mu(n) = g_k^T (H + (n - N_k)/M Hbar_k + lambda I)^-1 g_k (exact Hessian,
-    as the analysis), the ratio mu(N_k + n) / mu(N_k) at the curve's n, and
-    the engine's delta n at 10% (or its reason)."""
+    as the analysis) with n facts of k in the mixture; the ratio
+    mu(n) / mu(n_1) at the curve's sizes (n_1 the first non-zero one), to set
+    beside the measured marginal gain relative to the first added facts; and
+    the engine's delta n at 10% beyond N_k (or its reason)."""
     tokens = split.tokens
     rows = split.train_rows[k]
     t = terms[k]
@@ -238,8 +246,10 @@ def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
     mu = mu_function(system, g_bar)
     mean = float(g_bar @ dense_solve(damped(t.hessian, damping), g_bar).x)
     sat = saturation(mu, len(rows), mean, 24, 1000.0)
-    today = mu(len(rows))
-    ratio = [[n, mu(len(rows) + n) / today if today else None] for n in sizes if n > 0]
+    # the curve's n counts k's facts in the training mixture from zero, as mu's n does
+    added = [n for n in sizes if n > 0]
+    first = mu(added[0]) if added else None
+    ratio = [[n, mu(n) / first if first else None] for n in added]
     return {"n_facts": len(rows), "mean": mean, "ratio": ratio, "delta_n_10pct": sat["delta_n_10pct"],
             "reason": sat["reason"]}
 
@@ -295,7 +305,9 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                                    progress=lambda f, m: say(Progress("estimators", 0.15 + 0.1 * f, m)))
     if any(e in EKFAC_ESTIMATORS for e in config.estimators):
         say(Progress("estimators", 0.25, "EK-FAC influence (kronfluence)"))
-        scores.append(ekfac_scores(model, split, min(config.align_blocks, keep)))
+        scores.append(ekfac_scores(model, split, min(config.ekfac_blocks, keep),
+                                   fit_max_examples=config.ekfac_fit_facts or None, seed=config.seed,
+                                   progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m))))
     order = {e: i for i, e in enumerate(config.estimators)}
     scores.sort(key=lambda s: order[s.name])
     timings["estimators"] = time.perf_counter() - t0
@@ -361,3 +373,30 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
 
 def estimator_label(name: str) -> str:
     return LABELS.get(name, name)
+
+
+def evidence_from_result(result: BenchmarkResult) -> dict:
+    """The summary the app quotes next to a ranking (`dowsing.evidence`):
+    per estimator, rho on the main recipe with its interval and the paired
+    difference against mean loss, plus the ground truth's own ceiling."""
+    main = result.config["main_recipe"]
+    model = result.model
+    return {
+        "model": model.get("id") or "model",
+        "n_domains": len(result.domains),
+        "recipe": main,
+        "recipe_label": result.truth[main]["label"],
+        "created_at": result.created_at,
+        "command": "python -m dowsing benchmark --evidence",
+        "winner": result.winner,
+        "ceiling": result.reliability["between_seeds"][main],
+        "estimators": {
+            row["estimator"]: {
+                "label": row["label"], "spearman": row["recipes"][main]["spearman"],
+                "interval": row["recipes"][main]["interval"],
+                "diff_vs_mean_loss": row["recipes"][main]["diff_vs_mean_loss"],
+                "diff_interval": row["recipes"][main]["diff_interval"],
+                "time_s": row["time_s"],
+            } for row in result.leaderboard
+        },
+    }

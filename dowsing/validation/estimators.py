@@ -293,6 +293,92 @@ class LogitLine:
         return tuple(torch.cat(outs[key]) if outs[key] else None for key in ("ce", "a", "c", "c_ggn"))
 
 
+def derivatives_at_zero(line: LogitLine, directions: torch.Tensor, targets: torch.Tensor, chunk: int = 256):
+    """(a, c, c_ggn), each (N, K): the per-token derivatives of ce_t along
+    every direction v_k at s = 0, for all tokens of `line` at once.
+
+    At s = 0 the softmax p_t is the same for every direction, so each
+    derivative is a handful of products of p_t with vocabulary vectors:
+    with b_k = W (g * P v_k), A_t the cached head product, r_t = r_t(0),
+    r1 = q1 / r, r2 = (q2 - r1^2) / r,
+        z1 = b / r - A r1 / r^2,    z2 = -2 b r1 / r^2 - A (r2 / r^2 - 2 r1^2 / r^3),
+        a = p.z1 - z1[y],   c_ggn = p.z1^2 - (p.z1)^2,   c = c_ggn + p.z2 - z2[y],
+    and p.z1, p.z1^2, p.z2 expand into p B, p B^2, (p * A) B, p.A, p.A^2
+    (B the V x K matrix of the b_k): matrix products over all directions, one
+    pass over the tokens instead of one per direction. `LogitLine.derivatives`
+    is the per-direction twin (tested equal)."""
+    h = line.h
+    if not line.ok:
+        outs = [line.derivatives(directions[k], torch.arange(h.shape[0], device=h.device), targets)
+                for k in range(directions.shape[0])]
+        return tuple(torch.stack([o[i] for o in outs], dim=1) for i in (1, 2, 3))
+    dirs = directions.to(h.dtype)
+    vc = line._p(dirs)  # (K, d)
+    big_b = (line.w @ (line.g * vc).T)  # (V, K)
+    vc64 = vc.to(torch.float64)
+    q2 = (vc64 ** 2).mean(-1)  # (K,)
+    out_a, out_c, out_g = [], [], []
+    with torch.no_grad():
+        for start in range(0, h.shape[0], chunk):
+            sl = slice(start, start + chunk)
+            y = targets[sl]
+            hc = line._p(h[sl]).to(torch.float64)
+            r = torch.sqrt(line.q0[sl] + line.eps)[:, None]  # (C, 1)
+            q1 = hc @ vc64.T / hc.shape[-1]  # (C, K)
+            r1 = q1 / r
+            r2 = (q2[None, :] - r1 ** 2) / r
+            a_tok = line.a_base[sl]  # (C, V)
+            z = a_tok / r.to(a_tok.dtype) + line.c_const
+            p = torch.softmax(z, dim=-1)
+            pb = (p @ big_b).to(torch.float64)  # (C, K)
+            pbb = (p @ (big_b * big_b)).to(torch.float64)
+            pab = ((p * a_tok) @ big_b).to(torch.float64)
+            pa = (p * a_tok).sum(-1, dtype=torch.float64)[:, None]  # (C, 1)
+            paa = (p * a_tok * a_tok).sum(-1, dtype=torch.float64)[:, None]
+            by = big_b[y].to(torch.float64)  # (C, K)
+            ay = a_tok.gather(1, y[:, None]).to(torch.float64)  # (C, 1)
+            m1 = pb / r - pa * r1 / r ** 2
+            z1y = by / r - ay * r1 / r ** 2
+            pz1sq = pbb / r ** 2 - 2 * (r1 / r ** 3) * pab + (r1 ** 2 / r ** 4) * paa
+            c_ggn = pz1sq - m1 ** 2
+            k2 = r2 / r ** 2 - 2 * r1 ** 2 / r ** 3
+            pz2 = -2 * (r1 / r ** 2) * pb - k2 * pa
+            z2y = -2 * (r1 / r ** 2) * by - k2 * ay
+            out_a.append(m1 - z1y)
+            out_g.append(c_ggn)
+            out_c.append(c_ggn + pz2 - z2y)
+    return torch.cat(out_a), torch.cat(out_c), torch.cat(out_g)
+
+
+def all_domain_terms(split: SplitPass) -> list:
+    """DomainTerms for every domain from one pass over the tokens
+    (`derivatives_at_zero`). Per-fact gradients are kept for the training
+    facts and the held-out facts of each domain's own held-out half; the
+    Hessians use the training tokens only (the other weights are zero)."""
+    t0 = time.perf_counter()
+    tokens = split.tokens
+    a_all, c_all, g_all = derivatives_at_zero(split.line, split.directions, tokens.targets)
+    train = [r for rows in split.train_rows for r in rows]
+    weights = token_weights(split, train)
+    on_train = (weights > 0).nonzero().flatten()
+    shared = time.perf_counter() - t0
+    out = []
+    for k in range(len(split.train_rows)):
+        t1 = time.perf_counter()
+        grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a_all[:, k], split.n_facts)
+        hessian = structured_hessian(tokens.x[on_train], weights[on_train], c_all[on_train, k])
+        out.append(DomainTerms(grads, a_all[:, k], c_all[:, k], g_all[:, k], hessian, weights,
+                               time.perf_counter() - t1 + shared / len(split.train_rows)))
+    return out
+
+
+def _train_hessian(x, weights, c) -> torch.Tensor:
+    """structured_hessian over the tokens with non-zero weight only (the
+    others add nothing)."""
+    on = (weights != 0).nonzero().flatten()
+    return structured_hessian(x[on], weights[on], c[on])
+
+
 def token_weights(split: SplitPass, rows) -> torch.Tensor:
     """w_t such that sum_t w_t ce_t = mean over the given facts of l_i."""
     tokens = split.tokens
@@ -430,10 +516,8 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
     report = progress or (lambda fraction, message: None)
     n_domains = len(train)
     if terms is None:
-        terms = []
-        for k in range(n_domains):
-            report(k / n_domains * 0.5, f"derivatives in S_k for {train[k].name}")
-            terms.append(domain_terms(split, k))
+        report(0.0, "derivatives in every S_k")
+        terms = all_domain_terms(split)
     shared_s = split.forward_s + sum(t.seconds for t in terms)
     tokens = split.tokens
     own = {n: 0.0 for n in names}
@@ -465,7 +549,7 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
                                                           exact.nonpositive_curvature})
         if "influence_ggn" in names:
             t0 = time.perf_counter()
-            ggn = dense_solve(damped(structured_hessian(tokens.x, t.train_weights, t.c_ggn), damping), g_bar)
+            ggn = dense_solve(damped(_train_hessian(tokens.x, t.train_weights, t.c_ggn), damping), g_bar)
             record("influence_ggn", ggn.x, time.perf_counter() - t0, {"method": "dense (Gauss-Newton)"})
         if "influence_cg" in names:
             t0 = time.perf_counter()
@@ -491,7 +575,7 @@ def score_estimators(loaded, train, split: SplitPass, names=ESTIMATORS, damping:
             t0 = time.perf_counter()
             g_held = t.grads[split.held_rows[k]].mean(dim=0)
             system = base if name == "heldout_influence" else damped(
-                structured_hessian(tokens.x, t.train_weights, curvature), damping)
+                _train_hessian(tokens.x, t.train_weights, curvature), damping)
             # H is symmetric: grad L_Q^T H^-1 g_i = g_i^T (H^-1 grad L_Q), one solve for every i
             w = dense_solve(system, g_held)
             own[name] += time.perf_counter() - t0
@@ -576,30 +660,24 @@ def alignment_scores(loaded, split: SplitPass, names=ALIGNMENT_ESTIMATORS, block
 
 
 def ekfac_scores(loaded, split: SplitPass, blocks: int = 4, damping: float | None = None,
-                 progress=None) -> EstimatorScore:
+                 fit_max_examples: int | None = 256, seed: int = 0, progress=None) -> EstimatorScore:
     """EK-FAC influence of each domain's held-out facts on its training
-    facts over the last `blocks` blocks and the final norm (kronfluence):
-    priority_k = mean_{q in Q_k, i in k} S[q, i]."""
+    facts over the last `blocks` blocks (their Linear layers; kronfluence):
+    per training fact t of k, mean_{q in Q_k} grad l_q^T (G + lambda I)^-1 grad l_t;
+    priority_k their mean."""
     from ..alignment import tail_parameters
-    from .ekfac import ekfac_pairwise_scores
+    from .ekfac import ekfac_domain_scores
 
     t0 = time.perf_counter()
     work, embed = tail_model(loaded.model, split.capture_block)
     work.eval()
     tail_parameters(work, blocks)
-    train = [r for rows in split.train_rows for r in rows]
-    held = [r for rows in split.held_rows for r in rows]
     item = lambda r: (split.ids[r], split.block_inputs[r])  # noqa: E731
-    scores = ekfac_pairwise_scores(work, embed, [item(r) for r in train], [item(r) for r in held], damping)
-    col = {r: i for i, r in enumerate(train)}
-    row = {r: i for i, r in enumerate(held)}
-    priority, per_example = [], []
-    for k, rows in enumerate(split.train_rows):
-        q = [row[r] for r in split.held_rows[k]]
-        t = [col[r] for r in rows]
-        per_fact = scores[q][:, t].mean(dim=0)
-        per_example.append(per_fact.tolist())
-        priority.append(float(per_fact.mean()))
+    per_example = ekfac_domain_scores(work, embed, [[item(r) for r in rows] for rows in split.train_rows],
+                                      [[item(r) for r in rows] for rows in split.held_rows], damping,
+                                      fit_max_examples=fit_max_examples, seed=seed, progress=progress)
     del work
+    priority = [sum(v) / len(v) for v in per_example]
     return EstimatorScore("ekfac", LABELS["ekfac"], priority, per_example,
-                          split.forward_s + time.perf_counter() - t0, {"blocks": blocks, "damping": damping})
+                          split.forward_s + time.perf_counter() - t0,
+                          {"blocks": blocks, "damping": damping, "fit_max_examples": fit_max_examples})

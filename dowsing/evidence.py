@@ -1,0 +1,61 @@
+"""What the benchmark measured for each ranking estimator, as shipped with
+the package (`data/benchmark_evidence.json`, written by
+`python -m dowsing benchmark --evidence`): the app and the report quote it
+next to every ranking, so a reader sees how far the ranking is known to
+predict fine-tuning."""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+
+from .domains import DATA_DIR
+
+EVIDENCE_FILE = DATA_DIR / "benchmark_evidence.json"
+
+
+@lru_cache(maxsize=1)
+def load_evidence() -> dict | None:
+    """The shipped evidence, or None when the package has none."""
+    try:
+        return json.loads(EVIDENCE_FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def estimator_evidence(name: str) -> dict | None:
+    """{"label", "spearman", "interval", "diff_vs_mean_loss", "diff_interval"}
+    of one estimator on the benchmark's main recipe, or None."""
+    data = load_evidence()
+    if not data:
+        return None
+    return (data.get("estimators") or {}).get(name)
+
+
+def beats_mean_loss(entry: dict | None) -> bool:
+    """True only when the paired bootstrap interval of rho minus mean loss's
+    rho lies wholly above 0."""
+    if not entry or not entry.get("diff_interval") or entry["diff_interval"][0] is None:
+        return False
+    return entry["diff_interval"][0] > 0
+
+
+def evidence_sentence(name: str) -> str:
+    """One plain sentence on how well this estimator's ranking predicted
+    fine-tuning on the benchmark, and whether it beat mean loss."""
+    data = load_evidence()
+    entry = estimator_evidence(name)
+    if not data or not entry:
+        return "This estimator has not been measured on the benchmark."
+    lo, hi = entry.get("interval") or [None, None]
+    rho = entry.get("spearman")
+    text = (f"On the benchmark ({data['n_domains']} domains, {data['model']}, {data['recipe_label']}) its ranking "
+            f"had Spearman ρ = {rho:.2f}" + (f" [{lo:.2f}, {hi:.2f}]" if lo is not None else "") +
+            " against the realised fine-tuning gain")
+    ceiling = (data.get("ceiling") or {}).get("spearman")
+    if ceiling is not None:
+        text += f" (the ground truth agrees with itself across seeds at ρ = {ceiling:.2f})"
+    if name == "mean_loss":
+        return text + "."
+    if beats_mean_loss(entry):
+        return text + "; it beat ranking by mean loss (paired interval above 0)."
+    return text + "; it did not beat ranking by mean loss with an interval that excludes 0."

@@ -1,0 +1,312 @@
+"""The benchmark: each building block against an independent computation,
+the quick benchmark end to end through the CLI, bad input, and the page."""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dowsing.alignment import (adam_preconditioner, capture_block_inputs, domain_alignment, tail_grad_fn,
+                               tail_model, tail_parameters)
+from dowsing.models import load_model
+from dowsing.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
+from dowsing.validation.correlations import domain_bootstrap, spearman
+from dowsing.validation.finetune import Recipe, measured_delta_n
+from dowsing.validation.leaderboard import choose_winner, reliability
+from dowsing.validation.split import benchmark_domains, benchmark_groups
+
+REPO = Path(__file__).resolve().parent.parent
+FACTS = ["The cat sat on the mat today.", "Water boils at one hundred degrees.", "Paris is the capital of France.",
+         "Bees make honey from the nectar of flowers.", "The violin has four strings.",
+         "Iron rusts when it meets water and air."]
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
+
+
+# --- data -------------------------------------------------------------------------------------------------
+
+
+def test_shipped_benchmark_has_power_and_every_group():
+    domains = benchmark_domains()
+    groups = benchmark_groups()
+    assert len(domains) >= 24 and all(len(d.facts) >= 40 for d in domains)
+    assert {groups[d.name] for d in domains} == {"everyday", "encyclopedic", "specialist", "language", "invented"}
+    assert sum(groups[d.name] == "invented" for d in domains) >= 2
+    quick = benchmark_domains(quick=True)
+    assert 5 <= len(quick) <= 8 and {d.name for d in quick} <= {d.name for d in domains}
+    every = [f for d in domains for f in d.facts]
+    assert len(every) == len(set(every))
+
+
+# --- statistics -------------------------------------------------------------------------------------------
+
+
+def test_domain_bootstrap_equals_a_direct_loop():
+    rng = np.random.default_rng(3)
+    p, g, b = rng.normal(size=12), rng.normal(size=12), rng.normal(size=12)
+    g = g + 2 * p  # a real relation, so rho is far from 0
+    out = domain_bootstrap(p, g, b, resamples=300, seed=7)
+    draw = np.random.default_rng(7)
+    rhos, diffs = [], []
+    for _ in range(300):
+        idx = draw.integers(0, 12, 12)
+        r = stats.spearmanr(p[idx], g[idx]).statistic
+        rhos.append(r)
+        diffs.append(r - stats.spearmanr(b[idx], g[idx]).statistic)
+    assert out["rho"] == pytest.approx([np.percentile(rhos, 5), np.percentile(rhos, 95)])
+    assert out["diff"] == pytest.approx([np.percentile(diffs, 5), np.percentile(diffs, 95)])
+    assert out["diff_p_le_0"] == pytest.approx(np.mean(np.asarray(diffs) <= 0))
+    assert out["rho"][0] > 0.3
+
+
+def test_reliability_is_scipy_spearman_and_spearman_brown():
+    a, b, c = [1.0, 2.0, 3.0, 5.0, 4.0], [1.1, 2.5, 2.9, 4.0, 5.0], [5.0, 4.0, 3.0, 2.0, 1.0]
+    out = reliability({"x": [a, b], "y": [c, c]})
+    r = stats.spearmanr(a, b).statistic
+    assert out["between_seeds"]["x"]["spearman"] == pytest.approx(r)
+    assert out["between_seeds"]["x"]["spearman_brown"] == pytest.approx(2 * r / (1 + r))
+    pair = out["between_recipes"][0]
+    assert pair["spearman"] == pytest.approx(stats.spearmanr(np.mean([a, b], axis=0), c).statistic)
+
+
+def test_winner_is_the_best_rho_and_ties_go_to_the_cheaper():
+    rows = [{"estimator": "slow", "spearman_main": 0.80, "time_s": 90.0},
+            {"estimator": "fast", "spearman_main": 0.79, "time_s": 5.0},
+            {"estimator": "bad", "spearman_main": 0.20, "time_s": 1.0}]
+    assert choose_winner(rows) == "fast"
+    assert choose_winner(rows, tie=0.0) == "slow"
+
+
+def test_measured_saturation_reads_the_marginal_gain():
+    points = [[0, 10.0], [4, 9.0], [8, 8.5], [16, 8.3], [32, 8.28]]
+    out = measured_delta_n(points)
+    assert out["marginal"][0] == [4, pytest.approx(0.25)]
+    assert [r for _, r in out["ratio"]] == pytest.approx([1.0, 0.5, 0.1, 0.005])
+    assert out["delta_n_10pct"] == 16
+    flat = measured_delta_n([[0, 1.0], [4, 0.9], [8, 0.8]])
+    assert flat["delta_n_10pct"] is None and "stayed above" in flat["reason"]
+
+
+def test_recipes_reject_nonsense():
+    with pytest.raises(ValueError, match="optimizer"):
+        Recipe("x", "adagrad")
+    with pytest.raises(ValueError, match="lr"):
+        Recipe("x", lr=0.0)
+
+
+# --- gradient alignment against autograd on the full model -------------------------------------------------
+
+
+@pytest.fixture(scope="module", params=["gpt2", "llama"])
+def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
+    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
+    return load_model(str(folder), dtype="float64")
+
+
+def _full_model_fact_grads(loaded, facts, blocks):
+    """Per-fact gradients of l_i on the whole model (no cached inputs, no
+    truncation) over the last `blocks` blocks and the final norm."""
+    net = loaded.model
+    anatomy = find_anatomy(net)
+    names = [n for n, _ in net.named_parameters()]
+    depth = len(anatomy.down_projs)
+    keep = [f".{i}." for i in range(depth - blocks, depth)]
+    chosen = [p for n, p in net.named_parameters()
+              if (any(k in n for k in keep) and ("layers" in n or ".h." in n))
+              or n.endswith(("model.norm.weight", "ln_f.weight", "ln_f.bias"))]
+    assert chosen and len(names) > len(chosen)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in chosen:
+        p.requires_grad_(True)
+    encoded = encode_facts(loaded.tokenizer, facts, anatomy.max_positions)
+    grads = []
+    for ids in encoded.ids:
+        input_ids = torch.tensor([ids])
+        mask = torch.ones_like(input_ids)
+        loss = per_fact_losses(net(input_ids=input_ids, attention_mask=mask).logits, input_ids, mask)[0]
+        grads.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, chosen)]))
+    return torch.stack(grads)
+
+
+def test_alignment_equals_explicit_sums_over_autograd_gradients(tiny64):
+    blocks = 1
+    facts = FACTS
+    g = _full_model_fact_grads(tiny64, facts, blocks)
+    n = len(facts)
+    rows, query = [0, 1, 2, 3], [4, 5]
+    # the same seeded minibatches as adam_preconditioner, squared mean gradients
+    rng = random.Random(11)
+    v = torch.zeros(g.shape[1], dtype=torch.float64)
+    for _ in range(3):
+        pick = rng.sample(list(range(n)), 2)
+        v += g[pick].mean(dim=0) ** 2
+    p_adam = 1.0 / ((v / 3).sqrt() + 1e-8)
+
+    net = tiny64.model
+    anatomy = find_anatomy(net)
+    depth = len(anatomy.down_projs)
+    encoded = encode_facts(tiny64.tokenizer, facts, anatomy.max_positions)
+    inputs = capture_block_inputs(net, make_batches(encoded, 4, "cpu"), depth - blocks)
+    work, embed = tail_model(net, depth - blocks)
+    params = tail_parameters(work, blocks)
+    assert sum(p.numel() for p in params) == g.shape[1]
+    grad_of = tail_grad_fn(work, embed, encoded.ids, inputs, params)
+    precond = adam_preconditioner(grad_of, list(range(n)), 2, 3, seed=11)
+    flat_p = torch.cat([x.reshape(-1) for x in precond]).to(torch.float64)
+    assert torch.allclose(flat_p, p_adam.to(torch.float32).to(torch.float64), rtol=1e-5)
+    out = domain_alignment(grad_of, rows, {"plain": None, "adam": precond}, query_rows=query)
+    for name, weight in (("plain", torch.ones_like(p_adam)), ("adam", flat_p)):
+        pairs = [float(g[i] @ (weight * g[j])) for i in rows for j in rows if i != j]
+        assert out[name].pairs == pytest.approx(np.mean(pairs), rel=1e-6)
+        per_fact = [np.mean([float(g[i] @ (weight * g[j])) for j in rows if j != i]) for i in rows]
+        assert out[name].per_fact_pairs == pytest.approx(per_fact, rel=1e-6)
+        q = g[query].mean(dim=0)
+        assert out[name].query == pytest.approx(float(g[rows].mean(dim=0) @ (weight * q)), rel=1e-6)
+
+
+# --- the quick benchmark end to end ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quick_run(tiny_llama_dir, tmp_path_factory):
+    """`python -m dowsing benchmark --quick` on the tiny Llama, once."""
+    folder = tmp_path_factory.mktemp("bench")
+    out = folder / "bench.json"
+    proc = subprocess.run(
+        [sys.executable, "-m", "dowsing", "benchmark", "--quick", "--model", str(tiny_llama_dir), "--out", str(out)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+        env={**__import__("os").environ, "DOWSING_CACHE": str(folder / "cache")})
+    return proc, out
+
+
+def test_quick_benchmark_cli_writes_a_leaderboard_that_recomputes(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Winner:" in proc.stdout and "[" in proc.stderr  # progress lines
+    result = json.loads(out.read_text())
+    config = result["config"]
+    assert len(result["domains"]) == 6 and config["seeds"] == 2 and len(config["recipes"]) == 3
+    # every rho on the leaderboard is scipy's Spearman of the priority and the seed-averaged gain
+    for row in result["leaderboard"]:
+        for name, cell in row["recipes"].items():
+            gain = np.mean(result["truth"][name]["gains"], axis=0)
+            want = stats.spearmanr(row["priority"], gain).statistic
+            assert cell["spearman"] == pytest.approx(want)
+            if row["estimator"] != "mean_loss":
+                base = next(r for r in result["leaderboard"] if r["estimator"] == "mean_loss")
+                assert cell["diff_vs_mean_loss"] == pytest.approx(
+                    want - stats.spearmanr(base["priority"], gain).statistic)
+            assert len(cell["per_seed"]) == 2
+            lo, hi = cell["interval"]
+            assert lo is None or lo <= hi
+    estimators = {r["estimator"] for r in result["leaderboard"]}
+    assert {"paper", "mean_loss", "alignment_adam", "heldout_influence", "ekfac"} <= estimators
+    main = [r for r in result["leaderboard"] if r["recipes"][config["main_recipe"]]["spearman"] is not None]
+    best = max(r["recipes"][config["main_recipe"]]["spearman"] for r in main)
+    winner = next(r for r in main if r["estimator"] == result["winner"])
+    assert winner["recipes"][config["main_recipe"]]["spearman"] >= best - 0.02
+    # ground truth: a real fine-tune lowered the held-out losses, differently per domain
+    gains = result["truth"]["adamw"]["gains"]
+    assert len(gains) == 2 and np.ptp(gains[0]) > 0
+    assert result["reliability"]["between_seeds"]["adamw"]["spearman"] == pytest.approx(
+        stats.spearmanr(gains[0], gains[1]).statistic)
+    # learning curves: nested sizes, the measured and the predicted side by side
+    assert len(result["curves"]) == 3
+    for curve in result["curves"]:
+        assert [p[0] for p in curve["measured"]["points"]] == [0, 2, 4, 8]
+        assert len(curve["predicted"]["ratio"]) == 3
+
+
+def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir):
+    short = tmp_path / "short.json"
+    short.write_text(json.dumps({"domains": [{"name": "A", "facts": FACTS[:3]}, {"name": "B", "facts": FACTS[3:] + ["Snow is cold."]}]}))
+    out = tmp_path / "out.json"
+    proc = subprocess.run([sys.executable, "-m", "dowsing", "benchmark", "--domains", str(short), "--model",
+                           str(tiny_llama_dir), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'A' has 3 facts" in lines[0]
+    assert not out.exists()
+    bad_config = tmp_path / "config.json"
+    bad_config.write_text(json.dumps({"recipes": [{"name": "x", "optimizer": "adagrad"}], "main_recipe": "x"}))
+    proc = subprocess.run([sys.executable, "-m", "dowsing", "benchmark", "--config", str(bad_config), "--out",
+                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "optimizer" in proc.stderr and not out.exists()
+
+
+def test_few_domains_warn_that_rho_has_no_power(tiny_llama_dir, tmp_path):
+    from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
+    from dowsing.domains import Domain
+
+    domains = [Domain(n, tuple(f"{n} fact number {i} is about {n.lower()}." for i in range(4)))
+               for n in ("Alpha", "Beta", "Gamma")]
+    config = BenchmarkConfig.quick(estimators=("mean_loss", "alignment"), seeds=1, curve_domains=(),
+                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50)
+    with pytest.warns(UserWarning, match="no power"):
+        result = run_benchmark(load_model(str(tiny_llama_dir)), domains, config)
+    assert result.warnings and len(result.domains) == 3
+
+
+def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monkeypatch):
+    """The page finds a finished run in the cache and shows its leaderboard,
+    reliability, scatter and learning curves from the result file."""
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    proc, out = quick_run
+    assert proc.returncode == 0
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DOWSING_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    st.cache_resource.clear()
+    run = cache / "benchmark" / "20260101-000000-abcdef"
+    run.mkdir(parents=True)
+    shutil.copy(out, run / "result.json")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = str(tiny_llama_dir)
+    at.run()
+    at.switch_page("pages/benchmark.py")
+    at.run()
+    assert not at.exception, at.exception
+    result = json.loads(out.read_text())
+    table = at.dataframe[0].value
+    assert len(table) == len(result["leaderboard"])
+    main = result["config"]["main_recipe"]
+    by_label = {r["label"]: r["recipes"][main]["spearman"] for r in result["leaderboard"]}
+    for label, rho in zip(table["Estimator"], table["ρ"]):
+        assert rho == pytest.approx(by_label[label]) if by_label[label] is not None else np.isnan(rho)
+    titles = [json.loads(c.proto.spec)["layout"]["title"]["text"] for c in at.get("plotly_chart")]
+    assert any("Spearman ρ against the realised" in t for t in titles)
+    assert any("priority against realised held-out gain" in t for t in titles)
+    assert sum("learning curve" in t for t in titles) == len(result["curves"])
+    st.cache_resource.clear()
+
+
+def test_derivatives_of_all_directions_at_once_equal_the_per_direction_twin(tiny64):
+    from dowsing.validation.estimators import all_domain_terms, domain_terms, split_pass
+    from dowsing.validation.split import split_domains
+
+    domains = [{"name": n, "facts": FACTS[2 * i: 2 * i + 2] + [f"{n} is a letter of the alphabet."]}
+               for i, n in enumerate(("A", "B", "C"))]
+    train, held = split_domains(domains, 0)
+    split = split_pass(tiny64, train, held)
+    fast = all_domain_terms(split)
+    for k in range(len(train)):
+        slow = domain_terms(split, k)
+        for name in ("a", "c", "c_ggn", "grads", "hessian"):
+            got, want = getattr(fast[k], name), getattr(slow, name)
+            assert torch.allclose(got, want, rtol=1e-9, atol=1e-12 * float(want.abs().max())), name
