@@ -38,7 +38,10 @@ from ..result import finite_or_none
 from ..solvers import damped, dense_solve
 from ..subspace import encode_facts, find_anatomy
 from .correlations import bootstrap_spearman, kendall, spearman
-from .estimators import PAPER, ESTIMATORS, score_estimators, split_pass
+from .estimators import ALIGNMENT_ESTIMATORS, PAPER, SUBSPACE_ESTIMATORS, alignment_scores, score_estimators, split_pass
+
+# The quick validation's estimators: the benchmark has them all, EK-FAC included.
+VALIDATION_ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS
 from .finetune import finetune_gains
 from .split import split_domains
 from .subspace_truth import subspace_response, summarise_subspace
@@ -77,7 +80,7 @@ class ValidationConfig:
     finetune_batch: int = 8
     finetune_added_batch: int = 4
     finetune_added_weight: float = 1.0
-    estimators: tuple = ESTIMATORS
+    estimators: tuple = VALIDATION_ESTIMATORS
     bootstrap: int = 1000
     interval_pct: float = 90.0
     lissa_depth: int = 1000
@@ -93,9 +96,9 @@ class ValidationConfig:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}")
         if not self.eps or any(not (e > 0) for e in self.eps):
             raise ValueError("eps must be a non-empty list of positive numbers")
-        bad = [e for e in self.estimators if e not in ESTIMATORS]
+        bad = [e for e in self.estimators if e not in VALIDATION_ESTIMATORS]
         if bad:
-            raise ValueError(f"unknown estimator(s): {', '.join(bad)}; choose from {', '.join(ESTIMATORS)}")
+            raise ValueError(f"unknown estimator(s): {', '.join(bad)}; choose from {', '.join(VALIDATION_ESTIMATORS)}")
         if self.finetune_steps < 1 or self.finetune_batch < 1 or self.finetune_added_batch < 1:
             raise ValueError("finetune_steps, finetune_batch and finetune_added_batch must be >= 1")
         if self.bootstrap < 0:
@@ -204,9 +207,14 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
         estimators.insert(0, PAPER)
     t0 = time.perf_counter()
     scores, terms = score_estimators(
-        model, train, split, estimators, config.damping, config.lissa_depth, config.lissa_batch_facts, config.seed,
-        progress=lambda f, m: say(Progress("estimators", 0.05 + 0.25 * f, m)),
+        model, train, split, [e for e in estimators if e in SUBSPACE_ESTIMATORS], config.damping,
+        config.lissa_depth, config.lissa_batch_facts, config.seed,
+        progress=lambda f, m: say(Progress("estimators", 0.05 + 0.2 * f, m)),
     )
+    aligned = [e for e in estimators if e in ALIGNMENT_ESTIMATORS]
+    if aligned and split.block_inputs is not None:
+        scores += alignment_scores(model, split, aligned, min(config.finetune_blocks, depth), seed=config.seed,
+                                   progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m)))
     timings["estimators"] = time.perf_counter() - t0
 
     subspace = None
