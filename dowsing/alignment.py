@@ -53,10 +53,8 @@ class Alignment:
     extras: dict = field(default_factory=dict)
 
 
-def _dot(a: list, b: list, p: list | None) -> float:
-    if p is None:
-        return float(sum((x.double() * y.double()).sum() for x, y in zip(a, b)))
-    return float(sum((x.double() * y.double() * w.double()).sum() for x, y, w in zip(a, b, p)))
+def _flat(tensors: list) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def adam_preconditioner(grad_of: GradFn, pool: list, batch_size: int, n_batches: int, seed: int,
@@ -78,7 +76,9 @@ def domain_alignment(grad_of: GradFn, rows: list, preconditioners: dict, query_r
     """{name: Alignment} for each named preconditioner (None = identity).
 
     Costs one backward pass per fact (the per-fact norms) plus batched passes
-    for S_k and the query gradient.
+    for S_k and the query gradient. Gradients are flattened once; P S_k and
+    P grad L_Q are formed once per domain, so each fact costs three dot
+    products whatever the number of parameters.
     """
     n = len(rows)
     if n < 2:
@@ -86,20 +86,24 @@ def domain_alignment(grad_of: GradFn, rows: list, preconditioners: dict, query_r
     total = None
     for start in range(0, n, sum_batch):
         part = rows[start: start + sum_batch]
-        g = [x * len(part) for x in grad_of(part)]
-        total = g if total is None else [a + b for a, b in zip(total, g)]
-    query = grad_of(query_rows) if query_rows else None
+        g = _flat(grad_of(part)) * len(part)
+        total = g if total is None else total + g
+    query = _flat(grad_of(query_rows)) if query_rows else None
+    weights = {name: (None if p is None else _flat(p).to(total.dtype)) for name, p in preconditioners.items()}
+    p_total = {name: total if w is None else w * total for name, w in weights.items()}
+    p_query = {name: (query if w is None else w * query) if query is not None else None for name, w in weights.items()}
     out = {name: {"pairs": [], "query": [], "self": []} for name in preconditioners}
     for r in rows:
-        g = grad_of([r])
-        for name, p in preconditioners.items():
-            own = _dot(g, g, p)
-            with_all = _dot(g, total, p)
+        g = _flat(grad_of([r]))
+        g2 = g * g
+        for name, w in weights.items():
+            own = float(g2.sum(dtype=torch.float64) if w is None else (g2 * w).sum(dtype=torch.float64))
+            with_all = float((g * p_total[name]).sum(dtype=torch.float64))
             out[name]["self"].append(own)
             out[name]["pairs"].append((with_all - own) / (n - 1))
             if query is not None:
-                out[name]["query"].append(_dot(g, query, p))
-        del g
+                out[name]["query"].append(float((g * p_query[name]).sum(dtype=torch.float64)))
+        del g, g2
     result = {}
     for name, vals in out.items():
         pairs = vals["pairs"]

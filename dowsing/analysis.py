@@ -13,13 +13,15 @@ from typing import Callable
 import torch
 
 from . import metrics
-from .config import AnalysisConfig
+from .config import ESTIMATOR_LABELS, AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
 from .models import (DTYPES, LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model,
                      resolve_model)
+from .ranking import (ALIGNMENT_ESTIMATORS, alignment_blocks, block_inputs_by_fact, capture_inputs_during,
+                      ranking_priorities)
 from .result import ENGINE_VERSION, DomainResult, Result
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
-from .uncertainty import DomainKernels, bootstrap_domains
+from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
 from .solvers import SolveReport, conjugate_gradient, damped, dense_solve
 from .subspace import capture_tail_inputs, encode_facts, find_anatomy, make_batches, per_fact_losses
 
@@ -143,7 +145,9 @@ def _cg_mu(obj: SubspaceObjective, w_all, w_k, n_k, n_total, g, damping, rtol, m
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
             progress: Callable[[Progress], None] | None = None) -> Result:
-    """Rank domains by Mean_k = g_k^T (H_k + lambda I)^-1 g_k in each concept subspace.
+    """The paper's concept-subspace influence Mean_k = g_k^T (H_k + lambda I)^-1 g_k
+    in each concept subspace (with transfer, saturation and their bootstrap),
+    and the domains ranked by config.estimator's priority (`dowsing.ranking`).
 
     model: a LoadedModel, or a model id / path (None for the embedded default).
     domains: Domain objects or {"name", "facts"} dicts.
@@ -182,7 +186,15 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     for note in notes:
         warnings.warn(note, stacklevel=2)
     batches = make_batches(encoded, config.batch_size, device)
-    directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, n_domains)
+    captured: list = []
+    if config.estimator in ALIGNMENT_ESTIMATORS:
+        # The alignment needs the input of its first block per fact: taken
+        # from this pass rather than a second one.
+        first_block, _, _ = alignment_blocks(net, config.align_blocks)
+        with capture_inputs_during(net, first_block, captured):
+            directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, n_domains)
+    else:
+        directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, n_domains)
     bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -198,7 +210,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     per_domain = []
     t_solve = time.perf_counter()
     for k, domain in enumerate(domains):
-        base_fraction = 0.1 + 0.75 * k / n_domains
+        base_fraction = 0.1 + 0.55 * k / n_domains
         report(Progress("solve", base_fraction, f"domain {k + 1} of {n_domains}: {domain.name}"))
         v = directions[k].to(dtype)
         rows = rows_of[k]
@@ -248,31 +260,20 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     timings["solve"] = time.perf_counter() - t_solve
 
     means = [p["mean"] for p in per_domain]
-    ranks = metrics.ranks_by_mean(means)
-    shares = metrics.shares_pct([float(p["influence"].sum()) for p in per_domain])
-    tests = metrics.t_vs_rest([p["influence"].numpy() for p in per_domain])
 
     t_sat = time.perf_counter()
-    results = []
+    saturations = []
     for k, domain in enumerate(domains):
-        report(Progress("saturation", 0.85 + 0.14 * k / n_domains, f"saturation fit for {domain.name}"))
+        report(Progress("saturation", 0.65 + 0.1 * k / n_domains, f"saturation fit for {domain.name}"))
         n_k = len(rows_of[k])
-        sat = saturation(per_domain[k]["mu"], n_k, means[k], config.saturation_points, config.saturation_max_factor)
-        solve: SolveReport = per_domain[k]["solve"]
-        results.append(DomainResult(
-            name=domain.name, rank=ranks[k], mean=means[k], share_pct=shares[k],
-            t_vs_rest=tests[k][0], p_value=tests[k][1], n_facts=n_k,
-            delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"],
-            delta_n_reason=sat["reason"],
-            saturation={key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
-            solver=solve.summary(), concept_vector_norm=float(norms[k]),
-        ))
+        saturations.append(saturation(per_domain[k]["mu"], n_k, means[k], config.saturation_points,
+                                      config.saturation_max_factor))
     timings["saturation"] = time.perf_counter() - t_sat
 
     t_boot = time.perf_counter()
     bootstrap = None
     if all(p["system"] is not None for p in per_domain):
-        report(Progress("uncertainty", 0.99, f"bootstrap over facts ({config.bootstrap_resamples} resamples)"))
+        report(Progress("uncertainty", 0.75, f"bootstrap over facts ({config.bootstrap_resamples} resamples)"))
         kernels = []
         for k, domain in enumerate(domains):
             n_k = len(rows_of[k])
@@ -284,15 +285,54 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     else:
         notes.append("No bootstrap intervals with the CG solver and B > 1: they need a dense system per domain.")
     timings["bootstrap"] = time.perf_counter() - t_boot
+
+    # The ranking estimator (the paper's quantities above stay as they are).
+    t_rank = time.perf_counter()
+    report(Progress("ranking", 0.78, f"ranking estimator: {ESTIMATOR_LABELS[config.estimator]}"))
+
+    def on_ranking(fraction, message):
+        report(Progress("ranking", 0.78 + 0.2 * fraction, message))
+
+    scores = ranking_priorities(
+        model, encoded.ids, batches, rows_of, tokens.fact_losses, means,
+        [p["influence"].tolist() for p in per_domain], config,
+        block_inputs=block_inputs_by_fact(batches, captured) if captured else None, progress=on_ranking)
+    del captured
+    notes += scores.notes
+    priorities = scores.priority
+    ranks = metrics.ranks_by_mean(priorities)
+    if config.estimator == "paper":
+        shares = metrics.shares_pct([float(p["influence"].sum()) for p in per_domain])
+    else:
+        shares = metrics.shares_pct(priorities)
+    tests = metrics.t_vs_rest([scores.per_fact[k] for k in range(n_domains)])
+    report(Progress("ranking", 0.99, f"bootstrap of the priorities ({config.bootstrap_resamples} resamples)"))
+    ranking = ranking_uncertainty(scores, bootstrap, config)
+    timings["ranking"] = time.perf_counter() - t_rank
     timings["total"] = time.perf_counter() - clock
 
+    results = []
+    for k, domain in enumerate(domains):
+        sat = saturations[k]
+        solve: SolveReport = per_domain[k]["solve"]
+        results.append(DomainResult(
+            name=domain.name, rank=ranks[k], mean=means[k], share_pct=shares[k],
+            t_vs_rest=tests[k][0], p_value=tests[k][1], n_facts=len(rows_of[k]),
+            delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"],
+            delta_n_reason=sat["reason"],
+            saturation={key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
+            solver=solve.summary(), concept_vector_norm=float(norms[k]), priority=priorities[k],
+        ))
+
     per_example = [
-        {"domain": domain.name, "text": facts[i], "influence": float(per_domain[k]["influence"][j])}
+        {"domain": domain.name, "text": facts[i], "influence": float(per_domain[k]["influence"][j]),
+         "priority": scores.per_fact[k][j]}
         for k, domain in enumerate(domains) for j, i in enumerate(rows_of[k])
     ]
     extras = {
         "route": route,
         "bootstrap": bootstrap,
+        "ranking": ranking,
         "transfer": {
             "domains": [d.name for d in domains],
             # matrix[j][k] = grad L_j^T z_k: data aligned with k lowering the loss of j
@@ -309,6 +349,35 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
         model=model.info.to_dict(), config=config.to_dict(), domains=results, per_example=per_example,
         timings=timings, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), extras=extras,
     )
+
+
+def ranking_uncertainty(scores, paper_bootstrap: dict | None, config: AnalysisConfig) -> dict:
+    """extras["ranking"]: the estimator, its label, and its priorities' 90%
+    intervals, Share intervals and rank probabilities (per domain, in domain
+    order) from `bootstrap_priorities` over each domain's per-fact values,
+    with the paper's bootstrap's resample count, level and seed.
+
+    For the paper's estimator the paper's own bootstrap (which resamples the
+    quadratic form Mean_k, not the mean of the per-fact influences) gives
+    these numbers when it exists, so Priority and Mean (paper) carry one
+    interval."""
+    out = {"estimator": scores.estimator, "label": scores.label, "seconds": scores.seconds,
+           "details": scores.details, "level": 0.90, "n_resamples": config.bootstrap_resamples,
+           "seed": config.seed}
+    if scores.estimator == "paper" and paper_bootstrap:
+        domains = paper_bootstrap["domains"]
+        out.update(source="the paper's bootstrap (extras.bootstrap)",
+                   rank_stable_probability=paper_bootstrap["rank_stable_probability"],
+                   priority_interval=[d["mean_interval"] for d in domains],
+                   share_pct_interval=[d["share_pct_interval"] for d in domains],
+                   rank_probabilities=[d["rank_probabilities"] for d in domains],
+                   most_likely_rank=[d["most_likely_rank"] for d in domains],
+                   rank_stable=[d["rank_stable"] for d in domains])
+        return out
+    boot = bootstrap_priorities(scores.per_fact, n_resamples=config.bootstrap_resamples, level=0.90,
+                                seed=config.seed).to_dict()
+    out.update(source="bootstrap of the per-fact values", **boot)
+    return out
 
 
 def model_fingerprint(model_id: str | None) -> str:

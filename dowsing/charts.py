@@ -17,6 +17,8 @@ from .result import DomainResult, Result, format_sci
 # Tableau 10 first (distinct, colour-blind friendlier), then more hues for big sets.
 PALETTE: tuple[str, ...] = tuple(qualitative.T10) + tuple(qualitative.Alphabet)
 FONT = "Inter, -apple-system, Segoe UI, Helvetica, Arial, sans-serif"
+# Saturation curves and Δn come from the paper's method, whatever ranked the domains.
+SATURATION_SOURCE = "from the concept-subspace curvature (paper)"
 
 
 def domain_colors(names: Iterable[str]) -> dict[str, str]:
@@ -42,6 +44,45 @@ def bootstrap_domains(result: Result) -> dict[str, dict]:
     no bootstrap (CG solver, or a result cached before the bootstrap existed)."""
     boot = (result.extras or {}).get("bootstrap") or {}
     return {d["name"]: d for d in boot.get("domains") or [] if isinstance(d, dict) and "name" in d}
+
+
+def ranking_domains(result: Result) -> dict[str, dict]:
+    """Domain name -> the ranking estimator's uncertainty: {"priority_interval",
+    "share_pct_interval", "rank_probabilities", "rank_stable"}, from
+    extras["ranking"] (lists in domain order); for results without one (engines
+    before 1.3.0 ranked by the paper's Mean) from the paper's bootstrap. {} when
+    neither exists."""
+    ranking = (result.extras or {}).get("ranking") or {}
+    names = [d.name for d in result.domains]
+    if ranking.get("rank_probabilities") and len(ranking["rank_probabilities"]) == len(names):
+        out = {}
+        for k, name in enumerate(names):
+            entry = {key: (ranking.get(key) or [None] * len(names))[k]
+                     for key in ("priority_interval", "share_pct_interval", "rank_probabilities", "rank_stable")}
+            if entry["rank_stable"] is None:
+                entry["rank_stable"] = True
+            out[name] = entry
+        return out
+    if ranking:
+        return {}
+    return {name: {"priority_interval": b.get("mean_interval"), "share_pct_interval": b.get("share_pct_interval"),
+                   "rank_probabilities": b.get("rank_probabilities"), "rank_stable": b.get("rank_stable", True)}
+            for name, b in bootstrap_domains(result).items()}
+
+
+def ranking_resamples(result: Result) -> int | None:
+    """How many bootstrap resamples the ranking's uncertainty rests on."""
+    extras = result.extras or {}
+    source = extras.get("ranking") or extras.get("bootstrap") or {}
+    return source.get("n_resamples")
+
+
+def estimator_label(result: Result) -> str:
+    """The ranking estimator's short label, for titles and axes."""
+    from .config import ESTIMATOR_LABELS
+
+    ranking = (result.extras or {}).get("ranking") or {}
+    return ranking.get("label") or ESTIMATOR_LABELS.get(result.estimator, result.estimator)
 
 
 def transfer_matrix(result: Result) -> tuple[list[str], list[list[float | None]]] | None:
@@ -101,9 +142,11 @@ def _layout(fig: go.Figure, **kwargs) -> go.Figure:
 
 
 def share_donut(result: Result, colors: dict[str, str] | None = None) -> go.Figure:
-    """Donut of Share (%) = |Σ_i I_ki| / Σ_j |Σ_i I_ji| × 100 per domain, in set order."""
+    """Donut of Share (%) per domain, in set order: |priority_k| / Σ_j |priority_j| × 100
+    of the ranking estimator (with the paper's, |Σ_i I_ki| / Σ_j |Σ_i I_ji| × 100)."""
     colors = colors or result_colors(result)
     domains = result.domains
+    paper = result.estimator == "paper"
     fig = go.Figure(
         go.Pie(
             labels=[d.name for d in domains],
@@ -112,17 +155,19 @@ def share_donut(result: Result, colors: dict[str, str] | None = None) -> go.Figu
             sort=False,
             direction="clockwise",
             marker=dict(colors=[colors[d.name] for d in domains], line=dict(color="white", width=2)),
-            customdata=[[d.rank, format_sci(d.mean)] for d in domains],
+            customdata=[[d.rank, format_sci(d.ranking_priority)] for d in domains],
             texttemplate="%{value:.1f}%",
             textposition="inside",
             insidetextorientation="horizontal",
             hovertemplate="<b>%{label}</b><br>Share %{value:.1f}%<br>Rank %{customdata[0]}"
-            "<br>Mean %{customdata[1]}<extra></extra>",
+            f"<br>{'Mean' if paper else 'Priority'} %{{customdata[1]}}<extra></extra>",
         )
     )
-    fig.add_annotation(text="Share of<br>|influence|", showarrow=False, font=dict(size=14, color="#555"))
+    fig.add_annotation(text="Share of<br>|influence|" if paper else "Share of<br>|priority|", showarrow=False,
+                       font=dict(size=14, color="#555"))
     fig.update_layout(uniformtext=dict(minsize=10, mode="hide"))  # no text on slivers; the legend names them
-    return _layout(fig, title=dict(text="Share of total influence", x=0), showlegend=True,
+    title = "Share of total influence" if paper else "Share of total |priority|"
+    return _layout(fig, title=dict(text=title, x=0), showlegend=True,
                    legend=dict(title=dict(text="Domain")), height=420)
 
 
@@ -225,7 +270,8 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
     fig.update_yaxes(type="log", title="marginal influence μ(n)", exponentformat="power")
     return _layout(
         fig,
-        title=dict(text="Saturation: μ(n) = c(n+N₀)<sup>−α</sup>  ◆ now  ★ n+Δn@10%  ┈ 10% line", x=0),
+        title=dict(text="Saturation: μ(n) = c(n+N₀)<sup>−α</sup>  ◆ now  ★ n+Δn@10%  ┈ 10% line"
+                        f"<br><sup>{SATURATION_SOURCE}</sup>", x=0),
         legend=dict(title=dict(text="Domain (click to toggle)")),
         hovermode="closest",
         height=480,
@@ -233,9 +279,10 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
 
 
 def rank_probability_chart(result: Result) -> go.Figure | None:
-    """Heatmap of P(domain holds rank r) over the bootstrap resamples: rows are the
-    domains in rank order, columns the ranks 1..K; None without a bootstrap."""
-    boot = bootstrap_domains(result)
+    """Heatmap of P(domain holds rank r) over the bootstrap resamples of the ranking
+    estimator (extras["ranking"]; the paper's bootstrap for older results): rows are
+    the domains in rank order, columns the ranks 1..K; None without a bootstrap."""
+    boot = ranking_domains(result)
     rows = [d for d in result.ranked() if d.name in boot and boot[d.name].get("rank_probabilities")]
     if not rows:
         return None
@@ -243,7 +290,7 @@ def rank_probability_chart(result: Result) -> go.Figure | None:
     z = [[float(p) for p in boot[d.name]["rank_probabilities"]] + [0.0] * (k - len(boot[d.name]["rank_probabilities"]))
          for d in rows]
     labels = [d.name + ("" if boot[d.name].get("rank_stable", True) else " ⚠") for d in rows]
-    n_resamples = ((result.extras or {}).get("bootstrap") or {}).get("n_resamples")
+    n_resamples = ranking_resamples(result)
     fig = go.Figure(go.Heatmap(
         z=z, x=[str(r) for r in range(1, k + 1)], y=labels, zmin=0, zmax=1, colorscale="Blues",
         text=[[f"{p:.0%}" for p in row] for row in z], texttemplate="%{text}",

@@ -9,7 +9,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import CURVATURES, DEVICES, DTYPES, SOLVERS, AnalysisConfig
+from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, RANKING_ESTIMATORS, SOLVERS, AnalysisConfig
 from .models import EMBEDDED_ID, ModelError, atomic_write_text
 from .result import Result, format_sci
 
@@ -17,21 +17,31 @@ BAD_INPUT = 2
 
 
 def format_table(result: Result) -> str:
-    """The paper's Table 1 as text."""
-    header = ["Rank", "Concept", "Mean", "Share", "Δn@10%", "t vs rest", "p"]
+    """The ranked table as text: which estimator ranked the domains and what the
+    benchmark measured for it, then Rank, Concept, Priority with its 90% interval,
+    Share, the paper's Mean and Δn@10%, t vs rest and p."""
+    from .charts import SATURATION_SOURCE, ranking_domains
+    from .report import evidence_text, format_interval, ranking_statement
+
+    header = ["Rank", "Concept", "Priority [90% interval]", "Share", "Mean (paper)", "Δn@10%", "t vs rest", "p"]
+    intervals = ranking_domains(result)
     rows = []
     for d in result.ranked():
+        interval = format_interval((intervals.get(d.name) or {}).get("priority_interval"))
         rows.append([
-            str(d.rank), d.name, format_sci(d.mean), f"{d.share_pct:.1f}%", format_sci(d.delta_n_10pct),
+            str(d.rank), d.name, format_sci(d.ranking_priority) + (f" {interval}" if interval else ""),
+            f"{d.share_pct:.1f}%", format_sci(d.mean), format_sci(d.delta_n_10pct),
             "—" if d.t_vs_rest is None else f"{d.t_vs_rest:.2f}",
             "—" if d.p_value is None else f"{d.p_value:.2g}",
         ])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
+    lines = [ranking_statement(result), evidence_text(result), ""]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    notes = [f"  {d.name}: Δn is — because {d.delta_n_reason[0].lower()}{d.delta_n_reason[1:]}"
-             for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason]
-    return "\n".join(lines + (["", "Notes:"] + notes if notes else []))
+    notes = [f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."]
+    notes += [f"  {d.name}: Δn is — because {d.delta_n_reason[0].lower()}{d.delta_n_reason[1:]}"
+              for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason]
+    return "\n".join(lines + ["", "Notes:"] + notes)
 
 
 def _progress(p) -> None:
@@ -46,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 anything else.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
-    analyze = sub.add_parser("analyze", help="rank domains by concept-subspace influence")
+    analyze = sub.add_parser("analyze", help="rank domains by the ranking estimator, with the paper's "
+                                             "concept-subspace influence and saturation beside it")
     defaults = AnalysisConfig()
     analyze.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     analyze.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
@@ -65,6 +76,15 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", choices=DEVICES, default=defaults.device, help="(default: %(default)s)")
     analyze.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
                          help="model precision; solves are float64 always; bfloat16 needs cuda (default: %(default)s)")
+    analyze.add_argument("--estimator", choices=RANKING_ESTIMATORS, default=defaults.estimator,
+                         help=f"what ranks the domains (default: {DEFAULT_ESTIMATOR}, chosen by the benchmark against "
+                              "real fine-tuning): alignment_adam / alignment: gradient alignment between a domain's "
+                              "facts over the last blocks, with or without Adam's preconditioner; paper: the Data "
+                              "Dowsing paper's method, concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ; mean_loss: the "
+                              "domain's mean loss. The paper's Mean and Δn are computed whatever it is")
+    analyze.add_argument("--align-blocks", type=int, default=defaults.align_blocks,
+                         help=f"last blocks (plus the final norm) whose parameters the alignment estimators use "
+                              f"(default: {defaults.align_blocks})")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     validate = sub.add_parser("validate", help="check the ranking against ground truth by training; rival estimators")
@@ -77,6 +97,25 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench = sub.add_parser("benchmark", help="does an estimator's ranking predict fine-tuning? the leaderboard "
+                                             "over the shipped benchmark domains, with power")
+    bench.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
+    bench.add_argument("--domains", default=None,
+                       help="JSON or CSV domain file (default: the 27 shipped benchmark domains, "
+                            "dowsing/data/benchmark.json)")
+    bench.add_argument("--quick", action="store_true",
+                       help="six domains of 12 facts, short recipes: a few minutes on a small model")
+    bench.add_argument("--config", default=None, help="JSON file of BenchmarkConfig fields")
+    bench.add_argument("--seed", type=int, default=None, help="first seed of the split, fine-tunes and bootstrap")
+    bench.add_argument("--out", default=None, help="write the full benchmark result as JSON here")
+    bench.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
+    bench.add_argument("--threads", type=int, default=None,
+                       help="torch CPU threads (default: torch's choice, one per core); 1 is far faster when "
+                            "other processes share the cores")
+    bench.add_argument("--evidence", action="store_true",
+                       help="also write the per-estimator summary the app quotes "
+                            "(dowsing/data/benchmark_evidence.json)")
+    bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     return parser
 
 
@@ -86,7 +125,8 @@ def run_analyze(args) -> int:
 
     try:
         config = AnalysisConfig(damping=args.damping, blocks=args.blocks, solver=args.solver,
-                                curvature=args.curvature, device=args.device, dtype=args.dtype)
+                                curvature=args.curvature, device=args.device, dtype=args.dtype,
+                                estimator=args.estimator, align_blocks=args.align_blocks)
         domains = load_domains(args.domains) if args.domains else default_domains()
         if args.out:
             out = Path(args.out)
@@ -147,12 +187,89 @@ def run_validate(args) -> int:
     return 0
 
 
+def _check_out(path) -> None:
+    if path:
+        out = Path(path)
+        if out.is_dir():
+            raise ValueError(f"--out {out} is a directory; give a file name.")
+        if not out.parent.exists():
+            raise ValueError(f"--out: the folder {out.parent} does not exist.")
+
+
+def _progress_writer(args):
+    import json
+
+    def progress(p) -> None:
+        if not args.quiet:
+            _progress(p)
+        if args.progress_file:
+            atomic_write_text(Path(args.progress_file), json.dumps(
+                {"stage": p.stage, "fraction": p.fraction, "message": p.message}))
+
+    return progress
+
+
+def run_benchmark_command(args) -> int:
+    import json
+
+    from .domains import DomainError, load_domains
+    from .validation.benchmark import BenchmarkConfig, check_domains, run_benchmark
+    from .validation.split import benchmark_domains
+
+    try:
+        fields = json.loads(Path(args.config).read_text()) if args.config else {}
+        if args.seed is not None:
+            fields["seed"] = args.seed
+        config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
+        domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
+        check_domains(domains)
+        _check_out(args.out)
+    except (DomainError, ValueError, OSError, TypeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("always")
+            warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
+            result = run_benchmark(args.model, domains, config, progress=_progress_writer(args))
+    except (ModelError, DomainError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    main = config.main_recipe
+    print(f"Leaderboard, recipe {main} ({len(result.domains)} domains; ρ against the seed-averaged realised gain):")
+    print(result.table(main).to_string(index=False))
+    ceiling = result.reliability["between_seeds"][main]
+    print(f"\nGround truth between seeds: ρ = {_num(ceiling['spearman'])} "
+          f"(reliability of the seed mean {_num(ceiling['spearman_brown'])}).")
+    print(f"Winner: {result.winner}")
+    if args.out:
+        atomic_write_text(Path(args.out), result.to_json())
+        print(f"\nwrote {args.out}")
+    if args.evidence:
+        from .evidence import EVIDENCE_FILE
+        from .validation.benchmark import evidence_from_result
+
+        atomic_write_text(EVIDENCE_FILE, json.dumps(evidence_from_result(result), indent=2, ensure_ascii=False) + "\n")
+        print(f"wrote {EVIDENCE_FILE}")
+    return 0
+
+
+def _num(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "analyze":
         return run_analyze(args)
     if args.command == "validate":
         return run_validate(args)
+    if args.command == "benchmark":
+        return run_benchmark_command(args)
     return BAD_INPUT
 
 

@@ -9,7 +9,8 @@ from .result import Result, format_sci
 
 def compare(a: Result, b: Result, label_a: str = "A", label_b: str = "B") -> pd.DataFrame:
     """One row per domain in either run (A's rank order, then B-only domains):
-    rank, mean, share and Δn@10% in each run, and the rank change B − A
+    rank, priority (of the run's ranking estimator), the paper's mean, share and
+    Δn@10% in each run, and the rank change B − A
     (negative = the domain moved up in B). Missing values are None."""
     by_a = {d.name: d for d in a.domains}
     by_b = {d.name: d for d in b.domains}
@@ -22,6 +23,8 @@ def compare(a: Result, b: Result, label_a: str = "A", label_b: str = "B") -> pd.
             f"Rank {label_a}": da.rank if da else None,
             f"Rank {label_b}": db.rank if db else None,
             "Rank change": (db.rank - da.rank) if da and db else None,
+            f"Priority {label_a}": da.ranking_priority if da else None,
+            f"Priority {label_b}": db.ranking_priority if db else None,
             f"Mean {label_a}": da.mean if da else None,
             f"Mean {label_b}": db.mean if db else None,
             f"Share {label_a} (%)": da.share_pct if da else None,
@@ -37,7 +40,7 @@ def format_comparison(table: pd.DataFrame) -> pd.DataFrame:
     integers, a rank change as ▲/▼ with the number of places."""
     out = table.copy().astype(object)
     for col in out.columns:
-        if col.startswith(("Mean", "Δn")):
+        if col.startswith(("Mean", "Δn", "Priority")):
             out[col] = [format_sci(None if pd.isna(v) else float(v)) for v in table[col]]
         elif col.startswith("Share"):
             out[col] = ["—" if pd.isna(v) else f"{float(v):.1f}%" for v in table[col]]

@@ -10,6 +10,19 @@ CURVATURES = ("hessian", "ggn")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16")
 
+# What orders the domains (`dowsing.ranking`). The paper's concept-subspace
+# influence is always computed (Mean, transfer, saturation); the ranking
+# estimator decides the Rank, Share and Priority columns.
+RANKING_ESTIMATORS = ("alignment_adam", "alignment", "paper", "mean_loss")
+# Chosen by the benchmark against real fine-tuning (docs/VALIDATION.md).
+DEFAULT_ESTIMATOR = "alignment_adam"
+ESTIMATOR_LABELS = {
+    "alignment_adam": "Gradient alignment between facts, Adam-preconditioned",
+    "alignment": "Gradient alignment between facts",
+    "paper": "Paper: concept-subspace influence",
+    "mean_loss": "Mean loss (log perplexity)",
+}
+
 
 @dataclass(frozen=True)
 class AnalysisConfig:
@@ -28,6 +41,15 @@ class AnalysisConfig:
     batch_size: facts per forward pass (results do not depend on it).
     bootstrap_resamples / seed: resamples of each domain's facts for the 90%
         intervals and rank probabilities (curvature held fixed).
+    estimator: what ranks the domains, one of RANKING_ESTIMATORS: gradient
+        alignment between a domain's facts with Adam's preconditioner or
+        without, the paper's concept-subspace influence Mean_k, or the mean
+        loss. The paper's quantities are computed whatever it is.
+    align_blocks: the alignment estimators use the parameters of the last
+        align_blocks transformer blocks and the final norm (all blocks when
+        the model has fewer).
+    adam_batches: seeded minibatches of 8 facts that estimate Adam's second
+        moment (seeded by `seed`).
     """
 
     damping: float = 1e-3
@@ -43,6 +65,9 @@ class AnalysisConfig:
     batch_size: int = 16
     bootstrap_resamples: int = 200
     seed: int = 0
+    estimator: str = DEFAULT_ESTIMATOR
+    align_blocks: int = 4
+    adam_batches: int = 8
 
     def __post_init__(self) -> None:
         if not (self.damping >= 0.0) or self.damping != self.damping:
@@ -71,6 +96,12 @@ class AnalysisConfig:
             raise ValueError(f"bootstrap_resamples must be >= 200, got {self.bootstrap_resamples!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        if self.estimator not in RANKING_ESTIMATORS:
+            raise ValueError(f"estimator must be one of {', '.join(RANKING_ESTIMATORS)}, got {self.estimator!r}")
+        if int(self.align_blocks) != self.align_blocks or self.align_blocks < 1:
+            raise ValueError(f"align_blocks must be an integer >= 1, got {self.align_blocks!r}")
+        if int(self.adam_batches) != self.adam_batches or self.adam_batches < 1:
+            raise ValueError(f"adam_batches must be an integer >= 1, got {self.adam_batches!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 from scipy import stats
@@ -38,7 +39,11 @@ def t_vs_rest(influences) -> list[tuple[float | None, float | None]]:
         if len(own) < 2 or len(rest) < 2:
             out.append((None, None))
             continue
-        result = stats.ttest_ind(np.asarray(own), np.asarray(rest), equal_var=False)
+        with warnings.catch_warnings():
+            # Identical values (e.g. the two per-fact alignments of a 2-fact
+            # domain) give no t; the None below says so without a warning.
+            warnings.simplefilter("ignore", RuntimeWarning)
+            result = stats.ttest_ind(np.asarray(own), np.asarray(rest), equal_var=False)
         t, p = float(result.statistic), float(result.pvalue)
         out.append((t if math.isfinite(t) else None, p if math.isfinite(p) else None))
     return out

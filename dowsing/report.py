@@ -13,9 +13,10 @@ from datetime import datetime
 import pandas as pd
 
 from . import charts
+from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
 
-TABLE_COLUMNS = ["Rank", "Concept", "Mean", "Share (%)", "Δn@10%", "t vs rest", "p"]
+TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%", "t vs rest", "p"]
 
 
 def format_t(value: float | None) -> str:
@@ -50,34 +51,70 @@ def rank_probability_text(probabilities) -> str:
     return ", ".join(parts)
 
 
-def table_rows(result: Result) -> list[dict]:
-    """Rows of the paper's Table 1 as display strings, ranked, plus why Δn is missing.
+def ranking_statement(result: Result) -> str:
+    """Which estimator ranked the domains, in one sentence."""
+    name = result.estimator
+    label = charts.estimator_label(result)
+    if name == "paper":
+        return (f"Ranked by {label} (estimator “paper”, the Data Dowsing paper's method): "
+                "Priority = Mean = ḡᵀ(H+λI)⁻¹ḡ.")
+    return (f"Ranked by {label} (estimator “{name}”). Share is each domain's |priority| out of the total; "
+            "Mean (paper) and Δn@10% are the paper's concept-subspace influence and saturation, shown beside it.")
 
-    With a bootstrap in the result, "intervals" holds the 90% interval of Mean, Share
-    and Δn@10% per column ('[lo, hi]'), "rank_stable" whether the most likely rank has
-    probability ≥ the stability threshold, and "rank_help" the rank probabilities."""
+
+def evidence_text(result: Result) -> str:
+    """What the benchmark measured for this result's estimator (dowsing.evidence), verbatim."""
+    return evidence_sentence(result.estimator)
+
+
+def evidence_is_weak(result: Result) -> bool:
+    """True when the estimator did not beat ranking by mean loss on the benchmark
+    (mean loss itself, an unmeasured estimator, or an interval that includes 0)."""
+    name = result.estimator
+    return name == "mean_loss" or not beats_mean_loss(estimator_evidence(name))
+
+
+def table_rows(result: Result) -> list[dict]:
+    """Rows of the ranked table as display strings, plus why Δn is missing.
+
+    Priority is the ranking estimator's score (the paper's Mean for results of
+    engines before 1.3.0); Mean (paper) and Δn@10% are the paper's. With a
+    bootstrap in the result, "intervals" holds the 90% intervals per column
+    ('[lo, hi]'): Priority, Share and the rank stability from the ranking
+    estimator's bootstrap (extras["ranking"]), Mean (paper) and Δn@10% from
+    the paper's (extras["bootstrap"]); "rank_stable" says whether the most
+    likely rank has probability ≥ the stability threshold, "rank_help" gives
+    the rank probabilities."""
     boot = charts.bootstrap_domains(result)
+    ranking = charts.ranking_domains(result)
     rows = []
     for d in result.ranked():
         b = boot.get(d.name)
+        r = ranking.get(d.name)
         intervals: dict[str, str] = {}
         rank_stable, rank_help = None, None
-        if b is not None:
-            for col, key, fmt in (("Mean", "mean_interval", format_sci), ("Share (%)", "share_pct_interval", format_share),
-                                  ("Δn@10%", "delta_n_10pct_interval", format_sci)):
-                text = format_interval(b.get(key), fmt)
+        if r is not None:
+            for col, key, fmt in (("Priority", "priority_interval", format_sci),
+                                  ("Share (%)", "share_pct_interval", format_share)):
+                text = format_interval(r.get(key), fmt)
                 if text:
                     intervals[col] = text
-            rank_stable = bool(b.get("rank_stable", True))
-            rank_help = rank_probability_text(b.get("rank_probabilities"))
+            rank_stable = bool(r.get("rank_stable", True))
+            rank_help = rank_probability_text(r.get("rank_probabilities"))
+        if b is not None:
+            for col, key in (("Mean (paper)", "mean_interval"), ("Δn@10%", "delta_n_10pct_interval")):
+                text = format_interval(b.get(key), format_sci)
+                if text:
+                    intervals[col] = text
             fraction = b.get("delta_n_fraction")
             if "Δn@10%" in intervals and fraction is not None and fraction < 0.995:
                 intervals["Δn@10%"] += f" ({fraction:.0%} of resamples)"
         rows.append({
             "Rank": d.rank if rank_stable is not False else f"{d.rank} {UNSTABLE}",
             "Concept": d.name,
-            "Mean": format_sci(d.mean),
+            "Priority": format_sci(d.ranking_priority),
             "Share (%)": format_share(d.share_pct),
+            "Mean (paper)": format_sci(d.mean),
             "Δn@10%": format_sci(d.delta_n_10pct),
             "t vs rest": format_t(d.t_vs_rest),
             "p": format_p(d.p_value),
@@ -90,7 +127,7 @@ def table_rows(result: Result) -> list[dict]:
 
 
 def formatted_table(result: Result) -> pd.DataFrame:
-    """The paper's table as strings (what the app and the report show); a 90% bootstrap
+    """The ranked table as strings (what the app and the report show); a 90% bootstrap
     interval follows its value ('3.7×10⁻² [2.9×10⁻², 4.4×10⁻²]') when the result has one,
     and an unstable rank reads '2 ⚠ unstable'."""
     rows = []
@@ -105,15 +142,25 @@ def formatted_table(result: Result) -> pd.DataFrame:
 
 
 def interval_note(result: Result) -> str | None:
-    """One sentence on what the brackets mean; None without a bootstrap."""
-    boot = (result.extras or {}).get("bootstrap")
-    if not boot:
+    """What the brackets mean; None without any bootstrap."""
+    extras = result.extras or {}
+    boot = extras.get("bootstrap")
+    ranking = extras.get("ranking") or {}
+    if not boot and not ranking.get("priority_interval"):
         return None
-    level = boot.get("level", 0.9)
-    threshold = boot.get("rank_stable_probability", 0.8)
-    return (f"[lo, hi]: {level:.0%} bootstrap interval over each domain's facts ({boot.get('n_resamples', '?')} "
-            f"resamples, curvature held fixed). {UNSTABLE}: the domain holds its rank in fewer than "
-            f"{threshold:.0%} of the resamples (hover the rank for the probabilities).")
+    source = ranking if ranking.get("priority_interval") else boot
+    level = source.get("level", 0.9)
+    threshold = source.get("rank_stable_probability", 0.8)
+    text = (f"[lo, hi]: {level:.0%} bootstrap interval over each domain's facts "
+            f"({source.get('n_resamples', '?')} resamples")
+    if ranking.get("priority_interval") and (result.estimator != "paper" or not boot):
+        text += ("): Priority, Share and rank stability resample the estimator's per-fact values; "
+                 "Mean (paper) and Δn@10% resample the gradients with the curvature held fixed." if boot else
+                 "; the estimator's per-fact values).")
+    else:
+        text += ", curvature held fixed)."
+    return (text + f" {UNSTABLE}: the domain holds its rank in fewer than {threshold:.0%} of the resamples "
+            "(hover the rank for the probabilities).")
 
 
 def unstable_domains(result: Result) -> dict[str, str]:
@@ -177,10 +224,17 @@ def missing_reasons(result: Result) -> dict[str, str]:
     }
 
 
-def top_examples(result: Result, domain: str, top: int = 5) -> tuple[list[dict], list[dict]]:
-    """The facts of `domain` with the highest and the lowest influence I_ki = g_kiᵀ z_k."""
-    rows = [r for r in result.per_example if r.get("domain") == domain and r.get("influence") is not None]
-    rows = sorted(rows, key=lambda r: r["influence"], reverse=True)
+def fact_score_key(result: Result) -> str:
+    """Which per-fact number orders the facts: the ranking estimator's per-fact
+    value ("priority") when the result has it, else the paper's influence."""
+    return "priority" if any(r.get("priority") is not None for r in result.per_example) else "influence"
+
+
+def top_examples(result: Result, domain: str, top: int = 5, key: str = "influence") -> tuple[list[dict], list[dict]]:
+    """The facts of `domain` with the highest and the lowest `key`: the paper's
+    influence I_ki = g_kiᵀ z_k, or the ranking estimator's per-fact "priority"."""
+    rows = [r for r in result.per_example if r.get("domain") == domain and r.get(key) is not None]
+    rows = sorted(rows, key=lambda r: r[key], reverse=True)
     # With few facts the two lists would overlap: split them down the middle instead.
     n_high = min(top, (len(rows) + 1) // 2)
     n_low = min(top, len(rows) - n_high)
@@ -212,6 +266,23 @@ def diagnostics_table(result: Result) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def ranking_details(result: Result) -> str | None:
+    """What the ranking estimator used, in one line; None for older results."""
+    ranking = (result.extras or {}).get("ranking")
+    if not ranking:
+        return None
+    details = ranking.get("details") or {}
+    text = f"Ranking estimator: {ranking.get('label') or result.estimator}"
+    if "parameters" in details:
+        text += (f"; gradients over {details['parameters']:,} parameters (the last {details.get('blocks')} blocks "
+                 "and the final norm)")
+    if details.get("preconditioner") == "adam":
+        text += (f"; Adam's second moment from {details.get('adam_batches')} seeded minibatches of "
+                 f"{details.get('adam_batch_size')} facts, ε = {details.get('adam_eps'):g}")
+    seconds = ranking.get("seconds")
+    return text + (f"; {seconds:.1f} s." if isinstance(seconds, (int, float)) else ".")
+
+
 def curvature_warnings(result: Result) -> list[str]:
     """What non-positive curvature means for this result, per kind of solver.
 
@@ -236,14 +307,17 @@ def curvature_warnings(result: Result) -> list[str]:
 
 def to_csv(result: Result) -> str:
     """One row per domain with full-precision numbers (empty cell = null); with a
-    bootstrap also the 90% interval ends, rank stability and P(rank r)."""
+    bootstrap also the 90% interval ends (priority and share from the ranking
+    estimator's bootstrap, mean and Δn from the paper's), rank stability and P(rank r)."""
     boot = charts.bootstrap_domains(result)
+    ranking = charts.ranking_domains(result)
     rows = []
     for d in result.ranked():
         sat = d.saturation or {}
         solver = d.solver or {}
         rows.append({
-            "rank": d.rank, "concept": d.name, "mean": d.mean, "share_pct": d.share_pct,
+            "rank": d.rank, "concept": d.name, "estimator": result.estimator, "priority": d.ranking_priority,
+            "share_pct": d.share_pct, "mean": d.mean,
             "delta_n_10pct": d.delta_n_10pct, "delta_n_direct": d.delta_n_direct,
             "delta_n_reason": d.delta_n_reason, "t_vs_rest": d.t_vs_rest, "p_value": d.p_value,
             "n_facts": d.n_facts, "alpha": sat.get("alpha"), "n0": sat.get("n0"), "c": sat.get("c"),
@@ -252,14 +326,18 @@ def to_csv(result: Result) -> str:
             "nonpositive_curvature": solver.get("nonpositive_curvature"),
             "concept_vector_norm": d.concept_vector_norm,
         })
-        b = boot.get(d.name)
-        if b is not None:
-            for key in ("mean_interval", "share_pct_interval", "delta_n_10pct_interval"):
-                lo, hi = b.get(key) or (None, None)
+        r_entry, b = ranking.get(d.name), boot.get(d.name)
+        for source, keys in ((r_entry, ("priority_interval", "share_pct_interval")),
+                             (b, ("mean_interval", "delta_n_10pct_interval"))):
+            if source is None:
+                continue
+            for key in keys:
+                lo, hi = source.get(key) or (None, None)
                 rows[-1][key.replace("_interval", "_lo")] = lo
                 rows[-1][key.replace("_interval", "_hi")] = hi
-            rows[-1]["rank_stable"] = b.get("rank_stable")
-            for r, p in enumerate(b.get("rank_probabilities") or [], start=1):
+        if r_entry is not None:
+            rows[-1]["rank_stable"] = r_entry.get("rank_stable")
+            for r, p in enumerate(r_entry.get("rank_probabilities") or [], start=1):
                 rows[-1][f"p_rank_{r}"] = p
     buffer = io.StringIO()
     pd.DataFrame(rows).to_csv(buffer, index=False)
@@ -310,10 +388,11 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
     rank_section = ""
     if "rank" in figs:
         rank_div = figs["rank"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
+        extras = result.extras or {}
+        threshold = (extras.get("ranking") or extras.get("bootstrap") or {}).get("rank_stable_probability", 0.8)
         rank_section = (f"<section><h2>Rank stability</h2><p>Each cell is the share of bootstrap resamples in which "
-                        f"the domain (row) holds the rank (column); a domain is stable when one rank has at least "
-                        f"{((result.extras or {}).get('bootstrap') or {}).get('rank_stable_probability', 0.8):.0%}."
-                        f"</p>{rank_div}</section>")
+                        f"the domain (row) holds the rank (column) under the ranking estimator; a domain is stable "
+                        f"when one rank has at least {threshold:.0%}.</p>{rank_div}</section>")
     transfer_section = ""
     if "transfer" in figs:
         transfer_div = figs["transfer"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
@@ -323,8 +402,11 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
     top = result.ranked()[0] if result.domains else None
     headline = (
         f"<p class='lead'>More data on <b>{esc(top.name)}</b> is expected to help this model most "
-        f"(rank 1, mean influence {esc(format_sci(top.mean))}).</p>" if top else ""
+        f"(rank 1, priority {esc(format_sci(top.ranking_priority))}).</p>" if top else ""
     )
+    evidence_class = "evidence weak" if evidence_is_weak(result) else "evidence"
+    ranking_block = (f"<p class='ranked-by'>{esc(ranking_statement(result))}</p>"
+                     f"<p class='{evidence_class}'>{esc(evidence_text(result))}</p>")
     settings = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v))}</td></tr>"
                        for k, v in (result.config or {}).items())
     model_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
@@ -337,6 +419,9 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
         domain_blocks.append(f"<details><summary><b>{esc(name)}</b> ({len(facts)} facts)</summary><ol>{items}</ol></details>")
     diag = diagnostics_table(result).to_html(index=False, classes="dw-table dw-diag", border=0, escape=True)
     diag += "".join(f'<p class="note">{esc(text)}</p>' for text in curvature_warnings(result))
+    if ranking_details(result):
+        diag += f'<p class="note">{esc(ranking_details(result))}</p>'
+    diag += "".join(f'<p class="note">{esc(text)}</p>' for text in (result.extras or {}).get("warnings") or [])
     created = result.created_at or datetime.now().isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
@@ -350,6 +435,9 @@ h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
 table.kv td {{ font-family: ui-monospace, monospace; }}
 details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-size: 0.9rem; }}
+.ranked-by {{ font-weight: 600; }}
+.evidence {{ border-left: 4px solid #4e79a7; padding: 0.4rem 0.8rem; background: #f3f6fa; }}
+.evidence.weak {{ border-left-color: #b35900; background: #fff4e5; }}
 {TABLE_CSS}
 </style></head>
 <body>
@@ -357,14 +445,15 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 <p class="meta">{esc(model_summary(result))} · created {esc(created)}</p>
 {headline}
 <h2>Concept priority ranking</h2>
+{ranking_block}
 {table_html(result)}
 {uncertainty}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
 <div class="grid">
-<section><h2>Share of influence</h2>{share_div}</section>
+<section><h2>{"Share of influence" if result.estimator == "paper" else "Share of |priority|"}</h2>{share_div}</section>
 {rank_section}
-<section><h2>Saturation curves</h2>
-<p>μ(n) is the marginal influence of one more fact when the corpus holds n facts of the domain;
+<section><h2>Saturation curves ({esc(charts.SATURATION_SOURCE)})</h2>
+<p>μ(n) is the paper's marginal influence of one more fact when the corpus holds n facts of the domain;
 ◆ marks today's n, ★ the point n+Δn where μ falls to 10% of today's value (dotted line).
 Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n)." if note else ""}</p>{curve_div}</section>
 {transfer_section}

@@ -7,16 +7,18 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-ENGINE_VERSION = "1.2.0"
+ENGINE_VERSION = "1.3.0"
 
 
 @dataclass
 class DomainResult:
     name: str
-    rank: int
-    mean: float  # Mean_k = mean_i I_ki = g_k^T z_k
-    share_pct: float  # |sum_i I_ki| / sum_j |sum_i I_ji| * 100
-    t_vs_rest: float | None  # Welch's t of {I_ki} against all other domains' I
+    rank: int  # by priority, descending (ties keep the domains' order)
+    mean: float  # the paper's Mean_k = mean_i I_ki = g_k^T z_k
+    # |priority_k| / sum_j |priority_j| * 100; with the paper's estimator
+    # |sum_i I_ki| / sum_j |sum_i I_ji| * 100
+    share_pct: float
+    t_vs_rest: float | None  # Welch's t of the estimator's per-fact values against all other domains'
     p_value: float | None  # two-sided
     n_facts: int
     delta_n_10pct: float | None  # from the power-law fit; None with a reason
@@ -25,6 +27,14 @@ class DomainResult:
     saturation: dict  # {alpha, n0, c, r2, points: [[n, mu], ...]}
     solver: dict  # {method, iterations, rel_residual, nonpositive_curvature}
     concept_vector_norm: float  # ||mean hidden state|| before normalising
+    # The ranking estimator's score (config["estimator"]); None in results of
+    # engines before 1.3.0, which ranked by the paper's Mean.
+    priority: float | None = None
+
+    @property
+    def ranking_priority(self) -> float:
+        """What ranked this domain: the priority, or Mean for older results."""
+        return self.mean if self.priority is None else self.priority
 
 
 @dataclass
@@ -64,21 +74,29 @@ class Result:
     def ranked(self) -> list[DomainResult]:
         return sorted(self.domains, key=lambda d: d.rank)
 
+    @property
+    def estimator(self) -> str:
+        """The ranking estimator; "paper" for results of engines before 1.3.0."""
+        return (self.config or {}).get("estimator") or "paper"
+
     def table(self) -> pd.DataFrame:
-        """The paper's Table 1: Rank, Concept, Mean, Share (%), Δn@10%, t vs rest (and p)."""
+        """The ranked table: Rank, Concept, Priority (the ranking estimator's
+        score), Share (%), the paper's Mean and Δn@10%, t vs rest (and p)."""
         rows = [
             {
                 "Rank": d.rank,
                 "Concept": d.name,
-                "Mean": d.mean,
+                "Priority": d.ranking_priority,
                 "Share (%)": d.share_pct,
+                "Mean (paper)": d.mean,
                 "Δn@10%": d.delta_n_10pct,
                 "t vs rest": d.t_vs_rest,
                 "p": d.p_value,
             }
             for d in self.ranked()
         ]
-        return pd.DataFrame(rows, columns=["Rank", "Concept", "Mean", "Share (%)", "Δn@10%", "t vs rest", "p"])
+        return pd.DataFrame(rows, columns=["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%",
+                                           "t vs rest", "p"])
 
 
 def finite_or_none(value):

@@ -351,3 +351,80 @@ def bootstrap_domains(domains: list[DomainKernels], n_resamples: int = 200, leve
             curve_band=[(float(n), float(lo), float(hi)) for n, lo, hi in zip(grid, band[0], band[1])],
         ))
     return BootstrapResult(n_resamples=int(n_resamples), level=float(level), seed=int(seed), domains=out)
+
+
+@dataclass
+class PriorityBootstrap:
+    """Bootstrap of a ranking estimator's priorities (per domain, in domain
+    order): percentile intervals at `level`, rank probabilities and stability."""
+
+    n_resamples: int
+    level: float
+    seed: int
+    priority_interval: list  # per domain (lo, hi)
+    share_pct_interval: list  # per domain (lo, hi)
+    rank_probabilities: list  # per domain, P(rank r) for r = 1..K
+    most_likely_rank: list
+    rank_stable: list
+    rank_stable_probability: float = RANK_STABLE_PROBABILITY
+
+    def to_dict(self) -> dict:
+        return {
+            "n_resamples": int(self.n_resamples),
+            "level": float(self.level),
+            "seed": int(self.seed),
+            "rank_stable_probability": float(self.rank_stable_probability),
+            "priority_interval": [_pair(i) for i in self.priority_interval],
+            "share_pct_interval": [_pair(i) for i in self.share_pct_interval],
+            "rank_probabilities": [[float(p) for p in row] for row in self.rank_probabilities],
+            "most_likely_rank": [int(r) for r in self.most_likely_rank],
+            "rank_stable": [bool(s) for s in self.rank_stable],
+        }
+
+
+def bootstrap_priorities(per_fact: list, n_resamples: int = 200, level: float = 0.90,
+                         seed: int = 0) -> PriorityBootstrap:
+    """Bootstrap over each domain's facts of a priority that is the mean of
+    per-fact values x_ki (priority_k = mean_i x_ki).
+
+    One numpy Generator seeded with `seed` draws, domain by domain, an
+    (n_resamples, N_k) array of fact indices uniformly with replacement
+    (rng.integers(0, N_k, size=(n_resamples, N_k))); resample r has
+      priority_k(r) = mean_j x_k[idx_r,j],
+      signed share_k(r) = priority_k(r) / sum_j |priority_j(r)| * 100 (0 when
+                          all are 0); Share's interval is the percentile
+                          interval of the signed share mapped through |x|
+                          (magnitude_interval), as the paper's bootstrap does,
+      rank_k(r) = rank by priority, descending, ties in domain order
+                  (metrics.ranks_by_mean).
+    Intervals are percentile intervals (percentile_interval) at `level`.
+    """
+    if not 0.0 < level < 1.0:
+        raise ValueError("level must be in (0, 1)")
+    if n_resamples < 1:
+        raise ValueError("n_resamples must be positive")
+    rng = np.random.default_rng(seed)
+    n_domains = len(per_fact)
+    priorities = np.empty((n_resamples, n_domains))
+    for k, values in enumerate(per_fact):
+        values = np.asarray(values, dtype=float)
+        if values.ndim != 1 or values.size < 1:
+            raise ValueError(f"domain {k}: per-fact values must be a non-empty list")
+        idx = rng.integers(0, values.size, size=(n_resamples, values.size))
+        priorities[:, k] = values[idx].mean(axis=1)
+    denominators = np.abs(priorities).sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        signed_shares = np.where(denominators > 0, priorities / denominators * 100.0, 0.0)
+    ranks = _ranks(priorities)
+    priority_interval, share_interval, probabilities, most_likely, stable = [], [], [], [], []
+    for k in range(n_domains):
+        lo, hi = percentile_interval(priorities[:, k], level)
+        priority_interval.append((float(lo), float(hi)))
+        share_interval.append(magnitude_interval(*(float(v) for v in percentile_interval(signed_shares[:, k], level))))
+        probs = [float(np.mean(ranks[:, k] == r)) for r in range(1, n_domains + 1)]
+        probabilities.append(probs)
+        best = int(np.argmax(probs)) + 1
+        most_likely.append(best)
+        stable.append(bool(probs[best - 1] >= RANK_STABLE_PROBABILITY))
+    return PriorityBootstrap(int(n_resamples), float(level), int(seed), priority_interval, share_interval,
+                             probabilities, most_likely, stable)

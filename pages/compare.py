@@ -36,11 +36,11 @@ if result_a is None or result_b is None:
     st.stop()
 
 for col, result, name in ((pick[0], result_a, "A"), (pick[1], result_b, "B")):
-    col.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · settings: "
-                f"{settings_changes(result.config) or 'engine defaults'}")
+    col.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · ranked by "
+                f"{charts.estimator_label(result)} · settings: {settings_changes(result.config) or 'engine defaults'}")
 
 table = comparison.compare(result_a, result_b, "A", "B")
-st.subheader("Ranks and means")
+st.subheader("Ranks, priorities and means")
 st.dataframe(comparison.format_comparison(table), hide_index=True, width="stretch", key="compare_table",
              column_config={"Rank change": st.column_config.TextColumn(
                  help="▲ moved up in B, ▼ moved down, = same rank")})

@@ -1,5 +1,7 @@
-"""Results: the ranked table in the paper's format with 90% bootstrap intervals,
-the share donut, the saturation curves with their bands, rank stability, the
+"""Results: which estimator ranked the domains and what the benchmark measured
+for it, the ranked table with 90% bootstrap intervals (the ranking estimator's
+Priority and Share, the paper's Mean and Δn@10%), the share donut, the
+saturation curves with their bands, rank stability, the
 cross-domain transfer heatmap, the facts that move each domain most, solver
 diagnostics and downloads (CSV, JSON, a self-contained HTML report)."""
 from __future__ import annotations
@@ -54,29 +56,43 @@ top = ranked[0] if ranked else None
 st.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · "
            f"{sum(d.n_facts for d in result.domains)} facts · {(result.created_at or '')[:19].replace('T', ' ')}")
 
+paper = result.estimator == "paper"
+estimator_label = charts.estimator_label(result)
 if top is not None:
     cols = st.columns(4)
-    cols[0].metric("Collect first", top.name, help="Rank 1: the highest mean per-example influence.")
-    top_boot = charts.bootstrap_domains(result).get(top.name) or {}
-    top_ci = report.format_interval(top_boot.get("mean_interval"))
-    cols[1].metric("Mean influence", format_sci(top.mean),
-                   help="I = gᵀz averaged over the domain's facts." + (f" 90% interval {top_ci}." if top_ci else ""))
+    cols[0].metric("Collect first", top.name, help=f"Rank 1: the highest priority by {estimator_label}.")
+    top_ci = report.format_interval((charts.ranking_domains(result).get(top.name) or {}).get("priority_interval"))
+    cols[1].metric("Priority", format_sci(top.ranking_priority),
+                   help=f"{estimator_label}." + (f" 90% interval {top_ci}." if top_ci else ""))
     biggest = max(result.domains, key=lambda d: d.share_pct or 0)
-    cols[2].metric("Largest share", biggest.name, delta=f"{biggest.share_pct:.1f}% of |influence|",
-                   delta_color="off", delta_arrow="off", help="Share of the total absolute influence.")
+    cols[2].metric("Largest share", biggest.name,
+                   delta=f"{biggest.share_pct:.1f}% of |{'influence' if paper else 'priority'}|",
+                   delta_color="off", delta_arrow="off",
+                   help="Share of the total absolute " + ("influence." if paper else "priority."))
     cols[3].metric("Δn@10% for " + top.name, format_sci(top.delta_n_10pct),
-                   help="More facts until the marginal influence falls to 10% of today's value"
+                   help="More facts until the paper's marginal influence falls to 10% of today's value "
+                        f"({charts.SATURATION_SOURCE})"
                         + (f". Missing: {top.delta_n_reason}" if top.delta_n_10pct is None else "."))
 
 st.subheader("Concept priority ranking")
+st.markdown("**" + report.ranking_statement(result) + "**")
+# The benchmark's verdict on this estimator, verbatim: a warning where it did
+# not beat ranking by mean loss, so nobody reads the ranking as more than it is.
+if report.evidence_is_weak(result):
+    st.warning(report.evidence_text(result), icon=":material/science:")
+else:
+    st.info(report.evidence_text(result), icon=":material/science:")
 st.markdown(f"<style>{report.TABLE_CSS}</style>" + report.table_html(result, colors), unsafe_allow_html=True)
 reasons = report.missing_reasons(result)
 if reasons:
     st.caption("“—”: no saturation estimate (hover it for the reason). " +
                " ".join(f"**{name}**: {why.rstrip('.')}." for name, why in reasons.items()))
-st.caption("Mean: average per-example influence I = gᵀz. Share: the domain's part of the total |influence|. "
-           "Δn@10%: more facts until the marginal gain falls to 10% (power-law fit). "
-           "t vs rest: Welch's t of the domain's influences against all others (p two-sided).")
+st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
+           f"Share: the domain's part of the total |{'influence' if paper else 'priority'}|. "
+           "Mean (paper): the paper's average per-example influence I = gᵀz in the concept subspace. "
+           f"Δn@10%: more facts until the paper's marginal gain falls to 10% (power-law fit, "
+           f"{charts.SATURATION_SOURCE}). "
+           "t vs rest: Welch's t of the domain's per-fact priorities against all others (p two-sided).")
 # Under the table, not in the diagnostics: with an indefinite Hessian a Mean can
 # be negative for that reason alone, which whoever reads the ranking must know.
 for text in report.curvature_warnings(result):
@@ -99,6 +115,7 @@ with left:
     st.plotly_chart(charts.share_donut(result, colors), key="share_chart", width="stretch")
 with right:
     st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
+    st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}, whatever ranked the domains.")
 
 rank_chart = charts.rank_probability_chart(result)
 transfer_chart = charts.transfer_heatmap(result)
@@ -107,7 +124,8 @@ if rank_chart is not None or transfer_chart is not None:
     if rank_chart is not None:
         with left:
             st.subheader("Rank stability")
-            st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column).")
+            st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column) "
+                       f"by {estimator_label}.")
             st.plotly_chart(rank_chart, key="rank_chart", width="stretch")
     if transfer_chart is not None:
         with right if rank_chart is not None else st.container():
@@ -116,20 +134,30 @@ if rank_chart is not None or transfer_chart is not None:
             st.plotly_chart(transfer_chart, key="transfer_chart", width="stretch")
 
 st.subheader("Facts that move each domain most")
-st.caption("Per-example influence I = gᵀz of each fact in its own domain: the highest and the lowest.")
+fact_key = report.fact_score_key(result)
+if fact_key == "priority" and not paper:
+    st.caption(f"Each fact's own part of its domain's priority ({estimator_label}; the domain's priority is their "
+               "mean), the highest and the lowest, with the paper's per-example influence I = gᵀz beside it.")
+else:
+    st.caption("Per-example influence I = gᵀz of each fact in its own domain: the highest and the lowest.")
 if result.per_example:
     tabs = st.tabs([d.name for d in ranked])
     for tab, d in zip(tabs, ranked):
-        highest, lowest = report.top_examples(result, d.name, top=5)
+        highest, lowest = report.top_examples(result, d.name, top=5, key=fact_key)
         with tab:
             # One above the other at full width: side by side, the facts were cut off.
-            for title, rows in (("Highest influence", highest), ("Lowest influence", lowest)):
-                st.markdown(f"**{title}**")
+            for title, rows in (("Highest", highest), ("Lowest", lowest)):
+                st.markdown(f"**{title} {'priority' if fact_key == 'priority' and not paper else 'influence'}**")
+                columns = {}
+                if fact_key == "priority" and not paper:
+                    columns["Priority"] = [format_sci(r["priority"], 2) for r in rows]
+                columns["Influence (paper)" if columns else "Influence"] = [format_sci(r.get("influence"), 2)
+                                                                           for r in rows]
+                columns["Fact"] = [r["text"] for r in rows]
                 st.dataframe(
-                    pd.DataFrame({"Influence": [format_sci(r["influence"], 2) for r in rows],
-                                  "Fact": [r["text"] for r in rows]}),
-                    hide_index=True, width="stretch",
-                    column_config={"Influence": st.column_config.TextColumn(width=100),
+                    pd.DataFrame(columns), hide_index=True, width="stretch",
+                    column_config={**{name: st.column_config.TextColumn(width=100) for name in columns
+                                      if name != "Fact"},
                                    "Fact": st.column_config.TextColumn()},
                 )
 else:
@@ -137,6 +165,10 @@ else:
 
 with st.expander("Solver diagnostics"):
     st.dataframe(report.diagnostics_table(result), hide_index=True, width="stretch")
+    if report.ranking_details(result):
+        st.caption(report.ranking_details(result))
+    for note in (result.extras or {}).get("warnings") or []:
+        st.caption(note)
     info = st.columns(2)
     info[0].markdown("**Settings**")
     info[0].json(result.config, expanded=False)

@@ -251,6 +251,17 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
             assert d.delta_n_reason.replace("'", "&#x27;")[:20] in table  # the tooltip
     ranked = result.ranked()
     assert table.index(ranked[0].name) < table.index(ranked[-1].name)
+    # Ranked by the default estimator, by its priority; the page says which and quotes its evidence verbatim.
+    from dowsing.config import DEFAULT_ESTIMATOR
+    from dowsing.evidence import evidence_sentence
+
+    assert result.config["estimator"] == DEFAULT_ESTIMATOR
+    assert [d.priority for d in ranked] == sorted((d.priority for d in result.domains), reverse=True)
+    assert any(m.value == "**" + report.ranking_statement(result) + "**" for m in at.markdown)
+    sentence = evidence_sentence(DEFAULT_ESTIMATOR)
+    boxes = at.warning if report.evidence_is_weak(result) else at.info
+    assert sentence in [b.value for b in boxes]
+    assert "from the concept-subspace curvature (paper)" in specs_title(at)
     charts = at.get("plotly_chart")
     assert len(charts) >= 2  # + rank stability and transfer when the result has them
     specs = [json.loads(c.proto.spec) for c in charts]
@@ -259,6 +270,11 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     downloads = {d.label for d in at.get("download_button")}
     assert {"Table (CSV)", "Result (JSON)", "Report (HTML)"} <= downloads
     assert at.expander and any(e.label == "Solver diagnostics" for e in at.expander)
+
+
+def specs_title(at) -> str:
+    chart = next(c for c in at.get("plotly_chart") if c.key == "saturation_chart")
+    return json.loads(chart.proto.spec)["layout"]["title"]["text"]
 
 
 def results_page(tiny, job_id):
@@ -279,14 +295,17 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
 
     result = default_executor().result(job_id)
     boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
+    ranking = result.extras["ranking"]  # the ranking estimator's bootstrap, lists in domain order
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
-    for d in result.domains:
-        lo, hi = boot[d.name]["mean_interval"]
+    for k, d in enumerate(result.domains):
+        lo, hi = boot[d.name]["mean_interval"]  # Mean (paper)
         assert f"[{format_sci(lo)}, {format_sci(hi)}]" in table
-        lo, hi = boot[d.name]["share_pct_interval"]
+        lo, hi = ranking["priority_interval"][k]
+        assert f"{format_sci(d.priority)}<br><span class=\"dw-ci\">[{format_sci(lo)}, {format_sci(hi)}]" in table
+        lo, hi = ranking["share_pct_interval"][k]
         assert f"[{lo:.1f}%, {hi:.1f}%]" in table
-        if not boot[d.name]["rank_stable"]:
+        if not ranking["rank_stable"][k]:
             assert f"{d.rank} ⚠ unstable" in table
     assert any("90% bootstrap interval" in c.value for c in at.caption)
     unstable = report.unstable_domains(result)
@@ -299,6 +318,9 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     assert specs["transfer_chart"]["data"][0]["z"] == result.extras["transfer"]["matrix"]
     assert specs["transfer_chart"]["data"][0]["type"] == "heatmap"
     assert len(specs["rank_chart"]["data"][0]["z"]) == len(result.domains)
+    # the rank chart shows the ranking estimator's probabilities, rows in rank order
+    by_rank = sorted(range(len(result.domains)), key=lambda k: result.domains[k].rank)
+    assert specs["rank_chart"]["data"][0]["z"] == [ranking["rank_probabilities"][k] for k in by_rank]
     bands = [t for t in specs["saturation_chart"]["data"] if t.get("fill") == "toself"]
     assert {t["legendgroup"] for t in bands} <= {d.name for d in result.domains} and bands
 
@@ -333,8 +355,26 @@ def test_compare_two_runs(finished_job, tiny):
     at.session_state["cfg_damping"] = 1e-2  # as if typed under Advanced settings
     at.switch_page("pages/run.py")
     at.run()
+    # The ranking estimator, chosen in the sidebar: the paper's method for this run.
+    picker = at.sidebar.selectbox(key="cfg_estimator")
+    assert picker.label == "Ranking estimator" and list(picker.options)[:1] == [
+        "Gradient alignment between facts, Adam-preconditioned (default)"]
+    assert "chosen by the benchmark" in picker.help and "Data Dowsing paper" in picker.help
+    picker.set_value("paper").run()
+    assert any("Paper: concept-subspace influence" in c.value for c in at.caption)
     button(at, "Analyze").click()
     run_until_done(at)
+    from dowsing.jobs import default_executor
+
+    job = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
+    state = default_executor().state(job)
+    assert state.request["config"]["estimator"] == "paper"
+    from pages._shared import job_label
+
+    assert "estimator = paper" in job_label(state)
+    paper_result = default_executor().result(job)
+    assert [d.rank for d in paper_result.domains] == [
+        sorted((x.mean for x in paper_result.domains), reverse=True).index(d.mean) + 1 for d in paper_result.domains]
     at.switch_page("pages/compare.py")
     at.run()
     assert not at.exception, at.exception

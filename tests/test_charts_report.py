@@ -105,13 +105,15 @@ def test_saturation_curves_skip_non_positive_points():
 
 
 def test_formatted_table_is_the_papers_format():
+    # A result without priorities (engines before 1.3.0) was ranked by the paper's Mean: Priority shows it.
     table = report.formatted_table(paper_like_result())
-    assert list(table.columns) == ["Rank", "Concept", "Mean", "Share (%)", "Δn@10%", "t vs rest", "p"]
+    assert list(table.columns) == ["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%",
+                                   "t vs rest", "p"]
     first = table.iloc[0]
-    assert (first["Rank"], first["Concept"], first["Mean"], first["Share (%)"], first["t vs rest"]) == (
-        1, "Physics", "3.7×10⁻²", "10.2%", "1.01")
+    assert (first["Rank"], first["Concept"], first["Priority"], first["Share (%)"], first["Mean (paper)"],
+            first["t vs rest"]) == (1, "Physics", "3.7×10⁻²", "10.2%", "3.7×10⁻²", "1.01")
     assert table.iloc[2]["Δn@10%"] == "—"
-    assert table.iloc[3]["Mean"] == "-7.9×10⁻⁵"
+    assert table.iloc[3]["Mean (paper)"] == table.iloc[3]["Priority"] == "-7.9×10⁻⁵"
     assert table.iloc[3]["p"] == "4.0×10⁻⁴"
 
 
@@ -134,8 +136,8 @@ def test_top_examples_highest_and_lowest():
 def test_csv_has_full_precision_numbers():
     text = report.to_csv(paper_like_result())
     header, first = text.splitlines()[:2]
-    assert header.startswith("rank,concept,mean,share_pct,delta_n_10pct")
-    assert first.startswith("1,Physics,0.037,10.2,")
+    assert header.startswith("rank,concept,estimator,priority,share_pct,mean,delta_n_10pct")
+    assert first.startswith("1,Physics,paper,0.037,10.2,0.037,")
 
 
 def test_html_report_is_self_contained():
@@ -270,7 +272,9 @@ def test_formatted_table_shows_intervals_and_marks_unstable_ranks():
     for _, row in table.iterrows():
         b = boot[row["Concept"]]
         lo, hi = b["mean_interval"]
-        assert row["Mean"].endswith(f" [{format_sci(lo)}, {format_sci(hi)}]")
+        # ranked by the paper's Mean: one bootstrap gives both columns their interval
+        assert row["Mean (paper)"].endswith(f" [{format_sci(lo)}, {format_sci(hi)}]")
+        assert row["Priority"].endswith(f" [{format_sci(lo)}, {format_sci(hi)}]")
         lo, hi = b["share_pct_interval"]
         assert row["Share (%)"].endswith(f" [{lo:.1f}%, {hi:.1f}%]")
         if b["delta_n_10pct_interval"]:
@@ -278,7 +282,7 @@ def test_formatted_table_shows_intervals_and_marks_unstable_ranks():
             assert row["Δn@10%"].endswith(f" [{format_sci(lo)}, {format_sci(hi)}]")
         else:
             assert row["Δn@10%"] == "—"
-    assert table.iloc[0]["Mean"] == "3.7×10⁻² [3.0×10⁻², 4.4×10⁻²]"
+    assert table.iloc[0]["Mean (paper)"] == "3.7×10⁻² [3.0×10⁻², 4.4×10⁻²]"
     assert list(table["Rank"]) == ["1", "2", "3 ⚠ unstable", "4 ⚠ unstable"]
     assert report.unstable_domains(result) == {"Biology": "P(rank 2) = 2%, P(rank 3) = 55%, P(rank 4) = 43%",
                                                "Economics": "P(rank 3) = 43%, P(rank 4) = 57%"}
@@ -288,8 +292,8 @@ def test_formatted_table_shows_intervals_and_marks_unstable_ranks():
     assert '<span class="dw-ci">[3.0×10⁻², 4.4×10⁻²]</span>' in html
     assert "3.7×10⁻²" in html and "10.2%" in html
     csv_header = report.to_csv(result).splitlines()[0]
-    assert csv_header.endswith("mean_lo,mean_hi,share_pct_lo,share_pct_hi,delta_n_10pct_lo,delta_n_10pct_hi,"
-                               "rank_stable,p_rank_1,p_rank_2,p_rank_3,p_rank_4")
+    assert csv_header.endswith("priority_lo,priority_hi,share_pct_lo,share_pct_hi,mean_lo,mean_hi,"
+                               "delta_n_10pct_lo,delta_n_10pct_hi,rank_stable,p_rank_1,p_rank_2,p_rank_3,p_rank_4")
 
 
 def test_html_report_has_intervals_rank_stability_and_transfer():
@@ -315,3 +319,80 @@ def test_curvature_warnings_say_what_each_solver_did():
     assert dense.name in indefinite and "still exact" in indefinite and cg.name not in indefinite
     html = report.build_report(result)
     assert stopped.split(":")[0] in html and "still exact" in html  # the report says it too
+
+
+def ranked_by_alignment(result: Result) -> Result:
+    """The same domains ranked by another estimator: priorities whose order
+    differs from the Means, and the ranking's own bootstrap in extras."""
+    result = with_uncertainty(result)
+    result.config = dict(result.config, estimator="alignment_adam")
+    priorities = {"Physics": -1.0, "Astronomy": 2.0, "Biology": 5.0, "Economics": 0.5}
+    ranks = {"Biology": 1, "Astronomy": 2, "Economics": 3, "Physics": 4}
+    total = sum(abs(v) for v in priorities.values())
+    for d in result.domains:
+        d.priority, d.rank, d.share_pct = priorities[d.name], ranks[d.name], abs(priorities[d.name]) / total * 100
+    probabilities = {"Biology": [0.9, 0.1, 0.0, 0.0], "Astronomy": [0.1, 0.6, 0.3, 0.0],
+                     "Economics": [0.0, 0.3, 0.7, 0.0], "Physics": [0.0, 0.0, 0.0, 1.0]}
+    names = [d.name for d in result.domains]
+    result.extras["ranking"] = {
+        "estimator": "alignment_adam", "label": "Gradient alignment between facts, Adam-preconditioned",
+        "n_resamples": 200, "level": 0.9, "seed": 0, "rank_stable_probability": 0.8, "seconds": 1.0,
+        "details": {"parameters": 1000},
+        "priority_interval": [[priorities[n] - 0.5, priorities[n] + 0.25] for n in names],
+        "share_pct_interval": [[1.0, 2.0 + k] for k in range(4)],
+        "rank_probabilities": [probabilities[n] for n in names],
+        "rank_stable": [max(probabilities[n]) >= 0.8 for n in names],
+    }
+    return result
+
+
+def test_a_result_ranked_by_another_estimator_shows_its_priority_next_to_the_papers_mean():
+    from dowsing.cli import format_table
+    from dowsing.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
+
+    result = ranked_by_alignment(paper_like_result())
+    table = report.formatted_table(result)
+    assert list(table["Concept"]) == ["Biology", "Astronomy", "Economics", "Physics"]
+    biology = table.iloc[0]
+    assert biology["Priority"] == f"{format_sci(5.0)} [{format_sci(4.5)}, {format_sci(5.25)}]"
+    assert biology["Share (%)"] == f"{5 / 8.5 * 100:.1f}% [1.0%, 4.0%]"
+    paper_boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}
+    lo, hi = paper_boot["Biology"]["mean_interval"]
+    assert biology["Mean (paper)"] == f"{format_sci(-2.6e-4)} [{format_sci(lo)}, {format_sci(hi)}]"
+    # rank stability from the ranking's bootstrap, not the paper's
+    assert list(table["Rank"]) == ["1", "2 ⚠ unstable", "3 ⚠ unstable", "4"]
+    heat = charts.rank_probability_chart(result).data[0]
+    assert list(heat.y) == ["Biology", "Astronomy ⚠", "Economics ⚠", "Physics"]
+    assert [list(row) for row in heat.z][0] == [0.9, 0.1, 0.0, 0.0]
+    donut = charts.share_donut(result)
+    assert "Priority" in donut.data[0].hovertemplate and "priority" in donut.layout.title.text
+    assert "concept-subspace curvature (paper)" in charts.saturation_curves(result).layout.title.text
+
+    sentence = evidence_sentence("alignment_adam")
+    html = report.build_report(result)
+    assert report.ranking_statement(result) in html.replace("&#x27;", "'")
+    assert sentence.replace("'", "&#x27;") in html
+    weak = not beats_mean_loss(estimator_evidence("alignment_adam"))
+    assert report.evidence_is_weak(result) == weak
+    assert ("class='evidence weak'" in html) == weak
+    assert "Saturation curves (from the concept-subspace curvature (paper))" in html
+    assert "(rank 1, priority 5.0×10⁰)" in html
+
+    text = format_table(result)
+    lines = text.splitlines()
+    assert lines[0] == report.ranking_statement(result) and lines[1] == sentence
+    assert lines[3].split()[:4] == ["Rank", "Concept", "Priority", "[90%"]
+    first = lines[4]
+    assert first.startswith("1") and "Biology" in first and f"{format_sci(5.0)} [{format_sci(4.5)}, " in first
+    assert "from the concept-subspace curvature (paper)" in text
+
+
+def test_the_paper_estimator_says_so_and_quotes_its_evidence():
+    from dowsing.evidence import evidence_sentence
+
+    result = with_uncertainty(paper_like_result())
+    result.config = dict(result.config, estimator="paper")
+    assert "“paper”" in report.ranking_statement(result)
+    assert report.evidence_text(result) == evidence_sentence("paper")
+    html = report.build_report(result)
+    assert evidence_sentence("paper").replace("'", "&#x27;") in html

@@ -110,10 +110,15 @@ def test_bad_settings_and_output_paths_exit_2(tmp_path, capsys, tiny_gpt2_dir):
     assert _run(capsys, "--model", model, "--domains", str(domains), "--damping", "-1")[0] == 2
     assert _run(capsys, "--model", model, "--domains", str(domains), "--blocks", "9")[0] == 2
     assert _run(capsys, "--model", model, "--domains", str(domains), "--dtype", "bfloat16")[0] == 2
+    code, _, stderr = _run(capsys, "--model", model, "--domains", str(domains), "--align-blocks", "0")
+    assert code == 2 and "align_blocks" in stderr
     code, _, stderr = _run(capsys, "--model", model, "--domains", str(domains), "--out", str(tmp_path / "no" / "o.json"))
     assert code == 2 and "does not exist" in stderr
     with pytest.raises(SystemExit) as exc:
         main(["analyze", "--solver", "magic"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["analyze", "--estimator", "tracin"])
     assert exc.value.code == 2
 
 
@@ -166,8 +171,10 @@ def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch):
         assert points[float(d["n_facts"])] == pytest.approx(d["mean"], rel=1e-6, abs=1e-12)
         assert (d["delta_n_10pct"] is None) == (d["delta_n_reason"] is not None)
     ranked = sorted(result["domains"], key=lambda d: d["rank"])
-    assert ranked[0]["name"] in proc.stdout.splitlines()[1]
-    assert result["extras"]["bootstrap"] is not None
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("Rank  Concept"))
+    assert ranked[0]["name"] in lines[header + 1]
+    assert result["extras"]["bootstrap"] is not None and result["extras"]["ranking"]["estimator"] == "alignment_adam"
 
 
 def _fake_hub_cache(root: Path, repo: str, model_dir: Path, commits: list[str]) -> Path:
@@ -206,3 +213,56 @@ def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tm
     result = json.loads(out.read_text())
     assert result["model"]["id"] == repo and result["model"]["source"] == "hub"
     assert result["model"]["fingerprint"] == old  # the revision of the snapshot that was loaded
+
+
+def _table_rows(stdout: str) -> list[list[str]]:
+    lines = stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("Rank  Concept"))
+    rows = []
+    for line in lines[start + 1:]:
+        if not line.strip():
+            break
+        rows.append(line.split())
+    return rows
+
+
+def test_the_estimator_ranks_and_paper_reproduces_the_ranking_by_mean(tmp_path, capsys, tiny_gpt2_dir):
+    """--estimator paper: the old ranking by the paper's Mean (checked against the
+    Mean column); the default: rank and share follow the estimator's priority."""
+    from dowsing.config import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS
+    from dowsing.evidence import evidence_sentence
+    from dowsing.metrics import ranks_by_mean, shares_pct
+
+    data = {"domains": GOOD["domains"] + [
+        {"name": "Economics", "facts": ["Prices rise when demand exceeds supply.", "Taxes pay for public services."]}]}
+    domains = _write(tmp_path / "d.json", data)
+    runs = {}
+    for estimator in ("paper", None):
+        out = tmp_path / f"{estimator}.json"
+        args = ["--model", str(tiny_gpt2_dir), "--domains", str(domains), "--out", str(out)]
+        code, stdout, _ = _run(capsys, *args, *(["--estimator", estimator] if estimator else []))
+        assert code == 0
+        runs[estimator or DEFAULT_ESTIMATOR] = (json.loads(out.read_text()), stdout)
+
+    paper, stdout = runs["paper"]
+    means = [d["mean"] for d in paper["domains"]]
+    assert [d["rank"] for d in paper["domains"]] == ranks_by_mean(means)
+    assert [d["priority"] for d in paper["domains"]] == means
+    rows = _table_rows(stdout)
+    # The printed order is the order of the Mean (paper) column, descending.
+    by_name = {d["name"]: d for d in paper["domains"]}
+    assert [r[1] for r in rows] == sorted(by_name, key=lambda n: -by_name[n]["mean"])
+    assert stdout.splitlines()[1] == evidence_sentence("paper")
+
+    default, stdout = runs[DEFAULT_ESTIMATOR]
+    assert default["config"]["estimator"] == DEFAULT_ESTIMATOR
+    priorities = [d["priority"] for d in default["domains"]]
+    assert [d["rank"] for d in default["domains"]] == ranks_by_mean(priorities)
+    assert [d["share_pct"] for d in default["domains"]] == pytest.approx(shares_pct(priorities))
+    # The paper's numbers do not depend on the estimator.
+    assert [d["mean"] for d in default["domains"]] == pytest.approx(means, rel=1e-9)
+    assert ESTIMATOR_LABELS[DEFAULT_ESTIMATOR] in stdout.splitlines()[0]
+    assert stdout.splitlines()[1] == evidence_sentence(DEFAULT_ESTIMATOR)
+    rows = _table_rows(stdout)
+    by_name = {d["name"]: d for d in default["domains"]}
+    assert [r[1] for r in rows] == sorted(by_name, key=lambda n: by_name[n]["rank"])

@@ -41,3 +41,20 @@ def test_a_run_label_names_its_non_default_settings():
     default = JobState(job_id="k", status="done", created_at="2026-01-02T03:04:05+00:00",
                        request={"config": AnalysisConfig().to_dict()}, summary={"top_domain": "Biology"})
     assert job_label(default).endswith("embedded default")
+
+
+def test_ranking_estimator_settings():
+    from dowsing.config import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS, RANKING_ESTIMATORS
+
+    assert AnalysisConfig().estimator == DEFAULT_ESTIMATOR in RANKING_ESTIMATORS
+    assert set(ESTIMATOR_LABELS) == set(RANKING_ESTIMATORS)
+    assert ESTIMATOR_LABELS["paper"] == "Paper: concept-subspace influence"
+    other = next(name for name in RANKING_ESTIMATORS if name != DEFAULT_ESTIMATOR)
+    assert settings_changes(AnalysisConfig(estimator=other, align_blocks=2).to_dict()) == \
+        f"estimator = {other}, align_blocks = 2"
+    for kwargs, pattern in (({"estimator": "tracin"}, "estimator"), ({"align_blocks": 0}, "align_blocks"),
+                            ({"adam_batches": 0}, "adam_batches"), ({"align_blocks": 1.5}, "align_blocks")):
+        with pytest.raises(ValueError, match=pattern) as exc:
+            AnalysisConfig(**kwargs)
+        assert "\n" not in str(exc.value)
+    assert AnalysisConfig.from_dict(AnalysisConfig(estimator="paper").to_dict()).estimator == "paper"

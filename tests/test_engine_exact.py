@@ -174,7 +174,7 @@ def test_z_and_mean_match_reference_solve(tiny64, curvature, damping):
     # The tiny Llama's Hessian is indefinite and nearly singular at lambda =
     # 1e-3: its condition number would amplify rounding past 1e-6, so the
     # Hessian case compares at a damping where the solve is well posed.
-    config = AnalysisConfig(dtype="float64", curvature=curvature, damping=damping)
+    config = AnalysisConfig(dtype="float64", estimator="paper", curvature=curvature, damping=damping)
     result = analyze(tiny64, DOMAINS, config)
     anatomy = find_anatomy(tiny64.model)
     reference = Reference(tiny64, 1)
@@ -202,8 +202,8 @@ def test_auto_exact_cg_agree(gpt2_64, curvature, damping):
     """Where H + lambda I is positive definite the three solvers give one answer."""
     means = {}
     for solver in ("auto", "exact", "cg"):
-        config = AnalysisConfig(dtype="float64", curvature=curvature, damping=damping, solver=solver,
-                                saturation_points=20)
+        config = AnalysisConfig(dtype="float64", estimator="paper", curvature=curvature, damping=damping,
+                                solver=solver, saturation_points=20)
         result = analyze(gpt2_64, DOMAINS, config)
         means[solver] = [d.mean for d in result.domains]
         deltas = [d.delta_n_direct for d in result.domains]
@@ -223,8 +223,9 @@ def test_two_blocks_exact_auto_and_cg_agree(gpt2_64):
     """B = 2: auto means the dense HVP route; CG's solve and its saturation
     curve (one CG run per n) match the dense system."""
     damping = 5.0
-    exact = analyze(gpt2_64, DOMAINS, AnalysisConfig(dtype="float64", blocks=2, damping=damping, solver="exact"))
-    auto = analyze(gpt2_64, DOMAINS, AnalysisConfig(dtype="float64", blocks=2, damping=damping))
+    exact = analyze(gpt2_64, DOMAINS, AnalysisConfig(dtype="float64", estimator="paper", blocks=2, damping=damping,
+                                                     solver="exact"))
+    auto = analyze(gpt2_64, DOMAINS, AnalysisConfig(dtype="float64", estimator="paper", blocks=2, damping=damping))
     assert auto.extras["route"] == "exact"
     assert auto.extras["subspace_dim"] == 2 * find_anatomy(gpt2_64.model).d_ff
     assert [d.mean for d in auto.domains] == pytest.approx([d.mean for d in exact.domains], rel=1e-9)
@@ -249,8 +250,8 @@ def test_two_blocks_exact_auto_and_cg_agree(gpt2_64):
 
 def test_cg_reports_nonpositive_curvature(gpt2_64):
     """With no damping the exact Hessian of the tiny model is indefinite: CG must say so."""
-    config = AnalysisConfig(dtype="float64", damping=0.0, solver="cg", saturation_points=20)
-    exact = analyze(gpt2_64, DOMAINS, AnalysisConfig(dtype="float64", damping=0.0, solver="exact"))
+    config = AnalysisConfig(dtype="float64", estimator="paper", damping=0.0, solver="cg", saturation_points=20)
+    exact = analyze(gpt2_64, DOMAINS, AnalysisConfig(dtype="float64", estimator="paper", damping=0.0, solver="exact"))
     result = analyze(gpt2_64, DOMAINS, config)
     indefinite = [d.solver["nonpositive_curvature"] for d in exact.domains]
     assert any(indefinite), "the tiny model should have an indefinite Hessian in some subspace"
@@ -262,7 +263,7 @@ def test_cg_reports_nonpositive_curvature(gpt2_64):
 
 
 def test_transfer_diagonal_equals_means(tiny64):
-    result = analyze(tiny64, DOMAINS, AnalysisConfig(dtype="float64"))
+    result = analyze(tiny64, DOMAINS, AnalysisConfig(dtype="float64", estimator="paper"))
     matrix = result.extras["transfer"]["matrix"]
     for k, d in enumerate(result.domains):
         assert matrix[k][k] == pytest.approx(d.mean, rel=1e-9, abs=1e-15)

@@ -227,3 +227,49 @@ def test_share_interval_of_a_domain_whose_sign_is_unsure_reaches_zero_and_holds_
     assert lo == 0.0 and full_shares[0] <= hi
     lo, hi = got["clear"].share_pct_interval
     assert 0.0 < lo <= full_shares[1] <= hi <= 100.0
+
+
+def test_priority_bootstrap_equals_a_direct_numpy_loop():
+    """bootstrap_priorities against a plain loop over resamples: the same seeded
+    index draws, then means, signed shares, ranks and percentiles by hand."""
+    from dowsing.uncertainty import bootstrap_priorities
+
+    rng = np.random.default_rng(7)
+    per_fact = [rng.normal(0.4, 1.0, 9), rng.normal(0.1, 0.5, 14), rng.normal(-0.3, 2.0, 6), rng.normal(0.35, 0.2, 11)]
+    n_resamples, level, seed = 300, 0.9, 11
+    got = bootstrap_priorities([list(x) for x in per_fact], n_resamples=n_resamples, level=level, seed=seed)
+
+    draw = np.random.default_rng(seed)
+    indices = [draw.integers(0, len(x), size=(n_resamples, len(x))) for x in per_fact]
+    k_domains = len(per_fact)
+    priorities = np.zeros((n_resamples, k_domains))
+    ranks = np.zeros((n_resamples, k_domains), dtype=int)
+    signed = np.zeros((n_resamples, k_domains))
+    for r in range(n_resamples):
+        for k in range(k_domains):
+            total = 0.0
+            for i in indices[k][r]:
+                total += per_fact[k][i]
+            priorities[r, k] = total / len(per_fact[k])
+        denominator = sum(abs(p) for p in priorities[r])
+        for k in range(k_domains):
+            signed[r, k] = priorities[r, k] / denominator * 100.0
+            # rank 1 = largest; ties in domain order
+            ranks[r, k] = 1 + sum(1 for j in range(k_domains) if priorities[r, j] > priorities[r, k]
+                                  or (priorities[r, j] == priorities[r, k] and j < k))
+    for k in range(k_domains):
+        lo, hi = np.percentile(priorities[:, k], [5.0, 95.0])
+        assert got.priority_interval[k] == pytest.approx((lo, hi), rel=1e-12)
+        s_lo, s_hi = np.percentile(signed[:, k], [5.0, 95.0])
+        assert got.share_pct_interval[k] == pytest.approx(magnitude_interval(s_lo, s_hi), rel=1e-12)
+        probabilities = [float(np.mean(ranks[:, k] == rank)) for rank in range(1, k_domains + 1)]
+        assert got.rank_probabilities[k] == pytest.approx(probabilities)
+        best = int(np.argmax(probabilities)) + 1
+        assert got.most_likely_rank[k] == best
+        assert got.rank_stable[k] == (probabilities[best - 1] >= RANK_STABLE_PROBABILITY)
+    # the point estimate sits inside its interval, and the result is JSON
+    for k, x in enumerate(per_fact):
+        lo, hi = got.priority_interval[k]
+        assert lo <= np.mean(x) <= hi
+    data = json.loads(json.dumps(got.to_dict()))
+    assert data["n_resamples"] == n_resamples and len(data["rank_probabilities"]) == k_domains

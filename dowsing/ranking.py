@@ -1,0 +1,175 @@
+"""The ranking estimator: one priority per domain that orders the domains
+(Rank, Share, t vs rest), next to the paper's quantities, which the analysis
+computes whatever the estimator is.
+
+* ``alignment_adam`` / ``alignment``: gradient alignment between a domain's
+  facts over the parameters of the last `align_blocks` transformer blocks and
+  the final norm (`dowsing.alignment`), with Adam's preconditioner P or the
+  identity:
+      priority_k = 1/(N_k(N_k-1)) sum_{i != j in k} g_i^T P g_j,
+      per-fact value_i = g_i^T P (S_k - g_i) / (N_k - 1),  S_k = sum_{j in k} g_j,
+  so the mean of the per-fact values is the priority. P = diag(1/(sqrt(v) + eps)),
+  v = the mean over `adam_batches` seeded minibatches of 8 facts of the pool of
+  every domain's facts of the squared minibatch-mean gradient.
+* ``paper``: the paper's Mean_k = g_bar_k^T (H_k + lambda I)^-1 g_bar_k and its
+  per-fact influences I_ki, unchanged.
+* ``mean_loss``: the domain's mean next-token loss, per fact l_i.
+
+The same functions and the same sampling as the benchmark
+(`dowsing.validation.estimators.alignment_scores`), so what the benchmark
+measured for an estimator applies to the ranking the app shows.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from .alignment import (ADAM_EPS, adam_preconditioner, blocks_of, capture_block_inputs, domain_alignment,
+                        padded_block_batch, tail_grad_fn, tail_model, tail_parameters)
+from .config import ESTIMATOR_LABELS, RANKING_ESTIMATORS, AnalysisConfig
+from .subspace import per_fact_losses
+
+# Minibatch size of the Adam second-moment estimate: the benchmark's.
+ADAM_BATCH_SIZE = 8
+ALIGNMENT_ESTIMATORS = ("alignment_adam", "alignment")
+
+
+@dataclass
+class RankingScores:
+    """One estimator's priorities; per_fact[k] has domain k's facts in order
+    and mean priority[k]."""
+
+    estimator: str
+    label: str
+    priority: list  # per domain
+    per_fact: list  # per domain, per fact
+    seconds: float
+    details: dict = field(default_factory=dict)  # parameter count, blocks, Adam's sampling
+    notes: list = field(default_factory=list)  # what the user should know (e.g. fewer blocks than asked)
+
+
+def alignment_blocks(net, align_blocks: int) -> tuple[int, int, str | None]:
+    """(first, blocks, note): the alignment uses blocks first..depth-1, with
+    blocks = min(align_blocks, depth) and first = depth - blocks; a note when
+    the model has fewer blocks than asked."""
+    depth = len(blocks_of(net))
+    blocks = min(align_blocks, depth)
+    note = None
+    if align_blocks > depth:
+        note = (f"align_blocks = {align_blocks} but the model has {depth} blocks: the alignment used all "
+                f"{depth} blocks and the final norm.")
+    return depth - blocks, blocks, note
+
+
+@contextmanager
+def capture_inputs_during(net, first: int, captured: list):
+    """While active, each forward pass appends the (padded) input of block
+    `first` to `captured`: block inputs come with a forward pass the analysis
+    makes anyway, instead of a second one (`capture_block_inputs`)."""
+    def grab(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = blocks_of(net)[first].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def block_inputs_by_fact(batches, captured: list) -> list:
+    """Per fact (row order), its real tokens' rows of the captured block inputs."""
+    out = {}
+    for (_, mask, rows), hidden in zip(batches, captured):
+        for j, row in enumerate(rows):
+            out[row] = hidden[j, : int(mask[j].sum())]
+    return [out[i] for i in range(len(out))]
+
+
+def _check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) -> None:
+    """The truncated model must reproduce every fact's loss from its block
+    inputs; otherwise the architecture does something on the way (e.g.
+    position embeddings added inside the model) that tail_model cannot undo."""
+    device = next(work.parameters()).device
+    worst = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(ids))))
+            input_ids, mask, hidden = padded_block_batch([ids[r] for r in rows], [block_inputs[r] for r in rows],
+                                                         device)
+            logits = work(inputs_embeds=embed(hidden), attention_mask=mask, use_cache=False).logits
+            got = per_fact_losses(logits, input_ids, mask).to(torch.float64).cpu()
+            want = fact_losses[rows].to(torch.float64).cpu()
+            worst = max(worst, float(((got - want).abs() / want.abs().clamp_min(1.0)).max()))
+    dtype = next(work.parameters()).dtype
+    tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)
+    if not worst <= tolerance:
+        raise ValueError(f"The gradient-alignment estimators cannot run on this model: its last blocks do not "
+                         f"reproduce its loss from their inputs (relative error {worst:.1e}). Choose the "
+                         f"estimator 'paper' or 'mean_loss'.")
+
+
+def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: torch.Tensor, paper_means: list,
+                       paper_per_fact: list, config: AnalysisConfig, block_inputs: list | None = None,
+                       progress: Callable[[float, str], None] | None = None) -> RankingScores:
+    """The priorities of config.estimator for every domain.
+
+    ids: token ids per fact (row order); batches: the analysis' padded
+    batches (for capturing block inputs when none are given); rows_of[k]:
+    domain k's fact rows; fact_losses: l_i per fact; paper_means /
+    paper_per_fact: Mean_k and I_ki from the paper's solve; block_inputs: the
+    input of block `alignment_blocks(...)[0]` per fact, if already captured.
+    """
+    name = config.estimator
+    if name not in RANKING_ESTIMATORS:
+        raise ValueError(f"estimator must be one of {', '.join(RANKING_ESTIMATORS)}, got {name!r}")
+    report = progress or (lambda fraction, message: None)
+    label = ESTIMATOR_LABELS[name]
+    t0 = time.perf_counter()
+    if name == "paper":
+        return RankingScores(name, label, [float(m) for m in paper_means],
+                             [[float(x) for x in values] for values in paper_per_fact], time.perf_counter() - t0,
+                             {"source": "the paper's concept-subspace influence, I_ki = g_ki^T z_k"})
+    if name == "mean_loss":
+        per_fact = [[float(fact_losses[r]) for r in rows] for rows in rows_of]
+        return RankingScores(name, label, [sum(v) / len(v) for v in per_fact], per_fact, time.perf_counter() - t0,
+                             {"source": "mean next-token loss per fact"})
+
+    net = loaded.model
+    first, blocks, note = alignment_blocks(net, config.align_blocks)
+    if block_inputs is None:
+        report(0.0, f"block inputs at block {first}")
+        block_inputs = capture_block_inputs(net, batches, first)
+    try:
+        work, embed = tail_model(net, first)
+    except Exception as exc:  # an architecture whose blocks cannot be cut out
+        raise ValueError(f"The gradient-alignment estimators cannot run on this model: its last {blocks} blocks "
+                         f"could not be separated ({type(exc).__name__}: {exc}). Choose the estimator 'paper' or "
+                         f"'mean_loss'.") from exc
+    try:
+        work.eval()
+        params = tail_parameters(work, blocks)
+        _check_tail(work, embed, ids, block_inputs, fact_losses, config.batch_size)
+        grad_of = tail_grad_fn(work, embed, ids, block_inputs, params)
+        details = {"blocks": blocks, "first_block": first, "parameters": int(sum(p.numel() for p in params)),
+                   "preconditioner": "identity"}
+        preconditioner = None
+        if name == "alignment_adam":
+            report(0.05, f"Adam's second moment from {config.adam_batches} minibatches of {ADAM_BATCH_SIZE} facts")
+            pool = [r for rows in rows_of for r in rows]
+            preconditioner = adam_preconditioner(grad_of, pool, ADAM_BATCH_SIZE, config.adam_batches, config.seed)
+            details.update(preconditioner="adam", adam_batches=config.adam_batches, adam_batch_size=ADAM_BATCH_SIZE,
+                           adam_eps=ADAM_EPS, seed=config.seed)
+        priority, per_fact = [], []
+        for k, rows in enumerate(rows_of):
+            report(0.1 + 0.9 * k / len(rows_of), f"gradient alignment, domain {k + 1} of {len(rows_of)}")
+            aligned = domain_alignment(grad_of, list(rows), {name: preconditioner})[name]
+            priority.append(float(aligned.pairs))
+            per_fact.append([float(x) for x in aligned.per_fact_pairs])
+    finally:
+        del work
+    return RankingScores(name, label, priority, per_fact, time.perf_counter() - t0, details,
+                         [note] if note else [])
