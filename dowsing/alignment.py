@@ -74,6 +74,8 @@ def adam_preconditioner(grad_of: GradFn, pool: list, batch_size: int, n_batches:
 def domain_alignment(grad_of: GradFn, rows: list, preconditioners: dict, query_rows: list | None = None,
                      sum_batch: int = 16) -> dict:
     """{name: Alignment} for each named preconditioner (None = identity).
+    With a single fact `pairs` is NaN (no pair to average) and only the
+    query alignment is defined.
 
     Costs one backward pass per fact (the per-fact norms) plus batched passes
     for S_k and the query gradient. Gradients are flattened once; P S_k and
@@ -81,8 +83,8 @@ def domain_alignment(grad_of: GradFn, rows: list, preconditioners: dict, query_r
     products whatever the number of parameters.
     """
     n = len(rows)
-    if n < 2:
-        raise ValueError("gradient alignment needs at least 2 facts per domain")
+    if n < 1:
+        raise ValueError("gradient alignment needs at least 1 fact per domain")
     total = None
     for start in range(0, n, sum_batch):
         part = rows[start: start + sum_batch]
@@ -100,7 +102,8 @@ def domain_alignment(grad_of: GradFn, rows: list, preconditioners: dict, query_r
             own = float(g2.sum(dtype=torch.float64) if w is None else (g2 * w).sum(dtype=torch.float64))
             with_all = float((g * p_total[name]).sum(dtype=torch.float64))
             out[name]["self"].append(own)
-            out[name]["pairs"].append((with_all - own) / (n - 1))
+            # one fact has no other to align with: the U-statistic is undefined
+            out[name]["pairs"].append((with_all - own) / (n - 1) if n > 1 else float("nan"))
             if query is not None:
                 out[name]["query"].append(float((g * p_query[name]).sum(dtype=torch.float64)))
         del g, g2
