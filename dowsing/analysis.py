@@ -296,7 +296,8 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     scores = ranking_priorities(
         model, encoded.ids, batches, rows_of, tokens.fact_losses, means,
         [p["influence"].tolist() for p in per_domain], config,
-        block_inputs=block_inputs_by_fact(batches, captured) if captured else None, progress=on_ranking)
+        block_inputs=block_inputs_by_fact(batches, captured) if captured else None, progress=on_ranking,
+        names=[d.name for d in domains])
     del captured
     notes += scores.notes
     priorities = scores.priority

@@ -79,7 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--estimator", choices=RANKING_ESTIMATORS, default=defaults.estimator,
                          help=f"what ranks the domains (default: {DEFAULT_ESTIMATOR}, chosen by the benchmark against "
                               "real fine-tuning): alignment_adam / alignment: gradient alignment between a domain's "
-                              "facts over the last blocks, with or without Adam's preconditioner; paper: the Data "
+                              "facts over the last blocks, with or without Adam's preconditioner; alignment_heldout_adam / "
+                              "alignment_heldout: the same between two seeded halves of each domain's facts; "
+                              "paper: the Data "
                               "Dowsing paper's method, concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ; mean_loss: the "
                               "domain's mean loss. The paper's Mean and Δn are computed whatever it is")
     analyze.add_argument("--align-blocks", type=int, default=defaults.align_blocks,

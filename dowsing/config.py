@@ -13,12 +13,15 @@ DTYPES = ("float32", "float64", "bfloat16")
 # What orders the domains (`dowsing.ranking`). The paper's concept-subspace
 # influence is always computed (Mean, transfer, saturation); the ranking
 # estimator decides the Rank, Share and Priority columns.
-RANKING_ESTIMATORS = ("alignment_adam", "alignment", "paper", "mean_loss")
+RANKING_ESTIMATORS = ("alignment_adam", "alignment", "alignment_heldout_adam", "alignment_heldout", "paper",
+                      "mean_loss")
 # Chosen by the benchmark against real fine-tuning (docs/VALIDATION.md).
 DEFAULT_ESTIMATOR = "alignment_adam"
 ESTIMATOR_LABELS = {
     "alignment_adam": "Gradient alignment between facts, Adam-preconditioned",
     "alignment": "Gradient alignment between facts",
+    "alignment_heldout_adam": "Gradient alignment between two halves of the facts, Adam-preconditioned",
+    "alignment_heldout": "Gradient alignment between two halves of the facts",
     "paper": "Paper: concept-subspace influence",
     "mean_loss": "Mean loss (log perplexity)",
 }

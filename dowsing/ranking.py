@@ -11,6 +11,13 @@ computes whatever the estimator is.
   so the mean of the per-fact values is the priority. P = diag(1/(sqrt(v) + eps)),
   v = the mean over `adam_batches` seeded minibatches of 8 facts of the pool of
   every domain's facts of the squared minibatch-mean gradient.
+* ``alignment_heldout_adam`` / ``alignment_heldout``: the domain's facts are
+  split in two halves A and B exactly as the benchmark splits training and
+  held-out facts (seeded by (seed, domain name)), and
+      priority_k = g_bar_A^T P g_bar_B,
+  the first-order gain on B from training on A; per-fact values are
+  g_i^T P g_bar_B for i in A and g_i^T P g_bar_A for i in B (each half's
+  mean is the priority).
 * ``paper``: the paper's Mean_k = g_bar_k^T (H_k + lambda I)^-1 g_bar_k and its
   per-fact influences I_ki, unchanged.
 * ``mean_loss``: the domain's mean next-token loss, per fact l_i.
@@ -35,7 +42,7 @@ from .subspace import per_fact_losses
 
 # Minibatch size of the Adam second-moment estimate: the benchmark's.
 ADAM_BATCH_SIZE = 8
-ALIGNMENT_ESTIMATORS = ("alignment_adam", "alignment")
+ALIGNMENT_ESTIMATORS = ("alignment_adam", "alignment", "alignment_heldout_adam", "alignment_heldout")
 
 
 @dataclass
@@ -112,9 +119,23 @@ def _check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) ->
                          f"estimator 'paper' or 'mean_loss'.")
 
 
+def split_halves(rows: list, name: str, seed: int) -> tuple[list, list]:
+    """(A, B): the rows shuffled with a generator seeded by (seed, name), the
+    last round(N / 2) (at least 1, leaving at least 1) in B: the same
+    permutation `validation.split.split_domains` applies to the facts, so A
+    and B are the benchmark's training and held-out halves."""
+    import random
+
+    order = list(rows)
+    random.Random(f"{seed}:{name}").shuffle(order)
+    n_held = min(max(1, round(0.5 * len(order))), len(order) - 1)
+    return order[: len(order) - n_held], order[len(order) - n_held:]
+
+
 def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: torch.Tensor, paper_means: list,
                        paper_per_fact: list, config: AnalysisConfig, block_inputs: list | None = None,
-                       progress: Callable[[float, str], None] | None = None) -> RankingScores:
+                       progress: Callable[[float, str], None] | None = None,
+                       names: list | None = None) -> RankingScores:
     """The priorities of config.estimator for every domain.
 
     ids: token ids per fact (row order); batches: the analysis' padded
@@ -157,7 +178,7 @@ def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: t
         details = {"blocks": blocks, "first_block": first, "parameters": int(sum(p.numel() for p in params)),
                    "preconditioner": "identity"}
         preconditioner = None
-        if name == "alignment_adam":
+        if name.endswith("_adam"):
             report(0.05, f"Adam's second moment from {config.adam_batches} minibatches of {ADAM_BATCH_SIZE} facts")
             pool = [r for rows in rows_of for r in rows]
             preconditioner = adam_preconditioner(grad_of, pool, ADAM_BATCH_SIZE, config.adam_batches, config.seed)
@@ -166,6 +187,14 @@ def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: t
         priority, per_fact = [], []
         for k, rows in enumerate(rows_of):
             report(0.1 + 0.9 * k / len(rows_of), f"gradient alignment, domain {k + 1} of {len(rows_of)}")
+            if "heldout" in name:
+                half_a, half_b = split_halves(list(rows), names[k] if names else str(k), config.seed)
+                a = domain_alignment(grad_of, half_a, {name: preconditioner}, query_rows=half_b)[name]
+                b = domain_alignment(grad_of, half_b, {name: preconditioner}, query_rows=half_a)[name]
+                value = dict(zip(half_a, a.per_fact_query)) | dict(zip(half_b, b.per_fact_query))
+                priority.append(float(a.query))
+                per_fact.append([float(value[r]) for r in rows])
+                continue
             aligned = domain_alignment(grad_of, list(rows), {name: preconditioner})[name]
             priority.append(float(aligned.pairs))
             per_fact.append([float(x) for x in aligned.per_fact_pairs])

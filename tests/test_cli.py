@@ -174,7 +174,9 @@ def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch):
     lines = proc.stdout.splitlines()
     header = next(i for i, line in enumerate(lines) if line.startswith("Rank  Concept"))
     assert ranked[0]["name"] in lines[header + 1]
-    assert result["extras"]["bootstrap"] is not None and result["extras"]["ranking"]["estimator"] == "alignment_adam"
+    from dowsing.config import DEFAULT_ESTIMATOR
+
+    assert result["extras"]["bootstrap"] is not None and result["extras"]["ranking"]["estimator"] == DEFAULT_ESTIMATOR
 
 
 def _fake_hub_cache(root: Path, repo: str, model_dir: Path, commits: list[str]) -> Path:
