@@ -55,7 +55,18 @@ def evidence_sentence(name: str) -> str:
     if ceiling is not None:
         text += f" (the ground truth agrees with itself across seeds at ρ = {ceiling:.2f})"
     if name == "mean_loss":
-        return text + "."
+        rivals = [(n, e) for n, e in (data.get("estimators") or {}).items()
+                  if n != "mean_loss" and e.get("spearman") is not None]
+        winners = [n for n, e in rivals if beats_mean_loss(e)]
+        if winners:
+            return text + f"; {', '.join(winners)} beat it (paired interval above 0)."
+        if not rivals:
+            return text + "."
+        best_name, best = max(rivals, key=lambda item: item[1]["spearman"])
+        diff = best.get("diff_interval") or [None, None]
+        span = f" [{diff[0]:+.2f}, {diff[1]:+.2f}]" if diff[0] is not None else ""
+        return (text + f". No estimator beat it with a paired interval above 0: the best, {best['label']}, "
+                f"had ρ = {best['spearman']:.2f}, a difference of {best['diff_vs_mean_loss']:+.2f}{span}.")
     if beats_mean_loss(entry):
         return text + "; it beat ranking by mean loss (paired interval above 0)."
     return text + "; it did not beat ranking by mean loss with an interval that excludes 0."
