@@ -109,6 +109,15 @@ if result is not None:
                        delta=f"mean of seeds: {ceiling['spearman_brown']:.2f}" if ceiling["spearman_brown"] else None,
                        delta_color="off", help="Spearman between the realised gains of two seeds of the same "
                                                "recipe: the ceiling any estimator can reach.")
+    if winner and winner["estimator"] == "mean_loss":
+        rivals = [r for r in result.leaderboard if r["estimator"] != "mean_loss"
+                  and r["recipes"][main]["spearman"] is not None]
+        if rivals:
+            best = max(rivals, key=lambda r: r["recipes"][main]["spearman"])
+            cell = best["recipes"][main]
+            st.info(f"No estimator beats ranking by mean loss here. The best, {best['label']}, has "
+                    f"ρ = {cell['spearman']:.2f}, a difference of {cell['diff_vs_mean_loss']:+.2f} with paired 90% "
+                    f"interval {interval_text(cell['diff_interval'])}.")
     if winner and winner["estimator"] != "mean_loss":
         cell = winner["recipes"][main]
         lo = (cell["diff_interval"] or [None])[0]
@@ -134,10 +143,17 @@ if result is not None:
 
     st.subheader("How reliable is the ground truth?")
     seeds = result.reliability["between_seeds"]
-    st.dataframe(pd.DataFrame([{"Recipe": r, "ρ between seeds": seeds[r]["spearman"],
-                                "reliability of the seed mean": seeds[r]["spearman_brown"]} for r in recipes]
-                              + [{"Recipe": f"{p['a']} vs {p['b']}", "ρ between seeds": None,
-                                  "reliability of the seed mean": None, "ρ between recipes": p["spearman"]}
+    st.caption("ρ between two seeds of a recipe is the ceiling any estimator can reach against one seed; the "
+               "reliability of the mean of the seeds (Spearman–Brown) is the ceiling against the seed mean the "
+               "leaderboard uses. Between recipes: how much the recipes agree on which domain gains most.")
+
+    def fmt(value):
+        return "—" if value is None else f"{value:.2f}"
+
+    st.dataframe(pd.DataFrame([{"Comparison": f"{r}: seed against seed", "Spearman ρ": fmt(seeds[r]["spearman"]),
+                                "reliability of the seed mean": fmt(seeds[r]["spearman_brown"])} for r in recipes]
+                              + [{"Comparison": f"{p['a']} against {p['b']} (seed means)",
+                                  "Spearman ρ": fmt(p["spearman"]), "reliability of the seed mean": "—"}
                                  for p in result.reliability["between_recipes"]]),
                  hide_index=True, width="stretch")
 

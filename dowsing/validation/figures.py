@@ -28,7 +28,7 @@ def leaderboard_chart(result: dict, recipe: str, ceiling: float | None = None) -
         hovertemplate="%{y}<br>ρ = %{x:.2f}<extra></extra>"))
     if ceiling is not None:
         fig.add_vline(x=ceiling, line_dash="dash", line_color="black",
-                      annotation_text=f"ground truth between seeds ρ = {ceiling:.2f}", annotation_position="top")
+                      annotation_text=f"seed-to-seed ρ = {ceiling:.2f}", annotation_position="top left")
     fig.update_layout(title=f"Spearman ρ against the realised fine-tuning gain ({recipe}), 90% interval",
                       xaxis_title="Spearman ρ", yaxis={"autorange": "reversed"}, xaxis_range=[-1, 1.05],
                       height=120 + 32 * len(rows), margin={"l": 10, "r": 10, "t": 60, "b": 40})
