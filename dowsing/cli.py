@@ -170,13 +170,7 @@ def run_validate(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
 
-    def progress(p) -> None:
-        if not args.quiet:
-            _progress(p)
-        if args.progress_file:
-            atomic_write_text(Path(args.progress_file), json.dumps(
-                {"stage": p.stage, "fraction": p.fraction, "message": p.message}))
-
+    progress = _progress_writer(args)
     try:
         result = validate(args.model, domains, config, held_out=held_out, progress=progress)
     except (ModelError, DomainError, ValueError) as exc:

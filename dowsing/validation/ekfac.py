@@ -120,6 +120,23 @@ def _as_linear(conv) -> torch.nn.Linear:
     return linear
 
 
+def _tracked_copy(work):
+    """(a float32 CPU copy of `work` with each tracked GPT-2 Conv1D swapped
+    for the equivalent nn.Linear, the tracked module names); `work` itself is
+    never changed."""
+    names = tracked_module_names(work)
+    if not names:
+        raise ValueError("no trainable Linear/Conv1D modules to track (set requires_grad on the kept blocks)")
+    model = copy.deepcopy(work).to(device="cpu", dtype=torch.float32)
+    conv1d = _conv1d_type()
+    for name in names:
+        module = model.get_submodule(name)
+        if conv1d is not None and isinstance(module, conv1d):
+            parent_name, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent_name), attr, _as_linear(module))
+    return model, names
+
+
 class _Facts(data.Dataset):
     """(token ids, inputs_embeds) per fact, on the CPU."""
 
@@ -261,17 +278,7 @@ def ekfac_pairwise_scores(work, embed, train_items, query_items, damping: float 
         raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
     if not train_items or not query_items:
         raise ValueError("need at least one training fact and one query fact")
-    names = tracked_module_names(work)
-    if not names:
-        raise ValueError("no trainable Linear/Conv1D modules to track (set requires_grad on the kept blocks)")
-
-    model = copy.deepcopy(work).to(device="cpu", dtype=torch.float32)
-    conv1d = _conv1d_type()
-    for name in names:
-        module = model.get_submodule(name)
-        if conv1d is not None and isinstance(module, conv1d):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, _as_linear(module))
+    model, names = _tracked_copy(work)
     n_tracked = sum(p.numel() for name in names for p in model.get_submodule(name).parameters())
 
     train_set, query_set = _Facts(train_items, embed), _Facts(query_items, embed)
@@ -328,16 +335,7 @@ def ekfac_domain_scores(work, embed, train_by_domain, query_by_domain, damping: 
     if len(train_by_domain) != len(query_by_domain) or not all(train_by_domain) or not all(query_by_domain):
         raise ValueError("every domain needs at least one training and one query fact")
     report = progress or (lambda fraction, message: None)
-    names = tracked_module_names(work)
-    if not names:
-        raise ValueError("no trainable Linear/Conv1D modules to track (set requires_grad on the kept blocks)")
-    model = copy.deepcopy(work).to(device="cpu", dtype=torch.float32)
-    conv1d = _conv1d_type()
-    for name in names:
-        module = model.get_submodule(name)
-        if conv1d is not None and isinstance(module, conv1d):
-            parent_name, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent_name), attr, _as_linear(module))
+    model, names = _tracked_copy(work)
     every = [item for items in train_by_domain for item in items]
     if fit_max_examples is not None and len(every) > fit_max_examples:
         every = random.Random(seed).sample(every, fit_max_examples)
