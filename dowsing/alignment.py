@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import copy
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -50,7 +50,6 @@ class Alignment:
     query: float | None = None  # mean_i g_i^T P grad L_Q (with query facts)
     per_fact_query: list | None = None
     self_norm: float = 0.0  # mean_i ||g_i||_P^2, for diagnostics
-    extras: dict = field(default_factory=dict)
 
 
 def _flat(tensors: list) -> torch.Tensor:

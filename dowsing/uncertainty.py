@@ -1,4 +1,4 @@
-"""Uncertainty in every result (issue 4, section 3): a bootstrap over each
+"""Uncertainty in every result: a bootstrap over each
 domain's facts.
 
 For domain k with per-fact gradients g_i (in the domain's subspace S_k) and

@@ -1,4 +1,4 @@
-"""Bootstrap uncertainty (issue 4, section 3) on synthetic kernels with a
+"""Bootstrap uncertainty on synthetic kernels with a
 known population."""
 from __future__ import annotations
 

@@ -13,7 +13,7 @@ from dowsing.config import AnalysisConfig
 from dowsing.curvature import tail_coefficients
 from dowsing.validation.estimators import score_estimators, split_pass, tail_derivatives
 from dowsing.models import load_model
-from dowsing.solvers import dense_solve, lissa
+from dowsing.solvers import lissa
 from dowsing.validation.correlations import bootstrap_spearman, kendall, spearman
 from dowsing.validation.split import split_domains
 from dowsing.validation.subspace_truth import subspace_response

@@ -34,7 +34,7 @@ from ..result import finite_or_none
 from ..saturation import DenseSystem, mu_function, saturation
 from ..solvers import damped, dense_solve
 from ..subspace import find_anatomy
-from .estimators import (ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, LABELS, SUBSPACE_ESTIMATORS,
+from .estimators import (ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, SUBSPACE_ESTIMATORS,
                          alignment_scores, ekfac_scores, score_estimators, split_pass)
 from .finetune import Recipe, TailTrainer, counterfactual_gains, learning_curve, measured_delta_n
 from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
@@ -369,10 +369,6 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
         winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
-
-
-def estimator_label(name: str) -> str:
-    return LABELS.get(name, name)
 
 
 def evidence_from_result(result: BenchmarkResult) -> dict:

@@ -10,7 +10,6 @@ import torch
 
 from ..alignment import blocks_of, padded_block_batch, tail_model, tail_parameters
 from ..subspace import per_fact_losses
-from .estimators import trainable_parameters
 
 def finetune_gains(loaded, split, train, config, report=None) -> dict:
     """Held-out per-fact losses after the baseline run and after each domain's
@@ -26,30 +25,13 @@ def finetune_gains(loaded, split, train, config, report=None) -> dict:
     the baseline), "drop_matrix" and "baseline_drop".
     """
     report = report or (lambda fraction, message: None)
-    net = loaded.model
-    device = next(net.parameters()).device
-    first = split.capture_block
-    work, embed = tail_model(net, first)
-    work.eval()  # no dropout: runs differ only by the added data
-    trainable = trainable_parameters(work)
-    original = [p.detach().clone() for p in trainable]
-
-    def logits_of(rows):
-        input_ids, mask, hidden = padded_block_batch([split.ids[r] for r in rows], [split.block_inputs[r] for r in rows], device)
-        logits = work(inputs_embeds=embed(hidden), attention_mask=mask, use_cache=False).logits
-        return logits, input_ids, mask
-
+    trainer = TailTrainer(loaded, split)
+    # every kept block trains: the split captured its inputs at depth - finetune_blocks
+    recipe = Recipe("validation", "adamw", lr=config.finetune_lr, steps=config.finetune_steps, blocks=trainer.depth,
+                    batch=config.finetune_batch, added_batch=config.finetune_added_batch,
+                    added_weight=config.finetune_added_weight)
     held_all = [r for rows in split.held_rows for r in rows]
-
-    def held_losses():
-        out = []
-        with torch.no_grad():
-            for i in range(0, len(held_all), config.batch_size):
-                logits, ids, mask = logits_of(held_all[i: i + config.batch_size])
-                out.append(per_fact_losses(logits, ids, mask).to(torch.float64).cpu())
-        return torch.cat(out)
-
-    before = held_losses()
+    before = trainer.losses(held_all, config.batch_size)
     want = split.tokens.fact_losses[held_all].cpu()
     if float((before - want).abs().max()) > 1e-3 * float(want.abs().max()):
         raise RuntimeError("The truncated model does not reproduce the full model's losses; "
@@ -57,29 +39,8 @@ def finetune_gains(loaded, split, train, config, report=None) -> dict:
     pool = [r for rows in split.train_rows for r in rows]
 
     def run(added: int | None) -> torch.Tensor:
-        with torch.no_grad():
-            for p, p0 in zip(trainable, original):
-                p.copy_(p0)
-        opt = torch.optim.AdamW(trainable, lr=config.finetune_lr)
-        rng = random.Random(config.seed)
-        added_rng = random.Random(config.seed + 1)
-        for _ in range(config.finetune_steps):
-            pick = rng.sample(pool, min(config.finetune_batch, len(pool)))
-            weights = [1.0 / len(pick)] * len(pick)
-            if added is not None:
-                own = split.train_rows[added]
-                extra = added_rng.sample(own, min(config.finetune_added_batch, len(own)))
-                pick = pick + extra
-                weights += [config.finetune_added_weight / len(extra)] * len(extra)
-            logits, ids, mask = logits_of(pick)
-            w = torch.tensor(weights, dtype=logits.dtype, device=device)
-            loss = (per_fact_losses(logits, ids, mask) * w).sum()
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            del logits, loss
-        del opt
-        return held_losses()
+        trainer.train(recipe, config.seed, pool, added=None if added is None else split.train_rows[added])
+        return trainer.losses(held_all, config.batch_size)
 
     t0 = time.perf_counter()
     n = len(train)
