@@ -186,6 +186,13 @@ def tail_model(net, first: int):
     parent_path, attr = path.rsplit(".", 1)
     parent = _get(work, parent_path)
     setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[first:]))
+    return work, tail_embedding(work)
+
+
+def tail_embedding(work):
+    """hidden -> what a truncated copy takes as inputs_embeds so that its
+    first kept block sees `hidden`: GPT-2 adds its position embeddings to
+    inputs_embeds, so they are taken off first; other models take it as is."""
     wpe = getattr(getattr(work, "transformer", None), "wpe", None)
 
     def embed(hidden):
@@ -193,7 +200,7 @@ def tail_model(net, first: int):
             return hidden
         return hidden - wpe(torch.arange(hidden.shape[1], device=hidden.device)).unsqueeze(0)
 
-    return work, embed
+    return embed
 
 
 def padded_block_batch(rows_ids, rows_hidden, device):

@@ -21,8 +21,9 @@ from .ranking import (ALIGNMENT_ESTIMATORS, alignment_blocks, block_inputs_by_fa
                       ranking_priorities)
 from .result import ENGINE_VERSION, DomainResult, Result
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
+from .executor import LocalExecutor, Shared, Unit
 from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
-from .solvers import SolveReport, conjugate_gradient, damped, dense_solve
+from .solvers import conjugate_gradient, damped, dense_solve
 from .subspace import capture_tail_inputs, encode_facts, find_anatomy, make_batches, per_fact_losses
 
 
@@ -143,14 +144,137 @@ def _cg_mu(obj: SubspaceObjective, w_all, w_k, n_k, n_total, g, damping, rtol, m
     return mu
 
 
+@dataclass
+class DomainContext:
+    """What every domain's solve needs: the model and its anatomy, the
+    batches and the forward pass's per-token quantities, the concept
+    directions, which facts belong to which domain, and the route."""
+
+    net: object
+    anatomy: object
+    batches: list
+    tokens: FactTokens
+    directions: torch.Tensor
+    rows_of: list
+    n_total: int
+    route: str
+    config: AnalysisConfig
+    report: Callable | None = None
+
+    def payload(self) -> dict:
+        """Everything but the model module, plus its configuration and
+        weights (a module can hold unpicklable state), for a worker."""
+        model_config = self.net.config
+        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
+        return {"model_config": model_config, "state": state, "device": str(next(self.net.parameters()).device),
+                "batches": [(ids.cpu(), mask.cpu(), rows) for ids, mask, rows in self.batches],
+                "tokens": self.tokens, "directions": self.directions.cpu(), "rows_of": self.rows_of,
+                "n_total": self.n_total, "route": self.route, "config": self.config}
+
+
+def build_domain_context(payload: dict) -> DomainContext:
+    """A worker's DomainContext, rebuilt from the shipped weights."""
+    from transformers import AutoModelForCausalLM
+
+    config = payload["config"]
+    device = payload["device"]
+    net = AutoModelForCausalLM.from_config(payload["model_config"], attn_implementation="eager",
+                                           dtype=DTYPES[config.dtype])
+    net.load_state_dict(payload["state"])
+    net = net.to(device).eval()
+    batches = [(ids.to(device), mask.to(device), rows) for ids, mask, rows in payload["batches"]]
+    tokens = payload["tokens"]
+    tokens = FactTokens(**{f: (getattr(tokens, f).to(device) if torch.is_tensor(getattr(tokens, f))
+                               else getattr(tokens, f)) for f in tokens.__dataclass_fields__})
+    return DomainContext(net=net, anatomy=find_anatomy(net), batches=batches, tokens=tokens,
+                         directions=payload["directions"].to(device), rows_of=payload["rows_of"],
+                         n_total=payload["n_total"], route=payload["route"], config=config)
+
+
+def solve_domain(ctx: DomainContext, k: int) -> dict:
+    """One domain, start to end: its per-fact gradients in S_k, the solve
+    z_k = (H_k + lambda I)^-1 g_k, the influence g_i^T z_k of every fact, the
+    saturation fit of mu(n), and (with a dense system) the bootstrap's
+    resampling kernels. Returns plain data (tensors on the CPU), so a worker
+    can send it back and the unit store can keep it."""
+    config, tokens, rows_of, n_total = ctx.config, ctx.tokens, ctx.rows_of, ctx.n_total
+    report = ctx.report or (lambda p: None)
+    n_domains = len(rows_of)
+    base_fraction = 0.1 + 0.65 * k / n_domains
+    v = ctx.directions[k].to(DTYPES[config.dtype])
+    rows = rows_of[k]
+    n_k = len(rows)
+    w_all = torch.full((n_total,), 1.0 / n_total, dtype=torch.float64)
+    w_k = torch.zeros(n_total, dtype=torch.float64)
+    w_k[rows] = 1.0 / n_k
+    t0 = time.perf_counter()
+    if ctx.route == "structured":
+        grads, base, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config)
+        g_bar = grads[rows].mean(dim=0)
+        solve = dense_solve(base, g_bar, method="auto (structured Hessian, dense solve)")
+        mu = mu_function(system, g_bar)
+        obj = None
+    else:
+        obj = SubspaceObjective(ctx.net, ctx.anatomy, ctx.batches, v, config.blocks, config.curvature)
+        grads = obj.per_fact_gradients()
+        g_bar = grads[rows].mean(dim=0)
+        if ctx.route == "exact":
+            report(Progress("curvature", base_fraction, f"domain {k + 1}: dense {obj.dim}×{obj.dim} curvature"))
+            base = damped(obj.dense("all", w_all), config.damping)
+            solve = dense_solve(base, g_bar, method="exact")
+            system = DenseSystem(base, obj.dense("domain", w_k), n_k, n_total)
+            mu = mu_function(system, g_bar)
+        else:
+            def on_iteration(i, residual):
+                report(Progress("solve", base_fraction, f"domain {k + 1}: CG iteration {i}, "
+                                                        f"relative residual {residual:.2e}"))
+
+            solve = conjugate_gradient(
+                lambda p: obj.matvec("all", w_all, p) + config.damping * p, g_bar,
+                rtol=config.cg_rtol, maxiter=config.cg_maxiter or None, callback=on_iteration,
+            )
+            if config.blocks == 1 and tokens.tail_matches:
+                # B = 1: the saturation curve needs a solve per n; the
+                # structured system gives them exactly at a fraction of
+                # the cost of a CG run per n.
+                _, _, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config)
+                mu = mu_function(system, g_bar)
+            else:
+                system = None  # the bootstrap would need N_k CG solves per n
+                mu = _cg_mu(obj, w_all, w_k, n_k, n_total, g_bar, config.damping, config.cg_rtol,
+                            config.cg_maxiter or None)
+    influence_all = (grads @ solve.x).cpu()  # g_i^T z_k for every fact i
+    mean = float(g_bar @ solve.x)
+    t_solve = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    report(Progress("saturation", base_fraction, f"domain {k + 1}: saturation fit"))
+    sat = json.loads(json.dumps(saturation(mu, n_k, mean, config.saturation_points, config.saturation_max_factor),
+                                default=float))
+    if obj is not None:
+        obj.release()
+    t_sat = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    kernels = None
+    if system is not None:
+        grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
+        kernels = torch.from_numpy(resampling_kernels(system, grads[rows], grid))
+    return {"influence_all": influence_all, "mean": mean, "solve": solve.summary(), "saturation": sat,
+            "kernels": kernels, "seconds": {"solve": t_solve, "saturation": t_sat,
+                                            "kernels": time.perf_counter() - t0}}
+
+
 def analyze(model, domains, config: AnalysisConfig | None = None,
-            progress: Callable[[Progress], None] | None = None) -> Result:
+            progress: Callable[[Progress], None] | None = None, executor=None, store=None,
+            should_stop: Callable[[], bool] | None = None) -> Result:
     """The paper's concept-subspace influence Mean_k = g_k^T (H_k + lambda I)^-1 g_k
     in each concept subspace (with transfer, saturation and their bootstrap),
     and the domains ranked by config.estimator's priority (`dowsing.ranking`).
 
     model: a LoadedModel, or a model id / path (None for the embedded default).
     domains: Domain objects or {"name", "facts"} dicts.
+    executor: where each domain's curvature, solve and saturation fit run
+    (`dowsing.executor`; in this process by default; the structured route
+    always runs here). store: a UnitStore that keeps each finished domain.
     """
     config = config or AnalysisConfig()
     report = progress or (lambda p: None)
@@ -206,85 +330,53 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     if config.solver == "auto" and config.blocks == 1 and not tokens.tail_matches:
         notes.append("The model's final norm and LM head do not reproduce its logits; used the exact HVP route.")
 
-    w_all = torch.full((n_total,), 1.0 / n_total, dtype=torch.float64)
-    per_domain = []
+    context = DomainContext(net=net, anatomy=anatomy, batches=batches, tokens=tokens, directions=directions,
+                            rows_of=rows_of, n_total=n_total, route=route, config=config, report=report)
+    executor = executor or LocalExecutor()
+    if executor.kind != "local" and route == "structured":
+        # Each domain's structured solve takes milliseconds: shipping the
+        # model to workers would cost more than it saves.
+        notes.append("The structured route's per-domain solves ran in this process: they take milliseconds, "
+                     "less than shipping the model to Ray workers.")
+        executor = LocalExecutor()
+    units = [Unit(f"domain{k}/{d.name}", (k,)) for k, d in enumerate(domains)]
+
+    def on_done(key, value, finished, total):
+        report(Progress("solve", 0.1 + 0.65 * finished / total, f"domain {finished} of {total} solved"))
+
     t_solve = time.perf_counter()
-    for k, domain in enumerate(domains):
-        base_fraction = 0.1 + 0.55 * k / n_domains
-        report(Progress("solve", base_fraction, f"domain {k + 1} of {n_domains}: {domain.name}"))
-        v = directions[k].to(dtype)
-        rows = rows_of[k]
-        n_k = len(rows)
-        w_k = torch.zeros(n_total, dtype=torch.float64)
-        w_k[rows] = 1.0 / n_k
-        if route == "structured":
-            grads, base, system = _structured_domain(anatomy, tokens, v, rows, n_total, config)
-            g_bar = grads[rows].mean(dim=0)
-            solve = dense_solve(base, g_bar, method="auto (structured Hessian, dense solve)")
-            mu = mu_function(system, g_bar)
-        else:
-            obj = SubspaceObjective(net, anatomy, batches, v, config.blocks, config.curvature)
-            grads = obj.per_fact_gradients()
-            g_bar = grads[rows].mean(dim=0)
-            if route == "exact":
-                report(Progress("curvature", base_fraction, f"{domain.name}: dense {obj.dim}×{obj.dim} curvature"))
-                base = damped(obj.dense("all", w_all), config.damping)
-                solve = dense_solve(base, g_bar, method="exact")
-                system = DenseSystem(base, obj.dense("domain", w_k), n_k, n_total)
-                mu = mu_function(system, g_bar)
-            else:
-                def on_iteration(i, residual, name=domain.name, f=base_fraction):
-                    report(Progress("solve", f, f"{name}: CG iteration {i}, relative residual {residual:.2e}"))
-
-                solve = conjugate_gradient(
-                    lambda p: obj.matvec("all", w_all, p) + config.damping * p, g_bar,
-                    rtol=config.cg_rtol, maxiter=config.cg_maxiter or None, callback=on_iteration,
-                )
-                if config.blocks == 1 and tokens.tail_matches:
-                    # B = 1: the saturation curve needs a solve per n; the
-                    # structured system gives them exactly at a fraction of
-                    # the cost of a CG run per n.
-                    _, _, system = _structured_domain(anatomy, tokens, v, rows, n_total, config)
-                    mu = mu_function(system, g_bar)
-                else:
-                    system = None  # the bootstrap would need N_k CG solves per n
-                    mu = _cg_mu(obj, w_all, w_k, n_k, n_total, g_bar, config.damping, config.cg_rtol,
-                                config.cg_maxiter or None)
-            obj.release()
-        influence_all = grads @ solve.x  # g_i^T z_k for every fact i
-        per_domain.append(dict(
-            solve=solve, mu=mu, system=system, grads=grads[rows], influence=influence_all[rows].cpu(),
-            mean=float(g_bar @ solve.x),
-            transfer=[float(influence_all[r].mean()) for r in rows_of],
-        ))
+    if executor.kind == "local":
+        shared = Shared("analysis", context=context)
+    else:
+        shared = Shared(f"analysis/{id(context)}", payload=context.payload(), build=build_domain_context)
+    values = executor.run(solve_domain, units, shared, store=store, on_done=on_done, should_stop=should_stop)
+    outcomes = [values[u.key] for u in units]
     timings["solve"] = time.perf_counter() - t_solve
-
+    timings["saturation"] = sum(o["seconds"]["saturation"] for o in outcomes)
+    per_domain = []
+    for k in range(n_domains):
+        influence_all = outcomes[k]["influence_all"]
+        per_domain.append(dict(
+            solve=outcomes[k]["solve"], influence=influence_all[rows_of[k]],
+            mean=outcomes[k]["mean"], transfer=[float(influence_all[r].mean()) for r in rows_of],
+        ))
     means = [p["mean"] for p in per_domain]
-
-    t_sat = time.perf_counter()
-    saturations = []
-    for k, domain in enumerate(domains):
-        report(Progress("saturation", 0.65 + 0.1 * k / n_domains, f"saturation fit for {domain.name}"))
-        n_k = len(rows_of[k])
-        saturations.append(saturation(per_domain[k]["mu"], n_k, means[k], config.saturation_points,
-                                      config.saturation_max_factor))
-    timings["saturation"] = time.perf_counter() - t_sat
+    saturations = [o["saturation"] for o in outcomes]
 
     t_boot = time.perf_counter()
     bootstrap = None
-    if all(p["system"] is not None for p in per_domain):
+    if all(o["kernels"] is not None for o in outcomes):
         report(Progress("uncertainty", 0.75, f"bootstrap over facts ({config.bootstrap_resamples} resamples)"))
         kernels = []
         for k, domain in enumerate(domains):
             n_k = len(rows_of[k])
             grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
-            kernels.append(DomainKernels(domain.name, n_k, grid,
-                                         resampling_kernels(per_domain[k]["system"], per_domain[k]["grads"], grid)))
+            kernels.append(DomainKernels(domain.name, n_k, grid, outcomes[k]["kernels"].numpy()))
         bootstrap = bootstrap_domains(kernels, n_resamples=config.bootstrap_resamples, level=0.90,
                                       seed=config.seed).to_dict()
     else:
         notes.append("No bootstrap intervals with the CG solver and B > 1: they need a dense system per domain.")
-    timings["bootstrap"] = time.perf_counter() - t_boot
+    timings["bootstrap"] = time.perf_counter() - t_boot + sum(o["seconds"]["kernels"] for o in outcomes)
 
     # The ranking estimator (the paper's quantities above stay as they are).
     t_rank = time.perf_counter()
@@ -315,14 +407,13 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     results = []
     for k, domain in enumerate(domains):
         sat = saturations[k]
-        solve: SolveReport = per_domain[k]["solve"]
         results.append(DomainResult(
             name=domain.name, rank=ranks[k], mean=means[k], share_pct=shares[k],
             t_vs_rest=tests[k][0], p_value=tests[k][1], n_facts=len(rows_of[k]),
             delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"],
             delta_n_reason=sat["reason"],
             saturation={key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
-            solver=solve.summary(), concept_vector_norm=float(norms[k]), priority=priorities[k],
+            solver=per_domain[k]["solve"], concept_vector_norm=float(norms[k]), priority=priorities[k],
         ))
 
     per_example = [
@@ -407,8 +498,14 @@ def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = Non
 
 
 def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = None,
-                 progress: Callable[[Progress], None] | None = None, use_cache: bool = True) -> Result:
-    """The cached entry point: a repeat of the same request returns at once."""
+                 progress: Callable[[Progress], None] | None = None, use_cache: bool = True,
+                 executor=None, should_stop: Callable[[], bool] | None = None) -> Result:
+    """The cached entry point: a repeat of the same request returns at once.
+    Each finished domain is kept in the unit store under the request's key
+    until the whole result is stored, so a run started again after a crash
+    solves only the domains that were missing. The executor does not change
+    the result, so it is not part of the key."""
+    from .executor import UnitStore
     from .store import ResultStore
 
     config = config or AnalysisConfig()
@@ -424,8 +521,11 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     t0 = time.perf_counter()
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0
-    result = analyze(loaded, domains, config, progress)
+    units = UnitStore(f"analysis/{key}") if use_cache else None
+    result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop)
     result.timings["load_model"] = load_s
     result.cache_key = key
     store.put(key, result)
+    if units is not None:
+        units.clear()
     return result

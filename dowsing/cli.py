@@ -10,6 +10,7 @@ import warnings
 from pathlib import Path
 
 from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, RANKING_ESTIMATORS, SOLVERS, AnalysisConfig
+from .executor import EXECUTORS
 from .models import EMBEDDED_ID, ModelError, atomic_write_text
 from .result import Result, format_sci
 
@@ -46,6 +47,54 @@ def format_table(result: Result) -> str:
 
 def _progress(p) -> None:
     print(f"[{p.fraction * 100:5.1f}%] {p.stage}: {p.message}", file=sys.stderr, flush=True)
+
+
+def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--executor", choices=EXECUTORS, default="local",
+                        help="local: every unit of work in this process (default); ray: units as Ray tasks "
+                             "(fine-tunes, learning-curve points, per-domain solves)")
+    parser.add_argument("--ray-address", default=None,
+                        help="with --executor ray: absent, start Ray on this machine; auto, join the cluster this "
+                             "machine belongs to; ray://host:10001, join a remote cluster")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="CPUs of a Ray started on this machine (default: every core)")
+
+
+def executor_config(args, device: str = "cpu"):
+    """The ExecutorConfig of the command line (ValueError on nonsense)."""
+    from .executor import ExecutorConfig
+
+    if args.executor != "ray" and args.ray_cpus:
+        raise ValueError("--ray-cpus needs --executor ray")
+    return ExecutorConfig(kind=args.executor, address=args.ray_address, num_cpus=args.ray_cpus,
+                          gpus_per_task=1.0 if (args.executor == "ray" and device == "cuda") else 0.0)
+
+
+def open_executor(config, device: str = "cpu"):
+    """The executor, with Ray started or joined; a one-line ValueError when
+    Ray cannot be reached."""
+    from .executor import make_executor
+
+    executor = make_executor(config, device)
+    if config.kind == "ray":
+        resources = executor.describe()
+        print(f"ray: {resources['nodes']} node(s), {resources['CPU']} CPU, {resources['GPU']} GPU "
+              f"(started or joined in {executor.startup_s:.1f} s)", file=sys.stderr)
+    return executor
+
+
+def cancel_on_sigterm() -> None:
+    """SIGTERM (the app's Cancel) raises RunCancelled, so outstanding Ray tasks
+    are cancelled on the way out instead of running on."""
+    import signal
+
+    from .executor import RunCancelled
+
+    def stop(signum, frame):
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise RunCancelled()
+
+    signal.signal(signal.SIGTERM, stop)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -89,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                               f"(default: {defaults.align_blocks})")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_executor_arguments(analyze)
     validate = sub.add_parser("validate", help="check the ranking against ground truth by training; rival estimators")
     validate.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     validate.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
@@ -99,6 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_executor_arguments(validate)
     bench = sub.add_parser("benchmark", help="does an estimator's ranking predict fine-tuning? the leaderboard "
                                              "over the shipped benchmark domains, with power")
     bench.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
@@ -117,7 +168,16 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--evidence", action="store_true",
                        help="also write the per-estimator summary the app quotes "
                             "(dowsing/data/benchmark_evidence.json)")
+    bench.add_argument("--device", choices=DEVICES, default="cpu",
+                       help="where the model and its fine-tunes run; with Ray, cuda makes every task ask for a GPU "
+                            "(default: %(default)s)")
+    bench.add_argument("--no-cache", action="store_true",
+                       help="recompute every fine-tune; by default the fine-tunes an interrupted run of the same "
+                            "benchmark finished are reused")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_executor_arguments(bench)
+    cluster = sub.add_parser("cluster", help="what an executor would run on: CPUs, GPUs and nodes, as JSON")
+    add_executor_arguments(cluster)
     return parser
 
 
@@ -136,11 +196,13 @@ def run_analyze(args) -> int:
                 raise ValueError(f"--out {out} is a directory; give a file name.")
             if not out.parent.exists():
                 raise ValueError(f"--out: the folder {out.parent} does not exist.")
+        executor = open_executor(executor_config(args, config.device), config.device)
+        cancel_on_sigterm()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
             result = run_analysis(args.model, domains, config, None if args.quiet else _progress,
-                                  use_cache=not args.no_cache)
+                                  use_cache=not args.no_cache, executor=executor)
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -166,13 +228,15 @@ def run_validate(args) -> int:
         config = ValidationConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
+        executor = open_executor(executor_config(args))
     except (DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
 
     progress = _progress_writer(args)
+    cancel_on_sigterm()
     try:
-        result = validate(args.model, domains, config, held_out=held_out, progress=progress)
+        result = validate(args.model, domains, config, held_out=held_out, progress=progress, executor=executor)
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -220,6 +284,7 @@ def run_benchmark_command(args) -> int:
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains)
         _check_out(args.out)
+        executor = open_executor(executor_config(args, args.device), args.device)
     except (DomainError, ValueError, OSError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -227,11 +292,13 @@ def run_benchmark_command(args) -> int:
         import torch
 
         torch.set_num_threads(args.threads)
+    cancel_on_sigterm()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-            result = run_benchmark(args.model, domains, config, progress=_progress_writer(args))
+            result = run_benchmark(args.model, domains, config, progress=_progress_writer(args), executor=executor,
+                                   resume=not args.no_cache, device=args.device)
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -254,6 +321,18 @@ def run_benchmark_command(args) -> int:
     return 0
 
 
+def run_cluster(args) -> int:
+    import json
+
+    try:
+        executor = open_executor(executor_config(args))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    print(json.dumps(executor.describe()))
+    return 0
+
+
 def _num(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
@@ -266,6 +345,8 @@ def main(argv=None) -> int:
         return run_validate(args)
     if args.command == "benchmark":
         return run_benchmark_command(args)
+    if args.command == "cluster":
+        return run_cluster(args)
     return BAD_INPUT
 
 

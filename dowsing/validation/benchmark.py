@@ -30,13 +30,15 @@ import torch
 from ..analysis import Progress, _as_domains
 from ..curvature import structured_hessian
 from ..domains import Domain
+from ..executor import Shared
 from ..result import finite_or_none
 from ..saturation import DenseSystem, mu_function, saturation
 from ..solvers import damped, dense_solve
 from ..subspace import find_anatomy
 from .estimators import (ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, SUBSPACE_ESTIMATORS,
                          alignment_scores, ekfac_scores, score_estimators, split_pass)
-from .finetune import Recipe, TailTrainer, counterfactual_gains, learning_curve, measured_delta_n
+from .finetune import (Recipe, TailTrainer, build_trainer, counterfactual_gains, curve_units, finetune_unit,
+                       gains_from_losses, measured_delta_n, truth_units)
 from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
 from .split import benchmark_domains, benchmark_groups, split_domains
 
@@ -168,6 +170,7 @@ class BenchmarkResult:
     timings: dict
     warnings: list = field(default_factory=list)
     created_at: str = ""
+    execution: dict = field(default_factory=dict)  # executor, resources, per-unit node and times
 
     def to_dict(self) -> dict:
         return finite_or_none(dataclasses.asdict(self))
@@ -254,41 +257,9 @@ def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
             "reason": sat["reason"]}
 
 
-def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
-                  progress: Callable[[Progress], None] | None = None) -> BenchmarkResult:
-    """Run the whole benchmark. model: a LoadedModel, or an id / path (None:
-    the embedded default), loaded in float32 on the CPU. domains: None for
-    the shipped benchmark domains."""
-    from datetime import datetime, timezone
-
-    from ..models import LoadedModel, load_model
-
-    config = config or BenchmarkConfig()
-    say = progress or (lambda p: None)
-    clock = time.perf_counter()
-    timings = {}
-    notes = []
-    domains = check_domains(domains if domains is not None else benchmark_domains())
-    if config.max_facts:
-        domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
-    if len(domains) < LOW_POWER_DOMAINS:
-        message = (f"Only {len(domains)} domains: Spearman's rho over so few has no power to tell estimators "
-                   "apart; use at least 12.")
-        warnings.warn(message, stacklevel=2)
-        notes.append(message)
-    if not isinstance(model, LoadedModel):
-        say(Progress("loading model", 0.0, "loading model"))
-        model = load_model(model, "cpu", "float32")
-        timings["load_model"] = time.perf_counter() - clock
-    train, held = split_domains(domains, config.seed, config.held_out_fraction)
-    names = [d.name for d in train]
-    depth = len(find_anatomy(model.model).down_projs)
-    keep = min(depth, max([r.blocks for r in config.recipes] + [config.align_blocks]))
-
-    say(Progress("forward", 0.01, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
-    split = split_pass(model, train, held, config.batch_size, capture_block=depth - keep)
-    timings["forward"] = split.forward_s
-
+def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, say):
+    """Every estimator's scores (in the configured order), the concept-subspace
+    terms the learning curves' predictions need and the seconds they took."""
     scores = []
     t0 = time.perf_counter()
     subspace_names = [e for e in config.estimators if e in SUBSPACE_ESTIMATORS]
@@ -310,47 +281,123 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                                    progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m))))
     order = {e: i for i, e in enumerate(config.estimators)}
     scores.sort(key=lambda s: order[s.name])
-    timings["estimators"] = time.perf_counter() - t0
+    return scores, terms, time.perf_counter() - t0
+
+
+def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
+                  progress: Callable[[Progress], None] | None = None, executor=None, resume: bool = False,
+                  should_stop: Callable[[], bool] | None = None, device: str = "cpu") -> BenchmarkResult:
+    """Run the whole benchmark. model: a LoadedModel, or an id / path (None:
+    the embedded default), loaded in float32 on `device`. domains: None for
+    the shipped benchmark domains.
+
+    executor: where the fine-tunes and learning-curve points run
+    (`dowsing.executor`; in this process by default). On Ray they run while
+    this process computes the estimators. resume: keep each finished
+    fine-tune in the unit store under the run's fingerprint (model, domains,
+    configuration, engine version) and reuse what an earlier, interrupted run
+    of the same benchmark finished."""
+    from datetime import datetime, timezone
+
+    from ..executor import LocalExecutor, UnitStore, fingerprint
+    from ..models import LoadedModel, load_model
+    from ..result import ENGINE_VERSION
+
+    executor = executor or LocalExecutor()
+    config = config or BenchmarkConfig()
+    say = progress or (lambda p: None)
+    clock = time.perf_counter()
+    timings = {}
+    notes = []
+    domains = check_domains(domains if domains is not None else benchmark_domains())
+    if config.max_facts:
+        domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
+    if len(domains) < LOW_POWER_DOMAINS:
+        message = (f"Only {len(domains)} domains: Spearman's rho over so few has no power to tell estimators "
+                   "apart; use at least 12.")
+        warnings.warn(message, stacklevel=2)
+        notes.append(message)
+    if not isinstance(model, LoadedModel):
+        say(Progress("loading model", 0.0, "loading model"))
+        model = load_model(model, device, "float32")
+        timings["load_model"] = time.perf_counter() - clock
+    train, held = split_domains(domains, config.seed, config.held_out_fraction)
+    namespace = fingerprint("benchmark", model.info.to_dict(), [(d.name, d.facts) for d in train],
+                            [(d.name, d.facts) for d in held], config.to_dict(), ENGINE_VERSION)
+    store = UnitStore(namespace) if resume else None
+    names = [d.name for d in train]
+    depth = len(find_anatomy(model.model).down_projs)
+    keep = min(depth, max([r.blocks for r in config.recipes] + [config.align_blocks]))
+
+    say(Progress("forward", 0.01, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
+    split = split_pass(model, train, held, config.batch_size, capture_block=depth - keep)
+    timings["forward"] = split.forward_s
 
     trainer = TailTrainer(model, split)
     trainer.check()
+    t_units = time.perf_counter()
+    main = next(r for r in config.recipes if r.name == config.main_recipe)
+    wanted = [n for n in config.curve_domains if n in names]
+    units = []
+    for recipe in config.recipes:
+        for s in range(config.seeds):
+            units += truth_units(recipe, config.seed + s, len(names))
+    for name in wanted:
+        k = names.index(name)
+        pool = len(split.train_rows[k]) + len(split.held_rows[k]) - config.curve_held_out
+        units += curve_units(main, config.seed, k, name, config.curve_sizes, config.curve_held_out,
+                             len(split.train_rows[k]), pool)
+
+    def on_done(key, value, finished, total):
+        say(Progress("ground truth", 0.3 + 0.65 * finished / total,
+                     f"fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
+
+    local = executor.kind == "local"
+    shared = Shared(f"benchmark-tail/{namespace}", payload=None if local else trainer.payload(),
+                    build=build_trainer, context=trainer if local else None)
+    pending = executor.start(finetune_unit, units, shared, store=store, on_done=on_done, should_stop=should_stop)
+    try:
+        scores, terms, timings["estimators"] = _estimator_scores(model, train, split, config, keep, say)
+        values = pending.wait()
+    except BaseException:
+        pending.cancel()
+        raise
+    timings["units_wall"] = time.perf_counter() - t_units
+    del trainer
+
+    unit_seconds = {r.key: r.end - r.start for r in executor.telemetry.records if not r.cached}
     truth = {}
-    t0 = time.perf_counter()
-    units = len(config.recipes) * config.seeds
-    done = 0
     for recipe in config.recipes:
         runs, drops, seconds = [], [], 0.0
         for s in range(config.seeds):
-            seed = config.seed + s
-            start = 0.3 + 0.55 * done / units
-
-            def report(f, m, recipe=recipe, seed=seed, start=start):
-                say(Progress("ground truth", start + 0.55 / units * f, f"{recipe.name}, seed {seed}: {m}"))
-
-            out = counterfactual_gains(trainer, recipe, seed, report)
+            keys = [u.key for u in truth_units(recipe, config.seed + s, len(names))]
+            after = [values[key] for key in keys[1:]]
+            out = gains_from_losses(split.held_rows, values[keys[0]], after)
             runs.append(out["gain"])
             drops.append(out["baseline_drop"])
-            seconds += out["seconds"]
-            done += 1
+            seconds += sum(unit_seconds.get(key, 0.0) for key in keys)
         truth[recipe.name] = {"label": recipe.label(), "gains": runs,
                               "gain": np.mean(np.asarray(runs), axis=0).tolist(),
                               "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(), "seconds": seconds}
-    timings["ground_truth"] = time.perf_counter() - t0
+    timings["ground_truth"] = sum(t["seconds"] for t in truth.values())
 
-    t0 = time.perf_counter()
-    curves = []
-    main = next(r for r in config.recipes if r.name == config.main_recipe)
-    wanted = [n for n in config.curve_domains if n in names]
-    for i, name in enumerate(wanted):
-        say(Progress("learning curves", 0.85 + 0.1 * i / max(len(wanted), 1), f"learning curve for {name}"))
+    curves, curve_seconds = [], 0.0
+    for name in wanted:
         k = names.index(name)
-        measured = learning_curve(trainer, main, config.seed, k, config.curve_sizes, config.curve_held_out,
-                                  len(split.train_rows[k]))
+        pool = len(split.train_rows[k]) + len(split.held_rows[k]) - config.curve_held_out
+        mine = curve_units(main, config.seed, k, name, config.curve_sizes, config.curve_held_out,
+                           len(split.train_rows[k]), pool)
+        curve_seconds += sum(unit_seconds.get(u.key, 0.0) for u in mine)
+        measured = {"points": [[u.args[4], float(values[u.key])] for u in mine],
+                    "held_out_facts": config.curve_held_out, "pool": pool}
         curves.append({"domain": name, "recipe": main.name, "measured": measured,
                        "measured_saturation": measured_delta_n(measured["points"]),
                        "predicted": predicted_curve(split, terms, k, config.damping, config.curve_sizes)})
-    timings["learning_curves"] = time.perf_counter() - t0
-    del trainer
+    timings["learning_curves"] = curve_seconds
+    execution = {"executor": executor.config.to_dict(), "resources": executor.describe(),
+                 "startup_s": getattr(executor, "startup_s", 0.0),
+                 "units": len(units), "cached_units": sum(r.cached for r in executor.telemetry.records),
+                 "telemetry": executor.telemetry.to_dict()["units"]}
 
     say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
     gains = {name: t["gains"] for name, t in truth.items()}
@@ -367,7 +414,7 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
         split={"train": {d.name: list(d.facts) for d in train}, "held_out": {d.name: list(d.facts) for d in held}},
         estimators=[s.to_dict() for s in scores], truth=truth, reliability=reliability(gains), leaderboard=board,
         winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), execution=execution,
     )
 
 

@@ -173,12 +173,14 @@ def _interval_text(pair) -> str:
 
 
 def validate(model, domains, config: ValidationConfig | None = None, held_out=None,
-             progress: Callable[[Progress], None] | None = None) -> ValidationResult:
+             progress: Callable[[Progress], None] | None = None, executor=None,
+             should_stop: Callable[[], bool] | None = None) -> ValidationResult:
     """Split, score every estimator on the training halves, measure both
     ground truths, and build the leaderboard.
 
     model: a LoadedModel, or a model id / path (None = embedded default),
-    loaded in float32 on the CPU.
+    loaded in float32 on the CPU. executor: where the fine-tuning runs go
+    (`dowsing.executor`; in this process by default).
     """
     from datetime import datetime, timezone
 
@@ -231,7 +233,8 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     if config.finetune:
         t0 = time.perf_counter()
         finetune = finetune_gains(model, split, train, config,
-                                  lambda f, m: say(Progress("fine-tuning ground truth", 0.5 + 0.45 * f, m)))
+                                  lambda f, m: say(Progress("fine-tuning ground truth", 0.5 + 0.45 * f, m)),
+                                  executor=executor, should_stop=should_stop)
         timings["finetune"] = time.perf_counter() - t0
 
     say(Progress("leaderboard", 0.96, "correlations and bootstrap"))

@@ -1,0 +1,249 @@
+"""The executor seam: units in this process or as Ray tasks on a real local
+Ray (2 CPUs, no dashboard). The same seeded work gives the same numbers
+either way; finished units survive a crash; a killed worker's unit is run
+again; Cancel stops the tasks."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dowsing.domains import Domain
+from dowsing.executor import (ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore,
+                              make_executor)
+from dowsing.models import load_model
+from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
+from dowsing.validation.finetune import Recipe
+from dowsing.validation.split import benchmark_domains
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
+
+
+# --- in-process ------------------------------------------------------------------------------------------
+
+
+def test_executor_config_rejects_nonsense():
+    with pytest.raises(ValueError, match="executor must be"):
+        ExecutorConfig(kind="dask")
+    with pytest.raises(ValueError, match="needs --executor ray"):
+        ExecutorConfig(kind="local", address="auto")
+    with pytest.raises(ValueError, match="ray address"):
+        ExecutorConfig(kind="ray", address="nonsense")
+    assert ExecutorConfig.from_dict(ExecutorConfig(kind="ray", address="ray://h:10001").to_dict()).address == \
+        "ray://h:10001"
+
+
+def _square(context, x):
+    context["calls"].append(x)
+    return torch.tensor([float(x) ** 2])
+
+
+def test_local_executor_keeps_finished_units_and_resumes_only_the_missing(tmp_path):
+    store = UnitStore("run-a", folder=tmp_path / "units")
+    units = [Unit(f"u{i}", (i,)) for i in range(5)]
+    context = {"calls": []}
+    seen = []
+
+    def stop_after_two():
+        return len(context["calls"]) >= 2
+
+    with pytest.raises(RunCancelled):
+        LocalExecutor().run(_square, units, Shared("s", context=context), store=store, should_stop=stop_after_two)
+    assert context["calls"] == [0, 1] and store.count() == 2
+    context["calls"].clear()
+    values = LocalExecutor().run(_square, units, Shared("s", context=context), store=store,
+                                 on_done=lambda key, value, done, total: seen.append((key, done, total)))
+    assert context["calls"] == [2, 3, 4]  # only what was missing
+    assert [float(values[f"u{i}"]) for i in range(5)] == [0.0, 1.0, 4.0, 9.0, 16.0]
+    assert [s[1] for s in seen] == [1, 2, 3, 4, 5] and all(s[2] == 5 for s in seen)
+    # another run's namespace sees nothing of this one
+    assert UnitStore("run-b", folder=tmp_path / "units").get("u0") is None
+
+
+def test_a_corrupt_stored_unit_is_recomputed_not_used(tmp_path):
+    store = UnitStore("run", folder=tmp_path / "units")
+    store.put("u0", {"x": torch.ones(2)})
+    assert torch.equal(store.get("u0")["x"], torch.ones(2))
+    store._cache.set("run/u0", b"not a torch file")
+    assert store.get("u0") is None and store.count() == 0
+
+
+# --- on a real local Ray -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def ray_executor():
+    ray = pytest.importorskip("ray")
+    executor = make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=400))
+    yield executor
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def tiny_llama64(tiny_llama_dir):
+    return load_model(str(tiny_llama_dir), dtype="float64")
+
+
+def _small_config(**changes):
+    fields = dict(estimators=("mean_loss",), seeds=1, bootstrap=50, curve_domains=("Cooking",),
+                  curve_sizes=(0, 2, 4), recipes=(Recipe("adamw", "adamw", lr=3e-4, steps=3, blocks=2),))
+    fields.update(changes)
+    return BenchmarkConfig.quick(**fields)
+
+
+def _domains():
+    return [Domain(d.name, d.facts[:8]) for d in benchmark_domains(quick=True)]
+
+
+def _numbers(result) -> np.ndarray:
+    out = []
+    for truth in result.truth.values():
+        out += list(np.ravel(truth["gains"])) + list(truth["baseline_drop"])
+    for curve in result.curves:
+        out += [loss for _, loss in curve["measured"]["points"]]
+    return np.asarray(out, dtype=float)
+
+
+@pytest.fixture(scope="module")
+def local_benchmark(tiny_llama64):
+    return run_benchmark(tiny_llama64, _domains(), _small_config())
+
+
+def test_benchmark_on_ray_gives_the_same_numbers_and_ships_the_weights_once(ray_executor, tiny_llama64,
+                                                                           local_benchmark):
+    progress = []
+    ray_executor.telemetry.records.clear()
+    result = run_benchmark(tiny_llama64, _domains(), _small_config(), executor=ray_executor,
+                           progress=lambda p: progress.append(p))
+    want, got = _numbers(local_benchmark), _numbers(result)
+    assert len(got) == len(want) > 10 and np.ptp(want) > 0
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
+    records = [r for r in ray_executor.telemetry.records if not r.cached]
+    assert len(records) == result.execution["units"] == len(_domains()) + 1 + 3
+    assert len({r.pid for r in records}) == 2  # both workers took units
+    assert len(ray_executor._refs) == 1  # one payload in the object store for the whole batch
+    assert result.execution["resources"]["CPU"] == 2
+    truth_progress = [p for p in progress if p.stage == "ground truth"]
+    assert len(truth_progress) == len(records) and truth_progress[-1].message.startswith(
+        f"fine-tune {len(records)} of {len(records)}")
+
+
+def _ray_workers_running_units() -> list:
+    """PIDs of Ray workers busy with a unit (Ray titles them ray::<function>)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
+        except OSError:
+            continue
+        if title.startswith("ray::_run_remote"):
+            pids.append(int(proc.name))
+    return pids
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_numbers_do_not_change(ray_executor, tiny_llama64,
+                                                                         local_benchmark):
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not killed:
+            busy = _ray_workers_running_units()
+            if busy:
+                os.kill(busy[0], signal.SIGKILL)
+                killed.append(busy[0])
+            time.sleep(0.05)
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    # a different payload name (resume=False, new executor refs) so workers rebuild from scratch
+    result = run_benchmark(tiny_llama64, _domains(), _small_config(), executor=ray_executor)
+    thread.join()
+    assert killed, "no worker was seen running a unit"
+    np.testing.assert_allclose(_numbers(result), _numbers(local_benchmark), rtol=1e-6, atol=1e-12)
+
+
+def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_llama64, tmp_path):
+    from dowsing.validation.finetune import TailTrainer, build_trainer, finetune_unit, truth_units
+    from dowsing.validation.estimators import split_pass
+    from dowsing.validation.split import split_domains
+
+    train, held = split_domains(_domains(), 0, 0.5)
+    split = split_pass(tiny_llama64, train, held, capture_block=0)
+    trainer = TailTrainer(tiny_llama64, split)
+    recipe = Recipe("slow", "adamw", lr=3e-4, steps=12, blocks=2)
+    units = truth_units(recipe, 0, len(train)) + truth_units(recipe, 1, len(train))
+    store = UnitStore("cancel-run", folder=tmp_path / "units")
+    finished = []
+    with pytest.raises(RunCancelled):
+        ray_executor.run(finetune_unit, units, Shared("cancel-tail", payload=trainer.payload(), build=build_trainer),
+                         store=store, on_done=lambda key, value, done, total: finished.append(key),
+                         should_stop=lambda: len(finished) >= 2)
+    deadline = time.time() + 30
+    while _ray_workers_running_units() and time.time() < deadline:
+        time.sleep(0.2)
+    assert not _ray_workers_running_units()  # nothing runs on after Cancel
+    assert 2 <= store.count() < len(units)  # what finished is kept, the rest is not
+    assert set(finished) <= {u.key for u in units}
+
+
+def test_analysis_per_domain_solves_on_ray_equal_the_in_process_ones(ray_executor, tiny_llama64):
+    from dowsing.analysis import analyze
+    from dowsing.config import AnalysisConfig
+
+    # the exact route through Hessian-vector products: the one whose per-domain work is worth shipping
+    domains = [Domain(d.name, d.facts[:3]) for d in benchmark_domains(quick=True)[:2]]
+    config = AnalysisConfig(blocks=1, solver="exact", dtype="float64", bootstrap_resamples=200)
+    local = analyze(tiny_llama64, domains, config)
+    remote = analyze(tiny_llama64, domains, config, executor=ray_executor)
+    for a, b in zip(local.domains, remote.domains):
+        assert b.mean == pytest.approx(a.mean, rel=1e-6, abs=1e-14)
+        assert b.priority == pytest.approx(a.priority, rel=1e-6)
+        assert (b.delta_n_10pct is None) == (a.delta_n_10pct is None)
+        if a.delta_n_10pct is not None:
+            assert b.delta_n_10pct == pytest.approx(a.delta_n_10pct, rel=1e-6)
+    la = [e["influence"] for e in local.per_example]
+    assert [e["influence"] for e in remote.per_example] == pytest.approx(la, rel=1e-6, abs=1e-14)
+    assert remote.extras["bootstrap"]["domains"][0]["mean_interval"] == pytest.approx(
+        local.extras["bootstrap"]["domains"][0]["mean_interval"], rel=1e-6, abs=1e-14)
+
+
+# --- the command line ---------------------------------------------------------------------------------------
+
+
+def _cli(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "dowsing", *args], cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_cli_executor_errors_are_one_line_and_exit_2(tmp_path):
+    out = tmp_path / "out.json"
+    proc = _cli("benchmark", "--quick", "--ray-address", "auto", "--out", str(out))
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: --ray-address needs --executor ray"] and not out.exists()
+    for address in ("ray://127.0.0.1:1", "127.0.0.1:1"):  # nothing listens on port 1
+        proc = _cli("cluster", "--executor", "ray", "--ray-address", address)
+        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+            f"error: could not reach Ray at {address}: nothing answers there ([Errno 111] Connection refused)"]
+
+
+def test_cli_cluster_describes_this_machine():
+    proc = _cli("cluster")
+    assert proc.returncode == 0
+    assert json.loads(proc.stdout) == {"kind": "local", "CPU": os.cpu_count(), "GPU": 0, "nodes": 1}
