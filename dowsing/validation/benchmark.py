@@ -35,12 +35,14 @@ from ..result import finite_or_none
 from ..saturation import DenseSystem, mu_function, saturation
 from ..solvers import damped, dense_solve
 from ..subspace import find_anatomy
-from .estimators import (ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, SUBSPACE_ESTIMATORS,
-                         alignment_scores, ekfac_scores, score_estimators, split_pass)
+from .airrep import airrep_scores
+from .estimators import (AIRREP_ESTIMATORS, ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, SUBSPACE_ESTIMATORS,
+                         TRAJECTORY_ESTIMATORS, alignment_scores, ekfac_scores, score_estimators, split_pass)
 from .finetune import (Recipe, TailTrainer, build_trainer, counterfactual_gains, curve_units, finetune_unit,
                        gains_from_losses, measured_delta_n, truth_units)
 from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
 from .split import benchmark_domains, benchmark_groups, split_domains
+from .trajectory import trajectory_scores
 
 MIN_FACTS = 4
 LOW_POWER_DOMAINS = 5
@@ -279,6 +281,18 @@ def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, s
         scores.append(ekfac_scores(model, split, min(config.ekfac_blocks, keep),
                                    fit_max_examples=config.ekfac_fit_facts or None, seed=config.seed,
                                    progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m))))
+    main = next(r for r in config.recipes if r.name == config.main_recipe)
+    trajectory_names = [e for e in config.estimators if e in TRAJECTORY_ESTIMATORS]
+    if trajectory_names:
+        # over the checkpoints of the main recipe's baseline fine-tune (first seed): the trajectory a user
+        # without checkpoints of their own would have
+        scores += trajectory_scores(model, split, trajectory_names, main, config.seed,
+                                    adam_batches=config.adam_batches,
+                                    progress=lambda f, m: say(Progress("estimators", 0.3 + 0.05 * f, m)))
+    if any(e in AIRREP_ESTIMATORS for e in config.estimators):
+        say(Progress("estimators", 0.35, "AirRep: counterfactual fine-tunes and the encoder, by domain fold"))
+        scores.append(airrep_scores(model, split, main, config.seed,
+                                    progress=lambda f, m: say(Progress("estimators", 0.35 + 0.05 * f, m))))
     order = {e: i for i, e in enumerate(config.estimators)}
     scores.sort(key=lambda s: order[s.name])
     return scores, terms, time.perf_counter() - t0

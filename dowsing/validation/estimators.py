@@ -28,7 +28,13 @@ lambda the damping:
   facts (i != j), or between its training and held-out facts; with the
   identity or Adam's preconditioner;
 * ``ekfac``: grad L_Q,k^T (G + lambda I)^-1 g_bar_k over the same parameters,
-  G the EK-FAC curvature of kronfluence (`ekfac.py`).
+  G the EK-FAC curvature of kronfluence (`ekfac.py`);
+* ``diffin``, ``tracin_ckpt``, ``vog``, ``ckpt_confidence``,
+  ``ckpt_variability``, ``el2n``: scores over the checkpoints of a
+  fine-tune (`trajectory.py`, which gives their formulas);
+* ``airrep``: a small encoder over the final hidden states with attention
+  pooling, trained to rank counterfactual fine-tunes of other domains
+  (`airrep.py`).
 
 One forward pass over all facts (training and held-out) serves every
 estimator and the subspace ground truth; its time is reported as shared.
@@ -55,7 +61,11 @@ SUBSPACE_ESTIMATORS = ("paper", "influence_ggn", "influence_cg", "influence_liss
 ALIGNMENT_ESTIMATORS = ("alignment", "alignment_adam", "alignment_heldout", "alignment_heldout_adam")
 # EK-FAC influence through kronfluence (`ekfac_scores`).
 EKFAC_ESTIMATORS = ("ekfac",)
-ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS + EKFAC_ESTIMATORS
+# Estimators over a trajectory of fine-tuning checkpoints (`trajectory.trajectory_scores`).
+TRAJECTORY_ESTIMATORS = ("diffin", "tracin_ckpt", "vog", "ckpt_confidence", "ckpt_variability", "el2n")
+# A trained representation model over counterfactual fine-tunes (`airrep.airrep_scores`).
+AIRREP_ESTIMATORS = ("airrep",)
+ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS + EKFAC_ESTIMATORS + TRAJECTORY_ESTIMATORS + AIRREP_ESTIMATORS
 PAPER = "paper"
 LABELS = {
     "paper": "Paper: concept-subspace influence, exact Hessian",
@@ -72,6 +82,13 @@ LABELS = {
     "alignment_heldout": "Gradient alignment, training vs held-out facts",
     "alignment_heldout_adam": "Gradient alignment, training vs held-out, Adam-preconditioned",
     "ekfac": "Held-out influence, EK-FAC (kronfluence)",
+    "diffin": "Diff-In: held-out influence accumulated over checkpoints, second order",
+    "tracin_ckpt": "TracIn over checkpoints (held-out)",
+    "vog": "Variance of input gradients over checkpoints (VoG)",
+    "ckpt_confidence": "1 - confidence over checkpoints (cartography)",
+    "ckpt_variability": "Variability of confidence over checkpoints (cartography)",
+    "el2n": "EL2N error norm over checkpoints",
+    "airrep": "AirRep: trained encoder + attention pooling, cross-validated by domain",
 }
 
 

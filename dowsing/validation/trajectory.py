@@ -1,0 +1,432 @@
+"""Domain-level estimators read off a trajectory of checkpoints.
+
+Where the user has no checkpoints of their own, the trajectory is the
+benchmark's own baseline fine-tune: the recipe run on the mixture of every
+domain's training half (`TailTrainer.train(recipe, seed, pool)`), its
+trainable parameters theta_0 .. theta_T recorded before each step and after
+the last, with each step's learning rate eta_t. Everything below is evaluated
+at those checkpoints; nothing is trained on the held-out facts.
+
+Notation. L_k(theta): mean loss of domain k's training facts; L_Q,k(theta):
+mean loss of its held-out facts; l_i: one fact's mean next-token loss;
+g_k,t = grad L_k(theta_t), q_k,t = grad L_Q,k(theta_t) over the trainable
+parameters; Delta_t = theta_{t+1} - theta_t, the baseline's real step;
+H_Q,k,t the Hessian of L_Q,k at theta_t; w the recipe's `added_weight`;
+P the optimizer's preconditioner (the identity for SGD; for AdamW,
+diag(1 / (sqrt(v) + eps)) with v Adam's second moment at theta_0 over seeded
+minibatches of the pool, as `alignment_adam` takes it). u_k,t = w P g_k,t is
+the extra step direction that adding domain k's facts to every minibatch puts
+into step t, to first order.
+
+Estimators (higher = collecting more of the domain is predicted to help more):
+
+* ``diffin`` -- Diff-In (Tan et al., 2025) at domain level. The realised
+  gain of k is an accumulated sum of differences between consecutive steps:
+  G_k = sum_t D_k,t, D_k,t = L_Q,k(theta_{t+1}) - L_Q,k(theta_{t+1} - eta_t u_k,t),
+  the drop of k's held-out loss that step t's extra data buys. Expanding both
+  losses to second order around theta_t (no convexity, no inverse Hessian):
+
+      D_k,t ~= eta_t q_k,t^T u_k,t  +  eta_t (H_Q,k,t u_k,t)^T (Delta_t - eta_t u_k,t / 2),
+
+  the first-order (TracIn) term plus the paper's second-order correction,
+  which goes through one Hessian-gradient product per step, formed by
+  central finite differences of gradients as the paper does:
+  H v ~= (grad L_Q,k(theta + eps v) - grad L_Q,k(theta - eps v)) / (2 eps),
+  eps = u^(1/3) * max(||theta||, 1) / ||v||, u the unit roundoff of the
+  model's arithmetic (the step that balances the O(eps^2) truncation against
+  the O(u / eps) rounding).
+  priority_k = sum_{t < T} D_k,t.
+  Where this departs from the paper, and why: (1) the paper scores one
+  training sample against one test sample; here the "sample" is the domain's
+  training half entering every minibatch with weight w (its mean gradient),
+  and the test point is the domain's held-out mean loss, because the
+  benchmark's ground truth is exactly that counterfactual. (2) Each step's
+  difference is expanded with the state at theta_t held fixed: how an earlier
+  step's perturbation is carried through later steps (the (I - eta H_B)
+  propagation of SGD-influence) is not tracked, which keeps the cost at a few
+  gradients per step and domain; over the benchmark's few short steps that
+  carried term is of the same eta^2 order as the correction but summed over
+  fewer pairs of steps. (3) For AdamW the added step is linearised with a
+  fixed diagonal preconditioner P (Adam's update is not linear in the added
+  gradient); the paper's derivation is for SGD, for which P = I and it is
+  exact to second order.
+* ``tracin_ckpt`` -- TracIn over checkpoints (Pruthi et al., 2020): the first
+  term alone, sum_{t < T} eta_t q_k,t^T u_k,t.
+* ``vog`` -- variance of gradients (Agarwal et al., 2022; the score
+  stress-tested in Tan et al., 2023): per training fact i, the gradient of
+  l_i with respect to its input hidden states (the input to the first kept
+  block; a language model's "pixels"), S_i,t at every checkpoint t = 0 .. T;
+  VoG_i = mean over (token, coordinate) of std_t(S_i,t) (population std over
+  the T + 1 checkpoints); priority = mean_i VoG_i. Higher VoG marks facts the
+  model's treatment of which is still moving, the ones pruning keeps, so the
+  expected sign is positive and is not flipped.
+* ``ckpt_confidence`` -- dataset-cartography confidence (Swayamdipta et al.,
+  2020) with p_i,t = exp(-l_i(theta_t)), the fact's geometric-mean per-token
+  probability: priority = 1 - mean_i mean_t p_i,t. Flipped, because low
+  confidence (hard to learn, as high mean loss) is what more data can fix.
+* ``ckpt_variability`` -- cartography variability: mean_i std_t p_i,t
+  (ambiguous facts; higher = more useful, not flipped).
+* ``el2n`` -- EL2N (Paul et al., 2021) averaged over checkpoints: per fact,
+  the mean over its predicted tokens of ||softmax(z) - e_y||_2, averaged over
+  t = 0 .. T; priority = mean over the domain's training facts (higher error =
+  more to learn, not flipped).
+
+Cost: one fine-tune to record the trajectory (shared by all); ``diffin`` and
+``tracin_ckpt`` share 2 gradients per domain and step (training and
+held-out), ``diffin`` adds 2 more for its finite difference; the other four
+share one pass over the training facts at each checkpoint (with a backward to
+the inputs when ``vog`` is asked, forward only otherwise).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..alignment import padded_block_batch, tail_grad_fn, tail_parameters
+from ..subspace import per_fact_losses
+from .estimators import LABELS, TRAJECTORY_ESTIMATORS, EstimatorScore
+
+# names whose scores come from one pass over the training facts at every checkpoint
+CHECKPOINT_PASS = ("vog", "ckpt_confidence", "ckpt_variability", "el2n")
+GRADIENT_PATH = ("diffin", "tracin_ckpt")
+
+
+@dataclass
+class Trajectory:
+    """Trainable parameters at steps 0 .. T (theta_t before step t; the last
+    after step T - 1) and the learning rate of each step."""
+
+    checkpoints: list  # list over t of list[Tensor], one per trainable parameter
+    lrs: list  # eta_t for t = 0 .. T - 1
+    seconds: float
+
+    @property
+    def steps(self) -> int:
+        return len(self.lrs)
+
+
+def record_trajectory(trainer, recipe, seed: int, pool: list | None = None) -> Trajectory:
+    """Run the recipe on `pool` (all training rows by default: the benchmark's
+    baseline fine-tune) and keep a clone of the trainable parameters at every
+    step, from `TailTrainer.train`'s on_step. Leaves the trainer at theta_T."""
+    t0 = time.perf_counter()
+    if pool is None:
+        pool = [r for rows in trainer.data.train_rows for r in rows]
+    checkpoints, lrs = [], []
+
+    def keep(step, trainable, lr):
+        checkpoints.append([p.detach().clone() for p in trainable])
+        if step < recipe.steps:
+            lrs.append(float(lr))
+
+    trainer.train(recipe, seed, pool, on_step=keep)
+    return Trajectory(checkpoints, lrs, time.perf_counter() - t0)
+
+
+def load_checkpoint(params: list, values: list) -> None:
+    """Set the parameters to a checkpoint's values in place."""
+    with torch.no_grad():
+        for p, v in zip(params, values):
+            p.copy_(v)
+
+
+def flat(tensors: list) -> torch.Tensor:
+    """One float64 vector of a list of tensors (dot products accumulate in float64)."""
+    return torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+
+
+def unflat(vector: torch.Tensor, like: list) -> list:
+    """The inverse of `flat`, in the dtypes and shapes of `like`."""
+    out, start = [], 0
+    for t in like:
+        out.append(vector[start: start + t.numel()].view(t.shape).to(t.dtype))
+        start += t.numel()
+    return out
+
+
+def working_precision(model) -> float:
+    """The unit roundoff the model's arithmetic really has: its parameters'
+    dtype, except that Hugging Face's RMSNorm layers compute in float32
+    whatever the dtype, so a float64 model with one is only float32-exact."""
+    eps = torch.finfo(next(model.parameters()).dtype).eps
+    if any("RMSNorm" in type(m).__name__ for m in model.modules()):
+        eps = max(eps, torch.finfo(torch.float32).eps)
+    return eps
+
+
+def finite_difference_step(params: list, direction: torch.Tensor, precision: float | None = None) -> float:
+    """eps of the central difference along `direction`:
+    eps = u^(1/3) * max(||theta||, 1) / ||direction||, u the unit roundoff
+    (`precision`; the parameters' dtype's when not given), the step that
+    balances truncation (O(eps^2)) against rounding (O(u / eps))."""
+    theta_norm = float(flat([p.detach() for p in params]).norm())
+    v_norm = float(direction.norm())
+    if v_norm == 0.0:
+        return 0.0
+    precision = torch.finfo(params[0].dtype).eps if precision is None else precision
+    return precision ** (1.0 / 3.0) * max(theta_norm, 1.0) / v_norm
+
+
+def finite_difference_hvp(grad_at, params: list, direction: torch.Tensor, eps: float | None = None,
+                          precision: float | None = None) -> torch.Tensor:
+    """H v ~= (grad L(theta + eps v) - grad L(theta - eps v)) / (2 eps), flat
+    float64, H the Hessian of the loss that `grad_at()` differentiates at the
+    parameters' current values; eps from `finite_difference_step` (with
+    `precision`) unless given. The parameters are restored to their exact
+    values afterwards."""
+    if eps is None:
+        eps = finite_difference_step(params, direction, precision)
+    if eps == 0.0:
+        return torch.zeros_like(direction, dtype=torch.float64)
+    saved = [p.detach().clone() for p in params]
+    step = unflat(direction, saved)
+    try:
+        with torch.no_grad():
+            for p, s in zip(params, step):
+                p.add_(s, alpha=eps)
+        plus = flat(grad_at())
+        with torch.no_grad():
+            for p, p0, s in zip(params, saved, step):
+                p.copy_(p0).add_(s, alpha=-eps)
+        minus = flat(grad_at())
+    finally:
+        load_checkpoint(params, saved)
+    return (plus - minus) / (2.0 * eps)
+
+
+def diffin_step(lr: float, held_grad: torch.Tensor, added_step: torch.Tensor, hvp_added: torch.Tensor,
+                delta: torch.Tensor) -> tuple[float, float]:
+    """Step t's Diff-In difference, split into its two terms:
+    first = eta q^T u, second = eta (H_Q u)^T (Delta - eta u / 2);
+    D = first + second is the second-order expansion around theta_t of
+    L_Q(theta_{t+1}) - L_Q(theta_{t+1} - eta u)."""
+    first = lr * float(held_grad @ added_step)
+    second = lr * float(hvp_added @ (delta - 0.5 * lr * added_step))
+    return first, second
+
+
+def mean_grad(grad_of, rows: list, chunk: int = 16) -> list:
+    """grad of mean_{i in rows} l_i, in chunks of facts (grad_of gives the
+    gradient of a chunk's mean loss)."""
+    total = None
+    for start in range(0, len(rows), chunk):
+        part = rows[start: start + chunk]
+        g = [x * (len(part) / len(rows)) for x in grad_of(part)]
+        total = g if total is None else [a + b for a, b in zip(total, g)]
+    return total
+
+
+def diffin_scores(trainer, trajectory: Trajectory, params: list, preconditioner: torch.Tensor | None,
+                  added_weight: float, fd: bool = True, chunk: int = 16, report=None) -> dict:
+    """Per domain, sum over steps of Diff-In's first and second terms
+    (`diffin_step`), with u_k,t = w P g_k,t; fd = False skips the finite
+    differences (TracIn over checkpoints only). Returns {"first": [per
+    domain], "second": [...], "grad_s", "fd_s"}; leaves the parameters at
+    theta_0."""
+    report = report or (lambda fraction, message: None)
+    data = trainer.data
+    grad_of = tail_grad_fn(trainer.work, trainer.embed, data.ids, data.block_inputs, params)
+    precision = working_precision(trainer.work)
+    n_domains = len(data.train_rows)
+    first = [0.0] * n_domains
+    second = [0.0] * n_domains
+    grad_s = fd_s = 0.0
+    for t in range(trajectory.steps):
+        lr = trajectory.lrs[t]
+        load_checkpoint(params, trajectory.checkpoints[t])
+        delta = flat(trajectory.checkpoints[t + 1]) - flat(trajectory.checkpoints[t])
+        for k in range(n_domains):
+            report((t * n_domains + k) / (trajectory.steps * n_domains), f"Diff-In, step {t + 1}, domain {k + 1}")
+            t0 = time.perf_counter()
+            held_rows = list(data.held_rows[k])
+            g_train = flat(mean_grad(grad_of, list(data.train_rows[k]), chunk))
+            q = flat(mean_grad(grad_of, held_rows, chunk))
+            u = added_weight * (g_train if preconditioner is None else preconditioner * g_train)
+            t1 = time.perf_counter()
+            grad_s += t1 - t0
+            first[k] += lr * float(q @ u)
+            if fd:
+                hv = finite_difference_hvp(lambda: mean_grad(grad_of, held_rows, chunk), params, u,
+                                           precision=precision)
+                second[k] += diffin_step(lr, q, u, hv, delta)[1]
+                fd_s += time.perf_counter() - t1
+    load_checkpoint(params, trajectory.checkpoints[0])
+    return {"first": first, "second": second, "grad_s": grad_s, "fd_s": fd_s}
+
+
+@dataclass
+class CheckpointStats:
+    """Per training fact (rows in `rows` order), across checkpoints 0 .. T."""
+
+    rows: list
+    losses: torch.Tensor  # (T + 1, N): l_i(theta_t)
+    el2n: torch.Tensor | None  # (T + 1, N): mean over predicted tokens of ||softmax - e_y||
+    vog: torch.Tensor | None  # (N,): mean over (token, coordinate) of std_t dl_i/dh_i
+    seconds: float
+
+
+def fact_error_norms(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per fact, mean over its predicted tokens of ||softmax(z_t) - e_{y_t}||_2
+    = sqrt(sum_v p_v^2 - 2 p_y + 1), in the logits' dtype (the vocabulary-sized
+    work dominates; each term is in [0, 1], so float32 loses nothing that
+    matters), float64 out."""
+    p = torch.softmax(logits[:, :-1, :], dim=-1)
+    target = input_ids[:, 1:]
+    p_y = p.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+    err = torch.sqrt(((p * p).sum(-1) - 2 * p_y + 1).clamp_min(0.0)).to(torch.float64)
+    valid = mask[:, 1:].to(err.dtype)
+    return (err * valid).sum(1) / valid.sum(1)
+
+
+def checkpoint_stats(trainer, trajectory: Trajectory, params: list, rows: list, input_grads: bool,
+                     error_norms: bool = True, batch_size: int = 16, report=None) -> CheckpointStats:
+    """Losses, EL2N (when error_norms) and VoG (when input_grads) of the given facts at every
+    checkpoint. The input gradients of one batch come from one backward of
+    the sum of its facts' losses: facts do not interact (causal attention,
+    right padding), so each fact's slice is its own dl_i/dh_i. Their mean
+    and variance over checkpoints accumulate by Welford's update, which does
+    not cancel when the gradients barely move. Leaves the parameters at
+    theta_0."""
+    report = report or (lambda fraction, message: None)
+    t0 = time.perf_counter()
+    data = trainer.data
+    n_ckpt = len(trajectory.checkpoints)
+    losses = torch.zeros(n_ckpt, len(rows), dtype=torch.float64)
+    el2n = torch.zeros(n_ckpt, len(rows), dtype=torch.float64)
+    mean = [None] * len(rows)
+    m2 = [None] * len(rows)
+    for t, values in enumerate(trajectory.checkpoints):
+        report(t / n_ckpt, f"checkpoint {t} of {n_ckpt - 1}")
+        load_checkpoint(params, values)
+        for start in range(0, len(rows), batch_size):
+            part = rows[start: start + batch_size]
+            input_ids, mask, hidden = padded_block_batch([data.ids[r] for r in part],
+                                                         [data.block_inputs[r] for r in part], trainer.device)
+            with torch.set_grad_enabled(input_grads):
+                if input_grads:
+                    hidden.requires_grad_(True)
+                logits = trainer.work(inputs_embeds=trainer.embed(hidden), attention_mask=mask, use_cache=False).logits
+                fact_loss = per_fact_losses(logits, input_ids, mask)
+                grads = torch.autograd.grad(fact_loss.sum(), hidden)[0] if input_grads else None
+            with torch.no_grad():
+                losses[t, start: start + len(part)] = fact_loss.detach().to(torch.float64).cpu()
+                if error_norms:
+                    el2n[t, start: start + len(part)] = fact_error_norms(logits.detach(), input_ids, mask).cpu()
+            if grads is None:
+                continue
+            for j in range(len(part)):
+                i = start + j
+                x = grads[j, : int(mask[j].sum())].detach().to(torch.float64).cpu()
+                if mean[i] is None:
+                    mean[i], m2[i] = x.clone(), torch.zeros_like(x)
+                    continue
+                d = x - mean[i]
+                mean[i] += d / (t + 1)
+                m2[i] += d * (x - mean[i])
+            del logits, grads
+    load_checkpoint(params, trajectory.checkpoints[0])
+    vog = None
+    if input_grads:
+        vog = torch.tensor([float(torch.sqrt(m / n_ckpt).mean()) for m in m2], dtype=torch.float64)
+    return CheckpointStats(list(rows), losses, el2n if error_norms else None, vog, time.perf_counter() - t0)
+
+
+def checkpoint_priorities(stats: CheckpointStats, domain_rows: list) -> dict:
+    """{name: (priority per domain, per-fact values per domain)} of the
+    checkpoint-pass estimators, from `checkpoint_stats` over every domain's
+    training facts (in `domain_rows` order)."""
+    index = {r: i for i, r in enumerate(stats.rows)}
+    prob = torch.exp(-stats.losses)
+    per_fact = {
+        "ckpt_confidence": 1.0 - prob.mean(0),
+        "ckpt_variability": prob.std(0, unbiased=False),
+    }
+    if stats.el2n is not None:
+        per_fact["el2n"] = stats.el2n.mean(0)
+    if stats.vog is not None:
+        per_fact["vog"] = stats.vog
+    out = {}
+    for name, values in per_fact.items():
+        pieces = [[float(values[index[r]]) for r in rows] for rows in domain_rows]
+        out[name] = ([sum(p) / len(p) for p in pieces], pieces)
+    return out
+
+
+def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, seed: int = 0,
+                      blocks: int | None = None, adam_batch: int = 8, adam_batches: int = 8,
+                      batch_size: int = 16, trainer=None, progress=None) -> list[EstimatorScore]:
+    """The named trajectory estimators on the split's domains, over the
+    trajectory of the baseline fine-tune of `recipe` and `seed` (the
+    benchmark's main recipe and first seed: the run whose checkpoints a user
+    without their own would have). blocks: train the last `blocks` blocks
+    instead of the recipe's (None: the recipe's). trainer: a TailTrainer on
+    this split to reuse (one is built from `loaded` otherwise); it is reset
+    to its starting weights afterwards.
+
+    Each score's time is the forward pass, the recorded fine-tune, and the
+    work it needs (shared work charged in full to each estimator sharing it,
+    as `alignment_scores` does)."""
+    from .finetune import Recipe, TailTrainer
+
+    unknown = [n for n in names if n not in TRAJECTORY_ESTIMATORS]
+    if unknown:
+        raise ValueError(f"unknown trajectory estimator(s): {', '.join(unknown)}; "
+                         f"choose from {', '.join(TRAJECTORY_ESTIMATORS)}")
+    if split.block_inputs is None:
+        raise ValueError("the trajectory estimators need the block inputs cached by the forward pass")
+    recipe = recipe or Recipe("trajectory")
+    if blocks is not None:
+        recipe = dataclasses.replace(recipe, blocks=blocks)
+    report = progress or (lambda fraction, message: None)
+    if trainer is None:
+        trainer = TailTrainer(loaded, split)
+    report(0.0, f"recording the baseline fine-tune's trajectory ({recipe.steps} steps)")
+    trajectory = record_trajectory(trainer, recipe, seed)
+    params = tail_parameters(trainer.work, recipe.blocks)
+    base_s = split.forward_s + trajectory.seconds
+    scores = {}
+    try:
+        gradient_names = [n for n in names if n in GRADIENT_PATH]
+        if gradient_names:
+            t0 = time.perf_counter()
+            preconditioner = None
+            if recipe.optimizer == "adamw":
+                load_checkpoint(params, trajectory.checkpoints[0])
+                data = trainer.data
+                grad_of = tail_grad_fn(trainer.work, trainer.embed, data.ids, data.block_inputs, params)
+                from ..alignment import adam_preconditioner
+
+                pool = [r for rows in data.train_rows for r in rows]
+                preconditioner = flat(adam_preconditioner(grad_of, pool, adam_batch, adam_batches, seed))
+            adam_s = time.perf_counter() - t0
+            out = diffin_scores(trainer, trajectory, params, preconditioner, recipe.added_weight,
+                                fd="diffin" in names,
+                                report=lambda f, m: report(0.1 + 0.6 * f, m))
+            info = {"steps": trajectory.steps, "parameters": sum(p.numel() for p in params),
+                    "preconditioner": "adam (theta_0)" if preconditioner is not None else "identity"}
+            if "tracin_ckpt" in names:
+                scores["tracin_ckpt"] = EstimatorScore(
+                    "tracin_ckpt", LABELS["tracin_ckpt"], out["first"], None, base_s + adam_s + out["grad_s"], info)
+            if "diffin" in names:
+                total = [a + b for a, b in zip(out["first"], out["second"])]
+                scores["diffin"] = EstimatorScore(
+                    "diffin", LABELS["diffin"], total, None, base_s + adam_s + out["grad_s"] + out["fd_s"],
+                    {**info, "first_order": out["first"], "second_order": out["second"],
+                     "hessian_gradient_products": trajectory.steps * len(total), "finite_difference": "central"})
+        pass_names = [n for n in names if n in CHECKPOINT_PASS]
+        if pass_names:
+            rows = [r for domain in trainer.data.train_rows for r in domain]
+            stats = checkpoint_stats(trainer, trajectory, params, rows, "vog" in pass_names, "el2n" in pass_names,
+                                     batch_size, report=lambda f, m: report(0.7 + 0.3 * f, m))
+            values = checkpoint_priorities(stats, trainer.data.train_rows)
+            for n in pass_names:
+                priority, per_fact = values[n]
+                scores[n] = EstimatorScore(n, LABELS[n], priority, per_fact, base_s + stats.seconds,
+                                           {"checkpoints": len(trajectory.checkpoints),
+                                            "input_gradients": "vog" in pass_names})
+    finally:
+        trainer.reset()
+    return [scores[n] for n in names]
