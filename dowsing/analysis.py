@@ -529,3 +529,38 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     if units is not None:
         units.clear()
     return result
+
+
+def analysis_unit(_context, model_id: str | None, domains: list, config: dict) -> str:
+    """One model's whole analysis as a unit of work: the worker loads the
+    model from its id (its node's cache), runs `run_analysis` (cached there
+    too) and returns the result as JSON."""
+    return run_analysis(model_id, domains, AnalysisConfig.from_dict(config)).to_json(indent=None)
+
+
+def run_analyses(model_ids: list, domains, config: AnalysisConfig | None = None, executor=None,
+                 progress: Callable[[Progress], None] | None = None) -> list:
+    """Several models' analyses of the same domains, each one unit of the
+    executor (on Ray: one task per model, side by side). Results in the
+    order of model_ids; each is also stored in this machine's result cache."""
+    from .executor import _identity
+    from .store import ResultStore
+
+    config = config or AnalysisConfig()
+    report = progress or (lambda p: None)
+    executor = executor or LocalExecutor()
+    domains = _as_domains(domains)
+    for model_id in model_ids:
+        model_fingerprint(model_id)  # a bad id or path is a one-line ModelError here, not in a worker
+    plain = [{"name": d.name, "facts": list(d.facts)} for d in domains]
+    units = [Unit(f"model{i}", (model_id, plain, config.to_dict())) for i, model_id in enumerate(model_ids)]
+
+    def on_done(key, value, finished, total):
+        report(Progress("models", finished / total, f"model {finished} of {total} analysed"))
+
+    values = executor.run(analysis_unit, units, Shared("analyses", build=_identity), on_done=on_done)
+    results = [Result.from_json(values[u.key]) for u in units]
+    store = ResultStore()
+    for model_id, result in zip(model_ids, results):
+        store.put(cache_key(model_id, domains, config), result)
+    return results

@@ -1,6 +1,6 @@
 """Command line: `python -m dowsing analyze ...`.
 
-Exit codes: 0 done, 2 bad input (a one-line message on stderr), 1 anything else.
+Exit codes: 0 done, 2 bad input (a one-line message on stderr), 143 cancelled, 1 anything else.
 """
 from __future__ import annotations
 
@@ -102,13 +102,16 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m dowsing",
         description="Which concept domain would gain most from more training data: influence functions restricted "
                     "to each domain's concept direction (the Data Dowsing method). docs/METHOD.md has every formula.",
-        epilog="Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 1 anything else.",
+        epilog="Exit codes: 0 done, 2 bad input (one line on stderr, nothing written), 143 cancelled (SIGTERM), "
+               "1 anything else.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     analyze = sub.add_parser("analyze", help="rank domains by the ranking estimator, with the paper's "
                                              "concept-subspace influence and saturation beside it")
     defaults = AnalysisConfig()
-    analyze.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
+    analyze.add_argument("--model", action="append", default=None,
+                         help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID}); give it several times to "
+                              "analyse several models (one unit of work each: side by side with --executor ray)")
     analyze.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
     analyze.add_argument("--out", default=None, help="write the full result as JSON here")
     analyze.add_argument("--damping", type=float, default=defaults.damping,
@@ -201,14 +204,27 @@ def run_analyze(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-            result = run_analysis(args.model, domains, config, None if args.quiet else _progress,
-                                  use_cache=not args.no_cache, executor=executor)
+            models = args.model or [None]
+            if len(models) == 1:
+                results = [run_analysis(models[0], domains, config, None if args.quiet else _progress,
+                                        use_cache=not args.no_cache, executor=executor)]
+            else:
+                from .analysis import run_analyses
+
+                results = run_analyses(models, domains, config, executor, None if args.quiet else _progress)
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
-    print(format_table(result))
+    for model, result in zip(args.model or [None], results):
+        if len(results) > 1:
+            print(f"\n== {model} ==")
+        print(format_table(result))
     if args.out:
-        atomic_write_text(Path(args.out), result.to_json())
+        import json
+
+        text = results[0].to_json() if len(results) == 1 else json.dumps(
+            {"results": [json.loads(r.to_json()) for r in results]}, indent=2)
+        atomic_write_text(Path(args.out), text)
         print(f"\nwrote {args.out}")
     return 0
 
@@ -337,8 +353,21 @@ def _num(value) -> str:
     return "—" if value is None else f"{value:.2f}"
 
 
+CANCELLED = 143  # 128 + SIGTERM, as a process killed by it
+
+
 def main(argv=None) -> int:
+    from .executor import RunCancelled
+
     args = build_parser().parse_args(argv)
+    try:
+        return run_command(args)
+    except RunCancelled:
+        print("cancelled: outstanding units were cancelled; finished ones are kept in cache/units", file=sys.stderr)
+        return CANCELLED
+
+
+def run_command(args) -> int:
     if args.command == "analyze":
         return run_analyze(args)
     if args.command == "validate":

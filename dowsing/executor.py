@@ -447,6 +447,60 @@ def _identity(payload):
     return payload
 
 
+def cli_arguments(config: ExecutorConfig) -> list:
+    """The command-line flags that ask `python -m dowsing ...` for this executor."""
+    if config.kind == "local":
+        return []
+    args = ["--executor", "ray"]
+    if config.address:
+        args += ["--ray-address", config.address]
+    if config.num_cpus:
+        args += ["--ray-cpus", str(config.num_cpus)]
+    return args
+
+
+def describe_in_subprocess(config: ExecutorConfig, timeout_s: float = 180.0) -> dict:
+    """CPUs, GPUs and nodes the executor would run on, found by
+    `python -m dowsing cluster` in a child process (so the app never starts
+    or joins Ray itself). ValueError with one line when it cannot say."""
+    import json
+    import subprocess
+    import sys
+
+    from .paths import REPO_ROOT
+
+    if config.kind == "local":
+        return LocalExecutor(config).describe()
+    try:
+        proc = subprocess.run([sys.executable, "-m", "dowsing", "cluster", *cli_arguments(config)], cwd=str(REPO_ROOT),
+                              capture_output=True, text=True, timeout=timeout_s)
+    except subprocess.TimeoutExpired as exc:
+        raise ValueError(f"no answer from Ray within {timeout_s:.0f} s") from exc
+    if proc.returncode != 0:
+        lines = [line for line in proc.stderr.strip().splitlines() if line.startswith("error: ")]
+        raise ValueError(lines[-1][len("error: "):] if lines else f"python -m dowsing cluster exited {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def execution_text(execution: dict, timings: dict) -> str:
+    """One line on where a run's units ran: 'Ran in one process: 175 fine-tunes
+    in 1839 s.' or 'Ran on Ray (2 nodes, 4 CPU, 0 GPU): 175 fine-tunes, 12
+    reused from an interrupted run, 1839 s of fine-tuning in 640 s.'"""
+    total = timings.get("total")
+    if not execution:
+        return f"Total {total:.0f} s." if total else ""
+    units = execution.get("units", 0)
+    cached = execution.get("cached_units", 0)
+    work = timings.get("ground_truth", 0.0) + timings.get("learning_curves", 0.0)
+    reused = f", {cached} reused from an interrupted run" if cached else ""
+    if execution.get("executor", {}).get("kind") != "ray":
+        return f"Ran in one process: {units} fine-tunes{reused}, {work:.0f} s of fine-tuning; total {total:.0f} s."
+    res = execution.get("resources", {})
+    return (f"Ran on Ray ({res.get('nodes')} node(s), {res.get('CPU')} CPU, {res.get('GPU')} GPU): {units} fine-tunes"
+            f"{reused}, {work:.0f} s of fine-tuning in {timings.get('units_wall', 0.0):.0f} s beside the estimators; "
+            f"total {total:.0f} s.")
+
+
 def make_executor(config: ExecutorConfig | None = None, device: str = "cpu"):
     config = config or ExecutorConfig()
     if config.kind == "ray":

@@ -64,6 +64,7 @@ class JobRequest:
     domains: list  # list[Domain]
     config: AnalysisConfig = field(default_factory=AnalysisConfig)
     domain_set_name: str = ""
+    executor: dict = field(default_factory=dict)  # ExecutorConfig.to_dict(); {} runs in the worker itself
 
     def to_dict(self) -> dict:
         return {
@@ -71,6 +72,7 @@ class JobRequest:
             "domains": [{"name": d.name, "facts": list(d.facts)} for d in self.domains],
             "config": self.config.to_dict(),
             "domain_set_name": self.domain_set_name,
+            "executor": dict(self.executor),
         }
 
     @classmethod
@@ -82,10 +84,12 @@ class JobRequest:
             domains=[Domain(name=d["name"], facts=tuple(d["facts"])) for d in data["domains"]],
             config=AnalysisConfig.from_dict(data.get("config") or {}),
             domain_set_name=data.get("domain_set_name") or "",
+            executor=data.get("executor") or {},
         )
 
     def job_id(self) -> str:
-        """The engine's cache key of this request."""
+        """The engine's cache key of this request (where it runs does not
+        change the result, so the executor is not part of it)."""
         from .analysis import cache_key
 
         return cache_key(self.model_id, list(self.domains), self.config)

@@ -161,8 +161,15 @@ def run_job(job_id: str, store: JobStore | None = None) -> int:
         request = JobRequest.from_dict(state.request)
         from .analysis import run_analysis
 
+        from .executor import ExecutorConfig, make_executor
+
         writer = ProgressWriter(store, job_id, run_id)
-        result = run_analysis(request.model_id, list(request.domains), request.config, progress=writer, use_cache=True)
+        executor = make_executor(ExecutorConfig.from_dict(request.executor), request.config.device)
+        if executor.kind != "local":
+            resources = executor.describe()
+            note(f"ray: {resources['nodes']} node(s), {resources['CPU']} CPU, {resources['GPU']} GPU")
+        result = run_analysis(request.model_id, list(request.domains), request.config, progress=writer, use_cache=True,
+                              executor=executor)
         writer.close()
         seconds = time.monotonic() - started
         store.update(

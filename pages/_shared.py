@@ -269,3 +269,52 @@ def model_status(box) -> None:
         st.success(f"**{info.architecture}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · {info.dtype}",
                    icon=":material/check_circle:")
 
+
+
+EXECUTOR_LABELS = {"local": "This machine, in one process", "ray": "Ray (this machine's cores or a cluster)"}
+
+
+def executor_choice(key: str):
+    """Where a run's units of work go: (ExecutorConfig, None) or (None, the
+    problem). With Ray, "Connect" asks the cluster (in a child process, so
+    the app never starts Ray itself) and shows its CPUs and GPUs."""
+    import os
+
+    from dowsing.executor import EXECUTORS, ExecutorConfig, describe_in_subprocess
+
+    kind = st.radio("Executor", EXECUTORS, format_func=EXECUTOR_LABELS.get, horizontal=True, key=f"{key}_executor",
+                    help="Ray runs the independent units of work (counterfactual fine-tunes, learning-curve points, "
+                         "per-domain solves) as tasks, on this machine's cores or on a cluster. The numbers are "
+                         "the same either way.")
+    if kind == "local":
+        st.caption(f"Runs in one process on this machine ({os.cpu_count()} CPUs).")
+        return ExecutorConfig(), None
+    address = st.text_input("Ray address", key=f"{key}_ray_address",
+                            placeholder="empty: start Ray on this machine · auto · ray://head-node:10001",
+                            help="Empty starts Ray on this machine's cores for the run. auto joins the cluster this "
+                                 "machine belongs to (started with `ray start`); ray://host:10001 joins a remote one.")
+    address = address.strip() or None
+    try:
+        config = ExecutorConfig(kind="ray", address=address)
+    except ValueError as exc:
+        return None, str(exc)
+    if st.button("Connect", icon=":material/lan:", key=f"{key}_connect",
+                 help="Ask the cluster what it has; nothing runs yet."):
+        with st.spinner("Asking Ray…"):
+            try:
+                st.session_state[f"{key}_cluster"] = (address, describe_in_subprocess(config), None)
+            except ValueError as exc:
+                st.session_state[f"{key}_cluster"] = (address, None, str(exc))
+    seen = st.session_state.get(f"{key}_cluster")
+    if seen and seen[0] == address:
+        if seen[2]:
+            st.error(seen[2], icon=":material/cloud_off:")
+            return None, f"Ray: {seen[2]}"
+        res = seen[1]
+        cols = st.columns(3)
+        cols[0].metric("Nodes", res["nodes"])
+        cols[1].metric("CPUs", res["CPU"])
+        cols[2].metric("GPUs", res["GPU"])
+    else:
+        st.caption("Press Connect to see the cluster's CPUs and GPUs before you start.")
+    return config, None

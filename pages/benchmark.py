@@ -15,6 +15,7 @@ import streamlit as st
 
 from dowsing import workspace
 from dowsing.domains import Domain
+from dowsing.executor import cli_arguments, execution_text
 from dowsing.validation import background, figures
 from dowsing.validation.benchmark import BenchmarkConfig, BenchmarkResult, interval_text
 from dowsing.validation.split import benchmark_domains
@@ -33,26 +34,32 @@ source = right.radio("Domains", ["Shipped benchmark domains", "Active domain set
                      help="The shipped set has 27 domains of 40 facts, from everyday to specialist topics, three "
                           "languages and two invented controls. Fewer than 5 domains give ρ no power.")
 quick = right.checkbox("Quick (6 domains of 12 facts, short recipes)", key="bench_quick",
-                       help="A few minutes; the full benchmark on the default model takes about 20 minutes on a "
-                            "2-core CPU.")
+                       help="A few minutes; the full benchmark on the default model takes about an hour on a 2-core "
+                            "CPU in one process (docs/PERFORMANCE.md).")
 if source == "Active domain set":
     raw = workspace.load_set_raw(workspace.active_set())
     domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
 else:
     domains = benchmark_domains(quick=quick)
 left.markdown(f"Model **{choice.label}** · {len(domains)} domains · {sum(len(d.facts) for d in domains)} facts")
+with left.expander("Where to run", icon=":material/hub:"):
+    run_on, run_on_problem = _shared.executor_choice("bench")
+if run_on_problem:
+    left.warning(f"Executor: {run_on_problem}", icon=":material/block:")
 
 
 def _start() -> None:
     try:
         config = BenchmarkConfig.quick() if st.session_state.get("bench_quick") else BenchmarkConfig()
-        st.session_state["bench_run"] = background.start_background(choice.model_id, domains, config, "benchmark")
+        st.session_state["bench_run"] = background.start_background(
+            choice.model_id, domains, config, "benchmark", extra_args=tuple(cli_arguments(run_on)))
     except ValueError as exc:
         st.session_state["bench_error"] = str(exc)
 
 
-left.button("Start benchmark", icon=":material/science:", disabled=bool(choice.problem) or not domains,
-            on_click=_start, help="Runs in the background; it survives a refresh, and Cancel stops it.")
+left.button("Start benchmark", icon=":material/science:",
+            disabled=bool(choice.problem) or not domains or bool(run_on_problem), on_click=_start,
+            help="Runs in the background; it survives a refresh, and Cancel stops it (and its Ray tasks).")
 if "bench_error" in st.session_state:
     st.error(st.session_state.pop("bench_error"))
 
@@ -91,6 +98,7 @@ if result is not None:
     recipes = result.recipe_names()
     for note in result.warnings:
         st.warning(note)
+    st.caption(execution_text(result.execution, result.timings))
     board = {r["estimator"]: r for r in result.leaderboard}
     winner = board.get(result.winner)
     baseline = board.get("mean_loss")

@@ -40,7 +40,12 @@ if config is not None:
     st.caption("Settings: " + (settings_changes(config.to_dict())
                                or "engine defaults (change them under Advanced settings in the sidebar)."))
 
+with st.expander("Where to run", icon=":material/hub:"):
+    run_on, run_on_problem = _shared.executor_choice("run")
+
 blockers = []
+if run_on_problem:
+    blockers.append(f"Executor: {run_on_problem}")
 if choice.problem:
     blockers.append(f"Model: {choice.problem}")
 if config_problem:
@@ -58,7 +63,8 @@ if domain_problems:
 
 def _submit() -> None:
     try:
-        request = JobRequest(model_id=choice.model_id, domains=domains, config=config, domain_set_name=set_name)
+        request = JobRequest(model_id=choice.model_id, domains=domains, config=config, domain_set_name=set_name,
+                             executor=run_on.to_dict() if run_on.kind != "local" else {})
         job_id = _shared.executor().submit(request)
     except (ModelError, DomainError, ValueError, OSError) as exc:
         st.session_state["run_error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -498,3 +498,64 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     assert metrics["CG iterations"] == str(check["cg_iterations"])
     at.run()  # any later rerun (a widget, the progress poll) keeps the check on screen
     assert {m.label: m.value for m in at.metric} == metrics
+
+
+def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
+    """The Executor choice: nonsense is a blocker, an address where nothing
+    listens is a one-line error, Connect shows a local Ray's CPUs, and the job
+    runs with the worker on Ray."""
+    import os
+
+    from dowsing import workspace
+    from dowsing.jobs import JobStore
+
+    before = workspace.active_set()
+    workspace.save_set_raw("On Ray", [
+        {"name": "Physics", "facts": ["Light travels faster than sound.", "Energy is conserved in a closed system."]},
+        {"name": "Astronomy", "facts": ["The Moon orbits the Earth.", "The Sun is a star."]},
+    ])
+    workspace.set_active("On Ray")
+    at = make_app(tiny, "pages/run.py")
+    at.radio(key="run_executor").set_value("ray").run()
+    at.text_input(key="run_ray_address").input("nonsense").run()
+    assert any("Executor: ray address 'nonsense'" in w.value for w in at.warning)
+    assert button(at, "Analyze").disabled
+    at.text_input(key="run_ray_address").input("127.0.0.1:1").run()
+    at.button(key="run_connect").click().run()
+    assert at.error and at.error[0].value.startswith("could not reach Ray at 127.0.0.1:1")
+    assert button(at, "Analyze").disabled
+    at.text_input(key="run_ray_address").input("").run()
+    at.button(key="run_connect").click().run()
+    assert not at.exception, at.exception
+    shown = {m.label: m.value for m in at.metric}
+    assert shown["Nodes"] == "1" and shown["CPUs"] == str(os.cpu_count()) and shown["GPUs"] == "0"
+    assert not button(at, "Analyze").disabled
+    button(at, "Analyze").click()
+    at.run()
+    job_id = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
+    run_until_done(at)
+    state = JobStore().get(job_id)
+    assert state.request["executor"]["kind"] == "ray"
+    log = JobStore().log_path(job_id).read_text()
+    assert f"ray: 1 node(s), {os.cpu_count()} CPU, 0 GPU" in log
+    workspace.set_active(before)
+
+
+def test_benchmark_page_starts_its_run_on_the_chosen_executor(tiny):
+    from dowsing.validation import background
+
+    at = make_app(tiny, "pages/benchmark.py")
+    at.checkbox(key="bench_quick").check().run()
+    at.radio(key="bench_executor").set_value("ray").run()
+    button(at, "Start benchmark").click()
+    at.run()
+    run_id = at.session_state["bench_run"]
+    folder = background.runs_dir("benchmark") / run_id
+    pid = int((folder / "pid").read_text())
+    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    assert [b"--executor", b"ray"] == cmdline[cmdline.index(b"--executor"): cmdline.index(b"--executor") + 2]
+    assert background.cancel(run_id, "benchmark")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and background._alive(folder):
+        time.sleep(0.2)
+    assert background.background_state(run_id, "benchmark")["status"] == "cancelled"

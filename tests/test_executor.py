@@ -100,7 +100,7 @@ def tiny_llama64(tiny_llama_dir):
 
 def _small_config(**changes):
     fields = dict(estimators=("mean_loss",), seeds=1, bootstrap=50, curve_domains=("Cooking",),
-                  curve_sizes=(0, 2, 4), recipes=(Recipe("adamw", "adamw", lr=3e-4, steps=3, blocks=2),))
+                  curve_sizes=(0, 2), recipes=(Recipe("adamw", "adamw", lr=3e-4, steps=2, blocks=2),))
     fields.update(changes)
     return BenchmarkConfig.quick(**fields)
 
@@ -133,7 +133,7 @@ def test_benchmark_on_ray_gives_the_same_numbers_and_ships_the_weights_once(ray_
     assert len(got) == len(want) > 10 and np.ptp(want) > 0
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
     records = [r for r in ray_executor.telemetry.records if not r.cached]
-    assert len(records) == result.execution["units"] == len(_domains()) + 1 + 3
+    assert len(records) == result.execution["units"] == len(_domains()) + 1 + 2
     assert len({r.pid for r in records}) == 2  # both workers took units
     assert len(ray_executor._refs) == 1  # one payload in the object store for the whole batch
     assert result.execution["resources"]["CPU"] == 2
@@ -142,9 +142,18 @@ def test_benchmark_on_ray_gives_the_same_numbers_and_ships_the_weights_once(ray_
         f"fine-tune {len(records)} of {len(records)}")
 
 
+def _parent(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def _ray_workers_running_units() -> list:
-    """PIDs of Ray workers busy with a unit (Ray titles them ray::<function>)."""
-    pids = []
+    """PIDs of this test session's Ray workers busy with a unit (Ray titles
+    them ray::<function>; its workers descend from this process, through the
+    raylet, so other Ray instances on the machine are left alone)."""
+    me, pids = os.getpid(), []
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
             continue
@@ -152,8 +161,13 @@ def _ray_workers_running_units() -> list:
             title = (proc / "cmdline").read_bytes().split(b"\0")[0].decode(errors="replace")
         except OSError:
             continue
-        if title.startswith("ray::_run_remote"):
-            pids.append(int(proc.name))
+        if not title.startswith("ray::_run_remote"):
+            continue
+        pid, ancestor = int(proc.name), int(proc.name)
+        while ancestor > 1 and ancestor != me:
+            ancestor = _parent(ancestor)
+        if ancestor == me:
+            pids.append(pid)
     return pids
 
 
@@ -222,6 +236,54 @@ def test_analysis_per_domain_solves_on_ray_equal_the_in_process_ones(ray_executo
     assert [e["influence"] for e in remote.per_example] == pytest.approx(la, rel=1e-6, abs=1e-14)
     assert remote.extras["bootstrap"]["domains"][0]["mean_interval"] == pytest.approx(
         local.extras["bootstrap"]["domains"][0]["mean_interval"], rel=1e-6, abs=1e-14)
+
+
+def test_several_models_are_one_unit_each_and_equal_their_own_analyses(ray_executor, tiny_gpt2_dir,
+                                                                       tiny_llama_dir):
+    from dowsing.analysis import run_analyses, run_analysis
+    from dowsing.config import AnalysisConfig
+    from dowsing.models import ModelError
+
+    domains = [Domain(d.name, d.facts[:4]) for d in benchmark_domains(quick=True)[:3]]
+    config = AnalysisConfig(dtype="float64")
+    models = [str(tiny_gpt2_dir), str(tiny_llama_dir)]
+    remote = run_analyses(models, domains, config, executor=ray_executor)
+    for model, result in zip(models, remote):
+        alone = run_analysis(model, domains, config, use_cache=False)
+        assert result.model["id"] == alone.model["id"]
+        assert [d.mean for d in result.domains] == pytest.approx([d.mean for d in alone.domains], rel=1e-6)
+        assert [d.priority for d in result.domains] == pytest.approx([d.priority for d in alone.domains], rel=1e-6)
+    with pytest.raises(ModelError):
+        run_analyses([str(tiny_gpt2_dir), "/no/such/model"], domains, config, executor=ray_executor)
+
+
+def test_validation_fine_tunes_on_ray_equal_the_in_process_ones(ray_executor, tiny_llama64):
+    from dowsing.validation.validate import ValidationConfig, validate
+
+    domains = [Domain(d.name, d.facts[:6]) for d in benchmark_domains(quick=True)[:4]]
+    config = ValidationConfig(subspace=False, estimators=("mean_loss",), finetune_steps=3, finetune_blocks=2,
+                              finetune_lr=3e-4, bootstrap=50)
+    local = validate(tiny_llama64, domains, config).finetune
+    remote = validate(tiny_llama64, domains, config, executor=ray_executor).finetune
+    assert np.ptp(local["gain"]) > 0
+    np.testing.assert_allclose(remote["drop_matrix"], local["drop_matrix"], rtol=1e-6, atol=1e-12)
+    np.testing.assert_allclose(remote["baseline"], local["baseline"], rtol=1e-6)
+
+
+def test_execution_is_described_in_one_line():
+    from dowsing.executor import cli_arguments, execution_text
+
+    assert cli_arguments(ExecutorConfig()) == []
+    assert cli_arguments(ExecutorConfig(kind="ray", address="auto", num_cpus=4)) == [
+        "--executor", "ray", "--ray-address", "auto", "--ray-cpus", "4"]
+    ray_run = {"executor": {"kind": "ray"}, "resources": {"nodes": 2, "CPU": 4, "GPU": 0}, "units": 175,
+               "cached_units": 12}
+    text = execution_text(ray_run, {"ground_truth": 1500.0, "learning_curves": 339.0, "units_wall": 640.0,
+                                    "total": 900.0})
+    assert text == ("Ran on Ray (2 node(s), 4 CPU, 0 GPU): 175 fine-tunes, 12 reused from an interrupted run, "
+                    "1839 s of fine-tuning in 640 s beside the estimators; total 900 s.")
+    assert execution_text({"executor": {"kind": "local"}, "units": 3}, {"ground_truth": 2.0, "total": 5.0}) == \
+        "Ran in one process: 3 fine-tunes, 2 s of fine-tuning; total 5 s."
 
 
 # --- the command line ---------------------------------------------------------------------------------------

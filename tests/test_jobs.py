@@ -278,7 +278,7 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
             writes.append(fields)
         return real_update(*args, **fields)
 
-    def fake_run(model_id, domains, config=None, progress=None, use_cache=True):
+    def fake_run(model_id, domains, config=None, progress=None, use_cache=True, executor=None):
         for i in range(2000):  # ~1 s of chatty progress
             progress(analysis.Progress("solve", i / 2000, f"iteration {i}"))
             time.sleep(0.0005)

@@ -367,6 +367,7 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                      f"fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
 
     local = executor.kind == "local"
+    payload_mb = trainer.payload_bytes() / 2 ** 20
     shared = Shared(f"benchmark-tail/{namespace}", payload=None if local else trainer.payload(),
                     build=build_trainer, context=trainer if local else None)
     pending = executor.start(finetune_unit, units, shared, store=store, on_done=on_done, should_stop=should_stop)
@@ -411,6 +412,7 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     execution = {"executor": executor.config.to_dict(), "resources": executor.describe(),
                  "startup_s": getattr(executor, "startup_s", 0.0),
                  "units": len(units), "cached_units": sum(r.cached for r in executor.telemetry.records),
+                 "payload_mb": payload_mb,
                  "telemetry": executor.telemetry.to_dict()["units"]}
 
     say(Progress("leaderboard", 0.96, "correlations and bootstrap"))

@@ -215,6 +215,16 @@ class TailTrainer:
         state = {k: p0.detach().cpu().clone() for k, p0 in self._starting_state().items()}
         return TailPayload(config, state, self.data, self.device.type, self.params[0].dtype)
 
+    def payload_bytes(self) -> int:
+        """What shipping this trainer to a node costs: its weights (the
+        starting state, tied tensors once) and its cached block inputs."""
+        seen, total = set(), 0
+        for tensor in self.work.state_dict().values():
+            if tensor.data_ptr() not in seen:
+                seen.add(tensor.data_ptr())
+                total += tensor.numel() * tensor.element_size()
+        return total + sum(b.numel() * b.element_size() for b in self.data.block_inputs)
+
     def _starting_state(self) -> dict:
         self.reset()
         return self.work.state_dict()
