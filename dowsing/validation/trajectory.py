@@ -30,7 +30,9 @@ Estimators (higher = collecting more of the domain is predicted to help more):
 
   the first-order (TracIn) term plus the paper's second-order correction,
   which goes through one Hessian-gradient product per step, formed by
-  central finite differences of gradients as the paper does:
+  central finite differences of gradients (the paper's abstract says finite
+  differences of first-order gradients; the full text is not available to
+  us, so this expansion is our own derivation following it):
   H v ~= (grad L_Q,k(theta + eps v) - grad L_Q,k(theta - eps v)) / (2 eps),
   eps = u^(1/3) * max(||theta||, 1) / ||v||, u the unit roundoff of the
   model's arithmetic (the step that balances the O(eps^2) truncation against
@@ -43,12 +45,15 @@ Estimators (higher = collecting more of the domain is predicted to help more):
   benchmark's ground truth is exactly that counterfactual. (2) Each step's
   difference is expanded with the state at theta_t held fixed: how an earlier
   step's perturbation is carried through later steps (the (I - eta H_B)
-  propagation of SGD-influence) is not tracked, which keeps the cost at a few
-  gradients per step and domain; over the benchmark's few short steps that
-  carried term is of the same eta^2 order as the correction but summed over
-  fewer pairs of steps. (3) For AdamW the added step is linearised with a
-  fixed diagonal preconditioner P (Adam's update is not linear in the added
-  gradient); the paper's derivation is for SGD, for which P = I and it is
+  propagation of SGD-influence), the change of the held-out gradient over
+  later steps and the cross terms between different steps' perturbations are
+  not tracked, which keeps the cost at a few gradients per step and domain.
+  Those terms are of the same eta^2 order as the kept correction and there is
+  one per pair of steps (T (T - 1) / 2 of them against T kept corrections), so
+  the correction makes each step's own difference exact to second order, not
+  the whole accumulated gain once T > 1. (3) For AdamW the added step is
+  linearised with a fixed diagonal preconditioner P (Adam's update is not
+  linear in the added gradient); for SGD P = I and each step's difference is
   exact to second order.
 * ``tracin_ckpt`` -- TracIn over checkpoints (Pruthi et al., 2020): the first
   term alone, sum_{t < T} eta_t q_k,t^T u_k,t.
