@@ -298,13 +298,15 @@ def executor_choice(key: str):
         config = ExecutorConfig(kind="ray", address=address)
     except ValueError as exc:
         return None, str(exc)
-    if st.button("Connect", icon=":material/lan:", key=f"{key}_connect",
-                 help="Ask the cluster what it has; nothing runs yet."):
+    def connect() -> None:
         with st.spinner("Asking Ray…"):
             try:
                 st.session_state[f"{key}_cluster"] = (address, describe_in_subprocess(config), None)
             except ValueError as exc:
                 st.session_state[f"{key}_cluster"] = (address, None, str(exc))
+
+    st.button("Connect", icon=":material/lan:", key=f"{key}_connect", on_click=connect,
+              help="Ask the cluster what it has; nothing runs yet.")
     seen = st.session_state.get(f"{key}_cluster")
     if seen and seen[0] == address:
         if seen[2]:

@@ -29,6 +29,13 @@ FACTS = ["The cat sat on the mat today.", "Water boils at one hundred degrees.",
          "Iron rusts when it meets water and air."]
 
 
+
+def float64_rel(loaded) -> float:
+    """Relative tolerance of a float64 comparison on a tiny model: Llama's
+    RMSNorm (transformers) computes in float32 whatever the model's dtype, so
+    two float64 routes through it agree only to float32-level rounding."""
+    return 2e-5 if "llama" in loaded.info.architecture.lower() else 1e-6
+
 @pytest.fixture(autouse=True)
 def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
@@ -169,11 +176,11 @@ def test_alignment_equals_explicit_sums_over_autograd_gradients(tiny64):
     out = domain_alignment(grad_of, rows, {"plain": None, "adam": precond}, query_rows=query)
     for name, weight in (("plain", torch.ones_like(p_adam)), ("adam", flat_p)):
         pairs = [float(g[i] @ (weight * g[j])) for i in rows for j in rows if i != j]
-        assert out[name].pairs == pytest.approx(np.mean(pairs), rel=1e-6)
+        assert out[name].pairs == pytest.approx(np.mean(pairs), rel=float64_rel(tiny64))
         per_fact = [np.mean([float(g[i] @ (weight * g[j])) for j in rows if j != i]) for i in rows]
-        assert out[name].per_fact_pairs == pytest.approx(per_fact, rel=1e-6)
+        assert out[name].per_fact_pairs == pytest.approx(per_fact, rel=float64_rel(tiny64))
         q = g[query].mean(dim=0)
-        assert out[name].query == pytest.approx(float(g[rows].mean(dim=0) @ (weight * q)), rel=1e-6)
+        assert out[name].query == pytest.approx(float(g[rows].mean(dim=0) @ (weight * q)), rel=float64_rel(tiny64))
 
 
 # --- the quick benchmark end to end ----------------------------------------------------------------------
@@ -186,7 +193,7 @@ def quick_run(tiny_llama_dir, tmp_path_factory):
     out = folder / "bench.json"
     proc = subprocess.run(
         [sys.executable, "-m", "dowsing", "benchmark", "--quick", "--model", str(tiny_llama_dir), "--out", str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=600,
+        cwd=REPO, capture_output=True, text=True, timeout=1200,
         env={**__import__("os").environ, "DOWSING_CACHE": str(folder / "cache")})
     return proc, out
 

@@ -34,6 +34,13 @@ DOMAINS = [
 FACTS = [f for d in DOMAINS for f in d["facts"]]
 
 
+
+def float64_rel(loaded) -> float:
+    """Relative tolerance of a float64 comparison on a tiny model: Llama's
+    RMSNorm (transformers) computes in float32 whatever the model's dtype, so
+    two float64 routes through it agree only to float32-level rounding."""
+    return 2e-5 if "llama" in loaded.info.architecture.lower() else 1e-6
+
 @pytest.fixture(scope="module", params=["gpt2", "llama"])
 def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
     folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
@@ -123,9 +130,9 @@ def test_alignment_priorities_equal_an_independent_full_model_computation(tiny64
         start += len(rows)
         pairs, per_fact = _reference_alignment(grads, rows, p)
         got = result.domain(d["name"])
-        assert got.priority == pytest.approx(pairs, rel=1e-6)
+        assert got.priority == pytest.approx(pairs, rel=float64_rel(tiny64))
         shown = [e["priority"] for e in result.per_example if e["domain"] == d["name"]]
-        assert shown == pytest.approx(per_fact, rel=1e-6, abs=1e-9 * max(abs(x) for x in per_fact))
+        assert shown == pytest.approx(per_fact, rel=float64_rel(tiny64), abs=1e-9 * max(abs(x) for x in per_fact))
     # The paper's Mean is computed whatever ranks the domains.
     paper = analyze(tiny64, DOMAINS, AnalysisConfig(dtype="float64", estimator="paper"))
     assert [d.mean for d in result.domains] == pytest.approx([d.mean for d in paper.domains], rel=1e-9)
@@ -235,7 +242,8 @@ def test_heldout_alignment_splits_like_the_benchmark_and_equals_the_explicit_sum
         a, b = [row[f] for f in tr.facts], [row[f] for f in he.facts]
         mean_a = torch.stack([grads[i] for i in a]).mean(0)
         mean_b = torch.stack([grads[i] for i in b]).mean(0)
-        assert result.domain(d["name"]).priority == pytest.approx(float((mean_a * p * mean_b).sum()), rel=1e-6)
+        assert result.domain(d["name"]).priority == pytest.approx(float((mean_a * p * mean_b).sum()),
+                                                                 rel=float64_rel(tiny64))
         want = {i: float((grads[i] * p * (mean_b if i in a else mean_a)).sum()) for i in a + b}
         shown = [e["priority"] for e in result.per_example if e["domain"] == d["name"]]
-        assert shown == pytest.approx([want[row[f]] for f in d["facts"]], rel=1e-6)
+        assert shown == pytest.approx([want[row[f]] for f in d["facts"]], rel=float64_rel(tiny64))
