@@ -8,6 +8,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -290,6 +291,10 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
             f"The model is loaded as {model.info.dtype} on {model.info.device} but the configuration asks for "
             f"{config.dtype} on {config.device}: load it with those settings."
         )
+    if config.checkpoints:
+        from .checkpoints import check_last_is_model, validate_checkpoints
+
+        check_last_is_model(validate_checkpoints(config.checkpoints), model.info.id)
     net, anatomy = model.model, find_anatomy(model.model)
     if config.blocks > len(anatomy.down_projs):
         raise ValueError(f"blocks = {config.blocks} but the model has only {len(anatomy.down_projs)} blocks.")
@@ -391,7 +396,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
         model, encoded.ids, batches, rows_of, tokens.fact_losses, means,
         [p["influence"].tolist() for p in per_domain], config,
         block_inputs=block_inputs_by_fact(batches, captured) if captured else None, progress=on_ranking,
-        names=[d.name for d in domains])
+        names=[d.name for d in domains], domains=domains)
     del captured
     notes += scores.notes
     priorities = scores.priority
@@ -494,6 +499,8 @@ def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = Non
         "model": model_fingerprint(model_id),
         "domains": [[d.name, list(d.facts)] for d in domains],
         "config": config.to_dict(),
+        # what the checkpoints hold, not only where they are: a folder trained further is a new trajectory
+        "checkpoints": [c if "@" in c and not Path(c).exists() else model_fingerprint(c) for c in config.checkpoints],
         "engine": ENGINE_VERSION,
     }, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -512,6 +519,10 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
 
     config = config or AnalysisConfig()
     report = progress or (lambda p: None)
+    if config.checkpoints:
+        from .checkpoints import validate_checkpoints
+
+        validate_checkpoints(config.checkpoints)  # a one-line error before anything is loaded or keyed
     key = cache_key(model_id, domains, config)
     store = ResultStore()
     if use_cache:

@@ -97,6 +97,31 @@ def cancel_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, stop)
 
 
+def add_checkpoint_arguments(parser: argparse.ArgumentParser, last: str) -> None:
+    parser.add_argument("--checkpoints", nargs="+", default=None, metavar="CHECKPOINT",
+                        help="the model's training checkpoints, oldest first: local Hugging Face folders or hub "
+                             f"steps owner/name@revision; the last is {last}")
+    parser.add_argument("--checkpoint-lr", type=float, default=None,
+                        help="step size of every interval between two checkpoints (learning rate times optimizer "
+                             "steps) for TracIn and Diff-In (default: estimated from each step's length)")
+
+
+def checked_model(args, models: list) -> list:
+    """The model ids with --checkpoints applied: they are checked (a one-line
+    CheckpointError otherwise) and, without --model, the last is the model."""
+    if not args.checkpoints:
+        return models
+    from .checkpoints import check_last_is_model, validate_checkpoints
+
+    checked = validate_checkpoints(args.checkpoints)
+    if models == [None]:
+        return [str(checked[-1].path)]
+    if len(models) > 1:
+        raise ValueError("--checkpoints describe one model: give at most one --model")
+    check_last_is_model(checked, models[0])
+    return models
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dowsing",
@@ -139,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--align-blocks", type=int, default=defaults.align_blocks,
                          help=f"last blocks (plus the final norm) whose parameters the alignment estimators use "
                               f"(default: {defaults.align_blocks})")
+    add_checkpoint_arguments(analyze, "the model analysed (then --model may be left out)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_executor_arguments(analyze)
@@ -177,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-cache", action="store_true",
                        help="recompute every fine-tune; by default the fine-tunes an interrupted run of the same "
                             "benchmark finished are reused")
+    add_checkpoint_arguments(bench, "the model benchmarked (then --model may be left out); the trajectory "
+                                    "estimators read them instead of the main recipe's baseline fine-tune")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     add_executor_arguments(bench)
     cluster = sub.add_parser("cluster", help="what an executor would run on: CPUs, GPUs and nodes, as JSON")
@@ -189,9 +217,11 @@ def run_analyze(args) -> int:
     from .domains import DomainError, default_domains, load_domains
 
     try:
+        models = checked_model(args, args.model or [None])
         config = AnalysisConfig(damping=args.damping, blocks=args.blocks, solver=args.solver,
                                 curvature=args.curvature, device=args.device, dtype=args.dtype,
-                                estimator=args.estimator, align_blocks=args.align_blocks)
+                                estimator=args.estimator, align_blocks=args.align_blocks,
+                                checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr)
         domains = load_domains(args.domains) if args.domains else default_domains()
         if args.out:
             out = Path(args.out)
@@ -204,7 +234,6 @@ def run_analyze(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-            models = args.model or [None]
             if len(models) == 1:
                 results = [run_analysis(models[0], domains, config, None if args.quiet else _progress,
                                         use_cache=not args.no_cache, executor=executor)]
@@ -215,7 +244,7 @@ def run_analyze(args) -> int:
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
-    for model, result in zip(args.model or [None], results):
+    for model, result in zip(models, results):
         if len(results) > 1:
             print(f"\n== {model} ==")
         print(format_table(result))
@@ -296,6 +325,11 @@ def run_benchmark_command(args) -> int:
         fields = json.loads(Path(args.config).read_text()) if args.config else {}
         if args.seed is not None:
             fields["seed"] = args.seed
+        if args.checkpoints:
+            fields["checkpoints"] = args.checkpoints
+        if args.checkpoint_lr is not None:
+            fields["checkpoint_lr"] = args.checkpoint_lr
+        model = checked_model(args, [args.model])[0]
         config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains)
@@ -313,7 +347,7 @@ def run_benchmark_command(args) -> int:
         with warnings.catch_warnings():
             warnings.simplefilter("always")
             warnings.showwarning = lambda msg, *a, **k: print(f"warning: {msg}", file=sys.stderr)
-            result = run_benchmark(args.model, domains, config, progress=_progress_writer(args), executor=executor,
+            result = run_benchmark(model, domains, config, progress=_progress_writer(args), executor=executor,
                                    resume=not args.no_cache, device=args.device)
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -14,7 +14,9 @@ DTYPES = ("float32", "float64", "bfloat16")
 # influence is always computed (Mean, transfer, saturation); the ranking
 # estimator decides the Rank, Share and Priority columns.
 RANKING_ESTIMATORS = ("alignment_adam", "alignment", "alignment_heldout_adam", "alignment_heldout", "paper",
-                      "mean_loss")
+                      "mean_loss", "tracin_ckpt", "diffin", "vog", "ckpt_confidence", "ckpt_variability", "el2n")
+# Read off the user's training checkpoints (`checkpoints`): they need at least two.
+CHECKPOINT_ESTIMATORS = ("tracin_ckpt", "diffin", "vog", "ckpt_confidence", "ckpt_variability", "el2n")
 # Chosen by the benchmark against real fine-tuning (docs/VALIDATION.md).
 DEFAULT_ESTIMATOR = "mean_loss"
 ESTIMATOR_LABELS = {
@@ -24,6 +26,12 @@ ESTIMATOR_LABELS = {
     "alignment_heldout": "Gradient alignment between two halves of the facts",
     "paper": "Paper: concept-subspace influence",
     "mean_loss": "Mean loss (log perplexity)",
+    "tracin_ckpt": "TracIn over your checkpoints",
+    "diffin": "Diff-In over your checkpoints",
+    "vog": "Variance of gradients over your checkpoints",
+    "ckpt_confidence": "Low confidence over your checkpoints (cartography)",
+    "ckpt_variability": "Variability over your checkpoints (cartography)",
+    "el2n": "EL2N error norm over your checkpoints",
 }
 
 
@@ -53,6 +61,13 @@ class AnalysisConfig:
         the model has fewer).
     adam_batches: seeded minibatches of 8 facts that estimate Adam's second
         moment (seeded by `seed`).
+    checkpoints: the user's training checkpoints of the model, oldest first
+        (local folders or hub steps owner/name@revision; `dowsing.checkpoints`
+        checks them), the last being the model analysed. The checkpoint
+        estimators need at least two; the others ignore them.
+    checkpoint_lr: the step size of every interval between two checkpoints
+        (learning rate times optimizer steps), for TracIn and Diff-In; None
+        estimates it from each interval's step length.
     """
 
     damping: float = 1e-3
@@ -71,8 +86,11 @@ class AnalysisConfig:
     estimator: str = DEFAULT_ESTIMATOR
     align_blocks: int = 4
     adam_batches: int = 8
+    checkpoints: tuple = ()
+    checkpoint_lr: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
         if not (self.damping >= 0.0) or self.damping != self.damping:
             raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
         if int(self.blocks) != self.blocks or self.blocks < 1:
@@ -105,6 +123,11 @@ class AnalysisConfig:
             raise ValueError(f"align_blocks must be an integer >= 1, got {self.align_blocks!r}")
         if int(self.adam_batches) != self.adam_batches or self.adam_batches < 1:
             raise ValueError(f"adam_batches must be an integer >= 1, got {self.adam_batches!r}")
+        if self.estimator in CHECKPOINT_ESTIMATORS and len(self.checkpoints) < 2:
+            raise ValueError(f"estimator {self.estimator} reads the model's training checkpoints: give at least 2, "
+                             f"oldest first (got {len(self.checkpoints)})")
+        if self.checkpoint_lr is not None and not (self.checkpoint_lr > 0):
+            raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -21,6 +21,14 @@ computes whatever the estimator is.
 * ``paper``: the paper's Mean_k = g_bar_k^T (H_k + lambda I)^-1 g_bar_k and its
   per-fact influences I_ki, unchanged.
 * ``mean_loss``: the domain's mean next-token loss, per fact l_i.
+* ``tracin_ckpt``, ``diffin``, ``vog``, ``ckpt_confidence``,
+  ``ckpt_variability``, ``el2n``: read off the user's training checkpoints
+  (config.checkpoints, oldest first, the last the model analysed) by
+  `dowsing.validation.trajectory`, on the benchmark's halves of each domain
+  (the first as training facts, the second as held-out) and the last
+  `align_blocks` blocks. Per-fact values: the checkpoint-pass scores of each
+  fact; for TracIn and Diff-In each fact's share of the first-order term
+  (`tracin_per_fact`), whose training half averages to TracIn's priority.
 
 The same functions and the same sampling as the benchmark
 (`dowsing.validation.estimators.alignment_scores`), so what the benchmark
@@ -37,7 +45,7 @@ import torch
 
 from .alignment import (ADAM_EPS, adam_preconditioner, blocks_of, capture_block_inputs, domain_alignment,
                         padded_block_batch, tail_grad_fn, tail_model, tail_parameters)
-from .config import ESTIMATOR_LABELS, RANKING_ESTIMATORS, AnalysisConfig
+from .config import CHECKPOINT_ESTIMATORS, ESTIMATOR_LABELS, RANKING_ESTIMATORS, AnalysisConfig
 from .subspace import per_fact_losses
 
 # Minibatch size of the Adam second-moment estimate: the benchmark's.
@@ -135,14 +143,15 @@ def split_halves(rows: list, name: str, seed: int) -> tuple[list, list]:
 def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: torch.Tensor, paper_means: list,
                        paper_per_fact: list, config: AnalysisConfig, block_inputs: list | None = None,
                        progress: Callable[[float, str], None] | None = None,
-                       names: list | None = None) -> RankingScores:
+                       names: list | None = None, domains: list | None = None) -> RankingScores:
     """The priorities of config.estimator for every domain.
 
     ids: token ids per fact (row order); batches: the analysis' padded
     batches (for capturing block inputs when none are given); rows_of[k]:
     domain k's fact rows; fact_losses: l_i per fact; paper_means /
     paper_per_fact: Mean_k and I_ki from the paper's solve; block_inputs: the
-    input of block `alignment_blocks(...)[0]` per fact, if already captured.
+    input of block `alignment_blocks(...)[0]` per fact, if already captured; domains: the Domain list (the checkpoint
+    estimators split each into halves).
     """
     name = config.estimator
     if name not in RANKING_ESTIMATORS:
@@ -158,6 +167,9 @@ def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: t
         per_fact = [[float(fact_losses[r]) for r in rows] for rows in rows_of]
         return RankingScores(name, label, [sum(v) / len(v) for v in per_fact], per_fact, time.perf_counter() - t0,
                              {"source": "mean next-token loss per fact"})
+
+    if name in CHECKPOINT_ESTIMATORS:
+        return checkpoint_ranking(loaded, domains, config, report)
 
     net = loaded.model
     first, blocks, note = alignment_blocks(net, config.align_blocks)
@@ -202,3 +214,42 @@ def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: t
         del work
     return RankingScores(name, label, priority, per_fact, time.perf_counter() - t0, details,
                          [note] if note else [])
+
+
+def checkpoint_ranking(loaded, domains: list, config: AnalysisConfig,
+                       report: Callable[[float, str], None]) -> RankingScores:
+    """A checkpoint estimator's priorities over the user's checkpoints, with
+    per-fact values in each domain's own fact order."""
+    from .checkpoints import validate_checkpoints
+    from .validation.estimators import split_pass
+    from .validation.finetune import Recipe
+    from .validation.split import split_domains
+    from .validation.trajectory import trajectory_scores
+
+    name = config.estimator
+    t0 = time.perf_counter()
+    checkpoints = validate_checkpoints(config.checkpoints)
+    first, blocks, note = alignment_blocks(loaded.model, config.align_blocks)
+    train, held = split_domains(domains, config.seed)
+    report(0.02, "forward pass over each domain's halves")
+    split = split_pass(loaded, train, held, config.batch_size, capture_block=first)
+    # AdamW: the preconditioner of TracIn and Diff-In is Adam's, as for alignment_adam
+    recipe = Recipe("checkpoints", "adamw", blocks=blocks)
+    score = trajectory_scores(loaded, split, [name], recipe, config.seed, adam_batches=config.adam_batches,
+                              batch_size=config.batch_size, progress=lambda f, m: report(0.05 + 0.95 * f, m),
+                              checkpoints=checkpoints, checkpoint_lr=config.checkpoint_lr, all_facts=True)[0]
+    per_fact = []
+    for k, domain in enumerate(domains):
+        # the split shuffled the domain's facts: take each value back to its fact
+        by_text: dict = {}
+        for text, value in zip(list(train[k].facts) + list(held[k].facts), score.per_example[k]):
+            by_text.setdefault(text, []).append(float(value))
+        per_fact.append([by_text[text].pop(0) for text in domain.facts])
+    details = {key: value for key, value in score.details.items() if key not in ("first_order", "second_order")}
+    details.update(blocks=blocks, first_block=first, checkpoints=[c.spec for c in checkpoints])
+    notes = [note] if note else []
+    if name in ("diffin", "tracin_ckpt") and score.details.get("step_size_source") == "step length":
+        notes.append("The step size between checkpoints was estimated from each step's length (give "
+                     "checkpoint_lr for the real one): Diff-In's second-order term depends on it.")
+    return RankingScores(name, ESTIMATOR_LABELS[name], [float(p) for p in score.priority], per_fact,
+                         time.perf_counter() - t0, details, notes)

@@ -12,6 +12,8 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
+from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
+from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing.config import (CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, ESTIMATOR_LABELS, RANKING_ESTIMATORS,
                             SOLVERS, AnalysisConfig, settings_changes)
 from dowsing.jobs import Executor, JobState, default_executor
@@ -22,11 +24,13 @@ SOURCES = {
     "hub": "Hugging Face id",
     "directory": "Local model folder",
     "gguf": ".gguf file",
+    "checkpoints": "Training checkpoints (oldest first)",
 }
 PLACEHOLDERS = {
     "hub": "e.g. gpt2 or Qwen/Qwen2.5-0.5B",
     "directory": "/path/to/model-folder (holds config.json)",
     "gguf": "/path/to/model.gguf",
+    "checkpoints": "/runs/checkpoint-1000\n/runs/checkpoint-2000\n/runs/checkpoint-3000",
 }
 DEFAULTS = AnalysisConfig()
 ESTIMATOR_HELP = (
@@ -34,7 +38,9 @@ ESTIMATOR_HELP = (
     "facts lowers the loss of its other facts, over the last blocks' parameters, with Adam's preconditioner or "
     "plain gradients. Paper: the Data Dowsing paper's concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ. Mean loss: the "
     f"domain's log perplexity. The default ({ESTIMATOR_LABELS[DEFAULT_ESTIMATOR]}) was chosen by the benchmark "
-    "against real fine-tuning. The paper's Mean, transfer and saturation curves are computed whatever you choose."
+    "against real fine-tuning. The checkpoint estimators (TracIn, Diff-In, variance of gradients, cartography, "
+    "EL2N) need the model picked as Training checkpoints. The paper's Mean, transfer and saturation curves are "
+    "computed whatever you choose."
 )
 
 
@@ -77,11 +83,24 @@ def _load(model_id: str | None, device: str, dtype: str):
         return None, f"The model could not be loaded: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _check_checkpoints(specs: tuple) -> tuple[str | None, str | None, str | None]:
+    """(last checkpoint's folder, summary, None) or (None, None, one-line
+    error); cached per list, so typing elsewhere does not re-read them."""
+    try:
+        checked = validate_checkpoints(specs)
+    except CheckpointError as exc:
+        return None, None, str(exc)
+    return str(checked[-1].path), checkpoint_summary(checked), None
+
+
 @dataclass(frozen=True)
 class ModelChoice:
     source: str  # a key of SOURCES
-    text: str  # what the user typed ("" for the embedded default)
+    text: str  # what the user typed ("" for the embedded default); the last checkpoint's folder for checkpoints
     problem: str | None  # a one-line reason the choice is unusable, before loading
+    checkpoints: tuple = ()  # the training checkpoints, oldest first (source "checkpoints")
+    note: str | None = None  # what the checkpoints are, once checked
 
     @property
     def model_id(self) -> str | None:
@@ -100,6 +119,13 @@ def model_choice() -> ModelChoice:
     text = (st.session_state.get("model") or "").strip()
     if source == "embedded":
         return ModelChoice("embedded", "", None)
+    if source == "checkpoints":
+        specs = tuple(parse_list(st.session_state.get("checkpoints_text") or ""))
+        if not specs:
+            return ModelChoice(source, "", "List your model's training checkpoints, one folder per line, oldest "
+                                           "first.")
+        last, note, problem = _check_checkpoints(specs)
+        return ModelChoice(source, last or "", problem[:1].upper() + problem[1:] if problem else None, specs, note)
     problem = None
     if not text:
         problem = f"Enter a {SOURCES[source].lower()} or choose the embedded default."
@@ -125,6 +151,7 @@ def analysis_config() -> tuple[AnalysisConfig | None, str | None]:
             dtype=state.get("cfg_dtype", DEFAULTS.dtype),
             estimator=state.get("cfg_estimator", DEFAULTS.estimator),
             align_blocks=int(state.get("cfg_align_blocks", DEFAULTS.align_blocks)),
+            checkpoints=model_choice().checkpoints,
         ), None
     except ValueError as exc:
         return None, str(exc)
@@ -197,7 +224,14 @@ def sidebar():
             help="The causal language model to analyse. It is loaded once per server process.",
         )
         source = st.session_state.get("source", "embedded")
-        if source != "embedded":
+        if source == "checkpoints":
+            st.text_area(
+                SOURCES[source], key="checkpoints_text", bind="query-params", placeholder=PLACEHOLDERS[source],
+                help="One Hugging Face model folder per line (or a hub step, owner/name@revision), oldest first; "
+                     "the last is the model analysed. They must be one architecture with one tokenizer. The "
+                     "checkpoint estimators (TracIn, Diff-In, variance of gradients, cartography, EL2N) read them.",
+            )
+        elif source != "embedded":
             st.text_input(
                 SOURCES[source], key="model", bind="query-params", placeholder=PLACEHOLDERS[source],
                 help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online).",
@@ -257,6 +291,8 @@ def model_status(box) -> None:
         if choice.problem:
             st.info(choice.problem)
             return
+        if choice.note:
+            st.caption(choice.note)
         with st.spinner("Loading model… (the embedded model is converted once, ~40 s)"):
             loaded, error = _load(choice.model_id, device, dtype)
         if error:

@@ -50,7 +50,9 @@ if run_on_problem:
 
 def _start() -> None:
     try:
-        config = BenchmarkConfig.quick() if st.session_state.get("bench_quick") else BenchmarkConfig()
+        # with training checkpoints picked, the trajectory estimators read them instead of a baseline fine-tune
+        extra = {"checkpoints": choice.checkpoints} if choice.checkpoints else {}
+        config = BenchmarkConfig.quick(**extra) if st.session_state.get("bench_quick") else BenchmarkConfig(**extra)
         st.session_state["bench_run"] = background.start_background(
             choice.model_id, domains, config, "benchmark", extra_args=tuple(cli_arguments(run_on)))
     except ValueError as exc:

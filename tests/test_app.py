@@ -559,3 +559,47 @@ def test_benchmark_page_starts_its_run_on_the_chosen_executor(tiny):
     while time.monotonic() < deadline and background._alive(folder):
         time.sleep(0.2)
     assert background.background_state(run_id, "benchmark")["status"] == "cancelled"
+
+
+def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache, tiny_gpt2_dir, tmp_path):
+    from test_checkpoints import _perturbed
+
+    from dowsing import workspace
+
+    steps = [_perturbed(tiny_gpt2_dir, tmp_path / "step1", 1), _perturbed(tiny_gpt2_dir, tmp_path / "step2", 2)]
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "checkpoints"
+    at.session_state["checkpoints_text"] = str(steps[0])
+    at.run()
+    assert not at.exception
+    assert "at least 2 checkpoints" in at.sidebar.info[0].value
+    workspace.save_set_raw("Ckpt", [
+        {"name": "Physics", "facts": ["Light travels faster than sound.", "A force changes the motion of a body.",
+                                      "Energy is conserved in a closed system."]},
+        {"name": "Astronomy", "facts": ["The Moon orbits the Earth.", "The Sun is a star.",
+                                        "Jupiter is the largest planet of the Solar System."]},
+    ])
+    workspace.set_active("Ckpt")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "checkpoints"
+    at.session_state["checkpoints_text"] = f"# oldest first\n{tiny_gpt2_dir}\n{steps[0]}\n{steps[1]}\n"
+    at.session_state["cfg_estimator"] = "vog"
+    at.session_state["cfg_align_blocks"] = 1
+    at.run()
+    at.switch_page("pages/run.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert any("3 checkpoints of one gpt2, 2 layers model" in c.value for c in at.sidebar.caption)
+    button(at, "Analyze").click()
+    at.run()
+    run_until_done(at)
+    job = at.query_params["job"]
+    job = job[0] if isinstance(job, list) else job
+    from dowsing.jobs import default_executor
+
+    state = default_executor().state(job)
+    assert state.request["config"]["checkpoints"] == [str(tiny_gpt2_dir), str(steps[0]), str(steps[1])]
+    assert state.request["model_id"] == str(Path(steps[1]).resolve())
+    result = default_executor().result(job)
+    assert result.extras["ranking"]["estimator"] == "vog"
+    assert result.extras["ranking"]["details"]["trajectory"] == "user checkpoints"

@@ -81,6 +81,11 @@ class BenchmarkConfig:
     adam_batches: minibatches that estimate Adam's second moment.
     curve_domains / curve_sizes / curve_held_out: the learning curves.
     bootstrap / interval_pct: resamples of domains for the intervals.
+    checkpoints / checkpoint_lr: the user's training checkpoints of the model
+        (oldest first, the last the model benchmarked) and the step size of
+        every interval between two; the trajectory estimators read them
+        instead of the main recipe's baseline fine-tune. Empty: that
+        fine-tune is the trajectory.
     """
 
     seed: int = 0
@@ -101,8 +106,15 @@ class BenchmarkConfig:
     bootstrap: int = 2000
     interval_pct: float = 90.0
     batch_size: int = 16
+    checkpoints: tuple = ()
+    checkpoint_lr: float | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
+        if len(self.checkpoints) == 1:
+            raise ValueError("checkpoints: a trajectory needs at least 2, oldest first (got 1)")
+        if self.checkpoint_lr is not None and not self.checkpoint_lr > 0:
+            raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
         recipes = tuple(r if isinstance(r, Recipe) else Recipe(**r) for r in self.recipes)
         object.__setattr__(self, "recipes", recipes)
         for name in ("estimators", "curve_domains"):
@@ -128,7 +140,7 @@ class BenchmarkConfig:
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
-        for name in ("estimators", "curve_domains", "curve_sizes"):
+        for name in ("estimators", "curve_domains", "curve_sizes", "checkpoints"):
             data[name] = list(data[name])
         data["recipes"] = [dataclasses.asdict(r) for r in self.recipes]
         return data
@@ -286,8 +298,14 @@ def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, s
     if trajectory_names:
         # over the checkpoints of the main recipe's baseline fine-tune (first seed): the trajectory a user
         # without checkpoints of their own would have
+        checkpoints = None
+        if config.checkpoints:
+            from ..checkpoints import validate_checkpoints
+
+            checkpoints = validate_checkpoints(config.checkpoints)
         scores += trajectory_scores(model, split, trajectory_names, main, config.seed,
-                                    adam_batches=config.adam_batches,
+                                    adam_batches=config.adam_batches, checkpoints=checkpoints,
+                                    checkpoint_lr=config.checkpoint_lr,
                                     progress=lambda f, m: say(Progress("estimators", 0.3 + 0.05 * f, m)))
     if any(e in AIRREP_ESTIMATORS for e in config.estimators):
         say(Progress("estimators", 0.35, "AirRep: counterfactual fine-tunes and the encoder, by domain fold"))
@@ -331,6 +349,11 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                    "apart; use at least 12.")
         warnings.warn(message, stacklevel=2)
         notes.append(message)
+    if config.checkpoints:
+        from ..checkpoints import check_last_is_model, validate_checkpoints
+
+        checked = validate_checkpoints(config.checkpoints)
+        check_last_is_model(checked, model.info.id if isinstance(model, LoadedModel) else model)
     if not isinstance(model, LoadedModel):
         say(Progress("loading model", 0.0, "loading model"))
         model = load_model(model, device, "float32")

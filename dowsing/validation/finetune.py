@@ -11,6 +11,14 @@ import torch
 from ..alignment import blocks_of, padded_block_batch, tail_embedding, tail_model, tail_parameters
 from ..subspace import per_fact_losses
 
+def validation_recipe(config, blocks: int) -> Recipe:
+    """The quick validation's AdamW recipe (a ValidationConfig's finetune_*
+    fields) training the last `blocks` blocks."""
+    return Recipe("validation", "adamw", lr=config.finetune_lr, steps=config.finetune_steps, blocks=blocks,
+                  batch=config.finetune_batch, added_batch=config.finetune_added_batch,
+                  added_weight=config.finetune_added_weight)
+
+
 def finetune_gains(loaded, split, train, config, report=None, executor=None, store=None, should_stop=None) -> dict:
     """Held-out per-fact losses after the baseline run and after each domain's
     run, all from the same starting weights and the same seeded minibatches.
@@ -31,9 +39,7 @@ def finetune_gains(loaded, split, train, config, report=None, executor=None, sto
     executor = executor or LocalExecutor()
     trainer = TailTrainer(loaded, split)
     # every kept block trains: the split captured its inputs at depth - finetune_blocks
-    recipe = Recipe("validation", "adamw", lr=config.finetune_lr, steps=config.finetune_steps, blocks=trainer.depth,
-                    batch=config.finetune_batch, added_batch=config.finetune_added_batch,
-                    added_weight=config.finetune_added_weight)
+    recipe = validation_recipe(config, trainer.depth)
     held_all = [r for rows in split.held_rows for r in rows]
     before = trainer.losses(held_all, config.batch_size)
     want = split.tokens.fact_losses[held_all].cpu()

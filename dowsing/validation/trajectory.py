@@ -90,7 +90,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..alignment import padded_block_batch, tail_grad_fn, tail_parameters
+from ..alignment import blocks_of, padded_block_batch, tail_grad_fn, tail_parameters
 from ..subspace import per_fact_losses
 from .estimators import LABELS, TRAJECTORY_ESTIMATORS, EstimatorScore
 
@@ -102,15 +102,90 @@ GRADIENT_PATH = ("diffin", "tracin_ckpt")
 @dataclass
 class Trajectory:
     """Trainable parameters at steps 0 .. T (theta_t before step t; the last
-    after step T - 1) and the learning rate of each step."""
+    after step T - 1) and the learning rate of each step.
+
+    A trajectory of the user's own checkpoints (`load_user_trajectory`) also
+    holds, per checkpoint, every parameter of the truncated model (`states`,
+    the frozen embeddings and LM head change between checkpoints too) and
+    each fact's input to the first kept block (`block_inputs`, which the
+    checkpoint's own lower blocks produce); its step sizes are unknown
+    (lrs None) until `diffin_scores` estimates them."""
 
     checkpoints: list  # list over t of list[Tensor], one per trainable parameter
-    lrs: list  # eta_t for t = 0 .. T - 1
+    lrs: list | None  # eta_t for t = 0 .. T - 1
     seconds: float
+    states: list | None = None  # per t: every parameter of the truncated model, in .parameters() order
+    block_inputs: list | None = None  # per t: per fact, its input to the first kept block
+    lr_source: str = "recipe"  # "recipe", "given" or "step length"
 
     @property
     def steps(self) -> int:
-        return len(self.lrs)
+        return len(self.checkpoints) - 1
+
+
+def enter_checkpoint(trainer, trajectory: Trajectory, params: list, t: int) -> None:
+    """Put the trainer at checkpoint t: its trainable parameters, and for a
+    user trajectory every parameter and the facts' block inputs too."""
+    if trajectory.states is None:
+        load_checkpoint(params, trajectory.checkpoints[t])
+        return
+    load_checkpoint(trainer.params, trajectory.states[t])
+    trainer.data.block_inputs[:] = trajectory.block_inputs[t]
+
+
+def fact_batches(ids: list, batch_size: int, device) -> list:
+    """(input_ids, attention_mask, rows) right-padded batches of token ids."""
+    out = []
+    for start in range(0, len(ids), batch_size):
+        rows = list(range(start, min(start + batch_size, len(ids))))
+        width = max(len(ids[r]) for r in rows)
+        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for j, r in enumerate(rows):
+            input_ids[j, : len(ids[r])] = torch.tensor(ids[r])
+            mask[j, : len(ids[r])] = 1
+        out.append((input_ids.to(device), mask.to(device), rows))
+    return out
+
+
+def load_user_trajectory(checkpoints: list, trainer, blocks: int, lr: float | None = None,
+                         batch_size: int = 16, report=None) -> Trajectory:
+    """The trajectory of the user's checkpoints (`dowsing.checkpoints`,
+    validated, oldest first) for `trainer`'s facts: each checkpoint is loaded
+    once, runs its blocks before the first kept one over every fact (its own
+    block inputs) and gives the truncated model's parameters. lr: the step
+    size of every interval (the optimizer's learning rate times the steps
+    between two checkpoints); None estimates one per interval in
+    `diffin_scores`."""
+    from transformers import AutoModelForCausalLM
+
+    from ..alignment import capture_block_inputs, tail_model
+
+    report = report or (lambda fraction, message: None)
+    t0 = time.perf_counter()
+    reference = trainer.params[0]
+    kept = len(blocks_of(trainer.work))
+    trainable_ids = {id(p) for p in tail_parameters(trainer.work, blocks)}
+    trainable_index = [i for i, p in enumerate(trainer.params) if id(p) in trainable_ids]
+    states, block_inputs, trainable = [], [], []
+    for t, c in enumerate(checkpoints):
+        report(t / len(checkpoints), f"loading checkpoint {t + 1} of {len(checkpoints)}")
+        net = AutoModelForCausalLM.from_pretrained(str(c.path), dtype=reference.dtype, attn_implementation="eager")
+        net.to(reference.device).eval()
+        first = len(blocks_of(net)) - kept
+        with torch.no_grad():
+            inputs = capture_block_inputs(net, fact_batches(trainer.data.ids, batch_size, reference.device), first)
+            work, _ = tail_model(net, first)
+            values = [p.detach().clone() for p in work.parameters()]
+        if [v.shape for v in values] != [p.shape for p in trainer.params]:
+            raise ValueError(f"checkpoint {t + 1} ({c.spec}) does not have the analysed model's shapes")
+        states.append(values)
+        block_inputs.append([x.clone() for x in inputs])
+        trainable.append([values[i] for i in trainable_index])
+        del net, work
+    lrs = None if lr is None else [float(lr)] * (len(checkpoints) - 1)
+    return Trajectory(trainable, lrs, time.perf_counter() - t0, states, block_inputs,
+                      "step length" if lr is None else "given")
 
 
 def record_trajectory(trainer, recipe, seed: int, pool: list | None = None) -> Trajectory:
@@ -213,6 +288,17 @@ def diffin_step(lr: float, held_grad: torch.Tensor, added_step: torch.Tensor, hv
     return first, second
 
 
+def step_length_lr(delta: torch.Tensor, pool_grad: torch.Tensor, preconditioner: torch.Tensor | None) -> float:
+    """The step size of an interval between two of the user's checkpoints
+    when none is given: eta = ||Delta|| / ||P g_pool||, the step along the
+    preconditioned mean gradient of the facts that is as long as the step the
+    model really took. A length, not a projection: the model was trained on
+    other data, so its step need not point along these facts' gradient."""
+    direction = pool_grad if preconditioner is None else preconditioner * pool_grad
+    norm = float(direction.norm())
+    return float(delta.norm()) / norm if norm > 0.0 else 0.0
+
+
 def mean_grad(grad_of, rows: list, chunk: int = 16) -> list:
     """grad of mean_{i in rows} l_i, in chunks of facts (grad_of gives the
     gradient of a chunk's mean loss)."""
@@ -239,10 +325,18 @@ def diffin_scores(trainer, trajectory: Trajectory, params: list, preconditioner:
     first = [0.0] * n_domains
     second = [0.0] * n_domains
     grad_s = fd_s = 0.0
+    estimate = trajectory.lrs is None
+    if estimate:
+        trajectory.lrs = []
     for t in range(trajectory.steps):
-        lr = trajectory.lrs[t]
-        load_checkpoint(params, trajectory.checkpoints[t])
+        enter_checkpoint(trainer, trajectory, params, t)
         delta = flat(trajectory.checkpoints[t + 1]) - flat(trajectory.checkpoints[t])
+        if estimate:
+            t0 = time.perf_counter()
+            pool = [r for rows in data.train_rows for r in rows]
+            trajectory.lrs.append(step_length_lr(delta, flat(mean_grad(grad_of, pool, chunk)), preconditioner))
+            grad_s += time.perf_counter() - t0
+        lr = trajectory.lrs[t]
         for k in range(n_domains):
             report((t * n_domains + k) / (trajectory.steps * n_domains), f"Diff-In, step {t + 1}, domain {k + 1}")
             t0 = time.perf_counter()
@@ -258,8 +352,36 @@ def diffin_scores(trainer, trajectory: Trajectory, params: list, preconditioner:
                                            precision=precision)
                 second[k] += diffin_step(lr, q, u, hv, delta)[1]
                 fd_s += time.perf_counter() - t1
-    load_checkpoint(params, trajectory.checkpoints[0])
+    enter_checkpoint(trainer, trajectory, params, 0)
     return {"first": first, "second": second, "grad_s": grad_s, "fd_s": fd_s}
+
+
+def tracin_per_fact(trainer, trajectory: Trajectory, params: list, preconditioner: torch.Tensor | None,
+                    added_weight: float, chunk: int = 16, report=None) -> list:
+    """Per domain, per fact (training half, then held-out half), the fact's
+    share of the first-order term: sum_t eta_t w (P g_i,t)^T q_t, q_t the
+    gradient of the other half's mean loss. The training half's values
+    average to `diffin_scores`' "first" (TracIn over checkpoints); the
+    held-out half's swap the roles of the halves, as the held-out alignment
+    does, so every fact has a value. Needs trajectory.lrs; leaves the
+    parameters at theta_0."""
+    report = report or (lambda fraction, message: None)
+    data = trainer.data
+    grad_of = tail_grad_fn(trainer.work, trainer.embed, data.ids, data.block_inputs, params)
+    halves = [(list(a), list(b)) for a, b in zip(data.train_rows, data.held_rows)]
+    values = [[0.0] * (len(a) + len(b)) for a, b in halves]
+    for t in range(trajectory.steps):
+        enter_checkpoint(trainer, trajectory, params, t)
+        scale = trajectory.lrs[t] * added_weight
+        for k, (a, b) in enumerate(halves):
+            report((t * len(halves) + k) / (trajectory.steps * len(halves)), f"per-fact TracIn, step {t + 1}, domain {k + 1}")
+            for rows, other, offset in ((a, b, 0), (b, a, len(a))):
+                q = flat(mean_grad(grad_of, other, chunk))
+                pq = q if preconditioner is None else preconditioner * q
+                for j, r in enumerate(rows):
+                    values[k][offset + j] += scale * float(flat(grad_of([r])) @ pq)
+    enter_checkpoint(trainer, trajectory, params, 0)
+    return values
 
 
 @dataclass
@@ -305,7 +427,7 @@ def checkpoint_stats(trainer, trajectory: Trajectory, params: list, rows: list, 
     m2 = [None] * len(rows)
     for t, values in enumerate(trajectory.checkpoints):
         report(t / n_ckpt, f"checkpoint {t} of {n_ckpt - 1}")
-        load_checkpoint(params, values)
+        enter_checkpoint(trainer, trajectory, params, t)
         for start in range(0, len(rows), batch_size):
             part = rows[start: start + batch_size]
             input_ids, mask, hidden = padded_block_batch([data.ids[r] for r in part],
@@ -332,7 +454,7 @@ def checkpoint_stats(trainer, trajectory: Trajectory, params: list, rows: list, 
                 mean[i] += d / (t + 1)
                 m2[i] += d * (x - mean[i])
             del logits, grads
-    load_checkpoint(params, trajectory.checkpoints[0])
+    enter_checkpoint(trainer, trajectory, params, 0)
     vog = None
     if input_grads:
         vog = torch.tensor([float(torch.sqrt(m / n_ckpt).mean()) for m in m2], dtype=torch.float64)
@@ -362,14 +484,21 @@ def checkpoint_priorities(stats: CheckpointStats, domain_rows: list) -> dict:
 
 def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, seed: int = 0,
                       blocks: int | None = None, adam_batch: int = 8, adam_batches: int = 8,
-                      batch_size: int = 16, trainer=None, progress=None) -> list[EstimatorScore]:
+                      batch_size: int = 16, trainer=None, progress=None, checkpoints: list | None = None,
+                      checkpoint_lr: float | None = None, all_facts: bool = False) -> list[EstimatorScore]:
     """The named trajectory estimators on the split's domains, over the
     trajectory of the baseline fine-tune of `recipe` and `seed` (the
     benchmark's main recipe and first seed: the run whose checkpoints a user
-    without their own would have). blocks: train the last `blocks` blocks
-    instead of the recipe's (None: the recipe's). trainer: a TailTrainer on
-    this split to reuse (one is built from `loaded` otherwise); it is reset
-    to its starting weights afterwards.
+    without their own would have), or over the user's `checkpoints`
+    (validated by `dowsing.checkpoints`, oldest first, the last being the
+    loaded model) with step size `checkpoint_lr` (None: estimated per
+    interval, `step_length_lr`); the recipe then gives only the optimizer
+    (its preconditioner) and the blocks. blocks: train the last `blocks`
+    blocks instead of the recipe's (None: the recipe's). trainer: a
+    TailTrainer on this split to reuse (one is built from `loaded`
+    otherwise); it is reset to its starting weights and block inputs
+    afterwards. all_facts: the checkpoint-pass estimators score every fact
+    of a domain (training and held-out halves) instead of its training half.
 
     Each score's time is the forward pass, the recorded fine-tune, and the
     work it needs (shared work charged in full to each estimator sharing it,
@@ -388,18 +517,25 @@ def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, s
     report = progress or (lambda fraction, message: None)
     if trainer is None:
         trainer = TailTrainer(loaded, split)
-    report(0.0, f"recording the baseline fine-tune's trajectory ({recipe.steps} steps)")
-    trajectory = record_trajectory(trainer, recipe, seed)
+    original_inputs = list(trainer.data.block_inputs)
+    if checkpoints:
+        trajectory = load_user_trajectory(checkpoints, trainer, recipe.blocks, checkpoint_lr, batch_size,
+                                          report=lambda f, m: report(0.1 * f, m))
+    else:
+        report(0.0, f"recording the baseline fine-tune's trajectory ({recipe.steps} steps)")
+        trajectory = record_trajectory(trainer, recipe, seed)
     params = tail_parameters(trainer.work, recipe.blocks)
     base_s = split.forward_s + trajectory.seconds
     scores = {}
+    source = {"trajectory": "user checkpoints" if checkpoints else f"baseline fine-tune ({recipe.label()}, seed {seed})",
+              "checkpoints": len(trajectory.checkpoints)}
     try:
         gradient_names = [n for n in names if n in GRADIENT_PATH]
         if gradient_names:
             t0 = time.perf_counter()
             preconditioner = None
             if recipe.optimizer == "adamw":
-                load_checkpoint(params, trajectory.checkpoints[0])
+                enter_checkpoint(trainer, trajectory, params, 0)
                 data = trainer.data
                 grad_of = tail_grad_fn(trainer.work, trainer.embed, data.ids, data.block_inputs, params)
                 from ..alignment import adam_preconditioner
@@ -410,28 +546,41 @@ def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, s
             out = diffin_scores(trainer, trajectory, params, preconditioner, recipe.added_weight,
                                 fd="diffin" in names,
                                 report=lambda f, m: report(0.1 + 0.6 * f, m))
-            info = {"steps": trajectory.steps, "parameters": sum(p.numel() for p in params),
-                    "preconditioner": "adam (theta_0)" if preconditioner is not None else "identity"}
+            info = {**source, "steps": trajectory.steps, "parameters": sum(p.numel() for p in params),
+                    "preconditioner": "adam (theta_0)" if preconditioner is not None else "identity",
+                    "step_sizes": list(trajectory.lrs), "step_size_source": trajectory.lr_source}
+            per_fact, per_fact_s = None, 0.0
+            if all_facts:
+                t1 = time.perf_counter()
+                per_fact = tracin_per_fact(trainer, trajectory, params, preconditioner, recipe.added_weight,
+                                           report=lambda f, m: report(0.7 + 0.1 * f, m))
+                per_fact_s = time.perf_counter() - t1
             if "tracin_ckpt" in names:
                 scores["tracin_ckpt"] = EstimatorScore(
-                    "tracin_ckpt", LABELS["tracin_ckpt"], out["first"], None, base_s + adam_s + out["grad_s"], info)
+                    "tracin_ckpt", LABELS["tracin_ckpt"], out["first"], per_fact,
+                    base_s + adam_s + out["grad_s"] + per_fact_s, info)
             if "diffin" in names:
                 total = [a + b for a, b in zip(out["first"], out["second"])]
                 scores["diffin"] = EstimatorScore(
-                    "diffin", LABELS["diffin"], total, None, base_s + adam_s + out["grad_s"] + out["fd_s"],
+                    "diffin", LABELS["diffin"], total, per_fact,
+                    base_s + adam_s + out["grad_s"] + out["fd_s"] + per_fact_s,
                     {**info, "first_order": out["first"], "second_order": out["second"],
                      "hessian_gradient_products": trajectory.steps * len(total), "finite_difference": "central"})
         pass_names = [n for n in names if n in CHECKPOINT_PASS]
         if pass_names:
-            rows = [r for domain in trainer.data.train_rows for r in domain]
+            domain_rows = trainer.data.train_rows
+            if all_facts:
+                domain_rows = [list(a) + list(b) for a, b in zip(trainer.data.train_rows, trainer.data.held_rows)]
+            rows = [r for domain in domain_rows for r in domain]
             stats = checkpoint_stats(trainer, trajectory, params, rows, "vog" in pass_names, "el2n" in pass_names,
                                      batch_size, report=lambda f, m: report(0.7 + 0.3 * f, m))
-            values = checkpoint_priorities(stats, trainer.data.train_rows)
+            values = checkpoint_priorities(stats, domain_rows)
             for n in pass_names:
                 priority, per_fact = values[n]
                 scores[n] = EstimatorScore(n, LABELS[n], priority, per_fact, base_s + stats.seconds,
-                                           {"checkpoints": len(trajectory.checkpoints),
-                                            "input_gradients": "vog" in pass_names})
+                                           {**source, "input_gradients": "vog" in pass_names,
+                                            "facts": "all" if all_facts else "training half"})
     finally:
         trainer.reset()
+        trainer.data.block_inputs[:] = original_inputs
     return [scores[n] for n in names]

@@ -38,10 +38,11 @@ from ..result import finite_or_none
 from ..solvers import damped, dense_solve
 from ..subspace import encode_facts, find_anatomy
 from .correlations import bootstrap_spearman, kendall, spearman
-from .estimators import ALIGNMENT_ESTIMATORS, PAPER, SUBSPACE_ESTIMATORS, alignment_scores, score_estimators, split_pass
+from .estimators import (ALIGNMENT_ESTIMATORS, PAPER, SUBSPACE_ESTIMATORS, TRAJECTORY_ESTIMATORS, alignment_scores,
+                         score_estimators, split_pass)
 
-# The quick validation's estimators: the benchmark has them all, EK-FAC included.
-VALIDATION_ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS
+# The quick validation's estimators: the benchmark has them all, EK-FAC and AirRep included.
+VALIDATION_ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS + TRAJECTORY_ESTIMATORS
 from .finetune import finetune_gains
 from .split import split_domains
 from .subspace_truth import subspace_response, summarise_subspace
@@ -217,6 +218,15 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     if aligned and split.block_inputs is not None:
         scores += alignment_scores(model, split, aligned, min(config.finetune_blocks, depth), seed=config.seed,
                                    progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m)))
+    along = [e for e in estimators if e in TRAJECTORY_ESTIMATORS]
+    if along and split.block_inputs is not None:
+        from .finetune import validation_recipe
+        from .trajectory import trajectory_scores
+
+        # the trajectory is the validation's own baseline fine-tune (same recipe, seed and minibatches)
+        recipe = validation_recipe(config, min(config.finetune_blocks, depth))
+        scores += trajectory_scores(model, split, along, recipe, config.seed, batch_size=config.batch_size,
+                                    progress=lambda f, m: say(Progress("estimators", 0.28 + 0.02 * f, m)))
     timings["estimators"] = time.perf_counter() - t0
 
     subspace = None
