@@ -271,3 +271,22 @@ def test_analysis_config_needs_checkpoints_for_their_estimators():
     config = AnalysisConfig(estimator="vog", checkpoints=["a", "b"])
     assert config.checkpoints == ("a", "b")
     assert AnalysisConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+
+
+def test_benchmark_reads_the_users_trajectory(trajectory_dirs):
+    from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
+
+    kind, dirs = trajectory_dirs
+    if kind != "llama":
+        pytest.skip("one architecture is enough for the plumbing")
+    config = BenchmarkConfig(recipes=[{"name": "adamw", "optimizer": "adamw", "steps": 2, "blocks": BLOCKS}],
+                             seeds=1, estimators=("mean_loss", "tracin_ckpt", "ckpt_confidence"), curve_domains=(),
+                             bootstrap=0, checkpoints=tuple(str(d) for d in dirs), checkpoint_lr=0.1)
+    with pytest.warns(UserWarning, match="no power"):
+        result = run_benchmark(str(dirs[-1]), DOMAINS, config)
+    by_name = {e["name"]: e for e in result.estimators}
+    assert by_name["tracin_ckpt"]["details"]["trajectory"] == "user checkpoints"
+    assert by_name["tracin_ckpt"]["details"]["step_sizes"] == [0.1, 0.1]
+    assert by_name["ckpt_confidence"]["details"]["checkpoints"] == 3
+    with pytest.raises(CheckpointError, match="must be the last checkpoint"):
+        run_benchmark(str(dirs[0]), DOMAINS, config)

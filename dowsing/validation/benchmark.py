@@ -296,8 +296,8 @@ def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, s
     main = next(r for r in config.recipes if r.name == config.main_recipe)
     trajectory_names = [e for e in config.estimators if e in TRAJECTORY_ESTIMATORS]
     if trajectory_names:
-        # over the checkpoints of the main recipe's baseline fine-tune (first seed): the trajectory a user
-        # without checkpoints of their own would have
+        # over the user's checkpoints when given, else over those of the main recipe's baseline fine-tune
+        # (first seed): the trajectory a user without checkpoints of their own would have
         checkpoints = None
         if config.checkpoints:
             from ..checkpoints import validate_checkpoints
@@ -341,6 +341,11 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     clock = time.perf_counter()
     timings = {}
     notes = []
+    if config.checkpoints:
+        from ..checkpoints import check_last_is_model, validate_checkpoints
+
+        checked = validate_checkpoints(config.checkpoints)
+        check_last_is_model(checked, model.info.id if isinstance(model, LoadedModel) else model)
     domains = check_domains(domains if domains is not None else benchmark_domains())
     if config.max_facts:
         domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
@@ -349,11 +354,6 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                    "apart; use at least 12.")
         warnings.warn(message, stacklevel=2)
         notes.append(message)
-    if config.checkpoints:
-        from ..checkpoints import check_last_is_model, validate_checkpoints
-
-        checked = validate_checkpoints(config.checkpoints)
-        check_last_is_model(checked, model.info.id if isinstance(model, LoadedModel) else model)
     if not isinstance(model, LoadedModel):
         say(Progress("loading model", 0.0, "loading model"))
         model = load_model(model, device, "float32")
