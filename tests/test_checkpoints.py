@@ -290,3 +290,9 @@ def test_benchmark_reads_the_users_trajectory(trajectory_dirs):
     assert by_name["ckpt_confidence"]["details"]["checkpoints"] == 3
     with pytest.raises(CheckpointError, match="must be the last checkpoint"):
         run_benchmark(str(dirs[0]), DOMAINS, config)
+
+
+def test_a_hub_step_that_cannot_be_fetched_is_one_line(shapes, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    _one_line_error([str(shapes["llama2"]), "no-such-org/no-such-model@step1000"],
+                    "checkpoint 2 .*not in the local Hugging Face cache and the hub cannot be reached")
