@@ -5,7 +5,10 @@ benchmark's own baseline fine-tune: the recipe run on the mixture of every
 domain's training half (`TailTrainer.train(recipe, seed, pool)`), its
 trainable parameters theta_0 .. theta_T recorded before each step and after
 the last, with each step's learning rate eta_t. Everything below is evaluated
-at those checkpoints; nothing is trained on the held-out facts.
+at those checkpoints; nothing is trained on the held-out facts. With the
+user's own checkpoints (`load_user_trajectory`) every checkpoint brings its
+own weights and its own block inputs, and the step sizes are given or
+estimated (`step_length_lr`).
 
 Notation. L_k(theta): mean loss of domain k's training facts; L_Q,k(theta):
 mean loss of its held-out facts; l_i: one fact's mean next-token loss;
@@ -425,7 +428,7 @@ def checkpoint_stats(trainer, trajectory: Trajectory, params: list, rows: list, 
     el2n = torch.zeros(n_ckpt, len(rows), dtype=torch.float64)
     mean = [None] * len(rows)
     m2 = [None] * len(rows)
-    for t, values in enumerate(trajectory.checkpoints):
+    for t in range(n_ckpt):
         report(t / n_ckpt, f"checkpoint {t} of {n_ckpt - 1}")
         enter_checkpoint(trainer, trajectory, params, t)
         for start in range(0, len(rows), batch_size):
