@@ -178,6 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_checkpoint_arguments(validate, "the model validated (then --model may be left out); the trajectory "
+                                       "estimators read them instead of the baseline fine-tune")
     add_executor_arguments(validate)
     bench = sub.add_parser("benchmark", help="does an estimator's ranking predict fine-tuning? the leaderboard "
                                              "over the shipped benchmark domains, with power")
@@ -270,6 +272,11 @@ def run_validate(args) -> int:
             fields["seed"] = args.seed
         if args.steps is not None:
             fields["finetune_steps"] = args.steps
+        if args.checkpoints:
+            fields["checkpoints"] = args.checkpoints
+        if args.checkpoint_lr is not None:
+            fields["checkpoint_lr"] = args.checkpoint_lr
+        model = checked_model(args, [args.model])[0]
         config = ValidationConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
@@ -281,7 +288,7 @@ def run_validate(args) -> int:
     progress = _progress_writer(args)
     cancel_on_sigterm()
     try:
-        result = validate(args.model, domains, config, held_out=held_out, progress=progress, executor=executor)
+        result = validate(model, domains, config, held_out=held_out, progress=progress, executor=executor)
     except (ModelError, DomainError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT

@@ -238,7 +238,7 @@ def test_parse_list_skips_blank_lines_and_comments():
     assert parse_list("# oldest first\n/a/step0\n\n  /a/step1  \n") == ["/a/step0", "/a/step1"]
 
 
-@pytest.mark.parametrize("command", ["analyze", "benchmark"])
+@pytest.mark.parametrize("command", ["analyze", "benchmark", "validate"])
 def test_cli_bad_checkpoints_exit_2_and_write_nothing(command, shapes, tmp_path, capsys):
     from dowsing.cli import main
 
@@ -249,7 +249,7 @@ def test_cli_bad_checkpoints_exit_2_and_write_nothing(command, shapes, tmp_path,
         [str(shapes["llama2"]), str(tmp_path / "nowhere")],
     ]
     for checkpoints in cases:
-        extra = ["--estimator", "tracin_ckpt"] if command == "analyze" else ["--quick"]
+        extra = {"analyze": ["--estimator", "tracin_ckpt"], "benchmark": ["--quick"], "validate": []}[command]
         code = main([command, "--checkpoints", *checkpoints, "--out", str(out), "--quiet", *extra])
         err = capsys.readouterr().err.strip()
         assert code == 2, err
@@ -290,6 +290,26 @@ def test_benchmark_reads_the_users_trajectory(trajectory_dirs):
     assert by_name["ckpt_confidence"]["details"]["checkpoints"] == 3
     with pytest.raises(CheckpointError, match="must be the last checkpoint"):
         run_benchmark(str(dirs[0]), DOMAINS, config)
+
+
+def test_validation_reads_the_users_trajectory(trajectory_dirs):
+    from dowsing.validation.validate import ValidationConfig, validate
+
+    kind, dirs = trajectory_dirs
+    if kind != "llama":
+        pytest.skip("one architecture is enough for the plumbing")
+    config = ValidationConfig(finetune_steps=2, finetune_blocks=BLOCKS, estimators=("mean_loss", "tracin_ckpt"),
+                              subspace=False, bootstrap=0, checkpoints=tuple(str(d) for d in dirs),
+                              checkpoint_lr=0.1)
+    result = validate(str(dirs[-1]), DOMAINS, config)
+    by_name = {e["name"]: e for e in result.estimators}
+    assert by_name["tracin_ckpt"]["details"]["trajectory"] == "user checkpoints"
+    assert by_name["tracin_ckpt"]["details"]["step_sizes"] == [0.1, 0.1]
+    assert ValidationConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    with pytest.raises(CheckpointError, match="must be the last checkpoint"):
+        validate(str(dirs[0]), DOMAINS, config)
+    with pytest.raises(ValueError, match="at least 2"):
+        ValidationConfig(checkpoints=(str(dirs[0]),))
 
 
 def test_a_hub_step_that_cannot_be_fetched_is_one_line(shapes, monkeypatch):

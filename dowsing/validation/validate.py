@@ -68,6 +68,11 @@ class ValidationConfig:
     bootstrap: resamples for the interval on rho; interval_pct its coverage.
     lissa_depth / lissa_batch_facts: LiSSA steps and facts per minibatch HVP.
     subspace / finetune: switch either ground truth off.
+    checkpoints / checkpoint_lr: the user's training checkpoints of the
+        model, oldest first (the last must be the model validated); the
+        trajectory estimators read them instead of the baseline fine-tune.
+        checkpoint_lr: the step size of every interval (None: from each
+        step's length).
     """
 
     seed: int = 0
@@ -89,10 +94,17 @@ class ValidationConfig:
     subspace: bool = True
     finetune: bool = True
     batch_size: int = 16
+    checkpoints: tuple = ()
+    checkpoint_lr: float | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
         object.__setattr__(self, "estimators", tuple(self.estimators))
+        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
+        if len(self.checkpoints) == 1:
+            raise ValueError("checkpoints: a trajectory needs at least 2, oldest first (got 1)")
+        if self.checkpoint_lr is not None and not self.checkpoint_lr > 0:
+            raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}")
         if not self.eps or any(not (e > 0) for e in self.eps):
@@ -109,6 +121,7 @@ class ValidationConfig:
         data = dataclasses.asdict(self)
         data["eps"] = list(self.eps)
         data["estimators"] = list(self.estimators)
+        data["checkpoints"] = list(self.checkpoints)
         return data
 
     @classmethod
@@ -191,6 +204,12 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     say = progress or (lambda p: None)
     clock = time.perf_counter()
     timings = {}
+    checkpoints = None
+    if config.checkpoints:
+        from ..checkpoints import check_last_is_model, validate_checkpoints
+
+        checkpoints = validate_checkpoints(config.checkpoints)
+        check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)
     if not isinstance(model, LoadedModel):
         say(Progress("loading model", 0.0, "loading model"))
         model = load_model(model, "cpu", "float32")
@@ -223,9 +242,11 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
         from .finetune import validation_recipe
         from .trajectory import trajectory_scores
 
-        # the trajectory is the validation's own baseline fine-tune (same recipe, seed and minibatches)
+        # the trajectory is the user's checkpoints when given, else the validation's own baseline
+        # fine-tune (same recipe, seed and minibatches)
         recipe = validation_recipe(config, min(config.finetune_blocks, depth))
         scores += trajectory_scores(model, split, along, recipe, config.seed, batch_size=config.batch_size,
+                                    checkpoints=checkpoints, checkpoint_lr=config.checkpoint_lr,
                                     progress=lambda f, m: say(Progress("estimators", 0.28 + 0.02 * f, m)))
     timings["estimators"] = time.perf_counter() - t0
 
