@@ -130,7 +130,10 @@ class AnalysisConfig:
             raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        # plain JSON types, so a dict survives a JSON round trip unchanged
+        data = dataclasses.asdict(self)
+        data["checkpoints"] = list(self.checkpoints)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "AnalysisConfig":
