@@ -56,6 +56,19 @@ class Checkpoint:
         return f"{self.model_type}, {layers} layers" if layers is not None else self.model_type
 
 
+def checkpoint_fields(checkpoints, checkpoint_lr) -> tuple:
+    """The configuration fields `checkpoints` (None, or a list of specs) and
+    `checkpoint_lr`, checked without touching the disk: the specs as a tuple
+    of strings; a list of one cannot form a trajectory and a step size must
+    be > 0 (one-line ValueError otherwise)."""
+    specs = tuple(str(c) for c in (checkpoints or ()))
+    if len(specs) == 1:
+        raise ValueError("checkpoints: a trajectory needs at least 2, oldest first (got 1)")
+    if checkpoint_lr is not None and not checkpoint_lr > 0:
+        raise ValueError(f"checkpoint_lr must be > 0, got {checkpoint_lr!r}")
+    return specs
+
+
 def parse_list(text: str) -> list[str]:
     """The checkpoints of a text box or a file: one per line, blank lines and
     lines starting with # skipped, in order."""

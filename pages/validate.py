@@ -39,7 +39,7 @@ def _start() -> None:
         # with training checkpoints picked, the trajectory estimators read them instead of the baseline fine-tune
         vconfig = validation.ValidationConfig(finetune_steps=int(st.session_state["validation_steps"]),
                                               damping=config.damping if config else 1e-3,
-                                              checkpoints=choice.checkpoints or ())
+                                              checkpoints=choice.checkpoints)
         st.session_state["validation_run"] = background.start_background(choice.model_id, domains, vconfig)
     except ValueError as exc:
         st.session_state["validation_error"] = str(exc)

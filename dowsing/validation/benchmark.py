@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from ..analysis import Progress, _as_domains
+from ..checkpoints import checkpoint_fields
 from ..curvature import structured_hessian
 from ..domains import Domain
 from ..executor import Shared
@@ -110,11 +111,7 @@ class BenchmarkConfig:
     checkpoint_lr: float | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
-        if len(self.checkpoints) == 1:
-            raise ValueError("checkpoints: a trajectory needs at least 2, oldest first (got 1)")
-        if self.checkpoint_lr is not None and not self.checkpoint_lr > 0:
-            raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
+        object.__setattr__(self, "checkpoints", checkpoint_fields(self.checkpoints, self.checkpoint_lr))
         recipes = tuple(r if isinstance(r, Recipe) else Recipe(**r) for r in self.recipes)
         object.__setattr__(self, "recipes", recipes)
         for name in ("estimators", "curve_domains"):
@@ -271,9 +268,11 @@ def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
             "reason": sat["reason"]}
 
 
-def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, say):
+def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, say, checkpoints=None):
     """Every estimator's scores (in the configured order), the concept-subspace
-    terms the learning curves' predictions need and the seconds they took."""
+    terms the learning curves' predictions need and the seconds they took.
+    checkpoints: the user's checked checkpoints (None: the trajectory
+    estimators record the main recipe's baseline fine-tune)."""
     scores = []
     t0 = time.perf_counter()
     subspace_names = [e for e in config.estimators if e in SUBSPACE_ESTIMATORS]
@@ -298,11 +297,6 @@ def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, s
     if trajectory_names:
         # over the user's checkpoints when given, else over those of the main recipe's baseline fine-tune
         # (first seed): the trajectory a user without checkpoints of their own would have
-        checkpoints = None
-        if config.checkpoints:
-            from ..checkpoints import validate_checkpoints
-
-            checkpoints = validate_checkpoints(config.checkpoints)
         scores += trajectory_scores(model, split, trajectory_names, main, config.seed,
                                     adam_batches=config.adam_batches, checkpoints=checkpoints,
                                     checkpoint_lr=config.checkpoint_lr,
@@ -341,11 +335,12 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     clock = time.perf_counter()
     timings = {}
     notes = []
+    checkpoints = None
     if config.checkpoints:
         from ..checkpoints import check_last_is_model, validate_checkpoints
 
-        checked = validate_checkpoints(config.checkpoints)
-        check_last_is_model(checked, model.info.id if isinstance(model, LoadedModel) else model)
+        checkpoints = validate_checkpoints(config.checkpoints)
+        check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)
     domains = check_domains(domains if domains is not None else benchmark_domains())
     if config.max_facts:
         domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
@@ -395,7 +390,8 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                     build=build_trainer, context=trainer if local else None)
     pending = executor.start(finetune_unit, units, shared, store=store, on_done=on_done, should_stop=should_stop)
     try:
-        scores, terms, timings["estimators"] = _estimator_scores(model, train, split, config, keep, say)
+        scores, terms, timings["estimators"] = _estimator_scores(model, train, split, config, keep, say,
+                                                                 checkpoints)
         values = pending.wait()
     except BaseException:
         pending.cancel()

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from ..analysis import Progress, _as_domains
+from ..checkpoints import checkpoint_fields
 from ..curvature import structured_hessian, tail_coefficients
 from ..domains import Domain
 from ..result import finite_or_none
@@ -100,11 +101,7 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "eps", tuple(float(e) for e in self.eps))
         object.__setattr__(self, "estimators", tuple(self.estimators))
-        object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
-        if len(self.checkpoints) == 1:
-            raise ValueError("checkpoints: a trajectory needs at least 2, oldest first (got 1)")
-        if self.checkpoint_lr is not None and not self.checkpoint_lr > 0:
-            raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
+        object.__setattr__(self, "checkpoints", checkpoint_fields(self.checkpoints, self.checkpoint_lr))
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}")
         if not self.eps or any(not (e > 0) for e in self.eps):
