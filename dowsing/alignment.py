@@ -28,6 +28,7 @@ optimizer state.
 from __future__ import annotations
 
 import copy
+from contextlib import contextmanager
 import random
 from dataclasses import dataclass
 from typing import Callable
@@ -229,3 +230,40 @@ def tail_grad_fn(work, embed, ids: list, block_inputs: list, params: list) -> Gr
         return [g.detach() for g in torch.autograd.grad(loss, params)]
 
     return grad_of
+
+
+def alignment_blocks(net, align_blocks: int) -> tuple[int, int, str | None]:
+    """(first, blocks, note): the alignment uses blocks first..depth-1, with
+    blocks = min(align_blocks, depth) and first = depth - blocks; a note when
+    the model has fewer blocks than asked."""
+    depth = len(blocks_of(net))
+    blocks = min(align_blocks, depth)
+    note = None
+    if align_blocks > depth:
+        note = (f"align_blocks = {align_blocks} but the model has {depth} blocks: the alignment used all "
+                f"{depth} blocks and the final norm.")
+    return depth - blocks, blocks, note
+
+
+@contextmanager
+def capture_inputs_during(net, first: int, captured: list):
+    """While active, each forward pass appends the (padded) input of block
+    `first` to `captured`: block inputs come with a forward pass the analysis
+    makes anyway, instead of a second one (`capture_block_inputs`)."""
+    def grab(module, args, kwargs):
+        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+
+    handle = blocks_of(net)[first].register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+def block_inputs_by_fact(batches, captured: list) -> list:
+    """Per fact (row order), its real tokens' rows of the captured block inputs."""
+    out = {}
+    for (_, mask, rows), hidden in zip(batches, captured):
+        for j, row in enumerate(rows):
+            out[row] = hidden[j, : int(mask[j].sum())]
+    return [out[i] for i in range(len(out))]

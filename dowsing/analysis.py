@@ -18,85 +18,17 @@ from .config import ESTIMATOR_LABELS, AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
 from .models import (DTYPES, LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model,
                      resolve_model)
-from .ranking import (ALIGNMENT_ESTIMATORS, alignment_blocks, block_inputs_by_fact, capture_inputs_during,
-                      ranking_priorities)
+from .alignment import alignment_blocks, block_inputs_by_fact, capture_inputs_during
+from .forward import FactTokens, forward_pass
+from .ranking import ALIGNMENT_ESTIMATORS, ranking_priorities
 from .result import ENGINE_VERSION, DomainResult, Result
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
 from .executor import LocalExecutor, Shared, Unit
+from .domains import as_domains
+from .progress import Progress
 from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
 from .solvers import conjugate_gradient, damped, dense_solve
 from .subspace import capture_tail_inputs, encode_facts, find_anatomy, make_batches, per_fact_losses
-
-
-@dataclass
-class Progress:
-    stage: str
-    fraction: float  # of the whole analysis, in [0, 1]
-    message: str
-
-
-def _as_domains(domains):
-    from .domains import Domain, validate_domains
-
-    converted = [d if isinstance(d, Domain) else Domain(d["name"], tuple(d["facts"])) for d in domains]
-    return validate_domains(converted)
-
-
-@dataclass
-class FactTokens:
-    """What one plain forward pass over all facts gives every domain."""
-
-    x: torch.Tensor  # (N, d_ff) input of the last MLP projection at each predicting position
-    h: torch.Tensor  # (N, d_model) residual stream entering the final norm there
-    targets: torch.Tensor  # (N,) next-token ids
-    token_fact: torch.Tensor  # (N,) fact index of each position
-    token_scale: torch.Tensor  # (N,) 1 / (T_i - 1), float64
-    fact_losses: torch.Tensor  # (M,) l_i, float64
-    tail_matches: bool  # final norm + LM head reproduce the model's logits
-
-
-def forward_pass(model, anatomy, batches, fact_domain, n_domains):
-    """Concept vectors and the per-token quantities, in one pass."""
-    xs, hs, ys, facts, scales, losses = [], [], [], [], [], []
-    tail = tail_function(anatomy)
-    tail_ok = True
-    sums = None
-    with torch.no_grad():
-        for input_ids, mask, rows in batches:
-            store: dict = {}
-            with capture_tail_inputs(anatomy, store):
-                out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-            losses.append(per_fact_losses(out.logits, input_ids, mask).to(torch.float64))
-            hidden = out.hidden_states[-1]
-            m = mask.unsqueeze(-1).to(hidden.dtype)
-            fact_means = ((hidden * m).sum(dim=1) / m.sum(dim=1)).to(torch.float64)
-            if sums is None:
-                sums = torch.zeros((n_domains, hidden.shape[-1]), dtype=torch.float64, device=hidden.device)
-            for j, row in enumerate(rows):
-                sums[fact_domain[row]] += fact_means[j]
-                length = int(mask[j].sum())
-                xs.append(store["x"][j, : length - 1])
-                hs.append(store["h"][j, : length - 1])
-                ys.append(input_ids[j, 1:length])
-                facts.append(torch.full((length - 1,), row, dtype=torch.long))
-                scales.append(torch.full((length - 1,), 1.0 / (length - 1), dtype=torch.float64))
-            if tail_ok:
-                logits_again = tail(store["h"])
-                scale = out.logits.abs().max().clamp_min(1.0)
-                tol = 1e-3 if out.logits.dtype != torch.float64 else 1e-9
-                tail_ok = bool(((logits_again - out.logits).abs().max() / scale) < tol)
-    counts = torch.bincount(torch.tensor(fact_domain), minlength=n_domains).to(sums)
-    means = sums / counts.unsqueeze(-1)
-    norms = means.norm(dim=1)
-    if not torch.isfinite(norms).all() or (norms == 0).any():
-        raise ValueError("A concept vector is zero or not finite: the model's hidden states are degenerate.")
-    device = xs[0].device
-    tokens = FactTokens(
-        x=torch.cat(xs), h=torch.cat(hs), targets=torch.cat(ys).to(device),
-        token_fact=torch.cat(facts).to(device), token_scale=torch.cat(scales).to(device),
-        fact_losses=torch.cat(losses), tail_matches=tail_ok,
-    )
-    return means / norms.unsqueeze(-1), norms, tokens
 
 
 def _structured_domain(anatomy, tokens: FactTokens, v, rows, n_total: int, config: AnalysisConfig):
@@ -281,7 +213,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     report = progress or (lambda p: None)
     timings: dict = {}
     clock = time.perf_counter()
-    domains = _as_domains(domains)
+    domains = as_domains(domains)
     if not isinstance(model, LoadedModel):
         report(Progress("loading model", 0.0, "loading model"))
         model = load_model(model, config.device, config.dtype)
@@ -494,7 +426,7 @@ def model_fingerprint(model_id: str | None) -> str:
 def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = None) -> str:
     """sha256 over (model fingerprint, domains, config, engine version)."""
     config = config or AnalysisConfig()
-    domains = _as_domains(domains)
+    domains = as_domains(domains)
     payload = json.dumps({
         "model": model_fingerprint(model_id),
         "domains": [[d.name, list(d.facts)] for d in domains],
@@ -562,7 +494,7 @@ def run_analyses(model_ids: list, domains, config: AnalysisConfig | None = None,
     config = config or AnalysisConfig()
     report = progress or (lambda p: None)
     executor = executor or LocalExecutor()
-    domains = _as_domains(domains)
+    domains = as_domains(domains)
     for model_id in model_ids:
         model_fingerprint(model_id)  # a bad id or path is a one-line ModelError here, not in a worker
     plain = [{"name": d.name, "facts": list(d.facts)} for d in domains]

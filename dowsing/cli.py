@@ -326,7 +326,7 @@ def run_benchmark_command(args) -> int:
 
     from .domains import DomainError, load_domains
     from .validation.benchmark import BenchmarkConfig, check_domains, run_benchmark
-    from .validation.split import benchmark_domains
+    from .domains import benchmark_domains
 
     try:
         fields = json.loads(Path(args.config).read_text()) if args.config else {}

@@ -161,6 +161,13 @@ def validation_problems(domains: list[Domain]) -> list[str]:
     return _problems(list(domains), _in_app_locator)
 
 
+def as_domains(domains) -> list[Domain]:
+    """Domain objects or {"name", "facts"} dicts as a validated Domain list
+    (DomainError, one line, on bad input)."""
+    converted = [d if isinstance(d, Domain) else Domain(d["name"], tuple(d["facts"])) for d in domains]
+    return validate_domains(converted)
+
+
 def validate_domains(domains: list[Domain]) -> list[Domain]:
     """`domains` with names and facts stripped of surrounding whitespace.
 
@@ -398,3 +405,19 @@ def domains_fingerprint(domains: list[Domain]) -> str:
     canonical = json.dumps([[d.name, list(d.facts)] for d in domains],
                            ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def benchmark_file() -> Path:
+    return DATA_DIR / "benchmark.json"
+
+
+def benchmark_domains(quick: bool = False) -> list[Domain]:
+    """The shipped benchmark domains, or its quick set when quick."""
+    data = json.loads(benchmark_file().read_text(encoding="utf-8"))
+    keep = set(data["quick"]) if quick else None
+    return [Domain(d["name"], tuple(d["facts"])) for d in data["domains"] if keep is None or d["name"] in keep]
+
+
+def benchmark_groups() -> dict:
+    """{domain name: group} of the shipped benchmark domains."""
+    return dict(json.loads(benchmark_file().read_text(encoding="utf-8"))["groups"])

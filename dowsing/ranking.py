@@ -46,6 +46,7 @@ import torch
 from .alignment import (ADAM_EPS, adam_preconditioner, blocks_of, capture_block_inputs, domain_alignment,
                         padded_block_batch, tail_grad_fn, tail_model, tail_parameters)
 from .config import CHECKPOINT_ESTIMATORS, ESTIMATOR_LABELS, RANKING_ESTIMATORS, AnalysisConfig
+from .splitting import split_order
 from .subspace import per_fact_losses
 
 # Minibatch size of the Adam second-moment estimate: the benchmark's.
@@ -65,43 +66,6 @@ class RankingScores:
     seconds: float
     details: dict = field(default_factory=dict)  # parameter count, blocks, Adam's sampling
     notes: list = field(default_factory=list)  # what the user should know (e.g. fewer blocks than asked)
-
-
-def alignment_blocks(net, align_blocks: int) -> tuple[int, int, str | None]:
-    """(first, blocks, note): the alignment uses blocks first..depth-1, with
-    blocks = min(align_blocks, depth) and first = depth - blocks; a note when
-    the model has fewer blocks than asked."""
-    depth = len(blocks_of(net))
-    blocks = min(align_blocks, depth)
-    note = None
-    if align_blocks > depth:
-        note = (f"align_blocks = {align_blocks} but the model has {depth} blocks: the alignment used all "
-                f"{depth} blocks and the final norm.")
-    return depth - blocks, blocks, note
-
-
-@contextmanager
-def capture_inputs_during(net, first: int, captured: list):
-    """While active, each forward pass appends the (padded) input of block
-    `first` to `captured`: block inputs come with a forward pass the analysis
-    makes anyway, instead of a second one (`capture_block_inputs`)."""
-    def grab(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
-
-    handle = blocks_of(net)[first].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        yield captured
-    finally:
-        handle.remove()
-
-
-def block_inputs_by_fact(batches, captured: list) -> list:
-    """Per fact (row order), its real tokens' rows of the captured block inputs."""
-    out = {}
-    for (_, mask, rows), hidden in zip(batches, captured):
-        for j, row in enumerate(rows):
-            out[row] = hidden[j, : int(mask[j].sum())]
-    return [out[i] for i in range(len(out))]
 
 
 def _check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) -> None:
@@ -128,16 +92,10 @@ def _check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) ->
 
 
 def split_halves(rows: list, name: str, seed: int) -> tuple[list, list]:
-    """(A, B): the rows shuffled with a generator seeded by (seed, name), the
-    last round(N / 2) (at least 1, leaving at least 1) in B: the same
-    permutation `validation.split.split_domains` applies to the facts, so A
-    and B are the benchmark's training and held-out halves."""
-    import random
-
-    order = list(rows)
-    random.Random(f"{seed}:{name}").shuffle(order)
-    n_held = min(max(1, round(0.5 * len(order))), len(order) - 1)
-    return order[: len(order) - n_held], order[len(order) - n_held:]
+    """(A, B): a domain's rows split by `splitting.split_order`, the
+    permutation that splits its facts into the benchmark's training and
+    held-out halves."""
+    return split_order(rows, name, seed)
 
 
 def ranking_priorities(loaded, ids: list, batches, rows_of: list, fact_losses: torch.Tensor, paper_means: list,
@@ -221,9 +179,9 @@ def checkpoint_ranking(loaded, domains: list, config: AnalysisConfig,
     """A checkpoint estimator's priorities over the user's checkpoints, with
     per-fact values in each domain's own fact order."""
     from .checkpoints import validate_checkpoints
-    from .validation.estimators import split_pass
-    from .validation.finetune import Recipe
-    from .validation.split import split_domains
+    from .forward import split_pass
+    from .training import Recipe
+    from .splitting import split_domains
     from .validation.trajectory import trajectory_scores
 
     name = config.estimator

@@ -18,7 +18,7 @@ from dowsing.domains import Domain
 from dowsing.executor import cli_arguments, execution_text
 from dowsing.validation import background, figures
 from dowsing.validation.benchmark import BenchmarkConfig, BenchmarkResult, interval_text
-from dowsing.validation.split import benchmark_domains
+from dowsing.domains import benchmark_domains
 from pages import _shared
 
 _shared.ensure_router()

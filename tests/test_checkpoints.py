@@ -13,9 +13,9 @@ import torch
 from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
 from dowsing.models import load_model
 from dowsing.subspace import per_fact_losses
-from dowsing.validation.estimators import split_pass
-from dowsing.validation.finetune import Recipe, TailTrainer
-from dowsing.validation.split import split_domains
+from dowsing.forward import split_pass
+from dowsing.training import Recipe, TailTrainer
+from dowsing.splitting import split_domains
 from dowsing.validation.trajectory import load_user_trajectory, trajectory_scores
 from test_trajectory import DOMAINS
 from tiny_models import build_tiny

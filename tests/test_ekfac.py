@@ -10,10 +10,7 @@ from transformers.pytorch_utils import Conv1D
 from dowsing.models import load_model
 from dowsing.validation.ekfac import ekfac_pairwise_scores, tracked_module_names
 
-try:
-    from dowsing.alignment import tail_model
-except ImportError:  # older layout
-    from dowsing.estimators import tail_model
+from dowsing.alignment import tail_model
 
 FIRST = 1  # keep the last of the two blocks
 FACTS = [

@@ -22,8 +22,8 @@ from dowsing.executor import (ExecutorConfig, LocalExecutor, RunCancelled, Share
                               make_executor)
 from dowsing.models import load_model
 from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
-from dowsing.validation.finetune import Recipe
-from dowsing.validation.split import benchmark_domains
+from dowsing.training import Recipe
+from dowsing.domains import benchmark_domains
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -194,9 +194,10 @@ def test_a_worker_killed_mid_run_is_retried_and_the_numbers_do_not_change(ray_ex
 
 
 def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_llama64, tmp_path):
-    from dowsing.validation.finetune import TailTrainer, build_trainer, finetune_unit, truth_units
-    from dowsing.validation.estimators import split_pass
-    from dowsing.validation.split import split_domains
+    from dowsing.training import TailTrainer, build_trainer
+    from dowsing.validation.finetune import finetune_unit, truth_units
+    from dowsing.forward import split_pass
+    from dowsing.splitting import split_domains
 
     train, held = split_domains(_domains(), 0, 0.5)
     split = split_pass(tiny_llama64, train, held, capture_block=0)

@@ -186,7 +186,7 @@ def test_a_tail_that_does_not_reproduce_the_loss_is_refused(tiny64):
     encoded = encode_facts(tiny64.tokenizer, FACTS, anatomy.max_positions)
     batches = make_batches(encoded, 4, "cpu")
     from dowsing.alignment import capture_block_inputs
-    from dowsing.analysis import forward_pass
+    from dowsing.forward import forward_pass
 
     fact_domain = [k for k, d in enumerate(DOMAINS) for _ in d["facts"]]
     _, _, tokens = forward_pass(net, anatomy, batches, fact_domain, len(DOMAINS))
@@ -226,9 +226,9 @@ def test_an_old_result_without_priority_loads_and_shows_mean_as_priority(tiny_gp
 @pytest.mark.parametrize("estimator", ["alignment_heldout", "alignment_heldout_adam"])
 def test_heldout_alignment_splits_like_the_benchmark_and_equals_the_explicit_sum(tiny64, estimator):
     """The analysis splits each domain's facts with the benchmark's seeded rule
-    (validation.split.split_domains) and scores g_bar_A^T P g_bar_B, each fact
+    (dowsing.splitting.split_domains) and scores g_bar_A^T P g_bar_B, each fact
     against the other half."""
-    from dowsing.validation.split import split_domains
+    from dowsing.splitting import split_domains
 
     config = AnalysisConfig(dtype="float64", estimator=estimator, align_blocks=1, adam_batches=5, seed=3)
     result = analyze(tiny64, DOMAINS, config)

@@ -16,9 +16,9 @@ import torch
 from dowsing.alignment import tail_grad_fn, tail_parameters
 from dowsing.models import load_model
 from dowsing.subspace import find_anatomy, per_fact_losses
-from dowsing.validation.estimators import split_pass
-from dowsing.validation.finetune import Recipe, TailTrainer
-from dowsing.validation.split import split_domains
+from dowsing.forward import split_pass
+from dowsing.training import Recipe, TailTrainer
+from dowsing.splitting import split_domains
 from dowsing.validation.trajectory import (TRAJECTORY_ESTIMATORS, finite_difference_hvp, flat, load_checkpoint,
                                            mean_grad, record_trajectory, trajectory_scores, working_precision)
 

@@ -11,11 +11,13 @@ from scipy import stats
 from dowsing.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.curvature import tail_coefficients
-from dowsing.validation.estimators import score_estimators, split_pass, tail_derivatives
+from dowsing.forward import split_pass
+from dowsing.subspace_terms import tail_derivatives
+from dowsing.validation.estimators import score_estimators
 from dowsing.models import load_model
 from dowsing.solvers import lissa
 from dowsing.validation.correlations import bootstrap_spearman, kendall, spearman
-from dowsing.validation.split import split_domains
+from dowsing.splitting import split_domains
 from dowsing.validation.subspace_truth import subspace_response
 from dowsing.validation.validate import ValidationConfig, ValidationResult, validate
 

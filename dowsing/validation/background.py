@@ -17,7 +17,7 @@ import sys
 import time
 import uuid
 
-from ..analysis import _as_domains
+from ..domains import as_domains
 from ..models import atomic_write_text
 from ..paths import REPO_ROOT, cache_dir
 
@@ -40,7 +40,7 @@ def start_background(model_id: str | None, domains, config, kind: str = "validat
     run_id = time.strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:6]
     folder = runs_dir(kind) / run_id
     folder.mkdir(parents=True)
-    doms = _as_domains(domains)
+    doms = as_domains(domains)
     atomic_write_text(folder / "domains.json",
                       json.dumps({"domains": [{"name": d.name, "facts": list(d.facts)} for d in doms]}))
     atomic_write_text(folder / "config.json", json.dumps(config.to_dict()))

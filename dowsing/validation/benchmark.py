@@ -27,7 +27,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..analysis import Progress, _as_domains
+from ..domains import as_domains
+from ..progress import Progress
 from ..checkpoints import checkpoint_fields
 from ..curvature import structured_hessian
 from ..domains import Domain
@@ -38,11 +39,14 @@ from ..solvers import damped, dense_solve
 from ..subspace import find_anatomy
 from .airrep import airrep_scores
 from .estimators import (AIRREP_ESTIMATORS, ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, SUBSPACE_ESTIMATORS,
-                         TRAJECTORY_ESTIMATORS, alignment_scores, ekfac_scores, score_estimators, split_pass)
-from .finetune import (Recipe, TailTrainer, build_trainer, counterfactual_gains, curve_units, finetune_unit,
-                       gains_from_losses, measured_delta_n, truth_units)
+                         TRAJECTORY_ESTIMATORS, alignment_scores, ekfac_scores, score_estimators)
+from ..forward import split_pass
+from ..training import Recipe, TailTrainer, build_trainer
+from .finetune import (counterfactual_gains, curve_units, finetune_unit, gains_from_losses, measured_delta_n,
+                       truth_units)
 from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
-from .split import benchmark_domains, benchmark_groups, split_domains
+from ..domains import benchmark_domains, benchmark_groups
+from ..splitting import split_domains
 from .trajectory import trajectory_scores
 
 MIN_FACTS = 4
@@ -231,7 +235,7 @@ def interval_text(pair) -> str:
 def check_domains(domains) -> list:
     """Domains fit for the benchmark: each has at least MIN_FACTS facts, so
     both halves of the split have at least two. Raises ValueError (one line)."""
-    domains = _as_domains(domains)
+    domains = as_domains(domains)
     for d in domains:
         if len(d.facts) < MIN_FACTS:
             raise ValueError(f"Domain {d.name!r} has {len(d.facts)} facts; the benchmark needs at least "

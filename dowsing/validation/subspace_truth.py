@@ -8,7 +8,7 @@ import torch
 from ..curvature import structured_hessian
 from ..solvers import damped, dense_solve
 from .correlations import pearson, spearman
-from .estimators import token_weights
+from ..subspace_terms import logit_line, token_weights
 
 
 def subspace_response(split, terms, k: int, eps_values, damping: float, newton_steps: int = 2):
@@ -41,7 +41,7 @@ def subspace_response(split, terms, k: int, eps_values, damping: float, newton_s
     g_k = t.grads[split.train_rows[k]].mean(dim=0)
     z_k = dense_solve(damped(t.hessian, damping), g_k).x
     g_held = torch.stack([t.grads[rows].mean(dim=0) for rows in split.held_rows])
-    line = split.line
+    line = logit_line(split)
     base_held = line.derivatives(v, held_tokens, y_he, order=0)[0]
     loss0 = [float(w @ base_held) for w in held_w]
 

@@ -506,7 +506,7 @@ def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, s
     Each score's time is the forward pass, the recorded fine-tune, and the
     work it needs (shared work charged in full to each estimator sharing it,
     as `alignment_scores` does)."""
-    from .finetune import Recipe, TailTrainer
+    from ..training import Recipe, TailTrainer
 
     unknown = [n for n in names if n not in TRAJECTORY_ESTIMATORS]
     if unknown:

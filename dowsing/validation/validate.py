@@ -31,7 +31,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..analysis import Progress, _as_domains
+from ..domains import as_domains
+from ..progress import Progress
 from ..checkpoints import checkpoint_fields
 from ..curvature import structured_hessian, tail_coefficients
 from ..domains import Domain
@@ -39,13 +40,14 @@ from ..result import finite_or_none
 from ..solvers import damped, dense_solve
 from ..subspace import encode_facts, find_anatomy
 from .correlations import bootstrap_spearman, kendall, spearman
+from ..forward import split_pass
 from .estimators import (ALIGNMENT_ESTIMATORS, PAPER, SUBSPACE_ESTIMATORS, TRAJECTORY_ESTIMATORS, alignment_scores,
-                         score_estimators, split_pass)
+                         score_estimators)
 
 # The quick validation's estimators: the benchmark has them all, EK-FAC and AirRep included.
 VALIDATION_ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS + TRAJECTORY_ESTIMATORS
 from .finetune import finetune_gains
-from .split import split_domains
+from ..splitting import split_domains
 from .subspace_truth import subspace_response, summarise_subspace
 
 
@@ -311,12 +313,12 @@ def exactness_check(loaded, domains, damping: float = 1e-3, max_facts: int = 8, 
     B = 1 subspace, on at most max_facts facts per domain (so it takes
     seconds). Returns the relative error ||z_cg - z_dense|| / ||z_dense||, CG's
     iterations and residual, and whether CG met non-positive curvature."""
-    from ..analysis import forward_pass
+    from ..forward import forward_pass
     from ..curvature import structured_fact_gradients
     from ..solvers import conjugate_gradient
     from ..subspace import make_batches
 
-    domains = _as_domains(domains)
+    domains = as_domains(domains)
     small = [Domain(d.name, d.facts[:max_facts]) for d in domains]
     facts = [f for d in small for f in d.facts]
     groups = [k for k, d in enumerate(small) for _ in d.facts]
