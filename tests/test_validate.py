@@ -12,7 +12,7 @@ from dowsing.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.curvature import tail_coefficients
 from dowsing.forward import split_pass
-from dowsing.subspace_terms import tail_derivatives
+from dowsing.subspace_terms import logit_line, tail_derivatives
 from dowsing.validation.estimators import score_estimators
 from dowsing.models import load_model
 from dowsing.solvers import lissa
@@ -95,18 +95,19 @@ def test_split_is_seeded_disjoint_and_honours_a_given_held_out_list():
 def test_line_derivatives_equal_double_backprop(tiny64):
     train, held = split_domains(DOMAINS, seed=0)
     split = split_pass(tiny64, train, held)
-    assert split.line.ok
+    line = logit_line(split)
+    assert line.ok
     tokens = split.tokens
     idx = torch.arange(tokens.h.shape[0])
     for k in range(len(train)):
         v = split.directions[k]
-        _, a, c, c_ggn = split.line.derivatives(v, idx, tokens.targets)
+        _, a, c, c_ggn = line.derivatives(v, idx, tokens.targets)
         a_ref, c_ref = tail_coefficients(split.anatomy, tokens.h, tokens.targets, v, "hessian")
         _, g_ref = tail_coefficients(split.anatomy, tokens.h, tokens.targets, v, "ggn")
         for got, want in ((a, a_ref), (c, c_ref), (c_ggn, g_ref)):
             assert float((got - want).norm() / want.norm()) < 1e-6
         s = torch.linspace(-2.0, 2.0, len(idx), dtype=torch.float64)
-        for got, want in zip(split.line.derivatives(v, idx, tokens.targets, s),
+        for got, want in zip(line.derivatives(v, idx, tokens.targets, s),
                              tail_derivatives(split.anatomy, tokens.h, tokens.targets, v, s)):
             assert float((got - want).norm() / want.norm()) < 1e-6
 

@@ -1,0 +1,9 @@
+"""Every estimator of a domain's priority, declared in the registry
+(`registry`) by the family module that computes it. Importing the families
+registers them; the order here is the order of every list and leaderboard."""
+from . import subspace  # noqa: F401  (each family module registers its estimators)
+from . import alignment  # noqa: F401
+from . import ekfac  # noqa: F401
+from . import trajectory  # noqa: F401
+from . import airrep  # noqa: F401
+from .registry import ESTIMATORS, FAMILIES, Estimator, EstimatorScore, check_names, get, label, names  # noqa: F401
