@@ -267,3 +267,26 @@ def block_inputs_by_fact(batches, captured: list) -> list:
         for j, row in enumerate(rows):
             out[row] = hidden[j, : int(mask[j].sum())]
     return [out[i] for i in range(len(out))]
+
+
+def check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) -> None:
+    """The truncated model must reproduce every fact's loss from its block
+    inputs; otherwise the architecture does something on the way (e.g.
+    position embeddings added inside the model) that tail_model cannot undo."""
+    device = next(work.parameters()).device
+    worst = 0.0
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            rows = list(range(start, min(start + batch_size, len(ids))))
+            input_ids, mask, hidden = padded_block_batch([ids[r] for r in rows], [block_inputs[r] for r in rows],
+                                                         device)
+            logits = work(inputs_embeds=embed(hidden), attention_mask=mask, use_cache=False).logits
+            got = per_fact_losses(logits, input_ids, mask).to(torch.float64).cpu()
+            want = fact_losses[rows].to(torch.float64).cpu()
+            worst = max(worst, float(((got - want).abs() / want.abs().clamp_min(1.0)).max()))
+    dtype = next(work.parameters()).dtype
+    tolerance = {torch.float64: 1e-6, torch.float32: 1e-3}.get(dtype, 5e-2)
+    if not worst <= tolerance:
+        raise ValueError(f"The gradient-alignment estimators cannot run on this model: its last blocks do not "
+                         f"reproduce its loss from their inputs (relative error {worst:.1e}). Choose the "
+                         f"estimator 'paper' or 'mean_loss'.")

@@ -1,11 +1,12 @@
 """One analysis, start to end: concept vectors, gradients, curvature, solve,
-influence, metrics and saturation for every domain."""
+influence, metrics and saturation for every domain, and the ranking."""
 from __future__ import annotations
 
 import hashlib
 import json
 import time
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -14,186 +15,20 @@ from typing import Callable
 import torch
 
 from . import metrics
-from .config import ESTIMATOR_LABELS, AnalysisConfig
-from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients, tail_function
-from .models import (DTYPES, LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model,
-                     resolve_model)
-from .alignment import alignment_blocks, block_inputs_by_fact, capture_inputs_during
-from .forward import FactTokens, forward_pass
-from .ranking import ALIGNMENT_ESTIMATORS, ranking_priorities
-from .result import ENGINE_VERSION, DomainResult, Result
-from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
-from .executor import LocalExecutor, Shared, Unit
+from .alignment import block_inputs_by_fact, capture_inputs_during
+from .config import AnalysisConfig
 from .domains import as_domains
+from .estimators import get as get_estimator
+from .executor import LocalExecutor, Shared, Unit
+from .forward import FactTokens, forward_pass
+from .models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from .progress import Progress
+from .ranking import capture_block, check_estimator, rank, ranking_split
+from .result import ENGINE_VERSION, DomainResult, Result
+from .saturation import n_grid
+from .subspace import encode_facts, find_anatomy, make_batches
+from .subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
 from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
-from .solvers import conjugate_gradient, damped, dense_solve
-from .subspace import capture_tail_inputs, encode_facts, find_anatomy, make_batches, per_fact_losses
-
-
-def _structured_domain(anatomy, tokens: FactTokens, v, rows, n_total: int, config: AnalysisConfig):
-    """B = 1: per-fact gradients of all facts, H_k + lambda I, and the
-    saturation system for domain k, from the per-token coefficients."""
-    a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, config.curvature)
-    grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, n_total)
-    base = damped(structured_hessian(tokens.x, tokens.token_scale / n_total, c), config.damping)
-    n_k = len(rows)
-    in_k = torch.isin(tokens.token_fact, torch.tensor(rows, device=tokens.token_fact.device))
-    u = tokens.x[in_k].to(torch.float64)
-    scale_k = tokens.token_scale[in_k] / n_k
-    if u.shape[0] < u.shape[1]:
-        system = LowRankSystem(base, u, c[in_k] * scale_k, n_k, n_total)
-    else:
-        system = DenseSystem(base, structured_hessian(u, scale_k, c[in_k]), n_k, n_total)
-    return grads, base, system
-
-
-def choose_route(config: AnalysisConfig, tail_matches: bool) -> str:
-    """auto: the structured Hessian when B = 1 (exact and cheapest), else dense
-    from Hessian-vector products. cg / exact always go through HVPs."""
-    if config.solver == "auto":
-        return "structured" if config.blocks == 1 and tail_matches else "exact"
-    return config.solver
-
-
-def _cg_mu(obj: SubspaceObjective, w_all, w_k, n_k, n_total, g, damping, rtol, maxiter):
-    """mu(n) by CG on Hessian-vector products, warm-started from the last
-    solution: neighbouring n on the grid have close solutions."""
-    last = {"x": None}
-
-    def mu(n: float) -> float:
-        scale = (n - n_k) / n_total
-
-        def matvec(p):
-            return obj.matvec("all", w_all, p) + scale * obj.matvec("domain", w_k, p) + damping * p
-
-        report = conjugate_gradient(matvec, g, rtol=rtol, maxiter=maxiter, x0=last["x"])
-        if report.nonpositive_curvature:
-            last["x"] = None
-            return float("nan")
-        last["x"] = report.x
-        return float(g @ report.x)
-
-    return mu
-
-
-@dataclass
-class DomainContext:
-    """What every domain's solve needs: the model and its anatomy, the
-    batches and the forward pass's per-token quantities, the concept
-    directions, which facts belong to which domain, and the route."""
-
-    net: object
-    anatomy: object
-    batches: list
-    tokens: FactTokens
-    directions: torch.Tensor
-    rows_of: list
-    n_total: int
-    route: str
-    config: AnalysisConfig
-    report: Callable | None = None
-
-    def payload(self) -> dict:
-        """Everything but the model module, plus its configuration and
-        weights (a module can hold unpicklable state), for a worker."""
-        model_config = self.net.config
-        state = {k: v.detach().cpu() for k, v in self.net.state_dict().items()}
-        return {"model_config": model_config, "state": state, "device": str(next(self.net.parameters()).device),
-                "batches": [(ids.cpu(), mask.cpu(), rows) for ids, mask, rows in self.batches],
-                "tokens": self.tokens, "directions": self.directions.cpu(), "rows_of": self.rows_of,
-                "n_total": self.n_total, "route": self.route, "config": self.config}
-
-
-def build_domain_context(payload: dict) -> DomainContext:
-    """A worker's DomainContext, rebuilt from the shipped weights."""
-    from transformers import AutoModelForCausalLM
-
-    config = payload["config"]
-    device = payload["device"]
-    net = AutoModelForCausalLM.from_config(payload["model_config"], attn_implementation="eager",
-                                           dtype=DTYPES[config.dtype])
-    net.load_state_dict(payload["state"])
-    net = net.to(device).eval()
-    batches = [(ids.to(device), mask.to(device), rows) for ids, mask, rows in payload["batches"]]
-    tokens = payload["tokens"]
-    tokens = FactTokens(**{f: (getattr(tokens, f).to(device) if torch.is_tensor(getattr(tokens, f))
-                               else getattr(tokens, f)) for f in tokens.__dataclass_fields__})
-    return DomainContext(net=net, anatomy=find_anatomy(net), batches=batches, tokens=tokens,
-                         directions=payload["directions"].to(device), rows_of=payload["rows_of"],
-                         n_total=payload["n_total"], route=payload["route"], config=config)
-
-
-def solve_domain(ctx: DomainContext, k: int) -> dict:
-    """One domain, start to end: its per-fact gradients in S_k, the solve
-    z_k = (H_k + lambda I)^-1 g_k, the influence g_i^T z_k of every fact, the
-    saturation fit of mu(n), and (with a dense system) the bootstrap's
-    resampling kernels. Returns plain data (tensors on the CPU), so a worker
-    can send it back and the unit store can keep it."""
-    config, tokens, rows_of, n_total = ctx.config, ctx.tokens, ctx.rows_of, ctx.n_total
-    report = ctx.report or (lambda p: None)
-    n_domains = len(rows_of)
-    base_fraction = 0.1 + 0.65 * k / n_domains
-    v = ctx.directions[k].to(DTYPES[config.dtype])
-    rows = rows_of[k]
-    n_k = len(rows)
-    w_all = torch.full((n_total,), 1.0 / n_total, dtype=torch.float64)
-    w_k = torch.zeros(n_total, dtype=torch.float64)
-    w_k[rows] = 1.0 / n_k
-    t0 = time.perf_counter()
-    if ctx.route == "structured":
-        grads, base, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config)
-        g_bar = grads[rows].mean(dim=0)
-        solve = dense_solve(base, g_bar, method="auto (structured Hessian, dense solve)")
-        mu = mu_function(system, g_bar)
-        obj = None
-    else:
-        obj = SubspaceObjective(ctx.net, ctx.anatomy, ctx.batches, v, config.blocks, config.curvature)
-        grads = obj.per_fact_gradients()
-        g_bar = grads[rows].mean(dim=0)
-        if ctx.route == "exact":
-            report(Progress("curvature", base_fraction, f"domain {k + 1}: dense {obj.dim}×{obj.dim} curvature"))
-            base = damped(obj.dense("all", w_all), config.damping)
-            solve = dense_solve(base, g_bar, method="exact")
-            system = DenseSystem(base, obj.dense("domain", w_k), n_k, n_total)
-            mu = mu_function(system, g_bar)
-        else:
-            def on_iteration(i, residual):
-                report(Progress("solve", base_fraction, f"domain {k + 1}: CG iteration {i}, "
-                                                        f"relative residual {residual:.2e}"))
-
-            solve = conjugate_gradient(
-                lambda p: obj.matvec("all", w_all, p) + config.damping * p, g_bar,
-                rtol=config.cg_rtol, maxiter=config.cg_maxiter or None, callback=on_iteration,
-            )
-            if config.blocks == 1 and tokens.tail_matches:
-                # B = 1: the saturation curve needs a solve per n; the
-                # structured system gives them exactly at a fraction of
-                # the cost of a CG run per n.
-                _, _, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config)
-                mu = mu_function(system, g_bar)
-            else:
-                system = None  # the bootstrap would need N_k CG solves per n
-                mu = _cg_mu(obj, w_all, w_k, n_k, n_total, g_bar, config.damping, config.cg_rtol,
-                            config.cg_maxiter or None)
-    influence_all = (grads @ solve.x).cpu()  # g_i^T z_k for every fact i
-    mean = float(g_bar @ solve.x)
-    t_solve = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    report(Progress("saturation", base_fraction, f"domain {k + 1}: saturation fit"))
-    sat = json.loads(json.dumps(saturation(mu, n_k, mean, config.saturation_points, config.saturation_max_factor),
-                                default=float))
-    if obj is not None:
-        obj.release()
-    t_sat = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kernels = None
-    if system is not None:
-        grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
-        kernels = torch.from_numpy(resampling_kernels(system, grads[rows], grid))
-    return {"influence_all": influence_all, "mean": mean, "solve": solve.summary(), "saturation": sat,
-            "kernels": kernels, "seconds": {"solve": t_solve, "saturation": t_sat,
-                                            "kernels": time.perf_counter() - t0}}
 
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
@@ -210,52 +45,92 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     always runs here). store: a UnitStore that keeps each finished domain.
     """
     config = config or AnalysisConfig()
+    check_estimator(config)
     report = progress or (lambda p: None)
     timings: dict = {}
     clock = time.perf_counter()
     domains = as_domains(domains)
+    model, checkpoints = _prepared_model(model, config, report, timings)
+    passed = _forward(model, domains, config, report, timings)
+    outcomes = _solve_domains(model, passed, config, report, executor, store, should_stop, timings)
+    bootstrap = _paper_bootstrap(domains, passed, outcomes, config, report, timings)
+    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, report, timings)
+    timings["total"] = time.perf_counter() - clock
+    report(Progress("done", 1.0, "analysis complete"))
+    return _result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings)
+
+
+@dataclass
+class AnalysisPass:
+    """What the forward pass gives the rest of the analysis: the domains' names, the facts and
+    which rows each domain holds, the padded batches, the concept directions
+    and their norms, the per-token quantities, the ranking estimator's block
+    inputs (when it needs them), the solve route and notes for the user."""
+
+    names: list
+    facts: list
+    rows_of: list
+    ids: list
+    batches: list
+    directions: torch.Tensor
+    norms: torch.Tensor
+    tokens: FactTokens
+    block_inputs: list | None
+    first_block: int | None
+    route: str
+    notes: list
+    seconds: float
+
+
+def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
+    """(LoadedModel, checked checkpoints or None): loads the model when given
+    an id, refuses one loaded with other settings, and checks the user's
+    checkpoints (the last must be the model)."""
     if not isinstance(model, LoadedModel):
         report(Progress("loading model", 0.0, "loading model"))
+        t0 = time.perf_counter()
         model = load_model(model, config.device, config.dtype)
-        timings["load_model"] = time.perf_counter() - clock
+        timings["load_model"] = time.perf_counter() - t0
     if model.info.dtype != config.dtype or model.info.device != config.device:
         raise ValueError(
             f"The model is loaded as {model.info.dtype} on {model.info.device} but the configuration asks for "
             f"{config.dtype} on {config.device}: load it with those settings."
         )
+    checkpoints = None
     if config.checkpoints:
         from .checkpoints import check_last_is_model, validate_checkpoints
 
-        check_last_is_model(validate_checkpoints(config.checkpoints), model.info.id)
+        checkpoints = validate_checkpoints(config.checkpoints)
+        check_last_is_model(checkpoints, model.info.id)
+    blocks = len(find_anatomy(model.model).down_projs)
+    if config.blocks > blocks:
+        raise ValueError(f"blocks = {config.blocks} but the model has only {blocks} blocks.")
+    return model, checkpoints
+
+
+def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict) -> AnalysisPass:
+    """One plain forward pass over every fact: concept vectors, per-token
+    quantities, and the ranking estimator's block inputs from the same pass."""
     net, anatomy = model.model, find_anatomy(model.model)
-    if config.blocks > len(anatomy.down_projs):
-        raise ValueError(f"blocks = {config.blocks} but the model has only {len(anatomy.down_projs)} blocks.")
-    dtype = DTYPES[config.dtype]
-    n_domains = len(domains)
     facts = [f for d in domains for f in d.facts]
     fact_domain = [k for k, d in enumerate(domains) for _ in d.facts]
-    n_total = len(facts)
-    rows_of = [[i for i, k in enumerate(fact_domain) if k == kk] for kk in range(n_domains)]
-    device = next(net.parameters()).device
-
+    rows_of = [[i for i, k in enumerate(fact_domain) if k == kk] for kk in range(len(domains))]
     t0 = time.perf_counter()
-    report(Progress("concept vectors", 0.05, f"forward pass over {n_total} facts"))
+    report(Progress("concept vectors", 0.05, f"forward pass over {len(facts)} facts"))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoded = encode_facts(model.tokenizer, facts, anatomy.max_positions)
     notes = [str(w.message) for w in caught]
     for note in notes:
-        warnings.warn(note, stacklevel=2)
-    batches = make_batches(encoded, config.batch_size, device)
+        warnings.warn(note, stacklevel=3)
+    batches = make_batches(encoded, config.batch_size, next(net.parameters()).device)
+    first = capture_block(net, config)
     captured: list = []
-    if config.estimator in ALIGNMENT_ESTIMATORS:
-        # The alignment needs the input of its first block per fact: taken
-        # from this pass rather than a second one.
-        first_block, _, _ = alignment_blocks(net, config.align_blocks)
-        with capture_inputs_during(net, first_block, captured):
-            directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, n_domains)
-    else:
-        directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, n_domains)
+    # the ranking estimator's block inputs come with this pass rather than a second one
+    with capture_inputs_during(net, first, captured) if first is not None else nullcontext():
+        directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, len(domains))
+    block_inputs = block_inputs_by_fact(batches, captured) if first is not None else None
+    del captured
     bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -266,22 +141,31 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     route = choose_route(config, tokens.tail_matches)
     if config.solver == "auto" and config.blocks == 1 and not tokens.tail_matches:
         notes.append("The model's final norm and LM head do not reproduce its logits; used the exact HVP route.")
+    return AnalysisPass([d.name for d in domains], facts, rows_of, encoded.ids, batches, directions, norms, tokens, block_inputs, first,
+                        route, notes, timings["forward"])
 
-    context = DomainContext(net=net, anatomy=anatomy, batches=batches, tokens=tokens, directions=directions,
-                            rows_of=rows_of, n_total=n_total, route=route, config=config, report=report)
+
+def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, executor, store, should_stop,
+                   timings: dict) -> list:
+    """Each domain's solve, saturation fit and bootstrap kernels
+    (`subspace_solve.solve_domain`), one unit of the executor each."""
+    net = model.model
+    context = DomainContext(net=net, anatomy=find_anatomy(net), batches=passed.batches, tokens=passed.tokens,
+                            directions=passed.directions, rows_of=passed.rows_of, n_total=len(passed.facts),
+                            route=passed.route, config=config, report=report)
     executor = executor or LocalExecutor()
-    if executor.kind != "local" and route == "structured":
+    if executor.kind != "local" and passed.route == "structured":
         # Each domain's structured solve takes milliseconds: shipping the
         # model to workers would cost more than it saves.
-        notes.append("The structured route's per-domain solves ran in this process: they take milliseconds, "
-                     "less than shipping the model to Ray workers.")
+        passed.notes.append("The structured route's per-domain solves ran in this process: they take "
+                            "milliseconds, less than shipping the model to Ray workers.")
         executor = LocalExecutor()
-    units = [Unit(f"domain{k}/{d.name}", (k,)) for k, d in enumerate(domains)]
+    units = [Unit(f"domain{k}/{name}", (k,)) for k, name in enumerate(passed.names)]
 
     def on_done(key, value, finished, total):
         report(Progress("solve", 0.1 + 0.65 * finished / total, f"domain {finished} of {total} solved"))
 
-    t_solve = time.perf_counter()
+    t0 = time.perf_counter()
     if executor.kind == "local":
         shared = Shared("analysis", context=context)
     else:
@@ -290,92 +174,95 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     outcomes = [values[u.key] for u in units]
     timings["saturation"] = sum(o["seconds"]["saturation"] for o in outcomes)
     # each unit also fitted its saturation curve and its bootstrap kernels: those count where they did before
-    timings["solve"] = (time.perf_counter() - t_solve - timings["saturation"]
+    timings["solve"] = (time.perf_counter() - t0 - timings["saturation"]
                         - sum(o["seconds"]["kernels"] for o in outcomes))
-    per_domain = []
-    for k in range(n_domains):
-        influence_all = outcomes[k]["influence_all"]
-        per_domain.append(dict(
-            solve=outcomes[k]["solve"], influence=influence_all[rows_of[k]],
-            mean=outcomes[k]["mean"], transfer=[float(influence_all[r].mean()) for r in rows_of],
-        ))
-    means = [p["mean"] for p in per_domain]
-    saturations = [o["saturation"] for o in outcomes]
+    return outcomes
 
-    t_boot = time.perf_counter()
+
+def _paper_bootstrap(domains: list, passed: AnalysisPass, outcomes: list, config: AnalysisConfig, report,
+                     timings: dict) -> dict | None:
+    """The paper's bootstrap over facts (Mean, Share, ranks, saturation),
+    from each domain's resampling kernels; None where a route gives none."""
+    t0 = time.perf_counter()
     bootstrap = None
     if all(o["kernels"] is not None for o in outcomes):
         report(Progress("uncertainty", 0.75, f"bootstrap over facts ({config.bootstrap_resamples} resamples)"))
         kernels = []
         for k, domain in enumerate(domains):
-            n_k = len(rows_of[k])
+            n_k = len(passed.rows_of[k])
             grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
             kernels.append(DomainKernels(domain.name, n_k, grid, outcomes[k]["kernels"].numpy()))
         bootstrap = bootstrap_domains(kernels, n_resamples=config.bootstrap_resamples, level=0.90,
                                       seed=config.seed).to_dict()
     else:
-        notes.append("No bootstrap intervals with the CG solver and B > 1: they need a dense system per domain.")
-    timings["bootstrap"] = time.perf_counter() - t_boot + sum(o["seconds"]["kernels"] for o in outcomes)
+        passed.notes.append("No bootstrap intervals with the CG solver and B > 1: they need a dense system per "
+                            "domain.")
+    timings["bootstrap"] = time.perf_counter() - t0 + sum(o["seconds"]["kernels"] for o in outcomes)
+    return bootstrap
 
-    # The ranking estimator (the paper's quantities above stay as they are).
-    t_rank = time.perf_counter()
-    report(Progress("ranking", 0.78, f"ranking estimator: {ESTIMATOR_LABELS[config.estimator]}"))
 
-    def on_ranking(fraction, message):
-        report(Progress("ranking", 0.78 + 0.2 * fraction, message))
-
-    scores = ranking_priorities(
-        model, encoded.ids, batches, rows_of, tokens.fact_losses, means,
-        [p["influence"].tolist() for p in per_domain], config,
-        block_inputs=block_inputs_by_fact(batches, captured) if captured else None, progress=on_ranking,
-        names=[d.name for d in domains], domains=domains)
-    del captured
-    notes += scores.notes
-    priorities = scores.priority
-    ranks = metrics.ranks_by_mean(priorities)
-    if config.estimator == "paper":
-        shares = metrics.shares_pct([float(p["influence"].sum()) for p in per_domain])
-    else:
-        shares = metrics.shares_pct(priorities)
-    tests = metrics.t_vs_rest([scores.per_fact[k] for k in range(n_domains)])
+def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstrap, config: AnalysisConfig,
+             checkpoints, report, timings: dict):
+    """(scores, extras["ranking"]): the ranking estimator's priorities
+    (`dowsing.ranking`) and their intervals; the paper's quantities above
+    stay as they are."""
+    t0 = time.perf_counter()
+    report(Progress("ranking", 0.78, f"ranking estimator: {get_estimator(config.estimator).label}"))
+    split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,
+                          passed.block_inputs, passed.first_block, passed.rows_of, passed.names,
+                          config, passed.seconds)
+    influence = [o["influence_all"][rows].tolist() for o, rows in zip(outcomes, passed.rows_of)]
+    scores = rank(model, split, passed.rows_of, config, [o["mean"] for o in outcomes], influence, checkpoints,
+                  lambda fraction, message: report(Progress("ranking", 0.78 + 0.2 * fraction, message)))
+    passed.notes.extend(scores.notes)
     report(Progress("ranking", 0.99, f"bootstrap of the priorities ({config.bootstrap_resamples} resamples)"))
     ranking = ranking_uncertainty(scores, bootstrap, config)
-    timings["ranking"] = time.perf_counter() - t_rank
-    timings["total"] = time.perf_counter() - clock
+    timings["ranking"] = time.perf_counter() - t0
+    return scores, ranking
 
+
+def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, outcomes: list, bootstrap,
+            scores, ranking: dict, timings: dict) -> Result:
+    """The Result: per domain its rank, Share, t vs rest, the paper's Mean,
+    saturation and solve, per fact its influence and priority, and the
+    extras (transfer matrix, bootstrap, ranking, warnings)."""
+    rows_of, n_domains = passed.rows_of, len(domains)
+    priorities = scores.priority
+    ranks = metrics.ranks_by_mean(priorities)
+    influence = [o["influence_all"][rows] for o, rows in zip(outcomes, rows_of)]
+    if config.estimator == "paper":
+        shares = metrics.shares_pct([float(i.sum()) for i in influence])
+    else:
+        shares = metrics.shares_pct(priorities)
+    tests = metrics.t_vs_rest([scores.per_example[k] for k in range(n_domains)])
     results = []
     for k, domain in enumerate(domains):
-        sat = saturations[k]
+        sat = outcomes[k]["saturation"]
         results.append(DomainResult(
-            name=domain.name, rank=ranks[k], mean=means[k], share_pct=shares[k],
+            name=domain.name, rank=ranks[k], mean=outcomes[k]["mean"], share_pct=shares[k],
             t_vs_rest=tests[k][0], p_value=tests[k][1], n_facts=len(rows_of[k]),
-            delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"],
-            delta_n_reason=sat["reason"],
+            delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"], delta_n_reason=sat["reason"],
             saturation={key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
-            solver=per_domain[k]["solve"], concept_vector_norm=float(norms[k]), priority=priorities[k],
+            solver=outcomes[k]["solve"], concept_vector_norm=float(passed.norms[k]), priority=priorities[k],
         ))
-
     per_example = [
-        {"domain": domain.name, "text": facts[i], "influence": float(per_domain[k]["influence"][j]),
-         "priority": scores.per_fact[k][j]}
+        {"domain": domain.name, "text": passed.facts[i], "influence": float(influence[k][j]),
+         "priority": scores.per_example[k][j]}
         for k, domain in enumerate(domains) for j, i in enumerate(rows_of[k])
     ]
     extras = {
-        "route": route,
-        "bootstrap": bootstrap,
-        "ranking": ranking,
+        "route": passed.route, "bootstrap": bootstrap, "ranking": ranking,
         "transfer": {
             "domains": [d.name for d in domains],
             # matrix[j][k] = grad L_j^T z_k: data aligned with k lowering the loss of j
-            "matrix": [[per_domain[k]["transfer"][j] for k in range(n_domains)] for j in range(n_domains)],
+            "matrix": [[float(outcomes[k]["influence_all"][rows_of[j]].mean()) for k in range(n_domains)]
+                       for j in range(n_domains)],
         },
-        "domain_loss": [float(tokens.fact_losses[r].mean()) for r in rows_of],
-        "n_tokens": int(tokens.x.shape[0]),
-        "subspace_dim": config.blocks * anatomy.d_ff,
-        "warnings": notes,
+        "domain_loss": [float(passed.tokens.fact_losses[r].mean()) for r in rows_of],
+        "n_tokens": int(passed.tokens.x.shape[0]), "subspace_dim": config.blocks * find_anatomy(model.model).d_ff,
+        "warnings": passed.notes,
         "domains_input": [{"name": d.name, "facts": list(d.facts)} for d in domains],
     }
-    report(Progress("done", 1.0, "analysis complete"))
     return Result(
         model=model.info.to_dict(), config=config.to_dict(), domains=results, per_example=per_example,
         timings=timings, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), extras=extras,
@@ -392,10 +279,10 @@ def ranking_uncertainty(scores, paper_bootstrap: dict | None, config: AnalysisCo
     quadratic form Mean_k, not the mean of the per-fact influences) gives
     these numbers when it exists, so Priority and Mean (paper) carry one
     interval."""
-    out = {"estimator": scores.estimator, "label": scores.label, "seconds": scores.seconds,
+    out = {"estimator": scores.name, "label": scores.label, "seconds": scores.time_s,
            "details": scores.details, "level": 0.90, "n_resamples": config.bootstrap_resamples,
            "seed": config.seed}
-    if scores.estimator == "paper" and paper_bootstrap:
+    if scores.name == "paper" and paper_bootstrap:
         domains = paper_bootstrap["domains"]
         out.update(source="the paper's bootstrap (extras.bootstrap)",
                    rank_stable_probability=paper_bootstrap["rank_stable_probability"],
@@ -405,7 +292,7 @@ def ranking_uncertainty(scores, paper_bootstrap: dict | None, config: AnalysisCo
                    most_likely_rank=[d["most_likely_rank"] for d in domains],
                    rank_stable=[d["rank_stable"] for d in domains])
         return out
-    boot = bootstrap_priorities(scores.per_fact, n_resamples=config.bootstrap_resamples, level=0.90,
+    boot = bootstrap_priorities(scores.per_example, n_resamples=config.bootstrap_resamples, level=0.90,
                                 seed=config.seed).to_dict()
     out.update(source="bootstrap of the per-fact values", **boot)
     return out
@@ -450,6 +337,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     from .store import ResultStore
 
     config = config or AnalysisConfig()
+    check_estimator(config)
     report = progress or (lambda p: None)
     if config.checkpoints:
         from .checkpoints import validate_checkpoints

@@ -79,10 +79,11 @@ def ranking_resamples(result: Result) -> int | None:
 
 def estimator_label(result: Result) -> str:
     """The ranking estimator's short label, for titles and axes."""
-    from .config import ESTIMATOR_LABELS
+    from .estimators import ESTIMATORS
 
     ranking = (result.extras or {}).get("ranking") or {}
-    return ranking.get("label") or ESTIMATOR_LABELS.get(result.estimator, result.estimator)
+    known = ESTIMATORS.get(result.estimator)
+    return ranking.get("label") or (known.label if known else result.estimator)
 
 
 def transfer_matrix(result: Result) -> tuple[list[str], list[list[float | None]]] | None:

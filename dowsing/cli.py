@@ -9,7 +9,8 @@ import sys
 import warnings
 from pathlib import Path
 
-from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, RANKING_ESTIMATORS, SOLVERS, AnalysisConfig
+from . import estimators
+from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig
 from .executor import EXECUTORS
 from .models import EMBEDDED_ID, ModelError, atomic_write_text
 from .result import Result, format_sci
@@ -122,6 +123,15 @@ def checked_model(args, models: list) -> list:
     return models
 
 
+def estimator_help() -> str:
+    """--estimator's help, from the registry: each estimator an analysis
+    offers with its one-phrase summary."""
+    offered = "; ".join(f"{e.name}: {e.summary}" + (" (needs --checkpoints)" if "trajectory" in e.needs else "")
+                        for e in (estimators.get(n) for n in estimators.names("analysis")))
+    return (f"what ranks the domains (default: {DEFAULT_ESTIMATOR}, chosen by the benchmark against real "
+            f"fine-tuning): {offered}. The paper's Mean and Δn are computed whatever it is")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dowsing",
@@ -153,14 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     analyze.add_argument("--device", choices=DEVICES, default=defaults.device, help="(default: %(default)s)")
     analyze.add_argument("--dtype", choices=DTYPES, default=defaults.dtype,
                          help="model precision; solves are float64 always; bfloat16 needs cuda (default: %(default)s)")
-    analyze.add_argument("--estimator", choices=RANKING_ESTIMATORS, default=defaults.estimator,
-                         help=f"what ranks the domains (default: {DEFAULT_ESTIMATOR}, chosen by the benchmark against "
-                              "real fine-tuning): alignment_adam / alignment: gradient alignment between a domain's "
-                              "facts over the last blocks, with or without Adam's preconditioner; alignment_heldout_adam / "
-                              "alignment_heldout: the same between two seeded halves of each domain's facts; "
-                              "paper: the Data "
-                              "Dowsing paper's method, concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ; mean_loss: the "
-                              "domain's mean loss. The paper's Mean and Δn are computed whatever it is")
+    analyze.add_argument("--estimator", choices=estimators.names("analysis"), default=defaults.estimator,
+                         help=estimator_help())
     analyze.add_argument("--align-blocks", type=int, default=defaults.align_blocks,
                          help=f"last blocks (plus the final norm) whose parameters the alignment estimators use "
                               f"(default: {defaults.align_blocks})")

@@ -10,29 +10,13 @@ CURVATURES = ("hessian", "ggn")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16")
 
-# What orders the domains (`dowsing.ranking`). The paper's concept-subspace
-# influence is always computed (Mean, transfer, saturation); the ranking
-# estimator decides the Rank, Share and Priority columns.
-RANKING_ESTIMATORS = ("alignment_adam", "alignment", "alignment_heldout_adam", "alignment_heldout", "paper",
-                      "mean_loss", "tracin_ckpt", "diffin", "vog", "ckpt_confidence", "ckpt_variability", "el2n")
-# Read off the user's training checkpoints (`checkpoints`): they need at least two.
-CHECKPOINT_ESTIMATORS = ("tracin_ckpt", "diffin", "vog", "ckpt_confidence", "ckpt_variability", "el2n")
-# Chosen by the benchmark against real fine-tuning (docs/VALIDATION.md).
+# What orders the domains (`dowsing.ranking`): a name from the estimator
+# registry (`dowsing.estimators`), checked there. The paper's
+# concept-subspace influence is always computed (Mean, transfer, saturation);
+# the ranking estimator decides the Rank, Share and Priority columns. The
+# default was chosen by the benchmark against real fine-tuning
+# (docs/VALIDATION.md).
 DEFAULT_ESTIMATOR = "mean_loss"
-ESTIMATOR_LABELS = {
-    "alignment_adam": "Gradient alignment between facts, Adam-preconditioned",
-    "alignment": "Gradient alignment between facts",
-    "alignment_heldout_adam": "Gradient alignment between two halves of the facts, Adam-preconditioned",
-    "alignment_heldout": "Gradient alignment between two halves of the facts",
-    "paper": "Paper: concept-subspace influence",
-    "mean_loss": "Mean loss (log perplexity)",
-    "tracin_ckpt": "TracIn over your checkpoints",
-    "diffin": "Diff-In over your checkpoints",
-    "vog": "Variance of gradients over your checkpoints",
-    "ckpt_confidence": "Low confidence over your checkpoints (cartography)",
-    "ckpt_variability": "Variability over your checkpoints (cartography)",
-    "el2n": "EL2N error norm over your checkpoints",
-}
 
 
 @dataclass(frozen=True)
@@ -52,10 +36,10 @@ class AnalysisConfig:
     batch_size: facts per forward pass (results do not depend on it).
     bootstrap_resamples / seed: resamples of each domain's facts for the 90%
         intervals and rank probabilities (curvature held fixed).
-    estimator: what ranks the domains, one of RANKING_ESTIMATORS: gradient
-        alignment between a domain's facts with Adam's preconditioner or
-        without, the paper's concept-subspace influence Mean_k, or the mean
-        loss. The paper's quantities are computed whatever it is.
+    estimator: what ranks the domains: an estimator the registry offers to
+        analyses (`dowsing.estimators.names("analysis")`; checked by
+        `dowsing.ranking.check_estimator`). The paper's quantities are
+        computed whatever it is.
     align_blocks: the alignment estimators use the parameters of the last
         align_blocks transformer blocks and the final norm (all blocks when
         the model has fewer).
@@ -117,15 +101,12 @@ class AnalysisConfig:
             raise ValueError(f"bootstrap_resamples must be >= 200, got {self.bootstrap_resamples!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
-        if self.estimator not in RANKING_ESTIMATORS:
-            raise ValueError(f"estimator must be one of {', '.join(RANKING_ESTIMATORS)}, got {self.estimator!r}")
+        if not isinstance(self.estimator, str) or not self.estimator:
+            raise ValueError(f"estimator must be an estimator's name, got {self.estimator!r}")
         if int(self.align_blocks) != self.align_blocks or self.align_blocks < 1:
             raise ValueError(f"align_blocks must be an integer >= 1, got {self.align_blocks!r}")
         if int(self.adam_batches) != self.adam_batches or self.adam_batches < 1:
             raise ValueError(f"adam_batches must be an integer >= 1, got {self.adam_batches!r}")
-        if self.estimator in CHECKPOINT_ESTIMATORS and len(self.checkpoints) < 2:
-            raise ValueError(f"estimator {self.estimator} reads the model's training checkpoints: give at least 2, "
-                             f"oldest first (got {len(self.checkpoints)})")
         if self.checkpoint_lr is not None and not (self.checkpoint_lr > 0):
             raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
 

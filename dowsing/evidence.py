@@ -9,6 +9,7 @@ import json
 from functools import lru_cache
 
 from .domains import DATA_DIR
+from .estimators import ESTIMATORS
 
 EVIDENCE_FILE = DATA_DIR / "benchmark_evidence.json"
 
@@ -29,6 +30,13 @@ def estimator_evidence(name: str) -> dict | None:
     if not data:
         return None
     return (data.get("estimators") or {}).get(name)
+
+
+def evidence_label(name: str, entry: dict) -> str:
+    """The estimator's label as the registry has it now (the evidence keeps
+    the label of the run that measured it, for estimators no longer registered)."""
+    known = ESTIMATORS.get(name)
+    return known.label if known else entry.get("label", name)
 
 
 def beats_mean_loss(entry: dict | None) -> bool:
@@ -65,7 +73,7 @@ def evidence_sentence(name: str) -> str:
         best_name, best = max(rivals, key=lambda item: item[1]["spearman"])
         diff = best.get("diff_interval") or [None, None]
         span = f" [{diff[0]:+.2f}, {diff[1]:+.2f}]" if diff[0] is not None else ""
-        return (text + f". No estimator beat it with a paired interval above 0: the best, {best['label']}, "
+        return (text + f". No estimator beat it with a paired interval above 0: the best, {evidence_label(best_name, best)}, "
                 f"had ρ = {best['spearman']:.2f}, a difference of {best['diff_vs_mean_loss']:+.2f}{span}.")
     if beats_mean_loss(entry):
         return text + "; it beat ranking by mean loss (paired interval above 0)."

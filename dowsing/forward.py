@@ -73,11 +73,13 @@ def forward_pass(model, anatomy, batches, fact_domain, n_domains):
 
 @dataclass
 class SplitPass:
-    """One forward pass over every domain's training then held-out facts.
+    """One forward pass over every domain's training and held-out facts.
 
-    Fact rows 0..M_train-1 are the training facts (domain by domain), the
-    rest the held-out facts. directions[k] is v_k from domain k's training
-    facts only, so nothing of the held-out half leaks into S_k.
+    train_rows[k] / held_rows[k]: the fact rows of domain k's training and
+    held-out facts. From `split_pass`, rows 0..M_train-1 are the training
+    facts (domain by domain) and the rest the held-out facts, and
+    directions[k] is v_k from domain k's training facts only, so nothing of
+    the held-out half leaks into S_k.
     """
 
     anatomy: object
@@ -90,7 +92,9 @@ class SplitPass:
     ids: list | None = None  # token ids per fact
     block_inputs: list | None = None  # per fact (T_i, d): input of block `capture_block`
     capture_block: int | None = None
+    names: list | None = None  # the domains' names
     line: object | None = None  # the LogitLine over these tokens, built on first use (`subspace_terms.logit_line`)
+    terms: list | None = None  # DomainTerms per domain, computed on first use (`estimators.subspace.domain_terms_of`)
 
     @property
     def n_train(self) -> int:
@@ -124,4 +128,4 @@ def split_pass(loaded, train, held, batch_size: int = 16, capture_block: int | N
     block_inputs = block_inputs_by_fact(batches, captured) if capture_block is not None else None
     rows = [[i for i, g in enumerate(groups) if g == k] for k in range(2 * len(train))]
     return SplitPass(anatomy, directions[: len(train)], tokens, rows[: len(train)], rows[len(train):], len(facts),
-                     time.perf_counter() - t0, encoded.ids, block_inputs, capture_block)
+                     time.perf_counter() - t0, encoded.ids, block_inputs, capture_block, [d.name for d in train])

@@ -239,7 +239,7 @@ def all_domain_terms(split: SplitPass) -> list:
     return out
 
 
-def _train_hessian(x, weights, c) -> torch.Tensor:
+def train_hessian(x, weights, c) -> torch.Tensor:
     """structured_hessian over the tokens with non-zero weight only (the
     others add nothing)."""
     on = (weights != 0).nonzero().flatten()

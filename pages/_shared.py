@@ -14,8 +14,8 @@ import streamlit as st
 from dowsing import workspace
 from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
 from dowsing.checkpoints import summary as checkpoint_summary
-from dowsing.config import (CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, ESTIMATOR_LABELS, RANKING_ESTIMATORS,
-                            SOLVERS, AnalysisConfig, settings_changes)
+from dowsing import estimators
+from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
 from dowsing.jobs import Executor, JobState, default_executor
 from dowsing.models import EMBEDDED_ID, ModelError, load_model
 
@@ -34,19 +34,18 @@ PLACEHOLDERS = {
 }
 DEFAULTS = AnalysisConfig()
 ESTIMATOR_HELP = (
-    "What orders the domains. Gradient alignment (Adam-preconditioned or plain): how much training on a domain's "
-    "facts lowers the loss of its other facts, over the last blocks' parameters, with Adam's preconditioner or "
-    "plain gradients. Paper: the Data Dowsing paper's concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ. Mean loss: the "
-    f"domain's log perplexity. The default ({ESTIMATOR_LABELS[DEFAULT_ESTIMATOR]}) was chosen by the benchmark "
-    "against real fine-tuning. The checkpoint estimators (TracIn, Diff-In, variance of gradients, cartography, "
-    "EL2N) need the model picked as Training checkpoints. The paper's Mean, transfer and saturation curves are "
-    "computed whatever you choose."
+    "What orders the domains: "
+    + "; ".join(f"{e.label}: {e.summary}" + (" (needs the model picked as Training checkpoints)"
+                                              if "trajectory" in e.needs else "")
+                for e in (estimators.get(n) for n in estimators.names("analysis")))
+    + f". The default ({estimators.label(DEFAULT_ESTIMATOR)}) was chosen by the benchmark against real "
+      "fine-tuning. The paper's Mean, transfer and saturation curves are computed whatever you choose."
 )
 
 
 def estimator_option(name: str) -> str:
     """'Gradient alignment …, Adam-preconditioned (default)' for the selectbox."""
-    return ESTIMATOR_LABELS[name] + (" (default)" if name == DEFAULT_ESTIMATOR else "")
+    return estimators.label(name) + (" (default)" if name == DEFAULT_ESTIMATOR else "")
 
 
 def ensure_router() -> None:
@@ -237,7 +236,8 @@ def sidebar():
                 help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online).",
             )
         status_box = st.container()
-        st.selectbox("Ranking estimator", RANKING_ESTIMATORS, index=RANKING_ESTIMATORS.index(DEFAULTS.estimator),
+        offered = estimators.names("analysis")
+        st.selectbox("Ranking estimator", offered, index=offered.index(DEFAULTS.estimator),
                      format_func=estimator_option, key="cfg_estimator", help=ESTIMATOR_HELP)
         with st.expander("Advanced settings"):
             st.number_input("Alignment blocks", min_value=1, max_value=96, value=DEFAULTS.align_blocks, step=1,

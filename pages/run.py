@@ -6,7 +6,8 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.config import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS, settings_changes
+from dowsing import estimators
+from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import Domain, DomainError, validation_problems
 from dowsing.jobs import JobRequest, JobState
 from dowsing.models import ModelError
@@ -32,10 +33,10 @@ summary[0].metric("Model", "embedded default" if choice.source == "embedded" els
 summary[1].metric("Domain set", set_name, help=", ".join(d.name for d in domains))
 summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
 if config is not None:
-    st.caption("Ranking estimator: **" + ESTIMATOR_LABELS[config.estimator] + "**" +
+    st.caption("Ranking estimator: **" + estimators.label(config.estimator) + "**" +
                (" — the default, chosen by the benchmark against real fine-tuning." if config.estimator ==
                 DEFAULT_ESTIMATOR else f" (the default, chosen by the benchmark, is "
-                                       f"{ESTIMATOR_LABELS[DEFAULT_ESTIMATOR]}).") +
+                                       f"{estimators.label(DEFAULT_ESTIMATOR)}).") +
                " Change it in the sidebar.")
     st.caption("Settings: " + (settings_changes(config.to_dict())
                                or "engine defaults (change them under Advanced settings in the sidebar)."))

@@ -16,7 +16,7 @@ from dowsing.subspace import per_fact_losses
 from dowsing.forward import split_pass
 from dowsing.training import Recipe, TailTrainer
 from dowsing.splitting import split_domains
-from dowsing.validation.trajectory import load_user_trajectory, trajectory_scores
+from dowsing.estimators.trajectory import load_user_trajectory, trajectory_scores
 from test_trajectory import DOMAINS
 from tiny_models import build_tiny
 

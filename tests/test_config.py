@@ -44,17 +44,25 @@ def test_a_run_label_names_its_non_default_settings():
 
 
 def test_ranking_estimator_settings():
-    from dowsing.config import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS, RANKING_ESTIMATORS
+    from dowsing import estimators
+    from dowsing.config import DEFAULT_ESTIMATOR
+    from dowsing.ranking import check_estimator
 
-    assert AnalysisConfig().estimator == DEFAULT_ESTIMATOR in RANKING_ESTIMATORS
-    assert set(ESTIMATOR_LABELS) == set(RANKING_ESTIMATORS)
-    assert ESTIMATOR_LABELS["paper"] == "Paper: concept-subspace influence"
-    other = next(name for name in RANKING_ESTIMATORS if name != DEFAULT_ESTIMATOR)
+    offered = estimators.names("analysis")
+    assert AnalysisConfig().estimator == DEFAULT_ESTIMATOR in offered
+    assert estimators.label("paper") == "Paper: concept-subspace influence"
+    other = next(name for name in offered if name != DEFAULT_ESTIMATOR)
     assert settings_changes(AnalysisConfig(estimator=other, align_blocks=2).to_dict()) == \
         f"estimator = {other}, align_blocks = 2"
-    for kwargs, pattern in (({"estimator": "tracin"}, "estimator"), ({"align_blocks": 0}, "align_blocks"),
-                            ({"adam_batches": 0}, "adam_batches"), ({"align_blocks": 1.5}, "align_blocks")):
+    for kwargs, pattern in (({"align_blocks": 0}, "align_blocks"), ({"adam_batches": 0}, "adam_batches"),
+                            ({"align_blocks": 1.5}, "align_blocks"), ({"estimator": ""}, "estimator")):
         with pytest.raises(ValueError, match=pattern) as exc:
             AnalysisConfig(**kwargs)
+        assert "\n" not in str(exc.value)
+    # an estimator the registry does not offer to analyses, or one without what it needs, is refused in one line
+    for kwargs, pattern in (({"estimator": "tracin"}, "tracin"), ({"estimator": "bogus"}, "bogus"),
+                            ({"estimator": "diffin"}, "checkpoints")):
+        with pytest.raises(ValueError, match=pattern) as exc:
+            check_estimator(AnalysisConfig(**kwargs))
         assert "\n" not in str(exc.value)
     assert AnalysisConfig.from_dict(AnalysisConfig(estimator="paper").to_dict()).estimator == "paper"

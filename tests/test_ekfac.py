@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
 from dowsing.models import load_model
-from dowsing.validation.ekfac import ekfac_pairwise_scores, tracked_module_names
+from dowsing.estimators.ekfac import ekfac_pairwise_scores, tracked_module_names
 
 from dowsing.alignment import tail_model
 
@@ -165,7 +165,7 @@ def test_sign_positive_means_helpful(case):
 def test_domain_scores_equal_block_means_of_the_pairwise_matrix(case):
     """Aggregated queries per domain give the block means of the full
     pairwise EK-FAC matrix (same factors: the whole training set, same order)."""
-    from dowsing.validation.ekfac import ekfac_domain_scores
+    from dowsing.estimators.ekfac import ekfac_domain_scores
 
     train, query = case["train"], case["query"]
     domains_train = [train[:3], train[3:]]

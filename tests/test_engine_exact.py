@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dowsing.analysis import _cg_mu, analyze
+from dowsing.analysis import analyze
+from dowsing.subspace_solve import _cg_mu
 from dowsing.forward import forward_pass
 from dowsing.saturation import DenseSystem, mu_function
 from dowsing.solvers import conjugate_gradient, damped

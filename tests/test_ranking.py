@@ -17,7 +17,7 @@ from dowsing import metrics, report
 from dowsing.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.models import load_model
-from dowsing.ranking import ranking_priorities
+from dowsing.ranking import rank, ranking_split
 from dowsing.result import Result
 from dowsing.subspace import encode_facts, find_anatomy, make_batches
 
@@ -189,19 +189,21 @@ def test_a_tail_that_does_not_reproduce_the_loss_is_refused(tiny64):
     from dowsing.forward import forward_pass
 
     fact_domain = [k for k, d in enumerate(DOMAINS) for _ in d["facts"]]
-    _, _, tokens = forward_pass(net, anatomy, batches, fact_domain, len(DOMAINS))
+    directions, _, tokens = forward_pass(net, anatomy, batches, fact_domain, len(DOMAINS))
     rows_of = [[i for i, k in enumerate(fact_domain) if k == kk] for kk in range(len(DOMAINS))]
     config = AnalysisConfig(dtype="float64", estimator="alignment", align_blocks=1)
+    names = [d["name"] for d in DOMAINS]
+
+    def ranked(block_inputs):
+        split = ranking_split(anatomy, directions, tokens, encoded.ids, block_inputs, 1, rows_of, names, config, 0.0)
+        return rank(tiny64, split, rows_of, config, [0.0] * 3, [[0.0]] * 3)
+
     wrong = capture_block_inputs(net, batches, 0)  # the input of block 0, not of block 1
     with pytest.raises(ValueError, match="cannot run on this model"):
-        ranking_priorities(tiny64, encoded.ids, batches, rows_of, tokens.fact_losses, [0.0] * 3, [[0.0]] * 3,
-                           config, block_inputs=wrong)
-    right = capture_block_inputs(net, batches, 1)
-    scores = ranking_priorities(tiny64, encoded.ids, batches, rows_of, tokens.fact_losses, [0.0] * 3, [[0.0]] * 3,
-                                config, block_inputs=right)
-    fresh = ranking_priorities(tiny64, encoded.ids, batches, rows_of, tokens.fact_losses, [0.0] * 3, [[0.0]] * 3,
-                               config)
-    assert scores.priority == pytest.approx(fresh.priority, rel=1e-12)
+        ranked(wrong)
+    right = ranked(capture_block_inputs(net, batches, 1))
+    full = analyze(tiny64, DOMAINS, config)
+    assert right.priority == pytest.approx([d.priority for d in full.domains], rel=1e-12)
 
 
 def test_an_old_result_without_priority_loads_and_shows_mean_as_priority(tiny_gpt2_dir):

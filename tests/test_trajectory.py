@@ -19,7 +19,7 @@ from dowsing.subspace import find_anatomy, per_fact_losses
 from dowsing.forward import split_pass
 from dowsing.training import Recipe, TailTrainer
 from dowsing.splitting import split_domains
-from dowsing.validation.trajectory import (TRAJECTORY_ESTIMATORS, finite_difference_hvp, flat, load_checkpoint,
+from dowsing.estimators.trajectory import (TRAJECTORY_ESTIMATORS, finite_difference_hvp, flat, load_checkpoint,
                                            mean_grad, record_trajectory, trajectory_scores, working_precision)
 
 torch.set_num_threads(1)
@@ -212,7 +212,7 @@ def test_entry_point_gives_one_finite_priority_per_domain_quickly(setup):
 
 
 def test_airrep_labels_and_ranking_loss_equal_explicit_loops():
-    from dowsing.validation.airrep import normalized_labels, pairwise_ranking_loss
+    from dowsing.estimators.airrep import normalized_labels, pairwise_ranking_loss
 
     gen = torch.Generator().manual_seed(0)
     losses = torch.rand(5, 3, generator=gen, dtype=torch.float64)
@@ -241,7 +241,7 @@ def test_airrep_recovers_a_planted_ranking_on_unseen_groups():
     objective gives rho <= 0)."""
     from scipy import stats
 
-    from dowsing.validation.airrep import AirRepConfig, AirRepModel, fit_airrep
+    from dowsing.estimators.airrep import AirRepConfig, AirRepModel, fit_airrep
 
     gen = torch.Generator().manual_seed(1)
     features = torch.randn(60, 8, generator=gen, dtype=torch.float64)
@@ -263,7 +263,7 @@ def test_airrep_recovers_a_planted_ranking_on_unseen_groups():
 
 
 def test_airrep_scores_every_domain_without_training_on_it(setup):
-    from dowsing.validation.airrep import AirRepConfig, airrep_scores
+    from dowsing.estimators.airrep import AirRepConfig, airrep_scores
 
     loaded, split, depth = setup
     recipe = Recipe("quick", "adamw", lr=1e-2, steps=2, blocks=1)

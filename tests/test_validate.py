@@ -13,7 +13,8 @@ from dowsing.config import AnalysisConfig
 from dowsing.curvature import tail_coefficients
 from dowsing.forward import split_pass
 from dowsing.subspace_terms import logit_line, tail_derivatives
-from dowsing.validation.estimators import score_estimators
+from dowsing.estimators import EstimatorContext, EstimatorSettings, compute
+from dowsing.estimators.subspace import domain_terms_of
 from dowsing.models import load_model
 from dowsing.solvers import lissa
 from dowsing.validation.correlations import bootstrap_spearman, kendall, spearman
@@ -115,8 +116,8 @@ def test_line_derivatives_equal_double_backprop(tiny64):
 def test_default_estimator_equals_the_engine_on_the_training_half(tiny64):
     train, held = split_domains(DOMAINS, seed=0)
     split = split_pass(tiny64, train, held)
-    scores, _ = score_estimators(tiny64, train, split, ("paper", "influence_cg", "tracin", "mean_loss"),
-                                 damping=2.0)
+    scores = compute(EstimatorContext(tiny64, split, EstimatorSettings(damping=2.0)),
+                     ("paper", "influence_cg", "tracin", "mean_loss"))
     by_name = {s.name: s for s in scores}
     result = analyze(tiny64, train, AnalysisConfig(dtype="float64", damping=2.0))
     engine = [d.mean for d in result.domains]
@@ -131,7 +132,7 @@ def test_default_estimator_equals_the_engine_on_the_training_half(tiny64):
 def test_subspace_ground_truth_matches_influence_as_eps_goes_to_zero(tiny64):
     train, held = split_domains(DOMAINS, seed=0)
     split = split_pass(tiny64, train, held)
-    _, terms = score_estimators(tiny64, train, split, ("paper",), damping=1.0)
+    terms = domain_terms_of(EstimatorContext(tiny64, split, EstimatorSettings(damping=1.0)))
     eps = (1e-4, 1e-3, 1e-2)
     errors = []
     for k in range(len(train)):

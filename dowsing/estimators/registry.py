@@ -139,3 +139,33 @@ def check_names(wanted, where: str | None = None) -> tuple:
         place = f" for the {where}" if where else ""
         raise ValueError(f"unknown estimator(s){place}: {', '.join(bad)}; choose from {', '.join(allowed)}")
     return tuple(wanted)
+
+
+def by_family(wanted) -> dict:
+    """{family: [names]} of the wanted estimators, families in registry order."""
+    out: dict = {}
+    for name in ESTIMATORS:
+        if name in wanted:
+            out.setdefault(ESTIMATORS[name].family, []).append(name)
+    return out
+
+
+def compute(ctx, wanted) -> list:
+    """Every wanted estimator's EstimatorScore (in the order asked), each
+    family computing its members together in this process."""
+    wanted = check_names(wanted)
+    groups = by_family(wanted)
+    scores = {}
+    for i, (family, members) in enumerate(groups.items()):
+        def within(fraction, message, i=i):
+            ctx.progress((i + fraction) / len(groups), message)
+
+        part = dataclasses.replace(ctx, progress=within)
+        scores.update({s.name: s for s in FAMILIES[family].compute(part, members)})
+    return [scores[n] for n in wanted]
+
+
+def family_unit(ctx, family: str, members: tuple) -> list:
+    """One family as a unit of work for the executor: plain dicts, so a
+    worker can send them back and the unit store can keep them."""
+    return [s.to_dict() for s in FAMILIES[family].compute(ctx, list(members))]

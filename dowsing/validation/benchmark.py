@@ -27,27 +27,22 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..domains import as_domains
+from ..domains import Domain, as_domains, benchmark_domains, benchmark_groups
+from ..estimators import (EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
+                          check_names, family_unit, names)
+from ..estimators.subspace import domain_terms_of
+from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
+from ..forward import split_pass
+from ..models import LoadedModel, load_model
 from ..progress import Progress
-from ..checkpoints import checkpoint_fields
-from ..curvature import structured_hessian
-from ..domains import Domain
-from ..executor import Shared
-from ..result import finite_or_none
+from ..result import ENGINE_VERSION, finite_or_none
 from ..saturation import DenseSystem, mu_function, saturation
 from ..solvers import damped, dense_solve
-from ..subspace import find_anatomy
-from .airrep import airrep_scores
-from .estimators import (AIRREP_ESTIMATORS, ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS, ESTIMATORS, SUBSPACE_ESTIMATORS,
-                         TRAJECTORY_ESTIMATORS, alignment_scores, ekfac_scores, score_estimators)
-from ..forward import split_pass
-from ..training import Recipe, TailTrainer, build_trainer
-from .finetune import (counterfactual_gains, curve_units, finetune_unit, gains_from_losses, measured_delta_n,
-                       truth_units)
-from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
-from ..domains import benchmark_domains, benchmark_groups
 from ..splitting import split_domains
-from .trajectory import trajectory_scores
+from ..subspace import find_anatomy
+from ..training import Recipe, TailTrainer, build_trainer
+from .finetune import counterfactual_gains, curve_units, finetune_unit, gains_from_losses, measured_delta_n, truth_units
+from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
 
 MIN_FACTS = 4
 LOW_POWER_DOMAINS = 5
@@ -57,10 +52,6 @@ DEFAULT_RECIPES = (
     Recipe("sgd", "sgd", lr=3e-3, steps=8, blocks=4),
     Recipe("adamw_hi", "adamw", lr=1e-4, steps=8, blocks=2),
 )
-# Every estimator but LiSSA and CG: on the exact Hessian of a pretrained
-# model they fail where it is indefinite (the validation shows it), and at
-# 27 domains they would cost minutes for no information.
-DEFAULT_ESTIMATORS = tuple(e for e in ESTIMATORS if e not in ("influence_cg", "influence_lissa"))
 CURVE_DOMAINS = ("Cooking", "World geography", "Physics", "Heraldry", "Norwegian (Bokmål)",
                  "Invented: Kelvaran archipelago")
 
@@ -75,7 +66,8 @@ class BenchmarkConfig:
     max_facts: use at most this many facts per domain (0: all).
     recipes: the fine-tuning recipes of the ground truth; main_recipe names
         the one the winner is chosen on.
-    estimators: which estimators go on the leaderboard.
+    estimators: which estimators go on the leaderboard (default: every
+        registered estimator offered to the benchmark).
     damping: lambda of the influence estimators in S_k.
     align_blocks: the last blocks (plus the final norm) whose parameters the
         alignment estimators use.
@@ -99,7 +91,7 @@ class BenchmarkConfig:
     max_facts: int = 0
     recipes: tuple = DEFAULT_RECIPES
     main_recipe: str = "adamw"
-    estimators: tuple = DEFAULT_ESTIMATORS
+    estimators: tuple = field(default_factory=lambda: names("benchmark"))
     damping: float = 1e-3
     align_blocks: int = 4
     adam_batches: int = 8
@@ -127,9 +119,7 @@ class BenchmarkConfig:
             raise ValueError("recipe names must be unique")
         if self.main_recipe not in {r.name for r in recipes}:
             raise ValueError(f"main_recipe {self.main_recipe!r} is not one of the recipes")
-        bad = [e for e in self.estimators if e not in ESTIMATORS]
-        if bad:
-            raise ValueError(f"unknown estimator(s): {', '.join(bad)}; choose from {', '.join(ESTIMATORS)}")
+        check_names(self.estimators)
         if self.seeds < 1:
             raise ValueError("seeds must be >= 1")
         if not 0.0 < self.held_out_fraction < 1.0:
@@ -272,48 +262,6 @@ def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
             "reason": sat["reason"]}
 
 
-def _estimator_scores(model, train, split, config: BenchmarkConfig, keep: int, say, checkpoints=None):
-    """Every estimator's scores (in the configured order), the concept-subspace
-    terms the learning curves' predictions need and the seconds they took.
-    checkpoints: the user's checked checkpoints (None: the trajectory
-    estimators record the main recipe's baseline fine-tune)."""
-    scores = []
-    t0 = time.perf_counter()
-    subspace_names = [e for e in config.estimators if e in SUBSPACE_ESTIMATORS]
-    terms = None
-    if subspace_names or config.curve_domains:
-        sub_scores, terms = score_estimators(
-            model, train, split, subspace_names or ("mean_loss",), config.damping, seed=config.seed,
-            progress=lambda f, m: say(Progress("estimators", 0.03 + 0.12 * f, m)))
-        scores += [s for s in sub_scores if s.name in subspace_names]
-    align_names = [e for e in config.estimators if e in ALIGNMENT_ESTIMATORS]
-    if align_names:
-        scores += alignment_scores(model, split, align_names, min(config.align_blocks, keep),
-                                   adam_batches=config.adam_batches, seed=config.seed,
-                                   progress=lambda f, m: say(Progress("estimators", 0.15 + 0.1 * f, m)))
-    if any(e in EKFAC_ESTIMATORS for e in config.estimators):
-        say(Progress("estimators", 0.25, "EK-FAC influence (kronfluence)"))
-        scores.append(ekfac_scores(model, split, min(config.ekfac_blocks, keep),
-                                   fit_max_examples=config.ekfac_fit_facts or None, seed=config.seed,
-                                   progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m))))
-    main = next(r for r in config.recipes if r.name == config.main_recipe)
-    trajectory_names = [e for e in config.estimators if e in TRAJECTORY_ESTIMATORS]
-    if trajectory_names:
-        # over the user's checkpoints when given, else over those of the main recipe's baseline fine-tune
-        # (first seed): the trajectory a user without checkpoints of their own would have
-        scores += trajectory_scores(model, split, trajectory_names, main, config.seed,
-                                    adam_batches=config.adam_batches, checkpoints=checkpoints,
-                                    checkpoint_lr=config.checkpoint_lr,
-                                    progress=lambda f, m: say(Progress("estimators", 0.3 + 0.05 * f, m)))
-    if any(e in AIRREP_ESTIMATORS for e in config.estimators):
-        say(Progress("estimators", 0.35, "AirRep: counterfactual fine-tunes and the encoder, by domain fold"))
-        scores.append(airrep_scores(model, split, main, config.seed,
-                                    progress=lambda f, m: say(Progress("estimators", 0.35 + 0.05 * f, m))))
-    order = {e: i for i, e in enumerate(config.estimators)}
-    scores.sort(key=lambda s: order[s.name])
-    return scores, terms, time.perf_counter() - t0
-
-
 def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                   progress: Callable[[Progress], None] | None = None, executor=None, resume: bool = False,
                   should_stop: Callable[[], bool] | None = None, device: str = "cpu") -> BenchmarkResult:
@@ -321,24 +269,49 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     the embedded default), loaded in float32 on `device`. domains: None for
     the shipped benchmark domains.
 
-    executor: where the fine-tunes and learning-curve points run
-    (`dowsing.executor`; in this process by default). On Ray they run while
-    this process computes the estimators. resume: keep each finished
-    fine-tune in the unit store under the run's fingerprint (model, domains,
-    configuration, engine version) and reuse what an earlier, interrupted run
-    of the same benchmark finished."""
+    executor: where the estimator families, the fine-tunes and the
+    learning-curve points run (`dowsing.executor`; in this process by
+    default; on Ray each is a task, the families first). resume: keep each
+    finished unit in the unit store under the run's fingerprint (model,
+    domains, configuration, engine version) and reuse what an earlier,
+    interrupted run of the same benchmark finished."""
     from datetime import datetime, timezone
-
-    from ..executor import LocalExecutor, UnitStore, fingerprint
-    from ..models import LoadedModel, load_model
-    from ..result import ENGINE_VERSION
 
     executor = executor or LocalExecutor()
     config = config or BenchmarkConfig()
     say = progress or (lambda p: None)
     clock = time.perf_counter()
-    timings = {}
-    notes = []
+    timings, notes = {}, []
+    model, domains, checkpoints = _prepared(model, domains, config, device, say, timings, notes)
+    run = _split(model, domains, config, resume, say, timings)
+    scores, values = _run_units(model, run, config, checkpoints, executor, say, should_stop, timings)
+    unit_seconds = {r.key: r.end - r.start for r in executor.telemetry.records if not r.cached}
+    truth = _truth(run, config, values, unit_seconds, timings)
+    curves = _curves(model, run, config, checkpoints, values, unit_seconds, timings)
+    say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
+    gains = {name: t["gains"] for name, t in truth.items()}
+    board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
+                                  config.interval_pct)
+    if BASELINE not in config.estimators:
+        notes.append("mean_loss is not among the estimators: no paired differences against it.")
+    timings["total"] = time.perf_counter() - clock
+    say(Progress("done", 1.0, "benchmark complete"))
+    groups = benchmark_groups()
+    return BenchmarkResult(
+        model=model.info.to_dict(), config=config.to_dict(), domains=run.names,
+        groups={n: groups[n] for n in run.names if n in groups},
+        split={"train": {d.name: list(d.facts) for d in run.train},
+               "held_out": {d.name: list(d.facts) for d in run.held}},
+        estimators=[s.to_dict() for s in scores], truth=truth, reliability=reliability(gains), leaderboard=board,
+        winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        execution=_execution(executor, run, timings),
+    )
+
+
+def _prepared(model, domains, config: BenchmarkConfig, device: str, say, timings: dict, notes: list):
+    """(LoadedModel, domains, checked checkpoints or None), every input
+    checked before the model is loaded."""
     checkpoints = None
     if config.checkpoints:
         from ..checkpoints import check_last_is_model, validate_checkpoints
@@ -351,66 +324,135 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     if len(domains) < LOW_POWER_DOMAINS:
         message = (f"Only {len(domains)} domains: Spearman's rho over so few has no power to tell estimators "
                    "apart; use at least 12.")
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, stacklevel=3)
         notes.append(message)
     if not isinstance(model, LoadedModel):
         say(Progress("loading model", 0.0, "loading model"))
+        t0 = time.perf_counter()
         model = load_model(model, device, "float32")
-        timings["load_model"] = time.perf_counter() - clock
+        timings["load_model"] = time.perf_counter() - t0
+    return model, domains, checkpoints
+
+
+@dataclass
+class BenchmarkSplit:
+    """The benchmark's split and its forward pass: the training and held-out
+    halves, the domains' names, the split pass (block inputs captured at the
+    first block any recipe or estimator trains, `keep` blocks from the end),
+    the run's fingerprint and its unit store (None: nothing is resumed)."""
+
+    train: list
+    held: list
+    names: list
+    split: object
+    keep: int
+    namespace: str
+    store: object
+
+
+def _split(model, domains: list, config: BenchmarkConfig, resume: bool, say, timings: dict) -> BenchmarkSplit:
     train, held = split_domains(domains, config.seed, config.held_out_fraction)
     namespace = fingerprint("benchmark", model.info.to_dict(), [(d.name, d.facts) for d in train],
                             [(d.name, d.facts) for d in held], config.to_dict(), ENGINE_VERSION)
-    store = UnitStore(namespace) if resume else None
-    names = [d.name for d in train]
     depth = len(find_anatomy(model.model).down_projs)
     keep = min(depth, max([r.blocks for r in config.recipes] + [config.align_blocks]))
-
     say(Progress("forward", 0.01, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
     split = split_pass(model, train, held, config.batch_size, capture_block=depth - keep)
     timings["forward"] = split.forward_s
+    return BenchmarkSplit(train, held, [d.name for d in train], split, keep, namespace,
+                          UnitStore(namespace) if resume else None)
 
-    trainer = TailTrainer(model, split)
-    trainer.check()
-    t_units = time.perf_counter()
-    main = next(r for r in config.recipes if r.name == config.main_recipe)
-    wanted = [n for n in config.curve_domains if n in names]
+
+def main_recipe(config: BenchmarkConfig) -> Recipe:
+    return next(r for r in config.recipes if r.name == config.main_recipe)
+
+
+def estimator_context(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints) -> EstimatorContext:
+    """What the estimator families read: the split pass, the user's
+    checkpoints, and the settings; the trajectory estimators read the user's
+    checkpoints when given, else the main recipe's baseline fine-tune (first
+    seed), the trajectory a user without checkpoints of their own would have."""
+    settings = EstimatorSettings(damping=config.damping, blocks=min(config.align_blocks, run.keep),
+                                 adam_batches=config.adam_batches, seed=config.seed,
+                                 ekfac_blocks=min(config.ekfac_blocks, run.keep),
+                                 ekfac_fit_facts=config.ekfac_fit_facts or None, batch_size=config.batch_size,
+                                 recipe=main_recipe(config), checkpoint_lr=config.checkpoint_lr)
+    return EstimatorContext(model, run.split, settings, checkpoints)
+
+
+def _fine_tune_units(run: BenchmarkSplit, config: BenchmarkConfig) -> list:
+    """The ground truth's fine-tunes (every recipe and seed) and the
+    learning curves' points."""
     units = []
     for recipe in config.recipes:
         for s in range(config.seeds):
-            units += truth_units(recipe, config.seed + s, len(names))
-    for name in wanted:
-        k = names.index(name)
-        pool = len(split.train_rows[k]) + len(split.held_rows[k]) - config.curve_held_out
-        units += curve_units(main, config.seed, k, name, config.curve_sizes, config.curve_held_out,
-                             len(split.train_rows[k]), pool)
+            units += truth_units(recipe, config.seed + s, len(run.names))
+    for name in (n for n in config.curve_domains if n in run.names):
+        units += _curve_units(run, config, name)
+    return units
 
-    def on_done(key, value, finished, total):
+
+def _curve_units(run: BenchmarkSplit, config: BenchmarkConfig, name: str) -> list:
+    k = run.names.index(name)
+    pool = len(run.split.train_rows[k]) + len(run.split.held_rows[k]) - config.curve_held_out
+    return curve_units(main_recipe(config), config.seed, k, name, config.curve_sizes, config.curve_held_out,
+                       len(run.split.train_rows[k]), pool)
+
+
+def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints, executor, say, should_stop,
+               timings: dict):
+    """(estimator scores in the configured order, fine-tune values by key):
+    each estimator family and each fine-tune is a unit of the executor. The
+    families are submitted first: on Ray they are the longest units."""
+    t0 = time.perf_counter()
+    local = executor.kind == "local"
+    context = estimator_context(model, run, config, checkpoints)
+    families = [Unit(f"estimators/{family}", (family, tuple(members)))
+                for family, members in by_family(config.estimators).items()]
+    trainer = TailTrainer(model, run.split)
+    trainer.check()
+    units = _fine_tune_units(run, config)
+    timings["payload_mb"] = trainer.payload_bytes() / 2 ** 20
+
+    def on_family(key, value, finished, total):
+        say(Progress("estimators", 0.03 + 0.27 * finished / total, f"estimators {finished} of {total} families "
+                                                                    f"done ({key.split('/', 1)[1]})"))
+
+    def on_fine_tune(key, value, finished, total):
         say(Progress("ground truth", 0.3 + 0.65 * finished / total,
                      f"fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
 
-    local = executor.kind == "local"
-    payload_mb = trainer.payload_bytes() / 2 ** 20
-    shared = Shared(f"benchmark-tail/{namespace}", payload=None if local else trainer.payload(),
+    shared = Shared(f"benchmark-estimators/{run.namespace}", payload=None if local else context.payload(),
+                    build=build_context, context=context if local else None)
+    pending_estimators = executor.start(family_unit, families, shared, store=run.store, on_done=on_family,
+                                        should_stop=should_stop)
+    shared = Shared(f"benchmark-tail/{run.namespace}", payload=None if local else trainer.payload(),
                     build=build_trainer, context=trainer if local else None)
-    pending = executor.start(finetune_unit, units, shared, store=store, on_done=on_done, should_stop=should_stop)
+    pending = executor.start(finetune_unit, units, shared, store=run.store, on_done=on_fine_tune,
+                             should_stop=should_stop)
     try:
-        scores, terms, timings["estimators"] = _estimator_scores(model, train, split, config, keep, say,
-                                                                 checkpoints)
+        by_key = pending_estimators.wait()
         values = pending.wait()
     except BaseException:
+        pending_estimators.cancel()
         pending.cancel()
         raise
-    timings["units_wall"] = time.perf_counter() - t_units
-    del trainer
+    timings["units_wall"] = time.perf_counter() - t0
+    scores = {s["name"]: EstimatorScore.from_dict(s) for unit in families for s in by_key[unit.key]}
+    timings["estimators"] = sum(r.end - r.start for r in executor.telemetry.records
+                                if r.key.startswith("estimators/") and not r.cached)
+    return [scores[name] for name in config.estimators], values
 
-    unit_seconds = {r.key: r.end - r.start for r in executor.telemetry.records if not r.cached}
+
+def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seconds: dict, timings: dict) -> dict:
+    """Per recipe: the realised gain of each domain per seed and their mean,
+    the baseline's own drop, and the fine-tunes' seconds."""
     truth = {}
     for recipe in config.recipes:
         runs, drops, seconds = [], [], 0.0
         for s in range(config.seeds):
-            keys = [u.key for u in truth_units(recipe, config.seed + s, len(names))]
-            after = [values[key] for key in keys[1:]]
-            out = gains_from_losses(split.held_rows, values[keys[0]], after)
+            keys = [u.key for u in truth_units(recipe, config.seed + s, len(run.names))]
+            out = gains_from_losses(run.split.held_rows, values[keys[0]], [values[key] for key in keys[1:]])
             runs.append(out["gain"])
             drops.append(out["baseline_drop"])
             seconds += sum(unit_seconds.get(key, 0.0) for key in keys)
@@ -418,43 +460,35 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                               "gain": np.mean(np.asarray(runs), axis=0).tolist(),
                               "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(), "seconds": seconds}
     timings["ground_truth"] = sum(t["seconds"] for t in truth.values())
+    return truth
 
-    curves, curve_seconds = [], 0.0
+
+def _curves(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints, values: dict, unit_seconds: dict,
+            timings: dict) -> list:
+    """The measured learning curves beside the engine's predicted saturation."""
+    wanted = [n for n in config.curve_domains if n in run.names]
+    terms = domain_terms_of(estimator_context(model, run, config, checkpoints)) if wanted else None
+    curves, seconds = [], 0.0
     for name in wanted:
-        k = names.index(name)
-        pool = len(split.train_rows[k]) + len(split.held_rows[k]) - config.curve_held_out
-        mine = curve_units(main, config.seed, k, name, config.curve_sizes, config.curve_held_out,
-                           len(split.train_rows[k]), pool)
-        curve_seconds += sum(unit_seconds.get(u.key, 0.0) for u in mine)
+        k = run.names.index(name)
+        mine = _curve_units(run, config, name)
+        seconds += sum(unit_seconds.get(u.key, 0.0) for u in mine)
+        pool = len(run.split.train_rows[k]) + len(run.split.held_rows[k]) - config.curve_held_out
         measured = {"points": [[u.args[4], float(values[u.key])] for u in mine],
                     "held_out_facts": config.curve_held_out, "pool": pool}
-        curves.append({"domain": name, "recipe": main.name, "measured": measured,
+        curves.append({"domain": name, "recipe": config.main_recipe, "measured": measured,
                        "measured_saturation": measured_delta_n(measured["points"]),
-                       "predicted": predicted_curve(split, terms, k, config.damping, config.curve_sizes)})
-    timings["learning_curves"] = curve_seconds
-    execution = {"executor": executor.config.to_dict(), "resources": executor.describe(),
-                 "startup_s": getattr(executor, "startup_s", 0.0),
-                 "units": len(units), "cached_units": sum(r.cached for r in executor.telemetry.records),
-                 "payload_mb": payload_mb,
-                 "telemetry": executor.telemetry.to_dict()["units"]}
+                       "predicted": predicted_curve(run.split, terms, k, config.damping, config.curve_sizes)})
+    timings["learning_curves"] = seconds
+    return curves
 
-    say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
-    gains = {name: t["gains"] for name, t in truth.items()}
-    board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
-                                  config.interval_pct)
-    if BASELINE not in config.estimators:
-        notes.append("mean_loss is not among the estimators: no paired differences against it.")
-    timings["total"] = time.perf_counter() - clock
-    say(Progress("done", 1.0, "benchmark complete"))
-    groups = benchmark_groups()
-    return BenchmarkResult(
-        model=model.info.to_dict(), config=config.to_dict(), domains=names,
-        groups={n: groups[n] for n in names if n in groups},
-        split={"train": {d.name: list(d.facts) for d in train}, "held_out": {d.name: list(d.facts) for d in held}},
-        estimators=[s.to_dict() for s in scores], truth=truth, reliability=reliability(gains), leaderboard=board,
-        winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), execution=execution,
-    )
+
+def _execution(executor, run: BenchmarkSplit, timings: dict) -> dict:
+    records = executor.telemetry.records
+    return {"executor": executor.config.to_dict(), "resources": executor.describe(),
+            "startup_s": getattr(executor, "startup_s", 0.0), "units": len(records),
+            "cached_units": sum(r.cached for r in records), "payload_mb": timings.pop("payload_mb"),
+            "telemetry": executor.telemetry.to_dict()["units"]}
 
 
 def evidence_from_result(result: BenchmarkResult) -> dict:
@@ -491,9 +525,6 @@ def rerun_recipe(model, result: BenchmarkResult, recipe: Recipe,
     deterministic given the model, the split and the seed, so their scores
     are reused, and the leaderboard, reliability and winner are rebuilt. The
     result's warnings say which recipe was replaced and by what."""
-    from ..models import LoadedModel, load_model
-    from .estimators import EstimatorScore
-
     say = progress or (lambda p: None)
     if not isinstance(model, LoadedModel):
         model = load_model(model, "cpu", "float32")
@@ -501,9 +532,8 @@ def rerun_recipe(model, result: BenchmarkResult, recipe: Recipe,
     old = next((r for r in config.recipes if r.name == recipe.name), None)
     if old is None:
         raise ValueError(f"the result has no recipe named {recipe.name!r}")
-    names = result.domains
-    train = [Domain(n, tuple(result.split["train"][n])) for n in names]
-    held = [Domain(n, tuple(result.split["held_out"][n])) for n in names]
+    train = [Domain(n, tuple(result.split["train"][n])) for n in result.domains]
+    held = [Domain(n, tuple(result.split["held_out"][n])) for n in result.domains]
     depth = len(find_anatomy(model.model).down_projs)
     keep = min(depth, max([r.blocks for r in config.recipes] + [recipe.blocks, config.align_blocks]))
     say(Progress("forward", 0.0, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
@@ -523,8 +553,7 @@ def rerun_recipe(model, result: BenchmarkResult, recipe: Recipe,
                           "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(), "seconds": seconds}
     recipes = tuple(recipe if r.name == recipe.name else r for r in config.recipes)
     config = dataclasses.replace(config, recipes=recipes)
-    scores = [EstimatorScore(e["name"], e["label"], e["priority"], e["per_example"], e["time_s"], e["details"])
-              for e in result.estimators]
+    scores = [EstimatorScore.from_dict(e) for e in result.estimators]
     gains = {name: t["gains"] for name, t in truth.items()}
     board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
                                   config.interval_pct)

@@ -31,24 +31,24 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..domains import as_domains
-from ..progress import Progress
 from ..checkpoints import checkpoint_fields
 from ..curvature import structured_hessian, tail_coefficients
-from ..domains import Domain
+from ..domains import Domain, as_domains
+from ..estimators import EstimatorContext, EstimatorSettings, check_names, compute, get, names
+from ..estimators.subspace import domain_terms_of
+from ..forward import split_pass
+from ..models import LoadedModel, load_model
+from ..progress import Progress
 from ..result import finite_or_none
 from ..solvers import damped, dense_solve
+from ..splitting import split_domains
 from ..subspace import encode_facts, find_anatomy
 from .correlations import bootstrap_spearman, kendall, spearman
-from ..forward import split_pass
-from .estimators import (ALIGNMENT_ESTIMATORS, PAPER, SUBSPACE_ESTIMATORS, TRAJECTORY_ESTIMATORS, alignment_scores,
-                         score_estimators)
-
-# The quick validation's estimators: the benchmark has them all, EK-FAC and AirRep included.
-VALIDATION_ESTIMATORS = SUBSPACE_ESTIMATORS + ALIGNMENT_ESTIMATORS + TRAJECTORY_ESTIMATORS
-from .finetune import finetune_gains
-from ..splitting import split_domains
+from .finetune import finetune_gains, validation_recipe
 from .subspace_truth import subspace_response, summarise_subspace
+
+# The leaderboard's reference: Kendall's tau of every estimator against it.
+PAPER = "paper"
 
 
 @dataclass(frozen=True)
@@ -89,7 +89,7 @@ class ValidationConfig:
     finetune_batch: int = 8
     finetune_added_batch: int = 4
     finetune_added_weight: float = 1.0
-    estimators: tuple = VALIDATION_ESTIMATORS
+    estimators: tuple = field(default_factory=lambda: names("validation"))
     bootstrap: int = 1000
     interval_pct: float = 90.0
     lissa_depth: int = 1000
@@ -108,9 +108,7 @@ class ValidationConfig:
             raise ValueError(f"held_out_fraction must be in (0, 1), got {self.held_out_fraction!r}")
         if not self.eps or any(not (e > 0) for e in self.eps):
             raise ValueError("eps must be a non-empty list of positive numbers")
-        bad = [e for e in self.estimators if e not in VALIDATION_ESTIMATORS]
-        if bad:
-            raise ValueError(f"unknown estimator(s): {', '.join(bad)}; choose from {', '.join(VALIDATION_ESTIMATORS)}")
+        check_names(self.estimators, "validation")
         if self.finetune_steps < 1 or self.finetune_batch < 1 or self.finetune_added_batch < 1:
             raise ValueError("finetune_steps, finetune_batch and finetune_added_batch must be >= 1")
         if self.bootstrap < 0:
@@ -197,8 +195,6 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     """
     from datetime import datetime, timezone
 
-    from ..models import LoadedModel, load_model
-
     config = config or ValidationConfig()
     say = progress or (lambda p: None)
     clock = time.perf_counter()
@@ -214,51 +210,30 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
         model = load_model(model, "cpu", "float32")
         timings["load_model"] = time.perf_counter() - clock
     train, held = split_domains(domains, config.seed, config.held_out_fraction, held_out)
-    names = [d.name for d in train]
-    n = len(train)
+    domain_names = [d.name for d in train]
 
     say(Progress("forward", 0.02, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
     depth = len(find_anatomy(model.model).down_projs)
-    first = max(0, depth - config.finetune_blocks)
-    split = split_pass(model, train, held, config.batch_size, capture_block=first if config.finetune else None)
+    blocks = min(config.finetune_blocks, depth)
+    split = split_pass(model, train, held, config.batch_size, capture_block=depth - blocks if config.finetune else None)
     timings["forward"] = split.forward_s
 
-    estimators = list(config.estimators)
-    if PAPER not in estimators:
-        estimators.insert(0, PAPER)
     t0 = time.perf_counter()
-    scores, terms = score_estimators(
-        model, train, split, [e for e in estimators if e in SUBSPACE_ESTIMATORS], config.damping,
-        config.lissa_depth, config.lissa_batch_facts, config.seed,
-        progress=lambda f, m: say(Progress("estimators", 0.05 + 0.2 * f, m)),
-    )
-    aligned = [e for e in estimators if e in ALIGNMENT_ESTIMATORS]
-    if aligned and split.block_inputs is not None:
-        scores += alignment_scores(model, split, aligned, min(config.finetune_blocks, depth), seed=config.seed,
-                                   progress=lambda f, m: say(Progress("estimators", 0.25 + 0.05 * f, m)))
-    along = [e for e in estimators if e in TRAJECTORY_ESTIMATORS]
-    if along and split.block_inputs is not None:
-        from .finetune import validation_recipe
-        from .trajectory import trajectory_scores
-
-        # the trajectory is the user's checkpoints when given, else the validation's own baseline
-        # fine-tune (same recipe, seed and minibatches)
-        recipe = validation_recipe(config, min(config.finetune_blocks, depth))
-        scores += trajectory_scores(model, split, along, recipe, config.seed, batch_size=config.batch_size,
-                                    checkpoints=checkpoints, checkpoint_lr=config.checkpoint_lr,
-                                    progress=lambda f, m: say(Progress("estimators", 0.28 + 0.02 * f, m)))
+    ctx = EstimatorContext(model, split, EstimatorSettings(
+        damping=config.damping, blocks=blocks, seed=config.seed, lissa_depth=config.lissa_depth,
+        lissa_batch_facts=config.lissa_batch_facts, batch_size=config.batch_size,
+        # the trajectory is the user's checkpoints when given, else the validation's own baseline fine-tune
+        # (same recipe, seed and minibatches)
+        recipe=validation_recipe(config, blocks), checkpoint_lr=config.checkpoint_lr), checkpoints,
+        lambda f, m: say(Progress("estimators", 0.05 + 0.25 * f, m)))
+    scores = compute(ctx, scored_estimators(config, split.block_inputs is not None))
     timings["estimators"] = time.perf_counter() - t0
 
     subspace = None
     if config.subspace:
         t0 = time.perf_counter()
-        per_domain = []
-        for k in range(n):
-            say(Progress("subspace ground truth", 0.3 + 0.2 * k / n, f"Newton in S_k for {names[k]}"))
-            per_domain.append(subspace_response(split, terms, k, config.eps, config.damping, config.newton_steps))
-        subspace = summarise_subspace(names, per_domain)
+        subspace = subspace_truth(split, domain_terms_of(ctx), domain_names, config, say)
         timings["subspace"] = time.perf_counter() - t0
-
     finetune = None
     if config.finetune:
         t0 = time.perf_counter()
@@ -272,11 +247,30 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     timings["total"] = time.perf_counter() - clock
     say(Progress("done", 1.0, "validation complete"))
     return ValidationResult(
-        model=model.info.to_dict(), config=config.to_dict(), domains=names,
+        model=model.info.to_dict(), config=config.to_dict(), domains=domain_names,
         split={"train": {d.name: list(d.facts) for d in train}, "held_out": {d.name: list(d.facts) for d in held}},
         estimators=[s.to_dict() for s in scores], subspace=subspace, finetune=finetune, leaderboard=leaderboard,
         timings=timings, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
     )
+
+
+def scored_estimators(config: ValidationConfig, has_block_inputs: bool) -> list:
+    """The configured estimators, the paper's first if it was not asked for
+    (the leaderboard's reference), without those that need block inputs
+    when no fine-tuning ground truth captured them."""
+    wanted = list(config.estimators)
+    if PAPER not in wanted:
+        wanted.insert(0, PAPER)
+    return [e for e in wanted if has_block_inputs or "block_inputs" not in get(e).needs]
+
+
+def subspace_truth(split, terms: list, domain_names: list, config: ValidationConfig, say) -> dict:
+    """The proximal response in each S_k (`subspace_truth.subspace_response`)."""
+    per_domain = []
+    for k, name in enumerate(domain_names):
+        say(Progress("subspace ground truth", 0.3 + 0.2 * k / len(domain_names), f"Newton in S_k for {name}"))
+        per_domain.append(subspace_response(split, terms, k, config.eps, config.damping, config.newton_steps))
+    return summarise_subspace(domain_names, per_domain)
 
 
 def build_leaderboard(scores, subspace, finetune, config: ValidationConfig) -> list:
