@@ -265,21 +265,11 @@ def run_analyze(args) -> int:
 
 
 def run_validate(args) -> int:
-    import json
-
     from .domains import DomainError, default_domains, load_domains
     from .validation.validate import ValidationConfig, validate
 
     try:
-        fields = json.loads(Path(args.config).read_text()) if args.config else {}
-        if args.seed is not None:
-            fields["seed"] = args.seed
-        if args.steps is not None:
-            fields["finetune_steps"] = args.steps
-        if args.checkpoints:
-            fields["checkpoints"] = args.checkpoints
-        if args.checkpoint_lr is not None:
-            fields["checkpoint_lr"] = args.checkpoint_lr
+        fields = config_fields(args, finetune_steps=args.steps)
         model = checked_model(args, [args.model])[0]
         config = ValidationConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else default_domains()
@@ -301,6 +291,19 @@ def run_validate(args) -> int:
         atomic_write_text(Path(args.out), result.to_json())
         print(f"\nwrote {args.out}")
     return 0
+
+
+def config_fields(args, **overrides) -> dict:
+    """The configuration's fields: the --config JSON file's, then the
+    command line's --seed, --checkpoints and --checkpoint-lr, then the
+    command's own overrides (those given, not None)."""
+    import json
+
+    fields = json.loads(Path(args.config).read_text()) if args.config else {}
+    given = {"seed": args.seed, "checkpoints": args.checkpoints or None, "checkpoint_lr": args.checkpoint_lr,
+             **overrides}
+    fields.update({name: value for name, value in given.items() if value is not None})
+    return fields
 
 
 def _check_out(path) -> None:
@@ -333,13 +336,7 @@ def run_benchmark_command(args) -> int:
     from .domains import benchmark_domains
 
     try:
-        fields = json.loads(Path(args.config).read_text()) if args.config else {}
-        if args.seed is not None:
-            fields["seed"] = args.seed
-        if args.checkpoints:
-            fields["checkpoints"] = args.checkpoints
-        if args.checkpoint_lr is not None:
-            fields["checkpoint_lr"] = args.checkpoint_lr
+        fields = config_fields(args)
         model = checked_model(args, [args.model])[0]
         config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)

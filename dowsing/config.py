@@ -5,6 +5,8 @@ import dataclasses
 import json
 from dataclasses import dataclass
 
+from .records import ConfigRecord
+
 SOLVERS = ("auto", "cg", "exact")
 CURVATURES = ("hessian", "ggn")
 DEVICES = ("cpu", "cuda")
@@ -20,7 +22,7 @@ DEFAULT_ESTIMATOR = "mean_loss"
 
 
 @dataclass(frozen=True)
-class AnalysisConfig:
+class AnalysisConfig(ConfigRecord):
     """Every knob of one analysis; defaults are the engine's defaults.
 
     damping: lambda in (H + lambda I) z = g.
@@ -109,20 +111,6 @@ class AnalysisConfig:
             raise ValueError(f"adam_batches must be an integer >= 1, got {self.adam_batches!r}")
         if self.checkpoint_lr is not None and not (self.checkpoint_lr > 0):
             raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
-
-    def to_dict(self) -> dict:
-        # plain JSON types, so a dict survives a JSON round trip unchanged
-        data = dataclasses.asdict(self)
-        data["checkpoints"] = list(self.checkpoints)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "AnalysisConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown config fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
 
     def canonical_json(self) -> str:
         """Stable text form: part of the cache key."""

@@ -365,6 +365,52 @@ def report_filename(result: Result, ext: str) -> str:
     return f"dowsing-{stamp}.{ext}"
 
 
+def _uncertainty_html(result: Result) -> str:
+    """The bootstrap's note and the ranks that do not hold across resamples."""
+    esc = html.escape
+    note = interval_note(result)
+    if not note:
+        return "<p class='note'>No bootstrap intervals in this result (CG solver with B &gt; 1, or an older result).</p>"
+    out = f"<p class='note'>{esc(note)}</p>"
+    unstable = unstable_domains(result)
+    if unstable:
+        items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in unstable.items())
+        out += f"<p>Ranks that do not hold across resamples:</p><ul>{items}</ul>"
+    return out
+
+
+def _figure_sections(result: Result, figs: dict) -> tuple[str, str]:
+    """(rank stability section, transfer section), each '' where the result has no such figure."""
+    esc = html.escape
+    rank_section = transfer_section = ""
+    if "rank" in figs:
+        rank_div = figs["rank"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
+        extras = result.extras or {}
+        threshold = (extras.get("ranking") or extras.get("bootstrap") or {}).get("rank_stable_probability", 0.8)
+        rank_section = (f"<section><h2>Rank stability</h2><p>Each cell is the share of bootstrap resamples in which "
+                        f"the domain (row) holds the rank (column) under the ranking estimator; a domain is stable "
+                        f"when one rank has at least {threshold:.0%}.</p>{rank_div}</section>")
+    if "transfer" in figs:
+        transfer_div = figs["transfer"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
+        transfer_section = f"<section><h2>Cross-domain transfer</h2><p>{esc(TRANSFER_HELP)}</p>{transfer_div}</section>"
+    return rank_section, transfer_section
+
+
+def _kv_rows(mapping: dict, value=lambda v: json.dumps(v)) -> str:
+    esc = html.escape
+    return "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(value(v))}</td></tr>" for k, v in (mapping or {}).items())
+
+
+def _diagnostics_html(result: Result) -> str:
+    """The solver diagnostics table and every note under it."""
+    esc = html.escape
+    diag = diagnostics_table(result).to_html(index=False, classes="dw-table dw-diag", border=0, escape=True)
+    diag += "".join(f'<p class="note">{esc(text)}</p>' for text in curvature_warnings(result))
+    if ranking_details(result):
+        diag += f'<p class="note">{esc(ranking_details(result))}</p>'
+    return diag + "".join(f'<p class="note">{esc(text)}</p>' for text in (result.extras or {}).get("warnings") or [])
+
+
 def build_report(result: Result, title: str = "Data dowsing report") -> str:
     """A single HTML file: the table with its 90% intervals, the donut, the rank
     probabilities, the saturation curves with their bands and the transfer heatmap
@@ -376,27 +422,8 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
     curve_div = figs["saturation"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
     esc = html.escape
     note = interval_note(result)
-    unstable = unstable_domains(result)
-    uncertainty = ""
-    if note:
-        uncertainty = f"<p class='note'>{esc(note)}</p>"
-        if unstable:
-            items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in unstable.items())
-            uncertainty += f"<p>Ranks that do not hold across resamples:</p><ul>{items}</ul>"
-    else:
-        uncertainty = "<p class='note'>No bootstrap intervals in this result (CG solver with B &gt; 1, or an older result).</p>"
-    rank_section = ""
-    if "rank" in figs:
-        rank_div = figs["rank"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
-        extras = result.extras or {}
-        threshold = (extras.get("ranking") or extras.get("bootstrap") or {}).get("rank_stable_probability", 0.8)
-        rank_section = (f"<section><h2>Rank stability</h2><p>Each cell is the share of bootstrap resamples in which "
-                        f"the domain (row) holds the rank (column) under the ranking estimator; a domain is stable "
-                        f"when one rank has at least {threshold:.0%}.</p>{rank_div}</section>")
-    transfer_section = ""
-    if "transfer" in figs:
-        transfer_div = figs["transfer"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
-        transfer_section = f"<section><h2>Cross-domain transfer</h2><p>{esc(TRANSFER_HELP)}</p>{transfer_div}</section>"
+    uncertainty = _uncertainty_html(result)
+    rank_section, transfer_section = _figure_sections(result, figs)
     reasons = missing_reasons(result)
     reason_items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in reasons.items())
     top = result.ranked()[0] if result.domains else None
@@ -407,21 +434,15 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
     evidence_class = "evidence weak" if evidence_is_weak(result) else "evidence"
     ranking_block = (f"<p class='ranked-by'>{esc(ranking_statement(result))}</p>"
                      f"<p class='{evidence_class}'>{esc(evidence_text(result))}</p>")
-    settings = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(json.dumps(v))}</td></tr>"
-                       for k, v in (result.config or {}).items())
-    model_rows = "".join(f"<tr><th>{esc(str(k))}</th><td>{esc(str(v))}</td></tr>"
-                         for k, v in (result.model or {}).items())
-    timings = "".join(f"<tr><th>{esc(str(k))}</th><td>{v:.2f} s</td></tr>"
-                      for k, v in (result.timings or {}).items() if isinstance(v, (int, float)))
+    settings = _kv_rows(result.config)
+    model_rows = _kv_rows(result.model, str)
+    timings = _kv_rows({k: v for k, v in (result.timings or {}).items() if isinstance(v, (int, float))},
+                       lambda v: f"{v:.2f} s")
     domain_blocks = []
     for name, facts in _facts_by_domain(result).items():
         items = "".join(f"<li>{esc(f)}</li>" for f in facts)
         domain_blocks.append(f"<details><summary><b>{esc(name)}</b> ({len(facts)} facts)</summary><ol>{items}</ol></details>")
-    diag = diagnostics_table(result).to_html(index=False, classes="dw-table dw-diag", border=0, escape=True)
-    diag += "".join(f'<p class="note">{esc(text)}</p>' for text in curvature_warnings(result))
-    if ranking_details(result):
-        diag += f'<p class="note">{esc(ranking_details(result))}</p>'
-    diag += "".join(f'<p class="note">{esc(text)}</p>' for text in (result.extras or {}).get("warnings") or [])
+    diag = _diagnostics_html(result)
     created = result.created_at or datetime.now().isoformat(timespec="seconds")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">

@@ -27,6 +27,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..checkpoints import checkpoint_fields
 from ..domains import Domain, as_domains, benchmark_domains, benchmark_groups
 from ..estimators import (EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
@@ -35,10 +36,12 @@ from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
 from ..forward import split_pass
 from ..models import LoadedModel, load_model
 from ..progress import Progress
+from ..records import ConfigRecord, ResultRecord
 from ..result import ENGINE_VERSION, finite_or_none
 from ..saturation import DenseSystem, mu_function, saturation
 from ..solvers import damped, dense_solve
 from ..splitting import split_domains
+from ..curvature import structured_hessian
 from ..subspace import find_anatomy
 from ..training import Recipe, TailTrainer, build_trainer
 from .finetune import counterfactual_gains, curve_units, finetune_unit, gains_from_losses, measured_delta_n, truth_units
@@ -57,7 +60,7 @@ CURVE_DOMAINS = ("Cooking", "World geography", "Physics", "Heraldry", "Norwegian
 
 
 @dataclass(frozen=True)
-class BenchmarkConfig:
+class BenchmarkConfig(ConfigRecord):
     """Every knob of one benchmark run.
 
     seed / seeds: the first seed and how many seeds each recipe is run with
@@ -84,6 +87,8 @@ class BenchmarkConfig:
         instead of the main recipe's baseline fine-tune. Empty: that
         fine-tune is the trajectory.
     """
+
+    record_name = "benchmark config"
 
     seed: int = 0
     seeds: int = 2
@@ -129,21 +134,6 @@ class BenchmarkConfig:
         if self.bootstrap < 0:
             raise ValueError("bootstrap must be >= 0")
 
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        for name in ("estimators", "curve_domains", "curve_sizes", "checkpoints"):
-            data[name] = list(data[name])
-        data["recipes"] = [dataclasses.asdict(r) for r in self.recipes]
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BenchmarkConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown benchmark config fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
     @classmethod
     def quick(cls, **changes) -> "BenchmarkConfig":
         """The quick benchmark: six domains of 12 facts, short recipes, small
@@ -160,7 +150,7 @@ class BenchmarkConfig:
 
 
 @dataclass
-class BenchmarkResult:
+class BenchmarkResult(ResultRecord):
     model: dict
     config: dict
     domains: list  # names
@@ -176,21 +166,6 @@ class BenchmarkResult:
     warnings: list = field(default_factory=list)
     created_at: str = ""
     execution: dict = field(default_factory=dict)  # executor, resources, per-unit node and times
-
-    def to_dict(self) -> dict:
-        return finite_or_none(dataclasses.asdict(self))
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "BenchmarkResult":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_json(cls, text: str) -> "BenchmarkResult":
-        return cls.from_dict(json.loads(text))
 
     def recipe_names(self) -> list:
         return [r["name"] for r in self.config["recipes"]]

@@ -7,7 +7,7 @@ import time
 
 import torch
 
-from ..training import Recipe, TailTrainer, build_trainer
+from ..training import Recipe, TailData, TailTrainer, build_trainer
 
 
 def validation_recipe(config, blocks: int) -> Recipe:

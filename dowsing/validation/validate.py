@@ -39,6 +39,7 @@ from ..estimators.subspace import domain_terms_of
 from ..forward import split_pass
 from ..models import LoadedModel, load_model
 from ..progress import Progress
+from ..records import ConfigRecord, ResultRecord
 from ..result import finite_or_none
 from ..solvers import damped, dense_solve
 from ..splitting import split_domains
@@ -52,7 +53,7 @@ PAPER = "paper"
 
 
 @dataclass(frozen=True)
-class ValidationConfig:
+class ValidationConfig(ConfigRecord):
     """Every knob of one validation run.
 
     seed: the split, the fine-tuning minibatches, LiSSA and the bootstrap.
@@ -77,6 +78,8 @@ class ValidationConfig:
         checkpoint_lr: the step size of every interval (None: from each
         step's length).
     """
+
+    record_name = "validation config"
 
     seed: int = 0
     held_out_fraction: float = 0.5
@@ -114,24 +117,9 @@ class ValidationConfig:
         if self.bootstrap < 0:
             raise ValueError("bootstrap must be >= 0")
 
-    def to_dict(self) -> dict:
-        data = dataclasses.asdict(self)
-        data["eps"] = list(self.eps)
-        data["estimators"] = list(self.estimators)
-        data["checkpoints"] = list(self.checkpoints)
-        return data
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ValidationConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(data) - known
-        if unknown:
-            raise ValueError(f"unknown validation config fields: {', '.join(sorted(unknown))}")
-        return cls(**data)
-
 
 @dataclass
-class ValidationResult:
+class ValidationResult(ResultRecord):
     model: dict
     config: dict
     domains: list  # names
@@ -143,21 +131,6 @@ class ValidationResult:
     timings: dict
     created_at: str = ""
     extras: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return finite_or_none(dataclasses.asdict(self))
-
-    def to_json(self, indent: int | None = 2) -> str:
-        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "ValidationResult":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in known})
-
-    @classmethod
-    def from_json(cls, text: str) -> "ValidationResult":
-        return cls.from_dict(json.loads(text))
 
     def table(self):
         """The leaderboard as a DataFrame, best rho first."""

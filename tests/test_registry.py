@@ -1,0 +1,207 @@
+"""The estimator registry: one contract checked for every registered
+estimator (one finite priority per domain, per-fact values that belong to
+the right facts, seeded and repeatable), a toy estimator added in a test
+reaching the analysis, the CLI and the benchmark's leaderboard through its
+family module alone, and the package's layering (no import circle, no
+function over 80 lines)."""
+from __future__ import annotations
+
+import ast
+import math
+from pathlib import Path
+
+import pytest
+
+from dowsing import estimators
+from dowsing.config import AnalysisConfig
+from dowsing.domains import Domain
+from dowsing.estimators import EstimatorContext, EstimatorSettings, compute, registry
+from dowsing.forward import split_pass
+from dowsing.models import load_model
+from dowsing.splitting import split_domains
+from dowsing.training import Recipe
+
+PACKAGE = Path(__file__).resolve().parent.parent / "dowsing"
+DOMAINS = [Domain(name, tuple(f"{name} fact number {i} says {word} is {i + 2}." for i in range(6)))
+           for name, word in (("Alpha", "red"), ("Beta", "green"), ("Gamma", "blue"), ("Delta", "amber"))]
+
+
+@pytest.fixture(scope="module")
+def split(tiny_llama_dir):
+    loaded = load_model(str(tiny_llama_dir), dtype="float64")
+    train, held = split_domains(DOMAINS, seed=0)
+    return loaded, split_pass(loaded, train, held, capture_block=0)
+
+
+def _context(split, seed: int = 0) -> EstimatorContext:
+    loaded, passed = split
+    settings = EstimatorSettings(blocks=1, adam_batches=2, seed=seed, lissa_depth=50, ekfac_blocks=1,
+                                 ekfac_fit_facts=12, recipe=Recipe("trajectory", steps=2, blocks=1, batch=4,
+                                                                   added_batch=2))
+    return EstimatorContext(loaded, passed, settings)
+
+
+@pytest.mark.parametrize("family", list(estimators.FAMILIES))
+def test_every_registered_estimator_meets_the_contract(split, family):
+    """Each family's members, computed twice on the same split: one finite
+    priority per domain, per-fact values (where the estimator has them) for
+    each training fact averaging to the priority where the estimator is a mean
+    over facts, a label, and the same numbers both times (seeded)."""
+    members = [n for n, e in estimators.ESTIMATORS.items() if e.family == family]
+    _, passed = split
+    first = compute(_context(split), members)
+    again = compute(_context(split), members)
+    assert [s.name for s in first] == members
+    for score, repeat in zip(first, again):
+        entry = estimators.get(score.name)
+        assert score.label == entry.label and entry.summary and entry.cost > 0
+        assert len(score.priority) == len(DOMAINS)
+        assert all(math.isfinite(p) for p in score.priority), score.name
+        assert score.priority == repeat.priority, f"{score.name} is not repeatable"
+        assert score.time_s >= passed.forward_s
+        if score.per_example is not None:
+            assert [len(v) for v in score.per_example] == [len(r) for r in passed.train_rows], score.name
+
+
+def test_labels_and_names_are_unique_and_every_place_reads_them():
+    from dowsing.cli import build_parser
+    from dowsing.validation.benchmark import BenchmarkConfig
+    from dowsing.validation.validate import ValidationConfig
+
+    labels = [e.label for e in estimators.ESTIMATORS.values()]
+    assert len(labels) == len(set(labels))
+    assert BenchmarkConfig().estimators == estimators.names("benchmark")
+    assert ValidationConfig().estimators == estimators.names("validation")
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["analyze"]._actions
+                  if a.dest == "estimator")
+    assert tuple(action.choices) == estimators.names("analysis")
+    for name in estimators.names("analysis"):
+        assert name in action.help
+    with pytest.raises(ValueError, match="unknown estimator"):
+        estimators.check_names(["paper", "nonsense"])
+
+
+def _token_counts(d):
+    """A toy: each fact's token count, the domain's mean of them."""
+    ids = d.ctx.split.ids
+    per_example = [float(len(ids[r])) for r in d.example_rows]
+    return sum(len(ids[r]) for r in d.rows) / len(d.rows), per_example, None
+
+
+@pytest.fixture
+def toy_estimator():
+    """A toy estimator added to the subspace family exactly as its module
+    adds one: a declaration and its per-domain function."""
+    from dowsing.estimators import subspace
+
+    registry.register(registry.Estimator("toy_tokens", "Toy: mean tokens per fact", "subspace",
+                                         "the domain's mean fact length in tokens", in_analysis=True))
+    subspace.DOMAIN_SCORES["toy_tokens"] = _token_counts
+    yield "toy_tokens"
+    registry.unregister("toy_tokens")
+    del subspace.DOMAIN_SCORES["toy_tokens"]
+
+
+def test_a_toy_estimator_reaches_the_analysis_the_cli_and_the_leaderboard(toy_estimator, tiny_llama_dir,
+                                                                           tmp_path, monkeypatch):
+    from dowsing.analysis import analyze
+    from dowsing.cli import build_parser
+    from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
+
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
+    loaded = load_model(str(tiny_llama_dir))
+    args = build_parser().parse_args(["analyze", "--estimator", toy_estimator])
+    assert args.estimator == toy_estimator
+    result = analyze(loaded, DOMAINS, AnalysisConfig(estimator=toy_estimator))
+    lengths = [[len(loaded.tokenizer(f)["input_ids"]) for f in d.facts] for d in DOMAINS]
+    assert [d.priority for d in result.domains] == pytest.approx([sum(v) / len(v) for v in lengths])
+    assert [e["priority"] for e in result.per_example] == [float(n) for v in lengths for n in v]
+    assert result.extras["ranking"]["label"] == "Toy: mean tokens per fact"
+    config = BenchmarkConfig.quick(estimators=("mean_loss", toy_estimator), seeds=1, curve_domains=(),
+                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50)
+    with pytest.warns(UserWarning, match="no power"):
+        bench = run_benchmark(loaded, DOMAINS, config)
+    row = next(r for r in bench.leaderboard if r["estimator"] == toy_estimator)
+    assert row["label"] == "Toy: mean tokens per fact"
+    train = {name: facts for name, facts in bench.split["train"].items()}
+    toy = next(s for s in bench.estimators if s["name"] == toy_estimator)
+    assert toy["priority"] == pytest.approx(
+        [sum(len(loaded.tokenizer(f)["input_ids"]) for f in train[d.name]) / len(train[d.name]) for d in DOMAINS])
+
+
+def _module_imports() -> dict:
+    """{module: {modules of the package it imports, anywhere in its code}}."""
+    modules = {}
+    for path in PACKAGE.rglob("*.py"):
+        name = ".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        modules[name.removesuffix(".__init__")] = path
+    graph = {}
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        found = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                for alias in node.names:
+                    target = f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                    if target in modules and target != name:
+                        found.add(target)
+            elif isinstance(node, ast.Import):
+                found.update(a.name for a in node.names if a.name in modules and a.name != name)
+        graph[name] = found
+    return graph
+
+
+def _cycles(graph: dict) -> list:
+    """Strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+    def visit(v):
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                out.append(sorted(component))
+
+    for v in graph:
+        if v not in index:
+            visit(v)
+    return out
+
+
+def test_the_package_has_no_import_circle():
+    graph = _module_imports()
+    # the walk sees the imports the layers rest on
+    assert "dowsing.estimators" in graph["dowsing.ranking"] and "dowsing.ranking" in graph["dowsing.analysis"]
+    assert _cycles(graph) == []
+
+
+def test_the_cycle_finder_finds_a_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+
+
+def test_no_function_in_the_package_is_over_80_lines():
+    long = []
+    for path in PACKAGE.rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if node.end_lineno - node.lineno + 1 > 80:
+                    long.append(f"{path.relative_to(PACKAGE.parent)}:{node.name}")
+    assert long == []
