@@ -95,6 +95,8 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
     ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None))
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
+    if checkpoints and "trajectory" in get(name).needs:
+        score.details["checkpoints"] = [c.spec for c in checkpoints]
     score.time_s = time.perf_counter() - t0
     return score
 

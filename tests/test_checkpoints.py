@@ -264,10 +264,12 @@ def test_cli_bad_checkpoints_exit_2_and_write_nothing(command, shapes, tmp_path,
 
 def test_analysis_config_needs_checkpoints_for_their_estimators():
     from dowsing.config import AnalysisConfig
+    from dowsing.ranking import check_estimator
 
     with pytest.raises(ValueError, match="at least 2") as exc:
-        AnalysisConfig(estimator="diffin")
+        check_estimator(AnalysisConfig(estimator="diffin"))
     assert "\n" not in str(exc.value)
+    check_estimator(AnalysisConfig(estimator="diffin", checkpoints=["a", "b"]))
     config = AnalysisConfig(estimator="vog", checkpoints=["a", "b"])
     assert config.checkpoints == ("a", "b")
     assert AnalysisConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
