@@ -1,5 +1,5 @@
 """A user's training checkpoints of one model, oldest first, as the input of
-the trajectory estimators (`dowsing.validation.trajectory`).
+the trajectory estimators (`dowsing.estimators.trajectory`).
 
 A checkpoint is a local Hugging Face model folder (config.json plus
 weights), or a revision of a hub repository written `owner/name@revision`

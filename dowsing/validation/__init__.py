@@ -1,12 +1,9 @@
 """Does the ranking predict training? Ground truth by actually training, and
-rival estimators on one leaderboard.
+every registered estimator (`dowsing.estimators`) on one leaderboard.
 
-Modules: `split` (the training / held-out split and the shipped benchmark
-domains), `estimators` (every estimator as a named function of the training
-facts), `ekfac` (EK-FAC influence through kronfluence), `subspace_truth` (the
-response in the concept subspace), `finetune` (counterfactual fine-tunes and
-learning curves), `correlations` (rank correlations and bootstrap intervals),
-`leaderboard`, `validate` (the quick check on a user's domain set), `benchmark`
-(the benchmark with power) and `background` (runs in their own process for
-the app).
+Modules: `subspace_truth` (the response in the concept subspace), `finetune`
+(counterfactual fine-tunes and learning curves), `correlations` (rank
+correlations and bootstrap intervals), `leaderboard`, `validate` (the quick
+check on a user's domain set), `benchmark` (the benchmark with power) and
+`figures`.
 """
