@@ -6,10 +6,10 @@ Ray, on this machine and on a simulated multi-node cluster.
     python benchmarks/bench_executor.py startup
 
 speedup: the ground truth of the benchmark (every domain, the main recipe,
-    S seeds: (N + 1) * S fine-tunes; mean loss as the only estimator, no
-    learning curves) in one process with one thread, then on a local Ray with
-    2 single-threaded workers; wall times, ratio, and the largest difference
-    between the two runs' gains.
+    S seeds: (N + 1) * S fine-tunes; the --estimators, each family one unit
+    of work, no learning curves) in one process with one thread, then on a
+    local Ray with 2 single-threaded workers; wall times, ratio, and the
+    largest difference between the two runs' gains and priorities.
 cluster: the same work on `ray.cluster_utils.Cluster` with K nodes of one
     CPU each on this machine; per node, the units it ran and its idle share
     after warm-up (from its first unit's start to the last unit's end, the
@@ -43,8 +43,8 @@ from dowsing.domains import benchmark_domains  # noqa: E402
 OUT = ROOT / "benchmarks" / "out"
 
 
-def truth_config(seeds: int) -> BenchmarkConfig:
-    return BenchmarkConfig(estimators=("mean_loss",), seeds=seeds, recipes=DEFAULT_RECIPES[:1], curve_domains=(),
+def truth_config(seeds: int, estimators: tuple = ("mean_loss",)) -> BenchmarkConfig:
+    return BenchmarkConfig(estimators=estimators, seeds=seeds, recipes=DEFAULT_RECIPES[:1], curve_domains=(),
                            bootstrap=200)
 
 
@@ -72,7 +72,7 @@ def speedup(args) -> dict:
     torch.set_num_threads(1)
     model = load_model(args.model, "cpu", "float32")
     domains = benchmark_domains()[: args.domains]
-    config = truth_config(args.seeds)
+    config = truth_config(args.seeds, tuple(args.estimators.split(",")))
     t0 = time.perf_counter()
     local = run_benchmark(model, domains, config)
     local_s = time.perf_counter() - t0
@@ -81,7 +81,11 @@ def speedup(args) -> dict:
     ray_result = run_benchmark(model, domains, config, executor=executor)
     ray_s = time.perf_counter() - t0
     diff = np.abs(gains(local) - gains(ray_result)).max() / np.abs(gains(local)).max()
-    return {"model": model.info.id, "domains": len(domains), "fine_tunes": ray_result.execution["units"],
+    scores_differ = max(abs(a - b) / max(abs(a), 1e-12)
+                        for x, y in zip(local.estimators, ray_result.estimators)
+                        for a, b in zip(x["priority"], y["priority"]))
+    return {"model": model.info.id, "domains": len(domains), "estimators": config.estimators,
+            "units": ray_result.execution["units"], "max_relative_priority_difference": scores_differ,
             "local_s": local_s, "local_stages_s": local.timings, "ray_s": ray_s, "ray_stages_s": ray_result.timings,
             "ray_startup_s": executor.startup_s, "speedup": local_s / ray_s,
             "fine_tune_stage_speedup": local.timings["units_wall"] / ray_result.timings["units_wall"],
@@ -132,6 +136,9 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=27)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--estimators", default="mean_loss",
+                        help="speedup: comma-separated estimators; each family is one unit of work beside the "
+                             "fine-tunes (default: mean_loss)")
     args = parser.parse_args()
     report = {"speedup": speedup, "cluster": cluster, "startup": startup}[args.what](args)
     report["cpu_count"] = os.cpu_count()
