@@ -104,7 +104,7 @@ if result is not None:
 
 st.subheader("Cross-domain transfer")
 job_id = _shared.job_to_show()
-analysis = _shared.executor().result(job_id) if job_id else None
+analysis = _shared.runner().result(job_id) if job_id else None
 transfer_chart = charts.transfer_heatmap(analysis) if analysis is not None else None
 if transfer_chart is not None:
     st.caption(report.TRANSFER_HELP + f" From the run shown on Results: {report.model_summary(analysis)}.")

@@ -25,8 +25,8 @@ Astronomy,The Sun is a star.
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A private cache for this module; cached Streamlit resources (the
-    executor, loaded models) are dropped so they point at it."""
+    """A private cache for this module; cached Streamlit resources (the job
+    runner, loaded models) are dropped so they point at it."""
     folder = tmp_path_factory.mktemp("dowsing-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DOWSING_CACHE", str(folder))
@@ -233,9 +233,9 @@ def test_run_page_shows_progress_and_finishes(finished_job):
 def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     _, job_id, _ = finished_job
     from dowsing import report
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
-    result = default_executor().result(job_id)
+    result = default_runner().result(job_id)
     assert result is not None
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
@@ -291,9 +291,9 @@ def results_page(tiny, job_id):
 def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     _, job_id, _ = finished_job
     from dowsing import report
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
-    result = default_executor().result(job_id)
+    result = default_runner().result(job_id)
     boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
     ranking = result.extras["ranking"]  # the ranking estimator's bootstrap, lists in domain order
     at = results_page(tiny, job_id)
@@ -328,13 +328,13 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
 def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
     """A result cached before the bootstrap and the transfer matrix existed still shows."""
     _, job_id, _ = finished_job
-    from dowsing.jobs import LocalProcessExecutor, default_executor
+    from dowsing.jobs import LocalJobRunner, default_runner
     from dowsing.result import Result
 
-    result = default_executor().result(job_id)
+    result = default_runner().result(job_id)
     old = Result.from_dict({**result.to_dict(), "extras": {}})
-    # The page reads results through the (cached) executor: replace the service, not the page.
-    monkeypatch.setattr(LocalProcessExecutor, "result", lambda self, _job_id: old)
+    # The page reads results through the (cached) job runner: replace the service, not the page.
+    monkeypatch.setattr(LocalJobRunner, "result", lambda self, _job_id: old)
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
     body = table[table.index("<tbody>"):]  # after the CSS, which names every class
@@ -366,15 +366,15 @@ def test_compare_two_runs(finished_job, tiny):
     assert any("Paper: concept-subspace influence" in c.value for c in at.caption)
     button(at, "Analyze").click()
     run_until_done(at)
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
     job = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
-    state = default_executor().state(job)
+    state = default_runner().state(job)
     assert state.request["config"]["estimator"] == "paper"
     from pages._shared import job_label
 
     assert "estimator = paper" in job_label(state)
-    paper_result = default_executor().result(job)
+    paper_result = default_runner().result(job)
     assert [d.rank for d in paper_result.domains] == [
         sorted((x.mean for x in paper_result.domains), reverse=True).index(d.mean) + 1 for d in paper_result.domains]
     at.switch_page("pages/compare.py")
@@ -455,7 +455,7 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     exactness check."""
     from dowsing.validation import background
     from dowsing.validation.validate import ValidationResult
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
     _, job_id, _ = finished_job
     at = make_app(tiny, "pages/validate.py")
@@ -484,7 +484,7 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     assert any("Concept subspace" in s["layout"]["title"]["text"] for s in specs.values())
 
     # The analysis shown on Results gives the transfer heatmap here: its matrix.
-    analysis = default_executor().result(at.query_params["job"][0] if isinstance(at.query_params["job"], list)
+    analysis = default_runner().result(at.query_params["job"][0] if isinstance(at.query_params["job"], list)
                                          else at.query_params["job"])
     heat = next(s for s in specs.values() if s["data"][0]["type"] == "heatmap")
     assert heat["data"][0]["z"] == analysis.extras["transfer"]["matrix"]
@@ -595,11 +595,11 @@ def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache,
     run_until_done(at)
     job = at.query_params["job"]
     job = job[0] if isinstance(job, list) else job
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
-    state = default_executor().state(job)
+    state = default_runner().state(job)
     assert state.request["config"]["checkpoints"] == [str(tiny_gpt2_dir), str(steps[0]), str(steps[1])]
     assert state.request["model_id"] == str(Path(steps[1]).resolve())
-    result = default_executor().result(job)
+    result = default_runner().result(job)
     assert result.extras["ranking"]["estimator"] == "vog"
     assert result.extras["ranking"]["details"]["trajectory"] == "user checkpoints"
