@@ -133,8 +133,8 @@ def _acquire_runner_lock(store: JobStore, job_id: str, run_id: str):
                 return handle
             except BlockingIOError:
                 pass
-        waiting = (ahead.job_id if ahead else None,
-                   waiting_message(ahead, len(before) - (ahead is not None and ahead.status == "queued")))
+        others_before = len(before) - 1 if ahead is not None and ahead.status == "queued" else len(before)
+        waiting = (ahead.job_id if ahead is not None else None, waiting_message(ahead, others_before))
         if waiting != shown:
             shown = waiting
             note(waiting[1])
