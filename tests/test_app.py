@@ -449,11 +449,10 @@ def test_a_failing_worker_shows_its_error(tiny, tmp_path):
 
 
 def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_and_exactness(finished_job, tiny):
-    """Start a real validation (a background process on the tiny model) from the
+    """Start a real validation (a background job on the tiny model) from the
     page, poll until it is done, and check what the page shows against the
-    result file; then the transfer heatmap of the finished analysis and the
-    exactness check."""
-    from dowsing.validation import background
+    job's stored result; then the transfer heatmap of the finished analysis
+    and the exactness check."""
     from dowsing.validation.validate import ValidationResult
     from dowsing.jobs import default_runner
 
@@ -462,15 +461,19 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     assert at.title[0].value == "Validate"
     button(at, "Start validation").click()
     at.run()
-    run_id = at.session_state["validation_run"]
+    run_id = at.session_state["validation_id"]
+    assert at.query_params["validation"] in (run_id, [run_id])  # a refresh finds it again
     deadline = time.monotonic() + 180
     while not any(s.value == "Leaderboard" for s in at.subheader):
-        assert time.monotonic() < deadline, f"validation did not finish: {background.background_state(run_id)}"
+        assert time.monotonic() < deadline, f"validation did not finish: {default_runner().state(run_id)}"
         assert not at.error, at.error[0].value
         time.sleep(1.0)
         at.run()
     assert not at.exception, at.exception
-    result = ValidationResult.from_dict(background.background_state(run_id)["result"])
+    state = default_runner().state(run_id)
+    assert state.kind == "validation" and state.status == "done"
+    result = default_runner().result(run_id)
+    assert isinstance(result, ValidationResult)
     shown = at.dataframe[0].value
     assert list(shown["Estimator"]) == list(result.table()["Estimator"])
     assert len(shown) == len(result.estimators)
@@ -541,24 +544,30 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
     workspace.set_active(before)
 
 
-def test_benchmark_page_starts_its_run_on_the_chosen_executor(tiny):
-    from dowsing.validation import background
+def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_it(tiny):
+    from dowsing.jobs import default_runner, session_pids
 
     at = make_app(tiny, "pages/benchmark.py")
     at.checkbox(key="bench_quick").check().run()
     at.radio(key="bench_executor").set_value("ray").run()
     button(at, "Start benchmark").click()
     at.run()
-    run_id = at.session_state["bench_run"]
-    folder = background.runs_dir("benchmark") / run_id
-    pid = int((folder / "pid").read_text())
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert [b"--executor", b"ray"] == cmdline[cmdline.index(b"--executor"): cmdline.index(b"--executor") + 2]
-    assert background.cancel(run_id, "benchmark")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and background._alive(folder):
+    job = at.session_state["benchmark_id"]
+    state = default_runner().state(job)
+    assert state.kind == "benchmark" and state.request["executor"]["kind"] == "ray" and state.active
+    assert state.request["config"]["max_facts"] == 12  # the quick benchmark
+    deadline = time.monotonic() + 60
+    while state.pid is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert background.background_state(run_id, "benchmark")["status"] == "cancelled"
+        state = default_runner().state(job)
+    at.run()
+    cancel = [b for b in at.button if b.label == "Cancel"]
+    assert cancel, [s.value for s in at.info]
+    cancel[0].click()
+    at.run()
+    assert default_runner().state(job).status == "cancelled"
+    assert session_pids(state.pid) == []
+    assert any("The benchmark was cancelled." in w.value for w in at.warning)
 
 
 def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache, tiny_gpt2_dir, tmp_path):
