@@ -1,7 +1,8 @@
 """The dowsing dashboard: a router over the pages plus the shared sidebar.
 
 Run with `make run` (or `streamlit run app.py`). The pages only lay out
-widgets; the analysis runs in a worker process behind `dowsing.jobs`.
+widgets; analyses, validations and benchmarks run as background jobs, in a
+worker process behind `dowsing.jobs`.
 """
 import streamlit as st
 

@@ -1,7 +1,6 @@
 """The one configuration of an analysis. Frozen, so its hash can key the cache."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 

@@ -1,19 +1,33 @@
-"""Background analysis jobs: a request goes in, a job id comes out, and the
-state (stage, progress, error) can be polled from any process.
+"""Background jobs: a request goes in, a job id comes out, and the state
+(stage, progress, error) can be polled from any process.
 
-The pages only talk to the `Executor` protocol; `LocalProcessExecutor` runs
-each job in its own worker process (`python -m dowsing.worker JOB_ID`) on this
-machine, one at a time (a file lock), with state kept as JSON strings in a
-diskcache under ``cache_dir()/"jobs"``. A distributed executor can replace it
-by implementing the same six methods.
+A request has a kind: an analysis, a validation or a benchmark. What differs
+between the kinds (their configuration, the engine call that runs them,
+where their result is kept, what the history says about them) is one
+`JobKind` in KINDS; a new kind is one more entry there. Everything else is
+shared by every kind: one worker (`python -m dowsing.worker JOB_ID`), one
+runner lock, one cancel path and one liveness check.
 
-The job id is the engine's cache key, so one request is one job: a repeat of a
-finished request returns the same id at once, and a second tab that submits
-the same request while it runs attaches to the running job.
+The pages only talk to the `JobRunner` protocol. `LocalJobRunner` runs each
+job in its own worker process on this machine, one heavy run at a time
+whatever its kind (a file lock: the others stay "queued" and say behind
+what), with state kept as JSON strings in a diskcache under
+``cache_dir()/"jobs"``. A distributed runner can replace it by implementing
+the same methods. (A job runner places whole runs; the unit executors of
+`dowsing.executor` place the units of work inside one run, in-process or on
+Ray, as the request's `executor` says.)
+
+The job id is a stable hash of the request (for an analysis, the engine's
+cache key), so one request is one job: a repeat of a finished request
+returns the same id at once, and a second tab that submits the same request
+while it runs attaches to the running job. An analysis's result is kept by
+the engine's ResultStore; a validation's or benchmark's as a JSON file under
+``cache_dir()/"jobs"/"results"``.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import signal
@@ -24,15 +38,14 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Callable, Protocol, runtime_checkable
 
-from .config import AnalysisConfig
+from .config import DEVICES, AnalysisConfig
 from .paths import cache_dir
-from .result import Result
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
-WAITING_MESSAGE = "waiting for another job"
+WAITING_MESSAGE = "queued: another run holds the machine"
 # Lines the worker writes to its log for people reading it; skipped when the
 # log is searched for the error of a worker that died.
 LOG_NOTE_PREFIX = "# "
@@ -53,56 +66,234 @@ def one_line(text: str, limit: int = 400) -> str:
     return ""
 
 
+# --- the kinds ------------------------------------------------------------------
+# The engine is imported inside these functions: the pages import this module
+# on every rerun and must not pay for torch until a job actually runs.
+
+def _analysis_config() -> type:
+    return AnalysisConfig
+
+
+def _validation_config() -> type:
+    from .validation.validate import ValidationConfig
+
+    return ValidationConfig
+
+
+def _benchmark_config() -> type:
+    from .validation.benchmark import BenchmarkConfig
+
+    return BenchmarkConfig
+
+
+def _analysis_result() -> type:
+    from .result import Result
+
+    return Result
+
+
+def _validation_result() -> type:
+    from .validation.validate import ValidationResult
+
+    return ValidationResult
+
+
+def _benchmark_result() -> type:
+    from .validation.benchmark import BenchmarkResult
+
+    return BenchmarkResult
+
+
+def _analysis_key(request: "JobRequest") -> str:
+    from .analysis import cache_key
+
+    return cache_key(request.model_id, list(request.domains), request.config)
+
+
+def request_key(request: "JobRequest") -> str:
+    """sha256 over the kind, its settings and the engine's cache key of the
+    request's model, domains and checkpoints under default analysis settings.
+    That key holds the model's fingerprint, what the checkpoints hold and the
+    engine version, so a model trained further in the same folder is a new
+    job, not a stale result. Where the units run is left out: it does not
+    change the numbers."""
+    from .analysis import cache_key
+
+    checkpoints = getattr(request.config, "checkpoints", ())
+    inputs = cache_key(request.model_id, list(request.domains), AnalysisConfig(checkpoints=checkpoints))
+    payload = {k: v for k, v in request.to_dict().items() if k not in ("model_id", "domains", "domain_set_name",
+                                                                         "executor")}
+    payload["inputs"] = inputs
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _run_analysis(request: "JobRequest", progress, executor):
+    from .analysis import run_analysis
+
+    return run_analysis(request.model_id, list(request.domains), request.config, progress=progress, use_cache=True,
+                        executor=executor)
+
+
+def _run_validation(request: "JobRequest", progress, executor):
+    from .validation.validate import validate
+
+    return validate(request.model_id, list(request.domains), request.config, held_out=request.held_out,
+                    progress=progress, executor=executor)
+
+
+def _run_benchmark(request: "JobRequest", progress, executor):
+    from .validation.benchmark import run_benchmark
+
+    # resume: a benchmark cancelled or killed half-way reuses the fine-tunes it finished
+    return run_benchmark(request.model_id, list(request.domains), request.config, progress=progress,
+                         executor=executor, resume=True, device=request.device)
+
+
+def _analysis_summary(result) -> dict:
+    ranked = result.ranked()
+    return {"top_domain": ranked[0].name if ranked else None,
+            "model_parameters": (result.model or {}).get("parameters")}
+
+
+def _validation_summary(result) -> dict:
+    # the leaderboard comes sorted by rho against fine-tuning; None when that ground truth was off
+    best = next((r for r in result.leaderboard if r.get("spearman_finetune") is not None), None)
+    return {"winner": best["label"] if best else None, "model_parameters": (result.model or {}).get("parameters")}
+
+
+def _benchmark_summary(result) -> dict:
+    labels = {r["estimator"]: r["label"] for r in result.leaderboard}
+    return {"winner": labels.get(result.winner, result.winner),
+            "model_parameters": (result.model or {}).get("parameters")}
+
+
+@dataclass(frozen=True)
+class JobKind:
+    """What differs between kinds of job.
+
+    config_type / result_type: the configuration class (to_dict, from_dict)
+        and the result class (to_json, from_json), imported when asked for.
+    key: the job id of a request. run: (request, progress, executor) ->
+        result, in the worker. summary: result -> the fields the history shows.
+    extras: the request fields only this kind takes ("held_out", "device").
+    engine_cache: the engine keeps the result itself under the job id; else
+        the worker writes it as JSON to the job store.
+    """
+
+    name: str
+    config_type: Callable[[], type]
+    result_type: Callable[[], type]
+    key: Callable
+    run: Callable
+    summary: Callable
+    extras: tuple = ()
+    engine_cache: bool = False
+
+
+KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
+    JobKind("analysis", _analysis_config, _analysis_result, _analysis_key, _run_analysis, _analysis_summary,
+            engine_cache=True),
+    JobKind("validation", _validation_config, _validation_result, request_key, _run_validation,
+            _validation_summary, extras=("held_out",)),
+    JobKind("benchmark", _benchmark_config, _benchmark_result, request_key, _run_benchmark, _benchmark_summary,
+            extras=("device",)),
+)}
+
+
 @dataclass(frozen=True)
 class JobRequest:
-    """What to analyse: a model, domains and a configuration.
+    """What to run: a kind, a model, domains and the kind's configuration
+    (None: its defaults).
 
-    domain_set_name is only shown in the history; it is not part of the job id.
+    executor: `ExecutorConfig.to_dict()` of where the run's units go ({}: in
+    the worker itself). held_out (validation only): {domain: [facts]} held
+    out instead of a seeded half. device (benchmark only): where the model
+    and its fine-tunes run. domain_set_name is only shown in the history; it
+    is not part of the job id.
     """
 
     model_id: str | None
     domains: list  # list[Domain]
-    config: AnalysisConfig = field(default_factory=AnalysisConfig)
+    config: object = None
+    kind: str = "analysis"
     domain_set_name: str = ""
-    executor: dict = field(default_factory=dict)  # ExecutorConfig.to_dict(); {} runs in the worker itself
+    executor: dict = field(default_factory=dict)
+    held_out: dict | None = None
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"unknown job kind {self.kind!r}; choose from {', '.join(KINDS)}")
+        config_type = self.job_kind.config_type()
+        if self.config is None:
+            object.__setattr__(self, "config", config_type())
+        elif not isinstance(self.config, config_type):
+            raise ValueError(f"{self.kind} jobs take a {config_type.__name__}, not a {type(self.config).__name__}")
+        if self.held_out is not None and "held_out" not in self.job_kind.extras:
+            raise ValueError(f"{self.kind} jobs take no held-out facts")
+        if self.device not in DEVICES:
+            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        if self.device != "cpu" and "device" not in self.job_kind.extras:
+            raise ValueError(f"{self.kind} jobs take no device of their own (an analysis's is in its configuration)")
+
+    @property
+    def job_kind(self) -> JobKind:
+        return KINDS[self.kind]
+
+    @property
+    def run_device(self) -> str:
+        """Where the run's model goes: an analysis's configuration says it."""
+        return getattr(self.config, "device", None) or self.device
 
     def to_dict(self) -> dict:
-        return {
+        data = {
+            "kind": self.kind,
             "model_id": self.model_id,
             "domains": [{"name": d.name, "facts": list(d.facts)} for d in self.domains],
             "config": self.config.to_dict(),
             "domain_set_name": self.domain_set_name,
             "executor": dict(self.executor),
         }
+        if "held_out" in self.job_kind.extras:
+            data["held_out"] = None if self.held_out is None else {k: list(v) for k, v in self.held_out.items()}
+        if "device" in self.job_kind.extras:
+            data["device"] = self.device
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobRequest":
         from .domains import Domain
 
+        kind = data.get("kind") or "analysis"  # records from before there were kinds are analyses
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}; choose from {', '.join(KINDS)}")
         return cls(
+            kind=kind,
             model_id=data.get("model_id"),
             domains=[Domain(name=d["name"], facts=tuple(d["facts"])) for d in data["domains"]],
-            config=AnalysisConfig.from_dict(data.get("config") or {}),
+            config=KINDS[kind].config_type().from_dict(data.get("config") or {}),
             domain_set_name=data.get("domain_set_name") or "",
             executor=data.get("executor") or {},
+            held_out=data.get("held_out"),
+            device=data.get("device") or "cpu",
         )
 
     def job_id(self) -> str:
-        """The engine's cache key of this request (where it runs does not
-        change the result, so the executor is not part of it)."""
-        from .analysis import cache_key
-
-        return cache_key(self.model_id, list(self.domains), self.config)
+        """The kind's stable hash of this request. Raises what the engine's
+        cache key raises on bad input (ModelError, DomainError, ValueError)."""
+        return self.job_kind.key(self)
 
 
 @dataclass
 class JobState:
     """One job as the pages see it. Times are ISO 8601 UTC strings.
 
-    summary (for the history): model_id, domain_set_name, n_domains, and once
-    done top_domain and model_parameters.
+    summary (for the history): kind, model_id, domain_set_name, n_domains,
+    and once done model_parameters and top_domain (an analysis) or winner
+    (a validation or benchmark).
     run_id changes with every fresh run of the same job id, so a late write
     of an old worker cannot overwrite a newer run.
+    waiting_for: while queued, the job it waits behind (None: unknown).
     """
 
     job_id: str
@@ -119,10 +310,15 @@ class JobState:
     summary: dict = field(default_factory=dict)
     run_id: str = ""
     exit_code: int | None = None
+    waiting_for: str | None = None
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+    @property
+    def kind(self) -> str:
+        return (self.request or {}).get("kind") or "analysis"
 
     def to_json(self) -> str:
         return json.dumps(dataclasses.asdict(self), sort_keys=True)
@@ -136,25 +332,47 @@ class JobState:
 
 def request_summary(request: dict) -> dict:
     return {
+        "kind": request.get("kind") or "analysis",
         "model_id": request.get("model_id"),
         "domain_set_name": request.get("domain_set_name") or "",
         "n_domains": len(request.get("domains") or []),
     }
 
 
-def result_summary(request: dict, result: Result) -> dict:
+def result_summary(request: dict, result) -> dict:
     summary = request_summary(request)
-    ranked = result.ranked()
-    summary["top_domain"] = ranked[0].name if ranked else None
-    summary["model_parameters"] = (result.model or {}).get("parameters")
+    summary.update(KINDS[summary["kind"]].summary(result))
     return summary
 
 
-class JobStore:
-    """Job states as JSON strings in a diskcache (never pickles).
+def job_title(state: JobState) -> str:
+    """'benchmark of gpt2 on 6 domains (job 1a2b3c4d)': which run this is,
+    for people."""
+    summary = state.summary or request_summary(state.request or {})
+    model = summary.get("model_id") or "the embedded default"
+    if len(model) > 40:
+        model = "…" + model[-39:]
+    n = summary.get("n_domains") or 0
+    return f"{state.kind} of {model} on {n} domain{'' if n == 1 else 's'} (job {state.job_id[:8]})"
 
-    Every change is a read-modify-write inside a diskcache transaction, so the
-    page process and the worker can both write without losing fields.
+
+def waiting_message(ahead: JobState | None, queued_before: int = 0) -> str:
+    """What a queued job tells the pages: behind which run it waits, and how
+    many more wait before it."""
+    if ahead is None:
+        return WAITING_MESSAGE
+    where = "running" if ahead.status == "running" else "queued"
+    more = f"; {queued_before} more queued before this one" if queued_before else ""
+    return f"queued behind the {where} {job_title(ahead)}{more}"
+
+
+class JobStore:
+    """Job states as JSON strings in a diskcache (never pickles), and the
+    JSON results of the kinds the engine does not cache itself.
+
+    Every change of a state is a read-modify-write inside a diskcache
+    transaction, so the page process and the worker can both write without
+    losing fields.
     """
 
     PREFIX = "job:"
@@ -179,6 +397,29 @@ class JobStore:
     @property
     def lock_path(self) -> Path:
         return self.root / "runner.lock"
+
+    def result_path(self, job_id: str, kind: str) -> Path:
+        # one folder per kind: the file alone says which class reads it
+        return self.root / "results" / kind / f"{job_id}.json"
+
+    def write_result(self, job_id: str, kind: str, result) -> None:
+        from .models import atomic_write_text
+
+        atomic_write_text(self.result_path(job_id, kind), result.to_json())
+
+    def read_result(self, job_id: str, kind: str):
+        """The stored result, or None; a damaged file is removed, so the job
+        is recomputed rather than shown half."""
+        path = self.result_path(job_id, kind)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError:
+            return None
+        try:
+            return KINDS[kind].result_type().from_json(text)
+        except (ValueError, TypeError, KeyError, AttributeError):
+            path.unlink(missing_ok=True)
+            return None
 
     def get(self, job_id: str) -> JobState | None:
         text = self.cache.get(self.PREFIX + job_id)
@@ -221,27 +462,41 @@ class JobStore:
 
 
 @runtime_checkable
-class Executor(Protocol):
+class JobRunner(Protocol):
     """What the pages need from a job runner."""
 
     def submit(self, request: JobRequest) -> str:
         """Start the job, or join it when the same request is queued, running
-        or done; returns the job id (the engine's cache key) at once."""
+        or done; returns the job id at once."""
 
     def state(self, job_id: str) -> JobState | None:
         """The job's current state; None for an unknown id."""
 
-    def result(self, job_id: str) -> Result | None:
-        """The finished job's Result; None until then (or if it was lost)."""
+    def result(self, job_id: str):
+        """The finished job's result (a Result, ValidationResult or
+        BenchmarkResult, by its kind); None until then (or if it was lost)."""
 
     def cancel(self, job_id: str) -> None:
         """Stop a queued or running job; its state is "cancelled" after."""
 
-    def history(self) -> list[JobState]:
-        """Every known job, newest first."""
+    def history(self, kind: str | None = None) -> list[JobState]:
+        """Every known job (of one kind), newest first."""
 
     def delete(self, job_id: str) -> None:
         """Forget a job (cancelling it if needed)."""
+
+
+# --- liveness -------------------------------------------------------------------
+
+def _proc_stat(pid: int | str) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (state, ppid,
+    pgrp, ...); None when there is no such process or no /proc."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # The command name may hold spaces and parentheses: it ends at the last ")".
+    return stat[stat.rindex(")") + 2:].split()
 
 
 def pid_alive(pid: int, job_id: str | None = None) -> bool:
@@ -253,19 +508,54 @@ def pid_alive(pid: int, job_id: str | None = None) -> bool:
         return False
     except PermissionError:
         pass  # exists, owned by someone else: a reused pid, checked below
-    proc = Path(f"/proc/{pid}")
-    if not proc.exists():
+    if not Path("/proc").is_dir():
         return True  # no /proc (not Linux): trust kill(0)
-    try:
-        stat = (proc / "stat").read_text()
-        if stat[stat.rindex(")") + 2:].startswith(("Z", "X")):
-            return False
-        if job_id is not None:
-            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
-            return b"dowsing.worker" in cmdline and job_id.encode() in cmdline
-    except (OSError, ValueError):
+    fields = _proc_stat(pid)
+    if fields is None or fields[0] in ("Z", "X"):
         return False
+    if job_id is not None:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return False
+        return b"dowsing.worker" in cmdline and job_id.encode() in cmdline
     return True
+
+
+def session_pids(sid: int) -> list[int]:
+    """The live (not zombie) processes of session `sid`. A worker leads its
+    own session and process group, so these are the worker and whatever it
+    started, including processes that moved to process groups of their own
+    (a local Ray's task workers do)."""
+    if not Path("/proc").is_dir():
+        try:
+            os.killpg(sid, 0)
+        except ProcessLookupError:
+            return []
+        except PermissionError:
+            pass
+        return [sid]
+    members = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _proc_stat(entry)
+            if fields is not None and fields[3] == str(sid) and fields[0] not in ("Z", "X"):
+                members.append(int(entry))
+    return members
+
+
+def signal_session(sid: int, sig: int) -> None:
+    """Send `sig` to the worker's process group and to every other process
+    of its session."""
+    try:
+        os.killpg(sid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+    for pid in session_pids(sid):
+        try:
+            os.kill(pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 def last_log_line(path: Path) -> str:
@@ -295,7 +585,17 @@ def parse_time(text: str | None) -> float | None:
         return None
 
 
-class LocalProcessExecutor:
+def worker_live(state: JobState) -> bool:
+    """Whether the job's worker is (still, or about to be) alive, judged from
+    the store alone: its pid is our live worker, or it was submitted so
+    recently that it may not have reported its pid yet."""
+    if state.pid is None:
+        created = parse_time(state.created_at)
+        return created is not None and time.time() - created < START_TIMEOUT_S
+    return pid_alive(state.pid, state.job_id)
+
+
+class LocalJobRunner:
     """Runs each job in a worker process on this machine, one at a time.
 
     grace_s: how long cancel waits after SIGTERM before SIGKILL.
@@ -318,6 +618,11 @@ class LocalProcessExecutor:
             self._results = ResultStore()
         return self._results
 
+    def _stored_result(self, kind: str, job_id: str):
+        if KINDS[kind].engine_cache:
+            return self.results.get(job_id)
+        return self.store.read_result(job_id, kind)
+
     # -- submit ---------------------------------------------------------
     def submit(self, request: JobRequest) -> str:
         """Start (or join) the job for `request`; returns its id at once.
@@ -332,7 +637,7 @@ class LocalProcessExecutor:
             if current is not None and current.active:
                 return job_id
         request_dict = request.to_dict()
-        stored = self.results.get(job_id)
+        stored = self._stored_result(request.kind, job_id)
         if stored is not None:
             if current is None or current.status != "done":
                 self._put_done_from_cache(job_id, request_dict, stored)
@@ -345,18 +650,10 @@ class LocalProcessExecutor:
             again = self.store.get(job_id)
             if again is not None and again.active:
                 return job_id
-            self.store.put(
-                JobState(
-                    job_id=job_id,
-                    status="queued",
-                    stage="queued",
-                    message="starting worker",
-                    created_at=now_iso(),
-                    request=request_dict,
-                    summary=request_summary(request_dict),
-                    run_id=run_id,
-                )
-            )
+            self.store.put(JobState(
+                job_id=job_id, status="queued", stage="queued", message="starting worker", created_at=now_iso(),
+                request=request_dict, summary=request_summary(request_dict), run_id=run_id,
+            ))
         try:
             proc = self._spawn(job_id)
         except OSError as exc:
@@ -385,29 +682,20 @@ class LocalProcessExecutor:
                 stderr=subprocess.STDOUT,
                 env=env,
                 cwd=package_root,
+                # its own session and process group, so cancel reaches everything it starts
                 start_new_session=True,
                 close_fds=True,
             )
         finally:
             log.close()
 
-    def _put_done_from_cache(self, job_id: str, request_dict: dict, result: Result) -> None:
+    def _put_done_from_cache(self, job_id: str, request_dict: dict, result) -> None:
         stamp = now_iso()
-        self.store.put(
-            JobState(
-                job_id=job_id,
-                status="done",
-                stage="done",
-                fraction=1.0,
-                message="cached result",
-                created_at=stamp,
-                started_at=stamp,
-                finished_at=stamp,
-                request=request_dict,
-                summary=result_summary(request_dict, result),
-                run_id=uuid.uuid4().hex,
-            )
-        )
+        self.store.put(JobState(
+            job_id=job_id, status="done", stage="done", fraction=1.0, message="cached result", created_at=stamp,
+            started_at=stamp, finished_at=stamp, request=request_dict, summary=result_summary(request_dict, result),
+            run_id=uuid.uuid4().hex,
+        ))
 
     # -- state ----------------------------------------------------------
     def state(self, job_id: str) -> JobState | None:
@@ -424,20 +712,14 @@ class LocalProcessExecutor:
         exit_code = proc.poll() if proc is not None else None
         if proc is not None and exit_code is None:
             return state  # our own child and still running: the handle is authoritative
-        if exit_code is None:
-            if state.pid is None:
-                # Started by another process and not yet reporting its pid.
-                created = parse_time(state.created_at)
-                if created is None or time.time() - created < START_TIMEOUT_S:
-                    return state
-            elif pid_alive(state.pid, job_id):
-                return state
+        if exit_code is None and worker_live(state):
+            return state
         return self._mark_dead(state, exit_code)
 
     def _check_done(self, state: JobState) -> JobState:
-        """Never "done" without a readable result: the store drops a corrupt
-        entry on read, and the job is then recomputed under the same id."""
-        if self.results.get(state.job_id) is not None:
+        """Never "done" without a readable result: a damaged one is dropped
+        on read, and the job is then recomputed under the same id."""
+        if self._stored_result(state.kind, state.job_id) is not None:
             return state
         try:
             request = JobRequest.from_dict(state.request)
@@ -471,25 +753,27 @@ class LocalProcessExecutor:
             else:
                 reason = "The worker process stopped before it finished (killed, or out of memory?)."
         updated = self.store.update(
-            state.job_id,
-            run_id=state.run_id,
-            unless=("done", "failed", "cancelled"),
-            status="failed",
-            error=reason,
-            message=reason,
-            exit_code=exit_code,
-            finished_at=now_iso(),
+            state.job_id, run_id=state.run_id, unless=("done", "failed", "cancelled"), status="failed", error=reason,
+            message=reason, exit_code=exit_code, finished_at=now_iso(),
         )
         # None: the worker wrote its own final state in the meantime.
         return updated if updated is not None else self.store.get(state.job_id) or state
 
-    def result(self, job_id: str) -> Result | None:
-        return self.results.get(job_id)
+    def result(self, job_id: str):
+        """The result of the job's kind; for a job no longer in the history,
+        whichever kind kept a result under its id."""
+        state = self.store.get(job_id)
+        for kind in [state.kind] if state is not None else list(KINDS):
+            found = self._stored_result(kind, job_id)
+            if found is not None:
+                return found
+        return None
 
     # -- cancel / history / delete ---------------------------------------
     def cancel(self, job_id: str) -> None:
-        """SIGTERM the worker's process group, SIGKILL after grace_s; the
-        state is "cancelled" when this returns."""
+        """SIGTERM the worker's process group and everything else it started
+        (its session), SIGKILL what is left after grace_s; the state is
+        "cancelled" when this returns."""
         state = self.store.get(job_id)
         if state is None or not state.active:
             return
@@ -497,63 +781,65 @@ class LocalProcessExecutor:
             job_id, run_id=state.run_id, unless=("done", "failed", "cancelled"),
             status="cancelled", message="cancelled", finished_at=now_iso(),
         )
+        pid = self._worker_pid(job_id, state)
+        if pid is not None:
+            self._stop_session(job_id, pid)
+
+    def _worker_pid(self, job_id: str, state: JobState) -> int | None:
+        """The worker's pid; a worker just spawned gets a moment to report it."""
         pid = state.pid
-        if pid is None:
-            # Not started yet: wait briefly for the worker to report its pid.
-            deadline = time.monotonic() + 2.0
-            while pid is None and time.monotonic() < deadline:
-                proc = self._procs.get(job_id)
-                if proc is not None:
-                    pid = proc.pid
-                    break
-                time.sleep(0.05)
-                fresh = self.store.get(job_id)
-                pid = fresh.pid if fresh is not None else None
-        if pid is None:
-            return
-        self._signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + self.grace_s
-        while time.monotonic() < deadline:
-            if not self._worker_running(job_id, pid):
-                return
-            time.sleep(0.05)
-        self._signal_group(pid, signal.SIGKILL)
         deadline = time.monotonic() + 2.0
-        while self._worker_running(job_id, pid) and time.monotonic() < deadline:
+        while pid is None and time.monotonic() < deadline:
+            proc = self._procs.get(job_id)
+            if proc is not None:
+                return proc.pid
             time.sleep(0.05)
+            fresh = self.store.get(job_id)
+            pid = fresh.pid if fresh is not None else None
+        return pid
+
+    def _stop_session(self, job_id: str, pid: int) -> None:
+        # Signalled only while its leader is our worker, or while members
+        # outlive a dead leader: Linux hands out no pid that is still some
+        # session's or group's id, so then they are still ours. A session that
+        # is gone entirely is never signalled: its id may be reused.
+        members = session_pids(pid)
+        if not self._worker_running(job_id, pid) and (not members or pid in members):
+            return
+        signal_session(pid, signal.SIGTERM)
+        if self._wait_session_gone(job_id, pid, self.grace_s):
+            return
+        signal_session(pid, signal.SIGKILL)
+        self._wait_session_gone(job_id, pid, 2.0)
+
+    def _wait_session_gone(self, job_id: str, pid: int, seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while self._worker_running(job_id, pid) or session_pids(pid):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
 
     def _worker_running(self, job_id: str, pid: int) -> bool:
         proc = self._procs.get(job_id)
         if proc is not None and proc.pid == pid:
-            return proc.poll() is None
+            return proc.poll() is None  # also reaps it, so it does not linger as a zombie
         return pid_alive(pid, job_id)
 
-    @staticmethod
-    def _signal_group(pid: int, sig: int) -> None:
-        try:
-            # start_new_session=True made the worker a group leader, so this
-            # also reaches anything it started.
-            os.killpg(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            try:
-                os.kill(pid, sig)
-            except (ProcessLookupError, PermissionError):
-                pass
-
-    def history(self) -> list[JobState]:
-        """Every job, newest first (liveness refreshed for active ones)."""
-        states = [self.state(s.job_id) if s.active else s for s in self.store.all()]
+    def history(self, kind: str | None = None) -> list[JobState]:
+        """Every job (of `kind`), newest first (liveness refreshed for active ones)."""
+        states = [self.state(s.job_id) if s.active else s for s in self.store.all() if kind in (None, s.kind)]
         return sorted((s for s in states if s is not None), key=lambda s: s.created_at or "", reverse=True)
 
     def delete(self, job_id: str) -> None:
         """Forget the job (cancelling it first if it runs). Its result stays
-        in the result store, so the same request later is instant."""
+        stored, so the same request later is instant."""
         self.cancel(job_id)
         self.store.delete(job_id)
         self._procs.pop(job_id, None)
         self.store.log_path(job_id).unlink(missing_ok=True)
 
 
-def default_executor() -> Executor:
-    """The executor the app uses; swap here for a distributed one."""
-    return LocalProcessExecutor()
+def default_runner() -> JobRunner:
+    """The job runner the app uses; swap here for a distributed one."""
+    return LocalJobRunner()

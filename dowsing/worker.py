@@ -1,11 +1,15 @@
-"""The worker process of one job: ``python -m dowsing.worker JOB_ID``.
+"""The worker process of one job, whatever its kind: ``python -m dowsing.worker JOB_ID``.
 
 It reads the job's request from the job store, waits for the machine's runner
-lock (one analysis at a time), runs `run_analysis` with a progress callback
-that writes stage / fraction / message into the job state, and ends with the
-state "done" (exit 0), "failed" with a one-line error (exit 1) or, on
-SIGTERM, "cancelled" (exit 143). The result itself lands in the ResultStore
-through run_analysis.
+lock (one heavy run at a time, whatever its kind; meanwhile the job stays
+"queued" and says behind which run), opens the unit executor the request
+names (in this process, or Ray), and runs the kind's engine call
+(`run_analysis`, `validate` or `run_benchmark`) in this process with one
+progress writer that puts stage / fraction / message into the job state. It
+ends with the state "done" (exit 0), "failed" with a one-line error (exit 1)
+or, on SIGTERM, "cancelled" (exit 143). An analysis's result lands in the
+engine's ResultStore through run_analysis; the other kinds' results are
+written here, as JSON, to the job store.
 """
 from __future__ import annotations
 
@@ -17,18 +21,17 @@ import threading
 import time
 import traceback
 
+from .executor import RunCancelled
 from .jobs import (
     LOG_NOTE_PREFIX,
-    START_TIMEOUT_S,
-    WAITING_MESSAGE,
     JobRequest,
     JobState,
     JobStore,
     now_iso,
     one_line,
-    parse_time,
-    pid_alive,
     result_summary,
+    waiting_message,
+    worker_live,
 )
 
 FINAL = ("done", "failed", "cancelled")
@@ -95,44 +98,81 @@ class ProgressWriter:
             self.flush()
 
 
-def _older_job_waiting(store: JobStore, me: JobState) -> bool:
-    """Whether a live job queued before `me` waits for the lock too: jobs
-    start in the order they were submitted, not as the lock happens to fall."""
+def queue_position(store: JobStore, me: JobState) -> tuple[list[JobState], JobState | None]:
+    """(the live jobs queued before `me`, oldest first; the job `me` waits
+    behind: the one running, else the oldest of those). Jobs start in the
+    order they were submitted, not as the lock happens to fall."""
     mine = (me.created_at, me.job_id)
+    running, before = None, []
     for other in store.all():
-        if other.job_id == me.job_id or other.status != "queued" or (other.created_at, other.job_id) >= mine:
+        if other.job_id == me.job_id or other.status not in ("queued", "running") or not worker_live(other):
             continue
-        if other.pid is None:
-            created = parse_time(other.created_at)
-            if created is not None and time.time() - created < START_TIMEOUT_S:
-                return True
-        elif pid_alive(other.pid, other.job_id):
-            return True
-    return False
+        if other.status == "running":
+            running = other
+        elif (other.created_at, other.job_id) < mine:
+            before.append(other)
+    before.sort(key=lambda s: (s.created_at, s.job_id))
+    return before, running or (before[0] if before else None)
 
 
 def _acquire_runner_lock(store: JobStore, job_id: str, run_id: str):
     """Block until this process holds the machine's runner lock; the job
-    stays "queued" meanwhile. Returns the open lock file (closing it releases)."""
+    stays "queued" meanwhile and says behind which run. Returns the open
+    lock file (closing it releases)."""
     handle = open(store.lock_path, "a+")
-    waiting = False
+    shown = None
     while True:
         me = store.get(job_id)
-        if me is not None and not _older_job_waiting(store, me):
+        if me is None or me.run_id != run_id or me.status in FINAL:
+            handle.close()
+            raise JobCancelled()  # cancelled or deleted while waiting
+        before, ahead = queue_position(store, me)
+        if not before:
             try:
                 fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return handle
             except BlockingIOError:
                 pass
-        if not waiting:
-            waiting = True
-            note("waiting for the runner lock")
-            store.update(job_id, run_id=run_id, unless=FINAL, stage="queued", message=WAITING_MESSAGE)
-        state = store.get(job_id)
-        if state is None or state.run_id != run_id or state.status in FINAL:
-            handle.close()
-            raise JobCancelled()  # cancelled or deleted while waiting
+        others_before = len(before) - 1 if ahead is not None and ahead.status == "queued" else len(before)
+        waiting = (ahead.job_id if ahead is not None else None, waiting_message(ahead, others_before))
+        if waiting != shown:
+            shown = waiting
+            note(waiting[1])
+            store.update(job_id, run_id=run_id, unless=FINAL, stage="queued", waiting_for=waiting[0],
+                         message=waiting[1])
         time.sleep(LOCK_POLL_S)
+
+
+def open_executor(request: JobRequest):
+    """The unit executor the request names, with Ray started or joined (as
+    the command line's `open_executor`); what it runs on goes to the log."""
+    from .executor import ExecutorConfig, make_executor
+
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        executor = make_executor(ExecutorConfig.from_dict(request.executor), request.run_device)
+    finally:
+        # ray.init puts in a SIGTERM handler that exits at once; the worker's
+        # own one cancels the run's Ray tasks and records "cancelled"
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    if executor.kind != "local":
+        resources = executor.describe()
+        note(f"ray: {resources['nodes']} node(s), {resources['CPU']} CPU, {resources['GPU']} GPU")
+    return executor
+
+
+def run_request(request: JobRequest, store: JobStore, job_id: str, progress):
+    """Run the request's kind in this process and keep its result: the
+    engine keeps an analysis's; the others are written to the job store."""
+    executor = open_executor(request)
+    try:
+        result = request.job_kind.run(request, progress, executor)
+    finally:
+        executor.shutdown()
+    if not request.job_kind.engine_cache:
+        store.write_result(job_id, request.kind, result)
+    return result
 
 
 def run_job(job_id: str, store: JobStore | None = None) -> int:
@@ -147,7 +187,7 @@ def run_job(job_id: str, store: JobStore | None = None) -> int:
         return 0
     run_id = state.run_id
     store.update(job_id, run_id=run_id, unless=FINAL, pid=os.getpid())
-    note(f"worker pid {os.getpid()} for job {job_id}")
+    note(f"worker pid {os.getpid()} for {state.kind} job {job_id}")
     lock = None
     writer = None
     started = time.monotonic()
@@ -155,21 +195,12 @@ def run_job(job_id: str, store: JobStore | None = None) -> int:
         lock = _acquire_runner_lock(store, job_id, run_id)
         store.update(
             job_id, run_id=run_id, unless=FINAL, status="running", stage="starting", fraction=0.0,
-            message="starting the engine", started_at=now_iso(),
+            message="starting the engine", started_at=now_iso(), waiting_for=None,
         )
         note("running")
         request = JobRequest.from_dict(state.request)
-        from .analysis import run_analysis
-
-        from .executor import ExecutorConfig, make_executor
-
         writer = ProgressWriter(store, job_id, run_id)
-        executor = make_executor(ExecutorConfig.from_dict(request.executor), request.config.device)
-        if executor.kind != "local":
-            resources = executor.describe()
-            note(f"ray: {resources['nodes']} node(s), {resources['CPU']} CPU, {resources['GPU']} GPU")
-        result = run_analysis(request.model_id, list(request.domains), request.config, progress=writer, use_cache=True,
-                              executor=executor)
+        result = run_request(request, store, job_id, writer)
         writer.close()
         seconds = time.monotonic() - started
         store.update(
@@ -179,27 +210,35 @@ def run_job(job_id: str, store: JobStore | None = None) -> int:
         )
         note(f"done in {seconds:.1f} s")
         return 0
-    except JobCancelled:
-        if writer is not None:
-            writer.close(flush=False)
-        store.update(job_id, run_id=run_id, unless=FINAL, status="cancelled", message="cancelled", finished_at=now_iso())
-        note("cancelled")
+    except (JobCancelled, RunCancelled):
+        _stopped(store, job_id, run_id, writer)
         return CANCELLED_EXIT
     except Exception as exc:  # noqa: BLE001 - every failure must reach the job state
-        if writer is not None:
-            writer.close(flush=False)
-        error = _error_line(exc)
-        if not _is_input_error(exc):
-            traceback.print_exc()
-        print(error, flush=True)
-        store.update(
-            job_id, run_id=run_id, unless=FINAL, status="failed", error=error, message=error, exit_code=1,
-            finished_at=now_iso(),
-        )
+        _failed(store, job_id, run_id, writer, exc)
         return 1
     finally:
         if lock is not None:
             lock.close()
+
+
+def _stopped(store: JobStore, job_id: str, run_id: str, writer) -> None:
+    if writer is not None:
+        writer.close(flush=False)
+    store.update(job_id, run_id=run_id, unless=FINAL, status="cancelled", message="cancelled", finished_at=now_iso())
+    note("cancelled")
+
+
+def _failed(store: JobStore, job_id: str, run_id: str, writer, exc: Exception) -> None:
+    if writer is not None:
+        writer.close(flush=False)
+    error = _error_line(exc)
+    if not _is_input_error(exc):
+        traceback.print_exc()
+    print(error, flush=True)
+    store.update(
+        job_id, run_id=run_id, unless=FINAL, status="failed", error=error, message=error, exit_code=1,
+        finished_at=now_iso(),
+    )
 
 
 def _is_input_error(exc: BaseException) -> bool:
@@ -226,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return run_job(args[0])
-    except JobCancelled:
+    except (JobCancelled, RunCancelled):
         return CANCELLED_EXIT
 
 

@@ -1,8 +1,9 @@
 """What every page shares: the sidebar (model picker, advanced settings, the
-active domain set), the executor, and the current job id.
+active domain set), the job runner, the job each page shows and how a job's
+progress is shown.
 
 Pages read the user's choices through the functions here; all computation is
-in `dowsing/` (the engine runs in a worker process behind the executor).
+in `dowsing/` (the engine runs in a worker process behind the job runner).
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoint
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.jobs import Executor, JobState, default_executor
+from dowsing.jobs import JobRunner, JobState, default_runner
 from dowsing.models import EMBEDDED_ID, ModelError, load_model
 
 SOURCES = {
@@ -65,9 +66,9 @@ def ensure_router() -> None:
 
 
 @st.cache_resource(show_spinner=False)
-def executor() -> Executor:
-    """One executor per server process: it remembers the workers it started."""
-    return default_executor()
+def runner() -> JobRunner:
+    """One job runner per server process: it remembers the workers it started."""
+    return default_runner()
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)
@@ -160,54 +161,118 @@ def active_set_name() -> str:
     return workspace.active_set()
 
 
-# --- the job shown on Run and Results ---------------------------------------
+# --- the job a page shows ----------------------------------------------------
+# Each kind has its own URL parameter (?job= for analyses, ?validation=,
+# ?benchmark=), kept in the session too, so a refresh and a page switch show
+# the same job and the pages do not overwrite each other's.
 
-def current_job_id() -> str | None:
-    """The job in the URL (?job=...), else the one this session last looked at.
-    Kept in both, so a refresh and a page switch show the same job."""
-    job = st.query_params.get("job") or st.session_state.get("job_id")
+def current_job_id(param: str = "job") -> str | None:
+    """The job in the URL (?param=...), else the one this session last looked at."""
+    job = st.query_params.get(param) or st.session_state.get(f"{param}_id")
     if job:
-        set_current_job(job)
+        set_current_job(job, param)
     return job or None
 
 
 def job_to_show() -> str | None:
-    """The current job, else the newest finished run (which then becomes
+    """The current analysis, else the newest finished one (which then becomes
     current): a fresh tab shows the last result rather than an empty page."""
     job = current_job_id()
     if job:
         return job
-    done = [s for s in executor().history() if s.status == "done"]
+    done = [s for s in runner().history("analysis") if s.status == "done"]
     if not done:
         return None
     set_current_job(done[0].job_id)
     return done[0].job_id
 
 
-def set_current_job(job_id: str | None) -> None:
+def set_current_job(job_id: str | None, param: str = "job") -> None:
     if job_id:
-        st.session_state["job_id"] = job_id
-        if st.query_params.get("job") != job_id:
-            st.query_params["job"] = job_id
+        st.session_state[f"{param}_id"] = job_id
+        if st.query_params.get(param) != job_id:
+            st.query_params[param] = job_id
     else:
-        st.session_state.pop("job_id", None)
-        if "job" in st.query_params:
-            del st.query_params["job"]
+        st.session_state.pop(f"{param}_id", None)
+        if param in st.query_params:
+            del st.query_params[param]
 
 
 def job_label(state: JobState) -> str:
     """'12 Mar 14:05 · Physics first · default set · gpt2 · curvature = ggn' for
-    pickers and history (settings only where they differ from the defaults)."""
+    pickers and history (an analysis's settings only where they differ from
+    the defaults; a validation or benchmark says its winner)."""
     summary = state.summary or {}
     when = (state.created_at or "")[:16].replace("T", " ")
     model = summary.get("model_id") or "embedded default"
     if len(model) > 40:
         model = "…" + model[-39:]
-    top = summary.get("top_domain")
-    settings = settings_changes((state.request or {}).get("config") or {})
-    parts = [when, state.status if state.status != "done" else f"{top} first" if top else "done",
-             summary.get("domain_set_name") or "", model, settings]
+    top, winner = summary.get("top_domain"), summary.get("winner")
+    outcome = f"{top} first" if top else f"best: {winner}" if winner else "done"
+    settings = settings_changes((state.request or {}).get("config") or {}) if state.kind == "analysis" else ""
+    parts = [when, state.status if state.status != "done" else outcome, summary.get("domain_set_name") or "",
+             model, settings]
     return " · ".join(p for p in parts if p)
+
+
+def job_status(state: JobState, noun: str) -> None:
+    """How a job stands, for every kind: its progress (or behind which run it
+    is queued) with Cancel while it runs, the one-line error when it failed, a
+    note when it was cancelled. A finished job is left to the page."""
+    if state.active:
+        if state.status == "queued" and state.stage == "queued" and state.pid is not None:
+            st.info(state.message[:1].upper() + state.message[1:], icon=":material/hourglass_top:")
+        else:
+            stage = state.stage or state.status
+            text = f"**{stage}** — {state.message}" if state.message else f"**{stage}**"
+            st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
+        st.button("Cancel", icon=":material/stop:", key=f"cancel-{state.job_id}", on_click=runner().cancel,
+                  args=(state.job_id,), help=f"Stop the {noun} (and anything it started, Ray tasks included).")
+    elif state.status == "failed":
+        st.error(f"The {noun} failed: {state.error or state.message or 'no message'}", icon=":material/error:")
+    elif state.status == "cancelled":
+        st.warning(f"The {noun} was cancelled.", icon=":material/cancel:")
+
+
+def follow_job(job_id: str, noun: str, show=None) -> JobState | None:
+    """Show the job with `job_status` (and `show(state)` after it), polled
+    every second while it is active; the whole page reruns once it ends, so
+    what depends on its result appears. Returns its state at this run."""
+    first = runner().state(job_id)
+
+    @st.fragment(run_every=1.0 if first is not None and first.active else None)
+    def _panel() -> None:
+        now = runner().state(job_id)
+        if now is None:
+            st.info(f"That {noun} is no longer known (deleted, or from another cache).")
+            return
+        job_status(now, noun)
+        if show is not None:
+            show(now)
+        if first is not None and first.active and not now.active:
+            st.rerun()  # the whole page: stop polling, show the result
+
+    _panel()
+    return first
+
+
+def job_picker(kind: str, param: str, label: str) -> str | None:
+    """A picker over the jobs of `kind`, newest first, on the current one
+    (else the newest); the pick becomes current. None when there are none."""
+    states = runner().history(kind)
+    job_id = current_job_id(param) or (states[0].job_id if states else None)
+    if not states:
+        return job_id
+    ids = [s.job_id for s in states]
+    labels = {s.job_id: job_label(s) for s in states}
+    if job_id not in labels:
+        ids.insert(0, job_id)
+        labels[job_id] = "this run"
+    picked = st.selectbox(label, ids, index=ids.index(job_id), format_func=labels.get, key=f"{param}_pick_{job_id}")
+    if picked != job_id:
+        set_current_job(picked, param)
+        st.rerun()
+    return job_id
 
 
 # --- the sidebar --------------------------------------------------------------

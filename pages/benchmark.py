@@ -3,8 +3,9 @@ really does? The leaderboard with intervals, the ground truth's own
 reliability, predicted against realised gain per estimator, and learning
 curves beside the predicted saturation.
 
-The benchmark runs in its own process (`python -m dowsing benchmark`) that
-writes progress and the result under cache/benchmark/; this page polls it.
+The benchmark runs as a background job (`dowsing.jobs`, kind "benchmark"):
+it waits its turn behind any other heavy run, survives a refresh (its id is
+in the URL) and Cancel stops it and its Ray tasks; this page polls it.
 """
 from __future__ import annotations
 
@@ -14,11 +15,12 @@ import pandas as pd
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.domains import Domain
-from dowsing.executor import cli_arguments, execution_text
-from dowsing.validation import background, figures
-from dowsing.validation.benchmark import BenchmarkConfig, BenchmarkResult, interval_text
-from dowsing.domains import benchmark_domains
+from dowsing.domains import Domain, DomainError, benchmark_domains
+from dowsing.executor import execution_text
+from dowsing.jobs import JobRequest, one_line
+from dowsing.models import ModelError
+from dowsing.validation import figures
+from dowsing.validation.benchmark import BenchmarkConfig, interval_text
 from pages import _shared
 
 _shared.ensure_router()
@@ -37,9 +39,11 @@ quick = right.checkbox("Quick (6 domains of 12 facts, short recipes)", key="benc
                        help="A few minutes; the full benchmark on the default model takes about an hour on a 2-core "
                             "CPU in one process (docs/PERFORMANCE.md).")
 if source == "Active domain set":
-    raw = workspace.load_set_raw(workspace.active_set())
+    set_name = workspace.active_set()
+    raw = workspace.load_set_raw(set_name)
     domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
 else:
+    set_name = "benchmark domains (quick)" if quick else "benchmark domains"
     domains = benchmark_domains(quick=quick)
 left.markdown(f"Model **{choice.label}** · {len(domains)} domains · {sum(len(d.facts) for d in domains)} facts")
 with left.expander("Where to run", icon=":material/hub:"):
@@ -53,46 +57,23 @@ def _start() -> None:
         # with training checkpoints picked, the trajectory estimators read them instead of a baseline fine-tune
         extra = {"checkpoints": choice.checkpoints} if choice.checkpoints else {}
         config = BenchmarkConfig.quick(**extra) if st.session_state.get("bench_quick") else BenchmarkConfig(**extra)
-        st.session_state["bench_run"] = background.start_background(
-            choice.model_id, domains, config, "benchmark", extra_args=tuple(cli_arguments(run_on)))
-    except ValueError as exc:
-        st.session_state["bench_error"] = str(exc)
+        request = JobRequest(kind="benchmark", model_id=choice.model_id, domains=domains, config=config,
+                             domain_set_name=set_name, executor=run_on.to_dict() if run_on.kind != "local" else {})
+        _shared.set_current_job(_shared.runner().submit(request), "benchmark")
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["bench_error"] = one_line(exc) or type(exc).__name__
 
 
 left.button("Start benchmark", icon=":material/science:",
             disabled=bool(choice.problem) or not domains or bool(run_on_problem), on_click=_start,
-            help="Runs in the background; it survives a refresh, and Cancel stops it (and its Ray tasks).")
+            help="Runs in the background, after any analysis or validation already running; it survives a refresh, "
+                 "and Cancel stops it (and its Ray tasks). The same request again shows the stored result at once.")
 if "bench_error" in st.session_state:
     st.error(st.session_state.pop("bench_error"))
 
-runs = background.latest_runs("benchmark")
-run_id = st.session_state.get("bench_run") or (runs[0] if runs else None)
-if runs:
-    run_id = st.selectbox("Benchmark run", runs, index=runs.index(run_id) if run_id in runs else 0)
-
-
-@st.fragment(run_every=2.0)
-def progress_box(run_id: str) -> None:
-    state = background.background_state(run_id, "benchmark")
-    if state["status"] == "running":
-        st.progress(min(max(float(state["fraction"]), 0.0), 1.0), text=f"{state['stage']}: {state['message']}")
-        if st.button("Cancel", icon=":material/stop_circle:", key="bench_cancel"):
-            background.cancel(run_id, "benchmark")
-            st.rerun()
-    elif state["status"] in ("failed", "cancelled"):
-        st.error(f"The benchmark {state['status']}: {state['message']}")
-    elif st.session_state.get("bench_shown") != run_id:
-        st.session_state["bench_shown"] = run_id
-        st.rerun()
-
-
-result = None
-if run_id:
-    state = background.background_state(run_id, "benchmark")
-    if state["status"] == "done":
-        result = BenchmarkResult.from_dict(state["result"])
-    else:
-        progress_box(run_id)
+run_id = _shared.job_picker("benchmark", "benchmark", "Benchmark run")
+state = _shared.follow_job(run_id, "benchmark") if run_id else None
+result = _shared.runner().result(run_id) if state is not None and state.status == "done" else None
 
 if result is not None:
     data = result.to_dict()
@@ -193,7 +174,7 @@ if result is not None:
 
     with st.expander("Run details"):
         st.json({"config": result.config, "timings": result.timings}, expanded=False)
-        st.download_button("Benchmark (JSON)", json.dumps(data, indent=2), file_name=f"benchmark-{run_id}.json",
+        st.download_button("Benchmark (JSON)", json.dumps(data, indent=2), file_name=f"benchmark-{run_id[:12]}.json",
                            mime="application/json")
-elif not runs:
+elif not run_id:
     st.info("No benchmark run yet. The quick benchmark takes a few minutes.", icon=":material/info:")

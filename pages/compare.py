@@ -13,8 +13,8 @@ st.title("Compare runs")
 st.caption("Pick two finished runs, for example two models on the same domains, or one domain set before "
            "and after an edit. Colours follow the domains, as on the Results page.")
 
-executor = _shared.executor()
-done = [s for s in executor.history() if s.status == "done"]
+runner = _shared.runner()
+done = [s for s in runner.history("analysis") if s.status == "done"]
 if len(done) < 2:
     st.info(f"Comparing needs two finished runs; there {'is' if len(done) == 1 else 'are'} {len(done)}. "
             "Run another analysis (a different model, domain set or settings) on the Run page.",
@@ -30,7 +30,7 @@ id_b = pick[1].selectbox("Run B", ids, index=0, format_func=labels.get, key="com
 if id_a == id_b:
     st.warning("Pick two different runs.", icon=":material/warning:")
     st.stop()
-result_a, result_b = executor.result(id_a), executor.result(id_b)
+result_a, result_b = runner.result(id_a), runner.result(id_b)
 if result_a is None or result_b is None:
     st.warning("One of these runs has no stored result any more; run it again.", icon=":material/warning:")
     st.stop()

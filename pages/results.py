@@ -16,20 +16,20 @@ from pages import _shared
 _shared.ensure_router()
 st.title("Results")
 
-executor = _shared.executor()
+runner = _shared.runner()
 job_id = _shared.job_to_show()
 if not job_id:
     st.info("No run yet — go to **Run** and press Analyze.", icon=":material/info:")
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
     st.stop()
 
-state = executor.state(job_id)
+state = runner.state(job_id)
 if state is not None and state.active:
     st.info(f"This run is still {state.status} ({state.stage}: {state.message}). Results appear when it finishes.",
             icon=":material/hourglass_top:")
     st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
     st.stop()
-result = executor.result(job_id)
+result = runner.result(job_id)
 if result is None:
     reason = state.error if state is not None and state.status == "failed" else None
     st.warning("No result for this run" + (f": {reason}" if reason else ".") + " Run it again on the Run page.",
@@ -37,7 +37,7 @@ if result is None:
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
     st.stop()
 
-done = [s for s in executor.history() if s.status == "done"]
+done = [s for s in runner.history("analysis") if s.status == "done"]
 if len(done) > 1:
     ids = [s.job_id for s in done]
     labels = {s.job_id: _shared.job_label(s) for s in done}

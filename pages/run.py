@@ -1,4 +1,4 @@
-"""Run: start an analysis in the background worker, follow its progress, and
+"""Run: start an analysis as a background job, follow its progress, and
 reopen or delete past runs. The job id sits in the URL, so a refresh or a
 second tab shows the same job."""
 from __future__ import annotations
@@ -66,7 +66,7 @@ def _submit() -> None:
     try:
         request = JobRequest(model_id=choice.model_id, domains=domains, config=config, domain_set_name=set_name,
                              executor=run_on.to_dict() if run_on.kind != "local" else {})
-        job_id = _shared.executor().submit(request)
+        job_id = _shared.runner().submit(request)
     except (ModelError, DomainError, ValueError, OSError) as exc:
         st.session_state["run_error"] = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return
@@ -80,53 +80,31 @@ if "run_error" in st.session_state:
     st.error(st.session_state.pop("run_error"), icon=":material/error:")
 
 job_id = _shared.current_job_id()
-history: list[JobState] = _shared.executor().history()
+history: list[JobState] = _shared.runner().history("analysis")
 if st.session_state.pop("goto_results", False) and job_id:
-    opened = _shared.executor().state(job_id)
+    opened = _shared.runner().state(job_id)
     if opened is not None and opened.status == "done":
         st.switch_page("pages/results.py", query_params={"job": job_id})
 
 
-def _cancel(job: str) -> None:
-    _shared.executor().cancel(job)
-
-
-def _show_job(job: str) -> None:
-    state = _shared.executor().state(job)
-    if state is None:
-        st.info("That run is no longer known (deleted, or from another cache). Start a new one above.")
+def _show_done(state: JobState) -> None:
+    if state.status != "done":
         return
-    st.caption(f"Job `{job[:12]}` · {_shared.job_label(state)}")
-    if state.active:
-        stage = state.stage or state.status
-        text = f"**{stage}** — {state.message}" if state.message else f"**{stage}**"
-        st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
-        st.button("Cancel", icon=":material/stop:", key=f"cancel-{job}", on_click=_cancel, args=(job,))
-    elif state.status == "done":
-        st.progress(1.0, text="**done** — " + (state.message or "finished"))
-        top = (state.summary or {}).get("top_domain")
-        st.success(f"Finished. {f'More data on **{top}** would help most.' if top else ''}",
-                   icon=":material/check_circle:")
-        st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
-    elif state.status == "failed":
-        st.error(f"The analysis failed: {state.error or state.message or 'no message'}", icon=":material/error:")
-        st.caption("The app is still usable: fix the cause (model, domains or settings) and press Analyze again.")
-    elif state.status == "cancelled":
-        st.warning("The analysis was cancelled.", icon=":material/cancel:")
+    st.progress(1.0, text="**done** — " + (state.message or "finished"))
+    top = (state.summary or {}).get("top_domain")
+    st.success(f"Finished. {f'More data on **{top}** would help most.' if top else ''}",
+               icon=":material/check_circle:")
+    st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
 
 
 if job_id:
     st.subheader("Current run")
-    first = _shared.executor().state(job_id)
-
-    @st.fragment(run_every=1.0 if first is not None and first.active else None)
-    def _job_panel() -> None:
-        _show_job(job_id)
-        now = _shared.executor().state(job_id)
-        if first is not None and first.active and now is not None and not now.active:
-            st.rerun()  # the whole page: stop polling, update the history
-
-    _job_panel()
+    shown = _shared.runner().state(job_id)
+    if shown is not None:
+        st.caption(f"Job `{job_id[:12]}` · {_shared.job_label(shown)}")
+    _shared.follow_job(job_id, "analysis", show=_show_done)
+    if shown is not None and shown.status == "failed":
+        st.caption("The app is still usable: fix the cause (model, domains or settings) and press Analyze again.")
 elif history:
     st.info("No run open in this tab: press **Analyze**, or open a past run from the History below.")
 else:
@@ -141,7 +119,7 @@ def _open(job: str) -> None:
 
 
 def _delete(job: str) -> None:
-    _shared.executor().delete(job)
+    _shared.runner().delete(job)
     if st.session_state.get("job_id") == job:
         _shared.set_current_job(None)
 

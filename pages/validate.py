@@ -1,18 +1,19 @@
 """Validate: does the ranking hold? Ground truth by training, rival
 estimators side by side, cross-domain transfer, and an exactness check.
 
-The validation runs in its own process (`python -m dowsing validate`) that
-writes progress and the result under cache/validation/; this page polls it.
+The validation runs as a background job (`dowsing.jobs`, kind "validation"):
+it waits its turn behind any other heavy run, survives a refresh (its id is
+in the URL) and Cancel stops it; this page polls it.
 """
 from __future__ import annotations
 
 import streamlit as st
 
-from dowsing import charts, report
-from dowsing.validation import background
+from dowsing import charts, report, workspace
+from dowsing.domains import Domain, DomainError
+from dowsing.jobs import JobRequest, one_line
+from dowsing.models import ModelError
 from dowsing.validation import validate as validation
-from dowsing import workspace
-from dowsing.domains import Domain
 from pages import _shared
 
 _shared.ensure_router()
@@ -40,43 +41,24 @@ def _start() -> None:
         vconfig = validation.ValidationConfig(finetune_steps=int(st.session_state["validation_steps"]),
                                               damping=config.damping if config else 1e-3,
                                               checkpoints=choice.checkpoints)
-        st.session_state["validation_run"] = background.start_background(choice.model_id, domains, vconfig)
-    except ValueError as exc:
-        st.session_state["validation_error"] = str(exc)
+        request = JobRequest(kind="validation", model_id=choice.model_id, domains=domains, config=vconfig,
+                             domain_set_name=set_name)
+        _shared.set_current_job(_shared.runner().submit(request), "validation")
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["validation_error"] = one_line(exc) or type(exc).__name__
 
 
 left.button("Start validation", icon=":material/science:", disabled=bool(choice.problem) or not domains,
             on_click=_start,
-            help="Runs in the background: about 2 minutes on a 2-core CPU for the default model and domains, "
-                 "longer on a busy machine.")
+            help="Runs in the background, after any analysis or benchmark already running: about 2 minutes on a "
+                 "2-core CPU for the default model and domains, longer on a busy machine. The same request again "
+                 "shows the stored result at once.")
 if "validation_error" in st.session_state:
     st.error(st.session_state.pop("validation_error"))
 
-runs = background.latest_runs()
-run_id = st.session_state.get("validation_run") or (runs[0] if runs else None)
-if runs:
-    run_id = st.selectbox("Validation run", runs, index=runs.index(run_id) if run_id in runs else 0)
-
-
-@st.fragment(run_every=2.0)
-def progress_box(run_id: str) -> None:
-    state = background.background_state(run_id)
-    if state["status"] == "running":
-        st.progress(min(max(float(state["fraction"]), 0.0), 1.0), text=f"{state['stage']}: {state['message']}")
-    elif state["status"] == "failed":
-        st.error(f"The validation failed: {state['message']}")
-    elif st.session_state.get("validation_shown") != run_id:
-        st.session_state["validation_shown"] = run_id
-        st.rerun()
-
-
-result = None
-if run_id:
-    state = background.background_state(run_id)
-    if state["status"] == "done":
-        result = validation.ValidationResult.from_dict(state["result"])
-    else:
-        progress_box(run_id)
+run_id = _shared.job_picker("validation", "validation", "Validation run")
+state = _shared.follow_job(run_id, "validation") if run_id else None
+result = _shared.runner().result(run_id) if state is not None and state.status == "done" else None
 
 if result is not None:
     st.subheader("Leaderboard")
@@ -99,12 +81,12 @@ if result is not None:
         st.plotly_chart(response, width="stretch", key="validate_subspace")
     with st.expander("Run details"):
         st.json({"config": result.config, "timings": result.timings}, expanded=False)
-        st.download_button("Validation (JSON)", result.to_json(), file_name=f"validation-{run_id}.json",
+        st.download_button("Validation (JSON)", result.to_json(), file_name=f"validation-{run_id[:12]}.json",
                            mime="application/json")
 
 st.subheader("Cross-domain transfer")
 job_id = _shared.job_to_show()
-analysis = _shared.executor().result(job_id) if job_id else None
+analysis = _shared.runner().result(job_id) if job_id else None
 transfer_chart = charts.transfer_heatmap(analysis) if analysis is not None else None
 if transfer_chart is not None:
     st.caption(report.TRANSFER_HELP + f" From the run shown on Results: {report.model_summary(analysis)}.")

@@ -25,8 +25,8 @@ Astronomy,The Sun is a star.
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """A private cache for this module; cached Streamlit resources (the
-    executor, loaded models) are dropped so they point at it."""
+    """A private cache for this module; cached Streamlit resources (the job
+    runner, loaded models) are dropped so they point at it."""
     folder = tmp_path_factory.mktemp("dowsing-cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DOWSING_CACHE", str(folder))
@@ -233,9 +233,9 @@ def test_run_page_shows_progress_and_finishes(finished_job):
 def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     _, job_id, _ = finished_job
     from dowsing import report
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
-    result = default_executor().result(job_id)
+    result = default_runner().result(job_id)
     assert result is not None
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
@@ -291,9 +291,9 @@ def results_page(tiny, job_id):
 def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     _, job_id, _ = finished_job
     from dowsing import report
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
-    result = default_executor().result(job_id)
+    result = default_runner().result(job_id)
     boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
     ranking = result.extras["ranking"]  # the ranking estimator's bootstrap, lists in domain order
     at = results_page(tiny, job_id)
@@ -328,13 +328,13 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
 def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
     """A result cached before the bootstrap and the transfer matrix existed still shows."""
     _, job_id, _ = finished_job
-    from dowsing.jobs import LocalProcessExecutor, default_executor
+    from dowsing.jobs import LocalJobRunner, default_runner
     from dowsing.result import Result
 
-    result = default_executor().result(job_id)
+    result = default_runner().result(job_id)
     old = Result.from_dict({**result.to_dict(), "extras": {}})
-    # The page reads results through the (cached) executor: replace the service, not the page.
-    monkeypatch.setattr(LocalProcessExecutor, "result", lambda self, _job_id: old)
+    # The page reads results through the (cached) job runner: replace the service, not the page.
+    monkeypatch.setattr(LocalJobRunner, "result", lambda self, _job_id: old)
     at = results_page(tiny, job_id)
     table = next(m.value for m in at.markdown if "dw-table" in m.value)
     body = table[table.index("<tbody>"):]  # after the CSS, which names every class
@@ -357,24 +357,25 @@ def test_compare_two_runs(finished_job, tiny):
     at.run()
     # The ranking estimator, chosen in the sidebar: the paper's method for this run.
     picker = at.sidebar.selectbox(key="cfg_estimator")
-    from dowsing.config import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS
+    from dowsing import estimators
+    from dowsing.config import DEFAULT_ESTIMATOR
 
     assert picker.label == "Ranking estimator" and picker.value == DEFAULT_ESTIMATOR
-    assert f"{ESTIMATOR_LABELS[DEFAULT_ESTIMATOR]} (default)" in list(picker.options)
+    assert f"{estimators.label(DEFAULT_ESTIMATOR)} (default)" in list(picker.options)
     assert "chosen by the benchmark" in picker.help and "Data Dowsing paper" in picker.help
     picker.set_value("paper").run()
     assert any("Paper: concept-subspace influence" in c.value for c in at.caption)
     button(at, "Analyze").click()
     run_until_done(at)
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
     job = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
-    state = default_executor().state(job)
+    state = default_runner().state(job)
     assert state.request["config"]["estimator"] == "paper"
     from pages._shared import job_label
 
     assert "estimator = paper" in job_label(state)
-    paper_result = default_executor().result(job)
+    paper_result = default_runner().result(job)
     assert [d.rank for d in paper_result.domains] == [
         sorted((x.mean for x in paper_result.domains), reverse=True).index(d.mean) + 1 for d in paper_result.domains]
     at.switch_page("pages/compare.py")
@@ -449,28 +450,31 @@ def test_a_failing_worker_shows_its_error(tiny, tmp_path):
 
 
 def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_and_exactness(finished_job, tiny):
-    """Start a real validation (a background process on the tiny model) from the
+    """Start a real validation (a background job on the tiny model) from the
     page, poll until it is done, and check what the page shows against the
-    result file; then the transfer heatmap of the finished analysis and the
-    exactness check."""
-    from dowsing.validation import background
+    job's stored result; then the transfer heatmap of the finished analysis
+    and the exactness check."""
     from dowsing.validation.validate import ValidationResult
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
     _, job_id, _ = finished_job
     at = make_app(tiny, "pages/validate.py")
     assert at.title[0].value == "Validate"
     button(at, "Start validation").click()
     at.run()
-    run_id = at.session_state["validation_run"]
+    run_id = at.session_state["validation_id"]
+    assert at.query_params["validation"] in (run_id, [run_id])  # a refresh finds it again
     deadline = time.monotonic() + 180
     while not any(s.value == "Leaderboard" for s in at.subheader):
-        assert time.monotonic() < deadline, f"validation did not finish: {background.background_state(run_id)}"
+        assert time.monotonic() < deadline, f"validation did not finish: {default_runner().state(run_id)}"
         assert not at.error, at.error[0].value
         time.sleep(1.0)
         at.run()
     assert not at.exception, at.exception
-    result = ValidationResult.from_dict(background.background_state(run_id)["result"])
+    state = default_runner().state(run_id)
+    assert state.kind == "validation" and state.status == "done"
+    result = default_runner().result(run_id)
+    assert isinstance(result, ValidationResult)
     shown = at.dataframe[0].value
     assert list(shown["Estimator"]) == list(result.table()["Estimator"])
     assert len(shown) == len(result.estimators)
@@ -484,7 +488,7 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     assert any("Concept subspace" in s["layout"]["title"]["text"] for s in specs.values())
 
     # The analysis shown on Results gives the transfer heatmap here: its matrix.
-    analysis = default_executor().result(at.query_params["job"][0] if isinstance(at.query_params["job"], list)
+    analysis = default_runner().result(at.query_params["job"][0] if isinstance(at.query_params["job"], list)
                                          else at.query_params["job"])
     heat = next(s for s in specs.values() if s["data"][0]["type"] == "heatmap")
     assert heat["data"][0]["z"] == analysis.extras["transfer"]["matrix"]
@@ -541,24 +545,30 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
     workspace.set_active(before)
 
 
-def test_benchmark_page_starts_its_run_on_the_chosen_executor(tiny):
-    from dowsing.validation import background
+def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_it(tiny):
+    from dowsing.jobs import default_runner, session_pids
 
     at = make_app(tiny, "pages/benchmark.py")
     at.checkbox(key="bench_quick").check().run()
     at.radio(key="bench_executor").set_value("ray").run()
     button(at, "Start benchmark").click()
     at.run()
-    run_id = at.session_state["bench_run"]
-    folder = background.runs_dir("benchmark") / run_id
-    pid = int((folder / "pid").read_text())
-    cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
-    assert [b"--executor", b"ray"] == cmdline[cmdline.index(b"--executor"): cmdline.index(b"--executor") + 2]
-    assert background.cancel(run_id, "benchmark")
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and background._alive(folder):
+    job = at.session_state["benchmark_id"]
+    state = default_runner().state(job)
+    assert state.kind == "benchmark" and state.request["executor"]["kind"] == "ray" and state.active
+    assert state.request["config"]["max_facts"] == 12  # the quick benchmark
+    deadline = time.monotonic() + 60
+    while state.pid is None and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert background.background_state(run_id, "benchmark")["status"] == "cancelled"
+        state = default_runner().state(job)
+    at.run()
+    cancel = [b for b in at.button if b.label == "Cancel"]
+    assert cancel, [s.value for s in at.info]
+    cancel[0].click()
+    at.run()
+    assert default_runner().state(job).status == "cancelled"
+    assert session_pids(state.pid) == []
+    assert any("The benchmark was cancelled." in w.value for w in at.warning)
 
 
 def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache, tiny_gpt2_dir, tmp_path):
@@ -595,11 +605,11 @@ def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache,
     run_until_done(at)
     job = at.query_params["job"]
     job = job[0] if isinstance(job, list) else job
-    from dowsing.jobs import default_executor
+    from dowsing.jobs import default_runner
 
-    state = default_executor().state(job)
+    state = default_runner().state(job)
     assert state.request["config"]["checkpoints"] == [str(tiny_gpt2_dir), str(steps[0]), str(steps[1])]
     assert state.request["model_id"] == str(Path(steps[1]).resolve())
-    result = default_executor().result(job)
+    result = default_runner().result(job)
     assert result.extras["ranking"]["estimator"] == "vog"
     assert result.extras["ranking"]["details"]["trajectory"] == "user checkpoints"

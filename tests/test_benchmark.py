@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -269,8 +268,8 @@ def test_few_domains_warn_that_rho_has_no_power(tiny_llama_dir, tmp_path):
 
 
 def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monkeypatch):
-    """The page finds a finished run in the cache and shows its leaderboard,
-    reliability, scatter and learning curves from the result file."""
+    """The page finds a finished benchmark job in the cache and shows its
+    leaderboard, reliability, scatter and learning curves from its result."""
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -280,9 +279,14 @@ def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monke
     monkeypatch.setenv("DOWSING_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     st.cache_resource.clear()
-    run = cache / "benchmark" / "20260101-000000-abcdef"
-    run.mkdir(parents=True)
-    shutil.copy(out, run / "result.json")
+    from dowsing.jobs import JobState, JobStore, now_iso
+    from dowsing.validation.benchmark import BenchmarkResult
+
+    store = JobStore()
+    store.write_result("bench1", "benchmark", BenchmarkResult.from_json(out.read_text()))
+    store.put(JobState(job_id="bench1", status="done", created_at=now_iso(), run_id="run1",
+                       request={"kind": "benchmark", "model_id": str(tiny_llama_dir), "domains": []}))
+    store.close()
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)
     at.session_state["source"] = "directory"
     at.session_state["model"] = str(tiny_llama_dir)

@@ -231,7 +231,8 @@ def _table_rows(stdout: str) -> list[list[str]]:
 def test_the_estimator_ranks_and_paper_reproduces_the_ranking_by_mean(tmp_path, capsys, tiny_gpt2_dir):
     """--estimator paper: the old ranking by the paper's Mean (checked against the
     Mean column); the default: rank and share follow the estimator's priority."""
-    from dowsing.config import DEFAULT_ESTIMATOR, ESTIMATOR_LABELS
+    from dowsing import estimators
+    from dowsing.config import DEFAULT_ESTIMATOR
     from dowsing.evidence import evidence_sentence
     from dowsing.metrics import ranks_by_mean, shares_pct
 
@@ -263,7 +264,7 @@ def test_the_estimator_ranks_and_paper_reproduces_the_ranking_by_mean(tmp_path, 
     assert [d["share_pct"] for d in default["domains"]] == pytest.approx(shares_pct(priorities))
     # The paper's numbers do not depend on the estimator.
     assert [d["mean"] for d in default["domains"]] == pytest.approx(means, rel=1e-9)
-    assert ESTIMATOR_LABELS[DEFAULT_ESTIMATOR] in stdout.splitlines()[0]
+    assert estimators.label(DEFAULT_ESTIMATOR) in stdout.splitlines()[0]
     assert stdout.splitlines()[1] == evidence_sentence(DEFAULT_ESTIMATOR)
     rows = _table_rows(stdout)
     by_name = {d["name"]: d for d in default["domains"]}

@@ -1,11 +1,15 @@
-"""Background jobs: real worker processes on a tiny model, the runner lock,
-cancel, crashes and a corrupt cached result."""
+"""Background jobs of every kind: real worker processes on tiny models, the
+runner lock shared by analyses, validations and benchmarks, cancel (the
+whole process session, Ray's processes included), crashes, a refresh and
+damaged stored results."""
 from __future__ import annotations
 
 import fcntl
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from datetime import datetime
 from pathlib import Path
@@ -17,12 +21,12 @@ from dowsing.domains import Domain, default_domains
 from dowsing.jobs import (
     ACTIVE,
     WAITING_MESSAGE,
-    Executor,
     JobRequest,
+    JobRunner,
     JobState,
     JobStore,
-    LocalProcessExecutor,
-    default_executor,
+    LocalJobRunner,
+    default_runner,
 )
 from dowsing.models import ModelError
 from dowsing.result import DomainResult, Result
@@ -36,14 +40,14 @@ SMALL = [
 
 
 @pytest.fixture
-def executor(tmp_path, monkeypatch):
+def runner(tmp_path, monkeypatch):
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
-    ex = LocalProcessExecutor()
-    yield ex
-    for state in ex.store.all():  # never leave a worker behind
+    jobs = LocalJobRunner()
+    yield jobs
+    for state in jobs.store.all():  # never leave a worker behind
         if state.active:
-            ex.cancel(state.job_id)
-    ex.store.close()
+            jobs.cancel(state.job_id)
+    jobs.store.close()
 
 
 def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, tmp_path, monkeypatch):
@@ -59,22 +63,55 @@ def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, 
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
+# Three domains of four facts: the fewest a validation's rank correlation and
+# a benchmark's split take.
+THREE = [Domain(n, tuple(f"{n} fact number {i} is about {n.lower()}." for i in range(4)))
+         for n in ("Alpha", "Beta", "Gamma")]
+
+
 def request(model_dir, domains=SMALL, name="Science") -> JobRequest:
     return JobRequest(model_id=str(model_dir), domains=list(domains), config=AnalysisConfig(), domain_set_name=name)
 
 
-def wait(ex, job_id, until, timeout_s=90.0, interval_s=0.05) -> tuple[JobState, list[JobState]]:
+def validation_request(model_dir, **fields) -> JobRequest:
+    from dowsing.validation.validate import ValidationConfig
+
+    config = ValidationConfig(estimators=("mean_loss",), bootstrap=0, subspace=False, finetune_steps=2,
+                              finetune_blocks=1)
+    return JobRequest(kind="validation", model_id=str(model_dir), domains=list(THREE), config=config,
+                      domain_set_name="Three", **fields)
+
+
+def benchmark_request(model_dir, **fields) -> JobRequest:
+    from dowsing.training import Recipe
+    from dowsing.validation.benchmark import BenchmarkConfig
+
+    config = BenchmarkConfig.quick(estimators=("mean_loss", "alignment"), seeds=1, curve_domains=(),
+                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50)
+    return JobRequest(kind="benchmark", model_id=str(model_dir), domains=list(THREE), config=config,
+                      domain_set_name="Three", **fields)
+
+
+def wait(jobs, job_id, until, timeout_s=90.0, interval_s=0.05) -> tuple[JobState, list[JobState]]:
     """Poll until `until(state)`; returns the last state and every state seen."""
     seen = []
     deadline = time.monotonic() + timeout_s
     while True:
-        state = ex.state(job_id)
+        state = jobs.state(job_id)
         seen.append(state)
         if until(state):
             return state, seen
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out; last state {state}")
         time.sleep(interval_s)
+
+
+def session_members(sid: int) -> list[str]:
+    """The live processes of session `sid` as `ps` lists them (not as the
+    runner reads /proc): a worker and everything it started."""
+    out = subprocess.run(["ps", "-e", "-o", "pid=,sid=,stat=,comm="], capture_output=True, text=True).stdout
+    return [line.strip() for line in out.splitlines()
+            if line.split()[1] == str(sid) and not line.split()[2].startswith(("Z", "X"))]
 
 
 def running(pid: int) -> bool:
@@ -90,23 +127,46 @@ def ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
-def test_local_executor_is_an_executor(executor):
-    assert isinstance(executor, Executor)
-    assert isinstance(default_executor(), LocalProcessExecutor)
+def test_the_local_runner_is_a_job_runner(runner):
+    assert isinstance(runner, JobRunner)
+    assert isinstance(default_runner(), LocalJobRunner)
 
 
 def test_request_and_state_round_trip_as_json(tiny_gpt2_dir):
-    req = request(tiny_gpt2_dir)
-    assert JobRequest.from_dict(json.loads(json.dumps(req.to_dict()))) == req
-    state = JobState(job_id="abc", status="running", stage="solve", fraction=0.5, request=req.to_dict())
-    assert JobState.from_json(state.to_json()) == state
+    for req in (request(tiny_gpt2_dir), validation_request(tiny_gpt2_dir, held_out={"Alpha": ["Alpha is first."]}),
+                benchmark_request(tiny_gpt2_dir, executor={"kind": "ray", "address": "auto"}, device="cuda")):
+        again = JobRequest.from_dict(json.loads(json.dumps(req.to_dict())))
+        assert again == req and again.job_id() == req.job_id()
+        state = JobState(job_id="abc", status="running", stage="solve", fraction=0.5, request=req.to_dict())
+        assert JobState.from_json(state.to_json()) == state and state.kind == req.kind
+    # Where the units run is not part of the job: the numbers are the same.
+    assert benchmark_request(tiny_gpt2_dir).job_id() == benchmark_request(
+        tiny_gpt2_dir, executor={"kind": "ray"}).job_id()
+    assert validation_request(tiny_gpt2_dir).job_id() != benchmark_request(tiny_gpt2_dir).job_id()
+    # A record from before there were kinds is an analysis.
+    legacy = {k: v for k, v in request(tiny_gpt2_dir).to_dict().items() if k != "kind"}
+    assert JobRequest.from_dict(legacy) == request(tiny_gpt2_dir)
 
 
-def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(executor, tiny_gpt2_dir, tmp_path):
+def test_a_request_takes_only_its_own_kind_of_settings(tiny_gpt2_dir):
+    from dowsing.validation.validate import ValidationConfig
+
+    with pytest.raises(ValueError, match="unknown job kind"):
+        JobRequest(model_id=None, domains=list(SMALL), kind="plan")
+    with pytest.raises(ValueError, match="take a BenchmarkConfig"):
+        JobRequest(model_id=None, domains=list(SMALL), config=ValidationConfig(), kind="benchmark")
+    with pytest.raises(ValueError, match="no held-out facts"):
+        JobRequest(model_id=None, domains=list(SMALL), kind="benchmark", held_out={"Physics": ["x."]})
+    with pytest.raises(ValueError, match="no device of their own"):
+        JobRequest(model_id=None, domains=list(SMALL), kind="validation", device="cuda")
+    assert isinstance(JobRequest(model_id=None, domains=list(SMALL), kind="validation").config, ValidationConfig)
+
+
+def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(runner, tiny_gpt2_dir, tmp_path):
     req = request(tiny_gpt2_dir)
-    job_id = executor.submit(req)
+    job_id = runner.submit(req)
     assert job_id == req.job_id()
-    state, seen = wait(executor, job_id, lambda s: not s.active)
+    state, seen = wait(runner, job_id, lambda s: not s.active)
     assert state.status == "done", state
     assert (state.stage, state.fraction, state.error) == ("done", 1.0, None)
     # Worker progress reaches the job state; which engine stages a 50 ms poll
@@ -116,29 +176,29 @@ def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(e
     running = [s.fraction for s in seen if s.status == "running"]
     assert running == sorted(running)  # never goes back; the rise itself is checked in-process
     # State is JSON text in diskcache, never a pickle.
-    assert isinstance(executor.store.cache.get(JobStore.PREFIX + job_id), str)
+    assert isinstance(runner.store.cache.get(JobStore.PREFIX + job_id), str)
 
-    result = executor.result(job_id)
+    result = runner.result(job_id)
     assert [d.name for d in result.domains] == ["Physics", "Biology"]
     assert state.summary == {
-        "model_id": str(tiny_gpt2_dir), "domain_set_name": "Science", "n_domains": 2,
+        "kind": "analysis", "model_id": str(tiny_gpt2_dir), "domain_set_name": "Science", "n_domains": 2,
         "top_domain": result.ranked()[0].name, "model_parameters": result.model["parameters"],
     }
     # Another process (a second tab) sees the same job.
-    assert LocalProcessExecutor().state(job_id).status == "done"
+    assert LocalJobRunner().state(job_id).status == "done"
 
     started = time.monotonic()
-    assert executor.submit(req) == job_id
+    assert runner.submit(req) == job_id
     assert time.monotonic() - started < 2.0
-    again = executor.state(job_id)
+    again = runner.state(job_id)
     assert (again.status, again.run_id, again.pid) == ("done", state.run_id, state.pid)
-    assert [s.job_id for s in executor.history()] == [job_id]
+    assert [s.job_id for s in runner.history()] == [job_id]
 
-    executor.delete(job_id)
-    assert executor.history() == [] and executor.state(job_id) is None
-    assert executor.result(job_id) is not None  # the result stays cached
-    executor.submit(req)  # so the same request is done at once, no worker
-    assert executor.state(job_id).pid is None and executor.state(job_id).status == "done"
+    runner.delete(job_id)
+    assert runner.history() == [] and runner.state(job_id) is None
+    assert runner.result(job_id) is not None  # the result stays cached
+    runner.submit(req)  # so the same request is done at once, no worker
+    assert runner.state(job_id).pid is None and runner.state(job_id).status == "done"
 
     # A corrupt cached result is never shown as done: it is recomputed...
     import diskcache
@@ -148,24 +208,25 @@ def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(e
     entries = diskcache.Cache(str(ResultStore().folder))
     entries.set(job_id, entries.get(job_id)[:-40])  # a truncated write
     entries.close()
-    recomputing = executor.state(job_id)
+    recomputing = runner.state(job_id)
     assert recomputing.status in ACTIVE and recomputing.run_id != state.run_id
-    assert executor.result(job_id) is None
+    assert runner.result(job_id) is None
     # ...and a different request submitted meanwhile waits for it; this one
     # names a model folder that cannot load, so it then fails with the
     # loader's one-line message.
     broken = tmp_path / "broken-model"
     broken.mkdir()
     (broken / "config.json").write_text("{ this is not json")
-    other_id = executor.submit(request(broken, SMALL, "Broken"))
+    other_id = runner.submit(request(broken, SMALL, "Broken"))
     assert other_id != job_id
     saw_waiting = False
     deadline = time.monotonic() + 120
     while True:
-        a, b = executor.state(job_id), executor.state(other_id)
+        a, b = runner.state(job_id), runner.state(other_id)
         assert not (a.status == "running" and b.status == "running")
-        if a.status == "running" and b.status == "queued" and b.message == WAITING_MESSAGE:
-            saw_waiting = True
+        if a.status == "running" and b.status == "queued" and b.waiting_for == job_id:
+            assert job_id[:8] in b.message
+            saw_waiting |= b.message.startswith("queued behind the running analysis of ")
         if not a.active and not b.active:
             break
         assert time.monotonic() < deadline, (a, b)
@@ -173,79 +234,192 @@ def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(e
     assert saw_waiting
     assert (a.status, b.status) == ("done", "failed")
     assert ts(b.started_at) >= ts(a.finished_at)
-    assert [d.name for d in executor.result(job_id).domains] == ["Physics", "Biology"]
+    assert [d.name for d in runner.result(job_id).domains] == ["Physics", "Biology"]
     assert b.error.startswith("Model ") and "could not be loaded" in b.error, b.error
-    assert "\n" not in b.error and executor.result(other_id) is None
-    assert [s.job_id for s in executor.history()] == [other_id, job_id]
+    assert "\n" not in b.error and runner.result(other_id) is None
+    assert [s.job_id for s in runner.history()] == [other_id, job_id]
 
 
-def test_a_queued_job_waits_for_the_runner_lock_and_can_be_cancelled(executor, tiny_gpt2_dir):
-    with open(executor.store.lock_path, "a+") as lock:
+def test_a_queued_job_waits_for_the_runner_lock_and_can_be_cancelled(runner, tiny_gpt2_dir):
+    with open(runner.store.lock_path, "a+") as lock:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX)  # another job holds the machine
-        job_id = executor.submit(request(tiny_gpt2_dir))
-        state, _ = wait(executor, job_id, lambda s: s.message == WAITING_MESSAGE, timeout_s=60)
+        job_id = runner.submit(request(tiny_gpt2_dir))
+        state, _ = wait(runner, job_id, lambda s: s.message == WAITING_MESSAGE, timeout_s=60)
         assert state.status == "queued" and state.pid is not None
         started = time.monotonic()
-        executor.cancel(job_id)
-        assert executor.state(job_id).status == "cancelled"
+        runner.cancel(job_id)
+        assert runner.state(job_id).status == "cancelled"
         assert time.monotonic() - started < 10
         assert not running(state.pid)
 
 
-def test_a_just_spawned_worker_is_not_declared_dead(executor, tiny_gpt2_dir, monkeypatch):
+def test_a_just_spawned_worker_is_not_declared_dead(runner, tiny_gpt2_dir, monkeypatch):
     """Between fork and exec a worker's /proc cmdline is still its parent's.
     A child that is alive but not (yet) recognisable as a worker stands in for
-    that window: the executor must trust its own process handle, not /proc."""
-    import subprocess
-    import sys
-
+    that window: the runner must trust its own process handle, not /proc."""
     def spawn_not_yet_a_worker(job_id):
         return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"], start_new_session=True)
 
-    monkeypatch.setattr(executor, "_spawn", spawn_not_yet_a_worker)
-    job_id = executor.submit(request(tiny_gpt2_dir))
+    monkeypatch.setattr(runner, "_spawn", spawn_not_yet_a_worker)
+    job_id = runner.submit(request(tiny_gpt2_dir))
     for _ in range(20):
-        state = executor.state(job_id)
+        state = runner.state(job_id)
         assert state.status == "queued", state
         time.sleep(0.05)
-    proc = executor._procs[job_id]
+    proc = runner._procs[job_id]
     proc.kill()
     proc.wait()
     # Once the child has exited, the same handle reports it as dead.
-    state = executor.state(job_id)
+    state = runner.state(job_id)
     assert state.status == "failed" and "signal 9" in state.error, state
 
 
-def test_a_killed_worker_fails_and_a_running_job_cancels(executor, tiny_gpt2_dir):
+def test_a_killed_worker_fails_and_a_running_job_cancels(runner, tiny_gpt2_dir):
     req = request(tiny_gpt2_dir, default_domains(), "Science (paper)")  # long enough to interrupt
-    job_id = executor.submit(req)
-    state, _ = wait(executor, job_id, lambda s: s.status == "running" or not s.active)
+    job_id = runner.submit(req)
+    state, _ = wait(runner, job_id, lambda s: s.status == "running" or not s.active)
     assert state.status == "running"
     os.kill(state.pid, signal.SIGKILL)
-    # A fresh executor (the page after a restart) reads the dead pid...
-    other, _ = wait(LocalProcessExecutor(), job_id, lambda s: not s.active, timeout_s=10)
+    # A fresh runner (the page after a restart) reads the dead pid...
+    other, _ = wait(LocalJobRunner(), job_id, lambda s: not s.active, timeout_s=10)
     assert other.status == "failed" and other.error and "\n" not in other.error
     # ...and the one that started it knows the exit signal.
-    failed = executor.state(job_id)
+    failed = runner.state(job_id)
     assert failed.status == "failed" and "\n" not in failed.error
 
     # A failed job can be submitted again: same id, a fresh run.
-    assert executor.submit(req) == job_id
-    state, _ = wait(executor, job_id, lambda s: s.stage in ENGINE_STAGES or not s.active, timeout_s=90)
+    assert runner.submit(req) == job_id
+    state, _ = wait(runner, job_id, lambda s: s.stage in ENGINE_STAGES or not s.active, timeout_s=90)
     assert state.status == "running" and state.run_id != failed.run_id, state
     started = time.monotonic()
-    executor.cancel(job_id)
-    assert executor.state(job_id).status == "cancelled"
+    runner.cancel(job_id)
+    assert runner.state(job_id).status == "cancelled"
     assert time.monotonic() - started < 10
     assert not running(state.pid)
     time.sleep(0.5)  # a late write of the dying worker must not undo the cancel
-    assert executor.state(job_id).status == "cancelled"
+    assert runner.state(job_id).status == "cancelled"
 
 
-def test_a_missing_model_is_refused_before_any_worker_starts(executor, tmp_path):
+def test_a_missing_model_is_refused_before_any_worker_starts(runner, tmp_path):
     with pytest.raises(ModelError, match="not found"):
-        executor.submit(request(tmp_path / "no-such-model"))
-    assert executor.history() == []
+        runner.submit(request(tmp_path / "no-such-model"))
+    assert runner.history() == []
+
+
+# --- every kind through one runner ------------------------------------------------
+
+def test_an_analysis_and_a_validation_take_turns_and_give_the_numbers_of_each_run_alone(runner, tiny_gpt2_dir):
+    from dowsing.analysis import run_analysis
+    from dowsing.validation.validate import ValidationResult, validate
+
+    analysis, check = request(tiny_gpt2_dir), validation_request(tiny_gpt2_dir)
+    first, second = runner.submit(analysis), runner.submit(check)  # as two pages would, one after the other
+    assert (first, second) == (analysis.job_id(), check.job_id())
+    saw_queued_behind = False
+    deadline = time.monotonic() + 240
+    while True:
+        a, v = runner.state(first), runner.state(second)
+        assert not (a.status == "running" and v.status == "running")
+        if a.status == "running" and v.status == "queued" and v.waiting_for == first:
+            # the worker polls the queue, so it may still say the analysis is queued for a moment
+            assert v.message.startswith(("queued behind the running analysis of ",
+                                         "queued behind the queued analysis of ")) and first[:8] in v.message
+            saw_queued_behind |= v.message.startswith("queued behind the running analysis of ")
+        if not a.active and not v.active:
+            break
+        assert time.monotonic() < deadline, (a, v)
+        time.sleep(0.05)
+    assert (a.status, v.status) == ("done", "done"), (a.error, v.error)
+    assert saw_queued_behind
+    assert ts(a.started_at) < ts(a.finished_at) <= ts(v.started_at) < ts(v.finished_at)
+    assert v.waiting_for is None and v.summary["kind"] == "validation" and v.summary["winner"]
+    assert [s.job_id for s in runner.history("validation")] == [second]
+
+    alone = run_analysis(str(tiny_gpt2_dir), list(SMALL), AnalysisConfig(), use_cache=False)
+    queued = runner.result(first)
+    assert [(d.name, d.rank) for d in queued.domains] == [(d.name, d.rank) for d in alone.domains]
+    for mine, ref in zip(queued.domains, alone.domains):
+        assert (mine.mean, mine.priority) == pytest.approx((ref.mean, ref.priority), rel=1e-6)
+    validated = runner.result(second)
+    assert isinstance(validated, ValidationResult)
+    ref = validate(str(tiny_gpt2_dir), list(THREE), check.config)
+    assert validated.finetune["gain"] == pytest.approx(ref.finetune["gain"], rel=1e-6, abs=1e-12)
+    assert [e["name"] for e in validated.estimators] == [e["name"] for e in ref.estimators]
+    for mine, theirs in zip(validated.estimators, ref.estimators):
+        assert mine["priority"] == pytest.approx(theirs["priority"], rel=1e-6, abs=1e-12)
+
+
+def test_a_benchmark_job_survives_a_refresh_and_its_result_round_trips(runner, tiny_llama_dir):
+    from dowsing.validation.benchmark import BenchmarkResult
+
+    req = benchmark_request(tiny_llama_dir)
+    job_id = runner.submit(req)
+    wait(runner, job_id, lambda s: s.status == "running" or not s.active)
+    # A refresh: a new runner, which did not start the worker, finds the job
+    # by its id, and the same request attaches to it instead of starting another.
+    page = LocalJobRunner()
+    assert page.state(job_id).active and page.submit(req) == job_id
+    assert [s.job_id for s in page.history("benchmark")] == [job_id] and page.history("analysis") == []
+    done, _ = wait(page, job_id, lambda s: not s.active, timeout_s=240)
+    assert done.status == "done", done
+    assert done.summary["kind"] == "benchmark" and done.summary["winner"]
+
+    result = page.result(job_id)
+    assert isinstance(result, BenchmarkResult) and result.domains == ["Alpha", "Beta", "Gamma"]
+    path = page.store.result_path(job_id, "benchmark")
+    assert json.loads(path.read_text(encoding="utf-8"))["leaderboard"]  # JSON on disk, not a pickle
+    assert BenchmarkResult.from_json(result.to_json()).to_dict() == result.to_dict() == runner.result(job_id).to_dict()
+
+    started = time.monotonic()
+    again = LocalJobRunner()
+    assert again.submit(req) == job_id  # a repeat is the stored result, at once, without a worker
+    assert time.monotonic() - started < 2.0
+    assert (again.state(job_id).run_id, again.state(job_id).pid) == (done.run_id, done.pid)
+    # A damaged result file is never shown: the job runs again under its id.
+    path.write_text(path.read_text(encoding="utf-8")[:-40], encoding="utf-8")
+    rerun = again.state(job_id)
+    assert rerun.status in ACTIVE and rerun.run_id != done.run_id
+    assert again.result(job_id) is None
+    again.cancel(job_id)
+    assert again.state(job_id).status == "cancelled"
+
+
+def test_cancel_leaves_no_process_of_a_run_on_ray_behind(runner, tiny_llama_dir):
+    """A benchmark on a Ray the worker starts for it: the worker's session
+    then also holds Ray's GCS, raylet and task workers (some in process
+    groups of their own). Cancel ends every one of them."""
+    job_id = runner.submit(benchmark_request(tiny_llama_dir, executor={"kind": "ray", "num_cpus": 1}))
+    state, _ = wait(runner, job_id, lambda s: s.stage not in ("", "queued", "starting") or not s.active,
+                    timeout_s=180)
+    assert state.status == "running", state
+    started = session_members(state.pid)
+    assert any(line.endswith("raylet") for line in started), started
+    runner.cancel(job_id)
+    assert runner.state(job_id).status == "cancelled"
+    assert session_members(state.pid) == [] and not running(state.pid)
+    log = runner.store.log_path(job_id).read_text()
+    assert "ray: 1 node(s), 1 CPU" in log
+
+
+def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
+    """A stand-in worker (it looks like `dowsing.worker job3` in /proc) that
+    exits on SIGTERM, with a child in a process group of its own (as Ray's
+    task workers are) that ignores SIGTERM: cancel must not stop at the worker."""
+    child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
+            "time.sleep(60)"
+    worker = ("import os, subprocess, sys, time; "
+              f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
+              "preexec_fn=os.setpgrp); c.stdout.readline(); print(c.pid, flush=True); time.sleep(60)")
+    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.worker", "job3"], stdout=subprocess.PIPE,
+                                start_new_session=True)
+    child_pid = int(stand_in.stdout.readline())
+    assert os.getpgid(child_pid) != stand_in.pid and len(session_members(stand_in.pid)) == 2
+    runner.store.put(JobState(job_id="job3", status="running", pid=stand_in.pid, run_id="run3"))
+    runner.grace_s = 0.5
+    runner.cancel("job3")
+    assert stand_in.wait(timeout=5) == -signal.SIGTERM
+    assert not running(child_pid) and session_members(stand_in.pid) == []
+    assert runner.state("job3").status == "cancelled"
 
 
 # --- the worker in this process, with the engine replaced ---------------------
@@ -320,10 +494,7 @@ def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, erro
     assert state.status not in ACTIVE
 
 
-def test_cancel_kills_a_worker_that_ignores_sigterm(executor):
-    import subprocess
-    import sys
-
+def test_cancel_kills_a_worker_that_ignores_sigterm(runner):
     # A stand-in worker stuck where SIGTERM cannot reach Python code; the
     # trailing arguments make it look like `dowsing.worker job2` in /proc.
     stuck = subprocess.Popen(
@@ -332,9 +503,9 @@ def test_cancel_kills_a_worker_that_ignores_sigterm(executor):
         stdout=subprocess.PIPE, start_new_session=True,
     )
     assert stuck.stdout.readline().strip() == b"ready"
-    executor.store.put(JobState(job_id="job2", status="running", pid=stuck.pid, run_id="run2"))
-    executor.grace_s = 0.5
-    assert executor.state("job2").status == "running"  # alive, checked through /proc
-    executor.cancel("job2")
+    runner.store.put(JobState(job_id="job2", status="running", pid=stuck.pid, run_id="run2"))
+    runner.grace_s = 0.5
+    assert runner.state("job2").status == "running"  # alive, checked through /proc
+    runner.cancel("job2")
     assert stuck.wait(timeout=5) == -signal.SIGKILL
-    assert executor.state("job2").status == "cancelled"
+    assert runner.state("job2").status == "cancelled"

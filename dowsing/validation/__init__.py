@@ -5,5 +5,6 @@ Modules: `subspace_truth` (the response in the concept subspace), `finetune`
 (counterfactual fine-tunes and learning curves), `correlations` (rank
 correlations and bootstrap intervals), `leaderboard`, `validate` (the quick
 check on a user's domain set), `benchmark` (the benchmark with power) and
-`figures`.
+`figures`. The app runs validations and benchmarks as background jobs
+(`dowsing.jobs`).
 """

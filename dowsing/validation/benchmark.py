@@ -18,7 +18,6 @@ fine-tuning really does, on enough domains for the answer to have power?
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -37,7 +36,7 @@ from ..forward import split_pass
 from ..models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
-from ..result import ENGINE_VERSION, finite_or_none
+from ..result import ENGINE_VERSION
 from ..saturation import DenseSystem, mu_function, saturation
 from ..solvers import damped, dense_solve
 from ..splitting import split_domains

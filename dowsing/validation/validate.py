@@ -22,8 +22,6 @@ has.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -40,7 +38,6 @@ from ..forward import split_pass
 from ..models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
-from ..result import finite_or_none
 from ..solvers import damped, dense_solve
 from ..splitting import split_domains
 from ..subspace import encode_facts, find_anatomy
