@@ -99,7 +99,7 @@ def tiny_llama64(tiny_llama_dir):
 
 
 def _small_config(**changes):
-    fields = dict(estimators=("mean_loss",), seeds=1, bootstrap=50, curve_domains=("Cooking",),
+    fields = dict(estimators=("mean_loss", "alignment_heldout"), seeds=1, bootstrap=50, curve_domains=("Cooking",),
                   curve_sizes=(0, 2), recipes=(Recipe("adamw", "adamw", lr=3e-4, steps=2, blocks=2),))
     fields.update(changes)
     return BenchmarkConfig.quick(**fields)
@@ -115,6 +115,8 @@ def _numbers(result) -> np.ndarray:
         out += list(np.ravel(truth["gains"])) + list(truth["baseline_drop"])
     for curve in result.curves:
         out += [loss for _, loss in curve["measured"]["points"]]
+    for score in result.estimators:
+        out += list(score["priority"])
     return np.asarray(out, dtype=float)
 
 
@@ -133,13 +135,19 @@ def test_benchmark_on_ray_gives_the_same_numbers_and_ships_the_weights_once(ray_
     assert len(got) == len(want) > 10 and np.ptp(want) > 0
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
     records = [r for r in ray_executor.telemetry.records if not r.cached]
-    assert len(records) == result.execution["units"] == len(_domains()) + 1 + 2
+    families = [r for r in records if r.key.startswith("estimators/")]
+    # each estimator family is a unit beside the fine-tunes: the baseline, one per domain, two curve points
+    assert sorted(r.key for r in families) == ["estimators/alignment", "estimators/subspace"]
+    assert len(records) == result.execution["units"] == len(_domains()) + 1 + 2 + len(families)
     assert len({r.pid for r in records}) == 2  # both workers took units
-    assert len(ray_executor._refs) == 1  # one payload in the object store for the whole batch
+    # one payload in the object store per batch: the estimators' context and the trainer
+    assert len(ray_executor._refs) == 2
     assert result.execution["resources"]["CPU"] == 2
     truth_progress = [p for p in progress if p.stage == "ground truth"]
-    assert len(truth_progress) == len(records) and truth_progress[-1].message.startswith(
-        f"fine-tune {len(records)} of {len(records)}")
+    fine_tunes = len(records) - len(families)
+    assert len(truth_progress) == fine_tunes and truth_progress[-1].message.startswith(
+        f"fine-tune {fine_tunes} of {fine_tunes}")
+    assert [p.message for p in progress if p.stage == "estimators"][-1].startswith("estimators 2 of 2 families")
 
 
 def _parent(pid: int) -> int:
