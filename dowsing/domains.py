@@ -421,3 +421,17 @@ def benchmark_domains(quick: bool = False) -> list[Domain]:
 def benchmark_groups() -> dict:
     """{domain name: group} of the shipped benchmark domains."""
     return dict(json.loads(benchmark_file().read_text(encoding="utf-8"))["groups"])
+
+
+def hard_case_domains(quick: bool = False) -> list[Domain]:
+    """The shipped hard-case domains (noise, scrambled, contradiction,
+    grab-bag, redundant; see BENCHMARK.md), or one per kind when quick.
+    Separate from `benchmark_domains`: the benchmark does not score them yet."""
+    data = json.loads(benchmark_file().read_text(encoding="utf-8"))
+    keep = set(data["hard_case_quick"]) if quick else None
+    return [Domain(d["name"], tuple(d["facts"])) for d in data["hard_cases"] if keep is None or d["name"] in keep]
+
+
+def hard_case_groups() -> dict:
+    """{domain name: kind} of the shipped hard-case domains."""
+    return dict(json.loads(benchmark_file().read_text(encoding="utf-8"))["hard_case_groups"])
