@@ -122,6 +122,9 @@ def checked_model(args, models: list) -> list:
     return models
 
 
+ESTIMATE_HELP = "print the predicted wall time and peak memory on this machine, then exit without running"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dowsing",
@@ -167,6 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arguments(analyze, "the model analysed (then --model may be left out)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    analyze.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_executor_arguments(analyze)
     validate = sub.add_parser("validate", help="check the ranking against ground truth by training; rival estimators")
     validate.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
@@ -178,6 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    validate.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_checkpoint_arguments(validate, "the model validated (then --model may be left out); the trajectory "
                                        "estimators read them instead of the baseline fine-tune")
     add_executor_arguments(validate)
@@ -208,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arguments(bench, "the model benchmarked (then --model may be left out); the trajectory "
                                     "estimators read them instead of the main recipe's baseline fine-tune")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_executor_arguments(bench)
     cluster = sub.add_parser("cluster", help="what an executor would run on: CPUs, GPUs and nodes, as JSON")
     add_executor_arguments(cluster)
@@ -231,6 +237,12 @@ def run_analyze(args) -> int:
                 raise ValueError(f"--out {out} is a directory; give a file name.")
             if not out.parent.exists():
                 raise ValueError(f"--out: the folder {out.parent} does not exist.")
+        if args.estimate:
+            from .estimate import estimate_analysis, report
+
+            on = executor_config(args, config.device)
+            return report(lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache)
+                                   for m in models])
         executor = open_executor(executor_config(args, config.device), config.device)
         cancel_on_sigterm()
         with warnings.catch_warnings():
@@ -280,6 +292,11 @@ def run_validate(args) -> int:
         config = ValidationConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
+        if args.estimate:
+            from .estimate import estimate_validation, report
+
+            on = executor_config(args)
+            return report(lambda: [estimate_validation(model, domains, config, held_out, on)])
         executor = open_executor(executor_config(args))
     except (DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -341,6 +358,11 @@ def run_benchmark_command(args) -> int:
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains)
         _check_out(args.out)
+        if args.estimate:
+            from .estimate import estimate_benchmark, report
+
+            on = executor_config(args, args.device)
+            return report(lambda: [estimate_benchmark(model, domains, config, args.device, args.threads, on)])
         executor = open_executor(executor_config(args, args.device), args.device)
     except (DomainError, ValueError, OSError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
