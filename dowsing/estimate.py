@@ -55,8 +55,14 @@ class Calibration:
     are resident memory on the CPU (allocated GPU memory on cuda).
     tail_s_per_param_token: one fine-tune step of the last block divided by
     the parameters it multiplies per token (`tail_work`) and its padded tokens.
-    grad_call_s: what a single-fact gradient costs beyond that (Python,
-    flattening, small matrices): the alignment estimators pay it per fact.
+    grad_call_s: what a single-fact gradient costs beyond its tokens and
+    flattening (Python, small matrices): the alignment estimators pay it per
+    fact. vector_s_per_element: one elementwise pass with a float64 sum over
+    a float32 vector, per element: the estimators that flatten gradients of
+    millions of parameters pay it per gradient (dot products, Adam's
+    preconditioner, finite differences). copy_s: a tail copy of the model
+    (a deep copy of it, then its last blocks): every estimator family that
+    trains or differentiates the last blocks makes one.
     line_s_per_token: the LM-head derivatives of the benchmark's subspace
     terms (one head product per token plus its derivatives along
     CALIBRATION_DOMAINS directions). start_s: the interpreter's start-up and
@@ -84,6 +90,8 @@ class Calibration:
     line_s_per_token: float
     tail_s_per_param_token: float
     grad_call_s: float
+    vector_s_per_element: float
+    copy_s: float
     matmul_flops: float
     matmul32_flops: float
     factor_flops: float
@@ -149,6 +157,7 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
         base = _current_bytes(device)
         t0 = time.perf_counter()
         loaded = load_model(model_id, device, dtype)
+        _touch(loaded.model)
         load_s = time.perf_counter() - t0
         model_bytes = max(_current_bytes(device) - base, 0)
         calibration = measure(loaded, threads, load_s, base if device == "cpu" else 0, model_bytes,
@@ -158,6 +167,17 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
     path = calibration_path(calibration.fingerprint, device, dtype, threads)
     atomic_write_text(path, json.dumps(calibration.to_dict(), indent=2))
     return calibration, loaded
+
+
+def _touch(net) -> None:
+    """Read every weight once. A loader may map the weights file and read it
+    only when the first pass touches it; a run pays that in its first
+    forward pass, which the calibration's repeated probes would hide."""
+    import torch
+
+    with torch.no_grad():
+        for param in net.parameters():
+            param.sum()
 
 
 def _process_age_s() -> float:
@@ -400,7 +420,9 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
 
     ids, inputs = probe["ids"], probe["block_inputs"]
     rows = list(range(len(ids)))
+    t0 = time.perf_counter()
     work, _ = tail_model(loaded.model, len(probe["anatomy"].down_projs) - 1)
+    copy_s = time.perf_counter() - t0
     data = TailData(list(ids), [b.detach().clone() for b in inputs], [rows], [rows],
                     probe["tokens"].fact_losses.detach().cpu().clone())
     trainer = TailTrainer.from_parts(work, data)
@@ -418,11 +440,15 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
             torch.cat([g.reshape(-1) for g in grad_of([r])])
 
     single = _timed(device, single_grads)
+    vector = torch.randn(1 << 22, device=trainer.device)
+    elementwise = _timed(device, lambda: (vector * vector).sum(dtype=torch.float64), repeats=3)
+    vector_s = elementwise.seconds / vector.numel()
     token_part = sum(per_param_token * len(ids[r]) * tail_work(shape, 1, 1) for r in singles)
+    flatten_part = len(singles) * shape.block_params * vector_s
     trainer.reset()
-    return {"tail_s_per_param_token": per_param_token,
-            "grad_call_s": max(single.seconds - token_part, 0.0) / len(singles),
-            "step_bytes_per_token": step.extra_bytes / padded}
+    return {"tail_s_per_param_token": per_param_token, "copy_s": copy_s,
+            "grad_call_s": max(single.seconds - token_part - flatten_part, 0.0) / len(singles),
+            "vector_s_per_element": vector_s, "step_bytes_per_token": step.extra_bytes / padded}
 
 
 def _probe_rates(device: str, d_ff: int) -> dict:
@@ -608,6 +634,20 @@ def memory_warning(estimate: Estimate, available_bytes: int | None) -> str | Non
             "the run would likely fail or swap. Use fewer or shorter facts, fewer domains or a smaller model.")
 
 
+def load_note() -> str | None:
+    """A line on other work sharing the cores now, or None when the machine
+    is quiet: the estimate assumes the quiet machine the calibration saw."""
+    try:
+        load = os.getloadavg()[0]
+    except OSError:
+        return None
+    cores = os.cpu_count() or 1
+    if load < 0.5 * cores:
+        return None
+    return (f"The machine is busy now (load average {load:.1f} on {cores} cores): other work shares the cores, so "
+            "the run will likely take longer than estimated.")
+
+
 def format_bytes(n: float) -> str:
     for unit, size in (("GB", 1e9), ("MB", 1e6)):
         if n >= size:
@@ -648,10 +688,13 @@ def tail_pass_s(cal: Calibration, padded: float, keep: int, trained: int = 0) ->
     return cal.tail_s_per_param_token * padded * tail_work(cal, keep, trained)
 
 
-def gradients_s(cal: Calibration, calls: int, padded: float, keep: int, trained: int) -> float:
+def gradients_s(cal: Calibration, calls: int, padded: float, keep: int, trained: int,
+                vector_ops: float = 0.0) -> float:
     """`calls` gradient computations over `padded` tokens in all, each paying
-    the fixed per-call cost."""
-    return calls * cal.grad_call_s + tail_pass_s(cal, padded, keep, trained)
+    the fixed per-call cost and `vector_ops` elementwise passes over the
+    trained parameters (flattening, dot products)."""
+    vectors = calls * vector_ops * trainable_params(cal, trained) * cal.vector_s_per_element
+    return calls * cal.grad_call_s + tail_pass_s(cal, padded, keep, trained) + vectors
 
 
 def finetune_s(cal: Calibration, steps: int, step_padded: float, keep: int, trained: int,
@@ -768,29 +811,36 @@ def analysis_subspace_s(cal: Calibration, lengths: list, config) -> dict:
 # --- estimator families over the last blocks (pure) --------------------------------------------------------------
 
 def adam_moment_s(cal: Calibration, pool: list, batches: int, keep: int, trained: int) -> float:
-    """Adam's second moment: `batches` gradients of ADAM_BATCH random facts."""
-    return gradients_s(cal, batches, batches * expected_padded(pool, ADAM_BATCH), keep, trained)
+    """Adam's second moment: `batches` gradients of ADAM_BATCH random facts,
+    each squared in float64 and summed."""
+    return gradients_s(cal, batches, batches * expected_padded(pool, ADAM_BATCH), keep, trained, vector_ops=3)
 
 
-def domain_alignment_s(cal: Calibration, rows: list, query: list | None, keep: int, trained: int) -> float:
+def domain_alignment_s(cal: Calibration, rows: list, query: list | None, keep: int, trained: int,
+                       preconditioners: int = 1) -> float:
     """`alignment.domain_alignment`: the domain's summed gradient in chunks,
-    the query's gradient in one call, and one gradient per fact."""
+    the query's gradient in one call, and one gradient per fact, each
+    flattened and squared, then per preconditioner dotted with itself, the
+    domain's sum and the query's (three float64 sums)."""
     calls, padded = chunked(rows)
-    seconds = gradients_s(cal, calls, padded, keep, trained) + gradients_s(cal, len(rows), sum(rows), keep, trained)
+    per_fact = 2 + preconditioners * (3 if query else 2)
+    seconds = gradients_s(cal, calls, padded, keep, trained, vector_ops=2)
+    seconds += gradients_s(cal, len(rows), sum(rows), keep, trained, vector_ops=per_fact)
     if query:
-        seconds += gradients_s(cal, 1, len(query) * max(query), keep, trained)
+        seconds += gradients_s(cal, 1, len(query) * max(query), keep, trained, vector_ops=1 + preconditioners)
     return seconds
 
 
 def alignment_family_s(cal: Calibration, train: list, held: list | None, adam: bool, adam_batches: int,
-                       keep: int, trained: int) -> float:
+                       keep: int, trained: int, plain: bool = True) -> float:
     """The alignment estimators of a benchmark or validation: per domain its
     training facts against each other and (held given) against its held-out
-    half, sharing one pass of gradients; Adam's moment once."""
+    half, sharing one pass of gradients for every preconditioner asked
+    (plain, Adam's); Adam's moment once."""
     pool = [n for d in train for n in d]
-    seconds = adam_moment_s(cal, pool, adam_batches, keep, trained) if adam else 0.0
+    seconds = cal.copy_s + (adam_moment_s(cal, pool, adam_batches, keep, trained) if adam else 0.0)
     for k, rows in enumerate(train):
-        seconds += domain_alignment_s(cal, rows, held[k] if held else None, keep, trained)
+        seconds += domain_alignment_s(cal, rows, held[k] if held else None, keep, trained, int(adam) + int(plain))
     return seconds
 
 
@@ -805,10 +855,10 @@ def trajectory_family_s(cal: Calibration, train: list, held: list, names, recipe
     pool = [n for d in train for n in d]
     blocks = min(recipe.blocks, keep)
     if checkpoints:
-        seconds, steps = checkpoints * cal.load_s, checkpoints - 1
+        seconds, steps = cal.copy_s + checkpoints * cal.load_s, checkpoints - 1
     else:
         steps = recipe.steps
-        seconds = finetune_s(cal, steps, expected_padded(pool, recipe.batch), keep, blocks, 0)
+        seconds = cal.copy_s + finetune_s(cal, steps, expected_padded(pool, recipe.batch), keep, blocks, 0)
     if {"diffin", "tracin_ckpt"} & set(names):
         if recipe.optimizer == "adamw":
             seconds += adam_moment_s(cal, pool, adam_batches, keep, blocks)
@@ -819,7 +869,11 @@ def trajectory_family_s(cal: Calibration, train: list, held: list, names, recipe
             means += [chunked(h) for h in held] + [chunked(t) for t in train]
             means += [(len(d), sum(d)) for d in train + held]
         calls, padded = sum(c for c, _ in means), sum(p for _, p in means)
-        seconds += steps * gradients_s(cal, calls, padded, keep, blocks)
+        # per chunk: scaled and summed; per step: the checkpoint entered and its delta; per domain: the step
+        # u = P g, its dot products and (Diff-In) the perturbed parameters and the finite difference
+        per_domain = 12 if "diffin" in names else 3
+        vectors = (4 + per_domain * len(train)) * trainable_params(cal, blocks) * cal.vector_s_per_element
+        seconds += steps * (gradients_s(cal, calls, padded, keep, blocks, vector_ops=2) + vectors)
     if {"vog", "ckpt_confidence", "ckpt_variability", "el2n"} & set(names):
         scored = [n for d in (train + held if all_facts else train) for n in d]
         _, padded = chunked(scored)
@@ -829,21 +883,23 @@ def trajectory_family_s(cal: Calibration, train: list, held: list, names, recipe
 
 def ekfac_s(cal: Calibration, train: list, held: list, blocks: int, fit_facts: int, keep: int) -> float:
     """EK-FAC through kronfluence over the last `blocks` blocks' linear
-    layers: two passes over the fitted facts (covariances, then the
-    eigenvalue corrections), the eigendecompositions (about 9 n^3 per n x n
-    factor), and per domain the gradients of its held-out and training facts
-    with each training fact's gradient rotated into the eigenbases (float32)."""
+    layers: the covariance pass over the fitted facts, the
+    eigendecompositions (about 9 n^3 per n x n factor), the eigenvalue
+    pass (every fitted fact's gradient rotated into the eigenbases, float32),
+    and per domain the gradients of its held-out facts (summed, then
+    rotated once) and of its training facts (dotted with that sum)."""
     pool = [n for d in train for n in d]
     fitted = sorted(pool)[: fit_facts] if fit_facts and fit_facts < len(pool) else pool
     fit_padded = (len(fitted) / EKFAC_BATCH) * expected_padded(fitted, EKFAC_BATCH)
-    seconds = 2 * gradients_s(cal, math.ceil(len(fitted) / EKFAC_BATCH), fit_padded, keep, blocks)
-    seconds += blocks * sum(9.0 * (i ** 3 + o ** 3) for i, o in cal.linear_shapes) / cal.factor_flops
     rotation = blocks * sum(2.0 * i * o * (i + o) for i, o in cal.linear_shapes)
+    seconds = 2 * cal.copy_s + 2 * gradients_s(cal, math.ceil(len(fitted) / EKFAC_BATCH), fit_padded, keep, blocks)
+    seconds += blocks * sum(9.0 * (i ** 3 + o ** 3) for i, o in cal.linear_shapes) / cal.factor_flops
+    seconds += matmul_s(cal, len(fitted) * rotation, 32)
     for rows, query in zip(train, held):
         for facts in (rows, query):
             seconds += gradients_s(cal, math.ceil(len(facts) / EKFAC_BATCH), padded_tokens(facts, EKFAC_BATCH),
                                    keep, blocks)
-        seconds += matmul_s(cal, len(rows) * rotation, 32)
+        seconds += matmul_s(cal, rotation, 32)
     return seconds
 
 
@@ -851,14 +907,15 @@ def airrep_s(cal: Calibration, train: list, held: list, recipe, keep: int) -> fl
     """AirRep's data: 3 folds (at least 2, at most the domains) of 8
     counterfactual fine-tunes of the main recipe adding 4 training facts,
     each read on the held-out facts of the other folds' domains (the
-    encoder's own training, a few seconds, is left out)."""
+    encoder's own training, a few seconds, is left out); it builds its own
+    trainer (a tail copy)."""
     folds = max(2, min(3, len(train)))
     pool = [n for d in train for n in d]
     held_all = [n for d in held for n in d]
     targets = held_all[: round(len(held_all) * (folds - 1) / folds)]
     step = expected_padded(pool, recipe.batch) + expected_padded(pool, min(recipe.added_batch, 4))
     one = finetune_s(cal, recipe.steps, step, keep, min(recipe.blocks, keep), padded_tokens(targets, 16))
-    return folds * 8 * one
+    return cal.copy_s + folds * 8 * one
 
 
 def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
@@ -886,7 +943,8 @@ def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
             config.adam_batches, checkpoints=len(config.checkpoints), all_facts=True,
             lr_known=config.checkpoint_lr is not None)
     pool = [n for d in lengths for n in d]
-    seconds = adam_moment_s(cal, pool, config.adam_batches, keep, keep) if name.endswith("_adam") else 0.0
+    seconds = cal.copy_s + (adam_moment_s(cal, pool, config.adam_batches, keep, keep) if name.endswith("_adam")
+                            else 0.0)
     for (domain_name, rows) in domains:
         if "heldout" in name:
             half_a, half_b = split_order(list(rows), domain_name, config.seed)
@@ -942,11 +1000,12 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
               "forward pass": cal.forward_s_per_token * padded_tokens(flat, config.batch_size)}
     subspace = analysis_subspace_s(cal, lengths, config)
     notes = []
+    if ray_workers:
+        stages["ray start-up"] = RAY_STARTUP_S
     if ray_workers and route != "structured":
         # one thread per worker: the calibrated seconds times the threads they were measured at (an upper bound)
         spread = cal.threads / min(ray_workers, len(lengths))
         subspace = {k: v * spread for k, v in subspace.items()}
-        stages["ray start-up"] = RAY_STARTUP_S
         notes.append(f"per-domain solves spread over {min(ray_workers, len(lengths))} single-threaded Ray workers")
     stages.update(subspace)
     stages["ranking"] = analysis_ranking_s(cal, domains, config)
@@ -1005,6 +1064,7 @@ def subspace_family_s(cal: Calibration, train: list, held: list, names, keep: in
         batch_tokens = n_train / max(sum(len(t) for t in train), 1) * lissa_batch
         seconds += k * (lissa_depth * matmul_s(cal, 4.0 * batch_tokens * d) + 41 * matmul_s(cal, 4.0 * n_train * d))
     if "grad_norm" in names:
+        seconds += cal.copy_s
         for rows in train:
             calls, padded = chunked(rows)
             seconds += gradients_s(cal, calls, padded, keep, keep)
@@ -1066,8 +1126,9 @@ def benchmark_estimators_s(cal: Calibration, train: list, held: list, config, ke
     aligned = [e for e in names if e in ALIGNMENT_ESTIMATORS]
     if aligned:
         query = held if any("heldout" in e for e in aligned) else None
-        out["alignment estimators"] = alignment_family_s(cal, train, query, any(e.endswith("_adam") for e in aligned),
-                                                         config.adam_batches, keep, min(config.align_blocks, keep))
+        out["alignment estimators"] = alignment_family_s(
+            cal, train, query, any(e.endswith("_adam") for e in aligned), config.adam_batches, keep,
+            min(config.align_blocks, keep), plain=any(not e.endswith("_adam") for e in aligned))
     if any(e in EKFAC_ESTIMATORS for e in names):
         out["EK-FAC"] = ekfac_s(cal, train, held, min(config.ekfac_blocks, keep), config.ekfac_fit_facts, keep)
     along = [e for e in names if e in TRAJECTORY_ESTIMATORS]
@@ -1151,6 +1212,8 @@ def benchmark_cost(cal: Calibration, train: list, held: list, config, ray_worker
         notes.append(f"{len(units)} fine-tunes on {ray_workers} single-threaded Ray workers beside the estimators")
     else:
         stages["fine-tunes"] = sum(units)
+    # the trainer: a tail copy, checked on 16 held-out facts
+    stages["fine-tunes"] += cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep)
     curves = sum(1 for n in config.curve_domains if n in names)
     stages["learning-curve predictions"] = curves * (hessian_s(cal, max(predicted_tokens(t) for t in tr))
                                                      + 32 * solve_s(cal, cal.d_ff, lu=True))
@@ -1195,7 +1258,8 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     aligned = [e for e in names if e in ALIGNMENT_ESTIMATORS]
     if aligned and config.finetune:
         estimators += alignment_family_s(cal, tr, he if any("heldout" in e for e in aligned) else None,
-                                         any(e.endswith("_adam") for e in aligned), 8, keep, keep)
+                                         any(e.endswith("_adam") for e in aligned), 8, keep, keep,
+                                         plain=any(not e.endswith("_adam") for e in aligned))
     along = [e for e in names if e in TRAJECTORY_ESTIMATORS]
     if along and config.finetune:
         estimators += trajectory_family_s(cal, tr, he, along, recipe, keep, 8, checkpoints=len(config.checkpoints),
@@ -1207,7 +1271,7 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
         pool, held_all = [n for d in tr for n in d], [n for d in he for n in d]
         runs = [finetune_s(cal, recipe.steps, _step_padded(pool, rows, recipe.batch, recipe.added_batch), keep,
                            keep, padded_tokens(held_all, config.batch_size)) for rows in [None] + tr]
-        seconds = sum(runs) + tail_pass_s(cal, padded_tokens(held_all, config.batch_size), keep)
+        seconds = sum(runs) + cal.copy_s + tail_pass_s(cal, padded_tokens(held_all, config.batch_size), keep)
         if ray_workers:
             seconds = RAY_STARTUP_S + math.ceil(len(runs) / ray_workers) * max(runs) * cal.threads
         stages["fine-tuning ground truth"] = seconds
@@ -1360,6 +1424,9 @@ def report(build, out=None) -> int:
         if warning:
             print(f"warning: {warning}", file=sys.stderr)
         print(format_estimate(estimate, available_memory_bytes(estimate.device)), file=out)
+    busy = load_note()
+    if busy:
+        print(busy, file=out)
     if len(estimates) > 1:
         print(f"All {len(estimates)}: {format_seconds(sum(e.total_s for e in estimates))} one after the other.",
               file=out)
