@@ -45,6 +45,9 @@ def _show(estimate: dict) -> None:
         st.warning(f"The predicted peak memory ({est.format_bytes(estimate['peak_bytes'])}) exceeds the "
                    f"{est.format_bytes(available)} this machine has available: the run would likely fail.",
                    icon=":material/memory:")
+    busy = est.load_note()
+    if busy:
+        st.caption(busy)
     with st.expander("Where the time goes"):
         st.dataframe([{"stage": name, "time": est.format_seconds(seconds),
                        "peak memory": est.format_bytes(estimate["memory_bytes"].get(name, 0))}
