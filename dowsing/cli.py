@@ -132,6 +132,9 @@ def estimator_help() -> str:
             f"fine-tuning): {offered}. The paper's Mean and Δn are computed whatever it is")
 
 
+ESTIMATE_HELP = "print the predicted wall time and peak memory on this machine, then exit without running"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m dowsing",
@@ -141,6 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
                "1 anything else.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
+    add_analyze_command(sub)
+    add_validate_command(sub)
+    add_benchmark_command(sub)
+    cluster = sub.add_parser("cluster", help="what an executor would run on: CPUs, GPUs and nodes, as JSON")
+    add_executor_arguments(cluster)
+    return parser
+
+
+def add_analyze_command(sub) -> None:
     analyze = sub.add_parser("analyze", help="rank domains by the ranking estimator, with the paper's "
                                              "concept-subspace influence and saturation beside it")
     defaults = AnalysisConfig()
@@ -171,7 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arguments(analyze, "the model analysed (then --model may be left out)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    analyze.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_executor_arguments(analyze)
+
+
+def add_validate_command(sub) -> None:
     validate = sub.add_parser("validate", help="check the ranking against ground truth by training; rival estimators")
     validate.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     validate.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
@@ -182,9 +198,13 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    validate.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_checkpoint_arguments(validate, "the model validated (then --model may be left out); the trajectory "
                                        "estimators read them instead of the baseline fine-tune")
     add_executor_arguments(validate)
+
+
+def add_benchmark_command(sub) -> None:
     bench = sub.add_parser("benchmark", help="does an estimator's ranking predict fine-tuning? the leaderboard "
                                              "over the shipped benchmark domains, with power")
     bench.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
@@ -212,10 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_arguments(bench, "the model benchmarked (then --model may be left out); the trajectory "
                                     "estimators read them instead of the main recipe's baseline fine-tune")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    bench.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_executor_arguments(bench)
-    cluster = sub.add_parser("cluster", help="what an executor would run on: CPUs, GPUs and nodes, as JSON")
-    add_executor_arguments(cluster)
-    return parser
 
 
 def run_analyze(args) -> int:
@@ -235,6 +253,12 @@ def run_analyze(args) -> int:
                 raise ValueError(f"--out {out} is a directory; give a file name.")
             if not out.parent.exists():
                 raise ValueError(f"--out: the folder {out.parent} does not exist.")
+        if args.estimate:
+            from .estimate import estimate_analysis, report
+
+            on = executor_config(args, config.device)
+            return report(lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache)
+                                   for m in models])
         executor = open_executor(executor_config(args, config.device), config.device)
         cancel_on_sigterm()
         with warnings.catch_warnings():
@@ -274,6 +298,11 @@ def run_validate(args) -> int:
         config = ValidationConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
+        if args.estimate:
+            from .estimate import estimate_validation, report
+
+            on = executor_config(args)
+            return report(lambda: [estimate_validation(model, domains, config, held_out, on)])
         executor = open_executor(executor_config(args))
     except (DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -342,6 +371,11 @@ def run_benchmark_command(args) -> int:
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains)
         _check_out(args.out)
+        if args.estimate:
+            from .estimate import estimate_benchmark, report
+
+            on = executor_config(args, args.device)
+            return report(lambda: [estimate_benchmark(model, domains, config, args.device, args.threads, on)])
         executor = open_executor(executor_config(args, args.device), args.device)
     except (DomainError, ValueError, OSError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -64,6 +64,21 @@ def _start() -> None:
         st.session_state["bench_error"] = one_line(exc) or type(exc).__name__
 
 
+if domains and not choice.problem and not run_on_problem:
+    # What the benchmark would cost on this machine, before it starts (dowsing.estimate).
+    from dowsing.estimate import estimate_benchmark
+    from pages._estimate import estimate_panel
+
+    planned = (BenchmarkConfig.quick if quick else BenchmarkConfig)(
+        **({"checkpoints": choice.checkpoints} if choice.checkpoints else {}))
+    with left:
+        estimate_panel("bench_estimate", {"model": choice.model_id, "config": planned.to_dict(),
+                                          "domains": [[d.name, list(d.facts)] for d in domains],
+                                          "executor": run_on.to_dict()},
+                       choice.model_id, "cpu", "float32",
+                       lambda cal, tok: estimate_benchmark(choice.model_id, domains, planned, executor=run_on,
+                                                           calibration=cal, tokenizer=tok))
+
 left.button("Start benchmark", icon=":material/science:",
             disabled=bool(choice.problem) or not domains or bool(run_on_problem), on_click=_start,
             help="Runs in the background, after any analysis or validation already running; it survives a refresh, "

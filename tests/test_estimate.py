@@ -1,0 +1,302 @@
+"""The estimate before a run: the cost model's arithmetic against numbers
+computed by hand for a tiny random model, the calibration and its cache, and
+--estimate on the command line and the pages (exit 0, nothing written,
+nothing run; bad input as a run; the memory warning)."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from dowsing import estimate as est
+from dowsing.cli import main
+from dowsing.config import AnalysisConfig
+
+GOOD = {"domains": [
+    {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
+                                  "A force changes the motion of a body.", "Heat flows from hot to cold."]},
+    {"name": "Biology", "facts": ["Cells are the basic unit of life.", "DNA carries genetic information.",
+                                  "Plants make sugar from light.", "The heart pumps blood around the body."]},
+]}
+# The tiny GPT-2 of tests/tiny_models.py by hand: d_model 16, MLP 24, 2 blocks, 128 positions, the embedded
+# tokenizer's 49 152 tokens. A block: two LayerNorms (2 x 32), attention c_attn 16 x 48 + 48 and c_proj
+# 16 x 16 + 16, MLP c_fc 16 x 24 + 24 and c_proj 24 x 16 + 16.
+TINY_BLOCK = 2 * 32 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 24 + 24) + (24 * 16 + 16)
+TINY_HEAD = 49152 * 16
+TINY_PARAMS = TINY_HEAD + 128 * 16 + 2 * TINY_BLOCK + 32
+
+
+def tiny_calibration(**changes) -> est.Calibration:
+    """The tiny GPT-2's shape with round rates, so every number below can be
+    worked out by hand."""
+    fields = dict(
+        model="tiny", fingerprint="tiny", device="cpu", dtype="float32", threads=1, n_params=TINY_PARAMS, n_layers=2,
+        d_model=16, d_ff=24, vocab=49152, max_positions=128, block_params=TINY_BLOCK, head_params=TINY_HEAD,
+        linear_shapes=((16, 48), (16, 16), (16, 24), (24, 16)), dtype_bytes=4, start_s=3.0, load_s=1.0,
+        forward_s_per_token=1e-3, coef_s_per_token=2e-3, line_s_per_token=1e-3, tail_s_per_param_token=1e-9,
+        grad_call_s=0.01, vector_s_per_element=0.0, copy_s=0.0, matmul_flops=1e9, matmul32_flops=2e9, factor_flops=5e8, bootstrap_s_per_curve=1e-4,
+        leaderboard_s_per_resample=1e-4, base_bytes=100_000_000, model_bytes=0, forward_bytes_per_token=1000.0,
+        coef_bytes_per_token=2000.0, step_bytes_per_token=500.0, seconds=1.0, created_at="2026-01-01T00:00:00")
+    fields.update(changes)
+    return est.Calibration(**fields)
+
+
+@pytest.fixture(autouse=True)
+def private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread, so every estimate here finds the one calibration
+    (and a calibration on shared cores does not stall between threads)."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture(scope="session")
+def calibrated(tiny_gpt2_dir, tmp_path_factory) -> Path:
+    """The tiny GPT-2's calibration at one torch thread, made once; tests
+    copy it into their private cache."""
+    folder = tmp_path_factory.mktemp("calibrated")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOWSING_CACHE", str(folder))
+        est.calibrate(str(tiny_gpt2_dir), threads=1)
+    assert len(list((folder / "estimates").glob("*.json"))) == 1
+    return folder / "estimates"
+
+
+def use_calibration(calibrated: Path) -> None:
+    from dowsing.paths import cache_dir
+
+    shutil.copytree(calibrated, cache_dir() / "estimates", dirs_exist_ok=True)
+
+
+# --- arithmetic ----------------------------------------------------------------------------------------------------
+
+def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
+    from dowsing.models import load_model
+
+    shape = est.model_shape(load_model(str(tiny_gpt2_dir)).model)
+    assert shape["block_params"] == TINY_BLOCK == 1960
+    assert shape["head_params"] == TINY_HEAD
+    assert shape["n_params"] == TINY_PARAMS == 792432
+    assert (shape["n_layers"], shape["d_model"], shape["d_ff"], shape["vocab"]) == (2, 16, 24, 49152)
+    assert set(shape["linear_shapes"]) == {(16, 48), (16, 16), (16, 24), (24, 16)}
+
+
+def test_padding_and_the_expected_longest_fact_against_enumeration():
+    lengths = [3, 7, 4, 9, 5]
+    assert est.padded_tokens(lengths, 2) == 2 * 7 + 2 * 9 + 1 * 5
+    assert est.predicted_tokens(lengths) == 2 + 6 + 3 + 8 + 4
+    assert est.chunked(lengths, 2) == (3, 37)
+    for k in range(1, 6):
+        draws = list(itertools.combinations(lengths, k))
+        assert est.expected_longest(lengths, k) == pytest.approx(sum(max(d) for d in draws) / len(draws))
+    assert est.expected_padded(lengths, 9) == 5 * 9
+
+
+def test_passes_through_the_last_blocks_by_hand():
+    cal = tiny_calibration()
+    # forward: head + 2 blocks; backward through 1 trained block: head again + 2 x that block
+    work = TINY_HEAD + 2 * 1960 + TINY_HEAD + 2 * 1960
+    assert est.tail_work(cal, 2, 1) == work
+    assert est.tail_pass_s(cal, 100, 2, 1) == pytest.approx(1e-9 * 100 * work)
+    assert est.gradients_s(cal, 3, 100, 2, 1) == pytest.approx(3 * 0.01 + 1e-9 * 100 * work)
+    eval_work = TINY_HEAD + 2 * 1960
+    assert est.finetune_s(cal, 4, 50, 2, 1, 30) == pytest.approx(4 * 1e-9 * 50 * work + 1e-9 * 30 * eval_work)
+    assert est.tail_params(cal, 1) == TINY_PARAMS - 1960
+    assert est.hessian_s(cal, 10) == pytest.approx(2 * 10 * 24 ** 2 / 1e9)
+    assert est.solve_s(cal, 24) == pytest.approx(24 ** 3 / 3 / 5e8 + 2 * 24 * 24 / 1e9)
+
+
+def test_analysis_stages_and_memory_by_hand():
+    from dowsing.saturation import n_grid
+
+    cal = tiny_calibration()
+    domains = [("A", [5, 6]), ("B", [4, 3, 8])]
+    got = est.analysis_cost(cal, domains, AnalysisConfig())
+    # one batch of 5 facts padded to 8 tokens; 21 predicted tokens, 9 in A and 12 in B
+    assert (got.stages_s["start-up"], got.stages_s["load model"]) == (3.0, 1.0)
+    assert got.stages_s["forward pass"] == pytest.approx(1e-3 * 5 * 8)
+    d, n, flops, factor = 24, 21, 1e9, 5e8
+    solve = 0.0
+    for r, m in ((9, 2), (12, 3)):  # both low rank (r < d_ff): Woodbury
+        solve += n * 2e-3 + 2 * n * d * d / flops + (d ** 3 / 3 / factor + 2 * d * d / flops)
+        solve += (2 * d ** 3 / 3) / factor + (2 * d * d * r + 2 * r * r * d) / flops
+    assert got.stages_s["solve"] == pytest.approx(solve)
+    assert got.stages_s["ranking"] == 0.0  # mean loss reuses the forward pass
+    points = [len(n_grid(m, 24, 1000.0)) for m in (2, 3)]
+    saturation = sum(p * ((2 * d * d + 4 * r * d) / flops + r ** 3 / 1.5 / factor + 2 * r * r / flops)
+                     for p, r in zip(points, (9, 12)))
+    assert got.stages_s["saturation"] == pytest.approx(saturation)
+    assert got.total_s == pytest.approx(sum(got.stages_s.values()))
+    weights, tokens = TINY_PARAMS * 4, n * (24 + 16) * 4 + n * 8 * 3
+    assert got.memory_bytes["forward pass"] == 100_000_000 + weights + tokens + 1000 * 40
+    solve_bytes = (5 * d + 4 * d * d + 2 * 12 * d + 12 * 12) * 8 + max(2000 * n, 2 * n * d * 8)
+    assert got.memory_bytes["solve"] == 100_000_000 + weights + tokens + solve_bytes
+    assert got.peak_bytes == max(got.memory_bytes.values())
+
+
+def test_alignment_ranking_counts_one_gradient_per_fact_and_per_chunk():
+    cal = tiny_calibration(grad_call_s=1.0, tail_s_per_param_token=0.0, vector_s_per_element=1e-6)
+    domains = [("A", [5] * 20), ("B", [6] * 3)]
+    got = est.analysis_ranking_s(cal, domains, AnalysisConfig(estimator="alignment"))
+    # A: 2 chunks of 16 and 20 single facts; B: 1 chunk and 3 singles. A chunk's gradient is flattened and
+    # scaled (2 passes over the 2 x 1960 trained parameters), a fact's flattened, squared, and dotted with
+    # itself and the domain's sum (4 passes)
+    vectors = ((2 + 1) * 2 + (20 + 3) * 4) * 2 * 1960 * 1e-6
+    assert got == pytest.approx(2 + 20 + 1 + 3 + vectors)
+    adam = est.analysis_ranking_s(cal, domains, AnalysisConfig(estimator="alignment_adam", adam_batches=8))
+    # Adam's moment: 8 more gradients, each squared in float64 and summed (3 passes)
+    assert adam == pytest.approx(got + 8 + 8 * 3 * 2 * 1960 * 1e-6)
+
+
+def test_benchmark_counts_its_fine_tunes():
+    from dowsing.validation.benchmark import BenchmarkConfig
+
+    cal = tiny_calibration()
+    config = BenchmarkConfig.quick(curve_domains=("B",))
+    train = [("A", [5] * 6), ("B", [6] * 6), ("C", [7] * 6)]
+    held = [("A", [5] * 6), ("B", [6] * 6), ("C", [7] * 6)]
+    got = est.benchmark_cost(cal, train, held, config)
+    units = est.benchmark_units_s(cal, [x for _, x in train], [x for _, x in held], config, 2, ["A", "B", "C"])
+    # 3 recipes x 2 seeds x (3 domains + the baseline), and the curve of B at n = 0, 2, 4, 8 (pool 12 - 4 held)
+    assert len(units) == 3 * 2 * 4 + 4
+    check = 1e-9 * 16 * 7 * (TINY_HEAD + 2 * TINY_BLOCK)  # the trainer's check: 16 facts padded to the longest
+    assert got.stages_s["fine-tunes"] == pytest.approx(sum(units) + check)
+    assert {"subspace estimators", "alignment estimators", "EK-FAC", "trajectory estimators", "AirRep"} <= set(
+        got.stages_s)
+    assert "28 fine-tunes" in " ".join(got.basis)
+    # on 2 Ray workers sharing this machine: (estimators + fine-tunes at one thread) / 2, beside the estimators
+    ray = est.benchmark_cost(cal, train, held, config, ray_workers=2, ray_local=True)
+    estimators = sum(v for k, v in ray.stages_s.items() if k in ("subspace estimators", "alignment estimators",
+                                                                  "EK-FAC", "trajectory estimators", "AirRep"))
+    assert ray.stages_s["fine-tunes"] == pytest.approx(max((estimators + sum(units)) / 2 - estimators, 0.0) + check)
+
+
+def test_memory_warning_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):
+    estimate = est.Estimate("analysis", {"forward pass": 1.0}, {"forward pass": 5_000_000_000}, "cpu")
+    assert est.memory_warning(estimate, 10_000_000_000) is None
+    warning = est.memory_warning(estimate, 1_000_000_000)
+    assert "5.0 GB" in warning and "1.0 GB" in warning and "forward pass" in warning
+    monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1_000_000_000)
+    assert est.report(lambda: [estimate]) == 0
+    out, err = capsys.readouterr()
+    assert err.startswith("warning: ") and "exceeds" in err
+    assert "Available memory: 1.0 GB" in out and "Nothing was run" in out
+
+
+# --- the calibration and the command line ----------------------------------------------------------------------------
+
+def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
+    from dowsing.paths import cache_dir
+
+    use_calibration(calibrated)
+    stored = {json.loads(p.read_text())["threads"]: p for p in (cache_dir() / "estimates").glob("*.json")}
+    assert list(stored) == [1]
+    cached, loaded = est.calibrate(str(tiny_gpt2_dir), threads=1)
+    assert loaded is None  # read back, not measured again
+    assert cached == est.Calibration.from_dict(json.loads(stored[1].read_text()))
+    assert cached.block_params == TINY_BLOCK and cached.n_params == TINY_PARAMS
+    for name in ("forward_s_per_token", "coef_s_per_token", "line_s_per_token", "tail_s_per_param_token",
+                 "matmul_flops", "factor_flops", "bootstrap_s_per_curve", "base_bytes", "forward_bytes_per_token"):
+        assert getattr(cached, name) > 0, name
+    assert est.Calibration.from_dict(cached.to_dict()) == cached
+
+
+def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, capsys, monkeypatch, tiny_gpt2_dir,
+                                                                 calibrated):
+    import dowsing.analysis
+    from dowsing.paths import cache_dir
+
+    use_calibration(calibrated)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("--estimate ran the analysis")
+
+    monkeypatch.setattr(dowsing.analysis, "run_analysis", no_run)
+    monkeypatch.setattr(dowsing.analysis, "analyze", no_run)
+    domains = tmp_path / "d.json"
+    domains.write_text(json.dumps(GOOD))
+    out = tmp_path / "out.json"
+    code = main(["analyze", "--model", str(tiny_gpt2_dir), "--domains", str(domains), "--out", str(out), "--estimate"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "Estimated analysis:" in stdout and "forward pass" in stdout and "Nothing was run" in stdout
+    assert not out.exists()
+    results = cache_dir() / "results"
+    assert not results.exists() or not any(results.iterdir())
+
+
+@pytest.mark.parametrize("command", ["benchmark", "validate"])
+def test_benchmark_and_validate_estimate(command, tmp_path, capsys, tiny_gpt2_dir, calibrated):
+    use_calibration(calibrated)
+    domains = tmp_path / "d.json"
+    domains.write_text(json.dumps(GOOD))
+    extra = ["--quick"] if command == "benchmark" else []
+    out = tmp_path / "out.json"
+    code = main([command, "--model", str(tiny_gpt2_dir), "--domains", str(domains), "--out", str(out), "--quiet",
+                 "--estimate", *extra])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert f"Estimated {'benchmark' if command == 'benchmark' else 'validation'}:" in stdout
+    assert "fine-tun" in stdout and not out.exists()
+
+
+@pytest.mark.parametrize("command", ["analyze", "benchmark", "validate"])
+def test_bad_input_with_estimate_is_the_runs_one_line_error(command, tmp_path, capsys, tiny_gpt2_dir):
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"domains": [')
+    code = main([command, "--model", str(tiny_gpt2_dir), "--domains", str(bad), "--estimate"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps(GOOD))
+    code = main([command, "--model", str(tmp_path / "no-such-model"), "--domains", str(good), "--estimate"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "not found" in err.lower()
+
+
+def test_an_estimate_of_a_cached_result_says_it_returns_at_once(tiny_gpt2_dir, calibrated):
+    from dowsing.analysis import run_analysis
+
+    use_calibration(calibrated)
+    config = AnalysisConfig(bootstrap_resamples=200)
+    run_analysis(str(tiny_gpt2_dir), GOOD["domains"], config)
+    got = est.estimate_analysis(str(tiny_gpt2_dir), GOOD["domains"], config)
+    assert got.stages_s == {"cached result": 0.0} and "cached" in got.notes[0]
+    fresh = est.estimate_analysis(str(tiny_gpt2_dir), GOOD["domains"], config, use_cache=False)
+    assert "solve" in fresh.stages_s and fresh.total_s > 0
+
+
+def test_run_and_benchmark_pages_show_the_estimate_and_warn_about_memory(tiny_gpt2_dir, calibrated, monkeypatch):
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    use_calibration(calibrated)
+    st.cache_resource.clear()
+    monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1000)
+    app = str(Path(__file__).resolve().parent.parent / "app.py")
+    for page, key in (("pages/run.py", "run_estimate"), ("pages/benchmark.py", "bench_estimate")):
+        at = AppTest.from_file(app, default_timeout=60)
+        at.session_state["source"] = "directory"
+        at.session_state["model"] = str(tiny_gpt2_dir)
+        at.run()
+        at.switch_page(page)
+        at.run()
+        assert not at.exception, at.exception
+        _, shown, error = at.session_state[key]
+        assert error is None and shown["total_s"] > 0
+        assert [m.label for m in at.metric][-3:] == ["Predicted time", "Peak memory", "Available"]
+        assert any("exceeds" in w.value for w in at.warning)
+    st.cache_resource.clear()
+
