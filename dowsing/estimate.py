@@ -41,7 +41,7 @@ LINE_CHUNK = 256  # derivatives_at_zero's chunk (subspace_terms.py)
 CALIBRATION_DOMAINS = 4  # directions of the calibration's LM-head derivatives
 ADAM_BATCH = 8  # facts per minibatch of Adam's second moment (ranking.ADAM_BATCH_SIZE, the benchmark's)
 GRAD_CHUNK = 16  # facts per batched gradient (alignment's sum_batch, trajectory's chunk)
-EKFAC_BATCH = 8  # kronfluence's per-device batch (validation.ekfac)
+EKFAC_BATCH = 8  # kronfluence's per-device batch (estimators.ekfac)
 RAY_STARTUP_S = 6.4  # ray.init and the first task on this machine (docs/PERFORMANCE.md)
 
 
@@ -918,6 +918,13 @@ def airrep_s(cal: Calibration, train: list, held: list, recipe, keep: int) -> fl
     return cal.copy_s + folds * 8 * one
 
 
+def in_family(names, family: str) -> list:
+    """The names whose registered estimator belongs to `family`."""
+    from .estimators import get
+
+    return [name for name in names if get(name).family == family]
+
+
 def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
     """The ranking estimator's own work: none for mean loss and the paper's
     (they reuse the forward pass and the solves); for gradient alignment
@@ -925,7 +932,6 @@ def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
     its two seeded halves against each other); for the checkpoint
     estimators a second forward pass and the trajectory over the user's
     checkpoints. domains: [(name, [tokens per fact])]."""
-    from .config import CHECKPOINT_ESTIMATORS
     from .splitting import split_order
     from .training import Recipe
 
@@ -934,7 +940,7 @@ def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
     if name in ("mean_loss", "paper"):
         return 0.0
     keep = min(config.align_blocks, cal.n_layers)
-    if name in CHECKPOINT_ESTIMATORS:
+    if in_family([name], "trajectory"):
         halves = [split_order(list(d), n, config.seed) for n, d in domains]
         flat = [n for d in lengths for n in d]
         forward = cal.forward_s_per_token * padded_tokens(flat, config.batch_size)
@@ -1114,29 +1120,26 @@ def benchmark_units_s(cal: Calibration, train: list, held: list, config, keep: i
 
 def benchmark_estimators_s(cal: Calibration, train: list, held: list, config, keep: int) -> dict:
     """Seconds of each estimator family the configuration asks for."""
-    from .validation.estimators import (AIRREP_ESTIMATORS, ALIGNMENT_ESTIMATORS, EKFAC_ESTIMATORS,
-                                        SUBSPACE_ESTIMATORS, TRAJECTORY_ESTIMATORS)
-
     names = list(config.estimators)
     main = next(r for r in config.recipes if r.name == config.main_recipe)
     out = {}
-    subspace = [e for e in names if e in SUBSPACE_ESTIMATORS]
+    subspace = in_family(names, "subspace")
     if subspace or config.curve_domains:
         out["subspace estimators"] = subspace_family_s(cal, train, held, subspace or ["mean_loss"], keep)
-    aligned = [e for e in names if e in ALIGNMENT_ESTIMATORS]
+    aligned = in_family(names, "alignment")
     if aligned:
         query = held if any("heldout" in e for e in aligned) else None
         out["alignment estimators"] = alignment_family_s(
             cal, train, query, any(e.endswith("_adam") for e in aligned), config.adam_batches, keep,
             min(config.align_blocks, keep), plain=any(not e.endswith("_adam") for e in aligned))
-    if any(e in EKFAC_ESTIMATORS for e in names):
+    if in_family(names, "ekfac"):
         out["EK-FAC"] = ekfac_s(cal, train, held, min(config.ekfac_blocks, keep), config.ekfac_fit_facts, keep)
-    along = [e for e in names if e in TRAJECTORY_ESTIMATORS]
+    along = in_family(names, "trajectory")
     if along:
         out["trajectory estimators"] = trajectory_family_s(
             cal, train, held, along, main, keep, config.adam_batches, checkpoints=len(config.checkpoints),
             lr_known=not config.checkpoints or config.checkpoint_lr is not None)
-    if any(e in AIRREP_ESTIMATORS for e in names):
+    if in_family(names, "airrep"):
         out["AirRep"] = airrep_s(cal, train, held, main, keep)
     return out
 
@@ -1243,7 +1246,6 @@ def subspace_truth_s(cal: Calibration, train: list, held: list, eps: int, newton
 def validation_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0) -> Estimate:
     """The estimate of one quick validation (`validation.validate`); train /
     held as in `benchmark_cost`."""
-    from .validation.estimators import ALIGNMENT_ESTIMATORS, SUBSPACE_ESTIMATORS, TRAJECTORY_ESTIMATORS
     from .validation.finetune import validation_recipe
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
@@ -1253,14 +1255,14 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     names = list(dict.fromkeys(["paper"] + list(config.estimators)))
     stages = {"start-up": cal.start_s, "load model": cal.load_s,
               "forward pass": cal.forward_s_per_token * padded_tokens(flat, config.batch_size)}
-    estimators = subspace_family_s(cal, tr, he, [e for e in names if e in SUBSPACE_ESTIMATORS], keep,
+    estimators = subspace_family_s(cal, tr, he, in_family(names, "subspace"), keep,
                                    config.lissa_depth, config.lissa_batch_facts)
-    aligned = [e for e in names if e in ALIGNMENT_ESTIMATORS]
+    aligned = in_family(names, "alignment")
     if aligned and config.finetune:
         estimators += alignment_family_s(cal, tr, he if any("heldout" in e for e in aligned) else None,
                                          any(e.endswith("_adam") for e in aligned), 8, keep, keep,
                                          plain=any(not e.endswith("_adam") for e in aligned))
-    along = [e for e in names if e in TRAJECTORY_ESTIMATORS]
+    along = in_family(names, "trajectory")
     if along and config.finetune:
         estimators += trajectory_family_s(cal, tr, he, along, recipe, keep, 8, checkpoints=len(config.checkpoints),
                                           lr_known=not config.checkpoints or config.checkpoint_lr is not None)
