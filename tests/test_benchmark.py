@@ -116,12 +116,6 @@ def test_recipes_reject_nonsense():
 # --- gradient alignment against autograd on the full model -------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
-    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
-    return load_model(str(folder), dtype="float64")
-
-
 def _full_model_fact_grads(loaded, facts, blocks):
     """Per-fact gradients of l_i on the whole model (no cached inputs, no
     truncation) over the last `blocks` blocks and the final norm."""

@@ -151,7 +151,7 @@ def test_csv_domains_and_json_output(tmp_path, capsys, tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch):
+def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch, converted_embedded_model):
     """The real default model and domains, as a user runs it (a subprocess)."""
     monkeypatch.delenv("DOWSING_CACHE")  # reuse the converted model under cache/
     out = tmp_path / "default.json"
