@@ -19,8 +19,12 @@ $(STAMP): requirements.txt
 run: setup
 	$(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
+# Two pytest-xdist workers, one per core of a CI machine; each test module runs whole
+# in one of them, the longest first (tests/conftest.py says why).
+TEST_WORKERS ?= 2
+
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder --durations=15 tests
 
 bench: setup
 	$(PY) benchmarks/bench_analysis.py

@@ -115,12 +115,6 @@ def test_recipes_reject_nonsense():
 # --- gradient alignment against autograd on the full model -------------------------------------------------
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
-    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
-    return load_model(str(folder), dtype="float64")
-
-
 def _full_model_fact_grads(loaded, facts, blocks):
     """Per-fact gradients of l_i on the whole model (no cached inputs, no
     truncation) over the last `blocks` blocks and the final norm."""
@@ -188,11 +182,15 @@ def test_alignment_equals_explicit_sums_over_autograd_gradients(tiny64):
 
 @pytest.fixture(scope="module")
 def quick_run(tiny_llama_dir, tmp_path_factory):
-    """`python -m dowsing benchmark --quick` on the tiny Llama, once."""
+    """`python -m dowsing benchmark --quick` on the tiny Llama, once; with 100 bootstrap
+    resamples instead of 500 (half the run's time; no test reads their number)."""
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "bench.json"
+    config = folder / "config.json"
+    config.write_text(json.dumps({"bootstrap": 100}))
     proc = subprocess.run(
-        [sys.executable, "-m", "dowsing", "benchmark", "--quick", "--model", str(tiny_llama_dir), "--out", str(out)],
+        [sys.executable, "-m", "dowsing", "benchmark", "--quick", "--model", str(tiny_llama_dir), "--out", str(out),
+         "--config", str(config)],
         cwd=REPO, capture_output=True, text=True, timeout=1200,
         env={**__import__("os").environ, "DOWSING_CACHE": str(folder / "cache")})
     return proc, out
@@ -236,22 +234,22 @@ def test_quick_benchmark_cli_writes_a_leaderboard_that_recomputes(quick_run):
         assert len(curve["predicted"]["ratio"]) == 3
 
 
-def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir):
+def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys):
+    # in this process (quick_run is the real `python -m dowsing benchmark`)
+    from dowsing.cli import main
+
     short = tmp_path / "short.json"
     short.write_text(json.dumps({"domains": [{"name": "A", "facts": FACTS[:3]}, {"name": "B", "facts": FACTS[3:] + ["Snow is cold."]}]}))
     out = tmp_path / "out.json"
-    proc = subprocess.run([sys.executable, "-m", "dowsing", "benchmark", "--domains", str(short), "--model",
-                           str(tiny_llama_dir), "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
-    assert proc.returncode == 2
-    lines = proc.stderr.strip().splitlines()
+    code = main(["benchmark", "--domains", str(short), "--model", str(tiny_llama_dir), "--out", str(out)])
+    assert code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "'A' has 3 facts" in lines[0]
     assert not out.exists()
     bad_config = tmp_path / "config.json"
     bad_config.write_text(json.dumps({"recipes": [{"name": "x", "optimizer": "adagrad"}], "main_recipe": "x"}))
-    proc = subprocess.run([sys.executable, "-m", "dowsing", "benchmark", "--config", str(bad_config), "--out",
-                           str(out)], cwd=REPO, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "optimizer" in proc.stderr and not out.exists()
+    code = main(["benchmark", "--config", str(bad_config), "--out", str(out)])
+    assert code == 2 and "optimizer" in capsys.readouterr().err and not out.exists()
 
 
 def test_few_domains_warn_that_rho_has_no_power(tiny_llama_dir, tmp_path):

@@ -59,7 +59,7 @@ def _seed_embedded_model(cache: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, tiny_gpt2_dir):
+def server(tmp_path_factory, tiny_gpt2_dir, converted_embedded_model):
     cache = tmp_path_factory.mktemp("browser-cache")
     _seed_embedded_model(cache)
     port = _free_port()

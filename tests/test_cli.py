@@ -151,7 +151,7 @@ def test_csv_domains_and_json_output(tmp_path, capsys, tiny_llama_dir):
 
 
 @pytest.mark.slow
-def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch):
+def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch, converted_embedded_model):
     """The real default model and domains, as a user runs it (a subprocess)."""
     monkeypatch.delenv("DOWSING_CACHE")  # reuse the converted model under cache/
     out = tmp_path / "default.json"
@@ -189,7 +189,8 @@ def _fake_hub_cache(root: Path, repo: str, model_dir: Path, commits: list[str]) 
     return repo_cache
 
 
-def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tmp_path, monkeypatch, tiny_gpt2_dir):
+def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tmp_path, monkeypatch, capsys,
+                                                                              tiny_gpt2_dir):
     from huggingface_hub import constants
 
     from dowsing.analysis import cache_key, model_fingerprint
@@ -204,14 +205,14 @@ def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tm
     (repo_cache / "refs" / "main").write_text(old)  # the cached model moved to another commit
     assert model_fingerprint(repo) == f"hub:{repo}@{old}" and cache_key(repo, GOOD["domains"]) != key_new
 
-    # The real loader, by id, offline, as a user runs it.
+    # The real loader, by id, offline, as a user runs it (in this process; the end-to-end test
+    # above is the real `python -m dowsing analyze`).
     domains = _write(tmp_path / "d.json", GOOD)
     out = tmp_path / "o.json"
-    env = dict(os.environ, HF_HUB_CACHE=str(hub), HF_HUB_OFFLINE="1", DOWSING_CACHE=str(tmp_path / "cache"))
-    proc = subprocess.run([sys.executable, "-m", "dowsing", "analyze", "--quiet", "--model", repo,
-                           "--domains", str(domains), "--out", str(out)],
-                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    code, _, stderr = _run(capsys, "--model", repo, "--domains", str(domains), "--out", str(out))
+    assert code == 0, stderr
     result = json.loads(out.read_text())
     assert result["model"]["id"] == repo and result["model"]["source"] == "hub"
     assert result["model"]["fingerprint"] == old  # the revision of the snapshot that was loaded

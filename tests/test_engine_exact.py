@@ -19,7 +19,6 @@ from dowsing.saturation import DenseSystem, mu_function
 from dowsing.solvers import conjugate_gradient, damped
 from dowsing.config import AnalysisConfig
 from dowsing.curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
-from dowsing.models import load_model
 from dowsing.subspace import encode_facts, find_anatomy, make_batches
 
 DOMAINS = [
@@ -32,17 +31,6 @@ DOMAINS = [
 ]
 FACTS = [f for d in DOMAINS for f in d["facts"]]
 FACT_DOMAIN = [k for k, d in enumerate(DOMAINS) for _ in d["facts"]]
-
-
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
-    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
-    return load_model(str(folder), dtype="float64")
-
-
-@pytest.fixture(scope="module")
-def gpt2_64(tiny_gpt2_dir):
-    return load_model(str(tiny_gpt2_dir), dtype="float64")
 
 
 def _rel(a, b):

@@ -7,8 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -18,14 +16,10 @@ import pytest
 import torch
 
 from dowsing.domains import Domain
-from dowsing.executor import (ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore,
-                              make_executor)
-from dowsing.models import load_model
+from dowsing.executor import ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore
 from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
 from dowsing.training import Recipe
 from dowsing.domains import benchmark_domains
-
-REPO = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(autouse=True)
@@ -83,19 +77,6 @@ def test_a_corrupt_stored_unit_is_recomputed_not_used(tmp_path):
 
 
 # --- on a real local Ray -----------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_executor():
-    ray = pytest.importorskip("ray")
-    executor = make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=400))
-    yield executor
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def tiny_llama64(tiny_llama_dir):
-    return load_model(str(tiny_llama_dir), dtype="float64")
 
 
 def _small_config(**changes):
@@ -298,23 +279,34 @@ def test_execution_is_described_in_one_line():
 # --- the command line ---------------------------------------------------------------------------------------
 
 
-def _cli(*args, timeout=120):
-    return subprocess.run([sys.executable, "-m", "dowsing", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout)
+# In this process: the real `python -m dowsing benchmark` and `cluster --executor ray` run in
+# test_benchmark.py (quick_run) and test_app.py (the Run page's Connect and the benchmark page).
 
 
-def test_cli_executor_errors_are_one_line_and_exit_2(tmp_path):
+def _cli(capsys, *args):
+    from dowsing.cli import main
+
+    code = main(list(args))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_cli_executor_errors_are_one_line_and_exit_2(tmp_path, capsys, monkeypatch):
+    import ray
+
     out = tmp_path / "out.json"
-    proc = _cli("benchmark", "--quick", "--ray-address", "auto", "--out", str(out))
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+    code, _, err = _cli(capsys, "benchmark", "--quick", "--ray-address", "auto", "--out", str(out))
+    assert code == 2 and err.strip().splitlines() == [
         "error: --ray-address needs --executor ray"] and not out.exists()
+    # As in a fresh CLI process: this one may hold the session's Ray head, which connect_ray would reuse.
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
     for address in ("ray://127.0.0.1:1", "127.0.0.1:1"):  # nothing listens on port 1
-        proc = _cli("cluster", "--executor", "ray", "--ray-address", address)
-        assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        code, _, err = _cli(capsys, "cluster", "--executor", "ray", "--ray-address", address)
+        assert code == 2 and err.strip().splitlines() == [
             f"error: could not reach Ray at {address}: nothing answers there ([Errno 111] Connection refused)"]
 
 
-def test_cli_cluster_describes_this_machine():
-    proc = _cli("cluster")
-    assert proc.returncode == 0
-    assert json.loads(proc.stdout) == {"kind": "local", "CPU": os.cpu_count(), "GPU": 0, "nodes": 1}
+def test_cli_cluster_describes_this_machine(capsys):
+    code, out, _ = _cli(capsys, "cluster")
+    assert code == 0
+    assert json.loads(out) == {"kind": "local", "CPU": os.cpu_count(), "GPU": 0, "nodes": 1}

@@ -41,12 +41,6 @@ def float64_rel(loaded) -> float:
     two float64 routes through it agree only to float32-level rounding."""
     return 2e-5 if "llama" in loaded.info.architecture.lower() else 1e-6
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
-    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
-    return load_model(str(folder), dtype="float64")
-
-
 def _tail_params(net, blocks: int) -> list:
     """The parameters of the last `blocks` blocks and of the final norm, named
     by the architecture (no dowsing helper involved)."""

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from dowsing.alignment import tail_grad_fn, tail_parameters
-from dowsing.models import load_model
 from dowsing.subspace import find_anatomy, per_fact_losses
 from dowsing.forward import split_pass
 from dowsing.training import Recipe, TailTrainer
@@ -34,15 +33,11 @@ DOMAINS = [
 ]
 
 
-@pytest.fixture(scope="module", params=["llama", "gpt2"])
-def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
-    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
-    return load_model(str(folder), dtype="float64")
-
-
 @pytest.fixture(scope="module")
-def setup(tiny64):
-    """The split with every block's input cached (both blocks of the tiny model kept)."""
+def setup(tiny64_embedded):
+    """The split with every block's input cached (both blocks of the tiny model kept).
+    The embedded tokenizer: the Diff-In bounds were set on it."""
+    tiny64 = tiny64_embedded
     train, held = split_domains(DOMAINS, 0)
     depth = len(find_anatomy(tiny64.model).down_projs)
     split = split_pass(tiny64, train, held, capture_block=0)

@@ -39,12 +39,6 @@ def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
-def tiny64(request, tiny_gpt2_dir, tiny_llama_dir):
-    folder = tiny_gpt2_dir if request.param == "gpt2" else tiny_llama_dir
-    return load_model(str(folder), dtype="float64")
-
-
 def test_lissa_converges_to_the_exact_solve_on_a_well_conditioned_system():
     gen = torch.Generator().manual_seed(0)
     q, _ = torch.linalg.qr(torch.randn(20, 20, generator=gen, dtype=torch.float64))
@@ -175,12 +169,12 @@ def _templated(name, words, kind):
                                     list(itertools.permutations(words))[:4]]}
 
 
-def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_dir):
+def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_embedded_dir):
     domains = [_templated("Colors", ["Red", "blue", "green"], "colors"),
                _templated("Animals", ["Cats", "dogs", "birds"], "animals"),
                _templated("Metals", ["Iron", "copper", "gold"], "metals")]
     saturated = "Animals"
-    loaded, final_loss = _saturate(tiny_gpt2_dir, domains[1]["facts"], steps=100)
+    loaded, final_loss = _saturate(tiny_gpt2_embedded_dir, domains[1]["facts"], steps=100)
     assert final_loss < 0.5  # against 8 to 12 nats on the other domains
     config = ValidationConfig(eps=(0.01,), damping=1.0, finetune_steps=10, finetune_lr=1e-2, finetune_blocks=2,
                               estimators=("paper", "influence_ggn", "mean_loss"), bootstrap=50,

@@ -1,21 +1,59 @@
-"""Tiny random causal LMs (GPT-2 and Llama shapes) with the embedded tokenizer.
+"""Tiny random causal LMs (GPT-2 and Llama shapes) for the tests.
 
 For tests only: they make exactness checks fast. Each is saved as a local
 model directory, so it goes through the same loader as any user's model.
+
+By default a model gets a small byte-level BPE tokenizer (1,024 tokens,
+trained here on the shipped example domain sets). The embedded model's
+tokenizer has 49,152: with 16-wide layers the LM head and its softmax were
+most of every forward and backward pass, though no test of a tiny model is
+about that tokenizer. `tokenizer="embedded"` builds with the embedded one.
 """
 from __future__ import annotations
 
+import functools
+import json
 from pathlib import Path
 
 import torch
 
-from dowsing.models import embedded_tokenizer_dir
+SMALL_VOCAB = 1024
+SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # the embedded tokenizer's unk, bos, eos/pad
 
 
-def build_tiny(kind: str, folder: Path, seed: int = 0, n_layer: int = 2) -> Path:
+@functools.lru_cache(maxsize=None)
+def small_tokenizer():
+    """A byte-level BPE tokenizer (any text encodes) with the embedded one's
+    special tokens, trained on the facts of the shipped example sets; the
+    training is deterministic, so every process builds the same one."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from dowsing.domains import example_sets
+
+    facts = [fact for path in sorted(example_sets().values())
+             for domain in json.loads(Path(path).read_text(encoding="utf-8"))["domains"] for fact in domain["facts"]]
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=SMALL_VOCAB, special_tokens=list(SPECIAL_TOKENS), show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    bpe.train_from_iterator(facts, trainer)
+    unk, bos, eos = SPECIAL_TOKENS
+    return PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=bos, eos_token=eos, pad_token=eos, unk_token=unk)
+
+
+def build_tiny(kind: str, folder: Path, seed: int = 0, n_layer: int = 2, tokenizer: str = "small") -> Path:
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
-    tokenizer = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    if tokenizer == "small":
+        tokenizer = small_tokenizer()
+    elif tokenizer == "embedded":
+        from dowsing.models import embedded_tokenizer_dir
+
+        tokenizer = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
+    else:
+        raise ValueError(tokenizer)
     torch.manual_seed(seed)
     vocab = len(tokenizer)
     if kind == "gpt2":
