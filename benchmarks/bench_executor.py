@@ -43,9 +43,9 @@ from dowsing.domains import benchmark_domains  # noqa: E402
 OUT = ROOT / "benchmarks" / "out"
 
 
-def truth_config(seeds: int, estimators: tuple = ("mean_loss",)) -> BenchmarkConfig:
+def truth_config(seeds: int, estimators: tuple = ("mean_loss",), max_facts: int = 0) -> BenchmarkConfig:
     return BenchmarkConfig(estimators=estimators, seeds=seeds, recipes=DEFAULT_RECIPES[:1], curve_domains=(),
-                           bootstrap=200)
+                           bootstrap=200, max_facts=max_facts)
 
 
 def gains(result) -> np.ndarray:
@@ -72,7 +72,7 @@ def speedup(args) -> dict:
     torch.set_num_threads(1)
     model = load_model(args.model, "cpu", "float32")
     domains = benchmark_domains()[: args.domains]
-    config = truth_config(args.seeds, tuple(args.estimators.split(",")))
+    config = truth_config(args.seeds, tuple(args.estimators.split(",")), args.max_facts)
     t0 = time.perf_counter()
     local = run_benchmark(model, domains, config)
     local_s = time.perf_counter() - t0
@@ -136,6 +136,7 @@ def main() -> None:
     parser.add_argument("--domains", type=int, default=27)
     parser.add_argument("--seeds", type=int, default=2)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--max-facts", type=int, default=0, help="speedup: at most this many facts per domain")
     parser.add_argument("--estimators", default="mean_loss",
                         help="speedup: comma-separated estimators; each family is one unit of work beside the "
                              "fine-tunes (default: mean_loss)")

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from dowsing import estimate as est
+from tiny_models import SMALL_VOCAB
 from dowsing.cli import main
 from dowsing.config import AnalysisConfig
 
@@ -21,12 +22,15 @@ GOOD = {"domains": [
     {"name": "Biology", "facts": ["Cells are the basic unit of life.", "DNA carries genetic information.",
                                   "Plants make sugar from light.", "The heart pumps blood around the body."]},
 ]}
-# The tiny GPT-2 of tests/tiny_models.py by hand: d_model 16, MLP 24, 2 blocks, 128 positions, the embedded
-# tokenizer's 49 152 tokens. A block: two LayerNorms (2 x 32), attention c_attn 16 x 48 + 48 and c_proj
-# 16 x 16 + 16, MLP c_fc 16 x 24 + 24 and c_proj 24 x 16 + 16.
+# The tiny GPT-2 of tests/tiny_models.py by hand: d_model 16, MLP 24, 2 blocks, 128 positions. A block: two
+# LayerNorms (2 x 32), attention c_attn 16 x 48 + 48 and c_proj 16 x 16 + 16, MLP c_fc 16 x 24 + 24 and
+# c_proj 24 x 16 + 16. The arithmetic below uses it with the embedded tokenizer's 49 152 tokens; the model
+# the tests build has the small test tokenizer's 1 024 (SMALL_VOCAB).
 TINY_BLOCK = 2 * 32 + (16 * 48 + 48) + (16 * 16 + 16) + (16 * 24 + 24) + (24 * 16 + 16)
 TINY_HEAD = 49152 * 16
 TINY_PARAMS = TINY_HEAD + 128 * 16 + 2 * TINY_BLOCK + 32
+BUILT_HEAD = SMALL_VOCAB * 16
+BUILT_PARAMS = BUILT_HEAD + 128 * 16 + 2 * TINY_BLOCK + 32
 
 
 def tiny_calibration(**changes) -> est.Calibration:
@@ -87,9 +91,9 @@ def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
 
     shape = est.model_shape(load_model(str(tiny_gpt2_dir)).model)
     assert shape["block_params"] == TINY_BLOCK == 1960
-    assert shape["head_params"] == TINY_HEAD
-    assert shape["n_params"] == TINY_PARAMS == 792432
-    assert (shape["n_layers"], shape["d_model"], shape["d_ff"], shape["vocab"]) == (2, 16, 24, 49152)
+    assert shape["head_params"] == BUILT_HEAD
+    assert shape["n_params"] == BUILT_PARAMS == 22384
+    assert (shape["n_layers"], shape["d_model"], shape["d_ff"], shape["vocab"]) == (2, 16, 24, SMALL_VOCAB)
     assert set(shape["linear_shapes"]) == {(16, 48), (16, 16), (16, 24), (24, 16)}
 
 
@@ -206,7 +210,7 @@ def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
     cached, loaded = est.calibrate(str(tiny_gpt2_dir), threads=1)
     assert loaded is None  # read back, not measured again
     assert cached == est.Calibration.from_dict(json.loads(stored[1].read_text()))
-    assert cached.block_params == TINY_BLOCK and cached.n_params == TINY_PARAMS
+    assert cached.block_params == TINY_BLOCK and cached.n_params == BUILT_PARAMS
     for name in ("forward_s_per_token", "coef_s_per_token", "line_s_per_token", "tail_s_per_param_token",
                  "matmul_flops", "factor_flops", "bootstrap_s_per_curve", "base_bytes", "forward_bytes_per_token"):
         assert getattr(cached, name) > 0, name
