@@ -275,6 +275,15 @@ def job_picker(kind: str, param: str, label: str) -> str | None:
     return job_id
 
 
+def picked_result(kind: str, label: str):
+    """(job id, result): the job picker of `kind` (its URL parameter is the
+    kind's name), the picked job followed while it runs, and its result once
+    done (else None); (None, None) when there is no job of that kind."""
+    job_id = job_picker(kind, kind, label)
+    state = follow_job(job_id, kind) if job_id else None
+    return job_id, (runner().result(job_id) if state is not None and state.status == "done" else None)
+
+
 # --- the sidebar --------------------------------------------------------------
 
 def sidebar():

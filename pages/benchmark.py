@@ -86,9 +86,7 @@ left.button("Start benchmark", icon=":material/science:",
 if "bench_error" in st.session_state:
     st.error(st.session_state.pop("bench_error"))
 
-run_id = _shared.job_picker("benchmark", "benchmark", "Benchmark run")
-state = _shared.follow_job(run_id, "benchmark") if run_id else None
-result = _shared.runner().result(run_id) if state is not None and state.status == "done" else None
+run_id, result = _shared.picked_result("benchmark", "Benchmark run")
 
 if result is not None:
     data = result.to_dict()

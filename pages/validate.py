@@ -56,9 +56,7 @@ left.button("Start validation", icon=":material/science:", disabled=bool(choice.
 if "validation_error" in st.session_state:
     st.error(st.session_state.pop("validation_error"))
 
-run_id = _shared.job_picker("validation", "validation", "Validation run")
-state = _shared.follow_job(run_id, "validation") if run_id else None
-result = _shared.runner().result(run_id) if state is not None and state.status == "done" else None
+run_id, result = _shared.picked_result("validation", "Validation run")
 
 if result is not None:
     st.subheader("Leaderboard")
