@@ -95,6 +95,9 @@ class Calibration:
     matmul_flops: float
     matmul32_flops: float
     factor_flops: float
+    substitution_size: int
+    substitution_1_s: float
+    substitution_32_s: float
     bootstrap_s_per_curve: float
     leaderboard_s_per_resample: float
     base_bytes: int
@@ -454,7 +457,8 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
 def _probe_rates(device: str, d_ff: int) -> dict:
     """float64 and float32 matrix-product rates and the float64 Cholesky
     rate (FLOP/s) at the subspace's size (capped, so a large d_ff does not
-    make the calibration long), the bootstrap's cost per resampled curve
+    make the calibration long), the triangular solves with a factor of that
+    size for 1 and 32 right-hand sides, the bootstrap's cost per resampled curve
     (with its power-law fit) on synthetic kernels, and the benchmark
     leaderboard's per resample of 27 domains (two rank correlations)."""
     import numpy as np
@@ -472,6 +476,10 @@ def _probe_rates(device: str, d_ff: int) -> dict:
     mm32 = _timed(device, lambda: x32.T @ x32)
     spd = x64.T @ x64 / 512 + torch.eye(d, dtype=torch.float64, device=device)
     chol = _timed(device, lambda: torch.linalg.cholesky(spd))
+    factor = torch.linalg.lu_factor(spd)
+    one, many = x64[0].unsqueeze(-1).contiguous(), x64[:32].T.contiguous()
+    subst_1 = _timed(device, lambda: torch.linalg.lu_solve(*factor, one), repeats=3)
+    subst_32 = _timed(device, lambda: torch.linalg.lu_solve(*factor, many), repeats=3)
     n_k, resamples = 20, 200
     grid = n_grid(n_k, 24, 1000.0)
     a = np.random.default_rng(0).standard_normal((n_k, n_k))
@@ -481,7 +489,8 @@ def _probe_rates(device: str, d_ff: int) -> dict:
     board = _timed("cpu", lambda: domain_bootstrap(scores[0], scores[1], scores[2], resamples))
     return {"matmul_flops": 2.0 * 512 * d * d / max(mm64.seconds, 1e-6),
             "matmul32_flops": 2.0 * 512 * d * d / max(mm32.seconds, 1e-6),
-            "factor_flops": d ** 3 / 3.0 / max(chol.seconds, 1e-6),
+            "factor_flops": d ** 3 / 3.0 / max(chol.seconds, 1e-6), "substitution_size": d,
+            "substitution_1_s": subst_1.seconds, "substitution_32_s": subst_32.seconds,
             "bootstrap_s_per_curve": boot.seconds / (2 * resamples),
             "leaderboard_s_per_resample": board.seconds / resamples}
 
@@ -714,10 +723,19 @@ def hessian_s(cal: Calibration, tokens: float) -> float:
     return matmul_s(cal, 2.0 * tokens * cal.d_ff ** 2)
 
 
+def substitution_s(cal: Calibration, size: int, rhs: int = 1) -> float:
+    """The two triangular solves with a factored size x size float64 matrix:
+    they read the whole factor (bound by memory, not arithmetic), so they
+    scale with size^2, measured at the calibration's size for 1 and for 32
+    right-hand sides."""
+    per_rhs = max(cal.substitution_32_s - cal.substitution_1_s, 0.0) / 31.0
+    return (cal.substitution_1_s + per_rhs * (rhs - 1)) * (size / cal.substitution_size) ** 2
+
+
 def solve_s(cal: Calibration, size: int, rhs: int = 1, lu: bool = False) -> float:
     """A dense float64 solve of a size x size system: Cholesky (n^3/3) or LU
     (2n^3/3), then the substitutions."""
-    return (size ** 3 / (1.5 if lu else 3.0)) / cal.factor_flops + matmul_s(cal, 2.0 * size * size * rhs)
+    return (size ** 3 / (1.5 if lu else 3.0)) / cal.factor_flops + substitution_s(cal, size, rhs)
 
 
 def trainable_params(cal: Calibration, blocks: int) -> int:
@@ -755,9 +773,9 @@ def structured_domain_s(cal: Calibration, n_tokens: int, r: int, m_k: int, point
     d = cal.d_ff
     solve = n_tokens * cal.coef_s_per_token + hessian_s(cal, n_tokens) + solve_s(cal, d)
     if r < d:
-        solve += (2.0 * d ** 3 / 3.0) / cal.factor_flops + matmul_s(cal, 2.0 * d * d * r + 2.0 * r * r * d)
-        point = matmul_s(cal, 2.0 * d * d + 4.0 * r * d) + solve_s(cal, r, lu=True)
-        kernel = matmul_s(cal, 2.0 * d * d * m_k + 4.0 * r * d * m_k + 2.0 * m_k * m_k * d) + solve_s(
+        solve += (2.0 * d ** 3 / 3.0) / cal.factor_flops + substitution_s(cal, d, r) + matmul_s(cal, 2.0 * r * r * d)
+        point = substitution_s(cal, d) + matmul_s(cal, 4.0 * r * d) + solve_s(cal, r, lu=True)
+        kernel = substitution_s(cal, d, m_k) + matmul_s(cal, 4.0 * r * d * m_k + 2.0 * m_k * m_k * d) + solve_s(
             cal, r, rhs=m_k, lu=True)
     else:
         solve += hessian_s(cal, r)
@@ -1062,7 +1080,9 @@ def subspace_family_s(cal: Calibration, train: list, held: list, names, keep: in
         seconds += k * d * matmul_s(cal, 4.0 * n_train * d)
     if "influence_lissa" in names:
         batch_tokens = n_train / max(sum(len(t) for t in train), 1) * lissa_batch
-        seconds += k * (lissa_depth * matmul_s(cal, 4.0 * batch_tokens * d) + 41 * matmul_s(cal, 4.0 * n_train * d))
+        # power iteration (40 full products), then a full product every 50 steps for the residual
+        full = 40 + lissa_depth / 50 + 1
+        seconds += k * (lissa_depth * matmul_s(cal, 4.0 * batch_tokens * d) + full * matmul_s(cal, 4.0 * n_train * d))
     if "grad_norm" in names:
         seconds += cal.copy_s
         for rows in train:
