@@ -66,7 +66,8 @@ class Calibration:
     line_s_per_token: the LM-head derivatives of the benchmark's subspace
     terms (one head product per token plus its derivatives along
     CALIBRATION_DOMAINS directions). start_s: the interpreter's start-up and
-    imports before a run loads its model."""
+    imports before a run loads its model. load_average: the machine's
+    one-minute load average when it was measured."""
 
     model: str
     fingerprint: str
@@ -107,6 +108,7 @@ class Calibration:
     step_bytes_per_token: float
     seconds: float
     created_at: str
+    load_average: float = 0.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -154,6 +156,7 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
             return found, None
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    load_average = _load_average()  # before this process adds its own work to it
     try:
         _import_run_modules()
         start_s = _process_age_s()
@@ -163,8 +166,9 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
         _touch(loaded.model)
         load_s = time.perf_counter() - t0
         model_bytes = max(_current_bytes(device) - base, 0)
-        calibration = measure(loaded, threads, load_s, base if device == "cpu" else 0, model_bytes,
-                              model_fingerprint(model_id), start_s)
+        calibration = dataclasses.replace(measure(loaded, threads, load_s, base if device == "cpu" else 0,
+                                                  model_bytes, model_fingerprint(model_id), start_s),
+                                          load_average=load_average)
     finally:
         torch.set_num_threads(saved_threads)
     path = calibration_path(calibration.fingerprint, device, dtype, threads)
@@ -517,7 +521,7 @@ def measure(loaded, threads: int, load_s: float, base_bytes: int, model_bytes: i
         **rates,
         base_bytes=int(base_bytes), model_bytes=int(model_bytes) or shape["n_params"] * shape["dtype_bytes"],
         forward_bytes_per_token=probe["forward_bytes_per_token"], seconds=time.perf_counter() - t0,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), load_average=_load_average())
 
 
 # --- counting ----------------------------------------------------------------------------------------------------
@@ -643,13 +647,17 @@ def memory_warning(estimate: Estimate, available_bytes: int | None) -> str | Non
             "the run would likely fail or swap. Use fewer or shorter facts, fewer domains or a smaller model.")
 
 
+def _load_average() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return 0.0
+
+
 def load_note() -> str | None:
     """A line on other work sharing the cores now, or None when the machine
     is quiet: the estimate assumes the quiet machine the calibration saw."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
+    load = _load_average()
     cores = os.cpu_count() or 1
     if load < 0.5 * cores:
         return None
@@ -1040,8 +1048,13 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
 
 
 def _basis(cal: Calibration) -> list:
-    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {cal.threads} torch threads) at "
-            f"{cal.created_at[:16].replace('T', ' ')} UTC: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
+    busy = cal.load_average >= (os.cpu_count() or 1)
+    caveat = (f" (the machine was busy then, load average {cal.load_average:.1f}: if it is quiet now, delete "
+              f"{calibration_path(cal.fingerprint, cal.device, cal.dtype, cal.threads)} for a new calibration)"
+              if busy else "")
+    when = cal.created_at[:16].replace("T", " ")
+    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {cal.threads} torch threads) at {when} "
+            f"UTC{caveat}: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
             f"fine-tune step {cal.tail_s_per_param_token * 1e12:.0f} ps per parameter and token, "
             f"float64 {cal.matmul_flops / 1e9:.0f} GFLOP/s",
             f"the model: {cal.n_params / 1e6:.0f}M parameters, {cal.n_layers} blocks, d_ff {cal.d_ff}, "

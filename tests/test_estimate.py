@@ -198,6 +198,17 @@ def test_memory_warning_when_the_peak_exceeds_what_is_available(capsys, monkeypa
     assert "Available memory: 1.0 GB" in out and "Nothing was run" in out
 
 
+def test_a_busy_machine_is_named_in_the_estimate(monkeypatch):
+    quiet = est.analysis_cost(tiny_calibration(load_average=0.0), [("A", [5, 6])], AnalysisConfig())
+    assert "busy" not in " ".join(quiet.basis)
+    busy = est.analysis_cost(tiny_calibration(load_average=64.0), [("A", [5, 6])], AnalysisConfig())
+    assert "busy then, load average 64.0" in " ".join(busy.basis) and "cache" in " ".join(busy.basis)
+    monkeypatch.setattr(est.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert est.load_note() is None
+    monkeypatch.setattr(est.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+    assert "busy now (load average 64.0" in est.load_note()
+
+
 # --- the calibration and the command line ----------------------------------------------------------------------------
 
 def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
