@@ -447,7 +447,9 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
             torch.cat([g.reshape(-1) for g in grad_of([r])])
 
     single = _timed(device, single_grads)
-    vector = torch.randn(1 << 22, device=trainer.device)
+    # as long as the flattened gradient of four blocks (the alignment's default), so the probe is bound by
+    # memory as theirs are, not by a cache that a short vector fits in
+    vector = torch.randn(min(max(4 * shape.block_params, 1 << 22), 1 << 26), device=trainer.device)
     elementwise = _timed(device, lambda: (vector * vector).sum(dtype=torch.float64), repeats=3)
     vector_s = elementwise.seconds / vector.numel()
     token_part = sum(per_param_token * len(ids[r]) * tail_work(shape, 1, 1) for r in singles)
