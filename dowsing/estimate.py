@@ -1055,7 +1055,8 @@ def _basis(cal: Calibration) -> list:
               f"{calibration_path(cal.fingerprint, cal.device, cal.dtype, cal.threads)} for a new calibration)"
               if busy else "")
     when = cal.created_at[:16].replace("T", " ")
-    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {cal.threads} torch threads) at {when} "
+    threads = f"{cal.threads} torch thread{'' if cal.threads == 1 else 's'}"
+    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {threads}) at {when} "
             f"UTC{caveat}: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
             f"fine-tune step {cal.tail_s_per_param_token * 1e12:.0f} ps per parameter and token, "
             f"float64 {cal.matmul_flops / 1e9:.0f} GFLOP/s",
