@@ -66,7 +66,8 @@ class Calibration:
     line_s_per_token: the LM-head derivatives of the benchmark's subspace
     terms (one head product per token plus its derivatives along
     CALIBRATION_DOMAINS directions). start_s: the interpreter's start-up and
-    imports before a run loads its model."""
+    imports before a run loads its model. load_average: the machine's
+    one-minute load average when it was measured."""
 
     model: str
     fingerprint: str
@@ -95,6 +96,9 @@ class Calibration:
     matmul_flops: float
     matmul32_flops: float
     factor_flops: float
+    substitution_size: int
+    substitution_1_s: float
+    substitution_32_s: float
     bootstrap_s_per_curve: float
     leaderboard_s_per_resample: float
     base_bytes: int
@@ -104,6 +108,7 @@ class Calibration:
     step_bytes_per_token: float
     seconds: float
     created_at: str
+    load_average: float = 0.0
 
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
@@ -151,6 +156,7 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
             return found, None
     saved_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
+    load_average = _load_average()  # before this process adds its own work to it
     try:
         _import_run_modules()
         start_s = _process_age_s()
@@ -160,8 +166,9 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
         _touch(loaded.model)
         load_s = time.perf_counter() - t0
         model_bytes = max(_current_bytes(device) - base, 0)
-        calibration = measure(loaded, threads, load_s, base if device == "cpu" else 0, model_bytes,
-                              model_fingerprint(model_id), start_s)
+        calibration = dataclasses.replace(measure(loaded, threads, load_s, base if device == "cpu" else 0,
+                                                  model_bytes, model_fingerprint(model_id), start_s),
+                                          load_average=load_average)
     finally:
         torch.set_num_threads(saved_threads)
     path = calibration_path(calibration.fingerprint, device, dtype, threads)
@@ -440,7 +447,9 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
             torch.cat([g.reshape(-1) for g in grad_of([r])])
 
     single = _timed(device, single_grads)
-    vector = torch.randn(1 << 22, device=trainer.device)
+    # as long as the flattened gradient of four blocks (the alignment's default), so the probe is bound by
+    # memory as theirs are, not by a cache that a short vector fits in
+    vector = torch.randn(min(max(4 * shape.block_params, 1 << 22), 1 << 26), device=trainer.device)
     elementwise = _timed(device, lambda: (vector * vector).sum(dtype=torch.float64), repeats=3)
     vector_s = elementwise.seconds / vector.numel()
     token_part = sum(per_param_token * len(ids[r]) * tail_work(shape, 1, 1) for r in singles)
@@ -454,7 +463,8 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
 def _probe_rates(device: str, d_ff: int) -> dict:
     """float64 and float32 matrix-product rates and the float64 Cholesky
     rate (FLOP/s) at the subspace's size (capped, so a large d_ff does not
-    make the calibration long), the bootstrap's cost per resampled curve
+    make the calibration long), the triangular solves with a factor of that
+    size for 1 and 32 right-hand sides, the bootstrap's cost per resampled curve
     (with its power-law fit) on synthetic kernels, and the benchmark
     leaderboard's per resample of 27 domains (two rank correlations)."""
     import numpy as np
@@ -472,6 +482,10 @@ def _probe_rates(device: str, d_ff: int) -> dict:
     mm32 = _timed(device, lambda: x32.T @ x32)
     spd = x64.T @ x64 / 512 + torch.eye(d, dtype=torch.float64, device=device)
     chol = _timed(device, lambda: torch.linalg.cholesky(spd))
+    factor = torch.linalg.lu_factor(spd)
+    one, many = x64[0].unsqueeze(-1).contiguous(), x64[:32].T.contiguous()
+    subst_1 = _timed(device, lambda: torch.linalg.lu_solve(*factor, one), repeats=3)
+    subst_32 = _timed(device, lambda: torch.linalg.lu_solve(*factor, many), repeats=3)
     n_k, resamples = 20, 200
     grid = n_grid(n_k, 24, 1000.0)
     a = np.random.default_rng(0).standard_normal((n_k, n_k))
@@ -481,7 +495,8 @@ def _probe_rates(device: str, d_ff: int) -> dict:
     board = _timed("cpu", lambda: domain_bootstrap(scores[0], scores[1], scores[2], resamples))
     return {"matmul_flops": 2.0 * 512 * d * d / max(mm64.seconds, 1e-6),
             "matmul32_flops": 2.0 * 512 * d * d / max(mm32.seconds, 1e-6),
-            "factor_flops": d ** 3 / 3.0 / max(chol.seconds, 1e-6),
+            "factor_flops": d ** 3 / 3.0 / max(chol.seconds, 1e-6), "substitution_size": d,
+            "substitution_1_s": subst_1.seconds, "substitution_32_s": subst_32.seconds,
             "bootstrap_s_per_curve": boot.seconds / (2 * resamples),
             "leaderboard_s_per_resample": board.seconds / resamples}
 
@@ -508,7 +523,7 @@ def measure(loaded, threads: int, load_s: float, base_bytes: int, model_bytes: i
         **rates,
         base_bytes=int(base_bytes), model_bytes=int(model_bytes) or shape["n_params"] * shape["dtype_bytes"],
         forward_bytes_per_token=probe["forward_bytes_per_token"], seconds=time.perf_counter() - t0,
-        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), load_average=_load_average())
 
 
 # --- counting ----------------------------------------------------------------------------------------------------
@@ -634,13 +649,17 @@ def memory_warning(estimate: Estimate, available_bytes: int | None) -> str | Non
             "the run would likely fail or swap. Use fewer or shorter facts, fewer domains or a smaller model.")
 
 
+def _load_average() -> float:
+    try:
+        return float(os.getloadavg()[0])
+    except OSError:
+        return 0.0
+
+
 def load_note() -> str | None:
     """A line on other work sharing the cores now, or None when the machine
     is quiet: the estimate assumes the quiet machine the calibration saw."""
-    try:
-        load = os.getloadavg()[0]
-    except OSError:
-        return None
+    load = _load_average()
     cores = os.cpu_count() or 1
     if load < 0.5 * cores:
         return None
@@ -714,10 +733,19 @@ def hessian_s(cal: Calibration, tokens: float) -> float:
     return matmul_s(cal, 2.0 * tokens * cal.d_ff ** 2)
 
 
+def substitution_s(cal: Calibration, size: int, rhs: int = 1) -> float:
+    """The two triangular solves with a factored size x size float64 matrix:
+    they read the whole factor (bound by memory, not arithmetic), so they
+    scale with size^2, measured at the calibration's size for 1 and for 32
+    right-hand sides."""
+    per_rhs = max(cal.substitution_32_s - cal.substitution_1_s, 0.0) / 31.0
+    return (cal.substitution_1_s + per_rhs * (rhs - 1)) * (size / cal.substitution_size) ** 2
+
+
 def solve_s(cal: Calibration, size: int, rhs: int = 1, lu: bool = False) -> float:
     """A dense float64 solve of a size x size system: Cholesky (n^3/3) or LU
     (2n^3/3), then the substitutions."""
-    return (size ** 3 / (1.5 if lu else 3.0)) / cal.factor_flops + matmul_s(cal, 2.0 * size * size * rhs)
+    return (size ** 3 / (1.5 if lu else 3.0)) / cal.factor_flops + substitution_s(cal, size, rhs)
 
 
 def trainable_params(cal: Calibration, blocks: int) -> int:
@@ -755,9 +783,9 @@ def structured_domain_s(cal: Calibration, n_tokens: int, r: int, m_k: int, point
     d = cal.d_ff
     solve = n_tokens * cal.coef_s_per_token + hessian_s(cal, n_tokens) + solve_s(cal, d)
     if r < d:
-        solve += (2.0 * d ** 3 / 3.0) / cal.factor_flops + matmul_s(cal, 2.0 * d * d * r + 2.0 * r * r * d)
-        point = matmul_s(cal, 2.0 * d * d + 4.0 * r * d) + solve_s(cal, r, lu=True)
-        kernel = matmul_s(cal, 2.0 * d * d * m_k + 4.0 * r * d * m_k + 2.0 * m_k * m_k * d) + solve_s(
+        solve += (2.0 * d ** 3 / 3.0) / cal.factor_flops + substitution_s(cal, d, r) + matmul_s(cal, 2.0 * r * r * d)
+        point = substitution_s(cal, d) + matmul_s(cal, 4.0 * r * d) + solve_s(cal, r, lu=True)
+        kernel = substitution_s(cal, d, m_k) + matmul_s(cal, 4.0 * r * d * m_k + 2.0 * m_k * m_k * d) + solve_s(
             cal, r, rhs=m_k, lu=True)
     else:
         solve += hessian_s(cal, r)
@@ -1028,8 +1056,14 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
 
 
 def _basis(cal: Calibration) -> list:
-    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {cal.threads} torch threads) at "
-            f"{cal.created_at[:16].replace('T', ' ')} UTC: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
+    busy = cal.load_average >= (os.cpu_count() or 1)
+    caveat = (f" (the machine was busy then, load average {cal.load_average:.1f}: if it is quiet now, delete "
+              f"{calibration_path(cal.fingerprint, cal.device, cal.dtype, cal.threads)} for a new calibration)"
+              if busy else "")
+    when = cal.created_at[:16].replace("T", " ")
+    threads = f"{cal.threads} torch thread{'' if cal.threads == 1 else 's'}"
+    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {threads}) at {when} "
+            f"UTC{caveat}: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
             f"fine-tune step {cal.tail_s_per_param_token * 1e12:.0f} ps per parameter and token, "
             f"float64 {cal.matmul_flops / 1e9:.0f} GFLOP/s",
             f"the model: {cal.n_params / 1e6:.0f}M parameters, {cal.n_layers} blocks, d_ff {cal.d_ff}, "
@@ -1068,7 +1102,9 @@ def subspace_family_s(cal: Calibration, train: list, held: list, names, keep: in
         seconds += k * d * matmul_s(cal, 4.0 * n_train * d)
     if "influence_lissa" in names:
         batch_tokens = n_train / max(sum(len(t) for t in train), 1) * lissa_batch
-        seconds += k * (lissa_depth * matmul_s(cal, 4.0 * batch_tokens * d) + 41 * matmul_s(cal, 4.0 * n_train * d))
+        # power iteration (40 full products), then a full product every 50 steps for the residual
+        full = 40 + lissa_depth / 50 + 1
+        seconds += k * (lissa_depth * matmul_s(cal, 4.0 * batch_tokens * d) + full * matmul_s(cal, 4.0 * n_train * d))
     if "grad_norm" in names:
         seconds += cal.copy_s
         for rows in train:

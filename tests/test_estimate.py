@@ -41,7 +41,8 @@ def tiny_calibration(**changes) -> est.Calibration:
         d_model=16, d_ff=24, vocab=49152, max_positions=128, block_params=TINY_BLOCK, head_params=TINY_HEAD,
         linear_shapes=((16, 48), (16, 16), (16, 24), (24, 16)), dtype_bytes=4, start_s=3.0, load_s=1.0,
         forward_s_per_token=1e-3, coef_s_per_token=2e-3, line_s_per_token=1e-3, tail_s_per_param_token=1e-9,
-        grad_call_s=0.01, vector_s_per_element=0.0, copy_s=0.0, matmul_flops=1e9, matmul32_flops=2e9, factor_flops=5e8, bootstrap_s_per_curve=1e-4,
+        grad_call_s=0.01, vector_s_per_element=0.0, copy_s=0.0, matmul_flops=1e9, matmul32_flops=2e9, factor_flops=5e8,
+        substitution_size=24, substitution_1_s=1e-6, substitution_32_s=32e-6, bootstrap_s_per_curve=1e-4,
         leaderboard_s_per_resample=1e-4, base_bytes=100_000_000, model_bytes=0, forward_bytes_per_token=1000.0,
         coef_bytes_per_token=2000.0, step_bytes_per_token=500.0, seconds=1.0, created_at="2026-01-01T00:00:00")
     fields.update(changes)
@@ -119,7 +120,9 @@ def test_passes_through_the_last_blocks_by_hand():
     assert est.finetune_s(cal, 4, 50, 2, 1, 30) == pytest.approx(4 * 1e-9 * 50 * work + 1e-9 * 30 * eval_work)
     assert est.tail_params(cal, 1) == TINY_PARAMS - 1960
     assert est.hessian_s(cal, 10) == pytest.approx(2 * 10 * 24 ** 2 / 1e9)
-    assert est.solve_s(cal, 24) == pytest.approx(24 ** 3 / 3 / 5e8 + 2 * 24 * 24 / 1e9)
+    # the substitutions read the factor: 1e-6 s per right-hand side at 24 x 24, growing with the size squared
+    assert est.substitution_s(cal, 48, 3) == pytest.approx(3e-6 * 4)
+    assert est.solve_s(cal, 24) == pytest.approx(24 ** 3 / 3 / 5e8 + 1e-6)
 
 
 def test_analysis_stages_and_memory_by_hand():
@@ -134,12 +137,12 @@ def test_analysis_stages_and_memory_by_hand():
     d, n, flops, factor = 24, 21, 1e9, 5e8
     solve = 0.0
     for r, m in ((9, 2), (12, 3)):  # both low rank (r < d_ff): Woodbury
-        solve += n * 2e-3 + 2 * n * d * d / flops + (d ** 3 / 3 / factor + 2 * d * d / flops)
-        solve += (2 * d ** 3 / 3) / factor + (2 * d * d * r + 2 * r * r * d) / flops
+        solve += n * 2e-3 + 2 * n * d * d / flops + (d ** 3 / 3 / factor + 1e-6)
+        solve += (2 * d ** 3 / 3) / factor + r * 1e-6 + 2 * r * r * d / flops
     assert got.stages_s["solve"] == pytest.approx(solve)
     assert got.stages_s["ranking"] == 0.0  # mean loss reuses the forward pass
     points = [len(n_grid(m, 24, 1000.0)) for m in (2, 3)]
-    saturation = sum(p * ((2 * d * d + 4 * r * d) / flops + r ** 3 / 1.5 / factor + 2 * r * r / flops)
+    saturation = sum(p * (1e-6 + 4 * r * d / flops + r ** 3 / 1.5 / factor + 1e-6 * (r / 24) ** 2)
                      for p, r in zip(points, (9, 12)))
     assert got.stages_s["saturation"] == pytest.approx(saturation)
     assert got.total_s == pytest.approx(sum(got.stages_s.values()))
@@ -197,6 +200,17 @@ def test_memory_warning_when_the_peak_exceeds_what_is_available(capsys, monkeypa
     out, err = capsys.readouterr()
     assert err.startswith("warning: ") and "exceeds" in err
     assert "Available memory: 1.0 GB" in out and "Nothing was run" in out
+
+
+def test_a_busy_machine_is_named_in_the_estimate(monkeypatch):
+    quiet = est.analysis_cost(tiny_calibration(load_average=0.0), [("A", [5, 6])], AnalysisConfig())
+    assert "busy" not in " ".join(quiet.basis)
+    busy = est.analysis_cost(tiny_calibration(load_average=64.0), [("A", [5, 6])], AnalysisConfig())
+    assert "busy then, load average 64.0" in " ".join(busy.basis) and "cache" in " ".join(busy.basis)
+    monkeypatch.setattr(est.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert est.load_note() is None
+    monkeypatch.setattr(est.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
+    assert "busy now (load average 64.0" in est.load_note()
 
 
 # --- the calibration and the command line ----------------------------------------------------------------------------
