@@ -385,8 +385,12 @@ def _probe_forward(loaded, device: str) -> dict:
 
     meter = _timed(device, run)
     padded = sum(int(ids.numel()) for ids, _, _ in batches)
+    # The batch's logits are held at once, so they bound the extra memory from below; on a small model the
+    # allocator reuses freed pages and the resident size may not grow at all.
+    first = next(net.parameters())
+    logits_bytes = net.get_output_embeddings().weight.shape[0] * first.element_size()
     return {**out, "anatomy": anatomy, "ids": encoded.ids, "forward_s_per_token": meter.seconds / padded,
-            "forward_bytes_per_token": meter.extra_bytes / padded}
+            "forward_bytes_per_token": max(meter.extra_bytes / padded, float(logits_bytes))}
 
 
 def _probe_coefficients(probe: dict, device: str) -> dict:

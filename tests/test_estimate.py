@@ -228,6 +228,8 @@ def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
     for name in ("forward_s_per_token", "coef_s_per_token", "line_s_per_token", "tail_s_per_param_token",
                  "matmul_flops", "factor_flops", "bootstrap_s_per_curve", "base_bytes", "forward_bytes_per_token"):
         assert getattr(cached, name) > 0, name
+    # the batch's logits are held at once: the extra memory per token is at least one row of them
+    assert cached.forward_bytes_per_token >= SMALL_VOCAB * cached.dtype_bytes
     assert est.Calibration.from_dict(cached.to_dict()) == cached
 
 
