@@ -500,7 +500,8 @@ def checkpoint_priorities(stats: CheckpointStats, domain_rows: list) -> dict:
     return out
 
 
-TRAJECTORY_ESTIMATORS = ("diffin", "tracin_ckpt", "vog", "ckpt_confidence", "ckpt_variability", "el2n")
+# every estimator this family computes: the two groups that share their work
+TRAJECTORY_ESTIMATORS = GRADIENT_PATH + CHECKPOINT_PASS
 
 
 def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, seed: int = 0,
