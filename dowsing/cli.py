@@ -369,7 +369,7 @@ def run_benchmark_command(args) -> int:
         model = checked_model(args, [args.model])[0]
         config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
-        check_domains(domains)
+        check_domains(domains, config)
         _check_out(args.out)
         if args.estimate:
             from .estimate import estimate_benchmark, report

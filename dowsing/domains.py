@@ -411,27 +411,47 @@ def benchmark_file() -> Path:
     return DATA_DIR / "benchmark.json"
 
 
-def benchmark_domains(quick: bool = False) -> list[Domain]:
-    """The shipped benchmark domains, or its quick set when quick."""
-    data = json.loads(benchmark_file().read_text(encoding="utf-8"))
-    keep = set(data["quick"]) if quick else None
-    return [Domain(d["name"], tuple(d["facts"])) for d in data["domains"] if keep is None or d["name"] in keep]
+HARD_KINDS = ("noise", "scrambled", "contradiction", "grab-bag", "redundant")
+
+
+def _benchmark_data() -> dict:
+    return json.loads(benchmark_file().read_text(encoding="utf-8"))
+
+
+def benchmark_domains(quick: bool = False, hard: bool = True) -> list[Domain]:
+    """The shipped benchmark domains: the ordinary ones, then (hard) the
+    hard cases; or the quick set of each (six ordinary, one hard case per
+    kind) when quick."""
+    data = _benchmark_data()
+    keep = set(data["quick"]) | set(data["hard_case_quick"]) if quick else None
+    rows = list(data["domains"]) + (list(data["hard_cases"]) if hard else [])
+    return [Domain(d["name"], tuple(d["facts"])) for d in rows if keep is None or d["name"] in keep]
 
 
 def benchmark_groups() -> dict:
-    """{domain name: group} of the shipped benchmark domains."""
-    return dict(json.loads(benchmark_file().read_text(encoding="utf-8"))["groups"])
+    """{domain name: group} of every shipped benchmark domain: the ordinary
+    domains' familiarity group (everyday, encyclopedic, ...) and the hard
+    cases' kind (`HARD_KINDS`)."""
+    data = _benchmark_data()
+    return {**dict(data["groups"]), **dict(data["hard_case_groups"])}
+
+
+def domain_set(group: str | None) -> str | None:
+    """"hard" for a hard-case kind, "ordinary" for any other known group,
+    None for a domain outside the shipped benchmark."""
+    if group is None:
+        return None
+    return "hard" if group in HARD_KINDS else "ordinary"
 
 
 def hard_case_domains(quick: bool = False) -> list[Domain]:
     """The shipped hard-case domains (noise, scrambled, contradiction,
-    grab-bag, redundant; see BENCHMARK.md), or one per kind when quick.
-    Separate from `benchmark_domains`: the benchmark does not score them yet."""
-    data = json.loads(benchmark_file().read_text(encoding="utf-8"))
+    grab-bag, redundant; see BENCHMARK.md), or one per kind when quick."""
+    data = _benchmark_data()
     keep = set(data["hard_case_quick"]) if quick else None
     return [Domain(d["name"], tuple(d["facts"])) for d in data["hard_cases"] if keep is None or d["name"] in keep]
 
 
 def hard_case_groups() -> dict:
     """{domain name: kind} of the shipped hard-case domains."""
-    return dict(json.loads(benchmark_file().read_text(encoding="utf-8"))["hard_case_groups"])
+    return dict(_benchmark_data()["hard_case_groups"])

@@ -177,10 +177,16 @@ class TailTrainer:
         return logits, input_ids, mask
 
     def train(self, recipe: Recipe, seed: int, pool: list, added: list | None = None,
-              added_weight: float | None = None, on_step=None) -> None:
+              added_weight: float | None = None, on_step=None, steps: int | None = None,
+              cycle_added: bool = False) -> None:
         """Reset to the starting weights and run the recipe: base minibatches
         from `pool` (seeded by `seed`, the same in every run of that seed),
         plus minibatches of `added` (seeded by seed + 1) when given.
+
+        steps: overrides the recipe's number of steps. cycle_added: the added
+        minibatches walk seeded permutations of `added` one after another
+        instead of drawing each minibatch afresh, so over S steps every added
+        fact is seen floor or ceil of S * added_batch / len(added) times.
 
         on_step(step, trainable, lr): called before each step (step = 0 ..
         steps - 1) with the trainable parameters as they are then, and once
@@ -197,12 +203,18 @@ class TailTrainer:
             opt = torch.optim.SGD(trainable, lr=recipe.lr)
         weight = recipe.added_weight if added_weight is None else added_weight
         rng, added_rng = random.Random(seed), random.Random(seed + 1)
-        for step in range(recipe.steps):
+        steps = recipe.steps if steps is None else steps
+        stream = cycled(added, recipe.added_batch * steps, added_rng) if (added and cycle_added) else None
+        for step in range(steps):
             if on_step is not None:
                 on_step(step, trainable, recipe.lr)
             pick = rng.sample(pool, min(recipe.batch, len(pool)))
             weights = [1.0 / len(pick)] * len(pick)
-            if added:
+            if stream is not None:
+                extra = stream[step * recipe.added_batch: (step + 1) * recipe.added_batch]
+                pick = pick + extra
+                weights += [weight / len(extra)] * len(extra)
+            elif added:
                 extra = added_rng.sample(added, min(recipe.added_batch, len(added)))
                 pick = pick + extra
                 weights += [weight / len(extra)] * len(extra)
@@ -214,5 +226,16 @@ class TailTrainer:
             opt.step()
             del logits, loss
         if on_step is not None:
-            on_step(recipe.steps, trainable, recipe.lr)
+            on_step(steps, trainable, recipe.lr)
         del opt
+
+
+def cycled(items: list, count: int, rng: random.Random) -> list:
+    """`count` items taken in order from seeded permutations of `items`
+    laid end to end (each permutation used whole before the next starts)."""
+    out = []
+    while len(out) < count:
+        order = list(items)
+        rng.shuffle(order)
+        out += order
+    return out[:count]

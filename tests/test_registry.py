@@ -118,7 +118,8 @@ def test_a_toy_estimator_reaches_the_analysis_the_cli_and_the_leaderboard(toy_es
     assert [e["priority"] for e in result.per_example] == [float(n) for v in lengths for n in v]
     assert result.extras["ranking"]["label"] == "Toy: mean tokens per fact"
     config = BenchmarkConfig.quick(estimators=("mean_loss", toy_estimator), seeds=1, curve_domains=(),
-                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50)
+                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50,
+                                   max_facts=0, sample_facts=4, test_facts=1, doses=(1,))
     with pytest.warns(UserWarning, match="no power"):
         bench = run_benchmark(loaded, DOMAINS, config)
     row = next(r for r in bench.leaderboard if r["estimator"] == toy_estimator)

@@ -6,6 +6,7 @@ from . import alignment  # noqa: F401
 from . import ekfac  # noqa: F401
 from . import trajectory  # noqa: F401
 from . import airrep  # noqa: F401
+from . import pilot  # noqa: F401
 from .context import EstimatorContext, EstimatorSettings, build_context  # noqa: F401
 from .registry import (ESTIMATORS, FAMILIES, Estimator, EstimatorScore, by_family, check_names, compute,  # noqa: F401
                        family_unit, get, label, names)

@@ -29,6 +29,8 @@ class EstimatorSettings:
         the recipe of AirRep's counterfactual runs.
     checkpoint_lr: the step size between the user's checkpoints (None: from
         each step's length).
+    pilot_sizes / pilot_target: the pilot learning curve's nested sizes of
+        a half, and the n it is extrapolated to (the benchmark's largest dose).
     all_facts: per-example values over each domain's training facts followed
         by its held-out facts (the analysis scores every fact of a domain);
         otherwise over the training facts only.
@@ -46,6 +48,8 @@ class EstimatorSettings:
     batch_size: int = 16
     recipe: Recipe = field(default_factory=lambda: Recipe("trajectory"))
     checkpoint_lr: float | None = None
+    pilot_sizes: tuple = (2, 4, 8)
+    pilot_target: int = 32
     all_facts: bool = False
 
 

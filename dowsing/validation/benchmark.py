@@ -1,19 +1,24 @@
 """The benchmark: does an estimator's ranking of domains predict what
-fine-tuning really does, on enough domains for the answer to have power?
+collecting more of each domain really does, on enough domains (ordinary and
+hard cases) for the answer to have power?
 
-1. Each domain's facts are split (seeded) into a training and a held-out half.
-2. Every estimator scores the domains (`estimators.py`); the held-out facts'
-   losses after training are never seen by any of them.
-3. Ground truth (`finetune.py`): for each recipe and seed, a baseline
-   fine-tune on all training halves and one run per domain that adds that
-   domain's training facts; realised gain of k = held-out loss of k after the
-   baseline - after run k. Its own noise is measured between seeds and
-   between recipes (`leaderboard.reliability`).
-4. Learning curves: for a few domains, the held-out loss after adding
-   n = 0, 4, 8, 16, 32 facts, beside the engine's predicted saturation curve.
-5. Leaderboard (`leaderboard.py`): per estimator and recipe, Spearman's rho
-   against the seed-averaged gain with an interval over resampled domains,
-   and the paired difference against mean loss.
+1. The collection protocol (`protocol.py`) cuts each domain's facts into a
+   sample, test facts and a pool (seeded by name). Estimators see the sample
+   only, split into two halves (training and held-out) where they need one.
+2. Every estimator scores the domains from the sample (`dowsing.estimators`,
+   each family a unit of the executor).
+3. Ground truth: for each recipe and seed, a baseline fine-tune on every
+   domain's sample and, per domain, runs that add n of its pool facts for
+   each dose n; gain of k = test loss of k after the baseline - after the
+   run at the largest dose. The second reading adds k's own sample instead.
+   Its own noise is measured between seeds and readings.
+4. Dose-response curves for a few domains beside the paper's predicted
+   saturation.
+5. Leaderboards (`leaderboard.py`): per estimator, Spearman's rho against
+   the seed-averaged gain with an interval over resampled domains and the
+   paired difference against mean loss, on all domains, the ordinary ones
+   and the hard cases; `choose_default` applies the stated rule that picks
+   the default ranking.
 """
 from __future__ import annotations
 
@@ -27,7 +32,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import checkpoint_fields
-from ..domains import Domain, as_domains, benchmark_domains, benchmark_groups
+from ..domains import Domain, benchmark_domains, benchmark_groups
 from ..estimators import (EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
@@ -43,19 +48,20 @@ from ..splitting import split_domains
 from ..curvature import structured_hessian
 from ..subspace import find_anatomy
 from ..training import Recipe, TailTrainer, build_trainer
-from .finetune import counterfactual_gains, curve_units, finetune_unit, gains_from_losses, measured_delta_n, truth_units
-from .leaderboard import BASELINE, benchmark_leaderboard, choose_winner, reliability
+from .finetune import measured_delta_n
+from .leaderboard import (BASELINE, benchmark_leaderboard, choose_default, choose_winner, group_leaderboards,
+                          reliability)
+from .protocol import check_protocol_domains, collection_split, protocol_gains, protocol_unit, protocol_units
 
-MIN_FACTS = 4
 LOW_POWER_DOMAINS = 5
 
+# Every step: 8 facts of the users' samples plus 8 added facts, so the largest dose (32 facts) is
+# seen twice in the recipe's 8 steps.
 DEFAULT_RECIPES = (
-    Recipe("adamw", "adamw", lr=3e-5, steps=8, blocks=4),
-    Recipe("sgd", "sgd", lr=3e-3, steps=8, blocks=4),
-    Recipe("adamw_hi", "adamw", lr=1e-4, steps=8, blocks=2),
+    Recipe("adamw", "adamw", lr=3e-5, steps=8, blocks=4, batch=8, added_batch=8),
 )
 CURVE_DOMAINS = ("Cooking", "World geography", "Physics", "Heraldry", "Norwegian (Bokmål)",
-                 "Invented: Kelvaran archipelago")
+                 "Invented: Kelvaran archipelago", "Noise: parcel scans", "Redundant: railways")
 
 
 @dataclass(frozen=True)
@@ -64,7 +70,13 @@ class BenchmarkConfig(ConfigRecord):
 
     seed / seeds: the first seed and how many seeds each recipe is run with
         (seeds seed, seed + 1, ...: the minibatches differ, the split not).
-    held_out_fraction: share of each domain's facts held out.
+    sample_facts / test_facts / doses: the collection protocol: each
+        domain's sample (all the estimators see), its test facts, and the
+        numbers of pool facts added (the largest is the ranking target);
+        a domain needs sample + test + max(doses) facts.
+    second_reading: also run each domain with its own sample added (the
+        earlier recipe's reading, on the same test facts).
+    held_out_fraction: share of the sample in the estimators' held-out half.
     max_facts: use at most this many facts per domain (0: all).
     recipes: the fine-tuning recipes of the ground truth; main_recipe names
         the one the winner is chosen on.
@@ -78,7 +90,9 @@ class BenchmarkConfig(ConfigRecord):
         its curvature is fitted on; both bound its cost, which grows with
         the blocks times the facts.
     adam_batches: minibatches that estimate Adam's second moment.
-    curve_domains / curve_sizes / curve_held_out: the learning curves.
+    pilot_sizes: the pilot learning curve's nested sizes of a half.
+    curve_domains: domains whose dose-response is set beside the paper's
+        predicted saturation.
     bootstrap / interval_pct: resamples of domains for the intervals.
     checkpoints / checkpoint_lr: the user's training checkpoints of the model
         (oldest first, the last the model benchmarked) and the step size of
@@ -91,6 +105,10 @@ class BenchmarkConfig(ConfigRecord):
 
     seed: int = 0
     seeds: int = 2
+    sample_facts: int = 16
+    test_facts: int = 12
+    doses: tuple = (8, 32)
+    second_reading: bool = True
     held_out_fraction: float = 0.5
     max_facts: int = 0
     recipes: tuple = DEFAULT_RECIPES
@@ -101,9 +119,8 @@ class BenchmarkConfig(ConfigRecord):
     adam_batches: int = 8
     ekfac_blocks: int = 2
     ekfac_fit_facts: int = 128
+    pilot_sizes: tuple = (2, 4, 8)
     curve_domains: tuple = CURVE_DOMAINS
-    curve_sizes: tuple = (0, 4, 8, 16, 32)
-    curve_held_out: int = 8
     bootstrap: int = 2000
     interval_pct: float = 90.0
     batch_size: int = 16
@@ -116,7 +133,14 @@ class BenchmarkConfig(ConfigRecord):
         object.__setattr__(self, "recipes", recipes)
         for name in ("estimators", "curve_domains"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
-        object.__setattr__(self, "curve_sizes", tuple(int(n) for n in self.curve_sizes))
+        object.__setattr__(self, "doses", tuple(sorted({int(n) for n in self.doses})))
+        object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
+        if not self.doses or self.doses[0] < 1:
+            raise ValueError("doses must be positive numbers of pool facts")
+        if self.sample_facts < 4:
+            raise ValueError("sample_facts must be >= 4 (two halves of at least two facts)")
+        if self.test_facts < 1:
+            raise ValueError("test_facts must be >= 1")
         if not recipes:
             raise ValueError("the benchmark needs at least one recipe")
         if len({r.name for r in recipes}) != len(recipes):
@@ -128,20 +152,20 @@ class BenchmarkConfig(ConfigRecord):
             raise ValueError("seeds must be >= 1")
         if not 0.0 < self.held_out_fraction < 1.0:
             raise ValueError("held_out_fraction must be in (0, 1)")
-        if self.max_facts and self.max_facts < MIN_FACTS:
-            raise ValueError(f"max_facts must be 0 (all) or >= {MIN_FACTS}")
+        need = self.sample_facts + self.test_facts + self.doses[-1]
+        if self.max_facts and self.max_facts < need:
+            raise ValueError(f"max_facts must be 0 (all) or >= {need} (sample + test + largest dose)")
         if self.bootstrap < 0:
             raise ValueError("bootstrap must be >= 0")
 
     @classmethod
     def quick(cls, **changes) -> "BenchmarkConfig":
-        """The quick benchmark: six domains of 12 facts, short recipes, small
-        learning curves; what the tests run."""
+        """The quick benchmark: six ordinary domains and one hard case of
+        each kind, 20 facts each (a sample of 8, 4 test facts, doses 4 and
+        8), a short recipe; what the tests run."""
         fields = dict(
-            max_facts=12, bootstrap=500, adam_batches=4, curve_sizes=(0, 2, 4, 8), curve_held_out=4,
-            recipes=(Recipe("adamw", "adamw", lr=3e-5, steps=4, blocks=2),
-                     Recipe("sgd", "sgd", lr=3e-3, steps=4, blocks=2),
-                     Recipe("adamw_hi", "adamw", lr=1e-4, steps=4, blocks=1)),
+            max_facts=20, sample_facts=8, test_facts=4, doses=(4, 8), pilot_sizes=(2, 4), bootstrap=500,
+            adam_batches=4, recipes=(Recipe("adamw", "adamw", lr=3e-5, steps=4, blocks=2, batch=4, added_batch=4),),
             align_blocks=2, ekfac_blocks=1, ekfac_fit_facts=32, curve_domains=CURVE_DOMAINS[:3],
         )
         fields.update(changes)
@@ -154,17 +178,19 @@ class BenchmarkResult(ResultRecord):
     config: dict
     domains: list  # names
     groups: dict  # name -> familiarity group (shipped domains only)
-    split: dict  # {"train": {name: [facts]}, "held_out": {name: [facts]}}
+    split: dict  # {"sample", "test", "pool", "train", "held_out"}: {name: [facts]}; train / held_out halve the sample
     estimators: list  # EstimatorScore.to_dict()
-    truth: dict  # recipe -> {"gains": [[per domain] per seed], "gain": seed mean, "baseline_drop", "seconds"}
+    truth: dict  # reading -> {"gains": [[per domain] per seed], "gain": seed mean, "baseline_drop", "seconds", ...}
     reliability: dict
     leaderboard: list
     winner: str | None
-    curves: list  # per curve domain: measured points, predicted mu ratio, delta n both ways
+    curves: list  # per curve domain: measured dose-response, predicted mu ratio, delta n both ways
     timings: dict
     warnings: list = field(default_factory=list)
     created_at: str = ""
     execution: dict = field(default_factory=dict)  # executor, resources, per-unit node and times
+    group_leaderboards: dict = field(default_factory=dict)  # "all" / "ordinary" / "hard" -> rows (main recipe)
+    default: dict = field(default_factory=dict)  # the estimator the stated rule picks, the rule, and why
 
     def recipe_names(self) -> list:
         return [r["name"] for r in self.config["recipes"]]
@@ -196,17 +222,13 @@ def interval_text(pair) -> str:
     return f"[{pair[0]:.2f}, {pair[1]:.2f}]"
 
 
-def check_domains(domains) -> list:
-    """Domains fit for the benchmark: each has at least MIN_FACTS facts, so
-    both halves of the split have at least two. Raises ValueError (one line)."""
-    domains = as_domains(domains)
-    for d in domains:
-        if len(d.facts) < MIN_FACTS:
-            raise ValueError(f"Domain {d.name!r} has {len(d.facts)} facts; the benchmark needs at least "
-                             f"{MIN_FACTS} per domain (half train, half held out).")
-    if len(domains) < 2:
-        raise ValueError("The benchmark needs at least 2 domains.")
-    return domains
+def check_domains(domains, config: "BenchmarkConfig") -> list:
+    """Domains fit for the benchmark's collection protocol (after max_facts):
+    each fills a sample, test facts and a pool for the largest dose. Raises
+    ValueError (one line) naming the first domain that cannot."""
+    if config.max_facts:
+        domains = [Domain(d.name, tuple(d.facts[: config.max_facts])) for d in domains]
+    return check_protocol_domains(domains, config.sample_facts, config.test_facts, config.doses)
 
 
 def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
@@ -241,14 +263,14 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
                   should_stop: Callable[[], bool] | None = None, device: str = "cpu") -> BenchmarkResult:
     """Run the whole benchmark. model: a LoadedModel, or an id / path (None:
     the embedded default), loaded in float32 on `device`. domains: None for
-    the shipped benchmark domains.
+    the shipped benchmark domains (ordinary and hard cases).
 
-    executor: where the estimator families, the fine-tunes and the
-    learning-curve points run (`dowsing.executor`; in this process by
-    default; on Ray each is a task, the families first). resume: keep each
-    finished unit in the unit store under the run's fingerprint (model,
-    domains, configuration, engine version) and reuse what an earlier,
-    interrupted run of the same benchmark finished."""
+    executor: where the estimator families and the fine-tunes run
+    (`dowsing.executor`; in this process by default; on Ray each is a task,
+    the families first). resume: keep each finished unit in the unit store
+    under the run's fingerprint (model, domains, configuration, engine
+    version) and reuse what an earlier, interrupted run of the same
+    benchmark finished."""
     from datetime import datetime, timezone
 
     executor = executor or LocalExecutor()
@@ -261,25 +283,27 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     scores, values = _run_units(model, run, config, checkpoints, executor, say, should_stop, timings)
     unit_seconds = {r.key: r.end - r.start for r in executor.telemetry.records if not r.cached}
     truth = _truth(run, config, values, unit_seconds, timings)
-    curves = _curves(model, run, config, checkpoints, values, unit_seconds, timings)
+    curves = _curves(model, run, config, checkpoints, truth, timings)
     say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
     gains = {name: t["gains"] for name, t in truth.items()}
     board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
                                   config.interval_pct)
+    groups = benchmark_groups()
+    run_groups = {n: groups[n] for n in run.names if n in groups}
+    by_group = group_leaderboards(scores, gains[config.main_recipe], [run_groups.get(n) for n in run.names],
+                                  config.bootstrap, config.seed, config.interval_pct)
     if BASELINE not in config.estimators:
         notes.append("mean_loss is not among the estimators: no paired differences against it.")
     timings["total"] = time.perf_counter() - clock
     say(Progress("done", 1.0, "benchmark complete"))
-    groups = benchmark_groups()
     return BenchmarkResult(
-        model=model.info.to_dict(), config=config.to_dict(), domains=run.names,
-        groups={n: groups[n] for n in run.names if n in groups},
-        split={"train": {d.name: list(d.facts) for d in run.train},
-               "held_out": {d.name: list(d.facts) for d in run.held}},
+        model=model.info.to_dict(), config=config.to_dict(), domains=run.names, groups=run_groups,
+        split={part: {d.name: list(d.facts) for d in run.protocol[part]} for part in ("sample", "test", "pool")}
+        | {"train": {d.name: list(d.facts) for d in run.train}, "held_out": {d.name: list(d.facts) for d in run.held}},
         estimators=[s.to_dict() for s in scores], truth=truth, reliability=reliability(gains), leaderboard=board,
         winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        execution=_execution(executor, run, timings),
+        execution=_execution(executor, run, timings), group_leaderboards=by_group, default=choose_default(by_group),
     )
 
 
@@ -292,9 +316,7 @@ def _prepared(model, domains, config: BenchmarkConfig, device: str, say, timings
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)
-    domains = check_domains(domains if domains is not None else benchmark_domains())
-    if config.max_facts:
-        domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
+    domains = check_domains(domains if domains is not None else benchmark_domains(), config)
     if len(domains) < LOW_POWER_DOMAINS:
         message = (f"Only {len(domains)} domains: Spearman's rho over so few has no power to tell estimators "
                    "apart; use at least 12.")
@@ -310,30 +332,41 @@ def _prepared(model, domains, config: BenchmarkConfig, device: str, say, timings
 
 @dataclass
 class BenchmarkSplit:
-    """The benchmark's split and its forward pass: the training and held-out
-    halves, the domains' names, the split pass (block inputs captured at the
-    first block any recipe or estimator trains, `keep` blocks from the end),
-    the run's fingerprint and its unit store (None: nothing is resumed)."""
+    """The benchmark's split and its two forward passes: the collection
+    protocol's sample / test / pool per domain, the sample's training and
+    held-out halves (what the estimators see: `split`, block inputs captured
+    `keep` blocks from the end), the ground truth's pass over sample + pool
+    (training rows, the sample first) and test facts (held-out rows), the
+    run's fingerprint and its unit store (None: nothing is resumed)."""
 
+    protocol: dict
     train: list
     held: list
     names: list
     split: object
+    truth: object
     keep: int
     namespace: str
     store: object
 
 
 def _split(model, domains: list, config: BenchmarkConfig, resume: bool, say, timings: dict) -> BenchmarkSplit:
-    train, held = split_domains(domains, config.seed, config.held_out_fraction)
-    namespace = fingerprint("benchmark", model.info.to_dict(), [(d.name, d.facts) for d in train],
-                            [(d.name, d.facts) for d in held], config.to_dict(), ENGINE_VERSION)
+    protocol = collection_split(domains, config.seed, config.sample_facts, config.test_facts)
+    train, held = split_domains(protocol["sample"], config.seed, config.held_out_fraction)
+    namespace = fingerprint("benchmark", model.info.to_dict(), [(d.name, d.facts) for d in domains],
+                            config.to_dict(), ENGINE_VERSION)
     depth = len(find_anatomy(model.model).down_projs)
     keep = min(depth, max([r.blocks for r in config.recipes] + [config.align_blocks]))
-    say(Progress("forward", 0.01, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
+    n_sample = sum(len(d.facts) for d in protocol["sample"])
+    say(Progress("forward", 0.01, f"forward pass over the {n_sample} sample facts"))
     split = split_pass(model, train, held, config.batch_size, capture_block=depth - keep)
+    n_all = sum(len(d.facts) for part in protocol.values() for d in part)
+    say(Progress("forward", 0.02, f"forward pass over all {n_all} facts for the ground truth"))
+    grown = [Domain(s.name, s.facts + p.facts) for s, p in zip(protocol["sample"], protocol["pool"])]
+    truth = split_pass(model, grown, protocol["test"], config.batch_size, capture_block=depth - keep)
     timings["forward"] = split.forward_s
-    return BenchmarkSplit(train, held, [d.name for d in train], split, keep, namespace,
+    timings["forward_truth"] = truth.forward_s
+    return BenchmarkSplit(protocol, train, held, [d.name for d in train], split, truth, keep, namespace,
                           UnitStore(namespace) if resume else None)
 
 
@@ -342,35 +375,28 @@ def main_recipe(config: BenchmarkConfig) -> Recipe:
 
 
 def estimator_context(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints) -> EstimatorContext:
-    """What the estimator families read: the split pass, the user's
+    """What the estimator families read: the sample's split pass, the user's
     checkpoints, and the settings; the trajectory estimators read the user's
-    checkpoints when given, else the main recipe's baseline fine-tune (first
-    seed), the trajectory a user without checkpoints of their own would have."""
+    checkpoints when given, else a baseline fine-tune of the main recipe on
+    the samples' training halves (first seed), the trajectory a user
+    without checkpoints of their own would have."""
     settings = EstimatorSettings(damping=config.damping, blocks=min(config.align_blocks, run.keep),
                                  adam_batches=config.adam_batches, seed=config.seed,
                                  ekfac_blocks=min(config.ekfac_blocks, run.keep),
                                  ekfac_fit_facts=config.ekfac_fit_facts or None, batch_size=config.batch_size,
-                                 recipe=main_recipe(config), checkpoint_lr=config.checkpoint_lr)
+                                 recipe=main_recipe(config), checkpoint_lr=config.checkpoint_lr,
+                                 pilot_sizes=config.pilot_sizes, pilot_target=config.doses[-1])
     return EstimatorContext(model, run.split, settings, checkpoints)
 
 
+def _seed_units(run: BenchmarkSplit, config: BenchmarkConfig, recipe: Recipe, seed: int) -> list:
+    return protocol_units(recipe, seed, len(run.names), config.doses, config.sample_facts, config.second_reading)
+
+
 def _fine_tune_units(run: BenchmarkSplit, config: BenchmarkConfig) -> list:
-    """The ground truth's fine-tunes (every recipe and seed) and the
-    learning curves' points."""
-    units = []
-    for recipe in config.recipes:
-        for s in range(config.seeds):
-            units += truth_units(recipe, config.seed + s, len(run.names))
-    for name in (n for n in config.curve_domains if n in run.names):
-        units += _curve_units(run, config, name)
-    return units
-
-
-def _curve_units(run: BenchmarkSplit, config: BenchmarkConfig, name: str) -> list:
-    k = run.names.index(name)
-    pool = len(run.split.train_rows[k]) + len(run.split.held_rows[k]) - config.curve_held_out
-    return curve_units(main_recipe(config), config.seed, k, name, config.curve_sizes, config.curve_held_out,
-                       len(run.split.train_rows[k]), pool)
+    """The ground truth's fine-tunes: every recipe, seed, domain and dose."""
+    return [u for recipe in config.recipes for s in range(config.seeds)
+            for u in _seed_units(run, config, recipe, config.seed + s)]
 
 
 def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints, executor, say, should_stop,
@@ -383,7 +409,7 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
     context = estimator_context(model, run, config, checkpoints)
     families = [Unit(f"estimators/{family}", (family, tuple(members)))
                 for family, members in by_family(config.estimators).items()]
-    trainer = TailTrainer(model, run.split)
+    trainer = TailTrainer(model, run.truth)
     trainer.check()
     units = _fine_tune_units(run, config)
     timings["payload_mb"] = trainer.payload_bytes() / 2 ** 20
@@ -400,9 +426,9 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
                     build=build_context, context=context if local else None)
     pending_estimators = executor.start(family_unit, families, shared, store=run.store, on_done=on_family,
                                         should_stop=should_stop)
-    shared = Shared(f"benchmark-tail/{run.namespace}", payload=None if local else trainer.payload(),
+    shared = Shared(f"benchmark-truth/{run.namespace}", payload=None if local else trainer.payload(),
                     build=build_trainer, context=trainer if local else None)
-    pending = executor.start(finetune_unit, units, shared, store=run.store, on_done=on_fine_tune,
+    pending = executor.start(protocol_unit, units, shared, store=run.store, on_done=on_fine_tune,
                              should_stop=should_stop)
     try:
         by_key = pending_estimators.wait()
@@ -419,41 +445,66 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
 
 
 def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seconds: dict, timings: dict) -> dict:
-    """Per recipe: the realised gain of each domain per seed and their mean,
-    the baseline's own drop, and the fine-tunes' seconds."""
-    truth = {}
+    """Per recipe: the dose-response of each domain per seed, the gain at
+    the largest dose (the ranking target) and its seed mean, the baseline's
+    own drop, the baseline's test loss, and the fine-tunes' seconds; with
+    the second reading, "<recipe>_sample": the gain of adding the sample."""
+    truth, n = {}, len(run.names)
     for recipe in config.recipes:
-        runs, drops, seconds = [], [], 0.0
+        dose = {str(d): [] for d in config.doses}
+        sample, drops, baseline_loss, seconds = [], [], [], 0.0
         for s in range(config.seeds):
-            keys = [u.key for u in truth_units(recipe, config.seed + s, len(run.names))]
-            out = gains_from_losses(run.split.held_rows, values[keys[0]], [values[key] for key in keys[1:]])
-            runs.append(out["gain"])
+            units = _seed_units(run, config, recipe, config.seed + s)
+            out = protocol_gains(run.truth.held_rows, values, units, n, config.doses)
+            for d in config.doses:
+                dose[str(d)].append(out["dose"][d])
+            if out["sample"] is not None:
+                sample.append(out["sample"])
             drops.append(out["baseline_drop"])
-            seconds += sum(unit_seconds.get(key, 0.0) for key in keys)
-        truth[recipe.name] = {"label": recipe.label(), "gains": runs,
-                              "gain": np.mean(np.asarray(runs), axis=0).tolist(),
-                              "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(), "seconds": seconds}
+            base = values[units[0].key]["baseline"]
+            baseline_loss.append(_per_domain_means(base, run.truth.held_rows))
+            seconds += sum(unit_seconds.get(u.key, 0.0) for u in units)
+        top = dose[str(config.doses[-1])]
+        truth[recipe.name] = {
+            "label": f"{recipe.label()}, {config.doses[-1]} pool facts added", "doses": list(config.doses),
+            "dose_gains": dose, "gains": top, "gain": np.mean(np.asarray(top), axis=0).tolist(),
+            "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(),
+            "baseline_loss": np.mean(np.asarray(baseline_loss), axis=0).tolist(), "seconds": seconds}
+        if sample:
+            truth[f"{recipe.name}_sample"] = {
+                "label": f"{recipe.label()}, the domain's sample added (second reading)", "gains": sample,
+                "gain": np.mean(np.asarray(sample), axis=0).tolist(),
+                "baseline_drop": truth[recipe.name]["baseline_drop"], "seconds": 0.0}
     timings["ground_truth"] = sum(t["seconds"] for t in truth.values())
     return truth
 
 
-def _curves(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints, values: dict, unit_seconds: dict,
-            timings: dict) -> list:
-    """The measured learning curves beside the engine's predicted saturation."""
+def _per_domain_means(losses, held_rows: list) -> list:
+    out, start = [], 0
+    for rows in held_rows:
+        out.append(float(np.mean(np.asarray(losses[start: start + len(rows)], dtype=float))))
+        start += len(rows)
+    return out
+
+
+def _curves(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints, truth: dict, timings: dict) -> list:
+    """The measured dose-response (test loss after the baseline and after
+    each dose, main recipe, seed mean) beside the engine's predicted
+    saturation from the sample's training half."""
     wanted = [n for n in config.curve_domains if n in run.names]
     terms = domain_terms_of(estimator_context(model, run, config, checkpoints)) if wanted else None
-    curves, seconds = [], 0.0
+    main = truth[config.main_recipe]
+    curves = []
     for name in wanted:
         k = run.names.index(name)
-        mine = _curve_units(run, config, name)
-        seconds += sum(unit_seconds.get(u.key, 0.0) for u in mine)
-        pool = len(run.split.train_rows[k]) + len(run.split.held_rows[k]) - config.curve_held_out
-        measured = {"points": [[u.args[4], float(values[u.key])] for u in mine],
-                    "held_out_facts": config.curve_held_out, "pool": pool}
+        base = main["baseline_loss"][k]
+        points = [[0, base]] + [[d, base - float(np.mean([g[k] for g in main["dose_gains"][str(d)]]))]
+                                for d in config.doses]
+        measured = {"points": points, "test_facts": config.test_facts, "pool": len(run.protocol["pool"][k].facts)}
         curves.append({"domain": name, "recipe": config.main_recipe, "measured": measured,
-                       "measured_saturation": measured_delta_n(measured["points"]),
-                       "predicted": predicted_curve(run.split, terms, k, config.damping, config.curve_sizes)})
-    timings["learning_curves"] = seconds
+                       "measured_saturation": measured_delta_n(points),
+                       "predicted": predicted_curve(run.split, terms, k, config.damping, (0,) + config.doses)})
+    timings["learning_curves"] = 0.0
     return curves
 
 
@@ -490,50 +541,3 @@ def evidence_from_result(result: BenchmarkResult) -> dict:
             } for row in result.leaderboard
         },
     }
-
-
-def rerun_recipe(model, result: BenchmarkResult, recipe: Recipe,
-                 progress: Callable[[Progress], None] | None = None) -> BenchmarkResult:
-    """The same benchmark with one recipe's ground truth measured again (a
-    recipe that diverged, say), everything else kept: the estimators are
-    deterministic given the model, the split and the seed, so their scores
-    are reused, and the leaderboard, reliability and winner are rebuilt. The
-    result's warnings say which recipe was replaced and by what."""
-    say = progress or (lambda p: None)
-    if not isinstance(model, LoadedModel):
-        model = load_model(model, "cpu", "float32")
-    config = BenchmarkConfig.from_dict(result.config)
-    old = next((r for r in config.recipes if r.name == recipe.name), None)
-    if old is None:
-        raise ValueError(f"the result has no recipe named {recipe.name!r}")
-    train = [Domain(n, tuple(result.split["train"][n])) for n in result.domains]
-    held = [Domain(n, tuple(result.split["held_out"][n])) for n in result.domains]
-    depth = len(find_anatomy(model.model).down_projs)
-    keep = min(depth, max([r.blocks for r in config.recipes] + [recipe.blocks, config.align_blocks]))
-    say(Progress("forward", 0.0, f"forward pass over {sum(len(d.facts) for d in train + held)} facts"))
-    split = split_pass(model, train, held, config.batch_size, capture_block=depth - keep)
-    trainer = TailTrainer(model, split)
-    trainer.check()
-    runs, drops, seconds = [], [], 0.0
-    for s in range(config.seeds):
-        seed = config.seed + s
-        out = counterfactual_gains(trainer, recipe, seed, lambda f, m, seed=seed: say(
-            Progress("ground truth", 0.1 + 0.85 * (s + f) / config.seeds, f"{recipe.name}, seed {seed}: {m}")))
-        runs.append(out["gain"])
-        drops.append(out["baseline_drop"])
-        seconds += out["seconds"]
-    truth = dict(result.truth)
-    truth[recipe.name] = {"label": recipe.label(), "gains": runs, "gain": np.mean(np.asarray(runs), axis=0).tolist(),
-                          "baseline_drop": np.mean(np.asarray(drops), axis=0).tolist(), "seconds": seconds}
-    recipes = tuple(recipe if r.name == recipe.name else r for r in config.recipes)
-    config = dataclasses.replace(config, recipes=recipes)
-    scores = [EstimatorScore.from_dict(e) for e in result.estimators]
-    gains = {name: t["gains"] for name, t in truth.items()}
-    board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
-                                  config.interval_pct)
-    note = (f"Recipe {recipe.name!r} was measured again as {recipe.label()} (it was {old.label()}); "
-            "the estimators' scores and the other recipes are from the original run.")
-    timings = dict(result.timings, rerun_forward=split.forward_s, rerun_ground_truth=seconds)
-    return dataclasses.replace(result, config=config.to_dict(), truth=truth, reliability=reliability(gains),
-                               leaderboard=board, winner=choose_winner(board), timings=timings,
-                               warnings=list(result.warnings) + [note])

@@ -77,3 +77,81 @@ def choose_winner(rows: list, tie: float = 0.02) -> str | None:
     best = max(r["spearman_main"] for r in ranked)
     close = [r for r in ranked if r["spearman_main"] >= best - tie]
     return min(close, key=lambda r: r["time_s"])["estimator"]
+
+
+# The sets of domains each leaderboard is read on, and the margin the default may give up on the ordinary ones.
+GROUP_SETS = ("all", "ordinary", "hard")
+ORDINARY_MARGIN = 0.05
+
+
+def group_leaderboards(scores, gains_by_seed: list, groups: list, resamples: int, seed: int,
+                       interval_pct: float = 90.0) -> dict:
+    """On the main reading's seed-averaged gain, one leaderboard per set of
+    domains: "all", "ordinary" (every domain whose group is not a hard-case
+    kind, including domains outside the shipped benchmark) and "hard" (the
+    hard cases). Per estimator: rho, its interval over resampled domains of
+    that set, and the paired difference against mean loss with its
+    interval. A set with fewer than 3 domains has no leaderboard."""
+    from ..domains import domain_set
+
+    gain = np.asarray(mean_gain(gains_by_seed), dtype=float)
+    sets = {"all": list(range(len(gain))),
+            "ordinary": [i for i, g in enumerate(groups) if domain_set(g) != "hard"],
+            "hard": [i for i, g in enumerate(groups) if domain_set(g) == "hard"]}
+    baseline = next((s for s in scores if s.name == BASELINE), None)
+    out = {}
+    for name, rows in sets.items():
+        if len(rows) < 3:
+            continue
+        target = gain[rows].tolist()
+        board = []
+        for i, s in enumerate(scores):
+            mine = [s.priority[j] for j in rows]
+            base = None if baseline is None or s is baseline else [baseline.priority[j] for j in rows]
+            boot = domain_bootstrap(mine, target, base, resamples, seed + i, interval_pct)
+            rho = spearman(mine, target)
+            board.append({"estimator": s.name, "label": s.label, "spearman": rho, "interval": boot["rho"],
+                          "diff_vs_mean_loss": None if base is None else _diff(rho, spearman(base, target)),
+                          "diff_interval": boot["diff"], "time_s": s.time_s})
+        board.sort(key=lambda r: -(r["spearman"] if r["spearman"] is not None else -2))
+        out[name] = {"n_domains": len(rows), "rows": board}
+    return out
+
+
+DEFAULT_RULE = (f"the estimator with the highest rho on all domains among those whose paired {{pct}} interval "
+                f"against mean loss on all domains lies above 0 and whose rho on the ordinary domains is not "
+                f"more than {ORDINARY_MARGIN} below mean loss's; mean loss when none qualifies")
+
+
+def choose_default(by_group: dict, interval_pct: float = 90.0) -> dict:
+    """The default ranking estimator by the stated rule (DEFAULT_RULE), with
+    the rule and one sentence on why. Without both an "all" leaderboard and
+    mean loss on it, mean loss stays the default."""
+    rule = DEFAULT_RULE.format(pct=f"{interval_pct:g}%")
+    board = (by_group.get("all") or {}).get("rows") or []
+    ordinary = {r["estimator"]: r for r in (by_group.get("ordinary") or {}).get("rows") or []}
+    if not any(r["estimator"] == BASELINE for r in board):
+        return {"estimator": BASELINE, "rule": rule, "reason": "mean loss was not measured: it stays the default"}
+    qualified = []
+    for r in board:
+        if r["estimator"] == BASELINE or not r["diff_interval"] or r["diff_interval"][0] is None:
+            continue
+        lower = r["diff_interval"][0]
+        ord_diff = (ordinary.get(r["estimator"]) or {}).get("diff_vs_mean_loss")
+        if lower > 0 and (ord_diff is None or ord_diff >= -ORDINARY_MARGIN):
+            qualified.append(r)
+    if not qualified:
+        best = max((r for r in board if r["estimator"] != BASELINE and r["spearman"] is not None),
+                   key=lambda r: r["spearman"], default=None)
+        why = "no estimator qualified"
+        if best is not None:
+            lo, hi = best["diff_interval"] or [None, None]
+            span = f" [{lo:+.2f}, {hi:+.2f}]" if lo is not None else ""
+            why += (f"; the best on all domains, {best['estimator']}, had rho {best['spearman']:.2f}, "
+                    f"{best['diff_vs_mean_loss']:+.2f}{span} against mean loss")
+        return {"estimator": BASELINE, "rule": rule, "reason": why}
+    pick = max(qualified, key=lambda r: r["spearman"])
+    lo, hi = pick["diff_interval"]
+    return {"estimator": pick["estimator"], "rule": rule,
+            "reason": (f"{pick['estimator']} had rho {pick['spearman']:.2f} on all domains, "
+                       f"{pick['diff_vs_mean_loss']:+.2f} [{lo:+.2f}, {hi:+.2f}] against mean loss")}

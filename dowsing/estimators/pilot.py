@@ -1,0 +1,127 @@
+"""The pilot family: pilot fine-tunes on each domain's own facts
+(`dowsing.pilots`), split into two seeded halves A (the training half) and
+B (the held-out half).
+
+* ``pilot_gain``: train the last blocks briefly on A alone and measure the
+  drop of B's loss, and the other way; the mean of the two drops (a
+  reducible-loss reading: what the domain's facts teach about its other
+  facts, not how high its loss is);
+* ``pilot_curve``: the same at nested sizes of the half (2, 4, 8 facts),
+  a line in ln n through the points, read at the benchmark's largest dose;
+* ``lookahead_sign``: the first-order drop of each half's loss after one
+  Adam step on the other over every parameter of the model,
+  lr * sign(grad L_A)^T grad L_B, averaged both ways.
+
+A domain whose halves cannot hold two facts each has no pilot: its priority
+is NaN and `details["too_small"]` names it (the analysis ranks it by the
+fallback estimator).
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+
+import numpy as np
+
+from ..pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, sign_lookahead
+from ..training import TailTrainer
+from .registry import Estimator, EstimatorScore, get, register, register_family
+
+MIN_HALF = 2
+
+register(Estimator("pilot_gain", "Pilot gain: train on half, drop of the other half", "pilot",
+                   "fine-tune briefly on one half of a domain's facts, drop of the other half's loss, both ways",
+                   needs={"block_inputs", "held_out"}, cost=3.4, in_analysis=True))
+register(Estimator("pilot_curve", "Pilot learning curve, extrapolated", "pilot",
+                   "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",
+                   needs={"block_inputs", "held_out"}, cost=6.0, in_analysis=True))
+register(Estimator("lookahead_sign", "One-step Adam lookahead, all parameters", "pilot",
+                   "first-order drop of one half's loss after one Adam (sign) step on the other, every parameter",
+                   needs={"held_out"}, cost=4.2, in_analysis=True))
+
+
+def _in_row_order(values_a: list, values_b: list, n_a: int, n_b: int) -> list:
+    """Per fact, training half then held-out half (the all_facts order),
+    each half scaled so the mean over all facts weighs the halves equally."""
+    total = n_a + n_b
+    return [float(x) * total / (2 * n_a) for x in values_a] + [float(x) * total / (2 * n_b) for x in values_b]
+
+
+def _curve_values(curve: dict, target: int, n_a: int, n_b: int) -> dict:
+    """Priorities and per-fact values of pilot_gain and pilot_curve from one
+    domain's two-way curve. Per fact: its drop at each size (B facts trained
+    on A, A facts on B) fitted by the same ln-n line, whose mean over the
+    facts is the domain's line, read at `target`."""
+    sizes = curve["sizes"]
+    last = curve["per_fact"]
+    gain_facts = _in_row_order(last["a"], last["b"], n_a, n_b)
+    by_fact = np.asarray(curve["per_fact_by_size"], dtype=float)  # (sizes, B facts then A facts), scaled
+    per_fact_curve = [extrapolate(sizes, by_fact[:, j], target) for j in range(by_fact.shape[1])]
+    curve_facts = per_fact_curve[n_b:] + per_fact_curve[:n_b]
+    a, b = log_fit(sizes, curve["drop"])
+    return {"pilot_gain": (curve["drop"][-1], gain_facts),
+            "pilot_curve": (a + b * math.log(target), curve_facts),
+            "fit": {"sizes": sizes, "drop": curve["drop"], "intercept": a, "slope_per_ln_n": b, "target": target}}
+
+
+def pilot_scores(ctx, names) -> list:
+    """The named pilot estimators, every domain; see the module's docstring."""
+    split, s = ctx.split, ctx.settings
+    t0 = time.perf_counter()
+    n_domains = len(split.train_rows)
+    values = {n: ([], []) for n in names}
+    seconds = {n: 0.0 for n in names}
+    fits, small = [], []
+    trainer = TailTrainer(ctx.loaded, split) if {"pilot_gain", "pilot_curve"} & set(names) else None
+    recipe = PILOT_RECIPE
+    if trainer is not None:
+        trainer.check()
+        # only the blocks after the captured inputs can train
+        recipe = dataclasses.replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, trainer.depth))
+    for k in range(n_domains):
+        ctx.progress(k / n_domains, f"pilot fine-tunes, domain {k + 1} of {n_domains}")
+        rows_a, rows_b = list(split.train_rows[k]), list(split.held_rows[k])
+        if min(len(rows_a), len(rows_b)) < MIN_HALF:
+            small.append(split.names[k] if split.names else k)
+            for n in names:
+                values[n][0].append(float("nan"))
+                values[n][1].append([float("nan")] * (len(rows_a) + len(rows_b) if s.all_facts else len(rows_a)))
+            fits.append(None)
+            continue
+        got = {}
+        if trainer is not None:
+            sizes = s.pilot_sizes if "pilot_curve" in names else (max(len(rows_a), len(rows_b)),)
+            curve = pilot_curve(trainer, recipe, s.seed, rows_a, rows_b, sizes)
+            got.update(_curve_values(curve, s.pilot_target, len(rows_a), len(rows_b)))
+            seconds["pilot_gain"] = seconds.get("pilot_gain", 0.0) + curve["seconds"][-1]
+            seconds["pilot_curve"] = seconds.get("pilot_curve", 0.0) + sum(curve["seconds"])
+            fits.append(got.pop("fit"))
+        if "lookahead_sign" in names:
+            t1 = time.perf_counter()
+            look = sign_lookahead(ctx.loaded.model, split.ids, rows_a, rows_b, s.recipe.lr, per_fact=s.all_facts,
+                                  batch_size=s.batch_size)
+            facts = (_in_row_order(look["per_fact_a"], look["per_fact_b"], len(rows_a), len(rows_b))
+                     if s.all_facts else None)
+            got["lookahead_sign"] = (look["score"], facts)
+            seconds["lookahead_sign"] += time.perf_counter() - t1
+        for n in names:
+            priority, facts = got[n]
+            values[n][0].append(float(priority))
+            values[n][1].append(facts)
+    ctx.progress(1.0, "pilot fine-tunes done")
+    details = {"pilot_recipe": recipe.label(), "pilot_sizes": list(s.pilot_sizes), "target_n": s.pilot_target,
+               "lookahead_lr": s.recipe.lr, "too_small": small, "wall_s": time.perf_counter() - t0}
+    out = []
+    for n in names:
+        # per-fact values exist over both halves only: the benchmark's mode (training facts) gets none
+        per_example = values[n][1] if s.all_facts else None
+        extra = {"fits": fits} if n == "pilot_curve" else {}
+        notes = ([f"{len(small)} domain(s) have fewer than {2 * MIN_HALF} facts: no pilot ({', '.join(map(str, small))})"]
+                 if small else [])
+        out.append(EstimatorScore(n, get(n).label, values[n][0], per_example, split.forward_s + seconds[n],
+                                  {**details, **extra}, notes))
+    return out
+
+
+register_family("pilot", pilot_scores)
