@@ -55,6 +55,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     outcomes = _solve_domains(model, passed, config, report, executor, store, should_stop, timings)
     bootstrap = _paper_bootstrap(domains, passed, outcomes, config, report, timings)
     scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, report, timings)
+    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, report, timings)
     timings["total"] = time.perf_counter() - clock
     report(Progress("done", 1.0, "analysis complete"))
     return _result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings)
@@ -221,6 +222,32 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
     return scores, ranking
 
 
+def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict) -> list | None:
+    """Per domain, what kind of domain it looks like (`dowsing.diagnosis`)
+    from its mean loss and its pilot gain (the ranking's own when it is the
+    pilot gain, else the pilot family's on the same seeded halves); None
+    when config.diagnose is off."""
+    if not config.diagnose:
+        return None
+    from .diagnosis import diagnose
+    from .estimators import EstimatorContext, EstimatorSettings, compute
+
+    t0 = time.perf_counter()
+    if scores.name == "pilot_gain":
+        drops = scores.priority if not scores.details.get("fallback") else [
+            None if name in scores.details["fallback"]["domains"] else p for name, p in zip(passed.names, scores.priority)]
+    else:
+        report(Progress("diagnosis", 0.99, "pilot fine-tunes for the diagnosis"))
+        split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,
+                              passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
+                              passed.seconds, halves=True)
+        settings = EstimatorSettings(seed=config.seed, batch_size=config.batch_size, all_facts=True)
+        drops = compute(EstimatorContext(model, split, settings), ["pilot_gain"])[0].priority
+    loss = [float(passed.tokens.fact_losses[rows].mean()) for rows in passed.rows_of]
+    timings["diagnosis"] = time.perf_counter() - t0
+    return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
+
+
 def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, outcomes: list, bootstrap,
             scores, ranking: dict, timings: dict) -> Result:
     """The Result: per domain its rank, Share, t vs rest, the paper's Mean,
@@ -252,6 +279,8 @@ def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, 
     ]
     extras = {
         "route": passed.route, "bootstrap": bootstrap, "ranking": ranking,
+        # per domain: what kind of domain it looks like, from its loss and its pilot gain (None: not asked)
+        "diagnosis": ranking.pop("diagnosis", None),
         "transfer": {
             "domains": [d.name for d in domains],
             # matrix[j][k] = grad L_j^T z_k: data aligned with k lowering the loss of j

@@ -53,6 +53,8 @@ class AnalysisConfig(ConfigRecord):
     checkpoint_lr: the step size of every interval between two checkpoints
         (learning rate times optimizer steps), for TracIn and Diff-In; None
         estimates it from each interval's step length.
+    diagnose: also run the pilot fine-tunes (`dowsing.pilots`) that give
+        each domain its diagnosis sentence (`dowsing.diagnosis`).
     """
 
     damping: float = 1e-3
@@ -73,6 +75,7 @@ class AnalysisConfig(ConfigRecord):
     adam_batches: int = 8
     checkpoints: tuple = ()
     checkpoint_lr: float | None = None
+    diagnose: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))

@@ -34,6 +34,7 @@ from .config import AnalysisConfig
 from .estimators import EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
 from .forward import SplitPass
 from .splitting import split_order
+from .pilots import PILOT_RECIPE
 from .training import Recipe
 
 
@@ -48,19 +49,25 @@ def check_estimator(config: AnalysisConfig) -> None:
 
 
 def capture_block(net, config: AnalysisConfig) -> int | None:
-    """The block whose inputs the ranking estimator needs from the forward
-    pass (the first block it differentiates), or None."""
-    if "block_inputs" not in get(config.estimator).needs:
-        return None
-    return alignment_blocks(net, config.align_blocks)[0]
+    """The block whose inputs the ranking estimator and the diagnosis's
+    pilot fine-tunes need from the forward pass (the first block either
+    trains), or None when neither runs."""
+    wanted = []
+    if "block_inputs" in get(config.estimator).needs:
+        wanted.append(alignment_blocks(net, config.align_blocks)[0])
+    if config.diagnose:
+        depth = len(blocks_of(net))
+        wanted.append(depth - min(PILOT_RECIPE.blocks, depth))
+    return min(wanted) if wanted else None
 
 
 def ranking_split(anatomy, directions, tokens, ids: list, block_inputs: list | None, first: int | None,
-                  rows_of: list, names: list, config: AnalysisConfig, forward_s: float) -> SplitPass:
+                  rows_of: list, names: list, config: AnalysisConfig, forward_s: float,
+                  halves: bool | None = None) -> SplitPass:
     """The analysis's forward pass as the split pass the ranking estimator
     reads: halves A / B of each domain's rows where it needs a held-out
-    half, otherwise every row as a training row."""
-    if "held_out" in get(config.estimator).needs:
+    half (or `halves` says so), otherwise every row as a training row."""
+    if halves if halves is not None else "held_out" in get(config.estimator).needs:
         halves = [split_order(list(rows), names[k], config.seed) for k, rows in enumerate(rows_of)]
         train, held = [a for a, _ in halves], [b for _, b in halves]
     else:
@@ -95,10 +102,39 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
     ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None))
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
+    if score.details.get("too_small"):
+        fill_from_mean_loss(score, split, rows_of)
     if checkpoints and "trajectory" in get(name).needs:
         score.details["checkpoints"] = [c.spec for c in checkpoints]
     score.time_s = time.perf_counter() - t0
     return score
+
+
+def fill_from_mean_loss(score: EstimatorScore, split: SplitPass, rows_of: list) -> None:
+    """Domains the estimator could not score (too few facts for a pilot:
+    NaN) get the fallback's reading: each fact's loss l_i mapped onto the
+    estimator's scale by the least-squares line priority = a + b * mean loss
+    over the domains it did score (a = 0, b = 1 when fewer than two did), so
+    their rank comes from mean loss. A note names them."""
+    import math
+
+    import numpy as np
+
+    losses = split.tokens.fact_losses
+    domain_loss = [float(losses[rows].mean()) for rows in rows_of]
+    scored = [k for k, p in enumerate(score.priority) if p is not None and math.isfinite(p)]
+    a, b = 0.0, 1.0
+    if len(scored) >= 2 and np.ptp([domain_loss[k] for k in scored]) > 0:
+        b, a = (float(c) for c in np.polyfit([domain_loss[k] for k in scored], [score.priority[k] for k in scored], 1))
+    missing = [k for k in range(len(rows_of)) if k not in scored]
+    for k in missing:
+        score.per_example[k] = [a + b * float(losses[r]) for r in rows_of[k]]
+        score.priority[k] = float(np.mean(score.per_example[k]))
+    names = [split.names[k] if split.names else str(k) for k in missing]
+    score.notes.append(f"{', '.join(names)}: too few facts for {score.label} (a pilot needs two per half); ranked "
+                       f"by mean loss instead, mapped onto its scale by a line fitted over the other domains "
+                       f"(priority = {a:.4g} + {b:.4g} x mean loss).")
+    score.details["fallback"] = {"estimator": "mean_loss", "domains": names, "intercept": a, "slope": b}
 
 
 def in_fact_order(per_example: list, split: SplitPass, rows_of: list) -> list:

@@ -305,12 +305,37 @@ def curvature_warnings(result: Result) -> list[str]:
     return out
 
 
+DIAGNOSIS_HELP = ("Each domain's kind from measured numbers only: its mean loss, and how much fine-tuning the last "
+                  "blocks briefly on one half of its facts lowered the other half's loss (both ways, averaged). "
+                  "Loss says what the model does not know yet; the drop says how much of that more facts like "
+                  "these can teach.")
+
+
+def diagnosis_rows(result: Result) -> list[dict]:
+    """Per domain, in rank order: {"Rank", "Concept", "Kind", "Diagnosis"};
+    empty when the result has no diagnosis."""
+    by_name = {d["domain"]: d for d in (result.extras or {}).get("diagnosis") or []}
+    return [{"Rank": d.rank, "Concept": d.name, "Kind": by_name[d.name]["kind"],
+             "Diagnosis": by_name[d.name]["sentence"]} for d in result.ranked() if d.name in by_name]
+
+
+def _diagnosis_html(result: Result) -> str:
+    rows = diagnosis_rows(result)
+    if not rows:
+        return ""
+    esc = html.escape
+    items = "".join(f"<li><b>{esc(r['Concept'])}</b> (rank {r['Rank']}, {esc(r['Kind'])}): {esc(r['Diagnosis'])}</li>"
+                    for r in rows)
+    return f"<h2>What kind of domain each is</h2><p class='note'>{esc(DIAGNOSIS_HELP)}</p><ul>{items}</ul>"
+
+
 def to_csv(result: Result) -> str:
     """One row per domain with full-precision numbers (empty cell = null); with a
     bootstrap also the 90% interval ends (priority and share from the ranking
     estimator's bootstrap, mean and Δn from the paper's), rank stability and P(rank r)."""
     boot = charts.bootstrap_domains(result)
     ranking = charts.ranking_domains(result)
+    diagnosis = {x["domain"]: x for x in (result.extras or {}).get("diagnosis") or []}
     rows = []
     for d in result.ranked():
         sat = d.saturation or {}
@@ -326,6 +351,9 @@ def to_csv(result: Result) -> str:
             "nonpositive_curvature": solver.get("nonpositive_curvature"),
             "concept_vector_norm": d.concept_vector_norm,
         })
+        found = diagnosis.get(d.name)
+        if found is not None:
+            rows[-1].update(kind=found["kind"], diagnosis=found["sentence"], pilot_drop=found["pilot_drop"])
         r_entry, b = ranking.get(d.name), boot.get(d.name)
         for source, keys in ((r_entry, ("priority_interval", "share_pct_interval")),
                              (b, ("mean_interval", "delta_n_10pct_interval"))):
@@ -469,6 +497,7 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 {ranking_block}
 {table_html(result)}
 {uncertainty}
+{_diagnosis_html(result)}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
 <div class="grid">
 <section><h2>{"Share of influence" if result.estimator == "paper" else "Share of |priority|"}</h2>{share_div}</section>

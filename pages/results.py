@@ -93,6 +93,12 @@ st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
            f"Δn@10%: more facts until the paper's marginal gain falls to 10% (power-law fit, "
            f"{charts.SATURATION_SOURCE}). "
            "t vs rest: Welch's t of the domain's per-fact priorities against all others (p two-sided).")
+diagnosis = report.diagnosis_rows(result)
+if diagnosis:
+    st.subheader("What kind of domain each is")
+    st.caption(report.DIAGNOSIS_HELP)
+    st.dataframe(pd.DataFrame(diagnosis), hide_index=True, width="stretch",
+                 column_config={"Diagnosis": st.column_config.TextColumn(width="large")})
 # Under the table, not in the diagnostics: with an indefinite Hessian a Mean can
 # be negative for that reason alone, which whoever reads the ranking must know.
 for text in report.curvature_warnings(result):
