@@ -54,7 +54,7 @@ def _ranks(values: list) -> list:
 def diagnose(names: list, loss: list, pilot_drop: list, pilot_facts: int | None = None) -> list:
     """One Diagnosis per domain. A domain's loss is "high" when it is at or
     above the median of the domains analysed together, and its pilot drop
-    "large" when at or above the median drop; a negative drop is
+    "large" when above the median drop; a negative drop is
     "contradictory" whatever the loss. Where the pilot drop is missing (a
     domain too small for a pilot) the sentence says so and rests on the loss."""
     loss = [float(x) for x in loss]
@@ -84,7 +84,7 @@ def diagnose(names: list, loss: list, pilot_drop: list, pilot_facts: int | None 
             sentence = (f"{loss_text[0].upper()}{loss_text[1:]}, and training on {half} raised the other half's "
                         f"loss by {abs(D):.3f} nats: the facts pull against each other, so more of the same may "
                         "not help and can hurt.")
-        elif level == "high" and D < drop_median:
+        elif level == "high" and D <= drop_median:
             kind = "hard to learn"
             sentence = (f"High loss ({L:.2f} nats, {_place(loss_ranks[k], n, 'highest')}), but training on {half} "
                         f"lowered the other half's loss by only {drop_text}, {_place(drop_ranks[k], n, 'largest drop')}: more "
@@ -94,7 +94,7 @@ def diagnose(names: list, loss: list, pilot_drop: list, pilot_facts: int | None 
             sentence = (f"High loss ({L:.2f} nats, {_place(loss_ranks[k], n, 'highest')}), and training on {half} "
                         f"lowered the other half's loss by {drop_text}, {_place(drop_ranks[k], n, 'largest drop')}: a gap "
                         "that more facts like these fill.")
-        elif D >= drop_median:
+        elif D > drop_median:
             kind = "overlapping"
             sentence = (f"Low loss ({L:.2f} nats, {_place(loss_ranks[k], n, 'highest')}), but training on {half} "
                         f"lowered the other half's loss by {drop_text}, {_place(drop_ranks[k], n, 'largest drop')}: your facts "

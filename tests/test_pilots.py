@@ -1,0 +1,139 @@
+"""The pilot fine-tunes and the one-step lookahead against independent
+computations on tiny float64 models: the lookahead against explicit
+autograd gradients over every parameter, its per-fact form against central
+differences of the losses, each pilot point against a hand-run fine-tune,
+and the curve's line against scipy's regression."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from dowsing import pilots
+from dowsing.alignment import tail_parameters
+from dowsing.domains import Domain
+from dowsing.forward import split_pass
+from dowsing.splitting import split_domains
+from dowsing.subspace import per_fact_losses
+from dowsing.training import Recipe, TailTrainer
+
+DOMAINS = [Domain(name, tuple(f"{name} item {i} is stored in box {word}{i * 7 % 5}." for i in range(8)))
+           for name, word in (("Alpha", "red"), ("Beta", "green"))]
+
+
+@pytest.fixture(scope="module")
+def passed(tiny64):
+    train, held = split_domains(DOMAINS, seed=0)
+    return tiny64, split_pass(tiny64, train, held, capture_block=0)
+
+
+def _mean_grad(net, ids, rows):
+    params = list(net.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    total = None
+    for r in rows:
+        x = torch.tensor([ids[r]])
+        loss = per_fact_losses(net(input_ids=x, use_cache=False).logits, x, torch.ones_like(x))[0] / len(rows)
+        g = torch.autograd.grad(loss, params)
+        total = list(g) if total is None else [t + gi for t, gi in zip(total, g)]
+    for p in params:
+        p.requires_grad_(False)
+    return torch.cat([t.flatten() for t in total])
+
+
+def test_lookahead_is_lr_times_sign_of_one_half_dotted_with_the_other(passed):
+    loaded, split = passed
+    a, b = split.train_rows[0], split.held_rows[0]
+    got = pilots.sign_lookahead(loaded.model, split.ids, a, b, lr=1e-3, per_fact=True, batch_size=3)
+    g_a, g_b = _mean_grad(loaded.model, split.ids, a), _mean_grad(loaded.model, split.ids, b)
+    assert got["drop_ab"] == pytest.approx(1e-3 * float(torch.sign(g_a) @ g_b), rel=1e-9)
+    assert got["drop_ba"] == pytest.approx(1e-3 * float(torch.sign(g_b) @ g_a), rel=1e-9)
+    assert got["score"] == pytest.approx(0.5 * (got["drop_ab"] + got["drop_ba"]))
+    assert np.mean(got["per_fact_b"]) == pytest.approx(got["drop_ab"], rel=1e-6)  # padded batches vs one fact
+    # each fact's own value: the derivative of its loss along a direction, against central differences
+    # (the direction given explicitly: sign(g_A) from another summation order can flip where g_A ~ 0)
+    net = loaded.model
+    params = list(net.parameters())
+    direction = torch.sign(g_a)
+    pieces, offset = [], 0
+    for p in params:
+        pieces.append(direction[offset: offset + p.numel()].view_as(p))
+        offset += p.numel()
+    fact = b[0]
+    got_slope = pilots.directional_losses(net, params, split.ids, [fact, b[1]], pieces)[0]
+    x = torch.tensor([split.ids[fact]])
+
+    def loss_at(t):
+        with torch.no_grad():
+            for p, d in zip(params, pieces):
+                p.add_(t * d)
+            value = float(per_fact_losses(net(input_ids=x, use_cache=False).logits, x, torch.ones_like(x))[0])
+            for p, d in zip(params, pieces):
+                p.sub_(t * d)
+        return value
+
+    eps = 1e-4  # Llama's RMSNorm runs in float32: smaller steps drown in its rounding
+    assert float(got_slope) == pytest.approx((loss_at(eps) - loss_at(-eps)) / (2 * eps), rel=1e-5)
+
+
+def test_each_pilot_point_is_a_fine_tune_on_that_many_facts_of_one_half(passed):
+    loaded, split = passed
+    trainer = TailTrainer(loaded, split)
+    recipe = Recipe("pilot", "adamw", lr=1e-3, steps=3, blocks=1, batch=64)
+    a, b = list(split.train_rows[1]), list(split.held_rows[1])
+    curve = pilots.pilot_curve(trainer, recipe, 0, a, b, sizes=(2, 3))
+    assert curve["sizes"] == [2, 3, 4]
+    # by hand: a plain AdamW loop on the tail, every fact of the run in every step
+    for i, n in enumerate(curve["sizes"]):
+        drops = []
+        for train_rows, eval_rows in ((a[:n], b), (b[:n], a)):
+            trainer.reset()
+            trainable = tail_parameters(trainer.work, 1)
+            opt = torch.optim.AdamW(trainable, lr=1e-3)
+            for _ in range(3):
+                logits, ids, mask = trainer._logits(train_rows)
+                loss = per_fact_losses(logits, ids, mask).mean()
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+            after = trainer.losses(eval_rows)
+            drops.append(float((split.tokens.fact_losses[eval_rows] - after).mean()))
+        assert curve["drop"][i] == pytest.approx(0.5 * sum(drops), rel=1e-7, abs=1e-12)
+        assert np.mean(curve["per_fact_by_size"][i]) == pytest.approx(curve["drop"][i], rel=1e-9, abs=1e-12)
+
+
+def test_the_curve_is_scipys_least_squares_line_in_ln_n():
+    sizes, values = [2, 4, 8], [0.11, 0.19, 0.23]
+    fit = stats.linregress(np.log(sizes), values)
+    a, b = pilots.log_fit(sizes, values)
+    assert (a, b) == pytest.approx((fit.intercept, fit.slope))
+    assert pilots.extrapolate(sizes, values, 32) == pytest.approx(fit.intercept + fit.slope * math.log(32))
+    assert pilots.log_fit([8], [0.2]) == (0.2, 0.0)
+    assert pilots.pilot_sizes((2, 4, 8), 8, 7) == [2, 4, 7]
+    assert pilots.pilot_sizes((2, 4, 8), 1, 1) == [1]
+
+
+def test_an_analysis_ranks_a_domain_too_small_for_a_pilot_by_mean_loss_and_says_so(tiny_llama_dir, tmp_path,
+                                                                                    monkeypatch):
+    from dowsing.analysis import analyze
+    from dowsing.config import AnalysisConfig
+    from dowsing.models import load_model
+
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
+    loaded = load_model(str(tiny_llama_dir))
+    domains = DOMAINS + [Domain("Small", ("A small cat sat on the mat.", "Two dogs ran in the park today.",
+                                          "The old bird sang at dawn."))]
+    result = analyze(loaded, domains, AnalysisConfig(estimator="pilot_gain"))
+    notes = " ".join(result.extras["warnings"])
+    assert "Small: too few facts" in notes and "ranked by mean loss" in notes
+    fallback = result.extras["ranking"]["details"]["fallback"]
+    losses = [float(x) for x in result.extras["domain_loss"]]
+    small = next(d for d in result.domains if d.name == "Small")
+    assert small.priority == pytest.approx(fallback["intercept"] + fallback["slope"] * losses[2], rel=1e-6)
+    kinds = {d["domain"]: d for d in result.extras["diagnosis"]}
+    assert kinds["Small"]["pilot_drop"] is None and "loss alone" in kinds["Small"]["sentence"]
+    assert kinds["Alpha"]["pilot_drop"] == pytest.approx(result.domains[0].priority)
