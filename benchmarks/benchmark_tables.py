@@ -31,8 +31,43 @@ def leaderboard(result: dict, recipe: str) -> str:
     return "\n".join(lines)
 
 
+def group_board(result: dict, group: str) -> str:
+    board = result.get("group_leaderboards", {}).get(group)
+    if not board:
+        return "(no such domains in this run)"
+    lines = [f"{board['n_domains']} domains.", "",
+             "| Estimator | ρ | 90% interval | ρ − mean loss | paired 90% interval |", "|---|---|---|---|---|"]
+    for r in board["rows"]:
+        mark = " **(default)**" if r["estimator"] == (result.get("default") or {}).get("estimator") else ""
+        lines.append(f"| {r['label']} (`{r['estimator']}`){mark} | {num(r['spearman'])} | {interval(r['interval'])} | "
+                     f"{num(r['diff_vs_mean_loss'], '+.2f')} | {interval(r['diff_interval'])} |")
+    return "\n".join(lines)
+
+
+def doses(result: dict) -> str:
+    main = result["config"]["main_recipe"]
+    truth = result["truth"][main]
+    if "dose_gains" not in truth:
+        return "(no dose-response in this run)"
+    ns = truth["doses"]
+    loss = next((r["priority"] for r in result["leaderboard"] if r["estimator"] == "mean_loss"), None)
+    pilot = next((r["priority"] for r in result["leaderboard"] if r["estimator"] == "pilot_gain"), None)
+    sample = result["truth"].get(f"{main}_sample", {}).get("gain")
+    head = " | ".join(f"gain, n = {n}" for n in ns)
+    lines = [f"| Domain | group | {head} | gain, sample added | mean loss | pilot gain |",
+             "|---|---|" + "---|" * (len(ns) + 3)]
+    order = sorted(range(len(result["domains"])), key=lambda i: -truth["gain"][i])
+    for i in order:
+        d = result["domains"][i]
+        cells = " | ".join(f"{sum(g[i] for g in truth['dose_gains'][str(n)]) / len(truth['dose_gains'][str(n)]):.4f}"
+                           for n in ns)
+        lines.append(f"| {d} | {result['groups'].get(d, '')} | {cells} | {num(sample[i], '.4f') if sample else '—'} | "
+                     f"{num(loss[i]) if loss else '—'} | {num(pilot[i], '.4f') if pilot else '—'} |")
+    return "\n".join(lines)
+
+
 def summary_by_recipe(result: dict) -> str:
-    recipes = [r["name"] for r in result["config"]["recipes"]]
+    recipes = list(result["truth"])
     lines = ["| Estimator | " + " | ".join(recipes) + " |", "|---|" + "---|" * len(recipes)]
     for r in sorted(result["leaderboard"], key=lambda r: -(r["spearman_main"] or -2)):
         cells = [f"{num(r['recipes'][n]['spearman'])} {interval(r['recipes'][n]['interval'])}" for n in recipes]
@@ -69,7 +104,7 @@ def gains(result: dict) -> str:
 
 
 def curves(result: dict) -> str:
-    lines = ["| Domain | measured held-out loss at n = … | measured Δn@10% | predicted μ(n)/μ(n₁) | predicted Δn@10% |",
+    lines = ["| Domain | measured test loss at n = … | measured Δn@10% | predicted μ(n)/μ(n₁) | predicted Δn@10% |",
              "|---|---|---|---|---|"]
     for c in result["curves"]:
         pts = ", ".join(f"{n}: {loss:.3f}" for n, loss in c["measured"]["points"])
@@ -86,9 +121,15 @@ def main(path: str) -> None:
     result = json.loads(open(path).read())
     main_recipe = result["config"]["main_recipe"]
     print(f"## Leaderboard, main recipe `{main_recipe}`\n\n{leaderboard(result, main_recipe)}\n")
-    print(f"## ρ on every recipe\n\n{summary_by_recipe(result)}\n")
+    for group in ("all", "ordinary", "hard"):
+        print(f"## Leaderboard on the {group} domains (main reading)\n\n{group_board(result, group)}\n")
+    if result.get("default"):
+        d = result["default"]
+        print(f"Default by the rule ({d['rule']}): `{d['estimator']}`; {d['reason']}.\n")
+    print(f"## ρ on every reading\n\n{summary_by_recipe(result)}\n")
     print(f"## Ground truth reliability\n\n{reliability(result)}\n")
     print(f"## Realised gains\n\n{gains(result)}\n")
+    print(f"## Dose-response\n\n{doses(result)}\n")
     print(f"## Learning curves\n\n{curves(result)}\n")
     print("## Timings (s)\n\n" + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()))
 

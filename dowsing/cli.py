@@ -401,6 +401,14 @@ def run_benchmark_command(args) -> int:
     print(f"\nGround truth between seeds: ρ = {_num(ceiling['spearman'])} "
           f"(reliability of the seed mean {_num(ceiling['spearman_brown'])}).")
     print(f"Winner: {result.winner}")
+    for group in ("ordinary", "hard"):
+        if group in result.group_leaderboards:
+            print(f"\n{group.capitalize()} domains only ({result.group_leaderboards[group]['n_domains']}):")
+            print(result.group_table(group).to_string(index=False))
+    if result.default:
+        print(f"\nDefault ranking by the rule ({result.default['rule']}): {result.default['estimator']}; "
+              f"{result.default['reason']}.")
+    print(f"Time: {result.timings.get('total', 0.0) / 60:.1f} min in all.")
     if args.out:
         atomic_write_text(Path(args.out), result.to_json())
         print(f"\nwrote {args.out}")

@@ -133,6 +133,20 @@ if result is not None:
                     f"(difference {cell['diff_vs_mean_loss']:+.2f}, paired 90% interval "
                     f"{interval_text(cell['diff_interval'])}).")
 
+    if result.default:
+        st.subheader("The default ranking, by evidence")
+        pick = result.default
+        st.markdown(f"**{pick['estimator']}** is the default by the rule: {pick['rule']}. {pick['reason'].capitalize()}.")
+        groups = [g for g in ("all", "ordinary", "hard") if g in result.group_leaderboards]
+        if groups:
+            group = st.radio("Domains", groups, horizontal=True, key="bench_group",
+                             format_func=lambda g: f"{g} ({result.group_leaderboards[g]['n_domains']} domains)")
+            st.caption(f"Main reading ({result.truth[main]['label']}): ρ over the {group} domains only, its 90% "
+                       "interval over resampled domains of that set, and the paired difference against mean loss.")
+            st.dataframe(result.group_table(group), hide_index=True, width="stretch",
+                         column_config={c: st.column_config.NumberColumn(format="%.2f")
+                                        for c in ("ρ", "ρ − mean loss", "time (s)")})
+
     st.subheader("Leaderboard")
     recipe = st.radio("Ground truth recipe", recipes, index=recipes.index(main), horizontal=True, key="bench_recipe",
                       format_func=lambda r: f"{r}: {result.truth[r]['label']}" + (" (main)" if r == main else ""))
@@ -167,8 +181,8 @@ if result is not None:
     st.plotly_chart(figures.scatter_chart(data, picked, recipe), width="stretch", key="bench_scatter")
 
     if result.curves:
-        st.subheader("Saturation: learning curves beside the prediction")
-        st.caption("Held-out loss after fine-tuning with n of the domain's facts added (recipe "
+        st.subheader("Saturation: dose-response beside the prediction")
+        st.caption("Test loss after fine-tuning with n of the domain's pool facts added (recipe "
                    f"{result.curves[0]['recipe']}), and the marginal gain per added fact relative to the first "
                    "facts, measured and as predicted by the paper's μ(n). Δn@10%: where the marginal gain falls "
                    "to a tenth.")

@@ -142,3 +142,24 @@ def test_the_default_is_picked_by_the_stated_rule():
     picked = choose_default(worse_on_ordinary)
     assert picked["estimator"] == "mean_loss" and "no estimator qualified" in picked["reason"]
     assert "above 0" in picked["rule"] and "0.05" in picked["rule"]
+
+
+def test_the_stacked_estimator_never_scores_a_domain_it_was_fitted_on():
+    from dowsing.validation.leaderboard import stacked_scores
+
+    rng = np.random.default_rng(1)
+    scores = [_score("mean_loss", rng.normal(size=8)), _score("pilot_gain", rng.normal(size=8)),
+              _score("tracin", rng.normal(size=8))]
+    gains = rng.normal(size=(2, 8))
+    first = stacked_scores(scores, gains.tolist())
+    assert first.details["inputs"] == ["mean_loss", "pilot_gain"]
+    changed = gains.copy()
+    changed[:, 3] += 100.0  # domain 3's own gain: its prediction must not move, the others' may
+    second = stacked_scores(scores, changed.tolist())
+    assert second.priority[3] == pytest.approx(first.priority[3])
+    # one fold by hand: least squares of the gain's rank on the inputs' ranks over the other domains
+    x = np.column_stack([(stats.rankdata(s.priority) - 1) / 7 for s in scores[:2]])
+    rest = [j for j in range(8) if j != 0]
+    y = (stats.rankdata(gains.mean(axis=0)[rest]) - 1) / 6
+    coef = np.linalg.lstsq(np.column_stack([np.ones(7), x[rest]]), y, rcond=None)[0]
+    assert first.priority[0] == pytest.approx(coef[0] + x[0] @ coef[1:])

@@ -50,7 +50,7 @@ from ..subspace import find_anatomy
 from ..training import Recipe, TailTrainer, build_trainer
 from .finetune import measured_delta_n
 from .leaderboard import (BASELINE, benchmark_leaderboard, choose_default, choose_winner, group_leaderboards,
-                          reliability)
+                          reliability, stacked_scores)
 from .protocol import check_protocol_domains, collection_split, protocol_gains, protocol_unit, protocol_units
 
 LOW_POWER_DOMAINS = 5
@@ -216,6 +216,18 @@ class BenchmarkResult(ResultRecord):
         return frame.sort_values("ρ", ascending=False, na_position="last").reset_index(drop=True)
 
 
+    def group_table(self, group: str):
+        """One set's leaderboard ("all", "ordinary", "hard"; main recipe) as a
+        DataFrame, best rho first; empty when the run has no such set."""
+        import pandas as pd
+
+        rows = [{"Estimator": r["label"], "ρ": r["spearman"], "90% interval": interval_text(r["interval"]),
+                 "ρ − mean loss": r["diff_vs_mean_loss"], "difference interval": interval_text(r["diff_interval"]),
+                 "time (s)": r["time_s"]}
+                for r in (self.group_leaderboards.get(group) or {}).get("rows", [])]
+        return pd.DataFrame(rows)
+
+
 def interval_text(pair) -> str:
     if not pair or pair[0] is None:
         return "—"
@@ -286,6 +298,9 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     curves = _curves(model, run, config, checkpoints, truth, timings)
     say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
     gains = {name: t["gains"] for name, t in truth.items()}
+    stacked = stacked_scores(scores, gains[config.main_recipe], timings.get("forward", 0.0))
+    if stacked is not None:
+        scores = scores + [stacked]
     board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
                                   config.interval_pct)
     groups = benchmark_groups()
@@ -303,7 +318,8 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
         estimators=[s.to_dict() for s in scores], truth=truth, reliability=reliability(gains), leaderboard=board,
         winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        execution=_execution(executor, run, timings), group_leaderboards=by_group, default=choose_default(by_group),
+        execution=_execution(executor, run, timings), group_leaderboards=by_group,
+        default=choose_default(by_group, config.interval_pct),
     )
 
 
@@ -530,6 +546,12 @@ def evidence_from_result(result: BenchmarkResult) -> dict:
         "created_at": result.created_at,
         "command": "python -m dowsing benchmark --evidence",
         "winner": result.winner,
+        "default": result.default,
+        "groups": {name: {"n_domains": board["n_domains"],
+                          "estimators": {r["estimator"]: {k: r[k] for k in ("spearman", "interval", "diff_vs_mean_loss",
+                                                                             "diff_interval")}
+                                         for r in board["rows"]}}
+                   for name, board in result.group_leaderboards.items()},
         "ceiling": result.reliability["between_seeds"][main],
         "estimators": {
             row["estimator"]: {
@@ -541,3 +563,23 @@ def evidence_from_result(result: BenchmarkResult) -> dict:
             } for row in result.leaderboard
         },
     }
+
+
+def rebuild_leaderboards(result: BenchmarkResult) -> BenchmarkResult:
+    """The result's leaderboards, per-group leaderboards, stacked estimator,
+    winner and default computed again from its stored scores and ground
+    truth (deterministic given them), for a result written by an earlier
+    version of the leaderboard code."""
+    config = BenchmarkConfig.from_dict(result.config)
+    scores = [EstimatorScore.from_dict(e) for e in result.estimators if e["name"] != "stacked_cv"]
+    gains = {name: t["gains"] for name, t in result.truth.items()}
+    stacked = stacked_scores(scores, gains[config.main_recipe], result.timings.get("forward", 0.0))
+    if stacked is not None:
+        scores = scores + [stacked]
+    board = benchmark_leaderboard(scores, gains, config.main_recipe, config.bootstrap, config.seed,
+                                  config.interval_pct)
+    by_group = group_leaderboards(scores, gains[config.main_recipe], [result.groups.get(n) for n in result.domains],
+                                  config.bootstrap, config.seed, config.interval_pct)
+    return dataclasses.replace(result, estimators=[s.to_dict() for s in scores], leaderboard=board,
+                               winner=choose_winner(board), group_leaderboards=by_group,
+                               default=choose_default(by_group, config.interval_pct))

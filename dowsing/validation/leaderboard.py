@@ -155,3 +155,39 @@ def choose_default(by_group: dict, interval_pct: float = 90.0) -> dict:
     return {"estimator": pick["estimator"], "rule": rule,
             "reason": (f"{pick['estimator']} had rho {pick['spearman']:.2f} on all domains, "
                        f"{pick['diff_vs_mean_loss']:+.2f} [{lo:+.2f}, {hi:+.2f}] against mean loss")}
+
+
+STACK_INPUTS = ("mean_loss", "pilot_gain", "lookahead_sign")
+STACKED = "stacked_cv"
+
+
+def stacked_scores(scores, gains_by_seed: list, forward_s: float = 0.0):
+    """A combination of estimators fitted across domains and never scored on
+    a domain it was fitted on: for each domain k, least squares of the
+    realised gain's rank on the input estimators' ranks (with an intercept)
+    over every other domain, applied to k's ranks. Ranks (scaled to [0, 1])
+    keep a domain with an outsized gain from steering the fit. The inputs
+    are STACK_INPUTS that the run scored; None with fewer than two of them.
+    Its time is the inputs' times with the shared forward pass counted once."""
+    from scipy.stats import rankdata
+
+    from ..estimators import EstimatorScore
+
+    inputs = [s for s in scores if s.name in STACK_INPUTS]
+    n = len(gains_by_seed[0]) if gains_by_seed else 0
+    if len(inputs) < 2 or n < 4:
+        return None
+    x = np.column_stack([(rankdata(s.priority) - 1) / (n - 1) for s in inputs])
+    gain = np.asarray(mean_gain(gains_by_seed), dtype=float)
+    predicted, weights = [], []
+    for k in range(n):
+        rest = [j for j in range(n) if j != k]
+        y = (rankdata(gain[rest]) - 1) / (len(rest) - 1)
+        design = np.column_stack([np.ones(len(rest)), x[rest]])
+        coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+        predicted.append(float(coef[0] + x[k] @ coef[1:]))
+        weights.append(coef[1:].tolist())
+    seconds = sum(s.time_s for s in inputs) - (len(inputs) - 1) * forward_s
+    label = "Stacked: " + ", ".join(s.name for s in inputs) + " (fitted across domains, leave one domain out)"
+    return EstimatorScore(STACKED, label, predicted, None, seconds,
+                          {"inputs": [s.name for s in inputs], "weights_per_fold": weights})
