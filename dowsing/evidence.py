@@ -49,7 +49,26 @@ def beats_mean_loss(entry: dict | None) -> bool:
 
 def evidence_sentence(name: str) -> str:
     """One plain sentence on how well this estimator's ranking predicted
-    fine-tuning on the benchmark, and whether it beat mean loss."""
+    fine-tuning on the benchmark, and whether it beat mean loss; then, where
+    the evidence has them, its rho on the ordinary and on the hard-case
+    domains alone."""
+    return _main_sentence(name) + _group_sentence(name)
+
+
+def _group_sentence(name: str) -> str:
+    groups = (load_evidence() or {}).get("groups") or {}
+    parts = []
+    for group in ("ordinary", "hard"):
+        entry = ((groups.get(group) or {}).get("estimators") or {}).get(name)
+        if entry and entry.get("spearman") is not None:
+            lo, hi = entry.get("interval") or [None, None]
+            span = f" [{lo:.2f}, {hi:.2f}]" if lo is not None else ""
+            what = "hard-case" if group == "hard" else group
+            parts.append(f"ρ = {entry['spearman']:.2f}{span} on the {groups[group]['n_domains']} {what} domains")
+    return (" By kind of domain: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _main_sentence(name: str) -> str:
     data = load_evidence()
     entry = estimator_evidence(name)
     if not data or not entry:
