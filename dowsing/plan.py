@@ -367,7 +367,8 @@ class PlanResult(ResultRecord):
     the gain of the last example bought and of the next, the fit (form,
     parameters, leave-one-out error) or why there is none. totals: the
     plan's weighted gain against spreading the budget evenly and putting it
-    all on the domain of highest mean loss, each with its band."""
+    all on the domain of highest mean loss, each with its band, and the
+    plan's total minus each baseline's with its paired band."""
 
     model: dict
     config: dict
@@ -383,18 +384,36 @@ class PlanResult(ResultRecord):
         return next(d for d in self.domains if d["domain"] == name)
 
 
-def predicted_total(curves: list, counts: list, weights: list) -> dict:
-    """sum_k w_k gain_k(m_k) over the domains with a curve, its 90% band
-    (the bootstrap curves' totals, resample r of every domain together; the
-    domains' resamples are independent) and the counts."""
+def total_draws(curves: list, counts: list, weights: list) -> tuple:
+    """(sum_k w_k gain_k(m_k) over the domains with a curve, the same total
+    for every bootstrap resample r: resample r of every domain together, the
+    domains' resamples being independent; 0.0 where nothing is bought)."""
     gain, draws = 0.0, 0.0
     for dc, m, w in zip(curves, counts, weights):
         if dc.curve.identifiable and m > 0:
             gain += w * dc.curve.gain(dc.n_facts, m)
             draws = draws + w * dc.curve.gain_draws(dc.n_facts, m)
-    band = np.quantile(draws, BAND) if np.ndim(draws) else (gain, gain)
-    return {"gain": float(gain), "band": [float(b) for b in band],
-            "counts": {dc.name: int(m) for dc, m in zip(curves, counts)}}
+    return float(gain), draws
+
+
+def _band(point: float, draws) -> list:
+    """The 90% band of resampled values (a point without resamples: itself)."""
+    return [float(b) for b in (np.quantile(draws, BAND) if np.ndim(draws) else (point, point))]
+
+
+def predicted_total(curves: list, counts: list, weights: list) -> dict:
+    """A plan's weighted total gain, its 90% band (`total_draws`) and its counts."""
+    gain, draws = total_draws(curves, counts, weights)
+    return {"gain": gain, "band": _band(gain, draws), "counts": {dc.name: int(m) for dc, m in zip(curves, counts)}}
+
+
+def paired_difference(curves: list, counts: list, other: list, weights: list) -> dict:
+    """The plan's total minus another plan's, with the 90% band of the
+    difference over the same resamples (paired: what both plans share of a
+    curve's uncertainty cancels)."""
+    gain, draws = total_draws(curves, counts, weights)
+    base, base_draws = total_draws(curves, other, weights)
+    return {"gain": gain - base, "band": _band(gain - base, np.subtract(draws, base_draws))}
 
 
 def baseline_counts(curves: list, config: PlanConfig) -> dict:
@@ -443,6 +462,8 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
                                "domain": base["highest_loss_domain"]}}
     for key in totals:
         totals[key]["spent"] = float(sum(c * m for c, m in zip(costs, totals[key]["counts"].values())))
+    for key in ("even", "highest_loss"):
+        totals[key]["plan_minus_this"] = paired_difference(curves, bought.counts, base[key], weights)
     measured = measured or {}
     pilot = {"recipe": measured.get("recipe", PILOT_RECIPE.label()), "sizes": list(config.pilot_sizes),
              "forward_s": measured.get("forward_s"), "pilot_s": measured.get("pilot_s")}
@@ -617,14 +638,19 @@ def format_plan(result: PlanResult) -> str:
                      _g(d["cost"]), gain, _g(d["marginal_gain_last"])])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {alloc['spent']:g}; pilot "
-             f"{result.pilot['recipe']} at n = {', '.join(map(str, result.pilot['sizes']))}", ""]
+             f"{result.pilot['recipe']} at n = {', '.join(map(str, result.pilot['sizes']))} facts of a half "
+             "(at most the smaller half)", ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     t = result.totals
-    lines += ["", "Predicted total gain (weighted, nats):"]
+    lines += ["", "Predicted total gain (weighted, nats) [90% band]; this plan minus each [paired 90% band]:"]
     for key, label in (("plan", "this plan"), ("even", "spread evenly"),
                        ("highest_loss", f"all on {t['highest_loss']['domain']} (highest mean loss)")):
-        lines.append(f"  {label}: {_g(t[key]['gain'])} [{_g(t[key]['band'][0])}, {_g(t[key]['band'][1])}]")
+        line = f"  {label}: {_g(t[key]['gain'])} [{_g(t[key]['band'][0])}, {_g(t[key]['band'][1])}]"
+        if "plan_minus_this" in t[key]:
+            diff = t[key]["plan_minus_this"]
+            line += f"; plan minus this {_g(diff['gain'])} [{_g(diff['band'][0])}, {_g(diff['band'][1])}]"
+        lines.append(line)
     return "\n".join(lines + ["", "Notes:"] + [f"  {n}" for n in result.notes])
 
 

@@ -291,6 +291,10 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
     assert sum(d["collect"] for d in plan.domains) <= 40 and plan.allocation["spent"] <= 40
     # the greedy with equal costs is optimal, so no feasible baseline beats it
     assert plan.totals["plan"]["gain"] >= max(plan.totals["even"]["gain"], plan.totals["highest_loss"]["gain"]) - 1e-12
+    for key in ("even", "highest_loss"):
+        diff = plan.totals[key]["plan_minus_this"]
+        assert diff["gain"] == pytest.approx(plan.totals["plan"]["gain"] - plan.totals[key]["gain"])
+        assert diff["band"][0] <= diff["band"][1]
     for d in plan.domains:
         assert d["identifiable"] == (d["form"] is not None) and (d["reason"] is None) == d["identifiable"]
         if d["collect"]:
