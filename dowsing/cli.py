@@ -147,6 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_analyze_command(sub)
     add_validate_command(sub)
     add_benchmark_command(sub)
+    add_plan_command(sub)
     cluster = sub.add_parser("cluster", help="what an executor would run on: CPUs, GPUs and nodes, as JSON")
     add_executor_arguments(cluster)
     return parser
@@ -234,6 +235,63 @@ def add_benchmark_command(sub) -> None:
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     bench.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
     add_executor_arguments(bench)
+
+
+def add_plan_command(sub) -> None:
+    plan = sub.add_parser("plan", help="how many more examples of each domain a budget should buy, and the "
+                                       "predicted gain, from learning curves fitted to pilot fine-tunes")
+    plan.add_argument("--budget", type=float, required=True,
+                      help="what may be spent: a number of examples, or money when --costs is given")
+    plan.add_argument("--costs", default=None,
+                      help="cost per example of each domain, CSV (domain,value) or JSON ({domain: value}); the "
+                           "budget is then money (default: every example costs 1)")
+    plan.add_argument("--weights", default=None,
+                      help="how much each domain's gain counts, CSV or JSON as --costs (default: 1 each)")
+    plan.add_argument("--caps", default=None,
+                      help="the most examples of each domain to collect, CSV or JSON as --costs (default: none)")
+    plan.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
+    plan.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
+    plan.add_argument("--seed", type=int, default=0, help="seed of the halves, the pilots and the bootstrap")
+    plan.add_argument("--device", choices=DEVICES, default="cpu", help="(default: %(default)s)")
+    plan.add_argument("--dtype", choices=DTYPES, default="float32", help="(default: %(default)s)")
+    plan.add_argument("--out", default=None, help="write the plan as JSON here")
+    plan.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
+    plan.add_argument("--no-cache", action="store_true", help="rerun the pilot fine-tunes even if cached")
+    plan.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+
+
+def plan_config(args, domains: list):
+    """The PlanConfig of the command line, its files read and matched to the
+    domains (a one-line ValueError for anything wrong)."""
+    from .plan import PlanConfig, load_values, match_domains
+
+    names = [d.name for d in domains]
+    given = {}
+    for what in ("costs", "weights", "caps"):
+        path = getattr(args, what)
+        if path:
+            given[what] = match_domains(load_values(path, what), names, what, path)
+    return PlanConfig(budget=args.budget, budget_unit="money" if args.costs else "examples", seed=args.seed,
+                      device=args.device, dtype=args.dtype, **given)
+
+
+def run_plan_command(args) -> int:
+    from .domains import DomainError, default_domains, load_domains
+    from .plan import format_plan, run_plan
+
+    try:
+        domains = load_domains(args.domains) if args.domains else default_domains()
+        config = plan_config(args, domains)
+        _check_out(args.out)
+        result = run_plan(args.model, domains, config, progress=_progress_writer(args), use_cache=not args.no_cache)
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    print(format_plan(result))
+    if args.out:
+        atomic_write_text(Path(args.out), result.to_json())
+        print(f"\nwrote {args.out}")
+    return 0
 
 
 def run_analyze(args) -> int:
@@ -458,6 +516,8 @@ def run_command(args) -> int:
         return run_validate(args)
     if args.command == "benchmark":
         return run_benchmark_command(args)
+    if args.command == "plan":
+        return run_plan_command(args)
     if args.command == "cluster":
         return run_cluster(args)
     return BAD_INPUT

@@ -1,0 +1,338 @@
+"""The collection plan against independent computations: the curve fits
+against scipy, the leave-one-out choice on synthetic points whose true form
+is known, the bootstrap band, the refusals, the greedy allocation against a
+brute-force search over every allocation, and the `plan` command (bad input
+exits 2 and writes nothing; a real run on the tiny Llama model, then a
+repeat with another budget and costs from the cache)."""
+from __future__ import annotations
+
+import itertools
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from scipy import optimize, stats
+
+from dowsing import curves
+from dowsing.cli import main
+from dowsing.plan import PlanConfig, PlanResult, allocate, load_values, match_domains
+
+SIZES = [2, 4, 8, 16, 32, 64]
+
+
+# --- the fits ------------------------------------------------------------------
+
+def test_the_log_form_is_scipys_least_squares_line_in_ln_n():
+    rng = np.random.default_rng(1)
+    drops = 0.03 + 0.02 * np.log(SIZES) + rng.normal(0, 0.005, len(SIZES))
+    fit = stats.linregress(np.log(SIZES), drops)
+    assert curves.log_params(SIZES, drops) == pytest.approx((fit.intercept, fit.slope), rel=1e-12)
+
+
+def test_the_power_form_is_scipys_fit_in_log_log_with_beta_at_most_one():
+    rng = np.random.default_rng(2)
+    drops = 0.01 * np.power(SIZES, 0.6) * np.exp(rng.normal(0, 0.05, len(SIZES)))
+    (ln_c, beta), _ = optimize.curve_fit(lambda x, lc, b: lc + b * x, np.log(SIZES), np.log(drops))
+    assert curves.power_params(SIZES, drops) == pytest.approx((math.exp(ln_c), beta), rel=1e-8)
+    # rising faster than linearly: the least-squares optimum with beta <= 1 sits on beta = 1
+    steep = [0.001 * n ** 1.5 for n in (2, 4, 8)]
+    (ln_c, beta), _ = optimize.curve_fit(lambda x, lc, b: lc + b * x, np.log([2, 4, 8]), np.log(steep),
+                                         p0=(0.0, 0.5), bounds=([-np.inf, -np.inf], [np.inf, 1.0]))
+    assert beta == pytest.approx(1.0)
+    assert curves.power_params([2, 4, 8], steep) == pytest.approx((math.exp(ln_c), 1.0), rel=1e-6)
+    with pytest.raises(ValueError, match="> 0"):
+        curves.power_params([2, 4], [0.1, -0.1])
+
+
+def _loo_by_hand(form, sizes, drops):
+    """Each point predicted from scipy's fit to the others."""
+    errors = []
+    for j in range(len(sizes)):
+        n = np.delete(np.asarray(sizes, float), j)
+        y = np.delete(np.asarray(drops, float), j)
+        if form == "log":
+            fit = stats.linregress(np.log(n), y)
+            pred = fit.intercept + fit.slope * math.log(sizes[j])
+        else:
+            fit = stats.linregress(np.log(n), np.log(y))
+            assert fit.slope <= 1
+            pred = math.exp(fit.intercept) * sizes[j] ** fit.slope
+        errors.append(pred - drops[j])
+    return math.sqrt(np.mean(np.square(errors)))
+
+
+@pytest.mark.parametrize("truth", ["log", "power"])
+def test_leave_one_out_picks_the_true_form(truth):
+    rng = np.random.default_rng(3)
+    n = np.asarray(SIZES, float)
+    clean = 0.02 + 0.04 * np.log(n) if truth == "log" else 0.01 * n ** 0.7
+    drops = clean + rng.normal(0, 0.002, len(n))
+    form, errors, reason = curves.choose_form(SIZES, drops)
+    assert reason is None and form == truth
+    for f in curves.FORMS:
+        assert errors[f] == pytest.approx(_loo_by_hand(f, SIZES, drops), rel=1e-9)
+    assert errors[truth] < errors["power" if truth == "log" else "log"]
+
+
+def _per_fact(sizes, facts, rng, slope=0.03):
+    """Per-fact drops around 0.02 + slope ln n, each fact with its own offset."""
+    offsets = rng.normal(0, 0.02, facts)
+    return np.array([[0.02 + slope * math.log(n) + o + rng.normal(0, 0.005) for o in offsets] for n in sizes])
+
+
+def test_the_bootstrap_band_holds_the_point_and_repeats_with_its_seed():
+    rng = np.random.default_rng(4)
+    per_fact = _per_fact([2, 4, 8], 16, rng)
+    curve = curves.fit_curve([2, 4, 8], per_fact, [8, 8], n_resamples=500, seed=7)
+    assert curve.drops == pytest.approx(per_fact.mean(axis=1))
+    assert curve.params == pytest.approx(curves.FITTERS[curve.form]([2, 4, 8], per_fact.mean(axis=1)))
+    for n in (8, 32, 100):
+        low, high = curve.band(n)
+        assert low < curve.value(n) < high
+    low, high = curve.gain_band(16, 20)
+    assert low < curve.gain(16, 20) < high
+    again = curves.fit_curve([2, 4, 8], per_fact, [8, 8], n_resamples=500, seed=7)
+    other = curves.fit_curve([2, 4, 8], per_fact, [8, 8], n_resamples=500, seed=8)
+    assert np.array_equal(curve.draws, again.draws) and curve.band(32) == again.band(32)
+    assert not np.array_equal(curve.draws, other.draws)
+
+
+def test_the_halves_are_resampled_separately():
+    # every fact of one half drops 1, of the other 3: a resample within halves always has mean 2
+    per_fact = np.array([[1.0] * 3 + [3.0] * 5] * 2)
+    got = curves.resampled_drops(per_fact, [3, 5], 200, seed=0)
+    assert got.shape == (200, 2) and np.allclose(got, (3 * 1 + 5 * 3) / 8)
+    pooled = curves.resampled_drops(per_fact, None, 200, seed=0)
+    assert pooled.std() > 0.1
+
+
+@pytest.mark.parametrize("sizes,drops,says", [
+    ([8], [0.1], "one pilot size"),
+    ([2, 4, 8], [0.05, -0.01, -0.02], "1 of the 3"),
+    ([2, 4, 8], [0.09, 0.06, 0.03], "flat or decreasing"),
+    ([2, 4, 8], [0.05, 0.05, 0.05], "flat or decreasing"),
+])
+def test_a_curve_that_says_nothing_is_refused_with_its_reason(sizes, drops, says):
+    curve = curves.fit_curve(sizes, np.array(drops)[:, None] * np.ones((1, 4)), n_resamples=100)
+    assert not curve.identifiable and says in curve.reason
+    with pytest.raises(ValueError, match="no identifiable curve"):
+        curve.gain(10, 5)
+
+
+def test_two_points_take_the_log_form_without_a_held_out_error():
+    curve = curves.fit_curve([2, 4], np.array([[0.02] * 4, [0.05] * 4]), n_resamples=100)
+    assert curve.form == "log" and curve.loo_error is None and "too few to choose" in curve.notes[0]
+    assert curve.value(4) == pytest.approx(0.05) and curve.value(2) == pytest.approx(0.02)
+
+
+# --- the allocation --------------------------------------------------------------
+
+def _concave_gains(rng, k):
+    out = []
+    for _ in range(k):
+        if rng.random() < 0.5:
+            b, s = rng.uniform(0.01, 0.1), rng.integers(2, 20)
+            out.append(lambda m, b=b, s=s: b * math.log((s + m) / s))
+        else:
+            c, beta, s = rng.uniform(0.001, 0.05), rng.uniform(0.2, 1.0), rng.integers(2, 20)
+            out.append(lambda m, c=c, beta=beta, s=s: c * ((s + m) ** beta - s ** beta))
+    return out
+
+
+def _brute_force(gains, budget, costs, caps, weights):
+    best = -1.0
+    for counts in itertools.product(*[range(cap + 1) for cap in caps]):
+        if sum(c * m for c, m in zip(costs, counts)) <= budget + 1e-9:
+            best = max(best, sum(w * g(m) for g, m, w in zip(gains, counts, weights)))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_with_equal_costs_is_the_best_allocation(seed):
+    rng = np.random.default_rng(seed)
+    gains = _concave_gains(rng, 3)
+    caps = [int(c) for c in rng.integers(2, 7, 3)]
+    weights = [float(w) for w in rng.uniform(0.5, 2.0, 3)]
+    budget = int(rng.integers(3, sum(caps) + 2))
+    got = allocate(gains, budget, None, caps, weights)
+    assert got.total == pytest.approx(_brute_force(gains, budget, [1, 1, 1], caps, weights), rel=1e-12)
+    assert all(m <= cap for m, cap in zip(got.counts, caps)) and got.spent <= budget
+    assert got.gap_bound == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_with_costs_is_within_its_stated_gap_of_the_best_allocation(seed):
+    rng = np.random.default_rng(100 + seed)
+    gains = _concave_gains(rng, 3)
+    costs = [float(c) for c in rng.choice([1.0, 1.5, 2.0, 3.0], 3)]
+    caps = [int(c) for c in rng.integers(2, 7, 3)]
+    weights = [float(w) for w in rng.uniform(0.5, 2.0, 3)]
+    budget = float(rng.integers(4, 16))
+    got = allocate(gains, budget, costs, caps, weights)
+    best = _brute_force(gains, budget, costs, caps, weights)
+    assert got.spent <= budget + 1e-9 and all(m <= cap for m, cap in zip(got.counts, caps))
+    assert got.total <= best + 1e-12
+    assert best <= got.total + got.gap_bound + 1e-12
+
+
+def test_the_gap_bound_covers_a_budget_the_greedy_cannot_fill():
+    # A's first example is worth most per unit cost, but two of B's fill the budget and gain more
+    gains = [lambda m: 6.0 * min(m, 1), lambda m: 4.9 * min(m, 2)]
+    got = allocate(gains, 10, [6.0, 5.0], [1, 2])
+    best = _brute_force(gains, 10, [6.0, 5.0], [1, 2], [1, 1])
+    assert got.counts == [1, 0] and got.total == 6.0 and best == pytest.approx(9.8)
+    assert best <= got.total + got.gap_bound + 1e-12
+
+
+def test_caps_zero_weights_and_unidentifiable_domains_get_nothing_beyond_them():
+    gains = [lambda m: math.log1p(m), lambda m: 2 * math.log1p(m), None]
+    got = allocate(gains, 20, caps=[None, 3, None], weights=[0.0, 1.0, 1.0])
+    assert got.counts == [0, 3, 0] and got.spent == 3
+
+
+def test_a_gain_that_is_not_concave_is_refused():
+    with pytest.raises(ValueError, match="not concave"):
+        allocate([lambda m: m * m, lambda m: 0.1 * m], 10)
+
+
+def test_a_large_budget_is_bought_in_steps_and_the_bound_says_what_that_costs():
+    gains = [lambda m: 0.1 * math.log1p(m / 16), lambda m: 0.05 * ((16 + m) ** 0.5 - 4)]
+    got = allocate(gains, 1e7, [1.0, 3.0])
+    assert got.step == 100 and got.spent <= 1e7 and got.spent > 1e7 - 300
+    assert 0 <= got.gap_bound < 1e-6 * got.total
+
+
+# --- the configuration and the files -----------------------------------------------
+
+@pytest.mark.parametrize("fields,says", [
+    ({"budget": 0}, "budget"), ({"budget": -3}, "budget"), ({"budget": float("nan")}, "budget"),
+    ({"budget": 10, "budget_unit": "money", "costs": {"A": 0}}, "cost of 'A'"),
+    ({"budget": 10, "costs": {"A": 2}}, "budget_unit money"),
+    ({"budget": 10, "caps": {"A": 2.5}}, "whole number"),
+    ({"budget": 10, "weights": {"A": -1}}, "weight of 'A'"),
+    ({"budget": 10, "budget_unit": "euros"}, "budget_unit"),
+])
+def test_bad_plan_settings_are_refused_in_one_line(fields, says):
+    with pytest.raises(ValueError, match=says):
+        PlanConfig(**fields)
+
+
+def test_the_config_round_trips_and_keys_only_what_the_pilots_depend_on():
+    config = PlanConfig(budget=50, budget_unit="money", costs={"B": 2, "A": 3}, caps=[("A", 4)])
+    assert config.costs == (("A", 3.0), ("B", 2.0)) and config.cap("A") == 4 and config.cap("B") is None
+    assert PlanConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert config.curve_settings() == PlanConfig(budget=9).curve_settings()
+
+
+def test_value_files_read_as_csv_with_or_without_a_header_and_as_json(tmp_path):
+    (tmp_path / "a.csv").write_text("domain,cost\nAlpha,2\nbeta , 3.5\n")
+    (tmp_path / "b.csv").write_text("Alpha,2\n")
+    (tmp_path / "c.json").write_text('{"Alpha": 2, "Beta": 3}')
+    assert load_values(tmp_path / "a.csv", "costs") == {"Alpha": 2.0, "beta": 3.5}
+    assert load_values(tmp_path / "b.csv", "costs") == {"Alpha": 2.0}
+    assert match_domains(load_values(tmp_path / "a.csv", "costs"), ["Alpha", "Beta"], "costs", "a.csv") == {
+        "Alpha": 2.0, "Beta": 3.5}
+    assert load_values(tmp_path / "c.json", "costs") == {"Alpha": 2.0, "Beta": 3.0}
+
+
+# --- the command ----------------------------------------------------------------------
+
+FACTS = {"Alpha": "red", "Beta": "green", "Gamma": "blue"}
+
+
+@pytest.fixture
+def domain_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
+    path = tmp_path / "domains.json"
+    path.write_text(json.dumps({"domains": [
+        {"name": name, "facts": [f"{name} item {i} is stored in box {word}{i * 7 % 5}." for i in range(8 + 2 * k)]}
+        for k, (name, word) in enumerate(FACTS.items())]}))
+    return path
+
+
+BAD_PLANS = {
+    "zero budget": (["--budget", "0"], None, "budget"),
+    "negative budget": (["--budget", "-10"], None, "budget"),
+    "zero cost": (["--budget", "10", "--costs", "{f}"], ("costs.csv", "Alpha,0\n"), "cost of 'Alpha'"),
+    "unknown domain": (["--budget", "10", "--costs", "{f}"], ("costs.json", '{"Delta": 2}'), "'Delta'"),
+    "invalid json": (["--budget", "10", "--weights", "{f}"], ("w.json", '{"Alpha": '), "not valid JSON"),
+    "invalid csv": (["--budget", "10", "--caps", "{f}"], ("caps.csv", "Alpha,1,2\n"), "line 1"),
+    "not a number": (["--budget", "10", "--caps", "{f}"], ("caps.csv", "domain,cap\nAlpha,lots\n"), "line 2"),
+    "wrong type": (["--budget", "10", "--costs", "{f}"], ("costs.txt", "Alpha,1\n"), ".csv or .json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PLANS))
+def test_bad_plan_input_exits_2_in_one_line_and_writes_nothing(case, domain_file, tmp_path, capsys, tiny_llama_dir):
+    args, file, says = BAD_PLANS[case]
+    if file:
+        (tmp_path / file[0]).write_text(file[1])
+        args = [a.replace("{f}", str(tmp_path / file[0])) for a in args]
+    out, progress = tmp_path / "plan.json", tmp_path / "progress.json"
+    code = main(["plan", *args, "--model", str(tiny_llama_dir), "--domains", str(domain_file), "--out", str(out),
+                 "--progress-file", str(progress), "--quiet"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and says in err and len(err.strip().splitlines()) == 1
+    assert not out.exists() and not progress.exists()
+
+
+def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file, tmp_path, capsys, tiny_llama_dir,
+                                                                      monkeypatch):
+    out, progress = tmp_path / "plan.json", tmp_path / "progress.json"
+    code = main(["plan", "--budget", "40", "--model", str(tiny_llama_dir), "--domains", str(domain_file),
+                 "--out", str(out), "--progress-file", str(progress), "--quiet"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "Collection plan: budget 40 examples" in printed and "spread evenly" in printed
+    plan = PlanResult.from_json(out.read_text())
+    assert json.loads(progress.read_text())["stage"] == "done"
+    assert [d["domain"] for d in plan.domains] == list(FACTS)
+    assert sum(d["collect"] for d in plan.domains) <= 40 and plan.allocation["spent"] <= 40
+    # the greedy with equal costs is optimal, so no feasible baseline beats it
+    assert plan.totals["plan"]["gain"] >= max(plan.totals["even"]["gain"], plan.totals["highest_loss"]["gain"]) - 1e-12
+    for key in ("even", "highest_loss"):
+        diff = plan.totals[key]["plan_minus_this"]
+        assert diff["gain"] == pytest.approx(plan.totals["plan"]["gain"] - plan.totals[key]["gain"])
+        assert diff["band"][0] <= diff["band"][1]
+    for d in plan.domains:
+        assert d["identifiable"] == (d["form"] is not None) and (d["reason"] is None) == d["identifiable"]
+        if d["collect"]:
+            assert d["identifiable"] and d["gain_band"][0] <= d["gain"] <= d["gain_band"][1]
+    _pilots_match_a_direct_run(plan, tiny_llama_dir, domain_file)
+
+    import dowsing.models
+
+    monkeypatch.setattr(dowsing.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded again"))
+    (tmp_path / "costs.csv").write_text("Alpha,3\n")
+    t0 = time.perf_counter()
+    code = main(["plan", "--budget", "90", "--costs", str(tmp_path / "costs.csv"), "--model", str(tiny_llama_dir),
+                 "--domains", str(domain_file), "--out", str(out), "--quiet"])
+    assert code == 0 and time.perf_counter() - t0 < 5
+    again = PlanResult.from_json(out.read_text())
+    assert again.pilot["cached"] and again.allocation["budget_unit"] == "money"
+    assert [d["fit"]["drops"] for d in again.domains] == [d["fit"]["drops"] for d in plan.domains]
+    assert again.row("Alpha")["cost"] == 3 * again.row("Alpha")["collect"]
+    assert again.allocation["spent"] <= 90
+
+
+def _pilots_match_a_direct_run(plan, model_dir, domain_file):
+    """The plan's pilot points for one domain are `pilot_curve` on the
+    seeded halves, run here by hand."""
+    import dataclasses
+
+    from dowsing.domains import load_domains
+    from dowsing.forward import split_pass
+    from dowsing.models import load_model
+    from dowsing.pilots import PILOT_RECIPE, pilot_curve
+    from dowsing.splitting import split_domains
+    from dowsing.training import TailTrainer
+
+    loaded = load_model(str(model_dir))
+    train, held = split_domains(load_domains(domain_file), seed=0)
+    split = split_pass(loaded, train, held, capture_block=0)  # the tiny model has 2 blocks: both train
+    trainer = TailTrainer(loaded, split)
+    curve = pilot_curve(trainer, dataclasses.replace(PILOT_RECIPE, blocks=2), 0, list(split.train_rows[1]),
+                        list(split.held_rows[1]))
+    assert plan.row("Beta")["fit"]["drops"] == pytest.approx(curve["drop"], rel=1e-6, abs=1e-9)
+    assert plan.row("Beta")["fit"]["sizes"] == curve["sizes"]
