@@ -950,6 +950,83 @@ def airrep_s(cal: Calibration, train: list, held: list, recipe, keep: int) -> fl
     return cal.copy_s + folds * 8 * one
 
 
+def full_gradient_s(cal: Calibration, rows: list, batch_size: int) -> float:
+    """The gradient of a mean loss over every parameter of the model
+    (`pilots.mean_loss_gradient`), accumulated over batches of `batch_size`
+    facts: the forward pass at its calibrated rate, backward through the LM
+    head and every block as a fine-tune step's (`tail_work`), and each
+    batch's gradient added to the sum (a pass over every parameter)."""
+    calls, padded = math.ceil(len(rows) / batch_size), padded_tokens(rows, batch_size)
+    backward = tail_pass_s(cal, padded, cal.n_layers, cal.n_layers) - tail_pass_s(cal, padded, cal.n_layers)
+    return cal.forward_s_per_token * padded + backward + calls * cal.n_params * cal.vector_s_per_element
+
+
+def pilot_family_s(cal: Calibration, train: list, held: list, names, keep: int, sizes=(2, 4, 8),
+                   batch_size: int = 16) -> float:
+    """The pilot estimators (`estimators.pilot`) over each domain's halves A
+    (train) and B (held); a domain whose halves cannot hold two facts each
+    costs nothing. pilot_gain / pilot_curve: a trainer (a tail copy, checked
+    on 16 facts of B), then per domain and per pilot size n
+    (`pilots.pilot_sizes`: the pilot sizes below the smaller half, and its
+    whole size; pilot_gain alone: that size only) two runs, A's first n
+    facts teaching B and the other way, each PILOT_RECIPE.steps steps of all
+    n facts on the last min(PILOT_RECIPE.blocks, keep) blocks and a read of
+    the other half. lookahead_sign: per domain the whole model's gradient of
+    each half's mean loss, then the two signs and dot products over every
+    parameter."""
+    from .estimators.pilot import MIN_HALF
+    from .pilots import PILOT_RECIPE, pilot_sizes
+
+    names = set(names)
+    tuned = bool(names & {"pilot_gain", "pilot_curve"})
+    blocks = min(PILOT_RECIPE.blocks, keep)
+    seconds = 0.0
+    if tuned:
+        seconds += cal.copy_s + tail_pass_s(cal, padded_tokens([n for d in held for n in d][:16], 16), keep)
+    for a, b in zip(train, held):
+        if min(len(a), len(b)) < MIN_HALF:
+            continue
+        if tuned:
+            wanted = sizes if "pilot_curve" in names else (max(len(a), len(b)),)
+            for n in pilot_sizes(wanted, len(a), len(b)):
+                for taught, read in ((a, b), (b, a)):
+                    seconds += finetune_s(cal, PILOT_RECIPE.steps, n * max(taught[:n]), keep, blocks,
+                                          padded_tokens(read, 16))
+        if "lookahead_sign" in names:
+            seconds += full_gradient_s(cal, a, batch_size) + full_gradient_s(cal, b, batch_size)
+            seconds += 4 * cal.n_params * cal.vector_s_per_element
+    return seconds
+
+
+def pilot_memory(cal: Calibration, train: list, held: list, keep: int, names, batch_size: int = 16) -> float:
+    """Bytes the named pilot estimators add over the halves A (train) and B
+    (held): pilot_gain / pilot_curve a trainer (its own copy of the block
+    inputs, a tail copy and its starting weights, gradients and AdamW's two
+    moments of the trained blocks) and a step over the larger half;
+    lookahead_sign, one domain at a time beside it, the whole model's
+    gradients of both halves and their signs, and one batch's activations
+    kept for the backward pass: the calibrated one-block step's per token
+    (the LM head's logits and one block) plus, for each further block,
+    about 10 d_model + 4 d_ff values a token."""
+    from .pilots import PILOT_RECIPE
+
+    names = set(names)
+    b = cal.dtype_bytes
+    flat = [n for d in train + held for n in d]
+    if not flat:
+        return 0.0
+    half = max(max(len(d) for d in train + held), 1)
+    trainer = step = lookahead = 0.0
+    if names & {"pilot_gain", "pilot_curve"}:
+        trainer = (sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b
+                   + 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b)
+        step = cal.step_bytes_per_token * half * max(flat)
+    if "lookahead_sign" in names:
+        per_token = cal.step_bytes_per_token + (cal.n_layers - 1) * (10 * cal.d_model + 4 * cal.d_ff) * b
+        lookahead = 4 * cal.n_params * b + per_token * batch_size * max(flat)
+    return trainer + max(step, lookahead)
+
+
 def in_family(names, family: str) -> list:
     """The names whose registered estimator belongs to `family`."""
     from .estimators import get
@@ -980,6 +1057,10 @@ def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
             cal, [a for a, _ in halves], [b for _, b in halves], [name], Recipe("checkpoints", blocks=keep), keep,
             config.adam_batches, checkpoints=len(config.checkpoints), all_facts=True,
             lr_known=config.checkpoint_lr is not None)
+    if in_family([name], "pilot"):
+        halves = [split_order(list(d), n, config.seed) for n, d in domains]
+        return pilot_family_s(cal, [a for a, _ in halves], [b for _, b in halves], [name],
+                              analysis_pilot_keep(cal, config), batch_size=config.batch_size)
     pool = [n for d in lengths for n in d]
     seconds = cal.copy_s + (adam_moment_s(cal, pool, config.adam_batches, keep, keep) if name.endswith("_adam")
                             else 0.0)
@@ -991,6 +1072,32 @@ def analysis_ranking_s(cal: Calibration, domains: list, config) -> float:
         else:
             seconds += domain_alignment_s(cal, list(rows), None, keep, keep)
     return seconds
+
+
+def analysis_pilot_keep(cal: Calibration, config) -> int:
+    """The blocks after the analysis' captured block inputs (`ranking.capture_block`):
+    the alignment's when the ranking estimator trains on block inputs, the
+    pilot recipe's when the diagnosis runs, the more of the two."""
+    from .estimators import get
+    from .pilots import PILOT_RECIPE
+
+    wanted = [min(config.align_blocks, cal.n_layers)] if "block_inputs" in get(config.estimator).needs else []
+    if config.diagnose:
+        wanted.append(min(PILOT_RECIPE.blocks, cal.n_layers))
+    return max(wanted) if wanted else min(PILOT_RECIPE.blocks, cal.n_layers)
+
+
+def analysis_diagnosis_s(cal: Calibration, domains: list, config) -> float:
+    """The diagnosis (`analysis._diagnosis`, with config.diagnose): the pilot
+    gain of every domain on its two seeded halves, unless the ranking
+    estimator is the pilot gain and has it already."""
+    from .splitting import split_order
+
+    if not config.diagnose or config.estimator == "pilot_gain":
+        return 0.0
+    halves = [split_order(list(d), n, config.seed) for n, d in domains]
+    return pilot_family_s(cal, [a for a, _ in halves], [b for _, b in halves], ["pilot_gain"],
+                          analysis_pilot_keep(cal, config), batch_size=config.batch_size)
 
 
 def analysis_memory(cal: Calibration, lengths: list, config) -> dict:
@@ -1019,11 +1126,20 @@ def analysis_memory(cal: Calibration, lengths: list, config) -> dict:
               "solve": resident + tokens + system + solve_transient}
     memory["saturation"] = memory["bootstrap"] = resident + tokens + system
     memory["ranking"] = resident + tokens
-    if config.estimator not in ("mean_loss", "paper"):
+    inputs = sum(flat) * cal.d_model * b
+    if in_family([config.estimator], "pilot") or config.diagnose:
+        from .splitting import split_order
+
+        halves = [split_order(list(dom), str(k), config.seed) for k, dom in enumerate(lengths)]
+        pilot_keep = analysis_pilot_keep(cal, config)
+        for stage, names in (("ranking", [config.estimator]), ("diagnosis", ["pilot_gain"])):
+            memory[stage] = resident + tokens + inputs + pilot_memory(
+                cal, [a for a, _ in halves], [h for _, h in halves], pilot_keep, names, config.batch_size)
+    if config.estimator not in ("mean_loss", "paper") and not in_family([config.estimator], "pilot"):
         keep = min(config.align_blocks, cal.n_layers)
-        inputs = sum(flat) * cal.d_model * b
-        memory["ranking"] += inputs + max(cal.n_params * b, tail_params(cal, keep) * b + 8 * trainable_params(
-            cal, keep) * 4 + cal.step_bytes_per_token * batch)
+        memory["ranking"] = resident + tokens + inputs + max(
+            cal.n_params * b, tail_params(cal, keep) * b + 8 * trainable_params(cal, keep) * 4
+            + cal.step_bytes_per_token * batch)
     return {k: int(v) for k, v in memory.items()}
 
 
@@ -1047,6 +1163,8 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
         notes.append(f"per-domain solves spread over {min(ray_workers, len(lengths))} single-threaded Ray workers")
     stages.update(subspace)
     stages["ranking"] = analysis_ranking_s(cal, domains, config)
+    if config.diagnose and config.estimator != "pilot_gain":
+        stages["diagnosis"] = analysis_diagnosis_s(cal, domains, config)
     basis = _basis(cal) + [f"{len(flat)} facts, {predicted_tokens(flat)} predicted tokens, {len(lengths)} domains, "
                            f"route {route}, ranking by {config.estimator}"]
     if route == "cg":
@@ -1117,49 +1235,54 @@ def subspace_family_s(cal: Calibration, train: list, held: list, names, keep: in
     return seconds
 
 
-def _step_padded(base: list, added: list | None, batch: int, added_batch: int) -> float:
+def _step_padded(base: list, added: list | None, batch: int, added_batch: int, cycled: bool = False) -> float:
     """Padded tokens of one step's minibatch: `batch` facts of the base
-    mixture plus `added_batch` of the added facts, padded to the longest."""
+    mixture plus `added_batch` of the added facts, padded to the longest.
+    cycled: the added minibatch walks permutations of the added facts
+    (`TailTrainer.train(..., cycle_added=True)`), so it always holds
+    `added_batch` of them, repeating facts when there are fewer."""
     if not added:
         return expected_padded(base, batch)
-    a = min(added_batch, len(added))
-    return (min(batch, len(base)) + a) * max(expected_longest(base, batch), expected_longest(added, a))
+    drawn = min(added_batch, len(added))
+    a = added_batch if cycled else drawn
+    return (min(batch, len(base)) + a) * max(expected_longest(base, batch), expected_longest(added, drawn))
 
 
-def benchmark_units_s(cal: Calibration, train: list, held: list, config, keep: int, names: list) -> list:
-    """Seconds of every fine-tune unit: per recipe and seed the baseline
-    (held-out losses before and after) and one run per domain adding its
-    training facts (its held-out losses after); then the learning-curve
-    points of the main recipe (the base mixture without the domain, n of its
-    facts added, its curve_held facts read)."""
-    from .validation.finetune import curve_sizes_within
+def benchmark_units_s(cal: Calibration, sample: list, test: list, pool: list, config, keep: int) -> list:
+    """Seconds of every fine-tune unit of the collection protocol
+    (`validation.protocol.protocol_units`): per recipe and seed the baseline
+    (every domain's test losses before and after) and, per domain, one run
+    per dose adding the first n facts of its pool (cycled) and, with the
+    second reading, one adding its own sample, each reading its test facts.
+    Every run takes `dose_steps(recipe, max(doses))` steps of `batch` facts
+    of all the samples plus `added_batch` added facts. sample / test / pool:
+    [tokens per fact] per domain, the pool in the order the doses take it."""
+    from .validation.protocol import dose_steps
 
-    pool = [n for d in train for n in d]
-    held_all = [n for d in held for n in d]
+    base = [n for d in sample for n in d]
+    tests = [n for d in test for n in d]
+    n_max = max(config.doses)
     units = []
     for recipe in config.recipes:
         blocks = min(recipe.blocks, keep)
-        base = _step_padded(pool, None, recipe.batch, recipe.added_batch)
-        one_seed = [finetune_s(cal, recipe.steps, base, keep, blocks, 2 * padded_tokens(held_all, 16))]
-        one_seed += [finetune_s(cal, recipe.steps, _step_padded(pool, rows, recipe.batch, recipe.added_batch), keep,
-                                blocks, padded_tokens(held[k], 16)) for k, rows in enumerate(train)]
+        steps = dose_steps(recipe, n_max)
+        one_seed = [finetune_s(cal, steps, _step_padded(base, None, recipe.batch, recipe.added_batch), keep, blocks,
+                               2 * padded_tokens(tests, 16))]
+        for k in range(len(sample)):
+            read = padded_tokens(test[k], 16)
+            for n in sorted(config.doses):
+                step = _step_padded(base, pool[k][:n], recipe.batch, recipe.added_batch, cycled=True)
+                one_seed.append(finetune_s(cal, steps, step, keep, blocks, read))
+            if config.second_reading:
+                step = _step_padded(base, sample[k], recipe.batch, recipe.added_batch)
+                one_seed.append(finetune_s(cal, steps, step, keep, blocks, read))
         units += one_seed * config.seeds
-    main = next(r for r in config.recipes if r.name == config.main_recipe)
-    for name in config.curve_domains:
-        if name not in names:
-            continue
-        k = names.index(name)
-        own = train[k] + held[k]
-        rest = [n for j, d in enumerate(train) if j != k for n in d]
-        for n in curve_sizes_within(config.curve_sizes, len(own) - config.curve_held_out):
-            step = _step_padded(rest, own[:n] if n else None, main.batch, main.added_batch)
-            units.append(finetune_s(cal, main.steps, step, keep, min(main.blocks, keep),
-                                    padded_tokens(own[-config.curve_held_out:], 16)))
     return units
 
 
 def benchmark_estimators_s(cal: Calibration, train: list, held: list, config, keep: int) -> dict:
-    """Seconds of each estimator family the configuration asks for."""
+    """Seconds of each estimator family the configuration asks for, on the
+    samples' halves (train / held)."""
     names = list(config.estimators)
     main = next(r for r in config.recipes if r.name == config.main_recipe)
     out = {}
@@ -1181,31 +1304,46 @@ def benchmark_estimators_s(cal: Calibration, train: list, held: list, config, ke
             lr_known=not config.checkpoints or config.checkpoint_lr is not None)
     if in_family(names, "airrep"):
         out["AirRep"] = airrep_s(cal, train, held, main, keep)
+    pilots = in_family(names, "pilot")
+    if pilots:
+        out["pilot estimators"] = pilot_family_s(cal, train, held, pilots, keep, config.pilot_sizes,
+                                                 config.batch_size)
     return out
 
 
 def benchmark_memory(cal: Calibration, train: list, held: list, keep: int, recipes, batch_size: int,
-                     align_blocks: int, ekfac_blocks: int, ray_workers: int = 0) -> dict:
+                     align_blocks: int, ekfac_blocks: int, ray_workers: int = 0, truth: list | None = None,
+                     pilots=()) -> dict:
     """Peak bytes per stage of a benchmark. Resident throughout: the process,
-    the weights, the forward pass's per-token tensors and block inputs, and
-    the fine-tune trainer (its tail copy, the starting weights, its own copy
-    of the block inputs; building it deep-copies the whole model once). From
-    the subspace estimators on: the head product of every token (vocabulary
-    wide; built chunk by chunk and concatenated, so twice that while it is
-    built) and every domain's gradients and Hessian. Each stage adds its own
-    working set."""
+    the weights, the forward pass's per-token tensors and block inputs (with
+    `truth`, the tokens per fact of the ground truth's own pass over every
+    fact, its tensors too), and the fine-tune trainer on the ground truth's
+    facts (its tail copy, the starting weights, its own copy of the block
+    inputs; building it deep-copies the whole model once). From the subspace
+    estimators on: the head product of every token the estimators see
+    (vocabulary wide; built chunk by chunk and concatenated, so twice that
+    while it is built) and every domain's gradients and Hessian. Each stage
+    adds its own working set; the pilot estimators (`pilots`: those asked)
+    a trainer of their own on the samples and the whole model's gradients
+    (`pilot_memory`)."""
     b, d, v = cal.dtype_bytes, cal.d_ff, cal.vocab
     flat = [n for dom in train + held for n in dom]
     n_tokens, facts, k = predicted_tokens(flat), len(flat), len(train)
     inputs = sum(flat) * cal.d_model * b
-    resident = cal.base_bytes + max(cal.model_bytes, cal.n_params * b) + n_tokens * (d + cal.d_model + 6) * b + inputs
-    trainer = inputs + 2 * tail_params(cal, keep) * b
+    per_token = (d + cal.d_model + 6) * b
+    resident = cal.base_bytes + max(cal.model_bytes, cal.n_params * b) + n_tokens * per_token + inputs
+    every = flat if truth is None else list(truth)
+    truth_inputs = inputs if truth is None else sum(every) * cal.d_model * b
+    if truth is not None:
+        resident += predicted_tokens(every) * per_token + truth_inputs
+    trainer = truth_inputs + 2 * tail_params(cal, keep) * b
     line = n_tokens * v * b
     terms = k * (facts * d + d * d) * 8 + 3 * k * n_tokens * 8
     blocks = max(min(r.blocks, keep) for r in recipes)
     trained = trainable_params(cal, blocks) * b
-    step = cal.step_bytes_per_token * max(r.batch + r.added_batch for r in recipes) * max(flat)
-    batch = max(len(flat[i: i + batch_size]) * max(flat[i: i + batch_size]) for i in range(0, facts, batch_size))
+    step = cal.step_bytes_per_token * max(r.batch + r.added_batch for r in recipes) * max(every)
+    batch = max(max(len(x[i: i + batch_size]) * max(x[i: i + batch_size]) for i in range(0, len(x), batch_size))
+                for x in (flat, every))
     after = resident + trainer + line + terms
     memory = {"load model": cal.base_bytes + max(cal.model_bytes, cal.n_params * b),
               "forward pass": resident + cal.forward_bytes_per_token * batch,
@@ -1218,6 +1356,7 @@ def benchmark_memory(cal: Calibration, train: list, held: list, keep: int, recip
                   (i * i + o * o) * 4 + EKFAC_BATCH * i * o * 4 for i, o in cal.linear_shapes) + step,
               "trajectory estimators": after + (max(r.steps for r in recipes) + 10) * trained * 2 + step,
               "AirRep": after + 3 * trained + step,
+              "pilot estimators": after + pilot_memory(cal, train, held, keep, pilots, batch_size),
               "fine-tunes": after + 3 * trained + step}
     if ray_workers:
         worker = cal.base_bytes + trainer + tail_params(cal, keep) * b + 3 * trained + step
@@ -1228,21 +1367,42 @@ def benchmark_memory(cal: Calibration, train: list, held: list, keep: int, recip
     return {name: int(value) for name, value in memory.items()}
 
 
-def benchmark_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0,
+def leaderboard_sets(names: list) -> int:
+    """The per-group leaderboards a benchmark of these domains builds
+    (`leaderboard.group_leaderboards`): all domains, the ordinary ones and
+    the hard cases, each only with at least 3 domains."""
+    from .domains import benchmark_groups, domain_set
+
+    groups = benchmark_groups()
+    hard = sum(domain_set(groups.get(n)) == "hard" for n in names)
+    return sum(count >= 3 for count in (len(names), len(names) - hard, hard))
+
+
+def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: list, config, ray_workers: int = 0,
                    ray_local: bool = True) -> Estimate:
-    """The estimate of one benchmark. train / held: [(name, [tokens per
-    fact])] of the split's halves (after max_facts). ray_workers: Ray workers
-    for the fine-tunes (0: in this process); ray_local: they share this
-    machine's cores with the estimators."""
+    """The estimate of one benchmark under the collection protocol
+    (`validation.protocol`). train / held: [(name, [tokens per fact])] of
+    the halves of each domain's sample (what the estimators see); test /
+    pool: the same of its test facts and its pool (in the order the doses
+    take it). ray_workers: Ray workers for the fine-tunes (0: in this
+    process); ray_local: they share this machine's cores with the
+    estimators."""
+    from .validation.protocol import dose_steps
+
     names = [n for n, _ in train]
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
+    te, po = [list(x) for _, x in test], [list(x) for _, x in pool]
+    sample = [a + b for a, b in zip(tr, he)]
     keep = min(cal.n_layers, max([r.blocks for r in config.recipes] + [config.align_blocks]))
     flat = [n for d in tr for n in d] + [n for d in he for n in d]
+    # the ground truth's pass: every domain's sample then its pool, then every domain's test facts
+    everything = [n for s, p in zip(sample, po) for n in s + p] + [n for d in te for n in d]
     stages = {"start-up": cal.start_s, "load model": cal.load_s,
-              "forward pass": cal.forward_s_per_token * padded_tokens(flat, config.batch_size)}
+              "forward pass": cal.forward_s_per_token * (padded_tokens(flat, config.batch_size)
+                                                         + padded_tokens(everything, config.batch_size))}
     families = benchmark_estimators_s(cal, tr, he, config, keep)
     stages.update(families)
-    units = benchmark_units_s(cal, tr, he, config, keep, names)
+    units = benchmark_units_s(cal, sample, te, po, config, keep)
     notes = []
     if ray_workers:
         # each unit on one thread: the calibrated seconds times its threads (an upper bound)
@@ -1255,20 +1415,27 @@ def benchmark_cost(cal: Calibration, train: list, held: list, config, ray_worker
         notes.append(f"{len(units)} fine-tunes on {ray_workers} single-threaded Ray workers beside the estimators")
     else:
         stages["fine-tunes"] = sum(units)
-    # the trainer: a tail copy, checked on 16 held-out facts
-    stages["fine-tunes"] += cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep)
+    # the trainer: a tail copy, checked on the first 16 test facts
+    stages["fine-tunes"] += cal.copy_s + tail_pass_s(cal, padded_tokens([n for d in te for n in d][:16], 16), keep)
     curves = sum(1 for n in config.curve_domains if n in names)
     stages["learning-curve predictions"] = curves * (hessian_s(cal, max(predicted_tokens(t) for t in tr))
                                                      + 32 * solve_s(cal, cal.d_ff, lu=True))
-    stages["leaderboard"] = (len(config.estimators) * len(config.recipes) * config.bootstrap
+    # per estimator: every reading's leaderboard, and the main reading's per group
+    readings = len(config.recipes) * (2 if config.second_reading else 1)
+    stages["leaderboard"] = (len(config.estimators) * (readings + leaderboard_sets(names)) * config.bootstrap
                              * cal.leaderboard_s_per_resample)
-    truth = len(config.recipes) * config.seeds * (len(names) + 1)
-    basis = _basis(cal) + [f"{len(names)} domains, {len(flat)} facts ({predicted_tokens(flat)} predicted tokens), "
-                           f"{len(config.estimators)} estimators, {len(units)} fine-tunes ({len(config.recipes)} "
-                           f"recipes x {config.seeds} seeds x {len(names) + 1}, {len(units) - truth} curve points)"]
+    per_seed = 1 + len(names) * (len(config.doses) + int(config.second_reading))
+    steps = ", ".join(sorted({str(dose_steps(r, max(config.doses))) for r in config.recipes}, key=int))
+    basis = _basis(cal) + [
+        f"{len(names)} domains: samples of {sum(map(len, sample))} facts ({predicted_tokens(flat)} predicted "
+        f"tokens), {sum(map(len, te))} test facts, pools of {sum(map(len, po))}; {len(config.estimators)} "
+        f"estimators; {len(units)} fine-tunes of {steps} steps ({len(config.recipes)} recipes x {config.seeds} seeds "
+        f"x {per_seed}: the baseline and per domain {len(config.doses)} doses"
+        + (" and its sample" if config.second_reading else "") + ")"]
     notes.append("AirRep's encoder training and kronfluence's bookkeeping are left out (seconds)")
     memory = benchmark_memory(cal, tr, he, keep, config.recipes, config.batch_size, config.align_blocks,
-                              config.ekfac_blocks, ray_workers if ray_local else 0)
+                              config.ekfac_blocks, ray_workers if ray_local else 0, truth=everything,
+                              pilots=in_family(config.estimators, "pilot"))
     return Estimate("benchmark", stages, {k: memory[k] for k in stages}, cal.device, basis, notes)
 
 
@@ -1402,26 +1569,28 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
 def estimate_benchmark(model_id=None, domains=None, config=None, device: str = "cpu", threads: int | None = None,
                        executor=None, calibration: Calibration | None = None, tokenizer=None) -> Estimate:
     """What `validation.benchmark.run_benchmark` would cost (domains None:
-    the shipped benchmark domains). threads: the torch threads it would run
-    with (None: the current setting)."""
-    from .domains import Domain, benchmark_domains
+    the shipped benchmark domains, ordinary and hard cases). Each domain is
+    cut as the run cuts it (max_facts, then the collection protocol's
+    sample, test facts and pool, and the sample's halves). threads: the
+    torch threads it would run with (None: the current setting)."""
+    from .domains import benchmark_domains
     from .splitting import split_domains
     from .validation.benchmark import BenchmarkConfig, check_domains
+    from .validation.protocol import collection_split
 
     config = config or BenchmarkConfig()
     if config.checkpoints:
         from .checkpoints import check_last_is_model, validate_checkpoints
 
         check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
-    domains = check_domains(domains if domains is not None else benchmark_domains())
-    if config.max_facts:
-        domains = [Domain(d.name, d.facts[: config.max_facts]) for d in domains]
-    train, held = split_domains(domains, config.seed, config.held_out_fraction)
+    domains = check_domains(domains if domains is not None else benchmark_domains(), config)
+    protocol = collection_split(domains, config.seed, config.sample_facts, config.test_facts)
+    train, held = split_domains(protocol["sample"], config.seed, config.held_out_fraction)
     cal, loaded = _calibrated(model_id, device, "float32", threads, calibration)
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
     workers, local = ray_workers(executor)
-    return benchmark_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config,
-                          workers, local)
+    parts = [domain_tokens(tokenizer, cal, part) for part in (train, held, protocol["test"], protocol["pool"])]
+    return benchmark_cost(cal, *parts, config, workers, local)
 
 
 def estimate_validation(model_id, domains, config=None, held_out=None, executor=None,

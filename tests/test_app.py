@@ -556,7 +556,9 @@ def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_i
     job = at.session_state["benchmark_id"]
     state = default_runner().state(job)
     assert state.kind == "benchmark" and state.request["executor"]["kind"] == "ray" and state.active
-    assert state.request["config"]["max_facts"] == 12  # the quick benchmark
+    # the quick benchmark: 20 facts a domain, a sample of 8, 4 test facts, doses of 4 and 8 pool facts
+    quick = state.request["config"]
+    assert (quick["max_facts"], quick["sample_facts"], quick["test_facts"], list(quick["doses"])) == (20, 8, 4, [4, 8])
     deadline = time.monotonic() + 60
     while state.pid is None and time.monotonic() < deadline:
         time.sleep(0.2)

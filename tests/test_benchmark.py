@@ -45,13 +45,27 @@ def _cache(tmp_path, monkeypatch):
 
 
 def test_shipped_benchmark_has_power_and_every_group():
-    domains = benchmark_domains()
+    from dowsing.domains import HARD_KINDS, hard_case_domains
+    from dowsing.validation.benchmark import BenchmarkConfig, check_domains
+
+    ordinary = benchmark_domains(hard=False)
     groups = benchmark_groups()
-    assert len(domains) >= 24 and all(len(d.facts) >= 40 for d in domains)
-    assert {groups[d.name] for d in domains} == {"everyday", "encyclopedic", "specialist", "language", "invented"}
-    assert sum(groups[d.name] == "invented" for d in domains) >= 2
+    assert len(ordinary) >= 24 and all(len(d.facts) >= 60 for d in ordinary)
+    assert {groups[d.name] for d in ordinary} == {"everyday", "encyclopedic", "specialist", "language", "invented"}
+    assert sum(groups[d.name] == "invented" for d in ordinary) >= 2
+    # the default benchmark scores the hard cases too, each grouped by its kind
+    domains = benchmark_domains()
+    assert [d.name for d in domains] == [d.name for d in ordinary + hard_case_domains()]
+    # every shipped domain fills the default collection protocol (sample 16, test 12, pool 32)
+    assert len(check_domains(domains, BenchmarkConfig())) == len(domains)
+    assert {groups[d.name] for d in domains} == {"everyday", "encyclopedic", "specialist", "language",
+                                                 "invented", *HARD_KINDS}
+    # the quick set: six ordinary domains and one hard case of each kind, each filling the quick protocol
     quick = benchmark_domains(quick=True)
-    assert 5 <= len(quick) <= 8 and {d.name for d in quick} <= {d.name for d in domains}
+    assert len(quick) == 11 and {d.name for d in quick} <= {d.name for d in domains}
+    assert sum(groups[d.name] in HARD_KINDS for d in quick) == len(HARD_KINDS)
+    assert {groups[d.name] for d in quick if groups[d.name] in HARD_KINDS} == set(HARD_KINDS)
+    assert len(check_domains(quick, BenchmarkConfig.quick())) == 11
     every = [f for d in domains for f in d.facts]
     assert len(every) == len(set(every))
 
@@ -202,7 +216,18 @@ def test_quick_benchmark_cli_writes_a_leaderboard_that_recomputes(quick_run):
     assert "Winner:" in proc.stdout and "[" in proc.stderr  # progress lines
     result = json.loads(out.read_text())
     config = result["config"]
-    assert len(result["domains"]) == 6 and config["seeds"] == 2 and len(config["recipes"]) == 3
+    # six ordinary domains and one hard case of each kind; one recipe, read at the largest dose and (second
+    # reading) with each domain's own sample added
+    assert len(result["domains"]) == 11 and config["seeds"] == 2 and len(config["recipes"]) == 1
+    assert set(result["truth"]) == {"adamw", "adamw_sample"}
+    # the collection protocol: per domain a sample (halved for the estimators), test facts and a pool, disjoint
+    split = result["split"]
+    for name in result["domains"]:
+        sample, test, pool = split["sample"][name], split["test"][name], split["pool"][name]
+        assert (len(sample), len(test), len(pool)) == (config["sample_facts"], config["test_facts"],
+                                                       max(config["doses"]))
+        assert len(set(sample) | set(test) | set(pool)) == len(sample) + len(test) + len(pool)
+        assert sorted(split["train"][name] + split["held_out"][name]) == sorted(sample)
     # every rho on the leaderboard is scipy's Spearman of the priority and the seed-averaged gain
     for row in result["leaderboard"]:
         for name, cell in row["recipes"].items():
@@ -217,21 +242,45 @@ def test_quick_benchmark_cli_writes_a_leaderboard_that_recomputes(quick_run):
             lo, hi = cell["interval"]
             assert lo is None or lo <= hi
     estimators = {r["estimator"] for r in result["leaderboard"]}
-    assert {"paper", "mean_loss", "alignment_adam", "heldout_influence", "ekfac"} <= estimators
+    assert {"paper", "mean_loss", "alignment_adam", "heldout_influence", "ekfac", "pilot_gain", "pilot_curve",
+            "lookahead_sign"} <= estimators
     main = [r for r in result["leaderboard"] if r["recipes"][config["main_recipe"]]["spearman"] is not None]
     best = max(r["recipes"][config["main_recipe"]]["spearman"] for r in main)
     winner = next(r for r in main if r["estimator"] == result["winner"])
     assert winner["recipes"][config["main_recipe"]]["spearman"] >= best - 0.02
-    # ground truth: a real fine-tune lowered the held-out losses, differently per domain
-    gains = result["truth"]["adamw"]["gains"]
+    # ground truth: real fine-tunes moved the test losses, differently per domain; the ranking target is the
+    # gain at the largest dose
+    truth = result["truth"]["adamw"]
+    gains = truth["gains"]
     assert len(gains) == 2 and np.ptp(gains[0]) > 0
+    assert gains == truth["dose_gains"][str(max(config["doses"]))]
+    assert truth["gain"] == pytest.approx(np.mean(gains, axis=0).tolist())
     assert result["reliability"]["between_seeds"]["adamw"]["spearman"] == pytest.approx(
         stats.spearmanr(gains[0], gains[1]).statistic)
-    # learning curves: nested sizes, the measured and the predicted side by side
+    # per-group leaderboards: the hard cases and the ordinary domains, each rho scipy's on that subset
+    groups = [result["groups"][n] for n in result["domains"]]
+    hard_kinds = {"noise", "scrambled", "contradiction", "grab-bag", "redundant"}
+    by_group = result["group_leaderboards"]
+    assert by_group["hard"]["n_domains"] == 5 and by_group["ordinary"]["n_domains"] == 6
+    for name, keep in (("hard", lambda g: g in hard_kinds), ("ordinary", lambda g: g not in hard_kinds)):
+        idx = [i for i, g in enumerate(groups) if keep(g)]
+        target = np.mean(gains, axis=0)[idx]
+        for row in by_group[name]["rows"]:
+            priority = next(r["priority"] for r in result["leaderboard"] if r["estimator"] == row["estimator"])
+            want = stats.spearmanr(np.asarray(priority)[idx], target).statistic
+            assert row["spearman"] == pytest.approx(want) if not np.isnan(want) else row["spearman"] is None
+    assert result["default"]["estimator"] in estimators
+    # dose-response curves: the baseline's test loss, then each dose, beside the predicted saturation
     assert len(result["curves"]) == 3
     for curve in result["curves"]:
-        assert [p[0] for p in curve["measured"]["points"]] == [0, 2, 4, 8]
-        assert len(curve["predicted"]["ratio"]) == 3
+        k = result["domains"].index(curve["domain"])
+        points = curve["measured"]["points"]
+        assert [p[0] for p in points] == [0] + config["doses"]
+        assert points[0][1] == pytest.approx(truth["baseline_loss"][k])
+        for n, loss in points[1:]:
+            gain = np.mean([g[k] for g in truth["dose_gains"][str(n)]])
+            assert loss == pytest.approx(truth["baseline_loss"][k] - gain)
+        assert len(curve["predicted"]["ratio"]) == len(config["doses"])
 
 
 def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys):
@@ -256,10 +305,12 @@ def test_few_domains_warn_that_rho_has_no_power(tiny_llama_dir, tmp_path):
     from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
     from dowsing.domains import Domain
 
-    domains = [Domain(n, tuple(f"{n} fact number {i} is about {n.lower()}." for i in range(4)))
+    # six facts each: the smallest collection protocol (a sample of 4, 1 test fact, a dose of 1)
+    domains = [Domain(n, tuple(f"{n} fact number {i} is about {n.lower()}." for i in range(6)))
                for n in ("Alpha", "Beta", "Gamma")]
     config = BenchmarkConfig.quick(estimators=("mean_loss", "alignment"), seeds=1, curve_domains=(),
-                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50)
+                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50,
+                                   max_facts=0, sample_facts=4, test_facts=1, doses=(1,))
     with pytest.warns(UserWarning, match="no power"):
         result = run_benchmark(load_model(str(tiny_llama_dir)), domains, config)
     assert result.warnings and len(result.domains) == 3

@@ -281,17 +281,21 @@ def test_benchmark_reads_the_users_trajectory(trajectory_dirs):
     kind, dirs = trajectory_dirs
     if kind != "llama":
         pytest.skip("one architecture is enough for the plumbing")
+    # two more facts a domain for the smallest collection protocol (a sample of 4, 1 test fact, a dose of 1)
+    domains = [{"name": d["name"], "facts": d["facts"] + [f"{d['name']} fact number {i} is one more." for i in (5, 6)]}
+               for d in DOMAINS]
     config = BenchmarkConfig(recipes=[{"name": "adamw", "optimizer": "adamw", "steps": 2, "blocks": BLOCKS}],
                              seeds=1, estimators=("mean_loss", "tracin_ckpt", "ckpt_confidence"), curve_domains=(),
-                             bootstrap=0, checkpoints=tuple(str(d) for d in dirs), checkpoint_lr=0.1)
+                             bootstrap=0, checkpoints=tuple(str(d) for d in dirs), checkpoint_lr=0.1,
+                             sample_facts=4, test_facts=1, doses=(1,))
     with pytest.warns(UserWarning, match="no power"):
-        result = run_benchmark(str(dirs[-1]), DOMAINS, config)
+        result = run_benchmark(str(dirs[-1]), domains, config)
     by_name = {e["name"]: e for e in result.estimators}
     assert by_name["tracin_ckpt"]["details"]["trajectory"] == "user checkpoints"
     assert by_name["tracin_ckpt"]["details"]["step_sizes"] == [0.1, 0.1]
     assert by_name["ckpt_confidence"]["details"]["checkpoints"] == 3
     with pytest.raises(CheckpointError, match="must be the last checkpoint"):
-        run_benchmark(str(dirs[0]), DOMAINS, config)
+        run_benchmark(str(dirs[0]), domains, config)
 
 
 def test_validation_reads_the_users_trajectory(trajectory_dirs):

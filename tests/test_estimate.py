@@ -22,6 +22,14 @@ GOOD = {"domains": [
     {"name": "Biology", "facts": ["Cells are the basic unit of life.", "DNA carries genetic information.",
                                   "Plants make sugar from light.", "The heart pumps blood around the body."]},
 ]}
+
+
+def many_facts(n: int) -> dict:
+    """Two domains of n distinct facts each."""
+    return {"domains": [{"name": name, "facts": [f"{name} fact number {i} is about {topic}." for i in range(n)]}
+                        for name, topic in (("Physics", "energy"), ("Biology", "cells"))]}
+
+
 # The tiny GPT-2 of tests/tiny_models.py by hand: d_model 16, MLP 24, 2 blocks, 128 positions. A block: two
 # LayerNorms (2 x 32), attention c_attn 16 x 48 + 48 and c_proj 16 x 16 + 16, MLP c_fc 16 x 24 + 24 and
 # c_proj 24 x 16 + 16. The arithmetic below uses it with the embedded tokenizer's 49 152 tokens; the model
@@ -167,27 +175,105 @@ def test_alignment_ranking_counts_one_gradient_per_fact_and_per_chunk():
     assert adam == pytest.approx(got + 8 + 8 * 3 * 2 * 1960 * 1e-6)
 
 
-def test_benchmark_counts_its_fine_tunes():
+def test_benchmark_counts_the_protocols_fine_tunes_by_hand():
     from dowsing.validation.benchmark import BenchmarkConfig
 
     cal = tiny_calibration()
+    # the quick protocol: samples of 8 (halves of 4), 4 test facts, pools of 8; doses 4 and 8 and the second
+    # reading; one recipe (4 steps, the last 2 blocks, 4 sample facts + 4 added facts a step), 2 seeds.
+    # Every fact 6 tokens, so each minibatch's padding is its size times 6.
     config = BenchmarkConfig.quick(curve_domains=("B",))
-    train = [("A", [5] * 6), ("B", [6] * 6), ("C", [7] * 6)]
-    held = [("A", [5] * 6), ("B", [6] * 6), ("C", [7] * 6)]
-    got = est.benchmark_cost(cal, train, held, config)
-    units = est.benchmark_units_s(cal, [x for _, x in train], [x for _, x in held], config, 2, ["A", "B", "C"])
-    # 3 recipes x 2 seeds x (3 domains + the baseline), and the curve of B at n = 0, 2, 4, 8 (pool 12 - 4 held)
-    assert len(units) == 3 * 2 * 4 + 4
-    check = 1e-9 * 16 * 7 * (TINY_HEAD + 2 * TINY_BLOCK)  # the trainer's check: 16 facts padded to the longest
+    names = ("A", "B", "C")
+    train, held = [(n, [6] * 4) for n in names], [(n, [6] * 4) for n in names]
+    test, pool = [(n, [6] * 4) for n in names], [(n, [6] * 8) for n in names]
+    got = est.benchmark_cost(cal, train, held, test, pool, config)
+    units = est.benchmark_units_s(cal, [[6] * 8] * 3, [[6] * 4] * 3, [[6] * 8] * 3, config, 2)
+    # per seed: the baseline and per domain 2 doses and its sample: 1 + 3 x 3 = 10, twice
+    assert len(units) == 2 * 10
+    train_work = 2 * TINY_HEAD + 6 * TINY_BLOCK  # forward and backward through the 2 trained blocks
+    read_work = TINY_HEAD + 2 * TINY_BLOCK
+    # dose_steps = max(4, ceil(2 x 8 / 4)) = 4 steps each; the baseline reads the 12 test facts before and after
+    baseline = 1e-9 * (4 * 4 * 6 * train_work + 2 * 12 * 6 * read_work)
+    added = 1e-9 * (4 * 8 * 6 * train_work + 4 * 6 * read_work)  # a dose or the sample, read on 4 test facts
+    assert sum(units) == pytest.approx(2 * (baseline + 9 * added))
+    check = 1e-9 * 12 * 6 * read_work  # the trainer's check: the first 16 test facts (there are 12)
     assert got.stages_s["fine-tunes"] == pytest.approx(sum(units) + check)
-    assert {"subspace estimators", "alignment estimators", "EK-FAC", "trajectory estimators", "AirRep"} <= set(
-        got.stages_s)
-    assert "28 fine-tunes" in " ".join(got.basis)
+    # two forward passes: the 24 sample facts, and all 60 (samples, pools, test facts)
+    assert got.stages_s["forward pass"] == pytest.approx(1e-3 * (24 + 60) * 6)
+    assert {"subspace estimators", "alignment estimators", "EK-FAC", "trajectory estimators", "AirRep",
+            "pilot estimators"} <= set(got.stages_s)
+    assert "20 fine-tunes of 4 steps (1 recipes x 2 seeds x 10: the baseline and per domain 2 doses and its sample)" \
+        in " ".join(got.basis)
+    # the leaderboard: per estimator, both readings and the per-group boards of all and the ordinary domains
+    # (no hard case here)
+    assert got.stages_s["leaderboard"] == pytest.approx(len(config.estimators) * (2 + 2) * 500 * 1e-4)
+    # the memory holds both passes' per-token tensors and block inputs
+    tokens = (24 + 60) * 5 * (24 + 16 + 6) * 4 + (24 + 60) * 6 * 16 * 4
+    assert got.memory_bytes["forward pass"] == 100_000_000 + TINY_PARAMS * 4 + tokens + 1000 * 16 * 6
     # on 2 Ray workers sharing this machine: (estimators + fine-tunes at one thread) / 2, beside the estimators
-    ray = est.benchmark_cost(cal, train, held, config, ray_workers=2, ray_local=True)
-    estimators = sum(v for k, v in ray.stages_s.items() if k in ("subspace estimators", "alignment estimators",
-                                                                  "EK-FAC", "trajectory estimators", "AirRep"))
+    ray = est.benchmark_cost(cal, train, held, test, pool, config, ray_workers=2, ray_local=True)
+    families = ("subspace estimators", "alignment estimators", "EK-FAC", "trajectory estimators", "AirRep",
+                "pilot estimators")
+    estimators = sum(v for k, v in ray.stages_s.items() if k in families)
     assert ray.stages_s["fine-tunes"] == pytest.approx(max((estimators + sum(units)) / 2 - estimators, 0.0) + check)
+    # without the second reading, one run fewer per domain and seed
+    single = est.benchmark_units_s(cal, [[6] * 8] * 3, [[6] * 4] * 3, [[6] * 8] * 3,
+                                   BenchmarkConfig.quick(second_reading=False), 2)
+    assert len(single) == 2 * 7 and sum(single) == pytest.approx(2 * (baseline + 6 * added))
+
+
+def test_a_dose_walks_its_pool_so_every_step_adds_a_full_minibatch():
+    base = [6] * 24
+    # one pool fact of 9 tokens: the cycled minibatch repeats it (4 + 4 facts), a drawn one holds it once
+    assert est._step_padded(base, [9], 4, 4, cycled=True) == 8 * 9
+    assert est._step_padded(base, [9], 4, 4) == 5 * 9
+    assert est._step_padded(base, None, 4, 4) == 4 * 6
+
+
+def test_pilot_estimators_by_hand():
+    cal = tiny_calibration()
+    train, held = [[6] * 4, [6] * 4, [6] * 1], [[6] * 4, [6] * 4, [6] * 1]  # the third domain is too small
+    train_work = 2 * TINY_HEAD + 6 * TINY_BLOCK  # PILOT_RECIPE trains min(4, keep = 2) blocks
+    read_work = TINY_HEAD + 2 * TINY_BLOCK
+    check = 1e-9 * 9 * 6 * read_work  # the pilot trainer's check on the 9 facts of the halves B
+    # pilot_gain: the smaller half's whole size (4 facts), both ways: 4 steps of all 4 facts, a read of the other 4
+    run = 1e-9 * (4 * 4 * 6 * train_work + 4 * 6 * read_work)
+    assert est.pilot_family_s(cal, train, held, ["pilot_gain"], 2, (2, 4)) == pytest.approx(check + 2 * 2 * run)
+    # pilot_curve: sizes 2 and 4, both ways
+    small = 1e-9 * (4 * 2 * 6 * train_work + 4 * 6 * read_work)
+    assert est.pilot_family_s(cal, train, held, ["pilot_gain", "pilot_curve"], 2, (2, 4)) == pytest.approx(
+        check + 2 * 2 * (run + small))
+    # lookahead_sign: per half a forward pass over its 4 facts and a backward through the head and both blocks
+    half = 1e-3 * 24 + 1e-9 * 24 * (TINY_HEAD + 4 * TINY_BLOCK)
+    assert est.pilot_family_s(cal, train, held, ["lookahead_sign"], 2) == pytest.approx(2 * 2 * half)
+    # memory: the pilots' trainer (block inputs of the 18 facts, a tail copy and its starting weights, gradients
+    # and AdamW's moments of 2 blocks) with a step over the larger half (4 facts); the lookahead's whole-model
+    # gradients and signs with a batch's activations (the one-block step's 500 B a token, then the other block's
+    # 10 x 16 + 4 x 24 values)
+    trainer = 18 * 6 * 16 * 4 + 2 * TINY_PARAMS * 4 + 3 * 2 * TINY_BLOCK * 4  # both blocks kept: the whole model
+    step = 500 * 4 * 6
+    lookahead = 4 * TINY_PARAMS * 4 + (500 + (10 * 16 + 4 * 24) * 4) * 16 * 6
+    assert est.pilot_memory(cal, train, held, 2, ["pilot_gain"]) == trainer + step
+    assert est.pilot_memory(cal, train, held, 2, ["lookahead_sign"]) == lookahead
+    assert est.pilot_memory(cal, train, held, 2, ["pilot_curve", "lookahead_sign"]) == trainer + max(step, lookahead)
+
+
+def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
+    cal = tiny_calibration()
+    domains = [("A", [6] * 8), ("B", [6] * 8)]
+    plain = est.analysis_cost(cal, domains, AnalysisConfig(diagnose=False))
+    assert "diagnosis" not in plain.stages_s
+    diagnosed = est.analysis_cost(cal, domains, AnalysisConfig())
+    halves = ([[6] * 4] * 2, [[6] * 4] * 2)
+    want = est.pilot_family_s(cal, *halves, ["pilot_gain"], 2)
+    assert diagnosed.stages_s["diagnosis"] == pytest.approx(want) and want > 0
+    assert diagnosed.total_s == pytest.approx(plain.total_s + want)
+    # ranked by the pilot gain, the diagnosis reuses it; its cost is the ranking's
+    pilot = est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_gain"))
+    assert "diagnosis" not in pilot.stages_s and pilot.stages_s["ranking"] == pytest.approx(want)
+    curve = est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_curve", diagnose=False))
+    assert curve.stages_s["ranking"] == pytest.approx(est.pilot_family_s(cal, *halves, ["pilot_curve"], 2))
+    assert curve.stages_s["ranking"] > want
 
 
 def test_memory_warning_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):
@@ -261,8 +347,15 @@ def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, caps
 def test_benchmark_and_validate_estimate(command, tmp_path, capsys, tiny_gpt2_dir, calibrated):
     use_calibration(calibrated)
     domains = tmp_path / "d.json"
-    domains.write_text(json.dumps(GOOD))
-    extra = ["--quick"] if command == "benchmark" else []
+    extra = []
+    if command == "benchmark":
+        # six facts a domain and the smallest collection protocol: a sample of 4, 1 test fact, a dose of 1
+        domains.write_text(json.dumps(many_facts(6)))
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"max_facts": 0, "sample_facts": 4, "test_facts": 1, "doses": [1]}))
+        extra = ["--quick", "--config", str(config)]
+    else:
+        domains.write_text(json.dumps(GOOD))
     out = tmp_path / "out.json"
     code = main([command, "--model", str(tiny_gpt2_dir), "--domains", str(domains), "--out", str(out), "--quiet",
                  "--estimate", *extra])
@@ -270,6 +363,9 @@ def test_benchmark_and_validate_estimate(command, tmp_path, capsys, tiny_gpt2_di
     assert code == 0, stderr
     assert f"Estimated {'benchmark' if command == 'benchmark' else 'validation'}:" in stdout
     assert "fine-tun" in stdout and not out.exists()
+    if command == "benchmark":
+        # 2 seeds x (the baseline + 2 domains x (1 dose and the sample))
+        assert "10 fine-tunes" in stdout and "pilot estimators" in stdout
 
 
 @pytest.mark.parametrize("command", ["analyze", "benchmark", "validate"])
@@ -280,7 +376,8 @@ def test_bad_input_with_estimate_is_the_runs_one_line_error(command, tmp_path, c
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
     good = tmp_path / "good.json"
-    good.write_text(json.dumps(GOOD))
+    # domains the run accepts (the benchmark's collection protocol needs 60 facts a domain), so only the model is bad
+    good.write_text(json.dumps(many_facts(60) if command == "benchmark" else GOOD))
     code = main([command, "--model", str(tmp_path / "no-such-model"), "--domains", str(good), "--estimate"])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "not found" in err.lower()

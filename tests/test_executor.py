@@ -79,9 +79,15 @@ def test_a_corrupt_stored_unit_is_recomputed_not_used(tmp_path):
 # --- on a real local Ray -----------------------------------------------------------------------------------
 
 
+# A small collection protocol on 8 facts a domain: a sample of 4, 2 test facts and a pool of 2 (one dose); with
+# the second reading, every kind of the protocol's units runs.
+SAMPLE, TEST, DOSES = 4, 2, (2,)
+
+
 def _small_config(**changes):
     fields = dict(estimators=("mean_loss", "alignment_heldout"), seeds=1, bootstrap=50, curve_domains=("Cooking",),
-                  curve_sizes=(0, 2), recipes=(Recipe("adamw", "adamw", lr=3e-4, steps=2, blocks=2),))
+                  recipes=(Recipe("adamw", "adamw", lr=3e-4, steps=2, blocks=2),), max_facts=0,
+                  sample_facts=SAMPLE, test_facts=TEST, doses=DOSES, second_reading=True)
     fields.update(changes)
     return BenchmarkConfig.quick(**fields)
 
@@ -117,9 +123,10 @@ def test_benchmark_on_ray_gives_the_same_numbers_and_ships_the_weights_once(ray_
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-12)
     records = [r for r in ray_executor.telemetry.records if not r.cached]
     families = [r for r in records if r.key.startswith("estimators/")]
-    # each estimator family is a unit beside the fine-tunes: the baseline, one per domain, two curve points
+    # each estimator family is a unit beside the fine-tunes: the baseline, and per domain one run per dose and
+    # one adding its sample (the curves read the doses: no units of their own)
     assert sorted(r.key for r in families) == ["estimators/alignment", "estimators/subspace"]
-    assert len(records) == result.execution["units"] == len(_domains()) + 1 + 2 + len(families)
+    assert len(records) == result.execution["units"] == 1 + len(_domains()) * (len(DOSES) + 1) + len(families)
     assert len({r.pid for r in records}) == 2  # both workers took units
     # one payload in the object store per batch: the estimators' context and the trainer
     assert len(ray_executor._refs) == 2
@@ -184,19 +191,20 @@ def test_a_worker_killed_mid_run_is_retried_and_the_numbers_do_not_change(ray_ex
 
 def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_llama64, tmp_path):
     from dowsing.training import TailTrainer, build_trainer
-    from dowsing.validation.finetune import finetune_unit, truth_units
+    from dowsing.validation.protocol import collection_split, protocol_unit, protocol_units
     from dowsing.forward import split_pass
-    from dowsing.splitting import split_domains
 
-    train, held = split_domains(_domains(), 0, 0.5)
-    split = split_pass(tiny_llama64, train, held, capture_block=0)
+    # the benchmark's ground-truth trainer: every domain's sample then its pool, its test facts held out
+    protocol = collection_split(_domains(), 0, SAMPLE, TEST)
+    grown = [Domain(s.name, s.facts + p.facts) for s, p in zip(protocol["sample"], protocol["pool"])]
+    split = split_pass(tiny_llama64, grown, protocol["test"], capture_block=0)
     trainer = TailTrainer(tiny_llama64, split)
     recipe = Recipe("slow", "adamw", lr=3e-4, steps=12, blocks=2)
-    units = truth_units(recipe, 0, len(train)) + truth_units(recipe, 1, len(train))
+    units = [u for seed in (0, 1) for u in protocol_units(recipe, seed, len(grown), DOSES, SAMPLE, True)]
     store = UnitStore("cancel-run", folder=tmp_path / "units")
     finished = []
     with pytest.raises(RunCancelled):
-        ray_executor.run(finetune_unit, units, Shared("cancel-tail", payload=trainer.payload(), build=build_trainer),
+        ray_executor.run(protocol_unit, units, Shared("cancel-tail", payload=trainer.payload(), build=build_trainer),
                          store=store, on_done=lambda key, value, done, total: finished.append(key),
                          should_stop=lambda: len(finished) >= 2)
     deadline = time.time() + 30

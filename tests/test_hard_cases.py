@@ -7,8 +7,8 @@ from collections import Counter
 
 import pytest
 
-from dowsing.domains import (DATA_DIR, as_domains, benchmark_domains, benchmark_file, hard_case_domains,
-                             hard_case_groups)
+from dowsing.domains import (DATA_DIR, as_domains, benchmark_domains, benchmark_file, benchmark_groups,
+                             hard_case_domains, hard_case_groups)
 
 KINDS = {"noise", "scrambled", "contradiction", "grab-bag", "redundant"}
 
@@ -38,11 +38,20 @@ def test_shipped_hard_cases_have_every_kind_and_enough_facts():
     assert all(8 <= len(f.split()) <= 30 and f.endswith(".") for d in domains for f in d.facts)
 
 
-def test_hard_cases_stay_out_of_the_default_benchmark_and_repeat_no_fact():
-    ordinary = benchmark_domains()
+def test_hard_cases_are_in_the_default_benchmark_after_the_ordinary_ones_and_repeat_no_fact():
+    everything = benchmark_domains()
+    ordinary = benchmark_domains(hard=False)
+    hard = hard_case_domains()
+    # the default benchmark scores the hard cases too: the ordinary domains first, then every hard case
+    assert [d.name for d in everything] == [d.name for d in ordinary] + [d.name for d in hard]
     assert not {d.name for d in ordinary} & set(hard_case_groups())
+    assert {benchmark_groups()[d.name] for d in hard} == KINDS
+    # the quick set: one hard case per kind after the quick ordinary domains
+    quick = benchmark_domains(quick=True)
+    quick_ordinary = benchmark_domains(quick=True, hard=False)
+    assert [d.name for d in quick] == [d.name for d in quick_ordinary] + [d.name for d in hard_case_domains(quick=True)]
     # as_domains rejects a repeated name or fact (ignoring case and spacing) across all of them.
-    as_domains(ordinary + hard_case_domains())
+    as_domains(everything)
 
 
 def test_the_generator_reproduces_the_shipped_file(generator, tmp_path):

@@ -63,10 +63,13 @@ def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, 
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
 
 
-# Three domains of four facts: the fewest a validation's rank correlation and
-# a benchmark's split take.
+# Three domains of four facts: the fewest a validation's rank correlation and split take.
 THREE = [Domain(n, tuple(f"{n} fact number {i} is about {n.lower()}." for i in range(4)))
          for n in ("Alpha", "Beta", "Gamma")]
+# Three domains of six facts: the fewest the benchmark's smallest collection protocol takes (a sample of 4,
+# 1 test fact, a dose of 1).
+THREE_SIX = [Domain(n, tuple(f"{n} fact number {i} is about {n.lower()}." for i in range(6)))
+             for n in ("Alpha", "Beta", "Gamma")]
 
 
 def request(model_dir, domains=SMALL, name="Science") -> JobRequest:
@@ -87,8 +90,9 @@ def benchmark_request(model_dir, **fields) -> JobRequest:
     from dowsing.validation.benchmark import BenchmarkConfig
 
     config = BenchmarkConfig.quick(estimators=("mean_loss", "alignment"), seeds=1, curve_domains=(),
-                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50)
-    return JobRequest(kind="benchmark", model_id=str(model_dir), domains=list(THREE), config=config,
+                                   recipes=(Recipe("adamw", steps=1, blocks=1),), align_blocks=1, bootstrap=50,
+                                   max_facts=0, sample_facts=4, test_facts=1, doses=(1,))
+    return JobRequest(kind="benchmark", model_id=str(model_dir), domains=list(THREE_SIX), config=config,
                       domain_set_name="Three", **fields)
 
 
