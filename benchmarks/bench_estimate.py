@@ -1,7 +1,7 @@
 """The estimate against a measurement: predicted wall time and peak resident
 memory of `python -m dowsing analyze` (embedded default model, default
 domains, computed afresh) and `python -m dowsing benchmark --quick` (the same
-model, six domains of 12 facts), then each command run in a child process:
+model, eleven domains of 20 facts), then each command run in a child process:
 its wall time, and its peak RSS from the kernel's accounting of that child
 (os.wait4). The machine's load average is recorded before and after each run.
 
@@ -51,13 +51,12 @@ print(json.dumps({"estimate": got.to_dict(), "seconds": time.perf_counter() - t0
 DOCUMENTED_CODE = """
 import json, sys
 from dowsing import estimate
-from dowsing.validation.benchmark import DEFAULT_RECIPES, BenchmarkConfig, DEFAULT_ESTIMATORS
-later = ("diffin", "tracin_ckpt", "vog", "ckpt_confidence", "ckpt_variability", "el2n", "airrep")
+from dowsing.estimators import names
+from dowsing.validation.benchmark import BenchmarkConfig
+costly = ("diffin", "tracin_ckpt", "alignment", "alignment_adam", "alignment_heldout", "alignment_heldout_adam")
 runs = {
-    "full benchmark, 12 estimators, 1 thread (54 min)":
-        (BenchmarkConfig(estimators=tuple(e for e in DEFAULT_ESTIMATORS if e not in later)), 1),
-    "evidence run, main recipe, every estimator (98 min with 2 threads; estimated with 1)":
-        (BenchmarkConfig(recipes=DEFAULT_RECIPES[:1], curve_domains=()), 1),
+    "collection protocol, 37 domains, estimators <= 5x mean loss and the pilots, 1 thread":
+        (BenchmarkConfig(estimators=tuple(e for e in names("benchmark") if e not in costly)), 1),
 }
 out = {}
 for name, (config, threads) in runs.items():

@@ -33,9 +33,11 @@ st.caption("Each domain's facts are split into a training and a held-out half. E
 choice = _shared.model_choice()
 left, right = st.columns([3, 2])
 source = right.radio("Domains", ["Shipped benchmark domains", "Active domain set"], key="bench_source",
-                     help="The shipped set has 27 domains of 40 facts, from everyday to specialist topics, three "
-                          "languages and two invented controls. Fewer than 5 domains give ρ no power.")
-quick = right.checkbox("Quick (6 domains of 12 facts, short recipes)", key="bench_quick",
+                     help="The shipped set has 37 domains of 60 facts: 27 ordinary ones (everyday to specialist "
+                          "topics, three languages, two invented controls) and 10 hard cases (noise, scrambled, "
+                          "contradiction, grab-bag, redundant). Each needs a sample of 16, 12 test facts and a pool "
+                          "of 32. Fewer than 5 domains give ρ no power.")
+quick = right.checkbox("Quick (11 domains of 20 facts, a short recipe)", key="bench_quick",
                        help="A few minutes; the full benchmark on the default model takes about an hour on a 2-core "
                             "CPU in one process (docs/PERFORMANCE.md).")
 if source == "Active domain set":
