@@ -724,6 +724,14 @@ def plan_rows(result: PlanResult) -> list:
     return rows
 
 
+def fit_text(row: dict) -> str:
+    """A plan row's fit for people: "power (LOO error 0.0013)", or "not
+    identifiable: " and the reason."""
+    if row["form"] is None:
+        return f"not identifiable: {row['reason']}"
+    return row["form"] + (f" (LOO error {row['fit_error']:.2g})" if row["fit_error"] is not None else "")
+
+
 def plan_csv(result: PlanResult) -> str:
     """`plan_rows` as CSV with a header row; a missing value is an empty cell."""
     import csv
