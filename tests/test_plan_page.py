@@ -82,6 +82,7 @@ def planned(tiny):
     at = plan_page(tiny)
     assert shown_table(at) is None
     assert any("No learning curves yet" in i.value for i in at.info)
+    assert any(b.label == "Estimate time and memory" for b in at.button)  # no calibration of the model yet
     start = next(b for b in at.button if b.label == "Start")
     assert not start.disabled
     start.click()
