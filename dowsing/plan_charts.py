@@ -39,7 +39,9 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
                 if d["identifiable"] else f"<br>{d['reason']}") for d in rows]
     fig = go.Figure(go.Bar(
         y=[d["domain"] for d in rows], x=[d["collect"] for d in rows], orientation="h",
-        marker=dict(color=[colors[d["domain"]] for d in rows]), text=text, textposition="auto",
+        marker=dict(color=[colors[d["domain"]] for d in rows]), text=text,
+        # an empty bar has no inside: its "0" or "not identifiable" goes beside it
+        textposition=["inside" if d["collect"] else "outside" for d in rows],
         hovertext=hover, hoverinfo="text", cliponaxis=False,
     ))
     fig.update_yaxes(autorange="reversed", title=None)

@@ -11,7 +11,6 @@ budget, costs, weights or caps, without a new job.
 from __future__ import annotations
 
 import hashlib
-import math
 
 import pandas as pd
 import streamlit as st
@@ -76,9 +75,7 @@ for blocker in blockers:
 
 def _cell(value):
     """A table cell as a number, or None when empty."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or pd.isna(value):
-        return None
-    return float(value)
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def _inputs() -> tuple:
