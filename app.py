@@ -1,8 +1,8 @@
 """The dowsing dashboard: a router over the pages plus the shared sidebar.
 
 Run with `make run` (or `streamlit run app.py`). The pages only lay out
-widgets; analyses, validations and benchmarks run as background jobs, in a
-worker process behind `dowsing.jobs`.
+widgets; analyses, validations, benchmarks and a plan's pilots run as
+background jobs, in a worker process behind `dowsing.jobs`.
 """
 import streamlit as st
 
@@ -14,6 +14,7 @@ page = st.navigation([
     st.Page("pages/domains.py", title="Domains", icon=":material/edit_note:", url_path="domains", default=True),
     st.Page("pages/run.py", title="Run", icon=":material/play_circle:", url_path="run"),
     st.Page("pages/results.py", title="Results", icon=":material/leaderboard:", url_path="results"),
+    st.Page("pages/plan.py", title="Plan", icon=":material/shopping_cart:", url_path="plan"),
     st.Page("pages/compare.py", title="Compare runs", icon=":material/compare_arrows:", url_path="compare"),
     st.Page("pages/validate.py", title="Validate", icon=":material/fact_check:", url_path="validate"),
     st.Page("pages/benchmark.py", title="Benchmark", icon=":material/query_stats:", url_path="benchmark"),

@@ -1,6 +1,6 @@
 """What a run will cost before it starts: wall time on this machine and peak
 memory (the process's resident memory on the CPU, allocated GPU memory with
-device cuda) for an analysis, a benchmark or a validation.
+device cuda) for an analysis, a benchmark, a validation or a plan's pilots.
 
 Two parts:
 
@@ -12,7 +12,8 @@ Two parts:
   after loading and needs on top per token for those passes. A few seconds,
   cached as JSON per model fingerprint, device, dtype and torch threads under
   cache/estimates/.
-* Pure cost functions (`analysis_cost`, `benchmark_cost`, `validation_cost`)
+* Pure cost functions (`analysis_cost`, `benchmark_cost`, `validation_cost`,
+  `plan_cost`)
   that scale those rates by what the run does: tokens, facts, domains,
   fine-tunes, gradients, parameters and the copies each stage holds.
 
@@ -1496,6 +1497,56 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     return Estimate("validation", stages, {k: memory[k] for k in stages}, cal.device, basis, notes)
 
 
+def plan_units_s(cal: Calibration, train: list, held: list, sizes, steps: int, keep: int) -> list:
+    """Seconds of every pilot fine-tune of a plan (`plan.measure_pilots`):
+    per domain whose halves A (train) and B (held) have 2 facts each, per n
+    of `pilots.pilot_sizes`, `steps` steps on A's first n facts (all of them
+    in every step: n times the longest) then B's losses read in batches of
+    16, and the same from B to A. Every unit trains all `keep` kept blocks."""
+    from .pilots import pilot_sizes
+
+    units = []
+    for a, b in zip(train, held):
+        if min(len(a), len(b)) < 2:
+            continue
+        for n in pilot_sizes(sizes, len(a), len(b)):
+            units.append(finetune_s(cal, steps, n * max(a[:n]), keep, keep, padded_tokens(b, 16)))
+            units.append(finetune_s(cal, steps, n * max(b[:n]), keep, keep, padded_tokens(a, 16)))
+    return units
+
+
+def plan_cost(cal: Calibration, train: list, held: list, config) -> Estimate:
+    """The estimate of a plan's pilots (a PilotConfig or PlanConfig); train /
+    held as in `benchmark_cost`, the halves of `splitting.split_domains`.
+    Memory as the benchmark's forward pass and fine-tunes hold it, without
+    the estimators' working sets."""
+    from .pilots import PILOT_RECIPE
+
+    tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
+    keep = min(PILOT_RECIPE.blocks, cal.n_layers)
+    flat = [n for d in tr for n in d] + [n for d in he for n in d]
+    units = plan_units_s(cal, tr, he, config.pilot_sizes, PILOT_RECIPE.steps, keep)
+    stages = {"start-up": cal.start_s, "load model": cal.load_s,
+              "forward pass": cal.forward_s_per_token * padded_tokens(flat, config.batch_size),
+              # the trainer: a tail copy, checked on 16 held-out facts
+              "pilot fine-tunes": sum(units) + cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep)}
+    b, d = cal.dtype_bytes, cal.d_ff
+    inputs = sum(flat) * cal.d_model * b
+    resident = (cal.base_bytes + max(cal.model_bytes, cal.n_params * b)
+                + predicted_tokens(flat) * (d + cal.d_model + 6) * b + inputs)
+    batch = max(len(flat[i: i + config.batch_size]) * max(flat[i: i + config.batch_size])
+                for i in range(0, len(flat), config.batch_size))
+    largest = max([min(len(a), len(h)) for a, h in zip(tr, he)] + [1])
+    memory = {"start-up": cal.base_bytes, "load model": cal.base_bytes + max(cal.model_bytes, cal.n_params * b),
+              "forward pass": resident + cal.forward_bytes_per_token * batch,
+              "pilot fine-tunes": resident + inputs + 2 * tail_params(cal, keep) * b
+              + 3 * trainable_params(cal, keep) * b + cal.step_bytes_per_token * largest * max(flat)}
+    basis = _basis(cal) + [f"{len(tr)} domains, {len(flat)} facts ({predicted_tokens(flat)} predicted tokens), "
+                           f"{len(units)} pilot fine-tunes of {PILOT_RECIPE.steps} steps on the last {keep} blocks"]
+    notes = ["the fits, bands and allocation after the pilots take well under a second and are left out"]
+    return Estimate("plan", stages, memory, cal.device, basis, notes)
+
+
 # --- from a request to an estimate -------------------------------------------------------------------------------
 
 def load_tokenizer(model_id):
@@ -1643,3 +1694,30 @@ def report(build, out=None) -> int:
               file=out)
     print("Nothing was run (--estimate).", file=out)
     return 0
+
+
+def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibration: Calibration | None = None,
+                  tokenizer=None) -> Estimate:
+    """What a plan's pilots (`plan.pilot_measurements`, a plan job) would
+    cost; config a PilotConfig or PlanConfig. With use_cache and the pilots
+    stored under their `plan_key` the run returns them at once, and the
+    estimate says so."""
+    from .domains import as_domains
+    from .plan import PilotConfig, plan_key
+    from .splitting import split_domains
+
+    config = config or PilotConfig()
+    domains = as_domains(domains)
+    train, held = split_domains(domains, config.seed)
+    cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
+    tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
+    estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config)
+    if use_cache and (cache_dir() / "plans").is_dir():
+        from .store import JsonStore
+
+        if JsonStore("plans").get(plan_key(model_id, domains, config)) is not None:
+            estimate.notes.insert(0, f"these pilots are cached: the run returns them at once (measured afresh, "
+                                     f"about {format_seconds(estimate.total_s)})")
+            estimate.stages_s = {"cached pilots": 0.0}
+            estimate.memory_bytes = {"cached pilots": cal.base_bytes}
+    return estimate

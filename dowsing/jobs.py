@@ -1,7 +1,8 @@
 """Background jobs: a request goes in, a job id comes out, and the state
 (stage, progress, error) can be polled from any process.
 
-A request has a kind: an analysis, a validation or a benchmark. What differs
+A request has a kind: an analysis, a validation, a benchmark or a plan's
+pilot measurements. What differs
 between the kinds (their configuration, the engine call that runs them,
 where their result is kept, what the history says about them) is one
 `JobKind` in KINDS; a new kind is one more entry there. Everything else is
@@ -21,8 +22,10 @@ The job id is a stable hash of the request (for an analysis, the engine's
 cache key), so one request is one job: a repeat of a finished request
 returns the same id at once, and a second tab that submits the same request
 while it runs attaches to the running job. An analysis's result is kept by
-the engine's ResultStore; a validation's or benchmark's as a JSON file under
-``cache_dir()/"jobs"/"results"``.
+the engine's ResultStore; a validation's, benchmark's or plan's as a JSON
+file under ``cache_dir()/"jobs"/"results"``. A plan job measures the pilots
+only (`plan.pilot_measurements`, keyed by `plan.plan_key`): the allocation
+under a budget, costs, weights and caps is instant and left to its caller.
 """
 from __future__ import annotations
 
@@ -86,6 +89,12 @@ def _benchmark_config() -> type:
     return BenchmarkConfig
 
 
+def _plan_config() -> type:
+    from .plan import PilotConfig
+
+    return PilotConfig
+
+
 def _analysis_result() -> type:
     from .result import Result
 
@@ -104,10 +113,23 @@ def _benchmark_result() -> type:
     return BenchmarkResult
 
 
+def _plan_result() -> type:
+    from .plan import PilotMeasurements
+
+    return PilotMeasurements
+
+
 def _analysis_key(request: "JobRequest") -> str:
     from .analysis import cache_key
 
     return cache_key(request.model_id, list(request.domains), request.config)
+
+
+def _plan_key(request: "JobRequest") -> str:
+    # the pilots' own cache key: a plan job and `run_plan` (the CLI) share one measurement
+    from .plan import plan_key
+
+    return plan_key(request.model_id, list(request.domains), request.config)
 
 
 def request_key(request: "JobRequest") -> str:
@@ -149,6 +171,13 @@ def _run_benchmark(request: "JobRequest", progress, executor):
                          executor=executor, resume=True, device=request.device)
 
 
+def _run_plan(request: "JobRequest", progress, executor):
+    from .plan import pilot_measurements
+
+    # the pilots run in this process: they are a few seconds per domain
+    return pilot_measurements(request.model_id, list(request.domains), request.config, progress=progress)
+
+
 def _analysis_summary(result) -> dict:
     ranked = result.ranked()
     return {"top_domain": ranked[0].name if ranked else None,
@@ -164,6 +193,11 @@ def _validation_summary(result) -> dict:
 def _benchmark_summary(result) -> dict:
     labels = {r["estimator"]: r["label"] for r in result.leaderboard}
     return {"winner": labels.get(result.winner, result.winner),
+            "model_parameters": (result.model or {}).get("parameters")}
+
+
+def _plan_summary(result) -> dict:
+    return {"pilots": sum(1 for d in result.domains if d.get("sizes")),
             "model_parameters": (result.model or {}).get("parameters")}
 
 
@@ -197,6 +231,7 @@ KINDS: dict[str, JobKind] = {kind.name: kind for kind in (
             _validation_summary, extras=("held_out",)),
     JobKind("benchmark", _benchmark_config, _benchmark_result, request_key, _run_benchmark, _benchmark_summary,
             extras=("device",)),
+    JobKind("plan", _plan_config, _plan_result, _plan_key, _run_plan, _plan_summary),
 )}
 
 
@@ -289,8 +324,8 @@ class JobState:
     """One job as the pages see it. Times are ISO 8601 UTC strings.
 
     summary (for the history): kind, model_id, domain_set_name, n_domains,
-    and once done model_parameters and top_domain (an analysis) or winner
-    (a validation or benchmark).
+    and once done model_parameters and top_domain (an analysis), winner
+    (a validation or benchmark) or pilots (a plan: the domains measured).
     run_id changes with every fresh run of the same job id, so a late write
     of an old worker cannot overwrite a newer run.
     waiting_for: while queued, the job it waits behind (None: unknown).
@@ -473,8 +508,9 @@ class JobRunner(Protocol):
         """The job's current state; None for an unknown id."""
 
     def result(self, job_id: str):
-        """The finished job's result (a Result, ValidationResult or
-        BenchmarkResult, by its kind); None until then (or if it was lost)."""
+        """The finished job's result (a Result, ValidationResult,
+        BenchmarkResult or PilotMeasurements, by its kind); None until then
+        (or if it was lost)."""
 
     def cancel(self, job_id: str) -> None:
         """Stop a queued or running job; its state is "cancelled" after."""

@@ -102,14 +102,9 @@ class PlanConfig(ConfigRecord):
         for name, weight in self.weights:
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"the weight of {name!r} must be a number >= 0, got {weight!r}")
-        if not self.pilot_sizes or min(self.pilot_sizes) < 1:
-            raise ValueError(f"pilot_sizes must be integers >= 1, got {self.pilot_sizes!r}")
         if self.bootstrap_resamples < 100:
             raise ValueError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples!r}")
-        if self.device not in DEVICES or self.dtype not in DTYPES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)} and dtype one of {', '.join(DTYPES)}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
+        _check_pilot_settings(self)
 
     def cost(self, name: str) -> float:
         return dict(self.costs).get(name, 1.0)
@@ -120,12 +115,50 @@ class PlanConfig(ConfigRecord):
     def weight(self, name: str) -> float:
         return dict(self.weights).get(name, 1.0)
 
+    def pilot_config(self) -> "PilotConfig":
+        """The part of the plan the pilot measurements depend on."""
+        return PilotConfig(pilot_sizes=self.pilot_sizes, seed=self.seed, device=self.device, dtype=self.dtype,
+                           batch_size=self.batch_size)
+
     def curve_settings(self) -> dict:
         """What the pilot measurements depend on (their cache key's settings):
         not the budget, costs, caps, weights or resamples, which only refit
         and reallocate."""
+        return self.pilot_config().curve_settings()
+
+
+@dataclass(frozen=True)
+class PilotConfig(ConfigRecord):
+    """The settings the pilot measurements depend on, and nothing else: what
+    a plan job (`dowsing.jobs`, kind "plan") runs and caches. A PlanConfig
+    with the same fields has the same curve_settings, so the job and
+    `run_plan` share one cached measurement."""
+
+    record_name = "pilot"
+
+    pilot_sizes: tuple = PILOT_SIZES
+    seed: int = 0
+    device: str = "cpu"
+    dtype: str = "float32"
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
+        _check_pilot_settings(self)
+
+    def curve_settings(self) -> dict:
         return {"pilot_sizes": list(self.pilot_sizes), "seed": self.seed, "device": self.device,
                 "dtype": self.dtype, "batch_size": self.batch_size, "recipe": PILOT_RECIPE.label()}
+
+
+def _check_pilot_settings(config) -> None:
+    """A one-line ValueError for pilot sizes, device, dtype or batch size that cannot run."""
+    if not config.pilot_sizes or min(config.pilot_sizes) < 1:
+        raise ValueError(f"pilot_sizes must be integers >= 1, got {config.pilot_sizes!r}")
+    if config.device not in DEVICES or config.dtype not in DTYPES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)} and dtype one of {', '.join(DTYPES)}")
+    if config.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {config.batch_size!r}")
 
 
 def _whole(value) -> int:
@@ -149,7 +182,8 @@ def check_plan(config: PlanConfig, domains) -> None:
 
 # --- the pilot measurements and the curves -----------------------------------
 
-def measure_pilots(loaded, domains, config: PlanConfig, progress: Callable[[Progress], None] | None = None) -> dict:
+def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
+                   progress: Callable[[Progress], None] | None = None) -> dict:
     """One forward pass over every domain's seeded halves (`split_pass`, the
     inputs of the first of the last 4 blocks kept), then each domain's
     two-way pilot curve (`pilots.pilot_curve`, `PILOT_RECIPE` on a
@@ -494,7 +528,7 @@ def plan_notes(curves: list, bought: Allocation, recipe: str) -> list:
 
 # --- the cached entry point ------------------------------------------------
 
-def plan_key(model_id: str | None, domains, config: PlanConfig) -> str:
+def plan_key(model_id: str | None, domains, config: PlanConfig | PilotConfig) -> str:
     """sha256 over (model fingerprint, domains, config.curve_settings(),
     engine and plan versions): what the pilot measurements depend on."""
     from .analysis import model_fingerprint
@@ -506,17 +540,36 @@ def plan_key(model_id: str | None, domains, config: PlanConfig) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-def run_plan(model_id: str | None, domains, config: PlanConfig,
-             progress: Callable[[Progress], None] | None = None, use_cache: bool = True) -> PlanResult:
-    """The cached entry point: the pilot measurements are computed once per
-    `plan_key` (cache/plans); the fits and the allocation run every time."""
+@dataclass
+class PilotMeasurements(ResultRecord):
+    """What the pilots of a plan measured (`measure_pilots`): the model, the
+    recipe, per domain its facts' count, mean loss, sizes, drops and per-fact
+    drops; with the curve settings they were measured under, their
+    `plan_key` and whether they came from the cache. This is what a plan job
+    keeps; `to_dict()` is what `fit_pilots` and `build_plan` read."""
+
+    model: dict
+    recipe: str
+    domains: list
+    forward_s: float | None = None
+    pilot_s: float | None = None
+    settings: dict = field(default_factory=dict)
+    cache_key: str = ""
+    cached: bool = False
+    created_at: str = ""
+
+
+def pilot_measurements(model_id: str | None, domains, config: PlanConfig | PilotConfig,
+                       progress: Callable[[Progress], None] | None = None,
+                       use_cache: bool = True) -> PilotMeasurements:
+    """The cached half of a plan: the pilot measurements of `plan_key`, from
+    cache/plans, else measured (the model loaded, `measure_pilots`) and
+    stored there."""
     from .models import load_model
     from .store import JsonStore
 
     report = progress or (lambda p: None)
-    t0 = time.perf_counter()
     domains = as_domains(domains)
-    check_plan(config, domains)
     key = plan_key(model_id, domains, config)
     store = JsonStore("plans")
     measured = store.get(key) if use_cache else None
@@ -528,8 +581,35 @@ def run_plan(model_id: str | None, domains, config: PlanConfig,
         store.put(key, measured)
     else:
         report(Progress("pilots", 0.95, "cached pilot curves"))
-    result = build_plan(fit_pilots(measured, config), config, measured)
-    result.pilot.update(cache_key=key, cached=cached)
+    return PilotMeasurements.from_dict({**measured, "settings": config.curve_settings(), "cache_key": key,
+                                        "cached": cached,
+                                        "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")})
+
+
+def plan_from_pilots(pilots: PilotMeasurements, config: PlanConfig, curves: list | None = None) -> PlanResult:
+    """The plan of `config` on measured pilots: `fit_pilots` (or the
+    `curves` already fitted to them with this config's seed and resamples)
+    then `build_plan`. Instant: no model. A ValueError when the pilots were
+    measured under other curve settings than the config's."""
+    if pilots.settings and pilots.settings != config.curve_settings():
+        raise ValueError(f"the pilots were measured under other settings ({pilots.settings}) than the plan's "
+                         f"({config.curve_settings()})")
+    measured = pilots.to_dict()
+    result = build_plan(curves if curves is not None else fit_pilots(measured, config), config, measured)
+    result.pilot.update(cache_key=pilots.cache_key, cached=pilots.cached)
+    return result
+
+
+def run_plan(model_id: str | None, domains, config: PlanConfig,
+             progress: Callable[[Progress], None] | None = None, use_cache: bool = True) -> PlanResult:
+    """The cached entry point: the pilot measurements are computed once per
+    `plan_key` (cache/plans, `pilot_measurements`); the fits and the
+    allocation run every time."""
+    report = progress or (lambda p: None)
+    t0 = time.perf_counter()
+    domains = as_domains(domains)
+    check_plan(config, domains)
+    result = plan_from_pilots(pilot_measurements(model_id, domains, config, report, use_cache), config)
     result.timings["total"] = time.perf_counter() - t0
     report(Progress("done", 1.0, "plan ready"))
     return result
@@ -622,6 +702,46 @@ def match_domains(values: dict, names: list, what: str, source: str) -> dict:
                              f"({', '.join(names)})")
         out[known[name.strip().casefold()]] = value
     return out
+
+
+PLAN_ROW_FIELDS = ("domain", "n_facts", "mean_loss", "collect", "cost_per_example", "cost", "weight", "cap", "gain",
+                   "gain_5pct", "gain_95pct", "marginal_gain_last", "form", "fit_error", "reason")
+
+
+def plan_rows(result: PlanResult) -> list:
+    """One flat row per domain (PLAN_ROW_FIELDS), for a table or a CSV: the
+    examples to collect and their cost, the predicted gain with its 90%
+    band (5% and 95% quantiles), the gain of the last example bought, the
+    form and leave-one-out error of the fit or why there is none."""
+    rows = []
+    for d in result.domains:
+        band = d["gain_band"] or [None, None]
+        rows.append({"domain": d["domain"], "n_facts": d["n_facts"], "mean_loss": d["mean_loss"],
+                     "collect": d["collect"], "cost_per_example": d["cost_per_example"], "cost": d["cost"],
+                     "weight": d["weight"], "cap": d["cap"], "gain": d["gain"], "gain_5pct": band[0],
+                     "gain_95pct": band[1], "marginal_gain_last": d["marginal_gain_last"], "form": d["form"],
+                     "fit_error": d["fit_error"], "reason": d["reason"]})
+    return rows
+
+
+def fit_text(row: dict) -> str:
+    """A plan row's fit for people: "power (LOO error 0.0013)", or "not
+    identifiable: " and the reason."""
+    if row["form"] is None:
+        return f"not identifiable: {row['reason']}"
+    return row["form"] + (f" (LOO error {row['fit_error']:.2g})" if row["fit_error"] is not None else "")
+
+
+def plan_csv(result: PlanResult) -> str:
+    """`plan_rows` as CSV with a header row; a missing value is an empty cell."""
+    import csv
+    import io
+
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=PLAN_ROW_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in plan_rows(result))
+    return out.getvalue()
 
 
 def format_plan(result: PlanResult) -> str:

@@ -4,12 +4,12 @@ It reads the job's request from the job store, waits for the machine's runner
 lock (one heavy run at a time, whatever its kind; meanwhile the job stays
 "queued" and says behind which run), opens the unit executor the request
 names (in this process, or Ray), and runs the kind's engine call
-(`run_analysis`, `validate` or `run_benchmark`) in this process with one
-progress writer that puts stage / fraction / message into the job state. It
-ends with the state "done" (exit 0), "failed" with a one-line error (exit 1)
-or, on SIGTERM, "cancelled" (exit 143). An analysis's result lands in the
-engine's ResultStore through run_analysis; the other kinds' results are
-written here, as JSON, to the job store.
+(`run_analysis`, `validate`, `run_benchmark` or a plan's `pilot_measurements`)
+in this process with one progress writer that puts stage / fraction / message
+into the job state. It ends with the state "done" (exit 0), "failed" with a
+one-line error (exit 1) or, on SIGTERM, "cancelled" (exit 143). An
+analysis's result lands in the engine's ResultStore through run_analysis;
+the other kinds' results are written here, as JSON, to the job store.
 """
 from __future__ import annotations
 

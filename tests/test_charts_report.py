@@ -396,3 +396,73 @@ def test_the_paper_estimator_says_so_and_quotes_its_evidence():
     assert report.evidence_text(result) == evidence_sentence("paper")
     html = report.build_report(result)
     assert evidence_sentence("paper").replace("'", "&#x27;") in html
+
+
+# --- the collection plan's figures, CSV and report ---------------------------------
+
+def _measured_plan(budget=30.0, **fields):
+    """A plan on hand-made pilot points (no model): two domains whose drops
+    rise like a + b ln n with noise across facts, and one too small for a pilot."""
+    from dowsing.plan import PilotMeasurements, PlanConfig, fit_pilots, plan_from_pilots
+
+    rng = np.random.default_rng(0)
+    entries = []
+    for name, b, n_facts in (("Physics", 0.010, 8), ("Astronomy", 0.004, 10)):
+        sizes = [2, 4] if n_facts == 8 else [2, 4, 5]
+        rows = [list(0.02 + b * math.log(n) + rng.normal(0, 0.002, n_facts)) for n in sizes]
+        entries.append({"name": name, "n_facts": n_facts, "mean_loss": 5.0 + b, "sizes": sizes, "drop":
+                        [float(np.mean(r)) for r in rows], "per_fact_by_size": rows, "strata":
+                        [n_facts // 2, n_facts - n_facts // 2], "seconds": [0.1] * len(sizes)})
+    entries.append({"name": "Biology", "n_facts": 3, "mean_loss": 9.0, "sizes": [], "drop": [],
+                    "per_fact_by_size": [], "strata": [], "seconds": []})
+    config = PlanConfig(budget=budget, **fields)
+    pilots = PilotMeasurements(model={"id": "hand-made", "parameters": 1}, recipe="AdamW, 4 steps",
+                               domains=entries, settings=config.curve_settings())
+    curves = fit_pilots(pilots.to_dict(), config)
+    return plan_from_pilots(pilots, config, curves), curves
+
+
+def test_the_plan_figures_show_the_plan_s_numbers():
+    from dowsing import plan_charts
+
+    plan, curves = _measured_plan()
+    counts = [d["collect"] for d in plan.domains]
+    assert sum(counts) == 30 and counts[2] == 0
+    bars = plan_charts.allocation_chart(plan).data[0]
+    assert list(bars.x) == counts and list(bars.y) == ["Physics", "Astronomy", "Biology"]
+    assert bars.text[2] == "not identifiable"
+    fig = plan_charts.plan_curves_chart(plan, curves)
+    for dc, row in zip(curves[:2], plan.domains[:2]):
+        marks = next(t for t in fig.data if t.name == f"{dc.name} plan")
+        assert list(marks.x) == [dc.n_facts, dc.n_facts + row["collect"]]
+        # the rise from now (◆) to after the plan (★) is the domain's predicted gain
+        assert marks.y[1] - marks.y[0] == pytest.approx(row["gain"], rel=1e-9, abs=1e-15)
+        band = next(t for t in fig.data if t.name == f"{dc.name} 90% band")
+        assert band.fill == "toself" and len(band.x) == 2 * 120
+        point, low, high = plan_charts.curve_band(dc, [dc.n_facts])
+        assert low[0] <= high[0] and point[0] == pytest.approx(dc.curve.value(dc.n_facts))
+    assert any(t.name == "Biology (not identifiable)" for t in fig.data)
+    totals = plan_charts.totals_chart(plan).data[0]
+    keys = ("plan", "even", "highest_loss")
+    assert list(totals.y) == [plan.totals[k]["gain"] for k in keys]
+    assert list(totals.error_y.array) == pytest.approx([plan.totals[k]["band"][1] - plan.totals[k]["gain"]
+                                                        for k in keys])
+
+
+def test_the_plan_csv_and_report_carry_the_table():
+    import csv
+    import io
+
+    from dowsing import plan_charts
+    from dowsing.plan import PLAN_ROW_FIELDS, plan_csv
+
+    plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
+    rows = list(csv.DictReader(io.StringIO(plan_csv(plan))))
+    assert tuple(rows[0]) == PLAN_ROW_FIELDS
+    assert [int(r["collect"]) for r in rows] == [d["collect"] for d in plan.domains]
+    assert float(rows[0]["cost"]) == 3.0 * plan.domains[0]["collect"]
+    assert rows[2]["gain"] == "" and rows[2]["reason"].startswith("too few facts for a pilot")
+    page = report.plan_report_html(plan, curves)
+    assert page.count("plotly.js v") == 1 and page.count('class="plotly-graph-div"') == 3  # plotly.js once, inline
+    assert plan_charts.UNITS_NOTE.replace("'", "&#x27;") in page
+    assert "not identifiable: too few facts for a pilot" in page and "budget 21 money" in page

@@ -276,6 +276,36 @@ def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
     assert curve.stages_s["ranking"] > want
 
 
+def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
+    from dowsing.plan import PilotConfig
+
+    cal = tiny_calibration()
+    # A: halves of 4 facts of 5 tokens (pilot sizes 2, 4); B: halves of 8 facts of 6 tokens (2, 4, 8)
+    train, held = [("A", [5] * 4), ("B", [6] * 8)], [("A", [5] * 4), ("B", [6] * 8)]
+    got = est.plan_cost(cal, train, held, PilotConfig())
+    assert len(est.plan_units_s(cal, [[5] * 4, [6] * 8], [[5] * 4, [6] * 8], (2, 4, 8), 4, 2)) == 2 * (2 + 3)
+    # both blocks of the tiny model train (the pilot recipe's 4, cut to 2); every fact of n in each of 4 steps
+    train_work, eval_work = 2 * TINY_HEAD + 6 * TINY_BLOCK, TINY_HEAD + 2 * TINY_BLOCK
+    steps = 4 * (2 + 4) * 5 * 2 + 4 * (2 + 4 + 8) * 6 * 2
+    reads = 4 * 5 * 4 + 8 * 6 * 6  # the other half's losses after each of the 10 fine-tunes
+    check = 16 * 6  # the trainer's check: 16 facts padded to the longest
+    assert got.stages_s["pilot fine-tunes"] == pytest.approx(1e-9 * (steps * train_work + (reads + check) * eval_work))
+    assert got.stages_s["forward pass"] == pytest.approx(1e-3 * (16 * 6 + 8 * 6))  # batches of 16, in split order
+    assert list(got.stages_s) == ["start-up", "load model", "forward pass", "pilot fine-tunes"]
+    assert got.peak_stage == "pilot fine-tunes" and "10 pilot fine-tunes of 4 steps" in " ".join(got.basis)
+
+
+def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, calibrated):
+    from dowsing.plan import PilotConfig, pilot_measurements
+
+    use_calibration(calibrated)
+    fresh = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
+    assert fresh.total_s > 0 and "pilot fine-tunes" in fresh.stages_s
+    pilot_measurements(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
+    got = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
+    assert got.stages_s == {"cached pilots": 0.0} and "cached" in got.notes[0]
+
+
 def test_memory_warning_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):
     estimate = est.Estimate("analysis", {"forward pass": 1.0}, {"forward pass": 5_000_000_000}, "cpu")
     assert est.memory_warning(estimate, 10_000_000_000) is None
@@ -395,7 +425,7 @@ def test_an_estimate_of_a_cached_result_says_it_returns_at_once(tiny_gpt2_dir, c
     assert "solve" in fresh.stages_s and fresh.total_s > 0
 
 
-def test_run_and_benchmark_pages_show_the_estimate_and_warn_about_memory(tiny_gpt2_dir, calibrated, monkeypatch):
+def test_run_benchmark_and_plan_pages_show_the_estimate_and_warn_about_memory(tiny_gpt2_dir, calibrated, monkeypatch):
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
@@ -403,7 +433,8 @@ def test_run_and_benchmark_pages_show_the_estimate_and_warn_about_memory(tiny_gp
     st.cache_resource.clear()
     monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1000)
     app = str(Path(__file__).resolve().parent.parent / "app.py")
-    for page, key in (("pages/run.py", "run_estimate"), ("pages/benchmark.py", "bench_estimate")):
+    for page, key in (("pages/run.py", "run_estimate"), ("pages/plan.py", "plan_estimate"),
+                      ("pages/benchmark.py", "bench_estimate")):
         at = AppTest.from_file(app, default_timeout=60)
         at.session_state["source"] = "directory"
         at.session_state["model"] = str(tiny_gpt2_dir)

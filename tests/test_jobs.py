@@ -96,6 +96,18 @@ def benchmark_request(model_dir, **fields) -> JobRequest:
                       domain_set_name="Three", **fields)
 
 
+# Eight facts a domain: halves of four, so the pilots measure at n = 2 and 4.
+EIGHT = [Domain(n, tuple(f"{n} item {i} is stored in box {w}{i * 7 % 5}." for i in range(8)))
+         for n, w in (("Alpha", "red"), ("Beta", "green"))]
+
+
+def plan_request(model_dir, domains=EIGHT, **fields) -> JobRequest:
+    from dowsing.plan import PilotConfig
+
+    return JobRequest(kind="plan", model_id=str(model_dir), domains=list(domains), config=PilotConfig(),
+                      domain_set_name="Eight", **fields)
+
+
 def wait(jobs, job_id, until, timeout_s=90.0, interval_s=0.05) -> tuple[JobState, list[JobState]]:
     """Poll until `until(state)`; returns the last state and every state seen."""
     seen = []
@@ -138,7 +150,8 @@ def test_the_local_runner_is_a_job_runner(runner):
 
 def test_request_and_state_round_trip_as_json(tiny_gpt2_dir):
     for req in (request(tiny_gpt2_dir), validation_request(tiny_gpt2_dir, held_out={"Alpha": ["Alpha is first."]}),
-                benchmark_request(tiny_gpt2_dir, executor={"kind": "ray", "address": "auto"}, device="cuda")):
+                benchmark_request(tiny_gpt2_dir, executor={"kind": "ray", "address": "auto"}, device="cuda"),
+                plan_request(tiny_gpt2_dir)):
         again = JobRequest.from_dict(json.loads(json.dumps(req.to_dict())))
         assert again == req and again.job_id() == req.job_id()
         state = JobState(job_id="abc", status="running", stage="solve", fraction=0.5, request=req.to_dict())
@@ -156,7 +169,7 @@ def test_a_request_takes_only_its_own_kind_of_settings(tiny_gpt2_dir):
     from dowsing.validation.validate import ValidationConfig
 
     with pytest.raises(ValueError, match="unknown job kind"):
-        JobRequest(model_id=None, domains=list(SMALL), kind="plan")
+        JobRequest(model_id=None, domains=list(SMALL), kind="nonsense")
     with pytest.raises(ValueError, match="take a BenchmarkConfig"):
         JobRequest(model_id=None, domains=list(SMALL), config=ValidationConfig(), kind="benchmark")
     with pytest.raises(ValueError, match="no held-out facts"):
@@ -386,6 +399,44 @@ def test_a_benchmark_job_survives_a_refresh_and_its_result_round_trips(runner, t
     assert again.result(job_id) is None
     again.cancel(job_id)
     assert again.state(job_id).status == "cancelled"
+
+
+def test_a_plan_job_measures_the_pilots_run_plan_would_and_cancels_like_the_others(runner, tiny_llama_dir):
+    """The plan kind: its product is the pilot measurements (JSON in the job
+    store, and the same cache entry `run_plan` reads), any budget's plan on
+    them is `run_plan`'s, a repeat is instant, and Cancel stops it mid-pilots."""
+    from dowsing.domains import benchmark_domains
+    from dowsing.plan import PilotMeasurements, PlanConfig, plan_from_pilots, plan_key, run_plan
+
+    req = plan_request(tiny_llama_dir)
+    job_id = runner.submit(req)
+    assert job_id == plan_key(str(tiny_llama_dir), EIGHT, PlanConfig(budget=1))  # the pilots' own cache key
+    done, seen = wait(runner, job_id, lambda s: not s.active, timeout_s=120)
+    assert done.status == "done", done
+    assert {"loading model", "pilots"} & {s.stage for s in seen}
+    assert done.summary == {"kind": "plan", "model_id": str(tiny_llama_dir), "domain_set_name": "Eight",
+                            "n_domains": 2, "pilots": 2, "model_parameters": done.summary["model_parameters"]}
+    pilots = runner.result(job_id)
+    assert isinstance(pilots, PilotMeasurements) and not pilots.cached
+    path = runner.store.result_path(job_id, "plan")
+    assert json.loads(path.read_text(encoding="utf-8"))["domains"][0]["sizes"] == [2, 4]  # JSON, not a pickle
+    assert PilotMeasurements.from_json(pilots.to_json()).to_dict() == pilots.to_dict()
+    # Another budget on the job's pilots is run_plan's plan, which reads the pilots the job cached.
+    config = PlanConfig(budget=25, budget_unit="money", costs={"Alpha": 2.0})
+    from_job, from_cli = plan_from_pilots(pilots, config), run_plan(str(tiny_llama_dir), EIGHT, config)
+    assert from_cli.pilot["cached"] and from_cli.pilot["cache_key"] == job_id
+    assert [d["collect"] for d in from_job.domains] == [d["collect"] for d in from_cli.domains]
+    assert from_job.totals == from_cli.totals
+    started = time.monotonic()
+    assert LocalJobRunner().submit(req) == job_id and time.monotonic() - started < 2.0
+
+    # Ten shipped domains of 40 facts: pilots long enough to be cancelled.
+    long_id = runner.submit(plan_request(tiny_llama_dir, benchmark_domains()[:10]))
+    state, _ = wait(runner, long_id, lambda s: s.stage == "pilots" or not s.active, timeout_s=120)
+    assert state.status == "running", state
+    runner.cancel(long_id)
+    assert runner.state(long_id).status == "cancelled" and not running(state.pid)
+    assert runner.result(long_id) is None
 
 
 def test_cancel_leaves_no_process_of_a_run_on_ray_behind(runner, tiny_llama_dir):

@@ -1,0 +1,146 @@
+"""Plotly figures of a collection plan (`dowsing.plan.PlanResult`): the
+examples to collect per domain, each domain's predicted learning curve with
+its 90% band and the plan's point on it, and the plan's predicted total
+against the two baselines. No Streamlit here: the Plan page and the HTML
+report draw with these builders, and a domain has the colour it has in the
+analysis's charts (its position in the domain set).
+"""
+from __future__ import annotations
+
+import numpy as np
+import plotly.graph_objects as go
+
+from .charts import _layout, _rgba, domain_colors
+from .curves import BAND, predict
+from .plan import DomainCurve, PlanResult
+
+UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "
+              "domains and split the budget; a full training run's nats differ.")
+
+
+def plan_colors(plan: PlanResult) -> dict[str, str]:
+    return domain_colors(d["domain"] for d in plan.domains)
+
+
+def _g(value) -> str:
+    return "—" if value is None else f"{value:.3g}"
+
+
+def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> go.Figure:
+    """Horizontal bars: the examples to collect of each domain (`collect`,
+    the greedy allocation), in set order from the top; a domain without an
+    identifiable curve gets an empty bar that says so."""
+    colors = colors or plan_colors(plan)
+    rows = plan.domains
+    unit = plan.allocation["budget_unit"]
+    text = [str(d["collect"]) if d["identifiable"] else "not identifiable" for d in rows]
+    hover = [f"<b>{d['domain']}</b><br>collect {d['collect']}<br>cost {_g(d['cost'])}"
+             + (f"<br>predicted gain {_g(d['gain'])} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]"
+                if d["identifiable"] else f"<br>{d['reason']}") for d in rows]
+    fig = go.Figure(go.Bar(
+        y=[d["domain"] for d in rows], x=[d["collect"] for d in rows], orientation="h",
+        marker=dict(color=[colors[d["domain"]] for d in rows]), text=text,
+        # an empty bar has no inside: its "0" or "not identifiable" goes beside it
+        textposition=["inside" if d["collect"] else "outside" for d in rows],
+        hovertext=hover, hoverinfo="text", cliponaxis=False,
+    ))
+    fig.update_yaxes(autorange="reversed", title=None)
+    fig.update_xaxes(title="examples to collect", rangemode="tozero")
+    alloc = plan.allocation
+    title = (f"Examples to collect: budget {alloc['budget']:g} {unit}, spent {alloc['spent']:g}")
+    return _layout(fig, title=dict(text=title, x=0), showlegend=False, height=max(260, 60 + 34 * len(rows)))
+
+
+def curve_band(dc: DomainCurve, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(G(n), 5% and 95% quantiles of the bootstrap curves' G(n)) on `grid`."""
+    curve = dc.curve
+    grid = np.asarray(grid, dtype=float)
+    point = np.asarray(predict(curve.form, curve.params, grid), dtype=float)
+    if curve.draws is None or not len(curve.draws):
+        return point, point, point
+    draws = predict(curve.form, curve.draws.T, grid[:, None])  # (grid, resamples)
+    low, high = np.quantile(draws, BAND, axis=1)
+    return point, low, high
+
+
+def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | None = None) -> go.Figure:
+    """Each domain's predicted learning curve G(n) (the drop of its held-out
+    loss after the pilot recipe on n facts) on a log n axis: the pilot's
+    points, the fitted form, the 90% band of the bootstrap curves, ◆ at the
+    facts the domain has now (S) and ★ at S + the examples the plan collects,
+    so the gain is the rise from ◆ to ★. A domain whose curve is not
+    identifiable shows its pilot points only. One legend group per domain."""
+    colors = colors or plan_colors(plan)
+    rows = {d["domain"]: d for d in plan.domains}
+    sizes = [n for dc in curves for n in dc.curve.sizes] or [1.0]
+    right = max([max(dc.n_facts, 1) + rows[dc.name]["collect"] for dc in curves] + sizes)
+    grid = np.geomspace(max(1.0, min(sizes)), 1.3 * right, 120)
+    fig = go.Figure()
+    for dc in curves:
+        color, group, row = colors[dc.name], dc.name, rows[dc.name]
+        curve = dc.curve
+        if not curve.identifiable:
+            fig.add_trace(go.Scatter(
+                x=curve.sizes or [None], y=curve.drops or [None], mode="markers", legendgroup=group,
+                name=f"{dc.name} (not identifiable)", marker=dict(color=color, size=7, symbol="x"),
+                hovertemplate=f"<b>{dc.name}</b>: {curve.reason}<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
+            ))
+            continue
+        point, low, high = curve_band(dc, grid)
+        fig.add_trace(go.Scatter(
+            x=np.concatenate([grid, grid[::-1]]), y=np.concatenate([high, low[::-1]]), mode="lines",
+            fill="toself", fillcolor=_rgba(color, 0.16), line=dict(color=color, width=0), legendgroup=group,
+            name=f"{dc.name} 90% band", showlegend=False, hoverinfo="skip",
+        ))
+        fig.add_trace(go.Scatter(
+            x=grid, y=point, mode="lines", line=dict(color=color, width=2), legendgroup=group, name=dc.name,
+            hovertemplate=f"<b>{dc.name}</b> ({curve.form} fit)<br>n = %{{x:,.0f}}<br>G(n) = %{{y:.3g}}<extra></extra>",
+        ))
+        fig.add_trace(go.Scatter(
+            x=curve.sizes, y=curve.drops, mode="markers", legendgroup=group, showlegend=False,
+            name=f"{dc.name} pilot", marker=dict(color=color, size=7, line=dict(color="white", width=1)),
+            hovertemplate=f"<b>{dc.name}</b> pilot<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
+        ))
+        now, after = max(dc.n_facts, 1), max(dc.n_facts, 1) + row["collect"]
+        fig.add_trace(go.Scatter(
+            x=[now, after], y=[curve.value(now), curve.value(after)], mode="markers", legendgroup=group,
+            showlegend=False, name=f"{dc.name} plan",
+            marker=dict(color=color, size=[12, 15], symbol=["diamond", "star"], line=dict(color="black", width=1)),
+            customdata=[["now", 0], ["after the plan", row["collect"]]],
+            hovertemplate=f"<b>{dc.name}</b> %{{customdata[0]}}<br>n = %{{x:,.0f}} (+%{{customdata[1]}})"
+                          f"<br>G(n) = %{{y:.3g}}<br>gain {_g(row['gain'])} [{_g((row['gain_band'] or [None])[0])}, "
+                          f"{_g((row['gain_band'] or [None, None])[1])}]<extra></extra>",
+        ))
+    fig.update_xaxes(type="log", title="n, facts of the domain")
+    fig.update_yaxes(title="G(n), drop of held-out loss (nats per fact, pilot)")
+    return _layout(fig, title=dict(text="Predicted learning curves, 90% band  ◆ now  ★ after the plan", x=0),
+                   legend=dict(title=dict(text="Domain (click to toggle)")), hovermode="closest", height=480)
+
+
+TOTAL_LABELS = {"plan": "This plan", "even": "Spread evenly", "highest_loss": "All on the highest loss"}
+
+
+def totals_chart(plan: PlanResult) -> go.Figure:
+    """The predicted total (weighted) gain of the plan, of spreading the
+    budget evenly and of spending it all on the domain of highest mean loss,
+    each with its 90% band as an error bar."""
+    totals = plan.totals
+    keys = ("plan", "even", "highest_loss")
+    labels = [TOTAL_LABELS[k] + (f" ({totals[k]['domain']})" if k == "highest_loss" else "") for k in keys]
+    gains = [totals[k]["gain"] for k in keys]
+    fig = go.Figure(go.Bar(
+        x=labels, y=gains, marker=dict(color=["#4e79a7", "#bab0ac", "#bab0ac"]),
+        error_y=dict(type="data", symmetric=False, array=[totals[k]["band"][1] - totals[k]["gain"] for k in keys],
+                     arrayminus=[totals[k]["gain"] - totals[k]["band"][0] for k in keys], color="#333"),
+        customdata=[[totals[k]["band"][0], totals[k]["band"][1], totals[k]["spent"]] for k in keys],
+        hovertemplate="<b>%{x}</b><br>gain %{y:.3g} [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
+                      "<br>spent %{customdata[2]:g}<extra></extra>",
+    ))
+    fig.update_yaxes(title="predicted total gain (nats, pilot)")
+    return _layout(fig, title=dict(text="Predicted total gain, 90% band", x=0), showlegend=False, height=380)
+
+
+def plan_figures(plan: PlanResult, curves: list) -> dict[str, go.Figure]:
+    colors = plan_colors(plan)
+    return {"allocation": allocation_chart(plan, colors), "curves": plan_curves_chart(plan, curves, colors),
+            "totals": totals_chart(plan)}

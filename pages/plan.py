@@ -1,0 +1,269 @@
+"""Plan: how many more examples of each domain a budget should buy, for the
+domains of the active set and the model in the sidebar.
+
+The pilot fine-tunes that give each domain its learning curve run as a
+background job (`dowsing.jobs`, kind "plan"): it waits its turn behind any
+other heavy run, survives a refresh (its id is the pilots' cache key, so the
+same model and domains find it again) and Cancel stops it. The allocation
+(`dowsing.plan`) is instant, so it is recomputed here on every change of the
+budget, costs, weights or caps, without a new job.
+"""
+from __future__ import annotations
+
+import hashlib
+
+import pandas as pd
+import streamlit as st
+
+from dowsing import plan_charts, report, workspace
+from dowsing.domains import Domain, DomainError, validation_problems
+from dowsing.jobs import JobRequest, one_line
+from dowsing.models import ModelError
+from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
+from pages import _shared
+
+DEFAULT_BUDGET = 100.0
+
+_shared.ensure_router()
+st.title("Plan data collection")
+st.caption("How many more examples of each domain to collect. Short pilot fine-tunes on each domain's own facts "
+           "measure its learning curve (a background job, like an analysis); the budget is then split greedily on "
+           "the predicted gain per unit cost, at once, for any budget, costs, weights and caps.")
+st.caption("The predicted gain is a drop of held-out loss in nats per fact after the pilot recipe's short "
+           "fine-tunes: it ranks the domains and allocates the budget; it does not promise those nats from a full "
+           "training run.")
+
+choice = _shared.model_choice()
+config, config_problem = _shared.analysis_config()
+set_name = workspace.active_set()
+raw = workspace.load_set_raw(set_name)
+domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+names = [d.name for d in domains]
+domain_problems = validation_problems(domains)
+# The pilots run where and how the sidebar's Advanced settings say.
+pilot_config = PilotConfig(device=config.device, dtype=config.dtype) if config is not None else PilotConfig()
+
+summary = st.columns(3)
+summary[0].metric("Model", "embedded default" if choice.source == "embedded" else choice.text.rsplit("/", 1)[-1],
+                  help=choice.label)
+summary[1].metric("Domain set", set_name, help=", ".join(names))
+summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
+
+blockers = []
+if choice.problem:
+    blockers.append(f"Model: {choice.problem}")
+if config_problem:
+    blockers.append(f"Advanced settings: {config_problem}")
+if domain_problems:
+    blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
+                    f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
+request = job_id = None
+if not blockers:
+    try:
+        request = JobRequest(kind="plan", model_id=choice.model_id, domains=domains, config=pilot_config,
+                             domain_set_name=set_name)
+        job_id = request.job_id()  # the pilots' cache key: the same model and domains find their job again
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        blockers.append(one_line(exc) or type(exc).__name__)
+for blocker in blockers:
+    st.warning(blocker, icon=":material/block:")
+
+
+# --- the budget and the table of costs, weights and caps ----------------------------
+# Widget state is dropped when the page is left; the values are kept beside it
+# (plan_budget_kept, plan_values), so the inputs are as they were on return.
+
+def _cell(value):
+    """A table cell as a number, or None when empty."""
+    return None if value is None or pd.isna(value) else float(value)
+
+
+def _inputs() -> tuple:
+    """The budget input and the editable table: (budget, {domain: {cost, weight, cap}}, the slots beside
+    the budget and beside the table for their messages)."""
+    if "plan_budget" not in st.session_state:
+        st.session_state["plan_budget"] = st.session_state.get("plan_budget_kept", DEFAULT_BUDGET)
+    kept = st.session_state.setdefault("plan_values", {})
+    table_key = "plan_table-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
+    if table_key not in st.session_state:  # a fresh editor starts from the values kept
+        st.session_state["plan_base"] = {n: kept.get(n, {"cost": 1.0, "weight": 1.0, "cap": None}) for n in names}
+    base = st.session_state["plan_base"]
+    left, right = st.columns([1, 3])
+    with left:
+        budget = st.number_input("Budget", step=10.0, key="plan_budget",
+                                 help="What may be spent: a number of examples, or money when the table gives "
+                                      "costs per example other than 1.")
+        st.session_state["plan_budget_kept"] = budget
+        budget_box = st.container()
+    with right:
+        edited = st.data_editor(
+            pd.DataFrame({"domain": names, "facts": [len(d.facts) for d in domains],
+                          "cost": [base[n]["cost"] for n in names], "weight": [base[n]["weight"] for n in names],
+                          "cap": pd.array([base[n]["cap"] for n in names], dtype="Float64")}),
+            key=table_key, hide_index=True, width="stretch", disabled=["domain", "facts"],
+            column_config={
+                "domain": st.column_config.TextColumn("Domain"),
+                "facts": st.column_config.NumberColumn("Facts now", help="The domain's facts in the set."),
+                "cost": st.column_config.NumberColumn("Cost per example", format="%g",
+                                                      help="What one more example of the domain costs (default 1)."),
+                "weight": st.column_config.NumberColumn("Weight", format="%g",
+                                                        help="How much the domain's gain counts (default 1)."),
+                "cap": st.column_config.NumberColumn("Cap", format="%d", step=1,
+                                                     help="The most examples of the domain to collect (empty: none)."),
+            })
+        table_box = st.container()
+    values = {}
+    for row in edited.to_dict("records"):
+        cost, weight = _cell(row["cost"]), _cell(row["weight"])
+        values[row["domain"]] = {"cost": 1.0 if cost is None else cost, "weight": 1.0 if weight is None else weight,
+                                 "cap": _cell(row["cap"])}
+    kept.update(values)
+    return budget, values, budget_box, table_box
+
+
+budget, values, budget_box, table_box = _inputs()
+costs = {n: v["cost"] for n, v in values.items()}
+money = any(cost != 1.0 for cost in costs.values())
+budget_box.caption("In money: each domain's examples cost what the table says." if money else
+                   "In examples: every example costs 1. Give costs per example in the table to budget in money.")
+
+
+def _plan_config(budget_value: float):
+    """The PlanConfig of the inputs at `budget_value`, or (None, the one-line
+    message the command line would print)."""
+    try:
+        return PlanConfig(budget=budget_value, budget_unit="money" if money else "examples",
+                          costs=costs if money else {}, weights={n: v["weight"] for n, v in values.items()},
+                          caps={n: v["cap"] for n, v in values.items() if v["cap"] is not None},
+                          seed=pilot_config.seed, device=pilot_config.device, dtype=pilot_config.dtype), None
+    except ValueError as exc:
+        return None, str(exc)
+
+
+def _budget_problem(budget_value: float) -> str | None:
+    try:
+        PlanConfig(budget=budget_value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+# the budget's own message beside the budget, the table's beside the table
+budget_problem = _budget_problem(budget)
+plan_config, table_problem = _plan_config(budget if budget_problem is None else DEFAULT_BUDGET)
+if budget_problem:
+    budget_box.error(budget_problem, icon=":material/error:")
+    plan_config = None
+if table_problem:
+    table_box.error(table_problem, icon=":material/error:")
+
+
+# --- the pilots: a background job ---------------------------------------------------
+
+def _start() -> None:
+    try:
+        _shared.runner().submit(request)
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["plan_error"] = one_line(exc) or type(exc).__name__
+
+
+state = _shared.runner().state(job_id) if job_id else None
+measured = state is not None and state.status == "done"
+if request is not None and not measured:
+    # What the pilots would cost on this machine, before they start (dowsing.estimate).
+    from dowsing.estimate import estimate_plan
+    from pages._estimate import estimate_panel
+
+    estimate_panel("plan_estimate", {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
+                                     "config": pilot_config.to_dict()},
+                   choice.model_id, pilot_config.device, pilot_config.dtype,
+                   lambda cal, tok: estimate_plan(choice.model_id, domains, pilot_config, calibration=cal,
+                                                  tokenizer=tok))
+st.button("Start", type="primary", icon=":material/play_arrow:", on_click=_start,
+          disabled=request is None or (state is not None and (state.active or measured)),
+          help="Run the pilot fine-tunes of every domain in the background (a few seconds a domain on a small "
+               "model). They are kept: another budget, costs, weights or caps need no new run.")
+if "plan_error" in st.session_state:
+    st.error(st.session_state.pop("plan_error"), icon=":material/error:")
+if job_id and state is None:
+    st.info("No learning curves yet for these domains and this model: press **Start**.", icon=":material/info:")
+if job_id and state is not None and not measured:
+    _shared.follow_job(job_id, "plan")
+pilots = _shared.runner().result(job_id) if measured else None
+if measured and pilots is None:
+    st.warning("The pilot measurements are missing; press Start to measure them again.", icon=":material/warning:")
+if pilots is None:
+    st.stop()
+
+
+# --- the plan ------------------------------------------------------------------------
+
+@st.cache_resource(show_spinner=False, max_entries=8)
+def _curves(key: str, seed: int, resamples: int, _pilots) -> list:
+    """The fitted curves and their bootstrap, once per measurement (the page only reads them)."""
+    return fit_pilots(_pilots.to_dict(), PlanConfig(budget=1, seed=seed, bootstrap_resamples=resamples))
+
+
+kept_configs = st.session_state.setdefault("plan_good", {})
+if plan_config is not None:
+    kept_configs[job_id] = plan_config.to_dict()
+elif job_id in kept_configs:
+    plan_config = PlanConfig.from_dict(kept_configs[job_id])
+    st.caption(f"Showing the plan of the last valid input (budget {plan_config.budget:g} "
+               f"{plan_config.budget_unit}) until the input above is fixed.")
+if plan_config is None:
+    st.stop()
+curves = _curves(job_id, plan_config.seed, plan_config.bootstrap_resamples, pilots)
+plan = plan_from_pilots(pilots, plan_config, curves)
+
+st.subheader("The plan")
+st.caption(f"Pilot {plan.pilot['recipe']} at n = {', '.join(map(str, plan.pilot['sizes']))} facts of a half "
+           f"(at most the smaller half); measured {(pilots.created_at or '')[:19].replace('T', ' ')}"
+           + (" from the cache." if pilots.cached else "."))
+totals = plan.totals
+
+
+def _band(values) -> str:
+    return f"[{values[0]:.3g}, {values[1]:.3g}]"
+
+
+cols = st.columns(3)
+cols[0].metric("This plan", f"{totals['plan']['gain']:.3g}", help=f"Predicted total gain (weighted), 90% band "
+                                                                   f"{_band(totals['plan']['band'])}.")
+for col, key, label in ((cols[1], "even", "Spread evenly"),
+                        (cols[2], "highest_loss", f"All on {totals['highest_loss'].get('domain')}")):
+    diff = totals[key]["plan_minus_this"]
+    col.metric(label, f"{totals[key]['gain']:.3g}", delta=f"plan − this {diff['gain']:+.3g} {_band(diff['band'])}",
+               delta_color="off", delta_arrow="off",
+               help=f"90% band {_band(totals[key]['band'])}. Plan minus this with its paired 90% band (the same "
+                    "bootstrap resamples for both, so what they share cancels).")
+colors = plan_charts.plan_colors(plan)
+st.plotly_chart(plan_charts.allocation_chart(plan, colors), width="stretch", key="plan_allocation_chart")
+
+
+table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "Collect": r["collect"], "Cost": r["cost"],
+                       "Predicted gain": r["gain"], "Gain 5%": r["gain_5pct"], "Gain 95%": r["gain_95pct"],
+                       "Last example's gain": r["marginal_gain_last"], "Fit": fit_text(r)} for r in plan_rows(plan)])
+st.dataframe(table, hide_index=True, width="stretch", key="plan_table",
+             column_config={c: st.column_config.NumberColumn(format="%.3g")
+                            for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "Last example's gain")})
+st.caption("Predicted gain: the drop of the domain's held-out loss its examples are predicted to buy, with the 5% "
+           "and 95% quantiles over resampled facts. Last example's gain: what the last example bought adds; the "
+           "greedy stops a domain where that falls below the others'.")
+st.plotly_chart(plan_charts.plan_curves_chart(plan, curves, colors), width="stretch", key="plan_curves_chart")
+st.plotly_chart(plan_charts.totals_chart(plan), width="stretch", key="plan_totals_chart")
+with st.expander("Notes"):
+    for note in plan.notes:
+        st.markdown(f"- {note}")
+
+stamp = (pilots.created_at or "")[:10] or "plan"
+dl = st.columns(3)
+dl[0].download_button("Plan (CSV)", plan_csv(plan), file_name=f"dowsing-plan-{stamp}.csv", mime="text/csv",
+                      icon=":material/table:", width="stretch", key="plan_dl_csv", on_click="ignore")
+dl[1].download_button("Plan (JSON)", plan.to_json(), file_name=f"dowsing-plan-{stamp}.json",
+                      mime="application/json", icon=":material/data_object:", width="stretch", key="plan_dl_json",
+                      on_click="ignore")
+dl[2].download_button("Report (HTML)", lambda: report.plan_report_html(plan, curves),
+                      file_name=f"dowsing-plan-{stamp}.html", mime="text/html", icon=":material/description:",
+                      width="stretch", key="plan_dl_html", on_click="ignore",
+                      help="One file with the plan's table and interactive charts; opens offline.")

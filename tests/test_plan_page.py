@@ -1,0 +1,172 @@
+"""The Plan page through Streamlit's AppTest on a tiny model and a private
+cache: Start runs the pilots as a background job, the page's table is
+`allocate`'s allocation for whatever budget, costs, weights and caps are
+typed, without a new job, and bad input says what the command line says
+beside the input while the previous plan stays on screen."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import streamlit as st
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parent.parent / "app.py")
+# Eight to twelve facts a domain: halves of four to six, so each pilot measures at n = 2, 4 (and 6).
+FACTS = {"Alpha": "red", "Beta": "green", "Gamma": "blue"}
+DOMAINS = [{"name": name, "facts": [f"{name} item {i} is stored in box {word}{i * 7 % 5}." for i in range(8 + 2 * k)]}
+           for k, (name, word) in enumerate(FACTS.items())]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory, tiny_llama_dir):
+    """A private cache with the domain set active; cached Streamlit
+    resources (the job runner) are dropped so they point at it."""
+    folder = tmp_path_factory.mktemp("plan-page-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DOWSING_CACHE", str(folder))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        st.cache_resource.clear()
+        from dowsing import workspace
+
+        workspace.save_set_raw("Plan set", DOMAINS)
+        workspace.set_active("Plan set")
+        yield str(tiny_llama_dir)
+        st.cache_resource.clear()
+
+
+def plan_page(tiny: str) -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = tiny
+    at.run()
+    at.switch_page("pages/plan.py")
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def shown_table(at):
+    """The plan's table (not the editor of costs, weights and caps), or None."""
+    return next((d.value for d in at.dataframe if "Collect" in d.value.columns), None)
+
+
+def editor(at):
+    return next(e for e in at.data_editor if e.key.startswith("plan_table-"))
+
+
+def job_id(tiny: str) -> str:
+    from dowsing.domains import Domain
+    from dowsing.jobs import JobRequest
+    from dowsing.plan import PilotConfig
+
+    domains = [Domain(d["name"], tuple(d["facts"])) for d in DOMAINS]
+    return JobRequest(kind="plan", model_id=tiny, domains=domains, config=PilotConfig()).job_id()
+
+
+def expected_counts(tiny: str, budget: float, costs=None, caps=None, weights=None) -> list:
+    """`allocate` on the curves fitted to the job's pilots, by hand."""
+    from dowsing.jobs import default_runner
+    from dowsing.plan import PlanConfig, allocate, fit_pilots
+
+    curves = fit_pilots(default_runner().result(job_id(tiny)).to_dict(), PlanConfig(budget=budget))
+    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
+    return allocate(gains, budget, costs, caps, weights).counts
+
+
+@pytest.fixture(scope="module")
+def planned(tiny):
+    """The page after Start, polled (as the 1 s fragment would) until the plan shows."""
+    at = plan_page(tiny)
+    assert shown_table(at) is None
+    assert any("No learning curves yet" in i.value for i in at.info)
+    assert any(b.label == "Estimate time and memory" for b in at.button)  # no calibration of the model yet
+    start = next(b for b in at.button if b.label == "Start")
+    assert not start.disabled
+    start.click()
+    at.run()
+    seen = []
+    deadline = time.monotonic() + 180
+    while shown_table(at) is None:
+        assert time.monotonic() < deadline, f"the plan job did not finish; progress seen: {seen[-3:]}"
+        assert not at.error, at.error[0].value
+        seen += [p.proto.text for p in at.get("progress")]
+        time.sleep(0.5)
+        at.run()
+        assert not at.exception, at.exception
+    return at, seen
+
+
+def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny):
+    from dowsing.jobs import default_runner
+    from dowsing.plan import PilotMeasurements
+
+    at, seen = planned
+    assert seen and any(s.startswith(("**loading model**", "**pilots**", "**starting**", "**queued**")) for s in seen)
+    state = default_runner().state(job_id(tiny))
+    assert state.kind == "plan" and state.status == "done"
+    assert isinstance(default_runner().result(job_id(tiny)), PilotMeasurements)
+    table = shown_table(at)
+    assert list(table["Domain"]) == list(FACTS)
+    counts = expected_counts(tiny, 100.0)
+    assert list(table["Collect"]) == counts and sum(counts) > 0  # the tiny model's curves buy something
+    assert list(table["Cost"]) == [float(c) for c in counts]
+    assert any("nats per fact after the pilot recipe's short fine-tunes" in c.value and "does not promise" in c.value
+               for c in at.caption)
+    assert any(m.label == "This plan" for m in at.metric)
+    specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
+    assert specs["plan_allocation_chart"]["data"][0]["x"] == counts
+    assert any(t.get("fill") == "toself" for t in specs["plan_curves_chart"]["data"])  # the bands
+    assert {"Plan (CSV)", "Plan (JSON)", "Report (HTML)"} <= {d.label for d in at.get("download_button")}
+    assert next(b for b in at.button if b.label == "Start").disabled  # measured: nothing to start
+
+
+def test_another_budget_costs_and_caps_reallocate_without_a_new_job(planned, tiny):
+    from dowsing.jobs import default_runner
+
+    at, _ = planned
+    before = default_runner().state(job_id(tiny))
+    at.number_input(key="plan_budget").set_value(37.0).run()
+    assert list(shown_table(at)["Collect"]) == expected_counts(tiny, 37.0)
+    key = editor(at).key
+    at.session_state[key] = {"edited_rows": {0: {"cost": 3.0}, 1: {"cap": 2}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    assert not at.exception and not at.error, at.error
+    table = shown_table(at)
+    assert list(table["Collect"]) == expected_counts(tiny, 37.0, costs=[3.0, 1.0, 1.0], caps=[None, 2, None])
+    assert table["Cost"][0] == 3.0 * table["Collect"][0]
+    assert any(c.value.startswith("In money") for c in at.caption)
+    after = default_runner().state(job_id(tiny))
+    assert (after.run_id, after.finished_at) == (before.run_id, before.finished_at)
+    assert [s.job_id for s in default_runner().history("plan")] == [job_id(tiny)]
+    at.session_state[key] = {"edited_rows": {}, "added_rows": [], "deleted_rows": []}
+    at.run()
+
+
+def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, tiny):
+    from dowsing.plan import PlanConfig
+
+    at, _ = planned
+    at.number_input(key="plan_budget").set_value(40.0).run()
+    good = list(shown_table(at)["Collect"])
+    assert good == expected_counts(tiny, 40.0)
+    for bad in (0.0, -5.0):
+        at.number_input(key="plan_budget").set_value(bad).run()
+        with pytest.raises(ValueError) as refused:
+            PlanConfig(budget=bad)
+        assert [e.value for e in at.error] == [str(refused.value)]  # the message the CLI prints after "error: "
+        assert list(shown_table(at)["Collect"]) == good
+        assert any("last valid input (budget 40 examples)" in c.value for c in at.caption)
+    at.number_input(key="plan_budget").set_value(40.0).run()
+    key = editor(at).key
+    at.session_state[key] = {"edited_rows": {0: {"cost": 0.0}}, "added_rows": [], "deleted_rows": []}
+    at.run()
+    assert [e.value for e in at.error] == ["the cost of 'Alpha' must be a number > 0, got 0.0"]
+    assert list(shown_table(at)["Collect"]) == good
+
+
+def test_a_fresh_session_shows_the_measured_plan_at_once(planned, tiny):
+    at = plan_page(tiny)  # a refresh, or a second tab: the same model and domains find their job
+    assert not at.get("progress") and list(shown_table(at)["Collect"]) == expected_counts(tiny, 100.0)
