@@ -224,9 +224,9 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
 
 def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict) -> list | None:
     """Per domain, what kind of domain it looks like (`dowsing.diagnosis`)
-    from its mean loss and its pilot gain (the ranking's own when it is the
-    pilot gain, else the pilot family's on the same seeded halves); None
-    when config.diagnose is off."""
+    from its mean loss and its pilot gain (the ranking's own runs when it
+    ranks by a pilot estimator, else the pilot family's on the same seeded
+    halves); None when config.diagnose is off."""
     if not config.diagnose:
         return None
     from .diagnosis import diagnose
@@ -236,6 +236,9 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
     if scores.name == "pilot_gain":
         drops = scores.priority if not scores.details.get("fallback") else [
             None if name in scores.details["fallback"]["domains"] else p for name, p in zip(passed.names, scores.priority)]
+    elif scores.name == "pilot_curve" and scores.details.get("fits"):
+        # the curve's largest size is the whole half: the pilot gain's own runs
+        drops = [fit["drop"][-1] if fit else None for fit in scores.details["fits"]]
     else:
         report(Progress("diagnosis", 0.99, "pilot fine-tunes for the diagnosis"))
         split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,

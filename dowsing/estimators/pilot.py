@@ -32,13 +32,13 @@ MIN_HALF = 2
 
 register(Estimator("pilot_gain", "Pilot gain: train on half, drop of the other half", "pilot",
                    "fine-tune briefly on one half of a domain's facts, drop of the other half's loss, both ways",
-                   needs={"block_inputs", "held_out"}, cost=3.4, in_analysis=True))
+                   needs={"block_inputs", "held_out"}, cost=3.7, in_analysis=True))
 register(Estimator("pilot_curve", "Pilot learning curve, extrapolated", "pilot",
                    "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",
                    needs={"block_inputs", "held_out"}, cost=6.0, in_analysis=True))
 register(Estimator("lookahead_sign", "One-step Adam lookahead, all parameters", "pilot",
                    "first-order drop of one half's loss after one Adam (sign) step on the other, every parameter",
-                   needs={"held_out"}, cost=4.2, in_analysis=True))
+                   needs={"held_out"}, cost=3.3, in_analysis=True))
 
 
 def _in_row_order(values_a: list, values_b: list, n_a: int, n_b: int) -> list:
