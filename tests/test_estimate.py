@@ -138,7 +138,7 @@ def test_analysis_stages_and_memory_by_hand():
 
     cal = tiny_calibration()
     domains = [("A", [5, 6]), ("B", [4, 3, 8])]
-    got = est.analysis_cost(cal, domains, AnalysisConfig())
+    got = est.analysis_cost(cal, domains, AnalysisConfig(estimator="mean_loss"))
     # one batch of 5 facts padded to 8 tokens; 21 predicted tokens, 9 in A and 12 in B
     assert (got.stages_s["start-up"], got.stages_s["load model"]) == (3.0, 1.0)
     assert got.stages_s["forward pass"] == pytest.approx(1e-3 * 5 * 8)

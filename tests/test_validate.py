@@ -186,8 +186,14 @@ def test_a_saturated_domain_comes_last_in_validation_and_in_dowsing(tiny_gpt2_em
     assert names[int(np.argmin(ggn["priority"]))] == saturated
     loss = next(e for e in result.estimators if e["name"] == "mean_loss")
     assert names[int(np.argmin(loss["priority"]))] == saturated
-    engine = analyze(loaded, domains, AnalysisConfig(damping=1.0))
+    engine = analyze(loaded, domains, AnalysisConfig(damping=1.0, estimator="mean_loss"))
     assert engine.domain(saturated).rank == len(domains)
+    # the default ranking (pilot fine-tunes on each domain's halves): training on half of the saturated
+    # domain's facts does not lower the other half's loss, and the diagnosis says so
+    pilots = analyze(loaded, domains, AnalysisConfig(damping=1.0))
+    drop = next(d for d in pilots.extras["diagnosis"] if d["domain"] == saturated)
+    assert drop["pilot_drop"] <= 0 and drop["kind"] in ("contradictory", "known")
+    assert pilots.domain(saturated).rank > pilots.domain("Colors").rank
     # the result survives JSON
     again = ValidationResult.from_json(result.to_json())
     assert again.leaderboard[0]["estimator"] == result.leaderboard[0]["estimator"]
