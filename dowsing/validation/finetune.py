@@ -2,12 +2,11 @@
 added domain's data."""
 from __future__ import annotations
 
-import random
 import time
 
 import torch
 
-from ..training import Recipe, TailData, TailTrainer, build_trainer
+from ..training import Recipe, TailTrainer, build_trainer
 
 
 def validation_recipe(config, blocks: int) -> Recipe:
@@ -92,146 +91,12 @@ def mixture_losses(trainer: "TailTrainer", recipe: "Recipe", seed: int, k: int |
     return trainer.losses([r for rows in data.held_rows for r in rows], batch_size)
 
 
-# --- units of ground truth: each one fine-tune from the starting weights, independent of the others ----------
-
-def baseline_losses(trainer: TailTrainer, recipe: Recipe, seed: int) -> dict:
-    """Held-out losses of every domain before training and after the baseline
-    run (the mixture of all training halves, nothing added)."""
-    data = trainer.data
-    pool = [r for rows in data.train_rows for r in rows]
-    held_all = [r for rows in data.held_rows for r in rows]
-    trainer.reset()
-    before = trainer.losses(held_all)
-    trainer.train(recipe, seed, pool)
-    return {"before": before, "baseline": trainer.losses(held_all)}
-
-
-def added_losses(trainer: TailTrainer, recipe: Recipe, seed: int, k: int) -> torch.Tensor:
-    """Held-out losses of domain k after the run that adds k's training facts."""
-    data = trainer.data
-    pool = [r for rows in data.train_rows for r in rows]
-    trainer.train(recipe, seed, pool, added=data.train_rows[k])
-    return trainer.losses(data.held_rows[k])
-
-
-def gains_from_losses(held_rows: list, base: dict, after: list) -> dict:
-    """Realised gains from the units' losses: gain_k = mean over k's held-out
-    facts of (loss after the baseline - loss after the run adding k)."""
-    offsets, start = [], 0
-    for rows in held_rows:
-        offsets.append(list(range(start, start + len(rows))))
-        start += len(rows)
-    baseline, before = base["baseline"], base["before"]
-    per_fact = [(baseline[offsets[k]] - after[k]).tolist() for k in range(len(held_rows))]
-    return {
-        "gain": [sum(g) / len(g) for g in per_fact],
-        "gain_per_fact": per_fact,
-        "baseline_drop": [float((before[o] - baseline[o]).mean()) for o in offsets],
-    }
-
-
-def truth_units(recipe: Recipe, seed: int, n_domains: int) -> list:
-    """The units of one recipe and seed: the baseline and one run per domain."""
-    from ..executor import Unit
-
-    prefix = f"truth/{recipe.name}/{recipe.label()}/seed{seed}"
-    return ([Unit(f"{prefix}/baseline", ("baseline", recipe, seed))]
-            + [Unit(f"{prefix}/domain{k}", ("added", recipe, seed, k)) for k in range(n_domains)])
-
-
 def finetune_unit(trainer: TailTrainer, kind: str, recipe: Recipe, seed: int, *args):
-    """One unit of ground truth on a trainer (in this process or a worker):
-    "baseline" -> baseline_losses, "added" k -> added_losses,
-    "curve" (k, n, curve_held, n_ref) -> one learning-curve point,
-    "mixture" (k or None, batch_size) -> mixture_losses."""
-    if kind == "baseline":
-        return baseline_losses(trainer, recipe, seed)
-    if kind == "added":
-        return added_losses(trainer, recipe, seed, *args)
-    if kind == "curve":
-        return curve_point(trainer, recipe, seed, *args)
+    """One unit of the quick validation's ground truth on a trainer (in this
+    process or a worker): "mixture" (k or None, batch_size) -> mixture_losses."""
     if kind == "mixture":
         return mixture_losses(trainer, recipe, seed, *args)
     raise ValueError(f"unknown unit kind {kind!r}")
-
-
-def counterfactual_gains(trainer: TailTrainer, recipe: Recipe, seed: int, report=None) -> dict:
-    """Realised gain of every domain under one recipe and seed, in this
-    process: the held-out loss of k after the baseline run minus after the
-    run that adds k's training facts. Only k's own held-out facts are
-    evaluated after run k.
-
-    Returns {"gain": [per domain], "gain_per_fact": [[baseline - run, per
-    held-out fact of k]], "baseline_drop": [per domain], "seconds"}.
-    """
-    report = report or (lambda fraction, message: None)
-    t0 = time.perf_counter()
-    base = baseline_losses(trainer, recipe, seed)
-    n = len(trainer.data.train_rows)
-    after = []
-    for k in range(n):
-        report(k / n, f"domain {k + 1} of {n}")
-        after.append(added_losses(trainer, recipe, seed, k))
-    out = gains_from_losses(trainer.data.held_rows, base, after)
-    out["seconds"] = time.perf_counter() - t0
-    return out
-
-
-def curve_plan(data: TailData, seed: int, k: int, curve_held: int) -> dict:
-    """Which facts a learning curve of domain k uses: k's facts (training and
-    held-out halves) reordered with a seeded shuffle; the last `curve_held`
-    are the curve's held-out facts, the others the pool the n added facts
-    come from; the base mixture is every other domain's training half."""
-    own = list(data.train_rows[k]) + list(data.held_rows[k])
-    random.Random(f"curve:{seed}:{k}").shuffle(own)
-    return {"held": own[len(own) - curve_held:], "addable": own[: len(own) - curve_held],
-            "base": [r for j, rows in enumerate(data.train_rows) if j != k for r in rows]}
-
-
-def curve_sizes_within(sizes, pool: int) -> list:
-    """The curve's n values that the pool can supply, ascending."""
-    out = []
-    for n in sorted(set(int(s) for s in sizes)):
-        if n > pool:
-            break
-        out.append(n)
-    return out
-
-
-def curve_point(trainer: TailTrainer, recipe: Recipe, seed: int, k: int, n: int, curve_held: int,
-                n_ref: int) -> float:
-    """Held-out loss of domain k's curve facts after training with n of its
-    facts added (n = 0: the base mixture alone). The added facts enter each
-    step with weight recipe.added_weight * n / n_ref, so the dose grows with
-    n as it would in a mixture, and n = n_ref is the dose of the ranking's
-    run."""
-    plan = curve_plan(trainer.data, seed, k, curve_held)
-    if n == 0:
-        trainer.train(recipe, seed, plan["base"])
-    else:
-        trainer.train(recipe, seed, plan["base"], added=plan["addable"][:n],
-                      added_weight=recipe.added_weight * n / n_ref)
-    return float(trainer.losses(plan["held"]).mean())
-
-
-def curve_units(recipe: Recipe, seed: int, k: int, name: str, sizes, curve_held: int, n_ref: int,
-                pool: int) -> list:
-    from ..executor import Unit
-
-    prefix = f"curve/{recipe.name}/{recipe.label()}/seed{seed}/{name}/held{curve_held}/ref{n_ref}"
-    return [Unit(f"{prefix}/n{n}", ("curve", recipe, seed, k, n, curve_held, n_ref))
-            for n in curve_sizes_within(sizes, pool)]
-
-
-def learning_curve(trainer: TailTrainer, recipe: Recipe, seed: int, k: int, sizes, curve_held: int,
-                   n_ref: int) -> dict:
-    """Held-out loss of domain k after training with n of its facts added,
-    for each n in sizes (nested subsets, n = 0 is the baseline), in this
-    process; `curve_plan` and `curve_point` say which facts and how."""
-    plan = curve_plan(trainer.data, seed, k, curve_held)
-    points = [[n, curve_point(trainer, recipe, seed, k, n, curve_held, n_ref)]
-              for n in curve_sizes_within(sizes, len(plan["addable"]))]
-    return {"points": points, "held_out_facts": curve_held, "pool": len(plan["addable"])}
 
 
 def measured_delta_n(points, fraction: float = 0.1) -> dict:
