@@ -17,27 +17,43 @@ from .paths import cache_dir
 from .result import Result
 
 
+def checked_text(cache, key: str) -> str | None:
+    """The text stored under key, or None when absent; an entry whose sha256
+    does not match its text (a torn or corrupt write) is dropped."""
+    entry = cache.get(key)
+    if entry is None:
+        return None
+    try:
+        digest, text = entry.split("\n", 1)
+    except (ValueError, AttributeError):
+        cache.delete(key)
+        return None
+    if hashlib.sha256(text.encode()).hexdigest() != digest:
+        cache.delete(key)
+        return None
+    return text
+
+
+def put_checked_text(cache, key: str, text: str) -> None:
+    """Store text with its sha256 in front, for `checked_text`."""
+    cache.set(key, hashlib.sha256(text.encode()).hexdigest() + "\n" + text)
+
+
 class ResultStore:
     def __init__(self, folder=None):
         self.folder = folder or cache_dir() / "results"
         self._cache = diskcache.Cache(str(self.folder))
 
     def get(self, key: str) -> Result | None:
-        entry = self._cache.get(key)
-        if entry is None:
-            return None
+        text = checked_text(self._cache, key)
         try:
-            digest, text = entry.split("\n", 1)
-            if hashlib.sha256(text.encode()).hexdigest() != digest:
-                raise ValueError("checksum mismatch")
-            return Result.from_json(text)
-        except (ValueError, KeyError, TypeError, AttributeError, json.JSONDecodeError):
+            return None if text is None else Result.from_json(text)
+        except (ValueError, KeyError, TypeError, AttributeError):
             self._cache.delete(key)
             return None
 
     def put(self, key: str, result: Result) -> None:
-        text = result.to_json(indent=None)
-        self._cache.set(key, hashlib.sha256(text.encode()).hexdigest() + "\n" + text)
+        put_checked_text(self._cache, key, result.to_json(indent=None))
 
     def delete(self, key: str) -> None:
         self._cache.delete(key)
@@ -56,21 +72,15 @@ class JsonStore:
         self._cache = diskcache.Cache(str(self.folder))
 
     def get(self, key: str) -> dict | None:
-        entry = self._cache.get(key)
-        if entry is None:
-            return None
+        text = checked_text(self._cache, key)
         try:
-            digest, text = entry.split("\n", 1)
-            if hashlib.sha256(text.encode()).hexdigest() != digest:
-                raise ValueError("checksum mismatch")
-            return json.loads(text)
-        except (ValueError, AttributeError, json.JSONDecodeError):
+            return None if text is None else json.loads(text)
+        except ValueError:
             self._cache.delete(key)
             return None
 
     def put(self, key: str, value: dict) -> None:
-        text = json.dumps(value, allow_nan=False)
-        self._cache.set(key, hashlib.sha256(text.encode()).hexdigest() + "\n" + text)
+        put_checked_text(self._cache, key, json.dumps(value, allow_nan=False))
 
     def delete(self, key: str) -> None:
         self._cache.delete(key)

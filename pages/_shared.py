@@ -430,3 +430,19 @@ def executor_choice(key: str):
     else:
         st.caption("Press Connect to see the cluster's CPUs and GPUs before you start.")
     return config, None
+
+
+def run_blockers(choice, config_problem, domain_problems, set_name: str, first: list | None = None) -> list:
+    """What keeps a run of the active domain set from starting, one line
+    each: `first` (the page's own), then the model, the settings and the
+    domain set."""
+    blockers = list(first or [])
+    if choice.problem:
+        blockers.append(f"Model: {choice.problem}")
+    if config_problem:
+        blockers.append(f"Advanced settings: {config_problem}")
+    if domain_problems:
+        blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
+                        f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
+    return blockers
+

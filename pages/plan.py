@@ -49,14 +49,7 @@ summary[0].metric("Model", "embedded default" if choice.source == "embedded" els
 summary[1].metric("Domain set", set_name, help=", ".join(names))
 summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
 
-blockers = []
-if choice.problem:
-    blockers.append(f"Model: {choice.problem}")
-if config_problem:
-    blockers.append(f"Advanced settings: {config_problem}")
-if domain_problems:
-    blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
-                    f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
+blockers = _shared.run_blockers(choice, config_problem, domain_problems, set_name)
 request = job_id = None
 if not blockers:
     try:

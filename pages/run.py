@@ -44,16 +44,8 @@ if config is not None:
 with st.expander("Where to run", icon=":material/hub:"):
     run_on, run_on_problem = _shared.executor_choice("run")
 
-blockers = []
-if run_on_problem:
-    blockers.append(f"Executor: {run_on_problem}")
-if choice.problem:
-    blockers.append(f"Model: {choice.problem}")
-if config_problem:
-    blockers.append(f"Advanced settings: {config_problem}")
-if domain_problems:
-    blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
-                    f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
+blockers = _shared.run_blockers(choice, config_problem, domain_problems, set_name,
+                               [f"Executor: {run_on_problem}"] if run_on_problem else None)
 for blocker in blockers:
     st.warning(blocker, icon=":material/block:")
 if domain_problems:
