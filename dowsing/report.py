@@ -305,6 +305,30 @@ def curvature_warnings(result: Result) -> list[str]:
     return out
 
 
+def share_meaning(result: Result) -> str:
+    """What the Share column is a share of, for the estimator that ranked
+    the result: Share_k = |priority_k| / sum_j |priority_j| (the paper's
+    estimator: of |sum_i I_ki|)."""
+    name = result.estimator
+    if name == "paper":
+        return "the domain's part of the total |influence| (the paper's Share)"
+    if name == "pilot_curve":
+        target = ((result.extras or {}).get("ranking") or {}).get("details", {}).get("target_n", 32)
+        return (f"the domain's part of the total predicted gain at {target} more facts (the pilot learning curve's "
+                "extrapolated drop of held-out loss; magnitudes)")
+    if name == "pilot_gain":
+        return "the domain's part of the total pilot gain (drop of held-out loss after the pilot fine-tunes; magnitudes)"
+    if name == "mean_loss":
+        return "the domain's part of the total mean loss in nats, which says little about what more data buys"
+    return "the domain's part of the total |priority|"
+
+
+def share_heading(result: Result) -> str:
+    return {"paper": "Share of influence", "pilot_curve": "Share of the predicted gain",
+            "pilot_gain": "Share of the pilot gain", "mean_loss": "Share of mean loss"}.get(result.estimator,
+                                                                                        "Share of |priority|")
+
+
 DIAGNOSIS_HELP = ("Each domain's kind from measured numbers only: its mean loss, and how much fine-tuning the last "
                   "blocks briefly on one half of its facts lowered the other half's loss (both ways, averaged). "
                   "Loss says what the model does not know yet; the drop says how much of that more facts like "
@@ -500,7 +524,7 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 {_diagnosis_html(result)}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
 <div class="grid">
-<section><h2>{"Share of influence" if result.estimator == "paper" else "Share of |priority|"}</h2>{share_div}</section>
+<section><h2>{esc(share_heading(result))}</h2><p class="note">Share: {esc(share_meaning(result))}.</p>{share_div}</section>
 {rank_section}
 <section><h2>Saturation curves ({esc(charts.SATURATION_SOURCE)})</h2>
 <p>μ(n) is the paper's marginal influence of one more fact when the corpus holds n facts of the domain;

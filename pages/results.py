@@ -66,9 +66,8 @@ if top is not None:
                    help=f"{estimator_label}." + (f" 90% interval {top_ci}." if top_ci else ""))
     biggest = max(result.domains, key=lambda d: d.share_pct or 0)
     cols[2].metric("Largest share", biggest.name,
-                   delta=f"{biggest.share_pct:.1f}% of |{'influence' if paper else 'priority'}|",
-                   delta_color="off", delta_arrow="off",
-                   help="Share of the total absolute " + ("influence." if paper else "priority."))
+                   delta=f"{biggest.share_pct:.1f}%", delta_color="off", delta_arrow="off",
+                   help=f"Share: {report.share_meaning(result)}.")
     cols[3].metric("Δn@10% for " + top.name, format_sci(top.delta_n_10pct),
                    help="More facts until the paper's marginal influence falls to 10% of today's value "
                         f"({charts.SATURATION_SOURCE})"
@@ -88,7 +87,7 @@ if reasons:
     st.caption("“—”: no saturation estimate (hover it for the reason). " +
                " ".join(f"**{name}**: {why.rstrip('.')}." for name, why in reasons.items()))
 st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
-           f"Share: the domain's part of the total |{'influence' if paper else 'priority'}|. "
+           f"Share: {report.share_meaning(result)}. "
            "Mean (paper): the paper's average per-example influence I = gᵀz in the concept subspace. "
            f"Δn@10%: more facts until the paper's marginal gain falls to 10% (power-law fit, "
            f"{charts.SATURATION_SOURCE}). "

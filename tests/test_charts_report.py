@@ -466,3 +466,23 @@ def test_the_plan_csv_and_report_carry_the_table():
     assert page.count("plotly.js v") == 1 and page.count('class="plotly-graph-div"') == 3  # plotly.js once, inline
     assert plan_charts.UNITS_NOTE.replace("'", "&#x27;") in page
     assert "not identifiable: too few facts for a pilot" in page and "budget 21 money" in page
+
+
+def test_share_says_what_it_is_a_share_of_and_the_report_shows_the_diagnosis():
+    import dataclasses
+
+    base = paper_like_result()
+    config = dict(base.config, estimator="pilot_curve")
+    extras = dict(base.extras or {}, ranking={"estimator": "pilot_curve", "details": {"target_n": 32}},
+                  diagnosis=[{"domain": d.name, "kind": "known", "sentence": f"{d.name} is known already.",
+                              "pilot_drop": 0.01} for d in base.domains])
+    result = dataclasses.replace(base, config=config, extras=extras)
+    assert report.share_meaning(result).startswith("the domain's part of the total predicted gain at 32 more facts")
+    page = report.build_report(result)
+    assert "Share of the predicted gain" in page and "predicted gain at 32 more facts" in page
+    assert all(f"{d.name} is known already." in page for d in base.domains)
+    rows = report.diagnosis_rows(result)
+    assert [r["Concept"] for r in rows] == [d.name for d in result.ranked()]
+    assert "kind" in report.to_csv(result).splitlines()[0]
+    mean_loss = dataclasses.replace(base, config=dict(base.config, estimator="mean_loss"))
+    assert "says little" in report.share_meaning(mean_loss)
