@@ -355,12 +355,51 @@ def rank_comparison(a: Result, b: Result, label_a: str = "A", label_b: str = "B"
     return _layout(fig, title=dict(text="Rank in each run", x=0), height=360, showlegend=False)
 
 
+PILOT_SOURCE = ("pilot fine-tunes on your own facts: the drop of one half's held-out loss after training on n facts "
+                "of the other half, both ways, and the line a + b ln n through those points")
+
+
+def pilot_curves(result: Result, colors: dict[str, str] | None = None) -> go.Figure | None:
+    """Per domain, the pilot learning curve the ranking was read from (a
+    result ranked by the pilot learning curve): the measured drops at the
+    pilot sizes as markers, the fitted line a + b ln n from 1 to twice the
+    target n, and ★ at the target n where the priority is read. None when
+    the result carries no pilot fits."""
+    fits = (((result.extras or {}).get("ranking") or {}).get("details") or {}).get("fits")
+    if not fits:
+        return None
+    colors = colors or result_colors(result)
+    fig = go.Figure()
+    for d, fit in zip(result.domains, fits):
+        if not fit:
+            continue
+        color = colors.get(d.name, "#999")
+        target = fit["target"]
+        grid = np.geomspace(1, 2 * target, 60)
+        line = fit["intercept"] + fit["slope_per_ln_n"] * np.log(grid)
+        fig.add_trace(go.Scatter(x=grid, y=line, mode="lines", line=dict(color=color), name=d.name,
+                                 legendgroup=d.name,
+                                 hovertemplate=f"{d.name}<br>n = %{{x:.0f}}<br>predicted drop %{{y:.3f}} nats<extra></extra>"))
+        fig.add_trace(go.Scatter(x=fit["sizes"], y=fit["drop"], mode="markers", marker=dict(color=color, size=8),
+                                 legendgroup=d.name, showlegend=False,
+                                 hovertemplate=f"{d.name}: pilot on %{{x}} facts<br>drop %{{y:.3f}} nats<extra></extra>"))
+        at = fit["intercept"] + fit["slope_per_ln_n"] * math.log(target)
+        fig.add_trace(go.Scatter(x=[target], y=[at], mode="markers", marker=dict(color=color, size=13, symbol="star"),
+                                 legendgroup=d.name, showlegend=False,
+                                 hovertemplate=f"{d.name}: read at n = {target}<br>%{{y:.3f}} nats<extra></extra>"))
+    fig.update_xaxes(type="log", title="n facts trained on (pilot)")
+    fig.update_yaxes(title="drop of held-out loss (nats)")
+    return _layout(fig, title=dict(text="Pilot learning curves", x=0), height=380)
+
+
 def figures(result: Result) -> dict[str, go.Figure]:
-    """The charts of one run, with one colour map; "rank" and "transfer" only when the
-    result carries a bootstrap and a transfer matrix."""
+    """The charts of one run, with one colour map; "rank", "transfer" and
+    "pilot" only when the result carries a bootstrap, a transfer matrix and
+    pilot fits."""
     colors = result_colors(result)
     figs = {"share": share_donut(result, colors), "saturation": saturation_curves(result, colors)}
-    for key, fig in (("rank", rank_probability_chart(result)), ("transfer", transfer_heatmap(result))):
+    for key, fig in (("rank", rank_probability_chart(result)), ("transfer", transfer_heatmap(result)),
+                     ("pilot", pilot_curves(result, colors))):
         if fig is not None:
             figs[key] = fig
     return figs

@@ -431,6 +431,14 @@ def _uncertainty_html(result: Result) -> str:
     return out
 
 
+def _pilot_section(figs: dict) -> str:
+    if "pilot" not in figs:
+        return ""
+    div = figs["pilot"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
+    return (f"<section><h2>Pilot learning curves</h2><p>{html.escape(charts.PILOT_SOURCE)}; ★ where the priority "
+            f"is read.</p>{div}</section>")
+
+
 def _figure_sections(result: Result, figs: dict) -> tuple[str, str]:
     """(rank stability section, transfer section), each '' where the result has no such figure."""
     esc = html.escape
@@ -531,6 +539,7 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 ◆ marks today's n, ★ the point n+Δn where μ falls to 10% of today's value (dotted line).
 Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n)." if note else ""}</p>{curve_div}</section>
 {transfer_section}
+{_pilot_section(figs)}
 </div>
 <h2>Domains</h2>{"".join(domain_blocks)}
 <h2>Model</h2><table class="kv">{model_rows}</table>

@@ -121,6 +121,11 @@ with left:
 with right:
     st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
     st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}, whatever ranked the domains.")
+pilot_fig = charts.pilot_curves(result, colors)
+if pilot_fig is not None:
+    st.plotly_chart(pilot_fig, key="pilot_chart", width="stretch")
+    st.caption(f"Beside the paper's μ(n): {charts.PILOT_SOURCE}; ★ where the priority is read. Its nats are the "
+               "pilot runs' own, so it ranks; the Plan page turns such curves into how many examples to collect.")
 
 rank_chart = charts.rank_probability_chart(result)
 transfer_chart = charts.transfer_heatmap(result)

@@ -486,3 +486,25 @@ def test_share_says_what_it_is_a_share_of_and_the_report_shows_the_diagnosis():
     assert "kind" in report.to_csv(result).splitlines()[0]
     mean_loss = dataclasses.replace(base, config=dict(base.config, estimator="mean_loss"))
     assert "says little" in report.share_meaning(mean_loss)
+
+
+def test_pilot_curves_draw_the_fitted_line_through_the_pilot_points():
+    import dataclasses
+    import math
+
+    from dowsing import charts
+
+    base = paper_like_result()
+    fits = [{"sizes": [2, 4, 8], "drop": [0.1, 0.15, 0.2], "intercept": 0.03, "slope_per_ln_n": 0.08, "target": 32},
+            None, {"sizes": [2, 4, 8], "drop": [0.0, 0.01, 0.01], "intercept": 0.0, "slope_per_ln_n": 0.005,
+                   "target": 32}, None]
+    result = dataclasses.replace(base, extras={"ranking": {"details": {"fits": fits}}})
+    fig = charts.pilot_curves(result)
+    lines = [t for t in fig.data if t.mode == "lines"]
+    assert [t.name for t in lines] == ["Physics", "Biology"]
+    for trace, fit in zip(lines, (fits[0], fits[2])):
+        assert list(trace.y) == [fit["intercept"] + fit["slope_per_ln_n"] * math.log(n) for n in trace.x]
+    stars = [t for t in fig.data if t.mode == "markers" and t.marker.symbol == "star"]
+    assert stars[0].y[0] == 0.03 + 0.08 * math.log(32)
+    assert charts.pilot_curves(base) is None
+    assert "Pilot learning curves" in report.build_report(result)
