@@ -432,7 +432,9 @@ def test_a_plan_job_measures_the_pilots_run_plan_would_and_cancels_like_the_othe
 
     # Ten shipped domains of 40 facts: pilots long enough to be cancelled.
     long_id = runner.submit(plan_request(tiny_llama_dir, benchmark_domains()[:10]))
-    state, _ = wait(runner, long_id, lambda s: s.stage == "pilots" or not s.active, timeout_s=120)
+    # the state can read as absent for a moment while the worker first writes it: poll past that
+    state, _ = wait(runner, long_id, lambda s: s is not None and (s.stage == "pilots" or not s.active),
+                    timeout_s=120)
     assert state.status == "running", state
     runner.cancel(long_id)
     assert runner.state(long_id).status == "cancelled" and not running(state.pid)
