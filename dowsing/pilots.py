@@ -23,7 +23,7 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
-from .subspace import per_fact_losses
+from .subspace import pad_ids, per_fact_losses
 from .training import Recipe
 
 PILOT_SIZES = (2, 4, 8)
@@ -110,16 +110,6 @@ def all_parameters_trainable(net):
             p.requires_grad_(flag)
 
 
-def _padded(ids_rows: list, device) -> tuple[torch.Tensor, torch.Tensor]:
-    width = max(len(r) for r in ids_rows)
-    input_ids = torch.zeros((len(ids_rows), width), dtype=torch.long)
-    mask = torch.zeros((len(ids_rows), width), dtype=torch.long)
-    for j, row in enumerate(ids_rows):
-        input_ids[j, : len(row)] = torch.tensor(row)
-        mask[j, : len(row)] = 1
-    return input_ids.to(device), mask.to(device)
-
-
 def mean_loss_gradient(net, params: list, ids: list, rows: list, batch_size: int = 16) -> list:
     """grad of L = (1/|rows|) sum_i l_i over every parameter of the full
     model (tied weights once), accumulated over batches of facts."""
@@ -127,7 +117,7 @@ def mean_loss_gradient(net, params: list, ids: list, rows: list, batch_size: int
     total = [torch.zeros_like(p) for p in params]
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        input_ids, mask = _padded([ids[r] for r in chunk], device)
+        input_ids, mask = pad_ids([ids[r] for r in chunk], device)
         logits = net(input_ids=input_ids, attention_mask=mask, use_cache=False).logits
         loss = per_fact_losses(logits, input_ids, mask).sum() / len(rows)
         grads = torch.autograd.grad(loss, params)
@@ -148,7 +138,7 @@ def directional_losses(net, params: list, ids: list, rows: list, direction: list
     out = []
     for start in range(0, len(rows), batch_size):
         chunk = rows[start: start + batch_size]
-        input_ids, mask = _padded([ids[r] for r in chunk], device)
+        input_ids, mask = pad_ids([ids[r] for r in chunk], device)
 
         def losses(*values):
             logits = functional_call(net, dict(zip(names, values)),

@@ -106,6 +106,17 @@ def encode_facts(tokenizer, facts, max_positions: int) -> Encoded:
     return Encoded(ids, truncated)
 
 
+def pad_ids(rows: list, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) of token-id lists, right-padded to the longest."""
+    width = max(len(r) for r in rows)
+    input_ids = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for j, row in enumerate(rows):
+        input_ids[j, : len(row)] = torch.tensor(row)
+        mask[j, : len(row)] = 1
+    return input_ids.to(device), mask.to(device)
+
+
 def make_batches(encoded: Encoded, batch_size: int, device) -> list:
     """Right-padded batches (input_ids, attention_mask, fact indices).
 
@@ -115,13 +126,8 @@ def make_batches(encoded: Encoded, batch_size: int, device) -> list:
     out = []
     for start in range(0, len(encoded.ids), batch_size):
         rows = encoded.ids[start : start + batch_size]
-        width = max(len(r) for r in rows)
-        input_ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for j, row in enumerate(rows):
-            input_ids[j, : len(row)] = torch.tensor(row)
-            mask[j, : len(row)] = 1
-        out.append((input_ids.to(device), mask.to(device), list(range(start, start + len(rows)))))
+        input_ids, mask = pad_ids(rows, device)
+        out.append((input_ids, mask, list(range(start, start + len(rows)))))
     return out
 
 
