@@ -471,6 +471,18 @@ def _diagnostics_html(result: Result) -> str:
     return diag + "".join(f'<p class="note">{esc(text)}</p>' for text in (result.extras or {}).get("warnings") or [])
 
 
+def page_head(title: str) -> str:
+    """The start of a standalone HTML page up to inside its <style>: the
+    title and the rules every dowsing report shares."""
+    return (f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<title>{html.escape(title)}</title>
+<style>
+body {{ font-family: {charts.FONT}; max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; color: #222; }}
+h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }}""")
+
+
 def build_report(result: Result, title: str = "Data dowsing report") -> str:
     """A single HTML file: the table with its 90% intervals, the donut, the rank
     probabilities, the saturation curves with their bands and the transfer heatmap
@@ -504,13 +516,7 @@ def build_report(result: Result, title: str = "Data dowsing report") -> str:
         domain_blocks.append(f"<details><summary><b>{esc(name)}</b> ({len(facts)} facts)</summary><ol>{items}</ol></details>")
     diag = _diagnostics_html(result)
     created = result.created_at or datetime.now().isoformat(timespec="seconds")
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title>
-<style>
-body {{ font-family: {charts.FONT}; max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; color: #222; }}
-h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }}
+    return page_head(title) + f"""
 .lead {{ font-size: 1.15rem; }} .note {{ color: #555; font-size: 0.95rem; }}
 .grid {{ display: grid; grid-template-columns: 1fr; gap: 1rem; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
@@ -587,13 +593,8 @@ def plan_report_html(plan, curves: list, title: str = "Data collection plan") ->
         lines.append(line + "</li>")
     alloc = plan.allocation
     notes = "".join(f"<li>{esc(n)}</li>" for n in plan.notes)
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>{esc(title)}</title>
-<style>
-body {{ font-family: {charts.FONT}; max-width: 1100px; margin: 2rem auto; padding: 0 1.5rem; color: #222; }}
-h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }} .note {{ color: #555; }}
+    return page_head(title) + f"""
+.note {{ color: #555; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
 table.kv td {{ font-family: ui-monospace, monospace; }}
 {TABLE_CSS}
