@@ -217,6 +217,9 @@ def add_benchmark_command(sub) -> None:
     bench.add_argument("--config", default=None, help="JSON file of BenchmarkConfig fields")
     bench.add_argument("--seed", type=int, default=None, help="first seed of the split, fine-tunes and bootstrap")
     bench.add_argument("--out", default=None, help="write the full benchmark result as JSON here")
+    bench.add_argument("--plan-budgets", default=None,
+                       help="comma-separated budgets in examples, e.g. 148,592: check the collection plan by "
+                            "training on it against spreading each budget evenly and in proportion to mean loss")
     bench.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     bench.add_argument("--threads", type=int, default=None,
                        help="torch CPU threads (default: torch's choice, one per core); 1 is far faster when "
@@ -423,7 +426,7 @@ def run_benchmark_command(args) -> int:
     from .domains import benchmark_domains
 
     try:
-        fields = config_fields(args)
+        fields = config_fields(args, plan_budgets=_budgets(args.plan_budgets))
         model = checked_model(args, [args.model])[0]
         config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
@@ -466,6 +469,7 @@ def run_benchmark_command(args) -> int:
     if result.default:
         print(f"\nDefault ranking by the rule ({result.default['rule']}): {result.default['estimator']}; "
               f"{result.default['reason']}.")
+    _print_plan_check(result.plan_check)
     print(f"Time: {result.timings.get('total', 0.0) / 60:.1f} min in all.")
     if args.out:
         atomic_write_text(Path(args.out), result.to_json())
@@ -477,6 +481,29 @@ def run_benchmark_command(args) -> int:
         atomic_write_text(EVIDENCE_FILE, json.dumps(evidence_from_result(result), indent=2, ensure_ascii=False) + "\n")
         print(f"wrote {EVIDENCE_FILE}")
     return 0
+
+
+def _budgets(text: str | None) -> list | None:
+    """--plan-budgets: whole numbers separated by commas (checked by the config)."""
+    if text is None:
+        return None
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ValueError(f"--plan-budgets must be numbers separated by commas, got {text!r}") from None
+
+
+def _print_plan_check(check: dict) -> None:
+    if not check:
+        return
+    from .validation.plan_check import extrapolation_table, plan_table
+
+    print(f"\nPlan check ({check['recipe']}; realised gain = test loss after the baseline minus after the run, "
+          "mean over domains):")
+    print(plan_table(check).to_string(index=False))
+    ex = check["extrapolation"]
+    print(f"\nExtrapolation to {ex['target']} added facts (relative error of the predicted gain):")
+    print(extrapolation_table(check).to_string(index=False))
 
 
 def run_cluster(args) -> int:

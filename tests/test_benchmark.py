@@ -197,11 +197,12 @@ def test_alignment_equals_explicit_sums_over_autograd_gradients(tiny64):
 @pytest.fixture(scope="module")
 def quick_run(tiny_llama_dir, tmp_path_factory):
     """`python -m dowsing benchmark --quick` on the tiny Llama, once; with 100 bootstrap
-    resamples instead of 500 (half the run's time; no test reads their number)."""
+    resamples instead of 500 (half the run's time; no test reads their number), three doses
+    (so the extrapolation has two points below the largest) and the plan check at two budgets."""
     folder = tmp_path_factory.mktemp("bench")
     out = folder / "bench.json"
     config = folder / "config.json"
-    config.write_text(json.dumps({"bootstrap": 100}))
+    config.write_text(json.dumps({"bootstrap": 100, "doses": [2, 4, 8], "plan_budgets": [22, 55]}))
     proc = subprocess.run(
         [sys.executable, "-m", "dowsing", "benchmark", "--quick", "--model", str(tiny_llama_dir), "--out", str(out),
          "--config", str(config)],
@@ -283,6 +284,38 @@ def test_quick_benchmark_cli_writes_a_leaderboard_that_recomputes(quick_run):
         assert len(curve["predicted"]["ratio"]) == len(config["doses"])
 
 
+def test_quick_benchmark_checks_the_plan_by_training_on_it(quick_run):
+    proc, out = quick_run
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Plan check" in proc.stdout and "Extrapolation to 8 added facts" in proc.stdout
+    result = json.loads(out.read_text())
+    check, truth = result["plan_check"], result["truth"]["adamw"]
+    assert [b["budget"] for b in check["budgets"]] == [22, 55]
+    n = len(result["domains"])
+    for entry in check["budgets"]:
+        counts = entry["counts"]
+        assert sum(counts["even"]) == sum(counts["proportional"]) == entry["budget"]
+        assert sum(counts["plan"]) <= entry["budget"]
+        assert all(0 <= m <= 8 for c in counts.values() for m in c)  # a pool of 8 facts per domain
+        for name in ("plan", "even", "proportional"):
+            per_domain = entry["realised_per_domain"][name]
+            assert len(per_domain) == n and len(entry["realised"][name]["per_seed"]) == 2
+            assert entry["realised"][name]["mean"] == pytest.approx(np.mean(per_domain))
+        for other in ("even", "proportional"):
+            diff = entry["plan_minus"][other]
+            assert diff["diff"] == pytest.approx(entry["realised"]["plan"]["mean"] - entry["realised"][other]["mean"])
+            assert diff["interval"][0] <= diff["diff"] <= diff["interval"][1]
+        # the plan puts more where its curves rise more: a domain without a curve gets nothing
+        for name, m in zip(result["domains"], counts["plan"]):
+            if check["curves"][name]["form"] is None:
+                assert m == 0
+    ex = check["extrapolation"]
+    assert ex["fit_doses"] == [2, 4] and ex["target"] == 8 and len(ex["rows"]) == n
+    for k, row in enumerate(ex["rows"]):
+        assert row["measured"] == pytest.approx(np.mean([g[k] for g in truth["dose_gains"]["8"]]))
+    assert set(check["saturation"]) == {c["domain"] for c in result["curves"]}
+
+
 def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama_dir, capsys):
     # in this process (quick_run is the real `python -m dowsing benchmark`)
     from dowsing.cli import main
@@ -299,6 +332,12 @@ def test_benchmark_bad_input_is_one_line_and_writes_nothing(tmp_path, tiny_llama
     bad_config.write_text(json.dumps({"recipes": [{"name": "x", "optimizer": "adagrad"}], "main_recipe": "x"}))
     code = main(["benchmark", "--config", str(bad_config), "--out", str(out)])
     assert code == 2 and "optimizer" in capsys.readouterr().err and not out.exists()
+    for budgets, said in (("0", "whole number of examples >= 1"), ("12,x", "numbers separated by commas"),
+                          ("100000", "more than the domains' pools hold")):
+        code = main(["benchmark", "--quick", "--plan-budgets", budgets, "--model", str(tiny_llama_dir), "--out",
+                     str(out)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and said in lines[0] and not out.exists()
 
 
 def test_few_domains_warn_that_rho_has_no_power(tiny_llama_dir, tmp_path):

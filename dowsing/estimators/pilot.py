@@ -62,7 +62,9 @@ def _curve_values(curve: dict, target: int, n_a: int, n_b: int) -> dict:
     a, b = log_fit(sizes, curve["drop"])
     return {"pilot_gain": (curve["drop"][-1], gain_facts),
             "pilot_curve": (a + b * math.log(target), curve_facts),
-            "fit": {"sizes": sizes, "drop": curve["drop"], "intercept": a, "slope_per_ln_n": b, "target": target}}
+            "fit": {"sizes": sizes, "drop": curve["drop"], "intercept": a, "slope_per_ln_n": b, "target": target,
+                    # what a collection plan's learning curve is fitted to (`plan.fit_pilots`)
+                    "per_fact_by_size": curve["per_fact_by_size"], "strata": [n_b, n_a]}}
 
 
 def pilot_scores(ctx, names) -> list:

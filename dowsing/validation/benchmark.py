@@ -23,6 +23,7 @@ hard cases) for the answer to have power?
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -32,7 +33,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import checkpoint_fields
-from ..domains import Domain, benchmark_domains, benchmark_groups
+from ..domains import Domain, benchmark_domains, benchmark_groups, domain_set
 from ..estimators import (EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
@@ -51,9 +52,13 @@ from ..training import Recipe, TailTrainer, build_trainer
 from .finetune import measured_delta_n
 from .leaderboard import (BASELINE, benchmark_leaderboard, choose_default, choose_winner, group_leaderboards,
                           reliability, stacked_scores)
-from .protocol import check_protocol_domains, collection_split, protocol_gains, protocol_unit, protocol_units
+from .plan_check import (ALLOCATION_LABELS, ALLOCATIONS, budget_summary, check_allocations, error_summary,
+                         extrapolation_row, plan_curves)
+from .protocol import (check_protocol_domains, collection_split, plan_units, protocol_gains, protocol_unit,
+                       protocol_units)
 
 LOW_POWER_DOMAINS = 5
+PLAN_RESAMPLES = 1000  # bootstrap resamples of the plan check's learning-curve bands
 
 # Every step: 8 facts of the users' samples plus 8 added facts, so the largest dose (32 facts) is
 # seen twice in the recipe's 8 steps.
@@ -91,6 +96,11 @@ class BenchmarkConfig(ConfigRecord):
         the blocks times the facts.
     adam_batches: minibatches that estimate Adam's second moment.
     pilot_sizes: the pilot learning curve's nested sizes of a half.
+    plan_budgets: budgets (examples) of the plan check (`plan_check.py`):
+        per budget, fine-tunes on the plan's allocation, on the budget
+        spread evenly and on it split in proportion to mean loss, every
+        seed of the main recipe. Empty: no plan check. Needs the
+        pilot_curve and mean_loss estimators.
     curve_domains: domains whose dose-response is set beside the paper's
         predicted saturation.
     bootstrap / interval_pct: resamples of domains for the intervals.
@@ -120,6 +130,7 @@ class BenchmarkConfig(ConfigRecord):
     ekfac_blocks: int = 2
     ekfac_fit_facts: int = 128
     pilot_sizes: tuple = (2, 4, 8)
+    plan_budgets: tuple = ()
     curve_domains: tuple = CURVE_DOMAINS
     bootstrap: int = 2000
     interval_pct: float = 90.0
@@ -135,6 +146,9 @@ class BenchmarkConfig(ConfigRecord):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "doses", tuple(sorted({int(n) for n in self.doses})))
         object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
+        object.__setattr__(self, "plan_budgets", tuple(_budget(b) for b in self.plan_budgets))
+        if self.plan_budgets and not {"pilot_curve", BASELINE} <= set(self.estimators):
+            raise ValueError("the plan check (plan_budgets) needs the pilot_curve and mean_loss estimators")
         if not self.doses or self.doses[0] < 1:
             raise ValueError("doses must be positive numbers of pool facts")
         if self.sample_facts < 4:
@@ -191,6 +205,7 @@ class BenchmarkResult(ResultRecord):
     execution: dict = field(default_factory=dict)  # executor, resources, per-unit node and times
     group_leaderboards: dict = field(default_factory=dict)  # "all" / "ordinary" / "hard" -> rows (main recipe)
     default: dict = field(default_factory=dict)  # the estimator the stated rule picks, the rule, and why
+    plan_check: dict = field(default_factory=dict)  # plan vs simple allocations by training; extrapolation errors
 
     def recipe_names(self) -> list:
         return [r["name"] for r in self.config["recipes"]]
@@ -228,6 +243,13 @@ class BenchmarkResult(ResultRecord):
         return pd.DataFrame(rows)
 
 
+def _budget(value) -> int:
+    number = float(value)
+    if not (math.isfinite(number) and number >= 1 and number == int(number)):
+        raise ValueError(f"a plan budget must be a whole number of examples >= 1, got {value!r}")
+    return int(number)
+
+
 def interval_text(pair) -> str:
     if not pair or pair[0] is None:
         return "—"
@@ -240,7 +262,12 @@ def check_domains(domains, config: "BenchmarkConfig") -> list:
     ValueError (one line) naming the first domain that cannot."""
     if config.max_facts:
         domains = [Domain(d.name, tuple(d.facts[: config.max_facts])) for d in domains]
-    return check_protocol_domains(domains, config.sample_facts, config.test_facts, config.doses)
+    domains = check_protocol_domains(domains, config.sample_facts, config.test_facts, config.doses)
+    pools = sum(len(d.facts) - config.sample_facts - config.test_facts for d in domains)
+    for budget in config.plan_budgets:
+        if budget > pools:
+            raise ValueError(f"The plan budget {budget} is more than the domains' pools hold ({pools} facts).")
+    return domains
 
 
 def predicted_curve(split, terms, k: int, damping: float, sizes) -> dict:
@@ -292,10 +319,11 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     timings, notes = {}, []
     model, domains, checkpoints = _prepared(model, domains, config, device, say, timings, notes)
     run = _split(model, domains, config, resume, say, timings)
-    scores, values = _run_units(model, run, config, checkpoints, executor, say, should_stop, timings)
+    scores, values, plan = _run_units(model, run, config, checkpoints, executor, say, should_stop, timings)
     unit_seconds = {r.key: r.end - r.start for r in executor.telemetry.records if not r.cached}
     truth = _truth(run, config, values, unit_seconds, timings)
     curves = _curves(model, run, config, checkpoints, truth, timings)
+    checked = _plan_check(run, config, plan, values, truth, curves, unit_seconds) if plan else {}
     say(Progress("leaderboard", 0.96, "correlations and bootstrap"))
     gains = {name: t["gains"] for name, t in truth.items()}
     stacked = stacked_scores(scores, gains[config.main_recipe], timings.get("forward", 0.0))
@@ -319,7 +347,7 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
         winner=choose_winner(board), curves=curves, timings=timings, warnings=notes,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         execution=_execution(executor, run, timings), group_leaderboards=by_group,
-        default=choose_default(by_group, config.interval_pct),
+        default=choose_default(by_group, config.interval_pct), plan_check=checked,
     )
 
 
@@ -446,18 +474,39 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
                     build=build_trainer, context=trainer if local else None)
     pending = executor.start(protocol_unit, units, shared, store=run.store, on_done=on_fine_tune,
                              should_stop=should_stop)
+    pendings, plan = [pending_estimators, pending], None
     try:
         by_key = pending_estimators.wait()
+        scores = {s["name"]: EstimatorScore.from_dict(s) for unit in families for s in by_key[unit.key]}
+        if config.plan_budgets:
+            plan = _plan_allocations(run, config, scores)
+            pendings.append(executor.start(protocol_unit, plan["units"], shared, store=run.store,
+                                           should_stop=should_stop))
         values = pending.wait()
+        if plan is not None:
+            values = {**values, **pendings[-1].wait()}
     except BaseException:
-        pending_estimators.cancel()
-        pending.cancel()
+        for p in pendings:
+            p.cancel()
         raise
     timings["units_wall"] = time.perf_counter() - t0
-    scores = {s["name"]: EstimatorScore.from_dict(s) for unit in families for s in by_key[unit.key]}
     timings["estimators"] = sum(r.end - r.start for r in executor.telemetry.records
                                 if r.key.startswith("estimators/") and not r.cached)
-    return [scores[name] for name in config.estimators], values
+    return [scores[name] for name in config.estimators], values, plan
+
+
+def _plan_allocations(run: BenchmarkSplit, config: BenchmarkConfig, scores: dict) -> dict:
+    """The plan check's allocations from the estimators' pilot curves and
+    mean losses (the sample only), and its fine-tunes: {"curves", "budgets":
+    {budget: `plan_check.check_allocations`}, "units"}."""
+    curves = plan_curves(run.names, scores["pilot_curve"].details["fits"], scores[BASELINE].priority,
+                         config.sample_facts, config.seed, PLAN_RESAMPLES)
+    caps = [len(p.facts) for p in run.protocol["pool"]]
+    budgets = {b: check_allocations(curves, b, caps, config.seed, PLAN_RESAMPLES) for b in config.plan_budgets}
+    wanted = {(b, name): counts for b, check in budgets.items() for name, counts in check["counts"].items()}
+    units = [u for s in range(config.seeds)
+             for u in plan_units(main_recipe(config), config.seed + s, config.doses, config.sample_facts, wanted)]
+    return {"curves": curves, "budgets": budgets, "units": units}
 
 
 def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seconds: dict, timings: dict) -> dict:
@@ -493,6 +542,47 @@ def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seco
                 "baseline_drop": truth[recipe.name]["baseline_drop"], "seconds": 0.0}
     timings["ground_truth"] = sum(t["seconds"] for t in truth.values())
     return truth
+
+
+def _plan_check(run: BenchmarkSplit, config: BenchmarkConfig, plan: dict, values: dict, truth: dict, curves: list,
+                unit_seconds: dict) -> dict:
+    """The plan check's report (`plan_check.py`): per budget the three
+    allocations' realised gains (per seed: baseline test loss minus after
+    the run, per domain) with the plan's paired differences; the learning
+    curves' extrapolation errors to the largest dose per group; the
+    paper's delta n at 10% beside the measured one where computed."""
+    recipe = main_recipe(config)
+    budgets = []
+    for budget, check in plan["budgets"].items():
+        realised = {}
+        for name in ALLOCATIONS:
+            per_seed = []
+            for s in range(config.seeds):
+                seed = config.seed + s
+                base = values[_seed_units(run, config, recipe, seed)[0].key]["baseline"]
+                unit = next(u for u in plan["units"] if u.key.endswith(f"/B{budget}/{name}")
+                            and u.args[2] == seed)
+                after = _per_domain_means(values[unit.key], run.truth.held_rows)
+                per_seed.append([b - a for b, a in zip(_per_domain_means(base, run.truth.held_rows), after)])
+            realised[name] = per_seed
+        budgets.append({"budget": budget, **budget_summary(check, realised, config.bootstrap, config.seed,
+                                                            config.interval_pct)})
+    groups = benchmark_groups()
+    sets = [domain_set(groups.get(n)) for n in run.names]
+    main = truth[config.main_recipe]
+    doses = list(config.doses)
+    rows = [extrapolation_row(dc, doses, {d: float(np.mean([g[k] for g in main["dose_gains"][str(d)]]))
+                                          for d in doses})
+            for k, dc in enumerate(plan["curves"])]
+    saturation = {c["domain"]: {"paper_delta_n_10pct": c["predicted"]["delta_n_10pct"],
+                                "paper_reason": c["predicted"]["reason"], "measured": c["measured_saturation"]}
+                  for c in curves}
+    seconds = sum(unit_seconds.get(u.key, 0.0) for u in plan["units"])
+    return {"recipe": recipe.label(), "allocations": dict(ALLOCATION_LABELS), "budgets": budgets,
+            "curves": {dc.name: dc.curve.to_dict() for dc in plan["curves"]},
+            "extrapolation": {"fit_doses": doses[:-1], "target": doses[-1], "rows": rows, "sets": sets,
+                              "summary": error_summary(rows, sets)},
+            "saturation": saturation, "seconds": seconds}
 
 
 def _per_domain_means(losses, held_rows: list) -> list:

@@ -21,6 +21,7 @@ added is what the estimators scored.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -106,6 +107,38 @@ def sample_reading_losses(trainer: TailTrainer, recipe: Recipe, seed: int, steps
     return trainer.losses(trainer.data.held_rows[k])
 
 
+def plan_run_losses(trainer: TailTrainer, recipe: Recipe, seed: int, steps: int, sample: int, counts: tuple,
+                    n_max: int):
+    """Every domain's test losses after the run that adds the first
+    counts[k] pool facts of every domain k at once: the baseline's
+    minibatches plus minibatches walking seeded permutations of the B added
+    facts, each seen at least twice (the added minibatch grows to
+    ceil(2 B / steps) where the recipe's is smaller), with weight
+    added_weight * B / n_max, so every added fact carries the weight it
+    carries in a dose run."""
+    added = [r for k, m in enumerate(counts) for r in trainer.data.train_rows[k][sample: sample + m]]
+    tests = [r for rows in trainer.data.held_rows for r in rows]
+    if not added:
+        trainer.train(recipe, seed, _base(trainer, sample), steps=steps)
+        return trainer.losses(tests)
+    wide = dataclasses.replace(recipe, added_batch=max(recipe.added_batch, math.ceil(2 * len(added) / steps)))
+    trainer.train(wide, seed, _base(trainer, sample), added=added,
+                  added_weight=recipe.added_weight * len(added) / n_max, steps=steps, cycle_added=True)
+    return trainer.losses(tests)
+
+
+def plan_units(recipe: Recipe, seed: int, doses, sample: int, allocations: dict) -> list:
+    """One seed's plan-check runs: {(budget, allocation name): counts} ->
+    one unit each, on the protocol's steps."""
+    from ..executor import Unit
+
+    n_max = max(doses)
+    steps = dose_steps(recipe, n_max)
+    prefix = f"plan/{recipe.name}/{recipe.label()}/seed{seed}/sample{sample}/steps{steps}"
+    return [Unit(f"{prefix}/B{budget}/{name}", ("plan_run", recipe, seed, steps, sample, tuple(counts), n_max))
+            for (budget, name), counts in allocations.items()]
+
+
 def protocol_units(recipe: Recipe, seed: int, n_domains: int, doses, sample: int, second_reading: bool) -> list:
     """One seed of one recipe: the baseline, every domain at every dose, and
     (second_reading) every domain with its sample added."""
@@ -131,6 +164,8 @@ def protocol_unit(trainer: TailTrainer, kind: str, recipe: Recipe, seed: int, *a
         return dose_losses(trainer, recipe, seed, *args)
     if kind == "sample_reading":
         return sample_reading_losses(trainer, recipe, seed, *args)
+    if kind == "plan_run":
+        return plan_run_losses(trainer, recipe, seed, *args)
     raise ValueError(f"unknown unit kind {kind!r}")
 
 

@@ -1,0 +1,303 @@
+"""The plan check: does the collection plan buy more than simple allocations
+when the model is really trained on what each one collects, and how far do
+the learning curves extrapolate?
+
+For a budget B (examples, every one costing 1) and the benchmark's domains:
+
+* "plan": `dowsing.plan.allocate` on each domain's learning curve, fitted
+  (`plan.fit_pilots`) to the pilot fine-tunes the pilot estimators ran on
+  the domain's sample (sizes up to the half's 8 facts), have = the sample's
+  size, cap = the domain's pool;
+* "even": B / K per domain (`even_counts`);
+* "proportional": B split in proportion to each domain's mean loss
+  (`proportional_counts`), the allocation a user who collects where the
+  loss is highest would make.
+
+Each allocation is one fine-tune (`protocol.plan_run_losses`): the baseline
+run's minibatches plus every domain's first m_k pool facts. The realised
+gain of domain k is its test loss after the baseline minus after the run;
+an allocation's total is the mean over domains (every domain weighs the
+same, the plan's default). Differences between allocations are paired by
+seed and domain, with a percentile interval over resampled domains.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ..curves import choose_form, predict
+from ..plan import DomainCurve, PlanConfig, allocate, fit_pilots, predicted_total
+
+ALLOCATIONS = ("plan", "even", "proportional")
+ALLOCATION_LABELS = {"plan": "the plan (pilot learning curves)", "even": "spread evenly",
+                     "proportional": "proportional to mean loss"}
+
+
+# --- allocations -------------------------------------------------------------
+
+def even_counts(budget: int, caps: list) -> list:
+    """B split as evenly as the caps allow: every domain with room takes one
+    example in turn (a capped domain drops out), so the counts of the
+    domains below their caps differ by one at most and the last round's
+    examples go to the first domains in the domains' order."""
+    counts = [0] * len(caps)
+    left = int(budget)
+    while left > 0:
+        room = [k for k in range(len(caps)) if counts[k] < caps[k]]
+        if not room:
+            break
+        if left < len(room):
+            for k in room[:left]:
+                counts[k] += 1
+            break
+        # whole rounds at once: as many as the budget and the fullest domain's room allow
+        rounds = min(left // len(room), min(caps[k] - counts[k] for k in room))
+        for k in room:
+            counts[k] += rounds
+        left -= rounds * len(room)
+    return counts
+
+
+def proportional_counts(budget: int, scores: list, caps: list) -> list:
+    """B split in proportion to max(score_k, 0), in whole examples: a domain
+    whose share would pass its cap gets the cap and the rest is split again
+    over the others; the whole numbers are the floors of the shares plus
+    one for the largest remainders (ties: the domains' order) until B is
+    spent or every domain is at its cap."""
+    weights = [max(float(s), 0.0) if math.isfinite(float(s)) else 0.0 for s in scores]
+    share = [0.0] * len(caps)
+    fixed, left = set(), float(budget)
+    while True:
+        free = [k for k in range(len(caps)) if k not in fixed and weights[k] > 0]
+        total = sum(weights[k] for k in free)
+        if not free or total <= 0:
+            break
+        over = [k for k in free if left * weights[k] / total > caps[k]]
+        if not over:
+            for k in free:
+                share[k] = left * weights[k] / total
+            break
+        for k in over:
+            share[k], left = float(caps[k]), left - caps[k]
+            fixed.add(k)
+    counts = [min(caps[k], math.floor(share[k] + 1e-9)) for k in range(len(caps))]
+    order = sorted(range(len(caps)), key=lambda k: (-(share[k] - math.floor(share[k] + 1e-9)), k))
+    for k in order:
+        if sum(counts) >= budget:
+            break
+        if counts[k] < caps[k] and share[k] > counts[k]:
+            counts[k] += 1
+    return counts
+
+
+def default_budgets(n_domains: int, pool: int) -> tuple:
+    """The plan check's two budgets when the user names none: an eighth and
+    a half of every domain's pool on average (4 and 16 a domain with pools
+    of 32), at least one example a domain."""
+    return (n_domains * max(1, pool // 8), n_domains * max(1, pool // 2))
+
+
+def pilot_measurements(names: list, fits: list, mean_losses: list, have: int) -> dict:
+    """The pilot estimators' fits (`estimators.pilot`, details "fits") in the
+    layout `plan.fit_pilots` reads: per domain its sizes, drops, per-fact
+    drops per size and the halves' sizes; a domain without a pilot gets no
+    sizes (no curve)."""
+    out = []
+    for name, fit, loss in zip(names, fits, mean_losses):
+        entry = {"name": name, "n_facts": have, "mean_loss": float(loss), "sizes": [], "drop": [],
+                 "per_fact_by_size": [], "strata": []}
+        if fit:
+            entry.update(sizes=fit["sizes"], drop=fit["drop"], per_fact_by_size=fit["per_fact_by_size"],
+                         strata=fit["strata"])
+        out.append(entry)
+    return {"domains": out}
+
+
+def check_allocations(curves: list, budget: int, caps: list, seed: int, resamples: int) -> dict:
+    """The three allocations of one budget and the plan's predicted total
+    gain of each (the pilot recipe's nats, summed over domains, with its
+    band): {"counts": {allocation: [m_k]}, "predicted": {allocation:
+    {"gain", "band"}}, "spent": {allocation: examples}, "gap_bound"}."""
+    config = PlanConfig(budget=budget, caps={dc.name: c for dc, c in zip(curves, caps)}, seed=seed,
+                        bootstrap_resamples=max(resamples, 100))
+    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
+    bought = allocate(gains, budget, caps=caps)
+    counts = {"plan": bought.counts, "even": even_counts(budget, caps),
+              "proportional": proportional_counts(budget, [dc.mean_loss for dc in curves], caps)}
+    weights = [config.weight(dc.name) for dc in curves]
+    predicted = {a: {k: v for k, v in predicted_total(curves, c, weights).items() if k != "counts"}
+                 for a, c in counts.items()}
+    return {"counts": counts, "predicted": predicted, "spent": {a: int(sum(c)) for a, c in counts.items()},
+            "gap_bound": bought.gap_bound}
+
+
+def plan_curves(names: list, fits: list, mean_losses: list, have: int, seed: int, resamples: int) -> list:
+    """Each domain's DomainCurve from the pilot estimators' measurements."""
+    measured = pilot_measurements(names, fits, mean_losses, have)
+    return fit_pilots(measured, PlanConfig(budget=1, seed=seed, bootstrap_resamples=max(resamples, 100)))
+
+
+# --- the realised gains ------------------------------------------------------
+
+def paired_difference(gains_a, gains_b, resamples: int, seed: int, interval_pct: float) -> dict:
+    """mean over seeds and domains of gains_a - gains_b ([seed][domain]
+    each), and its percentile interval over resamples of the domains (each
+    resample keeps a domain's seeds together, so the seeds stay paired)."""
+    diff = np.asarray(gains_a, dtype=float) - np.asarray(gains_b, dtype=float)
+    per_domain = diff.mean(axis=0)
+    point = float(per_domain.mean())
+    if resamples <= 0:
+        return {"diff": point, "interval": [None, None], "per_seed": diff.mean(axis=1).tolist()}
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(per_domain), size=(resamples, len(per_domain)))
+    means = per_domain[picks].mean(axis=1)
+    tail = (100.0 - interval_pct) / 2.0
+    return {"diff": point, "interval": [float(np.percentile(means, tail)), float(np.percentile(means, 100 - tail))],
+            "per_seed": diff.mean(axis=1).tolist()}
+
+
+def budget_summary(check: dict, realised: dict, resamples: int, seed: int, interval_pct: float) -> dict:
+    """One budget's report: per allocation its realised total per seed and
+    their mean (mean over domains of the test-loss drop), and the plan's
+    paired difference against each simple allocation."""
+    totals = {a: {"per_seed": [float(np.mean(g)) for g in gains], "mean": float(np.mean(gains))}
+              for a, gains in realised.items()}
+    paired = {other: paired_difference(realised["plan"], realised[other], resamples, seed, interval_pct)
+              for other in ALLOCATIONS if other != "plan"}
+    return {**check, "realised": totals, "realised_per_domain": {a: np.mean(g, axis=0).tolist()
+                                                                 for a, g in realised.items()},
+            "plan_minus": paired}
+
+
+# --- extrapolation -------------------------------------------------------------
+
+def relative_error(predicted, measured) -> float | None:
+    if predicted is None or measured is None or not math.isfinite(predicted) or measured == 0:
+        return None
+    return abs(predicted - measured) / abs(measured)
+
+
+def extrapolation_row(dc: DomainCurve, doses: list, gains: dict) -> dict:
+    """One domain's extrapolation from small n to the largest dose N.
+
+    gains: {dose: seed-mean measured gain}. Three predictions of gain(N):
+    * "doses": the curve forms (`curves.choose_form`) fitted to the measured
+      gains at the doses below N, read at N;
+    * "pilot_scaled": the measured gain at the largest of those doses times
+      the pilot curve's ratio [G(S + N) - G(S)] / [G(S + n) - G(S)];
+    * "pilot": the pilot curve's own G(S + N) - G(S), in the pilot recipe's
+      nats (a different recipe from the ground truth's: its scale differs).
+    """
+    top, small = doses[-1], doses[:-1]
+    measured = gains[top]
+    row = {"domain": dc.name, "measured": measured, "doses": {}, "pilot_scaled": {}, "pilot": {}}
+    if len(small) >= 2:
+        form, _, reason = choose_form(small, [gains[n] for n in small])
+        if form is None:
+            row["doses"] = {"predicted": None, "reason": reason}
+        else:
+            from ..curves import FITTERS
+
+            value = float(predict(form, FITTERS[form](small, [gains[n] for n in small]), top))
+            row["doses"] = {"predicted": value, "form": form, "error": relative_error(value, measured)}
+    else:
+        row["doses"] = {"predicted": None, "reason": f"needs two doses below {top}"}
+    if dc.curve.identifiable and small:
+        whole = dc.curve.gain(dc.n_facts, top)
+        part = dc.curve.gain(dc.n_facts, small[-1])
+        scaled = gains[small[-1]] * whole / part if part > 0 else None
+        row["pilot_scaled"] = {"predicted": scaled, "error": relative_error(scaled, measured)}
+        row["pilot"] = {"predicted": whole, "error": relative_error(whole, measured)}
+    else:
+        reason = dc.curve.reason or "no dose below the largest"
+        row["pilot_scaled"] = row["pilot"] = {"predicted": None, "reason": reason}
+    return row
+
+
+def error_summary(rows: list, groups: list) -> dict:
+    """Per prediction and per group ("all", "ordinary", "hard"): the median
+    and the worst relative error over the domains that have one, and how
+    many domains have none."""
+    out = {}
+    for key in ("doses", "pilot_scaled", "pilot"):
+        out[key] = {}
+        for group in ("all", "ordinary", "hard"):
+            chosen = [r for r, g in zip(rows, groups)
+                      if group == "all" or (group == "ordinary") == (g == "ordinary")]
+            errors = [r[key].get("error") for r in chosen]
+            have = [e for e in errors if e is not None]
+            out[key][group] = {"median": float(np.median(have)) if have else None,
+                               "worst": float(np.max(have)) if have else None,
+                               "n": len(have), "missing": len(errors) - len(have)}
+    return out
+
+
+# --- tables --------------------------------------------------------------------
+
+def plan_table(check: dict):
+    """Per budget and allocation: examples spent, the realised total gain
+    (mean over domains and seeds, and per seed), the plan's predicted total
+    (pilot recipe's nats, summed over domains), and the plan minus this
+    allocation with its interval, as a DataFrame."""
+    import pandas as pd
+
+    rows = []
+    for entry in check.get("budgets", []):
+        for name in ALLOCATIONS:
+            diff = entry["plan_minus"].get(name)
+            rows.append({
+                "Budget": entry["budget"], "Allocation": ALLOCATION_LABELS[name], "Spent": entry["spent"][name],
+                "Realised gain (nats/domain)": entry["realised"][name]["mean"],
+                "per seed": ", ".join(f"{v:.4f}" for v in entry["realised"][name]["per_seed"]),
+                "Predicted (pilot nats, sum)": entry["predicted"][name]["gain"],
+                "Plan − this": None if diff is None else diff["diff"],
+                "interval": "—" if diff is None else _interval(diff["interval"], 4),
+            })
+    return pd.DataFrame(rows)
+
+
+def extrapolation_table(check: dict):
+    """Per prediction and set of domains: the median and the worst relative
+    error of the predicted gain at the largest dose, as a DataFrame."""
+    import pandas as pd
+
+    ex = check.get("extrapolation") or {}
+    labels = {"doses": f"curve fitted to the measured gains at n = {', '.join(map(str, ex.get('fit_doses', [])))}",
+              "pilot_scaled": "pilot curve, scaled by the measured gain at the largest of those",
+              "pilot": "pilot curve alone (pilot recipe's nats)"}
+    rows = []
+    for key, label in labels.items():
+        for group, cell in (ex.get("summary", {}).get(key) or {}).items():
+            rows.append({"Prediction": label, "Domains": group, "Median error": cell["median"],
+                         "Worst error": cell["worst"], "n": cell["n"], "none": cell["missing"]})
+    return pd.DataFrame(rows)
+
+
+def _interval(pair, digits: int) -> str:
+    if not pair or pair[0] is None:
+        return "—"
+    return f"[{pair[0]:+.{digits}f}, {pair[1]:+.{digits}f}]"
+
+
+def extrapolation_domains(check: dict):
+    """Per domain: the measured gain at the largest dose, each prediction
+    with its relative error, and the paper's and the measured delta n at
+    10% where the run computed them, as a DataFrame."""
+    import pandas as pd
+
+    ex = check.get("extrapolation") or {}
+    saturation = check.get("saturation") or {}
+    rows = []
+    for row, group in zip(ex.get("rows", []), ex.get("sets", [])):
+        sat = saturation.get(row["domain"]) or {}
+        measured_dn = (sat.get("measured") or {}).get("delta_n_10pct")
+        rows.append({
+            "Domain": row["domain"], "Set": group, f"gain at {ex['target']}": row["measured"],
+            "fitted to doses": row["doses"].get("predicted"), "error (doses)": row["doses"].get("error"),
+            "pilot, scaled": row["pilot_scaled"].get("predicted"), "error (scaled)": row["pilot_scaled"].get("error"),
+            "pilot": row["pilot"].get("predicted"), "error (pilot)": row["pilot"].get("error"),
+            "paper Δn@10%": sat.get("paper_delta_n_10pct"),
+            "measured Δn@10%": measured_dn if measured_dn is not None or not sat else f"> {ex['target']}",
+        })
+    return pd.DataFrame(rows)
