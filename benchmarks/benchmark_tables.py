@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def num(value, fmt=".2f") -> str:
@@ -117,6 +120,33 @@ def curves(result: dict) -> str:
     return "\n".join(lines)
 
 
+def frame_table(frame, digits: int = 4) -> str:
+    """A DataFrame as a markdown table, numbers to `digits` significant places."""
+    def cell(value):
+        if value is None or (isinstance(value, float) and value != value):
+            return "—"
+        return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
+
+    lines = ["| " + " | ".join(frame.columns) + " |", "|" + "---|" * len(frame.columns)]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def plan_check(result: dict) -> str:
+    from dowsing.validation.plan_check import extrapolation_domains, extrapolation_table, plan_table
+
+    check = result.get("plan_check")
+    if not check:
+        return "(no plan check in this run)"
+    allocations = []
+    for entry in check["budgets"]:
+        for name, counts in entry["counts"].items():
+            allocations.append(f"- B = {entry['budget']}, {name}: "
+                               + ", ".join(f"{d} {m}" for d, m in zip(result["domains"], counts) if m))
+    return "\n\n".join([frame_table(plan_table(check)), frame_table(extrapolation_table(check), 3),
+                        frame_table(extrapolation_domains(check), 3), "\n".join(allocations)])
+
+
 def main(path: str) -> None:
     result = json.loads(open(path).read())
     main_recipe = result["config"]["main_recipe"]
@@ -131,6 +161,7 @@ def main(path: str) -> None:
     print(f"## Realised gains\n\n{gains(result)}\n")
     print(f"## Dose-response\n\n{doses(result)}\n")
     print(f"## Learning curves\n\n{curves(result)}\n")
+    print(f"## Plan check\n\n{plan_check(result)}\n")
     print("## Timings (s)\n\n" + ", ".join(f"{k} {v:.0f}" for k, v in result["timings"].items()))
 
 

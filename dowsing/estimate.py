@@ -1278,6 +1278,31 @@ def benchmark_units_s(cal: Calibration, sample: list, test: list, pool: list, co
                 step = _step_padded(base, sample[k], recipe.batch, recipe.added_batch)
                 one_seed.append(finetune_s(cal, steps, step, keep, blocks, read))
         units += one_seed * config.seeds
+    units += plan_check_units_s(cal, base, tests, pool, config, keep)
+    return units
+
+
+def plan_check_units_s(cal: Calibration, base: list, tests: list, pool: list, config, keep: int) -> list:
+    """Seconds of the plan check's runs (`validation.protocol.plan_run_losses`):
+    per budget B and seed three runs (plan, even, proportional) of the main
+    recipe's protocol steps, each adding B pool facts in a minibatch of
+    ceil(2 B / steps) and reading every test fact. Every allocation is
+    costed as the even one: the plan's is not known before its pilots."""
+    import math
+
+    from .validation.plan_check import ALLOCATIONS, even_counts
+    from .validation.protocol import dose_steps
+
+    recipe = next(r for r in config.recipes if r.name == config.main_recipe)
+    blocks = min(recipe.blocks, keep)
+    steps = dose_steps(recipe, max(config.doses))
+    units = []
+    for budget in config.plan_budgets:
+        counts = even_counts(budget, [len(p) for p in pool])
+        added = [n for p, m in zip(pool, counts) for n in p[:m]]
+        wide = max(recipe.added_batch, math.ceil(2 * len(added) / steps))
+        step = _step_padded(base, added, recipe.batch, wide, cycled=True)
+        units += [finetune_s(cal, steps, step, keep, blocks, padded_tokens(tests, 16))] * (len(ALLOCATIONS) * config.seeds)
     return units
 
 
@@ -1432,7 +1457,9 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
         f"tokens), {sum(map(len, te))} test facts, pools of {sum(map(len, po))}; {len(config.estimators)} "
         f"estimators; {len(units)} fine-tunes of {steps} steps ({len(config.recipes)} recipes x {config.seeds} seeds "
         f"x {per_seed}: the baseline and per domain {len(config.doses)} doses"
-        + (" and its sample" if config.second_reading else "") + ")"]
+        + (" and its sample" if config.second_reading else "") + ")"
+        + (f", {3 * len(config.plan_budgets) * config.seeds} of them the plan check's (3 allocations x "
+           f"{len(config.plan_budgets)} budgets x {config.seeds} seeds)" if config.plan_budgets else "")]
     notes.append("AirRep's encoder training and kronfluence's bookkeeping are left out (seconds)")
     memory = benchmark_memory(cal, tr, he, keep, config.recipes, config.batch_size, config.align_blocks,
                               config.ekfac_blocks, ray_workers if ray_local else 0, truth=everything,
