@@ -8,15 +8,18 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 from datetime import datetime
 
 import pandas as pd
 
-from . import charts
+from . import charts, metrics
 from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
 
-TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%", "t vs rest", "p"]
+MEAN_SHARE = "Share of Mean, paper (%)"
+TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", MEAN_SHARE, "Mean (paper)", "Δn@10%", "t vs rest", "p"]
+MEAN_SHARE_MEANING = "the domain's |Mean (paper)| out of the sum of every domain's |Mean (paper)|"
 
 
 def format_t(value: float | None) -> str:
@@ -36,6 +39,51 @@ UNSTABLE = "⚠ unstable"
 
 def format_share(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}%"
+
+
+def _has_mean(d) -> bool:
+    return d.mean is not None and math.isfinite(d.mean)
+
+
+def mean_shares(result: Result) -> dict[str, float | None]:
+    """Domain -> Share of Mean = |Mean_k| / sum_j |Mean_j| * 100 (`metrics.shares_pct`
+    on the paper's Means), over the domains that have a Mean; None for a domain
+    without one (its Mean is None or NaN)."""
+    known = [d for d in result.domains if _has_mean(d)]
+    shares = dict(zip((d.name for d in known), metrics.shares_pct([d.mean for d in known])))
+    return {d.name: shares.get(d.name) for d in result.domains}
+
+
+def mean_share_is_share(result: Result) -> bool:
+    """True when the Share column already is the Share of Mean: ranked by the
+    paper's estimator and the two agree to the digits shown. The paper's Share
+    is of each domain's total influence N_k Mean_k, so with unequal fact counts
+    it differs from the Share of Mean even then, and both are shown."""
+    if result.estimator != "paper":
+        return False
+    shares = mean_shares(result)
+    return all(shares[d.name] is not None and d.share_pct is not None
+               and abs(shares[d.name] - d.share_pct) < 0.05 for d in result.domains)
+
+
+def table_columns(result: Result) -> list[str]:
+    """The ranked table's columns for this result: TABLE_COLUMNS, less the
+    Share of Mean where the Share column already is it."""
+    return [c for c in TABLE_COLUMNS if c != MEAN_SHARE or not mean_share_is_share(result)]
+
+
+def mean_share_note(result: Result) -> str:
+    """What the Share of Mean column is (or that Share is it), and which
+    domains it leaves out for want of a Mean."""
+    if mean_share_is_share(result):
+        text = f"Share here is also the Share of Mean, paper: {MEAN_SHARE_MEANING}."
+    else:
+        text = f"Share of Mean, paper: {MEAN_SHARE_MEANING}, whatever ranked the domains."
+    missing = [d.name for d in result.ranked() if not _has_mean(d)]
+    if missing:
+        text += (f" {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no Mean (—): "
+                 "the Share of Mean is over the other domains.")
+    return text
 
 
 def format_interval(interval, fmt=format_sci) -> str | None:
@@ -87,6 +135,7 @@ def table_rows(result: Result) -> list[dict]:
     the rank probabilities."""
     boot = charts.bootstrap_domains(result)
     ranking = charts.ranking_domains(result)
+    shares_of_mean = mean_shares(result)
     rows = []
     for d in result.ranked():
         b = boot.get(d.name)
@@ -114,6 +163,7 @@ def table_rows(result: Result) -> list[dict]:
             "Concept": d.name,
             "Priority": format_sci(d.ranking_priority),
             "Share (%)": format_share(d.share_pct),
+            MEAN_SHARE: format_share(shares_of_mean[d.name]),
             "Mean (paper)": format_sci(d.mean),
             "Δn@10%": format_sci(d.delta_n_10pct),
             "t vs rest": format_t(d.t_vs_rest),
@@ -130,15 +180,16 @@ def formatted_table(result: Result) -> pd.DataFrame:
     """The ranked table as strings (what the app and the report show); a 90% bootstrap
     interval follows its value ('3.7×10⁻² [2.9×10⁻², 4.4×10⁻²]') when the result has one,
     and an unstable rank reads '2 ⚠ unstable'."""
+    columns = table_columns(result)
     rows = []
     for row in table_rows(result):
-        shown = {col: row[col] for col in TABLE_COLUMNS}
+        shown = {col: row[col] for col in columns}
         for col, interval in row["intervals"].items():
             shown[col] = f"{shown[col]} {interval}"
         if row["rank_stable"] is not None:
             shown["Rank"] = str(shown["Rank"])  # one type per column once some ranks carry a mark
         rows.append(shown)
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def interval_note(result: Result) -> str | None:
@@ -171,11 +222,12 @@ def unstable_domains(result: Result) -> dict[str, str]:
 def table_html(result: Result, colors: dict[str, str] | None = None) -> str:
     """The table as HTML; a "—" carries its reason as a hover tooltip (title attribute)."""
     colors = colors or charts.result_colors(result)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
+    columns = table_columns(result)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in table_rows(result):
         cells = []
-        for col in TABLE_COLUMNS:
+        for col in columns:
             value = html.escape(str(row[col]))
             if col == "Concept":
                 swatch = f'<span class="dw-swatch" style="background:{colors.get(row["Concept"], "#999")}"></span>'
@@ -354,11 +406,13 @@ def _diagnosis_html(result: Result) -> str:
 
 
 def to_csv(result: Result) -> str:
-    """One row per domain with full-precision numbers (empty cell = null); with a
+    """One row per domain with full-precision numbers (empty cell = null), the
+    Share of Mean (`mean_shares`) in every file whatever ranked it; with a
     bootstrap also the 90% interval ends (priority and share from the ranking
     estimator's bootstrap, mean and Δn from the paper's), rank stability and P(rank r)."""
     boot = charts.bootstrap_domains(result)
     ranking = charts.ranking_domains(result)
+    shares_of_mean = mean_shares(result)
     diagnosis = {x["domain"]: x for x in (result.extras or {}).get("diagnosis") or []}
     rows = []
     for d in result.ranked():
@@ -366,7 +420,7 @@ def to_csv(result: Result) -> str:
         solver = d.solver or {}
         rows.append({
             "rank": d.rank, "concept": d.name, "estimator": result.estimator, "priority": d.ranking_priority,
-            "share_pct": d.share_pct, "mean": d.mean,
+            "share_pct": d.share_pct, "share_of_mean_pct": shares_of_mean[d.name], "mean": d.mean,
             "delta_n_10pct": d.delta_n_10pct, "delta_n_direct": d.delta_n_direct,
             "delta_n_reason": d.delta_n_reason, "t_vs_rest": d.t_vs_rest, "p_value": d.p_value,
             "n_facts": d.n_facts, "alpha": sat.get("alpha"), "n0": sat.get("n0"), "c": sat.get("c"),
@@ -534,6 +588,7 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 <h2>Concept priority ranking</h2>
 {ranking_block}
 {table_html(result)}
+<p class="note">{esc(mean_share_note(result))}</p>
 {uncertainty}
 {_diagnosis_html(result)}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}

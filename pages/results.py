@@ -1,6 +1,6 @@
 """Results: which estimator ranked the domains and what the benchmark measured
 for it, the ranked table with 90% bootstrap intervals (the ranking estimator's
-Priority and Share, the paper's Mean and Δn@10%), the share donut, the
+Priority and Share, the paper's Share of Mean, Mean and Δn@10%), the share donut, the
 saturation curves with their bands, rank stability, the
 cross-domain transfer heatmap, the facts that move each domain most, solver
 diagnostics and downloads (CSV, JSON, a self-contained HTML report)."""
@@ -87,7 +87,7 @@ if reasons:
     st.caption("“—”: no saturation estimate (hover it for the reason). " +
                " ".join(f"**{name}**: {why.rstrip('.')}." for name, why in reasons.items()))
 st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
-           f"Share: {report.share_meaning(result)}. "
+           f"Share: {report.share_meaning(result)}. {report.mean_share_note(result)} "
            "Mean (paper): the paper's average per-example influence I = gᵀz in the concept subspace. "
            f"Δn@10%: more facts until the paper's marginal gain falls to 10% (power-law fit, "
            f"{charts.SATURATION_SOURCE}). "

@@ -107,8 +107,9 @@ def test_saturation_curves_skip_non_positive_points():
 def test_formatted_table_is_the_papers_format():
     # A result without priorities (engines before 1.3.0) was ranked by the paper's Mean: Priority shows it.
     table = report.formatted_table(paper_like_result())
-    assert list(table.columns) == ["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%",
-                                   "t vs rest", "p"]
+    # The paper's Table 1 shares are not the shares of its Means: the Share of Mean stands beside them.
+    assert list(table.columns) == ["Rank", "Concept", "Priority", "Share (%)", "Share of Mean, paper (%)",
+                                   "Mean (paper)", "Δn@10%", "t vs rest", "p"]
     first = table.iloc[0]
     assert (first["Rank"], first["Concept"], first["Priority"], first["Share (%)"], first["Mean (paper)"],
             first["t vs rest"]) == (1, "Physics", "3.7×10⁻²", "10.2%", "3.7×10⁻²", "1.01")
@@ -136,8 +137,8 @@ def test_top_examples_highest_and_lowest():
 def test_csv_has_full_precision_numbers():
     text = report.to_csv(paper_like_result())
     header, first = text.splitlines()[:2]
-    assert header.startswith("rank,concept,estimator,priority,share_pct,mean,delta_n_10pct")
-    assert first.startswith("1,Physics,paper,0.037,10.2,0.037,")
+    assert header.startswith("rank,concept,estimator,priority,share_pct,share_of_mean_pct,mean,delta_n_10pct")
+    assert first.startswith("1,Physics,paper,0.037,10.2,") and first.split(",")[6] == "0.037"
 
 
 def test_html_report_is_self_contained():
@@ -396,6 +397,114 @@ def test_the_paper_estimator_says_so_and_quotes_its_evidence():
     assert report.evidence_text(result) == evidence_sentence("paper")
     html = report.build_report(result)
     assert evidence_sentence("paper").replace("'", "&#x27;") in html
+
+
+# --- the paper's Share of Mean beside the ranking estimator's Share -------------------
+
+def _share_of_mean_by_hand(means) -> list:
+    """|Mean_k| / sum_j |Mean_j| * 100 over the finite Means (NaN elsewhere), in plain numpy."""
+    m = np.array([np.nan if v is None else v for v in means], dtype=float)
+    known = np.isfinite(m)
+    out = np.full(len(m), np.nan)
+    out[known] = np.abs(m[known]) / np.abs(m[known]).sum() * 100
+    return list(out)
+
+
+def _csv_rows(result):
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(report.to_csv(result))))
+
+
+def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
+    from dowsing.cli import format_table
+
+    result = ranked_by_alignment(paper_like_result())
+    ranked = result.ranked()
+    expected = dict(zip((d.name for d in ranked), _share_of_mean_by_hand([d.mean for d in ranked])))
+    assert expected["Astronomy"] == pytest.approx(9.4e-1 / (3.7e-2 + 9.4e-1 + 2.6e-4 + 7.9e-5) * 100)
+
+    table = report.formatted_table(result)
+    assert list(table.columns)[3:5] == ["Share (%)", "Share of Mean, paper (%)"]
+    assert list(table["Share of Mean, paper (%)"]) == [f"{expected[n]:.1f}%" for n in table["Concept"]]
+    assert table.iloc[0]["Share (%)"].startswith(f"{5 / 8.5 * 100:.1f}%")  # the estimator's Share is unchanged
+
+    rows = _csv_rows(result)
+    assert [float(r["share_of_mean_pct"]) for r in rows] == pytest.approx([expected[r["concept"]] for r in rows],
+                                                                          rel=1e-12)
+    assert list(rows[0])[4:6] == ["share_pct", "share_of_mean_pct"]
+
+    page = report.build_report(result)
+    head = page[page.index('<table class="dw-table">'):page.index("</thead>")]
+    assert "<th>Share (%)</th><th>Share of Mean, paper (%)</th>" in head
+    for name, share in expected.items():
+        row = page[page.index(f"</span>{name}</td>"):]
+        row = row[:row.index("</tr>")]
+        assert f">{share:.1f}%<" in row
+    assert "Share of Mean, paper: the domain&#x27;s |Mean (paper)| out of the sum" in page
+
+    text = format_table(result)
+    header = text.splitlines()[3]
+    assert header.index("Share ") < header.index("Share of Mean, paper") < header.index("Mean (paper)")
+    for line in text.splitlines()[4:8]:
+        name = line.split()[1]
+        assert f"{expected[name]:.1f}%" in line
+    assert "Share of Mean, paper: the domain's |Mean (paper)|" in text
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_domain_without_a_mean_shows_a_dash_and_the_share_is_over_the_others(missing):
+    from dowsing.cli import format_table
+
+    result = ranked_by_alignment(paper_like_result())
+    result.domain("Biology").mean = missing
+    others = [d for d in result.domains if d.name != "Biology"]
+    expected = dict(zip((d.name for d in others), _share_of_mean_by_hand([d.mean for d in others])))
+    assert sum(expected.values()) == pytest.approx(100.0)
+
+    shown = dict(zip(*(report.formatted_table(result)[c] for c in ("Concept", "Share of Mean, paper (%)"))))
+    assert shown == {"Biology": "—", **{n: f"{v:.1f}%" for n, v in expected.items()}}
+    rows = {r["concept"]: r["share_of_mean_pct"] for r in _csv_rows(result)}
+    assert rows["Biology"] == ""
+    assert {n: float(v) for n, v in rows.items() if n != "Biology"} == pytest.approx(expected, rel=1e-12)
+    note = report.mean_share_note(result)
+    assert "Biology has no Mean (—): the Share of Mean is over the other domains." in note
+    assert note.replace("'", "&#x27;") in report.build_report(result)
+    assert note in format_table(result)
+
+
+def _ranked_by_the_paper(n_facts: list) -> Result:
+    """The paper's estimator on domains of `n_facts` facts: Share is of each
+    domain's total influence N_k Mean_k, as the analysis computes it."""
+    result = paper_like_result()
+    result.config = dict(result.config, estimator="paper")
+    totals = np.array([n * d.mean for n, d in zip(n_facts, result.domains)])
+    for n, d, share in zip(n_facts, result.domains, np.abs(totals) / np.abs(totals).sum() * 100):
+        d.n_facts, d.share_pct = n, float(share)
+    return result
+
+
+def test_ranked_by_the_paper_the_share_is_the_share_of_mean_and_shows_once():
+    from dowsing.cli import format_table
+
+    result = _ranked_by_the_paper([25, 25, 25, 25])
+    assert [d.share_pct for d in result.domains] == pytest.approx(_share_of_mean_by_hand([d.mean for d in
+                                                                                          result.domains]))
+    table = report.formatted_table(result)
+    assert [c for c in table.columns if c.startswith("Share")] == ["Share (%)"]
+    page = report.build_report(result)
+    head = page[page.index('<table class="dw-table">'):page.index("</thead>")]
+    assert head.count("Share") == 1 and "Share here is also the Share of Mean, paper" in page
+    text = format_table(result)
+    assert "Share of Mean, paper" not in text.splitlines()[3] and "Share here is also the Share of Mean" in text
+    assert "share_of_mean_pct" in _csv_rows(result)[0]  # the file keeps every column whatever ranked it
+
+    # Unequal fact counts: the paper's Share (of totals) is not the Share of Mean, so both show.
+    unequal = _ranked_by_the_paper([25, 5, 25, 25])
+    table = report.formatted_table(unequal)
+    assert [c for c in table.columns if c.startswith("Share")] == ["Share (%)", "Share of Mean, paper (%)"]
+    assert "Share of Mean, paper" in format_table(unequal).splitlines()[3]
 
 
 # --- the collection plan's figures, CSV and report ---------------------------------
