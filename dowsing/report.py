@@ -537,11 +537,18 @@ body {{ font-family: {charts.FONT}; max-width: 1100px; margin: 2rem auto; paddin
 h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }}""")
 
 
-def build_report(result: Result, title: str = "Data dowsing report") -> str:
+def build_report(result: Result, title: str = "Data dowsing report", plan=None, plan_curves: list | None = None) -> str:
     """A single HTML file: the table with its 90% intervals, the donut, the rank
     probabilities, the saturation curves with their bands and the transfer heatmap
     (interactive, plotly.js embedded once), the model, the domains with their facts, the settings,
-    the date. Opens offline in any browser."""
+    the date. Opens offline in any browser.
+
+    With a collection plan (`dowsing.plan.PlanResult` on the same domains, and
+    optionally the curves it was built on) a "Collection plan" section follows
+    the charts (`plan_section_html`); a ValueError (`plan_mismatch`) when the
+    plan is for other domains or another model."""
+    if plan is not None and plan_mismatch(result, plan):
+        raise ValueError(plan_mismatch(result, plan))
     figs = charts.figures(result)
     # plotly.js rides with the first chart on the page: the later ones call it.
     share_div = figs["share"].to_html(full_html=False, include_plotlyjs=True, default_width="100%")
@@ -602,6 +609,7 @@ Click a domain in the legend to hide or show it.{" The shaded area is the 90% bo
 {transfer_section}
 {_pilot_section(figs)}
 </div>
+{_plan_section(plan, plan_curves) if plan is not None else ""}
 <h2>Domains</h2>{"".join(domain_blocks)}
 <h2>Model</h2><table class="kv">{model_rows}</table>
 <h2>Settings</h2><table class="kv">{settings}</table>
@@ -617,18 +625,46 @@ def _g3(value) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
-def plan_report_html(plan, curves: list, title: str = "Data collection plan") -> str:
-    """A collection plan (`dowsing.plan.PlanResult`, with the curves it was
-    built on) as one HTML file: the totals against the baselines, the table
-    per domain, the allocation, the learning curves and the totals as
-    interactive charts (plotly.js inline), the notes and the settings."""
+def plan_mismatch(result: Result, plan) -> str | None:
+    """Why `plan` cannot go into `result`'s report, in one line; None when it
+    can: the same domain names, and the same model where both record its
+    fingerprint."""
+    ours, theirs = [d.name for d in result.domains], [d["domain"] for d in plan.domains]
+    if sorted(ours) != sorted(theirs):
+        return (f"the plan is for the domains {', '.join(theirs)}, the analysis for {', '.join(ours)}: "
+                "a plan goes into the report of an analysis of the same domains")
+    mine, its = (result.model or {}).get("fingerprint"), (plan.model or {}).get("fingerprint")
+    if mine and its and mine != its:
+        return (f"the plan is for the model {plan.model.get('id', '?')} ({its[:12]}), the analysis for "
+                f"{result.model.get('id', '?')} ({mine[:12]}): a plan goes into the report of the same model")
+    return None
+
+
+def plan_meta(plan) -> str:
+    """'budget 100 examples, spent 100 · pilot … · created …': which plan this is."""
+    alloc = plan.allocation
+    return (f"budget {alloc['budget']:g} {alloc['budget_unit']}, spent {alloc['spent']:g} · pilot "
+            f"{plan.pilot['recipe']} · created {plan.created_at or ''}")
+
+
+def plan_section_html(plan, curves: list | None = None, heading: str = "h2", include_plotlyjs: bool = False) -> str:
+    """The body of a collection plan (`dowsing.plan.PlanResult`), as both the
+    standalone plan report and the analysis report show it: what its gains
+    are, the predicted total against spreading the budget evenly and putting
+    it all on the domain of highest mean loss (each with its 90% band, and the
+    plan minus each, paired), the table per domain (examples to collect, cost,
+    predicted gain with its band, the last example's gain, the fit), the
+    allocation chart, the learning curves when `curves` are given, the totals
+    chart and the notes. `heading` is the level of its headings;
+    `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
     from .plan import fit_text, plan_rows
 
     esc = html.escape
-    figs = plan_charts.plan_figures(plan, curves)
-    divs = {name: fig.to_html(full_html=False, include_plotlyjs=(name == "allocation"), default_width="100%")
-            for name, fig in figs.items()}
+    figs = plan_charts.plan_figures(plan, curves) if curves is not None else {
+        "allocation": plan_charts.allocation_chart(plan), "totals": plan_charts.totals_chart(plan)}
+    divs = {name: fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs and name == "allocation",
+                              default_width="100%") for name, fig in figs.items()}
     table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "Collect": r["collect"],
                            "Cost": _g3(r["cost"]),
                            "Predicted gain [90% band]": "—" if r["gain"] is None else
@@ -646,8 +682,30 @@ def plan_report_html(plan, curves: list, title: str = "Data collection plan") ->
             line += (f"; plan minus this {_g3(diff['gain'])} [{_g3(diff['band'][0])}, "
                      f"{_g3(diff['band'][1])}] (paired)")
         lines.append(line + "</li>")
-    alloc = plan.allocation
     notes = "".join(f"<li>{esc(n)}</li>" for n in plan.notes)
+    h = heading
+    return f"""<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>
+<{h}>Predicted total gain (weighted) [90% band]</{h}><ul>{"".join(lines)}</ul>
+<{h}>Per domain</{h}>{table}
+<section>{divs["allocation"]}</section>
+{f'<section>{divs["curves"]}</section>' if "curves" in divs else ""}
+<section>{divs["totals"]}</section>
+<{h}>Notes</{h}><ul>{notes}</ul>"""
+
+
+def _plan_section(plan, curves: list | None) -> str:
+    """The analysis report's "Collection plan" section."""
+    return (f"<section><h2>Collection plan</h2><p class='meta'>{html.escape(plan_meta(plan))}</p>"
+            f"{plan_section_html(plan, curves, heading='h3')}</section>")
+
+
+def plan_report_html(plan, curves: list, title: str = "Data collection plan") -> str:
+    """A collection plan (`dowsing.plan.PlanResult`, with the curves it was
+    built on) as one HTML file: `plan_section_html` (the totals against the
+    baselines, the table per domain, the allocation, the learning curves and
+    the totals as interactive charts, plotly.js inline, the notes), then the
+    settings."""
+    esc = html.escape
     return page_head(title) + f"""
 .note {{ color: #555; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
@@ -656,15 +714,8 @@ table.kv td {{ font-family: ui-monospace, monospace; }}
 </style></head>
 <body>
 <h1>{esc(title)}</h1>
-<p class="meta">{esc(model_summary(plan))} · budget {alloc['budget']:g} {esc(alloc['budget_unit'])}, spent {alloc['spent']:g}
- · pilot {esc(plan.pilot['recipe'])} · created {esc(plan.created_at or '')}</p>
-<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>
-<h2>Predicted total gain (weighted) [90% band]</h2><ul>{"".join(lines)}</ul>
-<h2>Per domain</h2>{table}
-<section>{divs["allocation"]}</section>
-<section>{divs["curves"]}</section>
-<section>{divs["totals"]}</section>
-<h2>Notes</h2><ul>{notes}</ul>
+<p class="meta">{esc(model_summary(plan))} · {esc(plan_meta(plan))}</p>
+{plan_section_html(plan, curves, include_plotlyjs=True)}
 <h2>Settings</h2><table class="kv">{_kv_rows(plan.config)}</table>
 </body></html>
 """

@@ -617,3 +617,70 @@ def test_pilot_curves_draw_the_fitted_line_through_the_pilot_points():
     assert stars[0].y[0] == 0.03 + 0.08 * math.log(32)
     assert charts.pilot_curves(base) is None
     assert "Pilot learning curves" in report.build_report(result)
+
+
+def _plan_table(page: str, after: str) -> tuple[list[str], list[int]]:
+    """(domains, examples to collect) of the first plan table after `after` in `page`."""
+    start = page.index(after)
+    table = page[page.index('<table class="dataframe dw-table"', start):]
+    table = table[:table.index("</table>")]
+    head = re.findall(r"<th>(.*?)</th>", table[:table.index("</thead>")])
+    rows = [re.findall(r"<td>(.*?)</td>", row, re.S) for row in table.split("<tbody>")[1].split("</tr>")[:-1]]
+    domain, collect = head.index("Domain"), head.index("Collect")
+    return [r[domain] for r in rows], [int(r[collect]) for r in rows]
+
+
+def _result_on_plan_domains() -> Result:
+    """The paper-like result on the hand-made plan's three domains."""
+    result = paper_like_result()
+    result.domains = [d for d in result.domains if d.name != "Economics"]
+    result.per_example = [r for r in result.per_example if r["domain"] != "Economics"]
+    return result
+
+
+def test_the_analysis_report_carries_the_collection_plan_section():
+    plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
+    result = _result_on_plan_domains()
+    without = report.build_report(result)
+    assert "Collection plan" not in without and without.count('class="plotly-graph-div"') == 2
+
+    page = report.build_report(result, plan=plan, plan_curves=curves)
+    assert page.count("plotly.js v") == 1  # plotly.js still once, with the first chart
+    assert page.count('class="plotly-graph-div"') == 2 + 3  # allocation, learning curves, totals
+    section = page[page.index("<h2>Collection plan</h2>"):page.index("<h2>Domains</h2>")]
+    assert "budget 21 money, spent" in section and plan.pilot["recipe"] in section
+    names, counts = _plan_table(section, "Per domain")
+    assert names == [d["domain"] for d in plan.domains]
+    assert counts == [d["collect"] for d in plan.domains] and sum(counts) > 0
+    t = plan.totals
+    assert f"<b>This plan</b>: {t['plan']['gain']:.3g} [{t['plan']['band'][0]:.3g}, {t['plan']['band'][1]:.3g}]" in section
+    assert "<b>Spread evenly</b>" in section
+    assert f"<b>All on {t['highest_loss']['domain']} (highest mean loss)</b>" in section
+    diff = t["even"]["plan_minus_this"]
+    assert f"plan minus this {diff['gain']:.3g} [{diff['band'][0]:.3g}, {diff['band'][1]:.3g}] (paired)" in section
+    assert "not identifiable: too few facts for a pilot" in section
+
+    # One source for the section: the standalone plan report shows the same table, totals and notes.
+    standalone = report.plan_report_html(plan, curves)
+    assert _plan_table(standalone, "Per domain") == (names, counts)
+    for piece in ("<b>Spread evenly</b>", f"plan minus this {diff['gain']:.3g}", plan.notes[0][:40]):
+        assert piece in standalone and piece in section
+
+    # Without the curves the section still has the allocation and the totals.
+    page = report.build_report(result, plan=plan)
+    assert page.count('class="plotly-graph-div"') == 2 + 2 and "Collection plan" in page
+
+
+def test_a_plan_for_other_domains_or_another_model_is_refused_in_one_line():
+    plan, curves = _measured_plan()
+    other = paper_like_result()  # four domains, the plan three
+    problem = report.plan_mismatch(other, plan)
+    assert problem and "\n" not in problem and "Economics" in problem
+    with pytest.raises(ValueError, match="a plan goes into the report of an analysis of the same domains"):
+        report.build_report(other, plan=plan, plan_curves=curves)
+    result = _result_on_plan_domains()
+    assert report.plan_mismatch(result, plan) is None  # the hand-made plan records no fingerprint
+    plan.model = {"id": "another", "fingerprint": "f" * 64}
+    assert "same model" in report.plan_mismatch(result, plan)
+    with pytest.raises(ValueError):
+        report.build_report(result, plan=plan)
