@@ -22,7 +22,7 @@ from dowsing.models import ModelError
 from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
 from pages import _shared
 
-DEFAULT_BUDGET = 100.0
+DEFAULT_BUDGET = _shared.PLAN_BUDGET
 
 _shared.ensure_router()
 st.title("Plan data collection")
