@@ -21,18 +21,24 @@ BAD_INPUT = 2
 def format_table(result: Result) -> str:
     """The ranked table as text: which estimator ranked the domains and what the
     benchmark measured for it, then Rank, Concept, Priority with its 90% interval,
-    Share, the paper's Mean and Δn@10%, t vs rest and p."""
+    Share, the paper's Share of Mean (left out where Share already is it), the
+    paper's Mean and Δn@10%, t vs rest and p."""
     from .charts import SATURATION_SOURCE, ranking_domains
-    from .report import evidence_text, format_interval, ranking_statement
+    from .report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
+                         mean_shares, ranking_statement)
 
-    header = ["Rank", "Concept", "Priority [90% interval]", "Share", "Mean (paper)", "Δn@10%", "t vs rest", "p"]
+    with_mean_share = not mean_share_is_share(result)
+    header = ["Rank", "Concept", "Priority [90% interval]", "Share"]
+    header += ["Share of Mean, paper"] * with_mean_share + ["Mean (paper)", "Δn@10%", "t vs rest", "p"]
     intervals = ranking_domains(result)
+    shares_of_mean = mean_shares(result)
     rows = []
     for d in result.ranked():
         interval = format_interval((intervals.get(d.name) or {}).get("priority_interval"))
         rows.append([
             str(d.rank), d.name, format_sci(d.ranking_priority) + (f" {interval}" if interval else ""),
-            f"{d.share_pct:.1f}%", format_sci(d.mean), format_sci(d.delta_n_10pct),
+            f"{d.share_pct:.1f}%", *[format_share(shares_of_mean[d.name])] * with_mean_share,
+            format_sci(d.mean), format_sci(d.delta_n_10pct),
             "—" if d.t_vs_rest is None else f"{d.t_vs_rest:.2f}",
             "—" if d.p_value is None else f"{d.p_value:.2g}",
         ])
@@ -40,7 +46,7 @@ def format_table(result: Result) -> str:
     lines = [ranking_statement(result), evidence_text(result), ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    notes = [f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."]
+    notes = [f"  {mean_share_note(result)}", f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."]
     notes += [f"  {d.name}: Δn is — because {d.delta_n_reason[0].lower()}{d.delta_n_reason[1:]}"
               for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason]
     return "\n".join(lines + ["", "Notes:"] + notes)

@@ -876,6 +876,21 @@ class LocalJobRunner:
         self.store.log_path(job_id).unlink(missing_ok=True)
 
 
+def newest_match(runner: JobRunner, kind: str, domain_names, fingerprint: str | None):
+    """(state, result) of the newest finished job of `kind` on the same domain
+    names (in any order) whose result's model has `fingerprint`; None when
+    there is none. A job whose result is gone is passed over."""
+    names = sorted(domain_names)
+    for state in runner.history(kind):
+        request = state.request or {}
+        if state.status != "done" or sorted(d.get("name") for d in request.get("domains") or []) != names:
+            continue
+        result = runner.result(state.job_id)
+        if result is not None and (result.model or {}).get("fingerprint") == fingerprint:
+            return state, result
+    return None
+
+
 def default_runner() -> JobRunner:
     """The job runner the app uses; swap here for a distributed one."""
     return LocalJobRunner()

@@ -8,15 +8,18 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 from datetime import datetime
 
 import pandas as pd
 
-from . import charts
+from . import charts, metrics
 from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
 
-TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%", "t vs rest", "p"]
+MEAN_SHARE = "Share of Mean, paper (%)"
+TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", MEAN_SHARE, "Mean (paper)", "Δn@10%", "t vs rest", "p"]
+MEAN_SHARE_MEANING = "the domain's |Mean (paper)| out of the sum of every domain's |Mean (paper)|"
 
 
 def format_t(value: float | None) -> str:
@@ -36,6 +39,51 @@ UNSTABLE = "⚠ unstable"
 
 def format_share(value: float | None) -> str:
     return "—" if value is None else f"{value:.1f}%"
+
+
+def _has_mean(d) -> bool:
+    return d.mean is not None and math.isfinite(d.mean)
+
+
+def mean_shares(result: Result) -> dict[str, float | None]:
+    """Domain -> Share of Mean = |Mean_k| / sum_j |Mean_j| * 100 (`metrics.shares_pct`
+    on the paper's Means), over the domains that have a Mean; None for a domain
+    without one (its Mean is None or NaN)."""
+    known = [d for d in result.domains if _has_mean(d)]
+    shares = dict(zip((d.name for d in known), metrics.shares_pct([d.mean for d in known])))
+    return {d.name: shares.get(d.name) for d in result.domains}
+
+
+def mean_share_is_share(result: Result) -> bool:
+    """True when the Share column already is the Share of Mean: ranked by the
+    paper's estimator and the two agree to the digits shown. The paper's Share
+    is of each domain's total influence N_k Mean_k, so with unequal fact counts
+    it differs from the Share of Mean even then, and both are shown."""
+    if result.estimator != "paper":
+        return False
+    shares = mean_shares(result)
+    return all(shares[d.name] is not None and d.share_pct is not None
+               and abs(shares[d.name] - d.share_pct) < 0.05 for d in result.domains)
+
+
+def table_columns(result: Result) -> list[str]:
+    """The ranked table's columns for this result: TABLE_COLUMNS, less the
+    Share of Mean where the Share column already is it."""
+    return [c for c in TABLE_COLUMNS if c != MEAN_SHARE or not mean_share_is_share(result)]
+
+
+def mean_share_note(result: Result) -> str:
+    """What the Share of Mean column is (or that Share is it), and which
+    domains it leaves out for want of a Mean."""
+    if mean_share_is_share(result):
+        text = f"Share here is also the Share of Mean, paper: {MEAN_SHARE_MEANING}."
+    else:
+        text = f"Share of Mean, paper: {MEAN_SHARE_MEANING}, whatever ranked the domains."
+    missing = [d.name for d in result.ranked() if not _has_mean(d)]
+    if missing:
+        text += (f" {', '.join(missing)} {'has' if len(missing) == 1 else 'have'} no Mean (—): "
+                 "the Share of Mean is over the other domains.")
+    return text
 
 
 def format_interval(interval, fmt=format_sci) -> str | None:
@@ -87,6 +135,7 @@ def table_rows(result: Result) -> list[dict]:
     the rank probabilities."""
     boot = charts.bootstrap_domains(result)
     ranking = charts.ranking_domains(result)
+    shares_of_mean = mean_shares(result)
     rows = []
     for d in result.ranked():
         b = boot.get(d.name)
@@ -114,6 +163,7 @@ def table_rows(result: Result) -> list[dict]:
             "Concept": d.name,
             "Priority": format_sci(d.ranking_priority),
             "Share (%)": format_share(d.share_pct),
+            MEAN_SHARE: format_share(shares_of_mean[d.name]),
             "Mean (paper)": format_sci(d.mean),
             "Δn@10%": format_sci(d.delta_n_10pct),
             "t vs rest": format_t(d.t_vs_rest),
@@ -130,15 +180,16 @@ def formatted_table(result: Result) -> pd.DataFrame:
     """The ranked table as strings (what the app and the report show); a 90% bootstrap
     interval follows its value ('3.7×10⁻² [2.9×10⁻², 4.4×10⁻²]') when the result has one,
     and an unstable rank reads '2 ⚠ unstable'."""
+    columns = table_columns(result)
     rows = []
     for row in table_rows(result):
-        shown = {col: row[col] for col in TABLE_COLUMNS}
+        shown = {col: row[col] for col in columns}
         for col, interval in row["intervals"].items():
             shown[col] = f"{shown[col]} {interval}"
         if row["rank_stable"] is not None:
             shown["Rank"] = str(shown["Rank"])  # one type per column once some ranks carry a mark
         rows.append(shown)
-    return pd.DataFrame(rows, columns=TABLE_COLUMNS)
+    return pd.DataFrame(rows, columns=columns)
 
 
 def interval_note(result: Result) -> str | None:
@@ -171,11 +222,12 @@ def unstable_domains(result: Result) -> dict[str, str]:
 def table_html(result: Result, colors: dict[str, str] | None = None) -> str:
     """The table as HTML; a "—" carries its reason as a hover tooltip (title attribute)."""
     colors = colors or charts.result_colors(result)
-    head = "".join(f"<th>{html.escape(c)}</th>" for c in TABLE_COLUMNS)
+    columns = table_columns(result)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for row in table_rows(result):
         cells = []
-        for col in TABLE_COLUMNS:
+        for col in columns:
             value = html.escape(str(row[col]))
             if col == "Concept":
                 swatch = f'<span class="dw-swatch" style="background:{colors.get(row["Concept"], "#999")}"></span>'
@@ -354,11 +406,13 @@ def _diagnosis_html(result: Result) -> str:
 
 
 def to_csv(result: Result) -> str:
-    """One row per domain with full-precision numbers (empty cell = null); with a
+    """One row per domain with full-precision numbers (empty cell = null), the
+    Share of Mean (`mean_shares`) in every file whatever ranked it; with a
     bootstrap also the 90% interval ends (priority and share from the ranking
     estimator's bootstrap, mean and Δn from the paper's), rank stability and P(rank r)."""
     boot = charts.bootstrap_domains(result)
     ranking = charts.ranking_domains(result)
+    shares_of_mean = mean_shares(result)
     diagnosis = {x["domain"]: x for x in (result.extras or {}).get("diagnosis") or []}
     rows = []
     for d in result.ranked():
@@ -366,7 +420,7 @@ def to_csv(result: Result) -> str:
         solver = d.solver or {}
         rows.append({
             "rank": d.rank, "concept": d.name, "estimator": result.estimator, "priority": d.ranking_priority,
-            "share_pct": d.share_pct, "mean": d.mean,
+            "share_pct": d.share_pct, "share_of_mean_pct": shares_of_mean[d.name], "mean": d.mean,
             "delta_n_10pct": d.delta_n_10pct, "delta_n_direct": d.delta_n_direct,
             "delta_n_reason": d.delta_n_reason, "t_vs_rest": d.t_vs_rest, "p_value": d.p_value,
             "n_facts": d.n_facts, "alpha": sat.get("alpha"), "n0": sat.get("n0"), "c": sat.get("c"),
@@ -483,11 +537,18 @@ body {{ font-family: {charts.FONT}; max-width: 1100px; margin: 2rem auto; paddin
 h1 {{ margin-bottom: 0.2rem; }} .meta {{ color: #666; margin-top: 0; }}""")
 
 
-def build_report(result: Result, title: str = "Data dowsing report") -> str:
+def build_report(result: Result, title: str = "Data dowsing report", plan=None, plan_curves: list | None = None) -> str:
     """A single HTML file: the table with its 90% intervals, the donut, the rank
     probabilities, the saturation curves with their bands and the transfer heatmap
     (interactive, plotly.js embedded once), the model, the domains with their facts, the settings,
-    the date. Opens offline in any browser."""
+    the date. Opens offline in any browser.
+
+    With a collection plan (`dowsing.plan.PlanResult` on the same domains, and
+    optionally the curves it was built on) a "Collection plan" section follows
+    the charts (`plan_section_html`); a ValueError (`plan_mismatch`) when the
+    plan is for other domains or another model."""
+    if plan is not None and plan_mismatch(result, plan):
+        raise ValueError(plan_mismatch(result, plan))
     figs = charts.figures(result)
     # plotly.js rides with the first chart on the page: the later ones call it.
     share_div = figs["share"].to_html(full_html=False, include_plotlyjs=True, default_width="100%")
@@ -534,6 +595,7 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 <h2>Concept priority ranking</h2>
 {ranking_block}
 {table_html(result)}
+<p class="note">{esc(mean_share_note(result))}</p>
 {uncertainty}
 {_diagnosis_html(result)}
 {"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
@@ -547,6 +609,7 @@ Click a domain in the legend to hide or show it.{" The shaded area is the 90% bo
 {transfer_section}
 {_pilot_section(figs)}
 </div>
+{_plan_section(plan, plan_curves) if plan is not None else ""}
 <h2>Domains</h2>{"".join(domain_blocks)}
 <h2>Model</h2><table class="kv">{model_rows}</table>
 <h2>Settings</h2><table class="kv">{settings}</table>
@@ -562,18 +625,46 @@ def _g3(value) -> str:
     return "—" if value is None else f"{value:.3g}"
 
 
-def plan_report_html(plan, curves: list, title: str = "Data collection plan") -> str:
-    """A collection plan (`dowsing.plan.PlanResult`, with the curves it was
-    built on) as one HTML file: the totals against the baselines, the table
-    per domain, the allocation, the learning curves and the totals as
-    interactive charts (plotly.js inline), the notes and the settings."""
+def plan_mismatch(result: Result, plan) -> str | None:
+    """Why `plan` cannot go into `result`'s report, in one line; None when it
+    can: the same domain names, and the same model where both record its
+    fingerprint."""
+    ours, theirs = [d.name for d in result.domains], [d["domain"] for d in plan.domains]
+    if sorted(ours) != sorted(theirs):
+        return (f"the plan is for the domains {', '.join(theirs)}, the analysis for {', '.join(ours)}: "
+                "a plan goes into the report of an analysis of the same domains")
+    mine, its = (result.model or {}).get("fingerprint"), (plan.model or {}).get("fingerprint")
+    if mine and its and mine != its:
+        return (f"the plan is for the model {plan.model.get('id', '?')} ({its[:12]}), the analysis for "
+                f"{result.model.get('id', '?')} ({mine[:12]}): a plan goes into the report of the same model")
+    return None
+
+
+def plan_meta(plan) -> str:
+    """'budget 100 examples, spent 100 · pilot … · created …': which plan this is."""
+    alloc = plan.allocation
+    return (f"budget {alloc['budget']:g} {alloc['budget_unit']}, spent {alloc['spent']:g} · pilot "
+            f"{plan.pilot['recipe']} · created {plan.created_at or ''}")
+
+
+def plan_section_html(plan, curves: list | None = None, heading: str = "h2", include_plotlyjs: bool = False) -> str:
+    """The body of a collection plan (`dowsing.plan.PlanResult`), as both the
+    standalone plan report and the analysis report show it: what its gains
+    are, the predicted total against spreading the budget evenly and putting
+    it all on the domain of highest mean loss (each with its 90% band, and the
+    plan minus each, paired), the table per domain (examples to collect, cost,
+    predicted gain with its band, the last example's gain, the fit), the
+    allocation chart, the learning curves when `curves` are given, the totals
+    chart and the notes. `heading` is the level of its headings;
+    `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
     from .plan import fit_text, plan_rows
 
     esc = html.escape
-    figs = plan_charts.plan_figures(plan, curves)
-    divs = {name: fig.to_html(full_html=False, include_plotlyjs=(name == "allocation"), default_width="100%")
-            for name, fig in figs.items()}
+    figs = plan_charts.plan_figures(plan, curves) if curves is not None else {
+        "allocation": plan_charts.allocation_chart(plan), "totals": plan_charts.totals_chart(plan)}
+    divs = {name: fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs and name == "allocation",
+                              default_width="100%") for name, fig in figs.items()}
     table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "Collect": r["collect"],
                            "Cost": _g3(r["cost"]),
                            "Predicted gain [90% band]": "—" if r["gain"] is None else
@@ -591,8 +682,30 @@ def plan_report_html(plan, curves: list, title: str = "Data collection plan") ->
             line += (f"; plan minus this {_g3(diff['gain'])} [{_g3(diff['band'][0])}, "
                      f"{_g3(diff['band'][1])}] (paired)")
         lines.append(line + "</li>")
-    alloc = plan.allocation
     notes = "".join(f"<li>{esc(n)}</li>" for n in plan.notes)
+    h = heading
+    return f"""<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>
+<{h}>Predicted total gain (weighted) [90% band]</{h}><ul>{"".join(lines)}</ul>
+<{h}>Per domain</{h}>{table}
+<section>{divs["allocation"]}</section>
+{f'<section>{divs["curves"]}</section>' if "curves" in divs else ""}
+<section>{divs["totals"]}</section>
+<{h}>Notes</{h}><ul>{notes}</ul>"""
+
+
+def _plan_section(plan, curves: list | None) -> str:
+    """The analysis report's "Collection plan" section."""
+    return (f"<section><h2>Collection plan</h2><p class='meta'>{html.escape(plan_meta(plan))}</p>"
+            f"{plan_section_html(plan, curves, heading='h3')}</section>")
+
+
+def plan_report_html(plan, curves: list, title: str = "Data collection plan") -> str:
+    """A collection plan (`dowsing.plan.PlanResult`, with the curves it was
+    built on) as one HTML file: `plan_section_html` (the totals against the
+    baselines, the table per domain, the allocation, the learning curves and
+    the totals as interactive charts, plotly.js inline, the notes), then the
+    settings."""
+    esc = html.escape
     return page_head(title) + f"""
 .note {{ color: #555; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
@@ -601,15 +714,8 @@ table.kv td {{ font-family: ui-monospace, monospace; }}
 </style></head>
 <body>
 <h1>{esc(title)}</h1>
-<p class="meta">{esc(model_summary(plan))} · budget {alloc['budget']:g} {esc(alloc['budget_unit'])}, spent {alloc['spent']:g}
- · pilot {esc(plan.pilot['recipe'])} · created {esc(plan.created_at or '')}</p>
-<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>
-<h2>Predicted total gain (weighted) [90% band]</h2><ul>{"".join(lines)}</ul>
-<h2>Per domain</h2>{table}
-<section>{divs["allocation"]}</section>
-<section>{divs["curves"]}</section>
-<section>{divs["totals"]}</section>
-<h2>Notes</h2><ul>{notes}</ul>
+<p class="meta">{esc(model_summary(plan))} · {esc(plan_meta(plan))}</p>
+{plan_section_html(plan, curves, include_plotlyjs=True)}
 <h2>Settings</h2><table class="kv">{_kv_rows(plan.config)}</table>
 </body></html>
 """

@@ -17,7 +17,7 @@ from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoint
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.jobs import JobRunner, JobState, default_runner
+from dowsing.jobs import JobRunner, JobState, default_runner, newest_match
 from dowsing.models import EMBEDDED_ID, ModelError, load_model
 
 SOURCES = {
@@ -34,6 +34,7 @@ PLACEHOLDERS = {
     "checkpoints": "/runs/checkpoint-1000\n/runs/checkpoint-2000\n/runs/checkpoint-3000",
 }
 DEFAULTS = AnalysisConfig()
+PLAN_BUDGET = 100.0  # the Plan page's budget until another is typed
 ESTIMATOR_HELP = (
     "What orders the domains: "
     + "; ".join(f"{e.label}: {e.summary}" + (" (needs the model picked as Training checkpoints)"
@@ -446,3 +447,32 @@ def run_blockers(choice, config_problem, domain_problems, set_name: str, first: 
                         f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
     return blockers
 
+
+
+def kept_plan_config(state: JobState) -> tuple:
+    """(PlanConfig, kept) of a finished plan job: the last valid one the Plan
+    page showed for it in this session (kept True), else the page's default
+    budget on the job's pilot settings."""
+    from dowsing.plan import PilotConfig, PlanConfig
+
+    kept = st.session_state.get("plan_good", {}).get(state.job_id)
+    if kept:
+        return PlanConfig.from_dict(kept), True
+    pilot = PilotConfig.from_dict((state.request or {}).get("config") or {})
+    return PlanConfig(budget=PLAN_BUDGET, pilot_sizes=pilot.pilot_sizes, seed=pilot.seed, device=pilot.device,
+                      dtype=pilot.dtype, batch_size=pilot.batch_size), False
+
+
+def plan_for(result) -> tuple | None:
+    """(plan job state, its pilot measurements, the PlanConfig to plan with,
+    whether that is the one kept from the Plan page) of the newest finished
+    plan of the same model and domain names as the analysis `result`; None
+    when there is none."""
+    found = newest_match(runner(), "plan", [d.name for d in result.domains], (result.model or {}).get("fingerprint"))
+    if found is None:
+        return None
+    state, pilots = found
+    try:
+        return (state, pilots, *kept_plan_config(state))
+    except ValueError:  # a kept configuration this version no longer accepts: as if there were no plan
+        return None

@@ -6,7 +6,9 @@ background job (`dowsing.jobs`, kind "plan"): it waits its turn behind any
 other heavy run, survives a refresh (its id is the pilots' cache key, so the
 same model and domains find it again) and Cancel stops it. The allocation
 (`dowsing.plan`) is instant, so it is recomputed here on every change of the
-budget, costs, weights or caps, without a new job.
+budget, costs, weights or caps, without a new job. Where a finished analysis
+of the same model and domains exists, its report can be downloaded with the
+plan as a section.
 """
 from __future__ import annotations
 
@@ -17,12 +19,12 @@ import streamlit as st
 
 from dowsing import plan_charts, report, workspace
 from dowsing.domains import Domain, DomainError, validation_problems
-from dowsing.jobs import JobRequest, one_line
+from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.models import ModelError
 from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
 from pages import _shared
 
-DEFAULT_BUDGET = 100.0
+DEFAULT_BUDGET = _shared.PLAN_BUDGET
 
 _shared.ensure_router()
 st.title("Plan data collection")
@@ -260,3 +262,14 @@ dl[2].download_button("Report (HTML)", lambda: report.plan_report_html(plan, cur
                       file_name=f"dowsing-plan-{stamp}.html", mime="text/html", icon=":material/description:",
                       width="stretch", key="plan_dl_html", on_click="ignore",
                       help="One file with the plan's table and interactive charts; opens offline.")
+analysis = newest_match(_shared.runner(), "analysis", names, (pilots.model or {}).get("fingerprint"))
+if analysis is not None:
+    analysis_state, analysis_result = analysis
+    st.download_button("Analysis report with this plan (HTML)",
+                       lambda: report.build_report(analysis_result, plan=plan, plan_curves=curves),
+                       file_name=report.report_filename(analysis_result, "html"), mime="text/html",
+                       icon=":material/description:", key="plan_dl_analysis_html", on_click="ignore",
+                       help="The analysis report of the newest finished analysis of this model and these domains, "
+                            "with this plan as its Collection plan section.")
+    st.caption(f"With the analysis of {(analysis_state.finished_at or '')[:19].replace('T', ' ')} UTC "
+               f"(job {analysis_state.job_id[:8]}, ranked by {analysis_result.estimator}).")

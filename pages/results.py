@@ -1,15 +1,18 @@
 """Results: which estimator ranked the domains and what the benchmark measured
 for it, the ranked table with 90% bootstrap intervals (the ranking estimator's
-Priority and Share, the paper's Mean and Δn@10%), the share donut, the
+Priority and Share, the paper's Share of Mean, Mean and Δn@10%), the share donut, the
 saturation curves with their bands, rank stability, the
 cross-domain transfer heatmap, the facts that move each domain most, solver
-diagnostics and downloads (CSV, JSON, a self-contained HTML report)."""
+diagnostics and downloads (CSV, JSON, a self-contained HTML report, with the
+collection plan's section when a finished plan of the same model and domains
+exists)."""
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
 from dowsing import charts, report
+from dowsing.plan import fit_pilots, plan_from_pilots
 from dowsing.result import format_sci
 from pages import _shared
 
@@ -87,7 +90,7 @@ if reasons:
     st.caption("“—”: no saturation estimate (hover it for the reason). " +
                " ".join(f"**{name}**: {why.rstrip('.')}." for name, why in reasons.items()))
 st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
-           f"Share: {report.share_meaning(result)}. "
+           f"Share: {report.share_meaning(result)}. {report.mean_share_note(result)} "
            "Mean (paper): the paper's average per-example influence I = gᵀz in the concept subspace. "
            f"Δn@10%: more facts until the paper's marginal gain falls to 10% (power-law fit, "
            f"{charts.SATURATION_SOURCE}). "
@@ -194,7 +197,28 @@ dl[1].download_button("Result (JSON)", result.to_json(), file_name=report.report
                       mime="application/json", icon=":material/data_object:", width="stretch", key="dl_json")
 
 
-dl[2].download_button("Report (HTML)", lambda: report.build_report(result),
+planned = _shared.plan_for(result)
+
+
+def _report_html() -> str:
+    """The report, with the collection plan's section when there is a plan for these domains and this model."""
+    if planned is None:
+        return report.build_report(result)
+    _, pilots, plan_config, _ = planned
+    curves = fit_pilots(pilots.to_dict(), plan_config)
+    return report.build_report(result, plan=plan_from_pilots(pilots, plan_config, curves), plan_curves=curves)
+
+
+dl[2].download_button("Report (HTML)", _report_html,
                       file_name=report.report_filename(result, "html"), mime="text/html",
                       icon=":material/description:", width="stretch", key="dl_html", on_click="ignore",
                       help="One file with the table and interactive charts; opens offline, for people without the app.")
+if planned is not None:
+    plan_state, _, plan_config, kept = planned
+    st.caption(f"The report includes the collection plan for these domains and this model: budget "
+               f"{plan_config.budget:g} {plan_config.budget_unit} on the pilots measured "
+               f"{(plan_state.finished_at or '')[:19].replace('T', ' ')} UTC (plan job {plan_state.job_id[:8]}), "
+               + ("with the budget, costs, weights and caps last shown on the Plan page." if kept else
+                  "at the Plan page's default budget; set another there and it is the one included."))
+else:
+    st.caption("No finished collection plan for these domains and this model: the report has no plan section.")

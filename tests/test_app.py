@@ -3,6 +3,7 @@ temporary cache (the worker processes inherit DOWSING_CACHE)."""
 from __future__ import annotations
 
 import json
+import re
 import time
 from pathlib import Path
 
@@ -341,6 +342,52 @@ def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch
     assert 'class="dw-ci"' not in body and "unstable" not in body
     assert any("No 90% intervals" in c.value for c in at.caption)
     assert {c.key for c in at.get("plotly_chart")} == {"share_chart", "saturation_chart"}
+
+
+def test_results_report_includes_the_newest_plan_of_the_same_model_and_domains(finished_job, tiny):
+    """Without a finished plan the page says the report has none; once a plan
+    job of the same model and domains is done, the page names it (budget,
+    when) and the report the download builds carries its section."""
+    from dowsing import report
+    from dowsing.domains import Domain
+    from dowsing.jobs import JobRequest, default_runner, newest_match
+    from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
+    from pages._shared import PLAN_BUDGET
+
+    _, job_id, _ = finished_job
+    runner = default_runner()
+    result = runner.result(job_id)
+    at = results_page(tiny, job_id)
+    assert any("No finished collection plan" in c.value for c in at.caption)
+
+    domains = [Domain(d.name, tuple(r["text"] for r in result.per_example if r["domain"] == d.name))
+               for d in result.domains]
+    plan_job = runner.submit(JobRequest(kind="plan", model_id=tiny, domains=domains, config=PilotConfig()))
+    deadline = time.monotonic() + 120
+    while (state := runner.state(plan_job)).status != "done":
+        assert state.status not in ("failed", "cancelled"), state.error
+        assert time.monotonic() < deadline, "the plan job did not finish"
+        time.sleep(0.5)
+    names, fingerprint = [d.name for d in result.domains], result.model["fingerprint"]
+    found_state, pilots = newest_match(runner, "plan", list(reversed(names)), fingerprint)
+    assert found_state.job_id == plan_job
+    assert newest_match(runner, "plan", names[:1], fingerprint) is None
+    assert newest_match(runner, "plan", names, "another model") is None
+    assert newest_match(runner, "analysis", names, pilots.model["fingerprint"]) is not None  # the Plan page's way
+
+    at = results_page(tiny, job_id)
+    caption = next(c.value for c in at.caption if c.value.startswith("The report includes the collection plan"))
+    assert f"budget {PLAN_BUDGET:g} examples" in caption and state.finished_at[:19].replace("T", " ") in caption
+    assert plan_job[:8] in caption and "default budget" in caption
+    # What the download builds: the analysis report with the plan's section, its counts the plan's.
+    config = PlanConfig(budget=PLAN_BUDGET)  # the page's default on the job's default pilot settings
+    curves = fit_pilots(pilots.to_dict(), config)
+    plan = plan_from_pilots(pilots, config, curves)
+    page = report.build_report(result, plan=plan, plan_curves=curves)
+    section = page[page.index("<h2>Collection plan</h2>"):page.index("<h2>Domains</h2>")]
+    table = section[section.index("<tbody>"):section.index("</tbody>")]
+    rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("</tr>")[:-1]]
+    assert [(r[0], int(r[2])) for r in rows] == [(d["domain"], d["collect"]) for d in plan.domains]
 
 
 def test_compare_two_runs(finished_job, tiny):

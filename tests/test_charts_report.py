@@ -107,8 +107,9 @@ def test_saturation_curves_skip_non_positive_points():
 def test_formatted_table_is_the_papers_format():
     # A result without priorities (engines before 1.3.0) was ranked by the paper's Mean: Priority shows it.
     table = report.formatted_table(paper_like_result())
-    assert list(table.columns) == ["Rank", "Concept", "Priority", "Share (%)", "Mean (paper)", "Δn@10%",
-                                   "t vs rest", "p"]
+    # The paper's Table 1 shares are not the shares of its Means: the Share of Mean stands beside them.
+    assert list(table.columns) == ["Rank", "Concept", "Priority", "Share (%)", "Share of Mean, paper (%)",
+                                   "Mean (paper)", "Δn@10%", "t vs rest", "p"]
     first = table.iloc[0]
     assert (first["Rank"], first["Concept"], first["Priority"], first["Share (%)"], first["Mean (paper)"],
             first["t vs rest"]) == (1, "Physics", "3.7×10⁻²", "10.2%", "3.7×10⁻²", "1.01")
@@ -136,8 +137,8 @@ def test_top_examples_highest_and_lowest():
 def test_csv_has_full_precision_numbers():
     text = report.to_csv(paper_like_result())
     header, first = text.splitlines()[:2]
-    assert header.startswith("rank,concept,estimator,priority,share_pct,mean,delta_n_10pct")
-    assert first.startswith("1,Physics,paper,0.037,10.2,0.037,")
+    assert header.startswith("rank,concept,estimator,priority,share_pct,share_of_mean_pct,mean,delta_n_10pct")
+    assert first.startswith("1,Physics,paper,0.037,10.2,") and first.split(",")[6] == "0.037"
 
 
 def test_html_report_is_self_contained():
@@ -398,6 +399,114 @@ def test_the_paper_estimator_says_so_and_quotes_its_evidence():
     assert evidence_sentence("paper").replace("'", "&#x27;") in html
 
 
+# --- the paper's Share of Mean beside the ranking estimator's Share -------------------
+
+def _share_of_mean_by_hand(means) -> list:
+    """|Mean_k| / sum_j |Mean_j| * 100 over the finite Means (NaN elsewhere), in plain numpy."""
+    m = np.array([np.nan if v is None else v for v in means], dtype=float)
+    known = np.isfinite(m)
+    out = np.full(len(m), np.nan)
+    out[known] = np.abs(m[known]) / np.abs(m[known]).sum() * 100
+    return list(out)
+
+
+def _csv_rows(result):
+    import csv
+    import io
+
+    return list(csv.DictReader(io.StringIO(report.to_csv(result))))
+
+
+def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
+    from dowsing.cli import format_table
+
+    result = ranked_by_alignment(paper_like_result())
+    ranked = result.ranked()
+    expected = dict(zip((d.name for d in ranked), _share_of_mean_by_hand([d.mean for d in ranked])))
+    assert expected["Astronomy"] == pytest.approx(9.4e-1 / (3.7e-2 + 9.4e-1 + 2.6e-4 + 7.9e-5) * 100)
+
+    table = report.formatted_table(result)
+    assert list(table.columns)[3:5] == ["Share (%)", "Share of Mean, paper (%)"]
+    assert list(table["Share of Mean, paper (%)"]) == [f"{expected[n]:.1f}%" for n in table["Concept"]]
+    assert table.iloc[0]["Share (%)"].startswith(f"{5 / 8.5 * 100:.1f}%")  # the estimator's Share is unchanged
+
+    rows = _csv_rows(result)
+    assert [float(r["share_of_mean_pct"]) for r in rows] == pytest.approx([expected[r["concept"]] for r in rows],
+                                                                          rel=1e-12)
+    assert list(rows[0])[4:6] == ["share_pct", "share_of_mean_pct"]
+
+    page = report.build_report(result)
+    head = page[page.index('<table class="dw-table">'):page.index("</thead>")]
+    assert "<th>Share (%)</th><th>Share of Mean, paper (%)</th>" in head
+    for name, share in expected.items():
+        row = page[page.index(f"</span>{name}</td>"):]
+        row = row[:row.index("</tr>")]
+        assert f">{share:.1f}%<" in row
+    assert "Share of Mean, paper: the domain&#x27;s |Mean (paper)| out of the sum" in page
+
+    text = format_table(result)
+    header = text.splitlines()[3]
+    assert header.index("Share ") < header.index("Share of Mean, paper") < header.index("Mean (paper)")
+    for line in text.splitlines()[4:8]:
+        name = line.split()[1]
+        assert f"{expected[name]:.1f}%" in line
+    assert "Share of Mean, paper: the domain's |Mean (paper)|" in text
+
+
+@pytest.mark.parametrize("missing", [None, float("nan")])
+def test_a_domain_without_a_mean_shows_a_dash_and_the_share_is_over_the_others(missing):
+    from dowsing.cli import format_table
+
+    result = ranked_by_alignment(paper_like_result())
+    result.domain("Biology").mean = missing
+    others = [d for d in result.domains if d.name != "Biology"]
+    expected = dict(zip((d.name for d in others), _share_of_mean_by_hand([d.mean for d in others])))
+    assert sum(expected.values()) == pytest.approx(100.0)
+
+    shown = dict(zip(*(report.formatted_table(result)[c] for c in ("Concept", "Share of Mean, paper (%)"))))
+    assert shown == {"Biology": "—", **{n: f"{v:.1f}%" for n, v in expected.items()}}
+    rows = {r["concept"]: r["share_of_mean_pct"] for r in _csv_rows(result)}
+    assert rows["Biology"] == ""
+    assert {n: float(v) for n, v in rows.items() if n != "Biology"} == pytest.approx(expected, rel=1e-12)
+    note = report.mean_share_note(result)
+    assert "Biology has no Mean (—): the Share of Mean is over the other domains." in note
+    assert note.replace("'", "&#x27;") in report.build_report(result)
+    assert note in format_table(result)
+
+
+def _ranked_by_the_paper(n_facts: list) -> Result:
+    """The paper's estimator on domains of `n_facts` facts: Share is of each
+    domain's total influence N_k Mean_k, as the analysis computes it."""
+    result = paper_like_result()
+    result.config = dict(result.config, estimator="paper")
+    totals = np.array([n * d.mean for n, d in zip(n_facts, result.domains)])
+    for n, d, share in zip(n_facts, result.domains, np.abs(totals) / np.abs(totals).sum() * 100):
+        d.n_facts, d.share_pct = n, float(share)
+    return result
+
+
+def test_ranked_by_the_paper_the_share_is_the_share_of_mean_and_shows_once():
+    from dowsing.cli import format_table
+
+    result = _ranked_by_the_paper([25, 25, 25, 25])
+    assert [d.share_pct for d in result.domains] == pytest.approx(_share_of_mean_by_hand([d.mean for d in
+                                                                                          result.domains]))
+    table = report.formatted_table(result)
+    assert [c for c in table.columns if c.startswith("Share")] == ["Share (%)"]
+    page = report.build_report(result)
+    head = page[page.index('<table class="dw-table">'):page.index("</thead>")]
+    assert head.count("Share") == 1 and "Share here is also the Share of Mean, paper" in page
+    text = format_table(result)
+    assert "Share of Mean, paper" not in text.splitlines()[3] and "Share here is also the Share of Mean" in text
+    assert "share_of_mean_pct" in _csv_rows(result)[0]  # the file keeps every column whatever ranked it
+
+    # Unequal fact counts: the paper's Share (of totals) is not the Share of Mean, so both show.
+    unequal = _ranked_by_the_paper([25, 5, 25, 25])
+    table = report.formatted_table(unequal)
+    assert [c for c in table.columns if c.startswith("Share")] == ["Share (%)", "Share of Mean, paper (%)"]
+    assert "Share of Mean, paper" in format_table(unequal).splitlines()[3]
+
+
 # --- the collection plan's figures, CSV and report ---------------------------------
 
 def _measured_plan(budget=30.0, **fields):
@@ -508,3 +617,70 @@ def test_pilot_curves_draw_the_fitted_line_through_the_pilot_points():
     assert stars[0].y[0] == 0.03 + 0.08 * math.log(32)
     assert charts.pilot_curves(base) is None
     assert "Pilot learning curves" in report.build_report(result)
+
+
+def _plan_table(page: str, after: str) -> tuple[list[str], list[int]]:
+    """(domains, examples to collect) of the first plan table after `after` in `page`."""
+    start = page.index(after)
+    table = page[page.index('<table class="dataframe dw-table"', start):]
+    table = table[:table.index("</table>")]
+    head = re.findall(r"<th>(.*?)</th>", table[:table.index("</thead>")])
+    rows = [re.findall(r"<td>(.*?)</td>", row, re.S) for row in table.split("<tbody>")[1].split("</tr>")[:-1]]
+    domain, collect = head.index("Domain"), head.index("Collect")
+    return [r[domain] for r in rows], [int(r[collect]) for r in rows]
+
+
+def _result_on_plan_domains() -> Result:
+    """The paper-like result on the hand-made plan's three domains."""
+    result = paper_like_result()
+    result.domains = [d for d in result.domains if d.name != "Economics"]
+    result.per_example = [r for r in result.per_example if r["domain"] != "Economics"]
+    return result
+
+
+def test_the_analysis_report_carries_the_collection_plan_section():
+    plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
+    result = _result_on_plan_domains()
+    without = report.build_report(result)
+    assert "Collection plan" not in without and without.count('class="plotly-graph-div"') == 2
+
+    page = report.build_report(result, plan=plan, plan_curves=curves)
+    assert page.count("plotly.js v") == 1  # plotly.js still once, with the first chart
+    assert page.count('class="plotly-graph-div"') == 2 + 3  # allocation, learning curves, totals
+    section = page[page.index("<h2>Collection plan</h2>"):page.index("<h2>Domains</h2>")]
+    assert "budget 21 money, spent" in section and plan.pilot["recipe"] in section
+    names, counts = _plan_table(section, "Per domain")
+    assert names == [d["domain"] for d in plan.domains]
+    assert counts == [d["collect"] for d in plan.domains] and sum(counts) > 0
+    t = plan.totals
+    assert f"<b>This plan</b>: {t['plan']['gain']:.3g} [{t['plan']['band'][0]:.3g}, {t['plan']['band'][1]:.3g}]" in section
+    assert "<b>Spread evenly</b>" in section
+    assert f"<b>All on {t['highest_loss']['domain']} (highest mean loss)</b>" in section
+    diff = t["even"]["plan_minus_this"]
+    assert f"plan minus this {diff['gain']:.3g} [{diff['band'][0]:.3g}, {diff['band'][1]:.3g}] (paired)" in section
+    assert "not identifiable: too few facts for a pilot" in section
+
+    # One source for the section: the standalone plan report shows the same table, totals and notes.
+    standalone = report.plan_report_html(plan, curves)
+    assert _plan_table(standalone, "Per domain") == (names, counts)
+    for piece in ("<b>Spread evenly</b>", f"plan minus this {diff['gain']:.3g}", plan.notes[0][:40]):
+        assert piece in standalone and piece in section
+
+    # Without the curves the section still has the allocation and the totals.
+    page = report.build_report(result, plan=plan)
+    assert page.count('class="plotly-graph-div"') == 2 + 2 and "Collection plan" in page
+
+
+def test_a_plan_for_other_domains_or_another_model_is_refused_in_one_line():
+    plan, curves = _measured_plan()
+    other = paper_like_result()  # four domains, the plan three
+    problem = report.plan_mismatch(other, plan)
+    assert problem and "\n" not in problem and "Economics" in problem
+    with pytest.raises(ValueError, match="a plan goes into the report of an analysis of the same domains"):
+        report.build_report(other, plan=plan, plan_curves=curves)
+    result = _result_on_plan_domains()
+    assert report.plan_mismatch(result, plan) is None  # the hand-made plan records no fingerprint
+    plan.model = {"id": "another", "fingerprint": "f" * 64}
+    assert "same model" in report.plan_mismatch(result, plan)
+    with pytest.raises(ValueError):
+        report.build_report(result, plan=plan)

@@ -170,3 +170,24 @@ def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, t
 def test_a_fresh_session_shows_the_measured_plan_at_once(planned, tiny):
     at = plan_page(tiny)  # a refresh, or a second tab: the same model and domains find their job
     assert not at.get("progress") and list(shown_table(at)["Collect"]) == expected_counts(tiny, 100.0)
+
+
+def test_with_a_finished_analysis_of_the_same_model_and_domains_its_report_is_offered_with_the_plan(planned, tiny):
+    from dowsing.config import AnalysisConfig
+    from dowsing.domains import Domain
+    from dowsing.jobs import JobRequest, default_runner
+
+    at = plan_page(tiny)
+    labels = {d.label for d in at.get("download_button")}
+    assert "Analysis report with this plan (HTML)" not in labels  # no analysis of these domains yet
+    runner = default_runner()
+    domains = [Domain(d["name"], tuple(d["facts"])) for d in DOMAINS]
+    analysis = runner.submit(JobRequest(model_id=tiny, domains=domains, config=AnalysisConfig(estimator="paper")))
+    deadline = time.monotonic() + 180
+    while (state := runner.state(analysis)).status != "done":
+        assert state.status not in ("failed", "cancelled"), state.error
+        assert time.monotonic() < deadline, "the analysis did not finish"
+        time.sleep(0.5)
+    at = plan_page(tiny)
+    assert "Analysis report with this plan (HTML)" in {d.label for d in at.get("download_button")}
+    assert any(c.value.startswith("With the analysis of") and analysis[:8] in c.value for c in at.caption)
