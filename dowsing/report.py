@@ -19,7 +19,8 @@ from .result import Result, format_sci
 
 MEAN_SHARE = "Share of Mean, paper (%)"
 TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", MEAN_SHARE, "Mean (paper)", "Δn@10%", "t vs rest", "p"]
-MEAN_SHARE_MEANING = "the domain's |Mean (paper)| out of the sum of every domain's |Mean (paper)|"
+MEAN_SHARE_MEANING = ("the paper's Share: the domain's total influence |N_k Mean_k| (N_k its facts) out of the sum "
+                      "over every domain")
 
 
 def format_t(value: float | None) -> str:
@@ -46,19 +47,20 @@ def _has_mean(d) -> bool:
 
 
 def mean_shares(result: Result) -> dict[str, float | None]:
-    """Domain -> Share of Mean = |Mean_k| / sum_j |Mean_j| * 100 (`metrics.shares_pct`
-    on the paper's Means), over the domains that have a Mean; None for a domain
-    without one (its Mean is None or NaN)."""
+    """Domain -> the paper's Share of its Mean, |N_k Mean_k| / sum_j |N_j Mean_j| * 100
+    (`metrics.shares_pct` on each domain's total influence sum_i I_ki = N_k Mean_k,
+    N_k its facts), over the domains that have a Mean; None for a domain
+    without one (its Mean is None or NaN). Under the paper's ranking it is the
+    Share column itself."""
     known = [d for d in result.domains if _has_mean(d)]
-    shares = dict(zip((d.name for d in known), metrics.shares_pct([d.mean for d in known])))
+    shares = dict(zip((d.name for d in known), metrics.shares_pct([d.n_facts * d.mean for d in known])))
     return {d.name: shares.get(d.name) for d in result.domains}
 
 
 def mean_share_is_share(result: Result) -> bool:
     """True when the Share column already is the Share of Mean: ranked by the
-    paper's estimator and the two agree to the digits shown. The paper's Share
-    is of each domain's total influence N_k Mean_k, so with unequal fact counts
-    it differs from the Share of Mean even then, and both are shown."""
+    paper's estimator (the two are then one formula) and they agree to the
+    digits shown (a result from an engine that ranked otherwise does not)."""
     if result.estimator != "paper":
         return False
     shares = mean_shares(result)

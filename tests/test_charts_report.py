@@ -401,9 +401,10 @@ def test_the_paper_estimator_says_so_and_quotes_its_evidence():
 
 # --- the paper's Share of Mean beside the ranking estimator's Share -------------------
 
-def _share_of_mean_by_hand(means) -> list:
-    """|Mean_k| / sum_j |Mean_j| * 100 over the finite Means (NaN elsewhere), in plain numpy."""
-    m = np.array([np.nan if v is None else v for v in means], dtype=float)
+def _share_of_mean_by_hand(means, n_facts) -> list:
+    """The paper's Share, |N_k Mean_k| / sum_j |N_j Mean_j| * 100 over the finite Means (NaN
+    elsewhere), in plain numpy."""
+    m = np.array([np.nan if v is None else v for v in means], dtype=float) * np.asarray(n_facts, dtype=float)
     known = np.isfinite(m)
     out = np.full(len(m), np.nan)
     out[known] = np.abs(m[known]) / np.abs(m[known]).sum() * 100
@@ -422,8 +423,11 @@ def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
 
     result = ranked_by_alignment(paper_like_result())
     ranked = result.ranked()
-    expected = dict(zip((d.name for d in ranked), _share_of_mean_by_hand([d.mean for d in ranked])))
-    assert expected["Astronomy"] == pytest.approx(9.4e-1 / (3.7e-2 + 9.4e-1 + 2.6e-4 + 7.9e-5) * 100)
+    expected = dict(zip((d.name for d in ranked), _share_of_mean_by_hand([d.mean for d in ranked],
+                                                                         [d.n_facts for d in ranked])))
+    n = {d.name: d.n_facts for d in ranked}
+    total = sum(abs(n[d.name] * d.mean) for d in ranked)
+    assert expected["Astronomy"] == pytest.approx(n["Astronomy"] * 9.4e-1 / total * 100)
 
     table = report.formatted_table(result)
     assert list(table.columns)[3:5] == ["Share (%)", "Share of Mean, paper (%)"]
@@ -442,7 +446,7 @@ def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
         row = page[page.index(f"</span>{name}</td>"):]
         row = row[:row.index("</tr>")]
         assert f">{share:.1f}%<" in row
-    assert "Share of Mean, paper: the domain&#x27;s |Mean (paper)| out of the sum" in page
+    assert "Share of Mean, paper: the paper&#x27;s Share: the domain&#x27;s total influence |N_k Mean_k|" in page
 
     text = format_table(result)
     header = text.splitlines()[3]
@@ -450,7 +454,7 @@ def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
     for line in text.splitlines()[4:8]:
         name = line.split()[1]
         assert f"{expected[name]:.1f}%" in line
-    assert "Share of Mean, paper: the domain's |Mean (paper)|" in text
+    assert "Share of Mean, paper: the paper's Share: the domain's total influence |N_k Mean_k|" in text
 
 
 @pytest.mark.parametrize("missing", [None, float("nan")])
@@ -460,7 +464,8 @@ def test_a_domain_without_a_mean_shows_a_dash_and_the_share_is_over_the_others(m
     result = ranked_by_alignment(paper_like_result())
     result.domain("Biology").mean = missing
     others = [d for d in result.domains if d.name != "Biology"]
-    expected = dict(zip((d.name for d in others), _share_of_mean_by_hand([d.mean for d in others])))
+    expected = dict(zip((d.name for d in others), _share_of_mean_by_hand([d.mean for d in others],
+                                                                         [d.n_facts for d in others])))
     assert sum(expected.values()) == pytest.approx(100.0)
 
     shown = dict(zip(*(report.formatted_table(result)[c] for c in ("Concept", "Share of Mean, paper (%)"))))
@@ -488,9 +493,9 @@ def _ranked_by_the_paper(n_facts: list) -> Result:
 def test_ranked_by_the_paper_the_share_is_the_share_of_mean_and_shows_once():
     from dowsing.cli import format_table
 
-    result = _ranked_by_the_paper([25, 25, 25, 25])
-    assert [d.share_pct for d in result.domains] == pytest.approx(_share_of_mean_by_hand([d.mean for d in
-                                                                                          result.domains]))
+    result = _ranked_by_the_paper([25, 5, 40, 25])
+    assert [d.share_pct for d in result.domains] == pytest.approx(_share_of_mean_by_hand(
+        [d.mean for d in result.domains], [25, 5, 40, 25]))
     table = report.formatted_table(result)
     assert [c for c in table.columns if c.startswith("Share")] == ["Share (%)"]
     page = report.build_report(result)
@@ -499,12 +504,6 @@ def test_ranked_by_the_paper_the_share_is_the_share_of_mean_and_shows_once():
     text = format_table(result)
     assert "Share of Mean, paper" not in text.splitlines()[3] and "Share here is also the Share of Mean" in text
     assert "share_of_mean_pct" in _csv_rows(result)[0]  # the file keeps every column whatever ranked it
-
-    # Unequal fact counts: the paper's Share (of totals) is not the Share of Mean, so both show.
-    unequal = _ranked_by_the_paper([25, 5, 25, 25])
-    table = report.formatted_table(unequal)
-    assert [c for c in table.columns if c.startswith("Share")] == ["Share (%)", "Share of Mean, paper (%)"]
-    assert "Share of Mean, paper" in format_table(unequal).splitlines()[3]
 
 
 # --- the collection plan's figures, CSV and report ---------------------------------
