@@ -620,6 +620,32 @@ def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_i
     assert any("The benchmark was cancelled." in w.value for w in at.warning)
 
 
+def test_benchmark_page_checks_the_plan_by_training_and_shows_the_check(tiny):
+    from dowsing.jobs import default_runner
+
+    at = make_app(tiny, "pages/benchmark.py")
+    at.checkbox(key="bench_quick").check().run()
+    at.checkbox(key="bench_plan").check().run()
+    button(at, "Start benchmark").click()
+    at.run()
+    job = at.session_state["benchmark_id"]
+    # quick: 11 domains, pools of 8 facts: an eighth and a half of the pools, 1 and 4 a domain
+    assert list(default_runner().state(job).request["config"]["plan_budgets"]) == [11, 44]
+    deadline = time.monotonic() + 600
+    while default_runner().state(job).active and time.monotonic() < deadline:
+        time.sleep(1.0)
+    assert default_runner().state(job).status == "done", default_runner().state(job).error
+    at.run()
+    assert not at.exception, at.exception
+    assert "The collection plan, checked by training" in [h.value for h in at.subheader]
+    tables = [t.value for t in at.dataframe]
+    check = next(t for t in tables if "Allocation" in t.columns)
+    assert list(check["Budget"]) == [11] * 3 + [44] * 3
+    assert set(check["Allocation"]) == {"the plan (pilot learning curves)", "spread evenly",
+                                        "proportional to mean loss"}
+    assert any("Median error" in t.columns for t in tables)
+
+
 def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache, tiny_gpt2_dir, tmp_path):
     from test_checkpoints import _perturbed
 
