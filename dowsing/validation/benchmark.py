@@ -466,6 +466,9 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
         say(Progress("ground truth", 0.3 + 0.65 * finished / total,
                      f"fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
 
+    def on_plan_run(key, value, finished, total):
+        say(Progress("plan check", 0.95, f"plan check: fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
+
     shared = Shared(f"benchmark-estimators/{run.namespace}", payload=None if local else context.payload(),
                     build=build_context, context=context if local else None)
     pending_estimators = executor.start(family_unit, families, shared, store=run.store, on_done=on_family,
@@ -481,7 +484,7 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
         if config.plan_budgets:
             plan = _plan_allocations(run, config, scores)
             pendings.append(executor.start(protocol_unit, plan["units"], shared, store=run.store,
-                                           should_stop=should_stop))
+                                           on_done=on_plan_run, should_stop=should_stop))
         values = pending.wait()
         if plan is not None:
             values = {**values, **pendings[-1].wait()}
