@@ -14,6 +14,7 @@ from .subspace import per_fact_losses
 
 
 OPTIMIZERS = ("adamw", "sgd")
+STEP_CHUNK = 48  # facts a training step puts through the model at once
 
 
 @dataclass(frozen=True)
@@ -218,13 +219,15 @@ class TailTrainer:
                 extra = added_rng.sample(added, min(recipe.added_batch, len(added)))
                 pick = pick + extra
                 weights += [weight / len(extra)] * len(extra)
-            logits, ids, mask = self._logits(pick)
-            w = torch.tensor(weights, dtype=logits.dtype, device=self.device)
-            loss = (per_fact_losses(logits, ids, mask) * w).sum()
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            # a wide minibatch (a plan check adds hundreds of facts a step) goes through in chunks whose
+            # gradients add up: the logits of every fact at once would not fit in memory
+            for start in range(0, len(pick), STEP_CHUNK):
+                logits, ids, mask = self._logits(pick[start: start + STEP_CHUNK])
+                w = torch.tensor(weights[start: start + STEP_CHUNK], dtype=logits.dtype, device=self.device)
+                (per_fact_losses(logits, ids, mask) * w).sum().backward()
+                del logits
             opt.step()
-            del logits, loss
         if on_step is not None:
             on_step(steps, trainable, recipe.lr)
         del opt

@@ -120,7 +120,10 @@ def test_the_extrapolation_refits_the_measured_doses_and_scales_the_pilot():
     assert summary["pilot"]["all"]["n"] == 2
 
 
-def test_a_plan_run_equals_a_hand_run_fine_tune(tiny64):
+@pytest.mark.parametrize("chunk", [48, 2])
+def test_a_plan_run_equals_a_hand_run_fine_tune(tiny64, chunk, monkeypatch):
+    # chunk 2: each step's 6 facts go through the trainer 2 at a time, their gradients summed
+    monkeypatch.setattr("dowsing.training.STEP_CHUNK", chunk)
     parts = protocol.collection_split(DOMAINS, seed=0, sample=4, test=3)
     grown = [Domain(s.name, s.facts + p.facts) for s, p in zip(parts["sample"], parts["pool"])]
     split = split_pass(tiny64, grown, parts["test"], capture_block=0)
