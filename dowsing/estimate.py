@@ -1413,6 +1413,8 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
     take it). ray_workers: Ray workers for the fine-tunes (0: in this
     process); ray_local: they share this machine's cores with the
     estimators."""
+    from .validation.plan_check import ALLOCATIONS
+
     from .validation.protocol import dose_steps
 
     names = [n for n, _ in train]
@@ -1458,7 +1460,8 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
         f"estimators; {len(units)} fine-tunes of {steps} steps ({len(config.recipes)} recipes x {config.seeds} seeds "
         f"x {per_seed}: the baseline and per domain {len(config.doses)} doses"
         + (" and its sample" if config.second_reading else "") + ")"
-        + (f", {3 * len(config.plan_budgets) * config.seeds} of them the plan check's (3 allocations x "
+        + (f", {len(ALLOCATIONS) * len(config.plan_budgets) * config.seeds} of them the plan check's "
+           f"({len(ALLOCATIONS)} allocations x "
            f"{len(config.plan_budgets)} budgets x {config.seeds} seeds)" if config.plan_budgets else "")]
     notes.append("AirRep's encoder training and kronfluence's bookkeeping are left out (seconds)")
     memory = benchmark_memory(cal, tr, he, keep, config.recipes, config.batch_size, config.align_blocks,

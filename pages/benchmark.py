@@ -42,8 +42,10 @@ quick = right.checkbox("Quick (11 domains of 20 facts, a short recipe)", key="be
                             "CPU in one process (docs/PERFORMANCE.md).")
 check_plan = right.checkbox("Check the collection plan by training on it", key="bench_plan",
                             help="Two budgets (an eighth and a half of the domains' pools); per budget and seed, "
-                                 "one fine-tune on the plan's allocation, one on the budget spread evenly and one "
-                                 "on it split in proportion to mean loss: 6 more fine-tunes a seed.")
+                                 "one fine-tune on the plan's allocation (two: the plan that counts each domain's "
+                                 "sample as had, and the one that counts its weight in training), one on the budget "
+                                 "spread evenly and one on it split in proportion to mean loss: 8 more fine-tunes "
+                                 "a seed.")
 if source == "Active domain set":
     set_name = workspace.active_set()
     raw = workspace.load_set_raw(set_name)

@@ -2,6 +2,7 @@
 the quick benchmark end to end through the CLI, bad input, and the page."""
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import subprocess
@@ -295,20 +296,22 @@ def test_quick_benchmark_checks_the_plan_by_training_on_it(quick_run):
     for entry in check["budgets"]:
         counts = entry["counts"]
         assert sum(counts["even"]) == sum(counts["proportional"]) == entry["budget"]
-        assert sum(counts["plan"]) <= entry["budget"]
+        assert sum(counts["plan"]) <= entry["budget"] and sum(counts["plan_weighted"]) <= entry["budget"]
         assert all(0 <= m <= 8 for c in counts.values() for m in c)  # a pool of 8 facts per domain
-        for name in ("plan", "even", "proportional"):
+        for name in ("plan", "plan_weighted", "even", "proportional"):
             per_domain = entry["realised_per_domain"][name]
             assert len(per_domain) == n and len(entry["realised"][name]["per_seed"]) == 2
             assert entry["realised"][name]["mean"] == pytest.approx(np.mean(per_domain))
-        for other in ("even", "proportional"):
-            diff = entry["plan_minus"][other]
-            assert diff["diff"] == pytest.approx(entry["realised"]["plan"]["mean"] - entry["realised"][other]["mean"])
+        for plan, other in itertools.product(("plan", "plan_weighted"), ("even", "proportional")):
+            diff = entry[f"{plan}_minus"][other]
+            assert diff["diff"] == pytest.approx(entry["realised"][plan]["mean"] - entry["realised"][other]["mean"])
             assert diff["interval"][0] <= diff["diff"] <= diff["interval"][1]
-        # the plan puts more where its curves rise more: a domain without a curve gets nothing
-        for name, m in zip(result["domains"], counts["plan"]):
+        # a domain without a curve gets nothing
+        for name, m, w in zip(result["domains"], counts["plan"], counts["plan_weighted"]):
             if check["curves"][name]["form"] is None:
-                assert m == 0
+                assert m == w == 0
+    # the weighted plan counts each sample as its weight in the runs: 8 facts x 8 (largest dose) / 88 base facts
+    assert check["have"] == {"sample": 8, "weighted": pytest.approx(8 * 8 / 88)}
     ex = check["extrapolation"]
     assert ex["fit_doses"] == [2, 4] and ex["target"] == 8 and len(ex["rows"]) == n
     for k, row in enumerate(ex["rows"]):

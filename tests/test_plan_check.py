@@ -82,6 +82,26 @@ def test_the_plan_allocation_is_the_best_split_by_brute_force():
     assert check["predicted"]["plan"]["gain"] >= check["predicted"]["even"]["gain"]
 
 
+def test_the_weighted_have_is_the_sample_s_weight_in_added_facts():
+    # 37 samples of 16 facts in the base draws, a largest dose of 32: a base fact weighs 8 / 592 over a run of
+    # 8 steps, an added one 8 / 32, so a sample of 16 is worth 16 x 32 / 592 added facts
+    assert plan_check.weighted_have(16, 592, 32, 1.0) == pytest.approx(16 * (8 / 592) / (8 / 32))
+    assert plan_check.weighted_have(16, 592, 32, 2.0) == pytest.approx(16 * 32 / 592 / 2)
+    curves = [_curve("A", 0.03), _curve("B", 0.01)]
+    light = [_curve("A", 0.03, have=0.5), _curve("B", 0.01, have=0.5)]
+    check = plan_check.check_allocations(curves, 20, [16, 16], seed=0, resamples=100, weighted=light)
+    # with less already had, the gains fall off faster and the budget spreads wider
+    assert check["counts"]["plan_weighted"][1] > check["counts"]["plan"][1]
+    assert list(check["counts"]) == ["plan", "plan_weighted", "even", "proportional"]
+
+
+def test_a_stored_plan_run_is_reused_only_for_the_same_allocation():
+    recipe = Recipe("adamw", steps=2, added_batch=2)
+    one = protocol.plan_units(recipe, 0, (2, 4), 4, {(5, "plan"): (3, 0, 2)})
+    other = protocol.plan_units(recipe, 0, (2, 4), 4, {(5, "plan"): (2, 1, 2)})
+    assert one[0].key != other[0].key and one[0].key.startswith(other[0].key.rsplit("/", 1)[0])
+
+
 def test_the_paired_difference_and_its_interval_match_scipy():
     rng = np.random.default_rng(3)
     a = rng.normal(0.2, 0.1, size=(2, 30))

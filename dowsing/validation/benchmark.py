@@ -52,8 +52,8 @@ from ..training import Recipe, TailTrainer, build_trainer
 from .finetune import measured_delta_n
 from .leaderboard import (BASELINE, benchmark_leaderboard, choose_default, choose_winner, group_leaderboards,
                           reliability, stacked_scores)
-from .plan_check import (ALLOCATION_LABELS, ALLOCATIONS, budget_summary, check_allocations, error_summary,
-                         extrapolation_row, plan_curves)
+from .plan_check import (ALLOCATION_LABELS, budget_summary, check_allocations, error_summary, extrapolation_row,
+                         plan_curves, weighted_have)
 from .protocol import (check_protocol_domains, collection_split, plan_units, protocol_gains, protocol_unit,
                        protocol_units)
 
@@ -502,14 +502,19 @@ def _plan_allocations(run: BenchmarkSplit, config: BenchmarkConfig, scores: dict
     """The plan check's allocations from the estimators' pilot curves and
     mean losses (the sample only), and its fine-tunes: {"curves", "budgets":
     {budget: `plan_check.check_allocations`}, "units"}."""
-    curves = plan_curves(run.names, scores["pilot_curve"].details["fits"], scores[BASELINE].priority,
-                         config.sample_facts, config.seed, PLAN_RESAMPLES)
+    fits, losses = scores["pilot_curve"].details["fits"], scores[BASELINE].priority
+    curves = plan_curves(run.names, fits, losses, config.sample_facts, config.seed, PLAN_RESAMPLES)
+    have = weighted_have(config.sample_facts, config.sample_facts * len(run.names), config.doses[-1],
+                         main_recipe(config).added_weight)
+    weighted = plan_curves(run.names, fits, losses, have, config.seed, PLAN_RESAMPLES)
     caps = [len(p.facts) for p in run.protocol["pool"]]
-    budgets = {b: check_allocations(curves, b, caps, config.seed, PLAN_RESAMPLES) for b in config.plan_budgets}
+    budgets = {b: check_allocations(curves, b, caps, config.seed, PLAN_RESAMPLES, weighted)
+               for b in config.plan_budgets}
     wanted = {(b, name): counts for b, check in budgets.items() for name, counts in check["counts"].items()}
     units = [u for s in range(config.seeds)
              for u in plan_units(main_recipe(config), config.seed + s, config.doses, config.sample_facts, wanted)]
-    return {"curves": curves, "budgets": budgets, "units": units}
+    return {"curves": curves, "weighted": weighted, "have": {"sample": config.sample_facts, "weighted": have},
+            "budgets": budgets, "units": units}
 
 
 def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seconds: dict, timings: dict) -> dict:
@@ -558,13 +563,12 @@ def _plan_check(run: BenchmarkSplit, config: BenchmarkConfig, plan: dict, values
     budgets = []
     for budget, check in plan["budgets"].items():
         realised = {}
-        for name in ALLOCATIONS:
+        for name in check["counts"]:
             per_seed = []
             for s in range(config.seeds):
                 seed = config.seed + s
                 base = values[_seed_units(run, config, recipe, seed)[0].key]["baseline"]
-                unit = next(u for u in plan["units"] if u.key.endswith(f"/B{budget}/{name}")
-                            and u.args[2] == seed)
+                unit = next(u for u in plan["units"] if f"/B{budget}/{name}/" in u.key and u.args[2] == seed)
                 after = _per_domain_means(values[unit.key], run.truth.held_rows)
                 per_seed.append([b - a for b, a in zip(_per_domain_means(base, run.truth.held_rows), after)])
             realised[name] = per_seed
@@ -575,13 +579,13 @@ def _plan_check(run: BenchmarkSplit, config: BenchmarkConfig, plan: dict, values
     main = truth[config.main_recipe]
     doses = list(config.doses)
     rows = [extrapolation_row(dc, doses, {d: float(np.mean([g[k] for g in main["dose_gains"][str(d)]]))
-                                          for d in doses})
+                                          for d in doses}, plan["weighted"][k])
             for k, dc in enumerate(plan["curves"])]
     saturation = {c["domain"]: {"paper_delta_n_10pct": c["predicted"]["delta_n_10pct"],
                                 "paper_reason": c["predicted"]["reason"], "measured": c["measured_saturation"]}
                   for c in curves}
     seconds = sum(unit_seconds.get(u.key, 0.0) for u in plan["units"])
-    return {"recipe": recipe.label(), "allocations": dict(ALLOCATION_LABELS), "budgets": budgets,
+    return {"recipe": recipe.label(), "allocations": dict(ALLOCATION_LABELS), "have": plan["have"], "budgets": budgets,
             "curves": {dc.name: dc.curve.to_dict() for dc in plan["curves"]},
             "extrapolation": {"fit_doses": doses[:-1], "target": doses[-1], "rows": rows, "sets": sets,
                               "summary": error_summary(rows, sets)},

@@ -7,7 +7,11 @@ For a budget B (examples, every one costing 1) and the benchmark's domains:
 * "plan": `dowsing.plan.allocate` on each domain's learning curve, fitted
   (`plan.fit_pilots`) to the pilot fine-tunes the pilot estimators ran on
   the domain's sample (sizes up to the half's 8 facts), have = the sample's
-  size, cap = the domain's pool;
+  size (what the product assumes), cap = the domain's pool;
+* "plan_weighted": the same with have = the sample's weight in the
+  protocol's training counted in added facts (`weighted_have`): the
+  baseline draws few of the samples' facts, so a domain has far fewer
+  facts' worth of training than its sample holds;
 * "even": B / K per domain (`even_counts`);
 * "proportional": B split in proportion to each domain's mean loss
   (`proportional_counts`), the allocation a user who collects where the
@@ -26,12 +30,15 @@ import math
 
 import numpy as np
 
-from ..curves import choose_form, predict
+from ..curves import FITTERS, choose_form, predict
 from ..plan import DomainCurve, PlanConfig, allocate, fit_pilots, predicted_total
 
-ALLOCATIONS = ("plan", "even", "proportional")
-ALLOCATION_LABELS = {"plan": "the plan (pilot learning curves)", "even": "spread evenly",
-                     "proportional": "proportional to mean loss"}
+ALLOCATIONS = ("plan", "plan_weighted", "even", "proportional")
+PLANS = ("plan", "plan_weighted")
+PREDICTIONS = ("doses", "pilot_scaled", "pilot", "pilot_scaled_weighted", "pilot_weighted")
+ALLOCATION_LABELS = {"plan": "the plan, have = the sample",
+                     "plan_weighted": "the plan, have = the sample's weight in training",
+                     "even": "spread evenly", "proportional": "proportional to mean loss"}
 
 
 # --- allocations -------------------------------------------------------------
@@ -114,17 +121,37 @@ def pilot_measurements(names: list, fits: list, mean_losses: list, have: int) ->
     return {"domains": out}
 
 
-def check_allocations(curves: list, budget: int, caps: list, seed: int, resamples: int) -> dict:
-    """The three allocations of one budget and the plan's predicted total
-    gain of each (the pilot recipe's nats, summed over domains, with its
+def weighted_have(sample: int, base_facts: int, n_max: int, added_weight: float) -> float:
+    """A sample's weight in the protocol's training, in added facts: each
+    run draws its base minibatches from all `base_facts` sample facts, so a
+    sample fact carries steps / base_facts of weight over a run, and an
+    added fact steps * added_weight / n_max (`protocol.plan_run_losses`);
+    the sample is worth sample * n_max / (base_facts * added_weight) added
+    facts (16 * 32 / 592 = 0.86 on the shipped benchmark)."""
+    return sample * n_max / (base_facts * added_weight)
+
+
+def _bought(curves: list, budget: int, caps: list):
+    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
+    return allocate(gains, budget, caps=caps)
+
+
+def check_allocations(curves: list, budget: int, caps: list, seed: int, resamples: int,
+                      weighted: list | None = None) -> dict:
+    """The allocations of one budget and the plan's predicted total gain of
+    each on `curves` (the pilot recipe's nats, summed over domains, with its
     band): {"counts": {allocation: [m_k]}, "predicted": {allocation:
-    {"gain", "band"}}, "spent": {allocation: examples}, "gap_bound"}."""
+    {"gain", "band"}}, "spent": {allocation: examples}, "gap_bound"}.
+    weighted: the same curves with have = `weighted_have` (the
+    "plan_weighted" allocation; None: not made)."""
     config = PlanConfig(budget=budget, caps={dc.name: c for dc, c in zip(curves, caps)}, seed=seed,
                         bootstrap_resamples=max(resamples, 100))
-    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
-    bought = allocate(gains, budget, caps=caps)
-    counts = {"plan": bought.counts, "even": even_counts(budget, caps),
-              "proportional": proportional_counts(budget, [dc.mean_loss for dc in curves], caps)}
+    bought = _bought(curves, budget, caps)
+    counts = {"plan": bought.counts}
+    if weighted is not None:
+        counts["plan_weighted"] = _bought(weighted, budget, caps).counts
+    counts.update(even=even_counts(budget, caps),
+                  proportional=proportional_counts(budget, [dc.mean_loss for dc in curves], caps))
     weights = [config.weight(dc.name) for dc in curves]
     predicted = {a: {k: v for k, v in predicted_total(curves, c, weights).items() if k != "counts"}
                  for a, c in counts.items()}
@@ -132,8 +159,9 @@ def check_allocations(curves: list, budget: int, caps: list, seed: int, resample
             "gap_bound": bought.gap_bound}
 
 
-def plan_curves(names: list, fits: list, mean_losses: list, have: int, seed: int, resamples: int) -> list:
-    """Each domain's DomainCurve from the pilot estimators' measurements."""
+def plan_curves(names: list, fits: list, mean_losses: list, have: float, seed: int, resamples: int) -> list:
+    """Each domain's DomainCurve from the pilot estimators' measurements,
+    `have` facts of it in training already."""
     measured = pilot_measurements(names, fits, mean_losses, have)
     return fit_pilots(measured, PlanConfig(budget=1, seed=seed, bootstrap_resamples=max(resamples, 100)))
 
@@ -163,11 +191,12 @@ def budget_summary(check: dict, realised: dict, resamples: int, seed: int, inter
     paired difference against each simple allocation."""
     totals = {a: {"per_seed": [float(np.mean(g)) for g in gains], "mean": float(np.mean(gains))}
               for a, gains in realised.items()}
-    paired = {other: paired_difference(realised["plan"], realised[other], resamples, seed, interval_pct)
-              for other in ALLOCATIONS if other != "plan"}
+    paired = {plan: {other: paired_difference(realised[plan], realised[other], resamples, seed, interval_pct)
+                     for other in realised if other not in PLANS}
+              for plan in PLANS if plan in realised}
     return {**check, "realised": totals, "realised_per_domain": {a: np.mean(g, axis=0).tolist()
                                                                  for a, g in realised.items()},
-            "plan_minus": paired}
+            "plan_minus": paired["plan"], "plan_weighted_minus": paired.get("plan_weighted", {})}
 
 
 # --- extrapolation -------------------------------------------------------------
@@ -178,41 +207,48 @@ def relative_error(predicted, measured) -> float | None:
     return abs(predicted - measured) / abs(measured)
 
 
-def extrapolation_row(dc: DomainCurve, doses: list, gains: dict) -> dict:
+def extrapolation_row(dc: DomainCurve, doses: list, gains: dict, weighted: DomainCurve | None = None) -> dict:
     """One domain's extrapolation from small n to the largest dose N.
 
-    gains: {dose: seed-mean measured gain}. Three predictions of gain(N):
+    gains: {dose: seed-mean measured gain}. Predictions of gain(N):
     * "doses": the curve forms (`curves.choose_form`) fitted to the measured
       gains at the doses below N, read at N;
     * "pilot_scaled": the measured gain at the largest of those doses times
       the pilot curve's ratio [G(S + N) - G(S)] / [G(S + n) - G(S)];
     * "pilot": the pilot curve's own G(S + N) - G(S), in the pilot recipe's
-      nats (a different recipe from the ground truth's: its scale differs).
+      nats (a different recipe from the ground truth's: its scale differs);
+    * "pilot_scaled_weighted", "pilot_weighted": the same two with S the
+      weighted curve's have (`weighted_have`), where `weighted` is given.
     """
     top, small = doses[-1], doses[:-1]
     measured = gains[top]
-    row = {"domain": dc.name, "measured": measured, "doses": {}, "pilot_scaled": {}, "pilot": {}}
+    row = {"domain": dc.name, "measured": measured}
     if len(small) >= 2:
         form, _, reason = choose_form(small, [gains[n] for n in small])
         if form is None:
             row["doses"] = {"predicted": None, "reason": reason}
         else:
-            from ..curves import FITTERS
-
             value = float(predict(form, FITTERS[form](small, [gains[n] for n in small]), top))
             row["doses"] = {"predicted": value, "form": form, "error": relative_error(value, measured)}
     else:
         row["doses"] = {"predicted": None, "reason": f"needs two doses below {top}"}
-    if dc.curve.identifiable and small:
-        whole = dc.curve.gain(dc.n_facts, top)
-        part = dc.curve.gain(dc.n_facts, small[-1])
-        scaled = gains[small[-1]] * whole / part if part > 0 else None
-        row["pilot_scaled"] = {"predicted": scaled, "error": relative_error(scaled, measured)}
-        row["pilot"] = {"predicted": whole, "error": relative_error(whole, measured)}
-    else:
-        reason = dc.curve.reason or "no dose below the largest"
-        row["pilot_scaled"] = row["pilot"] = {"predicted": None, "reason": reason}
+    for suffix, curve in (("", dc), ("_weighted", weighted)):
+        if curve is None:
+            continue
+        row["pilot_scaled" + suffix], row["pilot" + suffix] = _pilot_predictions(curve, small, top, gains, measured)
     return row
+
+
+def _pilot_predictions(dc: DomainCurve, small: list, top: int, gains: dict, measured: float) -> tuple:
+    """(scaled, raw) predictions of gain(top) from one pilot curve."""
+    if not (dc.curve.identifiable and small):
+        reason = {"predicted": None, "reason": dc.curve.reason or "no dose below the largest"}
+        return reason, reason
+    whole = dc.curve.gain(dc.n_facts, top)
+    part = dc.curve.gain(dc.n_facts, small[-1])
+    scaled = gains[small[-1]] * whole / part if part > 0 else None
+    return ({"predicted": scaled, "error": relative_error(scaled, measured)},
+            {"predicted": whole, "error": relative_error(whole, measured)})
 
 
 def error_summary(rows: list, groups: list) -> dict:
@@ -220,12 +256,14 @@ def error_summary(rows: list, groups: list) -> dict:
     and the worst relative error over the domains that have one, and how
     many domains have none."""
     out = {}
-    for key in ("doses", "pilot_scaled", "pilot"):
+    for key in PREDICTIONS:
+        if not any(key in r for r in rows):
+            continue
         out[key] = {}
         for group in ("all", "ordinary", "hard"):
             chosen = [r for r, g in zip(rows, groups)
                       if group == "all" or (group == "ordinary") == (g == "ordinary")]
-            errors = [r[key].get("error") for r in chosen]
+            errors = [r.get(key, {}).get("error") for r in chosen]
             have = [e for e in errors if e is not None]
             out[key][group] = {"median": float(np.median(have)) if have else None,
                                "worst": float(np.max(have)) if have else None,
@@ -244,8 +282,9 @@ def plan_table(check: dict):
 
     rows = []
     for entry in check.get("budgets", []):
-        for name in ALLOCATIONS:
+        for name in (a for a in ALLOCATIONS if a in entry["realised"]):
             diff = entry["plan_minus"].get(name)
+            weighted = (entry.get("plan_weighted_minus") or {}).get(name)
             rows.append({
                 "Budget": entry["budget"], "Allocation": ALLOCATION_LABELS[name], "Spent": entry["spent"][name],
                 "Realised gain (nats/domain)": entry["realised"][name]["mean"],
@@ -253,6 +292,8 @@ def plan_table(check: dict):
                 "Predicted (pilot nats, sum)": entry["predicted"][name]["gain"],
                 "Plan − this": None if diff is None else diff["diff"],
                 "interval": "—" if diff is None else _interval(diff["interval"], 4),
+                "Weighted plan − this": None if weighted is None else weighted["diff"],
+                "interval ": "—" if weighted is None else _interval(weighted["interval"], 4),
             })
     return pd.DataFrame(rows)
 
@@ -264,11 +305,13 @@ def extrapolation_table(check: dict):
 
     ex = check.get("extrapolation") or {}
     labels = {"doses": f"curve fitted to the measured gains at n = {', '.join(map(str, ex.get('fit_doses', [])))}",
-              "pilot_scaled": "pilot curve, scaled by the measured gain at the largest of those",
-              "pilot": "pilot curve alone (pilot recipe's nats)"}
+              "pilot_scaled": "pilot curve (have = sample), scaled by the measured gain at the largest of those",
+              "pilot": "pilot curve (have = sample) alone, pilot recipe's nats",
+              "pilot_scaled_weighted": "pilot curve (have = sample's weight), scaled likewise",
+              "pilot_weighted": "pilot curve (have = sample's weight) alone, pilot recipe's nats"}
     rows = []
     for key, label in labels.items():
-        for group, cell in (ex.get("summary", {}).get(key) or {}).items():
+        for group, cell in ((ex.get("summary") or {}).get(key) or {}).items():
             rows.append({"Prediction": label, "Domains": group, "Median error": cell["median"],
                          "Worst error": cell["worst"], "n": cell["n"], "none": cell["missing"]})
     return pd.DataFrame(rows)

@@ -22,6 +22,7 @@ added is what the estimators scored.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import random
 
@@ -135,8 +136,14 @@ def plan_units(recipe: Recipe, seed: int, doses, sample: int, allocations: dict)
     n_max = max(doses)
     steps = dose_steps(recipe, n_max)
     prefix = f"plan/{recipe.name}/{recipe.label()}/seed{seed}/sample{sample}/steps{steps}"
-    return [Unit(f"{prefix}/B{budget}/{name}", ("plan_run", recipe, seed, steps, sample, tuple(counts), n_max))
+    # the counts are in the key: a stored run is reused only for the same allocation
+    return [Unit(f"{prefix}/B{budget}/{name}/{_digest(counts)}",
+                 ("plan_run", recipe, seed, steps, sample, tuple(counts), n_max))
             for (budget, name), counts in allocations.items()]
+
+
+def _digest(counts) -> str:
+    return hashlib.sha256(",".join(str(int(m)) for m in counts).encode()).hexdigest()[:12]
 
 
 def protocol_units(recipe: Recipe, seed: int, n_domains: int, doses, sample: int, second_reading: bool) -> list:
