@@ -467,7 +467,7 @@ def _run_units(model, run: BenchmarkSplit, config: BenchmarkConfig, checkpoints,
                      f"fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
 
     def on_plan_run(key, value, finished, total):
-        say(Progress("plan check", 0.95, f"plan check: fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
+        say(Progress("plan check", 0.95, f"fine-tune {finished} of {total} done ({key.split('/', 1)[1]})"))
 
     shared = Shared(f"benchmark-estimators/{run.namespace}", payload=None if local else context.payload(),
                     build=build_context, context=context if local else None)
