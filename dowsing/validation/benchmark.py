@@ -97,7 +97,8 @@ class BenchmarkConfig(ConfigRecord):
     adam_batches: minibatches that estimate Adam's second moment.
     pilot_sizes: the pilot learning curve's nested sizes of a half.
     plan_budgets: budgets (examples) of the plan check (`plan_check.py`):
-        per budget, fine-tunes on the plan's allocation, on the budget
+        per budget, fine-tunes on the plan's allocation (two: the sample
+        counted as had, and at its weight in training), on the budget
         spread evenly and on it split in proportion to mean loss, every
         seed of the main recipe. Empty: no plan check. Needs the
         pilot_curve and mean_loss estimators.
