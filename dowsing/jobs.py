@@ -417,8 +417,11 @@ class JobStore:
 
         self.root = Path(root) if root is not None else cache_dir() / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
-        # eviction_policy none: job records are tiny and must never vanish.
-        self.cache = diskcache.Cache(str(self.root), eviction_policy="none")
+        # eviction_policy none: job records are small and must never vanish. disk_min_file_size: every
+        # state stays in the SQLite row, never in a file of its own; a state over diskcache's default of
+        # 32 KiB (a request with many facts) went to a file that an update replaces and deletes, and a
+        # read in another process between the two found the old file gone and returned nothing.
+        self.cache = diskcache.Cache(str(self.root), eviction_policy="none", disk_min_file_size=2 ** 26)
 
     @property
     def logs_dir(self) -> Path:

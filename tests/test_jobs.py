@@ -143,6 +143,35 @@ def ts(text: str) -> float:
     return datetime.fromisoformat(text).timestamp()
 
 
+def test_a_large_state_never_reads_as_absent_while_another_process_updates_it(tmp_path):
+    """A state over 32 KiB (a request with many facts) is read while another
+    store object (as the worker's) updates it over and over: every read
+    finds it."""
+    import threading
+
+    from dowsing.jobs import JobState, JobStore
+
+    writer, reader = JobStore(tmp_path), JobStore(tmp_path)
+    request = {"kind": "plan", "domains": [[f"D{i}", [f"fact {j} " + "x" * 60 for j in range(40)]] for i in range(20)]}
+    writer.put(JobState(job_id="big", request=request))
+    assert len(writer.get("big").to_json()) > 2 ** 15
+    done, absent, reads = threading.Event(), [], 0
+
+    def update():
+        for i in range(300):
+            writer.update("big", message=f"step {i}")
+        done.set()
+
+    thread = threading.Thread(target=update)
+    thread.start()
+    while not done.is_set():
+        reads += 1
+        if reader.get("big") is None:
+            absent.append(reads)
+    thread.join()
+    assert reads > 10 and absent == [] and reader.get("big").message == "step 299"
+
+
 def test_the_local_runner_is_a_job_runner(runner):
     assert isinstance(runner, JobRunner)
     assert isinstance(default_runner(), LocalJobRunner)
@@ -432,9 +461,7 @@ def test_a_plan_job_measures_the_pilots_run_plan_would_and_cancels_like_the_othe
 
     # Ten shipped domains of 40 facts: pilots long enough to be cancelled.
     long_id = runner.submit(plan_request(tiny_llama_dir, benchmark_domains()[:10]))
-    # the state can read as absent for a moment while the worker first writes it: poll past that
-    state, _ = wait(runner, long_id, lambda s: s is not None and (s.stage == "pilots" or not s.active),
-                    timeout_s=120)
+    state, _ = wait(runner, long_id, lambda s: s.stage == "pilots" or not s.active, timeout_s=120)
     assert state.status == "running", state
     runner.cancel(long_id)
     assert runner.state(long_id).status == "cancelled" and not running(state.pid)
