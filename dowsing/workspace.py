@@ -284,6 +284,15 @@ def load_set_raw(name: str) -> list[dict]:
     return _ws().load_set_raw(name)
 
 
+def unchecked_domains(raw: list[dict]) -> list:
+    """A set's raw domains as Domains, not validated: a page shows their
+    problems (`domains.validation_problems`) beside the editor instead of
+    refusing the set."""
+    from .domains import Domain
+
+    return [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+
+
 def save_set(name: str, domains: list) -> None:
     _ws().save_set(name, domains)
 

@@ -15,7 +15,7 @@ import pandas as pd
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.domains import Domain, DomainError, benchmark_domains
+from dowsing.domains import DomainError, benchmark_domains
 from dowsing.executor import execution_text
 from dowsing.jobs import JobRequest, one_line
 from dowsing.models import ModelError
@@ -49,7 +49,7 @@ check_plan = right.checkbox("Check the collection plan by training on it", key="
 if source == "Active domain set":
     set_name = workspace.active_set()
     raw = workspace.load_set_raw(set_name)
-    domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+    domains = workspace.unchecked_domains(raw)
 else:
     set_name = "benchmark domains (quick)" if quick else "benchmark domains"
     domains = benchmark_domains(quick=quick)

@@ -18,7 +18,7 @@ import pandas as pd
 import streamlit as st
 
 from dowsing import plan_charts, report, workspace
-from dowsing.domains import Domain, DomainError, validation_problems
+from dowsing.domains import DomainError, validation_problems
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.models import ModelError
 from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
@@ -39,7 +39,7 @@ choice = _shared.model_choice()
 config, config_problem = _shared.analysis_config()
 set_name = workspace.active_set()
 raw = workspace.load_set_raw(set_name)
-domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+domains = workspace.unchecked_domains(raw)
 names = [d.name for d in domains]
 domain_problems = validation_problems(domains)
 # The pilots run where and how the sidebar's Advanced settings say.

@@ -8,7 +8,7 @@ import streamlit as st
 from dowsing import workspace
 from dowsing import estimators
 from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
-from dowsing.domains import Domain, DomainError, validation_problems
+from dowsing.domains import DomainError, validation_problems
 from dowsing.jobs import JobRequest, JobState
 from dowsing.models import ModelError
 from pages import _shared
@@ -24,7 +24,7 @@ choice = _shared.model_choice()
 config, config_problem = _shared.analysis_config()
 set_name = workspace.active_set()
 raw = workspace.load_set_raw(set_name)
-domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+domains = workspace.unchecked_domains(raw)
 domain_problems = validation_problems(domains)
 
 summary = st.columns(3)

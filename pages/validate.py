@@ -10,7 +10,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import charts, report, workspace
-from dowsing.domains import Domain, DomainError
+from dowsing.domains import DomainError
 from dowsing.jobs import JobRequest, one_line
 from dowsing.models import ModelError
 from dowsing.validation import validate as validation
@@ -26,7 +26,7 @@ choice = _shared.model_choice()
 config, _ = _shared.analysis_config()
 set_name = workspace.active_set()
 raw = workspace.load_set_raw(set_name)
-domains = [Domain(str(d.get("name", "")), tuple(str(f) for f in d.get("facts", []))) for d in raw]
+domains = workspace.unchecked_domains(raw)
 
 left, right = st.columns([3, 1])
 left.markdown(f"Model **{choice.label}** · domain set **{set_name}** · {len(domains)} domains · "
