@@ -509,13 +509,15 @@ def _plan_allocations(run: BenchmarkSplit, config: BenchmarkConfig, scores: dict
                          main_recipe(config).added_weight)
     weighted = plan_curves(run.names, fits, losses, have, config.seed, PLAN_RESAMPLES)
     caps = [len(p.facts) for p in run.protocol["pool"]]
-    budgets = {b: check_allocations(curves, b, caps, config.seed, PLAN_RESAMPLES, weighted)
-               for b in config.plan_budgets}
+    budgets = {b: check_allocations(curves, b, caps, weighted) for b in config.plan_budgets}
     wanted = {(b, name): counts for b, check in budgets.items() for name, counts in check["counts"].items()}
-    units = [u for s in range(config.seeds)
-             for u in plan_units(main_recipe(config), config.seed + s, config.doses, config.sample_facts, wanted)]
+    runs = {}  # (budget, allocation, seed) -> its unit
+    for s in range(config.seeds):
+        seed = config.seed + s
+        units = plan_units(main_recipe(config), seed, config.doses, config.sample_facts, wanted)
+        runs.update({(b, name, seed): unit for (b, name), unit in zip(wanted, units)})
     return {"curves": curves, "weighted": weighted, "have": {"sample": config.sample_facts, "weighted": have},
-            "budgets": budgets, "units": units}
+            "budgets": budgets, "runs": runs, "units": list(runs.values())}
 
 
 def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seconds: dict, timings: dict) -> dict:
@@ -555,24 +557,23 @@ def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seco
 
 def _plan_check(run: BenchmarkSplit, config: BenchmarkConfig, plan: dict, values: dict, truth: dict, curves: list,
                 unit_seconds: dict) -> dict:
-    """The plan check's report (`plan_check.py`): per budget the three
-    allocations' realised gains (per seed: baseline test loss minus after
+    """The plan check's report (`plan_check.py`): per budget each
+    allocation's realised gains (per seed: baseline test loss minus after
     the run, per domain) with the plan's paired differences; the learning
     curves' extrapolation errors to the largest dose per group; the
     paper's delta n at 10% beside the measured one where computed."""
     recipe = main_recipe(config)
+    seeds = [config.seed + s for s in range(config.seeds)]
+    baseline = {seed: _per_domain_means(values[_seed_units(run, config, recipe, seed)[0].key]["baseline"],
+                                        run.truth.held_rows) for seed in seeds}
     budgets = []
     for budget, check in plan["budgets"].items():
         realised = {}
         for name in check["counts"]:
-            per_seed = []
-            for s in range(config.seeds):
-                seed = config.seed + s
-                base = values[_seed_units(run, config, recipe, seed)[0].key]["baseline"]
-                unit = next(u for u in plan["units"] if f"/B{budget}/{name}/" in u.key and u.args[2] == seed)
-                after = _per_domain_means(values[unit.key], run.truth.held_rows)
-                per_seed.append([b - a for b, a in zip(_per_domain_means(base, run.truth.held_rows), after)])
-            realised[name] = per_seed
+            realised[name] = [
+                [b - a for b, a in zip(baseline[seed], _per_domain_means(values[plan["runs"][budget, name, seed].key],
+                                                                         run.truth.held_rows))]
+                for seed in seeds]
         budgets.append({"budget": budget, **budget_summary(check, realised, config.bootstrap, config.seed,
                                                             config.interval_pct)})
     groups = benchmark_groups()

@@ -105,7 +105,7 @@ def default_budgets(n_domains: int, pool: int) -> tuple:
     return (n_domains * max(1, pool // 8), n_domains * max(1, pool // 2))
 
 
-def pilot_measurements(names: list, fits: list, mean_losses: list, have: int) -> dict:
+def pilot_measurements(names: list, fits: list, mean_losses: list, have: float) -> dict:
     """The pilot estimators' fits (`estimators.pilot`, details "fits") in the
     layout `plan.fit_pilots` reads: per domain its sizes, drops, per-fact
     drops per size and the halves' sizes; a domain without a pilot gets no
@@ -136,23 +136,20 @@ def _bought(curves: list, budget: int, caps: list):
     return allocate(gains, budget, caps=caps)
 
 
-def check_allocations(curves: list, budget: int, caps: list, seed: int, resamples: int,
-                      weighted: list | None = None) -> dict:
+def check_allocations(curves: list, budget: int, caps: list, weighted: list | None = None) -> dict:
     """The allocations of one budget and the plan's predicted total gain of
     each on `curves` (the pilot recipe's nats, summed over domains, with its
     band): {"counts": {allocation: [m_k]}, "predicted": {allocation:
     {"gain", "band"}}, "spent": {allocation: examples}, "gap_bound"}.
     weighted: the same curves with have = `weighted_have` (the
     "plan_weighted" allocation; None: not made)."""
-    config = PlanConfig(budget=budget, caps={dc.name: c for dc, c in zip(curves, caps)}, seed=seed,
-                        bootstrap_resamples=max(resamples, 100))
     bought = _bought(curves, budget, caps)
     counts = {"plan": bought.counts}
     if weighted is not None:
         counts["plan_weighted"] = _bought(weighted, budget, caps).counts
     counts.update(even=even_counts(budget, caps),
                   proportional=proportional_counts(budget, [dc.mean_loss for dc in curves], caps))
-    weights = [config.weight(dc.name) for dc in curves]
+    weights = [1.0] * len(curves)  # every domain weighs the same, the plan's default
     predicted = {a: {k: v for k, v in predicted_total(curves, c, weights).items() if k != "counts"}
                  for a, c in counts.items()}
     return {"counts": counts, "predicted": predicted, "spent": {a: int(sum(c)) for a, c in counts.items()},
@@ -168,7 +165,7 @@ def plan_curves(names: list, fits: list, mean_losses: list, have: float, seed: i
 
 # --- the realised gains ------------------------------------------------------
 
-def paired_difference(gains_a, gains_b, resamples: int, seed: int, interval_pct: float) -> dict:
+def realised_difference(gains_a, gains_b, resamples: int, seed: int, interval_pct: float) -> dict:
     """mean over seeds and domains of gains_a - gains_b ([seed][domain]
     each), and its percentile interval over resamples of the domains (each
     resample keeps a domain's seeds together, so the seeds stay paired)."""
@@ -191,7 +188,7 @@ def budget_summary(check: dict, realised: dict, resamples: int, seed: int, inter
     paired difference against each simple allocation."""
     totals = {a: {"per_seed": [float(np.mean(g)) for g in gains], "mean": float(np.mean(gains))}
               for a, gains in realised.items()}
-    paired = {plan: {other: paired_difference(realised[plan], realised[other], resamples, seed, interval_pct)
+    paired = {plan: {other: realised_difference(realised[plan], realised[other], resamples, seed, interval_pct)
                      for other in realised if other not in PLANS}
               for plan in PLANS if plan in realised}
     return {**check, "realised": totals, "realised_per_domain": {a: np.mean(g, axis=0).tolist()
