@@ -1,0 +1,33 @@
+"""User text made safe for the places it is shown or exported.
+
+Domain names and facts come from the user, from imported files and from
+shared links, so they are data, never markup: Markdown rendering would turn
+`![x](http://...)` into an outside request and `[a](javascript:...)` into a
+link, and a spreadsheet opens a CSV cell that starts with `=` as a formula.
+"""
+from __future__ import annotations
+
+import re
+
+# CommonMark lets a backslash escape any ASCII punctuation character; these are the
+# ones that start Markdown, HTML, LaTeX ($) or Streamlit's own directives (:red[...],
+# :material/icon:) in the text Streamlit renders.
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=\"'])")
+# A cell a spreadsheet reads as a formula (OWASP's CSV injection list).
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
+
+
+def md_escape(text) -> str:
+    """`text` as literal Markdown: every special character backslash-escaped and
+    line breaks folded to spaces, so it renders as the characters it holds."""
+    flat = " ".join(str(text).split())
+    return _MARKDOWN_SPECIAL.sub(r"\\\1", flat)
+
+
+def csv_cell(value):
+    """A CSV cell a spreadsheet will not run: text that starts like a formula gets a
+    leading apostrophe (shown as text by Excel, LibreOffice and Sheets); numbers and
+    other text pass unchanged."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
