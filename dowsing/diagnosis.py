@@ -21,6 +21,15 @@ KINDS = {
     "overlapping": "low loss, but the facts carry strongly to each other",
     "known": "low loss, and more facts like these change little",
 }
+# Whether a kind tells the user that more facts like theirs will lower the loss:
+# every other sentence shown about a domain must agree with this.
+HELPS = {
+    "contradictory": False,
+    "learnable gap": True,
+    "hard to learn": False,
+    "overlapping": True,
+    "known": False,
+}
 
 
 @dataclass
