@@ -20,6 +20,7 @@ page = st.navigation([
     st.Page("pages/benchmark.py", title="Benchmark", icon=":material/query_stats:", url_path="benchmark"),
 ])
 model_box = _shared.sidebar()
+_shared.store_notes()  # a cache store found damaged in the last run and rebuilt
 page.run()
 # After the page, so the page is on screen while a model loads.
 _shared.model_status(model_box)

@@ -43,8 +43,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+from .caches import DataCache, StoreDamaged
 from .config import DEVICES, AnalysisConfig
-from .paths import cache_dir
+from .paths import cache_dir, private_dir
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -413,21 +414,17 @@ class JobStore:
     PREFIX = "job:"
 
     def __init__(self, root: Path | None = None):
-        import diskcache
-
-        self.root = Path(root) if root is not None else cache_dir() / "jobs"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root) if root is not None else cache_dir() / "jobs")
         # eviction_policy none: job records are small and must never vanish. disk_min_file_size: every
         # state stays in the SQLite row, never in a file of its own; a state over diskcache's default of
         # 32 KiB (a request with many facts) went to a file that an update replaces and deletes, and a
         # read in another process between the two found the old file gone and returned nothing.
-        self.cache = diskcache.Cache(str(self.root), eviction_policy="none", disk_min_file_size=2 ** 26)
+        # owns_folder False: a damaged store moves only its SQLite files aside, not the logs and results.
+        self.cache = DataCache(self.root, owns_folder=False, eviction_policy="none", disk_min_file_size=2 ** 26)
 
     @property
     def logs_dir(self) -> Path:
-        path = self.root / "logs"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return private_dir(self.root / "logs")
 
     def log_path(self, job_id: str) -> Path:
         return self.logs_dir / f"{job_id}.log"
@@ -473,15 +470,19 @@ class JobStore:
 
     def update(self, job_id: str, run_id: str | None = None, unless: tuple[str, ...] = (), **fields) -> JobState | None:
         """Set `fields` on the job, atomically; skip (return None) when the job
-        is gone, belongs to another run than `run_id`, or its status is in `unless`."""
-        with self.cache.transact():
-            state = self.get(job_id)
-            if state is None or (run_id is not None and state.run_id != run_id) or state.status in unless:
-                return None
-            for name, value in fields.items():
-                setattr(state, name, value)
-            self.put(state)
-            return state
+        is gone, belongs to another run than `run_id`, or its status is in `unless`
+        (a store found damaged here has been started empty: the job is gone too)."""
+        try:
+            with self.cache.transact():
+                state = self.get(job_id)
+                if state is None or (run_id is not None and state.run_id != run_id) or state.status in unless:
+                    return None
+                for name, value in fields.items():
+                    setattr(state, name, value)
+                self.put(state)
+                return state
+        except StoreDamaged:
+            return None
 
     def delete(self, job_id: str) -> None:
         self.cache.delete(self.PREFIX + job_id)
@@ -683,16 +684,23 @@ class LocalJobRunner:
             return job_id
 
         run_id = uuid.uuid4().hex
-        with self.store.cache.transact():
-            # Checked again inside the transaction: two tabs submitting at
-            # the same moment must start one worker, not two.
-            again = self.store.get(job_id)
-            if again is not None and again.active:
-                return job_id
-            self.store.put(JobState(
-                job_id=job_id, status="queued", stage="queued", message="starting worker", created_at=now_iso(),
-                request=request_dict, summary=request_summary(request_dict), run_id=run_id,
-            ))
+        for attempt in (1, 2):  # a store found damaged has been started empty: once more in the new one
+            try:
+                with self.store.cache.transact():
+                    # Checked again inside the transaction: two tabs submitting at
+                    # the same moment must start one worker, not two.
+                    again = self.store.get(job_id)
+                    if again is not None and again.active:
+                        return job_id
+                    self.store.put(JobState(
+                        job_id=job_id, status="queued", stage="queued", message="starting worker",
+                        created_at=now_iso(), request=request_dict, summary=request_summary(request_dict),
+                        run_id=run_id,
+                    ))
+                break
+            except StoreDamaged:
+                if attempt == 2:
+                    raise
         try:
             proc = self._spawn(job_id)
         except OSError as exc:
@@ -712,7 +720,8 @@ class LocalJobRunner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["DOWSING_CACHE"] = str(self.store.root.parent)
         env["PYTHONUNBUFFERED"] = "1"
-        log = open(self.store.log_path(job_id), "wb")
+        # 0600: the log holds the user's facts in its error lines
+        log = os.fdopen(os.open(self.store.log_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "dowsing.worker", job_id],

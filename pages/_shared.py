@@ -13,6 +13,7 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
+from dowsing.caches import damage_notes
 from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
@@ -160,6 +161,13 @@ def analysis_config() -> tuple[AnalysisConfig | None, str | None]:
 
 def active_set_name() -> str:
     return workspace.active_set()
+
+
+def store_notes() -> None:
+    """Say, once, that a damaged cache store was moved aside and started empty
+    (`dowsing.caches`): what was in it is computed again."""
+    for note in damage_notes():
+        st.warning(note, icon=":material/build:")
 
 
 # --- the job a page shows ----------------------------------------------------

@@ -1,0 +1,215 @@
+"""Safe by default, for the stores, the jobs and the network: the cache never
+unpickles, a damaged store is moved aside and rebuilt, the cache is private."""
+from __future__ import annotations
+
+import os
+import pathlib
+import stat
+from pathlib import Path
+
+import diskcache
+import pytest
+
+from dowsing import caches
+from dowsing.jobs import JobState, JobStore, LocalJobRunner, now_iso
+from dowsing.result import DomainResult, Result
+
+REPO = Path(__file__).resolve().parent.parent
+APP = str(REPO / "app.py")
+
+
+class Marker:
+    """Unpickling this creates `path`: proof that a row was unpickled."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return pathlib.Path.touch, (pathlib.Path(self.path),)
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("DOWSING_CACHE", str(folder))
+    caches.damage_notes()  # forget notes of earlier tests
+    return folder
+
+
+@pytest.fixture
+def runner(cache):
+    jobs = LocalJobRunner()
+    yield jobs
+    for state in jobs.store.all():  # never leave a worker behind
+        if state.active:
+            jobs.cancel(state.job_id)
+    jobs.store.close()
+
+
+def small_result() -> Result:
+    domain = DomainResult(
+        name="Biology", rank=1, mean=1.0, share_pct=100.0, t_vs_rest=None, p_value=None, n_facts=3,
+        delta_n_10pct=None, delta_n_direct=None, delta_n_reason="test", saturation={}, solver={},
+        concept_vector_norm=1.0,
+    )
+    return Result(model={"parameters": 7}, config={}, domains=[domain], per_example=[], timings={})
+
+
+# --- the cache never unpickles ---------------------------------------------------
+
+def test_a_pickled_job_row_is_refused_unread_and_dropped(runner, tmp_path):
+    marker = tmp_path / "unpickled"
+    job_id = "1" * 64
+    plain = diskcache.Cache(str(runner.store.root))  # diskcache's own Disk: writes the pickle
+    plain.set(JobStore.PREFIX + job_id, Marker(marker))
+    plain.set(Marker(marker), "a pickled key")
+    plain.close()
+    assert runner.store.all() == []
+    assert runner.history() == []
+    assert runner.state(job_id) is None
+    assert not marker.exists()
+    assert runner.store.cache.get(JobStore.PREFIX + job_id) is None
+    assert any("pickle" in note for note in caches.damage_notes())
+    # the store still works, and a state is stored as text
+    runner.store.put(JobState(job_id=job_id, status="failed"))
+    assert runner.state(job_id).status == "failed"
+
+
+def test_a_pickled_result_or_unit_row_is_refused_unread(cache, tmp_path):
+    from dowsing.executor import UnitStore
+    from dowsing.store import JsonStore, ResultStore
+
+    marker = tmp_path / "unpickled"
+    for folder, key in ((cache / "results", "k"), (cache / "plans", "k"), (cache / "units", "run/u0")):
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        plain = diskcache.Cache(str(folder))
+        plain.set(key, Marker(marker))
+        plain.close()
+    assert ResultStore().get("k") is None
+    assert JsonStore("plans").get("k") is None
+    assert UnitStore("run").get("u0") is None
+    assert not marker.exists()
+    # and they still store what they store
+    store = ResultStore()
+    store.put("k", small_result())
+    assert store.get("k").domains[0].name == "Biology"
+
+
+def test_the_caches_never_write_a_pickle(tmp_path):
+    store = caches.DataCache(tmp_path / "store")
+    for value in ({"a": 1}, [1], (1,), object()):
+        with pytest.raises(TypeError, match="never a pickle"):
+            store.set("k", value)
+    with pytest.raises(TypeError):
+        store.set(("a", "tuple"), "x")
+    for value in ("text", b"bytes", 3, 2.5):
+        store.set("k", value)
+        assert store.get("k") == value
+
+
+# --- a damaged store ---------------------------------------------------------
+
+def _damage_header(db: Path) -> None:
+    db.write_bytes(b"this is not a database" * 500)
+
+
+def _damage_pages(db: Path) -> None:
+    data = bytearray(db.read_bytes())
+    for offset in range(8192, len(data) - 4096, 4096):  # every page past the first two
+        data[offset:offset + 256] = b"\xff" * 256
+    db.write_bytes(bytes(data))
+
+
+def test_a_store_that_is_not_a_database_is_moved_aside_and_rebuilt(cache):
+    from dowsing.store import ResultStore
+
+    ResultStore().put("k", small_result())
+    _damage_header(cache / "results" / "cache.db")
+    store = ResultStore()  # opens without a traceback
+    assert store.get("k") is None
+    store.put("k", small_result())
+    assert store.get("k") is not None
+    aside = [p.name for p in cache.iterdir() if p.name.startswith("results.damaged-")]
+    assert len(aside) == 1
+    notes = caches.damage_notes()
+    assert len(notes) == 1 and "moved aside" in notes[0] and "\n" not in notes[0]
+
+
+def test_a_store_damaged_while_open_is_moved_aside_on_read_and_works(cache):
+    from dowsing.store import ResultStore
+
+    store = ResultStore()
+    for i in range(300):
+        store.put(f"k{i}", small_result())
+    store._cache.close()
+    _damage_pages(cache / "results" / "cache.db")
+    reopened = ResultStore()
+    assert [reopened.get(f"k{i}") for i in range(300)] == [None] * 300  # recovered on the first damaged read
+    reopened.put("k", small_result())
+    assert reopened.get("k") is not None
+    assert any(p.name.startswith("results.damaged-") for p in cache.iterdir())
+    assert caches.damage_notes()
+
+
+def test_a_damaged_job_store_keeps_its_logs_and_the_runner_works(runner, cache):
+    job_id = "4" * 64
+    runner.store.put(JobState(job_id=job_id, status="failed", created_at=now_iso()))
+    runner.store.log_path(job_id).write_text("a log")
+    runner.store.close()
+    _damage_header(runner.store.root / "cache.db")
+    fresh = LocalJobRunner()
+    assert fresh.history() == []
+    assert fresh.state(job_id) is None
+    assert fresh.store.log_path(job_id).read_text() == "a log"
+    assert any(p.name.startswith("cache.damaged-") for p in fresh.store.root.iterdir())
+    fresh.store.put(JobState(job_id=job_id, status="failed"))
+    assert fresh.state(job_id).status == "failed"
+    fresh.store.close()
+
+
+def app_without_model():
+    """The app with no model chosen, so that no model loads after the page."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "hub"
+    at.session_state["model"] = ""
+    return at
+
+
+def test_a_page_over_a_damaged_store_says_so_and_does_not_crash(cache):
+    import streamlit as st
+
+    jobs = JobStore()
+    jobs.put(JobState(job_id="5" * 64, status="failed"))
+    jobs.close()
+    _damage_header(cache / "jobs" / "cache.db")
+    st.cache_resource.clear()
+    try:
+        at = app_without_model()
+        at.switch_page("pages/results.py")
+        at.run()
+        assert not at.exception, at.exception
+        at.run()  # the note shows on the run after the one that found the damage
+        assert any("moved aside" in w.value for w in at.warning), [w.value for w in at.warning]
+    finally:
+        st.cache_resource.clear()
+
+
+# --- a private cache -------------------------------------------------------------
+
+def test_the_cache_folder_stores_and_logs_are_private(cache, runner):
+    from dowsing.paths import cache_dir
+    from dowsing.store import ResultStore
+
+    os.chmod(cache, 0o755)  # as a fresh checkout's cache/ is
+    assert stat.S_IMODE(cache_dir().stat().st_mode) == 0o700
+    ResultStore().put("k", small_result())
+    for folder in (cache / "results", runner.store.root, runner.store.logs_dir):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    for db in (cache / "results" / "cache.db", runner.store.root / "cache.db"):
+        assert stat.S_IMODE(db.stat().st_mode) & 0o077 == 0, db
+    job_id = "6" * 64  # not in the store: the worker says so in its log and exits
+    proc = runner._spawn(job_id)
+    assert proc.wait(timeout=60) == 1
+    assert stat.S_IMODE(runner.store.log_path(job_id).stat().st_mode) == 0o600
