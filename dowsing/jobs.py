@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -55,6 +56,22 @@ WAITING_MESSAGE = "queued: another run holds the machine"
 LOG_NOTE_PREFIX = "# "
 # A job whose worker has not reported its pid after this long never started.
 START_TIMEOUT_S = 60.0
+# Every kind's job id is a sha256 hex digest (`JobRequest.job_id`). An id from
+# a URL or a form is checked against this before it is used as a key or in a path.
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+NO_SUCH_JOB = "No such job: the id is not one this app makes."
+
+
+def is_job_id(value) -> bool:
+    """Whether `value` has the exact form of a job id (64 lowercase hex)."""
+    return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
+
+
+def checked_job_id(value) -> str:
+    """`value` when it is a job id; else ValueError(NO_SUCH_JOB)."""
+    if not is_job_id(value):
+        raise ValueError(NO_SUCH_JOB)
+    return value
 
 
 def now_iso() -> str:
@@ -427,15 +444,24 @@ class JobStore:
         return private_dir(self.root / "logs")
 
     def log_path(self, job_id: str) -> Path:
-        return self.logs_dir / f"{job_id}.log"
+        """The job's log; ValueError for anything but a job id, so no other
+        file can be named."""
+        return self.logs_dir / f"{checked_job_id(job_id)}.log"
 
     @property
     def lock_path(self) -> Path:
         return self.root / "runner.lock"
 
-    def result_path(self, job_id: str, kind: str) -> Path:
+    def results_dir(self, kind: str) -> Path:
         # one folder per kind: the file alone says which class reads it
-        return self.root / "results" / kind / f"{job_id}.json"
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        return self.root / "results" / kind
+
+    def result_path(self, job_id: str, kind: str) -> Path:
+        """Where the job's result is kept; ValueError for anything but a job
+        id, so no other file can be named."""
+        return self.results_dir(kind) / f"{checked_job_id(job_id)}.json"
 
     def write_result(self, job_id: str, kind: str, result) -> None:
         from .models import atomic_write_text
@@ -445,6 +471,8 @@ class JobStore:
     def read_result(self, job_id: str, kind: str):
         """The stored result, or None; a damaged file is removed, so the job
         is recomputed rather than shown half."""
+        if not is_job_id(job_id):
+            return None
         path = self.result_path(job_id, kind)
         try:
             text = path.read_text(encoding="utf-8")
@@ -453,7 +481,10 @@ class JobStore:
         try:
             return KINDS[kind].result_type().from_json(text)
         except (ValueError, TypeError, KeyError, AttributeError):
-            path.unlink(missing_ok=True)
+            # removed only where this store keeps results (a link is not followed out of it)
+            folder = self.results_dir(kind).resolve()
+            if path.resolve().parent == folder:
+                path.unlink(missing_ok=True)
             return None
 
     def get(self, job_id: str) -> JobState | None:
@@ -748,7 +779,11 @@ class LocalJobRunner:
     # -- state ----------------------------------------------------------
     def state(self, job_id: str) -> JobState | None:
         """The job's state; a worker that died without finishing is turned
-        into "failed" here, with the last line of its log as the error."""
+        into "failed" here, with the last line of its log as the error.
+        None for an unknown id, and for anything that is not a job id (never
+        looked up)."""
+        if not is_job_id(job_id):
+            return None
         state = self.store.get(job_id)
         if state is None:
             return None
@@ -809,7 +844,10 @@ class LocalJobRunner:
 
     def result(self, job_id: str):
         """The result of the job's kind; for a job no longer in the history,
-        whichever kind kept a result under its id."""
+        whichever kind kept a result under its id. None for anything that
+        is not a job id (never looked up)."""
+        if not is_job_id(job_id):
+            return None
         state = self.store.get(job_id)
         for kind in [state.kind] if state is not None else list(KINDS):
             found = self._stored_result(kind, job_id)
@@ -821,7 +859,10 @@ class LocalJobRunner:
     def cancel(self, job_id: str) -> None:
         """SIGTERM the worker's process group and everything else it started
         (its session), SIGKILL what is left after grace_s; the state is
-        "cancelled" when this returns."""
+        "cancelled" when this returns. Anything that is not a job id is
+        ignored."""
+        if not is_job_id(job_id):
+            return
         state = self.store.get(job_id)
         if state is None or not state.active:
             return
@@ -881,7 +922,10 @@ class LocalJobRunner:
 
     def delete(self, job_id: str) -> None:
         """Forget the job (cancelling it first if it runs). Its result stays
-        stored, so the same request later is instant."""
+        stored, so the same request later is instant. Anything that is not a
+        job id is ignored."""
+        if not is_job_id(job_id):
+            return
         self.cancel(job_id)
         self.store.delete(job_id)
         self._procs.pop(job_id, None)

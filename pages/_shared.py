@@ -18,7 +18,7 @@ from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoint
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.jobs import JobRunner, JobState, default_runner, newest_match
+from dowsing.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
 from dowsing.models import EMBEDDED_ID, ModelError, load_model
 
 SOURCES = {
@@ -176,8 +176,14 @@ def store_notes() -> None:
 # the same job and the pages do not overwrite each other's.
 
 def current_job_id(param: str = "job") -> str | None:
-    """The job in the URL (?param=...), else the one this session last looked at."""
+    """The job in the URL (?param=...), else the one this session last looked at.
+    A value that is not a job id is dropped with a "no such job" note, never
+    looked up."""
     job = st.query_params.get(param) or st.session_state.get(f"{param}_id")
+    if job and not is_job_id(job):
+        set_current_job(None, param)
+        st.warning(NO_SUCH_JOB, icon=":material/warning:")
+        return None
     if job:
         set_current_job(job, param)
     return job or None

@@ -1,5 +1,6 @@
-"""Safe by default, for the stores, the jobs and the network: the cache never
-unpickles, a damaged store is moved aside and rebuilt, the cache is private."""
+"""Safe by default, for the stores, the jobs and the network: ids from a link
+name no file, the cache never unpickles, a damaged store is moved aside and
+rebuilt, the cache is private."""
 from __future__ import annotations
 
 import os
@@ -16,6 +17,8 @@ from dowsing.result import DomainResult, Result
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
+HOSTILE_IDS = ["/tmp/victim", "../../victim", "..", "a" * 63, "A" * 64, "a" * 65, "job:" + "a" * 60,
+               "a" * 64 + "/../x", "a" * 64 + "\n", "", None, 7]
 
 
 class Marker:
@@ -53,6 +56,68 @@ def small_result() -> Result:
         concept_vector_norm=1.0,
     )
     return Result(model={"parameters": 7}, config={}, domains=[domain], per_example=[], timings={})
+
+
+# --- ids from a link or a form ------------------------------------------------
+
+def test_an_id_that_is_not_a_job_id_is_never_looked_up_and_removes_nothing(runner, tmp_path):
+    victim = tmp_path / "outside" / "victim.json"
+    victim.parent.mkdir()
+    victim.write_text("not a result")
+    for kind in ("validation", "benchmark", "plan"):  # each kind's result folder exists, as after real runs
+        (runner.store.root / "results" / kind).mkdir(parents=True, exist_ok=True)
+    for job_id in [str(victim.with_suffix(""))] + HOSTILE_IDS:
+        assert runner.state(job_id) is None
+        assert runner.result(job_id) is None
+        runner.cancel(job_id)
+        runner.delete(job_id)
+    assert victim.read_text() == "not a result"
+    for job_id in [str(victim.with_suffix("")), "../../x", "a" * 63]:
+        with pytest.raises(ValueError, match="No such job"):
+            runner.store.result_path(job_id, "validation")
+        with pytest.raises(ValueError, match="No such job"):
+            runner.store.log_path(job_id)
+    # a well-formed id names a file inside the folder that owns it
+    good = "0" * 64
+    assert runner.store.result_path(good, "validation").parent == runner.store.root / "results" / "validation"
+
+
+def test_the_worker_refuses_an_id_that_is_not_a_job_id(cache):
+    from dowsing import worker
+
+    for job_id in ["../x", "/tmp/x", "a" * 63]:
+        assert worker.main([job_id]) == 2
+
+
+def app_without_model():
+    """The app with no model chosen, so that no model loads after the page."""
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "hub"
+    at.session_state["model"] = ""
+    return at
+
+
+def test_a_link_with_a_path_as_job_id_deletes_nothing_and_says_no_such_job(cache, tmp_path):
+    import streamlit as st
+
+    victim = tmp_path / "somewhere" / "victim.json"
+    victim.parent.mkdir()
+    victim.write_text("{}")
+    st.cache_resource.clear()  # the job runner is cached per process: open it on this cache
+    try:
+        for page, param in (("pages/results.py", "job"), ("pages/validate.py", "job"),
+                            ("pages/validate.py", "validation")):
+            at = app_without_model()
+            at.query_params[param] = str(victim.with_suffix(""))
+            at.switch_page(page)
+            at.run()
+            assert not at.exception, at.exception
+            assert victim.exists(), page
+            assert any("No such job" in w.value for w in at.warning), [w.value for w in at.warning]
+    finally:
+        st.cache_resource.clear()
 
 
 # --- the cache never unpickles ---------------------------------------------------
@@ -165,16 +230,6 @@ def test_a_damaged_job_store_keeps_its_logs_and_the_runner_works(runner, cache):
     fresh.store.put(JobState(job_id=job_id, status="failed"))
     assert fresh.state(job_id).status == "failed"
     fresh.store.close()
-
-
-def app_without_model():
-    """The app with no model chosen, so that no model loads after the page."""
-    from streamlit.testing.v1 import AppTest
-
-    at = AppTest.from_file(APP, default_timeout=60)
-    at.session_state["source"] = "hub"
-    at.session_state["model"] = ""
-    return at
 
 
 def test_a_page_over_a_damaged_store_says_so_and_does_not_crash(cache):
