@@ -56,10 +56,17 @@ WAITING_MESSAGE = "queued: another run holds the machine"
 LOG_NOTE_PREFIX = "# "
 # A job whose worker has not reported its pid after this long never started.
 START_TIMEOUT_S = 60.0
+# The most jobs queued and running at once: each waiting worker holds about
+# 100 MB, so a submit past this is refused rather than started.
+MAX_ACTIVE_JOBS = 8
 # Every kind's job id is a sha256 hex digest (`JobRequest.job_id`). An id from
 # a URL or a form is checked against this before it is used as a key or in a path.
 JOB_ID_PATTERN = re.compile(r"[0-9a-f]{64}")
 NO_SUCH_JOB = "No such job: the id is not one this app makes."
+
+
+class QueueFull(ValueError):
+    """A submit past MAX_ACTIVE_JOBS; its message is for the user."""
 
 
 def is_job_id(value) -> bool:
@@ -676,9 +683,22 @@ class LocalJobRunner:
         self.store = JobStore(root)
         self.grace_s = grace_s
         # Workers started by this process, so their exit codes can be read
-        # (and they are reaped rather than left as zombies).
+        # (and they are reaped rather than left as zombies: `_reap`).
         self._procs: dict[str, subprocess.Popen] = {}
+        self._exit_codes: dict[str, int] = {}  # of reaped workers, by job id, until the job is looked at
         self._results = None
+
+    def _reap(self) -> None:
+        """Collect every worker of ours that has ended, without waiting
+        (waitpid WNOHANG through Popen.poll), keeping its exit code. Called
+        on every submit, state and history, so a finished worker does not
+        stay a zombie under a long-lived app process."""
+        for job_id, proc in list(self._procs.items()):
+            code = proc.poll()
+            if code is not None:
+                self._exit_codes[job_id] = code
+                if self._procs.get(job_id) is proc:
+                    del self._procs[job_id]
 
     @property
     def results(self):
@@ -699,8 +719,10 @@ class LocalJobRunner:
         """Start (or join) the job for `request`; returns its id at once.
 
         Raises what the engine's cache_key raises on bad input (ModelError,
-        DomainError, ValueError) before anything starts.
+        DomainError, ValueError) before anything starts, and QueueFull (a
+        ValueError) when MAX_ACTIVE_JOBS jobs are queued or running already.
         """
+        self._reap()
         job_id = request.job_id()
         current = self.store.get(job_id)
         if current is not None and current.active:
@@ -714,6 +736,10 @@ class LocalJobRunner:
                 self._put_done_from_cache(job_id, request_dict, stored)
             return job_id
 
+        # Dead workers turn "failed" here, so they do not hold places in the queue.
+        for other in self.store.all():
+            if other.active:
+                self.state(other.job_id)
         run_id = uuid.uuid4().hex
         for attempt in (1, 2):  # a store found damaged has been started empty: once more in the new one
             try:
@@ -723,6 +749,11 @@ class LocalJobRunner:
                     again = self.store.get(job_id)
                     if again is not None and again.active:
                         return job_id
+                    active = sum(1 for s in self.store.all() if s.active)
+                    if active >= MAX_ACTIVE_JOBS:
+                        raise QueueFull(
+                            f"{active} runs are queued or running already, the most this machine takes "
+                            f"({MAX_ACTIVE_JOBS}): wait for one to finish, or cancel one, and start this again.")
                     self.store.put(JobState(
                         job_id=job_id, status="queued", stage="queued", message="starting worker",
                         created_at=now_iso(), request=request_dict, summary=request_summary(request_dict),
@@ -732,6 +763,7 @@ class LocalJobRunner:
             except StoreDamaged:
                 if attempt == 2:
                     raise
+        self._exit_codes.pop(job_id, None)
         try:
             proc = self._spawn(job_id)
         except OSError as exc:
@@ -784,6 +816,7 @@ class LocalJobRunner:
         looked up)."""
         if not is_job_id(job_id):
             return None
+        self._reap()
         state = self.store.get(job_id)
         if state is None:
             return None
@@ -792,7 +825,7 @@ class LocalJobRunner:
         if not state.active:
             return state
         proc = self._procs.get(job_id)
-        exit_code = proc.poll() if proc is not None else None
+        exit_code = proc.poll() if proc is not None else self._exit_codes.get(job_id)
         if proc is not None and exit_code is None:
             return state  # our own child and still running: the handle is authoritative
         if exit_code is None and worker_live(state):
@@ -917,6 +950,7 @@ class LocalJobRunner:
 
     def history(self, kind: str | None = None) -> list[JobState]:
         """Every job (of `kind`), newest first (liveness refreshed for active ones)."""
+        self._reap()
         states = [self.state(s.job_id) if s.active else s for s in self.store.all() if kind in (None, s.kind)]
         return sorted((s for s in states if s is not None), key=lambda s: s.created_at or "", reverse=True)
 
@@ -929,6 +963,7 @@ class LocalJobRunner:
         self.cancel(job_id)
         self.store.delete(job_id)
         self._procs.pop(job_id, None)
+        self._exit_codes.pop(job_id, None)
         self.store.log_path(job_id).unlink(missing_ok=True)
 
 

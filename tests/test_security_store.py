@@ -1,18 +1,23 @@
 """Safe by default, for the stores, the jobs and the network: ids from a link
 name no file, the cache never unpickles, a damaged store is moved aside and
-rebuilt, the cache is private."""
+rebuilt, the cache is private, workers are reaped and the job queue is
+bounded."""
 from __future__ import annotations
 
 import os
 import pathlib
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import diskcache
 import pytest
 
 from dowsing import caches
-from dowsing.jobs import JobState, JobStore, LocalJobRunner, now_iso
+from dowsing.domains import Domain
+from dowsing.jobs import MAX_ACTIVE_JOBS, JobRequest, JobState, JobStore, LocalJobRunner, QueueFull, now_iso
 from dowsing.result import DomainResult, Result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -268,3 +273,52 @@ def test_the_cache_folder_stores_and_logs_are_private(cache, runner):
     proc = runner._spawn(job_id)
     assert proc.wait(timeout=60) == 1
     assert stat.S_IMODE(runner.store.log_path(job_id).stat().st_mode) == 0o600
+
+
+# --- workers and the queue ---------------------------------------------------------
+
+def _zombies_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                text = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            fields = text[text.rindex(")") + 2:].split()
+            if fields[0] == "Z" and fields[1] == str(pid):
+                found.append(int(entry))
+    return found
+
+
+def test_a_finished_worker_is_reaped(runner, monkeypatch, tiny_gpt2_dir):
+    """A worker that wrote its final state and exited must not stay <defunct>
+    under the app's process once the app looks at its jobs again."""
+    def spawn_quick_worker(job_id):
+        return subprocess.Popen([sys.executable, "-c", "pass"], start_new_session=True)
+
+    monkeypatch.setattr(runner, "_spawn", spawn_quick_worker)
+    request = JobRequest(model_id=str(tiny_gpt2_dir), domains=[Domain("A", ("One fact.", "Two facts."))])
+    job_id = runner.submit(request)
+    pid = runner._procs[job_id].pid
+    runner.store.update(job_id, status="cancelled")  # what the worker writes before it exits
+    deadline = time.monotonic() + 30
+    while pid not in _zombies_of(os.getpid()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pid in _zombies_of(os.getpid())
+    runner.history()
+    assert pid not in _zombies_of(os.getpid())
+
+
+def test_a_submit_past_the_queue_limit_is_refused_and_starts_nothing(runner, monkeypatch, tiny_gpt2_dir):
+    def no_spawn(job_id):
+        raise AssertionError("no worker may start past the queue limit")
+
+    monkeypatch.setattr(runner, "_spawn", no_spawn)
+    for i in range(MAX_ACTIVE_JOBS):  # queued moments ago: live until START_TIMEOUT_S
+        runner.store.put(JobState(job_id=f"{i:064x}", status="queued", created_at=now_iso()))
+    request = JobRequest(model_id=str(tiny_gpt2_dir), domains=[Domain("A", ("One fact.", "Two facts."))])
+    with pytest.raises(QueueFull, match=f"most this machine takes \\({MAX_ACTIVE_JOBS}\\)"):
+        runner.submit(request)
+    assert runner.state(request.job_id()) is None
+    assert isinstance(QueueFull("x"), ValueError)  # the pages show a ValueError's message
