@@ -1,7 +1,7 @@
 """Safe by default, for the stores, the jobs and the network: ids from a link
 name no file, the cache never unpickles, a damaged store is moved aside and
-rebuilt, the cache is private, workers are reaped and the job queue is
-bounded."""
+rebuilt, the cache is private, workers are reaped, the job queue is bounded
+and the app listens on 127.0.0.1 unless told otherwise."""
 from __future__ import annotations
 
 import os
@@ -10,6 +10,7 @@ import stat
 import subprocess
 import sys
 import time
+import tomllib
 from pathlib import Path
 
 import diskcache
@@ -322,3 +323,16 @@ def test_a_submit_past_the_queue_limit_is_refused_and_starts_nothing(runner, mon
         runner.submit(request)
     assert runner.state(request.job_id()) is None
     assert isinstance(QueueFull("x"), ValueError)  # the pages show a ValueError's message
+
+
+# --- the network -------------------------------------------------------------------
+
+def test_make_run_and_the_config_bind_to_localhost_unless_told():
+    def make_run(*args):
+        out = subprocess.run(["make", "-n", "run", *args], cwd=REPO, capture_output=True, text=True, check=True)
+        return next(line for line in out.stdout.splitlines() if "streamlit run" in line)
+
+    assert "--server.address 127.0.0.1" in make_run()
+    assert "--server.address 0.0.0.0" in make_run("HOST=0.0.0.0")
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["server"]["address"] == "127.0.0.1"
