@@ -9,6 +9,7 @@ import streamlit as st
 from pages import _shared
 
 st.set_page_config(page_title="Data dowsing", page_icon="🪄", layout="wide")
+_shared.login_gate()  # only where .streamlit/secrets.toml configures a login
 
 page = st.navigation([
     st.Page("pages/domains.py", title="Domains", icon=":material/edit_note:", url_path="domains", default=True),

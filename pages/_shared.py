@@ -163,6 +163,21 @@ def active_set_name() -> str:
     return workspace.active_set()
 
 
+def login_gate() -> None:
+    """With an ``[auth]`` section in .streamlit/secrets.toml (Streamlit's
+    OpenID Connect login, which needs the Authlib package), nothing of the
+    app shows until the visitor has logged in; without one the app is open
+    to whoever reaches it (by default only this machine: README, Security)."""
+    try:
+        wanted = "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file: no login configured
+        wanted = False
+    if wanted and not st.user.get("is_logged_in", False):
+        st.title("Data dowsing")
+        st.button("Log in", icon=":material/login:", on_click=st.login)
+        st.stop()
+
+
 def store_notes() -> None:
     """Say, once, that a damaged cache store was moved aside and started empty
     (`dowsing.caches`): what was in it is computed again."""

@@ -336,3 +336,19 @@ def test_make_run_and_the_config_bind_to_localhost_unless_told():
     assert "--server.address 0.0.0.0" in make_run("HOST=0.0.0.0")
     config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
     assert config["server"]["address"] == "127.0.0.1"
+
+
+def test_with_a_login_configured_nothing_shows_before_the_visitor_logs_in(cache):
+    at = app_without_model()
+    at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x",
+                          "client_id": "x", "client_secret": "x",
+                          "server_metadata_url": "https://example.invalid/.well-known/openid-configuration"}
+    at.switch_page("pages/results.py")
+    at.run()
+    assert not at.exception, at.exception
+    assert [b.label for b in at.button] == ["Log in"]
+    assert [t.value for t in at.title] == ["Data dowsing"]
+    open_app = app_without_model()  # without a login configured the app opens as before
+    open_app.switch_page("pages/results.py")
+    open_app.run()
+    assert [t.value for t in open_app.title] == ["Results"]
