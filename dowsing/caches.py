@@ -220,6 +220,11 @@ class DataCache:
             keys = list(self._cache.iterkeys())
         return [k for k in keys if k is not REFUSED]
 
+    def clear(self) -> int:
+        """Remove every entry (and its value file), in place, so that every
+        process that has this store open sees it empty; how many."""
+        return self._call("clear")
+
     def volume(self) -> int:
         return self._call("volume")
 

@@ -985,3 +985,49 @@ def newest_match(runner: JobRunner, kind: str, domain_names, fingerprint: str | 
 def default_runner() -> JobRunner:
     """The job runner the app uses; swap here for a distributed one."""
     return LocalJobRunner()
+
+
+# The stores that hold computed results, under the cache folder; clear_results empties them.
+RESULT_STORES = ("results", "units", "plans")
+
+
+def clear_results(cache: Path | None = None) -> dict:
+    """Forget every computed result: empty the result, unit and plan stores
+    (in place, so a running app sees them empty at once), remove the JSON
+    results of validations, benchmarks and plans, the stores once moved aside
+    as damaged, and the finished jobs with their logs. The domain sets
+    (``workspace/``), model conversions (``models/``), the estimates'
+    calibrations and any settings are never touched. Refused (ValueError)
+    while a job is queued or running: it would write into what is cleared.
+    Returns how much went: {"entries", "files", "jobs"}."""
+    import shutil
+
+    root = Path(cache) if cache is not None else cache_dir()
+    runner = LocalJobRunner(root / "jobs")
+    try:
+        states = runner.history()
+        busy = [s for s in states if s.active]
+        if busy:
+            raise ValueError(f"{len(busy)} job{'' if len(busy) == 1 else 's'} queued or running: "
+                             "cancel them or let them finish, then clear the results.")
+        entries = files = 0
+        for name in RESULT_STORES:
+            if (root / name / "cache.db").is_file():
+                store = DataCache(root / name)
+                entries += store.clear()
+                store.close()
+        results = runner.store.root / "results"
+        aside = [p for p in root.glob("*.damaged-*") if p.name.split(".damaged-")[0] in RESULT_STORES]
+        aside += list(runner.store.root.glob("cache.damaged-*"))
+        for path in ([results] if results.exists() else []) + aside:
+            # only what lies in the cache folder itself (a link is removed, never followed)
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)
+            elif path.resolve().is_relative_to(root.resolve()):
+                files += sum(1 for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+        for state in states:
+            runner.delete(state.job_id)
+        return {"entries": entries, "files": files, "jobs": len(states)}
+    finally:
+        runner.store.close()

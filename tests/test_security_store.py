@@ -352,3 +352,46 @@ def test_with_a_login_configured_nothing_shows_before_the_visitor_logs_in(cache)
     open_app.switch_page("pages/results.py")
     open_app.run()
     assert [t.value for t in open_app.title] == ["Results"]
+
+
+# --- clearing the results ---------------------------------------------------------
+
+def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models(cache, runner):
+    from dowsing import workspace
+    from dowsing.executor import UnitStore
+    from dowsing.jobs import clear_results
+    from dowsing.store import JsonStore, ResultStore
+
+    results, units, plans = ResultStore(), UnitStore("run"), JsonStore("plans")  # open, as in a running app
+    results.put("k", small_result())
+    units.put("u0", {"w": 1})
+    plans.put("p", {"a": 1})
+    job_id = "7" * 64
+    runner.store.put(JobState(job_id=job_id, status="done", created_at=now_iso()))
+    runner.store.log_path(job_id).write_text("a log")
+    kept = runner.store.result_path(job_id, "validation")
+    kept.parent.mkdir(parents=True)
+    kept.write_text("{}")
+    sets = workspace.Workspace()
+    sets_before = sorted(p.name for p in sets.sets_dir.iterdir())
+    model = cache / "models" / "m" / "config.json"
+    model.parent.mkdir(parents=True)
+    model.write_text("{}")
+
+    running = "8" * 64
+    runner.store.put(JobState(job_id=running, status="queued", created_at=now_iso()))
+    with pytest.raises(ValueError, match="1 job queued or running"):
+        clear_results()
+    assert results.get("k") is not None
+    runner.store.delete(running)
+
+    removed = clear_results()
+    assert removed["entries"] == 3 and removed["jobs"] == 1
+    assert results.get("k") is None and units.get("u0") is None and plans.get("p") is None
+    assert ResultStore().get("k") is None
+    assert not kept.exists() and not runner.store.log_path(job_id).exists()
+    assert runner.store.get(job_id) is None
+    assert sorted(p.name for p in workspace.Workspace().sets_dir.iterdir()) == sets_before and sets_before
+    assert model.read_text() == "{}"
+    results.put("k", small_result())  # the stores go on working
+    assert results.get("k") is not None
