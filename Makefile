@@ -2,6 +2,9 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 PORT ?= 8501
+# Only this machine can reach the app; `make run HOST=0.0.0.0` shares it on the
+# network (README, Security: anyone who reaches the port can then use it).
+HOST ?= 127.0.0.1
 
 .PHONY: setup run test bench clean
 
@@ -17,7 +20,7 @@ $(STAMP): requirements.txt
 	touch $(STAMP)
 
 run: setup
-	$(PY) -m streamlit run app.py --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
+	$(PY) -m streamlit run app.py --server.address $(HOST) --server.port $(PORT) --server.headless true --browser.gatherUsageStats false
 
 # Two pytest-xdist workers, one per core of a CI machine; each test module runs whole
 # in one of them, the longest first (tests/conftest.py says why).

@@ -9,6 +9,7 @@ import streamlit as st
 from pages import _shared
 
 st.set_page_config(page_title="Data dowsing", page_icon="🪄", layout="wide")
+_shared.login_gate()  # only where .streamlit/secrets.toml configures a login
 
 page = st.navigation([
     st.Page("pages/domains.py", title="Domains", icon=":material/edit_note:", url_path="domains", default=True),
@@ -20,6 +21,7 @@ page = st.navigation([
     st.Page("pages/benchmark.py", title="Benchmark", icon=":material/query_stats:", url_path="benchmark"),
 ])
 model_box = _shared.sidebar()
+_shared.store_notes()  # a cache store found damaged in the last run and rebuilt
 page.run()
 # After the page, so the page is on screen while a model loads.
 _shared.model_status(model_box)

@@ -137,12 +137,12 @@ class UnitStore:
     namespace per run fingerprint."""
 
     def __init__(self, namespace: str, folder=None):
-        import diskcache
-
+        from .caches import BOUNDED, DataCache
         from .paths import cache_dir
 
         self.namespace = namespace
-        self._cache = diskcache.Cache(str(folder or cache_dir() / "units"))
+        # bytes of torch.save, read back with weights_only=True; the store itself never unpickles
+        self._cache = DataCache(folder or cache_dir() / "units", **BOUNDED)
 
     def _key(self, key: str) -> str:
         return f"{self.namespace}/{key}"

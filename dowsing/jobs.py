@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,8 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
+from .caches import DataCache, StoreDamaged
 from .config import DEVICES, AnalysisConfig
-from .paths import cache_dir
+from .paths import cache_dir, private_dir
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -54,6 +56,29 @@ WAITING_MESSAGE = "queued: another run holds the machine"
 LOG_NOTE_PREFIX = "# "
 # A job whose worker has not reported its pid after this long never started.
 START_TIMEOUT_S = 60.0
+# The most jobs queued and running at once: each waiting worker holds about
+# 100 MB, so a submit past this is refused rather than started.
+MAX_ACTIVE_JOBS = 8
+# Every kind's job id is a sha256 hex digest (`JobRequest.job_id`). An id from
+# a URL or a form is checked against this before it is used as a key or in a path.
+JOB_ID_PATTERN = re.compile(r"[0-9a-f]{64}")
+NO_SUCH_JOB = "No such job: the id is not one this app makes."
+
+
+class QueueFull(ValueError):
+    """A submit past MAX_ACTIVE_JOBS; its message is for the user."""
+
+
+def is_job_id(value) -> bool:
+    """Whether `value` has the exact form of a job id (64 lowercase hex)."""
+    return isinstance(value, str) and JOB_ID_PATTERN.fullmatch(value) is not None
+
+
+def checked_job_id(value) -> str:
+    """`value` when it is a job id; else ValueError(NO_SUCH_JOB)."""
+    if not is_job_id(value):
+        raise ValueError(NO_SUCH_JOB)
+    return value
 
 
 def now_iso() -> str:
@@ -413,32 +438,37 @@ class JobStore:
     PREFIX = "job:"
 
     def __init__(self, root: Path | None = None):
-        import diskcache
-
-        self.root = Path(root) if root is not None else cache_dir() / "jobs"
-        self.root.mkdir(parents=True, exist_ok=True)
+        self.root = private_dir(Path(root) if root is not None else cache_dir() / "jobs")
         # eviction_policy none: job records are small and must never vanish. disk_min_file_size: every
         # state stays in the SQLite row, never in a file of its own; a state over diskcache's default of
         # 32 KiB (a request with many facts) went to a file that an update replaces and deletes, and a
         # read in another process between the two found the old file gone and returned nothing.
-        self.cache = diskcache.Cache(str(self.root), eviction_policy="none", disk_min_file_size=2 ** 26)
+        # owns_folder False: a damaged store moves only its SQLite files aside, not the logs and results.
+        self.cache = DataCache(self.root, owns_folder=False, eviction_policy="none", disk_min_file_size=2 ** 26)
 
     @property
     def logs_dir(self) -> Path:
-        path = self.root / "logs"
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+        return private_dir(self.root / "logs")
 
     def log_path(self, job_id: str) -> Path:
-        return self.logs_dir / f"{job_id}.log"
+        """The job's log; ValueError for anything but a job id, so no other
+        file can be named."""
+        return self.logs_dir / f"{checked_job_id(job_id)}.log"
 
     @property
     def lock_path(self) -> Path:
         return self.root / "runner.lock"
 
-    def result_path(self, job_id: str, kind: str) -> Path:
+    def results_dir(self, kind: str) -> Path:
         # one folder per kind: the file alone says which class reads it
-        return self.root / "results" / kind / f"{job_id}.json"
+        if kind not in KINDS:
+            raise ValueError(f"unknown job kind {kind!r}")
+        return self.root / "results" / kind
+
+    def result_path(self, job_id: str, kind: str) -> Path:
+        """Where the job's result is kept; ValueError for anything but a job
+        id, so no other file can be named."""
+        return self.results_dir(kind) / f"{checked_job_id(job_id)}.json"
 
     def write_result(self, job_id: str, kind: str, result) -> None:
         from .models import atomic_write_text
@@ -448,6 +478,8 @@ class JobStore:
     def read_result(self, job_id: str, kind: str):
         """The stored result, or None; a damaged file is removed, so the job
         is recomputed rather than shown half."""
+        if not is_job_id(job_id):
+            return None
         path = self.result_path(job_id, kind)
         try:
             text = path.read_text(encoding="utf-8")
@@ -456,7 +488,10 @@ class JobStore:
         try:
             return KINDS[kind].result_type().from_json(text)
         except (ValueError, TypeError, KeyError, AttributeError):
-            path.unlink(missing_ok=True)
+            # removed only where this store keeps results (a link is not followed out of it)
+            folder = self.results_dir(kind).resolve()
+            if path.resolve().parent == folder:
+                path.unlink(missing_ok=True)
             return None
 
     def get(self, job_id: str) -> JobState | None:
@@ -473,15 +508,19 @@ class JobStore:
 
     def update(self, job_id: str, run_id: str | None = None, unless: tuple[str, ...] = (), **fields) -> JobState | None:
         """Set `fields` on the job, atomically; skip (return None) when the job
-        is gone, belongs to another run than `run_id`, or its status is in `unless`."""
-        with self.cache.transact():
-            state = self.get(job_id)
-            if state is None or (run_id is not None and state.run_id != run_id) or state.status in unless:
-                return None
-            for name, value in fields.items():
-                setattr(state, name, value)
-            self.put(state)
-            return state
+        is gone, belongs to another run than `run_id`, or its status is in `unless`
+        (a store found damaged here has been started empty: the job is gone too)."""
+        try:
+            with self.cache.transact():
+                state = self.get(job_id)
+                if state is None or (run_id is not None and state.run_id != run_id) or state.status in unless:
+                    return None
+                for name, value in fields.items():
+                    setattr(state, name, value)
+                self.put(state)
+                return state
+        except StoreDamaged:
+            return None
 
     def delete(self, job_id: str) -> None:
         self.cache.delete(self.PREFIX + job_id)
@@ -644,9 +683,22 @@ class LocalJobRunner:
         self.store = JobStore(root)
         self.grace_s = grace_s
         # Workers started by this process, so their exit codes can be read
-        # (and they are reaped rather than left as zombies).
+        # (and they are reaped rather than left as zombies: `_reap`).
         self._procs: dict[str, subprocess.Popen] = {}
+        self._exit_codes: dict[str, int] = {}  # of reaped workers, by job id, until the job is looked at
         self._results = None
+
+    def _reap(self) -> None:
+        """Collect every worker of ours that has ended, without waiting
+        (waitpid WNOHANG through Popen.poll), keeping its exit code. Called
+        on every submit, state and history, so a finished worker does not
+        stay a zombie under a long-lived app process."""
+        for job_id, proc in list(self._procs.items()):
+            code = proc.poll()
+            if code is not None:
+                self._exit_codes[job_id] = code
+                if self._procs.get(job_id) is proc:
+                    del self._procs[job_id]
 
     @property
     def results(self):
@@ -667,8 +719,10 @@ class LocalJobRunner:
         """Start (or join) the job for `request`; returns its id at once.
 
         Raises what the engine's cache_key raises on bad input (ModelError,
-        DomainError, ValueError) before anything starts.
+        DomainError, ValueError) before anything starts, and QueueFull (a
+        ValueError) when MAX_ACTIVE_JOBS jobs are queued or running already.
         """
+        self._reap()
         job_id = request.job_id()
         current = self.store.get(job_id)
         if current is not None and current.active:
@@ -682,17 +736,34 @@ class LocalJobRunner:
                 self._put_done_from_cache(job_id, request_dict, stored)
             return job_id
 
+        # Dead workers turn "failed" here, so they do not hold places in the queue.
+        for other in self.store.all():
+            if other.active:
+                self.state(other.job_id)
         run_id = uuid.uuid4().hex
-        with self.store.cache.transact():
-            # Checked again inside the transaction: two tabs submitting at
-            # the same moment must start one worker, not two.
-            again = self.store.get(job_id)
-            if again is not None and again.active:
-                return job_id
-            self.store.put(JobState(
-                job_id=job_id, status="queued", stage="queued", message="starting worker", created_at=now_iso(),
-                request=request_dict, summary=request_summary(request_dict), run_id=run_id,
-            ))
+        for attempt in (1, 2):  # a store found damaged has been started empty: once more in the new one
+            try:
+                with self.store.cache.transact():
+                    # Checked again inside the transaction: two tabs submitting at
+                    # the same moment must start one worker, not two.
+                    again = self.store.get(job_id)
+                    if again is not None and again.active:
+                        return job_id
+                    active = sum(1 for s in self.store.all() if s.active)
+                    if active >= MAX_ACTIVE_JOBS:
+                        raise QueueFull(
+                            f"{active} runs are queued or running already, the most this machine takes "
+                            f"({MAX_ACTIVE_JOBS}): wait for one to finish, or cancel one, and start this again.")
+                    self.store.put(JobState(
+                        job_id=job_id, status="queued", stage="queued", message="starting worker",
+                        created_at=now_iso(), request=request_dict, summary=request_summary(request_dict),
+                        run_id=run_id,
+                    ))
+                break
+            except StoreDamaged:
+                if attempt == 2:
+                    raise
+        self._exit_codes.pop(job_id, None)
         try:
             proc = self._spawn(job_id)
         except OSError as exc:
@@ -712,7 +783,8 @@ class LocalJobRunner:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["DOWSING_CACHE"] = str(self.store.root.parent)
         env["PYTHONUNBUFFERED"] = "1"
-        log = open(self.store.log_path(job_id), "wb")
+        # 0600: the log holds the user's facts in its error lines
+        log = os.fdopen(os.open(self.store.log_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "dowsing.worker", job_id],
@@ -739,7 +811,12 @@ class LocalJobRunner:
     # -- state ----------------------------------------------------------
     def state(self, job_id: str) -> JobState | None:
         """The job's state; a worker that died without finishing is turned
-        into "failed" here, with the last line of its log as the error."""
+        into "failed" here, with the last line of its log as the error.
+        None for an unknown id, and for anything that is not a job id (never
+        looked up)."""
+        if not is_job_id(job_id):
+            return None
+        self._reap()
         state = self.store.get(job_id)
         if state is None:
             return None
@@ -748,7 +825,7 @@ class LocalJobRunner:
         if not state.active:
             return state
         proc = self._procs.get(job_id)
-        exit_code = proc.poll() if proc is not None else None
+        exit_code = proc.poll() if proc is not None else self._exit_codes.get(job_id)
         if proc is not None and exit_code is None:
             return state  # our own child and still running: the handle is authoritative
         if exit_code is None and worker_live(state):
@@ -800,7 +877,10 @@ class LocalJobRunner:
 
     def result(self, job_id: str):
         """The result of the job's kind; for a job no longer in the history,
-        whichever kind kept a result under its id."""
+        whichever kind kept a result under its id. None for anything that
+        is not a job id (never looked up)."""
+        if not is_job_id(job_id):
+            return None
         state = self.store.get(job_id)
         for kind in [state.kind] if state is not None else list(KINDS):
             found = self._stored_result(kind, job_id)
@@ -812,7 +892,10 @@ class LocalJobRunner:
     def cancel(self, job_id: str) -> None:
         """SIGTERM the worker's process group and everything else it started
         (its session), SIGKILL what is left after grace_s; the state is
-        "cancelled" when this returns."""
+        "cancelled" when this returns. Anything that is not a job id is
+        ignored."""
+        if not is_job_id(job_id):
+            return
         state = self.store.get(job_id)
         if state is None or not state.active:
             return
@@ -867,15 +950,20 @@ class LocalJobRunner:
 
     def history(self, kind: str | None = None) -> list[JobState]:
         """Every job (of `kind`), newest first (liveness refreshed for active ones)."""
+        self._reap()
         states = [self.state(s.job_id) if s.active else s for s in self.store.all() if kind in (None, s.kind)]
         return sorted((s for s in states if s is not None), key=lambda s: s.created_at or "", reverse=True)
 
     def delete(self, job_id: str) -> None:
         """Forget the job (cancelling it first if it runs). Its result stays
-        stored, so the same request later is instant."""
+        stored, so the same request later is instant. Anything that is not a
+        job id is ignored."""
+        if not is_job_id(job_id):
+            return
         self.cancel(job_id)
         self.store.delete(job_id)
         self._procs.pop(job_id, None)
+        self._exit_codes.pop(job_id, None)
         self.store.log_path(job_id).unlink(missing_ok=True)
 
 
@@ -897,3 +985,49 @@ def newest_match(runner: JobRunner, kind: str, domain_names, fingerprint: str | 
 def default_runner() -> JobRunner:
     """The job runner the app uses; swap here for a distributed one."""
     return LocalJobRunner()
+
+
+# The stores that hold computed results, under the cache folder; clear_results empties them.
+RESULT_STORES = ("results", "units", "plans")
+
+
+def clear_results(cache: Path | None = None) -> dict:
+    """Forget every computed result: empty the result, unit and plan stores
+    (in place, so a running app sees them empty at once), remove the JSON
+    results of validations, benchmarks and plans, the stores once moved aside
+    as damaged, and the finished jobs with their logs. The domain sets
+    (``workspace/``), model conversions (``models/``), the estimates'
+    calibrations and any settings are never touched. Refused (ValueError)
+    while a job is queued or running: it would write into what is cleared.
+    Returns how much went: {"entries", "files", "jobs"}."""
+    import shutil
+
+    root = Path(cache) if cache is not None else cache_dir()
+    runner = LocalJobRunner(root / "jobs")
+    try:
+        states = runner.history()
+        busy = [s for s in states if s.active]
+        if busy:
+            raise ValueError(f"{len(busy)} job{'' if len(busy) == 1 else 's'} queued or running: "
+                             "cancel them or let them finish, then clear the results.")
+        entries = files = 0
+        for name in RESULT_STORES:
+            if (root / name / "cache.db").is_file():
+                store = DataCache(root / name)
+                entries += store.clear()
+                store.close()
+        results = runner.store.root / "results"
+        aside = [p for p in root.glob("*.damaged-*") if p.name.split(".damaged-")[0] in RESULT_STORES]
+        aside += list(runner.store.root.glob("cache.damaged-*"))
+        for path in ([results] if results.exists() else []) + aside:
+            # only what lies in the cache folder itself (a link is removed, never followed)
+            if path.is_symlink() or not path.is_dir():
+                path.unlink(missing_ok=True)
+            elif path.resolve().is_relative_to(root.resolve()):
+                files += sum(1 for p in path.rglob("*") if p.is_file())
+                shutil.rmtree(path)
+        for state in states:
+            runner.delete(state.job_id)
+        return {"entries": entries, "files": files, "jobs": len(states)}
+    finally:
+        runner.store.close()

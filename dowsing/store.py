@@ -2,17 +2,18 @@
 (and, for other JSON records such as the collection plan's pilot curves,
 `JsonStore` under a folder of its own).
 
-Entries are JSON text with its sha256 beside it (diskcache stores str and
-bytes as they are, without pickling); a corrupt entry is dropped and
-recomputed, never shown.
+Entries are JSON text with its sha256 beside it, stored through
+`caches.DataCache` (str and bytes as they are; a pickled row is refused
+unread, a damaged store moved aside and started empty); a corrupt entry is
+dropped and recomputed, never shown. Each store is bounded in size, least
+recently used entries first out.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 
-import diskcache
-
+from .caches import BOUNDED, DataCache
 from .paths import cache_dir
 from .result import Result
 
@@ -42,7 +43,7 @@ def put_checked_text(cache, key: str, text: str) -> None:
 class ResultStore:
     def __init__(self, folder=None):
         self.folder = folder or cache_dir() / "results"
-        self._cache = diskcache.Cache(str(self.folder))
+        self._cache = DataCache(self.folder, **BOUNDED)
 
     def get(self, key: str) -> Result | None:
         text = checked_text(self._cache, key)
@@ -69,7 +70,7 @@ class JsonStore:
 
     def __init__(self, name: str, folder=None):
         self.folder = folder or cache_dir() / name
-        self._cache = diskcache.Cache(str(self.folder))
+        self._cache = DataCache(self.folder, **BOUNDED)
 
     def get(self, key: str) -> dict | None:
         text = checked_text(self._cache, key)

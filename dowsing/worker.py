@@ -27,6 +27,7 @@ from .jobs import (
     JobRequest,
     JobState,
     JobStore,
+    is_job_id,
     now_iso,
     one_line,
     result_summary,
@@ -260,8 +261,8 @@ def _error_line(exc: BaseException) -> str:
 def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m dowsing.worker JOB_ID", file=sys.stderr)
+    if len(args) != 1 or not is_job_id(args[0]):
+        print("usage: python -m dowsing.worker JOB_ID (a job id: 64 hex digits)", file=sys.stderr)
         return 2
     try:
         return run_job(args[0])

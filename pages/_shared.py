@@ -13,11 +13,12 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
+from dowsing.caches import damage_notes
 from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.jobs import JobRunner, JobState, default_runner, newest_match
+from dowsing.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
 from dowsing.models import EMBEDDED_ID, ModelError, load_model
 
 SOURCES = {
@@ -162,14 +163,42 @@ def active_set_name() -> str:
     return workspace.active_set()
 
 
+def login_gate() -> None:
+    """With an ``[auth]`` section in .streamlit/secrets.toml (Streamlit's
+    OpenID Connect login, which needs the Authlib package), nothing of the
+    app shows until the visitor has logged in; without one the app is open
+    to whoever reaches it (by default only this machine: README, Security)."""
+    try:
+        wanted = "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file: no login configured
+        wanted = False
+    if wanted and not st.user.get("is_logged_in", False):
+        st.title("Data dowsing")
+        st.button("Log in", icon=":material/login:", on_click=st.login)
+        st.stop()
+
+
+def store_notes() -> None:
+    """Say, once, that a damaged cache store was moved aside and started empty
+    (`dowsing.caches`): what was in it is computed again."""
+    for note in damage_notes():
+        st.warning(note, icon=":material/build:")
+
+
 # --- the job a page shows ----------------------------------------------------
 # Each kind has its own URL parameter (?job= for analyses, ?validation=,
 # ?benchmark=), kept in the session too, so a refresh and a page switch show
 # the same job and the pages do not overwrite each other's.
 
 def current_job_id(param: str = "job") -> str | None:
-    """The job in the URL (?param=...), else the one this session last looked at."""
+    """The job in the URL (?param=...), else the one this session last looked at.
+    A value that is not a job id is dropped with a "no such job" note, never
+    looked up."""
     job = st.query_params.get(param) or st.session_state.get(f"{param}_id")
+    if job and not is_job_id(job):
+        set_current_job(None, param)
+        st.warning(NO_SUCH_JOB, icon=":material/warning:")
+        return None
     if job:
         set_current_job(job, param)
     return job or None

@@ -31,6 +31,7 @@ from dowsing.jobs import (
 from dowsing.models import ModelError
 from dowsing.result import DomainResult, Result
 
+JOB2, JOB3 = "2" * 64, "3" * 64  # stand-in workers' job ids, of the one form a job id has
 ENGINE_STAGES = {"concept vectors", "gradients", "curvature", "solve", "saturation"}
 
 SMALL = [
@@ -486,7 +487,7 @@ def test_cancel_leaves_no_process_of_a_run_on_ray_behind(runner, tiny_llama_dir)
 
 
 def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
-    """A stand-in worker (it looks like `dowsing.worker job3` in /proc) that
+    """A stand-in worker (it looks like `dowsing.worker JOB3` in /proc) that
     exits on SIGTERM, with a child in a process group of its own (as Ray's
     task workers are) that ignores SIGTERM: cancel must not stop at the worker."""
     child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -494,16 +495,16 @@ def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
     worker = ("import os, subprocess, sys, time; "
               f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
               "preexec_fn=os.setpgrp); c.stdout.readline(); print(c.pid, flush=True); time.sleep(60)")
-    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.worker", "job3"], stdout=subprocess.PIPE,
+    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.worker", JOB3], stdout=subprocess.PIPE,
                                 start_new_session=True)
     child_pid = int(stand_in.stdout.readline())
     assert os.getpgid(child_pid) != stand_in.pid and len(session_members(stand_in.pid)) == 2
-    runner.store.put(JobState(job_id="job3", status="running", pid=stand_in.pid, run_id="run3"))
+    runner.store.put(JobState(job_id=JOB3, status="running", pid=stand_in.pid, run_id="run3"))
     runner.grace_s = 0.5
-    runner.cancel("job3")
+    runner.cancel(JOB3)
     assert stand_in.wait(timeout=5) == -signal.SIGTERM
     assert not running(child_pid) and session_members(stand_in.pid) == []
-    assert runner.state("job3").status == "cancelled"
+    assert runner.state(JOB3).status == "cancelled"
 
 
 # --- the worker in this process, with the engine replaced ---------------------
@@ -580,16 +581,16 @@ def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, erro
 
 def test_cancel_kills_a_worker_that_ignores_sigterm(runner):
     # A stand-in worker stuck where SIGTERM cannot reach Python code; the
-    # trailing arguments make it look like `dowsing.worker job2` in /proc.
+    # trailing arguments make it look like `dowsing.worker JOB2` in /proc.
     stuck = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('ready', flush=True); time.sleep(60)", "dowsing.worker", "job2"],
+         "print('ready', flush=True); time.sleep(60)", "dowsing.worker", JOB2],
         stdout=subprocess.PIPE, start_new_session=True,
     )
     assert stuck.stdout.readline().strip() == b"ready"
-    runner.store.put(JobState(job_id="job2", status="running", pid=stuck.pid, run_id="run2"))
+    runner.store.put(JobState(job_id=JOB2, status="running", pid=stuck.pid, run_id="run2"))
     runner.grace_s = 0.5
-    assert runner.state("job2").status == "running"  # alive, checked through /proc
-    runner.cancel("job2")
+    assert runner.state(JOB2).status == "running"  # alive, checked through /proc
+    runner.cancel(JOB2)
     assert stuck.wait(timeout=5) == -signal.SIGKILL
-    assert runner.state("job2").status == "cancelled"
+    assert runner.state(JOB2).status == "cancelled"
