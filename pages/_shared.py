@@ -13,12 +13,12 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
+from dowsing.checkpoints import CheckpointError, allowed_checkpoints, parse_list, validate_checkpoints
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
 from dowsing.jobs import JobRunner, JobState, default_runner, newest_match
-from dowsing.models import EMBEDDED_ID, ModelError, load_model
+from dowsing.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
 
 SOURCES = {
     "embedded": "Embedded default (SmolLM2-135M-Instruct)",
@@ -75,9 +75,10 @@ def runner() -> JobRunner:
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _load(model_id: str | None, device: str, dtype: str):
     """(LoadedModel, None) or (None, one-line error). Errors are cached too, so an
-    offline hub id is not retried on every rerun; "Retry" clears the cache."""
+    offline hub id is not retried on every rerun; "Retry" clears the cache.
+    Only what `allowed_model` lets through is loaded."""
     try:
-        return load_model(model_id, device=device, dtype=dtype), None
+        return load_model(allowed_model(model_id), device=device, dtype=dtype), None
     except ModelError as exc:
         return None, str(exc).strip().splitlines()[0]
     except Exception as exc:  # a broken model folder must not take the app down
@@ -89,7 +90,7 @@ def _check_checkpoints(specs: tuple) -> tuple[str | None, str | None, str | None
     """(last checkpoint's folder, summary, None) or (None, None, one-line
     error); cached per list, so typing elsewhere does not re-read them."""
     try:
-        checked = validate_checkpoints(specs)
+        checked = validate_checkpoints(allowed_checkpoints(specs))
     except CheckpointError as exc:
         return None, None, str(exc)
     return str(checked[-1].path), checkpoint_summary(checked), None
@@ -127,15 +128,24 @@ def model_choice() -> ModelChoice:
                                            "first.")
         last, note, problem = _check_checkpoints(specs)
         return ModelChoice(source, last or "", problem[:1].upper() + problem[1:] if problem else None, specs, note)
-    problem = None
     if not text:
-        problem = f"Enter a {SOURCES[source].lower()} or choose the embedded default."
-    elif source == "directory" and not Path(text).expanduser().is_dir():
-        problem = f"No folder at {text}."
-    elif source == "gguf" and not text.lower().endswith(".gguf"):
-        problem = "A .gguf file path must end in .gguf."
-    elif source == "gguf" and not Path(text).expanduser().is_file():
-        problem = f"No file at {text}."
+        return ModelChoice(source, text, f"Enter a {SOURCES[source].lower()} or choose the embedded default.")
+    if source == "hub" and not is_hub_id(text):
+        return ModelChoice(source, text, "A Hugging Face id is a name or owner/name (letters, digits, '.', '_' "
+                                         "and '-'); pick Local model folder or .gguf file for a path.")
+    if source == "gguf" and not text.lower().endswith(".gguf"):
+        return ModelChoice(source, text, "A .gguf file path must end in .gguf.")
+    # Paths outside the model roots all get one message, before anything
+    # looks at the disk; inside them, what is missing is said.
+    try:
+        text = allowed_model(text) or ""
+    except ModelError as exc:
+        return ModelChoice(source, text, str(exc))
+    problem = None
+    if source == "directory" and not Path(text).is_dir():
+        problem = "No folder at that path in the model folders."
+    elif source == "gguf" and not Path(text).is_file():
+        problem = "No file at that path in the model folders."
     return ModelChoice(source, text, problem)
 
 
@@ -294,21 +304,23 @@ def sidebar():
         st.markdown("### :material/water_drop: Data dowsing")
         st.caption("Which concept domain would gain most from more training data?")
         st.radio(
-            "Model", list(SOURCES), format_func=SOURCES.get, key="source", bind="query-params",
+            "Model", list(SOURCES), format_func=SOURCES.get, key="source",
             help="The causal language model to analyse. It is loaded once per server process.",
         )
         source = st.session_state.get("source", "embedded")
         if source == "checkpoints":
             st.text_area(
-                SOURCES[source], key="checkpoints_text", bind="query-params", placeholder=PLACEHOLDERS[source],
+                SOURCES[source], key="checkpoints_text", placeholder=PLACEHOLDERS[source],
                 help="One Hugging Face model folder per line (or a hub step, owner/name@revision), oldest first; "
                      "the last is the model analysed. They must be one architecture with one tokenizer. The "
                      "checkpoint estimators (TracIn, Diff-In, variance of gradients, cartography, EL2N) read them.",
             )
         elif source != "embedded":
             st.text_input(
-                SOURCES[source], key="model", bind="query-params", placeholder=PLACEHOLDERS[source],
-                help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online).",
+                SOURCES[source], key="model", placeholder=PLACEHOLDERS[source],
+                help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online). "
+                     "Folders and .gguf files load only from under the model folders: the cache's models folder "
+                     "and the Hugging Face cache, or those listed in DOWSING_MODEL_ROOTS.",
             )
         status_box = st.container()
         offered = estimators.names("analysis")
