@@ -82,6 +82,7 @@ def _start() -> None:
         st.session_state["bench_error"] = one_line(exc) or type(exc).__name__
 
 
+refused = None
 if domains and not choice.problem and not run_on_problem:
     # What the benchmark would cost on this machine, before it starts (dowsing.estimate).
     from dowsing.estimate import estimate_benchmark
@@ -89,7 +90,7 @@ if domains and not choice.problem and not run_on_problem:
 
     planned = _config()
     with left:
-        estimate_panel("bench_estimate", {"model": choice.model_id, "config": planned.to_dict(),
+        refused = estimate_panel("bench_estimate", {"model": choice.model_id, "config": planned.to_dict(),
                                           "domains": [[d.name, list(d.facts)] for d in domains],
                                           "executor": run_on.to_dict()},
                        choice.model_id, "cpu", "float32",
@@ -97,7 +98,7 @@ if domains and not choice.problem and not run_on_problem:
                                                            calibration=cal, tokenizer=tok))
 
 left.button("Start benchmark", icon=":material/science:",
-            disabled=bool(choice.problem) or not domains or bool(run_on_problem), on_click=_start,
+            disabled=bool(choice.problem) or not domains or bool(run_on_problem) or bool(refused), on_click=_start,
             help="Runs in the background, after any analysis or validation already running; it survives a refresh, "
                  "and Cancel stops it (and its Ray tasks). The same request again shows the stored result at once.")
 if "bench_error" in st.session_state:

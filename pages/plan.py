@@ -164,18 +164,20 @@ def _start() -> None:
 
 state = _shared.runner().state(job_id) if job_id else None
 measured = state is not None and state.status == "done"
+refused = None
 if request is not None and not measured:
     # What the pilots would cost on this machine, before they start (dowsing.estimate).
     from dowsing.estimate import estimate_plan
     from pages._estimate import estimate_panel
 
-    estimate_panel("plan_estimate", {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
-                                     "config": pilot_config.to_dict()},
-                   choice.model_id, pilot_config.device, pilot_config.dtype,
-                   lambda cal, tok: estimate_plan(choice.model_id, domains, pilot_config, calibration=cal,
-                                                  tokenizer=tok))
+    refused = estimate_panel("plan_estimate",
+                             {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
+                              "config": pilot_config.to_dict()},
+                             choice.model_id, pilot_config.device, pilot_config.dtype,
+                             lambda cal, tok: estimate_plan(choice.model_id, domains, pilot_config, calibration=cal,
+                                                            tokenizer=tok))
 st.button("Start", type="primary", icon=":material/play_arrow:", on_click=_start,
-          disabled=request is None or (state is not None and (state.active or measured)),
+          disabled=request is None or bool(refused) or (state is not None and (state.active or measured)),
           help="Run the pilot fine-tunes of every domain in the background (a few seconds a domain on a small "
                "model). They are kept: another budget, costs, weights or caps need no new run.")
 if "plan_error" in st.session_state:

@@ -65,18 +65,21 @@ def _submit() -> None:
     _shared.set_current_job(job_id)
 
 
+refused = None
 if not blockers:
     # What the run would cost on this machine, before it starts (dowsing.estimate).
     from dowsing.estimate import estimate_analysis
     from pages._estimate import estimate_panel
 
-    estimate_panel("run_estimate", {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
-                                    "config": config.to_dict(), "executor": run_on.to_dict()},
-                   choice.model_id, config.device, config.dtype,
-                   lambda cal, tok: estimate_analysis(choice.model_id, domains, config, run_on, calibration=cal,
-                                                      tokenizer=tok))
+    refused = estimate_panel("run_estimate",
+                             {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
+                              "config": config.to_dict(), "executor": run_on.to_dict()},
+                             choice.model_id, config.device, config.dtype,
+                             lambda cal, tok: estimate_analysis(choice.model_id, domains, config, run_on, calibration=cal,
+                                                                tokenizer=tok))
 
-st.button("Analyze", type="primary", icon=":material/play_arrow:", disabled=bool(blockers), on_click=_submit,
+st.button("Analyze", type="primary", icon=":material/play_arrow:", disabled=bool(blockers or refused),
+          on_click=_submit,
           help="Rank every domain of the set by the ranking estimator, and compute the paper's influence, "
                "transfer and saturation beside it.")
 if "run_error" in st.session_state:

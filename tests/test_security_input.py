@@ -115,3 +115,98 @@ def test_checkpoints_outside_the_roots_are_refused_in_the_app_and_the_worker(cac
         check_model_paths(JobRequest(model_id=str(outside / "model"), domains=domains))
     with pytest.raises(CheckpointError, match="not allowed"):
         check_model_paths(JobRequest(model_id=None, domains=domains, config=AnalysisConfig(checkpoints=specs)))
+
+
+# --- limits ---------------------------------------------------------------------
+
+def _write_domains(path: Path, domains: list) -> Path:
+    import json
+
+    path.write_text(json.dumps({"domains": domains}), encoding="utf-8")
+    return path
+
+
+def _over_the_caps() -> dict:
+    """Domain sets each over one cap (the bytes one in multi-byte characters:
+    within the cap counted in characters)."""
+    from dowsing.limits import LIMITS
+
+    euro = "€" * (LIMITS.max_fact_bytes // 3 + 10)
+    return {
+        "domains": [{"name": f"D{i}", "facts": [f"fact a{i}", f"fact b{i}"]} for i in range(LIMITS.max_domains + 1)],
+        "facts per domain": [{"name": "A", "facts": [f"fact {i}" for i in range(LIMITS.max_facts_per_domain + 1)]}],
+        "bytes per fact": [{"name": "A", "facts": [euro, "A second fact."]}],
+    }
+
+
+@pytest.mark.parametrize("case", ["domains", "facts per domain", "bytes per fact"])
+def test_domain_sets_over_a_cap_exit_2_and_write_nothing(case, tmp_path, capsys, tiny_gpt2_dir):
+    from dowsing.cli import main
+
+    domains = _write_domains(tmp_path / "d.json", _over_the_caps()[case])
+    out = tmp_path / "o.json"
+    for argv in (["analyze", "--quiet", "--model", str(tiny_gpt2_dir)],
+                 ["analyze", "--estimate", "--model", str(tiny_gpt2_dir)],
+                 ["validate", "--quiet", "--model", str(tiny_gpt2_dir)],
+                 ["plan", "--quiet", "--budget", "10", "--model", str(tiny_gpt2_dir)]):
+        code = main(argv + ["--domains", str(domains), "--out", str(out)])
+        err = capsys.readouterr().err
+        assert code == 2, (argv, err)
+        assert err.startswith("error: ") and len(err.strip().splitlines()) == 1 and "at most" in err, err
+        assert not out.exists()
+
+
+def test_the_domains_page_shows_a_cap(cache, tiny_gpt2_dir):
+    from dowsing import workspace
+
+    before = workspace.active_set()
+    workspace.save_set_raw("Huge", _over_the_caps()["bytes per fact"])
+    workspace.set_active("Huge")
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = str(tiny_gpt2_dir)
+    at.run()
+    workspace.set_active(before)
+    assert not at.exception, at.exception
+    shown = [m.value for m in at.error] + [m.value for m in at.warning] + [m.value for m in at.markdown]
+    assert any("bytes" in m and "at most" in m for m in shown), shown
+
+
+def test_facts_over_the_token_cap_are_refused_before_the_run(tmp_path, capsys, monkeypatch, tiny_gpt2_dir):
+    from dowsing import limits
+    from dowsing.cli import main
+
+    monkeypatch.setattr(limits, "LIMITS", limits.Limits(max_total_tokens=20))
+    domains = _write_domains(tmp_path / "d.json", [
+        {"name": "A", "facts": ["Light travels faster than sound.", "A force changes the motion of a body."]},
+        {"name": "B", "facts": ["The Moon orbits the Earth.", "The Sun is a star in our galaxy."]}])
+    out = tmp_path / "o.json"
+    for extra in ([], ["--estimate"]):
+        code = main(["analyze", "--quiet", "--no-cache", "--model", str(tiny_gpt2_dir), "--domains", str(domains),
+                     "--out", str(out), *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and "20 tokens" in err and len(err.strip().splitlines()) == 1, err
+        assert not out.exists()
+
+
+def test_a_run_over_the_memory_available_is_refused(cache, tmp_path, capsys, monkeypatch, tiny_gpt2_dir):
+    from dowsing import estimate as est
+    from dowsing.cli import main
+
+    monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1000)
+    code = main(["analyze", "--estimate", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "o.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and "refused" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o.json").exists()
+    # the Run page: Analyze disabled, with the reason and the numbers
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = str(tiny_gpt2_dir)
+    at.run()
+    at.switch_page("pages/run.py")
+    at.run()
+    assert not at.exception, at.exception
+    analyze = next(b for b in at.button if b.label == "Analyze")
+    assert analyze.disabled
+    reason = [w.value for w in at.warning if "refused" in w.value]
+    assert reason and "1 kB" in reason[0], [w.value for w in at.warning]
