@@ -210,3 +210,34 @@ def test_a_run_over_the_memory_available_is_refused(cache, tmp_path, capsys, mon
     assert analyze.disabled
     reason = [w.value for w in at.warning if "refused" in w.value]
     assert reason and "1 kB" in reason[0], [w.value for w in at.warning]
+
+
+# --- output files ---------------------------------------------------------------
+
+SMALL = [{"name": "A", "facts": ["Light travels faster than sound.", "A force changes the motion of a body.",
+                                 "Energy is conserved in a closed system.", "Heat flows from hot to cold."]},
+         {"name": "B", "facts": ["The Moon orbits the Earth.", "The Sun is a star in our galaxy.",
+                                 "Jupiter is the largest planet.", "Mars has two small moons."]}]
+
+
+@pytest.mark.parametrize("command", [["analyze"], ["analyze", "--estimate"], ["validate"], ["benchmark", "--quick"],
+                                     ["plan", "--budget", "10"]],
+                         ids=["analyze", "analyze-estimate", "validate", "benchmark", "plan"])
+def test_every_command_checks_its_output_files_before_it_runs(command, tmp_path, capsys, tiny_gpt2_dir):
+    from dowsing.cli import main
+
+    domains = _write_domains(tmp_path / "d.json", SMALL)
+    (tmp_path / "a-file").write_text("x")
+    bad = {str(tmp_path): "is a directory", str(tmp_path / "no" / "o.json"): "does not exist",
+           str(tmp_path / "a-file" / "o.json"): "not a folder", "/proc/dowsing-o.json": "no file can be written"}
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for option in ("--out", "--progress-file"):
+        if option == "--progress-file" and command[0] == "analyze":
+            continue  # analyze keeps no progress file
+        for path, reason in bad.items():
+            code = main([*command, "--quiet", "--model", str(tiny_gpt2_dir), "--domains", str(domains),
+                         option, path])
+            err = capsys.readouterr().err
+            assert code == 2, (command, option, path, err)
+            assert err.startswith(f"error: {option}") and reason in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no probe left behind
