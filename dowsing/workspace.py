@@ -24,7 +24,9 @@ from .paths import cache_dir
 
 DEFAULT_SET = "Science (paper)"
 FORMAT_VERSION = 1
-MAX_NAME_CHARS = 80
+# A set name is a file name: the bound is in UTF-8 bytes, the unit file systems
+# count (255 at most for a name, here with ".json" and a temporary file's prefix).
+MAX_NAME_BYTES = 80
 # Undo depth per set: older deletions are forgotten.
 TRASH_DEPTH = 50
 
@@ -42,10 +44,12 @@ def check_name(name: object) -> str:
         raise WorkspaceError(f"The set name {name!r} contains a path separator ('/' or '\\'); choose another.")
     if name.startswith("."):
         raise WorkspaceError(f"The set name {name!r} starts with a dot; choose another.")
-    if any(ord(ch) < 32 for ch in name):
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise WorkspaceError("A set name cannot contain control characters such as line breaks.")
-    if len(name) > MAX_NAME_CHARS:
-        raise WorkspaceError(f"A set name can have at most {MAX_NAME_CHARS} characters; this one has {len(name)}.")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise WorkspaceError(f"A set name can have at most {MAX_NAME_BYTES} bytes in UTF-8 (fewer letters with "
+                             f"accents or emoji); this one has {size}.")
     return name
 
 
@@ -206,11 +210,16 @@ class Workspace:
 
     # -- active set ----------------------------------------------------------
     def active_set(self) -> str:
-        """The set the app shows: the one last set active, else the first set."""
+        """The set the app shows: the one last set active, else the first set.
+        The stored name is checked as a set name and must be one of the sets
+        listed, so a tampered workspace.json names no file outside `sets/`."""
         active = self._state().get("active")
-        if isinstance(active, str) and active.strip() and self._set_path(active).is_file():
-            return active
         names = self.list_sets()
+        try:
+            if isinstance(active, str) and check_name(active) == active and active in names:
+                return active
+        except WorkspaceError:
+            pass
         if not names:
             from .domains import default_domains
 

@@ -292,3 +292,37 @@ def test_the_domains_csv_neutralises_formulas_and_reads_back_the_same_facts():
     cells = _cells(text)
     assert not any(c.startswith(("=", "+", "-", "@")) for c in cells)
     assert parse_domains_csv(text) == domains
+
+
+# --- set names --------------------------------------------------------------------
+
+def test_set_names_are_limited_in_utf8_bytes(tmp_path):
+    from dowsing.workspace import MAX_NAME_BYTES, Workspace, WorkspaceError
+
+    ws = Workspace(tmp_path / "ws")
+    for name in ("😀" * 80, "é" * 41, "x" * (MAX_NAME_BYTES + 1)):
+        with pytest.raises(WorkspaceError, match="bytes"):
+            ws.create_set(name)
+    assert ws.create_set("é" * 40) == "é" * 40  # 80 bytes
+    assert ws.create_set("😀" * 20) == "😀" * 20
+    assert ws.load_set_raw("😀" * 20) == []
+
+
+@pytest.mark.parametrize("active", ["../../../../outside", "../sets/Science (paper)", "sets/x", "/etc/passwd", "..",
+                                    "No such set", "", 5, None, ["x"], "Science (paper)\n"])
+def test_a_tampered_active_set_falls_back_to_a_set_of_the_workspace(active, tmp_path):
+    import json
+
+    from dowsing.workspace import DEFAULT_SET, Workspace
+
+    outside = tmp_path / "outside.json"
+    outside.write_text(json.dumps({"version": 1, "domains": []}))
+    ws = Workspace(tmp_path / "a" / "b" / "ws")
+    ws.create_set("Mine")
+    state = json.loads(ws.state_path.read_text())
+    ws.state_path.write_text(json.dumps({**state, "active": active}))
+    assert ws.list_sets() == ["Mine", DEFAULT_SET]
+    assert ws.active_set() == "Mine"  # the first set
+    assert json.loads(ws.state_path.read_text())["active"] == "Mine"
+    assert outside.read_text() == json.dumps({"version": 1, "domains": []})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "outside.json"]
