@@ -12,16 +12,26 @@ import re
 # CommonMark lets a backslash escape any ASCII punctuation character; these are the
 # ones that start Markdown, HTML, LaTeX ($) or Streamlit's own directives (:red[...],
 # :material/icon:) in the text Streamlit renders.
-_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=\"'])")
+_MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=\"'@])")
+# Streamlit turns some text into markup after the Markdown is parsed, so past any
+# backslash escape: `:material_icon:`, `:streamlit:` and emoji shortcodes between
+# colons, and GFM's bare links (http://..., www...., a@b.c). A word joiner
+# (U+2060, invisible, zero width) after each ':' and '@' and inside 'www.'
+# breaks every one of them and leaves the text as it reads.
+_WORD_JOINER = "\u2060"
+_AFTER_MARKUP = re.compile(r"(\\[:@]|(?<![A-Za-z0-9])www(?=\\\.))", re.IGNORECASE)
 # A cell a spreadsheet reads as a formula (OWASP's CSV injection list).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 
 
 def md_escape(text) -> str:
-    """`text` as literal Markdown: every special character backslash-escaped and
-    line breaks folded to spaces, so it renders as the characters it holds."""
+    """`text` as literal Markdown: every special character backslash-escaped,
+    line breaks folded to spaces, and a word joiner where Streamlit would
+    still make an icon, an emoji or a link of it, so it renders as the
+    characters it holds."""
     flat = " ".join(str(text).split())
-    return _MARKDOWN_SPECIAL.sub(r"\\\1", flat)
+    escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", flat)
+    return _AFTER_MARKUP.sub(lambda m: m.group(0) + _WORD_JOINER, escaped)
 
 
 def csv_cell(value):

@@ -326,3 +326,87 @@ def test_a_tampered_active_set_falls_back_to_a_set_of_the_workspace(active, tmp_
     assert json.loads(ws.state_path.read_text())["active"] == "Mine"
     assert outside.read_text() == json.dumps({"version": 1, "domains": []})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "outside.json"]
+
+
+# --- Markdown ---------------------------------------------------------------------
+
+# Text that Markdown, Streamlit's directives, icons and emoji, LaTeX, HTML or GFM's
+# bare links would turn into something else; every one must show as typed.
+MARKDOWN_HOSTILE = [
+    "![beacon](http://127.0.0.1:9/beacon.png)", ":red[x] and :material/home: and :streamlit:", "$x^2$ and $$y$$",
+    "<b>bold</b><img src=x>", "[link](javascript:alert(1))", "**strong** _em_ `code` ~~del~~", "# heading",
+    "1. item", "- item", "> quote", "a\\*b", "&amp; &lt;", "http://auto.link.example", "| a | b |",
+    ":smile: :red-background[x] :+1:", "x <https://a.example>", "mail me@example.com", "see www.example.com now",
+    "[x]: http://ref.example", "H~2~O", "=1+1", "@user", "5 * 3 = 15", "a_b_c",
+]
+CHROMIUM = Path("/usr/bin/chromium")
+
+
+@pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's Chromium is not installed at /usr/bin/chromium")
+def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
+    """st.markdown, st.caption, st.info, a button label and an expander label
+    of md_escape(text), read back from Chromium's DOM: the same characters
+    (the invisible word joiners aside), no element but the paragraph, and no
+    request anywhere."""
+    import re
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    playwright = pytest.importorskip("playwright.sync_api")
+    repo = Path(__file__).resolve().parent.parent
+    script = tmp_path / "probe.py"
+    script.write_text(
+        f"import sys\nsys.path.insert(0, {str(repo)!r})\nimport streamlit as st\n"
+        "from dowsing.safe_text import md_escape\n"
+        f"HOSTILE = {MARKDOWN_HOSTILE!r}\n"
+        "for i, h in enumerate(HOSTILE):\n"
+        "    st.markdown(f'M{i}<<{md_escape(h)}>>')\n"
+        "    st.caption(f'C{i}<<{md_escape(h)}>>')\n"
+        "st.info('I1<<' + md_escape(HOSTILE[1]) + '>>')\n"
+        "st.button('B1<<' + md_escape(HOSTILE[1]) + '>>')\n"
+        "with st.expander('E0<<' + md_escape(HOSTILE[0]) + '>>'):\n"
+        "    pass\n")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
+                               "--server.port", str(port), "--server.address", "127.0.0.1",
+                               "--browser.gatherUsageStats", "false"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "streamlit did not start"
+                time.sleep(0.5)
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
+            page = browser.new_page()
+            requests = []
+            page.on("request", lambda r: requests.append(r.url))
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_selector("text=E0<<", timeout=60_000)
+            page.wait_for_timeout(2000)  # lazily loaded Markdown plugins (emoji, KaTeX)
+            shown = page.eval_on_selector_all(
+                "[data-testid=stMarkdownContainer], [data-testid=stCaptionContainer]",
+                "els => els.map(e => [e.innerText, e.innerHTML])")
+            browser.close()
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    seen = set()
+    for text, html in shown:
+        found = re.fullmatch(r"([MCIBE])(\d+)<<(.*)>>", text.replace("\u2060", ""), re.S)
+        assert found, text
+        kind, index, body = found.groups()
+        assert body == MARKDOWN_HOSTILE[int(index)], (kind, body, html)
+        assert set(re.findall(r"<(\w+)", html)) <= {"p"}, (kind, html)
+        seen.add(kind + index)
+    assert len(seen) == 2 * len(MARKDOWN_HOSTILE) + 3
+    assert all(r.startswith(f"http://127.0.0.1:{port}/") for r in requests), requests
