@@ -34,6 +34,12 @@ def md_escape(text) -> str:
     return _AFTER_MARKUP.sub(lambda m: m.group(0) + _WORD_JOINER, escaped)
 
 
+def md_lines(text) -> str:
+    """Several lines of user text (a message listing problems, one a line) as
+    literal Markdown, each escaped by `md_escape`, kept on lines of their own."""
+    return "  \n".join(md_escape(line) for line in str(text).splitlines() if line.strip())
+
+
 def csv_cell(value):
     """A CSV cell a spreadsheet will not run: text that starts like a formula gets a
     leading apostrophe (shown as text by Excel, LibreOffice and Sheets); numbers and

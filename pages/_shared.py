@@ -19,6 +19,7 @@ from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
 from dowsing.jobs import JobRunner, JobState, default_runner, newest_match
 from dowsing.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
+from dowsing.safe_text import md_escape
 
 SOURCES = {
     "embedded": "Embedded default (SmolLM2-135M-Instruct)",
@@ -232,15 +233,16 @@ def job_status(state: JobState, noun: str) -> None:
     note when it was cancelled. A finished job is left to the page."""
     if state.active:
         if state.status == "queued" and state.stage == "queued" and state.pid is not None:
-            st.info(state.message[:1].upper() + state.message[1:], icon=":material/hourglass_top:")
+            st.info(md_escape(state.message[:1].upper() + state.message[1:]), icon=":material/hourglass_top:")
         else:
             stage = state.stage or state.status
-            text = f"**{stage}** — {state.message}" if state.message else f"**{stage}**"
+            text = f"**{md_escape(stage)}**" + (f" — {md_escape(state.message)}" if state.message else "")
             st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
         st.button("Cancel", icon=":material/stop:", key=f"cancel-{state.job_id}", on_click=runner().cancel,
                   args=(state.job_id,), help=f"Stop the {noun} (and anything it started, Ray tasks included).")
     elif state.status == "failed":
-        st.error(f"The {noun} failed: {state.error or state.message or 'no message'}", icon=":material/error:")
+        st.error(f"The {noun} failed: {md_escape(state.error or state.message or 'no message')}",
+                 icon=":material/error:")
     elif state.status == "cancelled":
         st.warning(f"The {noun} was cancelled.", icon=":material/cancel:")
 
@@ -344,7 +346,7 @@ def sidebar():
                          help="bfloat16 needs CUDA.")
             _, problem = analysis_config()
             if problem:
-                st.error(problem[:1].upper() + problem[1:])
+                st.error(md_escape(problem[:1].upper() + problem[1:]))
         _domain_set_picker()
     return status_box
 
@@ -376,20 +378,21 @@ def model_status(box) -> None:
     dtype = config.dtype if config else "float32"
     with box:
         if choice.problem:
-            st.info(choice.problem)
+            st.info(md_escape(choice.problem))
             return
         if choice.note:
-            st.caption(choice.note)
+            st.caption(md_escape(choice.note))
         with st.spinner("Loading model… (the embedded model is converted once, ~40 s)"):
             loaded, error = _load(choice.model_id, device, dtype)
         if error:
-            st.error(error)
+            st.error(md_escape(error))
             if st.button("Retry", key="retry_model"):
                 _load.clear()
                 st.rerun()
             return
         info = loaded.info
-        st.success(f"**{info.architecture}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · {info.dtype}",
+        st.success(f"**{md_escape(info.architecture)}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · "
+                   f"{info.dtype}",
                    icon=":material/check_circle:")
 
 
@@ -420,7 +423,7 @@ def executor_choice(key: str):
     try:
         config = ExecutorConfig(kind="ray", address=address)
     except ValueError as exc:
-        return None, str(exc)
+        return None, md_escape(exc)
     def connect() -> None:
         with st.spinner("Asking Ray…"):
             try:
@@ -433,8 +436,8 @@ def executor_choice(key: str):
     seen = st.session_state.get(f"{key}_cluster")
     if seen and seen[0] == address:
         if seen[2]:
-            st.error(seen[2], icon=":material/cloud_off:")
-            return None, f"Ray: {seen[2]}"
+            st.error(md_escape(seen[2]), icon=":material/cloud_off:")
+            return None, f"Ray: {md_escape(seen[2])}"
         res = seen[1]
         cols = st.columns(3)
         cols[0].metric("Nodes", res["nodes"])
@@ -447,15 +450,15 @@ def executor_choice(key: str):
 
 def run_blockers(choice, config_problem, domain_problems, set_name: str, first: list | None = None) -> list:
     """What keeps a run of the active domain set from starting, one line
-    each: `first` (the page's own), then the model, the settings and the
-    domain set."""
+    each, as Markdown: `first` (the page's own, Markdown already), then the
+    model, the settings and the domain set."""
     blockers = list(first or [])
     if choice.problem:
-        blockers.append(f"Model: {choice.problem}")
+        blockers.append(f"Model: {md_escape(choice.problem)}")
     if config_problem:
-        blockers.append(f"Advanced settings: {config_problem}")
+        blockers.append(f"Advanced settings: {md_escape(config_problem)}")
     if domain_problems:
-        blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
+        blockers.append(f"The domain set “{md_escape(set_name)}” has {len(domain_problems)} problem"
                         f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
     return blockers
 

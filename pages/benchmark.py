@@ -21,6 +21,7 @@ from dowsing.jobs import JobRequest, one_line
 from dowsing.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 _shared.ensure_router()
@@ -53,7 +54,8 @@ if source == "Active domain set":
 else:
     set_name = "benchmark domains (quick)" if quick else "benchmark domains"
     domains = benchmark_domains(quick=quick)
-left.markdown(f"Model **{choice.label}** · {len(domains)} domains · {sum(len(d.facts) for d in domains)} facts")
+left.markdown(f"Model **{md_escape(choice.label)}** · {len(domains)} domains · "
+              f"{sum(len(d.facts) for d in domains)} facts")
 with left.expander("Where to run", icon=":material/hub:"):
     run_on, run_on_problem = _shared.executor_choice("bench")
 if run_on_problem:
@@ -102,7 +104,7 @@ left.button("Start benchmark", icon=":material/science:",
             help="Runs in the background, after any analysis or validation already running; it survives a refresh, "
                  "and Cancel stops it (and its Ray tasks). The same request again shows the stored result at once.")
 if "bench_error" in st.session_state:
-    st.error(st.session_state.pop("bench_error"))
+    st.error(md_escape(st.session_state.pop("bench_error")))
 
 run_id, result = _shared.picked_result("benchmark", "Benchmark run")
 
@@ -111,7 +113,7 @@ if result is not None:
     main = result.config["main_recipe"]
     recipes = result.recipe_names()
     for note in result.warnings:
-        st.warning(note)
+        st.warning(md_escape(note))
     st.caption(execution_text(result.execution, result.timings))
     board = {r["estimator"]: r for r in result.leaderboard}
     winner = board.get(result.winner)

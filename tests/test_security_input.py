@@ -10,6 +10,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from dowsing.safe_text import md_escape
+
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
@@ -87,7 +89,7 @@ def test_the_app_shows_one_message_for_paths_outside_the_roots(cache, roots):
         at.run()
         assert not at.exception, at.exception
         shown.append([m.value for m in at.sidebar.info] + [m.value for m in at.sidebar.error])
-    assert shown == [[NOT_ALLOWED]] * 3
+    assert shown == [[md_escape(NOT_ALLOWED)]] * 3
 
 
 def test_checkpoints_outside_the_roots_are_refused_in_the_app_and_the_worker(cache, roots):
@@ -108,7 +110,7 @@ def test_checkpoints_outside_the_roots_are_refused_in_the_app_and_the_worker(cac
     at.session_state["checkpoints_text"] = "\n".join(specs)
     at.run()
     assert not at.exception, at.exception
-    assert [m.value for m in at.sidebar.info] == [NOT_ALLOWED]
+    assert [m.value for m in at.sidebar.info] == [md_escape(NOT_ALLOWED)]
     # a job request carries what the app sent: the worker checks it again
     domains = default_domains()
     with pytest.raises(ModelError, match="not allowed"):
@@ -410,3 +412,71 @@ def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
         seen.add(kind + index)
     assert len(seen) == 2 * len(MARKDOWN_HOSTILE) + 3
     assert all(r.startswith(f"http://127.0.0.1:{port}/") for r in requests), requests
+
+
+HOSTILE_SET = "<b>Hostile :red[set] ![s](x)"
+HOSTILE_NAMES = ["![b](http://127.0.0.1:9/b.png) :red[R]", "$x$ <b>B</b> :material/home: www.example.com"]
+RAW_MARKUP = ("![", ":red[", "<b>", "$x$", ":material/home:", "www.example.com", "](http")
+
+
+def _shown_text(at) -> list:
+    """Every text of the page that Streamlit renders as Markdown, but the
+    results table (HTML, escaped as HTML)."""
+    texts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "subheader", "title"):
+        texts += [e.value for e in getattr(at, kind)]
+    texts += [m.label for m in at.metric] + [str(m.value) for m in at.metric] + [t.label for t in at.tabs]
+    texts += [e.label for e in at.expander]
+    return [t for t in texts if "dw-table" not in t]
+
+
+def _app(tiny_gpt2_dir, page=None):
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "directory"
+    at.session_state["model"] = str(tiny_gpt2_dir)
+    at.session_state["cfg_estimator"] = "mean_loss"  # the quickest ranking
+    at.run()
+    if page:
+        at.switch_page(page)
+        at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def test_names_and_facts_reach_markdown_escaped_on_every_page(cache, tiny_gpt2_dir):
+    import time
+
+    from dowsing import workspace
+
+    before = workspace.active_set()
+    facts = [["Light travels faster than sound. ![i](http://127.0.0.1:9/i.png)",
+              "A force changes the motion of a body.", "Energy is conserved in a closed system."],
+             ["The Moon orbits the Earth.", "The Sun is a star.", "Jupiter is the largest planet."]]
+    # one fact too few: the Domains and Run pages show problems that name the domain
+    workspace.save_set_raw(HOSTILE_SET, [{"name": HOSTILE_NAMES[0], "facts": facts[0][:1]},
+                                                        {"name": HOSTILE_NAMES[1], "facts": facts[1]}])
+    workspace.set_active(HOSTILE_SET)
+    try:
+        for page in (None, "pages/run.py", "pages/plan.py", "pages/validate.py", "pages/benchmark.py"):
+            shown = _shown_text(_app(tiny_gpt2_dir, page))
+            escaped = (md_escape(HOSTILE_NAMES[0]), md_escape(HOSTILE_SET))
+            assert any(e in t for t in shown for e in escaped) or page == "pages/benchmark.py", page
+            assert not [t for t in shown for raw in RAW_MARKUP if raw in t], page
+        # a finished analysis of the set: its Results, Run history and Compare
+        workspace.save_set_raw(HOSTILE_SET, [{"name": n, "facts": f}
+                                                            for n, f in zip(HOSTILE_NAMES, facts)])
+        at = _app(tiny_gpt2_dir, "pages/run.py")
+        next(b for b in at.button if b.label == "Analyze").click()
+        deadline = time.monotonic() + 180
+        while not any(s.value.startswith("Finished") for s in at.success):
+            assert time.monotonic() < deadline and not at.error, [e.value for e in at.error]
+            time.sleep(0.5)
+            at.run()
+        shown = _shown_text(at)
+        assert not [t for t in shown for raw in RAW_MARKUP if raw in t]
+        results = _app(tiny_gpt2_dir, "pages/results.py")
+        shown = _shown_text(results)
+        assert {md_escape(n) for n in HOSTILE_NAMES} <= {t.label for t in results.tabs}
+        assert not [t for t in shown for raw in RAW_MARKUP if raw in t]
+    finally:
+        workspace.set_active(before)
