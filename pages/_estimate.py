@@ -16,6 +16,7 @@ import json
 import streamlit as st
 
 from dowsing import estimate as est
+from dowsing.safe_text import md_escape
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -87,6 +88,6 @@ def estimate_panel(key: str, signature: dict, model_id, device: str, dtype: str,
             return None
     _, estimate, error = st.session_state[key]
     if error:
-        st.error(f"No estimate: {error}", icon=":material/error:")
+        st.error(f"No estimate: {md_escape(error)}", icon=":material/error:")
         return error if st.session_state.get(f"{key}_refused") == digest else None
     return _show(estimate)
