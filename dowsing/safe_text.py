@@ -16,10 +16,16 @@ _MARKDOWN_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+\-.!|<>~$:&=\"'@])")
 # Streamlit turns some text into markup after the Markdown is parsed, so past any
 # backslash escape: `:material_icon:`, `:streamlit:` and emoji shortcodes between
 # colons, and GFM's bare links (http://..., www...., a@b.c). A word joiner
-# (U+2060, invisible, zero width) after each ':' and '@' and inside 'www.'
-# breaks every one of them and leaves the text as it reads.
+# (U+2060, invisible, zero width) on both sides of each ':', after each '@' and
+# inside 'www.' breaks every one of them (and any scheme such as "javascript:")
+# and leaves the text as it reads.
 _WORD_JOINER = "\u2060"
 _AFTER_MARKUP = re.compile(r"(\\[:@]|(?<![A-Za-z0-9])www(?=\\\.))", re.IGNORECASE)
+
+
+def _joined(match: re.Match) -> str:
+    text = match.group(0)
+    return _WORD_JOINER + text + _WORD_JOINER if text == "\\:" else text + _WORD_JOINER
 # A cell a spreadsheet reads as a formula (OWASP's CSV injection list).
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "\n")
 
@@ -31,7 +37,7 @@ def md_escape(text) -> str:
     characters it holds."""
     flat = " ".join(str(text).split())
     escaped = _MARKDOWN_SPECIAL.sub(r"\\\1", flat)
-    return _AFTER_MARKUP.sub(lambda m: m.group(0) + _WORD_JOINER, escaped)
+    return _AFTER_MARKUP.sub(_joined, escaped)
 
 
 def md_lines(text) -> str:

@@ -344,6 +344,15 @@ MARKDOWN_HOSTILE = [
 CHROMIUM = Path("/usr/bin/chromium")
 
 
+def test_escaped_text_holds_no_scheme_shortcode_or_address_that_streamlit_acts_on():
+    """What Streamlit turns into markup after parsing, past backslash escapes:
+    none of it survives md_escape as contiguous text."""
+    escaped = " ".join(md_escape(text) for text in MARKDOWN_HOSTILE + ["[c](javascript:alert(1))"])
+    for live in ("javascript:", "http:", "https:", ":material", ":streamlit:", ":smile:", "me@example", "www.",
+                 "127.0.0.1:9"):
+        assert live not in escaped.replace("\\", ""), live
+
+
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="Debian's Chromium is not installed at /usr/bin/chromium")
 def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
     """st.markdown, st.caption, st.info, a button label and an expander label
