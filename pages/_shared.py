@@ -302,24 +302,31 @@ def picked_result(kind: str, label: str):
 def sidebar():
     """Model picker, advanced settings and the active domain set (every page).
     Returns the sidebar slot where `model_status` later shows the loaded model."""
+    if "source" not in st.session_state:
+        # A new session (a refresh, a new tab) starts from the last pick on this
+        # server, never from the URL: a link cannot pick or load a model.
+        pick = workspace.model_pick()
+        if pick.get("source") in SOURCES:
+            st.session_state.update(pick)
     with st.sidebar:
         st.markdown("### :material/water_drop: Data dowsing")
         st.caption("Which concept domain would gain most from more training data?")
         st.radio(
-            "Model", list(SOURCES), format_func=SOURCES.get, key="source",
+            "Model", list(SOURCES), format_func=SOURCES.get, key="source", on_change=_remember_model_pick,
             help="The causal language model to analyse. It is loaded once per server process.",
         )
         source = st.session_state.get("source", "embedded")
         if source == "checkpoints":
             st.text_area(
                 SOURCES[source], key="checkpoints_text", placeholder=PLACEHOLDERS[source],
+                on_change=_remember_model_pick,
                 help="One Hugging Face model folder per line (or a hub step, owner/name@revision), oldest first; "
                      "the last is the model analysed. They must be one architecture with one tokenizer. The "
                      "checkpoint estimators (TracIn, Diff-In, variance of gradients, cartography, EL2N) read them.",
             )
         elif source != "embedded":
             st.text_input(
-                SOURCES[source], key="model", placeholder=PLACEHOLDERS[source],
+                SOURCES[source], key="model", placeholder=PLACEHOLDERS[source], on_change=_remember_model_pick,
                 help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online). "
                      "Folders and .gguf files load only from under the model folders: the cache's models folder "
                      "and the Hugging Face cache, or those listed in DOWSING_MODEL_ROOTS.",
@@ -349,6 +356,10 @@ def sidebar():
                 st.error(md_escape(problem[:1].upper() + problem[1:]))
         _domain_set_picker()
     return status_box
+
+
+def _remember_model_pick() -> None:
+    workspace.set_model_pick({key: st.session_state.get(key) for key in workspace.MODEL_PICK_KEYS})
 
 
 def _domain_set_picker() -> None:

@@ -489,3 +489,33 @@ def test_names_and_facts_reach_markdown_escaped_on_every_page(cache, tiny_gpt2_d
         assert not [t for t in shown for raw in RAW_MARKUP if raw in t]
     finally:
         workspace.set_active(before)
+
+
+def test_the_model_pick_survives_a_refresh_on_the_server_not_in_the_url(cache, tiny_gpt2_dir):
+    import json
+
+    from dowsing import workspace
+
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.session_state["source"] = "hub"  # nothing typed yet: nothing loads
+    at.run()
+    at.sidebar.radio(key="source").set_value("directory").run()
+    at.sidebar.text_input(key="model").input(str(tiny_gpt2_dir)).run()
+    assert not at.exception, at.exception
+    assert not {"source", "model"} & set(at.query_params)
+    fresh = AppTest.from_file(APP, default_timeout=60)  # a refresh: a new session
+    fresh.run()
+    assert fresh.session_state["source"] == "directory" and fresh.session_state["model"] == str(tiny_gpt2_dir)
+    assert "GPT2LMHeadModel" in fresh.sidebar.success[0].value
+    # a tampered pick keeps only text of the picker's own keys, and an unknown source is not applied
+    state_path = workspace.Workspace().state_path
+    state = json.loads(state_path.read_text())
+    state_path.write_text(json.dumps({**state, "model_pick": {"source": "hub", "model": ["x"], "x": "y"}}))
+    assert workspace.model_pick() == {"source": "hub"}
+    tampered = AppTest.from_file(APP, default_timeout=60)
+    tampered.run()
+    assert not tampered.exception, tampered.exception
+    assert tampered.session_state["source"] == "hub" and "Enter a" in tampered.sidebar.info[0].value
+    state_path.write_text(json.dumps({**state, "model_pick": {"source": "nonsense"}}))
+    assert workspace.model_pick() == {"source": "nonsense"}  # read as text; the sidebar ignores the source
+    workspace.set_model_pick({})
