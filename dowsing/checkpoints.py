@@ -75,6 +75,27 @@ def parse_list(text: str) -> list[str]:
     return [line.strip() for line in text.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
+def allowed_checkpoints(specs, roots=None) -> tuple:
+    """The specs the app and its jobs may read: every local folder resolved
+    inside the model roots (`models.model_roots`), hub steps
+    owner/name@revision as they are. A folder outside the roots is one
+    CheckpointError whose text is the same whether it exists or not."""
+    from .models import NOT_ALLOWED, ModelError, allowed_path, is_hub_id
+
+    out = []
+    for spec in (str(s).strip() for s in specs):
+        repo, at, revision = spec.partition("@")
+        if at and repo.count("/") == 1 and is_hub_id(repo) and revision and ".." not in revision \
+                and not Path(spec).exists():
+            out.append(spec)
+            continue
+        try:
+            out.append(str(allowed_path(spec, roots)))
+        except ModelError:
+            raise CheckpointError(NOT_ALLOWED) from None
+    return tuple(out)
+
+
 def _resolve(spec: str, position: int) -> Path:
     """The local folder of checkpoint `position` (1-based, for messages)."""
     where = f"checkpoint {position} ({spec})"

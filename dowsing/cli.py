@@ -291,7 +291,6 @@ def run_plan_command(args) -> int:
     try:
         domains = load_domains(args.domains) if args.domains else default_domains()
         config = plan_config(args, domains)
-        _check_out(args.out)
         result = run_plan(args.model, domains, config, progress=_progress_writer(args), use_cache=not args.no_cache)
     except (ModelError, DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -314,12 +313,6 @@ def run_analyze(args) -> int:
                                 estimator=args.estimator, align_blocks=args.align_blocks,
                                 checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr)
         domains = load_domains(args.domains) if args.domains else default_domains()
-        if args.out:
-            out = Path(args.out)
-            if out.is_dir():
-                raise ValueError(f"--out {out} is a directory; give a file name.")
-            if not out.parent.exists():
-                raise ValueError(f"--out: the folder {out.parent} does not exist.")
         if args.estimate:
             from .estimate import estimate_analysis, report
 
@@ -402,13 +395,33 @@ def config_fields(args, **overrides) -> dict:
     return fields
 
 
-def _check_out(path) -> None:
-    if path:
-        out = Path(path)
-        if out.is_dir():
-            raise ValueError(f"--out {out} is a directory; give a file name.")
-        if not out.parent.exists():
-            raise ValueError(f"--out: the folder {out.parent} does not exist.")
+# The files a command writes, checked before it runs: a run of hours must not
+# end in an error that loses its result.
+OUTPUT_OPTIONS = ("out", "progress_file")
+
+
+def output_problem(path: str, option: str) -> str | None:
+    """Why `path` cannot take a command's output file (None when it can): a
+    directory, a missing parent folder, or a folder where no file can be
+    created (tried with a temporary file, so it holds for every user)."""
+    import os
+    import tempfile
+
+    out = Path(path).expanduser()
+    if out.is_dir():
+        return f"{option} {out} is a directory; give a file name."
+    parent = out.parent
+    if not parent.exists():
+        return f"{option}: the folder {parent} does not exist."
+    if not parent.is_dir():
+        return f"{option}: {parent} is not a folder."
+    try:
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as exc:
+        return f"{option}: no file can be written in {parent} ({exc.strerror or type(exc).__name__})."
+    os.close(fd)
+    os.unlink(probe)
+    return None
 
 
 def _progress_writer(args):
@@ -437,7 +450,6 @@ def run_benchmark_command(args) -> int:
         config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains, config)
-        _check_out(args.out)
         if args.estimate:
             from .estimate import estimate_benchmark, report
 
@@ -543,6 +555,12 @@ def main(argv=None) -> int:
 
 
 def run_command(args) -> int:
+    for name in OUTPUT_OPTIONS:
+        path = getattr(args, name, None)
+        problem = output_problem(path, "--" + name.replace("_", "-")) if path else None
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return BAD_INPUT
     if args.command == "analyze":
         return run_analyze(args)
     if args.command == "validate":

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from . import limits
+from .safe_text import csv_cell, csv_value
+
 DATA_DIR = Path(__file__).resolve().parent / "data"
 MIN_FACTS = 2  # Welch's t-test on a domain's per-fact scores needs two samples.
 # A joined error message lists at most this many problems, then a count.
@@ -82,6 +85,10 @@ def _problems(domains: list[Domain], where: Locator) -> list[str]:
     problems: list[str] = []
     if not domains:
         return [_at(where(-1, None), "there are no domains; at least one domain with two facts is needed.")]
+    cap = limits.LIMITS
+    if len(domains) > cap.max_domains:
+        return [_at(where(-1, None), f"there are {len(domains):,} domains; a set holds at most "
+                                     f"{cap.max_domains:,}.")]
     seen_names: dict[str, int] = {}
     # fact key -> index of the domain where it first appears
     seen_facts: dict[str, int] = {}
@@ -113,6 +120,10 @@ def _problems(domains: list[Domain], where: Locator) -> list[str]:
             problems.append(_at(where(i, None), (
                 f"{label} has {len(facts)} fact{'' if len(facts) == 1 else 's'}, "
                 f"but at least {MIN_FACTS} are needed for the t-test.")))
+        if len(facts) > cap.max_facts_per_domain:
+            problems.append(_at(where(i, None), (
+                f"{label} has {len(facts):,} facts; a domain holds at most {cap.max_facts_per_domain:,}.")))
+            continue
         for j, fact in enumerate(facts):
             if not isinstance(fact, str):
                 problems.append(_at(where(i, j),
@@ -120,6 +131,12 @@ def _problems(domains: list[Domain], where: Locator) -> list[str]:
                 continue
             if not fact.strip():
                 problems.append(_at(where(i, j), f"{label} has an empty fact."))
+                continue
+            size = len(fact.strip().encode("utf-8", "surrogatepass"))
+            if size > cap.max_fact_bytes:
+                problems.append(_at(where(i, j), (
+                    f"{label} has a fact of {size:,} bytes; a fact is at most {cap.max_fact_bytes:,} bytes "
+                    "in UTF-8.")))
                 continue
             key = _fact_key(fact)
             if key not in seen_facts:
@@ -153,10 +170,12 @@ def _raise_if(problems: list[str]) -> None:
 def validation_problems(domains: list[Domain]) -> list[str]:
     """Every problem with `domains`, one sentence each; [] when they are usable.
 
-    Rules: at least one domain; each name non-empty text, unique ignoring case
-    and surrounding whitespace; each domain has >= 2 facts (Welch's t-test
-    needs two samples); each fact non-empty text; no fact twice, neither in
-    one domain nor across two (facts compare ignoring case and spacing).
+    Rules: at least one domain and at most `limits.LIMITS.max_domains`; each
+    name non-empty text, unique ignoring case and surrounding whitespace; each
+    domain has >= 2 facts (Welch's t-test needs two samples) and at most
+    `max_facts_per_domain`; each fact non-empty text of at most
+    `max_fact_bytes` UTF-8 bytes; no fact twice, neither in one domain
+    nor across two (facts compare ignoring case and spacing).
     """
     return _problems(list(domains), _in_app_locator)
 
@@ -273,7 +292,9 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
 
     Column order is free and extra columns are ignored; header names match
     ignoring case and spaces; a leading BOM is tolerated; blank rows are
-    skipped. Rows are grouped by domain, keeping the order in which domains and
+    skipped. A cell that starts with an apostrophe before a spreadsheet formula
+    start (`=`, `+`, `-`, `@`), as `domains_to_csv` writes it, loses that
+    apostrophe. Rows are grouped by domain, keeping the order in which domains and
     facts first appear. Raises DomainError naming `source` and the line of
     every fault found (line numbers count physical lines, from 1).
     """
@@ -316,14 +337,14 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
             problems.append(f"{source}, line {line}: the row has {len(row)} "
                             f"cell{'' if len(row) == 1 else 's'} and no {missing!r} cell.")
             continue
-        name = row[domain_col].strip()
+        name = csv_value(row[domain_col].strip())
         if not name:
             problems.append(f"{source}, line {line}: the 'domain' cell is empty.")
             continue
         if name not in facts_by_name:
             facts_by_name[name], lines_by_name[name] = [], []
             first_line_by_name[name] = line
-        facts_by_name[name].append(row[fact_col])
+        facts_by_name[name].append(csv_value(row[fact_col].strip()))
         lines_by_name[name].append(line)
     if header is None:
         raise DomainError(f"{source}: the file is empty; it needs a header line 'domain,fact'.")
@@ -344,12 +365,14 @@ def parse_domains_csv(text: str, source: str = "<csv>") -> list[Domain]:
 
 def domains_to_csv(domains: list[Domain]) -> str:
     """CSV text: header ``domain,fact``, then one row per fact, quoted by the
-    csv module where a cell holds a comma, quote or line break."""
+    csv module where a cell holds a comma, quote or line break; a cell that
+    starts like a spreadsheet formula gets a leading apostrophe
+    (`safe_text.csv_cell`), which `parse_domains_csv` takes off again."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
     writer.writerow(["domain", "fact"])
     for d in domains:
-        writer.writerows([d.name, fact] for fact in d.facts)
+        writer.writerows([csv_cell(d.name), csv_cell(fact)] for fact in d.facts)
     return out.getvalue()
 
 

@@ -645,13 +645,14 @@ def available_memory_bytes(device: str = "cpu") -> int | None:
     return available
 
 
-def memory_warning(estimate: Estimate, available_bytes: int | None) -> str | None:
-    """A one-line warning when the predicted peak exceeds what is available."""
+def memory_refusal(estimate: Estimate, available_bytes: int | None) -> str | None:
+    """One line refusing the run when its predicted peak exceeds what the
+    machine has available (None when it fits, or the memory is unknown)."""
     if available_bytes is None or estimate.peak_bytes <= available_bytes:
         return None
     return (f"The predicted peak {estimate.memory_kind} ({format_bytes(estimate.peak_bytes)}, during "
-            f"{estimate.peak_stage}) exceeds the {format_bytes(available_bytes)} this machine has available: "
-            "the run would likely fail or swap. Use fewer or shorter facts, fewer domains or a smaller model.")
+            f"{estimate.peak_stage}) exceeds the {format_bytes(available_bytes)} this machine has available, so "
+            "the run is refused. Use fewer or shorter facts, fewer domains or a smaller model.")
 
 
 def _load_average() -> float:
@@ -690,7 +691,7 @@ def format_seconds(s: float) -> str:
 def format_estimate(estimate: Estimate, available_bytes: int | None) -> str:
     """The estimate as text: total time and peak memory, the machine's
     available memory, the stages, and what it rests on (the warning of
-    `memory_warning` is separate)."""
+    `memory_refusal` is separate)."""
     lines = [f"Estimated {estimate.kind}: {format_seconds(estimate.total_s)} wall time on this machine, "
              f"peak {estimate.memory_kind} {format_bytes(estimate.peak_bytes)} (during {estimate.peak_stage}).",
              "Available memory: " + (format_bytes(available_bytes) if available_bytes is not None else "unknown") + "."]
@@ -1595,8 +1596,19 @@ def load_tokenizer(model_id):
 
 
 def domain_tokens(tokenizer, cal: Calibration, domains) -> list:
-    """[(name, [tokens per fact])] of Domain objects."""
-    return [(d.name, token_lengths(tokenizer, d.facts, cal.max_positions)) for d in domains]
+    """[(name, [tokens per fact])] of Domain objects; ValueError when they come
+    to more tokens than a run accepts, as the run itself would refuse."""
+    from .limits import too_many_tokens
+
+    counted, total = [], 0
+    for d in domains:
+        lengths = token_lengths(tokenizer, d.facts, cal.max_positions)
+        total += sum(lengths)
+        refusal = too_many_tokens(total)
+        if refusal:
+            raise ValueError(refusal[:1].upper() + refusal[1:])
+        counted.append((d.name, lengths))
+    return counted
 
 
 def ray_workers(executor) -> tuple:
@@ -1698,8 +1710,8 @@ def estimate_validation(model_id, domains, config=None, held_out=None, executor=
 def report(build, out=None) -> int:
     """The command line's --estimate: build the estimates (a callable
     returning a list of Estimate), print each with the machine's available
-    memory (and a warning when the peak exceeds it), and return the exit
-    code: 0, or 2 with the run's one-line error on bad input."""
+    memory, and return the exit code: 0; 2 with the run's one-line error on
+    bad input, or with the refusal when a peak exceeds the memory available."""
     import sys
 
     from .domains import DomainError
@@ -1711,11 +1723,13 @@ def report(build, out=None) -> int:
     except (ModelError, DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    refusals = []
     for estimate in estimates:
-        warning = memory_warning(estimate, available_memory_bytes(estimate.device))
-        if warning:
-            print(f"warning: {warning}", file=sys.stderr)
-        print(format_estimate(estimate, available_memory_bytes(estimate.device)), file=out)
+        available = available_memory_bytes(estimate.device)
+        refusal = memory_refusal(estimate, available)
+        if refusal:
+            refusals.append(refusal)
+        print(format_estimate(estimate, available), file=out)
     busy = load_note()
     if busy:
         print(busy, file=out)
@@ -1723,6 +1737,9 @@ def report(build, out=None) -> int:
         print(f"All {len(estimates)}: {format_seconds(sum(e.total_s for e in estimates))} one after the other.",
               file=out)
     print("Nothing was run (--estimate).", file=out)
+    if refusals:
+        print(f"error: {refusals[0]}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -14,6 +14,7 @@ import hashlib
 import importlib.metadata
 import json
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -34,6 +35,70 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.
 
 class ModelError(RuntimeError):
     """A model could not be found or loaded; the message says what to do."""
+
+
+# --- where the app may load models from ----------------------------------------
+# The app and its background jobs take model paths from whoever can reach the
+# page, so they load model folders and .gguf files only under roots the user
+# configured. The command line does not check them: a path typed on one's own
+# command line is one's own choice.
+
+MODEL_ROOTS_ENV = "DOWSING_MODEL_ROOTS"
+# One message for every path outside the roots, whether it exists or not, so
+# the answer says nothing about the disk.
+NOT_ALLOWED = (f"That model path is not allowed: the app loads model folders and .gguf files only under the folders "
+               f"in {MODEL_ROOTS_ENV} (by default the cache's models folder and the Hugging Face cache).")
+# A Hugging Face id: name or owner/name, letters, digits, '.', '_' and '-'.
+HUB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?")
+
+
+def model_roots() -> list[Path]:
+    """The folders the app may load models from, symlinks resolved:
+    $DOWSING_MODEL_ROOTS (separated by os.pathsep) when set, else the cache's
+    `models/` folder and the Hugging Face cache ($HF_HOME, $HF_HUB_CACHE,
+    else ~/.cache/huggingface)."""
+    text = os.environ.get(MODEL_ROOTS_ENV, "")
+    if text.strip():
+        roots = [Path(part).expanduser() for part in text.split(os.pathsep) if part.strip()]
+    else:
+        hf_home = os.environ.get("HF_HOME") or os.path.join(os.environ.get("XDG_CACHE_HOME") or "~/.cache",
+                                                              "huggingface")
+        roots = [cache_dir() / "models", Path(hf_home).expanduser()]
+        if os.environ.get("HF_HUB_CACHE"):
+            roots.append(Path(os.environ["HF_HUB_CACHE"]).expanduser())
+    return [root.resolve() for root in roots]
+
+
+def allowed_path(text: str, roots: list[Path] | None = None) -> Path:
+    """`text` as a path resolved (symlinks and '..' followed) inside one of
+    `roots` (default `model_roots()`); ModelError(NOT_ALLOWED) otherwise."""
+    roots = model_roots() if roots is None else roots
+    try:
+        path = Path(str(text).strip()).expanduser().resolve()
+    except (OSError, RuntimeError, ValueError):
+        raise ModelError(NOT_ALLOWED) from None
+    if not any(path == root or path.is_relative_to(root) for root in roots):
+        raise ModelError(NOT_ALLOWED)
+    return path
+
+
+def is_hub_id(text: str) -> bool:
+    """Whether `text` has the form of a Hugging Face id (not a path)."""
+    text = str(text).strip()
+    return bool(HUB_ID.fullmatch(text)) and ".." not in text and not text.lower().endswith(".gguf")
+
+
+def allowed_model(model_id: str | None, roots: list[Path] | None = None) -> str | None:
+    """The model id the app and its jobs may load: the embedded default (None),
+    a Hugging Face id, or a local folder or .gguf file inside the model roots
+    (returned resolved). ModelError(NOT_ALLOWED), the same for every path
+    outside them, otherwise."""
+    if model_id is None or model_id.strip() in ("", EMBEDDED_ID, "default", "embedded"):
+        return None
+    text = model_id.strip()
+    if is_hub_id(text) and not Path(text).exists():
+        return text
+    return str(allowed_path(text, roots))
 
 
 @dataclass(frozen=True)

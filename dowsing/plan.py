@@ -733,14 +733,17 @@ def fit_text(row: dict) -> str:
 
 
 def plan_csv(result: PlanResult) -> str:
-    """`plan_rows` as CSV with a header row; a missing value is an empty cell."""
+    """`plan_rows` as CSV with a header row; a missing value is an empty cell,
+    and text that starts like a spreadsheet formula gets a leading apostrophe."""
     import csv
     import io
+
+    from .safe_text import csv_cell
 
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=PLAN_ROW_FIELDS, lineterminator="\n")
     writer.writeheader()
-    writer.writerows({k: "" if v is None else v for k, v in row.items()} for row in plan_rows(result))
+    writer.writerows({k: "" if v is None else csv_cell(v) for k, v in row.items()} for row in plan_rows(result))
     return out.getvalue()
 
 

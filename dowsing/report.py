@@ -16,6 +16,7 @@ import pandas as pd
 from . import charts, metrics
 from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
+from .safe_text import csv_cell
 
 MEAN_SHARE = "Share of Mean, paper (%)"
 TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", MEAN_SHARE, "Mean (paper)", "Δn@10%", "t vs rest", "p"]
@@ -411,7 +412,8 @@ def to_csv(result: Result) -> str:
     """One row per domain with full-precision numbers (empty cell = null), the
     Share of Mean (`mean_shares`) in every file whatever ranked it; with a
     bootstrap also the 90% interval ends (priority and share from the ranking
-    estimator's bootstrap, mean and Δn from the paper's), rank stability and P(rank r)."""
+    estimator's bootstrap, mean and Δn from the paper's), rank stability and P(rank r).
+    Text cells that start like a spreadsheet formula get a leading apostrophe."""
     boot = charts.bootstrap_domains(result)
     ranking = charts.ranking_domains(result)
     shares_of_mean = mean_shares(result)
@@ -448,7 +450,8 @@ def to_csv(result: Result) -> str:
             for r, p in enumerate(r_entry.get("rank_probabilities") or [], start=1):
                 rows[-1][f"p_rank_{r}"] = p
     buffer = io.StringIO()
-    pd.DataFrame(rows).to_csv(buffer, index=False)
+    # domain names and diagnoses carry user text: no cell may open as a spreadsheet formula
+    pd.DataFrame([{k: csv_cell(v) for k, v in row.items()} for row in rows]).to_csv(buffer, index=False)
     return buffer.getvalue()
 
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .limits import too_many_tokens
 from .models import ModelError
 
 
@@ -88,9 +89,16 @@ class Encoded:
 
 
 def encode_facts(tokenizer, facts, max_positions: int) -> Encoded:
+    """The facts' token ids, each cut to the model's context; ValueError once
+    they come to more tokens than a run accepts (`limits.LIMITS`)."""
     ids, truncated = [], []
+    total = 0
     for i, fact in enumerate(facts):
         tokens = list(tokenizer(fact)["input_ids"])
+        total += min(len(tokens), max_positions)
+        refusal = too_many_tokens(total)
+        if refusal:
+            raise ValueError(refusal[:1].upper() + refusal[1:])
         if len(tokens) > max_positions:
             tokens = tokens[:max_positions]
             truncated.append(i)

@@ -163,9 +163,21 @@ def open_executor(request: JobRequest):
     return executor
 
 
+def check_model_paths(request: JobRequest) -> None:
+    """A job's model and checkpoints come from the app, so they must lie
+    under the model roots (`models.allowed_model`); ModelError or
+    CheckpointError, one line, otherwise."""
+    from .checkpoints import allowed_checkpoints
+    from .models import allowed_model
+
+    allowed_model(request.model_id)
+    allowed_checkpoints(getattr(request.config, "checkpoints", None) or ())
+
+
 def run_request(request: JobRequest, store: JobStore, job_id: str, progress):
     """Run the request's kind in this process and keep its result: the
     engine keeps an analysis's; the others are written to the job store."""
+    check_model_paths(request)
     executor = open_executor(request)
     try:
         result = request.job_kind.run(request, progress, executor)

@@ -4,7 +4,7 @@ Layout under ``cache_dir()/"workspace"``::
 
     sets/<name>.json     {"version": 1, "domains": [{"name": ..., "facts": [...]}, ...]}
     trash/<name>.json    [{"domain": {...}, "position": i, "deleted_at": ...}, ...]  (undo stack)
-    workspace.json       {"version": 1, "active": <name>, "seeded": true}
+    workspace.json       {"version": 1, "active": <name>, "seeded": true, "model_pick": {...}}
 
 Sets are stored raw (names and facts as typed), so a set that does not
 validate yet is still saved: a user mid-edit never loses work. Every write
@@ -24,7 +24,11 @@ from .paths import cache_dir
 
 DEFAULT_SET = "Science (paper)"
 FORMAT_VERSION = 1
-MAX_NAME_CHARS = 80
+# A set name is a file name: the bound is in UTF-8 bytes, the unit file systems
+# count (255 at most for a name, here with ".json" and a temporary file's prefix).
+MAX_NAME_BYTES = 80
+# The sidebar's model picker, kept in workspace.json (never in the URL).
+MODEL_PICK_KEYS = ("source", "model", "checkpoints_text")
 # Undo depth per set: older deletions are forgotten.
 TRASH_DEPTH = 50
 
@@ -42,10 +46,12 @@ def check_name(name: object) -> str:
         raise WorkspaceError(f"The set name {name!r} contains a path separator ('/' or '\\'); choose another.")
     if name.startswith("."):
         raise WorkspaceError(f"The set name {name!r} starts with a dot; choose another.")
-    if any(ord(ch) < 32 for ch in name):
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         raise WorkspaceError("A set name cannot contain control characters such as line breaks.")
-    if len(name) > MAX_NAME_CHARS:
-        raise WorkspaceError(f"A set name can have at most {MAX_NAME_CHARS} characters; this one has {len(name)}.")
+    size = len(name.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise WorkspaceError(f"A set name can have at most {MAX_NAME_BYTES} bytes in UTF-8 (fewer letters with "
+                             f"accents or emoji); this one has {size}.")
     return name
 
 
@@ -206,11 +212,16 @@ class Workspace:
 
     # -- active set ----------------------------------------------------------
     def active_set(self) -> str:
-        """The set the app shows: the one last set active, else the first set."""
+        """The set the app shows: the one last set active, else the first set.
+        The stored name is checked as a set name and must be one of the sets
+        listed, so a tampered workspace.json names no file outside `sets/`."""
         active = self._state().get("active")
-        if isinstance(active, str) and active.strip() and self._set_path(active).is_file():
-            return active
         names = self.list_sets()
+        try:
+            if isinstance(active, str) and check_name(active) == active and active in names:
+                return active
+        except WorkspaceError:
+            pass
         if not names:
             from .domains import default_domains
 
@@ -221,6 +232,19 @@ class Workspace:
 
     def set_active(self, name: str) -> None:
         self._write_state(active=self._require(name))
+
+    # -- the sidebar's model pick --------------------------------------------------
+    def model_pick(self) -> dict:
+        """The model last picked in the app's sidebar, {widget key: text} for
+        MODEL_PICK_KEYS, so a refresh or a new tab starts from it ({} when
+        none). Only short strings are kept; the app checks them as typed text."""
+        pick = self._state().get("model_pick")
+        if not isinstance(pick, dict):
+            return {}
+        return {k: v for k, v in pick.items() if k in MODEL_PICK_KEYS and isinstance(v, str) and len(v) <= 4096}
+
+    def set_model_pick(self, pick: dict) -> None:
+        self._write_state(model_pick={k: str(pick.get(k) or "")[:4096] for k in MODEL_PICK_KEYS})
 
     # -- undo trash -----------------------------------------------------------
     def _trash(self, name: str) -> list[dict]:
@@ -319,6 +343,14 @@ def active_set() -> str:
 
 def set_active(name: str) -> None:
     _ws().set_active(name)
+
+
+def model_pick() -> dict:
+    return _ws().model_pick()
+
+
+def set_model_pick(pick: dict) -> None:
+    _ws().set_model_pick(pick)
 
 
 def trash_domain(set_name: str, domain: dict, position: int) -> None:

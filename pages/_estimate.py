@@ -1,5 +1,6 @@
 """The estimate shown before a run starts: predicted wall time and peak
-memory on this machine, and a warning when the memory exceeds what it has.
+memory on this machine, and the refusal of a run whose memory exceeds what it
+has (the page disables its start button with the reason).
 
 The page passes what the run would be asked (its signature) and how to
 estimate it; the numbers come from `dowsing.estimate`. An estimate is kept in
@@ -15,6 +16,7 @@ import json
 import streamlit as st
 
 from dowsing import estimate as est
+from dowsing.safe_text import md_escape
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -27,12 +29,17 @@ def _compute(key: str, signature: str, model_id, device: str, dtype: str, build)
         with st.spinner("Calibrating on the model (once per model, a few seconds plus loading it)…"):
             calibration = est.calibration_in_subprocess(model_id, device, dtype)
         st.session_state[key] = (signature, build(calibration, _tokenizer(model_id)).to_dict(), None)
-    except (ValueError, OSError, RuntimeError) as exc:
+    except ValueError as exc:  # the input: the run itself would refuse it the same way
+        st.session_state[key] = (signature, None, str(exc).strip().splitlines()[0] if str(exc).strip() else
+                                 type(exc).__name__)
+        st.session_state[f"{key}_refused"] = signature
+    except (OSError, RuntimeError) as exc:
         st.session_state[key] = (signature, None, str(exc).strip().splitlines()[0] if str(exc).strip() else
                                  type(exc).__name__)
 
 
-def _show(estimate: dict) -> None:
+def _show(estimate: dict) -> str | None:
+    """Show the estimate; the refusal when its peak exceeds the memory available."""
     available = est.available_memory_bytes(estimate["device"])
     cols = st.columns(3)
     cols[0].metric("Predicted time", est.format_seconds(estimate["total_s"]),
@@ -41,10 +48,12 @@ def _show(estimate: dict) -> None:
     cols[1].metric("Peak memory", est.format_bytes(estimate["peak_bytes"]),
                    help=f"Predicted peak {estimate['memory_kind']}, during {estimate['peak_stage']}.")
     cols[2].metric("Available", est.format_bytes(available) if available is not None else "unknown")
+    refusal = None
     if available is not None and estimate["peak_bytes"] > available:
-        st.warning(f"The predicted peak memory ({est.format_bytes(estimate['peak_bytes'])}) exceeds the "
-                   f"{est.format_bytes(available)} this machine has available: the run would likely fail.",
-                   icon=":material/memory:")
+        refusal = (f"The predicted peak memory ({est.format_bytes(estimate['peak_bytes'])}, during "
+                   f"{estimate['peak_stage']}) exceeds the {est.format_bytes(available)} this machine has available, "
+                   "so the run is refused. Use fewer or shorter facts, fewer domains or a smaller model.")
+        st.warning(refusal, icon=":material/memory:")
     busy = est.load_note()
     if busy:
         st.caption(busy)
@@ -54,11 +63,14 @@ def _show(estimate: dict) -> None:
                       for name, seconds in estimate["stages_s"].items()], hide_index=True, width="stretch")
         for line in estimate["basis"] + estimate["notes"]:
             st.caption(line)
+    return refusal
 
 
-def estimate_panel(key: str, signature: dict, model_id, device: str, dtype: str, build) -> None:
+def estimate_panel(key: str, signature: dict, model_id, device: str, dtype: str, build) -> str | None:
     """Show the estimate of the run described by `signature`.
-    build(calibration, tokenizer) -> Estimate."""
+    build(calibration, tokenizer) -> Estimate. Returns why the run is refused
+    (its peak memory exceeds what the machine has, or the input is over a
+    limit), else None."""
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()
     slot = st.session_state.get(key)
     if slot is None or slot[0] != digest:
@@ -73,9 +85,9 @@ def estimate_panel(key: str, signature: dict, model_id, device: str, dtype: str,
                       on_click=_compute, args=(key, digest, model_id, device, dtype, build),
                       help="Predict the wall time and peak memory on this machine before starting. The first "
                            "estimate for a model calibrates on it once (a few seconds after loading it).")
-            return
+            return None
     _, estimate, error = st.session_state[key]
     if error:
-        st.error(f"No estimate: {error}", icon=":material/error:")
-    else:
-        _show(estimate)
+        st.error(f"No estimate: {md_escape(error)}", icon=":material/error:")
+        return error if st.session_state.get(f"{key}_refused") == digest else None
+    return _show(estimate)

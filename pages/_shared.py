@@ -14,12 +14,13 @@ import streamlit as st
 
 from dowsing import workspace
 from dowsing.caches import damage_notes
-from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
+from dowsing.checkpoints import CheckpointError, allowed_checkpoints, parse_list, validate_checkpoints
 from dowsing.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
 from dowsing.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
-from dowsing.models import EMBEDDED_ID, ModelError, load_model
+from dowsing.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
+from dowsing.safe_text import md_escape
 
 SOURCES = {
     "embedded": "Embedded default (SmolLM2-135M-Instruct)",
@@ -76,9 +77,10 @@ def runner() -> JobRunner:
 @st.cache_resource(show_spinner=False, max_entries=2)
 def _load(model_id: str | None, device: str, dtype: str):
     """(LoadedModel, None) or (None, one-line error). Errors are cached too, so an
-    offline hub id is not retried on every rerun; "Retry" clears the cache."""
+    offline hub id is not retried on every rerun; "Retry" clears the cache.
+    Only what `allowed_model` lets through is loaded."""
     try:
-        return load_model(model_id, device=device, dtype=dtype), None
+        return load_model(allowed_model(model_id), device=device, dtype=dtype), None
     except ModelError as exc:
         return None, str(exc).strip().splitlines()[0]
     except Exception as exc:  # a broken model folder must not take the app down
@@ -90,7 +92,7 @@ def _check_checkpoints(specs: tuple) -> tuple[str | None, str | None, str | None
     """(last checkpoint's folder, summary, None) or (None, None, one-line
     error); cached per list, so typing elsewhere does not re-read them."""
     try:
-        checked = validate_checkpoints(specs)
+        checked = validate_checkpoints(allowed_checkpoints(specs))
     except CheckpointError as exc:
         return None, None, str(exc)
     return str(checked[-1].path), checkpoint_summary(checked), None
@@ -128,15 +130,24 @@ def model_choice() -> ModelChoice:
                                            "first.")
         last, note, problem = _check_checkpoints(specs)
         return ModelChoice(source, last or "", problem[:1].upper() + problem[1:] if problem else None, specs, note)
-    problem = None
     if not text:
-        problem = f"Enter a {SOURCES[source].lower()} or choose the embedded default."
-    elif source == "directory" and not Path(text).expanduser().is_dir():
-        problem = f"No folder at {text}."
-    elif source == "gguf" and not text.lower().endswith(".gguf"):
-        problem = "A .gguf file path must end in .gguf."
-    elif source == "gguf" and not Path(text).expanduser().is_file():
-        problem = f"No file at {text}."
+        return ModelChoice(source, text, f"Enter a {SOURCES[source].lower()} or choose the embedded default.")
+    if source == "hub" and not is_hub_id(text):
+        return ModelChoice(source, text, "A Hugging Face id is a name or owner/name (letters, digits, '.', '_' "
+                                         "and '-'); pick Local model folder or .gguf file for a path.")
+    if source == "gguf" and not text.lower().endswith(".gguf"):
+        return ModelChoice(source, text, "A .gguf file path must end in .gguf.")
+    # Paths outside the model roots all get one message, before anything
+    # looks at the disk; inside them, what is missing is said.
+    try:
+        text = allowed_model(text) or ""
+    except ModelError as exc:
+        return ModelChoice(source, text, str(exc))
+    problem = None
+    if source == "directory" and not Path(text).is_dir():
+        problem = "No folder at that path in the model folders."
+    elif source == "gguf" and not Path(text).is_file():
+        problem = "No file at that path in the model folders."
     return ModelChoice(source, text, problem)
 
 
@@ -251,15 +262,16 @@ def job_status(state: JobState, noun: str) -> None:
     note when it was cancelled. A finished job is left to the page."""
     if state.active:
         if state.status == "queued" and state.stage == "queued" and state.pid is not None:
-            st.info(state.message[:1].upper() + state.message[1:], icon=":material/hourglass_top:")
+            st.info(md_escape(state.message[:1].upper() + state.message[1:]), icon=":material/hourglass_top:")
         else:
             stage = state.stage or state.status
-            text = f"**{stage}** — {state.message}" if state.message else f"**{stage}**"
+            text = f"**{md_escape(stage)}**" + (f" — {md_escape(state.message)}" if state.message else "")
             st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
         st.button("Cancel", icon=":material/stop:", key=f"cancel-{state.job_id}", on_click=runner().cancel,
                   args=(state.job_id,), help=f"Stop the {noun} (and anything it started, Ray tasks included).")
     elif state.status == "failed":
-        st.error(f"The {noun} failed: {state.error or state.message or 'no message'}", icon=":material/error:")
+        st.error(f"The {noun} failed: {md_escape(state.error or state.message or 'no message')}",
+                 icon=":material/error:")
     elif state.status == "cancelled":
         st.warning(f"The {noun} was cancelled.", icon=":material/cancel:")
 
@@ -319,25 +331,34 @@ def picked_result(kind: str, label: str):
 def sidebar():
     """Model picker, advanced settings and the active domain set (every page).
     Returns the sidebar slot where `model_status` later shows the loaded model."""
+    if "source" not in st.session_state:
+        # A new session (a refresh, a new tab) starts from the last pick on this
+        # server, never from the URL: a link cannot pick or load a model.
+        pick = workspace.model_pick()
+        if pick.get("source") in SOURCES:
+            st.session_state.update(pick)
     with st.sidebar:
         st.markdown("### :material/water_drop: Data dowsing")
         st.caption("Which concept domain would gain most from more training data?")
         st.radio(
-            "Model", list(SOURCES), format_func=SOURCES.get, key="source", bind="query-params",
+            "Model", list(SOURCES), format_func=SOURCES.get, key="source", on_change=_remember_model_pick,
             help="The causal language model to analyse. It is loaded once per server process.",
         )
         source = st.session_state.get("source", "embedded")
         if source == "checkpoints":
             st.text_area(
-                SOURCES[source], key="checkpoints_text", bind="query-params", placeholder=PLACEHOLDERS[source],
+                SOURCES[source], key="checkpoints_text", placeholder=PLACEHOLDERS[source],
+                on_change=_remember_model_pick,
                 help="One Hugging Face model folder per line (or a hub step, owner/name@revision), oldest first; "
                      "the last is the model analysed. They must be one architecture with one tokenizer. The "
                      "checkpoint estimators (TracIn, Diff-In, variance of gradients, cartography, EL2N) read them.",
             )
         elif source != "embedded":
             st.text_input(
-                SOURCES[source], key="model", bind="query-params", placeholder=PLACEHOLDERS[source],
-                help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online).",
+                SOURCES[source], key="model", placeholder=PLACEHOLDERS[source], on_change=_remember_model_pick,
+                help="Press Enter to load. Hugging Face ids load from the local cache (or the hub when online). "
+                     "Folders and .gguf files load only from under the model folders: the cache's models folder "
+                     "and the Hugging Face cache, or those listed in DOWSING_MODEL_ROOTS.",
             )
         status_box = st.container()
         offered = estimators.names("analysis")
@@ -361,9 +382,13 @@ def sidebar():
                          help="bfloat16 needs CUDA.")
             _, problem = analysis_config()
             if problem:
-                st.error(problem[:1].upper() + problem[1:])
+                st.error(md_escape(problem[:1].upper() + problem[1:]))
         _domain_set_picker()
     return status_box
+
+
+def _remember_model_pick() -> None:
+    workspace.set_model_pick({key: st.session_state.get(key) for key in workspace.MODEL_PICK_KEYS})
 
 
 def _domain_set_picker() -> None:
@@ -393,20 +418,21 @@ def model_status(box) -> None:
     dtype = config.dtype if config else "float32"
     with box:
         if choice.problem:
-            st.info(choice.problem)
+            st.info(md_escape(choice.problem))
             return
         if choice.note:
-            st.caption(choice.note)
+            st.caption(md_escape(choice.note))
         with st.spinner("Loading model… (the embedded model is converted once, ~40 s)"):
             loaded, error = _load(choice.model_id, device, dtype)
         if error:
-            st.error(error)
+            st.error(md_escape(error))
             if st.button("Retry", key="retry_model"):
                 _load.clear()
                 st.rerun()
             return
         info = loaded.info
-        st.success(f"**{info.architecture}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · {info.dtype}",
+        st.success(f"**{md_escape(info.architecture)}** · {info.n_params / 1e6:,.1f}M parameters · {info.device} · "
+                   f"{info.dtype}",
                    icon=":material/check_circle:")
 
 
@@ -437,7 +463,7 @@ def executor_choice(key: str):
     try:
         config = ExecutorConfig(kind="ray", address=address)
     except ValueError as exc:
-        return None, str(exc)
+        return None, md_escape(exc)
     def connect() -> None:
         with st.spinner("Asking Ray…"):
             try:
@@ -450,8 +476,8 @@ def executor_choice(key: str):
     seen = st.session_state.get(f"{key}_cluster")
     if seen and seen[0] == address:
         if seen[2]:
-            st.error(seen[2], icon=":material/cloud_off:")
-            return None, f"Ray: {seen[2]}"
+            st.error(md_escape(seen[2]), icon=":material/cloud_off:")
+            return None, f"Ray: {md_escape(seen[2])}"
         res = seen[1]
         cols = st.columns(3)
         cols[0].metric("Nodes", res["nodes"])
@@ -464,15 +490,15 @@ def executor_choice(key: str):
 
 def run_blockers(choice, config_problem, domain_problems, set_name: str, first: list | None = None) -> list:
     """What keeps a run of the active domain set from starting, one line
-    each: `first` (the page's own), then the model, the settings and the
-    domain set."""
+    each, as Markdown: `first` (the page's own, Markdown already), then the
+    model, the settings and the domain set."""
     blockers = list(first or [])
     if choice.problem:
-        blockers.append(f"Model: {choice.problem}")
+        blockers.append(f"Model: {md_escape(choice.problem)}")
     if config_problem:
-        blockers.append(f"Advanced settings: {config_problem}")
+        blockers.append(f"Advanced settings: {md_escape(config_problem)}")
     if domain_problems:
-        blockers.append(f"The domain set “{set_name}” has {len(domain_problems)} problem"
+        blockers.append(f"The domain set “{md_escape(set_name)}” has {len(domain_problems)} problem"
                         f"{'' if len(domain_problems) == 1 else 's'}; fix them on the Domains page.")
     return blockers
 

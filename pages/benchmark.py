@@ -21,6 +21,7 @@ from dowsing.jobs import JobRequest, one_line
 from dowsing.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 _shared.ensure_router()
@@ -53,7 +54,8 @@ if source == "Active domain set":
 else:
     set_name = "benchmark domains (quick)" if quick else "benchmark domains"
     domains = benchmark_domains(quick=quick)
-left.markdown(f"Model **{choice.label}** · {len(domains)} domains · {sum(len(d.facts) for d in domains)} facts")
+left.markdown(f"Model **{md_escape(choice.label)}** · {len(domains)} domains · "
+              f"{sum(len(d.facts) for d in domains)} facts")
 with left.expander("Where to run", icon=":material/hub:"):
     run_on, run_on_problem = _shared.executor_choice("bench")
 if run_on_problem:
@@ -82,6 +84,7 @@ def _start() -> None:
         st.session_state["bench_error"] = one_line(exc) or type(exc).__name__
 
 
+refused = None
 if domains and not choice.problem and not run_on_problem:
     # What the benchmark would cost on this machine, before it starts (dowsing.estimate).
     from dowsing.estimate import estimate_benchmark
@@ -89,7 +92,7 @@ if domains and not choice.problem and not run_on_problem:
 
     planned = _config()
     with left:
-        estimate_panel("bench_estimate", {"model": choice.model_id, "config": planned.to_dict(),
+        refused = estimate_panel("bench_estimate", {"model": choice.model_id, "config": planned.to_dict(),
                                           "domains": [[d.name, list(d.facts)] for d in domains],
                                           "executor": run_on.to_dict()},
                        choice.model_id, "cpu", "float32",
@@ -97,11 +100,11 @@ if domains and not choice.problem and not run_on_problem:
                                                            calibration=cal, tokenizer=tok))
 
 left.button("Start benchmark", icon=":material/science:",
-            disabled=bool(choice.problem) or not domains or bool(run_on_problem), on_click=_start,
+            disabled=bool(choice.problem) or not domains or bool(run_on_problem) or bool(refused), on_click=_start,
             help="Runs in the background, after any analysis or validation already running; it survives a refresh, "
                  "and Cancel stops it (and its Ray tasks). The same request again shows the stored result at once.")
 if "bench_error" in st.session_state:
-    st.error(st.session_state.pop("bench_error"))
+    st.error(md_escape(st.session_state.pop("bench_error")))
 
 run_id, result = _shared.picked_result("benchmark", "Benchmark run")
 
@@ -110,7 +113,7 @@ if result is not None:
     main = result.config["main_recipe"]
     recipes = result.recipe_names()
     for note in result.warnings:
-        st.warning(note)
+        st.warning(md_escape(note))
     st.caption(execution_text(result.execution, result.timings))
     board = {r["estimator"]: r for r in result.leaderboard}
     winner = board.get(result.winner)

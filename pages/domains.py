@@ -20,6 +20,7 @@ from dowsing.domains import (
     validation_problems,
 )
 
+from dowsing.safe_text import md_escape, md_lines
 from pages import _shared
 
 _shared.ensure_router()
@@ -224,7 +225,7 @@ with top[2]:
 
 for key, show in (("dom_flash", st.success), ("dom_flash_error", st.error)):
     if key in st.session_state:
-        show(st.session_state.pop(key))
+        show(md_escape(st.session_state.pop(key)))
 
 # --- the editors ------------------------------------------------------------------
 
@@ -254,7 +255,7 @@ for i, domain in enumerate(base):
         problems = validation_problems([Domain(name, tuple(facts))])
         st.caption(f"{len(facts)} facts")
         for problem in problems:
-            st.warning(problem, icon=":material/error:")
+            st.warning(md_escape(problem), icon=":material/error:")
 
 # Autosave: what the editors show now is what is on disk.
 if current != _raw():
@@ -271,7 +272,7 @@ set_problems = [p for p in validation_problems(domains) if p not in
                 {q for d in domains for q in validation_problems([d])}]
 if set_problems:
     for problem in set_problems:
-        st.warning(problem, icon=":material/error:")
+        st.warning(md_escape(problem), icon=":material/error:")
 elif domains and not validation_problems(domains):
     st.success(f"{len(domains)} domains, {sum(len(d.facts) for d in domains)} facts: ready to analyse on the Run page.",
                icon=":material/check_circle:")
@@ -298,4 +299,4 @@ with st.expander("Paste JSON or CSV instead"):
                  placeholder="domain,fact\nPhysics,Light travels at about 300,000 km per second.\n…")
     st.button("Import pasted text", on_click=_import_pasted)
 if "dom_import_error" in st.session_state:
-    st.error(st.session_state.pop("dom_import_error"), icon=":material/error:")
+    st.error(md_lines(st.session_state.pop("dom_import_error")), icon=":material/error:")

@@ -22,6 +22,7 @@ from dowsing.domains import DomainError, validation_problems
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.models import ModelError
 from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 DEFAULT_BUDGET = _shared.PLAN_BUDGET
@@ -46,9 +47,10 @@ domain_problems = validation_problems(domains)
 pilot_config = PilotConfig(device=config.device, dtype=config.dtype) if config is not None else PilotConfig()
 
 summary = st.columns(3)
-summary[0].metric("Model", "embedded default" if choice.source == "embedded" else choice.text.rsplit("/", 1)[-1],
-                  help=choice.label)
-summary[1].metric("Domain set", set_name, help=", ".join(names))
+summary[0].metric("Model",
+                  "embedded default" if choice.source == "embedded" else md_escape(choice.text.rsplit("/", 1)[-1]),
+                  help=md_escape(choice.label))
+summary[1].metric("Domain set", md_escape(set_name), help=md_escape(", ".join(names)))
 summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
 
 blockers = _shared.run_blockers(choice, config_problem, domain_problems, set_name)
@@ -59,7 +61,7 @@ if not blockers:
                              domain_set_name=set_name)
         job_id = request.job_id()  # the pilots' cache key: the same model and domains find their job again
     except (ModelError, DomainError, ValueError, OSError) as exc:
-        blockers.append(one_line(exc) or type(exc).__name__)
+        blockers.append(md_escape(one_line(exc) or type(exc).__name__))
 for blocker in blockers:
     st.warning(blocker, icon=":material/block:")
 
@@ -147,10 +149,10 @@ def _budget_problem(budget_value: float) -> str | None:
 budget_problem = _budget_problem(budget)
 plan_config, table_problem = _plan_config(budget if budget_problem is None else DEFAULT_BUDGET)
 if budget_problem:
-    budget_box.error(budget_problem, icon=":material/error:")
+    budget_box.error(md_escape(budget_problem), icon=":material/error:")
     plan_config = None
 if table_problem:
-    table_box.error(table_problem, icon=":material/error:")
+    table_box.error(md_escape(table_problem), icon=":material/error:")
 
 
 # --- the pilots: a background job ---------------------------------------------------
@@ -164,22 +166,24 @@ def _start() -> None:
 
 state = _shared.runner().state(job_id) if job_id else None
 measured = state is not None and state.status == "done"
+refused = None
 if request is not None and not measured:
     # What the pilots would cost on this machine, before they start (dowsing.estimate).
     from dowsing.estimate import estimate_plan
     from pages._estimate import estimate_panel
 
-    estimate_panel("plan_estimate", {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
-                                     "config": pilot_config.to_dict()},
-                   choice.model_id, pilot_config.device, pilot_config.dtype,
-                   lambda cal, tok: estimate_plan(choice.model_id, domains, pilot_config, calibration=cal,
-                                                  tokenizer=tok))
+    refused = estimate_panel("plan_estimate",
+                             {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
+                              "config": pilot_config.to_dict()},
+                             choice.model_id, pilot_config.device, pilot_config.dtype,
+                             lambda cal, tok: estimate_plan(choice.model_id, domains, pilot_config, calibration=cal,
+                                                            tokenizer=tok))
 st.button("Start", type="primary", icon=":material/play_arrow:", on_click=_start,
-          disabled=request is None or (state is not None and (state.active or measured)),
+          disabled=request is None or bool(refused) or (state is not None and (state.active or measured)),
           help="Run the pilot fine-tunes of every domain in the background (a few seconds a domain on a small "
                "model). They are kept: another budget, costs, weights or caps need no new run.")
 if "plan_error" in st.session_state:
-    st.error(st.session_state.pop("plan_error"), icon=":material/error:")
+    st.error(md_escape(st.session_state.pop("plan_error")), icon=":material/error:")
 if job_id and state is None:
     st.info("No learning curves yet for these domains and this model: press **Start**.", icon=":material/info:")
 if job_id and state is not None and not measured:
@@ -249,7 +253,7 @@ st.plotly_chart(plan_charts.plan_curves_chart(plan, curves, colors), width="stre
 st.plotly_chart(plan_charts.totals_chart(plan), width="stretch", key="plan_totals_chart")
 with st.expander("Notes"):
     for note in plan.notes:
-        st.markdown(f"- {note}")
+        st.markdown(f"- {md_escape(note)}")
 
 stamp = (pilots.created_at or "")[:10] or "plan"
 dl = st.columns(3)

@@ -14,6 +14,7 @@ import streamlit as st
 from dowsing import charts, report
 from dowsing.plan import fit_pilots, plan_from_pilots
 from dowsing.result import format_sci
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 _shared.ensure_router()
@@ -28,14 +29,16 @@ if not job_id:
 
 state = runner.state(job_id)
 if state is not None and state.active:
-    st.info(f"This run is still {state.status} ({state.stage}: {state.message}). Results appear when it finishes.",
+    st.info(f"This run is still {state.status} ({state.stage}: {md_escape(state.message)}). Results appear when it "
+            "finishes.",
             icon=":material/hourglass_top:")
     st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
     st.stop()
 result = runner.result(job_id)
 if result is None:
     reason = state.error if state is not None and state.status == "failed" else None
-    st.warning("No result for this run" + (f": {reason}" if reason else ".") + " Run it again on the Run page.",
+    st.warning("No result for this run" + (f": {md_escape(reason)}" if reason else ".") +
+               " Run it again on the Run page.",
                icon=":material/warning:")
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
     st.stop()
@@ -56,22 +59,22 @@ if len(done) > 1:
 colors = charts.result_colors(result)
 ranked = result.ranked()
 top = ranked[0] if ranked else None
-st.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · "
+st.caption(f"{md_escape(report.model_summary(result))} · {len(result.domains)} domains · "
            f"{sum(d.n_facts for d in result.domains)} facts · {(result.created_at or '')[:19].replace('T', ' ')}")
 
 paper = result.estimator == "paper"
 estimator_label = charts.estimator_label(result)
 if top is not None:
     cols = st.columns(4)
-    cols[0].metric("Collect first", top.name, help=f"Rank 1: the highest priority by {estimator_label}.")
+    cols[0].metric("Collect first", md_escape(top.name), help=f"Rank 1: the highest priority by {estimator_label}.")
     top_ci = report.format_interval((charts.ranking_domains(result).get(top.name) or {}).get("priority_interval"))
     cols[1].metric("Priority", format_sci(top.ranking_priority),
                    help=f"{estimator_label}." + (f" 90% interval {top_ci}." if top_ci else ""))
     biggest = max(result.domains, key=lambda d: d.share_pct or 0)
-    cols[2].metric("Largest share", biggest.name,
+    cols[2].metric("Largest share", md_escape(biggest.name),
                    delta=f"{biggest.share_pct:.1f}%", delta_color="off", delta_arrow="off",
                    help=f"Share: {report.share_meaning(result)}.")
-    cols[3].metric("Δn@10% for " + top.name, format_sci(top.delta_n_10pct),
+    cols[3].metric("Δn@10% for " + md_escape(top.name), format_sci(top.delta_n_10pct),
                    help="More facts until the paper's marginal influence falls to 10% of today's value "
                         f"({charts.SATURATION_SOURCE})"
                         + (f". Missing: {top.delta_n_reason}" if top.delta_n_10pct is None else "."))
@@ -88,7 +91,7 @@ st.markdown(f"<style>{report.TABLE_CSS}</style>" + report.table_html(result, col
 reasons = report.missing_reasons(result)
 if reasons:
     st.caption("“—”: no saturation estimate (hover it for the reason). " +
-               " ".join(f"**{name}**: {why.rstrip('.')}." for name, why in reasons.items()))
+               " ".join(f"**{md_escape(name)}**: {md_escape(why.rstrip('.'))}." for name, why in reasons.items()))
 st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
            f"Share: {report.share_meaning(result)}. {report.mean_share_note(result)} "
            "Mean (paper): the paper's average per-example influence I = gᵀz in the concept subspace. "
@@ -104,14 +107,14 @@ if diagnosis:
 # Under the table, not in the diagnostics: with an indefinite Hessian a Mean can
 # be negative for that reason alone, which whoever reads the ranking must know.
 for text in report.curvature_warnings(result):
-    st.warning(text, icon=":material/warning:")
+    st.warning(md_escape(text), icon=":material/warning:")
 interval_note = report.interval_note(result)
 if interval_note:
     st.caption(interval_note)
     unstable = report.unstable_domains(result)
     if unstable:
         st.warning("Rank not stable under resampling of the facts — " +
-                   "; ".join(f"**{name}**: {probs}" for name, probs in unstable.items()) +
+                   "; ".join(f"**{md_escape(name)}**: {probs}" for name, probs in unstable.items()) +
                    ". Treat their order as a tie.", icon=":material/warning:")
 else:
     st.caption("No 90% intervals for this result: the bootstrap needs a dense system per domain (not there with the "
@@ -154,7 +157,7 @@ if fact_key == "priority" and not paper:
 else:
     st.caption("Per-example influence I = gᵀz of each fact in its own domain: the highest and the lowest.")
 if result.per_example:
-    tabs = st.tabs([d.name for d in ranked])
+    tabs = st.tabs([md_escape(d.name) for d in ranked])
     for tab, d in zip(tabs, ranked):
         highest, lowest = report.top_examples(result, d.name, top=5, key=fact_key)
         with tab:
@@ -181,7 +184,7 @@ with st.expander("Solver diagnostics"):
     if report.ranking_details(result):
         st.caption(report.ranking_details(result))
     for note in (result.extras or {}).get("warnings") or []:
-        st.caption(note)
+        st.caption(md_escape(note))
     info = st.columns(2)
     info[0].markdown("**Settings**")
     info[0].json(result.config, expanded=False)

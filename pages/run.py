@@ -11,6 +11,7 @@ from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import DomainError, validation_problems
 from dowsing.jobs import JobRequest, JobState
 from dowsing.models import ModelError
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 _shared.ensure_router()
@@ -28,9 +29,10 @@ domains = workspace.unchecked_domains(raw)
 domain_problems = validation_problems(domains)
 
 summary = st.columns(3)
-summary[0].metric("Model", "embedded default" if choice.source == "embedded" else choice.text.rsplit("/", 1)[-1],
-                  help=choice.label)
-summary[1].metric("Domain set", set_name, help=", ".join(d.name for d in domains))
+summary[0].metric("Model",
+                  "embedded default" if choice.source == "embedded" else md_escape(choice.text.rsplit("/", 1)[-1]),
+                  help=md_escape(choice.label))
+summary[1].metric("Domain set", md_escape(set_name), help=md_escape(", ".join(d.name for d in domains)))
 summary[2].metric("Facts", sum(len(d.facts) for d in domains), help=f"{len(domains)} domains")
 if config is not None:
     st.caption("Ranking estimator: **" + estimators.label(config.estimator) + "**" +
@@ -51,7 +53,7 @@ for blocker in blockers:
 if domain_problems:
     with st.expander("Domain problems"):
         for problem in domain_problems:
-            st.markdown(f"- {problem}")
+            st.markdown(f"- {md_escape(problem)}")
 
 
 def _submit() -> None:
@@ -65,22 +67,25 @@ def _submit() -> None:
     _shared.set_current_job(job_id)
 
 
+refused = None
 if not blockers:
     # What the run would cost on this machine, before it starts (dowsing.estimate).
     from dowsing.estimate import estimate_analysis
     from pages._estimate import estimate_panel
 
-    estimate_panel("run_estimate", {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
-                                    "config": config.to_dict(), "executor": run_on.to_dict()},
-                   choice.model_id, config.device, config.dtype,
-                   lambda cal, tok: estimate_analysis(choice.model_id, domains, config, run_on, calibration=cal,
-                                                      tokenizer=tok))
+    refused = estimate_panel("run_estimate",
+                             {"model": choice.model_id, "domains": [[d.name, list(d.facts)] for d in domains],
+                              "config": config.to_dict(), "executor": run_on.to_dict()},
+                             choice.model_id, config.device, config.dtype,
+                             lambda cal, tok: estimate_analysis(choice.model_id, domains, config, run_on,
+                                                                calibration=cal, tokenizer=tok))
 
-st.button("Analyze", type="primary", icon=":material/play_arrow:", disabled=bool(blockers), on_click=_submit,
+st.button("Analyze", type="primary", icon=":material/play_arrow:", disabled=bool(blockers or refused),
+          on_click=_submit,
           help="Rank every domain of the set by the ranking estimator, and compute the paper's influence, "
                "transfer and saturation beside it.")
 if "run_error" in st.session_state:
-    st.error(st.session_state.pop("run_error"), icon=":material/error:")
+    st.error(md_escape(st.session_state.pop("run_error")), icon=":material/error:")
 
 job_id = _shared.current_job_id()
 history: list[JobState] = _shared.runner().history("analysis")
@@ -95,7 +100,7 @@ def _show_done(state: JobState) -> None:
         return
     st.progress(1.0, text="**done** — " + (state.message or "finished"))
     top = (state.summary or {}).get("top_domain")
-    st.success(f"Finished. {f'More data on **{top}** would help most.' if top else ''}",
+    st.success(f"Finished. {f'More data on **{md_escape(top)}** would help most.' if top else ''}",
                icon=":material/check_circle:")
     st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
 
@@ -104,7 +109,7 @@ if job_id:
     st.subheader("Current run")
     shown = _shared.runner().state(job_id)
     if shown is not None:
-        st.caption(f"Job `{job_id[:12]}` · {_shared.job_label(shown)}")
+        st.caption(f"Job `{job_id[:12]}` · {md_escape(_shared.job_label(shown))}")
     _shared.follow_job(job_id, "analysis", show=_show_done)
     if shown is not None and shown.status == "failed":
         st.caption("The app is still usable: fix the cause (model, domains or settings) and press Analyze again.")
@@ -134,14 +139,14 @@ for state in history[:30]:
     summary = state.summary or {}
     row = st.columns([2, 2, 3, 2, 1, 1], vertical_alignment="center")
     row[0].write((state.created_at or "")[:19].replace("T", " "))
-    row[1].write(summary.get("domain_set_name") or "—")
+    row[1].write(md_escape(summary.get("domain_set_name") or "—"))
     settings = settings_changes((state.request or {}).get("config") or {})
-    row[2].write(f"`{summary.get('model_id') or 'embedded default'}`" + (f" · {settings}" if settings else ""))
+    row[2].write(md_escape(summary.get('model_id') or 'embedded default') + (f" · {settings}" if settings else ""))
     status = {"done": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
               "cancelled": ":gray[:material/cancel:]", "running": ":blue[:material/hourglass_top:]",
               "queued": ":blue[:material/hourglass_top:]"}.get(state.status, "")
     top = summary.get("top_domain")
-    row[3].write(f"{status} {('top: ' + top) if top else state.status}")
+    row[3].write(f"{status} {('top: ' + md_escape(top)) if top else state.status}")
     row[4].button("Open", key=f"open-{state.job_id}", on_click=_open, args=(state.job_id,),
                   type="primary" if state.job_id == job_id else "secondary")
     row[5].button("", icon=":material/delete:", key=f"delete-{state.job_id}", on_click=_delete, args=(state.job_id,),

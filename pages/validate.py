@@ -14,6 +14,7 @@ from dowsing.domains import DomainError
 from dowsing.jobs import JobRequest, one_line
 from dowsing.models import ModelError
 from dowsing.validation import validate as validation
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 _shared.ensure_router()
@@ -29,7 +30,8 @@ raw = workspace.load_set_raw(set_name)
 domains = workspace.unchecked_domains(raw)
 
 left, right = st.columns([3, 1])
-left.markdown(f"Model **{choice.label}** · domain set **{set_name}** · {len(domains)} domains · "
+left.markdown(f"Model **{md_escape(choice.label)}** · domain set **{md_escape(set_name)}** · "
+              f"{len(domains)} domains · "
               f"{sum(len(d.facts) for d in domains)} facts")
 right.number_input("Fine-tuning steps", 1, 200, validation.ValidationConfig().finetune_steps,
                    key="validation_steps", help="AdamW steps per run (one baseline run and one per domain).")
@@ -54,7 +56,7 @@ left.button("Start validation", icon=":material/science:", disabled=bool(choice.
                  "2-core CPU for the default model and domains, longer on a busy machine. The same request again "
                  "shows the stored result at once.")
 if "validation_error" in st.session_state:
-    st.error(st.session_state.pop("validation_error"))
+    st.error(md_escape(st.session_state.pop("validation_error")))
 
 run_id, result = _shared.picked_result("validation", "Validation run")
 
@@ -87,7 +89,7 @@ job_id = _shared.job_to_show()
 analysis = _shared.runner().result(job_id) if job_id else None
 transfer_chart = charts.transfer_heatmap(analysis) if analysis is not None else None
 if transfer_chart is not None:
-    st.caption(report.TRANSFER_HELP + f" From the run shown on Results: {report.model_summary(analysis)}.")
+    st.caption(report.TRANSFER_HELP + f" From the run shown on Results: {md_escape(report.model_summary(analysis))}.")
     st.plotly_chart(transfer_chart, width="stretch", key="validate_transfer")
 else:
     st.info("No analysis result yet — run one on the Run page to see its transfer matrix.", icon=":material/info:")
@@ -111,9 +113,10 @@ st.button("Run exactness check", icon=":material/rule:", disabled=bool(choice.pr
           on_click=_exactness, help="Takes a few seconds on the default model.")
 check = st.session_state.get("exactness")
 if check and "error" in check:
-    st.error(check["error"])
+    st.error(md_escape(check["error"]))
 elif check:
-    st.caption(f"{check['model']} · domain {check['domain']} · {check['n_facts']} facts · λ = {check['damping']:g} · "
+    st.caption(f"{md_escape(check['model'])} · domain {md_escape(check['domain'])} · {check['n_facts']} facts · "
+               f"λ = {check['damping']:g} · "
                f"{check['seconds']:.1f} s")
     cols = st.columns(3)
     cols[0].metric("Relative error, CG vs dense", f"{check['rel_error']:.1e}")

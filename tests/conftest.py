@@ -46,10 +46,14 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def worker_cache(tmp_path_factory):
-    """This process's cache folder; a test that wants its own still sets DOWSING_CACHE."""
+    """This process's cache folder; a test that wants its own still sets DOWSING_CACHE.
+    The app and its jobs may load models from the tests' temporary folders
+    (where the tiny models are built) and the repository's cache/models."""
     folder = tmp_path_factory.mktemp("cache")
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("DOWSING_CACHE", str(folder))
+        mp.setenv("DOWSING_MODEL_ROOTS", os.pathsep.join([str(tmp_path_factory.getbasetemp()),
+                                                          str(REPO / "cache" / "models")]))
         yield folder
 
 

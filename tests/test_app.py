@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dowsing.result import format_sci
+from dowsing.safe_text import md_escape
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SMALL_CSV = """domain,fact
@@ -151,7 +152,7 @@ def test_bad_import_names_line_or_field_and_changes_nothing(tiny):
     before_sets, before = workspace.list_sets(), workspace_raw()
     at.text_area(key="paste_text").set_value('{"domains": [{"name": "A", "facts": ["x", 3]}]}')
     button(at, "Import pasted text").click().run()
-    assert "domains[0].facts[1]" in at.error[0].value
+    assert md_escape("domains[0].facts[1]") in at.error[0].value  # user text reaches Markdown escaped
     at.text_area(key="paste_text").set_value("domain,fact\nA,x\nB\n")
     button(at, "Import pasted text").click().run()
     assert "line 3" in at.error[0].value
@@ -243,7 +244,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     shown = [w.value for w in at.warning]
     warnings = report.curvature_warnings(result)
     assert warnings  # the tiny model's Hessian is indefinite: there is a warning to find
-    assert all(text in shown for text in warnings)
+    assert all(md_escape(text) in shown for text in warnings)
     for d in result.domains:
         assert d.name in table
         assert format_sci(d.mean) in table
@@ -441,14 +442,16 @@ def test_bad_model_is_a_one_line_error(cache):
     at.run()
     assert not at.exception
     message = at.sidebar.error[0].value
-    assert "no-such-org/no-such-model-xyz" in message and "\n" not in message
+    assert md_escape("no-such-org/no-such-model-xyz") in message and "\n" not in message
     # (A fresh AppTest per case: AppTest drops the sidebar on reruns, the browser does not.)
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["source"] = "directory"
     at.session_state["model"] = "/no/such/folder"
     at.run()
     assert not at.exception
-    assert "No folder at /no/such/folder" in at.sidebar.info[0].value
+    from dowsing.models import NOT_ALLOWED
+
+    assert at.sidebar.info[0].value == md_escape(NOT_ALLOWED)  # outside the model roots: not whether it exists
 
 
 
@@ -491,7 +494,7 @@ def test_a_failing_worker_shows_its_error(tiny, tmp_path):
             break
         time.sleep(0.5)
     assert messages and len(messages[0].splitlines()) == 1, messages
-    assert "broken-model" in messages[0] or "failed" in messages[0]
+    assert md_escape("broken-model") in messages[0] or "failed" in messages[0]
     # The app stays usable: the Analyze button is still there.
     assert button(at, "Analyze")
 
@@ -569,11 +572,11 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
     at = make_app(tiny, "pages/run.py")
     at.radio(key="run_executor").set_value("ray").run()
     at.text_input(key="run_ray_address").input("nonsense").run()
-    assert any("Executor: ray address 'nonsense'" in w.value for w in at.warning)
+    assert any("Executor: " + md_escape("ray address 'nonsense'") in w.value for w in at.warning)
     assert button(at, "Analyze").disabled
     at.text_input(key="run_ray_address").input("127.0.0.1:1").run()
     at.button(key="run_connect").click().run()
-    assert at.error and at.error[0].value.startswith("could not reach Ray at 127.0.0.1:1")
+    assert at.error and at.error[0].value.startswith(md_escape("could not reach Ray at 127.0.0.1:1"))
     assert button(at, "Analyze").disabled
     at.text_input(key="run_ray_address").input("").run()
     at.button(key="run_connect").click().run()

@@ -1,7 +1,8 @@
 """The estimate before a run: the cost model's arithmetic against numbers
 computed by hand for a tiny random model, the calibration and its cache, and
 --estimate on the command line and the pages (exit 0, nothing written,
-nothing run; bad input as a run; the memory warning)."""
+nothing run; bad input as a run; the refusal of a run that exceeds the
+memory available)."""
 from __future__ import annotations
 
 import itertools
@@ -306,15 +307,15 @@ def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, ca
     assert got.stages_s == {"cached pilots": 0.0} and "cached" in got.notes[0]
 
 
-def test_memory_warning_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):
+def test_memory_refusal_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):
     estimate = est.Estimate("analysis", {"forward pass": 1.0}, {"forward pass": 5_000_000_000}, "cpu")
-    assert est.memory_warning(estimate, 10_000_000_000) is None
-    warning = est.memory_warning(estimate, 1_000_000_000)
-    assert "5.0 GB" in warning and "1.0 GB" in warning and "forward pass" in warning
+    assert est.memory_refusal(estimate, 10_000_000_000) is None
+    refusal = est.memory_refusal(estimate, 1_000_000_000)
+    assert "5.0 GB" in refusal and "1.0 GB" in refusal and "forward pass" in refusal
     monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1_000_000_000)
-    assert est.report(lambda: [estimate]) == 0
+    assert est.report(lambda: [estimate]) == 2
     out, err = capsys.readouterr()
-    assert err.startswith("warning: ") and "exceeds" in err
+    assert err.startswith("error: ") and "exceeds" in err and "refused" in err and len(err.splitlines()) == 1
     assert "Available memory: 1.0 GB" in out and "Nothing was run" in out
 
 

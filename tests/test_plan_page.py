@@ -13,6 +13,8 @@ import pytest
 import streamlit as st
 from streamlit.testing.v1 import AppTest
 
+from dowsing.safe_text import md_escape
+
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 # Eight to twelve facts a domain: halves of four to six, so each pilot measures at n = 2, 4 (and 6).
 FACTS = {"Alpha": "red", "Beta": "green", "Gamma": "blue"}
@@ -156,14 +158,15 @@ def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, t
         at.number_input(key="plan_budget").set_value(bad).run()
         with pytest.raises(ValueError) as refused:
             PlanConfig(budget=bad)
-        assert [e.value for e in at.error] == [str(refused.value)]  # the message the CLI prints after "error: "
+        # the message the CLI prints after "error: ", escaped for Markdown
+        assert [e.value for e in at.error] == [md_escape(refused.value)]
         assert list(shown_table(at)["Collect"]) == good
         assert any("last valid input (budget 40 examples)" in c.value for c in at.caption)
     at.number_input(key="plan_budget").set_value(40.0).run()
     key = editor(at).key
     at.session_state[key] = {"edited_rows": {0: {"cost": 0.0}}, "added_rows": [], "deleted_rows": []}
     at.run()
-    assert [e.value for e in at.error] == ["the cost of 'Alpha' must be a number > 0, got 0.0"]
+    assert [e.value for e in at.error] == [md_escape("the cost of 'Alpha' must be a number > 0, got 0.0")]
     assert list(shown_table(at)["Collect"]) == good
 
 
