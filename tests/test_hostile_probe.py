@@ -1,6 +1,7 @@
 """The hostile-input probe (benchmarks/probe_hostile.py) as a test: every case
 refused or neutralised, and no file outside the probe's cache changed."""
 import importlib.util
+import sys
 from pathlib import Path
 
 PROBE = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_hostile.py"
@@ -9,6 +10,7 @@ PROBE = Path(__file__).resolve().parent.parent / "benchmarks" / "probe_hostile.p
 def _probe_module():
     spec = importlib.util.spec_from_file_location("probe_hostile", PROBE)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclass looks its module up by name
     spec.loader.exec_module(module)
     return module
 
