@@ -11,6 +11,7 @@ from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import DomainError, validation_problems
 from dowsing.jobs import JobRequest, JobState
 from dowsing.models import ModelError
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 _shared.ensure_router()
@@ -95,8 +96,11 @@ def _show_done(state: JobState) -> None:
         return
     st.progress(1.0, text="**done** — " + (state.message or "finished"))
     top = (state.summary or {}).get("top_domain")
-    st.success(f"Finished. {f'More data on **{top}** would help most.' if top else ''}",
+    st.success(f"Finished. {f'**{md_escape(top)}** ranks first.' if top else ''}",
                icon=":material/check_circle:")
+    stale = _shared.out_of_date_note(state)
+    if stale:
+        st.warning(stale, icon=":material/update:")
     st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
 
 
@@ -141,7 +145,8 @@ for state in history[:30]:
               "cancelled": ":gray[:material/cancel:]", "running": ":blue[:material/hourglass_top:]",
               "queued": ":blue[:material/hourglass_top:]"}.get(state.status, "")
     top = summary.get("top_domain")
-    row[3].write(f"{status} {('top: ' + top) if top else state.status}")
+    row[3].write(f"{status} {('top: ' + md_escape(top)) if top else state.status}"
+                 + (" · :orange[out of date]" if state.status == "done" and _shared.run_domain_diff(state) else ""))
     row[4].button("Open", key=f"open-{state.job_id}", on_click=_open, args=(state.job_id,),
                   type="primary" if state.job_id == job_id else "secondary")
     row[5].button("", icon=":material/delete:", key=f"delete-{state.job_id}", on_click=_delete, args=(state.job_id,),

@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dowsing.result import format_sci
+from dowsing.verdict import format_number
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SMALL_CSV = """domain,fact
@@ -42,7 +43,7 @@ def tiny(cache, tiny_gpt2_dir) -> str:
     return str(tiny_gpt2_dir)
 
 
-def make_app(tiny: str, page: str | None = None) -> AppTest:
+def make_app(tiny: str, page: str | None = "pages/domains.py") -> AppTest:
     at = AppTest.from_file(APP, default_timeout=60)
     at.session_state["source"] = "directory"
     at.session_state["model"] = tiny
@@ -66,6 +67,24 @@ def editors(at):
 
 def button(at, label):
     return next(b for b in at.button if b.label == label)
+
+
+def test_the_start_page_says_what_dowsing_answers_and_how_long_each_step_takes(tiny):
+    from dowsing import workspace
+
+    at = make_app(tiny, None)
+    assert at.title[0].value == "Which data should you collect next?"
+    text = " ".join(m.value for m in at.markdown)
+    assert "1 · Domains" in text and "2 · Run" in text and "3 · Results" in text
+    # The run's time before anyone clicks: the estimate's or, without a calibration, the shipped figure.
+    assert re.search(r"One analysis of the active set: \*\*(about \d+ min|[\d.]+ (s|min))\*\*", text), text
+    n_facts = sum(len(d["facts"]) for d in workspace.load_set_raw(workspace.active_set()))
+    assert f"{n_facts} facts" in text
+    # The shipped benchmark's verdict, and the way to each step.
+    assert "ρ = 0.88" in text
+    links = " ".join(str(link.proto) for link in at.get("page_link"))
+    for page in ("domains", "run", "results", "benchmark"):
+        assert page in links, links
 
 
 def test_domains_page_starts_from_the_default_set(tiny):
@@ -98,6 +117,7 @@ def test_editing_a_fact_is_saved_and_validated(tiny):
     at.run()
     assert not at.exception
     assert workspace_raw()[0]["facts"][0] == "Edited: light is fast."
+    assert any(c.value.startswith(":green[:material/check_circle:] Saved at") for c in at.caption)
     # An empty fact and a duplicate are flagged inline, and still saved (mid-edit).
     at2 = make_app(tiny)
     key = editors(at2)[0].key
@@ -132,13 +152,16 @@ def test_add_rename_delete_undo_and_reorder_domains(tiny):
     up = [b for b in at.button if b.key and b.key.startswith("up-")][-1]
     up.click().run()
     assert workspace_raw()[-2]["name"] == "Chemistry 2"
-    # Delete it, then undo.
+    # Delete it, then undo: the undo is enabled only once there is something to undo.
+    assert button(at, "Undo delete").disabled
     delete = [b for b in at.button if b.key and b.key.startswith("del-")][-2]
     delete.click().run()
     assert "Chemistry 2" not in [d["name"] for d in workspace_raw()]
     assert any("Deleted the domain" in s.value for s in at.success)
+    assert not button(at, "Undo delete").disabled
     button(at, "Undo delete").click().run()
     assert [d["name"] for d in workspace_raw()][-2] == "Chemistry 2"
+    assert button(at, "Undo delete").disabled
     delete = [b for b in at.button if b.key and b.key.startswith("del-")][-2]
     delete.click().run()
     assert len(editors(at)) == n
@@ -239,15 +262,15 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     result = default_runner().result(job_id)
     assert result is not None
     at = results_page(tiny, job_id)
-    table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    table = "".join(m.value for m in at.markdown if "dw-table" in m.value)  # the ranking's, then the paper's
     shown = [w.value for w in at.warning]
     warnings = report.curvature_warnings(result)
     assert warnings  # the tiny model's Hessian is indefinite: there is a warning to find
     assert all(text in shown for text in warnings)
     for d in result.domains:
         assert d.name in table
-        assert format_sci(d.mean) in table
-        assert f"{d.share_pct:.1f}%" in table
+        assert format_number(d.mean) in table
+        assert f">{d.share_pct:.1f}<" in table
         if d.delta_n_10pct is None and d.delta_n_reason:
             assert d.delta_n_reason.replace("'", "&#x27;")[:20] in table  # the tooltip
     ranked = result.ranked()
@@ -263,6 +286,20 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     boxes = at.warning if report.evidence_is_weak(result) else at.info
     assert sentence in [b.value for b in boxes]
     assert "from the concept-subspace curvature (paper)" in specs_title(at)
+    # The verdict on top, in the ranking's terms, with its number and unit; every diagnosis in full.
+    from dowsing import verdict
+    from dowsing.safe_text import md_escape
+
+    found = verdict.verdict(result, esc=md_escape, strong=lambda s: f"**{s}**")
+    assert at.markdown[0].value == f"### {found.headline}" or any(m.value == f"### {found.headline}"
+                                                                    for m in at.markdown)
+    assert any(m.value == found.how_sure for m in at.markdown)
+    assert any(m.value == found.number for m in at.metric)
+    for row in result.extras["diagnosis"]:
+        assert any(md_escape(row["sentence"]) in m.value for m in at.markdown), row["sentence"]
+    # The paper's section, after the ranking, opens with the benchmark's word on the method.
+    assert "The paper's concept-subspace method" in [h.value for h in at.header]
+    assert any(m.value.startswith("On the shipped benchmark") and "ρ = 0.36" in m.value for m in at.markdown)
     charts = at.get("plotly_chart")
     assert len(charts) >= 2  # + rank stability and transfer when the result has them
     specs = [json.loads(c.proto.spec) for c in charts]
@@ -298,22 +335,17 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
     ranking = result.extras["ranking"]  # the ranking estimator's bootstrap, lists in domain order
     at = results_page(tiny, job_id)
-    table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    table = "".join(m.value for m in at.markdown if "dw-table" in m.value)
     for k, d in enumerate(result.domains):
         lo, hi = boot[d.name]["mean_interval"]  # Mean (paper)
-        assert f"[{format_sci(lo)}, {format_sci(hi)}]" in table
+        assert f"[{format_number(lo)}, {format_number(hi)}]" in table
         lo, hi = ranking["priority_interval"][k]
-        assert f"{format_sci(d.priority)}<br><span class=\"dw-ci\">[{format_sci(lo)}, {format_sci(hi)}]" in table
-        lo, hi = ranking["share_pct_interval"][k]
-        assert f"[{lo:.1f}%, {hi:.1f}%]" in table
+        assert f"{format_number(d.priority)}<br><span class=\"dw-ci\">[{format_number(lo)}, {format_number(hi)}]" in table
         if not ranking["rank_stable"][k]:
             assert f"{d.rank} ⚠ unstable" in table
     assert any("90% bootstrap interval" in c.value for c in at.caption)
-    unstable = report.unstable_domains(result)
-    if unstable:
-        assert any("not stable" in w.value and next(iter(unstable)) in w.value for w in at.warning)
     # Rank stability and the transfer heatmap, with the sentence that says how to read it.
-    assert {"Rank stability", "Cross-domain transfer"} <= {h.value for h in at.subheader}
+    assert {"Rank stability", "Cross-domain transfer (paper's method)"} <= {h.value for h in at.subheader}
     assert any("if we collect Physics, does Astronomy improve too?" in c.value for c in at.caption)
     specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
     assert specs["transfer_chart"]["data"][0]["z"] == result.extras["transfer"]["matrix"]
@@ -324,6 +356,35 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     assert specs["rank_chart"]["data"][0]["z"] == [ranking["rank_probabilities"][k] for k in by_rank]
     bands = [t for t in specs["saturation_chart"]["data"] if t.get("fill") == "toself"]
     assert {t["legendgroup"] for t in bands} <= {d.name for d in result.domains} and bands
+
+
+def test_results_and_run_say_when_the_domains_changed_after_the_run(finished_job, tiny):
+    from dowsing import workspace
+    from dowsing.jobs import default_runner
+    from pages._shared import job_labels
+
+    _, job_id, _ = finished_job
+    at = results_page(tiny, job_id)
+    assert not any("Out of date" in w.value for w in at.warning)
+    raw = workspace.load_set_raw("Small")
+    edited = [dict(d, facts=list(d["facts"])) for d in raw]
+    edited[0]["facts"][0] = "Sound travels slower than light."
+    workspace.save_set_raw("Small", edited)
+    try:
+        at = results_page(tiny, job_id)
+        stale = next(w.value for w in at.warning if w.value.startswith("Out of date"))
+        from dowsing.safe_text import md_escape
+
+        assert md_escape("Physics: 1 fact changed") in stale
+        at = make_app(tiny, "pages/run.py")
+        assert any("out of date" in m.value for m in at.markdown)
+        # A label says what differs from the run before it.
+        state = default_runner().state(job_id)
+        later = type(state)(**{**state.__dict__, "job_id": "later",
+                               "request": {**state.request, "domains": edited}})
+        assert "vs previous: Physics: 1 fact changed" in job_labels([later, state])["later"]
+    finally:
+        workspace.save_set_raw("Small", raw)
 
 
 def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
@@ -337,7 +398,7 @@ def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch
     # The page reads results through the (cached) job runner: replace the service, not the page.
     monkeypatch.setattr(LocalJobRunner, "result", lambda self, _job_id: old)
     at = results_page(tiny, job_id)
-    table = next(m.value for m in at.markdown if "dw-table" in m.value)
+    table = "".join(m.value for m in at.markdown if "dw-table" in m.value)
     body = table[table.index("<tbody>"):]  # after the CSS, which names every class
     assert 'class="dw-ci"' not in body and "unstable" not in body
     assert any("No 90% intervals" in c.value for c in at.caption)
