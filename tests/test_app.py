@@ -653,6 +653,28 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
     workspace.set_active(before)
 
 
+def test_benchmark_page_shows_the_shipped_leaderboards_until_a_run_of_its_own(tiny):
+    from dowsing.evidence import evidence_rows, load_evidence
+    from dowsing.jobs import default_runner
+
+    if default_runner().history("benchmark"):
+        pytest.skip("this module's cache already holds a benchmark run")
+    at = make_app(tiny, "pages/benchmark.py")
+    assert any(i.value.startswith("Shipped with dowsing, not run on this machine") for i in at.info)
+    board = at.dataframe[0].value
+    assert list(board["Estimator"]) == [r["Estimator"] for r in evidence_rows("all")]
+    assert len(board) == len(load_evidence()["estimators"])
+    for group in ("ordinary", "hard"):
+        at.radio(key="shipped_group").set_value(group).run()
+        assert list(at.dataframe[0].value["ρ"]) == [r["ρ"] for r in evidence_rows(group)]
+    # The label's counts are the header's: the quick run reads 20 facts of each of its 11 domains.
+    at.checkbox(key="bench_quick").check().run()
+    label = at.checkbox(key="bench_quick").label
+    n, per = map(int, re.match(r"Quick \((\d+) domains of (\d+) facts", label).groups())
+    assert any(f"{n} domains · {n * per} facts" in m.value for m in at.markdown)
+    assert "few minutes" not in label + at.checkbox(key="bench_quick").help
+
+
 def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_it(tiny):
     from dowsing.jobs import default_runner, session_pids
 
