@@ -493,6 +493,9 @@ def test_compare_two_runs(finished_job, tiny):
     assert list(table["Concept"]) and set(table["Concept"]) == {d["name"] for d in workspace.load_set_raw("Small")}
     assert {"Rank A", "Rank B", "Mean A", "Mean B"} <= set(table.columns)
     assert at.get("plotly_chart")
+    # Beside the ranks, what the two runs read: here the same facts, so the difference is the settings.
+    assert "Facts that differ" in [h.value for h in at.subheader]
+    assert any(c.value.startswith("Both runs read the same domains and facts") for c in at.caption)
 
 
 def test_bad_model_is_a_one_line_error(cache):
