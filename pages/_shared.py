@@ -227,7 +227,8 @@ def job_status(state: JobState, noun: str) -> None:
             stage = state.stage or state.status
             # "running ·" so a running job never reads as waiting; a message that only repeats its stage is dropped.
             message = state.message if state.message and state.message.strip() != stage.strip() else ""
-            text = f"{state.status} · **{stage}**" + (f" — {message}" if message else "")
+            text = (f"{state.status} · " if state.status != stage else "") + f"**{stage}**" + (
+                f" — {message}" if message else "")
             st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
         st.button("Cancel", icon=":material/stop:", key=f"cancel-{state.job_id}", on_click=runner().cancel,
                   args=(state.job_id,), help=f"Stop the {noun} (and anything it started, Ray tasks included).")
