@@ -109,16 +109,16 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def band_polygon(curve_band, lowest: float | None = None, clip: tuple[float, float] | None = None
-                 ) -> tuple[list[float], list[float]]:
+def band_polygon(curve_band, lowest: float | None = None, clip=None) -> tuple[list[float], list[float]]:
     """The closed outline of a band [[n, lo, hi], ...]: x = n ascending then descending,
     y = hi then lo reversed.
 
     A log axis cannot show lo ≤ 0, so such a lo is drawn at a floor, a tenth of the
     smallest positive value of the band (or of `lowest`, the smallest point drawn with
     it, when that is smaller): the band then runs to the bottom of the plot,
-    which reads as "could be zero or negative". With `clip` = (bottom, top) every
-    y is cut to that range, so a band that spans decades does not set the axis.
+    which reads as "could be zero or negative". With `clip` = (bottom, top), or
+    a function of n that returns them, every y is cut to that range, so a band
+    that spans decades does not set the axis.
     Rows with n ≤ 0, hi ≤ 0 or a missing value are left out."""
     rows = sorted(
         (float(n), float(lo), float(hi)) for n, lo, hi in (curve_band or [])
@@ -134,7 +134,8 @@ def band_polygon(curve_band, lowest: float | None = None, clip: tuple[float, flo
     ns = [r[0] for r in rows]
     ys = [r[2] for r in rows] + [r[1] if r[1] > 0 else floor for r in rows][::-1]
     if clip is not None:
-        ys = [min(max(y, clip[0]), clip[1]) for y in ys]
+        bounds = [clip(n) if callable(clip) else clip for n in ns + ns[::-1]]
+        ys = [min(max(y, lo), hi) for y, (lo, hi) in zip(ys, bounds)]
     return ns + ns[::-1], ys
 
 
@@ -203,6 +204,24 @@ def _positive_points(domain: DomainResult) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+BAND_FACTOR = 3.0  # how far a drawn band may stray from its computed points (a factor, either way)
+
+
+def _near_points(xs: list, ys: list):
+    """n -> (μ/BAND_FACTOR, μ·BAND_FACTOR) around the computed points, μ
+    interpolated on the log-log axes; None without points."""
+    if not xs:
+        return None
+    order = np.argsort(xs)
+    lx, ly = np.log(np.asarray(xs, float)[order]), np.log(np.asarray(ys, float)[order])
+
+    def bounds(n: float) -> tuple[float, float]:
+        mu = float(np.exp(np.interp(math.log(n), lx, ly)))
+        return mu / BAND_FACTOR, mu * BAND_FACTOR
+
+    return bounds
+
+
 def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> go.Figure:
     """Log-log μ_k(n) per domain: computed points, fitted c(n+N0)^−α, the current n
     (N_k, Mean_k), the saturation point (N_k + Δn, 0.1·μ(N_k)) and the 10% line;
@@ -221,11 +240,10 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
         group = d.name
         xs, ys = _positive_points(d)
         sat = d.saturation or {}
-        # The band is cut to a decade either side of the computed points: beyond
-        # that it only says "anything", and it would set the axis for every domain.
+        # The band is cut to a factor of BAND_FACTOR either side of the computed
+        # points: beyond that it only says "anything", and it would set the axis.
         band_x, band_y = band_polygon((boot.get(d.name) or {}).get("curve_band"),
-                                      lowest=min(ys) if ys else None,
-                                      clip=(min(ys) / 10, max(ys) * 10) if ys else None)
+                                      lowest=min(ys) if ys else None, clip=_near_points(xs, ys))
         if band_x:
             # First, so the points and the fit are drawn over it.
             fig.add_trace(go.Scatter(

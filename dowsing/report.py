@@ -254,7 +254,8 @@ TABLE_CSS = """
 .dw-scroll { max-width: 100%; overflow-x: auto; }
 .dw-table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; margin: 0.5rem 0 1rem; }
 .dw-table th { text-align: right; border-bottom: 2px solid #333; padding: 6px 12px; font-weight: 600; vertical-align: bottom; }
-.dw-table td, .dw-table th { overflow-wrap: anywhere; }
+.dw-table td, .dw-table th { overflow-wrap: break-word; }
+.dw-table td.dw-num, .dw-table td.dw-text { white-space: nowrap; }
 .dw-table th:nth-child(2) { text-align: left; }
 .dw-table td { border-bottom: 1px solid #ddd; padding: 6px 12px; }
 .dw-table td.dw-num { text-align: right; }
@@ -305,10 +306,10 @@ def ranking_rows(result: Result) -> list[dict]:
         rows.append({
             "Rank": str(d.rank) + (f" {UNSTABLE}" if entry.get("rank_stable") is False else ""),
             "Domain": d.name,
-            value_col: format_number(d.ranking_priority),
-            "90% interval": (f"{format_number(interval[0])} to {format_number(interval[1])}"
-                             if interval and None not in interval else "—"),
-            "Holds this rank (% of resamples)": "—" if held is None else f"{100 * held:.0f}",
+            value_col + " [90% interval]": format_number(d.ranking_priority) + (
+                f"\n[{format_number(interval[0])}, {format_number(interval[1])}]"
+                if interval and None not in interval else ""),
+            "Holds the rank (% of resamples)": "—" if held is None else f"{100 * held:.0f}",
             "Share (%)": "—" if d.share_pct is None else f"{d.share_pct:.1f}",
             "rank_help": rank_probability_text(probs),
         })
@@ -316,18 +317,19 @@ def ranking_rows(result: Result) -> list[dict]:
 
 
 def _rows_html(rows: list[dict], colors: dict[str, str], name_col: str, tips: dict | None = None) -> str:
-    """A dw-table of display rows (keys that start with a lower-case letter are
-    not columns); the name column gets its swatch; `tips` maps (row index,
-    column) to a tooltip."""
+    """A dw-table of display rows ("reason" and "rank_help" are not columns);
+    the name column gets its swatch; `tips` maps (row index, column) to a
+    tooltip; a value "a\nb" shows b on a smaller second line."""
     if not rows:
         return ""
-    columns = [c for c in rows[0] if c[:1].isupper() or not c[:1].isalpha()]
+    columns = [c for c in rows[0] if c not in ("reason", "rank_help")]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
     body = []
     for i, row in enumerate(rows):
         cells = []
         for col in columns:
-            value = html.escape(str(row[col]))
+            value, _, below = str(row[col]).partition("\n")
+            value = html.escape(value) + (f'<br><span class="dw-ci">{html.escape(below)}</span>' if below else "")
             tip = (tips or {}).get((i, col))
             if col == name_col:
                 value = (f'<span class="dw-swatch" style="background:{colors.get(row[col], "#999")}"></span>' + value)
@@ -360,10 +362,10 @@ def paper_rows(result: Result) -> list[dict]:
         interval = (boot.get(d.name) or {}).get("mean_interval")
         rows.append({
             "Domain": d.name,
-            "Rank by the paper's method": by_paper[d.name],
-            "Mean influence": format_number(d.mean),
-            "Mean's 90% interval": (f"{format_number(interval[0])} to {format_number(interval[1])}"
-                                    if interval and None not in interval else "—"),
+            "Paper's rank": by_paper[d.name],
+            "Mean influence [90% interval]": format_number(d.mean) + (
+                f"\n[{format_number(interval[0])}, {format_number(interval[1])}]"
+                if interval and None not in interval else ""),
             "Share of Mean (%)": "—" if shares[d.name] is None else f"{shares[d.name]:.1f}",
             "Δn@10% (facts)": format_number(d.delta_n_10pct),
             "t vs rest": format_t(d.t_vs_rest),
@@ -749,7 +751,7 @@ details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-si
 <section><h3>Saturation curves ({esc(charts.SATURATION_SOURCE)})</h3>
 <p>μ(n) is the paper's marginal influence of one more fact when the corpus holds n facts of the domain;
 ◆ marks today's n, ★ the point n+Δn where μ falls to 10% of today's value (dotted line).
-Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n), cut to the plotted range." if note else ""}</p>{curve_div}</section>
+Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n), cut to a factor of 3 either side of the computed points." if note else ""}</p>{curve_div}</section>
 {transfer_section}
 </section>
 {_plan_section(plan, plan_curves) if plan is not None else ""}

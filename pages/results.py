@@ -170,8 +170,8 @@ if notes:
 for text in report.curvature_warnings(result):
     st.warning(text, icon=":material/warning:")
 st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
-st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}; the bands are cut to a decade either side "
-           "of the computed points.")
+st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}; the bands are cut to a factor of 3 either "
+           "side of the computed points.")
 transfer_chart = charts.transfer_heatmap(result)
 if transfer_chart is not None:
     st.subheader("Cross-domain transfer (paper's method)")

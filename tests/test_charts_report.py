@@ -224,10 +224,11 @@ def test_saturation_band_is_drawn_behind_each_domain_in_its_colour():
                                          [row[1] for row in boot["curve_band"]][::-1])
     assert band.line.color == colors["Physics"]
     assert band.fillcolor.startswith("rgba(") and band.fillcolor.endswith(",0.18)")
-    # A lower end ≤ 0 is drawn at a floor below everything else, not dropped.
+    # A lower end ≤ 0 is not dropped: it is drawn at the bottom of the readable range around the points.
     astro = next(t for t in fig.data if t.name == "Astronomy 90% band")
     assert len(astro.x) == 2 * len(boot["curve_band"])
-    assert 0 < astro.y[-1] < min(astro.y[:-1])
+    astro_points = next(t for t in fig.data if t.name == "Astronomy")
+    assert astro.y[-1] == pytest.approx(astro_points.y[0] / charts.BAND_FACTOR)
     # Domains without positive points still get their band, in their legend group.
     assert {t.legendgroup for t in fig.data if t.fill == "toself"} == {"Physics", "Astronomy", "Biology", "Economics"}
     # The legend still has one entry per domain.
@@ -305,7 +306,7 @@ def test_html_report_has_intervals_rank_stability_and_transfer():
     assert html.count('class="plotly-graph-div"') == 4
     # plotly.js is inlined with the first chart; every other chart comes after it.
     assert html.index('class="plotly-graph-div"') < html.index("<h2>Rank stability")
-    for text in ("0.0296 to 0.0444", "3 ⚠ unstable", "Rank stability", "Cross-domain transfer",
+    for text in ("[0.0296, 0.0444]", "3 ⚠ unstable", "Rank stability", "Cross-domain transfer",
                  "if we collect Physics, does Astronomy improve too?", "90% bootstrap interval",
                  "Physics 90% band"):
         assert text in html, text
@@ -442,7 +443,7 @@ def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
     assert list(rows[0])[4:6] == ["share_pct", "share_of_mean_pct"]
 
     page = report.build_report(result)
-    paper = page[page.index("<th>Rank by the paper&#x27;s method</th>"):]
+    paper = page[page.index("<th>Paper&#x27;s rank</th>"):]
     head = paper[:paper.index("</thead>")]
     assert "<th>Share of Mean (%)</th>" in head
     for name, share in expected.items():
@@ -821,7 +822,7 @@ def test_transfer_heatmap_title_says_what_its_colours_say():
     assert "103,0,31" in scale[0][1].replace(" ", "") and "5,48,97" in scale[-1][1].replace(" ", "")
 
 
-def test_saturation_bands_are_cut_to_a_decade_around_the_points():
+def test_saturation_bands_are_cut_to_a_readable_range_around_the_points():
     result = with_uncertainty(paper_like_result())
     for entry in result.extras["bootstrap"]["domains"]:
         entry["curve_band"] = [[n, lo * 1e-5, hi * 1e5] for n, lo, hi in entry["curve_band"]]
@@ -832,7 +833,9 @@ def test_saturation_bands_are_cut_to_a_decade_around_the_points():
         if points is None or band is None:
             continue
         assert points.mode == "lines+markers"
-        assert min(band.y) >= min(points.y) / 10 * (1 - 1e-9) and max(band.y) <= max(points.y) * 10 * (1 + 1e-9)
+        factor = charts.BAND_FACTOR
+        assert min(band.y) >= min(points.y) / factor * (1 - 1e-9)
+        assert max(band.y) <= max(points.y) * factor * (1 + 1e-9)
 
 
 def test_fact_differences_between_two_sets():
