@@ -848,3 +848,23 @@ def test_fact_differences_between_two_sets():
     assert {(r["Change"], r["Before"], r["After"]) for r in diff_rows(diff) if r["Domain"] == "A"} == {
         ("fact added", "", "w"), ("fact changed", "y", "Y")}
     assert set_diff(before, before).empty
+
+
+@pytest.mark.parametrize("helps", [(True, True, False, False), (False, True, False, True), (False, False, False, False),
+                                   (True, True, True, True)])
+@pytest.mark.parametrize("signs", [(1, 1, -1, -1), (-1, 1, 1, -1)])
+def test_every_sentence_of_the_report_agrees_with_the_diagnoses(helps, signs):
+    """Whatever the kinds and whichever Means are negative, the report names
+    the paper's method wherever it says otherwise than a diagnosis."""
+    from dowsing import verdict
+
+    names = ["Physics", "Astronomy", "Biology", "Economics"]
+    result = pilot_ranked(paper_like_result(),
+                          {"Physics": [0.5, 0.5, 0, 0], "Astronomy": [0.5, 0.5, 0, 0],
+                           "Biology": [0, 0, 0.85, 0.15], "Economics": [0, 0, 0.15, 0.85]},
+                          {"Physics": 0.2, "Astronomy": 0.19, "Biology": 0.05, "Economics": 0.01},
+                          {n: _kind(h) for n, h in zip(names, helps)})
+    for d, sign in zip(result.domains, signs):
+        d.mean = sign * abs(d.mean)
+    text = re.sub(r"<[^>]+>", " ", report.build_report(result)).replace("&#x27;", "'")
+    assert verdict.contradictions(text, result) == []
