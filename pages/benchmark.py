@@ -123,8 +123,10 @@ def _shipped_evidence() -> None:
             icon=":material/inventory_2:")
     default = data.get("default") or {}
     if default:
-        st.markdown(f"**{md_escape(evidence_label(default['estimator'], {}))}** is the default by the rule: "
-                    f"{md_escape(default['rule'])}. {md_escape(default['reason'][:1].upper() + default['reason'][1:])}.")
+        label = evidence_label(default["estimator"], {})
+        reason = default["reason"].replace(default["estimator"], label, 1)
+        st.markdown(f"**{md_escape(label)}** is the default by the rule: {md_escape(default['rule'])}. "
+                    f"{md_escape(reason[:1].upper() + reason[1:])}.")
     groups = [g for g in GROUPS if evidence_rows(g)]
     group = st.radio("Domains", groups, horizontal=True, key="shipped_group",
                      format_func=lambda g: f"{GROUPS[g]} ({group_size(g)})")
