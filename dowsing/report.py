@@ -256,6 +256,8 @@ TABLE_CSS = """
 .dw-table th { text-align: right; border-bottom: 2px solid #333; padding: 6px 12px; font-weight: 600; vertical-align: bottom; }
 .dw-table td, .dw-table th { overflow-wrap: break-word; }
 .dw-table td.dw-num, .dw-table td.dw-text { white-space: nowrap; }
+.dw-table td.dw-fact { text-align: left; width: 100%; }
+.dw-facts th:last-child { text-align: left; }
 .dw-table th:nth-child(2) { text-align: left; }
 .dw-table td { border-bottom: 1px solid #ddd; padding: 6px 12px; }
 .dw-table td.dw-num { text-align: right; }
@@ -339,6 +341,19 @@ def _rows_html(rows: list[dict], colors: dict[str, str], name_col: str, tips: di
         body.append("<tr>" + "".join(cells) + "</tr>")
     return ('<div class="dw-scroll"><table class="dw-table"><thead><tr>' + head + "</tr></thead><tbody>"
             + "".join(body) + "</tbody></table></div>")
+
+
+def facts_table_html(columns: dict[str, list]) -> str:
+    """Columns of numbers and a last, wrapping "Fact" column as a dw-table
+    that fits the page."""
+    names = list(columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in names)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"dw-fact" if c == "Fact" else "dw-num"}">{html.escape(str(columns[c][i]))}</td>'
+                         for c in names) + "</tr>"
+        for i in range(len(columns[names[0]]) if names else 0))
+    return ('<div class="dw-scroll"><table class="dw-table dw-facts"><thead><tr>' + head + "</tr></thead><tbody>"
+            + body + "</tbody></table></div>")
 
 
 def ranking_table_html(result: Result, colors: dict[str, str] | None = None) -> str:

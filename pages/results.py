@@ -10,7 +10,6 @@ the same story, with the collection plan's section when a finished plan of
 the same model and domains exists) close the page."""
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
 from dowsing import charts, report, verdict
@@ -146,12 +145,8 @@ if result.per_example:
                 columns["Influence (paper)" if columns else "Influence"] = [verdict.format_number(r.get("influence"))
                                                                            for r in rows]
                 columns["Fact"] = [r["text"] for r in rows]
-                st.dataframe(
-                    pd.DataFrame(columns), hide_index=True, width="stretch",
-                    column_config={**{name: st.column_config.TextColumn(width=100) for name in columns
-                                      if name != "Fact"},
-                                   "Fact": st.column_config.TextColumn()},
-                )
+                # HTML, not a grid: a fact wraps within the page instead of running past its cell.
+                st.markdown(report.facts_table_html(columns), unsafe_allow_html=True)
 else:
     st.caption("This result holds no per-example influences.")
 
