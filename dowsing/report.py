@@ -111,7 +111,8 @@ def ranking_statement(result: Result) -> str:
         return (f"Ranked by {label} (estimator “paper”, the Data Dowsing paper's method): "
                 "Priority = Mean = ḡᵀ(H+λI)⁻¹ḡ.")
     return (f"Ranked by {label} (estimator “{name}”). Share is each domain's |priority| out of the total; "
-            "the paper's Mean, Δn@10% and saturation curves have their own section below.")
+            "the paper's Mean, Δn@10% and saturation curves come from the paper's concept-subspace method, "
+            "apart from the ranking.")
 
 
 def evidence_text(result: Result) -> str:
