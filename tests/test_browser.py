@@ -228,6 +228,10 @@ def test_edit_run_results_and_reload(server, page):
         page.wait_for_timeout(200)
     assert any(line.startswith("running") for line in seen), seen
     assert not any("loading model — loading model" in line for line in seen), seen
+    _idle(page)
+    page.wait_for_timeout(2500)  # the History's own poll
+    history = page.locator("[data-testid=stMain]").inner_text().split("History")[-1]
+    assert "running" not in history and "top: " in history, history
     page.screenshot(path=str(SHOTS / "3-run-done.png"), full_page=True)
 
     # Results: the verdict, the tables and the charts, one story.
