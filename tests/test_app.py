@@ -387,6 +387,33 @@ def test_results_and_run_say_when_the_domains_changed_after_the_run(finished_job
         workspace.save_set_raw("Small", raw)
 
 
+def test_results_tell_one_story_on_the_hard_case_domains(tiny):
+    """On the hard cases (noise, scrambled, contradicting, grab-bag, redundant
+    facts) the diagnoses differ most from the paper's method: no sentence of
+    the Results page about a domain may say otherwise than its diagnosis
+    without naming the method it comes from."""
+    from dowsing import verdict
+    from dowsing.domains import Domain, hard_case_domains
+    from dowsing.jobs import JobRequest, default_runner
+
+    runner = default_runner()
+    domains = [Domain(d.name, tuple(d.facts[:12])) for d in hard_case_domains(quick=True)]
+    job = runner.submit(JobRequest(model_id=tiny, domains=domains, config=None))
+    deadline = time.monotonic() + 300
+    while (state := runner.state(job)).status != "done":
+        assert state.status not in ("failed", "cancelled"), state.error
+        assert time.monotonic() < deadline, "the analysis did not finish"
+        time.sleep(0.5)
+    result = runner.result(job)
+    assert result.extras.get("diagnosis")
+    at = results_page(tiny, job)
+    shown = [e.value for kind in (at.markdown, at.caption, at.info, at.warning, at.metric) for e in kind]
+    text = re.sub(r"<[^>]+>", " ", "\n".join(str(v) for v in shown))
+    text = re.sub(r"\\(.)", r"\1", text).replace("**", "").replace("&#x27;", "'")  # Markdown escapes, bold
+    assert verdict.contradictions(text, result) == []
+    assert verdict.verdict(result).how_sure.replace("**", "") in text
+
+
 def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
     """A result cached before the bootstrap and the transfer matrix existed still shows."""
     _, job_id, _ = finished_job
