@@ -188,7 +188,7 @@ def verdict(result: Result, esc=lambda s: s, strong=lambda s: s) -> Verdict | No
         return strong(esc(n))
 
     if len(first) == len(ranked) and len(ranked) > 1:
-        headline = (f"No domain stands out: all {len(ranked)} cannot be told apart with these facts by {label}.")
+        headline = f"No domain stands out: by {label}, none of the {len(ranked)} can be told apart with these facts."
         how_sure = "Add facts to each domain, or treat them as equal and collect evenly."
     elif len(first) > 1:
         headline = f"Collect {join_names([name(n) for n in first])} first, in any order."
@@ -198,7 +198,7 @@ def verdict(result: Result, esc=lambda s: s, strong=lambda s: s) -> Verdict | No
         probs = entry.get("rank_probabilities") or []
         held = probs[0] if probs else None
         if held is not None:
-            how_sure = (f"Fairly sure: {esc(top.name)} came first in {held:.0%} of "
+            how_sure = (f"{'Sure' if held >= 0.95 else 'Fairly sure'}: {esc(top.name)} came first in {held:.0%} of "
                         f"{n_resamples or 'the'} bootstrap resamples of your facts.")
         else:
             how_sure = "How sure is not known: this result has no bootstrap of the ranking."
