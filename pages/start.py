@@ -9,6 +9,7 @@ import streamlit as st
 
 from dowsing import workspace
 from dowsing.evidence import estimator_evidence, evidence_label, load_evidence
+from dowsing.safe_text import md_escape
 from pages import _shared
 
 # The default analysis on the default model and domains, measured on a 2-core
@@ -69,6 +70,10 @@ with steps[1].container(border=True):
 with steps[2].container(border=True):
     st.markdown("#### 3 · Results")
     st.markdown("The verdict in one sentence: what to collect first, how sure, and why.")
+    latest = next((x for x in _shared.runner().history("analysis") if x.status == "done"), None)
+    top = ((latest.summary or {}).get("top_domain") if latest else None)
+    if top:
+        st.markdown(f"Your latest run ranks **{md_escape(top)}** first.")
     st.caption("Read at once when the run ends; a report in one HTML file to send on.")
     st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
 
