@@ -1,6 +1,8 @@
-"""Presenting a Result: the paper's table (formatted, with reasons for "—"),
-the facts that move each domain most, solver diagnostics, CSV, and a
-self-contained HTML report (plotly.js inline, so it opens offline).
+"""Presenting a Result: the verdict (`dowsing.verdict`), the ranking that
+ranks and the paper's quantities apart from it, the paper's full table for
+the CLI (formatted, with reasons for "—"), the facts that move each domain
+most, solver diagnostics, CSV, and a self-contained HTML report (plotly.js
+inline, so it opens offline) that tells the Results page's story.
 No Streamlit here; the app shows the same pieces.
 """
 from __future__ import annotations

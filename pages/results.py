@@ -29,7 +29,9 @@ if not job_id:
 
 state = runner.state(job_id)
 if state is not None and state.active:
-    st.info(f"This run is still {state.status} ({state.stage}: {state.message}). Results appear when it finishes.",
+    stage = state.stage or state.status
+    where = stage + (f": {state.message}" if state.message and state.message != stage else "")
+    st.info(f"This run is still {state.status} ({where}). Results appear when it finishes.",
             icon=":material/hourglass_top:")
     st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
     st.stop()
