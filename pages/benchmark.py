@@ -58,7 +58,7 @@ else:
     set_name = "benchmark domains (quick)" if quick else "benchmark domains"
     domains = benchmark_domains(quick=quick)
 _max_facts = (_quick_config if quick else BenchmarkConfig()).max_facts  # the facts a run reads of each domain
-left.markdown(f"Model **{choice.label}** · {len(domains)} domains · "
+left.markdown(f"Model **{md_escape(choice.label)}** · {len(domains)} domains · "
               f"{sum(min(len(d.facts), _max_facts or len(d.facts)) for d in domains)} facts")
 with left.expander("Where to run", icon=":material/hub:"):
     run_on, run_on_problem = _shared.executor_choice("bench")

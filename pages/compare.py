@@ -39,7 +39,7 @@ if result_a is None or result_b is None:
     st.stop()
 
 for col, result, name in ((pick[0], result_a, "A"), (pick[1], result_b, "B")):
-    col.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · ranked by "
+    col.caption(f"{md_escape(report.model_summary(result))} · {len(result.domains)} domains · ranked by "
                 f"{charts.estimator_label(result)} · settings: {settings_changes(result.config) or 'engine defaults'}")
 
 table = comparison.compare(result_a, result_b, "A", "B")

@@ -31,14 +31,15 @@ state = runner.state(job_id)
 if state is not None and state.active:
     stage = state.stage or state.status
     where = stage + (f": {state.message}" if state.message and state.message != stage else "")
-    st.info(f"This run is still {state.status} ({where}). Results appear when it finishes.",
+    st.info(f"This run is still {state.status} ({md_escape(where)}). Results appear when it finishes.",
             icon=":material/hourglass_top:")
     st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
     st.stop()
 result = runner.result(job_id)
 if result is None:
     reason = state.error if state is not None and state.status == "failed" else None
-    st.warning("No result for this run" + (f": {reason}" if reason else ".") + " Run it again on the Run page.",
+    st.warning("No result for this run" + (f": {md_escape(reason)}" if reason else ".") +
+               " Run it again on the Run page.",
                icon=":material/warning:")
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
     st.stop()
@@ -58,7 +59,7 @@ if len(done) > 1:
 
 colors = charts.result_colors(result)
 ranked = result.ranked()
-st.caption(f"{report.model_summary(result)} · {len(result.domains)} domains · "
+st.caption(f"{md_escape(report.model_summary(result))} · {len(result.domains)} domains · "
            f"{sum(d.n_facts for d in result.domains)} facts · {(result.created_at or '')[:19].replace('T', ' ')}")
 stale = _shared.out_of_date_note(state)
 if stale:
@@ -134,7 +135,7 @@ if fact_key == "priority" and not paper:
 else:
     st.caption("Per-example influence I = gᵀz of each fact in its own domain: the highest and the lowest.")
 if result.per_example:
-    tabs = st.tabs([d.name for d in ranked])
+    tabs = st.tabs([md_escape(d.name) for d in ranked])
     for tab, d in zip(tabs, ranked):
         highest, lowest = report.top_examples(result, d.name, top=5, key=fact_key)
         with tab:
@@ -157,7 +158,7 @@ st.header("The paper's concept-subspace method", anchor="paper")
 for line in report.paper_intro(result, md_escape):
     st.markdown(line)
 st.markdown(report.paper_table_html(result, colors), unsafe_allow_html=True)
-st.caption(report.PAPER_COLUMNS_HELP + " " + report.mean_share_note(result))
+st.caption(report.PAPER_COLUMNS_HELP + " " + md_escape(report.mean_share_note(result)))
 notes = report.missing_delta_n_notes(result)
 if notes:
     st.caption("“—” in Δn@10% (hover it for the reason): " +
@@ -165,7 +166,7 @@ if notes:
 # With an indefinite Hessian a Mean can be negative for that reason alone,
 # which whoever reads the paper's numbers must know.
 for text in report.curvature_warnings(result):
-    st.warning(text, icon=":material/warning:")
+    st.warning(md_escape(text), icon=":material/warning:")
 st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
 st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}; the bands are cut to a factor of 3 either "
            "side of the computed points.")
@@ -180,7 +181,7 @@ with st.expander("Solver diagnostics"):
     if report.ranking_details(result):
         st.caption(report.ranking_details(result))
     for note in (result.extras or {}).get("warnings") or []:
-        st.caption(note)
+        st.caption(md_escape(note))
     info = st.columns(2)
     info[0].markdown("**Settings**")
     info[0].json(result.config, expanded=False)

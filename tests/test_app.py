@@ -12,6 +12,7 @@ import streamlit as st
 from streamlit.testing.v1 import AppTest
 
 from dowsing.result import format_sci
+from dowsing.safe_text import md_escape
 from dowsing.verdict import format_number
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
@@ -266,7 +267,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     shown = [w.value for w in at.warning]
     warnings = report.curvature_warnings(result)
     assert warnings  # the tiny model's Hessian is indefinite: there is a warning to find
-    assert all(text in shown for text in warnings)
+    assert all(md_escape(text) in shown for text in warnings)
     for d in result.domains:
         assert d.name in table
         assert format_number(d.mean) in table
@@ -288,7 +289,6 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     assert "from the concept-subspace curvature (paper)" in specs_title(at)
     # The verdict on top, in the ranking's terms, with its number and unit; every diagnosis in full.
     from dowsing import verdict
-    from dowsing.safe_text import md_escape
 
     found = verdict.verdict(result, esc=md_escape, strong=lambda s: f"**{s}**")
     assert at.markdown[0].value == f"### {found.headline}" or any(m.value == f"### {found.headline}"
