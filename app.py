@@ -12,7 +12,8 @@ st.set_page_config(page_title="Data dowsing", page_icon="🪄", layout="wide")
 _shared.login_gate()  # only where .streamlit/secrets.toml configures a login
 
 page = st.navigation([
-    st.Page("pages/domains.py", title="Domains", icon=":material/edit_note:", url_path="domains", default=True),
+    st.Page("pages/start.py", title="Start", icon=":material/home:", url_path="start", default=True),
+    st.Page("pages/domains.py", title="Domains", icon=":material/edit_note:", url_path="domains"),
     st.Page("pages/run.py", title="Run", icon=":material/play_circle:", url_path="run"),
     st.Page("pages/results.py", title="Results", icon=":material/leaderboard:", url_path="results"),
     st.Page("pages/plan.py", title="Plan", icon=":material/shopping_cart:", url_path="plan"),

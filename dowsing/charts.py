@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from .result import DomainResult, Result, format_sci
+from .verdict import format_number
 
 # Tableau 10 first (distinct, colour-blind friendlier), then more hues for big sets.
 PALETTE: tuple[str, ...] = tuple(qualitative.T10) + tuple(qualitative.Alphabet)
@@ -108,15 +109,17 @@ def _rgba(color: str, alpha: float) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def band_polygon(curve_band, lowest: float | None = None) -> tuple[list[float], list[float]]:
+def band_polygon(curve_band, lowest: float | None = None, clip=None) -> tuple[list[float], list[float]]:
     """The closed outline of a band [[n, lo, hi], ...]: x = n ascending then descending,
     y = hi then lo reversed.
 
     A log axis cannot show lo ≤ 0, so such a lo is drawn at a floor, a tenth of the
     smallest positive value of the band (or of `lowest`, the smallest point drawn with
     it, when that is smaller): the band then runs to the bottom of the plot,
-    which reads as "could be zero or negative". Rows with n ≤ 0, hi ≤ 0 or a missing
-    value are left out."""
+    which reads as "could be zero or negative". With `clip` = (bottom, top), or
+    a function of n that returns them, every y is cut to that range, so a band
+    that spans decades does not set the axis.
+    Rows with n ≤ 0, hi ≤ 0 or a missing value are left out."""
     rows = sorted(
         (float(n), float(lo), float(hi)) for n, lo, hi in (curve_band or [])
         if n is not None and lo is not None and hi is not None and n > 0 and hi > 0
@@ -129,7 +132,11 @@ def band_polygon(curve_band, lowest: float | None = None) -> tuple[list[float], 
         positive.append(lowest)
     floor = 0.1 * min(positive)
     ns = [r[0] for r in rows]
-    return ns + ns[::-1], [r[2] for r in rows] + [r[1] if r[1] > 0 else floor for r in rows][::-1]
+    ys = [r[2] for r in rows] + [r[1] if r[1] > 0 else floor for r in rows][::-1]
+    if clip is not None:
+        bounds = [clip(n) if callable(clip) else clip for n in ns + ns[::-1]]
+        ys = [min(max(y, lo), hi) for y, (lo, hi) in zip(ys, bounds)]
+    return ns + ns[::-1], ys
 
 
 def _layout(fig: go.Figure, **kwargs) -> go.Figure:
@@ -197,6 +204,24 @@ def _positive_points(domain: DomainResult) -> tuple[list[float], list[float]]:
     return xs, ys
 
 
+BAND_FACTOR = 3.0  # how far a drawn band may stray from its computed points (a factor, either way)
+
+
+def _near_points(xs: list, ys: list):
+    """n -> (μ/BAND_FACTOR, μ·BAND_FACTOR) around the computed points, μ
+    interpolated on the log-log axes; None without points."""
+    if not xs:
+        return None
+    order = np.argsort(xs)
+    lx, ly = np.log(np.asarray(xs, float)[order]), np.log(np.asarray(ys, float)[order])
+
+    def bounds(n: float) -> tuple[float, float]:
+        mu = float(np.exp(np.interp(math.log(n), lx, ly)))
+        return mu / BAND_FACTOR, mu * BAND_FACTOR
+
+    return bounds
+
+
 def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> go.Figure:
     """Log-log μ_k(n) per domain: computed points, fitted c(n+N0)^−α, the current n
     (N_k, Mean_k), the saturation point (N_k + Δn, 0.1·μ(N_k)) and the 10% line;
@@ -215,8 +240,10 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
         group = d.name
         xs, ys = _positive_points(d)
         sat = d.saturation or {}
+        # The band is cut to a factor of BAND_FACTOR either side of the computed
+        # points: beyond that it only says "anything", and it would set the axis.
         band_x, band_y = band_polygon((boot.get(d.name) or {}).get("curve_band"),
-                                      lowest=min(ys) if ys else None)
+                                      lowest=min(ys) if ys else None, clip=_near_points(xs, ys))
         if band_x:
             # First, so the points and the fit are drawn over it.
             fig.add_trace(go.Scatter(
@@ -229,8 +256,8 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
                                      mode="markers", marker=dict(color=color)))
             continue
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="markers", name=d.name, legendgroup=group,
-            marker=dict(color=color, size=7, opacity=0.8),
+            x=xs, y=ys, mode="lines+markers", name=d.name, legendgroup=group,
+            line=dict(color=color, width=1.5, dash="dot"), marker=dict(color=color, size=5, opacity=0.8),
             hovertemplate=f"<b>{d.name}</b><br>n = %{{x:,.0f}}<br>μ(n) = %{{y:.3e}}<extra>computed</extra>",
         ))
         fitted = all(sat.get(k) is not None for k in ("alpha", "n0", "c"))
@@ -315,15 +342,16 @@ def transfer_heatmap(result: Result) -> go.Figure | None:
         return None
     names, matrix = found
     z = [[None if v is None else float(v) for v in row] for row in matrix]
-    text = [[format_sci(v) for v in row] for row in z]
+    text = [[format_number(v) for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
         z=z, x=names, y=names, zmid=0, colorscale="RdBu", text=text, texttemplate="%{text}",
-        colorbar=dict(title="∇L_jᵀz_k", exponentformat="power"), xgap=2, ygap=2,
-        hovertemplate="Collect <b>%{x}</b> → <b>%{y}</b> improves by %{text}<extra></extra>",
+        colorbar=dict(title="loss falls by<br>∇L_jᵀz_k", exponentformat="power"), xgap=2, ygap=2,
+        hovertemplate="Collect <b>%{x}</b> → loss of <b>%{y}</b> falls by %{text} (negative: rises)<extra></extra>",
     ))
     fig.update_xaxes(title="data collected (k)", type="category")
-    fig.update_yaxes(title="improves (j)", type="category", autorange="reversed")
-    return _layout(fig, title=dict(text="Cross-domain transfer: collect column k, row j improves", x=0),
+    fig.update_yaxes(title="loss of (j)", type="category", autorange="reversed")
+    return _layout(fig, title=dict(text="Paper's method: collect column k, row j's loss falls (blue) or rises (red)",
+                                   x=0),
                    height=max(300, 110 + 48 * len(names)))
 
 
@@ -370,6 +398,7 @@ def pilot_curves(result: Result, colors: dict[str, str] | None = None) -> go.Fig
         return None
     colors = colors or result_colors(result)
     fig = go.Figure()
+    seen = []  # the measured drops and the read-off points: the y range is cut to them
     for d, fit in zip(result.domains, fits):
         if not fit:
             continue
@@ -384,11 +413,16 @@ def pilot_curves(result: Result, colors: dict[str, str] | None = None) -> go.Fig
                                  legendgroup=d.name, showlegend=False,
                                  hovertemplate=f"{d.name}: pilot on %{{x}} facts<br>drop %{{y:.3f}} nats<extra></extra>"))
         at = fit["intercept"] + fit["slope_per_ln_n"] * math.log(target)
+        seen += [float(v) for v in fit["drop"] if v is not None and math.isfinite(v)] + [float(at)]
         fig.add_trace(go.Scatter(x=[target], y=[at], mode="markers", marker=dict(color=color, size=13, symbol="star"),
                                  legendgroup=d.name, showlegend=False,
                                  hovertemplate=f"{d.name}: read at n = {target}<br>%{{y:.3f}} nats<extra></extra>"))
     fig.update_xaxes(type="log", title="n facts trained on (pilot)")
     fig.update_yaxes(title="drop of held-out loss (nats)")
+    if seen:
+        lo, hi = min(seen + [0.0]), max(seen)
+        pad = 0.15 * (hi - lo or 1.0)
+        fig.update_yaxes(range=[lo - pad, hi + pad])
     return _layout(fig, title=dict(text="Pilot learning curves", x=0), height=380)
 
 

@@ -97,3 +97,45 @@ def _main_sentence(name: str) -> str:
     if beats_mean_loss(entry):
         return text + "; it beat ranking by mean loss (paired interval above 0)."
     return text + "; it did not beat ranking by mean loss with an interval that excludes 0."
+
+
+GROUPS = {"all": "all domains", "ordinary": "ordinary domains", "hard": "hard cases"}
+
+
+def evidence_rows(group: str = "all") -> list[dict]:
+    """The shipped benchmark's leaderboard over one group of domains ("all",
+    "ordinary" or "hard"), best ρ first: per estimator its label, Spearman ρ
+    against the realised gain with its 90% interval, and the paired
+    difference against mean loss with its interval (and, over all domains,
+    its time); [] without shipped evidence or that group."""
+    data = load_evidence() or {}
+    if group == "all":
+        entries = data.get("estimators") or {}
+    else:
+        entries = (((data.get("groups") or {}).get(group) or {}).get("estimators")) or {}
+
+    def span(pair) -> str:
+        return f"[{pair[0]:+.2f}, {pair[1]:+.2f}]" if pair and None not in pair else "—"
+
+    rows = []
+    for name, entry in entries.items():
+        if entry.get("spearman") is None:
+            continue
+        lo, hi = entry.get("interval") or [None, None]
+        row = {"Estimator": evidence_label(name, {**(data.get("estimators") or {}).get(name, {}), **entry}),
+               "ρ": round(entry["spearman"], 2),
+               "90% interval": f"[{lo:.2f}, {hi:.2f}]" if lo is not None else "—",
+               "ρ − mean loss": None if entry.get("diff_vs_mean_loss") is None else round(entry["diff_vs_mean_loss"], 2),
+               "paired 90% interval": span(entry.get("diff_interval"))}
+        if group == "all" and entry.get("time_s") is not None:
+            row["time (s)"] = round(entry["time_s"])
+        rows.append(row)
+    return sorted(rows, key=lambda r: -r["ρ"])
+
+
+def group_size(group: str) -> int | None:
+    """How many domains a group of the shipped benchmark holds."""
+    data = load_evidence() or {}
+    if group == "all":
+        return data.get("n_domains")
+    return ((data.get("groups") or {}).get(group) or {}).get("n_domains")

@@ -1,6 +1,8 @@
-"""Presenting a Result: the paper's table (formatted, with reasons for "—"),
-the facts that move each domain most, solver diagnostics, CSV, and a
-self-contained HTML report (plotly.js inline, so it opens offline).
+"""Presenting a Result: the verdict (`dowsing.verdict`), the ranking that
+ranks and the paper's quantities apart from it, the paper's full table for
+the CLI (formatted, with reasons for "—"), the facts that move each domain
+most, solver diagnostics, CSV, and a self-contained HTML report (plotly.js
+inline, so it opens offline) that tells the Results page's story.
 No Streamlit here; the app shows the same pieces.
 """
 from __future__ import annotations
@@ -17,6 +19,8 @@ from . import charts, metrics
 from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
 from .safe_text import csv_cell
+from . import verdict as verdict_mod
+from .verdict import format_number
 
 MEAN_SHARE = "Share of Mean, paper (%)"
 TABLE_COLUMNS = ["Rank", "Concept", "Priority", "Share (%)", MEAN_SHARE, "Mean (paper)", "Δn@10%", "t vs rest", "p"]
@@ -110,7 +114,8 @@ def ranking_statement(result: Result) -> str:
         return (f"Ranked by {label} (estimator “paper”, the Data Dowsing paper's method): "
                 "Priority = Mean = ḡᵀ(H+λI)⁻¹ḡ.")
     return (f"Ranked by {label} (estimator “{name}”). Share is each domain's |priority| out of the total; "
-            "Mean (paper) and Δn@10% are the paper's concept-subspace influence and saturation, shown beside it.")
+            "the paper's Mean, Δn@10% and saturation curves come from the paper's concept-subspace method, "
+            "apart from the ranking.")
 
 
 def evidence_text(result: Result) -> str:
@@ -250,8 +255,13 @@ def table_html(result: Result, colors: dict[str, str] | None = None) -> str:
 
 
 TABLE_CSS = """
+.dw-scroll { max-width: 100%; overflow-x: auto; }
 .dw-table { border-collapse: collapse; width: 100%; font-variant-numeric: tabular-nums; margin: 0.5rem 0 1rem; }
-.dw-table th { text-align: right; border-bottom: 2px solid #333; padding: 6px 12px; font-weight: 600; }
+.dw-table th { text-align: right; border-bottom: 2px solid #333; padding: 6px 12px; font-weight: 600; vertical-align: bottom; }
+.dw-table td, .dw-table th { overflow-wrap: break-word; }
+.dw-table td.dw-num, .dw-table td.dw-text { white-space: nowrap; }
+.dw-table td.dw-fact { text-align: left; width: 100%; }
+.dw-facts th:last-child { text-align: left; }
 .dw-table th:nth-child(2) { text-align: left; }
 .dw-table td { border-bottom: 1px solid #ddd; padding: 6px 12px; }
 .dw-table td.dw-num { text-align: right; }
@@ -265,9 +275,163 @@ TABLE_CSS = """
 """
 
 
-TRANSFER_HELP = ("Read across a row: cell (row j, column k) is how much collecting data like domain k is predicted "
-                 "to lower the loss of domain j (∇L_jᵀz_k; blue lowers it, red raises it; the diagonal is each "
-                 "domain's own Mean) — e.g. if we collect Physics, does Astronomy improve too?")
+TRANSFER_HELP = ("The paper's method's prediction, read across a row: cell (row j, column k) is how much collecting "
+                 "data like domain k is predicted to change the loss of domain j (∇L_jᵀz_k; blue: the loss falls, "
+                 "red: it rises; the diagonal is each domain's own Mean) — e.g. if we collect Physics, does "
+                 "Astronomy improve too?")
+
+
+# --- the story: the verdict, the ranking that ranks, the paper's method beside it ---
+
+def verdict_html(result: Result) -> str:
+    """The verdict (dowsing.verdict) as the report's opening block."""
+    found = verdict_mod.verdict(result, esc=html.escape, strong=lambda s: f"<b>{s}</b>")
+    if found is None:
+        return ""
+    esc = html.escape
+    caveat = f"<p class='caveat'>{found.caveat}</p>" if found.caveat else ""
+    return (f"<div class='verdict'><p class='lead'>{found.headline}</p><p>{found.how_sure}</p>"
+            f"<p class='number'><span class='number-label'>{esc(found.number_label)}:</span> "
+            f"<b>{esc(found.number)}</b><br><span class='note'>{found.number_help}</span></p>{caveat}</div>")
+
+
+def ranking_rows(result: Result) -> list[dict]:
+    """The ranking that ranks, one row per domain in rank order, as display
+    strings: Rank, Domain, the priority with its unit (plain decimals), its
+    90% interval, how often the domain holds its rank across the bootstrap
+    resamples, and its Share."""
+    meaning, unit = verdict_mod.priority_meaning(result)
+    value_col = meaning[:1].upper() + meaning[1:] + (f" ({unit})" if unit else "")
+    entries = charts.ranking_domains(result)
+    rows = []
+    for d in result.ranked():
+        entry = entries.get(d.name) or {}
+        interval = entry.get("priority_interval")
+        probs = entry.get("rank_probabilities") or []
+        held = probs[d.rank - 1] if 0 < d.rank <= len(probs) and probs[d.rank - 1] is not None else None
+        rows.append({
+            "Rank": str(d.rank) + (f" {UNSTABLE}" if entry.get("rank_stable") is False else ""),
+            "Domain": d.name,
+            value_col + " [90% interval]": format_number(d.ranking_priority) + (
+                f"\n[{format_number(interval[0])}, {format_number(interval[1])}]"
+                if interval and None not in interval else ""),
+            "Holds the rank (% of resamples)": "—" if held is None else f"{100 * held:.0f}",
+            "Share (%)": "—" if d.share_pct is None else f"{d.share_pct:.1f}",
+            "rank_help": rank_probability_text(probs),
+        })
+    return rows
+
+
+def _rows_html(rows: list[dict], colors: dict[str, str], name_col: str, tips: dict | None = None) -> str:
+    """A dw-table of display rows ("reason" and "rank_help" are not columns);
+    the name column gets its swatch; `tips` maps (row index, column) to a
+    tooltip; a value "a\nb" shows b on a smaller second line."""
+    if not rows:
+        return ""
+    columns = [c for c in rows[0] if c not in ("reason", "rank_help")]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in columns)
+    body = []
+    for i, row in enumerate(rows):
+        cells = []
+        for col in columns:
+            value, _, below = str(row[col]).partition("\n")
+            value = html.escape(value) + (f'<br><span class="dw-ci">{html.escape(below)}</span>' if below else "")
+            tip = (tips or {}).get((i, col))
+            if col == name_col:
+                value = (f'<span class="dw-swatch" style="background:{colors.get(row[col], "#999")}"></span>' + value)
+            if tip:
+                value = f'<abbr class="dw-missing" title="{html.escape(tip, quote=True)}">{value}</abbr>'
+            cells.append(f'<td class="dw-{"text" if col == name_col else "num"}">{value}</td>')
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return ('<div class="dw-scroll"><table class="dw-table"><thead><tr>' + head + "</tr></thead><tbody>"
+            + "".join(body) + "</tbody></table></div>")
+
+
+def facts_table_html(columns: dict[str, list]) -> str:
+    """Columns of numbers and a last, wrapping "Fact" column as a dw-table
+    that fits the page."""
+    names = list(columns)
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in names)
+    body = "".join(
+        "<tr>" + "".join(f'<td class="{"dw-fact" if c == "Fact" else "dw-num"}">{html.escape(str(columns[c][i]))}</td>'
+                         for c in names) + "</tr>"
+        for i in range(len(columns[names[0]]) if names else 0))
+    return ('<div class="dw-scroll"><table class="dw-table dw-facts"><thead><tr>' + head + "</tr></thead><tbody>"
+            + body + "</tbody></table></div>")
+
+
+def ranking_table_html(result: Result, colors: dict[str, str] | None = None) -> str:
+    """The ranking that ranks as an HTML table (`ranking_rows`); an unstable
+    rank carries its rank probabilities as a tooltip."""
+    colors = colors or charts.result_colors(result)
+    rows = ranking_rows(result)
+    tips = {(i, "Rank"): r["rank_help"] for i, r in enumerate(rows) if r["rank_help"]}
+    return _rows_html(rows, colors, "Domain", tips)
+
+
+def paper_rows(result: Result) -> list[dict]:
+    """The paper's quantities per domain, in the order of the ranking that
+    ranks: its own rank, Mean, Share of Mean, Δn@10% (facts) with the reason
+    where it is missing, t vs rest and p."""
+    shares = mean_shares(result)
+    by_paper = verdict_mod.paper_ranks(result)
+    boot = charts.bootstrap_domains(result)
+    rows = []
+    for d in result.ranked():
+        interval = (boot.get(d.name) or {}).get("mean_interval")
+        rows.append({
+            "Domain": d.name,
+            "Paper's rank": by_paper[d.name],
+            "Mean influence [90% interval]": format_number(d.mean) + (
+                f"\n[{format_number(interval[0])}, {format_number(interval[1])}]"
+                if interval and None not in interval else ""),
+            "Share of Mean (%)": "—" if shares[d.name] is None else f"{shares[d.name]:.1f}",
+            "Δn@10% (facts)": format_number(d.delta_n_10pct),
+            "t vs rest": format_t(d.t_vs_rest),
+            "p": format_p(d.p_value),
+            "reason": d.delta_n_reason if d.delta_n_10pct is None else None,
+        })
+    return rows
+
+
+def paper_table_html(result: Result, colors: dict[str, str] | None = None) -> str:
+    """`paper_rows` as an HTML table; a missing Δn carries its reason (by the
+    paper's method) as a tooltip."""
+    colors = colors or charts.result_colors(result)
+    rows = paper_rows(result)
+    tips = {(i, "Δn@10% (facts)"): "By the paper's method: " + r["reason"] for i, r in enumerate(rows)
+            if r["reason"]}
+    return _rows_html(rows, colors, "Domain", tips)
+
+
+PAPER_COLUMNS_HELP = ("Mean influence: the paper's average per-fact influence I = gᵀz in the concept subspace "
+                      "(positive: more facts like these are predicted to lower the loss). Share of Mean: the "
+                      "domain's total influence |N_k Mean_k| out of all domains'. Δn@10%: how many more facts until "
+                      "the paper's marginal influence μ(n) = c(n+N₀)^−α falls to a tenth of today's. t vs rest: "
+                      "Welch's t of the domain's per-fact values against all other domains' (p two-sided).")
+
+
+def paper_intro(result: Result, esc=lambda s: s) -> list[str]:
+    """The paper's section's opening sentences: how the method fared on the
+    shipped benchmark, then where it disagrees with the ranking above and why
+    (dowsing.verdict)."""
+    out = []
+    evidence = verdict_mod.paper_evidence_sentence(result)
+    if evidence:
+        out.append(evidence)
+    if result.estimator == "paper":
+        out.append("This result is ranked by the paper's method itself: the ranking above is this method's.")
+        return out
+    disagreements = verdict_mod.paper_disagreements(result, esc)
+    out += disagreements or ["On these domains the paper's method orders the domains as the ranking above does."]
+    return out
+
+
+def missing_delta_n_notes(result: Result) -> dict[str, str]:
+    """Domain -> why the paper's method gives no Δn@10%, as a sentence that
+    names the method."""
+    return {name: "By the paper's method: " + why[:1].lower() + why[1:] for name, why in missing_reasons(result).items()}
+
 
 
 def missing_reasons(result: Result) -> dict[str, str]:
@@ -511,7 +675,7 @@ def _figure_sections(result: Result, figs: dict) -> tuple[str, str]:
                         f"when one rank has at least {threshold:.0%}.</p>{rank_div}</section>")
     if "transfer" in figs:
         transfer_div = figs["transfer"].to_html(full_html=False, include_plotlyjs=False, default_width="100%")
-        transfer_section = f"<section><h2>Cross-domain transfer</h2><p>{esc(TRANSFER_HELP)}</p>{transfer_div}</section>"
+        transfer_section = f"<section><h3>Cross-domain transfer (paper's method)</h3><p>{esc(TRANSFER_HELP)}</p>{transfer_div}</section>"
     return rank_section, transfer_section
 
 
@@ -562,49 +726,55 @@ def build_report(result: Result, title: str = "Data dowsing report", plan=None, 
     note = interval_note(result)
     uncertainty = _uncertainty_html(result)
     rank_section, transfer_section = _figure_sections(result, figs)
-    reasons = missing_reasons(result)
-    reason_items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in reasons.items())
-    top = result.ranked()[0] if result.domains else None
-    headline = (
-        f"<p class='lead'>More data on <b>{esc(top.name)}</b> is expected to help this model most "
-        f"(rank 1, priority {esc(format_sci(top.ranking_priority))}).</p>" if top else ""
-    )
+    notes = missing_delta_n_notes(result)
+    reason_items = "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in notes.items())
     evidence_class = "evidence weak" if evidence_is_weak(result) else "evidence"
     ranking_block = (f"<p class='ranked-by'>{esc(ranking_statement(result))}</p>"
                      f"<p class='{evidence_class}'>{esc(evidence_text(result))}</p>")
+    paper_intro_html = "".join(f"<p>{esc(line)}</p>" for line in paper_intro(result))
+    warnings_html = "".join(f"<p class='note'>{esc(text)}</p>" for text in curvature_warnings(result))
     created = result.created_at or datetime.now().isoformat(timespec="seconds")
     return page_head(title) + f"""
-.lead {{ font-size: 1.15rem; }} .note {{ color: #555; font-size: 0.95rem; }}
+.lead {{ font-size: 1.25rem; margin: 0.3rem 0; }} .note {{ color: #555; font-size: 0.95rem; }}
+.verdict {{ border: 1px solid #c9d6e6; border-radius: 6px; padding: 0.6rem 1rem; background: #f7fafd; }}
+.verdict .number b {{ font-size: 1.2rem; }} .number-label {{ color: #555; }}
+.caveat {{ border-left: 4px solid #b35900; padding: 0.3rem 0.8rem; background: #fff4e5; }}
 .grid {{ display: grid; grid-template-columns: 1fr; gap: 1rem; }}
 table.kv th {{ text-align: left; padding: 3px 12px 3px 0; color: #555; font-weight: 500; }}
-table.kv td {{ font-family: ui-monospace, monospace; }}
+table.kv td {{ font-family: ui-monospace, monospace; overflow-wrap: anywhere; }}
 details {{ margin: 0.3rem 0; }} footer {{ color: #888; margin-top: 3rem; font-size: 0.9rem; }}
 .ranked-by {{ font-weight: 600; }}
 .evidence {{ border-left: 4px solid #4e79a7; padding: 0.4rem 0.8rem; background: #f3f6fa; }}
 .evidence.weak {{ border-left-color: #b35900; background: #fff4e5; }}
+.paper {{ border-top: 2px solid #ccc; margin-top: 2rem; }}
 {TABLE_CSS}
 </style></head>
 <body>
 <h1>{esc(title)}</h1>
 <p class="meta">{esc(model_summary(result))} · created {esc(created)}</p>
-{headline}
-<h2>Concept priority ranking</h2>
+{verdict_html(result)}
+<h2>The ranking</h2>
 {ranking_block}
-{table_html(result)}
-<p class="note">{esc(mean_share_note(result))}</p>
+{ranking_table_html(result)}
 {uncertainty}
 {_diagnosis_html(result)}
-{"<p>Δn@10% shows “—” where no saturation estimate exists:</p><ul>" + reason_items + "</ul>" if reasons else ""}
 <div class="grid">
 <section><h2>{esc(share_heading(result))}</h2><p class="note">Share: {esc(share_meaning(result))}.</p>{share_div}</section>
+{_pilot_section(figs)}
 {rank_section}
-<section><h2>Saturation curves ({esc(charts.SATURATION_SOURCE)})</h2>
+</div>
+<section class="paper"><h2>The paper's concept-subspace method</h2>
+{paper_intro_html}
+{paper_table_html(result)}
+<p class="note">{esc(PAPER_COLUMNS_HELP)} {esc(mean_share_note(result))}</p>
+{"<p>Δn@10% shows “—” where the paper's method gives no saturation estimate:</p><ul>" + reason_items + "</ul>" if notes else ""}
+{warnings_html}
+<section><h3>Saturation curves ({esc(charts.SATURATION_SOURCE)})</h3>
 <p>μ(n) is the paper's marginal influence of one more fact when the corpus holds n facts of the domain;
 ◆ marks today's n, ★ the point n+Δn where μ falls to 10% of today's value (dotted line).
-Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n)." if note else ""}</p>{curve_div}</section>
+Click a domain in the legend to hide or show it.{" The shaded area is the 90% bootstrap band of μ(n), cut to a factor of 3 either side of the computed points." if note else ""}</p>{curve_div}</section>
 {transfer_section}
-{_pilot_section(figs)}
-</div>
+</section>
 {_plan_section(plan, plan_curves) if plan is not None else ""}
 {_appendix_html(result)}
 <footer>Generated by dowsing (engine {esc(result.engine_version)}) · cache key {esc(result.cache_key or "—")}</footer>

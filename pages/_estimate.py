@@ -61,7 +61,11 @@ def _show(estimate: dict) -> str | None:
         st.dataframe([{"stage": name, "time": est.format_seconds(seconds),
                        "peak memory": est.format_bytes(estimate["memory_bytes"].get(name, 0))}
                       for name, seconds in estimate["stages_s"].items()], hide_index=True, width="stretch")
-        for line in estimate["basis"] + estimate["notes"]:
+        for line in estimate["notes"]:
+            st.caption(line)
+    # The calibration's file and per-operation constants: for whoever checks the cost model.
+    with st.expander("How the estimate was made (developer detail)"):
+        for line in estimate["basis"]:
             st.caption(line)
     return refusal
 

@@ -265,7 +265,10 @@ def job_status(state: JobState, noun: str) -> None:
             st.info(md_escape(state.message[:1].upper() + state.message[1:]), icon=":material/hourglass_top:")
         else:
             stage = state.stage or state.status
-            text = f"**{md_escape(stage)}**" + (f" — {md_escape(state.message)}" if state.message else "")
+            # "running ·" so a running job never reads as waiting; a message that only repeats its stage is dropped.
+            message = state.message if state.message and state.message.strip() != stage.strip() else ""
+            text = (f"{state.status} · " if state.status != stage else "") + f"**{md_escape(stage)}**" + (
+                f" — {md_escape(message)}" if message else "")
             st.progress(min(max(float(state.fraction or 0.0), 0.0), 1.0), text=text)
         st.button("Cancel", icon=":material/stop:", key=f"cancel-{state.job_id}", on_click=runner().cancel,
                   args=(state.job_id,), help=f"Stop the {noun} (and anything it started, Ray tasks included).")
@@ -531,3 +534,58 @@ def plan_for(result) -> tuple | None:
         return (state, pilots, *kept_plan_config(state))
     except ValueError:  # a kept configuration this version no longer accepts: as if there were no plan
         return None
+
+
+# --- what a run's domains are against the domains now -------------------------
+
+def run_domain_diff(state: JobState | None):
+    """What changed in the run's domain set since the run (`dowsing.fact_diff.SetDiff`),
+    or None when the set is gone, unnamed, or unchanged."""
+    from dowsing.fact_diff import set_diff
+
+    if state is None or state.kind != "analysis":
+        return None
+    request = state.request or {}
+    name = request.get("domain_set_name") or (state.summary or {}).get("domain_set_name")
+    if not name or name not in workspace.list_sets():
+        return None
+    try:
+        diff = set_diff(request.get("domains") or [], workspace.load_set_raw(name))
+    except (workspace.WorkspaceError, OSError):
+        return None
+    return None if diff.empty else diff
+
+
+def out_of_date_note(state: JobState | None) -> str | None:
+    """'The domain set “Default” changed after this run (Biology: 1 fact changed): …'
+    for a run whose domains were edited since; None when they were not."""
+    diff = run_domain_diff(state)
+    if diff is None:
+        return None
+    from dowsing.safe_text import md_escape
+
+    name = (state.request or {}).get("domain_set_name") or (state.summary or {}).get("domain_set_name")
+    changes = diff.summary()
+    if len(changes) > 160:
+        changes = changes[:159] + "…"
+    return (f"Out of date: the domain set “{md_escape(name)}” changed after this run ({md_escape(changes)}). "
+            "Run it again on Run for an answer on the facts as they are now.")
+
+
+def job_labels(states: list) -> dict:
+    """job id -> `job_label`, plus what differs from the run before it of the
+    same kind (its domains, when they differ), so no two runs of different
+    domains read the same."""
+    from dowsing.fact_diff import set_diff
+
+    labels = {}
+    for k, state in enumerate(states):
+        label = job_label(state)
+        older = states[k + 1] if k + 1 < len(states) else None
+        if older is not None:
+            diff = set_diff((older.request or {}).get("domains") or [], (state.request or {}).get("domains") or [])
+            if not diff.empty:
+                changes = diff.summary()
+                label += " · vs previous: " + (changes if len(changes) <= 70 else changes[:69] + "…")
+        labels[state.job_id] = label
+    return labels

@@ -21,6 +21,7 @@ from dowsing.jobs import JobRequest, one_line
 from dowsing.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text
+from dowsing.evidence import GROUPS, evidence_label, evidence_rows, group_size, load_evidence
 from dowsing.safe_text import md_escape
 from pages import _shared
 
@@ -38,9 +39,11 @@ source = right.radio("Domains", ["Shipped benchmark domains", "Active domain set
                           "topics, three languages, two invented controls) and 10 hard cases (noise, scrambled, "
                           "contradiction, grab-bag, redundant). Each needs a sample of 16, 12 test facts and a pool "
                           "of 32. Fewer than 5 domains give ρ no power.")
-quick = right.checkbox("Quick (11 domains of 20 facts, a short recipe)", key="bench_quick",
-                       help="A few minutes; the full benchmark on the default model takes about an hour on a 2-core "
-                            "CPU in one process (docs/PERFORMANCE.md).")
+_quick_config = BenchmarkConfig.quick()
+quick = right.checkbox(f"Quick ({len(benchmark_domains(quick=True))} domains of {_quick_config.max_facts} facts, a "
+                       "short recipe)", key="bench_quick",
+                       help="Fewer domains, fewer facts, a shorter recipe. How long either takes on this machine: "
+                            "the estimate under Start.")
 check_plan = right.checkbox("Check the collection plan by training on it", key="bench_plan",
                             help="Two budgets (an eighth and a half of the domains' pools); per budget and seed, "
                                  "one fine-tune on the plan's allocation (two: the plan that counts each domain's "
@@ -54,8 +57,9 @@ if source == "Active domain set":
 else:
     set_name = "benchmark domains (quick)" if quick else "benchmark domains"
     domains = benchmark_domains(quick=quick)
+_max_facts = (_quick_config if quick else BenchmarkConfig()).max_facts  # the facts a run reads of each domain
 left.markdown(f"Model **{md_escape(choice.label)}** · {len(domains)} domains · "
-              f"{sum(len(d.facts) for d in domains)} facts")
+              f"{sum(min(len(d.facts), _max_facts or len(d.facts)) for d in domains)} facts")
 with left.expander("Where to run", icon=":material/hub:"):
     run_on, run_on_problem = _shared.executor_choice("bench")
 if run_on_problem:
@@ -105,6 +109,33 @@ left.button("Start benchmark", icon=":material/science:",
                  "and Cancel stops it (and its Ray tasks). The same request again shows the stored result at once.")
 if "bench_error" in st.session_state:
     st.error(md_escape(st.session_state.pop("bench_error")))
+
+def _shipped_evidence() -> None:
+    """The benchmark shipped with dowsing, marked as such, until this install has a run of its own."""
+    data = load_evidence()
+    if not data:
+        st.info("No benchmark run yet, and this install ships none: start one above (the estimate says how long).",
+                icon=":material/info:")
+        return
+    st.subheader("The shipped benchmark")
+    st.info(f"Shipped with dowsing, not run on this machine: {data['n_domains']} domains on "
+            f"{data['model'].replace('embedded:', '')}, ground truth {data['recipe_label']}, measured "
+            f"{data['created_at'][:10]} (`{data['command']}`). Your own run replaces it here.",
+            icon=":material/inventory_2:")
+    default = data.get("default") or {}
+    if default:
+        label = evidence_label(default["estimator"], {})
+        reason = default["reason"].replace(default["estimator"], label, 1)
+        st.markdown(f"**{md_escape(label)}** is the default by the rule: {md_escape(default['rule'])}. "
+                    f"{md_escape(reason[:1].upper() + reason[1:])}.")
+    groups = [g for g in GROUPS if evidence_rows(g)]
+    group = st.radio("Domains", groups, horizontal=True, key="shipped_group",
+                     format_func=lambda g: f"{GROUPS[g]} ({group_size(g)})")
+    st.caption("ρ: Spearman between the estimator's priority and the realised gain over domains, its 90% interval "
+               "over resampled domains; ρ − mean loss: the paired difference against ranking by mean loss.")
+    st.dataframe(pd.DataFrame(evidence_rows(group)), hide_index=True, width="stretch", key="shipped_board",
+                 column_config={c: st.column_config.NumberColumn(format="%.2f") for c in ("ρ", "ρ − mean loss")})
+
 
 run_id, result = _shared.picked_result("benchmark", "Benchmark run")
 
@@ -238,4 +269,4 @@ if result is not None:
         st.download_button("Benchmark (JSON)", json.dumps(data, indent=2), file_name=f"benchmark-{run_id[:12]}.json",
                            mime="application/json")
 elif not run_id:
-    st.info("No benchmark run yet. The quick benchmark takes a few minutes.", icon=":material/info:")
+    _shipped_evidence()

@@ -2,6 +2,7 @@
 several named sets, import and export JSON/CSV. Every edit is saved at once."""
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 
 import pandas as pd
@@ -29,6 +30,7 @@ st.caption(
     "Each domain is a concept (Physics, Astronomy, …) described by short, true, one-sentence facts. "
     "Edits are saved as you type; they survive a refresh and a restart."
 )
+saved_box = st.empty()  # filled after the editors, once this run's edits are on disk
 
 # --- state: which set, and the "generation" of the editors ------------------
 # An editor's session state holds edits relative to the table it was created
@@ -260,6 +262,12 @@ for i, domain in enumerate(base):
 # Autosave: what the editors show now is what is on disk.
 if current != _raw():
     workspace.save_set_raw(set_name, current)
+    st.session_state["dom_saved_at"] = (set_name, datetime.now().strftime("%H:%M:%S"))
+    st.toast(f"Saved “{set_name}”", icon=":material/check:")
+saved = st.session_state.get("dom_saved_at")
+if saved and saved[0] == set_name:
+    saved_box.caption(f":green[:material/check_circle:] Saved at {saved[1]}: “{md_escape(set_name)}” is on disk as "
+                      "shown.")
 
 add = st.columns([4, 1], vertical_alignment="bottom")
 add[0].text_input("New domain", key="new_domain_name", placeholder="Name of a new domain, e.g. Chemistry")
@@ -277,8 +285,10 @@ elif domains and not validation_problems(domains):
     st.success(f"{len(domains)} domains, {sum(len(d.facts) for d in domains)} facts: ready to analyse on the Run page.",
                icon=":material/check_circle:")
 
-st.button("Undo delete", icon=":material/undo:", on_click=_undo,
-          help="Restore the most recently deleted domain of this set.")
+undoable = workspace.Workspace().trash_size(set_name)
+st.button("Undo delete", icon=":material/undo:", on_click=_undo, disabled=not undoable,
+          help="Restore the most recently deleted domain of this set." if undoable else
+               "Nothing to undo: no domain of this set has been deleted.")
 
 st.subheader("Import and export")
 st.caption("JSON `{\"domains\": [{\"name\": …, \"facts\": […]}]}` or CSV with columns `domain,fact`. "

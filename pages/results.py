@@ -1,20 +1,20 @@
-"""Results: which estimator ranked the domains and what the benchmark measured
-for it, the ranked table with 90% bootstrap intervals (the ranking estimator's
-Priority and Share, the paper's Share of Mean, Mean and Δn@10%), the share donut, the
-saturation curves with their bands, rank stability, the
-cross-domain transfer heatmap, the facts that move each domain most, solver
-diagnostics and downloads (CSV, JSON, a self-contained HTML report, with the
-collection plan's section when a finished plan of the same model and domains
-exists)."""
+"""Results: one story. At the top the verdict in plain words (what to
+collect first, how sure, the one number it rests on, from `dowsing.verdict`),
+then the ranking that ranks with its intervals, each domain's diagnosis in
+full, the share donut, the pilot curves and rank stability; the facts that
+move each domain most; then "The paper's concept-subspace method" on its own:
+how it fared on the benchmark, where it disagrees with the ranking, its
+Mean, Share of Mean, Δn@10%, saturation curves and transfer heatmap. Solver
+diagnostics and downloads (CSV, JSON, a self-contained HTML report that tells
+the same story, with the collection plan's section when a finished plan of
+the same model and domains exists) close the page."""
 from __future__ import annotations
 
-import pandas as pd
 import streamlit as st
 
-from dowsing import charts, report
-from dowsing.plan import fit_pilots, plan_from_pilots
-from dowsing.result import format_sci
+from dowsing import charts, report, verdict
 from dowsing.safe_text import md_escape
+from dowsing.plan import fit_pilots, plan_from_pilots
 from pages import _shared
 
 _shared.ensure_router()
@@ -29,8 +29,9 @@ if not job_id:
 
 state = runner.state(job_id)
 if state is not None and state.active:
-    st.info(f"This run is still {state.status} ({state.stage}: {md_escape(state.message)}). Results appear when it "
-            "finishes.",
+    stage = state.stage or state.status
+    where = stage + (f": {state.message}" if state.message and state.message != stage else "")
+    st.info(f"This run is still {state.status} ({md_escape(where)}). Results appear when it finishes.",
             icon=":material/hourglass_top:")
     st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
     st.stop()
@@ -46,40 +47,36 @@ if result is None:
 done = [s for s in runner.history("analysis") if s.status == "done"]
 if len(done) > 1:
     ids = [s.job_id for s in done]
-    labels = {s.job_id: _shared.job_label(s) for s in done}
+    labels = _shared.job_labels(done)
     if job_id not in labels:
         ids.insert(0, job_id)
         labels[job_id] = "this run"
     picked = st.selectbox("Run", ids, index=ids.index(job_id), format_func=labels.get, key=f"result_pick_{job_id}",
-                          help="Every finished run in the history.")
+                          help="Every finished run in the history, and what differs from the one before it.")
     if picked != job_id:
         _shared.set_current_job(picked)
         st.rerun()
 
 colors = charts.result_colors(result)
 ranked = result.ranked()
-top = ranked[0] if ranked else None
 st.caption(f"{md_escape(report.model_summary(result))} · {len(result.domains)} domains · "
            f"{sum(d.n_facts for d in result.domains)} facts · {(result.created_at or '')[:19].replace('T', ' ')}")
+stale = _shared.out_of_date_note(state)
+if stale:
+    st.warning(stale, icon=":material/update:")
 
 paper = result.estimator == "paper"
 estimator_label = charts.estimator_label(result)
-if top is not None:
-    cols = st.columns(4)
-    cols[0].metric("Collect first", md_escape(top.name), help=f"Rank 1: the highest priority by {estimator_label}.")
-    top_ci = report.format_interval((charts.ranking_domains(result).get(top.name) or {}).get("priority_interval"))
-    cols[1].metric("Priority", format_sci(top.ranking_priority),
-                   help=f"{estimator_label}." + (f" 90% interval {top_ci}." if top_ci else ""))
-    biggest = max(result.domains, key=lambda d: d.share_pct or 0)
-    cols[2].metric("Largest share", md_escape(biggest.name),
-                   delta=f"{biggest.share_pct:.1f}%", delta_color="off", delta_arrow="off",
-                   help=f"Share: {report.share_meaning(result)}.")
-    cols[3].metric("Δn@10% for " + md_escape(top.name), format_sci(top.delta_n_10pct),
-                   help="More facts until the paper's marginal influence falls to 10% of today's value "
-                        f"({charts.SATURATION_SOURCE})"
-                        + (f". Missing: {top.delta_n_reason}" if top.delta_n_10pct is None else "."))
+found = verdict.verdict(result, esc=md_escape, strong=lambda s: f"**{s}**")
+if found is not None:
+    with st.container(border=True, key="verdict"):
+        st.markdown(f"### {found.headline}")
+        st.markdown(found.how_sure)
+        st.metric(found.number_label, found.number, help=found.number_help)
+        if found.caveat:
+            st.warning(found.caveat, icon=":material/help:")
 
-st.subheader("Concept priority ranking")
+st.subheader("The ranking")
 st.markdown("**" + report.ranking_statement(result) + "**")
 # The benchmark's verdict on this estimator, verbatim: a warning where it did
 # not beat ranking by mean loss, so nobody reads the ranking as more than it is.
@@ -87,70 +84,51 @@ if report.evidence_is_weak(result):
     st.warning(report.evidence_text(result), icon=":material/science:")
 else:
     st.info(report.evidence_text(result), icon=":material/science:")
-st.markdown(f"<style>{report.TABLE_CSS}</style>" + report.table_html(result, colors), unsafe_allow_html=True)
-reasons = report.missing_reasons(result)
-if reasons:
-    st.caption("“—”: no saturation estimate (hover it for the reason). " +
-               " ".join(f"**{md_escape(name)}**: {md_escape(why.rstrip('.'))}." for name, why in reasons.items()))
-st.caption(f"Priority: {estimator_label}, the score that ranks the domains. "
-           f"Share: {report.share_meaning(result)}. {report.mean_share_note(result)} "
-           "Mean (paper): the paper's average per-example influence I = gᵀz in the concept subspace. "
-           f"Δn@10%: more facts until the paper's marginal gain falls to 10% (power-law fit, "
-           f"{charts.SATURATION_SOURCE}). "
-           "t vs rest: Welch's t of the domain's per-fact priorities against all others (p two-sided).")
-diagnosis = report.diagnosis_rows(result)
-if diagnosis:
-    st.subheader("What kind of domain each is")
-    st.caption(report.DIAGNOSIS_HELP)
-    st.dataframe(pd.DataFrame(diagnosis), hide_index=True, width="stretch",
-                 column_config={"Diagnosis": st.column_config.TextColumn(width="large")})
-# Under the table, not in the diagnostics: with an indefinite Hessian a Mean can
-# be negative for that reason alone, which whoever reads the ranking must know.
-for text in report.curvature_warnings(result):
-    st.warning(md_escape(text), icon=":material/warning:")
+st.markdown(f"<style>{report.TABLE_CSS}</style>" + report.ranking_table_html(result, colors), unsafe_allow_html=True)
 interval_note = report.interval_note(result)
 if interval_note:
     st.caption(interval_note)
-    unstable = report.unstable_domains(result)
-    if unstable:
-        st.warning("Rank not stable under resampling of the facts — " +
-                   "; ".join(f"**{md_escape(name)}**: {probs}" for name, probs in unstable.items()) +
-                   ". Treat their order as a tie.", icon=":material/warning:")
 else:
     st.caption("No 90% intervals for this result: the bootstrap needs a dense system per domain (not there with the "
                "CG solver and B > 1), "
                "and results cached before it existed do not carry one.")
+st.caption(f"Share: {report.share_meaning(result)}.")
+
+diagnosis = report.diagnosis_rows(result)
+if diagnosis:
+    st.subheader("What kind of domain each is")
+    st.caption(report.DIAGNOSIS_HELP)
+    # In full, one per line: in a table cell the sentences were cut off.
+    with st.container(key="diagnoses"):
+        for row in diagnosis:
+            st.markdown(f"**{md_escape(row['Concept'])}** (rank {row['Rank']}, {md_escape(row['Kind'])}): "
+                        f"{md_escape(row['Diagnosis'])}")
 
 left, right = st.columns([2, 3])
 with left:
     st.plotly_chart(charts.share_donut(result, colors), key="share_chart", width="stretch")
-with right:
-    st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
-    st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}, whatever ranked the domains.")
 pilot_fig = charts.pilot_curves(result, colors)
-if pilot_fig is not None:
-    st.plotly_chart(pilot_fig, key="pilot_chart", width="stretch")
-    st.caption(f"Beside the paper's μ(n): {charts.PILOT_SOURCE}; ★ where the priority is read. Its nats are the "
-               "pilot runs' own, so it ranks; the Plan page turns such curves into how many examples to collect.")
-
 rank_chart = charts.rank_probability_chart(result)
-transfer_chart = charts.transfer_heatmap(result)
-if rank_chart is not None or transfer_chart is not None:
-    left, right = st.columns([2, 3])
-    if rank_chart is not None:
-        with left:
-            st.subheader("Rank stability")
-            st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column) "
-                       f"by {estimator_label}.")
-            st.plotly_chart(rank_chart, key="rank_chart", width="stretch")
-    if transfer_chart is not None:
-        with right if rank_chart is not None else st.container():
-            st.subheader("Cross-domain transfer")
-            st.caption(report.TRANSFER_HELP)
-            st.plotly_chart(transfer_chart, key="transfer_chart", width="stretch")
+with right:
+    if pilot_fig is not None:
+        st.plotly_chart(pilot_fig, key="pilot_chart", width="stretch")
+        st.caption(f"{charts.PILOT_SOURCE[:1].upper() + charts.PILOT_SOURCE[1:]}; ★ where the priority is read. "
+                   "The Plan page turns such curves into how many examples to collect.")
+    elif rank_chart is not None:
+        st.subheader("Rank stability")
+        st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column) "
+                   f"by {estimator_label}.")
+        st.plotly_chart(rank_chart, key="rank_chart", width="stretch")
+if rank_chart is not None and pilot_fig is not None:
+    st.subheader("Rank stability")
+    st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column) "
+               f"by {estimator_label}.")
+    st.plotly_chart(rank_chart, key="rank_chart", width="stretch")
 
 st.subheader("Facts that move each domain most")
 fact_key = report.fact_score_key(result)
+_, fact_unit = verdict.priority_meaning(result)
+fact_header = "Priority" + (f" ({fact_unit})" if fact_unit else "")
 if fact_key == "priority" and not paper:
     st.caption(f"Each fact's own part of its domain's priority ({estimator_label}; the domain's priority is their "
                "mean), the highest and the lowest, with the paper's per-example influence I = gᵀz beside it.")
@@ -166,18 +144,37 @@ if result.per_example:
                 st.markdown(f"**{title} {'priority' if fact_key == 'priority' and not paper else 'influence'}**")
                 columns = {}
                 if fact_key == "priority" and not paper:
-                    columns["Priority"] = [format_sci(r["priority"], 2) for r in rows]
-                columns["Influence (paper)" if columns else "Influence"] = [format_sci(r.get("influence"), 2)
+                    columns[fact_header] = [verdict.format_number(r["priority"]) for r in rows]
+                columns["Influence (paper)" if columns else "Influence"] = [verdict.format_number(r.get("influence"))
                                                                            for r in rows]
                 columns["Fact"] = [r["text"] for r in rows]
-                st.dataframe(
-                    pd.DataFrame(columns), hide_index=True, width="stretch",
-                    column_config={**{name: st.column_config.TextColumn(width=100) for name in columns
-                                      if name != "Fact"},
-                                   "Fact": st.column_config.TextColumn()},
-                )
+                # HTML, not a grid: a fact wraps within the page instead of running past its cell.
+                st.markdown(report.facts_table_html(columns), unsafe_allow_html=True)
 else:
     st.caption("This result holds no per-example influences.")
+
+st.divider()
+st.header("The paper's concept-subspace method", anchor="paper")
+for line in report.paper_intro(result, md_escape):
+    st.markdown(line)
+st.markdown(report.paper_table_html(result, colors), unsafe_allow_html=True)
+st.caption(report.PAPER_COLUMNS_HELP + " " + md_escape(report.mean_share_note(result)))
+notes = report.missing_delta_n_notes(result)
+if notes:
+    st.caption("“—” in Δn@10% (hover it for the reason): " +
+               " ".join(f"**{md_escape(name)}**: {md_escape(why.rstrip('.'))}." for name, why in notes.items()))
+# With an indefinite Hessian a Mean can be negative for that reason alone,
+# which whoever reads the paper's numbers must know.
+for text in report.curvature_warnings(result):
+    st.warning(md_escape(text), icon=":material/warning:")
+st.plotly_chart(charts.saturation_curves(result, colors), key="saturation_chart", width="stretch")
+st.caption(f"Saturation curves and Δn@10% {charts.SATURATION_SOURCE}; the bands are cut to a factor of 3 either "
+           "side of the computed points.")
+transfer_chart = charts.transfer_heatmap(result)
+if transfer_chart is not None:
+    st.subheader("Cross-domain transfer (paper's method)")
+    st.caption(report.TRANSFER_HELP)
+    st.plotly_chart(transfer_chart, key="transfer_chart", width="stretch")
 
 with st.expander("Solver diagnostics"):
     st.dataframe(report.diagnostics_table(result), hide_index=True, width="stretch")

@@ -100,17 +100,24 @@ def _show_done(state: JobState) -> None:
         return
     st.progress(1.0, text="**done** — " + (state.message or "finished"))
     top = (state.summary or {}).get("top_domain")
-    st.success(f"Finished. {f'More data on **{md_escape(top)}** would help most.' if top else ''}",
+    st.success(f"Finished. {f'**{md_escape(top)}** ranks first.' if top else ''}",
                icon=":material/check_circle:")
+    stale = _shared.out_of_date_note(state)
+    if stale:
+        st.warning(stale, icon=":material/update:")
     st.page_link("pages/results.py", label="See the results", icon=":material/leaderboard:")
 
 
 if job_id:
     st.subheader("Current run")
     shown = _shared.runner().state(job_id)
-    if shown is not None:
-        st.caption(f"Job `{job_id[:12]}` · {md_escape(_shared.job_label(shown))}")
-    _shared.follow_job(job_id, "analysis", show=_show_done)
+
+    def _show(state: JobState) -> None:
+        # Under the progress and polled with it, so it says "running" once the job runs.
+        st.caption(f"Job `{job_id[:12]}` · {md_escape(_shared.job_label(state))}")
+        _show_done(state)
+
+    _shared.follow_job(job_id, "analysis", show=_show)
     if shown is not None and shown.status == "failed":
         st.caption("The app is still usable: fix the cause (model, domains or settings) and press Analyze again.")
 elif history:
@@ -124,30 +131,44 @@ else:
 def _open(job: str) -> None:
     _shared.set_current_job(job)
     st.session_state["goto_results"] = True
+    st.session_state["history_changed"] = True
 
 
 def _delete(job: str) -> None:
     _shared.runner().delete(job)
     if st.session_state.get("job_id") == job:
         _shared.set_current_job(None)
+    st.session_state["history_changed"] = True
 
 
 st.subheader("History")
 if not history:
     st.caption("Past runs appear here, to reopen or delete.")
-for state in history[:30]:
-    summary = state.summary or {}
-    row = st.columns([2, 2, 3, 2, 1, 1], vertical_alignment="center")
-    row[0].write((state.created_at or "")[:19].replace("T", " "))
-    row[1].write(md_escape(summary.get("domain_set_name") or "—"))
-    settings = settings_changes((state.request or {}).get("config") or {})
-    row[2].write(md_escape(summary.get('model_id') or 'embedded default') + (f" · {settings}" if settings else ""))
-    status = {"done": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
-              "cancelled": ":gray[:material/cancel:]", "running": ":blue[:material/hourglass_top:]",
-              "queued": ":blue[:material/hourglass_top:]"}.get(state.status, "")
-    top = summary.get("top_domain")
-    row[3].write(f"{status} {('top: ' + md_escape(top)) if top else state.status}")
-    row[4].button("Open", key=f"open-{state.job_id}", on_click=_open, args=(state.job_id,),
-                  type="primary" if state.job_id == job_id else "secondary")
-    row[5].button("", icon=":material/delete:", key=f"delete-{state.job_id}", on_click=_delete, args=(state.job_id,),
-                  help="Delete this run from the history (its cached result stays).")
+
+
+# Polled while a run is active, so its row reads "running" once it runs, not the "queued" it started as.
+@st.fragment(run_every=2.0 if any(s.active for s in history[:30]) else None)
+def _history() -> None:
+    if st.session_state.pop("history_changed", False):
+        st.rerun()  # the whole page: the current run changed, or Results is to open
+    states = _shared.runner().history("analysis")[:30]
+    for state in states:
+        summary = state.summary or {}
+        row = st.columns([2, 2, 3, 2, 1, 1], vertical_alignment="center")
+        row[0].write((state.created_at or "")[:19].replace("T", " "))
+        row[1].write(md_escape(summary.get("domain_set_name") or "—"))
+        settings = settings_changes((state.request or {}).get("config") or {})
+        row[2].write(md_escape(summary.get('model_id') or 'embedded default') + (f" · {settings}" if settings else ""))
+        status = {"done": ":green[:material/check_circle:]", "failed": ":red[:material/error:]",
+                  "cancelled": ":gray[:material/cancel:]", "running": ":blue[:material/hourglass_top:]",
+                  "queued": ":blue[:material/hourglass_top:]"}.get(state.status, "")
+        top = summary.get("top_domain")
+        row[3].write(f"{status} {('top: ' + md_escape(top)) if top else state.status}"
+                     + (" · :orange[out of date]" if state.status == "done" and _shared.run_domain_diff(state) else ""))
+        row[4].button("Open", key=f"open-{state.job_id}", on_click=_open, args=(state.job_id,),
+                      type="primary" if state.job_id == job_id else "secondary")
+        row[5].button("", icon=":material/delete:", key=f"delete-{state.job_id}", on_click=_delete, args=(state.job_id,),
+                      help="Delete this run from the history (its cached result stays).")
+
+
+_history()

@@ -37,12 +37,16 @@ right.number_input("Fine-tuning steps", 1, 200, validation.ValidationConfig().fi
                    key="validation_steps", help="AdamW steps per run (one baseline run and one per domain).")
 
 
+def _vconfig():
+    # with training checkpoints picked, the trajectory estimators read them instead of the baseline fine-tune
+    return validation.ValidationConfig(finetune_steps=int(st.session_state["validation_steps"]),
+                                       damping=config.damping if config else 1e-3,
+                                       checkpoints=choice.checkpoints)
+
+
 def _start() -> None:
     try:
-        # with training checkpoints picked, the trajectory estimators read them instead of the baseline fine-tune
-        vconfig = validation.ValidationConfig(finetune_steps=int(st.session_state["validation_steps"]),
-                                              damping=config.damping if config else 1e-3,
-                                              checkpoints=choice.checkpoints)
+        vconfig = _vconfig()
         request = JobRequest(kind="validation", model_id=choice.model_id, domains=domains, config=vconfig,
                              domain_set_name=set_name)
         _shared.set_current_job(_shared.runner().submit(request), "validation")
@@ -50,11 +54,27 @@ def _start() -> None:
         st.session_state["validation_error"] = one_line(exc) or type(exc).__name__
 
 
+if domains and not choice.problem:
+    # What the validation would cost on this machine, before it starts (dowsing.estimate).
+    from dowsing.estimate import estimate_validation
+    from pages._estimate import estimate_panel
+
+    try:
+        planned = _vconfig()
+    except ValueError as exc:
+        left.warning(one_line(exc) or type(exc).__name__, icon=":material/block:")
+    else:
+        with left:
+            estimate_panel("validation_estimate", {"model": choice.model_id, "config": planned.to_dict(),
+                                                   "domains": [[d.name, list(d.facts)] for d in domains]},
+                           choice.model_id, "cpu", "float32",
+                           lambda cal, tok: estimate_validation(choice.model_id, domains, planned, calibration=cal,
+                                                                tokenizer=tok))
+
 left.button("Start validation", icon=":material/science:", disabled=bool(choice.problem) or not domains,
             on_click=_start,
-            help="Runs in the background, after any analysis or benchmark already running: about 2 minutes on a "
-                 "2-core CPU for the default model and domains, longer on a busy machine. The same request again "
-                 "shows the stored result at once.")
+            help="Runs in the background, after any analysis or benchmark already running; the estimate above says "
+                 "how long on this machine. The same request again shows the stored result at once.")
 if "validation_error" in st.session_state:
     st.error(md_escape(st.session_state.pop("validation_error")))
 

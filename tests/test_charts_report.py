@@ -10,6 +10,7 @@ import pytest
 
 from dowsing import charts, comparison, report
 from dowsing.result import DomainResult, Result, format_sci
+from dowsing.verdict import format_number
 
 
 def _domain(name, rank, mean, share, n_facts, dn=None, reason=None, alpha=0.5, n0=3.0, c=None, points=True,
@@ -148,8 +149,9 @@ def test_html_report_is_self_contained():
     assert "<script src=" not in html.replace('<script src="data:', "")  # no external scripts
     assert "plotly.js" in html or "Plotly" in html  # plotly.js is inline
     assert len(html) > 1_000_000
-    for text in ("3.7×10⁻²", "Physics fact 0", "GPT2LMHeadModel", "2025-01-02T03:04:05", "damping",
-                 "Mean influence is not positive.", "Saturation curves", "Share of influence"):
+    for text in ("0.0370", "Physics fact 0", "GPT2LMHeadModel", "2025-01-02T03:04:05", "damping",
+                 "By the paper&#x27;s method: mean influence is not positive.", "Saturation curves",
+                 "Share of influence"):
         assert text in html
     assert html.count('class="plotly-graph-div"') == 2
 
@@ -222,10 +224,11 @@ def test_saturation_band_is_drawn_behind_each_domain_in_its_colour():
                                          [row[1] for row in boot["curve_band"]][::-1])
     assert band.line.color == colors["Physics"]
     assert band.fillcolor.startswith("rgba(") and band.fillcolor.endswith(",0.18)")
-    # A lower end ≤ 0 is drawn at a floor below everything else, not dropped.
+    # A lower end ≤ 0 is not dropped: it is drawn at the bottom of the readable range around the points.
     astro = next(t for t in fig.data if t.name == "Astronomy 90% band")
     assert len(astro.x) == 2 * len(boot["curve_band"])
-    assert 0 < astro.y[-1] < min(astro.y[:-1])
+    astro_points = next(t for t in fig.data if t.name == "Astronomy")
+    assert astro.y[-1] == pytest.approx(astro_points.y[0] / charts.BAND_FACTOR)
     # Domains without positive points still get their band, in their legend group.
     assert {t.legendgroup for t in fig.data if t.fill == "toself"} == {"Physics", "Astronomy", "Biology", "Economics"}
     # The legend still has one entry per domain.
@@ -251,8 +254,8 @@ def test_transfer_heatmap_is_the_matrix():
     assert [list(row) for row in heat.z] == matrix
     assert list(heat.y) == result.extras["transfer"]["domains"] == list(heat.x)
     assert heat.zmid == 0
-    assert heat.text[0][0] == format_sci(matrix[0][0]) and heat.text[2][1] == format_sci(matrix[2][1])
-    assert "improves" in fig.layout.yaxis.title.text and "collected" in fig.layout.xaxis.title.text
+    assert heat.text[0][0] == format_number(matrix[0][0]) and heat.text[2][1] == format_number(matrix[2][1])
+    assert "loss of" in fig.layout.yaxis.title.text and "collected" in fig.layout.xaxis.title.text
     # The diagonal is each domain's own Mean.
     assert [matrix[k][k] for k in range(4)] == [d.mean for d in result.domains]
 
@@ -303,7 +306,7 @@ def test_html_report_has_intervals_rank_stability_and_transfer():
     assert html.count('class="plotly-graph-div"') == 4
     # plotly.js is inlined with the first chart; every other chart comes after it.
     assert html.index('class="plotly-graph-div"') < html.index("<h2>Rank stability")
-    for text in ("[3.0×10⁻², 4.4×10⁻²]", "3 ⚠ unstable", "Rank stability", "Cross-domain transfer",
+    for text in ("[0.0296, 0.0444]", "3 ⚠ unstable", "Rank stability", "Cross-domain transfer",
                  "if we collect Physics, does Astronomy improve too?", "90% bootstrap interval",
                  "Physics 90% band"):
         assert text in html, text
@@ -377,7 +380,7 @@ def test_a_result_ranked_by_another_estimator_shows_its_priority_next_to_the_pap
     assert report.evidence_is_weak(result) == weak
     assert ("class='evidence weak'" in html) == weak
     assert "Saturation curves (from the concept-subspace curvature (paper))" in html
-    assert "(rank 1, priority 5.0×10⁰)" in html
+    assert "Collect <b>Biology</b> first." in html and "<b>5.00</b>" in html
 
     text = format_table(result)
     lines = text.splitlines()
@@ -440,12 +443,13 @@ def test_share_of_mean_stands_beside_the_estimator_s_share_in_every_table():
     assert list(rows[0])[4:6] == ["share_pct", "share_of_mean_pct"]
 
     page = report.build_report(result)
-    head = page[page.index('<table class="dw-table">'):page.index("</thead>")]
-    assert "<th>Share (%)</th><th>Share of Mean, paper (%)</th>" in head
+    paper = page[page.index("<th>Paper&#x27;s rank</th>"):]
+    head = paper[:paper.index("</thead>")]
+    assert "<th>Share of Mean (%)</th>" in head
     for name, share in expected.items():
-        row = page[page.index(f"</span>{name}</td>"):]
+        row = paper[paper.index(f"</span>{name}</td>"):]
         row = row[:row.index("</tr>")]
-        assert f">{share:.1f}%<" in row
+        assert f">{share:.1f}<" in row
     assert "Share of Mean, paper: the paper&#x27;s Share: the domain&#x27;s total influence |N_k Mean_k|" in page
 
     text = format_table(result)
@@ -683,3 +687,184 @@ def test_a_plan_for_other_domains_or_another_model_is_refused_in_one_line():
     assert "same model" in report.plan_mismatch(result, plan)
     with pytest.raises(ValueError):
         report.build_report(result, plan=plan)
+
+
+# --- one story: the verdict, the paper's method beside it, no contradiction ------------
+
+def pilot_ranked(result: Result, probabilities: dict, priorities: dict, kinds: dict) -> Result:
+    """`result` ranked by the pilot learning curve with these rank
+    probabilities and priorities (nats), each domain diagnosed as `kinds`."""
+    from dowsing import diagnosis
+
+    result = with_uncertainty(result)
+    order = sorted(priorities, key=priorities.get, reverse=True)
+    for d in result.domains:
+        d.priority = priorities[d.name]
+        d.rank = order.index(d.name) + 1
+    names = [d.name for d in result.domains]
+    result.config = {**result.config, "estimator": "pilot_curve"}
+    result.extras["ranking"] = {
+        "label": "Pilot learning curve, extrapolated", "n_resamples": 200, "rank_stable_probability": 0.8,
+        "priority_interval": [[priorities[n] * 0.8, priorities[n] * 1.2] for n in names],
+        "share_pct_interval": [[1.0, 2.0] for _ in names],
+        "rank_probabilities": [probabilities[n] for n in names],
+        "rank_stable": [max(probabilities[n]) >= 0.8 for n in names],
+        "details": {"target_n": 32},
+    }
+    result.extras["diagnosis"] = [{"domain": n, "kind": kinds[n], "sentence": f"{n}: {diagnosis.KINDS[kinds[n]]}."}
+                                  for n in names]
+    return result
+
+
+def _kind(helps: bool) -> str:
+    from dowsing import diagnosis
+
+    return next(k for k, v in diagnosis.HELPS.items() if v is helps)
+
+
+def test_verdict_names_the_first_domain_how_sure_and_the_number_with_its_unit():
+    from dowsing import verdict
+
+    result = pilot_ranked(paper_like_result(),
+                          {"Physics": [0.05, 0.95, 0, 0], "Astronomy": [0.93, 0.05, 0.02, 0],
+                           "Biology": [0.02, 0, 0.9, 0.08], "Economics": [0, 0, 0.08, 0.92]},
+                          {"Physics": 0.12, "Astronomy": 0.183, "Biology": 0.05, "Economics": 0.01},
+                          {n: _kind(True) for n in ("Physics", "Astronomy", "Biology", "Economics")})
+    found = verdict.verdict(result)
+    assert found.headline == "Collect Astronomy first."
+    assert found.how_sure == "Fairly sure: Astronomy came first in 93% of 200 bootstrap resamples of your facts."
+    assert found.number == "0.183 nats" and "after 32 more facts" in found.number_label
+    assert "0.146 to 0.220 nats" in found.number_help
+    assert found.ties == [] and found.caveat is None
+
+
+def test_unstable_ranks_read_as_a_tie_in_plain_words():
+    from dowsing import verdict
+
+    result = pilot_ranked(paper_like_result(),
+                          {"Physics": [0.4, 0.3, 0.3, 0], "Astronomy": [0.3, 0.4, 0.3, 0],
+                           "Biology": [0.3, 0.3, 0.4, 0], "Economics": [0, 0, 0, 1.0]},
+                          {"Physics": 0.2, "Astronomy": 0.19, "Biology": 0.18, "Economics": 0.01},
+                          {"Physics": _kind(True), "Astronomy": _kind(True), "Biology": _kind(False),
+                           "Economics": _kind(False)})
+    assert verdict.rank_groups(result) == [["Physics", "Astronomy", "Biology"], ["Economics"]]
+    found = verdict.verdict(result)
+    assert found.first == ["Physics", "Astronomy", "Biology"]
+    assert found.how_sure == ("Physics, Astronomy and Biology cannot be told apart with these facts; add facts or "
+                              "treat them as equal.")
+    assert found.number == "0.180 to 0.200 nats"
+    # Biology's diagnosis says more facts may not help: the verdict says so rather than contradict it.
+    assert "Biology's diagnosis below says more facts like these may not help it much" in found.caveat
+    # Without a bootstrap every domain is its own group and the verdict says how sure is unknown.
+    result.extras = {"diagnosis": result.extras["diagnosis"]}
+    assert verdict.rank_groups(result) == [["Physics"], ["Astronomy"], ["Biology"], ["Economics"]]
+    assert "How sure is not known" in verdict.verdict(result).how_sure
+
+
+def test_plain_numbers():
+    from dowsing.verdict import format_number
+
+    assert format_number(0.18) == "0.180" and format_number(2.8634) == "2.86" and format_number(1234.5) == "1,234"
+    assert format_number(None) == "—" and format_number(float("nan")) == "—" and format_number(0) == "0"
+    assert format_number(3.7e-5) == "3.70×10⁻⁵"
+
+
+def test_the_papers_section_says_how_it_fared_and_where_it_disagrees():
+    from dowsing import verdict
+
+    result = pilot_ranked(paper_like_result(),
+                          {"Physics": [0.05, 0.95, 0, 0], "Astronomy": [0.03, 0.02, 0.05, 0.9],
+                           "Biology": [0.02, 0, 0.9, 0.08], "Economics": [0.9, 0.03, 0.05, 0.02]},
+                          {"Physics": 0.12, "Astronomy": 0.01, "Biology": 0.05, "Economics": 0.2},
+                          {"Physics": _kind(True), "Astronomy": _kind(False), "Biology": _kind(False),
+                           "Economics": _kind(True)})
+    # The paper's Means: Astronomy first, Economics (first by the pilot curve, diagnosed as helped) last and negative.
+    sentences = verdict.paper_disagreements(result)
+    assert sentences[0] == ("The paper's method would collect Astronomy first, where the ranking above puts "
+                            "Economics first.")
+    assert any("predicts no drop of loss from more data on Economics" in s for s in sentences)
+    assert all("paper's method" in s for s in sentences[:-1])
+    evidence = verdict.paper_evidence_sentence(result)
+    assert evidence.startswith("On the shipped benchmark") and "ρ = 0.36" in evidence and "0.88" in evidence
+    page = report.build_report(result).replace("&#x27;", "'")
+    assert page.index("The ranking</h2>") < page.index("<h2>The paper's concept-subspace method")
+    # Mean, Share of Mean and Δn live in the paper's section only.
+    top = page[page.index("<body>"):page.index("<h2>The paper's concept-subspace method")]
+    assert "Mean influence" not in top and "Δn@10% (facts)" not in top and "Share of Mean (%)" not in top
+    assert "Collect <b>Economics</b> first." in top
+
+
+def test_no_sentence_contradicts_a_diagnosis_unless_it_names_its_method():
+    from dowsing import verdict
+
+    result = pilot_ranked(paper_like_result(),
+                          {"Physics": [0.9, 0.1, 0, 0], "Astronomy": [0.1, 0.9, 0, 0],
+                           "Biology": [0, 0, 0.9, 0.1], "Economics": [0, 0, 0.1, 0.9]},
+                          {"Physics": 0.2, "Astronomy": 0.1, "Biology": 0.05, "Economics": 0.01},
+                          {"Physics": _kind(True), "Astronomy": _kind(True), "Biology": _kind(False),
+                           "Economics": _kind(False)})
+    bad = "More data on Astronomy is not predicted to lower the loss. Biology would help most."
+    found = verdict.contradictions(bad, result)
+    assert [name for name, _, _ in found] == ["Astronomy", "Biology"]
+    assert verdict.contradictions("By the paper's method more data on Astronomy is not predicted to lower the loss.",
+                                  result) == []
+    # The report as a whole tells one story.
+    text = re.sub(r"<[^>]+>", " ", report.build_report(result)).replace("&#x27;", "'")
+    assert verdict.contradictions(text, result) == []
+
+
+def test_transfer_heatmap_title_says_what_its_colours_say():
+    fig = charts.transfer_heatmap(with_uncertainty(paper_like_result()))
+    title = fig.layout.title.text
+    assert "falls (blue)" in title and "rises (red)" in title and "paper" in title.lower()
+    # RdBu: the low end (a rise of the loss) is red, the high end (a fall) blue.
+    scale = fig.data[0].colorscale
+    assert "103,0,31" in scale[0][1].replace(" ", "") and "5,48,97" in scale[-1][1].replace(" ", "")
+
+
+def test_saturation_bands_are_cut_to_a_readable_range_around_the_points():
+    result = with_uncertainty(paper_like_result())
+    for entry in result.extras["bootstrap"]["domains"]:
+        entry["curve_band"] = [[n, lo * 1e-5, hi * 1e5] for n, lo, hi in entry["curve_band"]]
+    fig = charts.saturation_curves(result)
+    for d in result.domains:
+        points = next((t for t in fig.data if t.name == d.name), None)
+        band = next((t for t in fig.data if t.name == f"{d.name} 90% band"), None)
+        if points is None or band is None:
+            continue
+        assert points.mode == "lines+markers"
+        factor = charts.BAND_FACTOR
+        assert min(band.y) >= min(points.y) / factor * (1 - 1e-9)
+        assert max(band.y) <= max(points.y) * factor * (1 + 1e-9)
+
+
+def test_fact_differences_between_two_sets():
+    from dowsing.fact_diff import diff_rows, set_diff
+
+    before = [{"name": "A", "facts": ["x", "y", "z"]}, {"name": "B", "facts": ["q"]}]
+    after = [{"name": "A", "facts": ["x", "Y", "z", "w"]}, {"name": "C", "facts": ["r"]}]
+    diff = set_diff(before, after)
+    assert diff.summary() == "C added; B removed; A: 1 fact added, 1 fact changed"
+    assert {(r["Change"], r["Before"], r["After"]) for r in diff_rows(diff) if r["Domain"] == "A"} == {
+        ("fact added", "", "w"), ("fact changed", "y", "Y")}
+    assert set_diff(before, before).empty
+
+
+@pytest.mark.parametrize("helps", [(True, True, False, False), (False, True, False, True), (False, False, False, False),
+                                   (True, True, True, True)])
+@pytest.mark.parametrize("signs", [(1, 1, -1, -1), (-1, 1, 1, -1)])
+def test_every_sentence_of_the_report_agrees_with_the_diagnoses(helps, signs):
+    """Whatever the kinds and whichever Means are negative, the report names
+    the paper's method wherever it says otherwise than a diagnosis."""
+    from dowsing import verdict
+
+    names = ["Physics", "Astronomy", "Biology", "Economics"]
+    result = pilot_ranked(paper_like_result(),
+                          {"Physics": [0.5, 0.5, 0, 0], "Astronomy": [0.5, 0.5, 0, 0],
+                           "Biology": [0, 0, 0.85, 0.15], "Economics": [0, 0, 0.15, 0.85]},
+                          {"Physics": 0.2, "Astronomy": 0.19, "Biology": 0.05, "Economics": 0.01},
+                          {n: _kind(h) for n, h in zip(names, helps)})
+    for d, sign in zip(result.domains, signs):
+        d.mean = sign * abs(d.mean)
+    text = re.sub(r"<[^>]+>", " ", report.build_report(result)).replace("&#x27;", "'")
+    assert verdict.contradictions(text, result) == []
