@@ -12,8 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from .result import DomainResult, Result, format_sci
-from .verdict import format_number
+from .result import DomainResult, Result, format_number, format_sci
 
 # Tableau 10 first (distinct, colour-blind friendlier), then more hues for big sets.
 PALETTE: tuple[str, ...] = tuple(qualitative.T10) + tuple(qualitative.Alphabet)
@@ -222,6 +221,32 @@ def _near_points(xs: list, ys: list):
     return bounds
 
 
+def _saturation_marks(fig: go.Figure, d, mu_now: float, xs: list, color: str) -> None:
+    """A domain's marks on the saturation chart: where it is now (N_k, μ(N_k)),
+    its 10% line, and the saturation point (N_k + Δn, 0.1·μ(N_k)) when it has one."""
+    group = d.name
+    fig.add_trace(go.Scatter(
+        x=[d.n_facts], y=[mu_now], mode="markers", name=f"{d.name} now", legendgroup=group, showlegend=False,
+        marker=dict(color=color, size=13, symbol="diamond", line=dict(color="black", width=1)),
+        hovertemplate=f"<b>{d.name}</b> now<br>n = N = {d.n_facts}<br>μ = %{{y:.3e}}<extra></extra>",
+    ))
+    ten_pct = 0.1 * mu_now
+    fig.add_trace(go.Scatter(
+        x=[min(xs), max(xs)], y=[ten_pct, ten_pct], mode="lines", name=f"{d.name} 10%",
+        legendgroup=group, showlegend=False, line=dict(color=color, width=1, dash="dot"),
+        hovertemplate=f"<b>{d.name}</b>: 10% of μ(N) = %{{y:.3e}}<extra></extra>",
+    ))
+    if d.delta_n_10pct is not None and d.delta_n_10pct > 0:
+        n_sat = d.n_facts + d.delta_n_10pct
+        fig.add_trace(go.Scatter(
+            x=[n_sat], y=[ten_pct], mode="markers", name=f"{d.name} n+Δn", legendgroup=group,
+            showlegend=False,
+            marker=dict(color=color, size=14, symbol="star", line=dict(color="black", width=1)),
+            hovertemplate=f"<b>{d.name}</b> saturates<br>n + Δn = %{{x:,.0f}}"
+            f"<br>Δn@10% = {format_sci(d.delta_n_10pct)}<br>μ = %{{y:.3e}}<extra></extra>",
+        ))
+
+
 def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> go.Figure:
     """Log-log μ_k(n) per domain: computed points, fitted c(n+N0)^−α, the current n
     (N_k, Mean_k), the saturation point (N_k + Δn, 0.1·μ(N_k)) and the 10% line;
@@ -272,28 +297,8 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
                 hovertemplate=f"<b>{d.name}</b> fit ({fit_label})<br>n = %{{x:,.0f}}<br>μ = %{{y:.3e}}<extra></extra>",
             ))
         mu_now = current_mu(d)
-        if mu_now is None or mu_now <= 0:
-            continue
-        fig.add_trace(go.Scatter(
-            x=[d.n_facts], y=[mu_now], mode="markers", name=f"{d.name} now", legendgroup=group, showlegend=False,
-            marker=dict(color=color, size=13, symbol="diamond", line=dict(color="black", width=1)),
-            hovertemplate=f"<b>{d.name}</b> now<br>n = N = {d.n_facts}<br>μ = %{{y:.3e}}<extra></extra>",
-        ))
-        ten_pct = 0.1 * mu_now
-        fig.add_trace(go.Scatter(
-            x=[min(xs), max(xs)], y=[ten_pct, ten_pct], mode="lines", name=f"{d.name} 10%",
-            legendgroup=group, showlegend=False, line=dict(color=color, width=1, dash="dot"),
-            hovertemplate=f"<b>{d.name}</b>: 10% of μ(N) = %{{y:.3e}}<extra></extra>",
-        ))
-        if d.delta_n_10pct is not None and d.delta_n_10pct > 0:
-            n_sat = d.n_facts + d.delta_n_10pct
-            fig.add_trace(go.Scatter(
-                x=[n_sat], y=[ten_pct], mode="markers", name=f"{d.name} n+Δn", legendgroup=group,
-                showlegend=False,
-                marker=dict(color=color, size=14, symbol="star", line=dict(color="black", width=1)),
-                hovertemplate=f"<b>{d.name}</b> saturates<br>n + Δn = %{{x:,.0f}}"
-                f"<br>Δn@10% = {format_sci(d.delta_n_10pct)}<br>μ = %{{y:.3e}}<extra></extra>",
-            ))
+        if mu_now is not None and mu_now > 0:
+            _saturation_marks(fig, d, mu_now, xs, color)
     fig.update_xaxes(type="log", title="n, facts of the domain in the corpus")
     fig.update_yaxes(type="log", title="marginal influence μ(n)", exponentformat="power")
     return _layout(

@@ -119,3 +119,17 @@ def format_sci(value: float | None, digits: int = 1) -> str:
     mantissa, exponent = f"{value:.{digits}e}".split("e")
     superscript = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
     return f"{mantissa}×10{str(int(exponent)).translate(superscript)}"
+
+
+def format_number(value: float | None, digits: int = 3) -> str:
+    """A plain decimal with `digits` significant digits (0.183, 2.86, 1,234);
+    scientific notation only outside [0.001, 1e6), "—" for none."""
+    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return "—"
+    if value == 0:
+        return "0"
+    magnitude = abs(value)
+    if magnitude < 1e-3 or magnitude >= 1e6:
+        return format_sci(value, digits - 1)
+    decimals = max(0, digits - 1 - int(math.floor(math.log10(magnitude))))
+    return f"{value:,.{decimals}f}"

@@ -16,26 +16,13 @@ from dataclasses import dataclass, field
 
 from . import diagnosis as diagnosis_mod
 from .evidence import estimator_evidence, evidence_label, load_evidence
-from .result import Result, format_sci
+from .charts import estimator_label, ranking_domains
+from .result import Result, format_number, format_sci
 
 PAPER_METHOD = "the paper's concept-subspace method"
 # Two neighbours in the ranking are told apart when they swap places in fewer
 # than this share of the bootstrap resamples (both ways together).
 SWAP_TIE = 0.10
-
-
-def format_number(value: float | None, digits: int = 3) -> str:
-    """A plain decimal with `digits` significant digits (0.183, 2.86, 1,234);
-    scientific notation only outside [0.001, 1e6), "—" for none."""
-    if value is None or not isinstance(value, (int, float)) or not math.isfinite(value):
-        return "—"
-    if value == 0:
-        return "0"
-    magnitude = abs(value)
-    if magnitude < 1e-3 or magnitude >= 1e6:
-        return format_sci(value, digits - 1)
-    decimals = max(0, digits - 1 - int(math.floor(math.log10(magnitude))))
-    return f"{value:,.{decimals}f}"
 
 
 def priority_meaning(result: Result) -> tuple[str, str]:
@@ -66,7 +53,6 @@ def join_names(names: list[str], esc=lambda s: s) -> str:
 
 
 def _ranking_entries(result: Result) -> dict[str, dict]:
-    from .charts import ranking_domains
 
     return ranking_domains(result)
 
@@ -170,7 +156,6 @@ def verdict(result: Result, esc=lambda s: s, strong=lambda s: s) -> Verdict | No
     ranked = result.ranked()
     if not ranked:
         return None
-    from .charts import estimator_label
 
     groups = rank_groups(result)
     ties = [g for g in groups if len(g) > 1]

@@ -374,8 +374,8 @@ def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monke
     from dowsing.validation.benchmark import BenchmarkResult
 
     store = JobStore()
-    store.write_result("bench1", "benchmark", BenchmarkResult.from_json(out.read_text()))
-    store.put(JobState(job_id="bench1", status="done", created_at=now_iso(), run_id="run1",
+    store.write_result("b" * 64, "benchmark", BenchmarkResult.from_json(out.read_text()))
+    store.put(JobState(job_id="b" * 64, status="done", created_at=now_iso(), run_id="run1",
                        request={"kind": "benchmark", "model_id": str(tiny_llama_dir), "domains": []}))
     store.close()
     at = AppTest.from_file(str(REPO / "app.py"), default_timeout=60)

@@ -168,6 +168,8 @@ def test_the_domains_page_shows_a_cap(cache, tiny_gpt2_dir):
     at.session_state["source"] = "directory"
     at.session_state["model"] = str(tiny_gpt2_dir)
     at.run()
+    at.switch_page("pages/domains.py")
+    at.run()
     workspace.set_active(before)
     assert not at.exception, at.exception
     shown = [m.value for m in at.error] + [m.value for m in at.warning] + [m.value for m in at.markdown]
@@ -466,7 +468,7 @@ def test_names_and_facts_reach_markdown_escaped_on_every_page(cache, tiny_gpt2_d
                                                         {"name": HOSTILE_NAMES[1], "facts": facts[1]}])
     workspace.set_active(HOSTILE_SET)
     try:
-        for page in (None, "pages/run.py", "pages/plan.py", "pages/validate.py", "pages/benchmark.py"):
+        for page in ("pages/domains.py", "pages/run.py", "pages/plan.py", "pages/validate.py", "pages/benchmark.py"):
             shown = _shown_text(_app(tiny_gpt2_dir, page))
             escaped = (md_escape(HOSTILE_NAMES[0]), md_escape(HOSTILE_SET))
             assert any(e in t for t in shown for e in escaped) or page == "pages/benchmark.py", page
