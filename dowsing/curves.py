@@ -64,6 +64,16 @@ def predict(form: str, params, n):
     return first + second * np.log(n) if form == "log" else first * n ** second
 
 
+def predict_from_zero(form: str, params, n):
+    """G(n) with G(0) = 0: a pilot that trains on no facts drops nothing. The
+    log form's a + b ln n tends to -inf at 0, so the point n = 0 is defined
+    apart; at n >= 1 this is `predict`. Only whole n = 0 is special (a scalar n)."""
+    if np.ndim(n) == 0 and float(n) <= 0:
+        first = np.asarray(params[0], dtype=float)
+        return np.zeros_like(first) if first.ndim else 0.0
+    return predict(form, params, n)
+
+
 def available(form: str, drops) -> bool:
     """Whether a form can be fitted to these drops (power: all > 0)."""
     return form == "log" or bool(np.all(np.asarray(drops, dtype=float) > 0))
@@ -187,27 +197,30 @@ class LearningCurve:
         return self.form is not None
 
     def value(self, n) -> float:
-        """G(n) of the fitted form."""
+        """G(n) of the fitted form (G(0) = 0: nothing trained on, nothing dropped)."""
         self._need()
-        return float(predict(self.form, self.params, n))
+        return float(predict_from_zero(self.form, self.params, n))
 
     def gain(self, have: float, more: float) -> float:
         """G(have + more) - G(have): the gain of `more` facts on top of `have`
-        (log: b ln((have + more) / have); power: c ((have + more)^beta - have^beta))."""
+        (log: b ln((have + more) / have); power: c ((have + more)^beta - have^beta));
+        from have = 0, G(more) itself (G(0) = 0)."""
         self._need()
-        return float(predict(self.form, self.params, have + more) - predict(self.form, self.params, have))
+        return float(predict_from_zero(self.form, self.params, have + more)
+                     - predict_from_zero(self.form, self.params, have))
 
     def band(self, n, level=BAND) -> tuple[float, float]:
         """(5%, 95%) quantiles of G(n) over the bootstrap's curves."""
         self._need()
-        values = predict(self.form, self.draws.T, n) if len(self.draws) else np.array([self.value(n)])
+        values = predict_from_zero(self.form, self.draws.T, n) if len(self.draws) else np.array([self.value(n)])
         return tuple(float(q) for q in np.quantile(values, level))
 
     def gain_draws(self, have: float, more: float) -> np.ndarray:
-        """G^(r)(have + more) - G^(r)(have) for every bootstrap curve r."""
+        """G^(r)(have + more) - G^(r)(have) for every bootstrap curve r (G^(r)(0) = 0)."""
         self._need()
         params = self.draws.T
-        return np.asarray(predict(self.form, params, have + more) - predict(self.form, params, have), dtype=float)
+        return np.asarray(predict_from_zero(self.form, params, have + more)
+                          - predict_from_zero(self.form, params, have), dtype=float)
 
     def gain_band(self, have: float, more: float, level=BAND) -> tuple[float, float]:
         """(5%, 95%) quantiles of the bootstrap curves' gains."""
