@@ -31,11 +31,13 @@ import math
 import numpy as np
 
 from ..curves import FITTERS, choose_form, predict
-from ..plan import DomainCurve, PlanConfig, allocate, fit_pilots, predicted_total
+from ..plan import DomainCurve, PlanConfig, allocate, fit_pilots, gain_function, most_examples, predicted_total
 
 ALLOCATIONS = ("plan", "plan_weighted", "even", "proportional")
 PLANS = ("plan", "plan_weighted")
 PREDICTIONS = ("doses", "pilot_scaled", "pilot", "pilot_scaled_weighted", "pilot_weighted")
+# the plans are what the product computes by default
+PLAN_RULE = PlanConfig(budget=1).rule
 ALLOCATION_LABELS = {"plan": "the plan, have = the sample",
                      "plan_weighted": "the plan, have = the sample's weight in training",
                      "even": "spread evenly", "proportional": "proportional to mean loss"}
@@ -132,7 +134,9 @@ def weighted_have(sample: int, base_facts: int, n_max: int, added_weight: float)
 
 
 def _bought(curves: list, budget: int, caps: list):
-    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
+    """The product's allocation (`plan.gain_function`, the default rule: the
+    mean gain over the bootstrap curves) from each curve's have."""
+    gains = [gain_function(dc, PLAN_RULE, most_examples(budget, 1.0, cap)) for dc, cap in zip(curves, caps)]
     return allocate(gains, budget, caps=caps)
 
 
@@ -153,7 +157,7 @@ def check_allocations(curves: list, budget: int, caps: list, weighted: list | No
     predicted = {a: {k: v for k, v in predicted_total(curves, c, weights).items() if k != "counts"}
                  for a, c in counts.items()}
     return {"counts": counts, "predicted": predicted, "spent": {a: int(sum(c)) for a, c in counts.items()},
-            "gap_bound": bought.gap_bound}
+            "gap_bound": bought.gap_bound, "rule": PLAN_RULE}
 
 
 def plan_curves(names: list, fits: list, mean_losses: list, have: float, seed: int, resamples: int) -> list:
