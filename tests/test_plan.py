@@ -284,6 +284,26 @@ def test_where_the_curves_cannot_tell_the_domains_apart_the_plan_says_spreading_
     assert clear.totals["even"]["plan_minus_this"]["shown"] and clear.verdict["recommend"] == "plan"
 
 
+def test_the_pilot_scale_and_its_cross_validated_error_match_a_direct_computation():
+    from dowsing.plan import CALIBRATION_FILE, pilot_scale, scale_note
+
+    data = json.loads(CALIBRATION_FILE.read_text())
+    pilot = np.array([r["pilot_gain_32"] for r in data["domains"]])
+    real = np.array([r["realised_gain_32"] for r in data["domains"]])
+    fit = pilot_scale()
+    assert len(pilot) == 37 and fit["n"] == 37
+    assert fit["scale"] == pytest.approx(stats.gmean(real / pilot))
+    errors = []
+    for k in range(37):
+        others = np.arange(37) != k
+        errors.append(abs(stats.gmean(real[others] / pilot[others]) * pilot[k] - real[k]) / real[k])
+    assert fit["cv_median_error"] == pytest.approx(np.median(errors))
+    assert fit["uncalibrated_median_error"] == pytest.approx(np.median(np.abs(pilot - real) / real))
+    totals = [abs(fit["scale"] * t["predicted_sum"] / (37 * t["realised_per_domain"]) - 1) for t in data["totals"]]
+    assert fit["totals_median_error"] == pytest.approx(np.median(totals)) and len(totals) == 8
+    assert f"{100 * fit['cv_median_error']:.0f}%" in scale_note()
+
+
 # --- the configuration and the files -----------------------------------------------
 
 @pytest.mark.parametrize("fields,says", [
