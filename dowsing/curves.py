@@ -268,3 +268,101 @@ def fit_curve(sizes, per_fact, strata=None, n_resamples: int = 1000, seed: int =
     draws = bootstrap_params(form, sizes, resampled_drops(per_fact, strata, n_resamples, seed))
     return LearningCurve(sizes, drops, form, tuple(float(p) for p in params), errors[form], errors, None, draws,
                          notes)
+
+
+# --- pooling the curves' shapes across domains --------------------------------
+
+NOTE_KEEP = 0.95  # a curve that keeps less of its own shape than this says so in a note
+
+def elasticity(form: str, params, n) -> np.ndarray:
+    """e = n G'(n) / G(n) at n, the curve's shape where it was measured:
+    power, beta (NaN where c <= 0); log, b / (a + b ln n) (NaN where G(n) <= 0). params: a
+    pair, or a (2, R) array of the bootstrap's pairs."""
+    first, second = (np.asarray(p, dtype=float) for p in params)
+    if form == "power":  # c <= 0 (a flat resample) has no shape
+        return np.where(first > 0, second, np.nan)
+    level = first + second * math.log(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(level > 0, second / np.where(level > 0, level, 1.0), np.nan)
+
+
+def with_elasticity(form: str, params, n, shape):
+    """The parameters of the same form with the same G(n) and elasticity
+    `shape` at n: power, beta = shape (at most 1, concave) and c = G(n) / n^beta;
+    log, b = shape G(n) and a = G(n) - b ln n."""
+    first, second = (np.asarray(p, dtype=float) for p in params)
+    level = predict(form, (first, second), n)
+    if form == "power":
+        beta = np.minimum(np.asarray(shape, dtype=float), 1.0)
+        return level / float(n) ** beta, beta
+    slope = np.asarray(shape, dtype=float) * level
+    return level - slope * math.log(n), slope
+
+
+def pooled_shapes(curves: list) -> dict | None:
+    """Empirical-Bayes pooling of the identifiable curves' elasticities at
+    their largest pilot sizes (`elasticity`): e_k the point fit's, s_k^2 the
+    variance of e over the curve's bootstrap draws (those where it is
+    defined), tau^2 = max(0, var_k e_k - mean_k s_k^2) (the spread between
+    domains beyond their own noise, moments), the pooled shape
+    e_bar = sum_k u_k e_k / sum_k u_k with u_k = 1 / (s_k^2 + tau^2), and the
+    weight w_k = tau^2 / (tau^2 + s_k^2) a domain keeps of its own shape
+    (tau^2 = 0: the domains' shapes differ no more than their noise, and
+    every one takes the pooled shape). None with fewer than 3 curves to pool."""
+    rows = []
+    for k, curve in enumerate(curves):
+        if curve.form is None or curve.draws is None or len(curve.draws) < 2:
+            continue
+        n = max(curve.sizes)
+        own = float(elasticity(curve.form, curve.params, n))
+        draws = elasticity(curve.form, curve.draws.T, n)
+        draws = draws[np.isfinite(draws)]
+        if np.isfinite(own) and len(draws) >= 2:
+            rows.append((k, own, float(np.var(draws, ddof=1))))
+    if len(rows) < 3:
+        return None
+    own = np.array([r[1] for r in rows])
+    noise = np.array([r[2] for r in rows])
+    tau2 = max(0.0, float(np.var(own, ddof=1) - noise.mean()))
+    inverse = 1.0 / (noise + tau2)
+    if not np.all(np.isfinite(inverse)):
+        return None
+    pooled = float(np.sum(inverse * own) / np.sum(inverse))
+    keep = tau2 / (tau2 + noise)
+    return {"pooled": pooled, "tau2": tau2, "weights": {k: float(w) for (k, _, _), w in zip(rows, keep)},
+            "own": {k: float(e) for (k, e, _) in rows}}
+
+
+def shrink_curves(curves: list) -> list:
+    """Each identifiable curve with its elasticity at its largest pilot size
+    moved toward the pooled one (`pooled_shapes`), e' = w_k e + (1 - w_k) e_bar,
+    for the point fit and every bootstrap draw alike, keeping G at that size
+    (`with_elasticity`): a domain whose pilot points pin its shape keeps it
+    (w_k near 1); one whose resamples disagree borrows the others'. Curves it
+    does not pool are returned as they are; a note says what moved."""
+    pooled = pooled_shapes(curves)
+    if pooled is None:
+        return list(curves)
+    out = list(curves)
+    for k, keep in pooled["weights"].items():
+        curve = curves[k]
+        n = max(curve.sizes)
+        target = pooled["pooled"]
+
+        def moved(params):
+            shape = elasticity(curve.form, params, n)
+            shape = np.where(np.isfinite(shape), keep * shape + (1 - keep) * target, shape)
+            new = with_elasticity(curve.form, params, n, shape)
+            # a draw whose G(n) <= 0 has no elasticity: it stays as it was
+            return tuple(np.where(np.isfinite(shape), p_new, p_old) for p_new, p_old in
+                         zip(new, (np.asarray(p, dtype=float) for p in params)))
+
+        params = tuple(float(p) for p in moved(curve.params))
+        draws = np.column_stack(moved(curve.draws.T))
+        notes = list(curve.notes)
+        if keep < NOTE_KEEP:
+            notes.append(f"shape pooled with the other domains': elasticity at n = {n:g} from {pooled['own'][k]:.3g} "
+                         f"to {keep * pooled['own'][k] + (1 - keep) * target:.3g} (keeps {100 * keep:.0f}% of its own)")
+        out[k] = LearningCurve(curve.sizes, curve.drops, curve.form, params, curve.loo_error, curve.errors,
+                               curve.reason, draws, notes)
+    return out

@@ -35,7 +35,7 @@ from typing import Callable
 import numpy as np
 
 from .config import DEVICES, DTYPES
-from .curves import BAND, LearningCurve, fit_curve
+from .curves import BAND, LearningCurve, fit_curve, shrink_curves
 from .domains import as_domains
 from .pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
 from .progress import Progress
@@ -80,6 +80,7 @@ class PlanConfig(ConfigRecord):
         read from have to have + m.
     rule: "expected" (the mean gain over the bootstrap curves) or "point"
         (the fitted curve alone); see RULES.
+    shrink: pool the curves' shapes across domains (`curves.shrink_curves`).
     """
 
     record_name = "plan"
@@ -98,6 +99,7 @@ class PlanConfig(ConfigRecord):
     have: int = 0
     have_by_domain: tuple = ()
     rule: str = "expected"
+    shrink: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "have_by_domain", _pairs(self.have_by_domain, _have))
@@ -308,8 +310,9 @@ def domain_seed(seed: int, name: str) -> int:
 def fit_pilots(measured: dict, config: PlanConfig) -> list:
     """Each measured domain's `curves.fit_curve` (halves resampled
     separately, `config.bootstrap_resamples` resamples seeded by
-    `domain_seed`); a domain too small for a pilot gets no curve and says
-    why."""
+    `domain_seed`), with config.shrink their shapes pooled across the
+    domains (`curves.shrink_curves`); a domain too small for a pilot gets
+    no curve and says why."""
     out = []
     for entry in measured["domains"]:
         if entry["sizes"]:
@@ -320,6 +323,9 @@ def fit_pilots(measured: dict, config: PlanConfig) -> list:
             curve = LearningCurve([], [], reason=f"too few facts for a pilot: each half needs {MIN_HALF} "
                                                  f"(the domain has {entry['n_facts']})")
         out.append(DomainCurve(entry["name"], entry["n_facts"], entry["mean_loss"], curve))
+    if config.shrink:
+        shrunk = shrink_curves([dc.curve for dc in out])
+        out = [replace(dc, curve=curve) for dc, curve in zip(out, shrunk)]
     return out
 
 

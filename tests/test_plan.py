@@ -284,6 +284,70 @@ def test_where_the_curves_cannot_tell_the_domains_apart_the_plan_says_spreading_
     assert clear.totals["even"]["plan_minus_this"]["shown"] and clear.verdict["recommend"] == "plan"
 
 
+def _elasticity_by_difference(form, params, n, h=1e-6):
+    g = lambda x: curves.predict(form, params, x)  # noqa: E731
+    return n * (g(n * (1 + h)) - g(n * (1 - h))) / (2 * h * n) / g(n)
+
+
+def test_shrinking_pools_the_shapes_by_empirical_bayes_and_keeps_each_curve_s_level():
+    rng = np.random.default_rng(11)
+    fitted = []
+    for k, (slope, noise) in enumerate([(0.03, 0.002), (0.01, 0.002), (0.02, 0.03), (0.05, 0.004)]):
+        offsets = rng.normal(0, noise, 16)
+        def rise(n, k=k, slope=slope):  # the last domain rises as a power of n
+            return 0.01 * n ** 0.8 if k == 3 else 0.05 + slope * math.log(n)
+        per_fact = np.array([[rise(n) + o + rng.normal(0, noise / 4) for o in offsets] for n in [2, 4, 8]])
+        fitted.append(curves.fit_curve([2, 4, 8], per_fact, [8, 8], n_resamples=400, seed=k))
+    assert {c.form for c in fitted} == {"log", "power"}
+    shrunk = curves.shrink_curves(fitted)
+    own = np.array([_elasticity_by_difference(c.form, c.params, 8) for c in fitted])
+    noise = []
+    for c in fitted:
+        draws = np.array([_elasticity_by_difference(c.form, d, 8) for d in c.draws])
+        noise.append(np.var(draws[np.isfinite(draws) & (curves.predict(c.form, c.draws.T, 8) > 0)], ddof=1))
+    noise = np.array(noise)
+    tau2 = max(0.0, np.var(own, ddof=1) - noise.mean())
+    pooled = np.sum(own / (noise + tau2)) / np.sum(1 / (noise + tau2))
+    keep = tau2 / (tau2 + noise)
+    for c, s, e, w in zip(fitted, shrunk, own, keep):
+        assert s.value(8) == pytest.approx(c.value(8), rel=1e-9)  # the level where it was measured stays
+        want = w * e + (1 - w) * pooled
+        assert _elasticity_by_difference(s.form, s.params, 8) == pytest.approx(min(want, 1.0) if s.form == "power"
+                                                                               else want, rel=1e-5)
+        assert curves.predict(s.form, s.draws.T, 8) == pytest.approx(curves.predict(c.form, c.draws.T, 8), rel=1e-9)
+    # the noisy domain keeps less of its own shape than the precise ones; a curve that keeps little says so
+    assert keep[2] < min(keep[0], keep[1])
+    assert [any("pooled" in n for n in c.notes) for c in shrunk] == list(keep < curves.NOTE_KEEP)
+    assert curves.shrink_curves(fitted[:2]) == fitted[:2]  # two curves are too few to pool
+
+
+def test_where_the_shapes_differ_no_more_than_their_noise_every_curve_takes_the_pooled_shape():
+    rng = np.random.default_rng(2)
+    fitted = [curves.fit_curve([2, 4, 8], _per_fact([2, 4, 8], 16, rng, slope=0.02), [8, 8], 400, k)
+              for k in range(4)]
+    for c in fitted:  # the same curve, much noisier draws than the spread between the fits
+        c.draws = c.params + rng.normal(0, [0.05, 0.05], size=(400, 2))
+    pooled = curves.pooled_shapes(fitted)
+    assert pooled["tau2"] == 0 and set(pooled["weights"].values()) == {0.0}
+    shapes = [_elasticity_by_difference(c.form, c.params, 8) for c in curves.shrink_curves(fitted)]
+    assert shapes == pytest.approx([pooled["pooled"]] * 4, rel=1e-5)
+
+
+def test_fit_pilots_shrinks_unless_told_not_to():
+    rng = np.random.default_rng(5)
+    entries = []
+    for k, slope in enumerate([0.03, 0.01, 0.02]):
+        rows = _per_fact([2, 4, 8], 16, rng, slope=slope)
+        entries.append({"name": f"D{k}", "n_facts": 16, "mean_loss": 3.0, "sizes": [2, 4, 8],
+                        "drop": list(rows.mean(axis=1)), "per_fact_by_size": rows.tolist(), "strata": [8, 8]})
+    from dowsing.plan import fit_pilots
+
+    plain = fit_pilots({"domains": entries}, PlanConfig(budget=1, shrink=False))
+    pooled = fit_pilots({"domains": entries}, PlanConfig(budget=1))
+    want = curves.shrink_curves([dc.curve for dc in plain])
+    assert [dc.curve.params for dc in pooled] == [c.params for c in want]
+
+
 def test_the_pilot_scale_and_its_cross_validated_error_match_a_direct_computation():
     from dowsing.plan import CALIBRATION_FILE, pilot_scale, scale_note
 
