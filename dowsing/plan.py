@@ -966,12 +966,13 @@ def format_plan(result: PlanResult) -> str:
     """The plan as text: one line per domain, the totals against the two
     baselines, and the notes."""
     alloc, unit = result.allocation, result.allocation["budget_unit"]
-    header = ["Domain", "Facts", "Have", "Mean loss", "Fit (LOO error)", "Collect", "Cost", "Gain [90% band]",
+    header = ["Domain", "Facts", "Have", "Mean loss", "Fit (LOO error)", "Collect", "Cost", "Mean gain [90% band]",
               "Last example", "Reads to (x pilot)"]
     rows = []
     for d in result.domains:
         fit = (f"{d['form']} ({_g(d['fit_error'])})" if d["identifiable"] else "not identifiable")
-        gain = f"{_g(d['gain'])} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]" if d["identifiable"] else "—"
+        mean = d.get("expected_gain", d["gain"])
+        gain = f"{_g(mean)} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]" if d["identifiable"] else "—"
         reach = (f"{d['reads_to']:g} ({d['extrapolation']:.1f}x)" if d.get("extrapolation") is not None
                  and d["identifiable"] else "—")
         rows.append([d["domain"], str(d["n_facts"]), f"{d.get('have', d['n_facts']):g}", f"{d['mean_loss']:.3f}", fit,

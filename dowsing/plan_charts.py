@@ -35,7 +35,8 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
     unit = plan.allocation["budget_unit"]
     text = [str(d["collect"]) if d["identifiable"] else "not identifiable" for d in rows]
     hover = [f"<b>{d['domain']}</b><br>collect {d['collect']}<br>cost {_g(d['cost'])}"
-             + (f"<br>predicted gain {_g(d['gain'])} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]"
+             + (f"<br>predicted gain {_g(d.get('expected_gain', d['gain']))} [{_g(d['gain_band'][0])}, "
+                f"{_g(d['gain_band'][1])}]"
                 if d["identifiable"] else f"<br>{d['reason']}") for d in rows]
     fig = go.Figure(go.Bar(
         y=[d["domain"] for d in rows], x=[d["collect"] for d in rows], orientation="h",
