@@ -102,6 +102,8 @@ def _inputs() -> tuple:
                                     "data (the table's column overrides it per domain). 0, the default: your facts "
                                     "are examples the model has not been trained on, as they usually are, so the "
                                     "first facts collected carry the steep start of the learning curve.")
+        st.caption("Default 0: your facts are examples, not yet training data. If the model was trained on them, "
+                   "say how many, or the first facts collected are credited with a gain the model already has.")
     with right:
         edited = st.data_editor(
             pd.DataFrame({"domain": names, "facts": [len(d.facts) for d in domains],

@@ -124,8 +124,16 @@ def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny
     shown = {m.label: m for m in at.metric}
     assert {"Spread evenly", "Split by mean loss"} <= set(shown)
     # the verdict the library gives is what the page says, above the metrics
-    sentences = [a.value for a in list(at.info) + list(at.success)]
-    assert any("spreading evenly" in s for s in sentences)
+    from dowsing.plan import PlanConfig, plan_from_pilots
+
+    library = plan_from_pilots(default_runner().result(job_id(tiny)), PlanConfig(budget=100))
+    want = library.verdict["sentences"]
+    for key, label in (("even", "Spread evenly"), ("mean_loss", "Split by mean loss")):
+        # a difference whose band holds 0 is not shown as a win
+        assert ("not shown" in shown[label].delta) == (not library.totals[key]["plan_minus_this"]["shown"])
+    shown_sentences = {a.value for a in list(at.info) + list(at.success)}
+    assert want and set(want) <= shown_sentences and any("spreading evenly" in s for s in want)
+    assert any(c.value.startswith("Default 0: your facts are examples") for c in at.caption)
     specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
     assert specs["plan_allocation_chart"]["data"][0]["x"] == counts
     assert any(t.get("fill") == "toself" for t in specs["plan_curves_chart"]["data"])  # the bands
