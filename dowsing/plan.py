@@ -719,8 +719,8 @@ def pilot_scale(rows=None, totals=None) -> dict:
     left_out = [float(np.exp(np.delete(logs, k).mean())) for k in range(len(logs))]
     cv = np.abs(np.array(left_out) * pilot - real) / real
     n_domains = len(rows)
-    total_errors = {f"{t['budget']}: {t['allocation']}": (scale * t["predicted_sum"] - n_domains * t["realised_per_domain"])
-                    / (n_domains * t["realised_per_domain"]) for t in totals}
+    total_errors = {f"{t['budget']}: {t['allocation']}":
+                    scale * t["predicted_sum"] / (n_domains * t["realised_per_domain"]) - 1 for t in totals}
     return {"scale": scale, "n": int(len(logs)), "cv_median_error": float(np.median(cv)),
             "uncalibrated_median_error": float(np.median(np.abs(pilot - real) / real)),
             "totals_median_error": float(np.median(np.abs(list(total_errors.values())))) if total_errors else None,
@@ -991,7 +991,8 @@ def format_plan(result: PlanResult) -> str:
                        ("highest_loss", f"all on {t['highest_loss']['domain']} (highest mean loss)")):
         if key not in t:
             continue
-        line = f"  {label}: {_g(t[key].get('expected', t[key]['gain']))} [{_g(t[key]['band'][0])}, {_g(t[key]['band'][1])}]"
+        band = t[key]["band"]
+        line = f"  {label}: {_g(t[key].get('expected', t[key]['gain']))} [{_g(band[0])}, {_g(band[1])}]"
         if "plan_minus_this" in t[key]:
             diff = t[key]["plan_minus_this"]
             line += (f"; plan minus this {_g(diff.get('expected', diff['gain']))} [{_g(diff['band'][0])}, "
