@@ -559,18 +559,80 @@ def paired_difference(curves: list, counts: list, other: list, weights: list) ->
             "shown": bool(band[0] > 0)}
 
 
+def even_counts(budget: int, caps: list) -> list:
+    """B split as evenly as the caps allow: every domain with room takes one
+    example in turn (a capped domain drops out), so the counts of the
+    domains below their caps differ by one at most and the last round's
+    examples go to the first domains in the domains' order."""
+    counts = [0] * len(caps)
+    left = int(budget)
+    while left > 0:
+        room = [k for k in range(len(caps)) if counts[k] < caps[k]]
+        if not room:
+            break
+        if left < len(room):
+            for k in room[:left]:
+                counts[k] += 1
+            break
+        # whole rounds at once: as many as the budget and the fullest domain's room allow
+        rounds = min(left // len(room), min(caps[k] - counts[k] for k in room))
+        for k in room:
+            counts[k] += rounds
+        left -= rounds * len(room)
+    return counts
+
+
+def proportional_counts(budget: int, scores: list, caps: list) -> list:
+    """B split in proportion to max(score_k, 0), in whole examples: a domain
+    whose share would pass its cap gets the cap and the rest is split again
+    over the others; the whole numbers are the floors of the shares plus
+    one for the largest remainders (ties: the domains' order) until B is
+    spent or every domain is at its cap."""
+    weights = [max(float(s), 0.0) if math.isfinite(float(s)) else 0.0 for s in scores]
+    share = [0.0] * len(caps)
+    fixed, left = set(), float(budget)
+    while True:
+        free = [k for k in range(len(caps)) if k not in fixed and weights[k] > 0]
+        total = sum(weights[k] for k in free)
+        if not free or total <= 0:
+            break
+        over = [k for k in free if left * weights[k] / total > caps[k]]
+        if not over:
+            for k in free:
+                share[k] = left * weights[k] / total
+            break
+        for k in over:
+            share[k], left = float(caps[k]), left - caps[k]
+            fixed.add(k)
+    counts = [min(caps[k], math.floor(share[k] + 1e-9)) for k in range(len(caps))]
+    order = sorted(range(len(caps)), key=lambda k: (-(share[k] - math.floor(share[k] + 1e-9)), k))
+    for k in order:
+        if sum(counts) >= budget:
+            break
+        if counts[k] < caps[k] and share[k] > counts[k]:
+            counts[k] += 1
+    return counts
+
+
 def baseline_counts(curves: list, config: PlanConfig) -> dict:
     """The plans the greedy one is set against: "even", the budget split
-    equally, m_k = min(cap_k, floor(B / (K c_k))) on every domain;
+    equally, m_k = min(cap_k, floor(B / (K c_k))) on every domain (money);
     "mean_loss", the budget split in proportion to max(mean loss, 0),
     m_k = min(cap_k, floor(B l_k / (sum_j l_j c_k))); and "highest_loss",
-    m = min(cap, floor(B / c)) on the domain of highest mean loss alone."""
-    share = config.budget / len(curves)
-    even = [most_examples(share, config.cost(dc.name), config.cap(dc.name)) for dc in curves]
+    m = min(cap, floor(B / c)) on the domain of highest mean loss alone.
+    A budget in examples is spent whole: "even" by `even_counts`, "mean_loss"
+    by `proportional_counts` (largest remainders, caps refilled)."""
     losses = [max(dc.mean_loss, 0.0) if math.isfinite(dc.mean_loss) else 0.0 for dc in curves]
-    total_loss = sum(losses)
-    by_loss = [most_examples(config.budget * loss / total_loss, config.cost(dc.name), config.cap(dc.name))
-               if total_loss > 0 else 0 for dc, loss in zip(curves, losses)]
+    if config.budget_unit == "examples":
+        budget = math.floor(config.budget + 1e-9)
+        caps = [budget if config.cap(dc.name) is None else config.cap(dc.name) for dc in curves]
+        even, by_loss = even_counts(budget, caps), proportional_counts(budget, losses, caps)
+    else:
+        share = config.budget / len(curves)
+        even = [most_examples(share, config.cost(dc.name), config.cap(dc.name)) for dc in curves]
+        total_loss = sum(losses)
+        by_loss = [most_examples(config.budget * loss / total_loss, config.cost(dc.name), config.cap(dc.name))
+                   if total_loss > 0 else 0 for dc, loss in zip(curves, losses)]
     top = max(range(len(curves)), key=lambda k: curves[k].mean_loss)
     highest = [0] * len(curves)
     highest[top] = most_examples(config.budget, config.cost(curves[top].name), config.cap(curves[top].name))

@@ -270,6 +270,21 @@ def test_have_zero_reads_the_first_facts_steep_start_and_a_full_have_the_flat_ta
     assert codes.curve.value(10) > 3 * (codes.curve.value(26) - codes.curve.value(16))
 
 
+def test_the_simple_splits_spend_a_budget_in_examples_whole_and_in_money_by_shares():
+    domains = [_domain(name, 0.02, k) for k, name in enumerate("ABCD")]
+    plan = build_plan(domains, PlanConfig(budget=41, caps={"D": 3}, have=8, bootstrap_resamples=300))
+    even = list(plan.totals["even"]["counts"].values())
+    assert sum(even) == 41 and even[3] == 3 and max(even[:3]) - min(even[:3]) <= 1
+    by_loss = list(plan.totals["mean_loss"]["counts"].values())
+    losses = np.array([d.mean_loss for d in domains])
+    assert sum(by_loss) == 41 and by_loss[3] == 3
+    share = (41 - 3) * losses[:3] / losses[:3].sum()  # D is held at its cap, the rest split by loss
+    assert np.all(np.abs(np.array(by_loss[:3]) - share) < 1)
+    money = build_plan(domains, PlanConfig(budget=41, budget_unit="money", costs={"A": 2.0}, have=8,
+                                           bootstrap_resamples=300))
+    assert list(money.totals["even"]["counts"].values()) == [math.floor(41 / 4 / 2), 10, 10, 10]
+
+
 def test_where_the_curves_cannot_tell_the_domains_apart_the_plan_says_spreading_evenly_is_as_good():
     twins = [_domain(name, 0.02, 3) for name in ("A", "B", "C", "D")]
     plan = build_plan(twins, PlanConfig(budget=40, have=8, bootstrap_resamples=300))
