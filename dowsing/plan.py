@@ -5,19 +5,25 @@ Each domain's learning curve G_k(n) (`dowsing.curves`) is fitted to pilot
 fine-tunes on the user's own facts (`dowsing.pilots.pilot_curve`): one
 forward pass over every domain's two seeded halves, then, per domain,
 AdamW on the last blocks trained on n facts of one half and the drop of the
-other half's loss measured, both ways, at n = 2, 4, 8. The gain of
-collecting m more examples of domain k, which has S_k facts now, is
+other half's loss measured, both ways, at n = 2, 4, 8; the curves' shapes
+are pooled across domains (`curves.shrink_curves`). The gain of collecting
+m more examples of domain k, h_k of whose facts are already in the model's
+training data (`have`, default 0), is
 
-  gain_k(m) = G_k(S_k + m) - G_k(S_k).
+  gain_k(m) = G_k(h_k + m) - G_k(h_k),   G_k(0) = 0.
 
 G_k is in the pilot recipe's units: the drop a few AdamW steps on the last
 blocks buy. Its shape across domains is what ranks them and splits the
-budget; its absolute nats are the pilot's, not those of a full training run.
+budget; its absolute nats are the pilot's, not those of a full training run
+(`pilot_scale` says how far apart they were on the benchmark).
 
 `allocate` spends the budget greedily on the largest weighted gain per unit
-cost. The pilot measurements are cached (cache/plans) under the model,
-the domains and the settings the curves depend on, so a repeat with another
-budget, costs, caps or weights refits and reallocates in milliseconds.
+cost, by default the mean gain over the curves' bootstrap resamples
+(`gain_function`); `verdict` says whether the plan is shown to beat
+spreading evenly. The pilot measurements are cached (cache/plans) under the
+model, the domains and the settings the curves depend on, so a repeat with
+another budget, costs, caps, weights or have refits and reallocates in
+milliseconds.
 """
 from __future__ import annotations
 

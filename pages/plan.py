@@ -7,9 +7,8 @@ other heavy run, survives a refresh (its id is the pilots' cache key, so the
 same model and domains find it again) and Cancel stops it. The allocation
 (`dowsing.plan`) is instant, so it is recomputed here on every change of the
 budget, costs, weights, caps or facts already in training, without a new
-job. Where a finished analysis
-of the same model and domains exists, its report can be downloaded with the
-plan as a section.
+job. Where a finished analysis of the same model and domains exists, its
+report can be downloaded with the plan as a section.
 """
 from __future__ import annotations
 
