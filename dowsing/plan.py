@@ -41,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from .config import DEVICES, DTYPES
-from .curves import BAND, LearningCurve, fit_curve, shrink_curves
+from .curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
 from .domains import as_domains
 from .pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
 from .progress import Progress
@@ -477,9 +477,10 @@ def concave_from_zero(gain: Callable, limit: int) -> Callable:
 def gain_function(dc: DomainCurve, rule: str = "expected", limit: int = 0) -> Callable | None:
     """m -> the gain the allocation reads for m more examples of dc, from
     dc.start (have) on: "point", the fitted curve's G(have + m) - G(have);
-    "expected", the mean of that over the bootstrap curves (concave as a
-    mean of concave curves). From have = 0, its least concave majorant on
-    0..limit (`concave_from_zero`). None without a curve."""
+    "expected", the mean of that over the bootstrap curves, each read as
+    flat where it falls (`rising_draws`; concave as a mean of concave
+    curves). From have = 0, its least concave majorant on 0..limit
+    (`concave_from_zero`). None without a curve."""
     if not dc.curve.identifiable:
         return None
     curve, start = dc.curve, dc.start
@@ -487,13 +488,29 @@ def gain_function(dc: DomainCurve, rule: str = "expected", limit: int = 0) -> Ca
         def raw(m):
             return curve.gain(start, m)
     else:
-        seen = {}
+        params, seen = rising_draws(curve.form, curve.draws).T, {}
 
         def raw(m):
             if m not in seen:
-                seen[m] = float(np.mean(curve.gain_draws(start, m)))
+                seen[m] = float(np.mean(predict_from_zero(curve.form, params, start + m)
+                                        - predict_from_zero(curve.form, params, start)))
             return seen[m]
     return concave_from_zero(raw, limit) if start <= 0 else raw
+
+
+def rising_draws(form: str, draws: np.ndarray) -> np.ndarray:
+    """The bootstrap curves as the allocation reads them: a resample whose
+    curve falls is read as flat from where it was measured (log: b_r < 0 ->
+    0; power: beta_r clipped to [0, 1], c_r >= 0), so every resample's curve
+    is concave and nondecreasing and so is their mean, which keeps the
+    greedy exact. The bands and totals keep the resamples as they are."""
+    out = np.array(draws, dtype=float, copy=True)
+    if form == "power":
+        out[:, 0] = np.maximum(out[:, 0], 0.0)
+        out[:, 1] = np.clip(out[:, 1], 0.0, 1.0)
+    else:
+        out[:, 1] = np.maximum(out[:, 1], 0.0)
+    return out
 
 
 # --- the plan ----------------------------------------------------------------
