@@ -212,9 +212,10 @@ def diagnose(names: list, loss: list, pilot_drop: list, pilot_facts: int | None 
         cut = f"{100 * cuts.drop_share:.1f}%"
         lead = f"{loss_text[0].upper()}{loss_text[1:]}"
         if kind == "contradictory":
-            sentence = (f"{lead}, and training on {half} raised the other half's loss by {abs(D):.3f} nats{share}, "
-                        f"more than the {cut} of its loss that the benchmark's helpful domains dropped: the facts "
-                        "pull against each other, so more of the same may not help and can hurt.")
+            risen = f" ({-pct:.1f}% of its loss)" if pct is not None else ""
+            sentence = (f"{lead}, and training on {half} raised the other half's loss by {abs(D):.3f} nats{risen}, "
+                        f"more than the benchmark's cut of {cut} of the loss: the facts pull against each other, so "
+                        "more of the same may not help and can hurt.")
         elif kind == "saturated":
             sentence = (f"{lead}: the model already predicts these facts (below {cuts.saturated_loss:.1f} nats), and "
                         f"training on {half} changed the other half's loss by {D:+.3f} nats{share}: more of the "
@@ -223,14 +224,13 @@ def diagnose(names: list, loss: list, pilot_drop: list, pilot_facts: int | None 
             tail = ("a gap that more facts like these fill." if kind == "learnable gap" else
                     "your facts carry strongly to each other, so more like them keep paying off.")
             sentence = (f"{lead}; training on {half} lowered the other half's loss by {D:.3f} nats{share}, "
-                        f"{rank}, at or above the {cut} from which the benchmark's domains gained most from more "
-                        f"facts: {tail}")
+                        f"{rank}, at or above the benchmark's cut of {cut} for domains that gain from more facts: "
+                        f"{tail}")
         else:
             tail = ("more of the same is unlikely to help much, despite the loss." if kind == "hard to learn" else
                     "more facts like these are unlikely to change it much.")
             sentence = (f"{lead}; training on {half} lowered the other half's loss by only {D:.3f} nats{share}, "
-                        f"{rank}, below the {cut} from which the benchmark's domains gained most from more facts: "
-                        f"{tail}")
+                        f"{rank}, below the benchmark's cut of {cut} for domains that gain from more facts: {tail}")
         out.append(Diagnosis(name, kind, sentence, L, D, pct, loss_ranks[k], drop_ranks[k]))
     return out
 

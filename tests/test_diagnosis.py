@@ -26,6 +26,7 @@ def test_each_kind_follows_from_its_own_loss_and_drop_and_states_its_numbers():
     assert out["Known"].kind == "known"
     assert out["Gap"].kind == "learnable gap" and HELPS["learnable gap"]
     assert out["Clash"].kind == "contradictory" and "raised" in out["Clash"].sentence
+    assert "by 0.500 nats (12.5% of its loss)" in out["Clash"].sentence
     assert out["Converged"].kind == "saturated" and "the lowest of 6" in out["Converged"].sentence
     assert out["Codes"].drop_pct_of_loss == 0.40 / 3.0 * 100
     assert out["Codes"].loss_rank == 4 and out["Codes"].drop_rank == 1
