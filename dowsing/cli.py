@@ -266,6 +266,8 @@ def add_plan_command(sub) -> None:
     plan.add_argument("--rule", choices=("expected", "point"), default="expected",
                       help="split the budget on the mean gain over the bootstrap curves (expected) or on the "
                            "fitted curves alone (point) (default: %(default)s)")
+    plan.add_argument("--shrink", action="store_true",
+                      help="pool the learning curves' shapes across domains (empirical Bayes); off by default")
     plan.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     plan.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the halves, the pilots and the bootstrap")
@@ -298,7 +300,8 @@ def plan_config(args, domains: list):
             raise ValueError(f"--have must be a whole number of facts >= 0 or a .csv/.json file, got {have_text!r}") \
                 from None
     config = PlanConfig(budget=args.budget, budget_unit="money" if args.costs else "examples", seed=args.seed,
-                        device=args.device, dtype=args.dtype, rule=getattr(args, "rule", "expected"), **given)
+                        device=args.device, dtype=args.dtype, rule=getattr(args, "rule", "expected"),
+                        shrink=bool(getattr(args, "shrink", False)), **given)
     check_plan(config, domains)
     return config
 

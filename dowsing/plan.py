@@ -5,10 +5,10 @@ Each domain's learning curve G_k(n) (`dowsing.curves`) is fitted to pilot
 fine-tunes on the user's own facts (`dowsing.pilots.pilot_curve`): one
 forward pass over every domain's two seeded halves, then, per domain,
 AdamW on the last blocks trained on n facts of one half and the drop of the
-other half's loss measured, both ways, at n = 2, 4, 8; the curves' shapes
-are pooled across domains (`curves.shrink_curves`). The gain of collecting
-m more examples of domain k, h_k of whose facts are already in the model's
-training data (`have`, default 0), is
+other half's loss measured, both ways, at n = 2, 4, 8 (their shapes may be
+pooled across domains, `curves.shrink_curves`, off by default). The gain of
+collecting m more examples of domain k, h_k of whose facts are already in
+the model's training data (`have`, default 0), is
 
   gain_k(m) = G_k(h_k + m) - G_k(h_k),   G_k(0) = 0.
 
@@ -86,7 +86,8 @@ class PlanConfig(ConfigRecord):
         read from have to have + m.
     rule: "expected" (the mean gain over the bootstrap curves) or "point"
         (the fitted curve alone); see RULES.
-    shrink: pool the curves' shapes across domains (`curves.shrink_curves`).
+    shrink: pool the curves' shapes across domains (`curves.shrink_curves`);
+        off by default: in simulations it lost gain (docs/METHOD.md section 14).
     """
 
     record_name = "plan"
@@ -105,7 +106,7 @@ class PlanConfig(ConfigRecord):
     have: int = 0
     have_by_domain: tuple = ()
     rule: str = "expected"
-    shrink: bool = True
+    shrink: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "have_by_domain", _pairs(self.have_by_domain, _have))

@@ -380,7 +380,7 @@ def test_where_the_shapes_differ_no_more_than_their_noise_every_curve_takes_the_
     assert shapes == pytest.approx([pooled["pooled"]] * 4, rel=1e-5)
 
 
-def test_fit_pilots_shrinks_unless_told_not_to():
+def test_fit_pilots_shrinks_only_when_told_to():
     rng = np.random.default_rng(5)
     entries = []
     for k, slope in enumerate([0.03, 0.01, 0.02]):
@@ -389,8 +389,8 @@ def test_fit_pilots_shrinks_unless_told_not_to():
                         "drop": list(rows.mean(axis=1)), "per_fact_by_size": rows.tolist(), "strata": [8, 8]})
     from dowsing.plan import fit_pilots
 
-    plain = fit_pilots({"domains": entries}, PlanConfig(budget=1, shrink=False))
-    pooled = fit_pilots({"domains": entries}, PlanConfig(budget=1))
+    plain = fit_pilots({"domains": entries}, PlanConfig(budget=1))
+    pooled = fit_pilots({"domains": entries}, PlanConfig(budget=1, shrink=True))
     want = curves.shrink_curves([dc.curve for dc in plain])
     assert [dc.curve.params for dc in pooled] == [c.params for c in want]
 
