@@ -1,6 +1,7 @@
 """The plan's allocation rules on synthetic domains whose true learning
 curves are known: how much of the true gain each rule buys, against
-spreading evenly and splitting by mean loss. No model: pilot points are
+spreading evenly and splitting by mean loss, and what reading the curves
+from have = 10 costs when the facts are not in training. No model: pilot points are
 drawn from the true curve plus each fact's own offset, as a pilot measures
 them (halves of 5 facts, sizes 2, 4, 5), then `plan.fit_pilots` and
 `plan.build_plan` run as in the product (have 0, budget 48, caps 12, 16
@@ -26,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dowsing.plan import PlanConfig, build_plan, fit_pilots  # noqa: E402
 
+DOMAINS, FACTS, SIZES, BUDGET, CAP = 16, 10, (2, 4, 5), 48, 12
 TRUTHS = {
     # concave in ln n, like the fitted log form
     "log": lambda n, level, scale: level * math.log1p(n / scale),
@@ -33,8 +35,9 @@ TRUTHS = {
     "saturating": lambda n, level, scale: level * (1 - math.exp(-n / scale)),
 }
 RULES = {"point": dict(rule="point"), "expected": dict(rule="expected"),
-         "expected+shrink": dict(rule="expected", shrink=True)}
-DOMAINS, FACTS, SIZES, BUDGET, CAP = 16, 10, (2, 4, 5), 48, 12
+         "expected+shrink": dict(rule="expected", shrink=True),
+         # the sample read as already in training, when it is not (the truth counts from 0)
+         "expected, have 10": dict(rule="expected", have=FACTS)}
 
 
 def one_world(rep: int, truth: str, noise: float) -> dict:
