@@ -21,8 +21,7 @@ from dowsing import plan_charts, report, workspace
 from dowsing.domains import DomainError, validation_problems
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.models import ModelError
-from dowsing.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, plan_csv, plan_from_pilots,
-                          plan_rows)
+from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
 from pages import _shared
 
 DEFAULT_BUDGET = _shared.PLAN_BUDGET
@@ -143,6 +142,8 @@ budget_box.caption("In money: each domain's examples cost what the table says." 
 def _plan_config(budget_value: float):
     """The PlanConfig of the inputs at `budget_value`, or (None, the one-line
     message the command line would print)."""
+    from dowsing.plan import check_plan  # the have against each domain's facts, as the command line checks it
+
     try:
         config = PlanConfig(budget=budget_value, budget_unit="money" if money else "examples",
                             costs=costs if money else {}, weights={n: v["weight"] for n, v in values.items()},
