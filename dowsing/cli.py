@@ -258,6 +258,16 @@ def add_plan_command(sub) -> None:
                       help="how much each domain's gain counts, CSV or JSON as --costs (default: 1 each)")
     plan.add_argument("--caps", default=None,
                       help="the most examples of each domain to collect, CSV or JSON as --costs (default: none)")
+    plan.add_argument("--have", default="0",
+                      help="how many of each domain's facts are already in the model's training data: a whole "
+                           "number for every domain, or a CSV or JSON file as --costs (domains not named: 0). "
+                           "Default 0: your facts are examples the model has not been trained on, so the first "
+                           "facts collected carry the curve's steep start")
+    plan.add_argument("--rule", choices=("expected", "point"), default="expected",
+                      help="split the budget on the mean gain over the bootstrap curves (expected) or on the "
+                           "fitted curves alone (point) (default: %(default)s)")
+    plan.add_argument("--shrink", action="store_true",
+                      help="pool the learning curves' shapes across domains (empirical Bayes); off by default")
     plan.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     plan.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the halves, the pilots and the bootstrap")
@@ -272,7 +282,7 @@ def add_plan_command(sub) -> None:
 def plan_config(args, domains: list):
     """The PlanConfig of the command line, its files read and matched to the
     domains (a one-line ValueError for anything wrong)."""
-    from .plan import PlanConfig, load_values, match_domains
+    from .plan import PlanConfig, check_plan, load_values, match_domains
 
     names = [d.name for d in domains]
     given = {}
@@ -280,8 +290,20 @@ def plan_config(args, domains: list):
         path = getattr(args, what)
         if path:
             given[what] = match_domains(load_values(path, what), names, what, path)
-    return PlanConfig(budget=args.budget, budget_unit="money" if args.costs else "examples", seed=args.seed,
-                      device=args.device, dtype=args.dtype, **given)
+    have_text = str(getattr(args, "have", "0")).strip()
+    if have_text.lower().endswith((".csv", ".json")):
+        given["have_by_domain"] = match_domains(load_values(have_text, "have"), names, "have", have_text)
+    else:
+        try:
+            given["have"] = float(have_text)
+        except ValueError:
+            raise ValueError(f"--have must be a whole number of facts >= 0 or a .csv/.json file, got {have_text!r}") \
+                from None
+    config = PlanConfig(budget=args.budget, budget_unit="money" if args.costs else "examples", seed=args.seed,
+                        device=args.device, dtype=args.dtype, rule=getattr(args, "rule", "expected"),
+                        shrink=bool(getattr(args, "shrink", False)), **given)
+    check_plan(config, domains)
+    return config
 
 
 def run_plan_command(args) -> int:

@@ -64,6 +64,16 @@ def predict(form: str, params, n):
     return first + second * np.log(n) if form == "log" else first * n ** second
 
 
+def predict_from_zero(form: str, params, n):
+    """G(n) with G(0) = 0: a pilot that trains on no facts drops nothing. The
+    log form's a + b ln n tends to -inf at 0, so the point n = 0 is defined
+    apart; at n >= 1 this is `predict`. Only whole n = 0 is special (a scalar n)."""
+    if np.ndim(n) == 0 and float(n) <= 0:
+        first = np.asarray(params[0], dtype=float)
+        return np.zeros_like(first) if first.ndim else 0.0
+    return predict(form, params, n)
+
+
 def available(form: str, drops) -> bool:
     """Whether a form can be fitted to these drops (power: all > 0)."""
     return form == "log" or bool(np.all(np.asarray(drops, dtype=float) > 0))
@@ -187,27 +197,30 @@ class LearningCurve:
         return self.form is not None
 
     def value(self, n) -> float:
-        """G(n) of the fitted form."""
+        """G(n) of the fitted form (G(0) = 0: nothing trained on, nothing dropped)."""
         self._need()
-        return float(predict(self.form, self.params, n))
+        return float(predict_from_zero(self.form, self.params, n))
 
     def gain(self, have: float, more: float) -> float:
         """G(have + more) - G(have): the gain of `more` facts on top of `have`
-        (log: b ln((have + more) / have); power: c ((have + more)^beta - have^beta))."""
+        (log: b ln((have + more) / have); power: c ((have + more)^beta - have^beta));
+        from have = 0, G(more) itself (G(0) = 0)."""
         self._need()
-        return float(predict(self.form, self.params, have + more) - predict(self.form, self.params, have))
+        return float(predict_from_zero(self.form, self.params, have + more)
+                     - predict_from_zero(self.form, self.params, have))
 
     def band(self, n, level=BAND) -> tuple[float, float]:
         """(5%, 95%) quantiles of G(n) over the bootstrap's curves."""
         self._need()
-        values = predict(self.form, self.draws.T, n) if len(self.draws) else np.array([self.value(n)])
+        values = predict_from_zero(self.form, self.draws.T, n) if len(self.draws) else np.array([self.value(n)])
         return tuple(float(q) for q in np.quantile(values, level))
 
     def gain_draws(self, have: float, more: float) -> np.ndarray:
-        """G^(r)(have + more) - G^(r)(have) for every bootstrap curve r."""
+        """G^(r)(have + more) - G^(r)(have) for every bootstrap curve r (G^(r)(0) = 0)."""
         self._need()
         params = self.draws.T
-        return np.asarray(predict(self.form, params, have + more) - predict(self.form, params, have), dtype=float)
+        return np.asarray(predict_from_zero(self.form, params, have + more)
+                          - predict_from_zero(self.form, params, have), dtype=float)
 
     def gain_band(self, have: float, more: float, level=BAND) -> tuple[float, float]:
         """(5%, 95%) quantiles of the bootstrap curves' gains."""
@@ -255,3 +268,101 @@ def fit_curve(sizes, per_fact, strata=None, n_resamples: int = 1000, seed: int =
     draws = bootstrap_params(form, sizes, resampled_drops(per_fact, strata, n_resamples, seed))
     return LearningCurve(sizes, drops, form, tuple(float(p) for p in params), errors[form], errors, None, draws,
                          notes)
+
+
+# --- pooling the curves' shapes across domains --------------------------------
+
+NOTE_KEEP = 0.95  # a curve that keeps less of its own shape than this says so in a note
+
+def elasticity(form: str, params, n) -> np.ndarray:
+    """e = n G'(n) / G(n) at n, the curve's shape where it was measured:
+    power, beta (NaN where c <= 0); log, b / (a + b ln n) (NaN where G(n) <= 0). params: a
+    pair, or a (2, R) array of the bootstrap's pairs."""
+    first, second = (np.asarray(p, dtype=float) for p in params)
+    if form == "power":  # c <= 0 (a flat resample) has no shape
+        return np.where(first > 0, second, np.nan)
+    level = first + second * math.log(n)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(level > 0, second / np.where(level > 0, level, 1.0), np.nan)
+
+
+def with_elasticity(form: str, params, n, shape):
+    """The parameters of the same form with the same G(n) and elasticity
+    `shape` at n: power, beta = shape (at most 1, concave) and c = G(n) / n^beta;
+    log, b = shape G(n) and a = G(n) - b ln n."""
+    first, second = (np.asarray(p, dtype=float) for p in params)
+    level = predict(form, (first, second), n)
+    if form == "power":
+        beta = np.minimum(np.asarray(shape, dtype=float), 1.0)
+        return level / float(n) ** beta, beta
+    slope = np.asarray(shape, dtype=float) * level
+    return level - slope * math.log(n), slope
+
+
+def pooled_shapes(curves: list) -> dict | None:
+    """Empirical-Bayes pooling of the identifiable curves' elasticities at
+    their largest pilot sizes (`elasticity`): e_k the point fit's, s_k^2 the
+    variance of e over the curve's bootstrap draws (those where it is
+    defined), tau^2 = max(0, var_k e_k - mean_k s_k^2) (the spread between
+    domains beyond their own noise, moments), the pooled shape
+    e_bar = sum_k u_k e_k / sum_k u_k with u_k = 1 / (s_k^2 + tau^2), and the
+    weight w_k = tau^2 / (tau^2 + s_k^2) a domain keeps of its own shape
+    (tau^2 = 0: the domains' shapes differ no more than their noise, and
+    every one takes the pooled shape). None with fewer than 3 curves to pool."""
+    rows = []
+    for k, curve in enumerate(curves):
+        if curve.form is None or curve.draws is None or len(curve.draws) < 2:
+            continue
+        n = max(curve.sizes)
+        own = float(elasticity(curve.form, curve.params, n))
+        draws = elasticity(curve.form, curve.draws.T, n)
+        draws = draws[np.isfinite(draws)]
+        if np.isfinite(own) and len(draws) >= 2:
+            rows.append((k, own, float(np.var(draws, ddof=1))))
+    if len(rows) < 3:
+        return None
+    own = np.array([r[1] for r in rows])
+    noise = np.array([r[2] for r in rows])
+    tau2 = max(0.0, float(np.var(own, ddof=1) - noise.mean()))
+    inverse = 1.0 / (noise + tau2)
+    if not np.all(np.isfinite(inverse)):
+        return None
+    pooled = float(np.sum(inverse * own) / np.sum(inverse))
+    keep = tau2 / (tau2 + noise)
+    return {"pooled": pooled, "tau2": tau2, "weights": {k: float(w) for (k, _, _), w in zip(rows, keep)},
+            "own": {k: float(e) for (k, e, _) in rows}}
+
+
+def shrink_curves(curves: list) -> list:
+    """Each identifiable curve with its elasticity at its largest pilot size
+    moved toward the pooled one (`pooled_shapes`), e' = w_k e + (1 - w_k) e_bar,
+    for the point fit and every bootstrap draw alike, keeping G at that size
+    (`with_elasticity`): a domain whose pilot points pin its shape keeps it
+    (w_k near 1); one whose resamples disagree borrows the others'. Curves it
+    does not pool are returned as they are; a note says what moved."""
+    pooled = pooled_shapes(curves)
+    if pooled is None:
+        return list(curves)
+    out = list(curves)
+    for k, keep in pooled["weights"].items():
+        curve = curves[k]
+        n = max(curve.sizes)
+        target = pooled["pooled"]
+
+        def moved(params):
+            shape = elasticity(curve.form, params, n)
+            shape = np.where(np.isfinite(shape), keep * shape + (1 - keep) * target, shape)
+            new = with_elasticity(curve.form, params, n, shape)
+            # a draw whose G(n) <= 0 has no elasticity: it stays as it was
+            return tuple(np.where(np.isfinite(shape), p_new, p_old) for p_new, p_old in
+                         zip(new, (np.asarray(p, dtype=float) for p in params)))
+
+        params = tuple(float(p) for p in moved(curve.params))
+        draws = np.column_stack(moved(curve.draws.T))
+        notes = list(curve.notes)
+        if keep < NOTE_KEEP:
+            notes.append(f"shape pooled with the other domains': elasticity at n = {n:g} from {pooled['own'][k]:.3g} "
+                         f"to {keep * pooled['own'][k] + (1 - keep) * target:.3g} (keeps {100 * keep:.0f}% of its own)")
+        out[k] = LearningCurve(curve.sizes, curve.drops, curve.form, params, curve.loo_error, curve.errors,
+                               curve.reason, draws, notes)
+    return out

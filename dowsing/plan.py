@@ -5,19 +5,25 @@ Each domain's learning curve G_k(n) (`dowsing.curves`) is fitted to pilot
 fine-tunes on the user's own facts (`dowsing.pilots.pilot_curve`): one
 forward pass over every domain's two seeded halves, then, per domain,
 AdamW on the last blocks trained on n facts of one half and the drop of the
-other half's loss measured, both ways, at n = 2, 4, 8. The gain of
-collecting m more examples of domain k, which has S_k facts now, is
+other half's loss measured, both ways, at n = 2, 4, 8 (their shapes may be
+pooled across domains, `curves.shrink_curves`, off by default). The gain of
+collecting m more examples of domain k, h_k of whose facts are already in
+the model's training data (`have`, default 0), is
 
-  gain_k(m) = G_k(S_k + m) - G_k(S_k).
+  gain_k(m) = G_k(h_k + m) - G_k(h_k),   G_k(0) = 0.
 
 G_k is in the pilot recipe's units: the drop a few AdamW steps on the last
 blocks buy. Its shape across domains is what ranks them and splits the
-budget; its absolute nats are the pilot's, not those of a full training run.
+budget; its absolute nats are the pilot's, not those of a full training run
+(`pilot_scale` says how far apart they were on the benchmark).
 
 `allocate` spends the budget greedily on the largest weighted gain per unit
-cost. The pilot measurements are cached (cache/plans) under the model,
-the domains and the settings the curves depend on, so a repeat with another
-budget, costs, caps or weights refits and reallocates in milliseconds.
+cost, by default the mean gain over the curves' bootstrap resamples
+(`gain_function`); `verdict` says whether the plan is shown to beat
+spreading evenly. The pilot measurements are cached (cache/plans) under the
+model, the domains and the settings the curves depend on, so a repeat with
+another budget, costs, caps, weights or have refits and reallocates in
+milliseconds.
 """
 from __future__ import annotations
 
@@ -28,12 +34,14 @@ import math
 import time
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
+from functools import lru_cache
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
 from .config import DEVICES, DTYPES
-from .curves import BAND, LearningCurve, fit_curve
+from .curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
 from .domains import as_domains
 from .pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
 from .progress import Progress
@@ -41,6 +49,9 @@ from .records import ConfigRecord, ResultRecord
 from .result import ENGINE_VERSION, finite_or_none
 
 BUDGET_UNITS = ("examples", "money")
+# How the budget is split: "expected" maximises the mean over the bootstrap
+# curves of the weighted gain; "point" reads the fitted curve alone.
+RULES = ("expected", "point")
 MIN_HALF = 2  # a pilot trains on one half and measures the other: two facts each at least
 # The greedy takes one example at a time up to this many steps, then steps
 # of several examples (the reported gap bound covers what stepping costs).
@@ -69,6 +80,14 @@ class PlanConfig(ConfigRecord):
     seed: the halves, the pilot's minibatches and the bootstrap.
     bootstrap_resamples: resamples of the facts' per-fact drops for the bands.
     device / dtype / batch_size: how the model runs, as in an analysis.
+    have: how many of each domain's facts are already in the model's training
+        data (0: the facts are examples the model has not been trained on);
+        have_by_domain: (domain, count) pairs that override it. The curve is
+        read from have to have + m.
+    rule: "expected" (the mean gain over the bootstrap curves) or "point"
+        (the fitted curve alone); see RULES.
+    shrink: pool the curves' shapes across domains (`curves.shrink_curves`);
+        off by default: in simulations it lost gain (docs/METHOD.md section 14).
     """
 
     record_name = "plan"
@@ -84,8 +103,16 @@ class PlanConfig(ConfigRecord):
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 16
+    have: int = 0
+    have_by_domain: tuple = ()
+    rule: str = "expected"
+    shrink: bool = False
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "have_by_domain", _pairs(self.have_by_domain, _have))
+        object.__setattr__(self, "have", _have(self.have))
+        if self.rule not in RULES:
+            raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         object.__setattr__(self, "costs", _pairs(self.costs))
         object.__setattr__(self, "weights", _pairs(self.weights))
         object.__setattr__(self, "caps", _pairs(self.caps, _whole))
@@ -114,6 +141,10 @@ class PlanConfig(ConfigRecord):
 
     def weight(self, name: str) -> float:
         return dict(self.weights).get(name, 1.0)
+
+    def have_of(self, name: str) -> int:
+        """How many of the domain's facts are already in training."""
+        return dict(self.have_by_domain).get(name, self.have)
 
     def pilot_config(self) -> "PilotConfig":
         """The part of the plan the pilot measurements depend on."""
@@ -169,15 +200,33 @@ def _whole(value) -> int:
     return int(number)
 
 
+def _have(value) -> int:
+    """A have: a whole number of facts >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"have must be a whole number of facts >= 0, got {value!r}") from None
+    if not (math.isfinite(number) and number >= 0 and number == int(number)):
+        raise ValueError(f"have must be a whole number of facts >= 0, got {value!r}")
+    return int(number)
+
+
 def check_plan(config: PlanConfig, domains) -> None:
-    """A one-line ValueError when the costs, caps or weights name a domain
-    that is not among `domains`."""
-    names = {d.name for d in as_domains(domains)}
-    for what, pairs in (("costs", config.costs), ("caps", config.caps), ("weights", config.weights)):
+    """A one-line ValueError when the costs, caps, weights or have name a
+    domain that is not among `domains`, or a domain's have is more than its
+    facts."""
+    domains = as_domains(domains)
+    names = {d.name for d in domains}
+    for what, pairs in (("costs", config.costs), ("caps", config.caps), ("weights", config.weights),
+                        ("have", config.have_by_domain)):
         unknown = [name for name, _ in pairs if name not in names]
         if unknown:
             raise ValueError(f"the {what} name domain(s) not among the domains: {', '.join(map(repr, unknown))} "
                              f"(domains: {', '.join(sorted(names))})")
+    for d in domains:
+        if config.have_of(d.name) > len(d.facts):
+            raise ValueError(f"have {config.have_of(d.name)} for {d.name!r} is more than its {len(d.facts)} facts: "
+                             "have counts the domain's facts already in the model's training data")
 
 
 # --- the pilot measurements and the curves -----------------------------------
@@ -243,12 +292,20 @@ def _pilot_trainer(loaded, split):
 
 @dataclass
 class DomainCurve:
-    """One domain's learning curve with what the plan reads beside it."""
+    """One domain's learning curve with what the plan reads beside it. have:
+    the facts already in training, where the curve is read from (None: all
+    n_facts)."""
 
     name: str
     n_facts: int
     mean_loss: float
     curve: LearningCurve
+    have: float | None = None
+
+    @property
+    def start(self) -> float:
+        """Where the gain of collecting more is read from: have, else n_facts."""
+        return self.n_facts if self.have is None else self.have
 
 
 def domain_seed(seed: int, name: str) -> int:
@@ -260,8 +317,9 @@ def domain_seed(seed: int, name: str) -> int:
 def fit_pilots(measured: dict, config: PlanConfig) -> list:
     """Each measured domain's `curves.fit_curve` (halves resampled
     separately, `config.bootstrap_resamples` resamples seeded by
-    `domain_seed`); a domain too small for a pilot gets no curve and says
-    why."""
+    `domain_seed`), with config.shrink their shapes pooled across the
+    domains (`curves.shrink_curves`); a domain too small for a pilot gets
+    no curve and says why."""
     out = []
     for entry in measured["domains"]:
         if entry["sizes"]:
@@ -272,6 +330,9 @@ def fit_pilots(measured: dict, config: PlanConfig) -> list:
             curve = LearningCurve([], [], reason=f"too few facts for a pilot: each half needs {MIN_HALF} "
                                                  f"(the domain has {entry['n_facts']})")
         out.append(DomainCurve(entry["name"], entry["n_facts"], entry["mean_loss"], curve))
+    if config.shrink:
+        shrunk = shrink_curves([dc.curve for dc in out])
+        out = [replace(dc, curve=curve) for dc, curve in zip(out, shrunk)]
     return out
 
 
@@ -391,6 +452,68 @@ def upper_bound(gains, budget: float, costs, weights, limits, lam: float) -> flo
     return bound
 
 
+def concave_from_zero(gain: Callable, limit: int) -> Callable:
+    """The least concave majorant on m = 0..limit of a gain with gain(0) = 0
+    that is concave from m = 1 on (a log curve read from have = 0: G(0) = 0
+    but G(1) = a may lie below the line through G(2)): the chord from 0 to
+    m* = argmax_{1 <= j <= limit} gain(j) / j, then the gain itself. gain(j)/j
+    rises then falls (its sign of change is that of j gain'(j) - gain(j),
+    which falls where gain is concave), so m* is the first j whose next ratio
+    is smaller, found by bisection. All ratios <= 0: nothing to gain (0)."""
+    if limit < 1:
+        return gain
+    lo, hi = 1, int(limit)
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if gain(mid + 1) / (mid + 1) >= gain(mid) / mid:
+            lo = mid + 1
+        else:
+            hi = mid
+    top, slope = lo, gain(lo) / lo
+    if slope <= 0:
+        return lambda m: 0.0
+    return lambda m: slope * m if m <= top else gain(m)
+
+
+def gain_function(dc: DomainCurve, rule: str = "expected", limit: int = 0) -> Callable | None:
+    """m -> the gain the allocation reads for m more examples of dc, from
+    dc.start (have) on: "point", the fitted curve's G(have + m) - G(have);
+    "expected", the mean of that over the bootstrap curves, each read as
+    flat where it falls (`rising_draws`; concave as a mean of concave
+    curves). From have = 0, its least concave majorant on 0..limit
+    (`concave_from_zero`). None without a curve."""
+    if not dc.curve.identifiable:
+        return None
+    curve, start = dc.curve, dc.start
+    if rule == "point" or curve.draws is None or not len(curve.draws):
+        def raw(m):
+            return curve.gain(start, m)
+    else:
+        params, seen = rising_draws(curve.form, curve.draws).T, {}
+
+        def raw(m):
+            if m not in seen:
+                seen[m] = float(np.mean(predict_from_zero(curve.form, params, start + m)
+                                        - predict_from_zero(curve.form, params, start)))
+            return seen[m]
+    return concave_from_zero(raw, limit) if start <= 0 else raw
+
+
+def rising_draws(form: str, draws: np.ndarray) -> np.ndarray:
+    """The bootstrap curves as the allocation reads them: a resample whose
+    curve falls is read as flat from where it was measured (log: b_r < 0 ->
+    0; power: beta_r clipped to [0, 1], c_r >= 0), so every resample's curve
+    is concave and nondecreasing and so is their mean, which keeps the
+    greedy exact. The bands and totals keep the resamples as they are."""
+    out = np.array(draws, dtype=float, copy=True)
+    if form == "power":
+        out[:, 0] = np.maximum(out[:, 0], 0.0)
+        out[:, 1] = np.clip(out[:, 1], 0.0, 1.0)
+    else:
+        out[:, 1] = np.maximum(out[:, 1], 0.0)
+    return out
+
+
 # --- the plan ----------------------------------------------------------------
 
 @dataclass
@@ -412,6 +535,7 @@ class PlanResult(ResultRecord):
     pilot: dict
     notes: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
+    verdict: dict = field(default_factory=dict)
     created_at: str = ""
 
     def row(self, name: str) -> dict:
@@ -425,8 +549,8 @@ def total_draws(curves: list, counts: list, weights: list) -> tuple:
     gain, draws = 0.0, 0.0
     for dc, m, w in zip(curves, counts, weights):
         if dc.curve.identifiable and m > 0:
-            gain += w * dc.curve.gain(dc.n_facts, m)
-            draws = draws + w * dc.curve.gain_draws(dc.n_facts, m)
+            gain += w * dc.curve.gain(dc.start, m)
+            draws = draws + w * dc.curve.gain_draws(dc.start, m)
     return float(gain), draws
 
 
@@ -435,85 +559,208 @@ def _band(point: float, draws) -> list:
     return [float(b) for b in (np.quantile(draws, BAND) if np.ndim(draws) else (point, point))]
 
 
+def _mean(point: float, draws) -> float:
+    return float(np.mean(draws)) if np.ndim(draws) else float(point)
+
+
 def predicted_total(curves: list, counts: list, weights: list) -> dict:
-    """A plan's weighted total gain, its 90% band (`total_draws`) and its counts."""
+    """A plan's weighted total gain (the fitted curves'), its mean over the
+    bootstrap curves ("expected"), its 90% band (`total_draws`) and its counts."""
     gain, draws = total_draws(curves, counts, weights)
-    return {"gain": gain, "band": _band(gain, draws), "counts": {dc.name: int(m) for dc, m in zip(curves, counts)}}
+    return {"gain": gain, "expected": _mean(gain, draws), "band": _band(gain, draws),
+            "counts": {dc.name: int(m) for dc, m in zip(curves, counts)}}
 
 
 def paired_difference(curves: list, counts: list, other: list, weights: list) -> dict:
-    """The plan's total minus another plan's, with the 90% band of the
-    difference over the same resamples (paired: what both plans share of a
-    curve's uncertainty cancels)."""
+    """The plan's total minus another plan's, its mean and the 90% band of
+    the difference over the same resamples (paired: what both plans share
+    of a curve's uncertainty cancels), and "shown": whether the band lies
+    above 0 (else the plan is not shown to beat the other)."""
     gain, draws = total_draws(curves, counts, weights)
     base, base_draws = total_draws(curves, other, weights)
-    return {"gain": gain - base, "band": _band(gain - base, np.subtract(draws, base_draws))}
+    band = _band(gain - base, np.subtract(draws, base_draws))
+    return {"gain": gain - base, "expected": _mean(gain - base, np.subtract(draws, base_draws)), "band": band,
+            "shown": bool(band[0] > 0)}
+
+
+def even_counts(budget: int, caps: list) -> list:
+    """B split as evenly as the caps allow: every domain with room takes one
+    example in turn (a capped domain drops out), so the counts of the
+    domains below their caps differ by one at most and the last round's
+    examples go to the first domains in the domains' order."""
+    counts = [0] * len(caps)
+    left = int(budget)
+    while left > 0:
+        room = [k for k in range(len(caps)) if counts[k] < caps[k]]
+        if not room:
+            break
+        if left < len(room):
+            for k in room[:left]:
+                counts[k] += 1
+            break
+        # whole rounds at once: as many as the budget and the fullest domain's room allow
+        rounds = min(left // len(room), min(caps[k] - counts[k] for k in room))
+        for k in room:
+            counts[k] += rounds
+        left -= rounds * len(room)
+    return counts
+
+
+def proportional_counts(budget: int, scores: list, caps: list) -> list:
+    """B split in proportion to max(score_k, 0), in whole examples: a domain
+    whose share would pass its cap gets the cap and the rest is split again
+    over the others; the whole numbers are the floors of the shares plus
+    one for the largest remainders (ties: the domains' order) until B is
+    spent or every domain is at its cap."""
+    weights = [max(float(s), 0.0) if math.isfinite(float(s)) else 0.0 for s in scores]
+    share = [0.0] * len(caps)
+    fixed, left = set(), float(budget)
+    while True:
+        free = [k for k in range(len(caps)) if k not in fixed and weights[k] > 0]
+        total = sum(weights[k] for k in free)
+        if not free or total <= 0:
+            break
+        over = [k for k in free if left * weights[k] / total > caps[k]]
+        if not over:
+            for k in free:
+                share[k] = left * weights[k] / total
+            break
+        for k in over:
+            share[k], left = float(caps[k]), left - caps[k]
+            fixed.add(k)
+    counts = [min(caps[k], math.floor(share[k] + 1e-9)) for k in range(len(caps))]
+    order = sorted(range(len(caps)), key=lambda k: (-(share[k] - math.floor(share[k] + 1e-9)), k))
+    for k in order:
+        if sum(counts) >= budget:
+            break
+        if counts[k] < caps[k] and share[k] > counts[k]:
+            counts[k] += 1
+    return counts
 
 
 def baseline_counts(curves: list, config: PlanConfig) -> dict:
-    """The two plans the greedy one is set against: "even", the budget split
-    equally, m_k = min(cap_k, floor(B / (K c_k))) on every domain; and
-    "highest_loss", m = min(cap, floor(B / c)) on the domain of highest
-    mean loss alone."""
-    share = config.budget / len(curves)
-    even = [most_examples(share, config.cost(dc.name), config.cap(dc.name)) for dc in curves]
+    """The plans the greedy one is set against: "even", the budget split
+    equally, m_k = min(cap_k, floor(B / (K c_k))) on every domain (money);
+    "mean_loss", the budget split in proportion to max(mean loss, 0),
+    m_k = min(cap_k, floor(B l_k / (sum_j l_j c_k))); and "highest_loss",
+    m = min(cap, floor(B / c)) on the domain of highest mean loss alone.
+    A budget in examples is spent whole: "even" by `even_counts`, "mean_loss"
+    by `proportional_counts` (largest remainders, caps refilled)."""
+    losses = [max(dc.mean_loss, 0.0) if math.isfinite(dc.mean_loss) else 0.0 for dc in curves]
+    if config.budget_unit == "examples":
+        budget = math.floor(config.budget + 1e-9)
+        caps = [budget if config.cap(dc.name) is None else config.cap(dc.name) for dc in curves]
+        even, by_loss = even_counts(budget, caps), proportional_counts(budget, losses, caps)
+    else:
+        share = config.budget / len(curves)
+        even = [most_examples(share, config.cost(dc.name), config.cap(dc.name)) for dc in curves]
+        total_loss = sum(losses)
+        by_loss = [most_examples(config.budget * loss / total_loss, config.cost(dc.name), config.cap(dc.name))
+                   if total_loss > 0 else 0 for dc, loss in zip(curves, losses)]
     top = max(range(len(curves)), key=lambda k: curves[k].mean_loss)
     highest = [0] * len(curves)
     highest[top] = most_examples(config.budget, config.cost(curves[top].name), config.cap(curves[top].name))
-    return {"even": even, "highest_loss": highest, "highest_loss_domain": curves[top].name}
+    return {"even": even, "mean_loss": by_loss, "highest_loss": highest, "highest_loss_domain": curves[top].name}
 
 
 def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
-    """One domain's line of the plan."""
-    curve, have = dc.curve, dc.n_facts
-    row = {"domain": dc.name, "n_facts": have, "mean_loss": dc.mean_loss, "collect": int(m),
+    """One domain's line of the plan: what to collect, the gain read from
+    have to have + m (the fitted curve's, its mean over the bootstrap curves
+    and its band), and how far that reads beyond the largest pilot size."""
+    curve, have = dc.curve, dc.start
+    largest = max(curve.sizes) if curve.sizes else None
+    row = {"domain": dc.name, "n_facts": dc.n_facts, "have": have, "mean_loss": dc.mean_loss, "collect": int(m),
            "cost": m * config.cost(dc.name), "cost_per_example": config.cost(dc.name),
            "weight": config.weight(dc.name), "cap": config.cap(dc.name), "identifiable": curve.identifiable,
            "form": curve.form, "fit_error": curve.loo_error, "reason": curve.reason, "fit": curve.to_dict(),
-           "gain": None, "gain_band": None, "marginal_gain_last": None, "marginal_gain_next": None}
+           "gain": None, "expected_gain": None, "gain_band": None, "marginal_gain_last": None,
+           "marginal_gain_next": None, "reads_to": have + m, "largest_pilot": largest,
+           "extrapolation": (have + m) / largest if largest else None}
     if curve.identifiable:
-        row.update(gain=curve.gain(have, m), gain_band=list(curve.gain_band(have, m)),
+        draws = curve.gain_draws(have, m)
+        row.update(gain=curve.gain(have, m), expected_gain=float(np.mean(draws)) if len(draws) else None,
+                   gain_band=list(curve.gain_band(have, m)),
                    marginal_gain_last=curve.gain(have + m - 1, 1) if m > 0 else None,
                    marginal_gain_next=curve.gain(have + m, 1))
     return row
 
 
+BASELINES = {"even": "spreading evenly", "mean_loss": "splitting by mean loss",
+             "highest_loss": "all on the highest mean loss"}
+
+
+def verdict(totals: dict) -> dict:
+    """Whether the plan is shown to beat each simple split (the paired 90%
+    band of plan minus it lies above 0), and the sentence that says so;
+    "recommend": "plan" when it beats spreading evenly, else "even"."""
+    out = {"recommend": "plan", "sentences": []}
+    for key in ("even", "mean_loss"):
+        diff = totals[key]["plan_minus_this"]
+        band = f"{diff['expected']:+.3g}, 90% band [{diff['band'][0]:+.3g}, {diff['band'][1]:+.3g}]"
+        if diff["shown"]:
+            out["sentences"].append(f"The plan is predicted to beat {BASELINES[key]} (plan minus it {band}).")
+        else:
+            out["sentences"].append(f"The plan is not shown to beat {BASELINES[key]} (plan minus it {band}, a band "
+                                    f"that holds 0): {BASELINES[key]} is as good a choice.")
+            if key == "even":
+                out["recommend"] = "even"
+    return out
+
+
 def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -> PlanResult:
-    """The plan from the domains' curves: `allocate` with the config's
-    costs, caps and weights, each domain's line (`domain_row`) and the
-    totals of the plan and of the baselines (`predicted_total`). Instant:
-    no model."""
+    """The plan from the domains' curves, each read from its have
+    (`config.have_of`): `allocate` on `gain_function` (the config's rule)
+    with the config's costs, caps and weights, each domain's line
+    (`domain_row`), the totals of the plan and of the baselines
+    (`predicted_total`) and the `verdict`. Instant: no model."""
     t0 = time.perf_counter()
+    curves = [replace(dc, have=config.have_of(dc.name)) for dc in curves]
     names = [dc.name for dc in curves]
     costs = [config.cost(n) for n in names]
     weights = [config.weight(n) for n in names]
-    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
-    bought = allocate(gains, config.budget, costs, [config.cap(n) for n in names], weights)
+    caps = [config.cap(n) for n in names]
+    gains = [gain_function(dc, config.rule, most_examples(config.budget, c, cap))
+             for dc, c, cap in zip(curves, costs, caps)]
+    bought = allocate(gains, config.budget, costs, caps, weights)
     base = baseline_counts(curves, config)
     totals = {"plan": predicted_total(curves, bought.counts, weights),
               "even": predicted_total(curves, base["even"], weights),
+              "mean_loss": predicted_total(curves, base["mean_loss"], weights),
               "highest_loss": {**predicted_total(curves, base["highest_loss"], weights),
                                "domain": base["highest_loss_domain"]}}
     for key in totals:
         totals[key]["spent"] = float(sum(c * m for c, m in zip(costs, totals[key]["counts"].values())))
-    for key in ("even", "highest_loss"):
+    for key in BASELINES:
         totals[key]["plan_minus_this"] = paired_difference(curves, bought.counts, base[key], weights)
     measured = measured or {}
     pilot = {"recipe": measured.get("recipe", PILOT_RECIPE.label()), "sizes": list(config.pilot_sizes),
              "forward_s": measured.get("forward_s"), "pilot_s": measured.get("pilot_s")}
     allocation = {"budget": config.budget, "budget_unit": config.budget_unit, "spent": bought.spent,
-                  "left": config.budget - bought.spent, "step": bought.step, "gap_bound": bought.gap_bound}
-    return PlanResult(model=measured.get("model", {}), config=config.to_dict(),
-                      domains=[domain_row(dc, m, config) for dc, m in zip(curves, bought.counts)],
+                  "left": config.budget - bought.spent, "step": bought.step, "gap_bound": bought.gap_bound,
+                  "rule": config.rule}
+    rows = [domain_row(dc, m, config) for dc, m in zip(curves, bought.counts)]
+    return PlanResult(model=measured.get("model", {}), config=config.to_dict(), domains=rows,
                       totals=totals, allocation=allocation, pilot=pilot,
-                      notes=plan_notes(curves, bought, pilot["recipe"]), timings={"plan": time.perf_counter() - t0},
+                      notes=plan_notes(curves, bought, pilot["recipe"], rows),
+                      timings={"plan": time.perf_counter() - t0}, verdict=verdict(totals),
                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
-def plan_notes(curves: list, bought: Allocation, recipe: str) -> list:
+# a reading this many times the largest pilot size is named in the notes
+FAR = 2.0
+
+
+def plan_notes(curves: list, bought: Allocation, recipe: str, rows: list | None = None) -> list:
     """What the user must know to read the plan."""
     notes = [f"Gains are drops of held-out loss (nats per fact) after the pilot recipe ({recipe}): they rank the "
-             "domains and split the budget; a full training run's nats differ."]
+             "domains and split the budget; a full training run's nats differ.", scale_note()]
+    far = [r for r in rows or [] if r["identifiable"] and r["collect"] and (r["extrapolation"] or 0) > FAR]
+    if far:
+        notes.append("Read beyond the pilots: " + "; ".join(
+            f"{r['domain']} at n = {r['reads_to']:g}, {r['extrapolation']:.1f}x its largest pilot size "
+            f"({r['largest_pilot']:g})" for r in far)
+            + ". There the curve's form is extrapolated, and the band covers the facts' resampling, not the "
+              "choice of form.")
     for dc in curves:
         if not dc.curve.identifiable:
             notes.append(f"{dc.name}: not identifiable, {dc.curve.reason}; nothing is planned for it and it "
@@ -524,6 +771,57 @@ def plan_notes(curves: list, bought: Allocation, recipe: str) -> list:
                      "is exact for equal costs in single examples; here costs differ or it took steps of "
                      f"{bought.step}).")
     return notes
+
+
+# --- how the pilot's nats compare with training's -----------------------------
+
+CALIBRATION_FILE = Path(__file__).resolve().parent / "data" / "plan_calibration.json"
+
+
+@lru_cache(maxsize=1)
+def _calibration_data() -> dict:
+    return json.loads(CALIBRATION_FILE.read_text(encoding="utf-8"))
+
+
+def pilot_scale(rows=None, totals=None) -> dict:
+    """How the pilot curve's predictions compare with what training
+    realised on the benchmark (`data/plan_calibration.json`): per domain,
+    p_k = G_k(48) - G_k(16) (pilot nats) against g_k, the realised gain of
+    32 added facts. scale = exp(mean_k ln(g_k / p_k)) (least squares in logs
+    with slope 1); its error is cross-validated by domain, the median over k
+    of |s_{-k} p_k - g_k| / g_k with s_{-k} fitted without k, beside the
+    median |p_k - g_k| / g_k of the pilot's own nats. On the plan check's
+    totals (predicted sum P_a, realised mean R_a over K domains per
+    allocation a): the median |scale P_a - K R_a| / (K R_a), and the same
+    per allocation. Rows with p_k or g_k <= 0 are left out."""
+    data = _calibration_data() if rows is None or totals is None else {}
+    rows = data.get("domains", []) if rows is None else rows
+    totals = data.get("totals", []) if totals is None else totals
+    pairs = np.array([(r["pilot_gain_32"], r["realised_gain_32"]) for r in rows
+                      if r["pilot_gain_32"] > 0 and r["realised_gain_32"] > 0], dtype=float)
+    pilot, real = pairs[:, 0], pairs[:, 1]
+    logs = np.log(real / pilot)
+    scale = float(np.exp(logs.mean()))
+    left_out = [float(np.exp(np.delete(logs, k).mean())) for k in range(len(logs))]
+    cv = np.abs(np.array(left_out) * pilot - real) / real
+    n_domains = len(rows)
+    total_errors = {f"{t['budget']}: {t['allocation']}":
+                    scale * t["predicted_sum"] / (n_domains * t["realised_per_domain"]) - 1 for t in totals}
+    return {"scale": scale, "n": int(len(logs)), "cv_median_error": float(np.median(cv)),
+            "uncalibrated_median_error": float(np.median(np.abs(pilot - real) / real)),
+            "totals_median_error": float(np.median(np.abs(list(total_errors.values())))) if total_errors else None,
+            "totals_errors": total_errors}
+
+
+def scale_note() -> str:
+    """The plan's note on its units, from `pilot_scale`."""
+    fit = pilot_scale()
+    return (f"On the benchmark (default model, 37 domains, curves read from the 16 facts each had), a domain's "
+            f"pilot-nat prediction was off the gain training realised with 32 more facts by a median "
+            f"{100 * fit['uncalibrated_median_error']:.0f}%; scaled by {fit['scale']:.2f}, "
+            f"{100 * fit['cv_median_error']:.0f}% (cross-validated by domain), and the plan check's predicted totals "
+            f"by a median {100 * fit['totals_median_error']:.0f}%, too far apart to quote the gains in training's "
+            "nats: they are left in the pilot's.")
 
 
 # --- the cached entry point ------------------------------------------------
@@ -704,23 +1002,29 @@ def match_domains(values: dict, names: list, what: str, source: str) -> dict:
     return out
 
 
-PLAN_ROW_FIELDS = ("domain", "n_facts", "mean_loss", "collect", "cost_per_example", "cost", "weight", "cap", "gain",
-                   "gain_5pct", "gain_95pct", "marginal_gain_last", "form", "fit_error", "reason")
+PLAN_ROW_FIELDS = ("domain", "n_facts", "have", "mean_loss", "collect", "cost_per_example", "cost", "weight", "cap",
+                   "gain", "expected_gain", "gain_5pct", "gain_95pct", "marginal_gain_last", "reads_to",
+                   "extrapolation", "form", "fit_error", "reason")
 
 
 def plan_rows(result: PlanResult) -> list:
     """One flat row per domain (PLAN_ROW_FIELDS), for a table or a CSV: the
-    examples to collect and their cost, the predicted gain with its 90%
-    band (5% and 95% quantiles), the gain of the last example bought, the
-    form and leave-one-out error of the fit or why there is none."""
+    facts already in training (have), the examples to collect and their
+    cost, the predicted gain (fitted curve, mean over the bootstrap curves)
+    with its 90% band (5% and 95% quantiles), the gain of the last example
+    bought, where the curve is read to and how many times the largest pilot
+    size that is, the form and leave-one-out error of the fit or why there
+    is none."""
     rows = []
     for d in result.domains:
         band = d["gain_band"] or [None, None]
-        rows.append({"domain": d["domain"], "n_facts": d["n_facts"], "mean_loss": d["mean_loss"],
-                     "collect": d["collect"], "cost_per_example": d["cost_per_example"], "cost": d["cost"],
-                     "weight": d["weight"], "cap": d["cap"], "gain": d["gain"], "gain_5pct": band[0],
-                     "gain_95pct": band[1], "marginal_gain_last": d["marginal_gain_last"], "form": d["form"],
-                     "fit_error": d["fit_error"], "reason": d["reason"]})
+        rows.append({"domain": d["domain"], "n_facts": d["n_facts"], "have": d.get("have"),
+                     "mean_loss": d["mean_loss"], "collect": d["collect"], "cost_per_example": d["cost_per_example"],
+                     "cost": d["cost"], "weight": d["weight"], "cap": d["cap"], "gain": d["gain"],
+                     "expected_gain": d.get("expected_gain"), "gain_5pct": band[0], "gain_95pct": band[1],
+                     "marginal_gain_last": d["marginal_gain_last"], "reads_to": d.get("reads_to"),
+                     "extrapolation": d.get("extrapolation"), "form": d["form"], "fit_error": d["fit_error"],
+                     "reason": d["reason"]})
     return rows
 
 
@@ -751,29 +1055,39 @@ def format_plan(result: PlanResult) -> str:
     """The plan as text: one line per domain, the totals against the two
     baselines, and the notes."""
     alloc, unit = result.allocation, result.allocation["budget_unit"]
-    header = ["Domain", "Facts", "Mean loss", "Fit (LOO error)", "Collect", "Cost", "Gain [90% band]",
-              "Last example"]
+    header = ["Domain", "Facts", "Have", "Mean loss", "Fit (LOO error)", "Collect", "Cost", "Mean gain [90% band]",
+              "Last example", "Reads to (x pilot)"]
     rows = []
     for d in result.domains:
         fit = (f"{d['form']} ({_g(d['fit_error'])})" if d["identifiable"] else "not identifiable")
-        gain = f"{_g(d['gain'])} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]" if d["identifiable"] else "—"
-        rows.append([d["domain"], str(d["n_facts"]), f"{d['mean_loss']:.3f}", fit, str(d["collect"]),
-                     _g(d["cost"]), gain, _g(d["marginal_gain_last"])])
+        mean = d.get("expected_gain", d["gain"])
+        gain = f"{_g(mean)} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]" if d["identifiable"] else "—"
+        reach = (f"{d['reads_to']:g} ({d['extrapolation']:.1f}x)" if d.get("extrapolation") is not None
+                 and d["identifiable"] else "—")
+        rows.append([d["domain"], str(d["n_facts"]), f"{d.get('have', d['n_facts']):g}", f"{d['mean_loss']:.3f}", fit,
+                     str(d["collect"]), _g(d["cost"]), gain, _g(d["marginal_gain_last"]), reach])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {alloc['spent']:g}; pilot "
+    lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {alloc['spent']:g}, split on the "
+             f"{'mean gain over the bootstrap curves' if alloc.get('rule') == 'expected' else 'fitted curves'}; pilot "
              f"{result.pilot['recipe']} at n = {', '.join(map(str, result.pilot['sizes']))} facts of a half "
              "(at most the smaller half)", ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     t = result.totals
-    lines += ["", "Predicted total gain (weighted, nats) [90% band]; this plan minus each [paired 90% band]:"]
-    for key, label in (("plan", "this plan"), ("even", "spread evenly"),
+    lines += ["", "Predicted total gain (weighted, nats; mean over the bootstrap curves) [90% band]; this plan minus "
+                  "each [paired 90% band]:"]
+    for key, label in (("plan", "this plan"), ("even", "spread evenly"), ("mean_loss", "split by mean loss"),
                        ("highest_loss", f"all on {t['highest_loss']['domain']} (highest mean loss)")):
-        line = f"  {label}: {_g(t[key]['gain'])} [{_g(t[key]['band'][0])}, {_g(t[key]['band'][1])}]"
+        if key not in t:
+            continue
+        band = t[key]["band"]
+        line = f"  {label}: {_g(t[key].get('expected', t[key]['gain']))} [{_g(band[0])}, {_g(band[1])}]"
         if "plan_minus_this" in t[key]:
             diff = t[key]["plan_minus_this"]
-            line += f"; plan minus this {_g(diff['gain'])} [{_g(diff['band'][0])}, {_g(diff['band'][1])}]"
+            line += (f"; plan minus this {_g(diff.get('expected', diff['gain']))} [{_g(diff['band'][0])}, "
+                     f"{_g(diff['band'][1])}]")
         lines.append(line)
+    lines += [""] + list((result.verdict or {}).get("sentences", []))
     return "\n".join(lines + ["", "Notes:"] + [f"  {n}" for n in result.notes])
 
 

@@ -35,7 +35,8 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
     unit = plan.allocation["budget_unit"]
     text = [str(d["collect"]) if d["identifiable"] else "not identifiable" for d in rows]
     hover = [f"<b>{d['domain']}</b><br>collect {d['collect']}<br>cost {_g(d['cost'])}"
-             + (f"<br>predicted gain {_g(d['gain'])} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]"
+             + (f"<br>predicted gain {_g(d.get('expected_gain', d['gain']))} [{_g(d['gain_band'][0])}, "
+                f"{_g(d['gain_band'][1])}]"
                 if d["identifiable"] else f"<br>{d['reason']}") for d in rows]
     fig = go.Figure(go.Bar(
         y=[d["domain"] for d in rows], x=[d["collect"] for d in rows], orientation="h",
@@ -63,17 +64,23 @@ def curve_band(dc: DomainCurve, grid) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return point, low, high
 
 
+def _have(row: dict, dc: DomainCurve) -> float:
+    """Where the plan read the domain's curve from (its have; older plans: its facts)."""
+    return row.get("have", dc.n_facts) if row.get("have") is not None else dc.n_facts
+
+
 def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | None = None) -> go.Figure:
     """Each domain's predicted learning curve G(n) (the drop of its held-out
     loss after the pilot recipe on n facts) on a log n axis: the pilot's
     points, the fitted form, the 90% band of the bootstrap curves, ◆ at the
-    facts the domain has now (S) and ★ at S + the examples the plan collects,
-    so the gain is the rise from ◆ to ★. A domain whose curve is not
+    facts already in training (have; none from have = 0, where G = 0) and ★
+    at have + the examples the plan collects, so the gain is the rise from
+    ◆ (or 0) to ★. A domain whose curve is not
     identifiable shows its pilot points only. One legend group per domain."""
     colors = colors or plan_colors(plan)
     rows = {d["domain"]: d for d in plan.domains}
     sizes = [n for dc in curves for n in dc.curve.sizes] or [1.0]
-    right = max([max(dc.n_facts, 1) + rows[dc.name]["collect"] for dc in curves] + sizes)
+    right = max([max(_have(rows[dc.name], dc) + rows[dc.name]["collect"], 1) for dc in curves] + sizes)
     grid = np.geomspace(max(1.0, min(sizes)), 1.3 * right, 120)
     fig = go.Figure()
     for dc in curves:
@@ -101,12 +108,18 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
             name=f"{dc.name} pilot", marker=dict(color=color, size=7, line=dict(color="white", width=1)),
             hovertemplate=f"<b>{dc.name}</b> pilot<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
         ))
-        now, after = max(dc.n_facts, 1), max(dc.n_facts, 1) + row["collect"]
+        # from have = 0 the curve starts at G(0) = 0, off a log axis: the star alone
+        now = _have(row, dc)
+        after = now + row["collect"]
+        marks = [(now, "now", 0, "diamond", 12)] if now >= 1 else []
+        if after >= 1:
+            marks.append((after, "after the plan", row["collect"], "star", 15))
         fig.add_trace(go.Scatter(
-            x=[now, after], y=[curve.value(now), curve.value(after)], mode="markers", legendgroup=group,
+            x=[m[0] for m in marks], y=[curve.value(m[0]) for m in marks], mode="markers", legendgroup=group,
             showlegend=False, name=f"{dc.name} plan",
-            marker=dict(color=color, size=[12, 15], symbol=["diamond", "star"], line=dict(color="black", width=1)),
-            customdata=[["now", 0], ["after the plan", row["collect"]]],
+            marker=dict(color=color, size=[m[4] for m in marks], symbol=[m[3] for m in marks],
+                        line=dict(color="black", width=1)),
+            customdata=[[m[1], m[2]] for m in marks],
             hovertemplate=f"<b>{dc.name}</b> %{{customdata[0]}}<br>n = %{{x:,.0f}} (+%{{customdata[1]}})"
                           f"<br>G(n) = %{{y:.3g}}<br>gain {_g(row['gain'])} [{_g((row['gain_band'] or [None])[0])}, "
                           f"{_g((row['gain_band'] or [None, None])[1])}]<extra></extra>",
@@ -117,27 +130,30 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
                    legend=dict(title=dict(text="Domain (click to toggle)")), hovermode="closest", height=480)
 
 
-TOTAL_LABELS = {"plan": "This plan", "even": "Spread evenly", "highest_loss": "All on the highest loss"}
+TOTAL_LABELS = {"plan": "This plan", "even": "Spread evenly", "mean_loss": "Split by mean loss",
+                "highest_loss": "All on the highest loss"}
 
 
 def totals_chart(plan: PlanResult) -> go.Figure:
     """The predicted total (weighted) gain of the plan, of spreading the
-    budget evenly and of spending it all on the domain of highest mean loss,
-    each with its 90% band as an error bar."""
+    budget evenly, of splitting it by mean loss and of spending it all on
+    the domain of highest mean loss: the mean over the bootstrap curves
+    (what the plan maximises), each with its 90% band as an error bar."""
     totals = plan.totals
-    keys = ("plan", "even", "highest_loss")
+    keys = [k for k in TOTAL_LABELS if k in totals]
     labels = [TOTAL_LABELS[k] + (f" ({totals[k]['domain']})" if k == "highest_loss" else "") for k in keys]
-    gains = [totals[k]["gain"] for k in keys]
+    gains = [totals[k].get("expected", totals[k]["gain"]) for k in keys]
     fig = go.Figure(go.Bar(
-        x=labels, y=gains, marker=dict(color=["#4e79a7", "#bab0ac", "#bab0ac"]),
-        error_y=dict(type="data", symmetric=False, array=[totals[k]["band"][1] - totals[k]["gain"] for k in keys],
-                     arrayminus=[totals[k]["gain"] - totals[k]["band"][0] for k in keys], color="#333"),
+        x=labels, y=gains, marker=dict(color=["#4e79a7"] + ["#bab0ac"] * (len(keys) - 1)),
+        error_y=dict(type="data", symmetric=False, array=[totals[k]["band"][1] - g for k, g in zip(keys, gains)],
+                     arrayminus=[g - totals[k]["band"][0] for k, g in zip(keys, gains)], color="#333"),
         customdata=[[totals[k]["band"][0], totals[k]["band"][1], totals[k]["spent"]] for k in keys],
         hovertemplate="<b>%{x}</b><br>gain %{y:.3g} [%{customdata[0]:.3g}, %{customdata[1]:.3g}]"
                       "<br>spent %{customdata[2]:g}<extra></extra>",
     ))
     fig.update_yaxes(title="predicted total gain (nats, pilot)")
-    return _layout(fig, title=dict(text="Predicted total gain, 90% band", x=0), showlegend=False, height=380)
+    return _layout(fig, title=dict(text="Predicted total gain (mean over the bootstrap curves), 90% band", x=0),
+                   showlegend=False, height=380)
 
 
 def plan_figures(plan: PlanResult, curves: list) -> dict[str, go.Figure]:

@@ -844,27 +844,31 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
         "allocation": plan_charts.allocation_chart(plan), "totals": plan_charts.totals_chart(plan)}
     divs = {name: fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs and name == "allocation",
                               default_width="100%") for name, fig in figs.items()}
-    table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "Collect": r["collect"],
-                           "Cost": _g3(r["cost"]),
+    table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In training": r["have"],
+                           "Collect": r["collect"], "Cost": _g3(r["cost"]),
                            "Predicted gain [90% band]": "—" if r["gain"] is None else
                            f"{_g3(r['gain'])} [{_g3(r['gain_5pct'])}, {_g3(r['gain_95pct'])}]",
                            "Last example's gain": _g3(r["marginal_gain_last"]), "Fit": fit_text(r)}
                           for r in plan_rows(plan)]).to_html(index=False, classes="dw-table", border=0, escape=True)
     totals = plan.totals
     lines = []
-    for key, label in (("plan", "This plan"), ("even", "Spread evenly"),
+    for key, label in (("plan", "This plan"), ("even", "Spread evenly"), ("mean_loss", "Split by mean loss"),
                        ("highest_loss", f"All on {totals['highest_loss'].get('domain')} (highest mean loss)")):
+        if key not in totals:
+            continue
         band = totals[key]["band"]
-        line = f"<li><b>{esc(label)}</b>: {_g3(totals[key]['gain'])} [{_g3(band[0])}, {_g3(band[1])}]"
+        line = (f"<li><b>{esc(label)}</b>: {_g3(totals[key].get('expected', totals[key]['gain']))} "
+                f"[{_g3(band[0])}, {_g3(band[1])}]")
         if "plan_minus_this" in totals[key]:
             diff = totals[key]["plan_minus_this"]
-            line += (f"; plan minus this {_g3(diff['gain'])} [{_g3(diff['band'][0])}, "
+            line += (f"; plan minus this {_g3(diff.get('expected', diff['gain']))} [{_g3(diff['band'][0])}, "
                      f"{_g3(diff['band'][1])}] (paired)")
         lines.append(line + "</li>")
     notes = "".join(f"<li>{esc(n)}</li>" for n in plan.notes)
+    verdict = "".join(f"<p><b>{esc(sentence)}</b></p>" for sentence in (plan.verdict or {}).get("sentences", []))
     h = heading
-    return f"""<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>
-<{h}>Predicted total gain (weighted) [90% band]</{h}><ul>{"".join(lines)}</ul>
+    return f"""<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>{verdict}
+<{h}>Predicted total gain (weighted; mean over the bootstrap curves) [90% band]</{h}><ul>{"".join(lines)}</ul>
 <{h}>Per domain</{h}>{table}
 <section>{divs["allocation"]}</section>
 {f'<section>{divs["curves"]}</section>' if "curves" in divs else ""}

@@ -6,9 +6,9 @@ background job (`dowsing.jobs`, kind "plan"): it waits its turn behind any
 other heavy run, survives a refresh (its id is the pilots' cache key, so the
 same model and domains find it again) and Cancel stops it. The allocation
 (`dowsing.plan`) is instant, so it is recomputed here on every change of the
-budget, costs, weights or caps, without a new job. Where a finished analysis
-of the same model and domains exists, its report can be downloaded with the
-plan as a section.
+budget, costs, weights, caps or facts already in training, without a new
+job. Where a finished analysis of the same model and domains exists, its
+report can be downloaded with the plan as a section.
 """
 from __future__ import annotations
 
@@ -76,27 +76,40 @@ def _cell(value):
 
 
 def _inputs() -> tuple:
-    """The budget input and the editable table: (budget, {domain: {cost, weight, cap}}, the slots beside
-    the budget and beside the table for their messages)."""
-    if "plan_budget" not in st.session_state:
-        st.session_state["plan_budget"] = st.session_state.get("plan_budget_kept", DEFAULT_BUDGET)
+    """The budget and have inputs and the editable table: (budget, have, {domain: {cost, weight, cap,
+    have}}, the slots beside the budget and beside the table for their messages)."""
     kept = st.session_state.setdefault("plan_values", {})
+    # a budget in examples is a whole number; in money (some cost other than 1) it may have cents
+    in_money = any((kept.get(n) or {}).get("cost", 1.0) != 1.0 for n in names)
+    budget_now = st.session_state.get("plan_budget", st.session_state.get("plan_budget_kept", DEFAULT_BUDGET))
+    st.session_state["plan_budget"] = float(budget_now) if in_money else int(round(float(budget_now)))
+    st.session_state.setdefault("plan_have", 0)
     table_key = "plan_table-" + hashlib.sha256("\n".join(names).encode()).hexdigest()[:12]
     if table_key not in st.session_state:  # a fresh editor starts from the values kept
-        st.session_state["plan_base"] = {n: kept.get(n, {"cost": 1.0, "weight": 1.0, "cap": None}) for n in names}
+        st.session_state["plan_base"] = {n: {"cost": 1.0, "weight": 1.0, "cap": None, "have": None, **kept.get(n, {})}
+                                         for n in names}
     base = st.session_state["plan_base"]
     left, right = st.columns([1, 3])
     with left:
-        budget = st.number_input("Budget", step=10.0, key="plan_budget",
+        budget = st.number_input("Budget", step=10.0 if in_money else 10, format="%g" if in_money else "%d",
+                                 key="plan_budget",
                                  help="What may be spent: a number of examples, or money when the table gives "
                                       "costs per example other than 1.")
         st.session_state["plan_budget_kept"] = budget
         budget_box = st.container()
+        have = st.number_input("Facts already in training", step=1, key="plan_have",
+                               help="How many of each domain's facts here are already in the model's training "
+                                    "data (the table's column overrides it per domain). 0, the default: your facts "
+                                    "are examples the model has not been trained on, as they usually are, so the "
+                                    "first facts collected carry the steep start of the learning curve.")
+        st.caption("Default 0: your facts are examples, not yet training data. If the model was trained on them, "
+                   "say how many, or the first facts collected are credited with a gain the model already has.")
     with right:
         edited = st.data_editor(
             pd.DataFrame({"domain": names, "facts": [len(d.facts) for d in domains],
                           "cost": [base[n]["cost"] for n in names], "weight": [base[n]["weight"] for n in names],
-                          "cap": pd.array([base[n]["cap"] for n in names], dtype="Float64")}),
+                          "cap": pd.array([base[n]["cap"] for n in names], dtype="Float64"),
+                          "have": pd.array([base[n]["have"] for n in names], dtype="Float64")}),
             key=table_key, hide_index=True, width="stretch", disabled=["domain", "facts"],
             column_config={
                 "domain": st.column_config.TextColumn("Domain"),
@@ -107,18 +120,21 @@ def _inputs() -> tuple:
                                                         help="How much the domain's gain counts (default 1)."),
                 "cap": st.column_config.NumberColumn("Cap", format="%d", step=1,
                                                      help="The most examples of the domain to collect (empty: none)."),
+                "have": st.column_config.NumberColumn("In training", format="%d", step=1,
+                                                      help="Of the domain's facts, how many are already in the "
+                                                           "model's training data (empty: the number beside)."),
             })
         table_box = st.container()
     values = {}
     for row in edited.to_dict("records"):
         cost, weight = _cell(row["cost"]), _cell(row["weight"])
         values[row["domain"]] = {"cost": 1.0 if cost is None else cost, "weight": 1.0 if weight is None else weight,
-                                 "cap": _cell(row["cap"])}
+                                 "cap": _cell(row["cap"]), "have": _cell(row["have"])}
     kept.update(values)
-    return budget, values, budget_box, table_box
+    return budget, have, values, budget_box, table_box
 
 
-budget, values, budget_box, table_box = _inputs()
+budget, have, values, budget_box, table_box = _inputs()
 costs = {n: v["cost"] for n, v in values.items()}
 money = any(cost != 1.0 for cost in costs.values())
 budget_box.caption("In money: each domain's examples cost what the table says." if money else
@@ -128,11 +144,16 @@ budget_box.caption("In money: each domain's examples cost what the table says." 
 def _plan_config(budget_value: float):
     """The PlanConfig of the inputs at `budget_value`, or (None, the one-line
     message the command line would print)."""
+    from dowsing.plan import check_plan  # the have against each domain's facts, as the command line checks it
+
     try:
-        return PlanConfig(budget=budget_value, budget_unit="money" if money else "examples",
-                          costs=costs if money else {}, weights={n: v["weight"] for n, v in values.items()},
-                          caps={n: v["cap"] for n, v in values.items() if v["cap"] is not None},
-                          seed=pilot_config.seed, device=pilot_config.device, dtype=pilot_config.dtype), None
+        config = PlanConfig(budget=budget_value, budget_unit="money" if money else "examples",
+                            costs=costs if money else {}, weights={n: v["weight"] for n, v in values.items()},
+                            caps={n: v["cap"] for n, v in values.items() if v["cap"] is not None}, have=have,
+                            have_by_domain={n: v["have"] for n, v in values.items() if v["have"] is not None},
+                            seed=pilot_config.seed, device=pilot_config.device, dtype=pilot_config.dtype)
+        check_plan(config, domains)
+        return config, None
     except ValueError as exc:
         return None, str(exc)
 
@@ -226,29 +247,42 @@ def _band(values) -> str:
     return f"[{values[0]:.3g}, {values[1]:.3g}]"
 
 
-cols = st.columns(3)
-cols[0].metric("This plan", f"{totals['plan']['gain']:.3g}", help=f"Predicted total gain (weighted), 90% band "
-                                                                   f"{_band(totals['plan']['band'])}.")
-for col, key, label in ((cols[1], "even", "Spread evenly"),
-                        (cols[2], "highest_loss", f"All on {totals['highest_loss'].get('domain')}")):
+for sentence in plan.verdict["sentences"]:
+    # a plan whose edge over a simple split has a band holding 0 is not presented as a win
+    (st.success if "is predicted to beat" in sentence else st.info)(sentence, icon=":material/balance:")
+cols = st.columns(4)
+cols[0].metric("This plan", f"{totals['plan']['expected']:.3g}",
+               help=f"Predicted total gain (weighted; mean over the bootstrap curves), 90% band "
+                    f"{_band(totals['plan']['band'])}.")
+for col, key, label in ((cols[1], "even", "Spread evenly"), (cols[2], "mean_loss", "Split by mean loss"),
+                        (cols[3], "highest_loss", f"All on {totals['highest_loss'].get('domain')}")):
     diff = totals[key]["plan_minus_this"]
-    col.metric(label, f"{totals[key]['gain']:.3g}", delta=f"plan − this {diff['gain']:+.3g} {_band(diff['band'])}",
-               delta_color="off", delta_arrow="off",
-               help=f"90% band {_band(totals[key]['band'])}. Plan minus this with its paired 90% band (the same "
-                    "bootstrap resamples for both, so what they share cancels).")
+    delta = (f"plan − this {diff['expected']:+.3g} {_band(diff['band'])}" if diff["shown"]
+             else "plan not shown better")
+    col.metric(label, f"{totals[key]['expected']:.3g}", delta=delta, delta_color="off", delta_arrow="off",
+               help=f"90% band {_band(totals[key]['band'])}. Plan minus this {diff['expected']:+.3g} with its paired "
+                    f"90% band {_band(diff['band'])} (the same bootstrap resamples for both, so what they share "
+                    "cancels); where the band holds 0 the plan is not shown to be better.")
 colors = plan_charts.plan_colors(plan)
 st.plotly_chart(plan_charts.allocation_chart(plan, colors), width="stretch", key="plan_allocation_chart")
 
 
-table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "Collect": r["collect"], "Cost": r["cost"],
-                       "Predicted gain": r["gain"], "Gain 5%": r["gain_5pct"], "Gain 95%": r["gain_95pct"],
-                       "Last example's gain": r["marginal_gain_last"], "Fit": fit_text(r)} for r in plan_rows(plan)])
+table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In training": r["have"],
+                       "Collect": r["collect"], "Cost": r["cost"], "Predicted gain": r["expected_gain"],
+                       "Gain 5%": r["gain_5pct"], "Gain 95%": r["gain_95pct"],
+                       "Last example's gain": r["marginal_gain_last"],
+                       "× largest pilot": r["extrapolation"] if r["form"] else None, "Fit": fit_text(r)}
+                      for r in plan_rows(plan)])
 st.dataframe(table, hide_index=True, width="stretch", key="plan_table",
-             column_config={c: st.column_config.NumberColumn(format="%.3g")
-                            for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "Last example's gain")})
-st.caption("Predicted gain: the drop of the domain's held-out loss its examples are predicted to buy, with the 5% "
-           "and 95% quantiles over resampled facts. Last example's gain: what the last example bought adds; the "
-           "greedy stops a domain where that falls below the others'.")
+             column_config={**{c: st.column_config.NumberColumn(format="%.3g")
+                               for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "Last example's gain")},
+                            "× largest pilot": st.column_config.NumberColumn(format="%.1f×")})
+st.caption("Predicted gain: the drop of the domain's held-out loss its examples are predicted to buy (the mean "
+           "over the bootstrap curves, which the budget is split on), read from the facts already in training to "
+           "that plus the examples collected, with the 5% and 95% quantiles over resampled facts. Last example's "
+           "gain: what the last example bought adds; the greedy stops a domain where that falls below the others'. "
+           "× largest pilot: how far beyond the largest pilot size the curve is read; beyond 1× the curve's form "
+           "is extrapolated and the band does not cover the choice of form.")
 st.plotly_chart(plan_charts.plan_curves_chart(plan, curves, colors), width="stretch", key="plan_curves_chart")
 st.plotly_chart(plan_charts.totals_chart(plan), width="stretch", key="plan_totals_chart")
 with st.expander("Notes"):

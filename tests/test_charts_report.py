@@ -2,6 +2,7 @@
 on a hand-built Result whose numbers are known (no model, no Streamlit)."""
 from __future__ import annotations
 
+import html
 import math
 import re
 
@@ -537,7 +538,7 @@ def _measured_plan(budget=30.0, **fields):
 def test_the_plan_figures_show_the_plan_s_numbers():
     from dowsing import plan_charts
 
-    plan, curves = _measured_plan()
+    plan, curves = _measured_plan(have_by_domain={"Physics": 8, "Astronomy": 10})
     counts = [d["collect"] for d in plan.domains]
     assert sum(counts) == 30 and counts[2] == 0
     bars = plan_charts.allocation_chart(plan).data[0]
@@ -555,10 +556,15 @@ def test_the_plan_figures_show_the_plan_s_numbers():
         assert low[0] <= high[0] and point[0] == pytest.approx(dc.curve.value(dc.n_facts))
     assert any(t.name == "Biology (not identifiable)" for t in fig.data)
     totals = plan_charts.totals_chart(plan).data[0]
-    keys = ("plan", "even", "highest_loss")
-    assert list(totals.y) == [plan.totals[k]["gain"] for k in keys]
-    assert list(totals.error_y.array) == pytest.approx([plan.totals[k]["band"][1] - plan.totals[k]["gain"]
+    keys = ("plan", "even", "mean_loss", "highest_loss")
+    assert list(totals.y) == [plan.totals[k]["expected"] for k in keys]
+    assert list(totals.error_y.array) == pytest.approx([plan.totals[k]["band"][1] - plan.totals[k]["expected"]
                                                         for k in keys])
+    # from have = 0 the curve starts at G(0) = 0, off the log axis: the star alone, at the examples collected
+    fresh, fresh_curves = _measured_plan()
+    marks = next(t for t in plan_charts.plan_curves_chart(fresh, fresh_curves).data if t.name == "Physics plan")
+    assert list(marks.x) == [fresh.domains[0]["collect"]]
+    assert marks.y[0] == pytest.approx(fresh.domains[0]["gain"], rel=1e-9)
 
 
 def test_the_plan_csv_and_report_carry_the_table():
@@ -656,17 +662,18 @@ def test_the_analysis_report_carries_the_collection_plan_section():
     assert names == [d["domain"] for d in plan.domains]
     assert counts == [d["collect"] for d in plan.domains] and sum(counts) > 0
     t = plan.totals
-    assert f"<b>This plan</b>: {t['plan']['gain']:.3g} [{t['plan']['band'][0]:.3g}, {t['plan']['band'][1]:.3g}]" in section
+    assert f"<b>This plan</b>: {t['plan']['expected']:.3g} [{t['plan']['band'][0]:.3g}, {t['plan']['band'][1]:.3g}]" in section
     assert "<b>Spread evenly</b>" in section
     assert f"<b>All on {t['highest_loss']['domain']} (highest mean loss)</b>" in section
     diff = t["even"]["plan_minus_this"]
-    assert f"plan minus this {diff['gain']:.3g} [{diff['band'][0]:.3g}, {diff['band'][1]:.3g}] (paired)" in section
+    assert f"plan minus this {diff['expected']:.3g} [{diff['band'][0]:.3g}, {diff['band'][1]:.3g}] (paired)" in section
+    assert all(html.escape(sentence) in section for sentence in plan.verdict["sentences"])
     assert "not identifiable: too few facts for a pilot" in section
 
     # One source for the section: the standalone plan report shows the same table, totals and notes.
     standalone = report.plan_report_html(plan, curves)
     assert _plan_table(standalone, "Per domain") == (names, counts)
-    for piece in ("<b>Spread evenly</b>", f"plan minus this {diff['gain']:.3g}", plan.notes[0][:40]):
+    for piece in ("<b>Spread evenly</b>", f"plan minus this {diff['expected']:.3g}", plan.notes[0][:40]):
         assert piece in standalone and piece in section
 
     # Without the curves the section still has the allocation and the totals.

@@ -17,7 +17,8 @@ from scipy import optimize, stats
 
 from dowsing import curves
 from dowsing.cli import main
-from dowsing.plan import PlanConfig, PlanResult, allocate, load_values, match_domains
+from dowsing.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, load_values,
+                          match_domains)
 
 SIZES = [2, 4, 8, 16, 32, 64]
 
@@ -204,6 +205,216 @@ def test_a_large_budget_is_bought_in_steps_and_the_bound_says_what_that_costs():
     assert 0 <= got.gap_bound < 1e-6 * got.total
 
 
+# --- have, the expected gain and the verdict -----------------------------------------
+
+def _domain(name, slope, seed, n_facts=16, have=None, facts=16):
+    rng = np.random.default_rng(seed)
+    curve = curves.fit_curve([2, 4, 8], _per_fact([2, 4, 8], facts, rng, slope=slope), [facts // 2, facts - facts // 2],
+                             n_resamples=300, seed=seed)
+    return DomainCurve(name, n_facts, 3.0 + seed, curve, have)
+
+
+def _upper_hull(values):
+    """The least concave majorant of the points (m, values[m]) by Andrew's monotone chain, read at every m."""
+    hull = []
+    for point in enumerate(values):
+        while len(hull) >= 2 and ((hull[-1][0] - hull[-2][0]) * (point[1] - hull[-2][1])
+                                  - (hull[-1][1] - hull[-2][1]) * (point[0] - hull[-2][0])) >= 0:
+            hull.pop()
+        hull.append(point)
+    xs, ys = zip(*hull)
+    return np.interp(np.arange(len(values)), xs, ys)
+
+
+@pytest.mark.parametrize("a,b", [(-0.05, 0.07), (0.02, 0.07), (0.3, 0.01), (-0.5, 0.01)])
+def test_from_have_zero_the_curve_starts_at_zero_and_is_bought_on_its_upper_hull(a, b):
+    curve = curves.LearningCurve([2, 4, 8], [0.0] * 3, "log", (a, b), draws=np.array([[a, b]]))
+    assert curve.gain(0, 0) == 0 and curve.gain(0, 5) == pytest.approx(a + b * math.log(5))
+    raw = [curve.gain(0, m) for m in range(41)]
+    majorant = concave_from_zero(lambda m: curve.gain(0, m), 40)
+    want = np.maximum(_upper_hull(raw), 0.0) if max(raw[1:]) > 0 else np.zeros(41)
+    assert [majorant(m) for m in range(41)] == pytest.approx(list(want), abs=1e-12)
+
+
+def _flat_where_falling(curve, have, m):
+    """Each bootstrap curve's gain of m more from `have`, a falling one read as flat (log b < 0: no gain
+    beyond G(1) = a from 0; power beta in [0, 1]), written out per form."""
+    first, second = curve.draws[:, 0], curve.draws[:, 1]
+    if curve.form == "log":
+        b = np.maximum(second, 0)
+        at = lambda n: 0 * first if n == 0 else first + b * math.log(n)  # noqa: E731
+    else:
+        beta, c = np.clip(second, 0, 1), np.maximum(first, 0)
+        at = lambda n: 0 * first if n == 0 else c * float(n) ** beta  # noqa: E731
+    return at(have + m) - at(have)
+
+
+def test_resamples_that_fall_do_not_break_the_concave_allocation():
+    # a rising fit whose resamples mostly fall: their mean would be convex, the greedy's objective is not
+    rising = _domain("Rising", 0.02, 7)
+    rising.curve.draws = np.column_stack([np.full(300, rising.curve.params[0]),
+                                          np.random.default_rng(0).normal(-0.05, 0.05, 300)])
+    other = _domain("Other", 0.01, 8)
+    for have in (0, 4):
+        plan = build_plan([rising, other], PlanConfig(budget=12, caps={"Rising": 8, "Other": 8}, have=have))
+        got = [plan.row(n)["collect"] for n in ("Rising", "Other")]
+
+        def mean_total(counts):
+            return float(np.mean(sum(_flat_where_falling(d.curve, have, m) for d, m in zip([rising, other], counts))))
+
+        if have:  # from 0 the allocation reads the majorant: checked against the hull above
+            best = max(mean_total(c) for c in itertools.product(range(9), repeat=2) if sum(c) <= 12)
+            assert mean_total(got) == pytest.approx(best, rel=1e-9)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_expected_rule_buys_the_best_mean_gain_over_the_bootstrap_curves(seed):
+    rng = np.random.default_rng(seed)
+    domains = [_domain(f"D{k}", float(rng.uniform(0.005, 0.05)), 10 * seed + k) for k in range(3)]
+    caps = {d.name: int(c) for d, c in zip(domains, rng.integers(2, 6, 3))}
+    have = {d.name: int(h) for d, h in zip(domains, rng.integers(1, 9, 3))}
+    budget = int(rng.integers(3, sum(caps.values()) + 1))
+    plan = build_plan(domains, PlanConfig(budget=budget, caps=caps, have_by_domain=have, bootstrap_resamples=300))
+    got = [plan.row(d.name)["collect"] for d in domains]
+
+    def mean_total(counts):
+        return float(np.mean(sum(_flat_where_falling(d.curve, have[d.name], m) for d, m in zip(domains, counts))))
+
+    best = max(mean_total(c) for c in itertools.product(*[range(caps[d.name] + 1) for d in domains])
+               if sum(c) <= budget)
+    assert mean_total(got) == pytest.approx(best, rel=1e-9)
+    assert plan.totals["plan"]["expected"] == pytest.approx(
+        float(np.mean(sum(d.curve.gain_draws(have[d.name], m) for d, m in zip(domains, got)))), rel=1e-9)
+    for d in domains:
+        row, h, m = plan.row(d.name), have[d.name], plan.row(d.name)["collect"]
+        a, b = d.curve.params
+        want = a + b * math.log(h + m) - (a + b * math.log(h)) if d.curve.form == "log" else a * ((h + m) ** b - h ** b)
+        assert row["have"] == h and row["gain"] == pytest.approx(want, rel=1e-9, abs=1e-15)
+        assert row["reads_to"] == h + m and row["extrapolation"] == pytest.approx((h + m) / 8)
+
+
+def test_have_zero_reads_the_first_facts_steep_start_and_a_full_have_the_flat_tail():
+    codes = _domain("Codes", 0.02, 1)
+    flat = PlanConfig(budget=10, have=16)
+    fresh = PlanConfig(budget=10)
+    assert build_plan([codes], fresh).row("Codes")["gain"] == pytest.approx(codes.curve.value(10))
+    assert build_plan([codes], flat).row("Codes")["gain"] == pytest.approx(codes.curve.value(26) - codes.curve.value(16))
+    assert codes.curve.value(10) > 3 * (codes.curve.value(26) - codes.curve.value(16))
+
+
+def test_the_simple_splits_spend_a_budget_in_examples_whole_and_in_money_by_shares():
+    domains = [_domain(name, 0.02, k) for k, name in enumerate("ABCD")]
+    plan = build_plan(domains, PlanConfig(budget=41, caps={"D": 3}, have=8, bootstrap_resamples=300))
+    even = list(plan.totals["even"]["counts"].values())
+    assert sum(even) == 41 and even[3] == 3 and max(even[:3]) - min(even[:3]) <= 1
+    by_loss = list(plan.totals["mean_loss"]["counts"].values())
+    losses = np.array([d.mean_loss for d in domains])
+    assert sum(by_loss) == 41 and by_loss[3] == 3
+    share = (41 - 3) * losses[:3] / losses[:3].sum()  # D is held at its cap, the rest split by loss
+    assert np.all(np.abs(np.array(by_loss[:3]) - share) < 1)
+    money = build_plan(domains, PlanConfig(budget=41, budget_unit="money", costs={"A": 2.0}, have=8,
+                                           bootstrap_resamples=300))
+    assert list(money.totals["even"]["counts"].values()) == [math.floor(41 / 4 / 2), 10, 10, 10]
+
+
+def test_where_the_curves_cannot_tell_the_domains_apart_the_plan_says_spreading_evenly_is_as_good():
+    twins = [_domain(name, 0.02, 3) for name in ("A", "B", "C", "D")]
+    plan = build_plan(twins, PlanConfig(budget=40, have=8, bootstrap_resamples=300))
+    diff = plan.totals["even"]["plan_minus_this"]
+    draws = (sum(d.curve.gain_draws(8, plan.row(d.name)["collect"]) for d in twins)
+             - sum(d.curve.gain_draws(8, 10) for d in twins))
+    assert diff["band"] == pytest.approx(list(np.quantile(draws, [0.05, 0.95])))
+    assert not diff["shown"] and plan.verdict["recommend"] == "even"
+    assert any("not shown to beat spreading evenly" in s and "as good a choice" in s for s in plan.verdict["sentences"])
+    apart = [_domain("Steep", 0.08, 4), _domain("Flat", 0.002, 5), _domain("Flatter", 0.001, 6)]
+    clear = build_plan(apart, PlanConfig(budget=60, have=8, bootstrap_resamples=300))
+    assert clear.totals["even"]["plan_minus_this"]["shown"] and clear.verdict["recommend"] == "plan"
+
+
+def _elasticity_by_difference(form, params, n, h=1e-6):
+    g = lambda x: curves.predict(form, params, x)  # noqa: E731
+    return n * (g(n * (1 + h)) - g(n * (1 - h))) / (2 * h * n) / g(n)
+
+
+def test_shrinking_pools_the_shapes_by_empirical_bayes_and_keeps_each_curve_s_level():
+    rng = np.random.default_rng(11)
+    fitted = []
+    for k, (slope, noise) in enumerate([(0.03, 0.002), (0.01, 0.002), (0.02, 0.03), (0.05, 0.004)]):
+        offsets = rng.normal(0, noise, 16)
+        def rise(n, k=k, slope=slope):  # the last domain rises as a power of n
+            return 0.01 * n ** 0.8 if k == 3 else 0.05 + slope * math.log(n)
+        per_fact = np.array([[rise(n) + o + rng.normal(0, noise / 4) for o in offsets] for n in [2, 4, 8]])
+        fitted.append(curves.fit_curve([2, 4, 8], per_fact, [8, 8], n_resamples=400, seed=k))
+    assert {c.form for c in fitted} == {"log", "power"}
+    shrunk = curves.shrink_curves(fitted)
+    own = np.array([_elasticity_by_difference(c.form, c.params, 8) for c in fitted])
+    noise = []
+    for c in fitted:
+        draws = np.array([_elasticity_by_difference(c.form, d, 8) for d in c.draws])
+        noise.append(np.var(draws[np.isfinite(draws) & (curves.predict(c.form, c.draws.T, 8) > 0)], ddof=1))
+    noise = np.array(noise)
+    tau2 = max(0.0, np.var(own, ddof=1) - noise.mean())
+    pooled = np.sum(own / (noise + tau2)) / np.sum(1 / (noise + tau2))
+    keep = tau2 / (tau2 + noise)
+    for c, s, e, w in zip(fitted, shrunk, own, keep):
+        assert s.value(8) == pytest.approx(c.value(8), rel=1e-9)  # the level where it was measured stays
+        want = w * e + (1 - w) * pooled
+        assert _elasticity_by_difference(s.form, s.params, 8) == pytest.approx(min(want, 1.0) if s.form == "power"
+                                                                               else want, rel=1e-5)
+        assert curves.predict(s.form, s.draws.T, 8) == pytest.approx(curves.predict(c.form, c.draws.T, 8), rel=1e-9)
+    # the noisy domain keeps less of its own shape than the precise ones; a curve that keeps little says so
+    assert keep[2] < min(keep[0], keep[1])
+    assert [any("pooled" in n for n in c.notes) for c in shrunk] == list(keep < curves.NOTE_KEEP)
+    assert curves.shrink_curves(fitted[:2]) == fitted[:2]  # two curves are too few to pool
+
+
+def test_where_the_shapes_differ_no_more_than_their_noise_every_curve_takes_the_pooled_shape():
+    rng = np.random.default_rng(2)
+    fitted = [curves.fit_curve([2, 4, 8], _per_fact([2, 4, 8], 16, rng, slope=0.02), [8, 8], 400, k)
+              for k in range(4)]
+    for c in fitted:  # the same curve, much noisier draws than the spread between the fits
+        c.draws = c.params + rng.normal(0, [0.05, 0.05], size=(400, 2))
+    pooled = curves.pooled_shapes(fitted)
+    assert pooled["tau2"] == 0 and set(pooled["weights"].values()) == {0.0}
+    shapes = [_elasticity_by_difference(c.form, c.params, 8) for c in curves.shrink_curves(fitted)]
+    assert shapes == pytest.approx([pooled["pooled"]] * 4, rel=1e-5)
+
+
+def test_fit_pilots_shrinks_only_when_told_to():
+    rng = np.random.default_rng(5)
+    entries = []
+    for k, slope in enumerate([0.03, 0.01, 0.02]):
+        rows = _per_fact([2, 4, 8], 16, rng, slope=slope)
+        entries.append({"name": f"D{k}", "n_facts": 16, "mean_loss": 3.0, "sizes": [2, 4, 8],
+                        "drop": list(rows.mean(axis=1)), "per_fact_by_size": rows.tolist(), "strata": [8, 8]})
+    from dowsing.plan import fit_pilots
+
+    plain = fit_pilots({"domains": entries}, PlanConfig(budget=1))
+    pooled = fit_pilots({"domains": entries}, PlanConfig(budget=1, shrink=True))
+    want = curves.shrink_curves([dc.curve for dc in plain])
+    assert [dc.curve.params for dc in pooled] == [c.params for c in want]
+
+
+def test_the_pilot_scale_and_its_cross_validated_error_match_a_direct_computation():
+    from dowsing.plan import CALIBRATION_FILE, pilot_scale, scale_note
+
+    data = json.loads(CALIBRATION_FILE.read_text())
+    pilot = np.array([r["pilot_gain_32"] for r in data["domains"]])
+    real = np.array([r["realised_gain_32"] for r in data["domains"]])
+    fit = pilot_scale()
+    assert len(pilot) == 37 and fit["n"] == 37
+    assert fit["scale"] == pytest.approx(stats.gmean(real / pilot))
+    errors = []
+    for k in range(37):
+        others = np.arange(37) != k
+        errors.append(abs(stats.gmean(real[others] / pilot[others]) * pilot[k] - real[k]) / real[k])
+    assert fit["cv_median_error"] == pytest.approx(np.median(errors))
+    assert fit["uncalibrated_median_error"] == pytest.approx(np.median(np.abs(pilot - real) / real))
+    totals = [abs(fit["scale"] * t["predicted_sum"] / (37 * t["realised_per_domain"]) - 1) for t in data["totals"]]
+    assert fit["totals_median_error"] == pytest.approx(np.median(totals)) and len(totals) == 8
+    assert f"{100 * fit['cv_median_error']:.0f}%" in scale_note()
+
+
 # --- the configuration and the files -----------------------------------------------
 
 @pytest.mark.parametrize("fields,says", [
@@ -213,6 +424,8 @@ def test_a_large_budget_is_bought_in_steps_and_the_bound_says_what_that_costs():
     ({"budget": 10, "caps": {"A": 2.5}}, "whole number"),
     ({"budget": 10, "weights": {"A": -1}}, "weight of 'A'"),
     ({"budget": 10, "budget_unit": "euros"}, "budget_unit"),
+    ({"budget": 10, "have": -1}, "have"), ({"budget": 10, "have": 2.5}, "have"),
+    ({"budget": 10, "have_by_domain": {"A": -3}}, "have"), ({"budget": 10, "rule": "mode"}, "rule"),
 ])
 def test_bad_plan_settings_are_refused_in_one_line(fields, says):
     with pytest.raises(ValueError, match=says):
@@ -220,8 +433,10 @@ def test_bad_plan_settings_are_refused_in_one_line(fields, says):
 
 
 def test_the_config_round_trips_and_keys_only_what_the_pilots_depend_on():
-    config = PlanConfig(budget=50, budget_unit="money", costs={"B": 2, "A": 3}, caps=[("A", 4)])
+    config = PlanConfig(budget=50, budget_unit="money", costs={"B": 2, "A": 3}, caps=[("A", 4)], have=2,
+                        have_by_domain={"B": 5})
     assert config.costs == (("A", 3.0), ("B", 2.0)) and config.cap("A") == 4 and config.cap("B") is None
+    assert config.have_of("A") == 2 and config.have_of("B") == 5 and PlanConfig(budget=1).have_of("A") == 0
     assert PlanConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
     assert config.curve_settings() == PlanConfig(budget=9).curve_settings()
 
@@ -261,6 +476,12 @@ BAD_PLANS = {
     "invalid csv": (["--budget", "10", "--caps", "{f}"], ("caps.csv", "Alpha,1,2\n"), "line 1"),
     "not a number": (["--budget", "10", "--caps", "{f}"], ("caps.csv", "domain,cap\nAlpha,lots\n"), "line 2"),
     "wrong type": (["--budget", "10", "--costs", "{f}"], ("costs.txt", "Alpha,1\n"), ".csv or .json"),
+    "negative have": (["--budget", "10", "--have", "-1"], None, "have"),
+    "have not a number": (["--budget", "10", "--have", "most"], None, "--have"),
+    "have over the facts": (["--budget", "10", "--have", "9"], None, "more than its 8 facts"),
+    "have file over the facts": (["--budget", "10", "--have", "{f}"], ("have.json", '{"Gamma": 13}'),
+                                 "more than its 12 facts"),
+    "have file unknown domain": (["--budget", "10", "--have", "{f}"], ("have.csv", "Delta,1\n"), "'Delta'"),
 }
 
 
@@ -281,20 +502,24 @@ def test_bad_plan_input_exits_2_in_one_line_and_writes_nothing(case, domain_file
 def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file, tmp_path, capsys, tiny_llama_dir,
                                                                       monkeypatch):
     out, progress = tmp_path / "plan.json", tmp_path / "progress.json"
-    code = main(["plan", "--budget", "40", "--model", str(tiny_llama_dir), "--domains", str(domain_file),
-                 "--out", str(out), "--progress-file", str(progress), "--quiet"])
+    code = main(["plan", "--budget", "40", "--have", "2", "--model", str(tiny_llama_dir), "--domains",
+                 str(domain_file), "--out", str(out), "--progress-file", str(progress), "--quiet"])
     printed = capsys.readouterr().out
     assert code == 0 and "Collection plan: budget 40 examples" in printed and "spread evenly" in printed
     plan = PlanResult.from_json(out.read_text())
     assert json.loads(progress.read_text())["stage"] == "done"
     assert [d["domain"] for d in plan.domains] == list(FACTS)
     assert sum(d["collect"] for d in plan.domains) <= 40 and plan.allocation["spent"] <= 40
-    # the greedy with equal costs is optimal, so no feasible baseline beats it
-    assert plan.totals["plan"]["gain"] >= max(plan.totals["even"]["gain"], plan.totals["highest_loss"]["gain"]) - 1e-12
-    for key in ("even", "highest_loss"):
+    # the greedy on the mean gain with equal costs is optimal for it, so no feasible baseline beats it there
+    assert all(d["have"] == 2 for d in plan.domains)
+    assert plan.totals["plan"]["expected"] >= max(plan.totals[k]["expected"]
+                                                  for k in ("even", "mean_loss", "highest_loss")) - 1e-12
+    for key in ("even", "mean_loss", "highest_loss"):
         diff = plan.totals[key]["plan_minus_this"]
         assert diff["gain"] == pytest.approx(plan.totals["plan"]["gain"] - plan.totals[key]["gain"])
-        assert diff["band"][0] <= diff["band"][1]
+        assert diff["expected"] == pytest.approx(plan.totals["plan"]["expected"] - plan.totals[key]["expected"])
+        assert diff["band"][0] <= diff["band"][1] and diff["shown"] == (diff["band"][0] > 0)
+    assert ("not shown to beat spreading evenly" in printed) != plan.totals["even"]["plan_minus_this"]["shown"]
     for d in plan.domains:
         assert d["identifiable"] == (d["form"] is not None) and (d["reason"] is None) == d["identifiable"]
         if d["collect"]:
@@ -305,11 +530,13 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
 
     monkeypatch.setattr(dowsing.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded again"))
     (tmp_path / "costs.csv").write_text("Alpha,3\n")
+    (tmp_path / "have.json").write_text('{"Beta": 10}')
     t0 = time.perf_counter()
-    code = main(["plan", "--budget", "90", "--costs", str(tmp_path / "costs.csv"), "--model", str(tiny_llama_dir),
-                 "--domains", str(domain_file), "--out", str(out), "--quiet"])
+    code = main(["plan", "--budget", "90", "--costs", str(tmp_path / "costs.csv"), "--have", str(tmp_path / "have.json"),
+                 "--model", str(tiny_llama_dir), "--domains", str(domain_file), "--out", str(out), "--quiet"])
     assert code == 0 and time.perf_counter() - t0 < 5
     again = PlanResult.from_json(out.read_text())
+    assert [again.row(n)["have"] for n in FACTS] == [0, 10, 0]
     assert again.pilot["cached"] and again.allocation["budget_unit"] == "money"
     assert [d["fit"]["drops"] for d in again.domains] == [d["fit"]["drops"] for d in plan.domains]
     assert again.row("Alpha")["cost"] == 3 * again.row("Alpha")["collect"]

@@ -82,6 +82,24 @@ def test_the_plan_allocation_is_the_best_split_by_brute_force():
     assert check["predicted"]["plan"]["gain"] >= check["predicted"]["even"]["gain"]
 
 
+def test_the_plan_check_allocates_as_the_product_does_on_the_mean_gain_over_the_bootstrap_curves():
+    rng = np.random.default_rng(3)
+    curves = []
+    for name, b in (("A", 0.03), ("B", 0.012), ("C", 0.01)):
+        base = _curve(name, b)
+        spread = rng.normal(0, [0.004, 0.6 * b], size=(40, 2))
+        base.curve.draws = base.curve.draws[0] + spread
+        curves.append(base)
+    check = plan_check.check_allocations(curves, 10, [6, 6, 6])
+
+    def mean_total(c):  # a falling resample (b < 0) read as flat, as the allocation reads it
+        return float(np.mean(sum(np.maximum(dc.curve.draws[:, 1], 0) * np.log((dc.n_facts + m) / dc.n_facts)
+                                 for dc, m in zip(curves, c))))
+
+    best = max((c for c in itertools.product(range(7), repeat=3) if sum(c) <= 10), key=mean_total)
+    assert check["rule"] == "expected" and mean_total(check["counts"]["plan"]) == pytest.approx(mean_total(best))
+
+
 def test_the_weighted_have_is_the_sample_s_weight_in_added_facts():
     # 37 samples of 16 facts in the base draws, a largest dose of 32: a base fact weighs 8 / 592 over a run of
     # 8 steps, an added one 8 / 32, so a sample of 16 is worth 16 x 32 / 592 added facts

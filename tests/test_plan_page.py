@@ -68,13 +68,17 @@ def job_id(tiny: str) -> str:
     return JobRequest(kind="plan", model_id=tiny, domains=domains, config=PilotConfig()).job_id()
 
 
-def expected_counts(tiny: str, budget: float, costs=None, caps=None, weights=None) -> list:
-    """`allocate` on the curves fitted to the job's pilots, by hand."""
+def expected_counts(tiny: str, budget: float, costs=None, caps=None, weights=None, have=0) -> list:
+    """`allocate` on the mean gain over the bootstrap curves fitted to the job's pilots, read from `have`."""
+    import dataclasses
+
     from dowsing.jobs import default_runner
-    from dowsing.plan import PlanConfig, allocate, fit_pilots
+    from dowsing.plan import PlanConfig, allocate, fit_pilots, gain_function, most_examples
 
     curves = fit_pilots(default_runner().result(job_id(tiny)).to_dict(), PlanConfig(budget=budget))
-    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
+    costs_or_1, caps_or_none = costs or [1.0] * len(curves), caps or [None] * len(curves)
+    gains = [gain_function(dataclasses.replace(dc, have=have), "expected", most_examples(budget, c, cap))
+             for dc, c, cap in zip(curves, costs_or_1, caps_or_none)]
     return allocate(gains, budget, costs, caps, weights).counts
 
 
@@ -118,6 +122,20 @@ def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny
     assert any("nats per fact after the pilot recipe's short fine-tunes" in c.value and "does not promise" in c.value
                for c in at.caption)
     assert any(m.label == "This plan" for m in at.metric)
+    assert at.number_input(key="plan_budget").value == 100 and isinstance(at.number_input(key="plan_budget").value, int)
+    shown = {m.label: m for m in at.metric}
+    assert {"Spread evenly", "Split by mean loss"} <= set(shown)
+    # the verdict the library gives is what the page says, above the metrics
+    from dowsing.plan import PlanConfig, plan_from_pilots
+
+    library = plan_from_pilots(default_runner().result(job_id(tiny)), PlanConfig(budget=100))
+    want = library.verdict["sentences"]
+    for key, label in (("even", "Spread evenly"), ("mean_loss", "Split by mean loss")):
+        # a difference whose band holds 0 is not shown as a win
+        assert ("not shown" in shown[label].delta) == (not library.totals[key]["plan_minus_this"]["shown"])
+    shown_sentences = {a.value for a in list(at.info) + list(at.success)}
+    assert want and set(want) <= shown_sentences and any("spreading evenly" in s for s in want)
+    assert any(c.value.startswith("Default 0: your facts are examples") for c in at.caption)
     specs = {c.key: json.loads(c.proto.spec) for c in at.get("plotly_chart")}
     assert specs["plan_allocation_chart"]["data"][0]["x"] == counts
     assert any(t.get("fill") == "toself" for t in specs["plan_curves_chart"]["data"])  # the bands
@@ -130,7 +148,7 @@ def test_another_budget_costs_and_caps_reallocate_without_a_new_job(planned, tin
 
     at, _ = planned
     before = default_runner().state(job_id(tiny))
-    at.number_input(key="plan_budget").set_value(37.0).run()
+    at.number_input(key="plan_budget").set_value(37).run()
     assert list(shown_table(at)["Collect"]) == expected_counts(tiny, 37.0)
     key = editor(at).key
     at.session_state[key] = {"edited_rows": {0: {"cost": 3.0}, 1: {"cap": 2}}, "added_rows": [], "deleted_rows": []}
@@ -151,10 +169,10 @@ def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, t
     from dowsing.plan import PlanConfig
 
     at, _ = planned
-    at.number_input(key="plan_budget").set_value(40.0).run()
+    at.number_input(key="plan_budget").set_value(40).run()
     good = list(shown_table(at)["Collect"])
     assert good == expected_counts(tiny, 40.0)
-    for bad in (0.0, -5.0):
+    for bad in (0, -5):
         at.number_input(key="plan_budget").set_value(bad).run()
         with pytest.raises(ValueError) as refused:
             PlanConfig(budget=bad)
@@ -162,12 +180,33 @@ def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, t
         assert [e.value for e in at.error] == [md_escape(refused.value)]
         assert list(shown_table(at)["Collect"]) == good
         assert any("last valid input (budget 40 examples)" in c.value for c in at.caption)
-    at.number_input(key="plan_budget").set_value(40.0).run()
+    at.number_input(key="plan_budget").set_value(40).run()
     key = editor(at).key
     at.session_state[key] = {"edited_rows": {0: {"cost": 0.0}}, "added_rows": [], "deleted_rows": []}
     at.run()
     assert [e.value for e in at.error] == [md_escape("the cost of 'Alpha' must be a number > 0, got 0.0")]
     assert list(shown_table(at)["Collect"]) == good
+
+
+def test_facts_already_in_training_move_where_the_curves_are_read_and_too_many_are_refused(planned, tiny):
+    from dowsing.domains import Domain
+    from dowsing.plan import PlanConfig, check_plan
+
+    at, _ = planned
+    at.session_state[editor(at).key] = {"edited_rows": {}, "added_rows": [], "deleted_rows": []}
+    at.number_input(key="plan_budget").set_value(40).run()
+    assert not at.error, at.error
+    at.number_input(key="plan_have").set_value(3).run()
+    table = shown_table(at)
+    assert list(table["In training"]) == [3, 3, 3] and list(table["Collect"]) == expected_counts(tiny, 40, have=3)
+    at.number_input(key="plan_have").set_value(9).run()  # Alpha has 8 facts
+    with pytest.raises(ValueError) as refused:
+        check_plan(PlanConfig(budget=40, have=9), [Domain(d["name"], tuple(d["facts"])) for d in DOMAINS])
+    # the command line's message (the page may escape it for Markdown)
+    assert len(at.error) == 1 and "is more than its 8 facts" in str(refused.value)
+    assert all(part in at.error[0].value for part in ("have 9 for", "is more than its 8 facts"))
+    at.number_input(key="plan_have").set_value(0).run()
+    assert not at.error and list(shown_table(at)["In training"]) == [0, 0, 0]
 
 
 def test_a_fresh_session_shows_the_measured_plan_at_once(planned, tiny):

@@ -31,72 +31,20 @@ import math
 import numpy as np
 
 from ..curves import FITTERS, choose_form, predict
-from ..plan import DomainCurve, PlanConfig, allocate, fit_pilots, predicted_total
+from ..plan import (DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
+                    predicted_total, proportional_counts)
 
 ALLOCATIONS = ("plan", "plan_weighted", "even", "proportional")
 PLANS = ("plan", "plan_weighted")
 PREDICTIONS = ("doses", "pilot_scaled", "pilot", "pilot_scaled_weighted", "pilot_weighted")
+# the plans are what the product computes by default
+PLAN_RULE = PlanConfig(budget=1).rule
 ALLOCATION_LABELS = {"plan": "the plan, have = the sample",
                      "plan_weighted": "the plan, have = the sample's weight in training",
                      "even": "spread evenly", "proportional": "proportional to mean loss"}
 
 
 # --- allocations -------------------------------------------------------------
-
-def even_counts(budget: int, caps: list) -> list:
-    """B split as evenly as the caps allow: every domain with room takes one
-    example in turn (a capped domain drops out), so the counts of the
-    domains below their caps differ by one at most and the last round's
-    examples go to the first domains in the domains' order."""
-    counts = [0] * len(caps)
-    left = int(budget)
-    while left > 0:
-        room = [k for k in range(len(caps)) if counts[k] < caps[k]]
-        if not room:
-            break
-        if left < len(room):
-            for k in room[:left]:
-                counts[k] += 1
-            break
-        # whole rounds at once: as many as the budget and the fullest domain's room allow
-        rounds = min(left // len(room), min(caps[k] - counts[k] for k in room))
-        for k in room:
-            counts[k] += rounds
-        left -= rounds * len(room)
-    return counts
-
-
-def proportional_counts(budget: int, scores: list, caps: list) -> list:
-    """B split in proportion to max(score_k, 0), in whole examples: a domain
-    whose share would pass its cap gets the cap and the rest is split again
-    over the others; the whole numbers are the floors of the shares plus
-    one for the largest remainders (ties: the domains' order) until B is
-    spent or every domain is at its cap."""
-    weights = [max(float(s), 0.0) if math.isfinite(float(s)) else 0.0 for s in scores]
-    share = [0.0] * len(caps)
-    fixed, left = set(), float(budget)
-    while True:
-        free = [k for k in range(len(caps)) if k not in fixed and weights[k] > 0]
-        total = sum(weights[k] for k in free)
-        if not free or total <= 0:
-            break
-        over = [k for k in free if left * weights[k] / total > caps[k]]
-        if not over:
-            for k in free:
-                share[k] = left * weights[k] / total
-            break
-        for k in over:
-            share[k], left = float(caps[k]), left - caps[k]
-            fixed.add(k)
-    counts = [min(caps[k], math.floor(share[k] + 1e-9)) for k in range(len(caps))]
-    order = sorted(range(len(caps)), key=lambda k: (-(share[k] - math.floor(share[k] + 1e-9)), k))
-    for k in order:
-        if sum(counts) >= budget:
-            break
-        if counts[k] < caps[k] and share[k] > counts[k]:
-            counts[k] += 1
-    return counts
-
 
 def default_budgets(n_domains: int, pool: int) -> tuple:
     """The plan check's two budgets when the user names none: an eighth and
@@ -132,7 +80,9 @@ def weighted_have(sample: int, base_facts: int, n_max: int, added_weight: float)
 
 
 def _bought(curves: list, budget: int, caps: list):
-    gains = [(lambda m, dc=dc: dc.curve.gain(dc.n_facts, m)) if dc.curve.identifiable else None for dc in curves]
+    """The product's allocation (`plan.gain_function`, the default rule: the
+    mean gain over the bootstrap curves) from each curve's have."""
+    gains = [gain_function(dc, PLAN_RULE, most_examples(budget, 1.0, cap)) for dc, cap in zip(curves, caps)]
     return allocate(gains, budget, caps=caps)
 
 
@@ -153,7 +103,7 @@ def check_allocations(curves: list, budget: int, caps: list, weighted: list | No
     predicted = {a: {k: v for k, v in predicted_total(curves, c, weights).items() if k != "counts"}
                  for a, c in counts.items()}
     return {"counts": counts, "predicted": predicted, "spent": {a: int(sum(c)) for a, c in counts.items()},
-            "gap_bound": bought.gap_bound}
+            "gap_bound": bought.gap_bound, "rule": PLAN_RULE}
 
 
 def plan_curves(names: list, fits: list, mean_losses: list, have: float, seed: int, resamples: int) -> list:
