@@ -29,11 +29,12 @@ from .saturation import n_grid
 from .subspace import encode_facts, find_anatomy, make_batches
 from .subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
 from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
+from .units import DomainUnits, loaded_identity
 
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
             progress: Callable[[Progress], None] | None = None, executor=None, store=None,
-            should_stop: Callable[[], bool] | None = None) -> Result:
+            should_stop: Callable[[], bool] | None = None, units=None) -> Result:
     """The paper's concept-subspace influence Mean_k = g_k^T (H_k + lambda I)^-1 g_k
     in each concept subspace (with transfer, saturation and their bootstrap),
     and the domains ranked by config.estimator's priority (`dowsing.ranking`).
@@ -43,6 +44,9 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     executor: where each domain's curvature, solve and saturation fit run
     (`dowsing.executor`; in this process by default; the structured route
     always runs here). store: a UnitStore that keeps each finished domain.
+    units: a `units.DomainUnits` where the per-domain units (each domain's
+    pilot curve) are found and kept, so domains whose facts did not change
+    are not computed again; None: every unit is computed.
     """
     config = config or AnalysisConfig()
     check_estimator(config)
@@ -52,13 +56,21 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     domains = as_domains(domains)
     model, checkpoints = _prepared_model(model, config, report, timings)
     passed = _forward(model, domains, config, report, timings)
+    if units is not None:
+        units.model = units.model or loaded_identity(model.info)
+        units.row_text = passed.facts
     outcomes = _solve_domains(model, passed, config, report, executor, store, should_stop, timings)
     bootstrap = _paper_bootstrap(domains, passed, outcomes, config, report, timings)
-    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, report, timings)
-    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, report, timings)
+    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, report, timings,
+                               units)
+    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, report, timings, units)
     timings["total"] = time.perf_counter() - clock
     report(Progress("done", 1.0, "analysis complete"))
-    return _result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings)
+    result = _result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings)
+    if units is not None:
+        # which domains' units this run computed and which it found stored, by kind
+        result.extras["units"] = units.to_dict()
+    return result
 
 
 @dataclass
@@ -203,7 +215,7 @@ def _paper_bootstrap(domains: list, passed: AnalysisPass, outcomes: list, config
 
 
 def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstrap, config: AnalysisConfig,
-             checkpoints, report, timings: dict):
+             checkpoints, report, timings: dict, units=None):
     """(scores, extras["ranking"]): the ranking estimator's priorities
     (`dowsing.ranking`) and their intervals; the paper's quantities above
     stay as they are."""
@@ -214,7 +226,7 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
                           config, passed.seconds)
     influence = [o["influence_all"][rows].tolist() for o, rows in zip(outcomes, passed.rows_of)]
     scores = rank(model, split, passed.rows_of, config, [o["mean"] for o in outcomes], influence, checkpoints,
-                  lambda fraction, message: report(Progress("ranking", 0.78 + 0.2 * fraction, message)))
+                  lambda fraction, message: report(Progress("ranking", 0.78 + 0.2 * fraction, message)), units)
     passed.notes.extend(scores.notes)
     report(Progress("ranking", 0.99, f"bootstrap of the priorities ({config.bootstrap_resamples} resamples)"))
     ranking = ranking_uncertainty(scores, bootstrap, config)
@@ -222,7 +234,8 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
     return scores, ranking
 
 
-def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict) -> list | None:
+def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict,
+               units=None) -> list | None:
     """Per domain, what kind of domain it looks like (`dowsing.diagnosis`)
     from its mean loss and its pilot gain (the ranking's own runs when it
     ranks by a pilot estimator, else the pilot family's on the same seeded
@@ -245,7 +258,7 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         settings = EstimatorSettings(seed=config.seed, batch_size=config.batch_size, all_facts=True)
-        drops = compute(EstimatorContext(model, split, settings), ["pilot_gain"])[0].priority
+        drops = compute(EstimatorContext(model, split, settings, units=units), ["pilot_gain"])[0].priority
     loss = [float(passed.tokens.fact_losses[rows].mean()) for rows in passed.rows_of]
     timings["diagnosis"] = time.perf_counter() - t0
     return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
@@ -387,7 +400,10 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0
     units = UnitStore(f"analysis/{key}") if use_cache else None
-    result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop)
+    # the per-domain units (pilot curves) outlive the request: another request sharing a domain reuses them
+    domain_units = DomainUnits(None) if use_cache else None
+    result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop,
+                     units=domain_units)
     result.timings["load_model"] = load_s
     result.cache_key = key
     store.put(key, result)
