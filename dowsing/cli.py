@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from . import estimators
-from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig
+from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, STAGES, AnalysisConfig
 from .executor import EXECUTORS
 from .models import EMBEDDED_ID, ModelError, atomic_write_text
 from .result import Result, format_sci
@@ -188,6 +188,10 @@ def add_analyze_command(sub) -> None:
                          help=f"last blocks (plus the final norm) whose parameters the alignment estimators use "
                               f"(default: {defaults.align_blocks})")
     add_checkpoint_arguments(analyze, "the model analysed (then --model may be left out)")
+    analyze.add_argument("--stage", choices=STAGES, default=defaults.stage,
+                         help="where to stop: 'ranking' stops after the ranking and the diagnosis (no paper's "
+                              "curvature, solve, Mean, Δn or saturation; not with --estimator paper); "
+                              "(default: %(default)s)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     analyze.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
@@ -312,7 +316,8 @@ def run_analyze(args) -> int:
         config = AnalysisConfig(damping=args.damping, blocks=args.blocks, solver=args.solver,
                                 curvature=args.curvature, device=args.device, dtype=args.dtype,
                                 estimator=args.estimator, align_blocks=args.align_blocks,
-                                checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr)
+                                checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr,
+                                stage=args.stage)
         domains = load_domains(args.domains) if args.domains else default_domains()
         if args.out:
             out = Path(args.out)

@@ -136,3 +136,27 @@ def test_a_plan_with_one_new_domain_measures_only_that_one(tiny_llama_dir, count
     counted.clear()
     run_plan(model, FOUR + [_domain("Omega")], config)
     assert len(counted) == 1
+
+
+def test_the_ranking_stage_stops_before_the_paper_and_the_full_run_sends_its_ranking_first(tiny_llama_dir, counted):
+    from dataclasses import replace
+
+    model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64")
+    sent = []
+    full = run_analysis(model, FOUR, config, on_ranking=sent.append)
+    assert len(sent) == 1 and "partial" in sent[0].extras and "partial" not in full.extras
+    early = sent[0]
+    assert all(d.mean is None and d.delta_n_reason == "computing…" for d in early.domains)
+    assert "solve" not in early.timings and early.timings["ranking_ready"] < full.timings["total"]
+    assert [d.priority for d in early.domains] == [d.priority for d in full.domains]
+    assert early.extras["diagnosis"] == full.extras["diagnosis"]
+
+    counted.clear()
+    ranking = run_analysis(model, FOUR, replace(config, stage="ranking"))
+    assert counted == [] and ranking.extras["units"]["pilot"]["reused"] == [d.name for d in FOUR]
+    assert "solve" not in ranking.timings and "partial" not in ranking.extras
+    assert all(d.mean is None and "stage ranking" in d.delta_n_reason for d in ranking.domains)
+    assert [d.rank for d in ranking.domains] == [d.rank for d in full.domains]
+    assert [d.priority for d in ranking.domains] == pytest.approx([d.priority for d in full.domains], rel=1e-9)
+    with pytest.raises(ValueError, match="stage ranking cannot skip"):
+        AnalysisConfig(estimator="paper", stage="ranking")
