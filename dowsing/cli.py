@@ -27,7 +27,8 @@ def format_table(result: Result) -> str:
     from .report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
                          mean_shares, ranking_statement)
 
-    with_mean_share = not mean_share_is_share(result)
+    has_mean = any(d.mean is not None for d in result.domains)  # none after --stage ranking
+    with_mean_share = has_mean and not mean_share_is_share(result)
     header = ["Rank", "Concept", "Priority [90% interval]", "Share"]
     header += ["Share of Mean, paper"] * with_mean_share + ["Mean (paper)", "Δn@10%", "t vs rest", "p"]
     intervals = ranking_domains(result)
@@ -46,9 +47,10 @@ def format_table(result: Result) -> str:
     lines = [ranking_statement(result), evidence_text(result), ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    notes = [f"  {mean_share_note(result)}", f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."]
+    notes = ([f"  {mean_share_note(result)}", f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."] if has_mean else
+             ["  The analysis stopped after the ranking (--stage ranking): no Mean (paper) or Δn@10%."])
     notes += [f"  {d.name}: Δn is — because {d.delta_n_reason[0].lower()}{d.delta_n_reason[1:]}"
-              for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason]
+              for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason and has_mean]
     return "\n".join(lines + ["", "Notes:"] + notes)
 
 

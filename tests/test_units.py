@@ -160,3 +160,21 @@ def test_the_ranking_stage_stops_before_the_paper_and_the_full_run_sends_its_ran
     assert [d.priority for d in ranking.domains] == pytest.approx([d.priority for d in full.domains], rel=1e-9)
     with pytest.raises(ValueError, match="stage ranking cannot skip"):
         AnalysisConfig(estimator="paper", stage="ranking")
+
+
+def test_analyze_stage_ranking_on_the_command_line(tiny_llama_dir, tmp_path, monkeypatch, capsys):
+    import json
+
+    from dowsing.cli import main
+
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
+    domains = tmp_path / "domains.json"
+    domains.write_text(json.dumps({"domains": [{"name": d.name, "facts": list(d.facts)} for d in FOUR[:2]]}))
+    out = tmp_path / "ranking.json"
+    args = ["analyze", "--quiet", "--model", str(tiny_llama_dir), "--domains", str(domains), "--stage", "ranking"]
+    assert main([*args, "--out", str(out)]) == 0
+    assert "stopped after the ranking" in capsys.readouterr().out
+    written = json.loads(out.read_text())
+    assert written["config"]["stage"] == "ranking" and all(d["mean"] is None for d in written["domains"])
+    assert main([*args, "--estimator", "paper"]) == 2
+    assert "cannot skip" in capsys.readouterr().err
