@@ -7,7 +7,7 @@ import json
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -65,6 +65,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     if units is not None:
         units.model = units.model or loaded_identity(model.info)
         units.row_text = passed.facts
+        units.note_blocks(len(find_anatomy(model.model).down_projs))
     outcomes = bootstrap = None
     if config.estimator == "paper":  # it ranks by the solve: the paper's quantities come first
         outcomes, bootstrap = _paper(model, domains, passed, config, report, executor, store, should_stop, timings)
@@ -413,6 +414,40 @@ def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = Non
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = None) -> dict | None:
+    """Before a run, without loading the model: which domains' pilot curves
+    `run_analysis` would compute and which it would find stored (`units`),
+    {"computed": [names], "reused": [names], "no_pilot": [names too small
+    for a pilot], "message": "2 of 4 domains recomputed, 2 from cache"}; None when the run has no pilots (neither
+    the ranking estimator nor the diagnosis runs them). A model never run
+    here counts every domain as to compute."""
+    from .estimators import EstimatorSettings
+    from .pilots import PILOT_RECIPE, pilot_sizes
+    from .splitting import split_order
+    from .units import model_identity, pilot_key, recomputed_message
+
+    config = config or AnalysisConfig()
+    curve = config.estimator == "pilot_curve"
+    if not (curve or config.estimator == "pilot_gain" or config.diagnose):
+        return None
+    domains = as_domains(domains)
+    units = DomainUnits(model_identity(model_fingerprint(model_id), config.dtype, config.device))
+    blocks = units.blocks()
+    computed, reused, no_pilot = [], [], []
+    for domain in domains:
+        a, b = split_order(list(domain.facts), domain.name, config.seed)
+        if min(len(a), len(b)) < 2:  # too small for a pilot: ranked by the fallback, nothing to compute
+            no_pilot.append(domain.name)
+            continue
+        sizes = EstimatorSettings().pilot_sizes if curve else (max(len(a), len(b)),)
+        stored = blocks is not None and units.has(pilot_key(
+            units.model, a, b, replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, blocks)).label(), config.seed,
+            pilot_sizes(sizes, len(a), len(b))))
+        (reused if stored else computed).append(domain.name)
+    return {"computed": computed, "reused": reused, "no_pilot": no_pilot,
+            "message": recomputed_message(len(computed), len(computed) + len(reused))}
+
+
 def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = None,
                  progress: Callable[[Progress], None] | None = None, use_cache: bool = True,
                  executor=None, should_stop: Callable[[], bool] | None = None,
@@ -443,7 +478,9 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
         if cached is not None:
             report(Progress("done", 1.0, "cached result"))
             return cached
-    report(Progress("loading model", 0.0, "loading model"))
+    status = pilot_status(model_id, domains, config) if use_cache else None
+    # which domains this run recomputes, said before it starts
+    report(Progress("loading model", 0.0, "loading model" + (f"; pilot curves: {status['message']}" if status else "")))
     t0 = time.perf_counter()
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0

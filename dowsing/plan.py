@@ -207,6 +207,7 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     recipe = replace(PILOT_RECIPE, blocks=blocks)
     if units is not None:
         units.model = units.model or loaded_identity(loaded.info)
+        units.note_blocks(depth)
     curves = []
     for a, b in zip(train, held):
         key = (pilot_key(units.model, a.facts, b.facts, recipe.label(), config.seed,

@@ -98,6 +98,17 @@ class DomainUnits:
             pass
         self.computed.setdefault(kind, []).append(name)
 
+    def note_blocks(self, blocks: int) -> None:
+        """Remember the model's number of blocks (the pilot recipe's depth
+        is min(4, blocks)), so which domains a run will recompute can be told
+        before the model is loaded (`analysis.pilot_status`)."""
+        if self.model is not None:
+            self.store.put(unit_key("model", self.model, {}, {}), {"blocks": int(blocks)})
+
+    def blocks(self) -> int | None:
+        stored = self.store.get(unit_key("model", self.model, {}, {})) if self.model is not None else None
+        return stored.get("blocks") if isinstance(stored, dict) else None
+
     def has(self, key: str) -> bool:
         return self.store.get(key) is not None
 

@@ -66,14 +66,23 @@ def _same(a, b, tol: float) -> None:
 
 
 def test_an_edit_recomputes_one_domain_and_equals_a_fresh_analysis_in_float64(tiny_llama_dir, counted):
+    from dowsing.analysis import pilot_status
+
     model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64")
+    assert pilot_status(model, FOUR, config)["message"] == "all 4 domains computed"
     first = run_analysis(model, FOUR, config)
     assert len(counted) == 4 and first.extras["units"]["pilot"]["reused"] == []
 
     counted.clear()
     edited = _edited(FOUR, 1)
-    incremental = run_analysis(model, edited, config)
+    # told before the run, without the model
+    assert pilot_status(model, edited, config) == {"computed": ["Beta"], "reused": ["Alpha", "Gamma", "Delta"],
+                                                   "no_pilot": [], "message": "1 of 4 domains recomputed, 3 from cache"}
+    said = []
+    incremental = run_analysis(model, edited, config, progress=lambda p: said.append(p.message))
     assert len(counted) == 1
+    assert "loading model; pilot curves: 1 of 4 domains recomputed, 3 from cache" in said
+    assert "pilot fine-tunes, domain 1 of 4 (from cache)" in said and "pilot fine-tunes, domain 2 of 4" in said
     assert incremental.extras["units"]["pilot"] == {"computed": ["Beta"], "reused": ["Alpha", "Gamma", "Delta"]}
     fresh = run_analysis(model, edited, config, use_cache=False)
     _same(incremental, fresh, 1e-6)
