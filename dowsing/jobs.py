@@ -1027,7 +1027,7 @@ def default_runner() -> JobRunner:
 
 
 # The stores that hold computed results, under the cache folder; clear_results empties them.
-RESULT_STORES = ("results", "units", "plans")
+RESULT_STORES = ("results", "units", "domain_units", "plans")
 
 
 def clear_results(cache: Path | None = None) -> dict:
