@@ -17,7 +17,7 @@ from dowsing.estimators import pilot as pilot_family
 WORDS = {"Alpha": "red", "Beta": "green", "Gamma": "blue", "Delta": "gold", "Omega": "grey"}
 
 
-def _domain(name: str, n: int = 10) -> Domain:
+def _domain(name: str, n: int = 8) -> Domain:
     word = WORDS[name]
     return Domain(name, tuple(f"{name} item {i} is kept in the {word} box number {i * 7 % 5}." for i in range(n)))
 
@@ -35,8 +35,8 @@ def _edited(domains: list, k: int) -> list:
 
 @pytest.fixture
 def counted(monkeypatch, tmp_path):
-    """A fresh cache, and the names of the domains whose pilot curve ran
-    (by the curve's first training row's text is not known here: by count)."""
+    """A fresh cache, and a list that grows by one for each pilot curve
+    actually run (in an analysis or a plan)."""
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "cache"))
     calls = []
     real = pilots.pilot_curve
