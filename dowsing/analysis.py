@@ -67,20 +67,33 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
         units.row_text = passed.facts
         units.note_blocks(len(find_anatomy(model.model).down_projs))
     outcomes = bootstrap = None
-    if config.estimator == "paper":  # it ranks by the solve: the paper's quantities come first
+    paper_first = config.estimator == "paper"  # it ranks by the solve: the paper's quantities come first
+    if paper_first:
         outcomes, bootstrap = _paper(model, domains, passed, config, report, executor, store, should_stop, timings)
-    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, report, timings,
+    # the stages report their fractions for the paper-first order; the other order rescales them, so they rise
+    ranked = report if paper_first else _rescaled(report, (0.78, 1.0), (0.1, 0.5))
+    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, ranked, timings,
                                units)
-    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, report, timings, units)
+    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, ranked, timings, units)
+    later = _rescaled(report, (0.05, 0.78), (0.5, 0.98))
     if outcomes is None and on_ranking is not None:
         timings["ranking_ready"] = time.perf_counter() - clock
         on_ranking(_finished(_result(model, domains, config, passed, None, None, scores, dict(ranking), dict(timings)),
                              units, partial=config.stage != "ranking"))
     if outcomes is None and config.stage == "all":
-        outcomes, bootstrap = _paper(model, domains, passed, config, report, executor, store, should_stop, timings)
+        outcomes, bootstrap = _paper(model, domains, passed, config, later, executor, store, should_stop, timings)
     timings["total"] = time.perf_counter() - clock
     report(Progress("done", 1.0, "analysis complete" if config.stage == "all" else "ranking complete"))
     return _finished(_result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings), units)
+
+
+def _rescaled(report, old: tuple, new: tuple):
+    """report, with each Progress fraction mapped linearly from the
+    interval `old` onto `new`."""
+    def rescaled(p: Progress) -> None:
+        fraction = new[0] + (p.fraction - old[0]) * (new[1] - new[0]) / (old[1] - old[0])
+        report(Progress(p.stage, min(max(fraction, new[0]), new[1]), p.message))
+    return rescaled
 
 
 def _finished(result: Result, units, partial: bool = False) -> Result:
