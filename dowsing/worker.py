@@ -81,8 +81,13 @@ class ProgressWriter:
 
     def partial(self, result) -> None:
         """Keep what the run has finished so far (an analysis's ranking) in
-        the job store at once, for the pages to show while the rest computes."""
-        self.store.write_partial(self.job_id, "analysis", result)
+        the job store at once, for the pages to show while the rest computes.
+        A failure to write it is noted and the run goes on: the whole result
+        still comes."""
+        try:
+            self.store.write_partial(self.job_id, "analysis", result)
+        except (OSError, ValueError) as exc:
+            note(f"the ranking could not be kept ahead of the result: {exc}")
 
     def _loop(self) -> None:
         while not self._stop.wait(1.0 / WRITES_PER_S):
