@@ -7,7 +7,7 @@ import json
 import time
 import warnings
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
@@ -29,11 +29,13 @@ from .saturation import n_grid
 from .subspace import encode_facts, find_anatomy, make_batches
 from .subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
 from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
+from .units import DomainUnits, loaded_identity
 
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
             progress: Callable[[Progress], None] | None = None, executor=None, store=None,
-            should_stop: Callable[[], bool] | None = None) -> Result:
+            should_stop: Callable[[], bool] | None = None, units=None,
+            on_ranking: Callable[[Result], None] | None = None) -> Result:
     """The paper's concept-subspace influence Mean_k = g_k^T (H_k + lambda I)^-1 g_k
     in each concept subspace (with transfer, saturation and their bootstrap),
     and the domains ranked by config.estimator's priority (`dowsing.ranking`).
@@ -43,6 +45,14 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     executor: where each domain's curvature, solve and saturation fit run
     (`dowsing.executor`; in this process by default; the structured route
     always runs here). store: a UnitStore that keeps each finished domain.
+    units: a `units.DomainUnits` where the per-domain units (each domain's
+    pilot curve) are found and kept, so domains whose facts did not change
+    are not computed again; None: every unit is computed.
+    on_ranking(result): called with the ranking and the diagnosis as soon
+    as they are ready, before the paper's quantities (their fields None,
+    extras["partial"] says what is still computing); not called when the
+    estimator is the paper's, which ranks by them. config.stage "ranking"
+    stops there.
     """
     config = config or AnalysisConfig()
     check_estimator(config)
@@ -52,13 +62,59 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     domains = as_domains(domains)
     model, checkpoints = _prepared_model(model, config, report, timings)
     passed = _forward(model, domains, config, report, timings)
-    outcomes = _solve_domains(model, passed, config, report, executor, store, should_stop, timings)
-    bootstrap = _paper_bootstrap(domains, passed, outcomes, config, report, timings)
-    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, report, timings)
-    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, report, timings)
+    if units is not None:
+        units.model = units.model or loaded_identity(model.info)
+        units.row_text = passed.facts
+        units.note_blocks(len(find_anatomy(model.model).down_projs))
+    outcomes = bootstrap = None
+    paper_first = config.estimator == "paper"  # it ranks by the solve: the paper's quantities come first
+    if paper_first:
+        outcomes, bootstrap = _paper(model, domains, passed, config, report, executor, store, should_stop, timings)
+    # the stages report their fractions for the paper-first order; the other order rescales them, so they rise
+    ranked = report if paper_first else _rescaled(report, (0.78, 1.0), (0.1, 0.5))
+    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, ranked, timings,
+                               units)
+    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, ranked, timings, units)
+    later = _rescaled(report, (0.05, 0.78), (0.5, 0.98))
+    if outcomes is None and on_ranking is not None:
+        timings["ranking_ready"] = time.perf_counter() - clock
+        on_ranking(_finished(_result(model, domains, config, passed, None, None, scores, dict(ranking), dict(timings)),
+                             units, partial=config.stage != "ranking"))
+    if outcomes is None and config.stage == "all":
+        outcomes, bootstrap = _paper(model, domains, passed, config, later, executor, store, should_stop, timings)
     timings["total"] = time.perf_counter() - clock
-    report(Progress("done", 1.0, "analysis complete"))
-    return _result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings)
+    report(Progress("done", 1.0, "analysis complete" if config.stage == "all" else "ranking complete"))
+    return _finished(_result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings), units)
+
+
+def _rescaled(report, old: tuple, new: tuple):
+    """report, with each Progress fraction mapped linearly from the
+    interval `old` onto `new`."""
+    def rescaled(p: Progress) -> None:
+        fraction = new[0] + (p.fraction - old[0]) * (new[1] - new[0]) / (old[1] - old[0])
+        report(Progress(p.stage, min(max(fraction, new[0]), new[1]), p.message))
+    return rescaled
+
+
+def _finished(result: Result, units, partial: bool = False) -> Result:
+    """The result with which domains' units were computed and which found
+    stored, and, for the ranking sent ahead of the paper's quantities,
+    extras["partial"]: what is still being computed."""
+    if units is not None:
+        result.extras["units"] = units.to_dict()
+    if partial:
+        result.extras["partial"] = {"computing": ["mean", "share_pct (paper)", "delta_n", "saturation", "transfer",
+                                                  "bootstrap"]}
+    return result
+
+
+def _paper(model, domains: list, passed, config: AnalysisConfig, report, executor, store, should_stop,
+           timings: dict) -> tuple:
+    """(outcomes, bootstrap): the paper's quantities, every domain's solve,
+    saturation and kernels, then their bootstrap. Not per-domain units:
+    H_k is the curvature of the loss over every fact of every domain."""
+    outcomes = _solve_domains(model, passed, config, report, executor, store, should_stop, timings)
+    return outcomes, _paper_bootstrap(domains, passed, outcomes, config, report, timings)
 
 
 @dataclass
@@ -203,7 +259,7 @@ def _paper_bootstrap(domains: list, passed: AnalysisPass, outcomes: list, config
 
 
 def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstrap, config: AnalysisConfig,
-             checkpoints, report, timings: dict):
+             checkpoints, report, timings: dict, units=None):
     """(scores, extras["ranking"]): the ranking estimator's priorities
     (`dowsing.ranking`) and their intervals; the paper's quantities above
     stay as they are."""
@@ -212,9 +268,11 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
     split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,
                           passed.block_inputs, passed.first_block, passed.rows_of, passed.names,
                           config, passed.seconds)
-    influence = [o["influence_all"][rows].tolist() for o, rows in zip(outcomes, passed.rows_of)]
-    scores = rank(model, split, passed.rows_of, config, [o["mean"] for o in outcomes], influence, checkpoints,
-                  lambda fraction, message: report(Progress("ranking", 0.78 + 0.2 * fraction, message)))
+    outcomes = outcomes or [None] * len(domains)
+    influence = [o["influence_all"][rows].tolist() if o else None for o, rows in zip(outcomes, passed.rows_of)]
+    scores = rank(model, split, passed.rows_of, config, [o["mean"] if o else None for o in outcomes], influence,
+                  checkpoints,
+                  lambda fraction, message: report(Progress("ranking", 0.78 + 0.2 * fraction, message)), units)
     passed.notes.extend(scores.notes)
     report(Progress("ranking", 0.99, f"bootstrap of the priorities ({config.bootstrap_resamples} resamples)"))
     ranking = ranking_uncertainty(scores, bootstrap, config)
@@ -222,7 +280,8 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
     return scores, ranking
 
 
-def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict) -> list | None:
+def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict,
+               units=None) -> list | None:
     """Per domain, what kind of domain it looks like (`dowsing.diagnosis`)
     from its mean loss and its pilot gain (the ranking's own runs when it
     ranks by a pilot estimator, else the pilot family's on the same seeded
@@ -245,21 +304,22 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         settings = EstimatorSettings(seed=config.seed, batch_size=config.batch_size, all_facts=True)
-        drops = compute(EstimatorContext(model, split, settings), ["pilot_gain"])[0].priority
+        drops = compute(EstimatorContext(model, split, settings, units=units), ["pilot_gain"])[0].priority
     loss = [float(passed.tokens.fact_losses[rows].mean()) for rows in passed.rows_of]
     timings["diagnosis"] = time.perf_counter() - t0
     return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
 
 
-def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, outcomes: list, bootstrap,
+def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, outcomes: list | None, bootstrap,
             scores, ranking: dict, timings: dict) -> Result:
     """The Result: per domain its rank, Share, t vs rest, the paper's Mean,
     saturation and solve, per fact its influence and priority, and the
-    extras (transfer matrix, bootstrap, ranking, warnings)."""
+    extras (transfer matrix, bootstrap, ranking, warnings). outcomes None:
+    the paper's quantities are not computed (yet); their fields are None."""
     rows_of, n_domains = passed.rows_of, len(domains)
     priorities = scores.priority
     ranks = metrics.ranks_by_mean(priorities)
-    influence = [o["influence_all"][rows] for o, rows in zip(outcomes, rows_of)]
+    influence = [o["influence_all"][rows] for o, rows in zip(outcomes, rows_of)] if outcomes else None
     if config.estimator == "paper":
         shares = metrics.shares_pct([float(i.sum()) for i in influence])
     else:
@@ -267,17 +327,13 @@ def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, 
     tests = metrics.t_vs_rest([scores.per_example[k] for k in range(n_domains)])
     results = []
     for k, domain in enumerate(domains):
-        sat = outcomes[k]["saturation"]
+        paper = _paper_fields(outcomes[k] if outcomes else None, config)
         results.append(DomainResult(
-            name=domain.name, rank=ranks[k], mean=outcomes[k]["mean"], share_pct=shares[k],
-            t_vs_rest=tests[k][0], p_value=tests[k][1], n_facts=len(rows_of[k]),
-            delta_n_10pct=sat["delta_n_10pct"], delta_n_direct=sat["delta_n_direct"], delta_n_reason=sat["reason"],
-            saturation={key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
-            solver=outcomes[k]["solve"], concept_vector_norm=float(passed.norms[k]), priority=priorities[k],
-        ))
+            name=domain.name, rank=ranks[k], share_pct=shares[k], t_vs_rest=tests[k][0], p_value=tests[k][1],
+            n_facts=len(rows_of[k]), concept_vector_norm=float(passed.norms[k]), priority=priorities[k], **paper))
     per_example = [
-        {"domain": domain.name, "text": passed.facts[i], "influence": float(influence[k][j]),
-         "priority": scores.per_example[k][j]}
+        {"domain": domain.name, "text": passed.facts[i],
+         "influence": float(influence[k][j]) if influence else None, "priority": scores.per_example[k][j]}
         for k, domain in enumerate(domains) for j, i in enumerate(rows_of[k])
     ]
     extras = {
@@ -289,16 +345,30 @@ def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, 
             # matrix[j][k] = grad L_j^T z_k: data aligned with k lowering the loss of j
             "matrix": [[float(outcomes[k]["influence_all"][rows_of[j]].mean()) for k in range(n_domains)]
                        for j in range(n_domains)],
-        },
+        } if outcomes else None,
         "domain_loss": [float(passed.tokens.fact_losses[r].mean()) for r in rows_of],
         "n_tokens": int(passed.tokens.x.shape[0]), "subspace_dim": config.blocks * find_anatomy(model.model).d_ff,
-        "warnings": passed.notes,
+        "warnings": list(passed.notes),
         "domains_input": [{"name": d.name, "facts": list(d.facts)} for d in domains],
     }
     return Result(
         model=model.info.to_dict(), config=config.to_dict(), domains=results, per_example=per_example,
         timings=timings, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), extras=extras,
     )
+
+
+def _paper_fields(outcome: dict | None, config: AnalysisConfig) -> dict:
+    """One domain's paper fields of DomainResult: Mean, Δn, saturation and
+    the solve's report, or None with the reason while they are not computed."""
+    if outcome is None:
+        reason = ("not computed: the analysis stopped after the ranking (stage ranking)" if config.stage == "ranking"
+                  else "computing…")
+        return {"mean": None, "delta_n_10pct": None, "delta_n_direct": None, "delta_n_reason": reason,
+                "saturation": {}, "solver": {}}
+    sat = outcome["saturation"]
+    return {"mean": outcome["mean"], "delta_n_10pct": sat["delta_n_10pct"], "delta_n_direct": sat["delta_n_direct"],
+            "delta_n_reason": sat["reason"], "saturation": {key: sat[key] for key in ("alpha", "n0", "c", "r2", "points")},
+            "solver": outcome["solve"]}
 
 
 def ranking_uncertainty(scores, paper_bootstrap: dict | None, config: AnalysisConfig) -> dict:
@@ -357,10 +427,49 @@ def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = Non
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
+def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = None) -> dict | None:
+    """Before a run, without loading the model: which domains' pilot curves
+    `run_analysis` would compute and which it would find stored (`units`),
+    {"computed": [names], "reused": [names], "no_pilot": [names too small
+    for a pilot], "message": "2 of 4 domains recomputed, 2 from cache"}; None when the run has no pilots (neither
+    the ranking estimator nor the diagnosis runs them). A model never run
+    here counts every domain as to compute."""
+    from .estimators import EstimatorSettings
+    from .pilots import PILOT_RECIPE, pilot_sizes
+    from .splitting import split_order
+    from .units import model_identity, pilot_key, recomputed_message
+
+    config = config or AnalysisConfig()
+    curve = config.estimator == "pilot_curve"
+    if not (curve or config.estimator == "pilot_gain" or config.diagnose):
+        return None
+    domains = as_domains(domains)
+    units = DomainUnits(model_identity(model_fingerprint(model_id), config.dtype, config.device))
+    blocks = units.blocks()
+    computed, reused, no_pilot = [], [], []
+    for domain in domains:
+        a, b = split_order(list(domain.facts), domain.name, config.seed)
+        if min(len(a), len(b)) < 2:  # too small for a pilot: ranked by the fallback, nothing to compute
+            no_pilot.append(domain.name)
+            continue
+        sizes = EstimatorSettings().pilot_sizes if curve else (max(len(a), len(b)),)
+        stored = blocks is not None and units.has(pilot_key(
+            units.model, a, b, replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, blocks)).label(), config.seed,
+            pilot_sizes(sizes, len(a), len(b))))
+        (reused if stored else computed).append(domain.name)
+    return {"computed": computed, "reused": reused, "no_pilot": no_pilot,
+            "message": recomputed_message(len(computed), len(computed) + len(reused))}
+
+
 def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = None,
                  progress: Callable[[Progress], None] | None = None, use_cache: bool = True,
-                 executor=None, should_stop: Callable[[], bool] | None = None) -> Result:
+                 executor=None, should_stop: Callable[[], bool] | None = None,
+                 on_ranking: Callable[[Result], None] | None = None) -> Result:
     """The cached entry point: a repeat of the same request returns at once.
+    Each domain's units (its pilot curve, `dowsing.units`) are kept under
+    their own content key, so a request that shares a domain with an earlier
+    one (an edit of another domain, an added domain, a plan) reuses them.
+    on_ranking: see `analyze`.
     Each finished domain is kept in the unit store under the request's key
     until the whole result is stored, so a run started again after a crash
     solves only the domains that were missing. The executor does not change
@@ -382,12 +491,17 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
         if cached is not None:
             report(Progress("done", 1.0, "cached result"))
             return cached
-    report(Progress("loading model", 0.0, "loading model"))
+    status = pilot_status(model_id, domains, config) if use_cache else None
+    # which domains this run recomputes, said before it starts
+    report(Progress("loading model", 0.0, "loading model" + (f"; pilot curves: {status['message']}" if status else "")))
     t0 = time.perf_counter()
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0
     units = UnitStore(f"analysis/{key}") if use_cache else None
-    result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop)
+    # the per-domain units (pilot curves) outlive the request: another request sharing a domain reuses them
+    domain_units = DomainUnits(None) if use_cache else None
+    result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop,
+                     units=domain_units, on_ranking=on_ranking)
     result.timings["load_model"] = load_s
     result.cache_key = key
     store.put(key, result)

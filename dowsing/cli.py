@@ -10,7 +10,7 @@ import warnings
 from pathlib import Path
 
 from . import estimators
-from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig
+from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, STAGES, AnalysisConfig
 from .executor import EXECUTORS
 from .models import EMBEDDED_ID, ModelError, atomic_write_text
 from .result import Result, format_sci
@@ -27,7 +27,8 @@ def format_table(result: Result) -> str:
     from .report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
                          mean_shares, ranking_statement)
 
-    with_mean_share = not mean_share_is_share(result)
+    has_mean = any(d.mean is not None for d in result.domains)  # none after --stage ranking
+    with_mean_share = has_mean and not mean_share_is_share(result)
     header = ["Rank", "Concept", "Priority [90% interval]", "Share"]
     header += ["Share of Mean, paper"] * with_mean_share + ["Mean (paper)", "Δn@10%", "t vs rest", "p"]
     intervals = ranking_domains(result)
@@ -46,9 +47,10 @@ def format_table(result: Result) -> str:
     lines = [ranking_statement(result), evidence_text(result), ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
-    notes = [f"  {mean_share_note(result)}", f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."]
+    notes = ([f"  {mean_share_note(result)}", f"  Mean (paper) and Δn@10% {SATURATION_SOURCE}."] if has_mean else
+             ["  The analysis stopped after the ranking (--stage ranking): no Mean (paper) or Δn@10%."])
     notes += [f"  {d.name}: Δn is — because {d.delta_n_reason[0].lower()}{d.delta_n_reason[1:]}"
-              for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason]
+              for d in result.ranked() if d.delta_n_10pct is None and d.delta_n_reason and has_mean]
     return "\n".join(lines + ["", "Notes:"] + notes)
 
 
@@ -188,6 +190,10 @@ def add_analyze_command(sub) -> None:
                          help=f"last blocks (plus the final norm) whose parameters the alignment estimators use "
                               f"(default: {defaults.align_blocks})")
     add_checkpoint_arguments(analyze, "the model analysed (then --model may be left out)")
+    analyze.add_argument("--stage", choices=STAGES, default=defaults.stage,
+                         help="where to stop: 'ranking' stops after the ranking and the diagnosis (no paper's "
+                              "curvature, solve, Mean, Δn or saturation; not with --estimator paper); "
+                              "(default: %(default)s)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     analyze.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
@@ -333,7 +339,8 @@ def run_analyze(args) -> int:
         config = AnalysisConfig(damping=args.damping, blocks=args.blocks, solver=args.solver,
                                 curvature=args.curvature, device=args.device, dtype=args.dtype,
                                 estimator=args.estimator, align_blocks=args.align_blocks,
-                                checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr)
+                                checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr,
+                                stage=args.stage)
         domains = load_domains(args.domains) if args.domains else default_domains()
         if args.estimate:
             from .estimate import estimate_analysis, report

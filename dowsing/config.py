@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from .records import ConfigRecord
 
 SOLVERS = ("auto", "cg", "exact")
+STAGES = ("all", "ranking")  # where an analysis stops: everything, or after the ranking and the diagnosis
 CURVATURES = ("hessian", "ggn")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16")
@@ -72,6 +73,10 @@ class AnalysisConfig(ConfigRecord):
         estimates it from each interval's step length.
     diagnose: also run the pilot fine-tunes (`dowsing.pilots`) that give
         each domain its diagnosis sentence (`dowsing.diagnosis`).
+    stage: "all" (the ranking, the diagnosis and the paper's quantities) or
+        "ranking" (stop after the ranking and the diagnosis: no curvature,
+        solve, saturation or transfer; the paper's fields are None). The
+        paper's estimator ranks by the solve, so it needs "all".
     """
 
     damping: float = 1e-3
@@ -93,6 +98,7 @@ class AnalysisConfig(ConfigRecord):
     checkpoints: tuple = ()
     checkpoint_lr: float | None = None
     diagnose: bool = True
+    stage: str = "all"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
@@ -130,6 +136,11 @@ class AnalysisConfig(ConfigRecord):
             raise ValueError(f"adam_batches must be an integer >= 1, got {self.adam_batches!r}")
         if self.checkpoint_lr is not None and not (self.checkpoint_lr > 0):
             raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
+        if self.stage not in STAGES:
+            raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
+        if self.stage == "ranking" and self.estimator == "paper":
+            raise ValueError("the paper's estimator ranks by the paper's solve: --stage ranking cannot skip it "
+                             "(choose another estimator, or --stage all)")
 
     def canonical_json(self) -> str:
         """Stable text form: part of the cache key."""

@@ -177,8 +177,9 @@ def request_key(request: "JobRequest") -> str:
 def _run_analysis(request: "JobRequest", progress, executor):
     from .analysis import run_analysis
 
+    # the ranking reaches the job state before the paper's quantities (`ProgressWriter.partial`)
     return run_analysis(request.model_id, list(request.domains), request.config, progress=progress, use_cache=True,
-                        executor=executor)
+                        executor=executor, on_ranking=getattr(progress, "partial", None))
 
 
 def _run_validation(request: "JobRequest", progress, executor):
@@ -474,6 +475,31 @@ class JobStore:
         from .models import atomic_write_text
 
         atomic_write_text(self.result_path(job_id, kind), result.to_json())
+
+    def partial_path(self, job_id: str, kind: str) -> Path:
+        """Where a running job keeps what it has finished so far (an
+        analysis: the ranking before the paper's quantities)."""
+        return self.results_dir(kind) / f"{checked_job_id(job_id)}.partial.json"
+
+    def write_partial(self, job_id: str, kind: str, result) -> None:
+        from .models import atomic_write_text
+
+        path = self.partial_path(job_id, kind)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, result.to_json())
+
+    def read_partial(self, job_id: str, kind: str):
+        """The partial result, or None (none written, or unreadable)."""
+        if not is_job_id(job_id):
+            return None
+        try:
+            return KINDS[kind].result_type().from_json(self.partial_path(job_id, kind).read_text(encoding="utf-8"))
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            return None
+
+    def remove_partial(self, job_id: str, kind: str) -> None:
+        if is_job_id(job_id):
+            self.partial_path(job_id, kind).unlink(missing_ok=True)
 
     def read_result(self, job_id: str, kind: str):
         """The stored result, or None; a damaged file is removed, so the job
@@ -888,6 +914,17 @@ class LocalJobRunner:
                 return found
         return None
 
+    def partial_result(self, job_id: str):
+        """While the job runs, what it has finished so far: for an analysis
+        the ranking, its interval and the diagnosis, with the paper's fields
+        None and extras["partial"] naming what is still computing. None once
+        the job has ended (its result is then whole), or before anything is
+        ready."""
+        state = self.state(job_id) if is_job_id(job_id) else None
+        if state is None or not state.active:
+            return None
+        return self.store.read_partial(job_id, state.kind)
+
     # -- cancel / history / delete ---------------------------------------
     def cancel(self, job_id: str) -> None:
         """SIGTERM the worker's process group and everything else it started
@@ -962,6 +999,8 @@ class LocalJobRunner:
             return
         self.cancel(job_id)
         self.store.delete(job_id)
+        for kind in KINDS:
+            self.store.remove_partial(job_id, kind)
         self._procs.pop(job_id, None)
         self._exit_codes.pop(job_id, None)
         self.store.log_path(job_id).unlink(missing_ok=True)
@@ -988,7 +1027,7 @@ def default_runner() -> JobRunner:
 
 
 # The stores that hold computed results, under the cache folder; clear_results empties them.
-RESULT_STORES = ("results", "units", "plans")
+RESULT_STORES = ("results", "units", "domain_units", "plans")
 
 
 def clear_results(cache: Path | None = None) -> dict:

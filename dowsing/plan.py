@@ -232,18 +232,20 @@ def check_plan(config: PlanConfig, domains) -> None:
 # --- the pilot measurements and the curves -----------------------------------
 
 def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
-                   progress: Callable[[Progress], None] | None = None) -> dict:
-    """One forward pass over every domain's seeded halves (`split_pass`, the
-    inputs of the first of the last 4 blocks kept), then each domain's
-    two-way pilot curve (`pilots.pilot_curve`, `PILOT_RECIPE` on a
-    TailTrainer). JSON-able: the model, per domain its facts' count, mean
-    loss, the pilot sizes, drops and per-fact drops per size, and the halves'
-    sizes (held-out half B first, as the per-fact drops are laid out)."""
-    import torch
-
-    from .forward import split_pass
+                   progress: Callable[[Progress], None] | None = None, units=None) -> dict:
+    """Each domain's two-way pilot curve (`pilots.pilot_curve`,
+    `PILOT_RECIPE` on a TailTrainer over its seeded halves): from `units`
+    (a `units.DomainUnits`: an analysis or a plan that ran the same domain
+    under the same model, seed, sizes and recipe) when it holds it, else
+    measured after one forward pass over the domains still to measure (the
+    inputs of the first of the last 4 blocks kept) and kept there.
+    JSON-able: the model, per domain its facts' count, mean loss, the pilot
+    sizes, drops and per-fact drops per size, and the halves' sizes
+    (held-out half B first, as the per-fact drops are laid out)."""
+    from .pilots import pilot_sizes
     from .splitting import split_domains
     from .subspace import find_anatomy
+    from .units import loaded_identity, pilot_key, recomputed_message
 
     report = progress or (lambda p: None)
     domains = as_domains(domains)
@@ -251,30 +253,67 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     train, held = split_domains(domains, config.seed)
     depth = len(find_anatomy(loaded.model).down_projs)
     blocks = min(PILOT_RECIPE.blocks, depth)
-    report(Progress("forward", 0.02, f"forward pass over {sum(len(d.facts) for d in domains)} facts"))
-    split = split_pass(loaded, train, held, config.batch_size, capture_block=depth - blocks)
-    bad = (~torch.isfinite(split.tokens.fact_losses)).nonzero().flatten().tolist()
+    recipe = replace(PILOT_RECIPE, blocks=blocks)
+    if units is not None:
+        units.model = units.model or loaded_identity(loaded.info)
+        units.note_blocks(depth)
+    curves = []
+    for a, b in zip(train, held):
+        key = (pilot_key(units.model, a.facts, b.facts, recipe.label(), config.seed,
+                         pilot_sizes(config.pilot_sizes, len(a.facts), len(b.facts))) if units is not None else None)
+        curves.append({"key": key, "curve": units.get("pilot", key, a.name) if key is not None else None})
+    todo = [k for k, c in enumerate(curves) if c["curve"] is None]
+    report(Progress("pilots", 0.02, f"pilot fine-tunes: {recomputed_message(len(todo), len(domains))}"))
+    forward_s = 0.0
+    if todo:
+        forward_s = _measure_curves(loaded, [train[k] for k in todo], [held[k] for k in todo],
+                                    [curves[k] for k in todo], config, recipe, depth - blocks, units, report)
+    measured = []
+    for domain, a, b, c in zip(domains, train, held, curves):
+        curve = c["curve"]
+        entry = {"name": domain.name, "n_facts": len(domain.facts),
+                 "mean_loss": float(np.mean(curve["losses_a"] + curve["losses_b"])),
+                 "sizes": [], "drop": [], "per_fact_by_size": [], "strata": [], "seconds": []}
+        if curve.get("sizes"):
+            entry.update({key: curve[key] for key in ("sizes", "drop", "per_fact_by_size", "seconds")},
+                         strata=[len(b.facts), len(a.facts)])
+        measured.append(entry)
+    report(Progress("pilots", 0.95, "pilot fine-tunes done"))
+    return finite_or_none({"model": loaded.info.to_dict(), "recipe": recipe.label(), "forward_s": forward_s,
+                           "pilot_s": time.perf_counter() - t0 - forward_s, "domains": measured})
+
+
+def _measure_curves(loaded, train: list, held: list, curves: list, config, recipe, capture_block: int, units,
+                    report) -> float:
+    """One forward pass over these domains' halves, then each one's pilot
+    curve (none for a domain whose halves cannot hold MIN_HALF facts) into
+    curves[j]["curve"] with its halves' per-fact losses, kept in `units`.
+    Returns the forward pass's seconds."""
+    import torch
+
+    from .forward import split_pass
+
+    report(Progress("forward", 0.03, f"forward pass over {sum(len(a.facts) + len(b.facts) for a, b in zip(train, held))} facts"))
+    split = split_pass(loaded, train, held, config.batch_size, capture_block=capture_block)
+    losses = split.tokens.fact_losses
+    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"the model's loss is not finite on {len(bad)} fact(s): the weights may be corrupt or the "
                          "dtype too narrow")
-    trainer = _pilot_trainer(loaded, split)
-    recipe = replace(PILOT_RECIPE, blocks=blocks)
-    measured = []
-    for k, domain in enumerate(domains):
-        report(Progress("pilots", 0.05 + 0.9 * k / len(domains),
-                        f"pilot fine-tunes, domain {k + 1} of {len(domains)}: {domain.name}"))
-        rows_a, rows_b = list(split.train_rows[k]), list(split.held_rows[k])
-        entry = {"name": domain.name, "n_facts": len(domain.facts),
-                 "mean_loss": float(split.tokens.fact_losses[rows_a + rows_b].mean()),
-                 "sizes": [], "drop": [], "per_fact_by_size": [], "strata": [], "seconds": []}
+    trainer = None
+    for j, domain in enumerate(train):
+        report(Progress("pilots", 0.05 + 0.9 * j / len(train),
+                        f"pilot fine-tunes, domain {j + 1} of {len(train)} to measure: {domain.name}"))
+        rows_a, rows_b = list(split.train_rows[j]), list(split.held_rows[j])
+        curve = {}
         if min(len(rows_a), len(rows_b)) >= MIN_HALF:
+            trainer = trainer or _pilot_trainer(loaded, split)
             curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes)
-            entry.update({key: curve[key] for key in ("sizes", "drop", "per_fact_by_size", "seconds")},
-                         strata=[len(rows_b), len(rows_a)])
-        measured.append(entry)
-    report(Progress("pilots", 0.95, "pilot fine-tunes done"))
-    return finite_or_none({"model": loaded.info.to_dict(), "recipe": recipe.label(), "forward_s": split.forward_s,
-                           "pilot_s": time.perf_counter() - t0 - split.forward_s, "domains": measured})
+        curve.update(losses_a=[float(losses[r]) for r in rows_a], losses_b=[float(losses[r]) for r in rows_b])
+        curves[j]["curve"] = curve
+        if units is not None and curve.get("sizes"):
+            units.put("pilot", curves[j]["key"], domain.name, curve)
+    return split.forward_s
 
 
 def _pilot_trainer(loaded, split):
@@ -873,9 +912,12 @@ def pilot_measurements(model_id: str | None, domains, config: PlanConfig | Pilot
     measured = store.get(key) if use_cache else None
     cached = measured is not None
     if measured is None:
+        from .units import DomainUnits
+
         report(Progress("loading model", 0.0, "loading model"))
         loaded = load_model(model_id, config.device, config.dtype)
-        measured = measure_pilots(loaded, domains, config, report)
+        # each domain's pilot curve is its own unit: one an analysis or another plan measured is not run again
+        measured = measure_pilots(loaded, domains, config, report, DomainUnits(None) if use_cache else None)
         store.put(key, measured)
     else:
         report(Progress("pilots", 0.95, "cached pilot curves"))

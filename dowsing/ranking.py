@@ -83,9 +83,11 @@ def paper_scores(paper_means: list, paper_per_fact: list) -> EstimatorScore:
 
 
 def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_means: list, paper_per_fact: list,
-         checkpoints: list | None = None, progress: Callable[[float, str], None] | None = None) -> EstimatorScore:
+         checkpoints: list | None = None, progress: Callable[[float, str], None] | None = None,
+         units=None) -> EstimatorScore:
     """config.estimator's priorities for every domain, with per-fact values
-    in each domain's own fact order (rows_of[k])."""
+    in each domain's own fact order (rows_of[k]). units: the run's
+    `units.DomainUnits`, where the per-domain pilot curves are found and kept."""
     name = config.estimator
     if name == "paper":
         return paper_scores(paper_means, paper_per_fact)
@@ -99,7 +101,7 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
                                  seed=config.seed, batch_size=config.batch_size,
                                  recipe=Recipe("checkpoints", "adamw", blocks=min(config.align_blocks, depth)),
                                  checkpoint_lr=config.checkpoint_lr, all_facts=True)
-    ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None))
+    ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units)
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
     if score.details.get("too_small"):

@@ -79,6 +79,16 @@ class ProgressWriter:
         with self._lock:
             self._latest = item
 
+    def partial(self, result) -> None:
+        """Keep what the run has finished so far (an analysis's ranking) in
+        the job store at once, for the pages to show while the rest computes.
+        A failure to write it is noted and the run goes on: the whole result
+        still comes."""
+        try:
+            self.store.write_partial(self.job_id, "analysis", result)
+        except (OSError, ValueError) as exc:
+            note(f"the ranking could not be kept ahead of the result: {exc}")
+
     def _loop(self) -> None:
         while not self._stop.wait(1.0 / WRITES_PER_S):
             self.flush()
@@ -215,6 +225,7 @@ def run_job(job_id: str, store: JobStore | None = None) -> int:
         writer = ProgressWriter(store, job_id, run_id)
         result = run_request(request, store, job_id, writer)
         writer.close()
+        store.remove_partial(job_id, state.kind)  # the whole result supersedes it
         seconds = time.monotonic() - started
         store.update(
             job_id, run_id=run_id, unless=FINAL, status="done", stage="done", fraction=1.0,

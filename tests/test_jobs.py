@@ -537,7 +537,7 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
             writes.append(fields)
         return real_update(*args, **fields)
 
-    def fake_run(model_id, domains, config=None, progress=None, use_cache=True, executor=None):
+    def fake_run(model_id, domains, config=None, progress=None, use_cache=True, executor=None, on_ranking=None):
         for i in range(2000):  # ~1 s of chatty progress
             progress(analysis.Progress("solve", i / 2000, f"iteration {i}"))
             time.sleep(0.0005)
@@ -554,6 +554,30 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
     assert progress_writes[-1]["message"] == "last word"
     state = store.get(job_id)
     assert (state.status, state.summary["top_domain"], state.pid) == ("done", "Biology", os.getpid())
+
+
+def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_when_done(tmp_path, monkeypatch,
+                                                                                           tiny_gpt2_dir):
+    from dowsing import analysis, worker
+
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
+    store = JobStore()
+    job_id = "a" * 64  # a job id of the app's own format: the partial result's file is named by it
+    store.put(JobState(job_id=job_id, status="queued", request=request(tiny_gpt2_dir).to_dict(), run_id="run1"))
+    seen = []
+
+    def fake_run(model_id, domains, config=None, progress=None, use_cache=True, executor=None, on_ranking=None):
+        early = _fake_result()
+        early.extras["partial"] = {"computing": ["mean"]}
+        on_ranking(early)
+        seen.append(store.read_partial(job_id, "analysis"))
+        return _fake_result()
+
+    monkeypatch.setattr(analysis, "run_analysis", fake_run)
+    assert worker.run_job(job_id, store) == 0
+    assert seen[0] is not None and seen[0].extras["partial"] == {"computing": ["mean"]}
+    assert seen[0].ranked()[0].name == "Biology"
+    assert store.read_partial(job_id, "analysis") is None
 
 
 @pytest.mark.parametrize(

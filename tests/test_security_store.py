@@ -365,9 +365,11 @@ def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models
     from dowsing.store import JsonStore, ResultStore
 
     results, units, plans = ResultStore(), UnitStore("run"), JsonStore("plans")  # open, as in a running app
+    domain_units = JsonStore("domain_units")
     results.put("k", small_result())
     units.put("u0", {"w": 1})
     plans.put("p", {"a": 1})
+    domain_units.put("d", {"drop": [0.1]})
     job_id = "7" * 64
     runner.store.put(JobState(job_id=job_id, status="done", created_at=now_iso()))
     runner.store.log_path(job_id).write_text("a log")
@@ -388,8 +390,9 @@ def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models
     runner.store.delete(running)
 
     removed = clear_results()
-    assert removed["entries"] == 3 and removed["jobs"] == 1
+    assert removed["entries"] == 4 and removed["jobs"] == 1
     assert results.get("k") is None and units.get("u0") is None and plans.get("p") is None
+    assert domain_units.get("d") is None
     assert ResultStore().get("k") is None
     assert not kept.exists() and not runner.store.log_path(job_id).exists()
     assert runner.store.get(job_id) is None

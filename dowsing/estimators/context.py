@@ -64,6 +64,8 @@ class EstimatorContext:
     settings: EstimatorSettings
     checkpoints: list | None = None
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
+    # `units.DomainUnits`: where the per-domain units (the pilot curves) are kept and found; None: none kept
+    units: object | None = None
 
     def payload(self) -> dict:
         """Everything but the model module: its configuration and weights on

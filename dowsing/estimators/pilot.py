@@ -24,8 +24,10 @@ import time
 
 import numpy as np
 
-from ..pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, sign_lookahead
+from ..alignment import blocks_of
+from ..pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
 from ..training import TailTrainer
+from ..units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 MIN_HALF = 2
@@ -67,6 +69,65 @@ def _curve_values(curve: dict, target: int, n_a: int, n_b: int) -> dict:
                     "per_fact_by_size": curve["per_fact_by_size"], "strata": [n_b, n_a]}}
 
 
+class _PilotCurves:
+    """Each domain's two-way pilot curve: from the run's per-domain units
+    (`ctx.units`, keyed by `units.pilot_key`) when one holds it, else run on
+    a TailTrainer built on first need (none when every curve is stored) and
+    kept there. The minibatches are seeded by the settings' seed alone and
+    the halves by (seed, domain name), so a curve is the same whichever
+    other domains share the run."""
+
+    def __init__(self, ctx, wanted: set):
+        self.ctx, self.wanted, self.units = ctx, wanted, ctx.units if wanted else None
+        self.trainer = None
+        self.sizes = ctx.settings.pilot_sizes if "pilot_curve" in wanted else None
+        self.recipe = PILOT_RECIPE
+        if wanted and ctx.split.capture_block is not None:
+            # only the blocks after the captured inputs can train (the depth of the trainer's tail copy)
+            depth = len(blocks_of(ctx.loaded.model)) - ctx.split.capture_block
+            self.recipe = dataclasses.replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, depth))
+
+    def _sizes(self, rows_a: list, rows_b: list) -> list:
+        sizes = self.sizes if self.sizes is not None else (max(len(rows_a), len(rows_b)),)
+        return pilot_sizes(sizes, len(rows_a), len(rows_b))
+
+    def key(self, rows_a: list, rows_b: list) -> str | None:
+        if self.units is None:
+            return None
+        return pilot_key(self.units.model, self.units.texts(rows_a), self.units.texts(rows_b), self.recipe.label(),
+                         self.ctx.settings.seed, self._sizes(rows_a, rows_b))
+
+    def cached(self, k: int, rows_a: list, rows_b: list) -> bool:
+        key = self.key(rows_a, rows_b) if self.wanted else None
+        return key is not None and self.units.has(key)
+
+    def _trainer(self):
+        if self.trainer is None:
+            self.trainer = TailTrainer(self.ctx.loaded, self.ctx.split)
+            self.trainer.check()
+        return self.trainer
+
+    def curve(self, k: int, rows_a: list, rows_b: list) -> dict:
+        """`pilots.pilot_curve` of domain k, with the per-fact losses of its
+        halves under the starting weights (what the drops are measured from)."""
+        name = self.ctx.split.names[k] if self.ctx.split.names else str(k)
+        key = self.key(rows_a, rows_b)
+        stored = self.units.get("pilot", key, name) if key is not None else None
+        if stored is not None:
+            return stored
+        curve = pilot_curve(self._trainer(), self.recipe, self.ctx.settings.seed, rows_a, rows_b,
+                            self._sizes(rows_a, rows_b))
+        losses = self.ctx.split.tokens.fact_losses
+        curve.update(losses_a=[float(losses[r]) for r in rows_a], losses_b=[float(losses[r]) for r in rows_b])
+        if key is not None:
+            self.units.put("pilot", key, name, curve)
+        return curve
+
+    def message(self) -> str:
+        done = self.units.summary("pilot")
+        return recomputed_message(len(done["computed"]), len(done["computed"]) + len(done["reused"]))
+
+
 def pilot_scores(ctx, names) -> list:
     """The named pilot estimators, every domain; see the module's docstring."""
     split, s = ctx.split, ctx.settings
@@ -75,15 +136,15 @@ def pilot_scores(ctx, names) -> list:
     values = {n: ([], []) for n in names}
     seconds = {n: 0.0 for n in names}
     fits, small = [], []
-    trainer = TailTrainer(ctx.loaded, split) if {"pilot_gain", "pilot_curve"} & set(names) else None
-    recipe = PILOT_RECIPE
-    if trainer is not None:
-        trainer.check()
-        # only the blocks after the captured inputs can train
-        recipe = dataclasses.replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, trainer.depth))
+    curves = _PilotCurves(ctx, {"pilot_gain", "pilot_curve"} & set(names))
+    recipe = curves.recipe
+    stored = [curves.cached(k, list(split.train_rows[k]), list(split.held_rows[k])) for k in range(n_domains)]
+    if curves.units is not None:
+        ctx.progress(0.0, f"pilot fine-tunes: {recomputed_message(n_domains - sum(stored), n_domains)}")
     for k in range(n_domains):
-        ctx.progress(k / n_domains, f"pilot fine-tunes, domain {k + 1} of {n_domains}")
         rows_a, rows_b = list(split.train_rows[k]), list(split.held_rows[k])
+        ctx.progress(k / n_domains, f"pilot fine-tunes, domain {k + 1} of {n_domains}"
+                     + (" (from cache)" if stored[k] else ""))
         if min(len(rows_a), len(rows_b)) < MIN_HALF:
             small.append(split.names[k] if split.names else k)
             for n in names:
@@ -92,9 +153,8 @@ def pilot_scores(ctx, names) -> list:
             fits.append(None)
             continue
         got = {}
-        if trainer is not None:
-            sizes = s.pilot_sizes if "pilot_curve" in names else (max(len(rows_a), len(rows_b)),)
-            curve = pilot_curve(trainer, recipe, s.seed, rows_a, rows_b, sizes)
+        if curves.wanted:
+            curve = curves.curve(k, rows_a, rows_b)
             got.update(_curve_values(curve, s.pilot_target, len(rows_a), len(rows_b)))
             seconds["pilot_gain"] = seconds.get("pilot_gain", 0.0) + curve["seconds"][-1]
             seconds["pilot_curve"] = seconds.get("pilot_curve", 0.0) + sum(curve["seconds"])
@@ -111,7 +171,7 @@ def pilot_scores(ctx, names) -> list:
             priority, facts = got[n]
             values[n][0].append(float(priority))
             values[n][1].append(facts)
-    ctx.progress(1.0, "pilot fine-tunes done")
+    ctx.progress(1.0, "pilot fine-tunes done" + (f": {curves.message()}" if curves.units is not None else ""))
     details = {"pilot_recipe": recipe.label(), "pilot_sizes": list(s.pilot_sizes), "target_n": s.pilot_target,
                "lookahead_lr": s.recipe.lr, "too_small": small, "wall_s": time.perf_counter() - t0}
     out = []
