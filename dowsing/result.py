@@ -7,7 +7,9 @@ from dataclasses import asdict, dataclass, field
 
 import pandas as pd
 
-ENGINE_VERSION = "1.5.0"
+# Part of every cache key: a result computed by an older engine (another diagnosis, another
+# order of stages) is recomputed, not shown with today's labels.
+ENGINE_VERSION = "1.6.0"
 
 
 @dataclass
