@@ -385,9 +385,9 @@ def run_probe(root: Path, cases=CASES) -> list[Outcome]:
     import streamlit as st
 
     probe = Probe(root)
-    saved_env = os.environ.get("DOWSING_CACHE")
+    saved_env = {name: os.environ.get(name) for name in ("DOWSING_CACHE", "DOWSING_MODEL_ROOTS")}
     os.environ["DOWSING_CACHE"] = str(probe.cache)
-    os.environ.pop("DOWSING_MODEL_ROOTS", None)
+    os.environ.pop("DOWSING_MODEL_ROOTS", None)  # the app's own default roots, as a user has them
     st.cache_resource.clear()
     before_outside, before_repo = _digest_tree(probe.outside), _repo_changes()
     rows = []
@@ -400,10 +400,11 @@ def run_probe(root: Path, cases=CASES) -> list[Outcome]:
             os.environ["DOWSING_CACHE"] = str(probe.cache)
     finally:
         st.cache_resource.clear()
-        if saved_env is None:
-            os.environ.pop("DOWSING_CACHE", None)
-        else:
-            os.environ["DOWSING_CACHE"] = saved_env
+        for name, value in saved_env.items():  # as the caller had them: a test process runs other tests after
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
     after_outside = _digest_tree(probe.outside)
     # The CLI cases write their own input files under outside/ before they run; anything else is a change.
     inputs = {"huge.json", "wide.json", "many.json"}
