@@ -793,8 +793,9 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     """On the hard cases (noise, scrambled, contradicting, grab-bag, redundant
     facts) the diagnoses differ most from the paper's method: no sentence of
     the Results page about a domain may say otherwise than its diagnosis
-    without naming the method it comes from. Last in this module: it adds a
-    finished run, which the tests that count runs would see."""
+    without naming the method it comes from. Near the end of this module: it
+    and the tests after it add finished runs, which the tests that count runs
+    would see."""
     from dowsing import verdict
     from dowsing.domains import Domain, hard_case_domains
     from dowsing.jobs import JobRequest, default_runner
@@ -815,3 +816,47 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     text = re.sub(r"\\(.)", r"\1", text).replace("**", "").replace("&#x27;", "'").replace("\u2060", "")  # Markdown escapes, bold
     assert verdict.contradictions(text, result) == []
     assert verdict.verdict(result).how_sure.replace("**", "") in text
+
+
+def pilot_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Pilot curves:"))
+
+
+def test_run_page_says_which_domains_pilot_curves_come_from_cache(tiny):
+    """Before Analyze the Run page says, from the stored units alone, how many
+    domains' pilot curves the run computes: all of a new set, none after an
+    analysis of it, and one after one fact of one domain is edited. Each
+    count is `pilot_status` computed here on its own."""
+    from dowsing import workspace
+    from dowsing.analysis import pilot_status
+    from dowsing.config import AnalysisConfig
+
+    before = workspace.active_set()
+    raw = [{"name": name, "facts": [f"In {name.lower()}, fact {i} is stated plainly." for i in range(4)]}
+           for name in ("Chemistry", "Zoology", "Music")]
+    workspace.save_set_raw("Pilots", raw)
+    workspace.set_active("Pilots")
+    try:
+        status = pilot_status(tiny, raw, AnalysisConfig())
+        assert (status["computed"], status["reused"]) == (["Chemistry", "Zoology", "Music"], [])
+        at = make_app(tiny, "pages/run.py")
+        assert "**all 3 domains new, none from cache**" in pilot_caption(at)
+
+        button(at, "Analyze").click()
+        at.run()
+        run_until_done(at)
+        status = pilot_status(tiny, raw, AnalysisConfig())
+        assert status["message"] == "all 3 domains from cache" and status["computed"] == []
+        at = make_app(tiny, "pages/run.py")
+        assert f"**{status['message']}**" in pilot_caption(at)
+
+        edited = [dict(d, facts=list(d["facts"])) for d in raw]
+        edited[1]["facts"][2] = "In zoology, a whale is a mammal."
+        workspace.save_set_raw("Pilots", edited)
+        status = pilot_status(tiny, edited, AnalysisConfig())
+        assert (status["computed"], status["reused"]) == (["Zoology"], ["Chemistry", "Music"])
+        assert status["message"] == "1 of 3 domains recomputed, 2 from cache"
+        at = make_app(tiny, "pages/run.py")
+        assert f"**{status['message']}** (to compute: Zoology)." in pilot_caption(at)
+    finally:
+        workspace.set_active(before)
