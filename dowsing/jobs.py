@@ -580,6 +580,10 @@ class JobRunner(Protocol):
         BenchmarkResult or PilotMeasurements, by its kind); None until then
         (or if it was lost)."""
 
+    def partial_result(self, job_id: str):
+        """While the job runs, what it has finished so far (an analysis: the
+        ranking and the diagnosis, the paper's fields None); None otherwise."""
+
     def cancel(self, job_id: str) -> None:
         """Stop a queued or running job; its state is "cancelled" after."""
 

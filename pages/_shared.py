@@ -7,6 +7,7 @@ in `dowsing/` (the engine runs in a worker process behind the job runner).
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,6 +97,31 @@ def _check_checkpoints(specs: tuple) -> tuple[str | None, str | None, str | None
     except CheckpointError as exc:
         return None, None, str(exc)
     return str(checked[-1].path), checkpoint_summary(checked), None
+
+
+@st.cache_data(show_spinner=False, max_entries=32, ttl=60)
+def _pilot_status(model_id: str | None, domains: tuple, config_json: str, units_seen: str) -> dict | None:
+    """`analysis.pilot_status` for these inputs (None where the run has no
+    pilots or the inputs cannot be keyed). `units_seen` only keys the cache:
+    it changes whenever a job ends, since a job that ended may have stored
+    pilot curves; a run from the command line shows within the ttl."""
+    from dowsing.analysis import pilot_status
+
+    try:
+        return pilot_status(model_id, [{"name": name, "facts": list(facts)} for name, facts in domains],
+                            AnalysisConfig.from_dict(json.loads(config_json)))
+    except (ModelError, ValueError, OSError):  # DomainError is a ValueError; the page shows its blockers instead
+        return None
+
+
+def pilot_status(model_id: str | None, domains: list, config: AnalysisConfig) -> dict | None:
+    """Which domains' pilot curves a run of these domains would compute and
+    which it would find stored (`analysis.pilot_status`: no model is
+    loaded), cached per inputs until a job ends."""
+    ended = [s.finished_at or "" for s in runner().history() if not s.active]
+    return _pilot_status(model_id, tuple((d.name, tuple(d.facts)) for d in domains),
+                         json.dumps(config.to_dict(), sort_keys=True),
+                         f"{len(ended)}|{max(ended, default='')}")
 
 
 @dataclass(frozen=True)

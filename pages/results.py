@@ -7,7 +7,12 @@ how it fared on the benchmark, where it disagrees with the ranking, its
 Mean, Share of Mean, Δn@10%, saturation curves and transfer heatmap. Solver
 diagnostics and downloads (CSV, JSON, a self-contained HTML report that tells
 the same story, with the collection plan's section when a finished plan of
-the same model and domains exists) close the page."""
+the same model and domains exists) close the page.
+
+While the run is still going, the page shows the ranking and the diagnosis
+it handed ahead (the job's partial result), marked as such, with the paper's
+section saying "computing…" beside the job's progress; it polls the job and
+shows the whole result once the run ends."""
 from __future__ import annotations
 
 import streamlit as st
@@ -28,14 +33,22 @@ if not job_id:
     st.stop()
 
 state = runner.state(job_id)
-if state is not None and state.active:
-    stage = state.stage or state.status
-    where = stage + (f": {state.message}" if state.message and state.message != stage else "")
-    st.info(f"This run is still {state.status} ({md_escape(where)}). Results appear when it finishes.",
-            icon=":material/hourglass_top:")
-    st.page_link("pages/run.py", label="Follow its progress on Run", icon=":material/play_circle:")
+# While the run is active, the ranking and the diagnosis it handed ahead (None until they are ready);
+# the paper's quantities come with the whole result.
+partial = runner.partial_result(job_id) if state is not None and state.active else None
+
+
+def _rerun_once_ranked(now) -> None:
+    if now.active and runner.partial_result(job_id) is not None:
+        st.rerun()  # the whole page: the ranking is ready to show
+
+
+if state is not None and state.active and partial is None:
+    st.info(f"This run is still {state.status}. Its ranking and diagnosis appear here as soon as they are ready, "
+            "the paper's quantities when the run finishes.", icon=":material/hourglass_top:")
+    _shared.follow_job(job_id, "analysis", show=_rerun_once_ranked)
     st.stop()
-result = runner.result(job_id)
+result = partial if partial is not None else runner.result(job_id)
 if result is None:
     reason = state.error if state is not None and state.status == "failed" else None
     st.warning("No result for this run" + (f": {md_escape(reason)}" if reason else ".") +
@@ -44,13 +57,19 @@ if result is None:
     st.page_link("pages/run.py", label="Go to Run", icon=":material/play_circle:")
     st.stop()
 
+if partial is not None:
+    st.warning("**The paper's quantities are still computing.** What shows is the ranking and the diagnosis, "
+               "ready ahead of them; Mean, Share of Mean, Δn@10%, the saturation curves and the transfer heatmap "
+               "follow in [the paper's section](#paper) when the run finishes, and this page then shows the whole "
+               "result.", icon=":material/hourglass_top:")
+
 done = [s for s in runner.history("analysis") if s.status == "done"]
 if len(done) > 1:
     ids = [s.job_id for s in done]
     labels = _shared.job_labels(done)
     if job_id not in labels:
         ids.insert(0, job_id)
-        labels[job_id] = "this run"
+        labels[job_id] = "this run" if partial is None else "this run (still computing)"
     picked = st.selectbox("Run", ids, index=ids.index(job_id), format_func=labels.get, key=f"result_pick_{job_id}",
                           help="Every finished run in the history, and what differs from the one before it.")
     if picked != job_id:
@@ -124,6 +143,14 @@ if rank_chart is not None and pilot_fig is not None:
     st.caption("Share of the bootstrap resamples in which each domain (row) holds each rank (column) "
                f"by {estimator_label}.")
     st.plotly_chart(rank_chart, key="rank_chart", width="stretch")
+
+if partial is not None:
+    st.divider()
+    st.header("The paper's concept-subspace method", anchor="paper")
+    st.markdown("**computing…** Mean, Share of Mean, Δn@10%, the saturation curves and the transfer heatmap appear "
+                "here when the run finishes; so do each fact's influence, the solver diagnostics and the downloads.")
+    _shared.follow_job(job_id, "analysis")  # polled; the whole page reruns onto the whole result once it ends
+    st.stop()
 
 st.subheader("Facts that move each domain most")
 fact_key = report.fact_score_key(result)

@@ -67,8 +67,31 @@ def _submit() -> None:
     _shared.set_current_job(job_id)
 
 
+def _pilot_line(status: dict | None) -> str | None:
+    """'Pilot curves: **1 of 4 domains recomputed, 3 from cache** (to compute: Physics).'"""
+    if status is None:
+        return None
+    small = status["no_pilot"]
+    tail = (f" {md_escape(', '.join(small))} {'has' if len(small) == 1 else 'have'} too few facts for a pilot curve."
+            if small else "")
+    if not status["computed"] and not status["reused"]:
+        return "Pilot curves: none to run." + tail
+    # Before a run, the library's "all 4 domains computed" could read as done already.
+    message = (status["message"] if status["reused"] else
+               f"all {len(status['computed'])} domains new, none from cache")
+    line = f"Pilot curves: **{md_escape(message)}**"
+    if status["computed"] and status["reused"]:
+        line += f" (to compute: {md_escape(', '.join(status['computed']))})"
+    return line + "." + tail
+
+
 refused = None
 if not blockers:
+    # Which domains' pilot curves this run would compute, from the stored units alone (no model is loaded).
+    pilot_line = _pilot_line(_shared.pilot_status(choice.model_id, domains, config))
+    if pilot_line:
+        st.caption(pilot_line, help="Each domain's pilot curve is kept under its own facts, the model and the "
+                                    "settings: after an edit only the edited or added domains run their pilots.")
     # What the run would cost on this machine, before it starts (dowsing.estimate).
     from dowsing.estimate import estimate_analysis
     from pages._estimate import estimate_panel

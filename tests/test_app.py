@@ -793,8 +793,9 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     """On the hard cases (noise, scrambled, contradicting, grab-bag, redundant
     facts) the diagnoses differ most from the paper's method: no sentence of
     the Results page about a domain may say otherwise than its diagnosis
-    without naming the method it comes from. Last in this module: it adds a
-    finished run, which the tests that count runs would see."""
+    without naming the method it comes from. Near the end of this module: it
+    and the tests after it add finished runs, which the tests that count runs
+    would see."""
     from dowsing import verdict
     from dowsing.domains import Domain, hard_case_domains
     from dowsing.jobs import JobRequest, default_runner
@@ -815,3 +816,124 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     text = re.sub(r"\\(.)", r"\1", text).replace("**", "").replace("&#x27;", "'").replace("\u2060", "")  # Markdown escapes, bold
     assert verdict.contradictions(text, result) == []
     assert verdict.verdict(result).how_sure.replace("**", "") in text
+
+
+def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_ends(tiny):
+    """A running job whose ranking and diagnosis are stored ahead (its partial
+    result) and whose whole result is not: Results shows the verdict, the
+    ranking and the diagnoses from it, marked, with "computing…" and the job's
+    progress in the paper's section; once the run ends, the whole result."""
+    import subprocess
+    import sys
+
+    from dowsing import charts, report, verdict
+    from dowsing.analysis import analyze
+    from dowsing.config import AnalysisConfig
+    from dowsing.domains import Domain
+    from dowsing.jobs import JobRequest, JobState, default_runner, now_iso, request_summary, result_summary
+
+    domains = [Domain(name, tuple(f"{name} fact number {i} holds here." for i in range(4)))
+               for name in ("Optics", "Geology", "Botany")]
+    config = AnalysisConfig()
+    handed = []
+    whole = analyze(tiny, domains, config, on_ranking=handed.append)  # the engine hands its ranking ahead
+    early = handed[0]
+    assert "partial" in early.extras and all(d.mean is None for d in early.domains)
+    runner = default_runner()
+    request = JobRequest(model_id=tiny, domains=domains, config=config, domain_set_name="Running set")
+    job_id = request.job_id()
+    assert runner.result(job_id) is None
+    # A live process that the runner takes for this job's worker (its command line names both), so the job
+    # stays "running" for as long as the test needs; the state and the partial file are written as the worker
+    # writes them, through the job store.
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "dowsing.worker", job_id])
+    try:
+        stamp = now_iso()
+        runner.store.put(JobState(job_id=job_id, status="running", stage="solve", fraction=0.62,
+                                  message="domain 2 of 3 solved", pid=stand_in.pid, created_at=stamp,
+                                  started_at=stamp, request=request.to_dict(),
+                                  summary=request_summary(request.to_dict()), run_id="run-1"))
+        at = results_page(tiny, job_id)  # nothing handed ahead yet: the job's progress, polled
+        assert any(i.value.startswith("This run is still running. Its ranking and diagnosis appear here")
+                   for i in at.info)
+        assert not [m for m in at.markdown if "dw-table" in m.value]
+
+        runner.store.write_partial(job_id, "analysis", early)
+        assert runner.state(job_id).status == "running" and runner.partial_result(job_id) is not None
+
+        at = results_page(tiny, job_id)
+        assert any(w.value.startswith("**The paper's quantities are still computing.**") for w in at.warning)
+        found = verdict.verdict(early, esc=md_escape, strong=lambda s: f"**{s}**")
+        assert any(m.value == f"### {found.headline}" for m in at.markdown)
+        ranking = f"<style>{report.TABLE_CSS}</style>" + report.ranking_table_html(early, charts.result_colors(early))
+        assert [m.value for m in at.markdown if "dw-table" in m.value] == [ranking]  # the ranking's; no paper table
+        rows = report.diagnosis_rows(early)
+        assert len(rows) == len(domains)
+        for row in rows:
+            assert any(md_escape(row["Diagnosis"]) in m.value for m in at.markdown), row["Diagnosis"]
+        assert "The paper's concept-subspace method" in [h.value for h in at.header]
+        assert any(m.value.startswith("**computing…**") for m in at.markdown)
+        assert any("solve" in p.proto.text and "domain 2 of 3 solved" in p.proto.text for p in at.get("progress"))
+        assert "saturation_chart" not in {c.key for c in at.get("plotly_chart")}
+        assert not at.get("download_button")  # nothing to take away as if it were the whole result
+
+        # The run ends as the worker ends it: the whole result stored under the job id, the partial file gone.
+        runner.results.put(job_id, whole)
+        runner.store.remove_partial(job_id, "analysis")
+        runner.store.update(job_id, run_id="run-1", status="done", stage="done", fraction=1.0,
+                            message="finished", finished_at=now_iso(),
+                            summary=result_summary(request.to_dict(), whole))
+        at.run()  # what the polling fragment's rerun of the page does
+        assert not at.exception, at.exception
+        assert not any("still computing" in w.value for w in at.warning)
+        assert not any(m.value.startswith("**computing…**") for m in at.markdown)
+        tables = "".join(m.value for m in at.markdown if "dw-table" in m.value)
+        assert all(format_number(d.mean) in tables for d in whole.domains)
+        assert {"Table (CSV)", "Result (JSON)", "Report (HTML)"} <= {d.label for d in at.get("download_button")}
+    finally:
+        stand_in.kill()
+        stand_in.wait()
+
+
+def pilot_caption(at) -> str:
+    return next(c.value for c in at.caption if c.value.startswith("Pilot curves:"))
+
+
+def test_run_page_says_which_domains_pilot_curves_come_from_cache(tiny):
+    """Before Analyze the Run page says, from the stored units alone, how many
+    domains' pilot curves the run computes: all of a new set, none after an
+    analysis of it, and one after one fact of one domain is edited. Each
+    count is `pilot_status` computed here on its own."""
+    from dowsing import workspace
+    from dowsing.analysis import pilot_status
+    from dowsing.config import AnalysisConfig
+
+    before = workspace.active_set()
+    raw = [{"name": name, "facts": [f"In {name.lower()}, fact {i} is stated plainly." for i in range(4)]}
+           for name in ("Chemistry", "Zoology", "Music")]
+    workspace.save_set_raw("Pilots", raw)
+    workspace.set_active("Pilots")
+    try:
+        status = pilot_status(tiny, raw, AnalysisConfig())
+        assert (status["computed"], status["reused"]) == (["Chemistry", "Zoology", "Music"], [])
+        at = make_app(tiny, "pages/run.py")
+        assert "**all 3 domains new, none from cache**" in pilot_caption(at)
+
+        button(at, "Analyze").click()
+        at.run()
+        run_until_done(at)
+        status = pilot_status(tiny, raw, AnalysisConfig())
+        assert status["message"] == "all 3 domains from cache" and status["computed"] == []
+        at = make_app(tiny, "pages/run.py")
+        assert f"**{status['message']}**" in pilot_caption(at)
+
+        edited = [dict(d, facts=list(d["facts"])) for d in raw]
+        edited[1]["facts"][2] = "In zoology, a whale is a mammal."
+        workspace.save_set_raw("Pilots", edited)
+        status = pilot_status(tiny, edited, AnalysisConfig())
+        assert (status["computed"], status["reused"]) == (["Zoology"], ["Chemistry", "Music"])
+        assert status["message"] == "1 of 3 domains recomputed, 2 from cache"
+        at = make_app(tiny, "pages/run.py")
+        assert f"**{status['message']}** (to compute: Zoology)." in pilot_caption(at)
+    finally:
+        workspace.set_active(before)
