@@ -493,7 +493,8 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
             return cached
     status = pilot_status(model_id, domains, config) if use_cache else None
     # which domains this run recomputes, said before it starts
-    report(Progress("loading model", 0.0, "loading model" + (f"; pilot curves: {status['message']}" if status else "")))
+    # The stage already says "loading model": the message carries only what is new.
+    report(Progress("loading model", 0.0, f"pilot curves: {status['message']}" if status else "loading model"))
     t0 = time.perf_counter()
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0

@@ -81,7 +81,7 @@ def test_an_edit_recomputes_one_domain_and_equals_a_fresh_analysis_in_float64(ti
     said = []
     incremental = run_analysis(model, edited, config, progress=lambda p: said.append(p.message))
     assert len(counted) == 1
-    assert "loading model; pilot curves: 1 of 4 domains recomputed, 3 from cache" in said
+    assert "pilot curves: 1 of 4 domains recomputed, 3 from cache" in said
     assert "pilot fine-tunes, domain 1 of 4 (from cache)" in said and "pilot fine-tunes, domain 2 of 4" in said
     assert incremental.extras["units"]["pilot"] == {"computed": ["Beta"], "reused": ["Alpha", "Gamma", "Delta"]}
     fresh = run_analysis(model, edited, config, use_cache=False)
