@@ -1074,3 +1074,25 @@ def clear_results(cache: Path | None = None) -> dict:
         return {"entries": entries, "files": files, "jobs": len(states)}
     finally:
         runner.store.close()
+
+
+# What clear_results keeps: the user's domain sets, model conversions and the estimates' calibrations.
+KEPT_FOLDERS = ("workspace", "models", "estimates")
+
+
+def cache_usage(cache: Path | None = None) -> dict:
+    """Bytes on disk under the cache folder: {"results": what clear_results
+    can free (results, units, plans, jobs and their logs), "kept": the domain
+    sets, model conversions and calibrations it keeps}. Links are not followed."""
+    root = Path(cache) if cache is not None else cache_dir()
+    usage = {"results": 0, "kept": 0}
+    for top in root.iterdir() if root.is_dir() else ():
+        part = "kept" if top.name in KEPT_FOLDERS else "results"
+        files = [top] if not top.is_dir() or top.is_symlink() else top.rglob("*")
+        for path in files:
+            try:
+                if path.is_file() and not path.is_symlink():
+                    usage[part] += path.stat().st_size
+            except OSError:  # removed while counting
+                pass
+    return usage

@@ -9,7 +9,8 @@ from dowsing import workspace
 from dowsing import estimators
 from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import DomainError, validation_problems
-from dowsing.jobs import JobRequest, JobState
+from dowsing.caches import STORE_SIZE_LIMIT_BYTES
+from dowsing.jobs import JobRequest, JobState, cache_usage, clear_results
 from dowsing.models import ModelError
 from dowsing.safe_text import md_escape
 from pages import _shared
@@ -195,3 +196,36 @@ def _history() -> None:
 
 
 _history()
+
+
+# --- the cache -------------------------------------------------------------------
+
+def _mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:,.1f} MB"
+
+
+def _clear() -> None:
+    try:
+        gone = clear_results()
+    except ValueError as exc:  # a run is queued or running
+        st.session_state["cache_note"] = ("warning", str(exc))
+        return
+    _shared.set_current_job(None)
+    st.session_state["cache_note"] = (
+        "success", f"Cleared {gone['entries']} cached entries, {gone['files']} result files and {gone['jobs']} "
+                   "finished runs. Your domain sets and the model stay.")
+    st.session_state["history_changed"] = True
+
+
+with st.expander("Cache", icon=":material/storage:"):
+    usage = cache_usage()
+    st.caption(f"Computed results (runs, pilot curves, plans, logs): **{_mb(usage['results'])}**. Kept when you "
+               f"clear them: your domain sets, model conversions and time calibrations, {_mb(usage['kept'])}. "
+               f"Each store of results stays under {STORE_SIZE_LIMIT_BYTES / 2 ** 30:g} GiB; past that the least "
+               "recently used entries go first and are recomputed when asked for again.")
+    st.button("Clear results", icon=":material/delete_sweep:", on_click=_clear,
+              disabled=any(s.active for s in history),
+              help="Forget every computed result; the next run recomputes. Not while a run is queued or running.")
+    note = st.session_state.pop("cache_note", None)
+    if note:
+        (st.success if note[0] == "success" else st.warning)(note[1])

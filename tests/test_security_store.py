@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import stat
 import subprocess
 import sys
@@ -400,3 +401,42 @@ def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models
     assert model.read_text() == "{}"
     results.put("k", small_result())  # the stores go on working
     assert results.get("k") is not None
+
+
+def test_the_run_page_shows_the_cache_size_and_clears_results_but_not_the_domains(cache, runner):
+    import streamlit as st
+
+    from dowsing import workspace
+    from dowsing.jobs import cache_usage
+    from dowsing.store import JsonStore, ResultStore
+
+    st.cache_resource.clear()  # the app's job runner, pointed at this test's cache
+    ResultStore().put("k", small_result())
+    JsonStore("plans").put("p", {"a": 1})
+    job_id = "6" * 64
+    runner.store.put(JobState(job_id=job_id, status="done", created_at=now_iso()))
+    sets_before = workspace.list_sets()
+
+    def by_hand() -> int:  # counted independently: every file under the cache but the kept folders
+        return sum(p.stat().st_size for p in cache.rglob("*") if p.is_file() and not p.is_symlink()
+                   and p.relative_to(cache).parts[0] not in ("workspace", "models", "estimates"))
+
+    assert cache_usage()["results"] == by_hand() > 0
+
+    at = app_without_model()
+    at.run()
+    at.switch_page("pages/run.py")
+    at.run()
+    assert not at.exception, at.exception
+    caption = next(c.value for c in at.caption if "Computed results" in c.value)
+    shown_mb = float(re.search(r"\*\*([0-9.,]+) MB\*\*", caption).group(1).replace(",", ""))
+    # SQLite folds its write-ahead log into the store as the page opens and closes it: the size moves a little
+    assert shown_mb == pytest.approx(by_hand() / 1e6, abs=0.15)
+    next(b for b in at.button if b.label == "Clear results").click()
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Cleared" in s.value for s in at.success), [s.value for s in at.success]
+    assert ResultStore().get("k") is None and JsonStore("plans").get("p") is None
+    assert runner.store.get(job_id) is None
+    assert workspace.list_sets() == sets_before and sets_before
+    st.cache_resource.clear()
