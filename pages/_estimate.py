@@ -20,7 +20,8 @@ from dowsing.safe_text import md_escape
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
-def _tokenizer(model_id: str | None):
+def cached_tokenizer(model_id: str | None):
+    """The model's tokenizer, loaded once per server (the Start page and the estimates share it)."""
     return est.load_tokenizer(model_id)
 
 
@@ -28,7 +29,7 @@ def _compute(key: str, signature: str, model_id, device: str, dtype: str, build)
     try:
         with st.spinner("Calibrating on the model (once per model, a few seconds plus loading it)…"):
             calibration = est.calibration_in_subprocess(model_id, device, dtype)
-        st.session_state[key] = (signature, build(calibration, _tokenizer(model_id)).to_dict(), None)
+        st.session_state[key] = (signature, build(calibration, cached_tokenizer(model_id)).to_dict(), None)
     except ValueError as exc:  # the input: the run itself would refuse it the same way
         st.session_state[key] = (signature, None, str(exc).strip().splitlines()[0] if str(exc).strip() else
                                  type(exc).__name__)

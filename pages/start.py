@@ -42,10 +42,10 @@ def _run_time() -> tuple[str, str]:
             if cal is not None:
                 from dowsing.estimate import estimate_analysis
                 from dowsing.executor import ExecutorConfig
-                from pages._estimate import _tokenizer
+                from pages._estimate import cached_tokenizer
 
                 found = estimate_analysis(choice.model_id, domains, config, ExecutorConfig(), calibration=cal,
-                                          tokenizer=_tokenizer(choice.model_id))
+                                          tokenizer=cached_tokenizer(choice.model_id))
                 return est.format_seconds(found.total_s), "estimated for this machine, model and domain set"
     except (ValueError, OSError, RuntimeError, ImportError):
         pass

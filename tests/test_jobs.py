@@ -29,7 +29,7 @@ from dowsing.jobs import (
     default_runner,
 )
 from dowsing.models import ModelError
-from dowsing.result import DomainResult, Result
+from tiny_models import stand_in_result
 
 JOB2, JOB3 = "2" * 64, "3" * 64  # stand-in workers' job ids, of the one form a job id has
 ENGINE_STAGES = {"concept vectors", "gradients", "curvature", "solve", "saturation"}
@@ -514,15 +514,6 @@ def _queued_job(store: JobStore, model_dir) -> str:
     return "job1"
 
 
-def _fake_result() -> Result:
-    domain = DomainResult(
-        name="Biology", rank=1, mean=1.0, share_pct=100.0, t_vs_rest=None, p_value=None, n_facts=3,
-        delta_n_10pct=None, delta_n_direct=None, delta_n_reason="test", saturation={}, solver={},
-        concept_vector_norm=1.0,
-    )
-    return Result(model={"parameters": 7}, config={}, domains=[domain], per_example=[], timings={})
-
-
 def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, tiny_gpt2_dir):
     from dowsing import analysis, worker
 
@@ -542,7 +533,7 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
             progress(analysis.Progress("solve", i / 2000, f"iteration {i}"))
             time.sleep(0.0005)
         progress(analysis.Progress("saturation", 0.99, "last word"))
-        return _fake_result()
+        return stand_in_result()
 
     monkeypatch.setattr(store, "update", counting_update)
     monkeypatch.setattr(analysis, "run_analysis", fake_run)
@@ -567,11 +558,11 @@ def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_
     seen = []
 
     def fake_run(model_id, domains, config=None, progress=None, use_cache=True, executor=None, on_ranking=None):
-        early = _fake_result()
+        early = stand_in_result()
         early.extras["partial"] = {"computing": ["mean"]}
         on_ranking(early)
         seen.append(store.read_partial(job_id, "analysis"))
-        return _fake_result()
+        return stand_in_result()
 
     monkeypatch.setattr(analysis, "run_analysis", fake_run)
     assert worker.run_job(job_id, store) == 0

@@ -20,7 +20,7 @@ import pytest
 from dowsing import caches
 from dowsing.domains import Domain
 from dowsing.jobs import MAX_ACTIVE_JOBS, JobRequest, JobState, JobStore, LocalJobRunner, QueueFull, now_iso
-from dowsing.result import DomainResult, Result
+from tiny_models import stand_in_result
 
 REPO = Path(__file__).resolve().parent.parent
 APP = str(REPO / "app.py")
@@ -54,15 +54,6 @@ def runner(cache):
         if state.active:
             jobs.cancel(state.job_id)
     jobs.store.close()
-
-
-def small_result() -> Result:
-    domain = DomainResult(
-        name="Biology", rank=1, mean=1.0, share_pct=100.0, t_vs_rest=None, p_value=None, n_facts=3,
-        delta_n_10pct=None, delta_n_direct=None, delta_n_reason="test", saturation={}, solver={},
-        concept_vector_norm=1.0,
-    )
-    return Result(model={"parameters": 7}, config={}, domains=[domain], per_example=[], timings={})
 
 
 # --- ids from a link or a form ------------------------------------------------
@@ -163,7 +154,7 @@ def test_a_pickled_result_or_unit_row_is_refused_unread(cache, tmp_path):
     assert not marker.exists()
     # and they still store what they store
     store = ResultStore()
-    store.put("k", small_result())
+    store.put("k", stand_in_result())
     assert store.get("k").domains[0].name == "Biology"
 
 
@@ -195,11 +186,11 @@ def _damage_pages(db: Path) -> None:
 def test_a_store_that_is_not_a_database_is_moved_aside_and_rebuilt(cache):
     from dowsing.store import ResultStore
 
-    ResultStore().put("k", small_result())
+    ResultStore().put("k", stand_in_result())
     _damage_header(cache / "results" / "cache.db")
     store = ResultStore()  # opens without a traceback
     assert store.get("k") is None
-    store.put("k", small_result())
+    store.put("k", stand_in_result())
     assert store.get("k") is not None
     aside = [p.name for p in cache.iterdir() if p.name.startswith("results.damaged-")]
     assert len(aside) == 1
@@ -212,12 +203,12 @@ def test_a_store_damaged_while_open_is_moved_aside_on_read_and_works(cache):
 
     store = ResultStore()
     for i in range(300):
-        store.put(f"k{i}", small_result())
+        store.put(f"k{i}", stand_in_result())
     store._cache.close()
     _damage_pages(cache / "results" / "cache.db")
     reopened = ResultStore()
     assert [reopened.get(f"k{i}") for i in range(300)] == [None] * 300  # recovered on the first damaged read
-    reopened.put("k", small_result())
+    reopened.put("k", stand_in_result())
     assert reopened.get("k") is not None
     assert any(p.name.startswith("results.damaged-") for p in cache.iterdir())
     assert caches.damage_notes()
@@ -266,7 +257,7 @@ def test_the_cache_folder_stores_and_logs_are_private(cache, runner):
 
     os.chmod(cache, 0o755)  # as a fresh checkout's cache/ is
     assert stat.S_IMODE(cache_dir().stat().st_mode) == 0o700
-    ResultStore().put("k", small_result())
+    ResultStore().put("k", stand_in_result())
     for folder in (cache / "results", runner.store.root, runner.store.logs_dir):
         assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     for db in (cache / "results" / "cache.db", runner.store.root / "cache.db"):
@@ -367,7 +358,7 @@ def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models
 
     results, units, plans = ResultStore(), UnitStore("run"), JsonStore("plans")  # open, as in a running app
     domain_units = JsonStore("domain_units")
-    results.put("k", small_result())
+    results.put("k", stand_in_result())
     units.put("u0", {"w": 1})
     plans.put("p", {"a": 1})
     domain_units.put("d", {"drop": [0.1]})
@@ -399,7 +390,7 @@ def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models
     assert runner.store.get(job_id) is None
     assert sorted(p.name for p in workspace.Workspace().sets_dir.iterdir()) == sets_before and sets_before
     assert model.read_text() == "{}"
-    results.put("k", small_result())  # the stores go on working
+    results.put("k", stand_in_result())  # the stores go on working
     assert results.get("k") is not None
 
 
@@ -411,7 +402,7 @@ def test_the_run_page_shows_the_cache_size_and_clears_results_but_not_the_domain
     from dowsing.store import JsonStore, ResultStore
 
     st.cache_resource.clear()  # the app's job runner, pointed at this test's cache
-    ResultStore().put("k", small_result())
+    ResultStore().put("k", stand_in_result())
     JsonStore("plans").put("p", {"a": 1})
     job_id = "6" * 64
     runner.store.put(JobState(job_id=job_id, status="done", created_at=now_iso()))

@@ -84,3 +84,16 @@ def build_tiny(kind: str, folder: Path, seed: int = 0, n_layer: int = 2, tokeniz
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def stand_in_result():
+    """A one-domain analysis Result with made-up numbers, for tests of where results
+    are kept and shown (jobs, stores), not of what they say."""
+    from dowsing.result import DomainResult, Result
+
+    domain = DomainResult(
+        name="Biology", rank=1, mean=1.0, share_pct=100.0, t_vs_rest=None, p_value=None, n_facts=3,
+        delta_n_10pct=None, delta_n_direct=None, delta_n_reason="test", saturation={}, solver={},
+        concept_vector_norm=1.0,
+    )
+    return Result(model={"parameters": 7}, config={}, domains=[domain], per_example=[], timings={})
