@@ -298,11 +298,17 @@ def test_quick_benchmark_checks_the_plan_by_training_on_it(quick_run):
         assert sum(counts["even"]) == sum(counts["proportional"]) == entry["budget"]
         assert sum(counts["plan"]) <= entry["budget"] and sum(counts["plan_weighted"]) <= entry["budget"]
         assert all(0 <= m <= 8 for c in counts.values() for m in c)  # a pool of 8 facts per domain
-        for name in ("plan", "plan_weighted", "even", "proportional"):
+        assert sum(counts["ranking"]) == entry["budget"]
+        # the Plan page's recommendation is the plan or the even split, and shares that allocation's run
+        assert counts["recommended"] in (counts["plan"], counts["even"])
+        same = "plan" if counts["recommended"] == counts["plan"] else "even"
+        assert entry["realised_per_domain"]["recommended"] == entry["realised_per_domain"][same]
+        for name in ("plan", "plan_weighted", "recommended", "even", "proportional", "ranking"):
             per_domain = entry["realised_per_domain"][name]
             assert len(per_domain) == n and len(entry["realised"][name]["per_seed"]) == 2
             assert entry["realised"][name]["mean"] == pytest.approx(np.mean(per_domain))
-        for plan, other in itertools.product(("plan", "plan_weighted"), ("even", "proportional")):
+        for plan, other in itertools.product(("plan", "plan_weighted", "recommended"),
+                                             ("even", "proportional", "ranking")):
             diff = entry[f"{plan}_minus"][other]
             assert diff["diff"] == pytest.approx(entry["realised"][plan]["mean"] - entry["realised"][other]["mean"])
             assert diff["interval"][0] <= diff["diff"] <= diff["interval"][1]

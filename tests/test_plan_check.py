@@ -15,6 +15,7 @@ from scipy import stats
 from dowsing.curves import LearningCurve, log_params
 from dowsing.domains import Domain
 from dowsing.forward import split_pass
+from dowsing import plan as plan_mod
 from dowsing.plan import DomainCurve
 from dowsing.training import Recipe, TailTrainer, cycled
 from dowsing.validation import plan_check, protocol
@@ -110,7 +111,7 @@ def test_the_weighted_have_is_the_sample_s_weight_in_added_facts():
     check = plan_check.check_allocations(curves, 20, [16, 16], weighted=light)
     # with less already had, the gains fall off faster and the budget spreads wider
     assert check["counts"]["plan_weighted"][1] > check["counts"]["plan"][1]
-    assert list(check["counts"]) == ["plan", "plan_weighted", "even", "proportional"]
+    assert list(check["counts"]) == ["plan", "plan_weighted", "recommended", "even", "proportional"]
 
 
 def test_a_stored_plan_run_is_reused_only_for_the_same_allocation():
@@ -209,3 +210,17 @@ def test_the_config_checks_the_plan_budgets():
     with pytest.raises(ValueError, match="more than the domains' pools hold \\(15 facts\\)"):
         check_domains(DOMAINS, BenchmarkConfig(plan_budgets=(16,), sample_facts=4, test_facts=3, doses=(2, 4)))
     assert len(check_domains(DOMAINS, config)) == 3
+
+
+def test_the_recommendation_and_the_ranking_split_are_checked_beside_the_plan():
+    """The Plan page's recommendation is the plan where its paired band over
+    the even split clears 0, else the even split; the ranking split follows
+    max(score, 0) by largest remainders."""
+    steep, flat = [_curve("A", 0.08), _curve("B", 0.001)], [_curve("A", 0.01), _curve("B", 0.01)]
+    check = plan_check.check_allocations(steep, 12, [12, 12], ranking=[3.0, -1.0])
+    shown = plan_mod.paired_difference(steep, check["counts"]["plan"], check["counts"]["even"], [1.0, 1.0])["shown"]
+    assert check["counts"]["recommended"] == (check["counts"]["plan"] if shown else check["counts"]["even"])
+    assert check["counts"]["ranking"] == [12, 0]
+    check = plan_check.check_allocations(flat, 12, [12, 12], ranking=[None, float("nan")])
+    assert check["counts"]["ranking"] == check["counts"]["even"] == [6, 6]
+    assert "ranking" in check["predicted"] and "recommended" in check["predicted"]

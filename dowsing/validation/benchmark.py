@@ -509,15 +509,24 @@ def _plan_allocations(run: BenchmarkSplit, config: BenchmarkConfig, scores: dict
                          main_recipe(config).added_weight)
     weighted = plan_curves(run.names, fits, losses, have, config.seed, PLAN_RESAMPLES)
     caps = [len(p.facts) for p in run.protocol["pool"]]
-    budgets = {b: check_allocations(curves, b, caps, weighted) for b in config.plan_budgets}
-    wanted = {(b, name): counts for b, check in budgets.items() for name, counts in check["counts"].items()}
-    runs = {}  # (budget, allocation, seed) -> its unit
+    ranking = scores["pilot_curve"].priority
+    budgets = {b: check_allocations(curves, b, caps, weighted, ranking) for b in config.plan_budgets}
+    # allocations with the same counts (the recommendation is the plan or the even split) share one run
+    wanted, alias = {}, {}
+    for b, check in budgets.items():
+        for name, counts in check["counts"].items():
+            first = next((key for key, c in wanted.items() if key[0] == b and list(c) == list(counts)), None)
+            if first is None:
+                wanted[b, name] = counts
+            alias[b, name] = first or (b, name)
+    runs, units = {}, []  # runs: (budget, allocation, seed) -> its unit
     for s in range(config.seeds):
         seed = config.seed + s
-        units = plan_units(main_recipe(config), seed, config.doses, config.sample_facts, wanted)
-        runs.update({(b, name, seed): unit for (b, name), unit in zip(wanted, units)})
+        made = dict(zip(wanted, plan_units(main_recipe(config), seed, config.doses, config.sample_facts, wanted)))
+        units += list(made.values())
+        runs.update({(b, name, seed): made[alias[b, name]] for b, name in alias})
     return {"curves": curves, "weighted": weighted, "have": {"sample": config.sample_facts, "weighted": have},
-            "budgets": budgets, "runs": runs, "units": list(runs.values())}
+            "budgets": budgets, "runs": runs, "units": units}
 
 
 def _truth(run: BenchmarkSplit, config: BenchmarkConfig, values: dict, unit_seconds: dict, timings: dict) -> dict:

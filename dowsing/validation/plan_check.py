@@ -32,16 +32,18 @@ import numpy as np
 
 from ..curves import FITTERS, choose_form, predict
 from ..plan import (DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
-                    predicted_total, proportional_counts)
+                    paired_difference, predicted_total, proportional_counts)
 
-ALLOCATIONS = ("plan", "plan_weighted", "even", "proportional")
-PLANS = ("plan", "plan_weighted")
+ALLOCATIONS = ("plan", "plan_weighted", "recommended", "even", "proportional", "ranking")
+PLANS = ("plan", "plan_weighted", "recommended")
 PREDICTIONS = ("doses", "pilot_scaled", "pilot", "pilot_scaled_weighted", "pilot_weighted")
 # the plans are what the product computes by default
 PLAN_RULE = PlanConfig(budget=1).rule
 ALLOCATION_LABELS = {"plan": "the plan, have = the sample",
                      "plan_weighted": "the plan, have = the sample's weight in training",
-                     "even": "spread evenly", "proportional": "proportional to mean loss"}
+                     "recommended": "what the Plan page recommends (the plan, or even where not shown better)",
+                     "even": "spread evenly", "proportional": "proportional to mean loss",
+                     "ranking": "proportional to the default ranking's score"}
 
 
 # --- allocations -------------------------------------------------------------
@@ -86,20 +88,31 @@ def _bought(curves: list, budget: int, caps: list):
     return allocate(gains, budget, caps=caps)
 
 
-def check_allocations(curves: list, budget: int, caps: list, weighted: list | None = None) -> dict:
+def check_allocations(curves: list, budget: int, caps: list, weighted: list | None = None,
+                      ranking: list | None = None) -> dict:
     """The allocations of one budget and the plan's predicted total gain of
     each on `curves` (the pilot recipe's nats, summed over domains, with its
     band): {"counts": {allocation: [m_k]}, "predicted": {allocation:
     {"gain", "band"}}, "spent": {allocation: examples}, "gap_bound"}.
+    "recommended" is what the Plan page recommends: the plan, or spreading
+    evenly where the plan's paired band over the even split holds 0
+    (`plan.paired_difference`, `plan.verdict`).
     weighted: the same curves with have = `weighted_have` (the
-    "plan_weighted" allocation; None: not made)."""
+    "plan_weighted" allocation; None: not made). ranking: the default
+    ranking's score per domain ("ranking", the budget split in proportion
+    to max(score, 0); None: not made)."""
     bought = _bought(curves, budget, caps)
     counts = {"plan": bought.counts}
     if weighted is not None:
         counts["plan_weighted"] = _bought(weighted, budget, caps).counts
-    counts.update(even=even_counts(budget, caps),
-                  proportional=proportional_counts(budget, [dc.mean_loss for dc in curves], caps))
     weights = [1.0] * len(curves)  # every domain weighs the same, the plan's default
+    even = even_counts(budget, caps)
+    shown = paired_difference(curves, bought.counts, even, weights)["shown"]
+    counts.update(recommended=list(bought.counts) if shown else list(even), even=even,
+                  proportional=proportional_counts(budget, [dc.mean_loss for dc in curves], caps))
+    if ranking is not None:
+        positive = [max(float(v), 0.0) if v is not None and math.isfinite(v) else 0.0 for v in ranking]
+        counts["ranking"] = proportional_counts(budget, positive, caps) if sum(positive) > 0 else list(even)
     predicted = {a: {k: v for k, v in predicted_total(curves, c, weights).items() if k != "counts"}
                  for a, c in counts.items()}
     return {"counts": counts, "predicted": predicted, "spent": {a: int(sum(c)) for a, c in counts.items()},
@@ -143,7 +156,8 @@ def budget_summary(check: dict, realised: dict, resamples: int, seed: int, inter
               for plan in PLANS if plan in realised}
     return {**check, "realised": totals, "realised_per_domain": {a: np.mean(g, axis=0).tolist()
                                                                  for a, g in realised.items()},
-            "plan_minus": paired["plan"], "plan_weighted_minus": paired.get("plan_weighted", {})}
+            "plan_minus": paired["plan"], "plan_weighted_minus": paired.get("plan_weighted", {}),
+            "recommended_minus": paired.get("recommended", {})}
 
 
 # --- extrapolation -------------------------------------------------------------
@@ -232,6 +246,7 @@ def plan_table(check: dict):
         for name in (a for a in ALLOCATIONS if a in entry["realised"]):
             diff = entry["plan_minus"].get(name)
             weighted = (entry.get("plan_weighted_minus") or {}).get(name)
+            recommended = (entry.get("recommended_minus") or {}).get(name)
             rows.append({
                 "Budget": entry["budget"], "Allocation": ALLOCATION_LABELS[name], "Spent": entry["spent"][name],
                 "Realised gain (nats/domain)": entry["realised"][name]["mean"],
@@ -241,6 +256,8 @@ def plan_table(check: dict):
                 "interval": "—" if diff is None else _interval(diff["interval"], 4),
                 "Weighted plan − this": None if weighted is None else weighted["diff"],
                 "interval ": "—" if weighted is None else _interval(weighted["interval"], 4),
+                "Recommended − this": None if recommended is None else recommended["diff"],
+                "interval  ": "—" if recommended is None else _interval(recommended["interval"], 4),
             })
     return pd.DataFrame(rows)
 
