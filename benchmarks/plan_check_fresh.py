@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dowsing.validation.fresh_plan_check import (ALLOCATION_LABELS, ALLOCATIONS, COMPARED,  # noqa: E402
-                                                 FreshCheckConfig, run_check, summarise)
+                                                 FreshCheckConfig, diagnosis_agreement, diagnosis_rows, run_check,
+                                                 summarise)
 
 DEFAULT_DOMAINS = ("Physics", "Astronomy", "Biology", "Economics", "Cooking", "World geography",
                    "Norwegian (Bokmål)", "Invented: Kelvaran archipelago",
@@ -61,6 +62,23 @@ def tables(state: dict) -> str:
     return "\n".join(lines)
 
 
+def diagnosis_table(rows: list) -> str:
+    """Per domain and seed its diagnosis and realised gain fraction, then
+    the agreement of "more facts help" with the realised gain."""
+    lines = ["| Domain | seed | kind | told more helps | loss (nats) | pilot drop / loss | realised gain / loss |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["domain"], r["seed"])):
+        pct = "—" if r["drop_pct"] is None else f"{r['drop_pct']:.1f}%"
+        lines.append(f"| {r['domain']} | {r['seed']} | {r['kind']} | {'yes' if r['helps'] else 'no'} | "
+                     f"{r['loss']:.2f} | {pct} | {100 * r['gain_fraction']:.1f}% |")
+    a = diagnosis_agreement(rows)
+    ratio = "—" if a["ratio"] is None else f"{a['ratio']:.2f}x"
+    lines += ["", f"Told more helps: {a['helps']['n']} rows, mean realised gain / loss "
+                  f"{100 * (a['helps']['mean_gain_fraction'] or 0):.1f}%; told not: {a['not']['n']} rows, "
+                  f"{100 * (a['not']['mean_gain_fraction'] or 0):.1f}%; ratio {ratio}."]
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="the run's JSON (resumed when it exists)")
@@ -72,7 +90,10 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded default model)")
     args = parser.parse_args(argv)
     if args.tables:
-        print(tables(json.loads(args.tables.read_text())))
+        state = json.loads(args.tables.read_text())
+        print(tables(state))
+        print()
+        print(diagnosis_table(diagnosis_rows(state, args.model)))
         return 0
     if not args.out:
         parser.error("--out or --tables is needed")

@@ -117,3 +117,13 @@ def test_calibration_against_hand_computation():
     calibrated = sum(without[r["domain"]] * r["predicted"] for r in rows[:3])
     assert got["totals_median_error"] == pytest.approx(abs(calibrated - 8.5) / 8.5)
     assert got["uncalibrated_totals_median_error"] == pytest.approx(abs(4.0 - 8.5) / 8.5)
+
+
+def test_diagnosis_agreement_is_the_ratio_of_mean_gain_fractions():
+    from dowsing.validation.fresh_plan_check import diagnosis_agreement
+
+    rows = [{"helps": True, "gain_fraction": 0.3}, {"helps": True, "gain_fraction": 0.1},
+            {"helps": False, "gain_fraction": 0.05}, {"helps": None, "gain_fraction": 9.0}]
+    got = diagnosis_agreement(rows)
+    assert got["helps"] == {"n": 2, "mean_gain_fraction": pytest.approx(0.2)}
+    assert got["not"]["n"] == 1 and got["ratio"] == pytest.approx(4.0)

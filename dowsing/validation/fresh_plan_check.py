@@ -356,3 +356,43 @@ def calibration(rows: list) -> dict:
             "uncalibrated_median_error": float(np.median(raw)), "totals": totals,
             "totals_median_error": float(np.median(errors)) if errors else None,
             "uncalibrated_totals_median_error": float(np.median(raw_totals)) if raw_totals else None}
+
+
+# --- the diagnosis held against what training realised --------------------------------
+
+def diagnosis_rows(state: dict, model_id=None) -> list:
+    """Per seed and domain: the diagnosis the analysis gave the sample (the
+    cached analysis of `product_advice`, read again: instant) and the gain
+    fraction training realised, the even split's gain at the larger budget
+    over the domain's test loss before."""
+    from ..analysis import run_analysis
+    from ..config import AnalysisConfig
+    from ..diagnosis import HELPS
+
+    config = FreshCheckConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
+                                         for k, v in state["config"].items()})
+    domains = benchmark_domains(config.domains)
+    budget = str(max(config.budgets_per_domain) * len(domains))
+    rows = []
+    for seed, s in state["seeds"].items():
+        split = fresh_split(domains, int(seed), config)
+        result = run_analysis(model_id, split["sample"], AnalysisConfig(stage="ranking"))
+        kinds = {d["domain"]: d for d in result.extras.get("diagnosis") or []}
+        gains = s["budgets"][budget]["runs"]["even"]["gain"]
+        for k, d in enumerate(split["sample"]):
+            diag = kinds.get(d.name, {})
+            rows.append({"seed": seed, "domain": d.name, "kind": diag.get("kind"),
+                         "helps": HELPS.get(diag.get("kind")), "loss": diag.get("loss"),
+                         "drop_pct": diag.get("drop_pct_of_loss"), "gain_fraction": gains[k] / s["before"][k]})
+    return rows
+
+
+def diagnosis_agreement(rows: list) -> dict:
+    """Mean realised gain fraction of the domains told more facts help and
+    of the others, and their ratio."""
+    told = [r["gain_fraction"] for r in rows if r["helps"]]
+    not_told = [r["gain_fraction"] for r in rows if r["helps"] is False]
+    a = float(np.mean(told)) if told else None
+    b = float(np.mean(not_told)) if not_told else None
+    return {"helps": {"n": len(told), "mean_gain_fraction": a}, "not": {"n": len(not_told), "mean_gain_fraction": b},
+            "ratio": a / b if a is not None and b else None}
