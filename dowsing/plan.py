@@ -863,6 +863,59 @@ def scale_note() -> str:
             "nats: they are left in the pilot's.")
 
 
+def setting_of(have: float) -> str:
+    """Which of the benchmark's two plan checks a domain's plan is read
+    against: "not_in_training" when none of its facts are in the model's
+    training data (have 0: the user's facts are examples, and collecting
+    means training on what is collected), else "in_training"."""
+    return "not_in_training" if have == 0 else "in_training"
+
+
+def calibration_rows(setting: str) -> list:
+    """(pilot-nat prediction, realised gain) pairs of one setting's check
+    (`data/plan_calibration.json`): "in_training", per benchmark domain
+    G(16 + 32) - G(16) against the realised gain of 32 added facts;
+    "not_in_training", per seed, budget and domain the plan's expected gain
+    of its count against the gain of the plan's whole-model run."""
+    data = _calibration_data()
+    if setting == "in_training":
+        return [{"domain": r["domain"], "predicted": r["pilot_gain_32"], "realised": r["realised_gain_32"]}
+                for r in data["domains"]]
+    return list((data.get(setting) or {}).get("rows", []))
+
+
+def training_calibration(setting: str) -> dict | None:
+    """The factor from the pilot's nats to the nats a real training run
+    realised, in one setting: s = exp(mean ln(g / p)) over the rows with
+    both positive; s_-k fitted without domain k's rows; the left-out log
+    errors e = ln(g / (s_-k p)), their 5% and 95% quantiles (the band's
+    widening) and the median |s_-k p - g| / g. None without three rows."""
+    rows = [r for r in calibration_rows(setting) if r["predicted"] > 0 and r["realised"] > 0]
+    if len(rows) < 3:
+        return None
+    logs = np.array([math.log(r["realised"] / r["predicted"]) for r in rows])
+    names = [r["domain"] for r in rows]
+    whole = float(logs.mean())
+    without = {n: float(np.mean([x for x, m in zip(logs, names) if m != n])) if len(set(names)) > 1 else whole
+               for n in set(names)}
+    errors = np.array([x - without[n] for x, n in zip(logs, names)])
+    return {"setting": setting, "scale": math.exp(whole), "n": len(rows), "domains": len(set(names)),
+            "log_error_band": [float(np.quantile(errors, 0.05)), float(np.quantile(errors, 0.95))],
+            "cv_median_error": float(np.median(np.abs(np.exp(errors) - 1)))}
+
+
+def in_training_nats(value: float | None, band, cal: dict | None) -> tuple:
+    """(s * value, [s * band_lo * exp(e_5%), s * band_hi * exp(e_95%)]): a
+    pilot-nat gain and its band in the nats a training run realised, the
+    band widened by the calibration's own left-out error; (None, None)
+    without a calibration or a value."""
+    if cal is None or value is None:
+        return None, None
+    lo, hi = band if band else (value, value)
+    e_lo, e_hi = cal["log_error_band"]
+    return cal["scale"] * value, [cal["scale"] * lo * math.exp(e_lo), cal["scale"] * hi * math.exp(e_hi)]
+
+
 # --- the cached entry point ------------------------------------------------
 
 def plan_key(model_id: str | None, domains, config: PlanConfig | PilotConfig) -> str:

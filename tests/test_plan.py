@@ -563,3 +563,31 @@ def _pilots_match_a_direct_run(plan, model_dir, domain_file):
                         list(split.held_rows[1]))
     assert plan.row("Beta")["fit"]["drops"] == pytest.approx(curve["drop"], rel=1e-6, abs=1e-9)
     assert plan.row("Beta")["fit"]["sizes"] == curve["sizes"]
+
+
+def test_the_training_calibration_of_each_setting_matches_a_direct_computation(monkeypatch):
+    from dowsing import plan as plan_mod
+
+    rows = [{"domain": "a", "predicted": 0.1, "realised": 0.3}, {"domain": "a", "predicted": 0.2, "realised": 0.5},
+            {"domain": "b", "predicted": 0.4, "realised": 0.2}, {"domain": "c", "predicted": 0.3, "realised": 0.6},
+            {"domain": "d", "predicted": 0.0, "realised": 0.1}]
+    data = {"domains": [], "not_in_training": {"rows": rows}}
+    monkeypatch.setattr(plan_mod, "_calibration_data", lambda: data)
+    assert plan_mod.setting_of(0) == "not_in_training" and plan_mod.setting_of(3) == "in_training"
+    assert plan_mod.training_calibration("in_training") is None  # no rows: no calibration
+    cal = plan_mod.training_calibration("not_in_training")
+    good = rows[:4]
+    ratios = np.array([r["realised"] / r["predicted"] for r in good])
+    assert cal["n"] == 4 and cal["domains"] == 3
+    assert cal["scale"] == pytest.approx(stats.gmean(ratios))
+    errors = []
+    for r, ratio in zip(good, ratios):
+        others = [x for q, x in zip(good, ratios) if q["domain"] != r["domain"]]
+        errors.append(np.log(ratio) - np.log(stats.gmean(others)))
+    assert cal["log_error_band"] == pytest.approx([np.quantile(errors, 0.05), np.quantile(errors, 0.95)])
+    assert cal["cv_median_error"] == pytest.approx(np.median(np.abs(np.exp(errors) - 1)))
+    value, band = plan_mod.in_training_nats(0.2, [0.1, 0.3], cal)
+    assert value == pytest.approx(cal["scale"] * 0.2)
+    assert band == pytest.approx([cal["scale"] * 0.1 * np.exp(cal["log_error_band"][0]),
+                                  cal["scale"] * 0.3 * np.exp(cal["log_error_band"][1])])
+    assert plan_mod.in_training_nats(None, None, cal) == (None, None)
