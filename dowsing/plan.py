@@ -995,6 +995,17 @@ class PilotMeasurements(ResultRecord):
     created_at: str = ""
 
 
+def pilot_status(model_id: str | None, domains, config: PlanConfig | PilotConfig) -> dict:
+    """Before the pilots run, without loading the model: which domains'
+    pilot curves `pilot_measurements` would compute and which it finds in
+    the units (`analysis.stored_pilots`), with the message "1 of 4 domains
+    recomputed, 3 from cache"."""
+    from .analysis import stored_pilots
+
+    return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
+                         lambda a, b: config.pilot_sizes)
+
+
 def pilot_measurements(model_id: str | None, domains, config: PlanConfig | PilotConfig,
                        progress: Callable[[Progress], None] | None = None,
                        use_cache: bool = True) -> PilotMeasurements:
