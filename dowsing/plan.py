@@ -12,6 +12,11 @@ the model's training data (`have`, default 0), is
 
   gain_k(m) = G_k(h_k + m) - G_k(h_k),   G_k(0) = 0.
 
+In a later round (`next_round`) h_k + C_k replaces h_k, C_k the examples
+collected in the rounds before: they will be trained on with the next
+ones, so the next examples' gain starts there; the budget and caps are
+what the collected examples left.
+
 G_k is in the pilot recipe's units: the drop a few AdamW steps on the last
 blocks buy. Its shape across domains is what ranks them and splits the
 budget; its absolute nats are the pilot's, not those of a full training run
@@ -20,7 +25,8 @@ budget; its absolute nats are the pilot's, not those of a full training run
 `allocate` spends the budget greedily on the largest weighted gain per unit
 cost, by default the mean gain over the curves' bootstrap resamples
 (`gain_function`); `verdict` says whether the plan is shown to beat
-spreading evenly. The pilot measurements are cached (cache/plans) under the
+spreading evenly, and `recommendation` recommends spreading evenly where it
+is not. The pilot measurements are cached (cache/plans) under the
 model, the domains and the settings the curves depend on, so a repeat with
 another budget, costs, caps, weights or have refits and reallocates in
 milliseconds.

@@ -9,6 +9,14 @@ same model and domains find it again) and Cancel stops it. The allocation
 budget, costs, weights, caps or facts already in training, without a new
 job. Where a finished analysis of the same model and domains exists, its
 report can be downloaded with the plan as a section.
+
+The headline and the first table say what `plan.recommendation` recommends:
+spreading evenly, with the plan's counts second, where the plan is not
+shown to beat it. "I collected these: plan the next round" appends the
+collected facts to the active set (checked as the Domains page checks
+them), starts the grown set's pilots (only the changed domains' run) and
+carries the inputs through `plan.next_round` for each round kept in the
+session.
 """
 from __future__ import annotations
 
