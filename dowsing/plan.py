@@ -1255,8 +1255,8 @@ def format_plan(result: PlanResult) -> str:
     lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {spent:g}, split on the "
              f"{'mean gain over the bootstrap curves' if alloc.get('rule') == 'expected' else 'fitted curves'}; pilot "
              f"{result.pilot['recipe']} at n = {', '.join(map(str, result.pilot['sizes']))} facts of a half "
-             "(at most the smaller half)"] + ([round_text(result)] if round_text(result) else []) + ["", rec["headline"],
-                                                                                                  ""]
+             "(at most the smaller half)"]
+    lines += ([round_text(result)] if round_text(result) else []) + ["", rec["headline"], ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     t = result.totals

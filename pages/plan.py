@@ -314,8 +314,9 @@ if rec["by"] == "even":
                f"bands are of these counts. {PREFERENCE}: the plan's counts, what the fitted curves favour.")
 st.caption("Predicted gain: the drop of the domain's held-out loss its examples are predicted to buy (the mean "
            "over the bootstrap curves, which the budget is split on), read from the facts already in training (and "
-           "those collected in earlier rounds) to that plus the examples collected, with the 5% and 95% quantiles over resampled facts. Last example's "
-           "gain: what the last example bought adds; the greedy stops a domain where that falls below the others'. "
+           "those collected in earlier rounds) to that plus the examples collected, with the 5% and 95% quantiles "
+           "over resampled facts. Last example's gain: what the last example bought adds; the greedy stops a domain "
+           "where that falls below the others'. "
            "× largest pilot: how far beyond the largest pilot size the curve is read; beyond 1× the curve's form "
            "is extrapolated and the band does not cover the choice of form.")
 st.plotly_chart(plan_charts.plan_curves_chart(plan, curves, colors), width="stretch", key="plan_curves_chart")
@@ -360,7 +361,7 @@ def _next_round(config: PlanConfig, keys: list) -> None:
     added = {name: facts for name, facts in added.items() if facts}
     try:
         following = next_round(config, counts, names)
-        new_raw = with_added_facts(raw, added)
+        new_raw = with_added_facts(workspace.load_set_raw(set_name), added)  # the set as saved now
         new_domains = workspace.unchecked_domains(new_raw)
         check_plan(following, new_domains)
         status = pilot_status(choice.model_id, new_domains, pilot_config)

@@ -351,3 +351,8 @@ def test_the_next_round_adds_the_collected_facts_and_plans_what_is_left(planned,
     assert list(table["Facts now"]) == [len(d["facts"]) for d in saved]
     assert any("Round 2" in c.value and "Budget left: 35 examples" in c.value for c in at.caption), at.caption
     assert preferred(table) == [d["collect"] for d in _library_plan(tiny, 40, job, {"Alpha": 3, "Gamma": 2}).domains]
+    # starting over plans the grown set from round 1 on the whole budget again
+    next(b for b in at.button if b.label == "Start over from round 1").click().run()
+    table = shown_table(at)
+    assert "Collected before" not in table.columns
+    assert preferred(table) == [d["collect"] for d in _library_plan(tiny, 40, job).domains]
