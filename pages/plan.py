@@ -366,12 +366,16 @@ def _next_round(config: PlanConfig, keys: list) -> None:
         check_plan(following, new_domains)
         status = pilot_status(choice.model_id, new_domains, pilot_config)
         workspace.save_set_raw(set_name, new_raw)
-        _shared.runner().submit(JobRequest(kind="plan", model_id=choice.model_id, domains=new_domains,
-                                           config=pilot_config, domain_set_name=set_name))
     except (ModelError, DomainError, ValueError, OSError) as exc:
         st.session_state["plan_round_error"] = str(exc) or type(exc).__name__
         return
+    # the facts are saved: the round counts from here, even if its pilots must wait for Start
     st.session_state["plan_rounds"] = {"set": set_name, "rounds": _rounds() + [counts]}
+    try:
+        _shared.runner().submit(JobRequest(kind="plan", model_id=choice.model_id, domains=new_domains,
+                                           config=pilot_config, domain_set_name=set_name))
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["plan_error"] = one_line(exc) or type(exc).__name__
     to_compute = f" (to compute: {', '.join(status['computed'])})" if status["computed"] and status["reused"] else ""
     st.session_state["plan_round_note"] = (
         f"Round {following.round}: {sum(map(len, added.values()))} new facts saved to “{set_name}”. Pilot curves: "
