@@ -435,27 +435,37 @@ def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = 
     the ranking estimator nor the diagnosis runs them). A model never run
     here counts every domain as to compute."""
     from .estimators import EstimatorSettings
-    from .pilots import PILOT_RECIPE, pilot_sizes
-    from .splitting import split_order
-    from .units import model_identity, pilot_key, recomputed_message
 
     config = config or AnalysisConfig()
     curve = config.estimator == "pilot_curve"
     if not (curve or config.estimator == "pilot_gain" or config.diagnose):
         return None
+    sizes = EstimatorSettings().pilot_sizes
+    return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
+                         (lambda a, b: sizes) if curve else (lambda a, b: (max(len(a), len(b)),)))
+
+
+def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: str, sizes_of) -> dict:
+    """Which domains' pilot curves at `sizes_of(half_a, half_b)` (the sizes
+    asked for; the halves of `splitting.split_order` under `seed`) are
+    stored in `units` for this model, dtype and device, and which are to
+    compute: `pilot_status`'s dict. Loads no model."""
+    from .pilots import PILOT_RECIPE, pilot_sizes
+    from .splitting import split_order
+    from .units import model_identity, pilot_key, recomputed_message
+
     domains = as_domains(domains)
-    units = DomainUnits(model_identity(model_fingerprint(model_id), config.dtype, config.device))
+    units = DomainUnits(model_identity(model_fingerprint(model_id), dtype, device))
     blocks = units.blocks()
     computed, reused, no_pilot = [], [], []
     for domain in domains:
-        a, b = split_order(list(domain.facts), domain.name, config.seed)
+        a, b = split_order(list(domain.facts), domain.name, seed)
         if min(len(a), len(b)) < 2:  # too small for a pilot: ranked by the fallback, nothing to compute
             no_pilot.append(domain.name)
             continue
-        sizes = EstimatorSettings().pilot_sizes if curve else (max(len(a), len(b)),)
         stored = blocks is not None and units.has(pilot_key(
-            units.model, a, b, replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, blocks)).label(), config.seed,
-            pilot_sizes(sizes, len(a), len(b))))
+            units.model, a, b, replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, blocks)).label(), seed,
+            pilot_sizes(sizes_of(a, b), len(a), len(b))))
         (reused if stored else computed).append(domain.name)
     return {"computed": computed, "reused": reused, "no_pilot": no_pilot,
             "message": recomputed_message(len(computed), len(computed) + len(reused))}

@@ -269,6 +269,11 @@ def add_plan_command(sub) -> None:
                            "number for every domain, or a CSV or JSON file as --costs (domains not named: 0). "
                            "Default 0: your facts are examples the model has not been trained on, so the first "
                            "facts collected carry the curve's steep start")
+    plan.add_argument("--collected", default=None,
+                      help="plan the next round: how many examples of each domain were collected since the plan of "
+                           "--budget, CSV or JSON as --costs (domains not named: 0). The budget left is --budget "
+                           "minus their cost, the caps shrink by them, and each curve is read from --have plus "
+                           "them; add the collected facts to --domains so their pilots are measured again")
     plan.add_argument("--rule", choices=("expected", "point"), default="expected",
                       help="split the budget on the mean gain over the bootstrap curves (expected) or on the "
                            "fitted curves alone (point) (default: %(default)s)")
@@ -288,7 +293,7 @@ def add_plan_command(sub) -> None:
 def plan_config(args, domains: list):
     """The PlanConfig of the command line, its files read and matched to the
     domains (a one-line ValueError for anything wrong)."""
-    from .plan import PlanConfig, check_plan, load_values, match_domains
+    from .plan import PlanConfig, check_plan, load_values, match_domains, next_round
 
     names = [d.name for d in domains]
     given = {}
@@ -309,6 +314,10 @@ def plan_config(args, domains: list):
                         device=args.device, dtype=args.dtype, rule=getattr(args, "rule", "expected"),
                         shrink=bool(getattr(args, "shrink", False)), **given)
     check_plan(config, domains)
+    path = getattr(args, "collected", None)
+    if path:
+        counts = match_domains(load_values(path, "collected counts"), names, "collected counts", path)
+        config = next_round(config, counts, names)
     return config
 
 

@@ -197,6 +197,27 @@ def validate_domains(domains: list[Domain]) -> list[Domain]:
     return _stripped(domains)
 
 
+def facts_from_text(text: str) -> list[str]:
+    """Facts typed one per line: each line stripped, blank lines dropped."""
+    return [line.strip() for line in str(text or "").splitlines() if line.strip()]
+
+
+def with_added_facts(raw: list[dict], added: dict) -> list[dict]:
+    """The set `raw` ({"name", "facts"} dicts, in order) with `added[name]`
+    (a list of facts) appended to each named domain's facts. A DomainError
+    for a name not in the set, or listing every problem of the result
+    (`validation_problems`: the limits, a fact repeated within a domain or
+    across two), so a set is never saved with them."""
+    names = [str(d.get("name", "")) for d in raw]
+    unknown = [name for name in added if name not in names]
+    if unknown:
+        raise DomainError(f"the new facts name domain(s) not in the set: {', '.join(map(repr, unknown))}")
+    out = [{"name": str(d.get("name", "")), "facts": [str(f) for f in d.get("facts", [])] + list(added.get(
+        str(d.get("name", "")), []))} for d in raw]
+    _raise_if(validation_problems([Domain(d["name"], tuple(d["facts"])) for d in out]))
+    return out
+
+
 # --- JSON -------------------------------------------------------------------
 
 def _json_kind(value: object) -> str:

@@ -12,6 +12,11 @@ the model's training data (`have`, default 0), is
 
   gain_k(m) = G_k(h_k + m) - G_k(h_k),   G_k(0) = 0.
 
+In a later round (`next_round`) h_k + C_k replaces h_k, C_k the examples
+collected in the rounds before: they will be trained on with the next
+ones, so the next examples' gain starts there; the budget and caps are
+what the collected examples left.
+
 G_k is in the pilot recipe's units: the drop a few AdamW steps on the last
 blocks buy. Its shape across domains is what ranks them and splits the
 budget; its absolute nats are the pilot's, not those of a full training run
@@ -20,7 +25,8 @@ budget; its absolute nats are the pilot's, not those of a full training run
 `allocate` spends the budget greedily on the largest weighted gain per unit
 cost, by default the mean gain over the curves' bootstrap resamples
 (`gain_function`); `verdict` says whether the plan is shown to beat
-spreading evenly. The pilot measurements are cached (cache/plans) under the
+spreading evenly, and `recommendation` recommends spreading evenly where it
+is not. The pilot measurements are cached (cache/plans) under the
 model, the domains and the settings the curves depend on, so a repeat with
 another budget, costs, caps, weights or have refits and reallocates in
 milliseconds.
@@ -83,7 +89,12 @@ class PlanConfig(ConfigRecord):
     have: how many of each domain's facts are already in the model's training
         data (0: the facts are examples the model has not been trained on);
         have_by_domain: (domain, count) pairs that override it. The curve is
-        read from have to have + m.
+        read from have + collected to have + collected + m.
+    collected / round: in a later round (`next_round`), the (domain, count)
+        pairs collected in the rounds before, which will be trained on with
+        this round's examples, and the round's number (1: the first plan).
+        A later round's budget and caps are what is left of the first's, so
+        its budget may be 0.
     rule: "expected" (the mean gain over the bootstrap curves) or "point"
         (the fitted curve alone); see RULES.
     shrink: pool the curves' shapes across domains (`curves.shrink_curves`);
@@ -107,18 +118,26 @@ class PlanConfig(ConfigRecord):
     have_by_domain: tuple = ()
     rule: str = "expected"
     shrink: bool = False
+    collected: tuple = ()
+    round: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "have_by_domain", _pairs(self.have_by_domain, _have))
         object.__setattr__(self, "have", _have(self.have))
+        object.__setattr__(self, "collected", _pairs(self.collected, _collected))
+        if isinstance(self.round, bool) or not isinstance(self.round, int) or self.round < 1:
+            raise ValueError(f"round must be a whole number >= 1, got {self.round!r}")
         if self.rule not in RULES:
             raise ValueError(f"rule must be one of {', '.join(RULES)}, got {self.rule!r}")
         object.__setattr__(self, "costs", _pairs(self.costs))
         object.__setattr__(self, "weights", _pairs(self.weights))
         object.__setattr__(self, "caps", _pairs(self.caps, _whole))
         object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
-        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget) and self.budget > 0):
-            raise ValueError(f"the budget must be a number > 0, got {self.budget!r}")
+        # a later round may have spent the whole budget: it then plans nothing
+        later = self.round > 1
+        if not (isinstance(self.budget, (int, float)) and math.isfinite(self.budget)
+                and (self.budget >= 0 if later else self.budget > 0)):
+            raise ValueError(f"the budget must be a number {'>= 0' if later else '> 0'}, got {self.budget!r}")
         if self.budget_unit not in BUDGET_UNITS:
             raise ValueError(f"budget_unit must be one of {', '.join(BUDGET_UNITS)}, got {self.budget_unit!r}")
         for name, cost in self.costs:
@@ -145,6 +164,14 @@ class PlanConfig(ConfigRecord):
     def have_of(self, name: str) -> int:
         """How many of the domain's facts are already in training."""
         return dict(self.have_by_domain).get(name, self.have)
+
+    def collected_of(self, name: str) -> int:
+        """How many of the domain's examples the rounds before collected."""
+        return dict(self.collected).get(name, 0)
+
+    def start_of(self, name: str) -> int:
+        """Where the domain's curve is read from: have + collected."""
+        return self.have_of(name) + self.collected_of(name)
 
     def pilot_config(self) -> "PilotConfig":
         """The part of the plan the pilot measurements depend on."""
@@ -211,6 +238,43 @@ def _have(value) -> int:
     return int(number)
 
 
+def _collected(value) -> int:
+    """A collected count: a whole number of examples >= 0."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"a collected count must be a whole number of examples >= 0, got {value!r}") from None
+    if isinstance(value, bool) or not (math.isfinite(number) and number >= 0 and number == int(number)):
+        raise ValueError(f"a collected count must be a whole number of examples >= 0, got {value!r}")
+    return int(number)
+
+
+def next_round(config: PlanConfig, collected, names) -> PlanConfig:
+    """The next round's config after collecting c_k examples of each domain
+    (`collected`: {domain: count} or pairs; a domain not named: 0) under
+    `config`: budget B' = max(0, B - sum_k c_k cost_k), caps cap_k' =
+    max(0, cap_k - c_k), collected_k' = collected_k + c_k (so the curve is
+    read from have_k + collected_k', where the next examples, trained on
+    with the collected ones, start) and round + 1. A one-line ValueError for
+    a count that is not a whole number >= 0, a name not among `names`, or
+    counts that cost more than B."""
+    counts = _pairs(collected, _collected)
+    unknown = [name for name, _ in counts if name not in set(names)]
+    if unknown:
+        raise ValueError(f"the collected counts name domain(s) not among the domains: "
+                         f"{', '.join(map(repr, unknown))} (domains: {', '.join(sorted(names))})")
+    spent = sum(m * config.cost(name) for name, m in counts)
+    if spent > config.budget * (1 + 1e-9):
+        raise ValueError(f"the collected examples cost {spent:g} {config.budget_unit}, more than the budget of "
+                         f"{config.budget:g}: give the counts collected under this plan's budget")
+    done = dict(counts)
+    caps = {name: max(0, cap - done.get(name, 0)) for name, cap in config.caps}
+    total = {name: config.collected_of(name) + done.get(name, 0)
+             for name in {*dict(config.collected), *done}}
+    return replace(config, budget=max(0.0, float(config.budget) - spent), caps=caps,
+                   collected={n: m for n, m in total.items() if m}, round=config.round + 1)
+
+
 def check_plan(config: PlanConfig, domains) -> None:
     """A one-line ValueError when the costs, caps, weights or have name a
     domain that is not among `domains`, or a domain's have is more than its
@@ -218,7 +282,7 @@ def check_plan(config: PlanConfig, domains) -> None:
     domains = as_domains(domains)
     names = {d.name for d in domains}
     for what, pairs in (("costs", config.costs), ("caps", config.caps), ("weights", config.weights),
-                        ("have", config.have_by_domain)):
+                        ("have", config.have_by_domain), ("collected counts", config.collected)):
         unknown = [name for name, _ in pairs if name not in names]
         if unknown:
             raise ValueError(f"the {what} name domain(s) not among the domains: {', '.join(map(repr, unknown))} "
@@ -564,7 +628,10 @@ class PlanResult(ResultRecord):
     parameters, leave-one-out error) or why there is none. totals: the
     plan's weighted gain against spreading the budget evenly and putting it
     all on the domain of highest mean loss, each with its band, and the
-    plan's total minus each baseline's with its paired band."""
+    plan's total minus each baseline's with its paired band. even_domains:
+    the same lines for spreading the budget evenly, what the plan
+    recommends instead where it is not shown to beat that
+    (`verdict`, `recommendation`)."""
 
     model: dict
     config: dict
@@ -576,6 +643,7 @@ class PlanResult(ResultRecord):
     timings: dict = field(default_factory=dict)
     verdict: dict = field(default_factory=dict)
     created_at: str = ""
+    even_domains: list = field(default_factory=list)
 
     def row(self, name: str) -> dict:
         return next(d for d in self.domains if d["domain"] == name)
@@ -703,12 +771,16 @@ def baseline_counts(curves: list, config: PlanConfig) -> dict:
 
 
 def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
-    """One domain's line of the plan: what to collect, the gain read from
-    have to have + m (the fitted curve's, its mean over the bootstrap curves
-    and its band), and how far that reads beyond the largest pilot size."""
+    """One domain's line of the plan: its round, the facts in training
+    (have) and collected in the rounds before, what to collect, the gain
+    read from dc.start (have + collected) to dc.start + m (the fitted
+    curve's, its mean over the bootstrap curves and its band), and how far
+    that reads beyond the largest pilot size."""
     curve, have = dc.curve, dc.start
     largest = max(curve.sizes) if curve.sizes else None
-    row = {"domain": dc.name, "n_facts": dc.n_facts, "have": have, "mean_loss": dc.mean_loss, "collect": int(m),
+    row = {"domain": dc.name, "round": config.round, "n_facts": dc.n_facts, "have": config.have_of(dc.name),
+           "collected_before": config.collected_of(dc.name), "reads_from": have, "mean_loss": dc.mean_loss,
+           "collect": int(m),
            "cost": m * config.cost(dc.name), "cost_per_example": config.cost(dc.name),
            "weight": config.weight(dc.name), "cap": config.cap(dc.name), "identifiable": curve.identifiable,
            "form": curve.form, "fit_error": curve.loo_error, "reason": curve.reason, "fit": curve.to_dict(),
@@ -747,13 +819,13 @@ def verdict(totals: dict) -> dict:
 
 
 def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -> PlanResult:
-    """The plan from the domains' curves, each read from its have
-    (`config.have_of`): `allocate` on `gain_function` (the config's rule)
+    """The plan from the domains' curves, each read from its have plus what
+    the rounds before collected (`config.start_of`): `allocate` on `gain_function` (the config's rule)
     with the config's costs, caps and weights, each domain's line
     (`domain_row`), the totals of the plan and of the baselines
     (`predicted_total`) and the `verdict`. Instant: no model."""
     t0 = time.perf_counter()
-    curves = [replace(dc, have=config.have_of(dc.name)) for dc in curves]
+    curves = [replace(dc, have=config.start_of(dc.name)) for dc in curves]
     names = [dc.name for dc in curves]
     costs = [config.cost(n) for n in names]
     weights = [config.weight(n) for n in names]
@@ -776,13 +848,46 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
              "forward_s": measured.get("forward_s"), "pilot_s": measured.get("pilot_s")}
     allocation = {"budget": config.budget, "budget_unit": config.budget_unit, "spent": bought.spent,
                   "left": config.budget - bought.spent, "step": bought.step, "gap_bound": bought.gap_bound,
-                  "rule": config.rule}
+                  "rule": config.rule, "round": config.round}
     rows = [domain_row(dc, m, config) for dc, m in zip(curves, bought.counts)]
     return PlanResult(model=measured.get("model", {}), config=config.to_dict(), domains=rows,
                       totals=totals, allocation=allocation, pilot=pilot,
                       notes=plan_notes(curves, bought, pilot["recipe"], rows),
                       timings={"plan": time.perf_counter() - t0}, verdict=verdict(totals),
-                      created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                      created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                      even_domains=[domain_row(dc, m, config) for dc, m in zip(curves, base["even"])])
+
+
+def even_text(counts: list) -> str:
+    """"12 of each" where the even split's counts are equal, else their
+    range ("11 to 12 of each") with each domain's count."""
+    values = [m for _, m in counts]
+    lo, hi = min(values, default=0), max(values, default=0)
+    if lo == hi:
+        return f"{lo} of each"
+    return f"{lo} to {hi} of each ({', '.join(f'{name} {m}' for name, m in counts)})"
+
+
+def recommendation(result: PlanResult) -> dict:
+    """What to collect, following the `verdict`: "by" "even" (the plan is
+    not shown to beat spreading evenly: the even split's counts) or "plan"
+    (the plan's counts), "counts" [(domain, count)], "rows" the lines of
+    those counts (`domain_row`), "preference" the plan's counts where they
+    are not what is recommended (else None), and "headline", one sentence."""
+    plan_counts = [(d["domain"], d["collect"]) for d in result.domains]
+    spent_out = result.allocation["budget"] <= 0
+    if (result.verdict or {}).get("recommend") == "even" and result.even_domains and not spent_out:
+        counts = [(d["domain"], d["collect"]) for d in result.even_domains]
+        headline = (f"Recommended: spread evenly: {even_text(counts)}. The plan's counts are the curves' "
+                    "preference, which is not shown to be better.")
+        return {"by": "even", "counts": counts, "rows": result.even_domains, "preference": plan_counts,
+                "headline": headline}
+    if spent_out:
+        headline = "Nothing is left of the budget: this round has nothing to collect."
+    else:
+        headline = (f"Recommended: the plan's counts ({', '.join(f'{n} {m}' for n, m in plan_counts)}); it is "
+                    f"predicted to beat spreading evenly.")
+    return {"by": "plan", "counts": plan_counts, "rows": result.domains, "preference": None, "headline": headline}
 
 
 # a reading this many times the largest pilot size is named in the notes
@@ -949,6 +1054,17 @@ class PilotMeasurements(ResultRecord):
     created_at: str = ""
 
 
+def pilot_status(model_id: str | None, domains, config: PlanConfig | PilotConfig) -> dict:
+    """Before the pilots run, without loading the model: which domains'
+    pilot curves `pilot_measurements` would compute and which it finds in
+    the units (`analysis.stored_pilots`), with the message "1 of 4 domains
+    recomputed, 3 from cache"."""
+    from .analysis import stored_pilots
+
+    return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
+                         lambda a, b: config.pilot_sizes)
+
+
 def pilot_measurements(model_id: str | None, domains, config: PlanConfig | PilotConfig,
                        progress: Callable[[Progress], None] | None = None,
                        use_cache: bool = True) -> PilotMeasurements:
@@ -1097,29 +1213,35 @@ def match_domains(values: dict, names: list, what: str, source: str) -> dict:
     return out
 
 
-PLAN_ROW_FIELDS = ("domain", "n_facts", "have", "mean_loss", "collect", "cost_per_example", "cost", "weight", "cap",
-                   "gain", "expected_gain", "gain_5pct", "gain_95pct", "marginal_gain_last", "reads_to",
-                   "extrapolation", "form", "fit_error", "reason")
+PLAN_ROW_FIELDS = ("domain", "round", "n_facts", "have", "collected_before", "mean_loss", "recommended_by", "collect",
+                   "curves_prefer", "cost_per_example", "cost", "weight", "cap", "gain", "expected_gain", "gain_5pct",
+                   "gain_95pct", "marginal_gain_last", "reads_to", "extrapolation", "form", "fit_error", "reason")
 
 
 def plan_rows(result: PlanResult) -> list:
-    """One flat row per domain (PLAN_ROW_FIELDS), for a table or a CSV: the
-    facts already in training (have), the examples to collect and their
-    cost, the predicted gain (fitted curve, mean over the bootstrap curves)
-    with its 90% band (5% and 95% quantiles), the gain of the last example
-    bought, where the curve is read to and how many times the largest pilot
-    size that is, the form and leave-one-out error of the fit or why there
-    is none."""
+    """One flat row per domain (PLAN_ROW_FIELDS), for a table or a CSV, of
+    what is recommended (`recommendation`: spreading evenly where the plan
+    is not shown to beat it, else the plan): the round, the facts already in
+    training (have) and collected in the rounds before, who recommends
+    (recommended_by), the examples to collect and their cost, the plan's own
+    count (curves_prefer: the curves' preference), the predicted gain
+    (fitted curve, mean over the bootstrap curves) with its 90% band (5% and
+    95% quantiles), the gain of the last example bought, where the curve is
+    read to and how many times the largest pilot size that is, the form and
+    leave-one-out error of the fit or why there is none."""
+    rec = recommendation(result)
+    by = "spread evenly" if rec["by"] == "even" else "plan"
     rows = []
-    for d in result.domains:
+    for d, planned in zip(rec["rows"], result.domains):
         band = d["gain_band"] or [None, None]
-        rows.append({"domain": d["domain"], "n_facts": d["n_facts"], "have": d.get("have"),
-                     "mean_loss": d["mean_loss"], "collect": d["collect"], "cost_per_example": d["cost_per_example"],
-                     "cost": d["cost"], "weight": d["weight"], "cap": d["cap"], "gain": d["gain"],
-                     "expected_gain": d.get("expected_gain"), "gain_5pct": band[0], "gain_95pct": band[1],
-                     "marginal_gain_last": d["marginal_gain_last"], "reads_to": d.get("reads_to"),
-                     "extrapolation": d.get("extrapolation"), "form": d["form"], "fit_error": d["fit_error"],
-                     "reason": d["reason"]})
+        rows.append({"domain": d["domain"], "round": d.get("round", 1), "n_facts": d["n_facts"], "have": d.get("have"),
+                     "collected_before": d.get("collected_before", 0), "mean_loss": d["mean_loss"],
+                     "recommended_by": by, "collect": d["collect"], "curves_prefer": planned["collect"],
+                     "cost_per_example": d["cost_per_example"], "cost": d["cost"], "weight": d["weight"],
+                     "cap": d["cap"], "gain": d["gain"], "expected_gain": d.get("expected_gain"),
+                     "gain_5pct": band[0], "gain_95pct": band[1], "marginal_gain_last": d["marginal_gain_last"],
+                     "reads_to": d.get("reads_to"), "extrapolation": d.get("extrapolation"), "form": d["form"],
+                     "fit_error": d["fit_error"], "reason": d["reason"]})
     return rows
 
 
@@ -1146,26 +1268,48 @@ def plan_csv(result: PlanResult) -> str:
     return out.getvalue()
 
 
+def round_text(result: PlanResult) -> str | None:
+    """'Round 2: the budget left after the examples collected before (Alpha
+    3, Beta 4); each curve is read from the facts in training plus those.'
+    None in the first round."""
+    config = result.config or {}
+    if config.get("round", 1) <= 1:
+        return None
+    collected = ", ".join(f"{name} {m}" for name, m in config.get("collected") or []) or "none"
+    return (f"Round {config['round']}: the budget is what is left after the examples collected before ({collected}); "
+            "each curve is read from the facts in training plus those, since the next examples will be trained on "
+            "with them.")
+
+
 def format_plan(result: PlanResult) -> str:
-    """The plan as text: one line per domain, the totals against the two
-    baselines, and the notes."""
+    """The plan as text: what is recommended (`recommendation`), one line
+    per domain of it (and the plan's own count where that differs from what
+    is recommended), the totals against the baselines, and the notes."""
     alloc, unit = result.allocation, result.allocation["budget_unit"]
-    header = ["Domain", "Facts", "Have", "Mean loss", "Fit (LOO error)", "Collect", "Cost", "Mean gain [90% band]",
-              "Last example", "Reads to (x pilot)"]
+    rec = recommendation(result)
+    even = rec["by"] == "even"
+    header = (["Domain", "Facts", "Have"] + (["Collected before"] if alloc.get("round", 1) > 1 else [])
+              + ["Mean loss", "Fit (LOO error)", "Collect (spread evenly)" if even else "Collect"]
+              + (["Curves prefer (not shown better)"] if even else [])
+              + ["Cost", "Mean gain [90% band]", "Last example", "Reads to (x pilot)"])
     rows = []
-    for d in result.domains:
+    for d, planned in zip(rec["rows"], result.domains):
         fit = (f"{d['form']} ({_g(d['fit_error'])})" if d["identifiable"] else "not identifiable")
         mean = d.get("expected_gain", d["gain"])
         gain = f"{_g(mean)} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]" if d["identifiable"] else "—"
         reach = (f"{d['reads_to']:g} ({d['extrapolation']:.1f}x)" if d.get("extrapolation") is not None
                  and d["identifiable"] else "—")
-        rows.append([d["domain"], str(d["n_facts"]), f"{d.get('have', d['n_facts']):g}", f"{d['mean_loss']:.3f}", fit,
-                     str(d["collect"]), _g(d["cost"]), gain, _g(d["marginal_gain_last"]), reach])
+        rows.append([d["domain"], str(d["n_facts"]), f"{d.get('have', d['n_facts']):g}"]
+                    + ([str(d.get("collected_before", 0))] if alloc.get("round", 1) > 1 else [])
+                    + [f"{d['mean_loss']:.3f}", fit, str(d["collect"])] + ([str(planned["collect"])] if even else [])
+                    + [_g(d["cost"]), gain, _g(d["marginal_gain_last"]), reach])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
-    lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {alloc['spent']:g}, split on the "
+    spent = sum(d["cost"] for d in rec["rows"])
+    lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {spent:g}, split on the "
              f"{'mean gain over the bootstrap curves' if alloc.get('rule') == 'expected' else 'fitted curves'}; pilot "
              f"{result.pilot['recipe']} at n = {', '.join(map(str, result.pilot['sizes']))} facts of a half "
-             "(at most the smaller half)", ""]
+             "(at most the smaller half)"]
+    lines += ([round_text(result)] if round_text(result) else []) + ["", rec["headline"], ""]
     lines += ["  ".join(c.ljust(w) for c, w in zip(header, widths))]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)) for r in rows]
     t = result.totals

@@ -822,14 +822,17 @@ def plan_mismatch(result: Result, plan) -> str | None:
 def plan_meta(plan) -> str:
     """'budget 100 examples, spent 100 · pilot … · created …': which plan this is."""
     alloc = plan.allocation
-    return (f"budget {alloc['budget']:g} {alloc['budget_unit']}, spent {alloc['spent']:g} · pilot "
+    later = f"round {alloc['round']}, what is left of the " if alloc.get("round", 1) > 1 else ""
+    return (f"{later}budget {alloc['budget']:g} {alloc['budget_unit']}, spent {alloc['spent']:g} · pilot "
             f"{plan.pilot['recipe']} · created {plan.created_at or ''}")
 
 
 def plan_section_html(plan, curves: list | None = None, heading: str = "h2", include_plotlyjs: bool = False) -> str:
     """The body of a collection plan (`dowsing.plan.PlanResult`), as both the
-    standalone plan report and the analysis report show it: what its gains
-    are, the predicted total against spreading the budget evenly and putting
+    standalone plan report and the analysis report show it: what it
+    recommends (`plan.recommendation`: spreading evenly where the plan is not
+    shown to beat it, the plan's counts then second), its round, what its
+    gains are, the predicted total against spreading the budget evenly and putting
     it all on the domain of highest mean loss (each with its 90% band, and the
     plan minus each, paired), the table per domain (examples to collect, cost,
     predicted gain with its band, the last example's gain, the fit), the
@@ -837,19 +840,27 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     chart and the notes. `heading` is the level of its headings;
     `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
-    from .plan import fit_text, plan_rows
+    from .plan import fit_text, plan_rows, recommendation, round_text
 
     esc = html.escape
     figs = plan_charts.plan_figures(plan, curves) if curves is not None else {
         "allocation": plan_charts.allocation_chart(plan), "totals": plan_charts.totals_chart(plan)}
     divs = {name: fig.to_html(full_html=False, include_plotlyjs=include_plotlyjs and name == "allocation",
                               default_width="100%") for name, fig in figs.items()}
+    rec = recommendation(plan)
+    later = (plan.allocation or {}).get("round", 1) > 1
     table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In training": r["have"],
-                           "Collect": r["collect"], "Cost": _g3(r["cost"]),
+                           **({"Collected before": r["collected_before"]} if later else {}),
+                           **({"Collect (spread evenly)": r["collect"],
+                               "Curves' preference (not shown better)": r["curves_prefer"]}
+                              if rec["by"] == "even" else {"Collect": r["collect"]}),
+                           "Cost": _g3(r["cost"]),
                            "Predicted gain [90% band]": "—" if r["gain"] is None else
                            f"{_g3(r['gain'])} [{_g3(r['gain_5pct'])}, {_g3(r['gain_95pct'])}]",
                            "Last example's gain": _g3(r["marginal_gain_last"]), "Fit": fit_text(r)}
                           for r in plan_rows(plan)]).to_html(index=False, classes="dw-table", border=0, escape=True)
+    headline = f"<p class='recommend'><b>{esc(rec['headline'])}</b></p>" + (
+        f"<p>{esc(round_text(plan))}</p>" if round_text(plan) else "")
     totals = plan.totals
     lines = []
     for key, label in (("plan", "This plan"), ("even", "Spread evenly"), ("mean_loss", "Split by mean loss"),
@@ -867,7 +878,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     notes = "".join(f"<li>{esc(n)}</li>" for n in plan.notes)
     verdict = "".join(f"<p><b>{esc(sentence)}</b></p>" for sentence in (plan.verdict or {}).get("sentences", []))
     h = heading
-    return f"""<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>{verdict}
+    return f"""{headline}<p class="note">{esc(plan_charts.UNITS_NOTE)}</p>{verdict}
 <{h}>Predicted total gain (weighted; mean over the bootstrap curves) [90% band]</{h}><ul>{"".join(lines)}</ul>
 <{h}>Per domain</{h}>{table}
 <section>{divs["allocation"]}</section>

@@ -9,6 +9,14 @@ same model and domains find it again) and Cancel stops it. The allocation
 budget, costs, weights, caps or facts already in training, without a new
 job. Where a finished analysis of the same model and domains exists, its
 report can be downloaded with the plan as a section.
+
+The headline and the first table say what `plan.recommendation` recommends:
+spreading evenly, with the plan's counts second, where the plan is not
+shown to beat it. "I collected these: plan the next round" appends the
+collected facts to the active set (checked as the Domains page checks
+them), starts the grown set's pilots (only the changed domains' run) and
+carries the inputs through `plan.next_round` for each round kept in the
+session.
 """
 from __future__ import annotations
 
@@ -18,10 +26,11 @@ import pandas as pd
 import streamlit as st
 
 from dowsing import plan_charts, report, workspace
-from dowsing.domains import DomainError, validation_problems
+from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.models import ModelError
-from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, fit_text, plan_csv, plan_from_pilots, plan_rows
+from dowsing.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
+                          plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)
 from dowsing.safe_text import md_escape
 from pages import _shared
 
@@ -64,6 +73,8 @@ if not blockers:
         blockers.append(md_escape(one_line(exc) or type(exc).__name__))
 for blocker in blockers:
     st.warning(blocker, icon=":material/block:")
+if "plan_round_note" in st.session_state:  # what the last "plan the next round" saved and recomputes
+    st.info(md_escape(st.session_state["plan_round_note"]), icon=":material/replay:")
 
 
 # --- the budget and the table of costs, weights and caps ----------------------------
@@ -141,17 +152,27 @@ budget_box.caption("In money: each domain's examples cost what the table says." 
                    "In examples: every example costs 1. Give costs per example in the table to budget in money.")
 
 
-def _plan_config(budget_value: float):
-    """The PlanConfig of the inputs at `budget_value`, or (None, the one-line
-    message the command line would print)."""
-    from dowsing.plan import check_plan  # the have against each domain's facts, as the command line checks it
+def _rounds() -> list:
+    """The counts collected in each earlier round of this domain set, oldest
+    first ([] in the first round)."""
+    kept = st.session_state.get("plan_rounds") or {}
+    return list(kept.get("rounds", [])) if kept.get("set") == set_name else []
 
+
+def _plan_config(budget_value: float):
+    """The PlanConfig of the inputs at `budget_value`, carried through the
+    rounds collected so far (`next_round`: the budget is the whole budget of
+    every round together), or (None, the one-line message the command line
+    would print)."""
     try:
         config = PlanConfig(budget=budget_value, budget_unit="money" if money else "examples",
                             costs=costs if money else {}, weights={n: v["weight"] for n, v in values.items()},
                             caps={n: v["cap"] for n, v in values.items() if v["cap"] is not None}, have=have,
                             have_by_domain={n: v["have"] for n, v in values.items() if v["have"] is not None},
                             seed=pilot_config.seed, device=pilot_config.device, dtype=pilot_config.dtype)
+        check_plan(config, domains)  # the have against each domain's facts, as the command line checks it
+        for counts in _rounds():
+            config = next_round(config, counts, names)
         check_plan(config, domains)
         return config, None
     except ValueError as exc:
@@ -247,6 +268,12 @@ def _band(values) -> str:
     return f"[{values[0]:.3g}, {values[1]:.3g}]"
 
 
+rec = recommendation(plan)
+# the headline follows the verdict: a plan not shown to beat spreading evenly does not give the answer
+st.success(f"**{md_escape(rec['headline'])}**", icon=":material/recommend:")
+if round_text(plan):
+    st.caption(md_escape(round_text(plan)) + f" Budget left: {plan.allocation['budget']:g} "
+               f"{plan.allocation['budget_unit']}.")
 for sentence in plan.verdict["sentences"]:
     # a plan whose edge over a simple split has a band holding 0 is not presented as a win
     (st.success if "is predicted to beat" in sentence else st.info)(sentence, icon=":material/balance:")
@@ -267,8 +294,13 @@ colors = plan_charts.plan_colors(plan)
 st.plotly_chart(plan_charts.allocation_chart(plan, colors), width="stretch", key="plan_allocation_chart")
 
 
+EVEN_COLLECT, PREFERENCE = "Collect (spread evenly)", "Curves' preference (not shown better)"
+later = plan.allocation.get("round", 1) > 1
 table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In training": r["have"],
-                       "Collect": r["collect"], "Cost": r["cost"], "Predicted gain": r["expected_gain"],
+                       **({"Collected before": r["collected_before"]} if later else {}),
+                       **({EVEN_COLLECT: r["collect"], PREFERENCE: r["curves_prefer"]} if rec["by"] == "even"
+                          else {"Collect": r["collect"]}),
+                       "Cost": r["cost"], "Predicted gain": r["expected_gain"],
                        "Gain 5%": r["gain_5pct"], "Gain 95%": r["gain_95pct"],
                        "Last example's gain": r["marginal_gain_last"],
                        "× largest pilot": r["extrapolation"] if r["form"] else None, "Fit": fit_text(r)}
@@ -277,10 +309,14 @@ st.dataframe(table, hide_index=True, width="stretch", key="plan_table",
              column_config={**{c: st.column_config.NumberColumn(format="%.3g")
                                for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "Last example's gain")},
                             "× largest pilot": st.column_config.NumberColumn(format="%.1f×")})
+if rec["by"] == "even":
+    st.caption(f"{EVEN_COLLECT}: what is recommended, since the plan is not shown to beat it; the gains, costs and "
+               f"bands are of these counts. {PREFERENCE}: the plan's counts, what the fitted curves favour.")
 st.caption("Predicted gain: the drop of the domain's held-out loss its examples are predicted to buy (the mean "
-           "over the bootstrap curves, which the budget is split on), read from the facts already in training to "
-           "that plus the examples collected, with the 5% and 95% quantiles over resampled facts. Last example's "
-           "gain: what the last example bought adds; the greedy stops a domain where that falls below the others'. "
+           "over the bootstrap curves, which the budget is split on), read from the facts already in training (and "
+           "those collected in earlier rounds) to that plus the examples collected, with the 5% and 95% quantiles "
+           "over resampled facts. Last example's gain: what the last example bought adds; the greedy stops a domain "
+           "where that falls below the others'. "
            "× largest pilot: how far beyond the largest pilot size the curve is read; beyond 1× the curve's form "
            "is extrapolated and the band does not cover the choice of form.")
 st.plotly_chart(plan_charts.plan_curves_chart(plan, curves, colors), width="stretch", key="plan_curves_chart")
@@ -311,3 +347,64 @@ if analysis is not None:
                             "with this plan as its Collection plan section.")
     st.caption(f"With the analysis of {(analysis_state.finished_at or '')[:19].replace('T', ' ')} UTC "
                f"(job {analysis_state.job_id[:8]}, ranked by {analysis_result.estimator}).")
+
+
+# --- the next round ------------------------------------------------------------------
+# The collected facts join the domain set, so only their domains' pilots run again
+# (the pilot curves are kept per domain); the plan then spends what is left.
+
+def _next_round(config: PlanConfig, keys: list) -> None:
+    """Save the set with the collected facts and start the next round's
+    pilots; nothing is saved when a count or a fact is refused."""
+    counts = {name: st.session_state.get(n_key) for name, n_key, _ in keys}
+    added = {name: facts_from_text(st.session_state.get(f_key) or "") for name, _, f_key in keys}
+    added = {name: facts for name, facts in added.items() if facts}
+    try:
+        following = next_round(config, counts, names)
+        new_raw = with_added_facts(workspace.load_set_raw(set_name), added)  # the set as saved now
+        new_domains = workspace.unchecked_domains(new_raw)
+        check_plan(following, new_domains)
+        status = pilot_status(choice.model_id, new_domains, pilot_config)
+        workspace.save_set_raw(set_name, new_raw)
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["plan_round_error"] = str(exc) or type(exc).__name__
+        return
+    # the facts are saved: the round counts from here, even if its pilots must wait for Start
+    st.session_state["plan_rounds"] = {"set": set_name, "rounds": _rounds() + [counts]}
+    try:
+        _shared.runner().submit(JobRequest(kind="plan", model_id=choice.model_id, domains=new_domains,
+                                           config=pilot_config, domain_set_name=set_name))
+    except (ModelError, DomainError, ValueError, OSError) as exc:
+        st.session_state["plan_error"] = one_line(exc) or type(exc).__name__
+    to_compute = f" (to compute: {', '.join(status['computed'])})" if status["computed"] and status["reused"] else ""
+    st.session_state["plan_round_note"] = (
+        f"Round {following.round}: {sum(map(len, added.values()))} new facts saved to “{set_name}”. Pilot curves: "
+        f"{status['message']}{to_compute}.")
+
+
+def _start_over() -> None:
+    st.session_state.pop("plan_rounds", None)
+    st.session_state.pop("plan_round_note", None)
+
+
+with st.expander("I collected these: plan the next round", expanded="plan_round_error" in st.session_state):
+    st.caption("Say how many examples of each domain you collected (the recommended counts to start with) and "
+               "paste the collected facts, one per line. They are added to the domain set; the next round spends "
+               "what is left of the budget, each curve read from the facts in training plus the collected ones, "
+               "and only the domains with new facts run their pilots again.")
+    round_keys = []
+    tag = f"{job_id[:8]}-{plan_config.round}"  # fresh inputs for each round
+    with st.form(f"plan_round_form-{tag}"):
+        for k, (name, m) in enumerate(rec["counts"]):
+            left_col, right_col = st.columns([1, 3])
+            n_key, f_key = f"plan_round_n-{tag}-{k}", f"plan_round_facts-{tag}-{k}"
+            left_col.number_input(f"{md_escape(name)}: collected", min_value=0, step=1, value=int(m), key=n_key)
+            right_col.text_area(f"{md_escape(name)}: the collected facts, one per line", key=f_key, height=80)
+            round_keys.append((name, n_key, f_key))
+        st.form_submit_button("Plan the next round", type="primary", icon=":material/replay:",
+                              on_click=_next_round, args=(plan_config, round_keys))
+    if "plan_round_error" in st.session_state:
+        st.error(md_escape(st.session_state.pop("plan_round_error")), icon=":material/error:")
+    if _rounds():
+        st.button("Start over from round 1", key="plan_round_reset", on_click=_start_over,
+                  help="Forget the rounds collected so far: the budget above is then the next plan's whole budget.")

@@ -577,8 +577,10 @@ def test_the_plan_csv_and_report_carry_the_table():
     plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
     rows = list(csv.DictReader(io.StringIO(plan_csv(plan))))
     assert tuple(rows[0]) == PLAN_ROW_FIELDS
-    assert [int(r["collect"]) for r in rows] == [d["collect"] for d in plan.domains]
-    assert float(rows[0]["cost"]) == 3.0 * plan.domains[0]["collect"]
+    recommended = plan.even_domains if plan.verdict["recommend"] == "even" else plan.domains
+    assert [int(r["collect"]) for r in rows] == [d["collect"] for d in recommended]
+    assert [int(r["curves_prefer"]) for r in rows] == [d["collect"] for d in plan.domains]
+    assert float(rows[0]["cost"]) == 3.0 * recommended[0]["collect"]
     assert rows[2]["gain"] == "" and rows[2]["reason"].startswith("too few facts for a pilot")
     page = report.plan_report_html(plan, curves)
     assert page.count("plotly.js v") == 1 and page.count('class="plotly-graph-div"') == 3  # plotly.js once, inline

@@ -17,8 +17,9 @@ from scipy import optimize, stats
 
 from dowsing import curves
 from dowsing.cli import main
-from dowsing.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, load_values,
-                          match_domains)
+from dowsing.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, format_plan,
+                          gain_function, load_values, match_domains, most_examples, next_round, plan_csv, plan_rows,
+                          recommendation)
 
 SIZES = [2, 4, 8, 16, 32, 64]
 
@@ -331,6 +332,101 @@ def test_where_the_curves_cannot_tell_the_domains_apart_the_plan_says_spreading_
     assert clear.totals["even"]["plan_minus_this"]["shown"] and clear.verdict["recommend"] == "plan"
 
 
+# --- rounds and what is recommended ----------------------------------------------------
+
+def test_the_next_round_spends_what_is_left_from_where_the_collected_facts_leave_the_curves():
+    import dataclasses
+
+    first = PlanConfig(budget=30, budget_unit="money", costs={"A": 2.0}, caps={"A": 5, "C": 4}, have=2,
+                       have_by_domain={"B": 4}, bootstrap_resamples=300)
+    second = next_round(first, {"A": 3, "B": 4}, ["A", "B", "C"])
+    # by hand: 30 - (3 x 2 + 4 x 1) left; A's cap 5 - 3; C uncapped by what it did not collect
+    assert second.budget == 20 and second.round == 2 and second.caps == (("A", 2), ("C", 4))
+    assert second.collected == (("A", 3), ("B", 4))
+    assert [second.start_of(n) for n in "ABC"] == [2 + 3, 4 + 4, 2 + 0]
+    assert [second.have_of(n) for n in "ABC"] == [2, 4, 2]  # the facts in training are still those
+    assert PlanConfig.from_dict(json.loads(json.dumps(second.to_dict()))) == second
+    third = next_round(second, {"A": 1, "C": 4}, ["A", "B", "C"])
+    assert third.budget == 20 - 2 - 4 and third.round == 3 and third.caps == (("A", 1), ("C", 0))
+    assert third.collected == (("A", 4), ("B", 4), ("C", 4)) and third.start_of("A") == 6
+    assert third.curve_settings() == first.curve_settings()  # the pilots do not depend on the round
+
+    domains = [_domain(n, slope, k) for k, (n, slope) in enumerate((("A", 0.03), ("B", 0.02), ("C", 0.01)))]
+    plan = build_plan(domains, second)
+    start = {"A": 5, "B": 8, "C": 2}
+    gains = [gain_function(dataclasses.replace(d, have=start[d.name]), "expected",
+                           most_examples(20, second.cost(d.name), second.cap(d.name))) for d in domains]
+    want = allocate(gains, 20, [2.0, 1.0, 1.0], [2, None, 4]).counts
+    assert [plan.row(n)["collect"] for n in "ABC"] == want and plan.allocation["round"] == 2
+    for d in domains:
+        row, h = plan.row(d.name), start[d.name]
+        assert (row["round"], row["have"], row["collected_before"], row["reads_from"]) == (
+            2, second.have_of(d.name), second.collected_of(d.name), h)
+        m = row["collect"]
+        a, b = d.curve.params
+        by_hand = b * math.log((h + m) / h) if d.curve.form == "log" else a * ((h + m) ** b - h ** b)
+        assert row["gain"] == pytest.approx(by_hand, rel=1e-9, abs=1e-15) and row["reads_to"] == h + m
+    assert json.loads(plan.to_json())["config"]["collected"] == [["A", 3], ["B", 4]]
+    assert "Round 2" in format_plan(plan) and "Collected before" in format_plan(plan)
+    assert {r["round"] for r in plan_rows(plan)} == {2}
+
+
+def test_a_round_that_collected_the_whole_budget_plans_nothing():
+    spent = next_round(PlanConfig(budget=6, bootstrap_resamples=300), {"A": 4, "B": 2}, ["A", "B"])
+    assert spent.budget == 0
+    plan = build_plan([_domain("A", 0.03, 1), _domain("B", 0.02, 2)], spent)
+    assert [d["collect"] for d in plan.domains] == [0, 0] and recommendation(plan)["by"] == "plan"
+    assert recommendation(plan)["headline"].startswith("Nothing is left of the budget")
+    with pytest.raises(ValueError, match="budget must be a number >= 0"):
+        PlanConfig(budget=-1, round=2)
+
+
+@pytest.mark.parametrize("collected,says", [
+    ({"A": -1}, "whole number of examples >= 0"), ({"A": 2.5}, "whole number of examples >= 0"),
+    ({"A": "many"}, "whole number of examples >= 0"), ({"Z": 1}, "not among the domains: 'Z'"),
+    ({"A": 20, "B": 11}, "cost 31 examples, more than the budget of 30"),
+])
+def test_bad_collected_counts_are_refused_in_one_line(collected, says):
+    with pytest.raises(ValueError, match=says) as refused:
+        next_round(PlanConfig(budget=30), collected, ["A", "B"])
+    assert "\n" not in str(refused.value)
+    money = PlanConfig(budget=10, budget_unit="money", costs={"A": 3.0})
+    with pytest.raises(ValueError, match="cost 12 money, more than the budget of 10"):
+        next_round(money, {"A": 4}, ["A"])
+
+
+def test_where_the_plan_is_not_shown_better_the_even_split_is_what_is_recommended_everywhere():
+    from dowsing import report
+
+    twins = [_domain(name, 0.02, 3) for name in ("A", "B", "C", "D")]
+    plan = build_plan(twins, PlanConfig(budget=42, have=8, bootstrap_resamples=300))
+    assert plan.verdict["recommend"] == "even"
+    even = [11, 11, 10, 10]  # 42 over 4, the remainder to the first domains
+    assert list(plan.totals["even"]["counts"].values()) == even
+    rec = recommendation(plan)
+    assert rec["by"] == "even" and [m for _, m in rec["counts"]] == even
+    assert rec["headline"].startswith("Recommended: spread evenly: 10 to 11 of each")
+    assert [m for _, m in rec["preference"]] == [d["collect"] for d in plan.domains]
+    rows = plan_rows(plan)
+    assert [r["collect"] for r in rows] == even and {r["recommended_by"] for r in rows} == {"spread evenly"}
+    assert [r["curves_prefer"] for r in rows] == [d["collect"] for d in plan.domains]
+    for r, d in zip(rows, twins):  # the gains shown are the even counts'
+        assert r["gain"] == pytest.approx(d.curve.gain(8, r["collect"]))
+    text = format_plan(plan)
+    assert rec["headline"] in text and "Collect (spread evenly)" in text and "Curves prefer (not shown better)" in text
+    assert text.index("Collect (spread evenly)") < text.index("Curves prefer")
+    assert "spent 42" in text
+    assert plan_csv(plan).splitlines()[1].split(",")[6:9] == ["spread evenly", "11", str(plan.domains[0]["collect"])]
+    page = report.plan_section_html(plan)
+    assert "spread evenly: 10 to 11 of each" in page and "preference (not shown better)</th>" in page
+    assert page.index("Collect (spread evenly)") < page.index("preference (not shown better)")
+    # the JSON keeps both
+    back = PlanResult.from_json(plan.to_json())
+    assert [d["collect"] for d in back.even_domains] == even and back.verdict["recommend"] == "even"
+    twelve = build_plan(twins, PlanConfig(budget=40, have=8, bootstrap_resamples=300))
+    assert recommendation(twelve)["headline"].startswith("Recommended: spread evenly: 10 of each.")
+
+
 def _elasticity_by_difference(form, params, n, h=1e-6):
     g = lambda x: curves.predict(form, params, x)  # noqa: E731
     return n * (g(n * (1 + h)) - g(n * (1 - h))) / (2 * h * n) / g(n)
@@ -482,6 +578,13 @@ BAD_PLANS = {
     "have file over the facts": (["--budget", "10", "--have", "{f}"], ("have.json", '{"Gamma": 13}'),
                                  "more than its 12 facts"),
     "have file unknown domain": (["--budget", "10", "--have", "{f}"], ("have.csv", "Delta,1\n"), "'Delta'"),
+    "collected negative": (["--budget", "10", "--collected", "{f}"], ("got.csv", "Alpha,-1\n"), "whole number"),
+    "collected not whole": (["--budget", "10", "--collected", "{f}"], ("got.json", '{"Beta": 1.5}'), "whole number"),
+    "collected unknown domain": (["--budget", "10", "--collected", "{f}"], ("got.csv", "Delta,1\n"), "'Delta'"),
+    "collected over the budget": (["--budget", "10", "--collected", "{f}"], ("got.json", '{"Alpha": 8, "beta": 3}'),
+                                  "more than the budget of 10"),
+    "collected not a number": (["--budget", "10", "--collected", "{f}"], ("got.csv", "domain,n\nAlpha,some\n"), "line 2"),
+    "collected wrong type": (["--budget", "10", "--collected", "{f}"], ("got.txt", "Alpha,1\n"), ".csv or .json"),
 }
 
 
@@ -541,6 +644,37 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
     assert [d["fit"]["drops"] for d in again.domains] == [d["fit"]["drops"] for d in plan.domains]
     assert again.row("Alpha")["cost"] == 3 * again.row("Alpha")["collect"]
     assert again.allocation["spent"] <= 90
+
+
+def test_the_next_round_on_the_tiny_llama_reruns_only_the_changed_domain_s_pilot(domain_file, tmp_path, capsys,
+                                                                                 tiny_llama_dir):
+    from dowsing.domains import load_domains
+    from dowsing.plan import PlanConfig, pilot_measurements, plan_from_pilots
+
+    out = tmp_path / "plan.json"
+    assert main(["plan", "--budget", "20", "--model", str(tiny_llama_dir), "--domains", str(domain_file),
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    # two Alpha facts collected (and added to the domains), one Beta fact collected but not added
+    data = json.loads(domain_file.read_text())
+    data["domains"][0]["facts"] += ["Alpha item 40 is stored in box red9.", "Alpha item 41 is stored in box red8."]
+    grown = tmp_path / "grown.json"
+    grown.write_text(json.dumps(data))
+    (tmp_path / "got.csv").write_text("domain,collected\nalpha,2\nBeta,1\n")
+    code = main(["plan", "--budget", "20", "--collected", str(tmp_path / "got.csv"), "--model", str(tiny_llama_dir),
+                 "--domains", str(grown), "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0 and "pilot fine-tunes: 1 of 3 domains recomputed, 2 from cache" in captured.err
+    plan = PlanResult.from_json(out.read_text())
+    assert plan.config["round"] == 2 and plan.config["budget"] == 17 and plan.config["collected"] == [["Alpha", 2],
+                                                                                                      ["Beta", 1]]
+    assert [plan.row(n)["reads_from"] for n in FACTS] == [2, 1, 0] and plan.row("Alpha")["n_facts"] == 10
+    assert "Round 2" in captured.out and "budget 17 examples" in captured.out
+    # the same plan from the library: the first round's config carried to the next by hand
+    by_hand = PlanConfig(budget=17, caps=(), collected={"Alpha": 2, "Beta": 1}, round=2)
+    direct = plan_from_pilots(pilot_measurements(str(tiny_llama_dir), load_domains(grown), by_hand), by_hand)
+    assert [d["collect"] for d in plan.domains] == [d["collect"] for d in direct.domains]
+    assert [d["collect"] for d in plan.even_domains] == [6, 6, 5]
 
 
 def _pilots_match_a_direct_run(plan, model_dir, domain_file):
