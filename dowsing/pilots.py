@@ -79,6 +79,29 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     return {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
 
 
+def transfer_drops(trainer, recipe: Recipe, seed: int, source_a: list, source_b: list, size: int,
+                   targets: list) -> list:
+    """What training on one domain's half does to other domains' held-out
+    halves, at one pilot size n: per target (rows A_i, rows B_i),
+
+      on_b = mean over B_i of the per-fact drop after training on A_j[:n],
+      on_a = mean over A_i of the per-fact drop after training on B_j[:n],
+      drop = (on_b + on_a) / 2,
+
+    the mirror of `pilot_curve`'s two directions (A_j's run read on B, B_j's
+    on A), so the source's own halves as the target give its pilot drop at n
+    (the same runs, the same arithmetic). Two fine-tunes whatever the number
+    of targets; each target costs a forward pass through the trained blocks.
+    Returns [{"on_b", "on_a", "drop"}] in the targets' order."""
+    base = trainer.data.fact_losses
+    trainer.train(recipe, seed, list(source_a[:size]))
+    on_b = [base[list(b)].to(torch.float64) - trainer.losses(list(b)) for _, b in targets]
+    trainer.train(recipe, seed, list(source_b[:size]))
+    on_a = [base[list(a)].to(torch.float64) - trainer.losses(list(a)) for a, _ in targets]
+    return [{"on_b": float(x.mean()), "on_a": float(y.mean()), "drop": 0.5 * (float(x.mean()) + float(y.mean()))}
+            for x, y in zip(on_b, on_a)]
+
+
 def log_fit(sizes, values) -> tuple[float, float]:
     """(a, b) of the least-squares line value = a + b ln n over the points;
     one point gives b = 0 (a flat curve: nothing to extrapolate from)."""
