@@ -287,13 +287,23 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
         split = _forward(loaded, [train[k] for k in need], [held[k] for k in need], config.batch_size,
                          depth - blocks, report)
         forward_s, row = split.forward_s, {k: p for p, k in enumerate(need)}
+        # a source whose pilot runs now is read on its missing targets from the pilot's own largest runs
+        reads = [[i for i in range(len(domains)) if pairs.get((i, j), {}).get("value", 0) is None] if j in sources
+                 else None for j in todo]
         trainer = _measure_curves(loaded, split, [row[k] for k in todo], [train[k] for k in todo],
-                                  [curves[k] for k in todo], config, recipe, units, report)
-        if sources:
+                                  [curves[k] for k in todo], config, recipe, units, report,
+                                  [[row[i] for i in r] if r else None for r in reads])
+        for j, targets in zip(todo, reads):
+            curve = curves[j]["curve"]
+            transfer_s += curve.pop("transfer_s", 0.0)
+            for i, value in zip(targets or [], curve.pop("transfer", [])):
+                _keep_pair(pairs, i, j, value, train, units)
+        rest = [j for j in sources if j not in todo]  # their pilots were stored: two fine-tunes each
+        if rest:
             t1 = time.perf_counter()
             measure_transfer(trainer or _pilot_trainer(loaded, split), split, [row[k] for k in range(len(domains))],
-                             sources, pairs, train, config, recipe, units, report)
-            transfer_s = time.perf_counter() - t1
+                             rest, pairs, train, config, recipe, units, report)
+            transfer_s += time.perf_counter() - t1
     measured = []
     for domain, a, b, c in zip(domains, train, held, curves):
         curve = c["curve"]
@@ -355,9 +365,13 @@ def measure_transfer(trainer, split, rows: list, sources: list, pairs: dict, tra
                              list(split.held_rows[rows[j]]), size,
                              [(list(split.train_rows[rows[i]]), list(split.held_rows[rows[i]])) for i in targets])
         for i, value in zip(targets, got):
-            pairs[(i, j)]["value"] = value
-            if units is not None:
-                units.put("transfer", pairs[(i, j)]["key"], f"{train[j].name} -> {train[i].name}", value)
+            _keep_pair(pairs, i, j, value, train, units)
+
+
+def _keep_pair(pairs: dict, i: int, j: int, value: dict, train: list, units) -> None:
+    pairs[(i, j)]["value"] = value
+    if units is not None:
+        units.put("transfer", pairs[(i, j)]["key"], f"{train[j].name} -> {train[i].name}", value)
 
 
 def _forward(loaded, train: list, held: list, batch_size: int, capture_block: int, report):
@@ -376,11 +390,15 @@ def _forward(loaded, train: list, held: list, batch_size: int, capture_block: in
     return split
 
 
-def _measure_curves(loaded, split, rows: list, train: list, curves: list, config, recipe, units, report):
+def _measure_curves(loaded, split, rows: list, train: list, curves: list, config, recipe, units, report,
+                    reads: list | None = None):
     """Each of these domains' pilot curve (none for a domain whose halves
     cannot hold MIN_HALF facts) into curves[j]["curve"] with its halves'
     per-fact losses, kept in `units`; rows[j] is domain j's position in
-    `split`. Returns the TailTrainer (None if no pilot ran)."""
+    `split`. reads[j]: the positions in `split` of the domains the pilot's
+    largest runs are also read on (`pilot_curve`'s targets), their entries
+    left in the curve under "transfer" and "transfer_s", not in the unit.
+    Returns the TailTrainer (None if no pilot ran)."""
     losses = split.tokens.fact_losses
     trainer = None
     for j, domain in enumerate(train):
@@ -390,11 +408,16 @@ def _measure_curves(loaded, split, rows: list, train: list, curves: list, config
         curve = {}
         if min(len(rows_a), len(rows_b)) >= MIN_HALF:
             trainer = trainer or _pilot_trainer(loaded, split)
-            curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes)
+            targets = reads[j] if reads else None
+            curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes,
+                                [(list(split.train_rows[t]), list(split.held_rows[t])) for t in targets]
+                                if targets else None)
         curve.update(losses_a=[float(losses[r]) for r in rows_a], losses_b=[float(losses[r]) for r in rows_b])
         curves[j]["curve"] = curve
         if units is not None and curve.get("sizes"):
-            units.put("pilot", curves[j]["key"], domain.name, curve)
+            # the pilot unit reads its own domain alone: what it read of the others is kept apart
+            units.put("pilot", curves[j]["key"], domain.name,
+                      {k: v for k, v in curve.items() if k not in ("transfer", "transfer_s")})
     return trainer
 
 

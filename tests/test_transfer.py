@@ -66,6 +66,9 @@ def test_the_diagonal_is_the_pilot_curves_own_drop_at_its_largest_size(measured)
             assert run["transfer"]["sizes"][j] == entry["sizes"][-1]
             assert matrix[j][j] == pytest.approx(entry["drop"][-1], rel=1e-6, abs=1e-12)
     assert all(v is not None and np.isfinite(v) for row in fresh["transfer"]["matrix"] for v in row)
+    # read from the pilots' own runs (fresh) or from two fine-tunes after stored pilots: the same matrix
+    assert np.ravel(with_transfer["transfer"]["matrix"]) == pytest.approx(np.ravel(fresh["transfer"]["matrix"]),
+                                                                          rel=1e-6, abs=1e-12)
 
 
 def test_an_off_diagonal_entry_is_a_fine_tune_on_one_domain_read_on_the_others_halves(measured):
