@@ -17,6 +17,11 @@ blocks buy. Its shape across domains is what ranks them and splits the
 budget; its absolute nats are the pilot's, not those of a full training run
 (`pilot_scale` says how far apart they were on the benchmark).
 
+With `transfer` (off by default) the pilots also measure what each domain's
+half does to every other domain's held-out half (the matrix T), and the
+objective counts the gain on all weighted domains through effective
+weights w~_j = sum_i w_i clip(T[i][j] / T[j][j]) (docs/METHOD.md section 14).
+
 `allocate` spends the budget greedily on the largest weighted gain per unit
 cost, by default the mean gain over the curves' bootstrap resamples
 (`gain_function`); `verdict` says whether the plan is shown to beat
@@ -409,9 +414,9 @@ def _measure_curves(loaded, split, rows: list, train: list, curves: list, config
         if min(len(rows_a), len(rows_b)) >= MIN_HALF:
             trainer = trainer or _pilot_trainer(loaded, split)
             targets = reads[j] if reads else None
-            curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes,
-                                [(list(split.train_rows[t]), list(split.held_rows[t])) for t in targets]
-                                if targets else None)
+            extra = {"targets": [(list(split.train_rows[t]), list(split.held_rows[t])) for t in targets]} \
+                if targets else {}
+            curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes, **extra)
         curve.update(losses_a=[float(losses[r]) for r in rows_a], losses_b=[float(losses[r]) for r in rows_b])
         curves[j]["curve"] = curve
         if units is not None and curve.get("sizes"):

@@ -21,11 +21,10 @@ loaded model (`loaded_identity`) or from a model id without loading it
 
 An entry of the plan's transfer matrix (what training on one domain's half
 does to another's held-out half) reads exactly two domains and is a unit
-keyed by both (`transfer_key`). What spans domains is not a unit and is
-recomputed from them: the paper's
-curvature and solve (H_k sums over every fact of every domain), ranks,
-shares, bootstraps over domains, the fallback's fitted line, the diagnosis
-and the plan's allocation.
+keyed by both (`transfer_key`). What spans more domains is not a unit and
+is recomputed from them: the paper's curvature and solve (H_k sums over
+every fact of every domain), ranks, shares, bootstraps over domains, the
+fallback's fitted line, the diagnosis and the plan's allocation.
 
 Values are JSON (through `store.JsonStore`, which stores text only).
 """
