@@ -284,7 +284,11 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     todo = [k for k, c in enumerate(curves) if c["curve"] is None]
     report(Progress("pilots", 0.02, f"pilot fine-tunes: {recomputed_message(len(todo), len(domains))}"))
     pairs = _transfer_pairs(train, held, config, recipe, units) if getattr(config, "transfer", False) else None
-    sources = sorted({j for (_, j), pair in (pairs or {}).items() if pair["value"] is None})
+    missing = {}  # source j -> the targets i whose entry T[i][j] is not stored
+    for (i, j), pair in sorted((pairs or {}).items()):
+        if pair["value"] is None:
+            missing.setdefault(j, []).append(i)
+    sources = sorted(missing)
     # an entry of T reads two domains' block inputs: a missing one needs the forward pass over all of them
     need = list(range(len(domains))) if sources else todo
     forward_s = transfer_s = 0.0
@@ -293,8 +297,7 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
                          depth - blocks, report)
         forward_s, row = split.forward_s, {k: p for p, k in enumerate(need)}
         # a source whose pilot runs now is read on its missing targets from the pilot's own largest runs
-        reads = [[i for i in range(len(domains)) if pairs.get((i, j), {}).get("value", 0) is None] if j in sources
-                 else None for j in todo]
+        reads = [missing.get(j) for j in todo]
         trainer = _measure_curves(loaded, split, [row[k] for k in todo], [train[k] for k in todo],
                                   [curves[k] for k in todo], config, recipe, units, report,
                                   [[row[i] for i in r] if r else None for r in reads])
@@ -307,7 +310,7 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
         if rest:
             t1 = time.perf_counter()
             measure_transfer(trainer or _pilot_trainer(loaded, split), split, [row[k] for k in range(len(domains))],
-                             rest, pairs, train, config, recipe, units, report)
+                             {j: missing[j] for j in rest}, pairs, train, config, recipe, units, report)
             transfer_s += time.perf_counter() - t1
     measured = []
     for domain, a, b, c in zip(domains, train, held, curves):
@@ -352,19 +355,18 @@ def _transfer_pairs(train: list, held: list, config, recipe, units) -> dict:
     return pairs
 
 
-def measure_transfer(trainer, split, rows: list, sources: list, pairs: dict, train: list, config, recipe, units,
+def measure_transfer(trainer, split, rows: list, missing: dict, pairs: dict, train: list, config, recipe, units,
                      report) -> None:
-    """The missing entries of the transfer matrix, source by source
-    (`pilots.transfer_drops`: two fine-tunes on the source's halves cut to
-    its largest pilot size, then each missing target's halves read through
-    the trained blocks), into pairs[(i, j)]["value"] and kept in `units`.
-    rows[k]: domain k's position in `split`."""
+    """The entries T[i][j] of the transfer matrix for each source j in
+    `missing` and each of its targets i there (`pilots.transfer_drops`: two
+    fine-tunes on the source's halves cut to its largest pilot size, then
+    each target's halves read through the trained blocks), into
+    pairs[(i, j)]["value"] and kept in `units`. rows[k]: domain k's
+    position in `split`."""
     from .pilots import transfer_drops
 
-    for step, j in enumerate(sources):
-        report(Progress("pilots", 0.5 + 0.45 * step / len(sources),
-                        f"transfer fine-tunes, domain {step + 1} of {len(sources)}: {train[j].name}"))
-        targets = [i for (i, j2), pair in sorted(pairs.items()) if j2 == j and pair["value"] is None]
+    for step, (j, targets) in enumerate(sorted(missing.items())):
+        report(Progress("pilots", 0.95, f"transfer fine-tunes, domain {step + 1} of {len(missing)}: {train[j].name}"))
         size = pairs[(targets[0], j)]["size"]
         got = transfer_drops(trainer, recipe, config.seed, list(split.train_rows[rows[j]]),
                              list(split.held_rows[rows[j]]), size,
