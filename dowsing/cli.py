@@ -279,6 +279,9 @@ def add_plan_command(sub) -> None:
                            "fitted curves alone (point) (default: %(default)s)")
     plan.add_argument("--shrink", action="store_true",
                       help="pool the learning curves' shapes across domains (empirical Bayes); off by default")
+    plan.add_argument("--transfer", action="store_true",
+                      help="value each domain's examples by their gain on every weighted domain, from a transfer "
+                           "matrix of the pilots (two more fine-tunes per domain); off by default")
     plan.add_argument("--model", default=None, help=f"HF id, local directory or .gguf (default: {EMBEDDED_ID})")
     plan.add_argument("--domains", default=None, help="JSON or CSV domain file (default: the paper's four domains)")
     plan.add_argument("--seed", type=int, default=0, help="seed of the halves, the pilots and the bootstrap")
@@ -312,7 +315,8 @@ def plan_config(args, domains: list):
                 from None
     config = PlanConfig(budget=args.budget, budget_unit="money" if args.costs else "examples", seed=args.seed,
                         device=args.device, dtype=args.dtype, rule=getattr(args, "rule", "expected"),
-                        shrink=bool(getattr(args, "shrink", False)), **given)
+                        shrink=bool(getattr(args, "shrink", False)), transfer=bool(getattr(args, "transfer", False)),
+                        **given)
     check_plan(config, domains)
     path = getattr(args, "collected", None)
     if path:

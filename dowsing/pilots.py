@@ -49,7 +49,8 @@ def pilot_sizes(sizes, half_a: int, half_b: int) -> list:
     return out + [top] if top > 0 else out
 
 
-def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, sizes=PILOT_SIZES) -> dict:
+def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, sizes=PILOT_SIZES,
+                targets: list | None = None) -> dict:
     """The two-way pilot learning curve of one domain.
 
     For each n in `pilot_sizes`: drop_AB(n) = mean over B of the per-fact
@@ -61,22 +62,71 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     Returns {"sizes", "drop" [per size], "per_fact" {"b": [...], "a": [...]},
     "per_fact_by_size" [[per fact of B then A, scaled so their mean is
     drop(n)] per size], "seconds" [per size]}.
+
+    targets: other domains' halves [(rows A_i, rows B_i)] to read at the
+    largest n from the same two runs (`transfer_drops`' entries, at no more
+    fine-tuning), returned under "transfer" with the seconds the reading
+    took ("transfer_s", left out of "seconds").
     """
     sizes = pilot_sizes(sizes, len(rows_a), len(rows_b))
     drops, by_size, last, seconds = [], [], None, []
+    read_b, read_a, read_s = [], [], 0.0
     for n in sizes:
         t0 = time.perf_counter()
         on_b = pilot_drops(trainer, recipe, seed, rows_a[:n], rows_b)
+        t1 = time.perf_counter()
+        if targets and n == sizes[-1]:
+            read_b = [_drops_now(trainer, b) for _, b in targets]
+        t2 = time.perf_counter()
         on_a = pilot_drops(trainer, recipe, seed, rows_b[:n], rows_a)
+        t3 = time.perf_counter()
+        if targets and n == sizes[-1]:
+            read_a = [_drops_now(trainer, a) for a, _ in targets]
+        read_s += (t2 - t1) + (time.perf_counter() - t3)
         drops.append(0.5 * (float(on_b.mean()) + float(on_a.mean())))
         # each half weighs half whatever the halves' sizes, so the mean over all facts is drop(n)
         total = len(rows_a) + len(rows_b)
         by_size.append([float(x) * total / (2 * len(rows_b)) for x in on_b]
                        + [float(x) * total / (2 * len(rows_a)) for x in on_a])
         last = (on_b, on_a)
-        seconds.append(time.perf_counter() - t0)
+        seconds.append((t1 - t0) + (t3 - t2))
     per_fact = {"b": [float(x) for x in last[0]], "a": [float(x) for x in last[1]]} if last else {"b": [], "a": []}
-    return {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
+    out = {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
+    if targets is not None:
+        out.update(transfer=_two_way(read_b, read_a), transfer_s=read_s)
+    return out
+
+
+def transfer_drops(trainer, recipe: Recipe, seed: int, source_a: list, source_b: list, size: int,
+                   targets: list) -> list:
+    """What training on one domain's half does to other domains' held-out
+    halves, at one pilot size n: per target (rows A_i, rows B_i),
+
+      on_b = mean over B_i of the per-fact drop after training on A_j[:n],
+      on_a = mean over A_i of the per-fact drop after training on B_j[:n],
+      drop = (on_b + on_a) / 2,
+
+    the mirror of `pilot_curve`'s two directions (A_j's run read on B, B_j's
+    on A), so the source's own halves as the target give its pilot drop at n
+    (the same runs, the same arithmetic). Two fine-tunes whatever the number
+    of targets; each target costs a forward pass through the trained blocks.
+    Returns [{"on_b", "on_a", "drop"}] in the targets' order."""
+    trainer.train(recipe, seed, list(source_a[:size]))
+    read_b = [_drops_now(trainer, b) for _, b in targets]
+    trainer.train(recipe, seed, list(source_b[:size]))
+    read_a = [_drops_now(trainer, a) for a, _ in targets]
+    return _two_way(read_b, read_a)
+
+
+def _drops_now(trainer, rows) -> float:
+    """The mean per-fact drop of these rows under the trainer's current
+    weights (as `pilot_drops` computes it, without training)."""
+    rows = list(rows)
+    return float((trainer.data.fact_losses[rows].to(torch.float64) - trainer.losses(rows)).mean())
+
+
+def _two_way(read_b: list, read_a: list) -> list:
+    return [{"on_b": b, "on_a": a, "drop": 0.5 * (b + a)} for b, a in zip(read_b, read_a)]
 
 
 def log_fit(sizes, values) -> tuple[float, float]:

@@ -22,6 +22,11 @@ blocks buy. Its shape across domains is what ranks them and splits the
 budget; its absolute nats are the pilot's, not those of a full training run
 (`pilot_scale` says how far apart they were on the benchmark).
 
+With `transfer` (off by default) the pilots also measure what each domain's
+half does to every other domain's held-out half (the matrix T), and the
+objective counts the gain on all weighted domains through effective
+weights w~_j = sum_i w_i clip(T[i][j] / T[j][j]) (docs/METHOD.md section 14).
+
 `allocate` spends the budget greedily on the largest weighted gain per unit
 cost, by default the mean gain over the curves' bootstrap resamples
 (`gain_function`); `verdict` says whether the plan is shown to beat
@@ -99,6 +104,10 @@ class PlanConfig(ConfigRecord):
         (the fitted curve alone); see RULES.
     shrink: pool the curves' shapes across domains (`curves.shrink_curves`);
         off by default: in simulations it lost gain (docs/METHOD.md section 14).
+    transfer: value a domain's facts by what they gain every weighted domain,
+        through the pilots' transfer matrix (`transfer_ratios`,
+        `effective_weights`); off by default: it has not been shown to buy
+        more on the benchmark's plan check (docs/METHOD.md section 14).
     """
 
     record_name = "plan"
@@ -120,6 +129,7 @@ class PlanConfig(ConfigRecord):
     shrink: bool = False
     collected: tuple = ()
     round: int = 1
+    transfer: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "have_by_domain", _pairs(self.have_by_domain, _have))
@@ -176,7 +186,7 @@ class PlanConfig(ConfigRecord):
     def pilot_config(self) -> "PilotConfig":
         """The part of the plan the pilot measurements depend on."""
         return PilotConfig(pilot_sizes=self.pilot_sizes, seed=self.seed, device=self.device, dtype=self.dtype,
-                           batch_size=self.batch_size)
+                           batch_size=self.batch_size, transfer=self.transfer)
 
     def curve_settings(self) -> dict:
         """What the pilot measurements depend on (their cache key's settings):
@@ -190,7 +200,8 @@ class PilotConfig(ConfigRecord):
     """The settings the pilot measurements depend on, and nothing else: what
     a plan job (`dowsing.jobs`, kind "plan") runs and caches. A PlanConfig
     with the same fields has the same curve_settings, so the job and
-    `run_plan` share one cached measurement."""
+    `run_plan` share one cached measurement. transfer: measure the transfer
+    matrix as well (`measure_pilots`)."""
 
     record_name = "pilot"
 
@@ -199,14 +210,17 @@ class PilotConfig(ConfigRecord):
     device: str = "cpu"
     dtype: str = "float32"
     batch_size: int = 16
+    transfer: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
         _check_pilot_settings(self)
 
     def curve_settings(self) -> dict:
-        return {"pilot_sizes": list(self.pilot_sizes), "seed": self.seed, "device": self.device,
-                "dtype": self.dtype, "batch_size": self.batch_size, "recipe": PILOT_RECIPE.label()}
+        settings = {"pilot_sizes": list(self.pilot_sizes), "seed": self.seed, "device": self.device,
+                    "dtype": self.dtype, "batch_size": self.batch_size, "recipe": PILOT_RECIPE.label()}
+        # named only when on, so the measurements stored without the matrix keep their keys
+        return {**settings, "transfer": True} if self.transfer else settings
 
 
 def _check_pilot_settings(config) -> None:
@@ -305,7 +319,12 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     inputs of the first of the last 4 blocks kept) and kept there.
     JSON-able: the model, per domain its facts' count, mean loss, the pilot
     sizes, drops and per-fact drops per size, and the halves' sizes
-    (held-out half B first, as the per-fact drops are laid out)."""
+    (held-out half B first, as the per-fact drops are laid out).
+
+    With config.transfer, also "transfer" (`measure_transfer`): the matrix
+    T[i][j] of what each domain's half does to every domain's other half at
+    the source's largest pilot size, each entry a unit keyed by both
+    domains; when one is missing, the forward pass covers every domain."""
     from .pilots import pilot_sizes
     from .splitting import split_domains
     from .subspace import find_anatomy
@@ -328,10 +347,35 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
         curves.append({"key": key, "curve": units.get("pilot", key, a.name) if key is not None else None})
     todo = [k for k, c in enumerate(curves) if c["curve"] is None]
     report(Progress("pilots", 0.02, f"pilot fine-tunes: {recomputed_message(len(todo), len(domains))}"))
-    forward_s = 0.0
-    if todo:
-        forward_s = _measure_curves(loaded, [train[k] for k in todo], [held[k] for k in todo],
-                                    [curves[k] for k in todo], config, recipe, depth - blocks, units, report)
+    pairs = _transfer_pairs(train, held, config, recipe, units) if getattr(config, "transfer", False) else None
+    missing = {}  # source j -> the targets i whose entry T[i][j] is not stored
+    for (i, j), pair in sorted((pairs or {}).items()):
+        if pair["value"] is None:
+            missing.setdefault(j, []).append(i)
+    sources = sorted(missing)
+    # an entry of T reads two domains' block inputs: a missing one needs the forward pass over all of them
+    need = list(range(len(domains))) if sources else todo
+    forward_s = transfer_s = 0.0
+    if need:
+        split = _forward(loaded, [train[k] for k in need], [held[k] for k in need], config.batch_size,
+                         depth - blocks, report)
+        forward_s, row = split.forward_s, {k: p for p, k in enumerate(need)}
+        # a source whose pilot runs now is read on its missing targets from the pilot's own largest runs
+        reads = [missing.get(j) for j in todo]
+        trainer = _measure_curves(loaded, split, [row[k] for k in todo], [train[k] for k in todo],
+                                  [curves[k] for k in todo], config, recipe, units, report,
+                                  [[row[i] for i in r] if r else None for r in reads])
+        for j, targets in zip(todo, reads):
+            curve = curves[j]["curve"]
+            transfer_s += curve.pop("transfer_s", 0.0)
+            for i, value in zip(targets or [], curve.pop("transfer", [])):
+                _keep_pair(pairs, i, j, value, train, units)
+        rest = [j for j in sources if j not in todo]  # their pilots were stored: two fine-tunes each
+        if rest:
+            t1 = time.perf_counter()
+            measure_transfer(trainer or _pilot_trainer(loaded, split), split, [row[k] for k in range(len(domains))],
+                             {j: missing[j] for j in rest}, pairs, train, config, recipe, units, report)
+            transfer_s += time.perf_counter() - t1
     measured = []
     for domain, a, b, c in zip(domains, train, held, curves):
         curve = c["curve"]
@@ -342,42 +386,110 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
             entry.update({key: curve[key] for key in ("sizes", "drop", "per_fact_by_size", "seconds")},
                          strata=[len(b.facts), len(a.facts)])
         measured.append(entry)
+    out = {"model": loaded.info.to_dict(), "recipe": recipe.label(), "forward_s": forward_s,
+           "pilot_s": time.perf_counter() - t0 - forward_s - transfer_s, "domains": measured}
+    if pairs is not None:
+        k, sizes = len(domains), {j: pair["size"] for (_, j), pair in pairs.items()}
+        out["transfer"] = {"domains": [d.name for d in domains], "transfer_s": transfer_s,
+                           "sizes": [sizes.get(j) for j in range(k)],
+                           "matrix": [[pairs[(i, j)]["value"]["drop"] if (i, j) in pairs else None for j in range(k)]
+                                      for i in range(k)],
+                           "computed_sources": [domains[j].name for j in sources]}
     report(Progress("pilots", 0.95, "pilot fine-tunes done"))
-    return finite_or_none({"model": loaded.info.to_dict(), "recipe": recipe.label(), "forward_s": forward_s,
-                           "pilot_s": time.perf_counter() - t0 - forward_s, "domains": measured})
+    return finite_or_none(out)
 
 
-def _measure_curves(loaded, train: list, held: list, curves: list, config, recipe, capture_block: int, units,
-                    report) -> float:
-    """One forward pass over these domains' halves, then each one's pilot
-    curve (none for a domain whose halves cannot hold MIN_HALF facts) into
-    curves[j]["curve"] with its halves' per-fact losses, kept in `units`.
-    Returns the forward pass's seconds."""
+def _transfer_pairs(train: list, held: list, config, recipe, units) -> dict:
+    """{(i, j): {"key", "size", "value"}} for every target i and every
+    source j whose halves can hold a pilot (MIN_HALF facts each): the size
+    is the source's largest pilot size, the value the stored unit or None."""
+    from .pilots import pilot_sizes
+    from .units import transfer_key
+
+    pairs = {}
+    for j, (a_j, b_j) in enumerate(zip(train, held)):
+        if min(len(a_j.facts), len(b_j.facts)) < MIN_HALF:
+            continue
+        size = pilot_sizes(config.pilot_sizes, len(a_j.facts), len(b_j.facts))[-1]
+        for i, (a_i, b_i) in enumerate(zip(train, held)):
+            key = (transfer_key(units.model, (a_j.facts, b_j.facts), (a_i.facts, b_i.facts), recipe.label(),
+                                config.seed, size) if units is not None else None)
+            value = units.get("transfer", key, f"{a_j.name} -> {a_i.name}") if key is not None else None
+            pairs[(i, j)] = {"key": key, "size": size, "value": value}
+    return pairs
+
+
+def measure_transfer(trainer, split, rows: list, missing: dict, pairs: dict, train: list, config, recipe, units,
+                     report) -> None:
+    """The entries T[i][j] of the transfer matrix for each source j in
+    `missing` and each of its targets i there (`pilots.transfer_drops`: two
+    fine-tunes on the source's halves cut to its largest pilot size, then
+    each target's halves read through the trained blocks), into
+    pairs[(i, j)]["value"] and kept in `units`. rows[k]: domain k's
+    position in `split`."""
+    from .pilots import transfer_drops
+
+    for step, (j, targets) in enumerate(sorted(missing.items())):
+        report(Progress("pilots", 0.95, f"transfer fine-tunes, domain {step + 1} of {len(missing)}: {train[j].name}"))
+        size = pairs[(targets[0], j)]["size"]
+        got = transfer_drops(trainer, recipe, config.seed, list(split.train_rows[rows[j]]),
+                             list(split.held_rows[rows[j]]), size,
+                             [(list(split.train_rows[rows[i]]), list(split.held_rows[rows[i]])) for i in targets])
+        for i, value in zip(targets, got):
+            _keep_pair(pairs, i, j, value, train, units)
+
+
+def _keep_pair(pairs: dict, i: int, j: int, value: dict, train: list, units) -> None:
+    pairs[(i, j)]["value"] = value
+    if units is not None:
+        units.put("transfer", pairs[(i, j)]["key"], f"{train[j].name} -> {train[i].name}", value)
+
+
+def _forward(loaded, train: list, held: list, batch_size: int, capture_block: int, report):
+    """One forward pass over these domains' halves keeping the inputs of
+    `capture_block`; a one-line ValueError where a fact's loss is not finite."""
     import torch
 
     from .forward import split_pass
 
     report(Progress("forward", 0.03, f"forward pass over {sum(len(a.facts) + len(b.facts) for a, b in zip(train, held))} facts"))
-    split = split_pass(loaded, train, held, config.batch_size, capture_block=capture_block)
-    losses = split.tokens.fact_losses
-    bad = (~torch.isfinite(losses)).nonzero().flatten().tolist()
+    split = split_pass(loaded, train, held, batch_size, capture_block=capture_block)
+    bad = (~torch.isfinite(split.tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(f"the model's loss is not finite on {len(bad)} fact(s): the weights may be corrupt or the "
                          "dtype too narrow")
+    return split
+
+
+def _measure_curves(loaded, split, rows: list, train: list, curves: list, config, recipe, units, report,
+                    reads: list | None = None):
+    """Each of these domains' pilot curve (none for a domain whose halves
+    cannot hold MIN_HALF facts) into curves[j]["curve"] with its halves'
+    per-fact losses, kept in `units`; rows[j] is domain j's position in
+    `split`. reads[j]: the positions in `split` of the domains the pilot's
+    largest runs are also read on (`pilot_curve`'s targets), their entries
+    left in the curve under "transfer" and "transfer_s", not in the unit.
+    Returns the TailTrainer (None if no pilot ran)."""
+    losses = split.tokens.fact_losses
     trainer = None
     for j, domain in enumerate(train):
         report(Progress("pilots", 0.05 + 0.9 * j / len(train),
                         f"pilot fine-tunes, domain {j + 1} of {len(train)} to measure: {domain.name}"))
-        rows_a, rows_b = list(split.train_rows[j]), list(split.held_rows[j])
+        rows_a, rows_b = list(split.train_rows[rows[j]]), list(split.held_rows[rows[j]])
         curve = {}
         if min(len(rows_a), len(rows_b)) >= MIN_HALF:
             trainer = trainer or _pilot_trainer(loaded, split)
-            curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes)
+            targets = reads[j] if reads else None
+            extra = {"targets": [(list(split.train_rows[t]), list(split.held_rows[t])) for t in targets]} \
+                if targets else {}
+            curve = pilot_curve(trainer, recipe, config.seed, rows_a, rows_b, config.pilot_sizes, **extra)
         curve.update(losses_a=[float(losses[r]) for r in rows_a], losses_b=[float(losses[r]) for r in rows_b])
         curves[j]["curve"] = curve
         if units is not None and curve.get("sizes"):
-            units.put("pilot", curves[j]["key"], domain.name, curve)
-    return split.forward_s
+            # the pilot unit reads its own domain alone: what it read of the others is kept apart
+            units.put("pilot", curves[j]["key"], domain.name,
+                      {k: v for k, v in curve.items() if k not in ("transfer", "transfer_s")})
+    return trainer
 
 
 def _pilot_trainer(loaded, split):
@@ -631,7 +743,10 @@ class PlanResult(ResultRecord):
     plan's total minus each baseline's with its paired band. even_domains:
     the same lines for spreading the budget evenly, what the plan
     recommends instead where it is not shown to beat that
-    (`verdict`, `recommendation`)."""
+    (`verdict`, `recommendation`). transfer (with PlanConfig.transfer,
+    `transfer_section`): the matrix, the ratios, the effective weights the
+    allocation and totals used, and each domain's predicted gain from every
+    domain's collected examples."""
 
     model: dict
     config: dict
@@ -642,6 +757,7 @@ class PlanResult(ResultRecord):
     notes: list = field(default_factory=list)
     timings: dict = field(default_factory=dict)
     verdict: dict = field(default_factory=dict)
+    transfer: dict = field(default_factory=dict)
     created_at: str = ""
     even_domains: list = field(default_factory=list)
 
@@ -796,6 +912,65 @@ def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
     return row
 
 
+# A source's facts are valued on another domain at most as much as on its own, and at most as much harm: a
+# ratio beyond that rests on a small own drop T[j][j], where the pilot's noise dominates.
+RATIO_CLIP = (-1.0, 1.0)
+
+
+def transfer_ratios(matrix: list, clip: tuple = RATIO_CLIP) -> list:
+    """ratio[i][j] = min(max(T[i][j] / T[j][j], clip[0]), clip[1]): how much
+    of what domain j's facts gain domain j they gain domain i. 0 where
+    T[j][j] is missing, not finite or not positive (the source's own drop
+    cannot scale anything) or T[i][j] is missing; the diagonal is 1 (a
+    domain's own gain is its curve, whatever its pilot drop)."""
+    k = len(matrix)
+    out = [[0.0] * k for _ in range(k)]
+    for j in range(k):
+        own = matrix[j][j]
+        for i in range(k):
+            if i == j:
+                out[i][j] = 1.0
+            elif own is not None and math.isfinite(own) and own > 0 and matrix[i][j] is not None \
+                    and math.isfinite(matrix[i][j]):
+                out[i][j] = min(max(matrix[i][j] / own, clip[0]), clip[1])
+    return out
+
+
+def effective_weights(ratios: list, weights: list) -> list:
+    """w~_j = sum_i w_i ratio[i][j]: the weight of domain j's gain when its
+    facts count on every weighted domain, so that
+    sum_i w_i sum_j ratio[i][j] gain_j(m_j) = sum_j w~_j gain_j(m_j)."""
+    return [float(sum(weights[i] * ratios[i][j] for i in range(len(weights)))) for j in range(len(weights))]
+
+
+def transfer_section(curves: list, counts: list, matrix: list, ratios: list, weights: list, effective: list,
+                     measured: dict) -> dict:
+    """The plan's transfer block: the matrix T (rows: the domain whose
+    held-out loss drops; columns: the domain trained on), the ratios, the
+    weights and effective weights, and per domain i its predicted gain from
+    every domain's collected examples, sum_j ratio[i][j] gain_j(m_j) (the
+    fitted curves' "gain" and the mean over the bootstrap curves'
+    "expected"), with each source's part."""
+    own, mean = [], []
+    for dc, m in zip(curves, counts):
+        if dc.curve.identifiable and m > 0:
+            draws = dc.curve.gain_draws(dc.start, m)
+            own.append(dc.curve.gain(dc.start, m))
+            mean.append(float(np.mean(draws)) if len(draws) else own[-1])
+        else:
+            own.append(0.0)
+            mean.append(0.0)
+    names = [dc.name for dc in curves]
+    gain_on = [{"domain": names[i], "weight": weights[i],
+                "gain": float(sum(ratios[i][j] * own[j] for j in range(len(names)))),
+                "expected": float(sum(ratios[i][j] * mean[j] for j in range(len(names)))),
+                "by_source": {names[j]: float(ratios[i][j] * mean[j]) for j in range(len(names))}}
+               for i in range(len(names))]
+    return {"domains": names, "matrix": matrix, "ratio": ratios, "clip": list(RATIO_CLIP),
+            "sizes": measured.get("sizes"), "weights": list(weights), "effective_weights": list(effective),
+            "gain_on": gain_on, "transfer_s": measured.get("transfer_s")}
+
+
 BASELINES = {"even": "spreading evenly", "mean_loss": "splitting by mean loss",
              "highest_loss": "all on the highest mean loss"}
 
@@ -823,13 +998,26 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
     the rounds before collected (`config.start_of`): `allocate` on `gain_function` (the config's rule)
     with the config's costs, caps and weights, each domain's line
     (`domain_row`), the totals of the plan and of the baselines
-    (`predicted_total`) and the `verdict`. Instant: no model."""
+    (`predicted_total`) and the `verdict`. Instant: no model.
+
+    With config.transfer the weights are the effective weights
+    (`effective_weights` of `transfer_ratios` of measured["transfer"]'s
+    matrix), in the allocation and in every total alike: the objective is
+    the weighted gain on all domains, sum_j w~_j gain_j(m_j)."""
     t0 = time.perf_counter()
     curves = [replace(dc, have=config.start_of(dc.name)) for dc in curves]
     names = [dc.name for dc in curves]
     costs = [config.cost(n) for n in names]
-    weights = [config.weight(n) for n in names]
     caps = [config.cap(n) for n in names]
+    own_weights = [config.weight(n) for n in names]
+    weights, transfer = own_weights, {}
+    if config.transfer:
+        measured_transfer = (measured or {}).get("transfer") or {}
+        if measured_transfer.get("domains") != names:
+            raise ValueError("a plan with transfer needs the pilots' transfer matrix over the same domains: "
+                             "measure the pilots with transfer on")
+        ratios = transfer_ratios(measured_transfer["matrix"])
+        weights = effective_weights(ratios, own_weights)
     gains = [gain_function(dc, config.rule, most_examples(config.budget, c, cap))
              for dc, c, cap in zip(curves, costs, caps)]
     bought = allocate(gains, config.budget, costs, caps, weights)
@@ -850,9 +1038,19 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
                   "left": config.budget - bought.spent, "step": bought.step, "gap_bound": bought.gap_bound,
                   "rule": config.rule, "round": config.round}
     rows = [domain_row(dc, m, config) for dc, m in zip(curves, bought.counts)]
+    notes = plan_notes(curves, bought, pilot["recipe"], rows)
+    if config.transfer:
+        transfer = transfer_section(curves, bought.counts, measured["transfer"]["matrix"], ratios, own_weights,
+                                    weights, measured["transfer"])
+        for row, effective in zip(rows, weights):
+            row["effective_weight"] = effective
+        notes.append("Transfer on: each domain's examples count on every weighted domain, domain i gaining "
+                     f"ratio_ij = T[i][j]/T[j][j] (clipped to [{RATIO_CLIP[0]:g}, {RATIO_CLIP[1]:g}]) of what domain "
+                     "j gains; the allocation and every total use the effective weights sum_i w_i ratio_ij, and "
+                     "the bands do not cover the matrix's own noise.")
     return PlanResult(model=measured.get("model", {}), config=config.to_dict(), domains=rows,
-                      totals=totals, allocation=allocation, pilot=pilot,
-                      notes=plan_notes(curves, bought, pilot["recipe"], rows),
+                      totals=totals, allocation=allocation, pilot=pilot, transfer=transfer,
+                      notes=notes,
                       timings={"plan": time.perf_counter() - t0}, verdict=verdict(totals),
                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                       even_domains=[domain_row(dc, m, config) for dc, m in zip(curves, base["even"])])
@@ -1048,6 +1246,7 @@ class PilotMeasurements(ResultRecord):
     domains: list
     forward_s: float | None = None
     pilot_s: float | None = None
+    transfer: dict | None = None
     settings: dict = field(default_factory=dict)
     cache_key: str = ""
     cached: bool = False
@@ -1327,7 +1526,28 @@ def format_plan(result: PlanResult) -> str:
                      f"{_g(diff['band'][1])}]")
         lines.append(line)
     lines += [""] + list((result.verdict or {}).get("sentences", []))
+    if result.transfer:
+        lines += [""] + transfer_lines(result.transfer)
     return "\n".join(lines + ["", "Notes:"] + [f"  {n}" for n in result.notes])
+
+
+def transfer_lines(transfer: dict) -> list:
+    """The transfer matrix as text (rows: the domain whose held-out loss
+    drops, columns: the domain trained on), then per domain its weight,
+    effective weight and predicted gain from every domain's examples."""
+    names = transfer["domains"]
+    width = max(len(n) for n in names + ["trained on ->"])
+    cell = max(10, max(len(n) for n in names))
+    lines = ["Transfer matrix T[i][j]: drop of domain i's held-out loss (nats per fact) after the pilot trained on "
+             "domain j's half at its largest pilot size:", "  " + "trained on ->".ljust(width) + "".join(
+                 n.rjust(cell + 2) for n in names)]
+    for name, row in zip(names, transfer["matrix"]):
+        lines.append("  " + name.ljust(width) + "".join(_g(v).rjust(cell + 2) for v in row))
+    lines.append("Weight -> effective weight (sum_i w_i ratio_ij); predicted gain on each domain from all examples "
+                 "(mean over the bootstrap curves):")
+    for name, w, eff, on in zip(names, transfer["weights"], transfer["effective_weights"], transfer["gain_on"]):
+        lines.append(f"  {name}: {w:g} -> {_g(eff)}; gain {_g(on['expected'])}")
+    return lines
 
 
 def _g(value) -> str:

@@ -19,10 +19,12 @@ a new unit. The model identity is the same string whether it comes from a
 loaded model (`loaded_identity`) or from a model id without loading it
 (`analysis.model_fingerprint`), with the dtype and the device.
 
-What spans domains is not a unit and is recomputed from them: the paper's
-curvature and solve (H_k sums over every fact of every domain), ranks,
-shares, bootstraps over domains, the fallback's fitted line, the diagnosis
-and the plan's allocation.
+An entry of the plan's transfer matrix (what training on one domain's half
+does to another's held-out half) reads exactly two domains and is a unit
+keyed by both (`transfer_key`). What spans more domains is not a unit and
+is recomputed from them: the paper's curvature and solve (H_k sums over
+every fact of every domain), ranks, shares, bootstraps over domains, the
+fallback's fitted line, the diagnosis and the plan's allocation.
 
 Values are JSON (through `store.JsonStore`, which stores text only).
 """
@@ -63,6 +65,18 @@ def pilot_key(model: str, half_a: list, half_b: list, recipe_label: str, seed: i
     nested sizes actually run (`pilots.pilot_sizes`)."""
     return unit_key("pilot", model, {"a": list(half_a), "b": list(half_b)},
                     {"recipe": recipe_label, "seed": int(seed), "sizes": [int(n) for n in sizes]})
+
+
+def transfer_key(model: str, source: tuple, target: tuple, recipe_label: str, seed: int, size: int) -> str:
+    """The key of one entry of the transfer matrix: what training on the
+    source domain's halves (A_j[:n], B_j[:n]) does to the target's halves.
+    It reads two domains, so it is keyed by both domains' halves in order
+    (source = (A_j, B_j), target = (A_i, B_i)), the recipe, the seed and the
+    size n: an edit of either domain is a new unit, any other domain's is
+    not."""
+    return unit_key("transfer", model, {"source": {"a": list(source[0]), "b": list(source[1])},
+                                        "target": {"a": list(target[0]), "b": list(target[1])}},
+                    {"recipe": recipe_label, "seed": int(seed), "size": int(size)})
 
 
 class DomainUnits:
