@@ -288,11 +288,11 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
     halves); None when config.diagnose is off."""
     if not config.diagnose:
         return None
-    from .diagnosis import diagnose
+    from .diagnosis import DIAGNOSIS_ESTIMATOR, diagnose
     from .estimators import EstimatorContext, EstimatorSettings, compute
 
     t0 = time.perf_counter()
-    if scores.name == "pilot_gain":
+    if scores.name == DIAGNOSIS_ESTIMATOR:
         drops = scores.priority if not scores.details.get("fallback") else [
             None if name in scores.details["fallback"]["domains"] else p for name, p in zip(passed.names, scores.priority)]
     elif scores.name == "pilot_curve" and scores.details.get("fits"):
@@ -304,7 +304,7 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         settings = EstimatorSettings(seed=config.seed, batch_size=config.batch_size, all_facts=True)
-        drops = compute(EstimatorContext(model, split, settings, units=units), ["pilot_gain"])[0].priority
+        drops = compute(EstimatorContext(model, split, settings, units=units), [DIAGNOSIS_ESTIMATOR])[0].priority
     loss = [float(passed.tokens.fact_losses[rows].mean()) for rows in passed.rows_of]
     timings["diagnosis"] = time.perf_counter() - t0
     return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
