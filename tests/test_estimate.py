@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from dowsing.validation import costs as validation_costs
 from tiny_models import SMALL_VOCAB
 from dowsing.cli import main
 from dowsing.config import AnalysisConfig
+from dowsing.training import Recipe
 
 GOOD = {"domains": [
     {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
@@ -331,6 +333,73 @@ def test_a_busy_machine_is_named_in_the_estimate(monkeypatch):
     assert est.load_note() is None
     monkeypatch.setattr(est.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
     assert "busy now (load average 64.0" in est.load_note()
+
+
+# --- every family prices itself -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["subspace", "alignment", "ekfac", "trajectory", "airrep", "pilot"])
+def test_every_family_declares_a_finite_cost_that_grows_with_its_facts(family):
+    """Each shipped family's own cost function in a benchmark: finite,
+    positive seconds and bytes, and more of both for twice the facts."""
+    from dowsing.costs import RunShape
+    from dowsing.estimators import ESTIMATORS, FAMILIES
+
+    cal = tiny_calibration(copy_s=0.5, vector_s_per_element=1e-9)
+    members = [n for n, e in ESTIMATORS.items() if e.family == family]
+    recipe = Recipe("adamw", steps=4, blocks=2, batch=4, added_batch=4)
+
+    def run(facts):
+        return RunShape("benchmark", [[6] * facts] * 3, [[7] * facts] * 3, 2, recipe=recipe, recipes=(recipe,),
+                        adam_batches=4, align_blocks=2, ekfac_blocks=1, ekfac_fit_facts=32)
+
+    small, large = (FAMILIES[family].price(cal, run(n), members) for n in (4, 8))
+    assert FAMILIES[family].stage
+    assert 0 < small.seconds < large.seconds and math.isfinite(large.seconds)
+    assert 0 < small.bytes <= large.bytes and math.isfinite(large.bytes)
+
+
+@pytest.fixture
+def toy_family():
+    """A family registered the way a new one is, in one place: its estimator,
+    its compute and its cost (one second per training fact, 1 MB per
+    held-out fact); removed afterwards."""
+    from dowsing.costs import Cost
+    from dowsing.estimators import Estimator, registry
+
+    def cost(cal, run, names):
+        return Cost(1.0 * sum(map(len, run.train)) * len(names), 1e6 * sum(map(len, run.held)))
+
+    registry.register(Estimator("toy_count", "Toy: facts counted", "toy", "counts facts", in_analysis=True))
+    registry.register_family("toy", lambda ctx, names: [], cost, "toy estimators")
+    yield "toy_count"
+    registry.unregister_family("toy")
+
+
+def test_a_registered_toy_family_is_in_every_estimate_without_an_edit_of_estimate(toy_family):
+    from dowsing.validation.benchmark import BenchmarkConfig
+    from dowsing.validation.validate import ValidationConfig
+
+    cal = tiny_calibration()
+    names = ("A", "B", "C")
+    train, held = [(n, [6] * 4) for n in names], [(n, [6] * 4) for n in names]
+    test, pool = [(n, [6] * 4) for n in names], [(n, [6] * 8) for n in names]
+    plain = est.benchmark_cost(cal, train, held, test, pool, BenchmarkConfig.quick(estimators=("mean_loss",)))
+    got = est.benchmark_cost(cal, train, held, test, pool,
+                             BenchmarkConfig.quick(estimators=("mean_loss", toy_family)))
+    # its own stage after the shipped ones: 12 training facts, 12 MB over what the estimators' stages hold
+    assert list(got.stages_s)[list(got.stages_s).index("subspace estimators") + 1] == "toy estimators"
+    assert got.stages_s["toy estimators"] == 12.0
+    assert got.memory_bytes["toy estimators"] == got.memory_bytes["leaderboard"] + 12_000_000
+    # the leaderboard has one more row to resample; every other stage is the same
+    assert {k: v for k, v in got.stages_s.items() if k not in ("toy estimators", "leaderboard")} == {
+        k: v for k, v in plain.stages_s.items() if k != "leaderboard"}
+    validation = [(n, [6] * 8) for n in names], [(n, [6] * 2) for n in names]
+    without = est.validation_cost(cal, *validation, ValidationConfig(estimators=("mean_loss",)))
+    with_toy = est.validation_cost(cal, *validation, ValidationConfig(estimators=("mean_loss", toy_family)))
+    assert with_toy.stages_s["estimators"] == pytest.approx(without.stages_s["estimators"] + 24.0)
+    ranked = est.analysis_cost(cal, [(n, [6] * 8) for n in names], AnalysisConfig(estimator=toy_family,
+                                                                                 diagnose=False))
+    assert ranked.stages_s["ranking"] == 12.0  # the seeded halves' training facts: 4 of each domain's 8
 
 
 # --- the calibration and the command line ----------------------------------------------------------------------------
