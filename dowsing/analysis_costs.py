@@ -128,13 +128,11 @@ def diagnosis_cost(cal, domains: list, config) -> Cost | None:
     gain of every domain on its two seeded halves, priced by its family;
     None when it does not run, or the ranking estimator is the pilot gain
     and has it already."""
-    from .diagnosis import DIAGNOSIS_ESTIMATOR
-    from .estimators import FAMILIES, get
+    from .estimators import FAMILIES, PILOT_GAIN, get
 
-    if not config.diagnose or config.estimator == DIAGNOSIS_ESTIMATOR:
+    if not config.diagnose or config.estimator == PILOT_GAIN:
         return None
-    family = FAMILIES[get(DIAGNOSIS_ESTIMATOR).family]
-    return family.price(cal, analysis_run(cal, domains, config), [DIAGNOSIS_ESTIMATOR])
+    return FAMILIES[get(PILOT_GAIN).family].price(cal, analysis_run(cal, domains, config), [PILOT_GAIN])
 
 
 def analysis_memory(cal, lengths: list, config, ranking: Cost, diagnosis: Cost | None) -> dict:

@@ -50,7 +50,6 @@ BENCHMARK_FILE = Path(__file__).resolve().parent / "data" / "diagnosis_benchmark
 # e^-1 = 0.37) the model already predicts the facts: a chosen value, since the
 # benchmark's lowest domain loss is 2.45 nats and cannot place it.
 SATURATED_LOSS = 1.0
-DIAGNOSIS_ESTIMATOR = "pilot_gain"  # the estimator whose drops the diagnosis reads
 
 
 @dataclass(frozen=True)

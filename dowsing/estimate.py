@@ -103,12 +103,11 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
     take it). ray_workers: Ray workers for the fine-tunes (0: in this
     process); ray_local: they share this machine's cores with the
     estimators."""
-    from .estimators import FAMILIES, by_family, get
+    from .estimators import FAMILIES, PAPER, by_family, get
     from .validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
                                    curve_predictions_s, truth_trainer_s)
     from .validation.plan_check import ALLOCATIONS
     from .validation.protocol import dose_steps
-    from .validation.validate import PAPER
 
     names = [n for n, _ in train]
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
@@ -169,10 +168,10 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
 def validation_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0) -> Estimate:
     """The estimate of one quick validation (`validation.validate`); train /
     held as in `benchmark_cost`."""
-    from .estimators import EstimatorSettings, by_family, names as offered
+    from .estimators import PAPER, EstimatorSettings, by_family, names as offered
     from .validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
     from .validation.finetune import validation_recipe
-    from .validation.validate import PAPER, scored_estimators
+    from .validation.validate import scored_estimators
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
     keep = min(config.finetune_blocks, cal.n_layers)

@@ -257,7 +257,8 @@ def airrep_cost(cal, run, names) -> Cost:
     targets = held_all[: round(len(held_all) * (folds - 1) / folds)]
     step = expected_padded(pool, recipe.batch) + expected_padded(pool, min(recipe.added_batch, air.subset_facts))
     one = finetune_s(cal, recipe.steps, step, keep, min(recipe.blocks, keep), padded_tokens(targets, 16))
-    return Cost(cal.copy_s + folds * air.runs_per_fold * one, 3 * trained_bytes(cal, run) + trainer_step_bytes(cal, run))
+    memory = 3 * trained_bytes(cal, run) + trainer_step_bytes(cal, run)
+    return Cost(cal.copy_s + folds * air.runs_per_fold * one, memory)
 
 
 register_family("airrep", airrep_family, airrep_cost, "AirRep")

@@ -34,10 +34,13 @@ from .registry import Estimator, EstimatorScore, get, register, register_family
 
 MIN_HALF = 2
 
-register(Estimator("pilot_gain", "Pilot gain: train on half, drop of the other half", "pilot",
+PILOT_GAIN = "pilot_gain"  # also the diagnosis' reading of each domain
+PILOT_CURVE = "pilot_curve"  # also the plan's curves
+
+register(Estimator(PILOT_GAIN, "Pilot gain: train on half, drop of the other half", "pilot",
                    "fine-tune briefly on one half of a domain's facts, drop of the other half's loss, both ways",
                    needs={"block_inputs", "held_out"}, in_analysis=True))
-register(Estimator("pilot_curve", "Pilot learning curve, extrapolated", "pilot",
+register(Estimator(PILOT_CURVE, "Pilot learning curve, extrapolated", "pilot",
                    "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",
                    needs={"block_inputs", "held_out"}, in_analysis=True))
 register(Estimator("lookahead_sign", "One-step Adam lookahead, all parameters", "pilot",

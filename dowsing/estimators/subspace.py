@@ -33,7 +33,10 @@ from ..costs import (CALIBRATION_DOMAINS, LINE_CHUNK, Cost, chunked, gradients_s
                      predicted_tokens, solve_s)
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
-register(Estimator("paper", "Paper: concept-subspace influence", "subspace",
+PAPER = "paper"  # the Data Dowsing paper's estimator: the analysis' own quantities
+MEAN_LOSS = "mean_loss"  # the baseline every estimator is compared with
+
+register(Estimator(PAPER, "Paper: concept-subspace influence", "subspace",
                    "the Data Dowsing paper's method, concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ",
                    in_analysis=True))
 register(Estimator("influence_ggn", "Influence in S_k, Gauss-Newton", "subspace",
@@ -51,7 +54,7 @@ register(Estimator("heldout_influence_ggn", "Held-out influence in S_k, Gauss-Ne
                    "the same with the Gauss-Newton matrix", needs={"held_out"}))
 register(Estimator("tracin", "Gradient dot product in S_k (TracIn-style, z = ḡ)", "subspace",
                    "ḡᵀḡ in S_k, no curvature"))
-register(Estimator("mean_loss", "Mean loss (log perplexity)", "subspace",
+register(Estimator(MEAN_LOSS, "Mean loss (log perplexity)", "subspace",
                    "the domain's mean next-token loss", in_analysis=True))
 register(Estimator("grad_norm", "Norm of the domain gradient (fine-tuned parameters)", "subspace",
                    "the norm of the domain's mean-loss gradient"))
