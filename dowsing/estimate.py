@@ -29,7 +29,6 @@ from .calibration import (Calibration, cached_calibration, calibrate, calibratio
 from .cost_report import (Estimate, available_memory_bytes, format_bytes, format_estimate,  # noqa: F401
                           format_seconds, load_note, memory_refusal, report)
 from .costs import RAY_STARTUP_S, RunShape, predicted_tokens, resident_bytes
-from .forward import forward_pass_s
 from .paths import cache_dir
 
 
@@ -55,6 +54,7 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
     """The estimate of one analysis. domains: [(name, [tokens per fact])];
     ray_workers: the Ray workers the per-domain units would spread over (0:
     in this process; the structured route always stays here)."""
+    from .forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
     lengths = [list(d) for _, d in domains]
     flat = [n for d in lengths for n in d]
     route = analysis_route(config)
@@ -104,6 +104,7 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
     process); ray_local: they share this machine's cores with the
     estimators."""
     from .estimators import FAMILIES, PAPER, by_family, get
+    from .forward import forward_pass_s
     from .validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
                                    curve_predictions_s, truth_trainer_s)
     from .validation.plan_check import ALLOCATIONS
@@ -169,6 +170,7 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     """The estimate of one quick validation (`validation.validate`); train /
     held as in `benchmark_cost`."""
     from .estimators import PAPER, EstimatorSettings, by_family, names as offered
+    from .forward import forward_pass_s
     from .validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
     from .validation.finetune import validation_recipe
     from .validation.validate import scored_estimators
@@ -211,6 +213,7 @@ def plan_cost(cal: Calibration, train: list, held: list, config) -> Estimate:
     Memory as the benchmark's forward pass and fine-tunes hold it, without
     the estimators' working sets."""
     from .costs import block_inputs_bytes, largest_batch
+    from .forward import forward_pass_s
     from .pilots import PILOT_RECIPE, plan_pilots_cost
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
