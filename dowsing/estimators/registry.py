@@ -18,6 +18,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
+from ..costs import Cost
+
 # What an estimator can need beyond the forward pass's per-token quantities.
 NEEDS = {
     "held_out": "a held-out half of each domain's facts",
@@ -96,8 +98,6 @@ class Family:
     def price(self, cal, run, members):
         """The family's costs.Cost for these members in this run."""
         if self.cost is None:
-            from ..costs import Cost
-
             return Cost(0.0, 0.0)
         return self.cost(cal, run, list(members))
 
