@@ -18,6 +18,7 @@ from . import metrics
 from .alignment import block_inputs_by_fact, capture_inputs_during
 from .config import AnalysisConfig
 from .domains import as_domains
+from .estimators import PAPER, PILOT_CURVE, PILOT_GAIN
 from .estimators import get as get_estimator
 from .executor import LocalExecutor, Shared, Unit
 from .forward import FactTokens, forward_pass
@@ -67,7 +68,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
         units.row_text = passed.facts
         units.note_blocks(len(find_anatomy(model.model).down_projs))
     outcomes = bootstrap = None
-    paper_first = config.estimator == "paper"  # it ranks by the solve: the paper's quantities come first
+    paper_first = config.estimator == PAPER  # it ranks by the solve: the paper's quantities come first
     if paper_first:
         outcomes, bootstrap = _paper(model, domains, passed, config, report, executor, store, should_stop, timings)
     # the stages report their fractions for the paper-first order; the other order rescales them, so they rise
@@ -292,10 +293,10 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
     from .estimators import EstimatorContext, EstimatorSettings, compute
 
     t0 = time.perf_counter()
-    if scores.name == "pilot_gain":
+    if scores.name == PILOT_GAIN:
         drops = scores.priority if not scores.details.get("fallback") else [
             None if name in scores.details["fallback"]["domains"] else p for name, p in zip(passed.names, scores.priority)]
-    elif scores.name == "pilot_curve" and scores.details.get("fits"):
+    elif scores.name == PILOT_CURVE and scores.details.get("fits"):
         # the curve's largest size is the whole half: the pilot gain's own runs
         drops = [fit["drop"][-1] if fit else None for fit in scores.details["fits"]]
     else:
@@ -304,7 +305,7 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         settings = EstimatorSettings(seed=config.seed, batch_size=config.batch_size, all_facts=True)
-        drops = compute(EstimatorContext(model, split, settings, units=units), ["pilot_gain"])[0].priority
+        drops = compute(EstimatorContext(model, split, settings, units=units), [PILOT_GAIN])[0].priority
     loss = [float(passed.tokens.fact_losses[rows].mean()) for rows in passed.rows_of]
     timings["diagnosis"] = time.perf_counter() - t0
     return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
@@ -320,7 +321,7 @@ def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, 
     priorities = scores.priority
     ranks = metrics.ranks_by_mean(priorities)
     influence = [o["influence_all"][rows] for o, rows in zip(outcomes, rows_of)] if outcomes else None
-    if config.estimator == "paper":
+    if config.estimator == PAPER:
         shares = metrics.shares_pct([float(i.sum()) for i in influence])
     else:
         shares = metrics.shares_pct(priorities)
@@ -384,7 +385,7 @@ def ranking_uncertainty(scores, paper_bootstrap: dict | None, config: AnalysisCo
     out = {"estimator": scores.name, "label": scores.label, "seconds": scores.time_s,
            "details": scores.details, "level": 0.90, "n_resamples": config.bootstrap_resamples,
            "seed": config.seed}
-    if scores.name == "paper" and paper_bootstrap:
+    if scores.name == PAPER and paper_bootstrap:
         domains = paper_bootstrap["domains"]
         out.update(source="the paper's bootstrap (extras.bootstrap)",
                    rank_stable_probability=paper_bootstrap["rank_stable_probability"],
@@ -437,8 +438,8 @@ def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = 
     from .estimators import EstimatorSettings
 
     config = config or AnalysisConfig()
-    curve = config.estimator == "pilot_curve"
-    if not (curve or config.estimator == "pilot_gain" or config.diagnose):
+    curve = config.estimator == PILOT_CURVE
+    if not (curve or config.estimator == PILOT_GAIN or config.diagnose):
         return None
     sizes = EstimatorSettings().pilot_sizes
     return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,

@@ -129,3 +129,13 @@ def split_pass(loaded, train, held, batch_size: int = 16, capture_block: int | N
     rows = [[i for i, g in enumerate(groups) if g == k] for k in range(2 * len(train))]
     return SplitPass(anatomy, directions[: len(train)], tokens, rows[: len(train)], rows[len(train):], len(facts),
                      time.perf_counter() - t0, encoded.ids, block_inputs, capture_block, [d.name for d in train])
+
+
+def forward_pass_s(cal, batch_size: int, *passes) -> float:
+    """What forward passes cost before they run: the calibrated seconds per
+    token (`calibration.Calibration`) times the tokens of each pass's
+    right-padded batches of `batch_size` facts taken in order
+    (`costs.padded_tokens`). passes: tokens per fact of each pass."""
+    from .costs import padded_tokens
+
+    return cal.forward_s_per_token * sum(padded_tokens(lengths, batch_size) for lengths in passes)

@@ -227,3 +227,43 @@ def sign_lookahead(net, ids: list, rows_a: list, rows_b: list, lr: float, per_fa
         out["per_fact_b"] = (lr * directional_losses(net, params, ids, rows_b, sign_a, batch_size)).tolist()
         out["per_fact_a"] = (lr * directional_losses(net, params, ids, rows_a, sign_b, batch_size)).tolist()
     return out
+
+
+# --- what a plan's pilots cost before they run (pure; see `costs`) -------------------------------------------------
+
+def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int) -> list:
+    """Seconds of every pilot fine-tune of a plan (`plan.measure_pilots`):
+    per domain whose halves A (train) and B (held) have 2 facts each, per n
+    of `pilot_sizes`, `steps` steps on A's first n facts (all of them in
+    every step: n times the longest) then B's losses read in batches of 16,
+    and the same from B to A. Every unit trains all `keep` kept blocks.
+    train / held: tokens per fact of each domain's halves."""
+    from .costs import finetune_s, padded_tokens
+
+    units = []
+    for a, b in zip(train, held):
+        if min(len(a), len(b)) < 2:
+            continue
+        for n in pilot_sizes(sizes, len(a), len(b)):
+            units.append(finetune_s(cal, steps, n * max(a[:n]), keep, keep, padded_tokens(b, 16)))
+            units.append(finetune_s(cal, steps, n * max(b[:n]), keep, keep, padded_tokens(a, 16)))
+    return units
+
+
+def plan_pilots_cost(cal, train: list, held: list, sizes) -> tuple:
+    """(costs.Cost, units) of a plan's pilot fine-tunes on the last
+    PILOT_RECIPE.blocks blocks: every unit of `plan_units_s` and the trainer
+    (a tail copy, checked on 16 held-out facts); bytes beside the forward
+    pass: the trainer's own copy of the block inputs, the tail copy and its
+    starting weights, the trained blocks' gradients and AdamW's two moments,
+    and a step over the largest half."""
+    from .costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
+
+    keep = min(PILOT_RECIPE.blocks, cal.n_layers)
+    flat = [n for d in train for n in d] + [n for d in held for n in d]
+    units = plan_units_s(cal, train, held, sizes, PILOT_RECIPE.steps, keep)
+    b = cal.dtype_bytes
+    largest = max([min(len(a), len(h)) for a, h in zip(train, held)] + [1])
+    memory = (block_inputs_bytes(cal, flat) + 2 * tail_params(cal, keep) * b + 3 * trainable_params(cal, keep) * b
+              + cal.step_bytes_per_token * largest * max(flat))
+    return Cost(sum(units) + cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep), memory), units

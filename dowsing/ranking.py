@@ -31,7 +31,7 @@ from typing import Callable
 
 from .alignment import alignment_blocks, blocks_of, check_tail, tail_model
 from .config import AnalysisConfig
-from .estimators import EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
+from .estimators import MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
 from .forward import SplitPass
 from .splitting import split_order
 from .pilots import PILOT_RECIPE
@@ -77,7 +77,7 @@ def ranking_split(anatomy, directions, tokens, ids: list, block_inputs: list | N
 
 
 def paper_scores(paper_means: list, paper_per_fact: list) -> EstimatorScore:
-    return EstimatorScore("paper", get("paper").label, [float(m) for m in paper_means],
+    return EstimatorScore(PAPER, get(PAPER).label, [float(m) for m in paper_means],
                           [[float(x) for x in values] for values in paper_per_fact], 0.0,
                           {"source": "the paper's concept-subspace influence, I_ki = g_ki^T z_k"})
 
@@ -89,7 +89,7 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
     in each domain's own fact order (rows_of[k]). units: the run's
     `units.DomainUnits`, where the per-domain pilot curves are found and kept."""
     name = config.estimator
-    if name == "paper":
+    if name == PAPER:
         return paper_scores(paper_means, paper_per_fact)
     t0 = time.perf_counter()
     net = loaded.model
@@ -136,7 +136,7 @@ def fill_from_mean_loss(score: EstimatorScore, split: SplitPass, rows_of: list) 
     score.notes.append(f"{', '.join(names)}: too few facts for {score.label} (a pilot needs two per half); ranked "
                        f"by mean loss instead, mapped onto its scale by a line fitted over the other domains "
                        f"(priority = {a:.4g} + {b:.4g} x mean loss).")
-    score.details["fallback"] = {"estimator": "mean_loss", "domains": names, "intercept": a, "slope": b}
+    score.details["fallback"] = {"estimator": MEAN_LOSS, "domains": names, "intercept": a, "slope": b}
 
 
 def in_fact_order(per_example: list, split: SplitPass, rows_of: list) -> list:
@@ -157,8 +157,8 @@ def check_ranking_tail(net, split: SplitPass, config: AnalysisConfig) -> None:
         work, embed = tail_model(net, split.capture_block)
     except Exception as exc:  # an architecture whose blocks cannot be cut out
         raise ValueError(f"The estimator {config.estimator} cannot run on this model: its last blocks could not "
-                         f"be separated ({type(exc).__name__}: {exc}). Choose the estimator 'paper' or "
-                         f"'mean_loss'.") from exc
+                         f"be separated ({type(exc).__name__}: {exc}). Choose the estimator '{PAPER}' or "
+                         f"'{MEAN_LOSS}'.") from exc
     try:
         work.eval()
         check_tail(work, embed, split.ids, split.block_inputs, split.tokens.fact_losses, config.batch_size)

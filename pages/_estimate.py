@@ -15,6 +15,7 @@ import json
 
 import streamlit as st
 
+from dowsing import cost_report
 from dowsing import estimate as est
 from dowsing.safe_text import md_escape
 
@@ -41,7 +42,7 @@ def _compute(key: str, signature: str, model_id, device: str, dtype: str, build)
 
 def _show(estimate: dict) -> str | None:
     """Show the estimate; the refusal when its peak exceeds the memory available."""
-    available = est.available_memory_bytes(estimate["device"])
+    available = cost_report.available_memory_bytes(estimate["device"])
     cols = st.columns(3)
     cols[0].metric("Predicted time", est.format_seconds(estimate["total_s"]),
                    help="Wall time on this machine, from a short calibration on the model, with the machine as "

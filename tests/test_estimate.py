@@ -7,15 +7,20 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 import shutil
 from pathlib import Path
 
 import pytest
 
+from dowsing import analysis_costs, calibration, cost_report, costs, pilots
 from dowsing import estimate as est
+from dowsing.estimators import pilot as pilot_family
+from dowsing.validation import costs as validation_costs
 from tiny_models import SMALL_VOCAB
 from dowsing.cli import main
 from dowsing.config import AnalysisConfig
+from dowsing.training import Recipe
 
 GOOD = {"domains": [
     {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
@@ -99,7 +104,7 @@ def use_calibration(calibrated: Path) -> None:
 def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
     from dowsing.models import load_model
 
-    shape = est.model_shape(load_model(str(tiny_gpt2_dir)).model)
+    shape = calibration.model_shape(load_model(str(tiny_gpt2_dir)).model)
     assert shape["block_params"] == TINY_BLOCK == 1960
     assert shape["head_params"] == BUILT_HEAD
     assert shape["n_params"] == BUILT_PARAMS == 22384
@@ -109,29 +114,29 @@ def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
 
 def test_padding_and_the_expected_longest_fact_against_enumeration():
     lengths = [3, 7, 4, 9, 5]
-    assert est.padded_tokens(lengths, 2) == 2 * 7 + 2 * 9 + 1 * 5
-    assert est.predicted_tokens(lengths) == 2 + 6 + 3 + 8 + 4
-    assert est.chunked(lengths, 2) == (3, 37)
+    assert costs.padded_tokens(lengths, 2) == 2 * 7 + 2 * 9 + 1 * 5
+    assert costs.predicted_tokens(lengths) == 2 + 6 + 3 + 8 + 4
+    assert costs.chunked(lengths, 2) == (3, 37)
     for k in range(1, 6):
         draws = list(itertools.combinations(lengths, k))
-        assert est.expected_longest(lengths, k) == pytest.approx(sum(max(d) for d in draws) / len(draws))
-    assert est.expected_padded(lengths, 9) == 5 * 9
+        assert costs.expected_longest(lengths, k) == pytest.approx(sum(max(d) for d in draws) / len(draws))
+    assert costs.expected_padded(lengths, 9) == 5 * 9
 
 
 def test_passes_through_the_last_blocks_by_hand():
     cal = tiny_calibration()
     # forward: head + 2 blocks; backward through 1 trained block: head again + 2 x that block
     work = TINY_HEAD + 2 * 1960 + TINY_HEAD + 2 * 1960
-    assert est.tail_work(cal, 2, 1) == work
-    assert est.tail_pass_s(cal, 100, 2, 1) == pytest.approx(1e-9 * 100 * work)
-    assert est.gradients_s(cal, 3, 100, 2, 1) == pytest.approx(3 * 0.01 + 1e-9 * 100 * work)
+    assert costs.tail_work(cal, 2, 1) == work
+    assert costs.tail_pass_s(cal, 100, 2, 1) == pytest.approx(1e-9 * 100 * work)
+    assert costs.gradients_s(cal, 3, 100, 2, 1) == pytest.approx(3 * 0.01 + 1e-9 * 100 * work)
     eval_work = TINY_HEAD + 2 * 1960
-    assert est.finetune_s(cal, 4, 50, 2, 1, 30) == pytest.approx(4 * 1e-9 * 50 * work + 1e-9 * 30 * eval_work)
-    assert est.tail_params(cal, 1) == TINY_PARAMS - 1960
-    assert est.hessian_s(cal, 10) == pytest.approx(2 * 10 * 24 ** 2 / 1e9)
+    assert costs.finetune_s(cal, 4, 50, 2, 1, 30) == pytest.approx(4 * 1e-9 * 50 * work + 1e-9 * 30 * eval_work)
+    assert costs.tail_params(cal, 1) == TINY_PARAMS - 1960
+    assert costs.hessian_s(cal, 10) == pytest.approx(2 * 10 * 24 ** 2 / 1e9)
     # the substitutions read the factor: 1e-6 s per right-hand side at 24 x 24, growing with the size squared
-    assert est.substitution_s(cal, 48, 3) == pytest.approx(3e-6 * 4)
-    assert est.solve_s(cal, 24) == pytest.approx(24 ** 3 / 3 / 5e8 + 1e-6)
+    assert costs.substitution_s(cal, 48, 3) == pytest.approx(3e-6 * 4)
+    assert costs.solve_s(cal, 24) == pytest.approx(24 ** 3 / 3 / 5e8 + 1e-6)
 
 
 def test_analysis_stages_and_memory_by_hand():
@@ -165,13 +170,13 @@ def test_analysis_stages_and_memory_by_hand():
 def test_alignment_ranking_counts_one_gradient_per_fact_and_per_chunk():
     cal = tiny_calibration(grad_call_s=1.0, tail_s_per_param_token=0.0, vector_s_per_element=1e-6)
     domains = [("A", [5] * 20), ("B", [6] * 3)]
-    got = est.analysis_ranking_s(cal, domains, AnalysisConfig(estimator="alignment"))
+    got = analysis_costs.ranking_cost(cal, domains, AnalysisConfig(estimator="alignment")).seconds
     # A: 2 chunks of 16 and 20 single facts; B: 1 chunk and 3 singles. A chunk's gradient is flattened and
     # scaled (2 passes over the 2 x 1960 trained parameters), a fact's flattened, squared, and dotted with
     # itself and the domain's sum (4 passes)
     vectors = ((2 + 1) * 2 + (20 + 3) * 4) * 2 * 1960 * 1e-6
     assert got == pytest.approx(2 + 20 + 1 + 3 + vectors)
-    adam = est.analysis_ranking_s(cal, domains, AnalysisConfig(estimator="alignment_adam", adam_batches=8))
+    adam = analysis_costs.ranking_cost(cal, domains, AnalysisConfig(estimator="alignment_adam", adam_batches=8)).seconds
     # Adam's moment: 8 more gradients, each squared in float64 and summed (3 passes)
     assert adam == pytest.approx(got + 8 + 8 * 3 * 2 * 1960 * 1e-6)
 
@@ -188,7 +193,7 @@ def test_benchmark_counts_the_protocols_fine_tunes_by_hand():
     train, held = [(n, [6] * 4) for n in names], [(n, [6] * 4) for n in names]
     test, pool = [(n, [6] * 4) for n in names], [(n, [6] * 8) for n in names]
     got = est.benchmark_cost(cal, train, held, test, pool, config)
-    units = est.benchmark_units_s(cal, [[6] * 8] * 3, [[6] * 4] * 3, [[6] * 8] * 3, config, 2)
+    units = validation_costs.benchmark_units_s(cal, [[6] * 8] * 3, [[6] * 4] * 3, [[6] * 8] * 3, config, 2)
     # per seed: the baseline and per domain 2 doses and its sample: 1 + 3 x 3 = 10, twice
     assert len(units) == 2 * 10
     train_work = 2 * TINY_HEAD + 6 * TINY_BLOCK  # forward and backward through the 2 trained blocks
@@ -218,7 +223,7 @@ def test_benchmark_counts_the_protocols_fine_tunes_by_hand():
     estimators = sum(v for k, v in ray.stages_s.items() if k in families)
     assert ray.stages_s["fine-tunes"] == pytest.approx(max((estimators + sum(units)) / 2 - estimators, 0.0) + check)
     # without the second reading, one run fewer per domain and seed
-    single = est.benchmark_units_s(cal, [[6] * 8] * 3, [[6] * 4] * 3, [[6] * 8] * 3,
+    single = validation_costs.benchmark_units_s(cal, [[6] * 8] * 3, [[6] * 4] * 3, [[6] * 8] * 3,
                                    BenchmarkConfig.quick(second_reading=False), 2)
     assert len(single) == 2 * 7 and sum(single) == pytest.approx(2 * (baseline + 6 * added))
 
@@ -226,9 +231,9 @@ def test_benchmark_counts_the_protocols_fine_tunes_by_hand():
 def test_a_dose_walks_its_pool_so_every_step_adds_a_full_minibatch():
     base = [6] * 24
     # one pool fact of 9 tokens: the cycled minibatch repeats it (4 + 4 facts), a drawn one holds it once
-    assert est._step_padded(base, [9], 4, 4, cycled=True) == 8 * 9
-    assert est._step_padded(base, [9], 4, 4) == 5 * 9
-    assert est._step_padded(base, None, 4, 4) == 4 * 6
+    assert costs.step_padded(base, [9], 4, 4, cycled=True) == 8 * 9
+    assert costs.step_padded(base, [9], 4, 4) == 5 * 9
+    assert costs.step_padded(base, None, 4, 4) == 4 * 6
 
 
 def test_pilot_estimators_by_hand():
@@ -239,14 +244,14 @@ def test_pilot_estimators_by_hand():
     check = 1e-9 * 9 * 6 * read_work  # the pilot trainer's check on the 9 facts of the halves B
     # pilot_gain: the smaller half's whole size (4 facts), both ways: 4 steps of all 4 facts, a read of the other 4
     run = 1e-9 * (4 * 4 * 6 * train_work + 4 * 6 * read_work)
-    assert est.pilot_family_s(cal, train, held, ["pilot_gain"], 2, (2, 4)) == pytest.approx(check + 2 * 2 * run)
+    assert pilot_family.pilot_family_s(cal, train, held, ["pilot_gain"], 2, (2, 4)) == pytest.approx(check + 2 * 2 * run)
     # pilot_curve: sizes 2 and 4, both ways
     small = 1e-9 * (4 * 2 * 6 * train_work + 4 * 6 * read_work)
-    assert est.pilot_family_s(cal, train, held, ["pilot_gain", "pilot_curve"], 2, (2, 4)) == pytest.approx(
+    assert pilot_family.pilot_family_s(cal, train, held, ["pilot_gain", "pilot_curve"], 2, (2, 4)) == pytest.approx(
         check + 2 * 2 * (run + small))
     # lookahead_sign: per half a forward pass over its 4 facts and a backward through the head and both blocks
     half = 1e-3 * 24 + 1e-9 * 24 * (TINY_HEAD + 4 * TINY_BLOCK)
-    assert est.pilot_family_s(cal, train, held, ["lookahead_sign"], 2) == pytest.approx(2 * 2 * half)
+    assert pilot_family.pilot_family_s(cal, train, held, ["lookahead_sign"], 2) == pytest.approx(2 * 2 * half)
     # memory: the pilots' trainer (block inputs of the 18 facts, a tail copy and its starting weights, gradients
     # and AdamW's moments of 2 blocks) with a step over the larger half (4 facts); the lookahead's whole-model
     # gradients and signs with a batch's activations (the one-block step's 500 B a token, then the other block's
@@ -254,9 +259,9 @@ def test_pilot_estimators_by_hand():
     trainer = 18 * 6 * 16 * 4 + 2 * TINY_PARAMS * 4 + 3 * 2 * TINY_BLOCK * 4  # both blocks kept: the whole model
     step = 500 * 4 * 6
     lookahead = 4 * TINY_PARAMS * 4 + (500 + (10 * 16 + 4 * 24) * 4) * 16 * 6
-    assert est.pilot_memory(cal, train, held, 2, ["pilot_gain"]) == trainer + step
-    assert est.pilot_memory(cal, train, held, 2, ["lookahead_sign"]) == lookahead
-    assert est.pilot_memory(cal, train, held, 2, ["pilot_curve", "lookahead_sign"]) == trainer + max(step, lookahead)
+    assert pilot_family.pilot_memory(cal, train, held, 2, ["pilot_gain"]) == trainer + step
+    assert pilot_family.pilot_memory(cal, train, held, 2, ["lookahead_sign"]) == lookahead
+    assert pilot_family.pilot_memory(cal, train, held, 2, ["pilot_curve", "lookahead_sign"]) == trainer + max(step, lookahead)
 
 
 def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
@@ -266,14 +271,14 @@ def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
     assert "diagnosis" not in plain.stages_s
     diagnosed = est.analysis_cost(cal, domains, AnalysisConfig())
     halves = ([[6] * 4] * 2, [[6] * 4] * 2)
-    want = est.pilot_family_s(cal, *halves, ["pilot_gain"], 2)
+    want = pilot_family.pilot_family_s(cal, *halves, ["pilot_gain"], 2)
     assert diagnosed.stages_s["diagnosis"] == pytest.approx(want) and want > 0
     assert diagnosed.total_s == pytest.approx(plain.total_s + want)
     # ranked by the pilot gain, the diagnosis reuses it; its cost is the ranking's
     pilot = est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_gain"))
     assert "diagnosis" not in pilot.stages_s and pilot.stages_s["ranking"] == pytest.approx(want)
     curve = est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_curve", diagnose=False))
-    assert curve.stages_s["ranking"] == pytest.approx(est.pilot_family_s(cal, *halves, ["pilot_curve"], 2))
+    assert curve.stages_s["ranking"] == pytest.approx(pilot_family.pilot_family_s(cal, *halves, ["pilot_curve"], 2))
     assert curve.stages_s["ranking"] > want
 
 
@@ -284,7 +289,7 @@ def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
     # A: halves of 4 facts of 5 tokens (pilot sizes 2, 4); B: halves of 8 facts of 6 tokens (2, 4, 8)
     train, held = [("A", [5] * 4), ("B", [6] * 8)], [("A", [5] * 4), ("B", [6] * 8)]
     got = est.plan_cost(cal, train, held, PilotConfig())
-    assert len(est.plan_units_s(cal, [[5] * 4, [6] * 8], [[5] * 4, [6] * 8], (2, 4, 8), 4, 2)) == 2 * (2 + 3)
+    assert len(pilots.plan_units_s(cal, [[5] * 4, [6] * 8], [[5] * 4, [6] * 8], (2, 4, 8), 4, 2)) == 2 * (2 + 3)
     # both blocks of the tiny model train (the pilot recipe's 4, cut to 2); every fact of n in each of 4 steps
     train_work, eval_work = 2 * TINY_HEAD + 6 * TINY_BLOCK, TINY_HEAD + 2 * TINY_BLOCK
     steps = 4 * (2 + 4) * 5 * 2 + 4 * (2 + 4 + 8) * 6 * 2
@@ -312,7 +317,7 @@ def test_memory_refusal_when_the_peak_exceeds_what_is_available(capsys, monkeypa
     assert est.memory_refusal(estimate, 10_000_000_000) is None
     refusal = est.memory_refusal(estimate, 1_000_000_000)
     assert "5.0 GB" in refusal and "1.0 GB" in refusal and "forward pass" in refusal
-    monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1_000_000_000)
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1_000_000_000)
     assert est.report(lambda: [estimate]) == 2
     out, err = capsys.readouterr()
     assert err.startswith("error: ") and "exceeds" in err and "refused" in err and len(err.splitlines()) == 1
@@ -328,6 +333,73 @@ def test_a_busy_machine_is_named_in_the_estimate(monkeypatch):
     assert est.load_note() is None
     monkeypatch.setattr(est.os, "getloadavg", lambda: (64.0, 0.0, 0.0))
     assert "busy now (load average 64.0" in est.load_note()
+
+
+# --- every family prices itself -------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("family", ["subspace", "alignment", "ekfac", "trajectory", "airrep", "pilot"])
+def test_every_family_declares_a_finite_cost_that_grows_with_its_facts(family):
+    """Each shipped family's own cost function in a benchmark: finite,
+    positive seconds and bytes, and more of both for twice the facts."""
+    from dowsing.costs import RunShape
+    from dowsing.estimators import ESTIMATORS, FAMILIES
+
+    cal = tiny_calibration(copy_s=0.5, vector_s_per_element=1e-9)
+    members = [n for n, e in ESTIMATORS.items() if e.family == family]
+    recipe = Recipe("adamw", steps=4, blocks=2, batch=4, added_batch=4)
+
+    def run(facts):
+        return RunShape("benchmark", [[6] * facts] * 3, [[7] * facts] * 3, 2, recipe=recipe, recipes=(recipe,),
+                        adam_batches=4, align_blocks=2, ekfac_blocks=1, ekfac_fit_facts=32)
+
+    small, large = (FAMILIES[family].price(cal, run(n), members) for n in (4, 8))
+    assert FAMILIES[family].stage
+    assert 0 < small.seconds < large.seconds and math.isfinite(large.seconds)
+    assert 0 < small.bytes <= large.bytes and math.isfinite(large.bytes)
+
+
+@pytest.fixture
+def toy_family():
+    """A family registered the way a new one is, in one place: its estimator,
+    its compute and its cost (one second per training fact, 1 MB per
+    held-out fact); removed afterwards."""
+    from dowsing.costs import Cost
+    from dowsing.estimators import Estimator, registry
+
+    def cost(cal, run, names):
+        return Cost(1.0 * sum(map(len, run.train)) * len(names), 1e6 * sum(map(len, run.held)))
+
+    registry.register(Estimator("toy_count", "Toy: facts counted", "toy", "counts facts", in_analysis=True))
+    registry.register_family("toy", lambda ctx, names: [], cost, "toy estimators")
+    yield "toy_count"
+    registry.unregister_family("toy")
+
+
+def test_a_registered_toy_family_is_in_every_estimate_without_an_edit_of_estimate(toy_family):
+    from dowsing.validation.benchmark import BenchmarkConfig
+    from dowsing.validation.validate import ValidationConfig
+
+    cal = tiny_calibration()
+    names = ("A", "B", "C")
+    train, held = [(n, [6] * 4) for n in names], [(n, [6] * 4) for n in names]
+    test, pool = [(n, [6] * 4) for n in names], [(n, [6] * 8) for n in names]
+    plain = est.benchmark_cost(cal, train, held, test, pool, BenchmarkConfig.quick(estimators=("mean_loss",)))
+    got = est.benchmark_cost(cal, train, held, test, pool,
+                             BenchmarkConfig.quick(estimators=("mean_loss", toy_family)))
+    # its own stage after the shipped ones: 12 training facts, 12 MB over what the estimators' stages hold
+    assert list(got.stages_s)[list(got.stages_s).index("subspace estimators") + 1] == "toy estimators"
+    assert got.stages_s["toy estimators"] == 12.0
+    assert got.memory_bytes["toy estimators"] == got.memory_bytes["leaderboard"] + 12_000_000
+    # the leaderboard has one more row to resample; every other stage is the same
+    assert {k: v for k, v in got.stages_s.items() if k not in ("toy estimators", "leaderboard")} == {
+        k: v for k, v in plain.stages_s.items() if k != "leaderboard"}
+    validation = [(n, [6] * 8) for n in names], [(n, [6] * 2) for n in names]
+    without = est.validation_cost(cal, *validation, ValidationConfig(estimators=("mean_loss",)))
+    with_toy = est.validation_cost(cal, *validation, ValidationConfig(estimators=("mean_loss", toy_family)))
+    assert with_toy.stages_s["estimators"] == pytest.approx(without.stages_s["estimators"] + 24.0)
+    ranked = est.analysis_cost(cal, [(n, [6] * 8) for n in names], AnalysisConfig(estimator=toy_family,
+                                                                                 diagnose=False))
+    assert ranked.stages_s["ranking"] == 12.0  # the seeded halves' training facts: 4 of each domain's 8
 
 
 # --- the calibration and the command line ----------------------------------------------------------------------------
@@ -432,7 +504,7 @@ def test_run_benchmark_and_plan_pages_show_the_estimate_and_warn_about_memory(ti
 
     use_calibration(calibrated)
     st.cache_resource.clear()
-    monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
     app = str(Path(__file__).resolve().parent.parent / "app.py")
     for page, key in (("pages/run.py", "run_estimate"), ("pages/plan.py", "plan_estimate"),
                       ("pages/benchmark.py", "bench_estimate")):

@@ -194,10 +194,10 @@ def test_facts_over_the_token_cap_are_refused_before_the_run(tmp_path, capsys, m
 
 
 def test_a_run_over_the_memory_available_is_refused(cache, tmp_path, capsys, monkeypatch, tiny_gpt2_dir):
-    from dowsing import estimate as est
+    from dowsing import cost_report
     from dowsing.cli import main
 
-    monkeypatch.setattr(est, "available_memory_bytes", lambda device="cpu": 1000)
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
     code = main(["analyze", "--estimate", "--model", str(tiny_gpt2_dir), "--out", str(tmp_path / "o.json")])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("error: ") and "refused" in err and len(err.strip().splitlines()) == 1, err

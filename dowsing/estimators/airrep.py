@@ -47,11 +47,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..costs import Cost, expected_padded, finetune_s, padded_tokens, trained_bytes, trainer_step_bytes
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 register(Estimator("airrep", "AirRep: trained encoder, cross-validated by domain", "airrep",
                    "an encoder trained to rank counterfactual fine-tunes, cross-validated by domain",
-                   needs={"counterfactuals"}, cost=4.2, in_validation=False))
+                   needs={"counterfactuals"}, in_validation=False))
 
 
 @dataclass(frozen=True)
@@ -241,4 +242,23 @@ def airrep_family(ctx, names) -> list:
     return [airrep_scores(ctx.loaded, ctx.split, ctx.settings.recipe, ctx.settings.seed, progress=ctx.progress)]
 
 
-register_family("airrep", airrep_family)
+def airrep_cost(cal, run, names) -> Cost:
+    """AirRep's data (`AirRepConfig`): 3 folds (at least 2, at most the
+    domains) of 8 counterfactual fine-tunes of the run's recipe adding 4
+    training facts,
+    each read on the held-out facts of the other folds' domains (the
+    encoder's own training, a few seconds, is left out); it builds its own
+    trainer (a tail copy). Memory: the trained blocks' weights, gradients and
+    AdamW's moments, and a fine-tune step."""
+    recipe, keep, air = run.recipe, run.keep, AirRepConfig()
+    folds = max(2, min(air.folds, len(run.train)))
+    pool = [n for d in run.train for n in d]
+    held_all = [n for d in run.held for n in d]
+    targets = held_all[: round(len(held_all) * (folds - 1) / folds)]
+    step = expected_padded(pool, recipe.batch) + expected_padded(pool, min(recipe.added_batch, air.subset_facts))
+    one = finetune_s(cal, recipe.steps, step, keep, min(recipe.blocks, keep), padded_tokens(targets, 16))
+    memory = 3 * trained_bytes(cal, run) + trainer_step_bytes(cal, run)
+    return Cost(cal.copy_s + folds * air.runs_per_fold * one, memory)
+
+
+register_family("airrep", airrep_family, airrep_cost, "AirRep")

@@ -13,18 +13,20 @@ import time
 
 from ..alignment import (ADAM_EPS, adam_preconditioner, alignment_blocks, blocks_of, domain_alignment, tail_grad_fn, tail_model,
                          tail_parameters)
+from ..costs import (GRAD_CHUNK, Cost, adam_moment_s, chunked, gradients_s, ranking_tail_bytes, tail_params,
+                     trainable_params)
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 register(Estimator("alignment_adam", "Gradient alignment between facts, Adam-preconditioned", "alignment",
                    "gradient alignment between a domain's facts over the last blocks, Adam's preconditioner",
-                   needs={"block_inputs"}, cost=5.2, in_analysis=True))
+                   needs={"block_inputs"}, in_analysis=True))
 register(Estimator("alignment", "Gradient alignment between facts", "alignment",
-                   "the same without a preconditioner", needs={"block_inputs"}, cost=5.2, in_analysis=True))
+                   "the same without a preconditioner", needs={"block_inputs"}, in_analysis=True))
 register(Estimator("alignment_heldout_adam", "Gradient alignment between two halves, Adam-preconditioned",
                    "alignment", "gradient alignment between two seeded halves of each domain's facts, Adam's "
-                                "preconditioner", needs={"block_inputs", "held_out"}, cost=5.2, in_analysis=True))
+                                "preconditioner", needs={"block_inputs", "held_out"}, in_analysis=True))
 register(Estimator("alignment_heldout", "Gradient alignment between two halves", "alignment",
-                   "the same without a preconditioner", needs={"block_inputs", "held_out"}, cost=5.2,
+                   "the same without a preconditioner", needs={"block_inputs", "held_out"},
                    in_analysis=True))
 
 
@@ -106,4 +108,53 @@ def alignment_scores(ctx, names) -> list:
             for n in names]
 
 
-register_family("alignment", alignment_scores)
+def domain_alignment_s(cal, rows: list, query: list | None, keep: int, trained: int,
+                       preconditioners: int = 1) -> float:
+    """`alignment.domain_alignment`: the domain's summed gradient in chunks,
+    the query's gradient in one call, and one gradient per fact, each
+    flattened and squared, then per preconditioner dotted with itself, the
+    domain's sum and the query's (three float64 sums)."""
+    calls, padded = chunked(rows)
+    per_fact = 2 + preconditioners * (3 if query else 2)
+    seconds = gradients_s(cal, calls, padded, keep, trained, vector_ops=2)
+    seconds += gradients_s(cal, len(rows), sum(rows), keep, trained, vector_ops=per_fact)
+    if query:
+        seconds += gradients_s(cal, 1, len(query) * max(query), keep, trained, vector_ops=1 + preconditioners)
+    return seconds
+
+
+def alignment_cost(cal, run, names) -> Cost:
+    """Per domain its training facts against each other or (the held-out
+    estimators) against its held-out half, sharing one pass of gradients
+    for every preconditioner asked (plain, Adam's), Adam's moment once, all
+    in a tail copy training the last align_blocks blocks. Memory: the larger
+    of the model's deep copy and the tail copy with ten float64 vectors of
+    the trained parameters, and a chunk's gradients. In an analysis (one
+    estimator) its two halves against each other both ways, over the last
+    align_blocks blocks alone (`costs.ranking_tail_bytes`)."""
+    adam = any(n.endswith("_adam") for n in names)
+    plain = any(not n.endswith("_adam") for n in names)
+    query = any("held_out" in get(n).needs for n in names)
+    pool = [n for d in run.train for n in d] if run.pipeline != "analysis" else [
+        n for _, d in run.domains for n in d]
+    if run.pipeline == "analysis":
+        keep = trained = min(run.align_blocks, cal.n_layers)
+        seconds = cal.copy_s + (adam_moment_s(cal, pool, run.adam_batches, keep, keep) if adam else 0.0)
+        for (_, rows), half_a, half_b in zip(run.domains, run.train, run.held):
+            if query:
+                seconds += domain_alignment_s(cal, half_a, half_b, keep, keep)
+                seconds += domain_alignment_s(cal, half_b, half_a, keep, keep)
+            else:
+                seconds += domain_alignment_s(cal, list(rows), None, keep, keep)
+        return Cost(seconds, ranking_tail_bytes(cal, run))
+    keep, trained = run.keep, min(run.align_blocks, run.keep)
+    seconds = cal.copy_s + (adam_moment_s(cal, pool, run.adam_batches, keep, trained) if adam else 0.0)
+    for k, rows in enumerate(run.train):
+        seconds += domain_alignment_s(cal, rows, run.held[k] if query else None, keep, trained,
+                                      int(adam) + int(plain))
+    b = cal.dtype_bytes
+    memory = max(cal.n_params * b, tail_params(cal, keep) * b + 10 * trainable_params(cal, trained) * 8)
+    return Cost(seconds, memory + cal.step_bytes_per_token * GRAD_CHUNK * max(run.flat))
+
+
+register_family("alignment", alignment_scores, alignment_cost)

@@ -25,6 +25,8 @@ import time
 import numpy as np
 
 from ..alignment import blocks_of
+from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, tail_params, tail_pass_s,
+                     trainable_params)
 from ..pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
 from ..training import TailTrainer
 from ..units import pilot_key, recomputed_message
@@ -32,15 +34,18 @@ from .registry import Estimator, EstimatorScore, get, register, register_family
 
 MIN_HALF = 2
 
-register(Estimator("pilot_gain", "Pilot gain: train on half, drop of the other half", "pilot",
+PILOT_GAIN = "pilot_gain"  # also the diagnosis' reading of each domain
+PILOT_CURVE = "pilot_curve"  # also the plan's curves
+
+register(Estimator(PILOT_GAIN, "Pilot gain: train on half, drop of the other half", "pilot",
                    "fine-tune briefly on one half of a domain's facts, drop of the other half's loss, both ways",
-                   needs={"block_inputs", "held_out"}, cost=3.7, in_analysis=True))
-register(Estimator("pilot_curve", "Pilot learning curve, extrapolated", "pilot",
+                   needs={"block_inputs", "held_out"}, in_analysis=True))
+register(Estimator(PILOT_CURVE, "Pilot learning curve, extrapolated", "pilot",
                    "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",
-                   needs={"block_inputs", "held_out"}, cost=6.0, in_analysis=True))
+                   needs={"block_inputs", "held_out"}, in_analysis=True))
 register(Estimator("lookahead_sign", "One-step Adam lookahead, all parameters", "pilot",
                    "first-order drop of one half's loss after one Adam (sign) step on the other, every parameter",
-                   needs={"held_out"}, cost=3.3, in_analysis=True))
+                   needs={"held_out"}, in_analysis=True))
 
 
 def _in_row_order(values_a: list, values_b: list, n_a: int, n_b: int) -> list:
@@ -186,4 +191,87 @@ def pilot_scores(ctx, names) -> list:
     return out
 
 
-register_family("pilot", pilot_scores)
+def full_gradient_s(cal, rows: list, batch_size: int) -> float:
+    """The gradient of a mean loss over every parameter of the model
+    (`pilots.mean_loss_gradient`), accumulated over batches of `batch_size`
+    facts: the forward pass at its calibrated rate, backward through the LM
+    head and every block as a fine-tune step's (`costs.tail_work`), and each
+    batch's gradient added to the sum (a pass over every parameter)."""
+    calls, padded = math.ceil(len(rows) / batch_size), padded_tokens(rows, batch_size)
+    backward = tail_pass_s(cal, padded, cal.n_layers, cal.n_layers) - tail_pass_s(cal, padded, cal.n_layers)
+    return cal.forward_s_per_token * padded + backward + calls * cal.n_params * cal.vector_s_per_element
+
+
+def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 8), batch_size: int = 16) -> float:
+    """The pilot estimators over each domain's halves A (train) and B
+    (held); a domain whose halves cannot hold two facts each costs nothing.
+    pilot_gain / pilot_curve: a trainer (a tail copy, checked on 16 facts of
+    B), then per domain and per pilot size n (`pilots.pilot_sizes`: the
+    pilot sizes below the smaller half, and its whole size; pilot_gain
+    alone: that size only) two runs, A's first n facts teaching B and the
+    other way, each PILOT_RECIPE.steps steps of all n facts on the last
+    min(PILOT_RECIPE.blocks, keep) blocks and a read of the other half.
+    lookahead_sign: per domain the whole model's gradient of each half's
+    mean loss, then the two signs and dot products over every parameter."""
+    names = set(names)
+    tuned = bool(names & {"pilot_gain", "pilot_curve"})
+    blocks = min(PILOT_RECIPE.blocks, keep)
+    seconds = 0.0
+    if tuned:
+        seconds += cal.copy_s + tail_pass_s(cal, padded_tokens([n for d in held for n in d][:16], 16), keep)
+    for a, b in zip(train, held):
+        if min(len(a), len(b)) < MIN_HALF:
+            continue
+        if tuned:
+            wanted = sizes if "pilot_curve" in names else (max(len(a), len(b)),)
+            for n in pilot_sizes(wanted, len(a), len(b)):
+                for taught, read in ((a, b), (b, a)):
+                    seconds += finetune_s(cal, PILOT_RECIPE.steps, n * max(taught[:n]), keep, blocks,
+                                          padded_tokens(read, 16))
+        if "lookahead_sign" in names:
+            seconds += full_gradient_s(cal, a, batch_size) + full_gradient_s(cal, b, batch_size)
+            seconds += 4 * cal.n_params * cal.vector_s_per_element
+    return seconds
+
+
+def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int = 16) -> float:
+    """Bytes the named pilot estimators add over the halves A (train) and B
+    (held): pilot_gain / pilot_curve a trainer (its own copy of the block
+    inputs, a tail copy and its starting weights, gradients and AdamW's two
+    moments of the trained blocks) and a step over the larger half;
+    lookahead_sign, one domain at a time beside it, the whole model's
+    gradients of both halves and their signs, and one batch's activations
+    kept for the backward pass: the calibrated one-block step's per token
+    (the LM head's logits and one block) plus, for each further block,
+    about 10 d_model + 4 d_ff values a token."""
+    names = set(names)
+    b = cal.dtype_bytes
+    flat = [n for d in train + held for n in d]
+    if not flat:
+        return 0.0
+    half = max(max(len(d) for d in train + held), 1)
+    trainer = step = lookahead = 0.0
+    if names & {"pilot_gain", "pilot_curve"}:
+        trainer = (sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b
+                   + 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b)
+        step = cal.step_bytes_per_token * half * max(flat)
+    if "lookahead_sign" in names:
+        per_token = cal.step_bytes_per_token + (cal.n_layers - 1) * (10 * cal.d_model + 4 * cal.d_ff) * b
+        lookahead = 4 * cal.n_params * b + per_token * batch_size * max(flat)
+    return trainer + max(step, lookahead)
+
+
+def pilot_cost(cal, run, names) -> Cost:
+    """`pilot_family_s` and `pilot_memory` over the run's halves; in an
+    analysis every fact's block inputs are held beside them. The quick
+    validation's estimate leaves the pilot estimators out (priced as free)."""
+    if run.pipeline == "validation":
+        return Cost(0.0, 0.0)
+    seconds = pilot_family_s(cal, run.train, run.held, names, run.keep, run.pilot_sizes, run.batch_size)
+    memory = pilot_memory(cal, run.train, run.held, run.keep, names, run.batch_size)
+    if run.pipeline == "analysis":
+        memory += block_inputs_bytes(cal, [n for _, d in run.domains for n in d])
+    return Cost(seconds, memory)
+
+
+register_family("pilot", pilot_scores, pilot_cost)

@@ -7,14 +7,18 @@ An estimator turns each domain's facts into one priority: the larger, the
 more that domain's data is predicted to help. A family is a group of
 estimators that share their expensive work (one pass of per-fact gradients,
 one trajectory of checkpoints) and one compute function that returns an
-`EstimatorScore` per asked estimator. Adding an estimator to a family is one
-`register` call and its branch in that family's module.
+`EstimatorScore` per asked estimator, and one cost function that prices
+that work before a run (`estimate` sums it into a pipeline's stages).
+Adding an estimator to a family is one `register` call and its branch in
+that family's module (its compute and its cost).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
+
+from ..costs import Cost
 
 # What an estimator can need beyond the forward pass's per-token quantities.
 NEEDS = {
@@ -32,8 +36,6 @@ class Estimator:
 
     family: the module that computes it (`FAMILIES`).
     needs: keys of NEEDS.
-    cost: wall time relative to mean loss on the default model, both with
-        the shared forward pass (the benchmark's measurement over 27 domains).
     in_analysis: offered as an analysis's ranking estimator.
     in_validation / in_benchmark: on the quick validation's or the
         benchmark's leaderboard by default.
@@ -45,7 +47,6 @@ class Estimator:
     family: str
     summary: str
     needs: frozenset = frozenset()
-    cost: float = 1.0
     in_analysis: bool = False
     in_validation: bool = True
     in_benchmark: bool = True
@@ -84,10 +85,21 @@ class EstimatorScore:
 @dataclass(frozen=True)
 class Family:
     """A family's compute function: (context, names) -> [EstimatorScore] in
-    the order of names, for estimators of this family only."""
+    the order of names, for estimators of this family only; its cost
+    function: (calibration, costs.RunShape, names) -> costs.Cost, the
+    seconds and extra bytes of computing those names in that run (None:
+    priced as free); stage: the name of its stage in an estimate."""
 
     name: str
     compute: Callable
+    cost: Callable | None = None
+    stage: str = ""
+
+    def price(self, cal, run, members):
+        """The family's costs.Cost for these members in this run."""
+        if self.cost is None:
+            return Cost(0.0, 0.0)
+        return self.cost(cal, run, list(members))
 
 
 ESTIMATORS: dict[str, Estimator] = {}
@@ -106,9 +118,16 @@ def unregister(name: str) -> None:
     ESTIMATORS.pop(name, None)
 
 
-def register_family(name: str, compute: Callable) -> Family:
-    FAMILIES[name] = Family(name, compute)
+def register_family(name: str, compute: Callable, cost: Callable | None = None, stage: str = "") -> Family:
+    FAMILIES[name] = Family(name, compute, cost, stage or f"{name} estimators")
     return FAMILIES[name]
+
+
+def unregister_family(name: str) -> None:
+    """Remove a family and its estimators (for tests that register a toy one)."""
+    for estimator in [n for n, e in ESTIMATORS.items() if e.family == name]:
+        ESTIMATORS.pop(estimator)
+    FAMILIES.pop(name, None)
 
 
 def get(name: str) -> Estimator:

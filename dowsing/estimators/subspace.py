@@ -29,30 +29,35 @@ from ..alignment import padded_block_batch, tail_model
 from ..solvers import conjugate_gradient, damped, dense_solve, lissa
 from ..subspace import Encoded, make_batches, per_fact_losses
 from ..subspace_terms import DomainTerms, all_domain_terms, train_hessian
+from ..costs import (CALIBRATION_DOMAINS, LINE_CHUNK, Cost, chunked, gradients_s, hessian_s, line_work, matmul_s,
+                     predicted_tokens, solve_s)
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
-register(Estimator("paper", "Paper: concept-subspace influence", "subspace",
-                   "the Data Dowsing paper's method, concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ", cost=1.02,
+PAPER = "paper"  # the Data Dowsing paper's estimator: the analysis' own quantities
+MEAN_LOSS = "mean_loss"  # the baseline every estimator is compared with
+
+register(Estimator(PAPER, "Paper: concept-subspace influence", "subspace",
+                   "the Data Dowsing paper's method, concept-subspace influence ḡᵀ(H+λI)⁻¹ḡ",
                    in_analysis=True))
 register(Estimator("influence_ggn", "Influence in S_k, Gauss-Newton", "subspace",
-                   "the paper's quantity with the Gauss-Newton matrix", cost=1.54))
+                   "the paper's quantity with the Gauss-Newton matrix"))
 # CG and LiSSA stay off the benchmark by default: on the exact Hessian of a
 # pretrained model they fail where it is indefinite (the validation shows
 # it), and at 27 domains they would cost minutes for no information.
 register(Estimator("influence_cg", "Influence in S_k, CG inverse-HVP", "subspace",
-                   "the paper's system solved by conjugate gradient", cost=1.1, in_benchmark=False))
+                   "the paper's system solved by conjugate gradient", in_benchmark=False))
 register(Estimator("influence_lissa", "Influence in S_k, LiSSA inverse-HVP", "subspace",
-                   "the paper's system solved by LiSSA", cost=3.0, in_benchmark=False))
+                   "the paper's system solved by LiSSA", in_benchmark=False))
 register(Estimator("heldout_influence", "Held-out influence in S_k, exact Hessian", "subspace",
-                   "influence of a held-out half on the other in S_k", needs={"held_out"}, cost=1.02))
+                   "influence of a held-out half on the other in S_k", needs={"held_out"}))
 register(Estimator("heldout_influence_ggn", "Held-out influence in S_k, Gauss-Newton", "subspace",
-                   "the same with the Gauss-Newton matrix", needs={"held_out"}, cost=1.01))
+                   "the same with the Gauss-Newton matrix", needs={"held_out"}))
 register(Estimator("tracin", "Gradient dot product in S_k (TracIn-style, z = ḡ)", "subspace",
-                   "ḡᵀḡ in S_k, no curvature", cost=1.33))
-register(Estimator("mean_loss", "Mean loss (log perplexity)", "subspace",
-                   "the domain's mean next-token loss", cost=1.0, in_analysis=True))
+                   "ḡᵀḡ in S_k, no curvature"))
+register(Estimator(MEAN_LOSS, "Mean loss (log perplexity)", "subspace",
+                   "the domain's mean next-token loss", in_analysis=True))
 register(Estimator("grad_norm", "Norm of the domain gradient (fine-tuned parameters)", "subspace",
-                   "the norm of the domain's mean-loss gradient", cost=1.3))
+                   "the norm of the domain's mean-loss gradient"))
 
 
 def _largest_eigenvalue(matvec, dim: int, iterations: int = 40, seed: int = 0) -> float:
@@ -324,4 +329,44 @@ def subspace_scores(ctx, names) -> list:
             for n in names]
 
 
-register_family("subspace", subspace_scores)
+def subspace_cost(cal, run, names) -> Cost:
+    """The concept-subspace estimators: the LM-head derivatives of every
+    token along every domain's direction, each domain's training-loss
+    Hessian, and per estimator its solves (Gauss-Newton a second Hessian; CG
+    counted at d_ff iterations, LiSSA at its depth: upper bounds); grad_norm
+    one gradient of the last blocks per chunk of training facts. Memory: the
+    head product of every token (vocabulary wide, built chunk by chunk and
+    concatenated, so held twice while it is built) and a chunk's
+    derivatives. In an analysis the ranking by mean loss or the paper's
+    reuses its forward pass and solves: nothing more."""
+    if run.pipeline == "analysis":
+        return Cost(0.0, 0.0)
+    train, held, keep = run.train, run.held, run.keep
+    n_tokens = predicted_tokens(run.flat)
+    n_train = predicted_tokens([n for d in train for n in d])
+    k, d = len(train), cal.d_ff
+    seconds = n_tokens * cal.line_s_per_token * line_work(cal, k) / line_work(cal, CALIBRATION_DOMAINS)
+    seconds += k * hessian_s(cal, n_train)
+    names = set(names)
+    solves = len(names & {"paper", "heldout_influence", "influence_ggn", "heldout_influence_ggn"})
+    seconds += k * solves * solve_s(cal, d)
+    if names & {"influence_ggn", "heldout_influence_ggn"}:
+        seconds += k * hessian_s(cal, n_train)
+    if "influence_cg" in names:
+        seconds += k * d * matmul_s(cal, 4.0 * n_train * d)
+    if "influence_lissa" in names:
+        batch_tokens = n_train / max(sum(len(t) for t in train), 1) * run.lissa_batch
+        # power iteration (40 full products), then a full product every 50 steps for the residual
+        full = 40 + run.lissa_depth / 50 + 1
+        seconds += k * (run.lissa_depth * matmul_s(cal, 4.0 * batch_tokens * d)
+                        + full * matmul_s(cal, 4.0 * n_train * d))
+    if "grad_norm" in names:
+        seconds += cal.copy_s
+        for rows in train:
+            calls, padded = chunked(rows)
+            seconds += gradients_s(cal, calls, padded, keep, keep)
+    line = n_tokens * cal.vocab * cal.dtype_bytes
+    return Cost(seconds, line + cal.coef_bytes_per_token * min(LINE_CHUNK, n_tokens))
+
+
+register_family("subspace", subspace_scores, subspace_cost)

@@ -94,23 +94,26 @@ from dataclasses import dataclass
 import torch
 
 from ..alignment import blocks_of, padded_block_batch, tail_grad_fn, tail_parameters
+from ..costs import (Cost, adam_moment_s, chunked, expected_padded, finetune_s, gradients_s, padded_tokens,
+                     ranking_tail_bytes, tail_pass_s, trainable_params, trained_bytes, trainer_step_bytes)
 from ..subspace import per_fact_losses
+from ..training import Recipe
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 _TRAJ = {"block_inputs", "held_out", "trajectory"}
 register(Estimator("diffin", "Diff-In over checkpoints (second order)", "trajectory",
                    "held-out influence accumulated over checkpoints, with its second-order term",
-                   needs=_TRAJ, cost=10.3, in_analysis=True))
+                   needs=_TRAJ, in_analysis=True))
 register(Estimator("tracin_ckpt", "TracIn over checkpoints (held-out)", "trajectory",
-                   "held-out gradient alignment summed over checkpoints", needs=_TRAJ, cost=5.6, in_analysis=True))
+                   "held-out gradient alignment summed over checkpoints", needs=_TRAJ, in_analysis=True))
 register(Estimator("vog", "Variance of gradients over checkpoints (VoG)", "trajectory",
-                   "variance of input gradients over checkpoints", needs=_TRAJ, cost=3.7, in_analysis=True))
+                   "variance of input gradients over checkpoints", needs=_TRAJ, in_analysis=True))
 register(Estimator("ckpt_confidence", "Low confidence over checkpoints (cartography)", "trajectory",
-                   "1 - mean confidence over checkpoints", needs=_TRAJ, cost=3.7, in_analysis=True))
+                   "1 - mean confidence over checkpoints", needs=_TRAJ, in_analysis=True))
 register(Estimator("ckpt_variability", "Variability over checkpoints (cartography)", "trajectory",
-                   "variability of confidence over checkpoints", needs=_TRAJ, cost=3.7, in_analysis=True))
+                   "variability of confidence over checkpoints", needs=_TRAJ, in_analysis=True))
 register(Estimator("el2n", "EL2N error norm over checkpoints", "trajectory",
-                   "mean error norm over checkpoints", needs=_TRAJ, cost=3.7, in_analysis=True))
+                   "mean error norm over checkpoints", needs=_TRAJ, in_analysis=True))
 
 # names whose scores come from one pass over the training facts at every checkpoint
 CHECKPOINT_PASS = ("vog", "ckpt_confidence", "ckpt_variability", "el2n")
@@ -654,4 +657,60 @@ def trajectory_family(ctx, names) -> list:
                              all_facts=s.all_facts)
 
 
-register_family("trajectory", trajectory_family)
+def trajectory_s(cal, train: list, held: list, names, recipe, keep: int, adam_batches: int, checkpoints: int = 0,
+                 all_facts: bool = False, lr_known: bool = True) -> float:
+    """Recording the baseline fine-tune (or loading `checkpoints` of the
+    user's), then Diff-In / TracIn's gradients at every step (per domain its
+    training and held-out means, Diff-In's central differences two more
+    held-out means; with all_facts per-fact gradients too) and the
+    checkpoint pass (a forward, with input gradients for VoG, over the
+    scored facts at every checkpoint)."""
+    pool = [n for d in train for n in d]
+    blocks = min(recipe.blocks, keep)
+    if checkpoints:
+        seconds, steps = cal.copy_s + checkpoints * cal.load_s, checkpoints - 1
+    else:
+        steps = recipe.steps
+        seconds = cal.copy_s + finetune_s(cal, steps, expected_padded(pool, recipe.batch), keep, blocks, 0)
+    if {"diffin", "tracin_ckpt"} & set(names):
+        if recipe.optimizer == "adamw":
+            seconds += adam_moment_s(cal, pool, adam_batches, keep, blocks)
+        means = [chunked(t) for t in train] + [chunked(h) for h in held] * (3 if "diffin" in names else 1)
+        if not lr_known:
+            means.append(chunked(pool))
+        if all_facts:
+            means += [chunked(h) for h in held] + [chunked(t) for t in train]
+            means += [(len(d), sum(d)) for d in train + held]
+        calls, padded = sum(c for c, _ in means), sum(p for _, p in means)
+        # per chunk: scaled and summed; per step: the checkpoint entered and its delta; per domain: the step
+        # u = P g, its dot products and (Diff-In) the perturbed parameters and the finite difference
+        per_domain = 12 if "diffin" in names else 3
+        vectors = (4 + per_domain * len(train)) * trainable_params(cal, blocks) * cal.vector_s_per_element
+        seconds += steps * (gradients_s(cal, calls, padded, keep, blocks, vector_ops=2) + vectors)
+    if {"vog", "ckpt_confidence", "ckpt_variability", "el2n"} & set(names):
+        scored = [n for d in (train + held if all_facts else train) for n in d]
+        _, padded = chunked(scored)
+        seconds += (steps + 1) * tail_pass_s(cal, padded, keep, keep if "vog" in names else 0)
+    return seconds
+
+
+def trajectory_cost(cal, run, names) -> Cost:
+    """`trajectory_s` over the run's halves with its recipe. Memory: the
+    trajectory's checkpoints and deltas of the trained blocks (the longest
+    recipe's steps and ten more) and a fine-tune step. In an analysis (the
+    user's checkpoints, every fact scored) a second forward pass over every
+    fact and the last align_blocks blocks alone (`costs.ranking_tail_bytes`)."""
+    if run.pipeline == "analysis":
+        keep = min(run.align_blocks, cal.n_layers)
+        flat = [n for _, d in run.domains for n in d]
+        forward = cal.forward_s_per_token * padded_tokens(flat, run.batch_size)
+        return Cost(forward + trajectory_s(cal, run.train, run.held, names, Recipe("checkpoints", blocks=keep), keep,
+                                           run.adam_batches, run.checkpoints, all_facts=True,
+                                           lr_known=run.lr_known), ranking_tail_bytes(cal, run))
+    seconds = trajectory_s(cal, run.train, run.held, names, run.recipe, run.keep, run.adam_batches, run.checkpoints,
+                           lr_known=run.lr_known)
+    steps = max(r.steps for r in run.recipes)
+    return Cost(seconds, (steps + 10) * trained_bytes(cal, run) * 2 + trainer_step_bytes(cal, run))
+
+
+register_family("trajectory", trajectory_family, trajectory_cost)

@@ -34,7 +34,7 @@ import torch
 
 from ..checkpoints import checkpoint_fields
 from ..domains import Domain, benchmark_domains, benchmark_groups, domain_set
-from ..estimators import (EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
+from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
 from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
@@ -148,7 +148,7 @@ class BenchmarkConfig(ConfigRecord):
         object.__setattr__(self, "doses", tuple(sorted({int(n) for n in self.doses})))
         object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
         object.__setattr__(self, "plan_budgets", tuple(_budget(b) for b in self.plan_budgets))
-        if self.plan_budgets and not {"pilot_curve", BASELINE} <= set(self.estimators):
+        if self.plan_budgets and not {PILOT_CURVE, BASELINE} <= set(self.estimators):
             raise ValueError("the plan check (plan_budgets) needs the pilot_curve and mean_loss estimators")
         if not self.doses or self.doses[0] < 1:
             raise ValueError("doses must be positive numbers of pool facts")
@@ -503,7 +503,7 @@ def _plan_allocations(run: BenchmarkSplit, config: BenchmarkConfig, scores: dict
     """The plan check's allocations from the estimators' pilot curves and
     mean losses (the sample only), and its fine-tunes: {"curves", "budgets":
     {budget: `plan_check.check_allocations`}, "units"}."""
-    fits, losses = scores["pilot_curve"].details["fits"], scores[BASELINE].priority
+    fits, losses = scores[PILOT_CURVE].details["fits"], scores[BASELINE].priority
     curves = plan_curves(run.names, fits, losses, config.sample_facts, config.seed, PLAN_RESAMPLES)
     have = weighted_have(config.sample_facts, config.sample_facts * len(run.names), config.doses[-1],
                          main_recipe(config).added_weight)

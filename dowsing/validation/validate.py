@@ -32,7 +32,7 @@ import torch
 from ..checkpoints import checkpoint_fields
 from ..curvature import structured_hessian, tail_coefficients
 from ..domains import Domain, as_domains
-from ..estimators import EstimatorContext, EstimatorSettings, check_names, compute, get, names
+from ..estimators import PAPER, EstimatorContext, EstimatorSettings, check_names, compute, get, names
 from ..estimators.subspace import domain_terms_of
 from ..forward import split_pass
 from ..models import LoadedModel, load_model
@@ -45,8 +45,6 @@ from .correlations import bootstrap_spearman, kendall, spearman
 from .finetune import finetune_gains, validation_recipe
 from .subspace_truth import subspace_response, summarise_subspace
 
-# The leaderboard's reference: Kendall's tau of every estimator against it.
-PAPER = "paper"
 
 
 @dataclass(frozen=True)
