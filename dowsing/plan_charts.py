@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
 from .curves import BAND, predict
-from .plan import DomainCurve, PlanResult
+from .plan import DomainCurve, PlanResult, recommendation
 
 UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "
               "domains and split the budget; a full training run's nats differ.")
@@ -27,11 +27,14 @@ def _g(value) -> str:
 
 
 def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> go.Figure:
-    """Horizontal bars: the examples to collect of each domain (`collect`,
-    the greedy allocation), in set order from the top; a domain without an
-    identifiable curve gets an empty bar that says so."""
+    """Horizontal bars: the examples to collect of each domain as
+    recommended (`plan.recommendation`: the plan's counts, or the even split
+    where the plan is not shown to beat it, with the plan's counts then
+    drawn as open diamonds, the curves' preference), in set order from the
+    top; a domain without an identifiable curve says so beside its bar."""
     colors = colors or plan_colors(plan)
-    rows = plan.domains
+    rec = recommendation(plan)
+    rows = rec["rows"]
     unit = plan.allocation["budget_unit"]
     text = [str(d["collect"]) if d["identifiable"] else "not identifiable" for d in rows]
     hover = [f"<b>{d['domain']}</b><br>collect {d['collect']}<br>cost {_g(d['cost'])}"
@@ -40,16 +43,25 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
                 if d["identifiable"] else f"<br>{d['reason']}") for d in rows]
     fig = go.Figure(go.Bar(
         y=[d["domain"] for d in rows], x=[d["collect"] for d in rows], orientation="h",
-        marker=dict(color=[colors[d["domain"]] for d in rows]), text=text,
+        marker=dict(color=[colors[d["domain"]] for d in rows]), text=text, name="recommended",
         # an empty bar has no inside: its "0" or "not identifiable" goes beside it
         textposition=["inside" if d["collect"] else "outside" for d in rows],
         hovertext=hover, hoverinfo="text", cliponaxis=False,
     ))
+    if rec["preference"] is not None:
+        fig.add_trace(go.Scatter(
+            y=[n for n, _ in rec["preference"]], x=[m for _, m in rec["preference"]], mode="markers",
+            name="the curves' preference (not shown better)",
+            marker=dict(symbol="diamond-open", size=12, color="#333", line=dict(width=2)),
+            hovertemplate="<b>%{y}</b><br>the curves would collect %{x}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title="examples to collect", rangemode="tozero")
     alloc = plan.allocation
-    title = (f"Examples to collect: budget {alloc['budget']:g} {unit}, spent {alloc['spent']:g}")
-    return _layout(fig, title=dict(text=title, x=0), showlegend=False, height=max(260, 60 + 34 * len(rows)))
+    by = "spread evenly (the plan is not shown to beat it)" if rec["by"] == "even" else "the plan"
+    spent = sum(d["cost"] for d in rows)
+    title = f"Examples to collect, recommended: {by}; budget {alloc['budget']:g} {unit}, spent {spent:g}"
+    return _layout(fig, title=dict(text=title, x=0), showlegend=rec["preference"] is not None,
+                   height=max(260, 60 + 34 * len(rows)))
 
 
 def curve_band(dc: DomainCurve, grid) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -65,8 +77,12 @@ def curve_band(dc: DomainCurve, grid) -> tuple[np.ndarray, np.ndarray, np.ndarra
 
 
 def _have(row: dict, dc: DomainCurve) -> float:
-    """Where the plan read the domain's curve from (its have; older plans: its facts)."""
-    return row.get("have", dc.n_facts) if row.get("have") is not None else dc.n_facts
+    """Where the plan read the domain's curve from: its have plus what the
+    rounds before collected (older plans: their have, or their facts)."""
+    for key in ("reads_from", "have"):
+        if row.get(key) is not None:
+            return row[key]
+    return dc.n_facts
 
 
 def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | None = None) -> go.Figure:
@@ -74,11 +90,11 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
     loss after the pilot recipe on n facts) on a log n axis: the pilot's
     points, the fitted form, the 90% band of the bootstrap curves, ◆ at the
     facts already in training (have; none from have = 0, where G = 0) and ★
-    at have + the examples the plan collects, so the gain is the rise from
+    at have + the examples recommended (`plan.recommendation`), so the gain is the rise from
     ◆ (or 0) to ★. A domain whose curve is not
     identifiable shows its pilot points only. One legend group per domain."""
     colors = colors or plan_colors(plan)
-    rows = {d["domain"]: d for d in plan.domains}
+    rows = {d["domain"]: d for d in recommendation(plan)["rows"]}
     sizes = [n for dc in curves for n in dc.curve.sizes] or [1.0]
     right = max([max(_have(rows[dc.name], dc) + rows[dc.name]["collect"], 1) for dc in curves] + sizes)
     grid = np.geomspace(max(1.0, min(sizes)), 1.3 * right, 120)

@@ -537,15 +537,21 @@ def _measured_plan(budget=30.0, **fields):
 
 def test_the_plan_figures_show_the_plan_s_numbers():
     from dowsing import plan_charts
+    from dowsing.plan import recommendation
 
     plan, curves = _measured_plan(have_by_domain={"Physics": 8, "Astronomy": 10})
     counts = [d["collect"] for d in plan.domains]
     assert sum(counts) == 30 and counts[2] == 0
+    # the bars are what is recommended: the plan's counts, or the even split with the plan's as diamonds
+    rec = recommendation(plan)
     bars = plan_charts.allocation_chart(plan).data[0]
-    assert list(bars.x) == counts and list(bars.y) == ["Physics", "Astronomy", "Biology"]
+    assert list(bars.x) == [m for _, m in rec["counts"]] and list(bars.y) == ["Physics", "Astronomy", "Biology"]
+    if rec["by"] == "even":
+        diamonds = plan_charts.allocation_chart(plan).data[1]
+        assert list(diamonds.x) == counts
     assert bars.text[2] == "not identifiable"
     fig = plan_charts.plan_curves_chart(plan, curves)
-    for dc, row in zip(curves[:2], plan.domains[:2]):
+    for dc, row in zip(curves[:2], rec["rows"][:2]):
         marks = next(t for t in fig.data if t.name == f"{dc.name} plan")
         assert list(marks.x) == [dc.n_facts, dc.n_facts + row["collect"]]
         # the rise from now (◆) to after the plan (★) is the domain's predicted gain
@@ -563,8 +569,9 @@ def test_the_plan_figures_show_the_plan_s_numbers():
     # from have = 0 the curve starts at G(0) = 0, off the log axis: the star alone, at the examples collected
     fresh, fresh_curves = _measured_plan()
     marks = next(t for t in plan_charts.plan_curves_chart(fresh, fresh_curves).data if t.name == "Physics plan")
-    assert list(marks.x) == [fresh.domains[0]["collect"]]
-    assert marks.y[0] == pytest.approx(fresh.domains[0]["gain"], rel=1e-9)
+    fresh_row = recommendation(fresh)["rows"][0]
+    assert list(marks.x) == [fresh_row["collect"]]
+    assert marks.y[0] == pytest.approx(fresh_row["gain"], rel=1e-9)
 
 
 def test_the_plan_csv_and_report_carry_the_table():
@@ -877,3 +884,20 @@ def test_every_sentence_of_the_report_agrees_with_the_diagnoses(helps, signs):
         d.mean = sign * abs(d.mean)
     text = re.sub(r"<[^>]+>", " ", report.build_report(result)).replace("&#x27;", "'")
     assert verdict.contradictions(text, result) == []
+
+
+def test_the_allocation_chart_draws_the_even_split_when_the_plan_is_not_shown_better():
+    from dataclasses import replace as dc_replace
+
+    from dowsing import plan_charts
+    from dowsing.plan import recommendation
+
+    plan, _ = _measured_plan()
+    even = dc_replace(plan, verdict={**plan.verdict, "recommend": "even"})
+    fig = plan_charts.allocation_chart(even)
+    assert list(fig.data[0].x) == [d["collect"] for d in even.even_domains]
+    assert list(fig.data[1].x) == [d["collect"] for d in plan.domains]
+    assert "spread evenly" in fig.layout.title.text and recommendation(even)["by"] == "even"
+    mine = dc_replace(plan, verdict={**plan.verdict, "recommend": "plan"})
+    fig = plan_charts.allocation_chart(mine)
+    assert len(fig.data) == 1 and list(fig.data[0].x) == [d["collect"] for d in plan.domains]
