@@ -909,6 +909,9 @@ def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
                    gain_band=list(curve.gain_band(have, m)),
                    marginal_gain_last=curve.gain(have + m - 1, 1) if m > 0 else None,
                    marginal_gain_next=curve.gain(have + m, 1))
+    setting = setting_of(row["have"])
+    value, band = in_training_nats(row["expected_gain"], row["gain_band"], training_calibration(setting))
+    row.update(training_setting=setting, training_gain=value, training_band=band)
     return row
 
 
@@ -1048,12 +1051,15 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
                      f"ratio_ij = T[i][j]/T[j][j] (clipped to [{RATIO_CLIP[0]:g}, {RATIO_CLIP[1]:g}]) of what domain "
                      "j gains; the allocation and every total use the effective weights sum_i w_i ratio_ij, and "
                      "the bands do not cover the matrix's own noise.")
+    even_rows = [domain_row(dc, m, config) for dc, m in zip(curves, base["even"])]
+    totals["plan"]["training"] = training_total(rows, weights)
+    totals["even"]["training"] = training_total(even_rows, weights)
     return PlanResult(model=measured.get("model", {}), config=config.to_dict(), domains=rows,
                       totals=totals, allocation=allocation, pilot=pilot, transfer=transfer,
                       notes=notes,
                       timings={"plan": time.perf_counter() - t0}, verdict=verdict(totals),
                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      even_domains=[domain_row(dc, m, config) for dc, m in zip(curves, base["even"])])
+                      even_domains=even_rows)
 
 
 def even_text(counts: list) -> str:
@@ -1095,7 +1101,8 @@ FAR = 2.0
 def plan_notes(curves: list, bought: Allocation, recipe: str, rows: list | None = None) -> list:
     """What the user must know to read the plan."""
     notes = [f"Gains are drops of held-out loss (nats per fact) after the pilot recipe ({recipe}): they rank the "
-             "domains and split the budget; a full training run's nats differ.", scale_note()]
+             "domains and split the budget; a full training run's nats differ."]
+    notes += [n for n in [training_note(setting_of(r["have"]) for r in rows or [])] if n]
     far = [r for r in rows or [] if r["identifiable"] and r["collect"] and (r["extrapolation"] or 0) > FAR]
     if far:
         notes.append("Read beyond the pilots: " + "; ".join(
@@ -1155,15 +1162,31 @@ def pilot_scale(rows=None, totals=None) -> dict:
             "totals_errors": total_errors}
 
 
-def scale_note() -> str:
-    """The plan's note on its units, from `pilot_scale`."""
-    fit = pilot_scale()
-    return (f"On the benchmark (default model, 37 domains, curves read from the 16 facts each had), a domain's "
-            f"pilot-nat prediction was off the gain training realised with 32 more facts by a median "
-            f"{100 * fit['uncalibrated_median_error']:.0f}%; scaled by {fit['scale']:.2f}, "
-            f"{100 * fit['cv_median_error']:.0f}% (cross-validated by domain), and the plan check's predicted totals "
-            f"by a median {100 * fit['totals_median_error']:.0f}%, too far apart to quote the gains in training's "
-            "nats: they are left in the pilot's.")
+SETTING_TEXT = {"in_training": "where each domain's sample was already in the model's training and the last "
+                               "blocks were trained on minibatches with 32 more facts of it",
+                "not_in_training": "where the samples were not in training and the whole model was trained "
+                                   "full-batch on what each allocation collected"}
+
+
+def training_note(settings) -> str:
+    """The plan's note on its units: for each setting its rows use, the
+    calibration's factor, its size and its cross-validated error, or that
+    there is none."""
+    parts = []
+    settings = sorted(set(settings))
+    if not settings:
+        return ""
+    for setting in settings:
+        cal = training_calibration(setting)
+        if cal is None:
+            parts.append(f"no calibration exists for plans {SETTING_TEXT[setting]}: gains stay in the pilot's nats")
+            continue
+        parts.append(f"for facts {'not ' if setting == 'not_in_training' else ''}in training, the pilot's nats x "
+                     f"{cal['scale']:.2g}, fitted on the benchmark's check {SETTING_TEXT[setting]} ({cal['n']} "
+                     f"readings over {cal['domains']} domains), whose median error cross-validated by domain is "
+                     f"{100 * cal['cv_median_error']:.0f}%; the band is widened by the 90% spread of that error")
+    return ("Gains in training's nats: " + "; ".join(parts) + ". They say roughly what a real run may realise; "
+            "the allocation is made on the pilot's curves and does not depend on this scale.")
 
 
 def setting_of(have: float) -> str:
@@ -1205,6 +1228,18 @@ def training_calibration(setting: str) -> dict | None:
     return {"setting": setting, "scale": math.exp(whole), "n": len(rows), "domains": len(set(names)),
             "log_error_band": [float(np.quantile(errors, 0.05)), float(np.quantile(errors, 0.95))],
             "cv_median_error": float(np.median(np.abs(np.exp(errors) - 1)))}
+
+
+def training_total(rows: list, weights: list) -> dict | None:
+    """An allocation's weighted gain in training's nats: sum_k w_k s_k p_k
+    over the rows with a calibrated gain, and the band [sum_k w_k lo_k,
+    sum_k w_k hi_k] (the domains' bands added as if they moved together:
+    wider than independent errors would give); None when no row has one."""
+    have = [(r, w) for r, w in zip(rows, weights) if r.get("training_gain") is not None]
+    if not have:
+        return None
+    return {"expected": sum(w * r["training_gain"] for r, w in have),
+            "band": [sum(w * r["training_band"][0] for r, w in have), sum(w * r["training_band"][1] for r, w in have)]}
 
 
 def in_training_nats(value: float | None, band, cal: dict | None) -> tuple:
@@ -1414,7 +1449,8 @@ def match_domains(values: dict, names: list, what: str, source: str) -> dict:
 
 PLAN_ROW_FIELDS = ("domain", "round", "n_facts", "have", "collected_before", "mean_loss", "recommended_by", "collect",
                    "curves_prefer", "cost_per_example", "cost", "weight", "cap", "gain", "expected_gain", "gain_5pct",
-                   "gain_95pct", "marginal_gain_last", "reads_to", "extrapolation", "form", "fit_error", "reason")
+                   "gain_95pct", "training_gain", "training_5pct", "training_95pct", "marginal_gain_last", "reads_to",
+                   "extrapolation", "form", "fit_error", "reason")
 
 
 def plan_rows(result: PlanResult) -> list:
@@ -1425,9 +1461,10 @@ def plan_rows(result: PlanResult) -> list:
     (recommended_by), the examples to collect and their cost, the plan's own
     count (curves_prefer: the curves' preference), the predicted gain
     (fitted curve, mean over the bootstrap curves) with its 90% band (5% and
-    95% quantiles), the gain of the last example bought, where the curve is
-    read to and how many times the largest pilot size that is, the form and
-    leave-one-out error of the fit or why there is none."""
+    95% quantiles) and in training's nats (`in_training_nats`), the gain of
+    the last example bought, where the curve is read to and how many times
+    the largest pilot size that is, the form and leave-one-out error of the
+    fit or why there is none."""
     rec = recommendation(result)
     by = "spread evenly" if rec["by"] == "even" else "plan"
     rows = []
@@ -1438,7 +1475,10 @@ def plan_rows(result: PlanResult) -> list:
                      "recommended_by": by, "collect": d["collect"], "curves_prefer": planned["collect"],
                      "cost_per_example": d["cost_per_example"], "cost": d["cost"], "weight": d["weight"],
                      "cap": d["cap"], "gain": d["gain"], "expected_gain": d.get("expected_gain"),
-                     "gain_5pct": band[0], "gain_95pct": band[1], "marginal_gain_last": d["marginal_gain_last"],
+                     "gain_5pct": band[0], "gain_95pct": band[1], "training_gain": d.get("training_gain"),
+                     "training_5pct": (d.get("training_band") or [None, None])[0],
+                     "training_95pct": (d.get("training_band") or [None, None])[1],
+                     "marginal_gain_last": d["marginal_gain_last"],
                      "reads_to": d.get("reads_to"), "extrapolation": d.get("extrapolation"), "form": d["form"],
                      "fit_error": d["fit_error"], "reason": d["reason"]})
     return rows
@@ -1490,9 +1530,11 @@ def format_plan(result: PlanResult) -> str:
     header = (["Domain", "Facts", "Have"] + (["Collected before"] if alloc.get("round", 1) > 1 else [])
               + ["Mean loss", "Fit (LOO error)", "Collect (spread evenly)" if even else "Collect"]
               + (["Curves prefer (not shown better)"] if even else [])
-              + ["Cost", "Mean gain [90% band]", "Last example", "Reads to (x pilot)"])
+              + ["Cost", "Mean gain [90% band]", "In training's nats [90%]", "Last example", "Reads to (x pilot)"])
     rows = []
     for d, planned in zip(rec["rows"], result.domains):
+        trained = (f"{_g(d['training_gain'])} [{_g(d['training_band'][0])}, {_g(d['training_band'][1])}]"
+                   if d.get("training_gain") is not None else "—")
         fit = (f"{d['form']} ({_g(d['fit_error'])})" if d["identifiable"] else "not identifiable")
         mean = d.get("expected_gain", d["gain"])
         gain = f"{_g(mean)} [{_g(d['gain_band'][0])}, {_g(d['gain_band'][1])}]" if d["identifiable"] else "—"
@@ -1501,7 +1543,7 @@ def format_plan(result: PlanResult) -> str:
         rows.append([d["domain"], str(d["n_facts"]), f"{d.get('have', d['n_facts']):g}"]
                     + ([str(d.get("collected_before", 0))] if alloc.get("round", 1) > 1 else [])
                     + [f"{d['mean_loss']:.3f}", fit, str(d["collect"])] + ([str(planned["collect"])] if even else [])
-                    + [_g(d["cost"]), gain, _g(d["marginal_gain_last"]), reach])
+                    + [_g(d["cost"]), gain, trained, _g(d["marginal_gain_last"]), reach])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     spent = sum(d["cost"] for d in rec["rows"])
     lines = [f"Collection plan: budget {alloc['budget']:g} {unit}, spent {spent:g}, split on the "
@@ -1525,6 +1567,11 @@ def format_plan(result: PlanResult) -> str:
             line += (f"; plan minus this {_g(diff.get('expected', diff['gain']))} [{_g(diff['band'][0])}, "
                      f"{_g(diff['band'][1])}]")
         lines.append(line)
+    for key, label in (("plan", "this plan"), ("even", "spread evenly")):
+        trained = t.get(key, {}).get("training")
+        if trained:
+            lines.append(f"  {label}, in training's nats: {_g(trained['expected'])} [{_g(trained['band'][0])}, "
+                         f"{_g(trained['band'][1])}] (calibrated on the benchmark; see the notes)")
     lines += [""] + list((result.verdict or {}).get("sentences", []))
     if result.transfer:
         lines += [""] + transfer_lines(result.transfer)

@@ -302,12 +302,15 @@ table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In tra
                           else {"Collect": r["collect"]}),
                        "Cost": r["cost"], "Predicted gain": r["expected_gain"],
                        "Gain 5%": r["gain_5pct"], "Gain 95%": r["gain_95pct"],
+                       "In training's nats": r["training_gain"], "Training 5%": r["training_5pct"],
+                       "Training 95%": r["training_95pct"],
                        "Last example's gain": r["marginal_gain_last"],
                        "× largest pilot": r["extrapolation"] if r["form"] else None, "Fit": fit_text(r)}
                       for r in plan_rows(plan)])
 st.dataframe(table, hide_index=True, width="stretch", key="plan_table",
              column_config={**{c: st.column_config.NumberColumn(format="%.3g")
-                               for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "Last example's gain")},
+                               for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "In training's nats",
+                                         "Training 5%", "Training 95%", "Last example's gain")},
                             "× largest pilot": st.column_config.NumberColumn(format="%.1f×")})
 if rec["by"] == "even":
     st.caption(f"{EVEN_COLLECT}: what is recommended, since the plan is not shown to beat it; the gains, costs and "
@@ -319,6 +322,12 @@ st.caption("Predicted gain: the drop of the domain's held-out loss its examples 
            "where that falls below the others'. "
            "× largest pilot: how far beyond the largest pilot size the curve is read; beyond 1× the curve's form "
            "is extrapolated and the band does not cover the choice of form.")
+trained = totals["plan"].get("training") if rec["by"] == "plan" else totals["even"].get("training")
+if trained:
+    st.caption(f"In training's nats: the predicted gain scaled to what a real training run realised on the "
+               f"benchmark, with a band widened by that calibration's own error (see the notes). In total "
+               f"{trained['expected']:.3g} nats {_band(trained['band'])} for what is recommended: a rough size, "
+               "not a promise.")
 st.plotly_chart(plan_charts.plan_curves_chart(plan, curves, colors), width="stretch", key="plan_curves_chart")
 st.plotly_chart(plan_charts.totals_chart(plan), width="stretch", key="plan_totals_chart")
 with st.expander("Notes"):
