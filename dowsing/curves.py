@@ -191,6 +191,9 @@ class LearningCurve:
     reason: str | None = None
     draws: np.ndarray | None = None
     notes: list = field(default_factory=list)
+    # the other form (form, params, bootstrap draws) where it fits and rises: beyond the pilots the
+    # data cannot choose between the forms, so a band there holds both (`form_band`)
+    alternative: tuple | None = None
 
     @property
     def identifiable(self) -> bool:
@@ -227,6 +230,21 @@ class LearningCurve:
         draws = self.gain_draws(have, more)
         values = draws if len(draws) else np.array([self.gain(have, more)])
         return tuple(float(q) for q in np.quantile(values, level))
+
+    def form_band(self, have: float, more: float, level=BAND) -> tuple[float, float]:
+        """`gain_band`, and where have + more lies beyond the largest pilot
+        size and the other form fits (`alternative`), the union of both
+        forms' bands: the pilots cannot tell the forms apart there, so the
+        band covers the choice of form as well as the facts' resampling."""
+        low, high = self.gain_band(have, more, level)
+        if self.alternative is None or not self.sizes or have + more <= max(self.sizes):
+            return low, high
+        form, params, draws = self.alternative
+        values = (predict_from_zero(form, draws.T, have + more) - predict_from_zero(form, draws.T, have)
+                  if draws is not None and len(draws) else
+                  np.array([predict_from_zero(form, params, have + more) - predict_from_zero(form, params, have)]))
+        alt_low, alt_high = (float(q) for q in np.quantile(np.asarray(values, dtype=float), level))
+        return min(low, alt_low), max(high, alt_high)
 
     def _need(self) -> None:
         if self.form is None:
@@ -265,9 +283,23 @@ def fit_curve(sizes, per_fact, strata=None, n_resamples: int = 1000, seed: int =
         notes.append("beta clipped to 1: the points rise faster than linearly in n")
     if errors[form] is None:
         notes.append(f"{len(sizes)} points: too few to choose a form by leave-one-out; the {form} form")
-    draws = bootstrap_params(form, sizes, resampled_drops(per_fact, strata, n_resamples, seed))
+    resampled = resampled_drops(per_fact, strata, n_resamples, seed)
+    draws = bootstrap_params(form, sizes, resampled)
     return LearningCurve(sizes, drops, form, tuple(float(p) for p in params), errors[form], errors, None, draws,
-                         notes)
+                         notes, alternative_form(form, sizes, drops, resampled))
+
+
+def alternative_form(form: str, sizes, drops, resampled: np.ndarray) -> tuple | None:
+    """(other form, its params, its bootstrap draws on the same resamples)
+    where the other form can be fitted and rises (log: b > 0; power:
+    beta > 0); else None."""
+    other = next(f for f in FORMS if f != form)
+    if not available(other, drops):
+        return None
+    params = tuple(float(p) for p in FITTERS[other](sizes, drops))
+    if params[1] <= 0:
+        return None
+    return other, params, bootstrap_params(other, sizes, resampled)
 
 
 # --- pooling the curves' shapes across domains --------------------------------

@@ -906,7 +906,7 @@ def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
     if curve.identifiable:
         draws = curve.gain_draws(have, m)
         row.update(gain=curve.gain(have, m), expected_gain=float(np.mean(draws)) if len(draws) else None,
-                   gain_band=list(curve.gain_band(have, m)),
+                   gain_band=list(curve.form_band(have, m)),
                    marginal_gain_last=curve.gain(have + m - 1, 1) if m > 0 else None,
                    marginal_gain_next=curve.gain(have + m, 1))
     setting = setting_of(row["have"])
@@ -1108,8 +1108,8 @@ def plan_notes(curves: list, bought: Allocation, recipe: str, rows: list | None 
         notes.append("Read beyond the pilots: " + "; ".join(
             f"{r['domain']} at n = {r['reads_to']:g}, {r['extrapolation']:.1f}x its largest pilot size "
             f"({r['largest_pilot']:g})" for r in far)
-            + ". There the curve's form is extrapolated, and the band covers the facts' resampling, not the "
-              "choice of form.")
+            + ". There the curve's form is extrapolated: the band holds both forms' bands where the other form "
+              "fits, and the gain the split reads is the chosen form's.")
     for dc in curves:
         if not dc.curve.identifiable:
             notes.append(f"{dc.name}: not identifiable, {dc.curve.reason}; nothing is planned for it and it "

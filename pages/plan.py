@@ -321,7 +321,7 @@ st.caption("Predicted gain: the drop of the domain's held-out loss its examples 
            "over resampled facts. Last example's gain: what the last example bought adds; the greedy stops a domain "
            "where that falls below the others'. "
            "× largest pilot: how far beyond the largest pilot size the curve is read; beyond 1× the curve's form "
-           "is extrapolated and the band does not cover the choice of form.")
+           "is extrapolated, and the band holds both curve forms' bands where the other form fits.")
 trained = totals["plan"].get("training") if rec["by"] == "plan" else totals["even"].get("training")
 if trained:
     st.caption(f"In training's nats: the predicted gain scaled to what a real training run realised on the "

@@ -724,3 +724,22 @@ def test_the_training_calibration_of_each_setting_matches_a_direct_computation(m
     assert band == pytest.approx([cal["scale"] * 0.1 * np.exp(cal["log_error_band"][0]),
                                   cal["scale"] * 0.3 * np.exp(cal["log_error_band"][1])])
     assert plan_mod.in_training_nats(None, None, cal) == (None, None)
+
+
+def test_beyond_the_pilots_the_band_holds_both_forms():
+    """Within the pilot sizes the band is the chosen form's; beyond them it
+    is the union of both forms' bootstrap bands, fitted on the same resamples."""
+    rng = np.random.default_rng(0)
+    sizes = [2, 4, 8]
+    per_fact = np.array([[0.05 + 0.02 * np.log(n) + rng.normal(0, 0.01) for _ in range(16)] for n in sizes])
+    curve = curves.fit_curve(sizes, per_fact, [8, 8], 400, 3)
+    assert curve.identifiable and curve.alternative is not None
+    other, params, draws = curve.alternative
+    assert other != curve.form and params == pytest.approx(curves.FITTERS[other](sizes, curve.drops))
+    resampled = curves.resampled_drops(per_fact, [8, 8], 400, 3)
+    np.testing.assert_allclose(draws, curves.bootstrap_params(other, sizes, resampled))
+    assert curve.form_band(0, 8) == curve.gain_band(0, 8)
+    own = curve.gain_band(0, 40)
+    alt = np.quantile(curves.predict_from_zero(other, draws.T, 40.0), curves.BAND)
+    assert curve.form_band(0, 40) == pytest.approx((min(own[0], alt[0]), max(own[1], alt[1])))
+    assert curve.form_band(0, 40) != pytest.approx(own)  # the forms part beyond the pilots
