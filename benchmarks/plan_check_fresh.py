@@ -85,6 +85,8 @@ def main(argv=None) -> int:
     parser.add_argument("--tables", type=Path, help="print the Markdown tables of a finished run's JSON")
     parser.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    parser.add_argument("--budgets", nargs="+", type=int, default=list(FreshCheckConfig.budgets_per_domain),
+                        help="budgets in examples per domain on average (default 3 12)")
     parser.add_argument("--steps", type=int, default=FreshCheckConfig.steps)
     parser.add_argument("--lr", type=float, default=FreshCheckConfig.lr)
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded default model)")
@@ -100,7 +102,8 @@ def main(argv=None) -> int:
     import torch
 
     torch.manual_seed(0)
-    config = FreshCheckConfig(domains=tuple(args.domains), seeds=tuple(args.seeds), steps=args.steps, lr=args.lr)
+    config = FreshCheckConfig(domains=tuple(args.domains), seeds=tuple(args.seeds), steps=args.steps, lr=args.lr,
+                              budgets_per_domain=tuple(args.budgets))
     state = run_check(args.model, config, args.out, report=lambda m: print(m, flush=True))
     print(tables(state))
     return 0
