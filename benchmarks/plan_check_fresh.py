@@ -19,8 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from dowsing.validation.fresh_plan_check import (ALLOCATION_LABELS, ALLOCATIONS, COMPARED,  # noqa: E402
-                                                 FreshCheckConfig, diagnosis_agreement, diagnosis_rows, run_check,
-                                                 summarise)
+                                                 FreshCheckConfig, diagnosis_agreement, diagnosis_rows, merged,
+                                                 run_check, summarise)
 
 DEFAULT_DOMAINS = ("Physics", "Astronomy", "Biology", "Economics", "Cooking", "World geography",
                    "Norwegian (Bokmål)", "Invented: Kelvaran archipelago",
@@ -38,10 +38,12 @@ def _interval(d: dict) -> str:
 def tables(state: dict) -> str:
     """The check's Markdown: per budget every allocation's realised gain,
     the paired differences and the predicted totals; then the calibration."""
-    summary = state.get("summary") or summarise(state)
+    summary = summarise(state)
     lines = ["| Budget (a domain) | Allocation | Realised gain (nats/domain) | per seed | Plan − this [90%] "
              "| Recommended − this [90%] | Predicted (pilot nats, sum) |", "|---|---|---|---|---|---|---|"]
     for b in summary["budgets"].values():
+        if not b["seeds"]:
+            continue
         for a in ALLOCATIONS:
             r = b["realised"][a]
             plan_d = _interval(b["plan_minus"][a]) if a in COMPARED else "—"
@@ -82,7 +84,8 @@ def diagnosis_table(rows: list) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, help="the run's JSON (resumed when it exists)")
-    parser.add_argument("--tables", type=Path, help="print the Markdown tables of a finished run's JSON")
+    parser.add_argument("--tables", type=Path, nargs="+",
+                        help="print the Markdown tables of finished runs' JSON (several: merged by seed and budget)")
     parser.add_argument("--domains", nargs="+", default=list(DEFAULT_DOMAINS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
     parser.add_argument("--budgets", nargs="+", type=int, default=list(FreshCheckConfig.budgets_per_domain),
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
     parser.add_argument("--model", default=None, help="model id or path (default: the embedded default model)")
     args = parser.parse_args(argv)
     if args.tables:
-        state = json.loads(args.tables.read_text())
+        state = merged([json.loads(p.read_text()) for p in args.tables])
         print(tables(state))
         print()
         print(diagnosis_table(diagnosis_rows(state, args.model)))

@@ -127,3 +127,18 @@ def test_diagnosis_agreement_is_the_ratio_of_mean_gain_fractions():
     got = diagnosis_agreement(rows)
     assert got["helps"] == {"n": 2, "mean_gain_fraction": pytest.approx(0.2)}
     assert got["not"]["n"] == 1 and got["ratio"] == pytest.approx(4.0)
+
+
+def test_runs_apart_merge_by_seed_and_budget():
+    from dowsing.validation.fresh_plan_check import merged
+
+    config = {"domains": ["A"], "sample": 10, "test": 12, "cap": 32, "lr": 1e-5, "steps": 6, "micro_batch": 16,
+              "weight_decay": 0.0, "seeds": [0], "budgets_per_domain": [3, 12]}
+    a = {"config": config, "seeds": {"0": {"before": [1.0], "budgets": {"3": "a3", "12": "a12"}}}}
+    b = {"config": {**config, "seeds": [1], "budgets_per_domain": [3]},
+         "seeds": {"1": {"before": [2.0], "budgets": {"3": "b3"}}}}
+    out = merged([a, b])
+    assert out["config"]["seeds"] == [0, 1] and out["config"]["budgets_per_domain"] == [3, 12]
+    assert out["seeds"]["0"]["budgets"] == {"3": "a3", "12": "a12"} and out["seeds"]["1"]["budgets"] == {"3": "b3"}
+    with pytest.raises(ValueError, match="differ"):
+        merged([a, {**b, "config": {**b["config"], "lr": 1e-4}}])

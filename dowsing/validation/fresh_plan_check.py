@@ -283,6 +283,23 @@ def run_check(model_id, config: FreshCheckConfig, out: Path, report=print) -> di
 
 # --- the summary -----------------------------------------------------------------
 
+def merged(states: list) -> dict:
+    """Runs of the same domains and recipe (seeds or budgets run apart) as
+    one state: the seeds of all, every budget any of them ran; a
+    ValueError when their domains or recipes differ."""
+    first = states[0]
+    same = ("domains", "sample", "test", "cap", "lr", "steps", "micro_batch", "weight_decay")
+    out = {"config": dict(first["config"]), "seeds": {}}
+    for state in states:
+        if any(state["config"][k] != first["config"][k] for k in same):
+            raise ValueError("these runs differ in their domains or recipe")
+        for seed, entry in state["seeds"].items():
+            out["seeds"].setdefault(seed, {**entry, "budgets": {}})["budgets"].update(entry["budgets"])
+    out["config"]["seeds"] = sorted({int(s) for s in out["seeds"]})
+    out["config"]["budgets_per_domain"] = sorted({b for st in states for b in st["config"]["budgets_per_domain"]})
+    return out
+
+
 def summarise(state: dict) -> dict:
     """Per budget (examples per domain): each allocation's realised gain
     (mean over domains and seeds, and per seed), the paired differences of
@@ -293,9 +310,9 @@ def summarise(state: dict) -> dict:
     out = {"budgets": {}}
     for per_domain in config["budgets_per_domain"]:
         budget = str(per_domain * len(config["domains"]))
-        rows = [s["budgets"][budget] for s in seeds]
+        rows = [s["budgets"][budget] for s in seeds if budget in s["budgets"]]
         gains = {a: [r["runs"][a]["gain"] for r in rows] for a in ALLOCATIONS}
-        entry = {"budget": int(budget), "per_domain": per_domain,
+        entry = {"budget": int(budget), "per_domain": per_domain, "seeds": len(rows),
                  "realised": {a: {"mean": float(np.mean(g)), "per_seed": [float(np.mean(x)) for x in g]}
                               for a, g in gains.items()},
                  "recommend": [r["plan"]["verdict"].get("recommend") for r in rows]}
@@ -363,7 +380,7 @@ def calibration(rows: list) -> dict:
 def diagnosis_rows(state: dict, model_id=None) -> list:
     """Per seed and domain: the diagnosis the analysis gave the sample (the
     cached analysis of `product_advice`, read again: instant) and the gain
-    fraction training realised, the even split's gain at the larger budget
+    fraction training realised, the even split's gain at the smaller budget
     over the domain's test loss before."""
     from ..analysis import run_analysis
     from ..config import AnalysisConfig
@@ -372,7 +389,7 @@ def diagnosis_rows(state: dict, model_id=None) -> list:
     config = FreshCheckConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
                                          for k, v in state["config"].items()})
     domains = benchmark_domains(config.domains)
-    budget = str(max(config.budgets_per_domain) * len(domains))
+    budget = str(min(config.budgets_per_domain) * len(domains))
     rows = []
     for seed, s in state["seeds"].items():
         split = fresh_split(domains, int(seed), config)
