@@ -883,7 +883,46 @@ def baseline_counts(curves: list, config: PlanConfig) -> dict:
     top = max(range(len(curves)), key=lambda k: curves[k].mean_loss)
     highest = [0] * len(curves)
     highest[top] = most_examples(config.budget, config.cost(curves[top].name), config.cap(curves[top].name))
-    return {"even": even, "mean_loss": by_loss, "highest_loss": highest, "highest_loss_domain": curves[top].name}
+    return {"even": even, "mean_loss": by_loss, "ranking": proportional_split(ranking_scores(curves), config, curves),
+            "highest_loss": highest, "highest_loss_domain": curves[top].name}
+
+
+# the default ranking reads each pilot curve's line in ln n at the benchmark's largest dose
+RANKING_TARGET = 32
+
+
+def ranking_scores(curves: list) -> list:
+    """Each domain's default-ranking score from its pilot points (the
+    pilot_curve estimator's priority): the least-squares line a + b ln n
+    through the pilot drops, read at n = RANKING_TARGET; 0 where the domain
+    has fewer than two pilot sizes."""
+    from .pilots import log_fit
+
+    out = []
+    for dc in curves:
+        sizes, drops = dc.curve.sizes, dc.curve.drops
+        if len(set(sizes)) < 2:
+            out.append(0.0)
+            continue
+        a, b = log_fit(sizes, drops)
+        out.append(a + b * math.log(RANKING_TARGET))
+    return out
+
+
+def proportional_split(scores: list, config: PlanConfig, curves: list) -> list:
+    """The budget split in proportion to max(score, 0) (`proportional_counts`
+    in examples; in money, each share's examples within its cap); the even
+    split where no score is positive."""
+    positive = [max(float(v), 0.0) if math.isfinite(v) else 0.0 for v in scores]
+    names = [dc.name for dc in curves]
+    if config.budget_unit == "examples":
+        budget = math.floor(config.budget + 1e-9)
+        caps = [budget if config.cap(n) is None else config.cap(n) for n in names]
+        return proportional_counts(budget, positive, caps) if sum(positive) > 0 else even_counts(budget, caps)
+    total = sum(positive)
+    if total <= 0:
+        return [most_examples(config.budget / len(names), config.cost(n), config.cap(n)) for n in names]
+    return [most_examples(config.budget * v / total, config.cost(n), config.cap(n)) for n, v in zip(names, positive)]
 
 
 def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
@@ -975,6 +1014,7 @@ def transfer_section(curves: list, counts: list, matrix: list, ratios: list, wei
 
 
 BASELINES = {"even": "spreading evenly", "mean_loss": "splitting by mean loss",
+             "ranking": "splitting by the ranking's score",
              "highest_loss": "all on the highest mean loss"}
 
 
@@ -1028,6 +1068,7 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
     totals = {"plan": predicted_total(curves, bought.counts, weights),
               "even": predicted_total(curves, base["even"], weights),
               "mean_loss": predicted_total(curves, base["mean_loss"], weights),
+              "ranking": predicted_total(curves, base["ranking"], weights),
               "highest_loss": {**predicted_total(curves, base["highest_loss"], weights),
                                "domain": base["highest_loss_domain"]}}
     for key in totals:
@@ -1557,7 +1598,7 @@ def format_plan(result: PlanResult) -> str:
     lines += ["", "Predicted total gain (weighted, nats; mean over the bootstrap curves) [90% band]; this plan minus "
                   "each [paired 90% band]:"]
     for key, label in (("plan", "this plan"), ("even", "spread evenly"), ("mean_loss", "split by mean loss"),
-                       ("highest_loss", f"all on {t['highest_loss']['domain']} (highest mean loss)")):
+                       ("ranking", "split by the ranking's score"), ("highest_loss", f"all on {t['highest_loss']['domain']} (highest mean loss)")):
         if key not in t:
             continue
         band = t[key]["band"]

@@ -147,7 +147,7 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
 
 
 TOTAL_LABELS = {"plan": "This plan", "even": "Spread evenly", "mean_loss": "Split by mean loss",
-                "highest_loss": "All on the highest loss"}
+                "ranking": "Split by the ranking's score", "highest_loss": "All on the highest loss"}
 
 
 def totals_chart(plan: PlanResult) -> go.Figure:

@@ -11,7 +11,7 @@ import pytest
 from dowsing import pilots
 from dowsing.analysis import run_analysis
 from dowsing.config import AnalysisConfig
-from dowsing.domains import Domain
+from dowsing.domains import Domain, as_domains
 from dowsing.estimators import pilot as pilot_family
 
 WORDS = {"Alpha": "red", "Beta": "green", "Gamma": "blue", "Delta": "gold", "Omega": "grey"}
@@ -119,7 +119,7 @@ def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forwa
     from dowsing.plan import PlanConfig, run_plan
 
     model = str(tiny_llama_dir)
-    run_analysis(model, FOUR, AnalysisConfig(dtype="float64"))
+    analysed = run_analysis(model, FOUR, AnalysisConfig(dtype="float64"))
     counted.clear()
     passes = []
     real = dowsing.forward.split_pass
@@ -130,6 +130,14 @@ def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forwa
     fresh = run_plan(model, FOUR, config, use_cache=False)
     assert len(counted) == 4 and passes == [1]
     assert [d["collect"] for d in plan.domains] == [d["collect"] for d in fresh.domains]
+    # the plan's "split by the ranking's score" reads the default ranking's own scores off the same pilots
+    from dowsing.plan import fit_pilots, pilot_measurements, proportional_counts, ranking_scores
+
+    scores = ranking_scores(fit_pilots(pilot_measurements(model, FOUR, config).to_dict(), config))
+    assert analysed.estimator == "pilot_curve"
+    assert scores == pytest.approx([analysed.domain(d.name).ranking_priority for d in as_domains(FOUR)], rel=1e-9)
+    assert list(plan.totals["ranking"]["counts"].values()) == proportional_counts(
+        100, [max(v, 0.0) for v in scores], [100] * 4)
     for a, b in zip(plan.domains, fresh.domains):
         assert a["mean_loss"] == pytest.approx(b["mean_loss"], rel=1e-9)
         assert (a["gain"] is None) == (b["gain"] is None)
