@@ -562,7 +562,7 @@ def test_the_plan_figures_show_the_plan_s_numbers():
         assert low[0] <= high[0] and point[0] == pytest.approx(dc.curve.value(dc.n_facts))
     assert any(t.name == "Biology (not identifiable)" for t in fig.data)
     totals = plan_charts.totals_chart(plan).data[0]
-    keys = ("plan", "even", "mean_loss", "highest_loss")
+    keys = ("plan", "even", "mean_loss", "ranking", "highest_loss")
     assert list(totals.y) == [plan.totals[k]["expected"] for k in keys]
     assert list(totals.error_y.array) == pytest.approx([plan.totals[k]["band"][1] - plan.totals[k]["expected"]
                                                         for k in keys])
