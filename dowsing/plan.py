@@ -760,6 +760,7 @@ class PlanResult(ResultRecord):
     transfer: dict = field(default_factory=dict)
     created_at: str = ""
     even_domains: list = field(default_factory=list)
+    simple_domains: dict = field(default_factory=dict)
 
     def row(self, name: str) -> dict:
         return next(d for d in self.domains if d["domain"] == name)
@@ -1018,10 +1019,20 @@ BASELINES = {"even": "spreading evenly", "mean_loss": "splitting by mean loss",
              "highest_loss": "all on the highest mean loss"}
 
 
-def verdict(totals: dict) -> dict:
+# the simple splits a plan can recommend instead of its own counts, and how the page names them
+SIMPLE_RULES = {"even": "spread evenly", "mean_loss": "split by mean loss",
+                "ranking": "split by the ranking's score"}
+
+
+def verdict(totals: dict, evidence: dict | None = None) -> dict:
     """Whether the plan is shown to beat each simple split (the paired 90%
     band of plan minus it lies above 0), and the sentence that says so;
-    "recommend": "plan" when it beats spreading evenly, else "even"."""
+    "recommend": "plan" when it beats spreading evenly, else "even". Then
+    what training found (`check_evidence`): where the benchmark's check of
+    this setting, at the checked budget nearest this one, realised less for
+    the plan than for a simple split, that split (the one that realised
+    most) is recommended, whatever the curves predict, with a sentence that
+    gives the realised numbers."""
     out = {"recommend": "plan", "sentences": []}
     for key in ("even", "mean_loss"):
         diff = totals[key]["plan_minus_this"]
@@ -1033,7 +1044,33 @@ def verdict(totals: dict) -> dict:
                                     f"that holds 0): {BASELINES[key]} is as good a choice.")
             if key == "even":
                 out["recommend"] = "even"
+    if evidence:
+        realised = evidence["realised"]
+        best = max((k for k in SIMPLE_RULES if k in realised), key=lambda k: realised[k])
+        if realised[best] > realised["plan"]:
+            out["recommend"] = best
+            out["evidence"] = evidence
+            out["sentences"].append(
+                f"When the model was trained on what each split collects, on the benchmark's check "
+                f"{SETTING_TEXT[evidence['setting']]} at {evidence['per_domain']:g} examples a domain, the plan "
+                f"realised {100 * (1 - realised['plan'] / realised[best]):.0f}% less than the best simple split "
+                f"({realised['plan']:.3g} against {realised[best]:.3g} nats per domain, {evidence['seeds']} "
+                f"seed(s)): {SIMPLE_RULES[best]} is recommended, and the plan's counts are shown as the curves' "
+                "preference.")
     return out
+
+
+def check_evidence(setting: str, per_domain: float) -> dict | None:
+    """The benchmark's realised gains by allocation (`data/plan_calibration.json`,
+    "checks") in one setting at the checked budget nearest per_domain
+    examples a domain (nearest in ln); None where the setting has no check."""
+    checks = (_calibration_data().get("checks") or {}).get(setting)
+    if not checks or per_domain <= 0:
+        return None
+    nearest = min(checks["budgets"], key=lambda b: abs(math.log(float(b)) - math.log(per_domain)))
+    entry = checks["budgets"][nearest]
+    return {"setting": setting, "per_domain": float(nearest), "seeds": entry["seeds"],
+            "realised": {k: v for k, v in entry["realised"].items()}}
 
 
 def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -> PlanResult:
@@ -1092,15 +1129,28 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
                      f"ratio_ij = T[i][j]/T[j][j] (clipped to [{RATIO_CLIP[0]:g}, {RATIO_CLIP[1]:g}]) of what domain "
                      "j gains; the allocation and every total use the effective weights sum_i w_i ratio_ij, and "
                      "the bands do not cover the matrix's own noise.")
-    even_rows = [domain_row(dc, m, config) for dc, m in zip(curves, base["even"])]
+    simple = {key: [domain_row(dc, m, config) for dc, m in zip(curves, base[key])] for key in SIMPLE_RULES}
     totals["plan"]["training"] = training_total(rows, weights)
-    totals["even"]["training"] = training_total(even_rows, weights)
+    for key in SIMPLE_RULES:
+        totals[key]["training"] = training_total(simple[key], weights)
     return PlanResult(model=measured.get("model", {}), config=config.to_dict(), domains=rows,
                       totals=totals, allocation=allocation, pilot=pilot, transfer=transfer,
                       notes=notes,
-                      timings={"plan": time.perf_counter() - t0}, verdict=verdict(totals),
+                      timings={"plan": time.perf_counter() - t0}, verdict=verdict(totals, plan_evidence(rows, config)),
                       created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                      even_domains=even_rows)
+                      even_domains=simple["even"], simple_domains={k: simple[k] for k in SIMPLE_RULES if k != "even"})
+
+
+def plan_evidence(rows: list, config: PlanConfig) -> dict | None:
+    """The benchmark check that speaks for this plan (`check_evidence`):
+    of the setting every domain shares (`setting_of` its have; none when
+    they differ), at the budget per domain in examples (in money: budget /
+    (K times the mean cost per example))."""
+    settings = {setting_of(r["have"]) for r in rows}
+    if len(settings) != 1 or not rows:
+        return None
+    mean_cost = sum(r["cost_per_example"] for r in rows) / len(rows)
+    return check_evidence(settings.pop(), config.budget / (len(rows) * mean_cost))
 
 
 def even_text(counts: list) -> str:
@@ -1114,19 +1164,25 @@ def even_text(counts: list) -> str:
 
 
 def recommendation(result: PlanResult) -> dict:
-    """What to collect, following the `verdict`: "by" "even" (the plan is
-    not shown to beat spreading evenly: the even split's counts) or "plan"
-    (the plan's counts), "counts" [(domain, count)], "rows" the lines of
-    those counts (`domain_row`), "preference" the plan's counts where they
-    are not what is recommended (else None), and "headline", one sentence."""
+    """What to collect, following the `verdict`: "by" "plan" (the plan's
+    counts) or a simple split of SIMPLE_RULES ("even" where the plan is not
+    shown to beat spreading evenly; the split that realised most where the
+    benchmark's check found the plan below it), "counts" [(domain, count)],
+    "rows" the lines of those counts (`domain_row`), "preference" the plan's
+    counts where they are not what is recommended (else None), and
+    "headline", one sentence."""
     plan_counts = [(d["domain"], d["collect"]) for d in result.domains]
     spent_out = result.allocation["budget"] <= 0
-    if (result.verdict or {}).get("recommend") == "even" and result.even_domains and not spent_out:
-        counts = [(d["domain"], d["collect"]) for d in result.even_domains]
-        headline = (f"Recommended: spread evenly: {even_text(counts)}. The plan's counts are the curves' "
-                    "preference, which is not shown to be better.")
-        return {"by": "even", "counts": counts, "rows": result.even_domains, "preference": plan_counts,
-                "headline": headline}
+    by = (result.verdict or {}).get("recommend", "plan")
+    rows = result.even_domains if by == "even" else (result.simple_domains or {}).get(by)
+    if by != "plan" and rows and not spent_out:
+        counts = [(d["domain"], d["collect"]) for d in rows]
+        why = ("is not shown to be better" if "evidence" not in result.verdict else
+               "realised less on the benchmark's check by training (see below)")
+        shown = even_text(counts) if by == "even" else ", ".join(f"{n} {m}" for n, m in counts)
+        headline = (f"Recommended: {SIMPLE_RULES[by]}: {shown}. The plan's counts are the curves' preference, which "
+                    f"{why}.")
+        return {"by": by, "counts": counts, "rows": rows, "preference": plan_counts, "headline": headline}
     if spent_out:
         headline = "Nothing is left of the budget: this round has nothing to collect."
     else:
@@ -1507,7 +1563,7 @@ def plan_rows(result: PlanResult) -> list:
     the largest pilot size that is, the form and leave-one-out error of the
     fit or why there is none."""
     rec = recommendation(result)
-    by = "spread evenly" if rec["by"] == "even" else "plan"
+    by = SIMPLE_RULES.get(rec["by"], "plan")
     rows = []
     for d, planned in zip(rec["rows"], result.domains):
         band = d["gain_band"] or [None, None]
@@ -1567,10 +1623,11 @@ def format_plan(result: PlanResult) -> str:
     is recommended), the totals against the baselines, and the notes."""
     alloc, unit = result.allocation, result.allocation["budget_unit"]
     rec = recommendation(result)
-    even = rec["by"] == "even"
+    even = rec["by"] != "plan"  # a simple split is recommended: the plan's counts come second
     header = (["Domain", "Facts", "Have"] + (["Collected before"] if alloc.get("round", 1) > 1 else [])
-              + ["Mean loss", "Fit (LOO error)", "Collect (spread evenly)" if even else "Collect"]
-              + (["Curves prefer (not shown better)"] if even else [])
+              + ["Mean loss", "Fit (LOO error)", f"Collect ({SIMPLE_RULES[rec['by']]})" if even else "Collect"]
+              + ([("Curves prefer (not shown better)" if "evidence" not in result.verdict
+                   else "Curves prefer (realised less)")] if even else [])
               + ["Cost", "Mean gain [90% band]", "In training's nats [90%]", "Last example", "Reads to (x pilot)"])
     rows = []
     for d, planned in zip(rec["rows"], result.domains):

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
 from .curves import BAND, predict
-from .plan import DomainCurve, PlanResult, recommendation
+from .plan import SIMPLE_RULES, DomainCurve, PlanResult, recommendation
 
 UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "
               "domains and split the budget; a full training run's nats differ.")
@@ -51,13 +51,14 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
     if rec["preference"] is not None:
         fig.add_trace(go.Scatter(
             y=[n for n, _ in rec["preference"]], x=[m for _, m in rec["preference"]], mode="markers",
-            name="the curves' preference (not shown better)",
+            name="the curves' preference",
             marker=dict(symbol="diamond-open", size=12, color="#333", line=dict(width=2)),
             hovertemplate="<b>%{y}</b><br>the curves would collect %{x}<extra></extra>"))
     fig.update_yaxes(autorange="reversed", title=None)
     fig.update_xaxes(title="examples to collect", rangemode="tozero")
     alloc = plan.allocation
-    by = "spread evenly (the plan is not shown to beat it)" if rec["by"] == "even" else "the plan"
+    by = {"plan": "the plan", "even": "spread evenly (the plan is not shown to beat it)"}.get(
+        rec["by"], f"{SIMPLE_RULES.get(rec['by'], rec['by'])} (the plan realised less on the benchmark)")
     spent = sum(d["cost"] for d in rows)
     title = f"Examples to collect, recommended: {by}; budget {alloc['budget']:g} {unit}, spent {spent:g}"
     return _layout(fig, title=dict(text=title, x=0), showlegend=rec["preference"] is not None,

@@ -840,7 +840,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     chart and the notes. `heading` is the level of its headings;
     `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
-    from .plan import fit_text, plan_rows, recommendation, round_text
+    from .plan import SIMPLE_RULES, fit_text, plan_rows, recommendation, round_text
 
     esc = html.escape
     figs = plan_charts.plan_figures(plan, curves) if curves is not None else {
@@ -851,9 +851,10 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     later = (plan.allocation or {}).get("round", 1) > 1
     table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In training": r["have"],
                            **({"Collected before": r["collected_before"]} if later else {}),
-                           **({"Collect (spread evenly)": r["collect"],
-                               "Curves' preference (not shown better)": r["curves_prefer"]}
-                              if rec["by"] == "even" else {"Collect": r["collect"]}),
+                           **({f"Collect ({SIMPLE_RULES[rec['by']]})": r["collect"],
+                               "Curves' preference (not shown better)" if "evidence" not in plan.verdict else
+                               "Curves' preference (realised less on the benchmark)": r["curves_prefer"]}
+                              if rec["by"] != "plan" else {"Collect": r["collect"]}),
                            "Cost": _g3(r["cost"]),
                            "Predicted gain [90% band]": "—" if r["gain"] is None else
                            f"{_g3(r['gain'])} [{_g3(r['gain_5pct'])}, {_g3(r['gain_95pct'])}]",
@@ -864,7 +865,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     totals = plan.totals
     lines = []
     for key, label in (("plan", "This plan"), ("even", "Spread evenly"), ("mean_loss", "Split by mean loss"),
-                       ("highest_loss", f"All on {totals['highest_loss'].get('domain')} (highest mean loss)")):
+                       ("ranking", "Split by the ranking's score"), ("highest_loss", f"All on {totals['highest_loss'].get('domain')} (highest mean loss)")):
         if key not in totals:
             continue
         band = totals[key]["band"]

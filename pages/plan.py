@@ -29,7 +29,7 @@ from dowsing import plan_charts, report, workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.models import ModelError
-from dowsing.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
+from dowsing.plan import (SIMPLE_RULES, PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
                           plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)
 from dowsing.safe_text import md_escape
 from pages import _shared
@@ -294,11 +294,15 @@ colors = plan_charts.plan_colors(plan)
 st.plotly_chart(plan_charts.allocation_chart(plan, colors), width="stretch", key="plan_allocation_chart")
 
 
-EVEN_COLLECT, PREFERENCE = "Collect (spread evenly)", "Curves' preference (not shown better)"
+if rec["by"] == "even" and "evidence" not in plan.verdict:
+    EVEN_COLLECT, PREFERENCE = "Collect (spread evenly)", "Curves' preference (not shown better)"
+else:
+    EVEN_COLLECT = f"Collect ({SIMPLE_RULES.get(rec['by'], 'plan')})"
+    PREFERENCE = "Curves' preference (realised less on the benchmark)"
 later = plan.allocation.get("round", 1) > 1
 table = pd.DataFrame([{"Domain": r["domain"], "Facts now": r["n_facts"], "In training": r["have"],
                        **({"Collected before": r["collected_before"]} if later else {}),
-                       **({EVEN_COLLECT: r["collect"], PREFERENCE: r["curves_prefer"]} if rec["by"] == "even"
+                       **({EVEN_COLLECT: r["collect"], PREFERENCE: r["curves_prefer"]} if rec["by"] != "plan"
                           else {"Collect": r["collect"]}),
                        "Cost": r["cost"], "Predicted gain": r["expected_gain"],
                        "Gain 5%": r["gain_5pct"], "Gain 95%": r["gain_95pct"],
@@ -312,8 +316,10 @@ st.dataframe(table, hide_index=True, width="stretch", key="plan_table",
                                for c in ("Cost", "Predicted gain", "Gain 5%", "Gain 95%", "In training's nats",
                                          "Training 5%", "Training 95%", "Last example's gain")},
                             "× largest pilot": st.column_config.NumberColumn(format="%.1f×")})
-if rec["by"] == "even":
-    st.caption(f"{EVEN_COLLECT}: what is recommended, since the plan is not shown to beat it; the gains, costs and "
+if rec["by"] != "plan":
+    why = ("the plan is not shown to beat it" if rec["by"] == "even" and "evidence" not in plan.verdict
+           else "the plan realised less than it when the model was trained on both (the benchmark's check)")
+    st.caption(f"{EVEN_COLLECT}: what is recommended, since {why}; the gains, costs and "
                f"bands are of these counts. {PREFERENCE}: the plan's counts, what the fitted curves favour.")
 st.caption("Predicted gain: the drop of the domain's held-out loss its examples are predicted to buy (the mean "
            "over the bootstrap curves, which the budget is split on), read from the facts already in training (and "

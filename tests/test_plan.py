@@ -743,3 +743,33 @@ def test_beyond_the_pilots_the_band_holds_both_forms():
     alt = np.quantile(curves.predict_from_zero(other, draws.T, 40.0), curves.BAND)
     assert curve.form_band(0, 40) == pytest.approx((min(own[0], alt[0]), max(own[1], alt[1])))
     assert curve.form_band(0, 40) != pytest.approx(own)  # the forms part beyond the pilots
+
+
+def test_what_training_realised_on_the_benchmark_overrules_the_curves(monkeypatch):
+    """Where the benchmark's check of the plan's setting, at the checked
+    budget nearest this one, realised less for the plan than for a simple
+    split, that split is recommended, with the realised numbers said."""
+    from dowsing import plan as plan_mod
+
+    checks = {"not_in_training": {"budgets": {
+        "3": {"seeds": 2, "realised": {"plan": 0.29, "even": 0.33, "mean_loss": 0.34, "ranking": 0.37}},
+        "12": {"seeds": 1, "realised": {"plan": 0.50, "even": 0.45, "mean_loss": 0.46, "ranking": 0.44}}}}}
+    monkeypatch.setattr(plan_mod, "_calibration_data", lambda: {"domains": [], "checks": checks})
+    assert plan_mod.check_evidence("in_training", 3) is None
+    assert plan_mod.check_evidence("not_in_training", 4)["per_domain"] == 3.0  # ln 4 is nearer ln 3 than ln 12
+    assert plan_mod.check_evidence("not_in_training", 7)["per_domain"] == 12.0
+    entries = [{"name": n, "n_facts": 10, "mean_loss": 1.0 + k, "sizes": [2, 4, 5], "drop": [0.1, 0.15, 0.17],
+                "per_fact_by_size": [[0.1] * 10, [0.15] * 10, [0.17] * 10], "strata": [5, 5]}
+               for k, n in enumerate("ABCD")]
+    curves = plan_mod.fit_pilots({"domains": entries}, PlanConfig(budget=1))
+    small = plan_mod.build_plan(curves, PlanConfig(budget=12))  # 3 a domain: the plan realised least there
+    rec = plan_mod.recommendation(small)
+    assert small.verdict["recommend"] == "ranking" and rec["by"] == "ranking"
+    assert [m for _, m in rec["counts"]] == list(small.totals["ranking"]["counts"].values())
+    assert rec["rows"] == small.simple_domains["ranking"] and rec["preference"] is not None
+    assert "realised 22% less" in small.verdict["sentences"][-1]  # 1 - 0.29 / 0.37
+    assert {r["recommended_by"] for r in plan_mod.plan_rows(small)} == {"split by the ranking's score"}
+    large = plan_mod.build_plan(curves, PlanConfig(budget=48))  # 12 a domain: the plan realised most
+    assert "evidence" not in large.verdict and large.verdict["recommend"] in ("plan", "even")
+    trained = plan_mod.build_plan(curves, PlanConfig(budget=12, have=2))  # facts in training: no check there
+    assert "evidence" not in trained.verdict
