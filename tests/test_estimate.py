@@ -267,9 +267,9 @@ def test_pilot_estimators_by_hand():
 def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
     cal = tiny_calibration()
     domains = [("A", [6] * 8), ("B", [6] * 8)]
-    plain = est.analysis_cost(cal, domains, AnalysisConfig(diagnose=False))
+    plain = est.analysis_cost(cal, domains, AnalysisConfig(estimator="mean_loss", diagnose=False))
     assert "diagnosis" not in plain.stages_s
-    diagnosed = est.analysis_cost(cal, domains, AnalysisConfig())
+    diagnosed = est.analysis_cost(cal, domains, AnalysisConfig(estimator="mean_loss"))
     halves = ([[6] * 4] * 2, [[6] * 4] * 2)
     want = pilot_family.pilot_family_s(cal, *halves, ["pilot_gain"], 2)
     assert diagnosed.stages_s["diagnosis"] == pytest.approx(want) and want > 0
@@ -280,6 +280,8 @@ def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
     curve = est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_curve", diagnose=False))
     assert curve.stages_s["ranking"] == pytest.approx(pilot_family.pilot_family_s(cal, *halves, ["pilot_curve"], 2))
     assert curve.stages_s["ranking"] > want
+    # ranked by the pilot curve, the diagnosis reads the curve's largest runs (`analysis._diagnosis`): no more runs
+    assert est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_curve")).stages_s == curve.stages_s
 
 
 def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
