@@ -341,6 +341,18 @@ def _calibrated(model_id, device: str, dtype: str, threads: int | None, calibrat
     return calibrate(model_id, device, dtype, threads)
 
 
+def _stored(status, use_cache: bool) -> frozenset:
+    """The names of the domains whose pilot curves the run will find stored
+    (status(): `analysis.pilot_status` or `plan.pilot_status`), looked up
+    here so the cost functions stay arithmetic; none without the cache or
+    before any unit was stored (the unit store is not created by an
+    estimate)."""
+    if not use_cache or not (cache_dir() / "domain_units").is_dir():
+        return frozenset()
+    found = status()
+    return frozenset(found["reused"]) if found else frozenset()
+
+
 def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: bool = True,
                       calibration: Calibration | None = None, tokenizer=None) -> Estimate:
     """What `analysis.run_analysis(model_id, domains, config)` would cost.
@@ -364,10 +376,8 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
     workers, _ = ray_workers(executor)
-    # the pilot curves the run finds stored, looked up here so the cost functions stay pure arithmetic
-    status = pilot_status(model_id, domains, config) if use_cache else None
     estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers,
-                             frozenset(status["reused"]) if status else frozenset())
+                             _stored(lambda: pilot_status(model_id, domains, config), use_cache))
     if use_cache and (cache_dir() / "results").is_dir():
         from .store import ResultStore
 
@@ -444,10 +454,8 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     train, held = split_domains(domains, config.seed)
     cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
-    # the pilot curves the run finds stored, looked up here so the cost functions stay pure arithmetic
-    status = pilot_status(model_id, domains, config) if use_cache else None
     estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config,
-                         frozenset(status["reused"]) if status else frozenset())
+                         _stored(lambda: pilot_status(model_id, domains, config), use_cache))
     if use_cache and (cache_dir() / "plans").is_dir():
         from .store import JsonStore
 
