@@ -462,9 +462,8 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
         if JsonStore("plans").get(plan_key(model_id, domains, config)) is not None:
             estimate.notes.insert(0, f"these pilots are cached: the run returns them at once (measured afresh, "
                                      f"about {format_seconds(estimate.total_s)})")
-            # the fits run on the cached pilots all the same
+            # the fits run on the cached pilots all the same, with no model loaded
             kept = {k: v for k, v in estimate.stages_s.items() if k == "fits"}
             estimate.stages_s = {"cached pilots": 0.0, **kept}
-            estimate.memory_bytes = {"cached pilots": cal.base_bytes,
-                                     **{k: estimate.memory_bytes[k] for k in kept}}
+            estimate.memory_bytes = {k: cal.base_bytes for k in estimate.stages_s}
     return estimate

@@ -449,7 +449,7 @@ def test_bad_input_to_plan_estimate_is_one_line_and_exit_2(bad, tmp_path, capsys
 
 
 def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, calibrated):
-    from dowsing.plan import PilotConfig, pilot_measurements
+    from dowsing.plan import PilotConfig, PlanConfig, pilot_measurements
 
     use_calibration(calibrated)
     fresh = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
@@ -457,6 +457,10 @@ def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, ca
     pilot_measurements(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
     got = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
     assert got.stages_s == {"cached pilots": 0.0} and "cached" in got.notes[0]
+    # a whole plan on the same pilots still fits its curves: 2 domains x 300 resamples of the per-curve fit
+    cal = est.cached_calibration(str(tiny_gpt2_dir), "cpu", "float32", 1)
+    planned = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PlanConfig(budget=10, bootstrap_resamples=300))
+    assert planned.stages_s == {"cached pilots": 0.0, "fits": pytest.approx(2 * 300 * cal.bootstrap_s_per_curve)}
 
 
 def test_memory_refusal_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):
