@@ -101,38 +101,58 @@ def analysis_pilot_keep(cal, config) -> int:
     return max(wanted) if wanted else min(PILOT_RECIPE.blocks, cal.n_layers)
 
 
-def analysis_run(cal, domains: list, config) -> RunShape:
+def analysis_run(cal, domains: list, config, pilots_stored=frozenset()) -> RunShape:
     """The analysis as its ranking estimator and its diagnosis see it: every
     domain's two seeded halves (`splitting.split_order`), the whole domains
-    and the settings. domains: [(name, [tokens per fact])]."""
+    and the settings. domains: [(name, [tokens per fact])]; pilots_stored:
+    the names of the domains whose pilot curves are stored units."""
     from .splitting import split_order
 
     halves = [split_order(list(d), n, config.seed) for n, d in domains]
+    stored = frozenset(k for k, (n, _) in enumerate(domains) if n in pilots_stored)
     return RunShape("analysis", [a for a, _ in halves], [b for _, b in halves], analysis_pilot_keep(cal, config),
                     domains=[(n, list(d)) for n, d in domains], batch_size=config.batch_size,
                     adam_batches=config.adam_batches, align_blocks=config.align_blocks,
-                    checkpoints=len(config.checkpoints), lr_known=config.checkpoint_lr is not None)
+                    checkpoints=len(config.checkpoints), lr_known=config.checkpoint_lr is not None,
+                    pilots_stored=stored)
 
 
-def ranking_cost(cal, domains: list, config) -> Cost:
+def pilot_stage(config) -> str | None:
+    """Which stage of the analysis runs the pilot fine-tunes (the one stage
+    whose domains `analysis.pilot_status` reports): "ranking" when it ranks
+    by a pilot fine-tune, else "diagnosis" when that runs, else None."""
+    from .estimators import PILOT_CURVE, PILOT_GAIN
+
+    if config.estimator in (PILOT_GAIN, PILOT_CURVE):
+        return "ranking"
+    return "diagnosis" if config.diagnose else None
+
+
+def ranking_cost(cal, domains: list, config, pilots_stored=frozenset()) -> Cost:
     """The ranking estimator's own work, as its family prices it in an
     analysis (none for mean loss and the paper's, which reuse the forward
-    pass and the solves). domains: [(name, [tokens per fact])]."""
+    pass and the solves). domains: [(name, [tokens per fact])];
+    pilots_stored: names of the domains whose pilot curves are stored (read
+    when the ranking runs the pilots)."""
     from .estimators import FAMILIES, get
 
-    return FAMILIES[get(config.estimator).family].price(cal, analysis_run(cal, domains, config), [config.estimator])
+    stored = pilots_stored if pilot_stage(config) == "ranking" else frozenset()
+    return FAMILIES[get(config.estimator).family].price(cal, analysis_run(cal, domains, config, stored),
+                                                        [config.estimator])
 
 
-def diagnosis_cost(cal, domains: list, config) -> Cost | None:
+def diagnosis_cost(cal, domains: list, config, pilots_stored=frozenset()) -> Cost | None:
     """The diagnosis (`analysis._diagnosis`, with config.diagnose): the pilot
-    gain of every domain on its two seeded halves, priced by its family;
-    None when it does not run, or the ranking estimator is the pilot gain
-    and has it already."""
+    gain of every domain on its two seeded halves, priced by its family,
+    but for the domains whose pilot curves are stored (pilots_stored, by
+    name); None when it does not run, or the ranking estimator is the pilot
+    gain or the pilot curve, whose own runs it reads."""
     from .estimators import FAMILIES, PILOT_GAIN, get
 
-    if not config.diagnose or config.estimator == PILOT_GAIN:
+    if pilot_stage(config) != "diagnosis":
         return None
-    return FAMILIES[get(PILOT_GAIN).family].price(cal, analysis_run(cal, domains, config), [PILOT_GAIN])
+    return FAMILIES[get(PILOT_GAIN).family].price(cal, analysis_run(cal, domains, config, pilots_stored),
+                                                  [PILOT_GAIN])
 
 
 def analysis_memory(cal, lengths: list, config, ranking: Cost, diagnosis: Cost | None) -> dict:

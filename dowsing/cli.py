@@ -291,6 +291,7 @@ def add_plan_command(sub) -> None:
     plan.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     plan.add_argument("--no-cache", action="store_true", help="rerun the pilot fine-tunes even if cached")
     plan.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    plan.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
 
 
 def plan_config(args, domains: list):
@@ -332,6 +333,10 @@ def run_plan_command(args) -> int:
     try:
         domains = load_domains(args.domains) if args.domains else default_domains()
         config = plan_config(args, domains)
+        if args.estimate:
+            from .estimate import estimate_plan, report
+
+            return report(lambda: [estimate_plan(args.model, domains, config, use_cache=not args.no_cache)])
         result = run_plan(args.model, domains, config, progress=_progress_writer(args), use_cache=not args.no_cache)
     except (ModelError, DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -56,6 +56,9 @@ class RunShape:
         (None: the estimators' facts), for the trainer's step in memory.
     checkpoints / lr_known: the user's checkpoints (0: record the recipe's
         fine-tune) and whether their step size is given.
+    pilots_stored: positions in train / held of the domains whose pilot
+        curves are stored units (`units`, found by the caller before the
+        run): their pilot fine-tunes do not run again.
     The rest are the configuration's settings of the same names."""
 
     pipeline: str
@@ -76,6 +79,7 @@ class RunShape:
     lissa_batch: int = 8
     checkpoints: int = 0
     lr_known: bool = True
+    pilots_stored: frozenset = frozenset()
 
     @property
     def flat(self) -> list:

@@ -23,7 +23,8 @@ import math
 import os
 from pathlib import Path
 
-from .analysis_costs import analysis_memory, analysis_route, analysis_subspace_s, diagnosis_cost, ranking_cost
+from .analysis_costs import (analysis_memory, analysis_route, analysis_run, analysis_subspace_s, diagnosis_cost,
+                             pilot_stage, ranking_cost)
 from .calibration import (Calibration, cached_calibration, calibrate, calibration_in_subprocess,  # noqa: F401
                           calibration_path, default_threads)
 from .cost_report import (Estimate, available_memory_bytes, format_bytes, format_estimate,  # noqa: F401
@@ -50,36 +51,56 @@ def _basis(cal: Calibration) -> list:
 
 # --- the sums over each pipeline's stages ------------------------------------------------------------------------
 
-def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0) -> Estimate:
+def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
+                  pilots_stored=frozenset()) -> Estimate:
     """The estimate of one analysis. domains: [(name, [tokens per fact])];
     ray_workers: the Ray workers the per-domain units would spread over (0:
-    in this process; the structured route always stays here)."""
+    in this process; the structured route always stays here);
+    pilots_stored: the names of the domains whose pilot curves are stored
+    units (`analysis.pilot_status`'s "reused"): their pilot fine-tunes are
+    not priced. The forward pass covers every domain whatever is stored
+    (`analysis._forward`). With config.stage "ranking" the paper's solve,
+    saturation and bootstrap do not run and are not priced."""
+    from .estimators.pilot import to_tune
     from .forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
     lengths = [list(d) for _, d in domains]
     flat = [n for d in lengths for n in d]
     route = analysis_route(config)
+    paper = config.stage != "ranking"
     stages = {"start-up": cal.start_s, "load model": cal.load_s,
               "forward pass": forward_pass_s(cal, config.batch_size, flat)}
-    subspace = analysis_subspace_s(cal, lengths, config)
     notes = []
     if ray_workers:
         stages["ray start-up"] = RAY_STARTUP_S
-    if ray_workers and route != "structured":
-        # one thread per worker: the calibrated seconds times the threads they were measured at (an upper bound)
-        spread = cal.threads / min(ray_workers, len(lengths))
-        subspace = {k: v * spread for k, v in subspace.items()}
-        notes.append(f"per-domain solves spread over {min(ray_workers, len(lengths))} single-threaded Ray workers")
-    stages.update(subspace)
-    ranking, diagnosis = ranking_cost(cal, domains, config), diagnosis_cost(cal, domains, config)
+    if paper:
+        subspace = analysis_subspace_s(cal, lengths, config)
+        if ray_workers and route != "structured":
+            # one thread per worker: the calibrated seconds times the threads they were measured at (an upper bound)
+            spread = cal.threads / min(ray_workers, len(lengths))
+            subspace = {k: v * spread for k, v in subspace.items()}
+            notes.append(f"per-domain solves spread over {min(ray_workers, len(lengths))} single-threaded Ray "
+                         f"workers")
+        stages.update(subspace)
+    else:
+        notes.append("stage ranking: the run stops after the ranking and the diagnosis; the paper's solve, "
+                     "saturation and bootstrap do not run and are not counted")
+    stored = frozenset(pilots_stored) & {n for n, _ in domains}
+    ranking, diagnosis = ranking_cost(cal, domains, config, stored), diagnosis_cost(cal, domains, config, stored)
     stages["ranking"] = ranking.seconds
     if diagnosis is not None:
         stages["diagnosis"] = diagnosis.seconds
+    where = pilot_stage(config)
+    if where is not None and stored:
+        run = analysis_run(cal, domains, config, stored)
+        with_pilot, todo = len(to_tune(run.train, run.held)), len(to_tune(run.train, run.held, run.pilots_stored))
+        notes.insert(0, f"{with_pilot - todo} of {with_pilot} domains' pilot curves from cache: the {where} counts "
+                        f"the pilot fine-tunes of the other {todo} (the forward pass still covers every domain)")
     basis = _basis(cal) + [f"{len(flat)} facts, {predicted_tokens(flat)} predicted tokens, {len(lengths)} domains, "
                            f"route {route}, ranking by {config.estimator}"]
-    if route == "cg":
+    if paper and route == "cg":
         notes.append("CG is counted at its iteration limit (the subspace dimension unless cg_maxiter is set): "
                      "an upper bound")
-    if route != "structured":
+    if paper and route != "structured":
         notes.append("Hessian-vector products are scaled from the fine-tune step, not measured themselves")
     memory = analysis_memory(cal, lengths, config, ranking, diagnosis)
     memory["ray start-up"], memory["start-up"] = memory["load model"], cal.base_bytes
@@ -207,29 +228,62 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     return Estimate("validation", stages, {k: int(memory[k]) for k in stages}, cal.device, basis, notes)
 
 
-def plan_cost(cal: Calibration, train: list, held: list, config) -> Estimate:
+def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=frozenset()) -> Estimate:
     """The estimate of a plan's pilots (a PilotConfig or PlanConfig); train /
     held as in `benchmark_cost`, the halves of `splitting.split_domains`.
+    pilots_stored: the names of the domains whose pilot curves are stored
+    units (`plan.pilot_status`'s "reused"): `plan.measure_pilots` neither
+    reads them in its forward pass (unless the transfer matrix needs every
+    domain) nor fine-tunes them. A PlanConfig adds the fits of the learning
+    curves (`plan.fit_pilots`: per domain with a pilot, its bootstrap
+    resamples, each a fit scaled from the calibration's per-curve fit of the
+    saturation bootstrap); a PilotConfig is the pilots alone (a plan job).
     Memory as the benchmark's forward pass and fine-tunes hold it, without
     the estimators' working sets."""
     from .costs import block_inputs_bytes, largest_batch
+    from .estimators.pilot import to_tune
     from .forward import forward_pass_s
     from .pilots import PILOT_RECIPE, plan_pilots_cost
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
+    stored = frozenset(k for k, (n, _) in enumerate(train) if n in pilots_stored)
+    transfer = bool(getattr(config, "transfer", False))
+    # a domain without a stored curve is read (one too small for a pilot too); a missing transfer entry reads all
+    read = [k for k in range(len(tr)) if transfer or k not in stored]
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
-    flat = [n for d in tr for n in d] + [n for d in he for n in d]
-    pilots, units = plan_pilots_cost(cal, tr, he, config.pilot_sizes)
-    stages = {"start-up": cal.start_s, "load model": cal.load_s,
-              "forward pass": forward_pass_s(cal, config.batch_size, flat), "pilot fine-tunes": pilots.seconds}
+    flat = [n for k in read for n in tr[k] + he[k]]
+    pilots, units = plan_pilots_cost(cal, [tr[k] for k in read], [he[k] for k in read], config.pilot_sizes,
+                                     frozenset(p for p, k in enumerate(read) if k in stored))
+    stages = {"start-up": cal.start_s, "load model": cal.load_s}
     b, d = cal.dtype_bytes, cal.d_ff
-    resident = resident_bytes(cal) + predicted_tokens(flat) * (d + cal.d_model + 6) * b + block_inputs_bytes(cal, flat)
-    memory = {"start-up": cal.base_bytes, "load model": resident_bytes(cal),
-              "forward pass": resident + cal.forward_bytes_per_token * largest_batch(flat, config.batch_size),
-              "pilot fine-tunes": resident + pilots.bytes}
-    basis = _basis(cal) + [f"{len(tr)} domains, {len(flat)} facts ({predicted_tokens(flat)} predicted tokens), "
+    memory = {"start-up": cal.base_bytes, "load model": resident_bytes(cal)}
+    if flat:
+        resident = (resident_bytes(cal) + predicted_tokens(flat) * (d + cal.d_model + 6) * b
+                    + block_inputs_bytes(cal, flat))
+        stages["forward pass"] = forward_pass_s(cal, config.batch_size, flat)
+        memory["forward pass"] = resident + cal.forward_bytes_per_token * largest_batch(flat, config.batch_size)
+    if units:
+        stages["pilot fine-tunes"] = pilots.seconds
+        memory["pilot fine-tunes"] = resident + pilots.bytes
+    with_pilot = to_tune(tr, he)
+    resamples = getattr(config, "bootstrap_resamples", None)
+    if resamples is not None:
+        stages["fits"] = len(with_pilot) * resamples * cal.bootstrap_s_per_curve
+        memory["fits"] = resident_bytes(cal)
+    every = [n for d in tr + he for n in d]
+    basis = _basis(cal) + [f"{len(tr)} domains, {len(every)} facts ({predicted_tokens(every)} predicted tokens), "
                            f"{len(units)} pilot fine-tunes of {PILOT_RECIPE.steps} steps on the last {keep} blocks"]
-    notes = ["the fits, bands and allocation after the pilots take well under a second and are left out"]
+    notes = []
+    reused = len(with_pilot) - len(to_tune(tr, he, stored))
+    if reused:
+        notes.append(f"{reused} of {len(with_pilot)} domains' pilot curves from cache: only the other "
+                     f"{len(with_pilot) - reused} are fine-tuned"
+                     + ("" if transfer else ", and the forward pass reads only the domains measured"))
+    if transfer:
+        notes.append("the transfer matrix's fine-tunes are left out; its forward pass is counted over every domain "
+                     "(an upper bound when its entries are stored)")
+    notes.append("the allocation after the fits takes well under a second and is left out" if resamples is not None
+                 else "the fits, bands and allocation after the pilots take well under a second and are left out")
     return Estimate("plan", stages, memory, cal.device, basis, notes)
 
 
@@ -287,6 +341,18 @@ def _calibrated(model_id, device: str, dtype: str, threads: int | None, calibrat
     return calibrate(model_id, device, dtype, threads)
 
 
+def _stored(status, use_cache: bool) -> frozenset:
+    """The names of the domains whose pilot curves the run will find stored
+    (status(): `analysis.pilot_status` or `plan.pilot_status`), looked up
+    here so the cost functions stay arithmetic; none without the cache or
+    before any unit was stored (the unit store is not created by an
+    estimate)."""
+    if not use_cache or not (cache_dir() / "domain_units").is_dir():
+        return frozenset()
+    found = status()
+    return frozenset(found["reused"]) if found else frozenset()
+
+
 def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: bool = True,
                       calibration: Calibration | None = None, tokenizer=None) -> Estimate:
     """What `analysis.run_analysis(model_id, domains, config)` would cost.
@@ -294,8 +360,10 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     ValueError), before anything is measured. With use_cache and a stored
     result the run returns at once; the estimate says so and what computing
     it afresh would cost. executor: an ExecutorConfig; calibration and
-    tokenizer: the model's, when the caller has them."""
-    from .analysis import cache_key
+    tokenizer: the model's, when the caller has them. Domains whose pilot
+    curves are stored (`analysis.pilot_status`) are priced without their
+    pilot fine-tunes; config.stage "ranking" without the paper's stages."""
+    from .analysis import cache_key, pilot_status
     from .config import AnalysisConfig
     from .domains import as_domains
 
@@ -308,7 +376,8 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
     workers, _ = ray_workers(executor)
-    estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers)
+    estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers,
+                             _stored(lambda: pilot_status(model_id, domains, config), use_cache))
     if use_cache and (cache_dir() / "results").is_dir():
         from .store import ResultStore
 
@@ -371,11 +440,13 @@ def estimate_validation(model_id, domains, config=None, held_out=None, executor=
 def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibration: Calibration | None = None,
                   tokenizer=None) -> Estimate:
     """What a plan's pilots (`plan.pilot_measurements`, a plan job) would
-    cost; config a PilotConfig or PlanConfig. With use_cache and the pilots
-    stored under their `plan_key` the run returns them at once, and the
-    estimate says so."""
+    cost; config a PilotConfig or PlanConfig (then with the fits). With
+    use_cache and the pilots stored under their `plan_key` the run returns
+    them at once, and the estimate says so; else the domains whose pilot
+    curves are stored units (`plan.pilot_status`, an analysis or another
+    plan measured them) are priced without their fine-tunes."""
     from .domains import as_domains
-    from .plan import PilotConfig, plan_key
+    from .plan import PilotConfig, pilot_status, plan_key
     from .splitting import split_domains
 
     config = config or PilotConfig()
@@ -383,13 +454,16 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     train, held = split_domains(domains, config.seed)
     cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
-    estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config)
+    estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config,
+                         _stored(lambda: pilot_status(model_id, domains, config), use_cache))
     if use_cache and (cache_dir() / "plans").is_dir():
         from .store import JsonStore
 
         if JsonStore("plans").get(plan_key(model_id, domains, config)) is not None:
             estimate.notes.insert(0, f"these pilots are cached: the run returns them at once (measured afresh, "
                                      f"about {format_seconds(estimate.total_s)})")
-            estimate.stages_s = {"cached pilots": 0.0}
-            estimate.memory_bytes = {"cached pilots": cal.base_bytes}
+            # the fits run on the cached pilots all the same, with no model loaded
+            kept = {k: v for k, v in estimate.stages_s.items() if k == "fits"}
+            estimate.stages_s = {"cached pilots": 0.0, **kept}
+            estimate.memory_bytes = {k: cal.base_bytes for k in estimate.stages_s}
     return estimate

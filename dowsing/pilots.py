@@ -231,18 +231,20 @@ def sign_lookahead(net, ids: list, rows_a: list, rows_b: list, lr: float, per_fa
 
 # --- what a plan's pilots cost before they run (pure; see `costs`) -------------------------------------------------
 
-def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int) -> list:
+def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int, stored=frozenset()) -> list:
     """Seconds of every pilot fine-tune of a plan (`plan.measure_pilots`):
     per domain whose halves A (train) and B (held) have 2 facts each, per n
     of `pilot_sizes`, `steps` steps on A's first n facts (all of them in
     every step: n times the longest) then B's losses read in batches of 16,
     and the same from B to A. Every unit trains all `keep` kept blocks.
-    train / held: tokens per fact of each domain's halves."""
+    train / held: tokens per fact of each domain's halves; stored: the
+    positions of the domains whose pilot curves are stored units (none of
+    their fine-tunes run)."""
     from .costs import finetune_s, padded_tokens
 
     units = []
-    for a, b in zip(train, held):
-        if min(len(a), len(b)) < 2:
+    for k, (a, b) in enumerate(zip(train, held)):
+        if min(len(a), len(b)) < 2 or k in stored:
             continue
         for n in pilot_sizes(sizes, len(a), len(b)):
             units.append(finetune_s(cal, steps, n * max(a[:n]), keep, keep, padded_tokens(b, 16)))
@@ -250,18 +252,22 @@ def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int) -> 
     return units
 
 
-def plan_pilots_cost(cal, train: list, held: list, sizes) -> tuple:
+def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) -> tuple:
     """(costs.Cost, units) of a plan's pilot fine-tunes on the last
     PILOT_RECIPE.blocks blocks: every unit of `plan_units_s` and the trainer
     (a tail copy, checked on 16 held-out facts); bytes beside the forward
     pass: the trainer's own copy of the block inputs, the tail copy and its
     starting weights, the trained blocks' gradients and AdamW's two moments,
-    and a step over the largest half."""
+    and a step over the largest half. train / held: the domains of the
+    forward pass; stored: positions among them whose pilot curves are
+    stored. No trainer (nothing) when no unit is left to run."""
     from .costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
 
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
     flat = [n for d in train for n in d] + [n for d in held for n in d]
-    units = plan_units_s(cal, train, held, sizes, PILOT_RECIPE.steps, keep)
+    units = plan_units_s(cal, train, held, sizes, PILOT_RECIPE.steps, keep, stored)
+    if not units:
+        return Cost(0.0, 0.0), units
     b = cal.dtype_bytes
     largest = max([min(len(a), len(h)) for a, h in zip(train, held)] + [1])
     memory = (block_inputs_bytes(cal, flat) + 2 * tail_params(cal, keep) * b + 3 * trainable_params(cal, keep) * b

@@ -7,6 +7,8 @@ estimate it; the numbers come from `dowsing.estimate`. An estimate is kept in
 st.session_state per signature, so reruns cost nothing; it is computed at once
 when the model's calibration is on disk (counting tokens only), else on a
 button press (the calibration runs once per model in a child process).
+What the run finds stored (its cached result, the pilot curves of its
+domains) is read again whenever a job ends.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import streamlit as st
 from dowsing import cost_report
 from dowsing import estimate as est
 from dowsing.safe_text import md_escape
+from pages import _shared
 
 
 @st.cache_resource(show_spinner=False, max_entries=4)
@@ -77,6 +80,8 @@ def estimate_panel(key: str, signature: dict, model_id, device: str, dtype: str,
     build(calibration, tokenizer) -> Estimate. Returns why the run is refused
     (its peak memory exceeds what the machine has, or the input is over a
     limit), else None."""
+    # a job that ended may have stored this run's result or some of its pilot curves: estimate it again
+    signature = {**signature, "jobs_ended": _shared.jobs_ended()}
     digest = hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()
     slot = st.session_state.get(key)
     if slot is None or slot[0] != digest:

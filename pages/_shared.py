@@ -118,10 +118,16 @@ def pilot_status(model_id: str | None, domains: list, config: AnalysisConfig) ->
     """Which domains' pilot curves a run of these domains would compute and
     which it would find stored (`analysis.pilot_status`: no model is
     loaded), cached per inputs until a job ends."""
-    ended = [s.finished_at or "" for s in runner().history() if not s.active]
     return _pilot_status(model_id, tuple((d.name, tuple(d.facts)) for d in domains),
-                         json.dumps(config.to_dict(), sort_keys=True),
-                         f"{len(ended)}|{max(ended, default='')}")
+                         json.dumps(config.to_dict(), sort_keys=True), jobs_ended())
+
+
+def jobs_ended() -> str:
+    """A mark that changes whenever a job ends: a job that ended may have
+    stored results and pilot curves, so what was read of the cache before
+    is read again."""
+    ended = [s.finished_at or "" for s in runner().history() if not s.active]
+    return f"{len(ended)}|{max(ended, default='')}"
 
 
 @dataclass(frozen=True)

@@ -267,9 +267,9 @@ def test_pilot_estimators_by_hand():
 def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
     cal = tiny_calibration()
     domains = [("A", [6] * 8), ("B", [6] * 8)]
-    plain = est.analysis_cost(cal, domains, AnalysisConfig(diagnose=False))
+    plain = est.analysis_cost(cal, domains, AnalysisConfig(estimator="mean_loss", diagnose=False))
     assert "diagnosis" not in plain.stages_s
-    diagnosed = est.analysis_cost(cal, domains, AnalysisConfig())
+    diagnosed = est.analysis_cost(cal, domains, AnalysisConfig(estimator="mean_loss"))
     halves = ([[6] * 4] * 2, [[6] * 4] * 2)
     want = pilot_family.pilot_family_s(cal, *halves, ["pilot_gain"], 2)
     assert diagnosed.stages_s["diagnosis"] == pytest.approx(want) and want > 0
@@ -280,6 +280,8 @@ def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
     curve = est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_curve", diagnose=False))
     assert curve.stages_s["ranking"] == pytest.approx(pilot_family.pilot_family_s(cal, *halves, ["pilot_curve"], 2))
     assert curve.stages_s["ranking"] > want
+    # ranked by the pilot curve, the diagnosis reads the curve's largest runs (`analysis._diagnosis`): no more runs
+    assert est.analysis_cost(cal, domains, AnalysisConfig(estimator="pilot_curve")).stages_s == curve.stages_s
 
 
 def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
@@ -301,8 +303,153 @@ def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
     assert got.peak_stage == "pilot fine-tunes" and "10 pilot fine-tunes of 4 steps" in " ".join(got.basis)
 
 
+# --- what is stored, and where a run stops ------------------------------------------------------------------------
+
+# A, B, C: fact lengths differ per domain; A (recomputed below) comes first, so the pilot trainer's check (the first
+# 16 held-out facts of the run, `TailTrainer.check`) reads A's facts whether B and C are in the run or not
+STORED_CASE = [("A", [5] * 32), ("B", [6] * 32), ("C", [7] * 20)]
+
+
+@pytest.mark.parametrize("estimator, stage", [("pilot_curve", "ranking"), ("pilot_gain", "ranking"),
+                                              ("mean_loss", "diagnosis")])
+def test_stored_pilots_price_exactly_the_other_domains_pilots(estimator, stage):
+    from dowsing.splitting import split_order
+
+    cal = tiny_calibration()
+    config = AnalysisConfig(estimator=estimator)
+    fresh = est.analysis_cost(cal, STORED_CASE, config)
+    got = est.analysis_cost(cal, STORED_CASE, config, pilots_stored={"B", "C"})
+    # the pilot stage: what an analysis of A alone would price for it
+    alone = est.analysis_cost(cal, STORED_CASE[:1], config)
+    assert got.stages_s[stage] == pytest.approx(alone.stages_s[stage]) and got.stages_s[stage] > 0
+    # and through the family's own function, on A's seeded halves
+    a, b = split_order([5] * 32, "A", 0)
+    names = ["pilot_gain"] if stage == "diagnosis" else [estimator]
+    assert got.stages_s[stage] == pytest.approx(pilot_family.pilot_family_s(cal, [a], [b], names, 2))
+    assert got.stages_s[stage] < fresh.stages_s[stage]
+    # every other stage, the forward pass over all three domains included, is the fresh estimate's
+    assert {k: v for k, v in got.stages_s.items() if k != stage} == {
+        k: v for k, v in fresh.stages_s.items() if k != stage}
+    assert got.notes[0].startswith(f"2 of 3 domains' pilot curves from cache: the {stage} counts")
+    # every curve stored: no trainer, no pilot fine-tune
+    every = est.analysis_cost(cal, STORED_CASE, config, pilots_stored={"A", "B", "C"})
+    assert every.stages_s[stage] == 0.0 and every.notes[0].startswith("3 of 3")
+    # names of domains not in the run, or a run with no pilots, change nothing
+    assert est.analysis_cost(cal, STORED_CASE, config, pilots_stored={"Z"}).stages_s == fresh.stages_s
+    plain = AnalysisConfig(estimator="mean_loss", diagnose=False)
+    assert (est.analysis_cost(cal, STORED_CASE, plain, pilots_stored={"B"}).stages_s
+            == est.analysis_cost(cal, STORED_CASE, plain).stages_s)
+
+
+@pytest.mark.parametrize("route", [dict(blocks=1), dict(blocks=2, solver="exact"), dict(blocks=2, solver="cg")])
+def test_stage_ranking_drops_exactly_the_papers_stages(route):
+    cal = tiny_calibration()
+    paper = {"solve", "saturation", "bootstrap"}
+    for workers in (0, 2):
+        full = est.analysis_cost(cal, STORED_CASE, AnalysisConfig(**route), workers)
+        ranked = est.analysis_cost(cal, STORED_CASE, AnalysisConfig(stage="ranking", **route), workers)
+        assert set(full.stages_s) - set(ranked.stages_s) == paper and set(ranked.stages_s) < set(full.stages_s)
+        assert ranked.stages_s == {k: v for k, v in full.stages_s.items() if k not in paper}
+        assert ranked.memory_bytes == {k: v for k, v in full.memory_bytes.items() if k not in paper}
+        assert ranked.total_s == pytest.approx(full.total_s - sum(full.stages_s[k] for k in paper))
+        assert any(n.startswith("stage ranking") for n in ranked.notes)
+        assert not any("CG" in n or "Hessian-vector" in n for n in ranked.notes)
+
+
+def test_a_plan_with_stored_pilots_prices_only_the_others():
+    from dowsing.plan import PilotConfig, PlanConfig
+
+    cal = tiny_calibration()
+    train, held = [("A", [5] * 4), ("B", [6] * 8)], [("A", [5] * 4), ("B", [6] * 8)]
+    got = est.plan_cost(cal, train, held, PilotConfig(), pilots_stored={"B"})
+    alone = est.plan_cost(cal, train[:1], held[:1], PilotConfig())
+    # measure_pilots reads and fine-tunes only the domains it measures
+    assert got.stages_s == alone.stages_s and got.memory_bytes == alone.memory_bytes
+    assert got.notes[0].startswith("1 of 2 domains' pilot curves from cache")
+    every = est.plan_cost(cal, train, held, PilotConfig(), pilots_stored={"A", "B"})
+    assert list(every.stages_s) == ["start-up", "load model"]
+    # a transfer matrix may need every domain's block inputs: the forward pass reads them all
+    both = est.plan_cost(cal, train, held, PilotConfig(transfer=True), pilots_stored={"B"})
+    assert both.stages_s["forward pass"] == est.plan_cost(cal, train, held, PilotConfig()).stages_s["forward pass"]
+    assert both.stages_s["pilot fine-tunes"] < est.plan_cost(cal, train, held, PilotConfig()).stages_s[
+        "pilot fine-tunes"]
+    # a whole plan fits each domain's curve: resamples x the calibrated per-curve fit, per domain with a pilot
+    planned = est.plan_cost(cal, train, held, PlanConfig(budget=10, bootstrap_resamples=500), pilots_stored={"B"})
+    assert planned.stages_s["fits"] == pytest.approx(2 * 500 * 1e-4)
+    assert {k: v for k, v in planned.stages_s.items() if k != "fits"} == got.stages_s
+
+
+def test_estimates_after_a_ranking_stage_analysis_read_its_stored_pilots(tiny_gpt2_dir, calibrated):
+    from dowsing.analysis import pilot_status, run_analysis
+    from dowsing.plan import PlanConfig
+
+    use_calibration(calibrated)
+    model = str(tiny_gpt2_dir)
+    config = AnalysisConfig(stage="ranking", bootstrap_resamples=200)
+    run_analysis(model, GOOD["domains"], config)
+    # the same request again: the result cache returns it at once
+    again = est.estimate_analysis(model, GOOD["domains"], config)
+    assert again.total_s == 0.0 and "cached" in again.notes[0]
+    # a third domain: its pilot curve alone is computed, the two stored ones are not priced
+    chemistry = {"name": "Chemistry", "facts": ["Water is two hydrogens and one oxygen.", "Salt dissolves in water.",
+                                                "Acids turn litmus red.", "Iron rusts in moist air."]}
+    three = GOOD["domains"] + [chemistry]
+    assert pilot_status(model, three, config)["reused"] == ["Physics", "Biology"]
+    got = est.estimate_analysis(model, three, config)
+    fresh = est.estimate_analysis(model, three, config, use_cache=False)
+    assert got.notes[0].startswith("2 of 3 domains' pilot curves from cache")
+    assert 0 < got.stages_s["ranking"] < fresh.stages_s["ranking"]
+    assert got.stages_s["forward pass"] == fresh.stages_s["forward pass"]
+    assert not {"solve", "saturation", "bootstrap"} & set(got.stages_s)
+    # a plan of the same domains finds the analysis' curves: no forward pass, no fine-tune, only the fits
+    plan = est.estimate_plan(model, GOOD["domains"], PlanConfig(budget=10))
+    assert list(plan.stages_s) == ["start-up", "load model", "fits"]
+    assert plan.notes[0].startswith("2 of 2 domains' pilot curves from cache")
+
+
+def test_plan_estimate_exits_0_prints_and_writes_nothing(tmp_path, capsys, monkeypatch, tiny_gpt2_dir, calibrated):
+    import dowsing.plan
+    from dowsing.paths import cache_dir
+
+    use_calibration(calibrated)
+
+    def no_run(*args, **kwargs):
+        raise AssertionError("--estimate ran the plan")
+
+    for name in ("run_plan", "pilot_measurements", "measure_pilots"):
+        monkeypatch.setattr(dowsing.plan, name, no_run)
+    domains = tmp_path / "d.json"
+    domains.write_text(json.dumps(GOOD))
+    out = tmp_path / "out.json"
+    def written():  # but the memo of the model files' hashes (cache/hashes) that finds its calibration
+        return sorted(p.relative_to(cache_dir()) for p in cache_dir().rglob("*") if "hashes" not in p.parts)
+
+    before = written()
+    code = main(["plan", "--budget", "10", "--model", str(tiny_gpt2_dir), "--domains", str(domains), "--out",
+                 str(out), "--estimate"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "Estimated plan:" in stdout and "pilot fine-tunes" in stdout and "fits" in stdout
+    assert "Nothing was run" in stdout
+    after = written()
+    assert not out.exists() and after == before, after
+
+
+@pytest.mark.parametrize("bad", ["domains", "budget", "model"])
+def test_bad_input_to_plan_estimate_is_one_line_and_exit_2(bad, tmp_path, capsys, tiny_gpt2_dir):
+    domains = tmp_path / "d.json"
+    domains.write_text('{"domains": [' if bad == "domains" else json.dumps(GOOD))
+    model = str(tmp_path / "no-such-model") if bad == "model" else str(tiny_gpt2_dir)
+    out = tmp_path / "out.json"
+    code = main(["plan", "--budget", "-5" if bad == "budget" else "10", "--model", model, "--domains", str(domains),
+                 "--out", str(out), "--estimate"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("error: ") and len(err.strip().splitlines()) == 1
+    assert not out.exists()
+
+
 def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, calibrated):
-    from dowsing.plan import PilotConfig, pilot_measurements
+    from dowsing.plan import PilotConfig, PlanConfig, pilot_measurements
 
     use_calibration(calibrated)
     fresh = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
@@ -310,6 +457,10 @@ def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, ca
     pilot_measurements(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
     got = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
     assert got.stages_s == {"cached pilots": 0.0} and "cached" in got.notes[0]
+    # a whole plan on the same pilots still fits its curves: 2 domains x 300 resamples of the per-curve fit
+    cal = est.cached_calibration(str(tiny_gpt2_dir), "cpu", "float32", 1)
+    planned = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PlanConfig(budget=10, bootstrap_resamples=300))
+    assert planned.stages_s == {"cached pilots": 0.0, "fits": pytest.approx(2 * 300 * cal.bootstrap_s_per_curve)}
 
 
 def test_memory_refusal_when_the_peak_exceeds_what_is_available(capsys, monkeypatch):

@@ -202,7 +202,8 @@ def full_gradient_s(cal, rows: list, batch_size: int) -> float:
     return cal.forward_s_per_token * padded + backward + calls * cal.n_params * cal.vector_s_per_element
 
 
-def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 8), batch_size: int = 16) -> float:
+def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 8), batch_size: int = 16,
+                   stored=frozenset()) -> float:
     """The pilot estimators over each domain's halves A (train) and B
     (held); a domain whose halves cannot hold two facts each costs nothing.
     pilot_gain / pilot_curve: a trainer (a tail copy, checked on 16 facts of
@@ -212,17 +213,21 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
     other way, each PILOT_RECIPE.steps steps of all n facts on the last
     min(PILOT_RECIPE.blocks, keep) blocks and a read of the other half.
     lookahead_sign: per domain the whole model's gradient of each half's
-    mean loss, then the two signs and dot products over every parameter."""
+    mean loss, then the two signs and dot products over every parameter.
+    stored: positions of the domains whose pilot curves are stored units:
+    their pilot_gain / pilot_curve runs are not priced, and the trainer is
+    priced only when some domain still runs (`_PilotCurves` builds it on
+    first need; its check reads the first 16 facts of every domain's B)."""
     names = set(names)
     tuned = bool(names & {"pilot_gain", "pilot_curve"})
     blocks = min(PILOT_RECIPE.blocks, keep)
     seconds = 0.0
-    if tuned:
+    if tuned and to_tune(train, held, stored):
         seconds += cal.copy_s + tail_pass_s(cal, padded_tokens([n for d in held for n in d][:16], 16), keep)
-    for a, b in zip(train, held):
+    for k, (a, b) in enumerate(zip(train, held)):
         if min(len(a), len(b)) < MIN_HALF:
             continue
-        if tuned:
+        if tuned and k not in stored:
             wanted = sizes if "pilot_curve" in names else (max(len(a), len(b)),)
             for n in pilot_sizes(wanted, len(a), len(b)):
                 for taught, read in ((a, b), (b, a)):
@@ -234,7 +239,13 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
     return seconds
 
 
-def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int = 16) -> float:
+def to_tune(train: list, held: list, stored=frozenset()) -> list:
+    """Positions of the domains whose pilot runs: halves of MIN_HALF facts
+    each, and no stored pilot curve."""
+    return [k for k, (a, b) in enumerate(zip(train, held)) if min(len(a), len(b)) >= MIN_HALF and k not in stored]
+
+
+def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int = 16, stored=frozenset()) -> float:
     """Bytes the named pilot estimators add over the halves A (train) and B
     (held): pilot_gain / pilot_curve a trainer (its own copy of the block
     inputs, a tail copy and its starting weights, gradients and AdamW's two
@@ -243,7 +254,8 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
     gradients of both halves and their signs, and one batch's activations
     kept for the backward pass: the calibrated one-block step's per token
     (the LM head's logits and one block) plus, for each further block,
-    about 10 d_model + 4 d_ff values a token."""
+    about 10 d_model + 4 d_ff values a token. No trainer when every
+    domain's pilot curve is `stored` (or none can hold a pilot)."""
     names = set(names)
     b = cal.dtype_bytes
     flat = [n for d in train + held for n in d]
@@ -251,7 +263,7 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
         return 0.0
     half = max(max(len(d) for d in train + held), 1)
     trainer = step = lookahead = 0.0
-    if names & {"pilot_gain", "pilot_curve"}:
+    if names & {"pilot_gain", "pilot_curve"} and to_tune(train, held, stored):
         trainer = (sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b
                    + 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b)
         step = cal.step_bytes_per_token * half * max(flat)
@@ -264,11 +276,13 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
 def pilot_cost(cal, run, names) -> Cost:
     """`pilot_family_s` and `pilot_memory` over the run's halves; in an
     analysis every fact's block inputs are held beside them. The quick
-    validation's estimate leaves the pilot estimators out (priced as free)."""
+    validation's estimate leaves the pilot estimators out (priced as free).
+    The domains of run.pilots_stored run no pilot fine-tunes."""
     if run.pipeline == "validation":
         return Cost(0.0, 0.0)
-    seconds = pilot_family_s(cal, run.train, run.held, names, run.keep, run.pilot_sizes, run.batch_size)
-    memory = pilot_memory(cal, run.train, run.held, run.keep, names, run.batch_size)
+    seconds = pilot_family_s(cal, run.train, run.held, names, run.keep, run.pilot_sizes, run.batch_size,
+                             run.pilots_stored)
+    memory = pilot_memory(cal, run.train, run.held, run.keep, names, run.batch_size, run.pilots_stored)
     if run.pipeline == "analysis":
         memory += block_inputs_bytes(cal, [n for _, d in run.domains for n in d])
     return Cost(seconds, memory)
