@@ -376,6 +376,19 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
             measure_transfer(trainer or _pilot_trainer(loaded, split), split, [row[k] for k in range(len(domains))],
                              {j: missing[j] for j in rest}, pairs, train, config, recipe, units, report)
             transfer_s += time.perf_counter() - t1
+    out = {"model": loaded.info.to_dict(), "recipe": recipe.label(), "forward_s": forward_s,
+           "pilot_s": time.perf_counter() - t0 - forward_s - transfer_s,
+           "domains": _measured_entries(domains, train, held, curves)}
+    if pairs is not None:
+        out["transfer"] = _transfer_record(domains, pairs, sources, transfer_s)
+    report(Progress("pilots", 0.95, "pilot fine-tunes done"))
+    return finite_or_none(out)
+
+
+def _measured_entries(domains: list, train: list, held: list, curves: list) -> list:
+    """Per domain what `fit_pilots` reads: its facts' count, mean loss, the
+    pilot sizes, drops, per-fact drops per size, seconds and the halves'
+    sizes (held-out half B first)."""
     measured = []
     for domain, a, b, c in zip(domains, train, held, curves):
         curve = c["curve"]
@@ -386,17 +399,18 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
             entry.update({key: curve[key] for key in ("sizes", "drop", "per_fact_by_size", "seconds")},
                          strata=[len(b.facts), len(a.facts)])
         measured.append(entry)
-    out = {"model": loaded.info.to_dict(), "recipe": recipe.label(), "forward_s": forward_s,
-           "pilot_s": time.perf_counter() - t0 - forward_s - transfer_s, "domains": measured}
-    if pairs is not None:
-        k, sizes = len(domains), {j: pair["size"] for (_, j), pair in pairs.items()}
-        out["transfer"] = {"domains": [d.name for d in domains], "transfer_s": transfer_s,
-                           "sizes": [sizes.get(j) for j in range(k)],
-                           "matrix": [[pairs[(i, j)]["value"]["drop"] if (i, j) in pairs else None for j in range(k)]
-                                      for i in range(k)],
-                           "computed_sources": [domains[j].name for j in sources]}
-    report(Progress("pilots", 0.95, "pilot fine-tunes done"))
-    return finite_or_none(out)
+    return measured
+
+
+def _transfer_record(domains: list, pairs: dict, sources: list, transfer_s: float) -> dict:
+    """The measured transfer matrix T[i][j] with each source's size, and
+    which sources this run computed."""
+    k, sizes = len(domains), {j: pair["size"] for (_, j), pair in pairs.items()}
+    return {"domains": [d.name for d in domains], "transfer_s": transfer_s,
+            "sizes": [sizes.get(j) for j in range(k)],
+            "matrix": [[pairs[(i, j)]["value"]["drop"] if (i, j) in pairs else None for j in range(k)]
+                       for i in range(k)],
+            "computed_sources": [domains[j].name for j in sources]}
 
 
 def _transfer_pairs(train: list, held: list, config, recipe, units) -> dict:

@@ -742,9 +742,10 @@ def test_benchmark_page_checks_the_plan_by_training_and_shows_the_check(tiny):
     assert "The collection plan, checked by training" in [h.value for h in at.subheader]
     tables = [t.value for t in at.dataframe]
     check = next(t for t in tables if "Allocation" in t.columns)
-    assert list(check["Budget"]) == [11] * 4 + [44] * 4
-    assert set(check["Allocation"]) == {"the plan, have = the sample", "the plan, have = the sample's weight in training",
-                                        "spread evenly", "proportional to mean loss"}
+    from dowsing.validation.plan_check import ALLOCATION_LABELS
+
+    assert list(check["Budget"]) == [11] * 6 + [44] * 6
+    assert set(check["Allocation"]) == set(ALLOCATION_LABELS.values()) and len(ALLOCATION_LABELS) == 6
     assert any("Median error" in t.columns for t in tables)
 
 
