@@ -35,7 +35,7 @@ from typing import Callable
 
 import torch
 
-from .subspace import _BLOCK_PATHS, _get, per_fact_losses
+from .subspace import BLOCK_PATHS, dotted_attr, per_fact_losses
 
 ADAM_EPS = 1e-8
 
@@ -126,7 +126,7 @@ class _Stop(Exception):
 
 
 def blocks_of(net):
-    return next(b for p in _BLOCK_PATHS if (b := _get(net, p)) is not None)
+    return next(b for p in BLOCK_PATHS if (b := dotted_attr(net, p)) is not None)
 
 
 def capture_block_inputs(net, batches, first: int) -> list:
@@ -182,10 +182,10 @@ def tail_model(net, first: int):
     GPT-2 adds position embeddings to inputs_embeds, so they are taken off
     the block input first; the caller checks the copy reproduces the logits.
     """
-    path = next(p for p in _BLOCK_PATHS if _get(net, p) is not None)
+    path = next(p for p in BLOCK_PATHS if dotted_attr(net, p) is not None)
     work = copy.deepcopy(net)
     parent_path, attr = path.rsplit(".", 1)
-    parent = _get(work, parent_path)
+    parent = dotted_attr(work, parent_path)
     setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[first:]))
     return work, tail_embedding(work)
 

@@ -12,7 +12,8 @@ from pathlib import Path
 from . import estimators
 from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, STAGES, AnalysisConfig
 from .executor import EXECUTORS
-from .models import EMBEDDED_ID, ModelError, atomic_write_text
+from .models import EMBEDDED_ID, ModelError
+from .paths import atomic_write_text
 from .result import Result, format_sci
 
 BAD_INPUT = 2

@@ -472,7 +472,7 @@ class JobStore:
         return self.results_dir(kind) / f"{checked_job_id(job_id)}.json"
 
     def write_result(self, job_id: str, kind: str, result) -> None:
-        from .models import atomic_write_text
+        from .paths import atomic_write_text
 
         atomic_write_text(self.result_path(job_id, kind), result.to_json())
 
@@ -482,7 +482,7 @@ class JobStore:
         return self.results_dir(kind) / f"{checked_job_id(job_id)}.partial.json"
 
     def write_partial(self, job_id: str, kind: str, result) -> None:
-        from .models import atomic_write_text
+        from .paths import atomic_write_text
 
         path = self.partial_path(job_id, kind)
         path.parent.mkdir(parents=True, exist_ok=True)

