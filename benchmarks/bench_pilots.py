@@ -30,7 +30,7 @@ def main() -> None:
     from dowsing.domains import benchmark_domains
     from dowsing.estimators import EstimatorContext, compute
     from dowsing.forward import split_pass
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
     from dowsing.splitting import split_domains
     from dowsing.subspace import find_anatomy
     from dowsing.validation.benchmark import BenchmarkConfig, estimator_context

@@ -22,7 +22,7 @@ from .estimators import PAPER, PILOT_CURVE, PILOT_GAIN
 from .estimators import get as get_estimator
 from .executor import LocalExecutor, Shared, Unit
 from .forward import FactTokens, forward_pass
-from .models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
+from .access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from .progress import Progress
 from .ranking import capture_block, check_estimator, rank, ranking_split
 from .result import ENGINE_VERSION, DomainResult, Result
@@ -156,7 +156,7 @@ def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
         )
     checkpoints = None
     if config.checkpoints:
-        from .checkpoints import check_last_is_model, validate_checkpoints
+        from .access.checkpoints import check_last_is_model, validate_checkpoints
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id)
@@ -492,7 +492,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     check_estimator(config)
     report = progress or (lambda p: None)
     if config.checkpoints:
-        from .checkpoints import validate_checkpoints
+        from .access.checkpoints import validate_checkpoints
 
         validate_checkpoints(config.checkpoints)  # a one-line error before anything is loaded or keyed
     key = cache_key(model_id, domains, config)

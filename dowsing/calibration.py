@@ -126,7 +126,7 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
     import torch
 
     from .analysis import model_fingerprint
-    from .models import load_model
+    from .access.models import load_model
     from .paths import atomic_write_text
 
     threads = int(threads or torch.get_num_threads())

@@ -12,7 +12,7 @@ from pathlib import Path
 from . import estimators
 from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, STAGES, AnalysisConfig
 from .executor import EXECUTORS
-from .models import EMBEDDED_ID, ModelError
+from .access.models import EMBEDDED_ID, ModelError
 from .paths import atomic_write_text
 from .result import Result, format_sci
 
@@ -121,7 +121,7 @@ def checked_model(args, models: list) -> list:
     CheckpointError otherwise) and, without --model, the last is the model."""
     if not args.checkpoints:
         return models
-    from .checkpoints import check_last_is_model, validate_checkpoints
+    from .access.checkpoints import check_last_is_model, validate_checkpoints
 
     checked = validate_checkpoints(args.checkpoints)
     if models == [None]:

@@ -65,7 +65,7 @@ class AnalysisConfig(ConfigRecord):
     adam_batches: seeded minibatches of 8 facts that estimate Adam's second
         moment (seeded by `seed`).
     checkpoints: the user's training checkpoints of the model, oldest first
-        (local folders or hub steps owner/name@revision; `dowsing.checkpoints`
+        (local folders or hub steps owner/name@revision; `dowsing.access.checkpoints`
         checks them), the last being the model analysed. The checkpoint
         estimators need at least two; the others ignore them.
     checkpoint_lr: the step size of every interval between two checkpoints

@@ -140,7 +140,7 @@ def report(build, out=None) -> int:
     import sys
 
     from .domains import DomainError
-    from .models import ModelError
+    from .access.models import ModelError
 
     out = out or sys.stdout
     try:

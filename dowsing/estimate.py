@@ -246,7 +246,7 @@ def load_tokenizer(model_id):
     is cached), from where `models.load_model` would take it."""
     from transformers import AutoTokenizer
 
-    from .models import ModelError, converted_dir, resolve_model
+    from .access.models import ModelError, converted_dir, resolve_model
 
     _, source, location = resolve_model(model_id)
     folder = converted_dir(Path(location)) if source in ("embedded", "gguf") else location
@@ -302,7 +302,7 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     config = config or AnalysisConfig()
     domains = as_domains(domains)
     if config.checkpoints:
-        from .checkpoints import validate_checkpoints
+        from .access.checkpoints import validate_checkpoints
 
         validate_checkpoints(config.checkpoints)
     cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
@@ -334,7 +334,7 @@ def estimate_benchmark(model_id=None, domains=None, config=None, device: str = "
 
     config = config or BenchmarkConfig()
     if config.checkpoints:
-        from .checkpoints import check_last_is_model, validate_checkpoints
+        from .access.checkpoints import check_last_is_model, validate_checkpoints
 
         check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
     domains = check_domains(domains if domains is not None else benchmark_domains(), config)
@@ -357,7 +357,7 @@ def estimate_validation(model_id, domains, config=None, held_out=None, executor=
 
     config = config or ValidationConfig()
     if config.checkpoints:
-        from .checkpoints import check_last_is_model, validate_checkpoints
+        from .access.checkpoints import check_last_is_model, validate_checkpoints
 
         check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
     train, held = split_domains(as_domains(domains), config.seed, config.held_out_fraction, held_out)

@@ -1270,7 +1270,7 @@ def pilot_measurements(model_id: str | None, domains, config: PlanConfig | Pilot
     """The cached half of a plan: the pilot measurements of `plan_key`, from
     cache/plans, else measured (the model loaded, `measure_pilots`) and
     stored there."""
-    from .models import load_model
+    from .access.models import load_model
     from .store import JsonStore
 
     report = progress or (lambda p: None)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .limits import too_many_tokens
-from .models import ModelError
+from .access.models import ModelError
 
 
 @dataclass

@@ -15,7 +15,7 @@ import torch
 from .config import AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
 from .forward import FactTokens
-from .models import DTYPES
+from .access.models import DTYPES
 from .progress import Progress
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
 from .solvers import conjugate_gradient, damped, dense_solve

@@ -177,8 +177,8 @@ def check_model_paths(request: JobRequest) -> None:
     """A job's model and checkpoints come from the app, so they must lie
     under the model roots (`models.allowed_model`); ModelError or
     CheckpointError, one line, otherwise."""
-    from .checkpoints import allowed_checkpoints
-    from .models import allowed_model
+    from .access.checkpoints import allowed_checkpoints
+    from .access.models import allowed_model
 
     allowed_model(request.model_id)
     allowed_checkpoints(getattr(request.config, "checkpoints", None) or ())
@@ -267,7 +267,7 @@ def _failed(store: JobStore, job_id: str, run_id: str, writer, exc: Exception) -
 
 def _is_input_error(exc: BaseException) -> bool:
     from .domains import DomainError
-    from .models import ModelError
+    from .access.models import ModelError
 
     return isinstance(exc, (ModelError, DomainError, ValueError))
 

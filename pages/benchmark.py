@@ -18,7 +18,7 @@ from dowsing import workspace
 from dowsing.domains import DomainError, benchmark_domains
 from dowsing.executor import execution_text
 from dowsing.jobs import JobRequest, one_line
-from dowsing.models import ModelError
+from dowsing.access.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text
 from dowsing.evidence import GROUPS, evidence_label, evidence_rows, group_size, load_evidence

@@ -28,7 +28,7 @@ import streamlit as st
 from dowsing import plan_charts, report, workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
 from dowsing.jobs import JobRequest, newest_match, one_line
-from dowsing.models import ModelError
+from dowsing.access.models import ModelError
 from dowsing.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
                           plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)
 from dowsing.safe_text import md_escape

@@ -12,7 +12,7 @@ import streamlit as st
 from dowsing import charts, report, workspace
 from dowsing.domains import DomainError
 from dowsing.jobs import JobRequest, one_line
-from dowsing.models import ModelError
+from dowsing.access.models import ModelError
 from dowsing.validation import validate as validation
 from dowsing.safe_text import md_escape
 from pages import _shared

@@ -512,7 +512,7 @@ def test_bad_model_is_a_one_line_error(cache):
     at.session_state["model"] = "/no/such/folder"
     at.run()
     assert not at.exception
-    from dowsing.models import NOT_ALLOWED
+    from dowsing.access.models import NOT_ALLOWED
 
     assert at.sidebar.info[0].value == md_escape(NOT_ALLOWED)  # outside the model roots: not whether it exists
 

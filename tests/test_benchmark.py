@@ -16,7 +16,7 @@ from scipy import stats
 
 from dowsing.alignment import (adam_preconditioner, capture_block_inputs, domain_alignment, tail_grad_fn,
                                tail_model, tail_parameters)
-from dowsing.models import load_model
+from dowsing.access.models import load_model
 from dowsing.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
 from dowsing.validation.correlations import domain_bootstrap, spearman
 from dowsing.training import Recipe

@@ -48,7 +48,7 @@ def _seed_embedded_model(cache: Path) -> None:
     load (which loads the default model) takes a second instead of a ~40 s
     conversion in the middle of the test. Converts once into the repo cache
     on a fresh checkout (the CLI test reuses it), then copies it."""
-    from dowsing.models import converted_dir, embedded_gguf_path
+    from dowsing.access.models import converted_dir, embedded_gguf_path
 
     saved = os.environ.get("DOWSING_CACHE")
     os.environ["DOWSING_CACHE"] = str(REPO / "cache")

@@ -10,8 +10,8 @@ import json
 import pytest
 import torch
 
-from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
-from dowsing.models import load_model
+from dowsing.access.checkpoints import CheckpointError, parse_list, validate_checkpoints
+from dowsing.access.models import load_model
 from dowsing.subspace import per_fact_losses
 from dowsing.forward import split_pass
 from dowsing.training import Recipe, TailTrainer

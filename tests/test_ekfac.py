@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from dowsing.models import load_model
+from dowsing.access.models import load_model
 from dowsing.estimators.ekfac import ekfac_pairwise_scores, tracked_module_names
 
 from dowsing.alignment import tail_model

@@ -102,7 +102,7 @@ def use_calibration(calibrated: Path) -> None:
 # --- arithmetic ----------------------------------------------------------------------------------------------------
 
 def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
 
     shape = calibration.model_shape(load_model(str(tiny_gpt2_dir)).model)
     assert shape["block_params"] == TINY_BLOCK == 1960

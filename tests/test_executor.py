@@ -240,7 +240,7 @@ def test_several_models_are_one_unit_each_and_equal_their_own_analyses(ray_execu
                                                                        tiny_llama_dir):
     from dowsing.analysis import run_analyses, run_analysis
     from dowsing.config import AnalysisConfig
-    from dowsing.models import ModelError
+    from dowsing.access.models import ModelError
 
     domains = [Domain(d.name, d.facts[:4]) for d in benchmark_domains(quick=True)[:3]]
     config = AnalysisConfig(dtype="float64")

@@ -28,7 +28,7 @@ from dowsing.jobs import (
     LocalJobRunner,
     default_runner,
 )
-from dowsing.models import ModelError
+from dowsing.access.models import ModelError
 from tiny_models import stand_in_result
 
 JOB2, JOB3 = "2" * 64, "3" * 64  # stand-in workers' job ids, of the one form a job id has

@@ -111,7 +111,7 @@ def test_an_analysis_ranks_a_domain_too_small_for_a_pilot_by_mean_loss_and_says_
                                                                                     monkeypatch):
     from dowsing.analysis import analyze
     from dowsing.config import AnalysisConfig
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     loaded = load_model(str(tiny_llama_dir))

@@ -629,9 +629,9 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
             assert d["identifiable"] and d["gain_band"][0] <= d["gain"] <= d["gain_band"][1]
     _pilots_match_a_direct_run(plan, tiny_llama_dir, domain_file)
 
-    import dowsing.models
+    import dowsing.access.models
 
-    monkeypatch.setattr(dowsing.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded again"))
+    monkeypatch.setattr(dowsing.access.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded again"))
     (tmp_path / "costs.csv").write_text("Alpha,3\n")
     (tmp_path / "have.json").write_text('{"Beta": 10}')
     t0 = time.perf_counter()
@@ -684,7 +684,7 @@ def _pilots_match_a_direct_run(plan, model_dir, domain_file):
 
     from dowsing.domains import load_domains
     from dowsing.forward import split_pass
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
     from dowsing.pilots import PILOT_RECIPE, pilot_curve
     from dowsing.splitting import split_domains
     from dowsing.training import TailTrainer

@@ -16,7 +16,7 @@ from scipy import stats
 from dowsing import metrics, report
 from dowsing.analysis import analyze
 from dowsing.config import AnalysisConfig
-from dowsing.models import load_model
+from dowsing.access.models import load_model
 from dowsing.ranking import rank, ranking_split
 from dowsing.result import Result
 from dowsing.subspace import encode_facts, find_anatomy, make_batches

@@ -17,7 +17,7 @@ from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain
 from dowsing.estimators import EstimatorContext, EstimatorSettings, compute, registry
 from dowsing.forward import split_pass
-from dowsing.models import load_model
+from dowsing.access.models import load_model
 from dowsing.splitting import split_domains
 from dowsing.training import Recipe
 

