@@ -14,22 +14,22 @@ from typing import Callable
 
 import torch
 
-from . import metrics
-from .alignment import block_inputs_by_fact, capture_inputs_during
+from .kernels import metrics
+from .kernels.alignment import block_inputs_by_fact, capture_inputs_during
 from .config import AnalysisConfig
 from .domains import as_domains
 from .estimators import PAPER, PILOT_CURVE, PILOT_GAIN
 from .estimators import get as get_estimator
 from .executor import LocalExecutor, Shared, Unit
-from .forward import FactTokens, forward_pass
+from .kernels.forward import FactTokens, forward_pass
 from .access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from .progress import Progress
 from .ranking import capture_block, check_estimator, rank, ranking_split
 from .result import ENGINE_VERSION, DomainResult, Result
-from .saturation import n_grid
-from .subspace import encode_facts, find_anatomy, make_batches
-from .subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
-from .uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
+from .kernels.saturation import n_grid
+from .kernels.subspace import encode_facts, find_anatomy, make_batches
+from .kernels.subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
+from .kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
 from .units import DomainUnits, loaded_identity
 
 
@@ -283,13 +283,13 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
 
 def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict,
                units=None) -> list | None:
-    """Per domain, what kind of domain it looks like (`dowsing.diagnosis`)
+    """Per domain, what kind of domain it looks like (`dowsing.kernels.diagnosis`)
     from its mean loss and its pilot gain (the ranking's own runs when it
     ranks by a pilot estimator, else the pilot family's on the same seeded
     halves); None when config.diagnose is off."""
     if not config.diagnose:
         return None
-    from .diagnosis import diagnose
+    from .kernels.diagnosis import diagnose
     from .estimators import EstimatorContext, EstimatorSettings, compute
 
     t0 = time.perf_counter()
@@ -451,8 +451,8 @@ def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: 
     asked for; the halves of `splitting.split_order` under `seed`) are
     stored in `units` for this model, dtype and device, and which are to
     compute: `pilot_status`'s dict. Loads no model."""
-    from .pilots import PILOT_RECIPE, pilot_sizes
-    from .splitting import split_order
+    from .kernels.pilots import PILOT_RECIPE, pilot_sizes
+    from .kernels.splitting import split_order
     from .units import model_identity, pilot_key, recomputed_message
 
     domains = as_domains(domains)

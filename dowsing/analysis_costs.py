@@ -20,7 +20,7 @@ def analysis_route(config) -> str:
 
 
 def _grid_points(n_k: int, config) -> int:
-    from .saturation import n_grid
+    from .kernels.saturation import n_grid
 
     return len(n_grid(n_k, config.saturation_points, config.saturation_max_factor))
 
@@ -93,7 +93,7 @@ def analysis_pilot_keep(cal, config) -> int:
     the alignment's when the ranking estimator trains on block inputs, the
     pilot recipe's when the diagnosis runs, the more of the two."""
     from .estimators import get
-    from .pilots import PILOT_RECIPE
+    from .kernels.pilots import PILOT_RECIPE
 
     wanted = [min(config.align_blocks, cal.n_layers)] if "block_inputs" in get(config.estimator).needs else []
     if config.diagnose:
@@ -105,7 +105,7 @@ def analysis_run(cal, domains: list, config) -> RunShape:
     """The analysis as its ranking estimator and its diagnosis see it: every
     domain's two seeded halves (`splitting.split_order`), the whole domains
     and the settings. domains: [(name, [tokens per fact])]."""
-    from .splitting import split_order
+    from .kernels.splitting import split_order
 
     halves = [split_order(list(d), n, config.seed) for n, d in domains]
     return RunShape("analysis", [a for a, _ in halves], [b for _, b in halves], analysis_pilot_keep(cal, config),

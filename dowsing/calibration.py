@@ -294,8 +294,8 @@ def model_shape(net) -> dict:
     layers."""
     import torch
 
-    from .alignment import blocks_of
-    from .subspace import find_anatomy
+    from .kernels.alignment import blocks_of
+    from .kernels.subspace import find_anatomy
 
     anatomy = find_anatomy(net)
     blocks = list(blocks_of(net))
@@ -346,9 +346,9 @@ def _probe_forward(loaded, device: str) -> dict:
     """One forward pass (the analysis' and the benchmark's) over the
     calibration facts, keeping the last block's input; the per-token tensors
     the other probes use."""
-    from .alignment import block_inputs_by_fact, capture_inputs_during
-    from .forward import forward_pass
-    from .subspace import encode_facts, find_anatomy, make_batches
+    from .kernels.alignment import block_inputs_by_fact, capture_inputs_during
+    from .kernels.forward import forward_pass
+    from .kernels.subspace import encode_facts, find_anatomy, make_batches
 
     net = loaded.model
     anatomy = find_anatomy(net)
@@ -377,8 +377,8 @@ def _probe_coefficients(probe: dict, device: str) -> dict:
     """tail_coefficients (the analysis' per-domain curvature, double backprop
     through the final norm and LM head) and the LM-head derivatives along
     several directions at once (the benchmark's subspace terms)."""
-    from .curvature import tail_coefficients
-    from .subspace_terms import LogitLine, derivatives_at_zero
+    from .kernels.curvature import tail_coefficients
+    from .kernels.subspace_terms import LogitLine, derivatives_at_zero
 
     tokens, anatomy = probe["tokens"], probe["anatomy"]
     v = probe["directions"][0].to(tokens.h.dtype)
@@ -395,8 +395,8 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
     calibration fact in each minibatch), and single-fact gradients of it."""
     import torch
 
-    from .alignment import tail_grad_fn, tail_model, tail_parameters
-    from .training import Recipe, TailData, TailTrainer
+    from .kernels.alignment import tail_grad_fn, tail_model, tail_parameters
+    from .kernels.training import Recipe, TailData, TailTrainer
 
     ids, inputs = probe["ids"], probe["block_inputs"]
     rows = list(range(len(ids)))
@@ -443,8 +443,8 @@ def _probe_rates(device: str, d_ff: int) -> dict:
     import numpy as np
     import torch
 
-    from .saturation import n_grid
-    from .uncertainty import DomainKernels, bootstrap_domains
+    from .kernels.saturation import n_grid
+    from .kernels.uncertainty import DomainKernels, bootstrap_domains
     from .validation.correlations import domain_bootstrap
 
     d = max(min(d_ff, 1536), 64)

@@ -71,8 +71,8 @@ class AnalysisConfig(ConfigRecord):
     checkpoint_lr: the step size of every interval between two checkpoints
         (learning rate times optimizer steps), for TracIn and Diff-In; None
         estimates it from each interval's step length.
-    diagnose: also run the pilot fine-tunes (`dowsing.pilots`) that give
-        each domain its diagnosis sentence (`dowsing.diagnosis`).
+    diagnose: also run the pilot fine-tunes (`dowsing.kernels.pilots`) that give
+        each domain its diagnosis sentence (`dowsing.kernels.diagnosis`).
     stage: "all" (the ranking, the diagnosis and the paper's quantities) or
         "ranking" (stop after the ranking and the diagnosis: no curvature,
         solve, saturation or transfer; the paper's fields are None). The

@@ -54,7 +54,7 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
     """The estimate of one analysis. domains: [(name, [tokens per fact])];
     ray_workers: the Ray workers the per-domain units would spread over (0:
     in this process; the structured route always stays here)."""
-    from .forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
+    from .kernels.forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
     lengths = [list(d) for _, d in domains]
     flat = [n for d in lengths for n in d]
     route = analysis_route(config)
@@ -104,7 +104,7 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
     process); ray_local: they share this machine's cores with the
     estimators."""
     from .estimators import FAMILIES, PAPER, by_family, get
-    from .forward import forward_pass_s
+    from .kernels.forward import forward_pass_s
     from .validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
                                    curve_predictions_s, truth_trainer_s)
     from .validation.plan_check import ALLOCATIONS
@@ -170,7 +170,7 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     """The estimate of one quick validation (`validation.validate`); train /
     held as in `benchmark_cost`."""
     from .estimators import PAPER, EstimatorSettings, by_family, names as offered
-    from .forward import forward_pass_s
+    from .kernels.forward import forward_pass_s
     from .validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
     from .validation.finetune import validation_recipe
     from .validation.validate import scored_estimators
@@ -213,8 +213,8 @@ def plan_cost(cal: Calibration, train: list, held: list, config) -> Estimate:
     Memory as the benchmark's forward pass and fine-tunes hold it, without
     the estimators' working sets."""
     from .costs import block_inputs_bytes, largest_batch
-    from .forward import forward_pass_s
-    from .pilots import PILOT_RECIPE, plan_pilots_cost
+    from .kernels.forward import forward_pass_s
+    from .kernels.pilots import PILOT_RECIPE, plan_pilots_cost
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
@@ -328,7 +328,7 @@ def estimate_benchmark(model_id=None, domains=None, config=None, device: str = "
     sample, test facts and pool, and the sample's halves). threads: the
     torch threads it would run with (None: the current setting)."""
     from .domains import benchmark_domains
-    from .splitting import split_domains
+    from .kernels.splitting import split_domains
     from .validation.benchmark import BenchmarkConfig, check_domains
     from .validation.protocol import collection_split
 
@@ -352,7 +352,7 @@ def estimate_validation(model_id, domains, config=None, held_out=None, executor=
     """What `validation.validate.validate` would cost (float32 on the CPU,
     as it runs). held_out: {name: [facts]} or None (a seeded half)."""
     from .domains import as_domains
-    from .splitting import split_domains
+    from .kernels.splitting import split_domains
     from .validation.validate import ValidationConfig
 
     config = config or ValidationConfig()
@@ -376,7 +376,7 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     estimate says so."""
     from .domains import as_domains
     from .plan import PilotConfig, plan_key
-    from .splitting import split_domains
+    from .kernels.splitting import split_domains
 
     config = config or PilotConfig()
     domains = as_domains(domains)

@@ -1,8 +1,8 @@
 """The collection plan: how many more examples of each domain a budget
 should buy, and what the model is predicted to gain.
 
-Each domain's learning curve G_k(n) (`dowsing.curves`) is fitted to pilot
-fine-tunes on the user's own facts (`dowsing.pilots.pilot_curve`): one
+Each domain's learning curve G_k(n) (`dowsing.kernels.curves`) is fitted to pilot
+fine-tunes on the user's own facts (`dowsing.kernels.pilots.pilot_curve`): one
 forward pass over every domain's two seeded halves, then, per domain,
 AdamW on the last blocks trained on n facts of one half and the drop of the
 other half's loss measured, both ways, at n = 2, 4, 8 (their shapes may be
@@ -52,9 +52,9 @@ from typing import Callable
 import numpy as np
 
 from .config import DEVICES, DTYPES
-from .curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
+from .kernels.curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
 from .domains import as_domains
-from .pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
+from .kernels.pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
 from .progress import Progress
 from .records import ConfigRecord, ResultRecord
 from .result import ENGINE_VERSION, finite_or_none
@@ -325,9 +325,9 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     T[i][j] of what each domain's half does to every domain's other half at
     the source's largest pilot size, each entry a unit keyed by both
     domains; when one is missing, the forward pass covers every domain."""
-    from .pilots import pilot_sizes
-    from .splitting import split_domains
-    from .subspace import find_anatomy
+    from .kernels.pilots import pilot_sizes
+    from .kernels.splitting import split_domains
+    from .kernels.subspace import find_anatomy
     from .units import loaded_identity, pilot_key, recomputed_message
 
     report = progress or (lambda p: None)
@@ -403,7 +403,7 @@ def _transfer_pairs(train: list, held: list, config, recipe, units) -> dict:
     """{(i, j): {"key", "size", "value"}} for every target i and every
     source j whose halves can hold a pilot (MIN_HALF facts each): the size
     is the source's largest pilot size, the value the stored unit or None."""
-    from .pilots import pilot_sizes
+    from .kernels.pilots import pilot_sizes
     from .units import transfer_key
 
     pairs = {}
@@ -427,7 +427,7 @@ def measure_transfer(trainer, split, rows: list, missing: dict, pairs: dict, tra
     each target's halves read through the trained blocks), into
     pairs[(i, j)]["value"] and kept in `units`. rows[k]: domain k's
     position in `split`."""
-    from .pilots import transfer_drops
+    from .kernels.pilots import transfer_drops
 
     for step, (j, targets) in enumerate(sorted(missing.items())):
         report(Progress("pilots", 0.95, f"transfer fine-tunes, domain {step + 1} of {len(missing)}: {train[j].name}"))
@@ -450,7 +450,7 @@ def _forward(loaded, train: list, held: list, batch_size: int, capture_block: in
     `capture_block`; a one-line ValueError where a fact's loss is not finite."""
     import torch
 
-    from .forward import split_pass
+    from .kernels.forward import split_pass
 
     report(Progress("forward", 0.03, f"forward pass over {sum(len(a.facts) + len(b.facts) for a, b in zip(train, held))} facts"))
     split = split_pass(loaded, train, held, batch_size, capture_block=capture_block)
@@ -495,7 +495,7 @@ def _measure_curves(loaded, split, rows: list, train: list, curves: list, config
 def _pilot_trainer(loaded, split):
     """The TailTrainer of the pilots, checked to reproduce the model's
     losses; a one-line ValueError for an architecture it cannot cut."""
-    from .training import TailTrainer
+    from .kernels.training import TailTrainer
 
     try:
         trainer = TailTrainer(loaded, split)

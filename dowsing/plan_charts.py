@@ -11,7 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
-from .curves import BAND, predict
+from .kernels.curves import BAND, predict
 from .plan import DomainCurve, PlanResult
 
 UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "

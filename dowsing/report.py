@@ -15,7 +15,8 @@ from datetime import datetime
 
 import pandas as pd
 
-from . import charts, metrics
+from . import charts
+from .kernels import metrics
 from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
 from .safe_text import csv_cell

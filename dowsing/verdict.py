@@ -14,7 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from . import diagnosis as diagnosis_mod
+from .kernels import diagnosis as diagnosis_mod
 from .evidence import estimator_evidence, evidence_label, load_evidence
 from .charts import estimator_label, ranking_domains
 from .result import Result, format_number, format_sci

@@ -703,7 +703,7 @@ def test_a_plan_for_other_domains_or_another_model_is_refused_in_one_line():
 def pilot_ranked(result: Result, probabilities: dict, priorities: dict, kinds: dict) -> Result:
     """`result` ranked by the pilot learning curve with these rank
     probabilities and priorities (nats), each domain diagnosed as `kinds`."""
-    from dowsing import diagnosis
+    from dowsing.kernels import diagnosis
 
     result = with_uncertainty(result)
     order = sorted(priorities, key=priorities.get, reverse=True)
@@ -726,7 +726,7 @@ def pilot_ranked(result: Result, probabilities: dict, priorities: dict, kinds: d
 
 
 def _kind(helps: bool) -> str:
-    from dowsing import diagnosis
+    from dowsing.kernels import diagnosis
 
     return next(k for k, v in diagnosis.HELPS.items() if v is helps)
 

@@ -12,10 +12,10 @@ import torch
 
 from dowsing.access.checkpoints import CheckpointError, parse_list, validate_checkpoints
 from dowsing.access.models import load_model
-from dowsing.subspace import per_fact_losses
-from dowsing.forward import split_pass
-from dowsing.training import Recipe, TailTrainer
-from dowsing.splitting import split_domains
+from dowsing.kernels.subspace import per_fact_losses
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.training import Recipe, TailTrainer
+from dowsing.kernels.splitting import split_domains
 from dowsing.estimators.trajectory import load_user_trajectory, trajectory_scores
 from test_trajectory import DOMAINS
 from tiny_models import build_tiny

@@ -235,7 +235,7 @@ def test_the_estimator_ranks_and_paper_reproduces_the_ranking_by_mean(tmp_path, 
     from dowsing import estimators
     from dowsing.config import DEFAULT_ESTIMATOR
     from dowsing.evidence import evidence_sentence
-    from dowsing.metrics import ranks_by_mean, shares_pct
+    from dowsing.kernels.metrics import ranks_by_mean, shares_pct
 
     data = {"domains": GOOD["domains"] + [
         {"name": "Economics", "facts": ["Prices rise when demand exceeds supply.", "Taxes pay for public services."]}]}

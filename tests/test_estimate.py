@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 
-from dowsing import analysis_costs, calibration, cost_report, costs, pilots
+from dowsing import analysis_costs, calibration, cost_report, costs
+from dowsing.kernels import pilots
 from dowsing import estimate as est
 from dowsing.estimators import pilot as pilot_family
 from dowsing.validation import costs as validation_costs
 from tiny_models import SMALL_VOCAB
 from dowsing.cli import main
 from dowsing.config import AnalysisConfig
-from dowsing.training import Recipe
+from dowsing.kernels.training import Recipe
 
 GOOD = {"domains": [
     {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
@@ -140,7 +141,7 @@ def test_passes_through_the_last_blocks_by_hand():
 
 
 def test_analysis_stages_and_memory_by_hand():
-    from dowsing.saturation import n_grid
+    from dowsing.kernels.saturation import n_grid
 
     cal = tiny_calibration()
     domains = [("A", [5, 6]), ("B", [4, 3, 8])]

@@ -18,7 +18,7 @@ import torch
 from dowsing.domains import Domain
 from dowsing.executor import ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore
 from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
-from dowsing.training import Recipe
+from dowsing.kernels.training import Recipe
 from dowsing.domains import benchmark_domains
 
 
@@ -190,9 +190,9 @@ def test_a_worker_killed_mid_run_is_retried_and_the_numbers_do_not_change(ray_ex
 
 
 def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_llama64, tmp_path):
-    from dowsing.training import TailTrainer, build_trainer
+    from dowsing.kernels.training import TailTrainer, build_trainer
     from dowsing.validation.protocol import collection_split, protocol_unit, protocol_units
-    from dowsing.forward import split_pass
+    from dowsing.kernels.forward import split_pass
 
     # the benchmark's ground-truth trainer: every domain's sample then its pool, its test facts held out
     protocol = collection_split(_domains(), 0, SAMPLE, TEST)

@@ -87,7 +87,7 @@ def validation_request(model_dir, **fields) -> JobRequest:
 
 
 def benchmark_request(model_dir, **fields) -> JobRequest:
-    from dowsing.training import Recipe
+    from dowsing.kernels.training import Recipe
     from dowsing.validation.benchmark import BenchmarkConfig
 
     config = BenchmarkConfig.quick(estimators=("mean_loss", "alignment"), seeds=1, curve_domains=(),

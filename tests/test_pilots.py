@@ -12,13 +12,13 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing import pilots
-from dowsing.alignment import tail_parameters
+from dowsing.kernels import pilots
+from dowsing.kernels.alignment import tail_parameters
 from dowsing.domains import Domain
-from dowsing.forward import split_pass
-from dowsing.splitting import split_domains
-from dowsing.subspace import per_fact_losses
-from dowsing.training import Recipe, TailTrainer
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.splitting import split_domains
+from dowsing.kernels.subspace import per_fact_losses
+from dowsing.kernels.training import Recipe, TailTrainer
 
 DOMAINS = [Domain(name, tuple(f"{name} item {i} is stored in box {word}{i * 7 % 5}." for i in range(8)))
            for name, word in (("Alpha", "red"), ("Beta", "green"))]

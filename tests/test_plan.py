@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from dowsing import curves
+from dowsing.kernels import curves
 from dowsing.cli import main
 from dowsing.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, format_plan,
                           gain_function, load_values, match_domains, most_examples, next_round, plan_csv, plan_rows,
@@ -683,11 +683,11 @@ def _pilots_match_a_direct_run(plan, model_dir, domain_file):
     import dataclasses
 
     from dowsing.domains import load_domains
-    from dowsing.forward import split_pass
+    from dowsing.kernels.forward import split_pass
     from dowsing.access.models import load_model
-    from dowsing.pilots import PILOT_RECIPE, pilot_curve
-    from dowsing.splitting import split_domains
-    from dowsing.training import TailTrainer
+    from dowsing.kernels.pilots import PILOT_RECIPE, pilot_curve
+    from dowsing.kernels.splitting import split_domains
+    from dowsing.kernels.training import TailTrainer
 
     loaded = load_model(str(model_dir))
     train, held = split_domains(load_domains(domain_file), seed=0)

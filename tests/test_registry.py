@@ -16,10 +16,10 @@ from dowsing import estimators
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain
 from dowsing.estimators import EstimatorContext, EstimatorSettings, compute, registry
-from dowsing.forward import split_pass
+from dowsing.kernels.forward import split_pass
 from dowsing.access.models import load_model
-from dowsing.splitting import split_domains
-from dowsing.training import Recipe
+from dowsing.kernels.splitting import split_domains
+from dowsing.kernels.training import Recipe
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dowsing"
 DOMAINS = [Domain(name, tuple(f"{name} fact number {i} says {word} is {i + 2}." for i in range(6)))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from dowsing import pilots
+from dowsing.kernels import pilots
 from dowsing.analysis import run_analysis
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain
@@ -115,15 +115,15 @@ def test_the_same_ranking_after_an_edit_in_float32(tiny_gpt2_dir, counted):
 
 def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forward_pass(tiny_llama_dir, counted,
                                                                                         monkeypatch):
-    import dowsing.forward
+    import dowsing.kernels.forward
     from dowsing.plan import PlanConfig, run_plan
 
     model = str(tiny_llama_dir)
     run_analysis(model, FOUR, AnalysisConfig(dtype="float64"))
     counted.clear()
     passes = []
-    real = dowsing.forward.split_pass
-    monkeypatch.setattr(dowsing.forward, "split_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = dowsing.kernels.forward.split_pass
+    monkeypatch.setattr(dowsing.kernels.forward, "split_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
     config = PlanConfig(budget=100, dtype="float64")
     plan = run_plan(model, FOUR, config)
     assert counted == [] and passes == []

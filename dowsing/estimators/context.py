@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..training import Recipe
+from ..kernels.training import Recipe
 
 
 @dataclass(frozen=True)

@@ -38,17 +38,17 @@ from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, Estimat
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
 from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
-from ..forward import split_pass
+from ..kernels.forward import split_pass
 from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
 from ..result import ENGINE_VERSION
-from ..saturation import DenseSystem, mu_function, saturation
-from ..solvers import damped, dense_solve
-from ..splitting import split_domains
-from ..curvature import structured_hessian
-from ..subspace import find_anatomy
-from ..training import Recipe, TailTrainer, build_trainer
+from ..kernels.saturation import DenseSystem, mu_function, saturation
+from ..kernels.solvers import damped, dense_solve
+from ..kernels.splitting import split_domains
+from ..kernels.curvature import structured_hessian
+from ..kernels.subspace import find_anatomy
+from ..kernels.training import Recipe, TailTrainer, build_trainer
 from .finetune import measured_delta_n
 from .leaderboard import (BASELINE, benchmark_leaderboard, choose_default, choose_winner, group_leaderboards,
                           reliability, stacked_scores)

@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..training import Recipe, TailTrainer, build_trainer
+from ..kernels.training import Recipe, TailTrainer, build_trainer
 
 
 def validation_recipe(config, blocks: int) -> Recipe:

@@ -111,7 +111,7 @@ def allocations(plan, scores: list, budget: int, caps: list) -> dict:
 
 def encode(tokenizer, facts: list, max_positions: int) -> list:
     """Token ids of each fact (the product's encoding, `subspace.encode_facts`)."""
-    from ..subspace import encode_facts
+    from ..kernels.subspace import encode_facts
 
     return encode_facts(tokenizer, facts, max_positions).ids
 
@@ -124,7 +124,7 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
 def _batches(ids: list, size: int) -> list:
     """(input_ids, mask) micro-batches of facts sorted by length, so little
     is padded; right padding leaves every real token's loss unchanged."""
-    from ..subspace import pad_ids
+    from ..kernels.subspace import pad_ids
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     return [(pad_ids([ids[i] for i in order[s:s + size]], "cpu"), order[s:s + size])
@@ -134,7 +134,7 @@ def _batches(ids: list, size: int) -> list:
 def fact_losses(model, ids: list, size: int = 16) -> np.ndarray:
     """Each fact's mean next-token loss (`subspace.per_fact_losses`) under
     the model, in the facts' order."""
-    from ..subspace import per_fact_losses
+    from ..kernels.subspace import per_fact_losses
 
     out = np.empty(len(ids))
     model.eval()
@@ -150,7 +150,7 @@ def train_full_batch(model, ids: list, config: FreshCheckConfig) -> list:
     the loss is the mean over facts of their mean token loss, its gradient
     summed over micro-batches. Trains `model` in place; returns the loss
     before each step."""
-    from ..subspace import per_fact_losses
+    from ..kernels.subspace import per_fact_losses
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -218,7 +218,7 @@ def run_seed(loaded, model_id, domains: list, seed: int, config: FreshCheckConfi
     caps = [len(d.facts) for d in split["pool"]]
     budgets = [b * len(domains) for b in config.budgets_per_domain]
     advice = product_advice(model_id, split, budgets, caps)
-    from ..subspace import find_anatomy
+    from ..kernels.subspace import find_anatomy
 
     max_pos = find_anatomy(loaded.model).max_positions
     test_ids = [encode(loaded.tokenizer, d.facts, max_pos) for d in split["test"]]
@@ -367,7 +367,7 @@ def diagnosis_rows(state: dict, model_id=None) -> list:
     over the domain's test loss before."""
     from ..analysis import run_analysis
     from ..config import AnalysisConfig
-    from ..diagnosis import HELPS
+    from ..kernels.diagnosis import HELPS
 
     config = FreshCheckConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
                                          for k, v in state["config"].items()})

@@ -30,7 +30,7 @@ import math
 
 import numpy as np
 
-from ..curves import FITTERS, choose_form, predict
+from ..kernels.curves import FITTERS, choose_form, predict
 from ..plan import (DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
                     paired_difference, predicted_total, proportional_counts)
 

@@ -29,7 +29,7 @@ import random
 import numpy as np
 
 from ..domains import Domain, as_domains
-from ..training import Recipe, TailTrainer
+from ..kernels.training import Recipe, TailTrainer
 
 
 def facts_needed(sample: int, test: int, doses) -> int:

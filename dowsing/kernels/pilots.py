@@ -238,7 +238,7 @@ def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int) -> 
     every step: n times the longest) then B's losses read in batches of 16,
     and the same from B to A. Every unit trains all `keep` kept blocks.
     train / held: tokens per fact of each domain's halves."""
-    from .costs import finetune_s, padded_tokens
+    from ..costs import finetune_s, padded_tokens
 
     units = []
     for a, b in zip(train, held):
@@ -257,7 +257,7 @@ def plan_pilots_cost(cal, train: list, held: list, sizes) -> tuple:
     pass: the trainer's own copy of the block inputs, the tail copy and its
     starting weights, the trained blocks' gradients and AdamW's two moments,
     and a step over the largest half."""
-    from .costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
+    from ..costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
 
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
     flat = [n for d in train for n in d] + [n for d in held for n in d]

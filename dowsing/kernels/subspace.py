@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .limits import too_many_tokens
-from .access.models import ModelError
+from ..limits import too_many_tokens
+from ..access.models import ModelError
 
 
 @dataclass

@@ -2,7 +2,7 @@
 choice between them, their bootstrap band and when they say nothing.
 
 G(n) is the drop of a domain's held-out loss after training on n of its
-facts; a pilot (`dowsing.pilots.pilot_curve`) measures it at a few small n,
+facts; a pilot (`dowsing.kernels.pilots.pilot_curve`) measures it at a few small n,
 with each held-out fact's own drop at every n. Two concave forms are fitted:
 
 * "log":   G(n) = a + b ln n, (a, b) the least-squares line of the drops on

@@ -1,7 +1,7 @@
 """A sentence per domain on what kind of domain it looks like, from measured
 quantities only: its mean loss, and its pilot drop (how much training the
 last blocks briefly on one half of its facts lowered the other half's loss,
-averaged both ways; `dowsing.pilots`).
+averaged both ways; `dowsing.kernels.pilots`).
 
 Loss says how much the model does not yet know; the pilot drop says how much
 of that more facts like these can teach. Where they part ways (garbled text,
@@ -45,7 +45,7 @@ HELPS = {
     "overlapping": True,
     "known": False,
 }
-BENCHMARK_FILE = Path(__file__).resolve().parent / "data" / "diagnosis_benchmark.json"
+BENCHMARK_FILE = Path(__file__).resolve().parent.parent / "data" / "diagnosis_benchmark.json"
 # Below this mean loss (nats per token; a geometric-mean token probability above
 # e^-1 = 0.37) the model already predicts the facts: a chosen value, since the
 # benchmark's lowest domain loss is 2.45 nats and cannot place it.

@@ -136,6 +136,6 @@ def forward_pass_s(cal, batch_size: int, *passes) -> float:
     token (`calibration.Calibration`) times the tokens of each pass's
     right-padded batches of `batch_size` facts taken in order
     (`costs.padded_tokens`). passes: tokens per fact of each pass."""
-    from .costs import padded_tokens
+    from ..costs import padded_tokens
 
     return cal.forward_s_per_token * sum(padded_tokens(lengths, batch_size) for lengths in passes)

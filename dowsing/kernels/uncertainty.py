@@ -30,7 +30,7 @@ RANK_STABLE_PROBABILITY = 0.8
 # Δn@10% gets an interval only when at least this fraction of the resamples
 # has one (Mean > 0 and a positive, decreasing curve); otherwise it is None.
 MIN_DELTA_N_FRACTION = 0.5
-# Same "does not decrease" tolerance as dowsing.saturation.saturation.
+# Same "does not decrease" tolerance as dowsing.kernels.saturation.saturation.
 _INCREASE_RTOL = 1e-9
 
 
@@ -137,7 +137,7 @@ def magnitude_interval(low: float, high: float) -> tuple[float, float]:
 
 
 def _power_law_candidates(ns: np.ndarray) -> np.ndarray:
-    # The same N0 start grid as dowsing.saturation.fit_power_law.
+    # The same N0 start grid as dowsing.kernels.saturation.fit_power_law.
     return np.concatenate([[0.0], np.geomspace(ns.min() * 1e-3, ns.max() * 10, 60)])
 
 
@@ -263,7 +263,7 @@ def _delta_n(n_k: int, grid: np.ndarray, curves: np.ndarray, means: np.ndarray) 
 
 def _ranks(means: np.ndarray) -> np.ndarray:
     """Per resample (rows), rank 1 = largest Mean, ties in domain order --
-    dowsing.metrics.ranks_by_mean, vectorised."""
+    dowsing.kernels.metrics.ranks_by_mean, vectorised."""
     order = np.argsort(-means, axis=1, kind="stable")
     ranks = np.empty_like(order)
     rows = np.arange(means.shape[0])[:, None]

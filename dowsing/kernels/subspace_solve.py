@@ -12,11 +12,11 @@ from typing import Callable
 
 import torch
 
-from .config import AnalysisConfig
+from ..config import AnalysisConfig
 from .curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
 from .forward import FactTokens
-from .access.models import DTYPES
-from .progress import Progress
+from ..access.models import DTYPES
+from ..progress import Progress
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
 from .solvers import conjugate_gradient, damped, dense_solve
 from .subspace import find_anatomy

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import random
 
-from .domains import Domain, as_domains
+from ..domains import Domain, as_domains
 
 
 def split_order(items: list, name: str, seed: int, fraction: float = 0.5) -> tuple[list, list]:
