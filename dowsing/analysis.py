@@ -30,7 +30,7 @@ from .kernels.saturation import n_grid
 from .kernels.subspace import encode_facts, find_anatomy, make_batches
 from .kernels.subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
 from .kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
-from .units import DomainUnits, loaded_identity
+from .storage.units import DomainUnits, loaded_identity
 
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
@@ -453,7 +453,7 @@ def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: 
     compute: `pilot_status`'s dict. Loads no model."""
     from .kernels.pilots import PILOT_RECIPE, pilot_sizes
     from .kernels.splitting import split_order
-    from .units import model_identity, pilot_key, recomputed_message
+    from .storage.units import model_identity, pilot_key, recomputed_message
 
     domains = as_domains(domains)
     units = DomainUnits(model_identity(model_fingerprint(model_id), dtype, device))
@@ -477,7 +477,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
                  executor=None, should_stop: Callable[[], bool] | None = None,
                  on_ranking: Callable[[Result], None] | None = None) -> Result:
     """The cached entry point: a repeat of the same request returns at once.
-    Each domain's units (its pilot curve, `dowsing.units`) are kept under
+    Each domain's units (its pilot curve, `dowsing.storage.units`) are kept under
     their own content key, so a request that shares a domain with an earlier
     one (an edit of another domain, an added domain, a plan) reuses them.
     on_ranking: see `analyze`.
@@ -486,7 +486,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     solves only the domains that were missing. The executor does not change
     the result, so it is not part of the key."""
     from .executor import UnitStore
-    from .store import ResultStore
+    from .storage.store import ResultStore
 
     config = config or AnalysisConfig()
     check_estimator(config)
@@ -535,7 +535,7 @@ def run_analyses(model_ids: list, domains, config: AnalysisConfig | None = None,
     executor (on Ray: one task per model, side by side). Results in the
     order of model_ids; each is also stored in this machine's result cache."""
     from .executor import _identity
-    from .store import ResultStore
+    from .storage.store import ResultStore
 
     config = config or AnalysisConfig()
     report = progress or (lambda p: None)

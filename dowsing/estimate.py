@@ -310,7 +310,7 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     workers, _ = ray_workers(executor)
     estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers)
     if use_cache and (cache_dir() / "results").is_dir():
-        from .store import ResultStore
+        from .storage.store import ResultStore
 
         if ResultStore().get(cache_key(model_id, domains, config)) is not None:
             estimate.notes.insert(0, f"a result of this request is cached: the run returns it at once "
@@ -385,7 +385,7 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
     estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config)
     if use_cache and (cache_dir() / "plans").is_dir():
-        from .store import JsonStore
+        from .storage.store import JsonStore
 
         if JsonStore("plans").get(plan_key(model_id, domains, config)) is not None:
             estimate.notes.insert(0, f"these pilots are cached: the run returns them at once (measured afresh, "

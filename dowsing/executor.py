@@ -137,7 +137,7 @@ class UnitStore:
     namespace per run fingerprint."""
 
     def __init__(self, namespace: str, folder=None):
-        from .caches import BOUNDED, DataCache
+        from .storage.caches import BOUNDED, DataCache
         from .paths import cache_dir
 
         self.namespace = namespace

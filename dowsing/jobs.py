@@ -44,7 +44,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from .caches import DataCache, StoreDamaged
+from .storage.caches import DataCache, StoreDamaged
 from .config import DEVICES, AnalysisConfig
 from .paths import cache_dir, private_dir
 
@@ -734,7 +734,7 @@ class LocalJobRunner:
     def results(self):
         """The engine's ResultStore (opened on first use)."""
         if self._results is None:
-            from .store import ResultStore
+            from .storage.store import ResultStore
 
             self._results = ResultStore()
         return self._results

@@ -328,7 +328,7 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     from .kernels.pilots import pilot_sizes
     from .kernels.splitting import split_domains
     from .kernels.subspace import find_anatomy
-    from .units import loaded_identity, pilot_key, recomputed_message
+    from .storage.units import loaded_identity, pilot_key, recomputed_message
 
     report = progress or (lambda p: None)
     domains = as_domains(domains)
@@ -404,7 +404,7 @@ def _transfer_pairs(train: list, held: list, config, recipe, units) -> dict:
     source j whose halves can hold a pilot (MIN_HALF facts each): the size
     is the source's largest pilot size, the value the stored unit or None."""
     from .kernels.pilots import pilot_sizes
-    from .units import transfer_key
+    from .storage.units import transfer_key
 
     pairs = {}
     for j, (a_j, b_j) in enumerate(zip(train, held)):
@@ -1271,7 +1271,7 @@ def pilot_measurements(model_id: str | None, domains, config: PlanConfig | Pilot
     cache/plans, else measured (the model loaded, `measure_pilots`) and
     stored there."""
     from .access.models import load_model
-    from .store import JsonStore
+    from .storage.store import JsonStore
 
     report = progress or (lambda p: None)
     domains = as_domains(domains)
@@ -1280,7 +1280,7 @@ def pilot_measurements(model_id: str | None, domains, config: PlanConfig | Pilot
     measured = store.get(key) if use_cache else None
     cached = measured is not None
     if measured is None:
-        from .units import DomainUnits
+        from .storage.units import DomainUnits
 
         report(Progress("loading model", 0.0, "loading model"))
         loaded = load_model(model_id, config.device, config.dtype)

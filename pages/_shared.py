@@ -14,7 +14,7 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.caches import damage_notes
+from dowsing.storage.caches import damage_notes
 from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints, parse_list, validate_checkpoints
 from dowsing.access.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
@@ -217,7 +217,7 @@ def login_gate() -> None:
 
 def store_notes() -> None:
     """Say, once, that a damaged cache store was moved aside and started empty
-    (`dowsing.caches`): what was in it is computed again."""
+    (`dowsing.storage.caches`): what was in it is computed again."""
     for note in damage_notes():
         st.warning(note, icon=":material/build:")
 

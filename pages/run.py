@@ -9,7 +9,7 @@ from dowsing import workspace
 from dowsing import estimators
 from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import DomainError, validation_problems
-from dowsing.caches import STORE_SIZE_LIMIT_BYTES
+from dowsing.storage.caches import STORE_SIZE_LIMIT_BYTES
 from dowsing.jobs import JobRequest, JobState, cache_usage, clear_results
 from dowsing.access.models import ModelError
 from dowsing.safe_text import md_escape

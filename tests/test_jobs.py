@@ -250,7 +250,7 @@ def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(r
     # A corrupt cached result is never shown as done: it is recomputed...
     import diskcache
 
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     entries = diskcache.Cache(str(ResultStore().folder))
     entries.set(job_id, entries.get(job_id)[:-40])  # a truncated write

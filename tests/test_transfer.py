@@ -21,7 +21,7 @@ from dowsing.cli import main
 from dowsing.domains import Domain
 from dowsing.plan import (DomainCurve, PilotConfig, PlanConfig, PlanResult, build_plan, effective_weights,
                           measure_pilots, transfer_ratios)
-from dowsing.units import DomainUnits
+from dowsing.storage.units import DomainUnits
 
 FACTS = {"Alpha": "red", "Beta": "green", "Gamma": "blue"}
 

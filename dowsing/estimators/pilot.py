@@ -29,7 +29,7 @@ from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, tail_p
                      trainable_params)
 from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
 from ..kernels.training import TailTrainer
-from ..units import pilot_key, recomputed_message
+from ..storage.units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 MIN_HALF = 2

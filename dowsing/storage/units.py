@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 
-from .result import ENGINE_VERSION
+from ..result import ENGINE_VERSION
 
 UNITS_VERSION = 1  # bump when what a unit holds, or how it is computed, changes
 

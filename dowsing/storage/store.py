@@ -14,8 +14,8 @@ import hashlib
 import json
 
 from .caches import BOUNDED, DataCache
-from .paths import cache_dir
-from .result import Result
+from ..paths import cache_dir
+from ..result import Result
 
 
 def checked_text(cache, key: str) -> str | None:

@@ -28,7 +28,7 @@ from pathlib import Path
 import diskcache
 from diskcache.core import MODE_PICKLE
 
-from .paths import private, private_dir
+from ..paths import private, private_dir
 
 logger = logging.getLogger("dowsing.cache")
 
