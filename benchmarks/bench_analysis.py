@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dowsing.analysis import analyze  # noqa: E402
+from dowsing.pipelines.analysis import analyze  # noqa: E402
 from dowsing.config import AnalysisConfig  # noqa: E402
 from dowsing.domains import Domain, default_domains  # noqa: E402
 from dowsing.access.models import LoadedModel, ModelInfo, embedded_tokenizer_dir, load_model  # noqa: E402

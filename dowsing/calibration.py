@@ -109,7 +109,7 @@ def calibration_path(fingerprint: str, device: str, dtype: str, threads: int) ->
 def cached_calibration(model_id, device: str, dtype: str, threads: int) -> Calibration | None:
     """The stored calibration of this model, device, dtype and thread count,
     or None. A bad model id or path raises the loader's ModelError."""
-    from .analysis import model_fingerprint
+    from .pipelines.analysis import model_fingerprint
 
     path = calibration_path(model_fingerprint(model_id), device, dtype, threads)
     try:
@@ -125,7 +125,7 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
     threads: torch threads to measure at (None: the current setting)."""
     import torch
 
-    from .analysis import model_fingerprint
+    from .pipelines.analysis import model_fingerprint
     from .access.models import load_model
     from .paths import atomic_write_text
 
@@ -184,7 +184,7 @@ def _import_run_modules() -> None:
     # so the memory it finds before loading is a run's.
     import transformers  # noqa: F401
 
-    from . import analysis  # noqa: F401
+    from .pipelines import analysis  # noqa: F401
     from .validation import benchmark  # noqa: F401
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import estimators
 from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, STAGES, AnalysisConfig
-from .executor import EXECUTORS
+from .pipelines.executor import EXECUTORS
 from .access.models import EMBEDDED_ID, ModelError
 from .paths import atomic_write_text
 from .result import Result, format_sci
@@ -72,7 +72,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def executor_config(args, device: str = "cpu"):
     """The ExecutorConfig of the command line (ValueError on nonsense)."""
-    from .executor import ExecutorConfig
+    from .pipelines.executor import ExecutorConfig
 
     if args.executor != "ray" and args.ray_cpus:
         raise ValueError("--ray-cpus needs --executor ray")
@@ -83,7 +83,7 @@ def executor_config(args, device: str = "cpu"):
 def open_executor(config, device: str = "cpu"):
     """The executor, with Ray started or joined; a one-line ValueError when
     Ray cannot be reached."""
-    from .executor import make_executor
+    from .pipelines.executor import make_executor
 
     executor = make_executor(config, device)
     if config.kind == "ray":
@@ -98,7 +98,7 @@ def cancel_on_sigterm() -> None:
     are cancelled on the way out instead of running on."""
     import signal
 
-    from .executor import RunCancelled
+    from .pipelines.executor import RunCancelled
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -297,7 +297,7 @@ def add_plan_command(sub) -> None:
 def plan_config(args, domains: list):
     """The PlanConfig of the command line, its files read and matched to the
     domains (a one-line ValueError for anything wrong)."""
-    from .plan import PlanConfig, check_plan, load_values, match_domains, next_round
+    from .pipelines.plan import PlanConfig, check_plan, load_values, match_domains, next_round
 
     names = [d.name for d in domains]
     given = {}
@@ -328,7 +328,7 @@ def plan_config(args, domains: list):
 
 def run_plan_command(args) -> int:
     from .domains import DomainError, default_domains, load_domains
-    from .plan import format_plan, run_plan
+    from .pipelines.plan import format_plan, run_plan
 
     try:
         domains = load_domains(args.domains) if args.domains else default_domains()
@@ -345,7 +345,7 @@ def run_plan_command(args) -> int:
 
 
 def run_analyze(args) -> int:
-    from .analysis import run_analysis
+    from .pipelines.analysis import run_analysis
     from .domains import DomainError, default_domains, load_domains
 
     try:
@@ -371,7 +371,7 @@ def run_analyze(args) -> int:
                 results = [run_analysis(models[0], domains, config, None if args.quiet else _progress,
                                         use_cache=not args.no_cache, executor=executor)]
             else:
-                from .analysis import run_analyses
+                from .pipelines.analysis import run_analyses
 
                 results = run_analyses(models, domains, config, executor, None if args.quiet else _progress)
     except (ModelError, DomainError, ValueError) as exc:
@@ -587,7 +587,7 @@ CANCELLED = 143  # 128 + SIGTERM, as a process killed by it
 
 
 def main(argv=None) -> int:
-    from .executor import RunCancelled
+    from .pipelines.executor import RunCancelled
 
     args = build_parser().parse_args(argv)
     try:

@@ -12,7 +12,7 @@ CURVATURES = ("hessian", "ggn")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16")
 
-# What orders the domains (`dowsing.ranking`): a name from the estimator
+# What orders the domains (`dowsing.pipelines.ranking`): a name from the estimator
 # registry (`dowsing.estimators`), checked there. The paper's
 # concept-subspace influence is always computed (Mean, transfer, saturation);
 # the ranking estimator decides the Rank, Share and Priority columns. The
@@ -57,7 +57,7 @@ class AnalysisConfig(ConfigRecord):
         intervals and rank probabilities (curvature held fixed).
     estimator: what ranks the domains: an estimator the registry offers to
         analyses (`dowsing.estimators.names("analysis")`; checked by
-        `dowsing.ranking.check_estimator`). The paper's quantities are
+        `dowsing.pipelines.ranking.check_estimator`). The paper's quantities are
         computed whatever it is.
     align_blocks: the alignment estimators use the parameters of the last
         align_blocks transformer blocks and the final norm (all blocks when

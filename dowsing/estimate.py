@@ -295,7 +295,7 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     result the run returns at once; the estimate says so and what computing
     it afresh would cost. executor: an ExecutorConfig; calibration and
     tokenizer: the model's, when the caller has them."""
-    from .analysis import cache_key
+    from .pipelines.analysis import cache_key
     from .config import AnalysisConfig
     from .domains import as_domains
 
@@ -375,7 +375,7 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     stored under their `plan_key` the run returns them at once, and the
     estimate says so."""
     from .domains import as_domains
-    from .plan import PilotConfig, plan_key
+    from .pipelines.plan import PilotConfig, plan_key
     from .kernels.splitting import split_domains
 
     config = config or PilotConfig()

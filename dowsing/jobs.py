@@ -15,7 +15,7 @@ whatever its kind (a file lock: the others stay "queued" and say behind
 what), with state kept as JSON strings in a diskcache under
 ``cache_dir()/"jobs"``. A distributed runner can replace it by implementing
 the same methods. (A job runner places whole runs; the unit executors of
-`dowsing.executor` place the units of work inside one run, in-process or on
+`dowsing.pipelines.executor` place the units of work inside one run, in-process or on
 Ray, as the request's `executor` says.)
 
 The job id is a stable hash of the request (for an analysis, the engine's
@@ -115,7 +115,7 @@ def _benchmark_config() -> type:
 
 
 def _plan_config() -> type:
-    from .plan import PilotConfig
+    from .pipelines.plan import PilotConfig
 
     return PilotConfig
 
@@ -139,20 +139,20 @@ def _benchmark_result() -> type:
 
 
 def _plan_result() -> type:
-    from .plan import PilotMeasurements
+    from .pipelines.plan import PilotMeasurements
 
     return PilotMeasurements
 
 
 def _analysis_key(request: "JobRequest") -> str:
-    from .analysis import cache_key
+    from .pipelines.analysis import cache_key
 
     return cache_key(request.model_id, list(request.domains), request.config)
 
 
 def _plan_key(request: "JobRequest") -> str:
     # the pilots' own cache key: a plan job and `run_plan` (the CLI) share one measurement
-    from .plan import plan_key
+    from .pipelines.plan import plan_key
 
     return plan_key(request.model_id, list(request.domains), request.config)
 
@@ -164,7 +164,7 @@ def request_key(request: "JobRequest") -> str:
     engine version, so a model trained further in the same folder is a new
     job, not a stale result. Where the units run is left out: it does not
     change the numbers."""
-    from .analysis import cache_key
+    from .pipelines.analysis import cache_key
 
     checkpoints = getattr(request.config, "checkpoints", ())
     inputs = cache_key(request.model_id, list(request.domains), AnalysisConfig(checkpoints=checkpoints))
@@ -175,7 +175,7 @@ def request_key(request: "JobRequest") -> str:
 
 
 def _run_analysis(request: "JobRequest", progress, executor):
-    from .analysis import run_analysis
+    from .pipelines.analysis import run_analysis
 
     # the ranking reaches the job state before the paper's quantities (`ProgressWriter.partial`)
     return run_analysis(request.model_id, list(request.domains), request.config, progress=progress, use_cache=True,
@@ -198,7 +198,7 @@ def _run_benchmark(request: "JobRequest", progress, executor):
 
 
 def _run_plan(request: "JobRequest", progress, executor):
-    from .plan import pilot_measurements
+    from .pipelines.plan import pilot_measurements
 
     # the pilots run in this process: they are a few seconds per domain
     return pilot_measurements(request.model_id, list(request.domains), request.config, progress=progress)

@@ -1,4 +1,4 @@
-"""Plotly figures of a collection plan (`dowsing.plan.PlanResult`): the
+"""Plotly figures of a collection plan (`dowsing.pipelines.plan.PlanResult`): the
 examples to collect per domain, each domain's predicted learning curve with
 its 90% band and the plan's point on it, and the plan's predicted total
 against the two baselines. No Streamlit here: the Plan page and the HTML
@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
 from .kernels.curves import BAND, predict
-from .plan import DomainCurve, PlanResult
+from .pipelines.plan import DomainCurve, PlanResult
 
 UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "
               "domains and split the budget; a full training run's nats differ.")

@@ -713,7 +713,7 @@ def build_report(result: Result, title: str = "Data dowsing report", plan=None, 
     (interactive, plotly.js embedded once), the model, the domains with their facts, the settings,
     the date. Opens offline in any browser.
 
-    With a collection plan (`dowsing.plan.PlanResult` on the same domains, and
+    With a collection plan (`dowsing.pipelines.plan.PlanResult` on the same domains, and
     optionally the curves it was built on) a "Collection plan" section follows
     the charts (`plan_section_html`); a ValueError (`plan_mismatch`) when the
     plan is for other domains or another model."""
@@ -829,7 +829,7 @@ def plan_meta(plan) -> str:
 
 
 def plan_section_html(plan, curves: list | None = None, heading: str = "h2", include_plotlyjs: bool = False) -> str:
-    """The body of a collection plan (`dowsing.plan.PlanResult`), as both the
+    """The body of a collection plan (`dowsing.pipelines.plan.PlanResult`), as both the
     standalone plan report and the analysis report show it: what it
     recommends (`plan.recommendation`: spreading evenly where the plan is not
     shown to beat it, the plan's counts then second), its round, what its
@@ -841,7 +841,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     chart and the notes. `heading` is the level of its headings;
     `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
-    from .plan import fit_text, plan_rows, recommendation, round_text
+    from .pipelines.plan import fit_text, plan_rows, recommendation, round_text
 
     esc = html.escape
     figs = plan_charts.plan_figures(plan, curves) if curves is not None else {
@@ -895,7 +895,7 @@ def _plan_section(plan, curves: list | None) -> str:
 
 
 def plan_report_html(plan, curves: list, title: str = "Data collection plan") -> str:
-    """A collection plan (`dowsing.plan.PlanResult`, with the curves it was
+    """A collection plan (`dowsing.pipelines.plan.PlanResult`, with the curves it was
     built on) as one HTML file: `plan_section_html` (the totals against the
     baselines, the table per domain, the allocation, the learning curves and
     the totals as interactive charts, plotly.js inline, the notes), then the

@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 
-from .executor import RunCancelled
+from .pipelines.executor import RunCancelled
 from .jobs import (
     LOG_NOTE_PREFIX,
     JobRequest,
@@ -157,7 +157,7 @@ def _acquire_runner_lock(store: JobStore, job_id: str, run_id: str):
 def open_executor(request: JobRequest):
     """The unit executor the request names, with Ray started or joined (as
     the command line's `open_executor`); what it runs on goes to the log."""
-    from .executor import ExecutorConfig, make_executor
+    from .pipelines.executor import ExecutorConfig, make_executor
 
     previous = signal.getsignal(signal.SIGTERM)
     try:

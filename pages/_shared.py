@@ -105,7 +105,7 @@ def _pilot_status(model_id: str | None, domains: tuple, config_json: str, units_
     pilots or the inputs cannot be keyed). `units_seen` only keys the cache:
     it changes whenever a job ends, since a job that ended may have stored
     pilot curves; a run from the command line shows within the ttl."""
-    from dowsing.analysis import pilot_status
+    from dowsing.pipelines.analysis import pilot_status
 
     try:
         return pilot_status(model_id, [{"name": name, "facts": list(facts)} for name, facts in domains],
@@ -475,7 +475,7 @@ def executor_choice(key: str):
     the app never starts Ray itself) and shows its CPUs and GPUs."""
     import os
 
-    from dowsing.executor import EXECUTORS, ExecutorConfig, describe_in_subprocess
+    from dowsing.pipelines.executor import EXECUTORS, ExecutorConfig, describe_in_subprocess
 
     kind = st.radio("Executor", EXECUTORS, format_func=EXECUTOR_LABELS.get, horizontal=True, key=f"{key}_executor",
                     help="Ray runs the independent units of work (counterfactual fine-tunes, learning-curve points, "
@@ -537,7 +537,7 @@ def kept_plan_config(state: JobState) -> tuple:
     """(PlanConfig, kept) of a finished plan job: the last valid one the Plan
     page showed for it in this session (kept True), else the page's default
     budget on the job's pilot settings."""
-    from dowsing.plan import PilotConfig, PlanConfig
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig
 
     kept = st.session_state.get("plan_good", {}).get(state.job_id)
     if kept:

@@ -16,7 +16,7 @@ import streamlit as st
 
 from dowsing import workspace
 from dowsing.domains import DomainError, benchmark_domains
-from dowsing.executor import execution_text
+from dowsing.pipelines.executor import execution_text
 from dowsing.jobs import JobRequest, one_line
 from dowsing.access.models import ModelError
 from dowsing.validation import figures, plan_check

@@ -5,7 +5,7 @@ The pilot fine-tunes that give each domain its learning curve run as a
 background job (`dowsing.jobs`, kind "plan"): it waits its turn behind any
 other heavy run, survives a refresh (its id is the pilots' cache key, so the
 same model and domains find it again) and Cancel stops it. The allocation
-(`dowsing.plan`) is instant, so it is recomputed here on every change of the
+(`dowsing.pipelines.plan`) is instant, so it is recomputed here on every change of the
 budget, costs, weights, caps or facts already in training, without a new
 job. Where a finished analysis of the same model and domains exists, its
 report can be downloaded with the plan as a section.
@@ -29,7 +29,7 @@ from dowsing import plan_charts, report, workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.access.models import ModelError
-from dowsing.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
+from dowsing.pipelines.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
                           plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)
 from dowsing.safe_text import md_escape
 from pages import _shared

@@ -19,7 +19,7 @@ import streamlit as st
 
 from dowsing import charts, report, verdict
 from dowsing.safe_text import md_escape
-from dowsing.plan import fit_pilots, plan_from_pilots
+from dowsing.pipelines.plan import fit_pilots, plan_from_pilots
 from pages import _shared
 
 _shared.ensure_router()

@@ -41,7 +41,7 @@ def _run_time() -> tuple[str, str]:
             cal = est.cached_calibration(choice.model_id, config.device, config.dtype, est.default_threads())
             if cal is not None:
                 from dowsing.estimate import estimate_analysis
-                from dowsing.executor import ExecutorConfig
+                from dowsing.pipelines.executor import ExecutorConfig
                 from pages._estimate import cached_tokenizer
 
                 found = estimate_analysis(choice.model_id, domains, config, ExecutorConfig(), calibration=cal,

@@ -150,7 +150,7 @@ def gpt2_64(_float64_models):
 def ray_executor():
     """One local Ray head (2 CPUs, no dashboard) for the whole session."""
     ray = pytest.importorskip("ray")
-    from dowsing.executor import ExecutorConfig, make_executor
+    from dowsing.pipelines.executor import ExecutorConfig, make_executor
 
     executor = make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=400))
     yield executor

@@ -412,7 +412,7 @@ def test_results_report_includes_the_newest_plan_of_the_same_model_and_domains(f
     from dowsing import report
     from dowsing.domains import Domain
     from dowsing.jobs import JobRequest, default_runner, newest_match
-    from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
     from pages._shared import PLAN_BUDGET
 
     _, job_id, _ = finished_job
@@ -827,7 +827,7 @@ def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_
     import sys
 
     from dowsing import charts, report, verdict
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain
     from dowsing.jobs import JobRequest, JobState, default_runner, now_iso, request_summary, result_summary
@@ -905,7 +905,7 @@ def test_run_page_says_which_domains_pilot_curves_come_from_cache(tiny):
     analysis of it, and one after one fact of one domain is edited. Each
     count is `pilot_status` computed here on its own."""
     from dowsing import workspace
-    from dowsing.analysis import pilot_status
+    from dowsing.pipelines.analysis import pilot_status
     from dowsing.config import AnalysisConfig
 
     before = workspace.active_set()

@@ -516,7 +516,7 @@ def test_ranked_by_the_paper_the_share_is_the_share_of_mean_and_shows_once():
 def _measured_plan(budget=30.0, **fields):
     """A plan on hand-made pilot points (no model): two domains whose drops
     rise like a + b ln n with noise across facts, and one too small for a pilot."""
-    from dowsing.plan import PilotMeasurements, PlanConfig, fit_pilots, plan_from_pilots
+    from dowsing.pipelines.plan import PilotMeasurements, PlanConfig, fit_pilots, plan_from_pilots
 
     rng = np.random.default_rng(0)
     entries = []
@@ -572,7 +572,7 @@ def test_the_plan_csv_and_report_carry_the_table():
     import io
 
     from dowsing import plan_charts
-    from dowsing.plan import PLAN_ROW_FIELDS, plan_csv
+    from dowsing.pipelines.plan import PLAN_ROW_FIELDS, plan_csv
 
     plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
     rows = list(csv.DictReader(io.StringIO(plan_csv(plan))))

@@ -193,7 +193,7 @@ def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tm
                                                                               tiny_gpt2_dir):
     from huggingface_hub import constants
 
-    from dowsing.analysis import cache_key, model_fingerprint
+    from dowsing.pipelines.analysis import cache_key, model_fingerprint
 
     repo, old, new = "dowsing-test/tiny-gpt2", "a" * 40, "b" * 40
     hub = tmp_path / "hub"

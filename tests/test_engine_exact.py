@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dowsing.analysis import analyze
+from dowsing.pipelines.analysis import analyze
 from dowsing.kernels.subspace_solve import _cg_mu
 from dowsing.kernels.forward import forward_pass
 from dowsing.kernels.saturation import DenseSystem, mu_function

@@ -284,7 +284,7 @@ def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
 
 
 def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
-    from dowsing.plan import PilotConfig
+    from dowsing.pipelines.plan import PilotConfig
 
     cal = tiny_calibration()
     # A: halves of 4 facts of 5 tokens (pilot sizes 2, 4); B: halves of 8 facts of 6 tokens (2, 4, 8)
@@ -303,7 +303,7 @@ def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
 
 
 def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, calibrated):
-    from dowsing.plan import PilotConfig, pilot_measurements
+    from dowsing.pipelines.plan import PilotConfig, pilot_measurements
 
     use_calibration(calibrated)
     fresh = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
@@ -425,7 +425,7 @@ def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
 
 def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, capsys, monkeypatch, tiny_gpt2_dir,
                                                                  calibrated):
-    import dowsing.analysis
+    import dowsing.pipelines.analysis
     from dowsing.paths import cache_dir
 
     use_calibration(calibrated)
@@ -433,8 +433,8 @@ def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, caps
     def no_run(*args, **kwargs):
         raise AssertionError("--estimate ran the analysis")
 
-    monkeypatch.setattr(dowsing.analysis, "run_analysis", no_run)
-    monkeypatch.setattr(dowsing.analysis, "analyze", no_run)
+    monkeypatch.setattr(dowsing.pipelines.analysis, "run_analysis", no_run)
+    monkeypatch.setattr(dowsing.pipelines.analysis, "analyze", no_run)
     domains = tmp_path / "d.json"
     domains.write_text(json.dumps(GOOD))
     out = tmp_path / "out.json"
@@ -488,7 +488,7 @@ def test_bad_input_with_estimate_is_the_runs_one_line_error(command, tmp_path, c
 
 
 def test_an_estimate_of_a_cached_result_says_it_returns_at_once(tiny_gpt2_dir, calibrated):
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
 
     use_calibration(calibrated)
     config = AnalysisConfig(bootstrap_resamples=200)

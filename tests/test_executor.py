@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from dowsing.domains import Domain
-from dowsing.executor import ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore
+from dowsing.pipelines.executor import ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore
 from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
 from dowsing.kernels.training import Recipe
 from dowsing.domains import benchmark_domains
@@ -216,7 +216,7 @@ def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_l
 
 
 def test_analysis_per_domain_solves_on_ray_equal_the_in_process_ones(ray_executor, tiny_llama64):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
 
     # the exact route through Hessian-vector products: the one whose per-domain work is worth shipping
@@ -238,7 +238,7 @@ def test_analysis_per_domain_solves_on_ray_equal_the_in_process_ones(ray_executo
 
 def test_several_models_are_one_unit_each_and_equal_their_own_analyses(ray_executor, tiny_gpt2_dir,
                                                                        tiny_llama_dir):
-    from dowsing.analysis import run_analyses, run_analysis
+    from dowsing.pipelines.analysis import run_analyses, run_analysis
     from dowsing.config import AnalysisConfig
     from dowsing.access.models import ModelError
 
@@ -269,7 +269,7 @@ def test_validation_fine_tunes_on_ray_equal_the_in_process_ones(ray_executor, ti
 
 
 def test_execution_is_described_in_one_line():
-    from dowsing.executor import cli_arguments, execution_text
+    from dowsing.pipelines.executor import cli_arguments, execution_text
 
     assert cli_arguments(ExecutorConfig()) == []
     assert cli_arguments(ExecutorConfig(kind="ray", address="auto", num_cpus=4)) == [

@@ -52,7 +52,7 @@ def runner(tmp_path, monkeypatch):
 
 
 def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, tmp_path, monkeypatch):
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     reports = []
@@ -103,7 +103,7 @@ EIGHT = [Domain(n, tuple(f"{n} item {i} is stored in box {w}{i * 7 % 5}." for i 
 
 
 def plan_request(model_dir, domains=EIGHT, **fields) -> JobRequest:
-    from dowsing.plan import PilotConfig
+    from dowsing.pipelines.plan import PilotConfig
 
     return JobRequest(kind="plan", model_id=str(model_dir), domains=list(domains), config=PilotConfig(),
                       domain_set_name="Eight", **fields)
@@ -356,7 +356,7 @@ def test_a_missing_model_is_refused_before_any_worker_starts(runner, tmp_path):
 # --- every kind through one runner ------------------------------------------------
 
 def test_an_analysis_and_a_validation_take_turns_and_give_the_numbers_of_each_run_alone(runner, tiny_gpt2_dir):
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
     from dowsing.validation.validate import ValidationResult, validate
 
     analysis, check = request(tiny_gpt2_dir), validation_request(tiny_gpt2_dir)
@@ -436,7 +436,7 @@ def test_a_plan_job_measures_the_pilots_run_plan_would_and_cancels_like_the_othe
     store, and the same cache entry `run_plan` reads), any budget's plan on
     them is `run_plan`'s, a repeat is instant, and Cancel stops it mid-pilots."""
     from dowsing.domains import benchmark_domains
-    from dowsing.plan import PilotMeasurements, PlanConfig, plan_from_pilots, plan_key, run_plan
+    from dowsing.pipelines.plan import PilotMeasurements, PlanConfig, plan_from_pilots, plan_key, run_plan
 
     req = plan_request(tiny_llama_dir)
     job_id = runner.submit(req)
@@ -515,7 +515,8 @@ def _queued_job(store: JobStore, model_dir) -> str:
 
 
 def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, tiny_gpt2_dir):
-    from dowsing import analysis, worker
+    from dowsing.pipelines import analysis
+    from dowsing import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -549,7 +550,8 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
 
 def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_when_done(tmp_path, monkeypatch,
                                                                                            tiny_gpt2_dir):
-    from dowsing import analysis, worker
+    from dowsing.pipelines import analysis
+    from dowsing import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -578,7 +580,8 @@ def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_
      (RuntimeError("boom\nsecond line"), "RuntimeError: boom")],
 )
 def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, error, expected):
-    from dowsing import analysis, worker
+    from dowsing.pipelines import analysis
+    from dowsing import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()

@@ -109,7 +109,7 @@ def test_the_curve_is_scipys_least_squares_line_in_ln_n():
 
 def test_an_analysis_ranks_a_domain_too_small_for_a_pilot_by_mean_loss_and_says_so(tiny_llama_dir, tmp_path,
                                                                                     monkeypatch):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
     from dowsing.access.models import load_model
 

@@ -17,7 +17,7 @@ from scipy import optimize, stats
 
 from dowsing.kernels import curves
 from dowsing.cli import main
-from dowsing.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, format_plan,
+from dowsing.pipelines.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, format_plan,
                           gain_function, load_values, match_domains, most_examples, next_round, plan_csv, plan_rows,
                           recommendation)
 
@@ -483,7 +483,7 @@ def test_fit_pilots_shrinks_only_when_told_to():
         rows = _per_fact([2, 4, 8], 16, rng, slope=slope)
         entries.append({"name": f"D{k}", "n_facts": 16, "mean_loss": 3.0, "sizes": [2, 4, 8],
                         "drop": list(rows.mean(axis=1)), "per_fact_by_size": rows.tolist(), "strata": [8, 8]})
-    from dowsing.plan import fit_pilots
+    from dowsing.pipelines.plan import fit_pilots
 
     plain = fit_pilots({"domains": entries}, PlanConfig(budget=1))
     pooled = fit_pilots({"domains": entries}, PlanConfig(budget=1, shrink=True))
@@ -492,7 +492,7 @@ def test_fit_pilots_shrinks_only_when_told_to():
 
 
 def test_the_pilot_scale_and_its_cross_validated_error_match_a_direct_computation():
-    from dowsing.plan import CALIBRATION_FILE, pilot_scale, scale_note
+    from dowsing.pipelines.plan import CALIBRATION_FILE, pilot_scale, scale_note
 
     data = json.loads(CALIBRATION_FILE.read_text())
     pilot = np.array([r["pilot_gain_32"] for r in data["domains"]])
@@ -649,7 +649,7 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
 def test_the_next_round_on_the_tiny_llama_reruns_only_the_changed_domain_s_pilot(domain_file, tmp_path, capsys,
                                                                                  tiny_llama_dir):
     from dowsing.domains import load_domains
-    from dowsing.plan import PlanConfig, pilot_measurements, plan_from_pilots
+    from dowsing.pipelines.plan import PlanConfig, pilot_measurements, plan_from_pilots
 
     out = tmp_path / "plan.json"
     assert main(["plan", "--budget", "20", "--model", str(tiny_llama_dir), "--domains", str(domain_file),
@@ -700,7 +700,7 @@ def _pilots_match_a_direct_run(plan, model_dir, domain_file):
 
 
 def test_the_training_calibration_of_each_setting_matches_a_direct_computation(monkeypatch):
-    from dowsing import plan as plan_mod
+    from dowsing.pipelines import plan as plan_mod
 
     rows = [{"domain": "a", "predicted": 0.1, "realised": 0.3}, {"domain": "a", "predicted": 0.2, "realised": 0.5},
             {"domain": "b", "predicted": 0.4, "realised": 0.2}, {"domain": "c", "predicted": 0.3, "realised": 0.6},

@@ -15,8 +15,8 @@ from scipy import stats
 from dowsing.kernels.curves import LearningCurve, log_params
 from dowsing.domains import Domain
 from dowsing.kernels.forward import split_pass
-from dowsing import plan as plan_mod
-from dowsing.plan import DomainCurve
+from dowsing.pipelines import plan as plan_mod
+from dowsing.pipelines.plan import DomainCurve
 from dowsing.kernels.training import Recipe, TailTrainer, cycled
 from dowsing.validation import plan_check, protocol
 from dowsing.validation.benchmark import BenchmarkConfig

@@ -15,10 +15,10 @@ from scipy import stats
 
 from dowsing.kernels import metrics
 from dowsing import report
-from dowsing.analysis import analyze
+from dowsing.pipelines.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.access.models import load_model
-from dowsing.ranking import rank, ranking_split
+from dowsing.pipelines.ranking import rank, ranking_split
 from dowsing.result import Result
 from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches
 

@@ -104,7 +104,7 @@ def toy_estimator():
 
 def test_a_toy_estimator_reaches_the_analysis_the_cli_and_the_leaderboard(toy_estimator, tiny_llama_dir,
                                                                            tmp_path, monkeypatch):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.cli import build_parser
     from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
 
@@ -190,7 +190,7 @@ def _cycles(graph: dict) -> list:
 def test_the_package_has_no_import_circle():
     graph = _module_imports()
     # the walk sees the imports the layers rest on
-    assert "dowsing.estimators" in graph["dowsing.ranking"] and "dowsing.ranking" in graph["dowsing.analysis"]
+    assert "dowsing.estimators" in graph["dowsing.pipelines.ranking"] and "dowsing.pipelines.ranking" in graph["dowsing.pipelines.analysis"]
     assert _cycles(graph) == []
 
 

@@ -277,7 +277,7 @@ def test_the_results_csv_neutralises_formulas():
 def test_the_plan_csv_neutralises_formulas():
     from test_charts_report import _measured_plan
 
-    from dowsing.plan import plan_csv
+    from dowsing.pipelines.plan import plan_csv
 
     plan, _ = _measured_plan()
     for rows in (plan.domains, plan.even_domains):  # the CSV holds whichever split is recommended

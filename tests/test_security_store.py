@@ -139,7 +139,7 @@ def test_a_pickled_job_row_is_refused_unread_and_dropped(runner, tmp_path):
 
 
 def test_a_pickled_result_or_unit_row_is_refused_unread(cache, tmp_path):
-    from dowsing.executor import UnitStore
+    from dowsing.pipelines.executor import UnitStore
     from dowsing.storage.store import JsonStore, ResultStore
 
     marker = tmp_path / "unpickled"
@@ -352,7 +352,7 @@ def test_with_a_login_configured_nothing_shows_before_the_visitor_logs_in(cache)
 
 def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models(cache, runner):
     from dowsing import workspace
-    from dowsing.executor import UnitStore
+    from dowsing.pipelines.executor import UnitStore
     from dowsing.jobs import clear_results
     from dowsing.storage.store import JsonStore, ResultStore
 

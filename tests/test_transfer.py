@@ -19,7 +19,7 @@ import pytest
 from dowsing.kernels import curves
 from dowsing.cli import main
 from dowsing.domains import Domain
-from dowsing.plan import (DomainCurve, PilotConfig, PlanConfig, PlanResult, build_plan, effective_weights,
+from dowsing.pipelines.plan import (DomainCurve, PilotConfig, PlanConfig, PlanResult, build_plan, effective_weights,
                           measure_pilots, transfer_ratios)
 from dowsing.storage.units import DomainUnits
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from dowsing.kernels import pilots
-from dowsing.analysis import run_analysis
+from dowsing.pipelines.analysis import run_analysis
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain
 from dowsing.estimators import pilot as pilot_family
@@ -46,9 +46,9 @@ def counted(monkeypatch, tmp_path):
         return real(trainer, recipe, seed, rows_a, rows_b, sizes)
 
     monkeypatch.setattr(pilot_family, "pilot_curve", counting)
-    import dowsing.plan
+    import dowsing.pipelines.plan
 
-    monkeypatch.setattr(dowsing.plan, "pilot_curve", counting)
+    monkeypatch.setattr(dowsing.pipelines.plan, "pilot_curve", counting)
     return calls
 
 
@@ -66,7 +66,7 @@ def _same(a, b, tol: float) -> None:
 
 
 def test_an_edit_recomputes_one_domain_and_equals_a_fresh_analysis_in_float64(tiny_llama_dir, counted):
-    from dowsing.analysis import pilot_status
+    from dowsing.pipelines.analysis import pilot_status
 
     model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64")
     assert pilot_status(model, FOUR, config)["message"] == "all 4 domains computed"
@@ -116,7 +116,7 @@ def test_the_same_ranking_after_an_edit_in_float32(tiny_gpt2_dir, counted):
 def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forward_pass(tiny_llama_dir, counted,
                                                                                         monkeypatch):
     import dowsing.kernels.forward
-    from dowsing.plan import PlanConfig, run_plan
+    from dowsing.pipelines.plan import PlanConfig, run_plan
 
     model = str(tiny_llama_dir)
     run_analysis(model, FOUR, AnalysisConfig(dtype="float64"))
@@ -138,7 +138,7 @@ def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forwa
 
 
 def test_a_plan_with_one_new_domain_measures_only_that_one(tiny_llama_dir, counted):
-    from dowsing.plan import PlanConfig, run_plan
+    from dowsing.pipelines.plan import PlanConfig, run_plan
 
     model, config = str(tiny_llama_dir), PlanConfig(budget=100, dtype="float64")
     run_plan(model, FOUR, config)

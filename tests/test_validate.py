@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing.analysis import analyze
+from dowsing.pipelines.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.kernels.curvature import tail_coefficients
 from dowsing.kernels.forward import split_pass

@@ -37,7 +37,7 @@ from ..domains import Domain, benchmark_domains, benchmark_groups, domain_set
 from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
-from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
+from ..pipelines.executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
 from ..kernels.forward import split_pass
 from ..access.models import LoadedModel, load_model
 from ..progress import Progress
@@ -306,7 +306,7 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     the shipped benchmark domains (ordinary and hard cases).
 
     executor: where the estimator families and the fine-tunes run
-    (`dowsing.executor`; in this process by default; on Ray each is a task,
+    (`dowsing.pipelines.executor`; in this process by default; on Ray each is a task,
     the families first). resume: keep each finished unit in the unit store
     under the run's fingerprint (model, domains, configuration, engine
     version) and reuse what an earlier, interrupted run of the same

@@ -95,7 +95,7 @@ def allocations(plan, scores: list, budget: int, caps: list) -> dict:
     the plan's domain order: the plan's, the page's recommendation (the
     plan's, or spreading evenly when the plan is not shown to beat it), and
     the simple splits; "ranking" splits in proportion to max(score, 0)."""
-    from ..plan import proportional_counts
+    from ..pipelines.plan import proportional_counts
 
     plan_counts = [int(r["collect"]) for r in plan.domains]
     even = [int(v) for v in plan.totals["even"]["counts"].values()]
@@ -196,9 +196,9 @@ def product_advice(model_id, split: dict, budgets: list, caps: list) -> dict:
     """What the product tells a user with these samples: the default
     ranking's scores (analysis up to the ranking) and the plan of each
     budget with have = 0."""
-    from ..analysis import run_analysis
+    from ..pipelines.analysis import run_analysis
     from ..config import AnalysisConfig
-    from ..plan import PlanConfig, pilot_measurements, plan_from_pilots
+    from ..pipelines.plan import PlanConfig, pilot_measurements, plan_from_pilots
 
     sample = split["sample"]
     ranking = run_analysis(model_id, sample, AnalysisConfig(stage="ranking"))
@@ -365,7 +365,7 @@ def diagnosis_rows(state: dict, model_id=None) -> list:
     cached analysis of `product_advice`, read again: instant) and the gain
     fraction training realised, the even split's gain at the larger budget
     over the domain's test loss before."""
-    from ..analysis import run_analysis
+    from ..pipelines.analysis import run_analysis
     from ..config import AnalysisConfig
     from ..kernels.diagnosis import HELPS
 

@@ -159,7 +159,7 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
 
     model: a LoadedModel, or a model id / path (None = embedded default),
     loaded in float32 on the CPU. executor: where the fine-tuning runs go
-    (`dowsing.executor`; in this process by default).
+    (`dowsing.pipelines.executor`; in this process by default).
     """
     from datetime import datetime, timezone
 

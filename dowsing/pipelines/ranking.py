@@ -29,13 +29,13 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from .kernels.alignment import alignment_blocks, blocks_of, check_tail, tail_model
-from .config import AnalysisConfig
-from .estimators import MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
-from .kernels.forward import SplitPass
-from .kernels.splitting import split_order
-from .kernels.pilots import PILOT_RECIPE
-from .kernels.training import Recipe
+from ..kernels.alignment import alignment_blocks, blocks_of, check_tail, tail_model
+from ..config import AnalysisConfig
+from ..estimators import MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
+from ..kernels.forward import SplitPass
+from ..kernels.splitting import split_order
+from ..kernels.pilots import PILOT_RECIPE
+from ..kernels.training import Recipe
 
 
 def check_estimator(config: AnalysisConfig) -> None:

@@ -51,13 +51,13 @@ from typing import Callable
 
 import numpy as np
 
-from .config import DEVICES, DTYPES
-from .kernels.curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
-from .domains import as_domains
-from .kernels.pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
-from .progress import Progress
-from .records import ConfigRecord, ResultRecord
-from .result import ENGINE_VERSION, finite_or_none
+from ..config import DEVICES, DTYPES
+from ..kernels.curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
+from ..domains import as_domains
+from ..kernels.pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
+from ..progress import Progress
+from ..records import ConfigRecord, ResultRecord
+from ..result import ENGINE_VERSION, finite_or_none
 
 BUDGET_UNITS = ("examples", "money")
 # How the budget is split: "expected" maximises the mean over the bootstrap
@@ -325,10 +325,10 @@ def measure_pilots(loaded, domains, config: PlanConfig | PilotConfig,
     T[i][j] of what each domain's half does to every domain's other half at
     the source's largest pilot size, each entry a unit keyed by both
     domains; when one is missing, the forward pass covers every domain."""
-    from .kernels.pilots import pilot_sizes
-    from .kernels.splitting import split_domains
-    from .kernels.subspace import find_anatomy
-    from .storage.units import loaded_identity, pilot_key, recomputed_message
+    from ..kernels.pilots import pilot_sizes
+    from ..kernels.splitting import split_domains
+    from ..kernels.subspace import find_anatomy
+    from ..storage.units import loaded_identity, pilot_key, recomputed_message
 
     report = progress or (lambda p: None)
     domains = as_domains(domains)
@@ -403,8 +403,8 @@ def _transfer_pairs(train: list, held: list, config, recipe, units) -> dict:
     """{(i, j): {"key", "size", "value"}} for every target i and every
     source j whose halves can hold a pilot (MIN_HALF facts each): the size
     is the source's largest pilot size, the value the stored unit or None."""
-    from .kernels.pilots import pilot_sizes
-    from .storage.units import transfer_key
+    from ..kernels.pilots import pilot_sizes
+    from ..storage.units import transfer_key
 
     pairs = {}
     for j, (a_j, b_j) in enumerate(zip(train, held)):
@@ -427,7 +427,7 @@ def measure_transfer(trainer, split, rows: list, missing: dict, pairs: dict, tra
     each target's halves read through the trained blocks), into
     pairs[(i, j)]["value"] and kept in `units`. rows[k]: domain k's
     position in `split`."""
-    from .kernels.pilots import transfer_drops
+    from ..kernels.pilots import transfer_drops
 
     for step, (j, targets) in enumerate(sorted(missing.items())):
         report(Progress("pilots", 0.95, f"transfer fine-tunes, domain {step + 1} of {len(missing)}: {train[j].name}"))
@@ -450,7 +450,7 @@ def _forward(loaded, train: list, held: list, batch_size: int, capture_block: in
     `capture_block`; a one-line ValueError where a fact's loss is not finite."""
     import torch
 
-    from .kernels.forward import split_pass
+    from ..kernels.forward import split_pass
 
     report(Progress("forward", 0.03, f"forward pass over {sum(len(a.facts) + len(b.facts) for a, b in zip(train, held))} facts"))
     split = split_pass(loaded, train, held, batch_size, capture_block=capture_block)
@@ -495,7 +495,7 @@ def _measure_curves(loaded, split, rows: list, train: list, curves: list, config
 def _pilot_trainer(loaded, split):
     """The TailTrainer of the pilots, checked to reproduce the model's
     losses; a one-line ValueError for an architecture it cannot cut."""
-    from .kernels.training import TailTrainer
+    from ..kernels.training import TailTrainer
 
     try:
         trainer = TailTrainer(loaded, split)
@@ -1117,7 +1117,7 @@ def plan_notes(curves: list, bought: Allocation, recipe: str, rows: list | None 
 
 # --- how the pilot's nats compare with training's -----------------------------
 
-CALIBRATION_FILE = Path(__file__).resolve().parent / "data" / "plan_calibration.json"
+CALIBRATION_FILE = Path(__file__).resolve().parent.parent / "data" / "plan_calibration.json"
 
 
 @lru_cache(maxsize=1)
@@ -1270,8 +1270,8 @@ def pilot_measurements(model_id: str | None, domains, config: PlanConfig | Pilot
     """The cached half of a plan: the pilot measurements of `plan_key`, from
     cache/plans, else measured (the model loaded, `measure_pilots`) and
     stored there."""
-    from .access.models import load_model
-    from .storage.store import JsonStore
+    from ..access.models import load_model
+    from ..storage.store import JsonStore
 
     report = progress or (lambda p: None)
     domains = as_domains(domains)
@@ -1280,7 +1280,7 @@ def pilot_measurements(model_id: str | None, domains, config: PlanConfig | Pilot
     measured = store.get(key) if use_cache else None
     cached = measured is not None
     if measured is None:
-        from .storage.units import DomainUnits
+        from ..storage.units import DomainUnits
 
         report(Progress("loading model", 0.0, "loading model"))
         loaded = load_model(model_id, config.device, config.dtype)
@@ -1458,7 +1458,7 @@ def plan_csv(result: PlanResult) -> str:
     import csv
     import io
 
-    from .safe_text import csv_cell
+    from ..safe_text import csv_cell
 
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=PLAN_ROW_FIELDS, lineterminator="\n")

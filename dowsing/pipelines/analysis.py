@@ -14,23 +14,23 @@ from typing import Callable
 
 import torch
 
-from .kernels import metrics
-from .kernels.alignment import block_inputs_by_fact, capture_inputs_during
-from .config import AnalysisConfig
-from .domains import as_domains
-from .estimators import PAPER, PILOT_CURVE, PILOT_GAIN
-from .estimators import get as get_estimator
+from ..kernels import metrics
+from ..kernels.alignment import block_inputs_by_fact, capture_inputs_during
+from ..config import AnalysisConfig
+from ..domains import as_domains
+from ..estimators import PAPER, PILOT_CURVE, PILOT_GAIN
+from ..estimators import get as get_estimator
 from .executor import LocalExecutor, Shared, Unit
-from .kernels.forward import FactTokens, forward_pass
-from .access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
-from .progress import Progress
+from ..kernels.forward import FactTokens, forward_pass
+from ..access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
+from ..progress import Progress
 from .ranking import capture_block, check_estimator, rank, ranking_split
-from .result import ENGINE_VERSION, DomainResult, Result
-from .kernels.saturation import n_grid
-from .kernels.subspace import encode_facts, find_anatomy, make_batches
-from .kernels.subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
-from .kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
-from .storage.units import DomainUnits, loaded_identity
+from ..result import ENGINE_VERSION, DomainResult, Result
+from ..kernels.saturation import n_grid
+from ..kernels.subspace import encode_facts, find_anatomy, make_batches
+from ..kernels.subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
+from ..kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
+from ..storage.units import DomainUnits, loaded_identity
 
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
@@ -39,12 +39,12 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
             on_ranking: Callable[[Result], None] | None = None) -> Result:
     """The paper's concept-subspace influence Mean_k = g_k^T (H_k + lambda I)^-1 g_k
     in each concept subspace (with transfer, saturation and their bootstrap),
-    and the domains ranked by config.estimator's priority (`dowsing.ranking`).
+    and the domains ranked by config.estimator's priority (`dowsing.pipelines.ranking`).
 
     model: a LoadedModel, or a model id / path (None for the embedded default).
     domains: Domain objects or {"name", "facts"} dicts.
     executor: where each domain's curvature, solve and saturation fit run
-    (`dowsing.executor`; in this process by default; the structured route
+    (`dowsing.pipelines.executor`; in this process by default; the structured route
     always runs here). store: a UnitStore that keeps each finished domain.
     units: a `units.DomainUnits` where the per-domain units (each domain's
     pilot curve) are found and kept, so domains whose facts did not change
@@ -156,7 +156,7 @@ def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
         )
     checkpoints = None
     if config.checkpoints:
-        from .access.checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id)
@@ -262,7 +262,7 @@ def _paper_bootstrap(domains: list, passed: AnalysisPass, outcomes: list, config
 def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstrap, config: AnalysisConfig,
              checkpoints, report, timings: dict, units=None):
     """(scores, extras["ranking"]): the ranking estimator's priorities
-    (`dowsing.ranking`) and their intervals; the paper's quantities above
+    (`dowsing.pipelines.ranking`) and their intervals; the paper's quantities above
     stay as they are."""
     t0 = time.perf_counter()
     report(Progress("ranking", 0.78, f"ranking estimator: {get_estimator(config.estimator).label}"))
@@ -289,8 +289,8 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
     halves); None when config.diagnose is off."""
     if not config.diagnose:
         return None
-    from .kernels.diagnosis import diagnose
-    from .estimators import EstimatorContext, EstimatorSettings, compute
+    from ..kernels.diagnosis import diagnose
+    from ..estimators import EstimatorContext, EstimatorSettings, compute
 
     t0 = time.perf_counter()
     if scores.name == PILOT_GAIN:
@@ -435,7 +435,7 @@ def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = 
     for a pilot], "message": "2 of 4 domains recomputed, 2 from cache"}; None when the run has no pilots (neither
     the ranking estimator nor the diagnosis runs them). A model never run
     here counts every domain as to compute."""
-    from .estimators import EstimatorSettings
+    from ..estimators import EstimatorSettings
 
     config = config or AnalysisConfig()
     curve = config.estimator == PILOT_CURVE
@@ -451,9 +451,9 @@ def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: 
     asked for; the halves of `splitting.split_order` under `seed`) are
     stored in `units` for this model, dtype and device, and which are to
     compute: `pilot_status`'s dict. Loads no model."""
-    from .kernels.pilots import PILOT_RECIPE, pilot_sizes
-    from .kernels.splitting import split_order
-    from .storage.units import model_identity, pilot_key, recomputed_message
+    from ..kernels.pilots import PILOT_RECIPE, pilot_sizes
+    from ..kernels.splitting import split_order
+    from ..storage.units import model_identity, pilot_key, recomputed_message
 
     domains = as_domains(domains)
     units = DomainUnits(model_identity(model_fingerprint(model_id), dtype, device))
@@ -486,13 +486,13 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     solves only the domains that were missing. The executor does not change
     the result, so it is not part of the key."""
     from .executor import UnitStore
-    from .storage.store import ResultStore
+    from ..storage.store import ResultStore
 
     config = config or AnalysisConfig()
     check_estimator(config)
     report = progress or (lambda p: None)
     if config.checkpoints:
-        from .access.checkpoints import validate_checkpoints
+        from ..access.checkpoints import validate_checkpoints
 
         validate_checkpoints(config.checkpoints)  # a one-line error before anything is loaded or keyed
     key = cache_key(model_id, domains, config)
@@ -535,7 +535,7 @@ def run_analyses(model_ids: list, domains, config: AnalysisConfig | None = None,
     executor (on Ray: one task per model, side by side). Results in the
     order of model_ids; each is also stored in this machine's result cache."""
     from .executor import _identity
-    from .storage.store import ResultStore
+    from ..storage.store import ResultStore
 
     config = config or AnalysisConfig()
     report = progress or (lambda p: None)

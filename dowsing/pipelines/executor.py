@@ -137,8 +137,8 @@ class UnitStore:
     namespace per run fingerprint."""
 
     def __init__(self, namespace: str, folder=None):
-        from .storage.caches import BOUNDED, DataCache
-        from .paths import cache_dir
+        from ..storage.caches import BOUNDED, DataCache
+        from ..paths import cache_dir
 
         self.namespace = namespace
         # bytes of torch.save, read back with weights_only=True; the store itself never unpickles
@@ -290,7 +290,7 @@ def _run_remote(fn, build, name, holder, args, threads):
 def ray_runtime_env(address: str | None) -> dict:
     """Workers must import dowsing. On this machine they get the repo root on
     their path; on a cluster the package travels with the job."""
-    from .paths import REPO_ROOT
+    from ..paths import REPO_ROOT
 
     if address is None:
         return {"env_vars": {"PYTHONPATH": str(REPO_ROOT)}}
@@ -467,7 +467,7 @@ def describe_in_subprocess(config: ExecutorConfig, timeout_s: float = 180.0) -> 
     import subprocess
     import sys
 
-    from .paths import REPO_ROOT
+    from ..paths import REPO_ROOT
 
     if config.kind == "local":
         return LocalExecutor(config).describe()
