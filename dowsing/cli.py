@@ -536,7 +536,7 @@ def run_benchmark_command(args) -> int:
         atomic_write_text(Path(args.out), result.to_json())
         print(f"\nwrote {args.out}")
     if args.evidence:
-        from .evidence import EVIDENCE_FILE
+        from .validation.evidence import EVIDENCE_FILE
         from .validation.benchmark import evidence_from_result
 
         atomic_write_text(EVIDENCE_FILE, json.dumps(evidence_from_result(result), indent=2, ensure_ascii=False) + "\n")

@@ -17,7 +17,7 @@ import pandas as pd
 
 from . import charts
 from .kernels import metrics
-from .evidence import beats_mean_loss, estimator_evidence, evidence_sentence
+from .validation.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from .result import Result, format_sci
 from .safe_text import csv_cell
 from . import verdict as verdict_mod
@@ -120,7 +120,7 @@ def ranking_statement(result: Result) -> str:
 
 
 def evidence_text(result: Result) -> str:
-    """What the benchmark measured for this result's estimator (dowsing.evidence), verbatim."""
+    """What the benchmark measured for this result's estimator (dowsing.validation.evidence), verbatim."""
     return evidence_sentence(result.estimator)
 
 

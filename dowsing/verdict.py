@@ -15,7 +15,7 @@ import re
 from dataclasses import dataclass, field
 
 from .kernels import diagnosis as diagnosis_mod
-from .evidence import estimator_evidence, evidence_label, load_evidence
+from .validation.evidence import estimator_evidence, evidence_label, load_evidence
 from .charts import estimator_label, ranking_domains
 from .result import Result, format_number, format_sci
 

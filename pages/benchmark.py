@@ -21,7 +21,7 @@ from dowsing.jobs import JobRequest, one_line
 from dowsing.access.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text
-from dowsing.evidence import GROUPS, evidence_label, evidence_rows, group_size, load_evidence
+from dowsing.validation.evidence import GROUPS, evidence_label, evidence_rows, group_size, load_evidence
 from dowsing.safe_text import md_escape
 from pages import _shared
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.evidence import estimator_evidence, evidence_label, load_evidence
+from dowsing.validation.evidence import estimator_evidence, evidence_label, load_evidence
 from dowsing.safe_text import md_escape
 from pages import _shared
 

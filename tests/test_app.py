@@ -278,7 +278,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     assert table.index(ranked[0].name) < table.index(ranked[-1].name)
     # Ranked by the default estimator, by its priority; the page says which and quotes its evidence verbatim.
     from dowsing.config import DEFAULT_ESTIMATOR
-    from dowsing.evidence import evidence_sentence
+    from dowsing.validation.evidence import evidence_sentence
 
     assert result.config["estimator"] == DEFAULT_ESTIMATOR
     assert [d.priority for d in ranked] == sorted((d.priority for d in result.domains), reverse=True)
@@ -667,7 +667,7 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
 
 
 def test_benchmark_page_shows_the_shipped_leaderboards_until_a_run_of_its_own(tiny):
-    from dowsing.evidence import evidence_rows, load_evidence
+    from dowsing.validation.evidence import evidence_rows, load_evidence
     from dowsing.jobs import default_runner
 
     if default_runner().history("benchmark"):

@@ -353,7 +353,7 @@ def ranked_by_alignment(result: Result) -> Result:
 
 def test_a_result_ranked_by_another_estimator_shows_its_priority_next_to_the_papers_mean():
     from dowsing.cli import format_table
-    from dowsing.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
+    from dowsing.validation.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 
     result = ranked_by_alignment(paper_like_result())
     table = report.formatted_table(result)
@@ -393,7 +393,7 @@ def test_a_result_ranked_by_another_estimator_shows_its_priority_next_to_the_pap
 
 
 def test_the_paper_estimator_says_so_and_quotes_its_evidence():
-    from dowsing.evidence import evidence_sentence
+    from dowsing.validation.evidence import evidence_sentence
 
     result = with_uncertainty(paper_like_result())
     result.config = dict(result.config, estimator="paper")

@@ -234,7 +234,7 @@ def test_the_estimator_ranks_and_paper_reproduces_the_ranking_by_mean(tmp_path, 
     Mean column); the default: rank and share follow the estimator's priority."""
     from dowsing import estimators
     from dowsing.config import DEFAULT_ESTIMATOR
-    from dowsing.evidence import evidence_sentence
+    from dowsing.validation.evidence import evidence_sentence
     from dowsing.kernels.metrics import ranks_by_mean, shares_pct
 
     data = {"domains": GOOD["domains"] + [

@@ -641,7 +641,7 @@ def _execution(executor, run: BenchmarkSplit, timings: dict) -> dict:
 
 
 def evidence_from_result(result: BenchmarkResult) -> dict:
-    """The summary the app quotes next to a ranking (`dowsing.evidence`):
+    """The summary the app quotes next to a ranking (`dowsing.validation.evidence`):
     per estimator, rho on the main recipe with its interval and the paired
     difference against mean loss, plus the ground truth's own ceiling."""
     main = result.config["main_recipe"]

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 
-from .domains import DATA_DIR
-from .estimators import ESTIMATORS
+from ..domains import DATA_DIR
+from ..estimators import ESTIMATORS
 
 EVIDENCE_FILE = DATA_DIR / "benchmark_evidence.json"
 
