@@ -24,8 +24,8 @@ def format_table(result: Result) -> str:
     benchmark measured for it, then Rank, Concept, Priority with its 90% interval,
     Share, the paper's Share of Mean (left out where Share already is it), the
     paper's Mean and Δn@10%, t vs rest and p."""
-    from .charts import SATURATION_SOURCE, ranking_domains
-    from .report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
+    from .presentation.charts import SATURATION_SOURCE, ranking_domains
+    from .presentation.report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
                          mean_shares, ranking_statement)
 
     has_mean = any(d.mean is not None for d in result.domains)  # none after --stage ranking

@@ -565,9 +565,9 @@ def plan_for(result) -> tuple | None:
 # --- what a run's domains are against the domains now -------------------------
 
 def run_domain_diff(state: JobState | None):
-    """What changed in the run's domain set since the run (`dowsing.fact_diff.SetDiff`),
+    """What changed in the run's domain set since the run (`dowsing.presentation.fact_diff.SetDiff`),
     or None when the set is gone, unnamed, or unchanged."""
-    from dowsing.fact_diff import set_diff
+    from dowsing.presentation.fact_diff import set_diff
 
     if state is None or state.kind != "analysis":
         return None
@@ -602,7 +602,7 @@ def job_labels(states: list) -> dict:
     """job id -> `job_label`, plus what differs from the run before it of the
     same kind (its domains, when they differ), so no two runs of different
     domains read the same."""
-    from dowsing.fact_diff import set_diff
+    from dowsing.presentation.fact_diff import set_diff
 
     labels = {}
     for k, state in enumerate(states):

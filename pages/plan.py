@@ -25,7 +25,8 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from dowsing import plan_charts, report, workspace
+from dowsing.presentation import plan_charts, report
+from dowsing import workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
 from dowsing.jobs import JobRequest, newest_match, one_line
 from dowsing.access.models import ModelError

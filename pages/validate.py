@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dowsing import charts, report, workspace
+from dowsing.presentation import charts, report
+from dowsing import workspace
 from dowsing.domains import DomainError
 from dowsing.jobs import JobRequest, one_line
 from dowsing.access.models import ModelError

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from dowsing.result import format_sci
 from dowsing.safe_text import md_escape
-from dowsing.verdict import format_number
+from dowsing.presentation.verdict import format_number
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SMALL_CSV = """domain,fact
@@ -257,7 +257,7 @@ def test_run_page_shows_progress_and_finishes(finished_job):
 
 def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     _, job_id, _ = finished_job
-    from dowsing import report
+    from dowsing.presentation import report
     from dowsing.jobs import default_runner
 
     result = default_runner().result(job_id)
@@ -288,7 +288,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     assert sentence in [b.value for b in boxes]
     assert "from the concept-subspace curvature (paper)" in specs_title(at)
     # The verdict on top, in the ranking's terms, with its number and unit; every diagnosis in full.
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     found = verdict.verdict(result, esc=md_escape, strong=lambda s: f"**{s}**")
     assert at.markdown[0].value == f"### {found.headline}" or any(m.value == f"### {found.headline}"
@@ -328,7 +328,7 @@ def results_page(tiny, job_id):
 
 def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     _, job_id, _ = finished_job
-    from dowsing import report
+    from dowsing.presentation import report
     from dowsing.jobs import default_runner
 
     result = default_runner().result(job_id)
@@ -409,7 +409,7 @@ def test_results_report_includes_the_newest_plan_of_the_same_model_and_domains(f
     """Without a finished plan the page says the report has none; once a plan
     job of the same model and domains is done, the page names it (budget,
     when) and the report the download builds carries its section."""
-    from dowsing import report
+    from dowsing.presentation import report
     from dowsing.domains import Domain
     from dowsing.jobs import JobRequest, default_runner, newest_match
     from dowsing.pipelines.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
@@ -796,7 +796,7 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     without naming the method it comes from. Near the end of this module: it
     and the tests after it add finished runs, which the tests that count runs
     would see."""
-    from dowsing import verdict
+    from dowsing.presentation import verdict
     from dowsing.domains import Domain, hard_case_domains
     from dowsing.jobs import JobRequest, default_runner
 
@@ -826,7 +826,7 @@ def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_
     import subprocess
     import sys
 
-    from dowsing import charts, report, verdict
+    from dowsing.presentation import charts, report, verdict
     from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain

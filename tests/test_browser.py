@@ -263,7 +263,7 @@ def test_edit_run_results_and_reload(server, page):
 
 
 def _check_results(page, cache: Path) -> None:
-    from dowsing import verdict
+    from dowsing.presentation import verdict
     from dowsing.result import Result
 
     page.get_by_role("heading", name="Results").wait_for()

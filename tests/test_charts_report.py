@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from dowsing import charts, comparison, report
+from dowsing.presentation import charts, comparison, report
 from dowsing.result import DomainResult, Result, format_sci
-from dowsing.verdict import format_number
+from dowsing.presentation.verdict import format_number
 
 
 def _domain(name, rank, mean, share, n_facts, dn=None, reason=None, alpha=0.5, n0=3.0, c=None, points=True,
@@ -536,7 +536,7 @@ def _measured_plan(budget=30.0, **fields):
 
 
 def test_the_plan_figures_show_the_plan_s_numbers():
-    from dowsing import plan_charts
+    from dowsing.presentation import plan_charts
 
     plan, curves = _measured_plan(have_by_domain={"Physics": 8, "Astronomy": 10})
     counts = [d["collect"] for d in plan.domains]
@@ -571,7 +571,7 @@ def test_the_plan_csv_and_report_carry_the_table():
     import csv
     import io
 
-    from dowsing import plan_charts
+    from dowsing.presentation import plan_charts
     from dowsing.pipelines.plan import PLAN_ROW_FIELDS, plan_csv
 
     plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
@@ -612,7 +612,7 @@ def test_pilot_curves_draw_the_fitted_line_through_the_pilot_points():
     import dataclasses
     import math
 
-    from dowsing import charts
+    from dowsing.presentation import charts
 
     base = paper_like_result()
     fits = [{"sizes": [2, 4, 8], "drop": [0.1, 0.15, 0.2], "intercept": 0.03, "slope_per_ln_n": 0.08, "target": 32},
@@ -732,7 +732,7 @@ def _kind(helps: bool) -> str:
 
 
 def test_verdict_names_the_first_domain_how_sure_and_the_number_with_its_unit():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.05, 0.95, 0, 0], "Astronomy": [0.93, 0.05, 0.02, 0],
@@ -748,7 +748,7 @@ def test_verdict_names_the_first_domain_how_sure_and_the_number_with_its_unit():
 
 
 def test_unstable_ranks_read_as_a_tie_in_plain_words():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.4, 0.3, 0.3, 0], "Astronomy": [0.3, 0.4, 0.3, 0],
@@ -771,7 +771,7 @@ def test_unstable_ranks_read_as_a_tie_in_plain_words():
 
 
 def test_plain_numbers():
-    from dowsing.verdict import format_number
+    from dowsing.presentation.verdict import format_number
 
     assert format_number(0.18) == "0.180" and format_number(2.8634) == "2.86" and format_number(1234.5) == "1,234"
     assert format_number(None) == "—" and format_number(float("nan")) == "—" and format_number(0) == "0"
@@ -779,7 +779,7 @@ def test_plain_numbers():
 
 
 def test_the_papers_section_says_how_it_fared_and_where_it_disagrees():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.05, 0.95, 0, 0], "Astronomy": [0.03, 0.02, 0.05, 0.9],
@@ -804,7 +804,7 @@ def test_the_papers_section_says_how_it_fared_and_where_it_disagrees():
 
 
 def test_no_sentence_contradicts_a_diagnosis_unless_it_names_its_method():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.9, 0.1, 0, 0], "Astronomy": [0.1, 0.9, 0, 0],
@@ -848,7 +848,7 @@ def test_saturation_bands_are_cut_to_a_readable_range_around_the_points():
 
 
 def test_fact_differences_between_two_sets():
-    from dowsing.fact_diff import diff_rows, set_diff
+    from dowsing.presentation.fact_diff import diff_rows, set_diff
 
     before = [{"name": "A", "facts": ["x", "y", "z"]}, {"name": "B", "facts": ["q"]}]
     after = [{"name": "A", "facts": ["x", "Y", "z", "w"]}, {"name": "C", "facts": ["r"]}]
@@ -865,7 +865,7 @@ def test_fact_differences_between_two_sets():
 def test_every_sentence_of_the_report_agrees_with_the_diagnoses(helps, signs):
     """Whatever the kinds and whichever Means are negative, the report names
     the paper's method wherever it says otherwise than a diagnosis."""
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     names = ["Physics", "Astronomy", "Biology", "Economics"]
     result = pilot_ranked(paper_like_result(),

@@ -396,7 +396,7 @@ def test_bad_collected_counts_are_refused_in_one_line(collected, says):
 
 
 def test_where_the_plan_is_not_shown_better_the_even_split_is_what_is_recommended_everywhere():
-    from dowsing import report
+    from dowsing.presentation import report
 
     twins = [_domain(name, 0.02, 3) for name in ("A", "B", "C", "D")]
     plan = build_plan(twins, PlanConfig(budget=42, have=8, bootstrap_resamples=300))

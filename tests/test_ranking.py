@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from scipy import stats
 
 from dowsing.kernels import metrics
-from dowsing import report
+from dowsing.presentation import report
 from dowsing.pipelines.analysis import analyze
 from dowsing.config import AnalysisConfig
 from dowsing.access.models import load_model

@@ -263,7 +263,7 @@ def _cells(text: str) -> list:
 def test_the_results_csv_neutralises_formulas():
     from test_charts_report import paper_like_result
 
-    from dowsing import report
+    from dowsing.presentation import report
 
     result = paper_like_result()
     for d, name in zip(result.domains, FORMULAS):

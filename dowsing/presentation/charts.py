@@ -12,7 +12,7 @@ import numpy as np
 import plotly.graph_objects as go
 from plotly.colors import qualitative
 
-from .result import DomainResult, Result, format_number, format_sci
+from ..result import DomainResult, Result, format_number, format_sci
 
 # Tableau 10 first (distinct, colour-blind friendlier), then more hues for big sets.
 PALETTE: tuple[str, ...] = tuple(qualitative.T10) + tuple(qualitative.Alphabet)
@@ -79,7 +79,7 @@ def ranking_resamples(result: Result) -> int | None:
 
 def estimator_label(result: Result) -> str:
     """The ranking estimator's short label, for titles and axes."""
-    from .estimators import ESTIMATORS
+    from ..estimators import ESTIMATORS
 
     ranking = (result.extras or {}).get("ranking") or {}
     known = ESTIMATORS.get(result.estimator)

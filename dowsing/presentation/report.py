@@ -1,4 +1,4 @@
-"""Presenting a Result: the verdict (`dowsing.verdict`), the ranking that
+"""Presenting a Result: the verdict (`dowsing.presentation.verdict`), the ranking that
 ranks and the paper's quantities apart from it, the paper's full table for
 the CLI (formatted, with reasons for "—"), the facts that move each domain
 most, solver diagnostics, CSV, and a self-contained HTML report (plotly.js
@@ -16,10 +16,10 @@ from datetime import datetime
 import pandas as pd
 
 from . import charts
-from .kernels import metrics
-from .validation.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
-from .result import Result, format_sci
-from .safe_text import csv_cell
+from ..kernels import metrics
+from ..validation.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
+from ..result import Result, format_sci
+from ..safe_text import csv_cell
 from . import verdict as verdict_mod
 from .verdict import format_number
 
@@ -285,7 +285,7 @@ TRANSFER_HELP = ("The paper's method's prediction, read across a row: cell (row 
 # --- the story: the verdict, the ranking that ranks, the paper's method beside it ---
 
 def verdict_html(result: Result) -> str:
-    """The verdict (dowsing.verdict) as the report's opening block."""
+    """The verdict (dowsing.presentation.verdict) as the report's opening block."""
     found = verdict_mod.verdict(result, esc=html.escape, strong=lambda s: f"<b>{s}</b>")
     if found is None:
         return ""
@@ -415,7 +415,7 @@ PAPER_COLUMNS_HELP = ("Mean influence: the paper's average per-fact influence I 
 def paper_intro(result: Result, esc=lambda s: s) -> list[str]:
     """The paper's section's opening sentences: how the method fared on the
     shipped benchmark, then where it disagrees with the ranking above and why
-    (dowsing.verdict)."""
+    (dowsing.presentation.verdict)."""
     out = []
     evidence = verdict_mod.paper_evidence_sentence(result)
     if evidence:
@@ -841,7 +841,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     chart and the notes. `heading` is the level of its headings;
     `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
-    from .pipelines.plan import fit_text, plan_rows, recommendation, round_text
+    from ..pipelines.plan import fit_text, plan_rows, recommendation, round_text
 
     esc = html.escape
     figs = plan_charts.plan_figures(plan, curves) if curves is not None else {

@@ -11,8 +11,8 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
-from .kernels.curves import BAND, predict
-from .pipelines.plan import DomainCurve, PlanResult
+from ..kernels.curves import BAND, predict
+from ..pipelines.plan import DomainCurve, PlanResult
 
 UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "
               "domains and split the budget; a full training run's nats differ.")

@@ -14,10 +14,10 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .kernels import diagnosis as diagnosis_mod
-from .validation.evidence import estimator_evidence, evidence_label, load_evidence
+from ..kernels import diagnosis as diagnosis_mod
+from ..validation.evidence import estimator_evidence, evidence_label, load_evidence
 from .charts import estimator_label, ranking_domains
-from .result import Result, format_number, format_sci
+from ..result import Result, format_number, format_sci
 
 PAPER_METHOD = "the paper's concept-subspace method"
 # Two neighbours in the ranking are told apart when they swap places in fewer

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .result import Result, format_sci
+from ..result import Result, format_sci
 
 
 def compare(a: Result, b: Result, label_a: str = "A", label_b: str = "B") -> pd.DataFrame:
