@@ -15,7 +15,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dowsing import estimate as est  # noqa: E402
+from dowsing.estimates import estimate as est  # noqa: E402
 from dowsing.config import AnalysisConfig  # noqa: E402
 from dowsing.domains import benchmark_domains, default_domains  # noqa: E402
 from dowsing.estimators import names  # noqa: E402

@@ -357,7 +357,7 @@ def run_analyze(args) -> int:
                                 stage=args.stage)
         domains = load_domains(args.domains) if args.domains else default_domains()
         if args.estimate:
-            from .estimate import estimate_analysis, report
+            from .estimates.estimate import estimate_analysis, report
 
             on = executor_config(args, config.device)
             return report(lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache)
@@ -402,7 +402,7 @@ def run_validate(args) -> int:
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
         if args.estimate:
-            from .estimate import estimate_validation, report
+            from .estimates.estimate import estimate_validation, report
 
             on = executor_config(args)
             return report(lambda: [estimate_validation(model, domains, config, held_out, on)])
@@ -494,7 +494,7 @@ def run_benchmark_command(args) -> int:
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains, config)
         if args.estimate:
-            from .estimate import estimate_benchmark, report
+            from .estimates.estimate import estimate_benchmark, report
 
             on = executor_config(args, args.device)
             return report(lambda: [estimate_benchmark(model, domains, config, args.device, args.threads, on)])

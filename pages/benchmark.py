@@ -90,8 +90,8 @@ def _start() -> None:
 
 refused = None
 if domains and not choice.problem and not run_on_problem:
-    # What the benchmark would cost on this machine, before it starts (dowsing.estimate).
-    from dowsing.estimate import estimate_benchmark
+    # What the benchmark would cost on this machine, before it starts (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_benchmark
     from pages._estimate import estimate_panel
 
     planned = _config()

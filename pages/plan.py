@@ -211,8 +211,8 @@ state = _shared.runner().state(job_id) if job_id else None
 measured = state is not None and state.status == "done"
 refused = None
 if request is not None and not measured:
-    # What the pilots would cost on this machine, before they start (dowsing.estimate).
-    from dowsing.estimate import estimate_plan
+    # What the pilots would cost on this machine, before they start (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_plan
     from pages._estimate import estimate_panel
 
     refused = estimate_panel("plan_estimate",

@@ -35,12 +35,12 @@ n_facts = sum(len(d.facts) for d in domains)
 def _run_time() -> tuple[str, str]:
     """(time text, where it comes from) of an analysis of the active set."""
     try:
-        from dowsing import estimate as est
+        from dowsing.estimates import estimate as est
 
         if config is not None and not choice.problem:
             cal = est.cached_calibration(choice.model_id, config.device, config.dtype, est.default_threads())
             if cal is not None:
-                from dowsing.estimate import estimate_analysis
+                from dowsing.estimates.estimate import estimate_analysis
                 from dowsing.pipelines.executor import ExecutorConfig
                 from pages._estimate import cached_tokenizer
 

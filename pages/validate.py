@@ -56,8 +56,8 @@ def _start() -> None:
 
 
 if domains and not choice.problem:
-    # What the validation would cost on this machine, before it starts (dowsing.estimate).
-    from dowsing.estimate import estimate_validation
+    # What the validation would cost on this machine, before it starts (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_validation
     from pages._estimate import estimate_panel
 
     try:

@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dowsing import analysis_costs, calibration, cost_report, costs
+from dowsing.estimates import analysis_costs, calibration, cost_report
+from dowsing import costs
 from dowsing.kernels import pilots
-from dowsing import estimate as est
+from dowsing.estimates import estimate as est
 from dowsing.estimators import pilot as pilot_family
 from dowsing.validation import costs as validation_costs
 from tiny_models import SMALL_VOCAB

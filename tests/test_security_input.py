@@ -194,7 +194,7 @@ def test_facts_over_the_token_cap_are_refused_before_the_run(tmp_path, capsys, m
 
 
 def test_a_run_over_the_memory_available_is_refused(cache, tmp_path, capsys, monkeypatch, tiny_gpt2_dir):
-    from dowsing import cost_report
+    from dowsing.estimates import cost_report
     from dowsing.cli import main
 
     monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)

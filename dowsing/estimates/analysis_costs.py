@@ -7,7 +7,7 @@ arithmetic over a calibration (`calibration.Calibration`) and the
 domains' tokens per fact."""
 from __future__ import annotations
 
-from .costs import (COEF_CHUNK, Cost, RunShape, block_inputs_bytes, largest_batch, matmul_s, padded_tokens,
+from ..costs import (COEF_CHUNK, Cost, RunShape, block_inputs_bytes, largest_batch, matmul_s, padded_tokens,
                     predicted_tokens, resident_bytes, solve_s, substitution_s, tail_pass_s, hessian_s)
 
 
@@ -20,7 +20,7 @@ def analysis_route(config) -> str:
 
 
 def _grid_points(n_k: int, config) -> int:
-    from .kernels.saturation import n_grid
+    from ..kernels.saturation import n_grid
 
     return len(n_grid(n_k, config.saturation_points, config.saturation_max_factor))
 
@@ -92,8 +92,8 @@ def analysis_pilot_keep(cal, config) -> int:
     """The blocks after the analysis' captured block inputs (`ranking.capture_block`):
     the alignment's when the ranking estimator trains on block inputs, the
     pilot recipe's when the diagnosis runs, the more of the two."""
-    from .estimators import get
-    from .kernels.pilots import PILOT_RECIPE
+    from ..estimators import get
+    from ..kernels.pilots import PILOT_RECIPE
 
     wanted = [min(config.align_blocks, cal.n_layers)] if "block_inputs" in get(config.estimator).needs else []
     if config.diagnose:
@@ -105,7 +105,7 @@ def analysis_run(cal, domains: list, config) -> RunShape:
     """The analysis as its ranking estimator and its diagnosis see it: every
     domain's two seeded halves (`splitting.split_order`), the whole domains
     and the settings. domains: [(name, [tokens per fact])]."""
-    from .kernels.splitting import split_order
+    from ..kernels.splitting import split_order
 
     halves = [split_order(list(d), n, config.seed) for n, d in domains]
     return RunShape("analysis", [a for a, _ in halves], [b for _, b in halves], analysis_pilot_keep(cal, config),
@@ -118,7 +118,7 @@ def ranking_cost(cal, domains: list, config) -> Cost:
     """The ranking estimator's own work, as its family prices it in an
     analysis (none for mean loss and the paper's, which reuse the forward
     pass and the solves). domains: [(name, [tokens per fact])]."""
-    from .estimators import FAMILIES, get
+    from ..estimators import FAMILIES, get
 
     return FAMILIES[get(config.estimator).family].price(cal, analysis_run(cal, domains, config), [config.estimator])
 
@@ -128,7 +128,7 @@ def diagnosis_cost(cal, domains: list, config) -> Cost | None:
     gain of every domain on its two seeded halves, priced by its family;
     None when it does not run, or the ranking estimator is the pilot gain
     and has it already."""
-    from .estimators import FAMILIES, PILOT_GAIN, get
+    from ..estimators import FAMILIES, PILOT_GAIN, get
 
     if not config.diagnose or config.estimator == PILOT_GAIN:
         return None

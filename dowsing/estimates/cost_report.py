@@ -139,8 +139,8 @@ def report(build, out=None) -> int:
     bad input, or with the refusal when a peak exceeds the memory available."""
     import sys
 
-    from .domains import DomainError
-    from .access.models import ModelError
+    from ..domains import DomainError
+    from ..access.models import ModelError
 
     out = out or sys.stdout
     try:

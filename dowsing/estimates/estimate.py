@@ -28,8 +28,8 @@ from .calibration import (Calibration, cached_calibration, calibrate, calibratio
                           calibration_path, default_threads)
 from .cost_report import (Estimate, available_memory_bytes, format_bytes, format_estimate,  # noqa: F401
                           format_seconds, load_note, memory_refusal, report)
-from .costs import RAY_STARTUP_S, RunShape, predicted_tokens, resident_bytes
-from .paths import cache_dir
+from ..costs import RAY_STARTUP_S, RunShape, predicted_tokens, resident_bytes
+from ..paths import cache_dir
 
 
 def _basis(cal: Calibration) -> list:
@@ -54,7 +54,7 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
     """The estimate of one analysis. domains: [(name, [tokens per fact])];
     ray_workers: the Ray workers the per-domain units would spread over (0:
     in this process; the structured route always stays here)."""
-    from .kernels.forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
+    from ..kernels.forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
     lengths = [list(d) for _, d in domains]
     flat = [n for d in lengths for n in d]
     route = analysis_route(config)
@@ -89,7 +89,7 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0)
 def family_costs(cal: Calibration, run: RunShape, wanted) -> dict:
     """{family: Cost} of the estimator families of the wanted names, in the
     registry's order, each priced by its own cost function."""
-    from .estimators import FAMILIES
+    from ..estimators import FAMILIES
 
     return {family: FAMILIES[family].price(cal, run, members) for family, members in wanted.items()}
 
@@ -103,12 +103,12 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
     take it). ray_workers: Ray workers for the fine-tunes (0: in this
     process); ray_local: they share this machine's cores with the
     estimators."""
-    from .estimators import FAMILIES, PAPER, by_family, get
-    from .kernels.forward import forward_pass_s
-    from .validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
+    from ..estimators import FAMILIES, PAPER, by_family, get
+    from ..kernels.forward import forward_pass_s
+    from ..validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
                                    curve_predictions_s, truth_trainer_s)
-    from .validation.plan_check import ALLOCATIONS
-    from .validation.protocol import dose_steps
+    from ..validation.plan_check import ALLOCATIONS
+    from ..validation.protocol import dose_steps
 
     names = [n for n, _ in train]
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
@@ -169,11 +169,11 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
 def validation_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0) -> Estimate:
     """The estimate of one quick validation (`validation.validate`); train /
     held as in `benchmark_cost`."""
-    from .estimators import PAPER, EstimatorSettings, by_family, names as offered
-    from .kernels.forward import forward_pass_s
-    from .validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
-    from .validation.finetune import validation_recipe
-    from .validation.validate import scored_estimators
+    from ..estimators import PAPER, EstimatorSettings, by_family, names as offered
+    from ..kernels.forward import forward_pass_s
+    from ..validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
+    from ..validation.finetune import validation_recipe
+    from ..validation.validate import scored_estimators
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
     keep = min(config.finetune_blocks, cal.n_layers)
@@ -212,9 +212,9 @@ def plan_cost(cal: Calibration, train: list, held: list, config) -> Estimate:
     held as in `benchmark_cost`, the halves of `splitting.split_domains`.
     Memory as the benchmark's forward pass and fine-tunes hold it, without
     the estimators' working sets."""
-    from .costs import block_inputs_bytes, largest_batch
-    from .kernels.forward import forward_pass_s
-    from .kernels.pilots import PILOT_RECIPE, plan_pilots_cost
+    from ..costs import block_inputs_bytes, largest_batch
+    from ..kernels.forward import forward_pass_s
+    from ..kernels.pilots import PILOT_RECIPE, plan_pilots_cost
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
@@ -246,7 +246,7 @@ def load_tokenizer(model_id):
     is cached), from where `models.load_model` would take it."""
     from transformers import AutoTokenizer
 
-    from .access.models import ModelError, converted_dir, resolve_model
+    from ..access.models import ModelError, converted_dir, resolve_model
 
     _, source, location = resolve_model(model_id)
     folder = converted_dir(Path(location)) if source in ("embedded", "gguf") else location
@@ -259,7 +259,7 @@ def load_tokenizer(model_id):
 def domain_tokens(tokenizer, cal: Calibration, domains) -> list:
     """[(name, [tokens per fact])] of Domain objects; ValueError when they come
     to more tokens than a run accepts, as the run itself would refuse."""
-    from .limits import too_many_tokens
+    from ..limits import too_many_tokens
 
     counted, total = [], 0
     for d in domains:
@@ -295,14 +295,14 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     result the run returns at once; the estimate says so and what computing
     it afresh would cost. executor: an ExecutorConfig; calibration and
     tokenizer: the model's, when the caller has them."""
-    from .pipelines.analysis import cache_key
-    from .config import AnalysisConfig
-    from .domains import as_domains
+    from ..pipelines.analysis import cache_key
+    from ..config import AnalysisConfig
+    from ..domains import as_domains
 
     config = config or AnalysisConfig()
     domains = as_domains(domains)
     if config.checkpoints:
-        from .access.checkpoints import validate_checkpoints
+        from ..access.checkpoints import validate_checkpoints
 
         validate_checkpoints(config.checkpoints)
     cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
@@ -310,7 +310,7 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     workers, _ = ray_workers(executor)
     estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers)
     if use_cache and (cache_dir() / "results").is_dir():
-        from .storage.store import ResultStore
+        from ..storage.store import ResultStore
 
         if ResultStore().get(cache_key(model_id, domains, config)) is not None:
             estimate.notes.insert(0, f"a result of this request is cached: the run returns it at once "
@@ -327,14 +327,14 @@ def estimate_benchmark(model_id=None, domains=None, config=None, device: str = "
     cut as the run cuts it (max_facts, then the collection protocol's
     sample, test facts and pool, and the sample's halves). threads: the
     torch threads it would run with (None: the current setting)."""
-    from .domains import benchmark_domains
-    from .kernels.splitting import split_domains
-    from .validation.benchmark import BenchmarkConfig, check_domains
-    from .validation.protocol import collection_split
+    from ..domains import benchmark_domains
+    from ..kernels.splitting import split_domains
+    from ..validation.benchmark import BenchmarkConfig, check_domains
+    from ..validation.protocol import collection_split
 
     config = config or BenchmarkConfig()
     if config.checkpoints:
-        from .access.checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
     domains = check_domains(domains if domains is not None else benchmark_domains(), config)
@@ -351,13 +351,13 @@ def estimate_validation(model_id, domains, config=None, held_out=None, executor=
                         calibration: Calibration | None = None, tokenizer=None) -> Estimate:
     """What `validation.validate.validate` would cost (float32 on the CPU,
     as it runs). held_out: {name: [facts]} or None (a seeded half)."""
-    from .domains import as_domains
-    from .kernels.splitting import split_domains
-    from .validation.validate import ValidationConfig
+    from ..domains import as_domains
+    from ..kernels.splitting import split_domains
+    from ..validation.validate import ValidationConfig
 
     config = config or ValidationConfig()
     if config.checkpoints:
-        from .access.checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
     train, held = split_domains(as_domains(domains), config.seed, config.held_out_fraction, held_out)
@@ -374,9 +374,9 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     cost; config a PilotConfig or PlanConfig. With use_cache and the pilots
     stored under their `plan_key` the run returns them at once, and the
     estimate says so."""
-    from .domains import as_domains
-    from .pipelines.plan import PilotConfig, plan_key
-    from .kernels.splitting import split_domains
+    from ..domains import as_domains
+    from ..pipelines.plan import PilotConfig, plan_key
+    from ..kernels.splitting import split_domains
 
     config = config or PilotConfig()
     domains = as_domains(domains)
@@ -385,7 +385,7 @@ def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibr
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
     estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config)
     if use_cache and (cache_dir() / "plans").is_dir():
-        from .storage.store import JsonStore
+        from ..storage.store import JsonStore
 
         if JsonStore("plans").get(plan_key(model_id, domains, config)) is not None:
             estimate.notes.insert(0, f"these pilots are cached: the run returns them at once (measured afresh, "

@@ -18,8 +18,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .costs import CALIBRATION_DOMAINS, tail_work
-from .paths import cache_dir
+from ..costs import CALIBRATION_DOMAINS, tail_work
+from ..paths import cache_dir
 
 CALIBRATION_VERSION = 1
 
@@ -109,7 +109,7 @@ def calibration_path(fingerprint: str, device: str, dtype: str, threads: int) ->
 def cached_calibration(model_id, device: str, dtype: str, threads: int) -> Calibration | None:
     """The stored calibration of this model, device, dtype and thread count,
     or None. A bad model id or path raises the loader's ModelError."""
-    from .pipelines.analysis import model_fingerprint
+    from ..pipelines.analysis import model_fingerprint
 
     path = calibration_path(model_fingerprint(model_id), device, dtype, threads)
     try:
@@ -125,9 +125,9 @@ def calibrate(model_id=None, device: str = "cpu", dtype: str = "float32", thread
     threads: torch threads to measure at (None: the current setting)."""
     import torch
 
-    from .pipelines.analysis import model_fingerprint
-    from .access.models import load_model
-    from .paths import atomic_write_text
+    from ..pipelines.analysis import model_fingerprint
+    from ..access.models import load_model
+    from ..paths import atomic_write_text
 
     threads = int(threads or torch.get_num_threads())
     if use_cache:
@@ -184,8 +184,8 @@ def _import_run_modules() -> None:
     # so the memory it finds before loading is a run's.
     import transformers  # noqa: F401
 
-    from .pipelines import analysis  # noqa: F401
-    from .validation import benchmark  # noqa: F401
+    from ..pipelines import analysis  # noqa: F401
+    from ..validation import benchmark  # noqa: F401
 
 
 def default_threads() -> int:
@@ -203,13 +203,13 @@ def calibration_in_subprocess(model_id, device: str = "cpu", dtype: str = "float
     import subprocess
     import sys
 
-    from .paths import REPO_ROOT
+    from ..paths import REPO_ROOT
 
     threads = int(threads or default_threads())
     found = cached_calibration(model_id, device, dtype, threads)
     if found is not None:
         return found
-    code = ("import sys; from dowsing.calibration import calibrate; "
+    code = ("import sys; from dowsing.estimates.calibration import calibrate; "
             "calibrate(sys.argv[1] or None, sys.argv[2], sys.argv[3], int(sys.argv[4]))")
     try:
         proc = subprocess.run([sys.executable, "-c", code, model_id or "", device, dtype, str(threads)],
@@ -294,8 +294,8 @@ def model_shape(net) -> dict:
     layers."""
     import torch
 
-    from .kernels.alignment import blocks_of
-    from .kernels.subspace import find_anatomy
+    from ..kernels.alignment import blocks_of
+    from ..kernels.subspace import find_anatomy
 
     anatomy = find_anatomy(net)
     blocks = list(blocks_of(net))
@@ -319,7 +319,7 @@ def model_shape(net) -> dict:
 def calibration_facts() -> list:
     """The calibration's facts: the first four of each shipped default domain
     (fixed, so a calibration depends on the model only)."""
-    from .domains import default_domains
+    from ..domains import default_domains
 
     return [f for d in default_domains() for f in d.facts[:4]]
 
@@ -346,9 +346,9 @@ def _probe_forward(loaded, device: str) -> dict:
     """One forward pass (the analysis' and the benchmark's) over the
     calibration facts, keeping the last block's input; the per-token tensors
     the other probes use."""
-    from .kernels.alignment import block_inputs_by_fact, capture_inputs_during
-    from .kernels.forward import forward_pass
-    from .kernels.subspace import encode_facts, find_anatomy, make_batches
+    from ..kernels.alignment import block_inputs_by_fact, capture_inputs_during
+    from ..kernels.forward import forward_pass
+    from ..kernels.subspace import encode_facts, find_anatomy, make_batches
 
     net = loaded.model
     anatomy = find_anatomy(net)
@@ -377,8 +377,8 @@ def _probe_coefficients(probe: dict, device: str) -> dict:
     """tail_coefficients (the analysis' per-domain curvature, double backprop
     through the final norm and LM head) and the LM-head derivatives along
     several directions at once (the benchmark's subspace terms)."""
-    from .kernels.curvature import tail_coefficients
-    from .kernels.subspace_terms import LogitLine, derivatives_at_zero
+    from ..kernels.curvature import tail_coefficients
+    from ..kernels.subspace_terms import LogitLine, derivatives_at_zero
 
     tokens, anatomy = probe["tokens"], probe["anatomy"]
     v = probe["directions"][0].to(tokens.h.dtype)
@@ -395,8 +395,8 @@ def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:
     calibration fact in each minibatch), and single-fact gradients of it."""
     import torch
 
-    from .kernels.alignment import tail_grad_fn, tail_model, tail_parameters
-    from .kernels.training import Recipe, TailData, TailTrainer
+    from ..kernels.alignment import tail_grad_fn, tail_model, tail_parameters
+    from ..kernels.training import Recipe, TailData, TailTrainer
 
     ids, inputs = probe["ids"], probe["block_inputs"]
     rows = list(range(len(ids)))
@@ -443,9 +443,9 @@ def _probe_rates(device: str, d_ff: int) -> dict:
     import numpy as np
     import torch
 
-    from .kernels.saturation import n_grid
-    from .kernels.uncertainty import DomainKernels, bootstrap_domains
-    from .validation.correlations import domain_bootstrap
+    from ..kernels.saturation import n_grid
+    from ..kernels.uncertainty import DomainKernels, bootstrap_domains
+    from ..validation.correlations import domain_bootstrap
 
     d = max(min(d_ff, 1536), 64)
     gen = torch.Generator().manual_seed(0)
