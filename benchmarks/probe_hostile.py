@@ -290,7 +290,7 @@ def _pickled_row_case(name: str, folder: str, read, key: str = "hostile"):
 
 def _read_jobs(probe: Probe) -> None:
     os.environ["DOWSING_CACHE"] = str(probe.cache)
-    from dowsing.jobs import JobStore
+    from dowsing.background.jobs import JobStore
 
     store = JobStore()
     try:

@@ -19,7 +19,7 @@ from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints, par
 from dowsing.access.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
+from dowsing.background.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
 from dowsing.access.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
 from dowsing.safe_text import md_escape
 

@@ -3,7 +3,7 @@ really does? The leaderboard with intervals, the ground truth's own
 reliability, predicted against realised gain per estimator, and learning
 curves beside the predicted saturation.
 
-The benchmark runs as a background job (`dowsing.jobs`, kind "benchmark"):
+The benchmark runs as a background job (`dowsing.background.jobs`, kind "benchmark"):
 it waits its turn behind any other heavy run, survives a refresh (its id is
 in the URL) and Cancel stops it and its Ray tasks; this page polls it.
 """
@@ -17,7 +17,7 @@ import streamlit as st
 from dowsing import workspace
 from dowsing.domains import DomainError, benchmark_domains
 from dowsing.pipelines.executor import execution_text
-from dowsing.jobs import JobRequest, one_line
+from dowsing.background.jobs import JobRequest, one_line
 from dowsing.access.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text

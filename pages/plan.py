@@ -2,7 +2,7 @@
 domains of the active set and the model in the sidebar.
 
 The pilot fine-tunes that give each domain its learning curve run as a
-background job (`dowsing.jobs`, kind "plan"): it waits its turn behind any
+background job (`dowsing.background.jobs`, kind "plan"): it waits its turn behind any
 other heavy run, survives a refresh (its id is the pilots' cache key, so the
 same model and domains find it again) and Cancel stops it. The allocation
 (`dowsing.pipelines.plan`) is instant, so it is recomputed here on every change of the
@@ -28,7 +28,7 @@ import streamlit as st
 from dowsing.presentation import plan_charts, report
 from dowsing import workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
-from dowsing.jobs import JobRequest, newest_match, one_line
+from dowsing.background.jobs import JobRequest, newest_match, one_line
 from dowsing.access.models import ModelError
 from dowsing.pipelines.plan import (PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
                           plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)

@@ -10,7 +10,7 @@ from dowsing import estimators
 from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import DomainError, validation_problems
 from dowsing.storage.caches import STORE_SIZE_LIMIT_BYTES
-from dowsing.jobs import JobRequest, JobState, cache_usage, clear_results
+from dowsing.background.jobs import JobRequest, JobState, cache_usage, clear_results
 from dowsing.access.models import ModelError
 from dowsing.safe_text import md_escape
 from pages import _shared

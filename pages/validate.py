@@ -1,7 +1,7 @@
 """Validate: does the ranking hold? Ground truth by training, rival
 estimators side by side, cross-domain transfer, and an exactness check.
 
-The validation runs as a background job (`dowsing.jobs`, kind "validation"):
+The validation runs as a background job (`dowsing.background.jobs`, kind "validation"):
 it waits its turn behind any other heavy run, survives a refresh (its id is
 in the URL) and Cancel stops it; this page polls it.
 """
@@ -12,7 +12,7 @@ import streamlit as st
 from dowsing.presentation import charts, report
 from dowsing import workspace
 from dowsing.domains import DomainError
-from dowsing.jobs import JobRequest, one_line
+from dowsing.background.jobs import JobRequest, one_line
 from dowsing.access.models import ModelError
 from dowsing.validation import validate as validation
 from dowsing.safe_text import md_escape

@@ -258,7 +258,7 @@ def test_run_page_shows_progress_and_finishes(finished_job):
 def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     _, job_id, _ = finished_job
     from dowsing.presentation import report
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     result = default_runner().result(job_id)
     assert result is not None
@@ -329,7 +329,7 @@ def results_page(tiny, job_id):
 def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     _, job_id, _ = finished_job
     from dowsing.presentation import report
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     result = default_runner().result(job_id)
     boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
@@ -360,7 +360,7 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
 
 def test_results_and_run_say_when_the_domains_changed_after_the_run(finished_job, tiny):
     from dowsing import workspace
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
     from pages._shared import job_labels
 
     _, job_id, _ = finished_job
@@ -390,7 +390,7 @@ def test_results_and_run_say_when_the_domains_changed_after_the_run(finished_job
 def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
     """A result cached before the bootstrap and the transfer matrix existed still shows."""
     _, job_id, _ = finished_job
-    from dowsing.jobs import LocalJobRunner, default_runner
+    from dowsing.background.jobs import LocalJobRunner, default_runner
     from dowsing.result import Result
 
     result = default_runner().result(job_id)
@@ -411,7 +411,7 @@ def test_results_report_includes_the_newest_plan_of_the_same_model_and_domains(f
     when) and the report the download builds carries its section."""
     from dowsing.presentation import report
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, default_runner, newest_match
+    from dowsing.background.jobs import JobRequest, default_runner, newest_match
     from dowsing.pipelines.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
     from pages._shared import PLAN_BUDGET
 
@@ -475,7 +475,7 @@ def test_compare_two_runs(finished_job, tiny):
     assert any("Paper: concept-subspace influence" in c.value for c in at.caption)
     button(at, "Analyze").click()
     run_until_done(at)
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     job = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
     state = default_runner().state(job)
@@ -568,7 +568,7 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     job's stored result; then the transfer heatmap of the finished analysis
     and the exactness check."""
     from dowsing.validation.validate import ValidationResult
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     _, job_id, _ = finished_job
     at = make_app(tiny, "pages/validate.py")
@@ -632,7 +632,7 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
     import os
 
     from dowsing import workspace
-    from dowsing.jobs import JobStore
+    from dowsing.background.jobs import JobStore
 
     before = workspace.active_set()
     workspace.save_set_raw("On Ray", [
@@ -668,7 +668,7 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
 
 def test_benchmark_page_shows_the_shipped_leaderboards_until_a_run_of_its_own(tiny):
     from dowsing.validation.evidence import evidence_rows, load_evidence
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     if default_runner().history("benchmark"):
         pytest.skip("this module's cache already holds a benchmark run")
@@ -692,7 +692,7 @@ def test_benchmark_page_shows_the_shipped_leaderboards_until_a_run_of_its_own(ti
 
 
 def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_it(tiny):
-    from dowsing.jobs import default_runner, session_pids
+    from dowsing.background.jobs import default_runner, session_pids
 
     at = make_app(tiny, "pages/benchmark.py")
     at.checkbox(key="bench_quick").check().run()
@@ -720,7 +720,7 @@ def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_i
 
 
 def test_benchmark_page_checks_the_plan_by_training_and_shows_the_check(tiny):
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     at = make_app(tiny, "pages/benchmark.py")
     at.checkbox(key="bench_quick").check().run()
@@ -779,7 +779,7 @@ def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache,
     run_until_done(at)
     job = at.query_params["job"]
     job = job[0] if isinstance(job, list) else job
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     state = default_runner().state(job)
     assert state.request["config"]["checkpoints"] == [str(tiny_gpt2_dir), str(steps[0]), str(steps[1])]
@@ -798,7 +798,7 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     would see."""
     from dowsing.presentation import verdict
     from dowsing.domains import Domain, hard_case_domains
-    from dowsing.jobs import JobRequest, default_runner
+    from dowsing.background.jobs import JobRequest, default_runner
 
     runner = default_runner()
     domains = [Domain(d.name, tuple(d.facts[:12])) for d in hard_case_domains(quick=True)]
@@ -830,7 +830,7 @@ def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_
     from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, JobState, default_runner, now_iso, request_summary, result_summary
+    from dowsing.background.jobs import JobRequest, JobState, default_runner, now_iso, request_summary, result_summary
 
     domains = [Domain(name, tuple(f"{name} fact number {i} holds here." for i in range(4)))
                for name in ("Optics", "Geology", "Botany")]
@@ -846,7 +846,7 @@ def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_
     # A live process that the runner takes for this job's worker (its command line names both), so the job
     # stays "running" for as long as the test needs; the state and the partial file are written as the worker
     # writes them, through the job store.
-    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "dowsing.worker", job_id])
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "dowsing.background.worker", job_id])
     try:
         stamp = now_iso()
         runner.store.put(JobState(job_id=job_id, status="running", stage="solve", fraction=0.62,

@@ -376,7 +376,7 @@ def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monke
     monkeypatch.setenv("DOWSING_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     st.cache_resource.clear()
-    from dowsing.jobs import JobState, JobStore, now_iso
+    from dowsing.background.jobs import JobState, JobStore, now_iso
     from dowsing.validation.benchmark import BenchmarkResult
 
     store = JobStore()

@@ -131,7 +131,7 @@ def _job_result(cache: Path, job_id: str) -> dict:
     """The finished analysis `job_id` as the app's job store holds it."""
     import json
 
-    code = ("import sys; from dowsing.jobs import default_runner; "
+    code = ("import sys; from dowsing.background.jobs import default_runner; "
             "print(default_runner().result(sys.argv[1]).to_json())")
     out = subprocess.run([sys.executable, "-c", code, job_id], cwd=REPO,
                          env=dict(os.environ, DOWSING_CACHE=str(cache)), capture_output=True, text=True, check=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dowsing.config import AnalysisConfig, settings_changes
-from dowsing.jobs import JobState
+from dowsing.background.jobs import JobState
 
 
 def test_defaults_describe_as_nothing_and_changes_as_name_value_pairs():

@@ -18,7 +18,7 @@ import pytest
 
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain, default_domains
-from dowsing.jobs import (
+from dowsing.background.jobs import (
     ACTIVE,
     WAITING_MESSAGE,
     JobRequest,
@@ -150,7 +150,7 @@ def test_a_large_state_never_reads_as_absent_while_another_process_updates_it(tm
     finds it."""
     import threading
 
-    from dowsing.jobs import JobState, JobStore
+    from dowsing.background.jobs import JobState, JobStore
 
     writer, reader = JobStore(tmp_path), JobStore(tmp_path)
     request = {"kind": "plan", "domains": [[f"D{i}", [f"fact {j} " + "x" * 60 for j in range(40)]] for i in range(20)]}
@@ -487,7 +487,7 @@ def test_cancel_leaves_no_process_of_a_run_on_ray_behind(runner, tiny_llama_dir)
 
 
 def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
-    """A stand-in worker (it looks like `dowsing.worker JOB3` in /proc) that
+    """A stand-in worker (it looks like `dowsing.background.worker JOB3` in /proc) that
     exits on SIGTERM, with a child in a process group of its own (as Ray's
     task workers are) that ignores SIGTERM: cancel must not stop at the worker."""
     child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -495,7 +495,7 @@ def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
     worker = ("import os, subprocess, sys, time; "
               f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
               "preexec_fn=os.setpgrp); c.stdout.readline(); print(c.pid, flush=True); time.sleep(60)")
-    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.worker", JOB3], stdout=subprocess.PIPE,
+    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.background.worker", JOB3], stdout=subprocess.PIPE,
                                 start_new_session=True)
     child_pid = int(stand_in.stdout.readline())
     assert os.getpgid(child_pid) != stand_in.pid and len(session_members(stand_in.pid)) == 2
@@ -516,7 +516,7 @@ def _queued_job(store: JobStore, model_dir) -> str:
 
 def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, tiny_gpt2_dir):
     from dowsing.pipelines import analysis
-    from dowsing import worker
+    from dowsing.background import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -551,7 +551,7 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
 def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_when_done(tmp_path, monkeypatch,
                                                                                            tiny_gpt2_dir):
     from dowsing.pipelines import analysis
-    from dowsing import worker
+    from dowsing.background import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -581,7 +581,7 @@ def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_
 )
 def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, error, expected):
     from dowsing.pipelines import analysis
-    from dowsing import worker
+    from dowsing.background import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -599,10 +599,10 @@ def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, erro
 
 def test_cancel_kills_a_worker_that_ignores_sigterm(runner):
     # A stand-in worker stuck where SIGTERM cannot reach Python code; the
-    # trailing arguments make it look like `dowsing.worker JOB2` in /proc.
+    # trailing arguments make it look like `dowsing.background.worker JOB2` in /proc.
     stuck = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('ready', flush=True); time.sleep(60)", "dowsing.worker", JOB2],
+         "print('ready', flush=True); time.sleep(60)", "dowsing.background.worker", JOB2],
         stdout=subprocess.PIPE, start_new_session=True,
     )
     assert stuck.stdout.readline().strip() == b"ready"

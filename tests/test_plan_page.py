@@ -74,7 +74,7 @@ def editor(at):
 
 def job_id(tiny: str) -> str:
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest
+    from dowsing.background.jobs import JobRequest
     from dowsing.pipelines.plan import PilotConfig
 
     domains = [Domain(d["name"], tuple(d["facts"])) for d in DOMAINS]
@@ -85,7 +85,7 @@ def expected_counts(tiny: str, budget: float, costs=None, caps=None, weights=Non
     """`allocate` on the mean gain over the bootstrap curves fitted to the job's pilots, read from `have`."""
     import dataclasses
 
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
     from dowsing.pipelines.plan import PlanConfig, allocate, fit_pilots, gain_function, most_examples
 
     curves = fit_pilots(default_runner().result(job_id(tiny)).to_dict(), PlanConfig(budget=budget))
@@ -119,7 +119,7 @@ def planned(tiny):
 
 
 def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny):
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
     from dowsing.pipelines.plan import PilotMeasurements
 
     at, seen = planned
@@ -157,7 +157,7 @@ def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny
 
 
 def test_another_budget_costs_and_caps_reallocate_without_a_new_job(planned, tiny):
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     at, _ = planned
     before = default_runner().state(job_id(tiny))
@@ -230,7 +230,7 @@ def test_a_fresh_session_shows_the_measured_plan_at_once(planned, tiny):
 def test_with_a_finished_analysis_of_the_same_model_and_domains_its_report_is_offered_with_the_plan(planned, tiny):
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, default_runner
+    from dowsing.background.jobs import JobRequest, default_runner
 
     at = plan_page(tiny)
     labels = {d.label for d in at.get("download_button")}
@@ -250,7 +250,7 @@ def test_with_a_finished_analysis_of_the_same_model_and_domains_its_report_is_of
 
 def _library_plan(tiny: str, budget: float, job: str | None = None, collected=None):
     """The library's plan of the job's pilots at `budget` (then, with `collected`, its next round)."""
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
     from dowsing.pipelines.plan import PlanConfig, next_round, plan_from_pilots
 
     config = PlanConfig(budget=budget)
@@ -296,7 +296,7 @@ def test_the_next_round_adds_the_collected_facts_and_plans_what_is_left(planned,
 
     from dowsing import workspace
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, default_runner
+    from dowsing.background.jobs import JobRequest, default_runner
     from dowsing.pipelines.plan import PilotConfig, PlanConfig, allocate, fit_pilots, gain_function, most_examples
 
     at, _ = planned

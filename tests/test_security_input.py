@@ -96,9 +96,9 @@ def test_checkpoints_outside_the_roots_are_refused_in_the_app_and_the_worker(cac
     from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints
     from dowsing.config import AnalysisConfig
     from dowsing.domains import default_domains
-    from dowsing.jobs import JobRequest
+    from dowsing.background.jobs import JobRequest
     from dowsing.access.models import NOT_ALLOWED, ModelError
-    from dowsing.worker import check_model_paths
+    from dowsing.background.worker import check_model_paths
 
     root, outside = roots
     specs = (str(outside / "model"), str(outside / "empty"))

@@ -19,7 +19,7 @@ import pytest
 
 from dowsing.storage import caches
 from dowsing.domains import Domain
-from dowsing.jobs import MAX_ACTIVE_JOBS, JobRequest, JobState, JobStore, LocalJobRunner, QueueFull, now_iso
+from dowsing.background.jobs import MAX_ACTIVE_JOBS, JobRequest, JobState, JobStore, LocalJobRunner, QueueFull, now_iso
 from tiny_models import stand_in_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_an_id_that_is_not_a_job_id_is_never_looked_up_and_removes_nothing(runne
 
 
 def test_the_worker_refuses_an_id_that_is_not_a_job_id(cache):
-    from dowsing import worker
+    from dowsing.background import worker
 
     for job_id in ["../x", "/tmp/x", "a" * 63]:
         assert worker.main([job_id]) == 2
@@ -353,7 +353,7 @@ def test_with_a_login_configured_nothing_shows_before_the_visitor_logs_in(cache)
 def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models(cache, runner):
     from dowsing import workspace
     from dowsing.pipelines.executor import UnitStore
-    from dowsing.jobs import clear_results
+    from dowsing.background.jobs import clear_results
     from dowsing.storage.store import JsonStore, ResultStore
 
     results, units, plans = ResultStore(), UnitStore("run"), JsonStore("plans")  # open, as in a running app
@@ -398,7 +398,7 @@ def test_the_run_page_shows_the_cache_size_and_clears_results_but_not_the_domain
     import streamlit as st
 
     from dowsing import workspace
-    from dowsing.jobs import cache_usage
+    from dowsing.background.jobs import cache_usage
     from dowsing.storage.store import JsonStore, ResultStore
 
     st.cache_resource.clear()  # the app's job runner, pointed at this test's cache

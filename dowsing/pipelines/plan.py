@@ -198,7 +198,7 @@ class PlanConfig(ConfigRecord):
 @dataclass(frozen=True)
 class PilotConfig(ConfigRecord):
     """The settings the pilot measurements depend on, and nothing else: what
-    a plan job (`dowsing.jobs`, kind "plan") runs and caches. A PlanConfig
+    a plan job (`dowsing.background.jobs`, kind "plan") runs and caches. A PlanConfig
     with the same fields has the same curve_settings, so the job and
     `run_plan` share one cached measurement. transfer: measure the transfer
     matrix as well (`measure_pilots`)."""

@@ -6,5 +6,5 @@ Modules: `subspace_truth` (the response in the concept subspace), `finetune`
 correlations and bootstrap intervals), `leaderboard`, `validate` (the quick
 check on a user's domain set), `benchmark` (the benchmark with power) and
 `figures`. The app runs validations and benchmarks as background jobs
-(`dowsing.jobs`).
+(`dowsing.background.jobs`).
 """

@@ -6,7 +6,7 @@ pilot measurements. What differs
 between the kinds (their configuration, the engine call that runs them,
 where their result is kept, what the history says about them) is one
 `JobKind` in KINDS; a new kind is one more entry there. Everything else is
-shared by every kind: one worker (`python -m dowsing.worker JOB_ID`), one
+shared by every kind: one worker (`python -m dowsing.background.worker JOB_ID`), one
 runner lock, one cancel path and one liveness check.
 
 The pages only talk to the `JobRunner` protocol. `LocalJobRunner` runs each
@@ -44,9 +44,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable, Protocol, runtime_checkable
 
-from .storage.caches import DataCache, StoreDamaged
-from .config import DEVICES, AnalysisConfig
-from .paths import cache_dir, private_dir
+from ..storage.caches import DataCache, StoreDamaged
+from ..config import DEVICES, AnalysisConfig
+from ..paths import cache_dir, private_dir
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -103,56 +103,56 @@ def _analysis_config() -> type:
 
 
 def _validation_config() -> type:
-    from .validation.validate import ValidationConfig
+    from ..validation.validate import ValidationConfig
 
     return ValidationConfig
 
 
 def _benchmark_config() -> type:
-    from .validation.benchmark import BenchmarkConfig
+    from ..validation.benchmark import BenchmarkConfig
 
     return BenchmarkConfig
 
 
 def _plan_config() -> type:
-    from .pipelines.plan import PilotConfig
+    from ..pipelines.plan import PilotConfig
 
     return PilotConfig
 
 
 def _analysis_result() -> type:
-    from .result import Result
+    from ..result import Result
 
     return Result
 
 
 def _validation_result() -> type:
-    from .validation.validate import ValidationResult
+    from ..validation.validate import ValidationResult
 
     return ValidationResult
 
 
 def _benchmark_result() -> type:
-    from .validation.benchmark import BenchmarkResult
+    from ..validation.benchmark import BenchmarkResult
 
     return BenchmarkResult
 
 
 def _plan_result() -> type:
-    from .pipelines.plan import PilotMeasurements
+    from ..pipelines.plan import PilotMeasurements
 
     return PilotMeasurements
 
 
 def _analysis_key(request: "JobRequest") -> str:
-    from .pipelines.analysis import cache_key
+    from ..pipelines.analysis import cache_key
 
     return cache_key(request.model_id, list(request.domains), request.config)
 
 
 def _plan_key(request: "JobRequest") -> str:
     # the pilots' own cache key: a plan job and `run_plan` (the CLI) share one measurement
-    from .pipelines.plan import plan_key
+    from ..pipelines.plan import plan_key
 
     return plan_key(request.model_id, list(request.domains), request.config)
 
@@ -164,7 +164,7 @@ def request_key(request: "JobRequest") -> str:
     engine version, so a model trained further in the same folder is a new
     job, not a stale result. Where the units run is left out: it does not
     change the numbers."""
-    from .pipelines.analysis import cache_key
+    from ..pipelines.analysis import cache_key
 
     checkpoints = getattr(request.config, "checkpoints", ())
     inputs = cache_key(request.model_id, list(request.domains), AnalysisConfig(checkpoints=checkpoints))
@@ -175,7 +175,7 @@ def request_key(request: "JobRequest") -> str:
 
 
 def _run_analysis(request: "JobRequest", progress, executor):
-    from .pipelines.analysis import run_analysis
+    from ..pipelines.analysis import run_analysis
 
     # the ranking reaches the job state before the paper's quantities (`ProgressWriter.partial`)
     return run_analysis(request.model_id, list(request.domains), request.config, progress=progress, use_cache=True,
@@ -183,14 +183,14 @@ def _run_analysis(request: "JobRequest", progress, executor):
 
 
 def _run_validation(request: "JobRequest", progress, executor):
-    from .validation.validate import validate
+    from ..validation.validate import validate
 
     return validate(request.model_id, list(request.domains), request.config, held_out=request.held_out,
                     progress=progress, executor=executor)
 
 
 def _run_benchmark(request: "JobRequest", progress, executor):
-    from .validation.benchmark import run_benchmark
+    from ..validation.benchmark import run_benchmark
 
     # resume: a benchmark cancelled or killed half-way reuses the fine-tunes it finished
     return run_benchmark(request.model_id, list(request.domains), request.config, progress=progress,
@@ -198,7 +198,7 @@ def _run_benchmark(request: "JobRequest", progress, executor):
 
 
 def _run_plan(request: "JobRequest", progress, executor):
-    from .pipelines.plan import pilot_measurements
+    from ..pipelines.plan import pilot_measurements
 
     # the pilots run in this process: they are a few seconds per domain
     return pilot_measurements(request.model_id, list(request.domains), request.config, progress=progress)
@@ -323,7 +323,7 @@ class JobRequest:
 
     @classmethod
     def from_dict(cls, data: dict) -> "JobRequest":
-        from .domains import Domain
+        from ..domains import Domain
 
         kind = data.get("kind") or "analysis"  # records from before there were kinds are analyses
         if kind not in KINDS:
@@ -472,7 +472,7 @@ class JobStore:
         return self.results_dir(kind) / f"{checked_job_id(job_id)}.json"
 
     def write_result(self, job_id: str, kind: str, result) -> None:
-        from .paths import atomic_write_text
+        from ..paths import atomic_write_text
 
         atomic_write_text(self.result_path(job_id, kind), result.to_json())
 
@@ -482,7 +482,7 @@ class JobStore:
         return self.results_dir(kind) / f"{checked_job_id(job_id)}.partial.json"
 
     def write_partial(self, job_id: str, kind: str, result) -> None:
-        from .paths import atomic_write_text
+        from ..paths import atomic_write_text
 
         path = self.partial_path(job_id, kind)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -626,7 +626,7 @@ def pid_alive(pid: int, job_id: str | None = None) -> bool:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
         except OSError:
             return False
-        return b"dowsing.worker" in cmdline and job_id.encode() in cmdline
+        return b"dowsing.background.worker" in cmdline and job_id.encode() in cmdline
     return True
 
 
@@ -734,7 +734,7 @@ class LocalJobRunner:
     def results(self):
         """The engine's ResultStore (opened on first use)."""
         if self._results is None:
-            from .storage.store import ResultStore
+            from ..storage.store import ResultStore
 
             self._results = ResultStore()
         return self._results
@@ -808,7 +808,7 @@ class LocalJobRunner:
         return job_id
 
     def _spawn(self, job_id: str) -> subprocess.Popen:
-        package_root = str(Path(__file__).resolve().parent.parent)
+        package_root = str(Path(__file__).resolve().parent.parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["DOWSING_CACHE"] = str(self.store.root.parent)
@@ -817,7 +817,7 @@ class LocalJobRunner:
         log = os.fdopen(os.open(self.store.log_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
         try:
             return subprocess.Popen(
-                [sys.executable, "-m", "dowsing.worker", job_id],
+                [sys.executable, "-m", "dowsing.background.worker", job_id],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,

@@ -1,4 +1,4 @@
-"""The worker process of one job, whatever its kind: ``python -m dowsing.worker JOB_ID``.
+"""The worker process of one job, whatever its kind: ``python -m dowsing.background.worker JOB_ID``.
 
 It reads the job's request from the job store, waits for the machine's runner
 lock (one heavy run at a time, whatever its kind; meanwhile the job stays
@@ -21,7 +21,7 @@ import threading
 import time
 import traceback
 
-from .pipelines.executor import RunCancelled
+from ..pipelines.executor import RunCancelled
 from .jobs import (
     LOG_NOTE_PREFIX,
     JobRequest,
@@ -157,7 +157,7 @@ def _acquire_runner_lock(store: JobStore, job_id: str, run_id: str):
 def open_executor(request: JobRequest):
     """The unit executor the request names, with Ray started or joined (as
     the command line's `open_executor`); what it runs on goes to the log."""
-    from .pipelines.executor import ExecutorConfig, make_executor
+    from ..pipelines.executor import ExecutorConfig, make_executor
 
     previous = signal.getsignal(signal.SIGTERM)
     try:
@@ -177,8 +177,8 @@ def check_model_paths(request: JobRequest) -> None:
     """A job's model and checkpoints come from the app, so they must lie
     under the model roots (`models.allowed_model`); ModelError or
     CheckpointError, one line, otherwise."""
-    from .access.checkpoints import allowed_checkpoints
-    from .access.models import allowed_model
+    from ..access.checkpoints import allowed_checkpoints
+    from ..access.models import allowed_model
 
     allowed_model(request.model_id)
     allowed_checkpoints(getattr(request.config, "checkpoints", None) or ())
@@ -266,8 +266,8 @@ def _failed(store: JobStore, job_id: str, run_id: str, writer, exc: Exception) -
 
 
 def _is_input_error(exc: BaseException) -> bool:
-    from .domains import DomainError
-    from .access.models import ModelError
+    from ..domains import DomainError
+    from ..access.models import ModelError
 
     return isinstance(exc, (ModelError, DomainError, ValueError))
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _on_sigterm)
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1 or not is_job_id(args[0]):
-        print("usage: python -m dowsing.worker JOB_ID (a job id: 64 hex digits)", file=sys.stderr)
+        print("usage: python -m dowsing.background.worker JOB_ID (a job id: 64 hex digits)", file=sys.stderr)
         return 2
     try:
         return run_job(args[0])
