@@ -1,4 +1,4 @@
-"""The numerical kernels: pure functions over a model, its facts and their numbers.
+"""The numerical kernels the estimators and the runs are built from.
 
 The concept subspace and its solve, curvature, solvers, gradient alignment, the plain
 forward pass, training of the last blocks, pilot fine-tunes, the paper's metrics,
