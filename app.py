@@ -2,7 +2,7 @@
 
 Run with `make run` (or `streamlit run app.py`). The pages only lay out
 widgets; analyses, validations, benchmarks and a plan's pilots run as
-background jobs, in a worker process behind `dowsing.jobs`.
+background jobs, in a worker process behind `dowsing.background.jobs`.
 """
 import streamlit as st
 

@@ -24,11 +24,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dowsing.analysis import analyze  # noqa: E402
+from dowsing.pipelines.analysis import analyze  # noqa: E402
 from dowsing.config import AnalysisConfig  # noqa: E402
 from dowsing.domains import Domain, default_domains  # noqa: E402
-from dowsing.models import LoadedModel, ModelInfo, embedded_tokenizer_dir, load_model  # noqa: E402
-from dowsing.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses  # noqa: E402
+from dowsing.access.models import LoadedModel, ModelInfo, embedded_tokenizer_dir, load_model  # noqa: E402
+from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses  # noqa: E402
 
 SHAPES = {
     "gpt2": dict(n_embd=768, n_layer=12, n_head=12),

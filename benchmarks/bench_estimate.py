@@ -33,7 +33,7 @@ sys.path.insert(0, str(REPO))
 ESTIMATE_CODE = """
 import json, sys, time
 t0 = time.perf_counter()
-from dowsing import estimate
+from dowsing.estimates import estimate
 from dowsing.config import AnalysisConfig
 from dowsing.domains import benchmark_domains, default_domains
 from dowsing.validation.benchmark import BenchmarkConfig
@@ -50,7 +50,7 @@ print(json.dumps({"estimate": got.to_dict(), "seconds": time.perf_counter() - t0
 # is only meaningful on an idle machine (the shared cores stall them otherwise).
 DOCUMENTED_CODE = """
 import json, sys
-from dowsing import estimate
+from dowsing.estimates import estimate
 from dowsing.estimators import names
 from dowsing.validation.benchmark import BenchmarkConfig
 costly = ("diffin", "tracin_ckpt", "alignment", "alignment_adam", "alignment_heldout", "alignment_heldout_adam")

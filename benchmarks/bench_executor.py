@@ -35,8 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from dowsing.domains import Domain  # noqa: E402
-from dowsing.executor import ExecutorConfig, make_executor  # noqa: E402
-from dowsing.models import load_model  # noqa: E402
+from dowsing.pipelines.executor import ExecutorConfig, make_executor  # noqa: E402
+from dowsing.access.models import load_model  # noqa: E402
 from dowsing.validation.benchmark import DEFAULT_RECIPES, BenchmarkConfig, run_benchmark  # noqa: E402
 from dowsing.domains import benchmark_domains  # noqa: E402
 

@@ -52,7 +52,7 @@ def run_steps(facts_per_domain: int, only: tuple = STEPS) -> dict:
     """The steps in this process, on the checkout whose dowsing is imported."""
     import inspect
 
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain, default_domains
 
@@ -89,7 +89,7 @@ def run_steps(facts_per_domain: int, only: tuple = STEPS) -> dict:
         analysis("ranking_stage_after_edit", edited(five, 2), stage="ranking")
     if "plan_after_analysis" not in only:
         return steps
-    from dowsing.plan import PlanConfig, run_plan
+    from dowsing.pipelines.plan import PlanConfig, run_plan
 
     t0 = time.perf_counter()
     plan = run_plan(None, five, PlanConfig(budget=500))

@@ -29,10 +29,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     from dowsing.domains import benchmark_domains
     from dowsing.estimators import EstimatorContext, compute
-    from dowsing.forward import split_pass
-    from dowsing.models import load_model
-    from dowsing.splitting import split_domains
-    from dowsing.subspace import find_anatomy
+    from dowsing.kernels.forward import split_pass
+    from dowsing.access.models import load_model
+    from dowsing.kernels.splitting import split_domains
+    from dowsing.kernels.subspace import find_anatomy
     from dowsing.validation.benchmark import BenchmarkConfig, estimator_context
     from dowsing.validation.protocol import collection_split
 

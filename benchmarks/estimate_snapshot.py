@@ -15,12 +15,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dowsing import estimate as est  # noqa: E402
+from dowsing.estimates import estimate as est  # noqa: E402
 from dowsing.config import AnalysisConfig  # noqa: E402
 from dowsing.domains import benchmark_domains, default_domains  # noqa: E402
 from dowsing.estimators import names  # noqa: E402
-from dowsing.executor import ExecutorConfig  # noqa: E402
-from dowsing.plan import PilotConfig, PlanConfig  # noqa: E402
+from dowsing.pipelines.executor import ExecutorConfig  # noqa: E402
+from dowsing.pipelines.plan import PilotConfig, PlanConfig  # noqa: E402
 from dowsing.validation.benchmark import BenchmarkConfig  # noqa: E402
 from dowsing.validation.validate import ValidationConfig  # noqa: E402
 

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from dowsing.plan import PlanConfig, build_plan, fit_pilots  # noqa: E402
+from dowsing.pipelines.plan import PlanConfig, build_plan, fit_pilots  # noqa: E402
 
 DOMAINS, FACTS, SIZES, BUDGET, CAP = 16, 10, (2, 4, 5), 48, 12
 TRUTHS = {

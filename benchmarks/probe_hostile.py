@@ -290,7 +290,7 @@ def _pickled_row_case(name: str, folder: str, read, key: str = "hostile"):
 
 def _read_jobs(probe: Probe) -> None:
     os.environ["DOWSING_CACHE"] = str(probe.cache)
-    from dowsing.jobs import JobStore
+    from dowsing.background.jobs import JobStore
 
     store = JobStore()
     try:
@@ -302,14 +302,14 @@ def _read_jobs(probe: Probe) -> None:
 
 def _read_results(probe: Probe) -> None:
     os.environ["DOWSING_CACHE"] = str(probe.cache)
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     ResultStore().get("hostile")
 
 
 def _read_plan_store(probe: Probe) -> None:
     os.environ["DOWSING_CACHE"] = str(probe.cache)
-    from dowsing.store import JsonStore
+    from dowsing.storage.store import JsonStore
 
     JsonStore("probe-json").get("hostile")
 
@@ -323,7 +323,7 @@ PICKLE_CASES = [
 
 def corrupt_sqlite_page(probe: Probe) -> Outcome:
     os.environ["DOWSING_CACHE"] = str(probe.cache)
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     store = ResultStore()
     folder = Path(store.folder)

@@ -11,12 +11,12 @@ __all__ = ["AnalysisConfig", "DomainResult", "Result", "analyze", "run_analysis"
 
 
 def analyze(model, domains, config=None, progress=None):
-    from .analysis import analyze as _analyze
+    from .pipelines.analysis import analyze as _analyze
 
     return _analyze(model, domains, config, progress)
 
 
 def run_analysis(model_id, domains, config=None, progress=None, use_cache=True):
-    from .analysis import run_analysis as _run
+    from .pipelines.analysis import run_analysis as _run
 
     return _run(model_id, domains, config, progress, use_cache)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 from . import estimators
 from .config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, STAGES, AnalysisConfig
-from .executor import EXECUTORS
-from .models import EMBEDDED_ID, ModelError, atomic_write_text
+from .pipelines.executor import EXECUTORS
+from .access.models import EMBEDDED_ID, ModelError
+from .paths import atomic_write_text
 from .result import Result, format_sci
 
 BAD_INPUT = 2
@@ -23,8 +24,8 @@ def format_table(result: Result) -> str:
     benchmark measured for it, then Rank, Concept, Priority with its 90% interval,
     Share, the paper's Share of Mean (left out where Share already is it), the
     paper's Mean and Δn@10%, t vs rest and p."""
-    from .charts import SATURATION_SOURCE, ranking_domains
-    from .report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
+    from .presentation.charts import SATURATION_SOURCE, ranking_domains
+    from .presentation.report import (evidence_text, format_interval, format_share, mean_share_is_share, mean_share_note,
                          mean_shares, ranking_statement)
 
     has_mean = any(d.mean is not None for d in result.domains)  # none after --stage ranking
@@ -71,7 +72,7 @@ def add_executor_arguments(parser: argparse.ArgumentParser) -> None:
 
 def executor_config(args, device: str = "cpu"):
     """The ExecutorConfig of the command line (ValueError on nonsense)."""
-    from .executor import ExecutorConfig
+    from .pipelines.executor import ExecutorConfig
 
     if args.executor != "ray" and args.ray_cpus:
         raise ValueError("--ray-cpus needs --executor ray")
@@ -82,7 +83,7 @@ def executor_config(args, device: str = "cpu"):
 def open_executor(config, device: str = "cpu"):
     """The executor, with Ray started or joined; a one-line ValueError when
     Ray cannot be reached."""
-    from .executor import make_executor
+    from .pipelines.executor import make_executor
 
     executor = make_executor(config, device)
     if config.kind == "ray":
@@ -97,7 +98,7 @@ def cancel_on_sigterm() -> None:
     are cancelled on the way out instead of running on."""
     import signal
 
-    from .executor import RunCancelled
+    from .pipelines.executor import RunCancelled
 
     def stop(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -120,7 +121,7 @@ def checked_model(args, models: list) -> list:
     CheckpointError otherwise) and, without --model, the last is the model."""
     if not args.checkpoints:
         return models
-    from .checkpoints import check_last_is_model, validate_checkpoints
+    from .access.checkpoints import check_last_is_model, validate_checkpoints
 
     checked = validate_checkpoints(args.checkpoints)
     if models == [None]:
@@ -297,7 +298,7 @@ def add_plan_command(sub) -> None:
 def plan_config(args, domains: list):
     """The PlanConfig of the command line, its files read and matched to the
     domains (a one-line ValueError for anything wrong)."""
-    from .plan import PlanConfig, check_plan, load_values, match_domains, next_round
+    from .pipelines.plan import PlanConfig, check_plan, load_values, match_domains, next_round
 
     names = [d.name for d in domains]
     given = {}
@@ -328,13 +329,13 @@ def plan_config(args, domains: list):
 
 def run_plan_command(args) -> int:
     from .domains import DomainError, default_domains, load_domains
-    from .plan import format_plan, run_plan
+    from .pipelines.plan import format_plan, run_plan
 
     try:
         domains = load_domains(args.domains) if args.domains else default_domains()
         config = plan_config(args, domains)
         if args.estimate:
-            from .estimate import estimate_plan, report
+            from .estimates.estimate import estimate_plan, report
 
             return report(lambda: [estimate_plan(args.model, domains, config, use_cache=not args.no_cache)])
         result = run_plan(args.model, domains, config, progress=_progress_writer(args), use_cache=not args.no_cache)
@@ -349,7 +350,7 @@ def run_plan_command(args) -> int:
 
 
 def run_analyze(args) -> int:
-    from .analysis import run_analysis
+    from .pipelines.analysis import run_analysis
     from .domains import DomainError, default_domains, load_domains
 
     try:
@@ -361,7 +362,7 @@ def run_analyze(args) -> int:
                                 stage=args.stage)
         domains = load_domains(args.domains) if args.domains else default_domains()
         if args.estimate:
-            from .estimate import estimate_analysis, report
+            from .estimates.estimate import estimate_analysis, report
 
             on = executor_config(args, config.device)
             return report(lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache)
@@ -375,7 +376,7 @@ def run_analyze(args) -> int:
                 results = [run_analysis(models[0], domains, config, None if args.quiet else _progress,
                                         use_cache=not args.no_cache, executor=executor)]
             else:
-                from .analysis import run_analyses
+                from .pipelines.analysis import run_analyses
 
                 results = run_analyses(models, domains, config, executor, None if args.quiet else _progress)
     except (ModelError, DomainError, ValueError) as exc:
@@ -406,7 +407,7 @@ def run_validate(args) -> int:
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
         if args.estimate:
-            from .estimate import estimate_validation, report
+            from .estimates.estimate import estimate_validation, report
 
             on = executor_config(args)
             return report(lambda: [estimate_validation(model, domains, config, held_out, on)])
@@ -498,7 +499,7 @@ def run_benchmark_command(args) -> int:
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains, config)
         if args.estimate:
-            from .estimate import estimate_benchmark, report
+            from .estimates.estimate import estimate_benchmark, report
 
             on = executor_config(args, args.device)
             return report(lambda: [estimate_benchmark(model, domains, config, args.device, args.threads, on)])
@@ -540,7 +541,7 @@ def run_benchmark_command(args) -> int:
         atomic_write_text(Path(args.out), result.to_json())
         print(f"\nwrote {args.out}")
     if args.evidence:
-        from .evidence import EVIDENCE_FILE
+        from .validation.evidence import EVIDENCE_FILE
         from .validation.benchmark import evidence_from_result
 
         atomic_write_text(EVIDENCE_FILE, json.dumps(evidence_from_result(result), indent=2, ensure_ascii=False) + "\n")
@@ -591,7 +592,7 @@ CANCELLED = 143  # 128 + SIGTERM, as a process killed by it
 
 
 def main(argv=None) -> int:
-    from .executor import RunCancelled
+    from .pipelines.executor import RunCancelled
 
     args = build_parser().parse_args(argv)
     try:

@@ -12,7 +12,7 @@ CURVATURES = ("hessian", "ggn")
 DEVICES = ("cpu", "cuda")
 DTYPES = ("float32", "float64", "bfloat16")
 
-# What orders the domains (`dowsing.ranking`): a name from the estimator
+# What orders the domains (`dowsing.pipelines.ranking`): a name from the estimator
 # registry (`dowsing.estimators`), checked there. The paper's
 # concept-subspace influence is always computed (Mean, transfer, saturation);
 # the ranking estimator decides the Rank, Share and Priority columns. The
@@ -57,7 +57,7 @@ class AnalysisConfig(ConfigRecord):
         intervals and rank probabilities (curvature held fixed).
     estimator: what ranks the domains: an estimator the registry offers to
         analyses (`dowsing.estimators.names("analysis")`; checked by
-        `dowsing.ranking.check_estimator`). The paper's quantities are
+        `dowsing.pipelines.ranking.check_estimator`). The paper's quantities are
         computed whatever it is.
     align_blocks: the alignment estimators use the parameters of the last
         align_blocks transformer blocks and the final norm (all blocks when
@@ -65,14 +65,14 @@ class AnalysisConfig(ConfigRecord):
     adam_batches: seeded minibatches of 8 facts that estimate Adam's second
         moment (seeded by `seed`).
     checkpoints: the user's training checkpoints of the model, oldest first
-        (local folders or hub steps owner/name@revision; `dowsing.checkpoints`
+        (local folders or hub steps owner/name@revision; `dowsing.access.checkpoints`
         checks them), the last being the model analysed. The checkpoint
         estimators need at least two; the others ignore them.
     checkpoint_lr: the step size of every interval between two checkpoints
         (learning rate times optimizer steps), for TracIn and Diff-In; None
         estimates it from each interval's step length.
-    diagnose: also run the pilot fine-tunes (`dowsing.pilots`) that give
-        each domain its diagnosis sentence (`dowsing.diagnosis`).
+    diagnose: also run the pilot fine-tunes (`dowsing.kernels.pilots`) that give
+        each domain its diagnosis sentence (`dowsing.kernels.diagnosis`).
     stage: "all" (the ranking, the diagnosis and the paper's quantities) or
         "ranking" (stop after the ranking and the diagnosis: no curvature,
         solve, saturation or transfer; the paper's fields are None). The

@@ -19,8 +19,7 @@ import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from .models import atomic_write_text
-from .paths import cache_dir
+from .paths import atomic_write_text, cache_dir
 
 DEFAULT_SET = "Science (paper)"
 FORMAT_VERSION = 1

@@ -3,7 +3,7 @@ memory on this machine, and the refusal of a run whose memory exceeds what it
 has (the page disables its start button with the reason).
 
 The page passes what the run would be asked (its signature) and how to
-estimate it; the numbers come from `dowsing.estimate`. An estimate is kept in
+estimate it; the numbers come from `dowsing.estimates.estimate`. An estimate is kept in
 st.session_state per signature, so reruns cost nothing; it is computed at once
 when the model's calibration is on disk (counting tokens only), else on a
 button press (the calibration runs once per model in a child process).
@@ -17,8 +17,8 @@ import json
 
 import streamlit as st
 
-from dowsing import cost_report
-from dowsing import estimate as est
+from dowsing.estimates import cost_report
+from dowsing.estimates import estimate as est
 from dowsing.safe_text import md_escape
 from pages import _shared
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.caches import damage_notes
-from dowsing.checkpoints import CheckpointError, allowed_checkpoints, parse_list, validate_checkpoints
-from dowsing.checkpoints import summary as checkpoint_summary
+from dowsing.storage.caches import damage_notes
+from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints, parse_list, validate_checkpoints
+from dowsing.access.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
-from dowsing.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
+from dowsing.background.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
+from dowsing.access.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
 from dowsing.safe_text import md_escape
 
 SOURCES = {
@@ -105,7 +105,7 @@ def _pilot_status(model_id: str | None, domains: tuple, config_json: str, units_
     pilots or the inputs cannot be keyed). `units_seen` only keys the cache:
     it changes whenever a job ends, since a job that ended may have stored
     pilot curves; a run from the command line shows within the ttl."""
-    from dowsing.analysis import pilot_status
+    from dowsing.pipelines.analysis import pilot_status
 
     try:
         return pilot_status(model_id, [{"name": name, "facts": list(facts)} for name, facts in domains],
@@ -223,7 +223,7 @@ def login_gate() -> None:
 
 def store_notes() -> None:
     """Say, once, that a damaged cache store was moved aside and started empty
-    (`dowsing.caches`): what was in it is computed again."""
+    (`dowsing.storage.caches`): what was in it is computed again."""
     for note in damage_notes():
         st.warning(note, icon=":material/build:")
 
@@ -481,7 +481,7 @@ def executor_choice(key: str):
     the app never starts Ray itself) and shows its CPUs and GPUs."""
     import os
 
-    from dowsing.executor import EXECUTORS, ExecutorConfig, describe_in_subprocess
+    from dowsing.pipelines.executor import EXECUTORS, ExecutorConfig, describe_in_subprocess
 
     kind = st.radio("Executor", EXECUTORS, format_func=EXECUTOR_LABELS.get, horizontal=True, key=f"{key}_executor",
                     help="Ray runs the independent units of work (counterfactual fine-tunes, learning-curve points, "
@@ -543,7 +543,7 @@ def kept_plan_config(state: JobState) -> tuple:
     """(PlanConfig, kept) of a finished plan job: the last valid one the Plan
     page showed for it in this session (kept True), else the page's default
     budget on the job's pilot settings."""
-    from dowsing.plan import PilotConfig, PlanConfig
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig
 
     kept = st.session_state.get("plan_good", {}).get(state.job_id)
     if kept:
@@ -571,9 +571,9 @@ def plan_for(result) -> tuple | None:
 # --- what a run's domains are against the domains now -------------------------
 
 def run_domain_diff(state: JobState | None):
-    """What changed in the run's domain set since the run (`dowsing.fact_diff.SetDiff`),
+    """What changed in the run's domain set since the run (`dowsing.presentation.fact_diff.SetDiff`),
     or None when the set is gone, unnamed, or unchanged."""
-    from dowsing.fact_diff import set_diff
+    from dowsing.presentation.fact_diff import set_diff
 
     if state is None or state.kind != "analysis":
         return None
@@ -608,7 +608,7 @@ def job_labels(states: list) -> dict:
     """job id -> `job_label`, plus what differs from the run before it of the
     same kind (its domains, when they differ), so no two runs of different
     domains read the same."""
-    from dowsing.fact_diff import set_diff
+    from dowsing.presentation.fact_diff import set_diff
 
     labels = {}
     for k, state in enumerate(states):

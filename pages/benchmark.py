@@ -3,7 +3,7 @@ really does? The leaderboard with intervals, the ground truth's own
 reliability, predicted against realised gain per estimator, and learning
 curves beside the predicted saturation.
 
-The benchmark runs as a background job (`dowsing.jobs`, kind "benchmark"):
+The benchmark runs as a background job (`dowsing.background.jobs`, kind "benchmark"):
 it waits its turn behind any other heavy run, survives a refresh (its id is
 in the URL) and Cancel stops it and its Ray tasks; this page polls it.
 """
@@ -16,12 +16,12 @@ import streamlit as st
 
 from dowsing import workspace
 from dowsing.domains import DomainError, benchmark_domains
-from dowsing.executor import execution_text
-from dowsing.jobs import JobRequest, one_line
-from dowsing.models import ModelError
+from dowsing.pipelines.executor import execution_text
+from dowsing.background.jobs import JobRequest, one_line
+from dowsing.access.models import ModelError
 from dowsing.validation import figures, plan_check
 from dowsing.validation.benchmark import BenchmarkConfig, interval_text
-from dowsing.evidence import GROUPS, evidence_label, evidence_rows, group_size, load_evidence
+from dowsing.validation.evidence import GROUPS, evidence_label, evidence_rows, group_size, load_evidence
 from dowsing.safe_text import md_escape
 from pages import _shared
 
@@ -90,8 +90,8 @@ def _start() -> None:
 
 refused = None
 if domains and not choice.problem and not run_on_problem:
-    # What the benchmark would cost on this machine, before it starts (dowsing.estimate).
-    from dowsing.estimate import estimate_benchmark
+    # What the benchmark would cost on this machine, before it starts (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_benchmark
     from pages._estimate import estimate_panel
 
     planned = _config()

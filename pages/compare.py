@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dowsing import charts, comparison, report
+from dowsing.presentation import charts, comparison, report
 from dowsing.config import settings_changes
-from dowsing.fact_diff import diff_rows, set_diff
+from dowsing.presentation.fact_diff import diff_rows, set_diff
 from dowsing.safe_text import md_escape
 from pages import _shared
 

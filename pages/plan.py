@@ -2,10 +2,10 @@
 domains of the active set and the model in the sidebar.
 
 The pilot fine-tunes that give each domain its learning curve run as a
-background job (`dowsing.jobs`, kind "plan"): it waits its turn behind any
+background job (`dowsing.background.jobs`, kind "plan"): it waits its turn behind any
 other heavy run, survives a refresh (its id is the pilots' cache key, so the
 same model and domains find it again) and Cancel stops it. The allocation
-(`dowsing.plan`) is instant, so it is recomputed here on every change of the
+(`dowsing.pipelines.plan`) is instant, so it is recomputed here on every change of the
 budget, costs, weights, caps or facts already in training, without a new
 job. Where a finished analysis of the same model and domains exists, its
 report can be downloaded with the plan as a section.
@@ -25,11 +25,12 @@ import hashlib
 import pandas as pd
 import streamlit as st
 
-from dowsing import plan_charts, report, workspace
+from dowsing.presentation import plan_charts, report
+from dowsing import workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
-from dowsing.jobs import JobRequest, newest_match, one_line
-from dowsing.models import ModelError
-from dowsing.plan import (SIMPLE_RULES, PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
+from dowsing.background.jobs import JobRequest, newest_match, one_line
+from dowsing.access.models import ModelError
+from dowsing.pipelines.plan import (SIMPLE_RULES, PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
                           plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)
 from dowsing.safe_text import md_escape
 from pages import _shared
@@ -210,8 +211,8 @@ state = _shared.runner().state(job_id) if job_id else None
 measured = state is not None and state.status == "done"
 refused = None
 if request is not None and not measured:
-    # What the pilots would cost on this machine, before they start (dowsing.estimate).
-    from dowsing.estimate import estimate_plan
+    # What the pilots would cost on this machine, before they start (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_plan
     from pages._estimate import estimate_panel
 
     refused = estimate_panel("plan_estimate",

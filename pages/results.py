@@ -1,5 +1,5 @@
 """Results: one story. At the top the verdict in plain words (what to
-collect first, how sure, the one number it rests on, from `dowsing.verdict`),
+collect first, how sure, the one number it rests on, from `dowsing.presentation.verdict`),
 then the ranking that ranks with its intervals, each domain's diagnosis in
 full, the share donut, the pilot curves and rank stability; the facts that
 move each domain most; then "The paper's concept-subspace method" on its own:
@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dowsing import charts, report, verdict
+from dowsing.presentation import charts, report, verdict
 from dowsing.safe_text import md_escape
-from dowsing.plan import fit_pilots, plan_from_pilots
+from dowsing.pipelines.plan import fit_pilots, plan_from_pilots
 from pages import _shared
 
 _shared.ensure_router()

@@ -9,9 +9,9 @@ from dowsing import workspace
 from dowsing import estimators
 from dowsing.config import DEFAULT_ESTIMATOR, settings_changes
 from dowsing.domains import DomainError, validation_problems
-from dowsing.caches import STORE_SIZE_LIMIT_BYTES
-from dowsing.jobs import JobRequest, JobState, cache_usage, clear_results
-from dowsing.models import ModelError
+from dowsing.storage.caches import STORE_SIZE_LIMIT_BYTES
+from dowsing.background.jobs import JobRequest, JobState, cache_usage, clear_results
+from dowsing.access.models import ModelError
 from dowsing.safe_text import md_escape
 from pages import _shared
 
@@ -93,8 +93,8 @@ if not blockers:
     if pilot_line:
         st.caption(pilot_line, help="Each domain's pilot curve is kept under its own facts, the model and the "
                                     "settings: after an edit only the edited or added domains run their pilots.")
-    # What the run would cost on this machine, before it starts (dowsing.estimate).
-    from dowsing.estimate import estimate_analysis
+    # What the run would cost on this machine, before it starts (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_analysis
     from pages._estimate import estimate_panel
 
     refused = estimate_panel("run_estimate",

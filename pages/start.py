@@ -8,7 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import workspace
-from dowsing.evidence import estimator_evidence, evidence_label, load_evidence
+from dowsing.validation.evidence import estimator_evidence, evidence_label, load_evidence
 from dowsing.safe_text import md_escape
 from pages import _shared
 
@@ -35,13 +35,13 @@ n_facts = sum(len(d.facts) for d in domains)
 def _run_time() -> tuple[str, str]:
     """(time text, where it comes from) of an analysis of the active set."""
     try:
-        from dowsing import estimate as est
+        from dowsing.estimates import estimate as est
 
         if config is not None and not choice.problem:
             cal = est.cached_calibration(choice.model_id, config.device, config.dtype, est.default_threads())
             if cal is not None:
-                from dowsing.estimate import estimate_analysis
-                from dowsing.executor import ExecutorConfig
+                from dowsing.estimates.estimate import estimate_analysis
+                from dowsing.pipelines.executor import ExecutorConfig
                 from pages._estimate import cached_tokenizer
 
                 found = estimate_analysis(choice.model_id, domains, config, ExecutorConfig(), calibration=cal,

@@ -1,7 +1,7 @@
 """Validate: does the ranking hold? Ground truth by training, rival
 estimators side by side, cross-domain transfer, and an exactness check.
 
-The validation runs as a background job (`dowsing.jobs`, kind "validation"):
+The validation runs as a background job (`dowsing.background.jobs`, kind "validation"):
 it waits its turn behind any other heavy run, survives a refresh (its id is
 in the URL) and Cancel stops it; this page polls it.
 """
@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dowsing import charts, report, workspace
+from dowsing.presentation import charts, report
+from dowsing import workspace
 from dowsing.domains import DomainError
-from dowsing.jobs import JobRequest, one_line
-from dowsing.models import ModelError
+from dowsing.background.jobs import JobRequest, one_line
+from dowsing.access.models import ModelError
 from dowsing.validation import validate as validation
 from dowsing.safe_text import md_escape
 from pages import _shared
@@ -55,8 +56,8 @@ def _start() -> None:
 
 
 if domains and not choice.problem:
-    # What the validation would cost on this machine, before it starts (dowsing.estimate).
-    from dowsing.estimate import estimate_validation
+    # What the validation would cost on this machine, before it starts (dowsing.estimates.estimate).
+    from dowsing.estimates.estimate import estimate_validation
     from pages._estimate import estimate_panel
 
     try:

@@ -71,7 +71,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 def converted_embedded_model() -> Path:
     """The embedded default model's safetensors copy under the repo's cache/
     (made once on a fresh checkout, ~40 s), shared by every process."""
-    from dowsing.models import converted_dir, embedded_gguf_path
+    from dowsing.access.models import converted_dir, embedded_gguf_path
 
     cache = REPO / "cache"
     cache.mkdir(exist_ok=True)
@@ -104,7 +104,7 @@ def tiny_gpt2_embedded_dir(tiny_embedded_dirs) -> Path:
 def _float64_models(tiny_gpt2_dir, tiny_llama_dir, tiny_embedded_dirs):
     """The tiny models loaded in float64, each once per process (on first use);
     kind "llama-embedded" and "gpt2-embedded" have the embedded tokenizer."""
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
 
     folders = {"gpt2": tiny_gpt2_dir, "llama": tiny_llama_dir}
     loaded = {}
@@ -150,7 +150,7 @@ def gpt2_64(_float64_models):
 def ray_executor():
     """One local Ray head (2 CPUs, no dashboard) for the whole session."""
     ray = pytest.importorskip("ray")
-    from dowsing.executor import ExecutorConfig, make_executor
+    from dowsing.pipelines.executor import ExecutorConfig, make_executor
 
     executor = make_executor(ExecutorConfig(kind="ray", num_cpus=2, object_store_mb=400))
     yield executor

@@ -13,7 +13,7 @@ from streamlit.testing.v1 import AppTest
 
 from dowsing.result import format_sci
 from dowsing.safe_text import md_escape
-from dowsing.verdict import format_number
+from dowsing.presentation.verdict import format_number
 
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 SMALL_CSV = """domain,fact
@@ -257,8 +257,8 @@ def test_run_page_shows_progress_and_finishes(finished_job):
 
 def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     _, job_id, _ = finished_job
-    from dowsing import report
-    from dowsing.jobs import default_runner
+    from dowsing.presentation import report
+    from dowsing.background.jobs import default_runner
 
     result = default_runner().result(job_id)
     assert result is not None
@@ -278,7 +278,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     assert table.index(ranked[0].name) < table.index(ranked[-1].name)
     # Ranked by the default estimator, by its priority; the page says which and quotes its evidence verbatim.
     from dowsing.config import DEFAULT_ESTIMATOR
-    from dowsing.evidence import evidence_sentence
+    from dowsing.validation.evidence import evidence_sentence
 
     assert result.config["estimator"] == DEFAULT_ESTIMATOR
     assert [d.priority for d in ranked] == sorted((d.priority for d in result.domains), reverse=True)
@@ -288,7 +288,7 @@ def test_results_show_the_numbers_of_the_result(finished_job, tiny):
     assert sentence in [b.value for b in boxes]
     assert "from the concept-subspace curvature (paper)" in specs_title(at)
     # The verdict on top, in the ranking's terms, with its number and unit; every diagnosis in full.
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     found = verdict.verdict(result, esc=md_escape, strong=lambda s: f"**{s}**")
     assert at.markdown[0].value == f"### {found.headline}" or any(m.value == f"### {found.headline}"
@@ -328,8 +328,8 @@ def results_page(tiny, job_id):
 
 def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
     _, job_id, _ = finished_job
-    from dowsing import report
-    from dowsing.jobs import default_runner
+    from dowsing.presentation import report
+    from dowsing.background.jobs import default_runner
 
     result = default_runner().result(job_id)
     boot = {d["name"]: d for d in result.extras["bootstrap"]["domains"]}  # the tiny run solves densely
@@ -360,7 +360,7 @@ def test_results_show_intervals_rank_stability_and_transfer(finished_job, tiny):
 
 def test_results_and_run_say_when_the_domains_changed_after_the_run(finished_job, tiny):
     from dowsing import workspace
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
     from pages._shared import job_labels
 
     _, job_id, _ = finished_job
@@ -390,7 +390,7 @@ def test_results_and_run_say_when_the_domains_changed_after_the_run(finished_job
 def test_results_of_an_old_result_without_extras(finished_job, tiny, monkeypatch):
     """A result cached before the bootstrap and the transfer matrix existed still shows."""
     _, job_id, _ = finished_job
-    from dowsing.jobs import LocalJobRunner, default_runner
+    from dowsing.background.jobs import LocalJobRunner, default_runner
     from dowsing.result import Result
 
     result = default_runner().result(job_id)
@@ -409,10 +409,10 @@ def test_results_report_includes_the_newest_plan_of_the_same_model_and_domains(f
     """Without a finished plan the page says the report has none; once a plan
     job of the same model and domains is done, the page names it (budget,
     when) and the report the download builds carries its section."""
-    from dowsing import report
+    from dowsing.presentation import report
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, default_runner, newest_match
-    from dowsing.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
+    from dowsing.background.jobs import JobRequest, default_runner, newest_match
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig, fit_pilots, plan_from_pilots
     from pages._shared import PLAN_BUDGET
 
     _, job_id, _ = finished_job
@@ -449,7 +449,7 @@ def test_results_report_includes_the_newest_plan_of_the_same_model_and_domains(f
     section = page[page.index("<h2>Collection plan</h2>"):page.index("<h2>Domains</h2>")]
     table = section[section.index("<tbody>"):section.index("</tbody>")]
     rows = [re.findall(r"<td>(.*?)</td>", row) for row in table.split("</tr>")[:-1]]
-    from dowsing.plan import recommendation
+    from dowsing.pipelines.plan import recommendation
 
     assert [(r[0], int(r[2])) for r in rows] == recommendation(plan)["counts"]
 
@@ -478,7 +478,7 @@ def test_compare_two_runs(finished_job, tiny):
     assert any("Paper: concept-subspace influence" in c.value for c in at.caption)
     button(at, "Analyze").click()
     run_until_done(at)
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     job = at.query_params["job"][0] if isinstance(at.query_params["job"], list) else at.query_params["job"]
     state = default_runner().state(job)
@@ -515,7 +515,7 @@ def test_bad_model_is_a_one_line_error(cache):
     at.session_state["model"] = "/no/such/folder"
     at.run()
     assert not at.exception
-    from dowsing.models import NOT_ALLOWED
+    from dowsing.access.models import NOT_ALLOWED
 
     assert at.sidebar.info[0].value == md_escape(NOT_ALLOWED)  # outside the model roots: not whether it exists
 
@@ -571,7 +571,7 @@ def test_validate_page_runs_a_validation_and_shows_leaderboard_charts_transfer_a
     job's stored result; then the transfer heatmap of the finished analysis
     and the exactness check."""
     from dowsing.validation.validate import ValidationResult
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     _, job_id, _ = finished_job
     at = make_app(tiny, "pages/validate.py")
@@ -635,7 +635,7 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
     import os
 
     from dowsing import workspace
-    from dowsing.jobs import JobStore
+    from dowsing.background.jobs import JobStore
 
     before = workspace.active_set()
     workspace.save_set_raw("On Ray", [
@@ -670,8 +670,8 @@ def test_run_page_runs_an_analysis_on_ray_after_showing_the_cluster(tiny):
 
 
 def test_benchmark_page_shows_the_shipped_leaderboards_until_a_run_of_its_own(tiny):
-    from dowsing.evidence import evidence_rows, load_evidence
-    from dowsing.jobs import default_runner
+    from dowsing.validation.evidence import evidence_rows, load_evidence
+    from dowsing.background.jobs import default_runner
 
     if default_runner().history("benchmark"):
         pytest.skip("this module's cache already holds a benchmark run")
@@ -695,7 +695,7 @@ def test_benchmark_page_shows_the_shipped_leaderboards_until_a_run_of_its_own(ti
 
 
 def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_it(tiny):
-    from dowsing.jobs import default_runner, session_pids
+    from dowsing.background.jobs import default_runner, session_pids
 
     at = make_app(tiny, "pages/benchmark.py")
     at.checkbox(key="bench_quick").check().run()
@@ -723,7 +723,7 @@ def test_benchmark_page_starts_its_run_on_the_chosen_executor_and_cancel_stops_i
 
 
 def test_benchmark_page_checks_the_plan_by_training_and_shows_the_check(tiny):
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     at = make_app(tiny, "pages/benchmark.py")
     at.checkbox(key="bench_quick").check().run()
@@ -783,7 +783,7 @@ def test_training_checkpoints_as_the_model_rank_by_a_checkpoint_estimator(cache,
     run_until_done(at)
     job = at.query_params["job"]
     job = job[0] if isinstance(job, list) else job
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     state = default_runner().state(job)
     assert state.request["config"]["checkpoints"] == [str(tiny_gpt2_dir), str(steps[0]), str(steps[1])]
@@ -800,9 +800,9 @@ def test_results_tell_one_story_on_the_hard_case_domains(tiny):
     without naming the method it comes from. Near the end of this module: it
     and the tests after it add finished runs, which the tests that count runs
     would see."""
-    from dowsing import verdict
+    from dowsing.presentation import verdict
     from dowsing.domains import Domain, hard_case_domains
-    from dowsing.jobs import JobRequest, default_runner
+    from dowsing.background.jobs import JobRequest, default_runner
 
     runner = default_runner()
     domains = [Domain(d.name, tuple(d.facts[:12])) for d in hard_case_domains(quick=True)]
@@ -830,11 +830,11 @@ def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_
     import subprocess
     import sys
 
-    from dowsing import charts, report, verdict
-    from dowsing.analysis import analyze
+    from dowsing.presentation import charts, report, verdict
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, JobState, default_runner, now_iso, request_summary, result_summary
+    from dowsing.background.jobs import JobRequest, JobState, default_runner, now_iso, request_summary, result_summary
 
     domains = [Domain(name, tuple(f"{name} fact number {i} holds here." for i in range(4)))
                for name in ("Optics", "Geology", "Botany")]
@@ -850,7 +850,7 @@ def test_results_show_the_ranking_of_a_running_job_and_the_whole_result_once_it_
     # A live process that the runner takes for this job's worker (its command line names both), so the job
     # stays "running" for as long as the test needs; the state and the partial file are written as the worker
     # writes them, through the job store.
-    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "dowsing.worker", job_id])
+    stand_in = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", "dowsing.background.worker", job_id])
     try:
         stamp = now_iso()
         runner.store.put(JobState(job_id=job_id, status="running", stage="solve", fraction=0.62,
@@ -909,7 +909,7 @@ def test_run_page_says_which_domains_pilot_curves_come_from_cache(tiny):
     analysis of it, and one after one fact of one domain is edited. Each
     count is `pilot_status` computed here on its own."""
     from dowsing import workspace
-    from dowsing.analysis import pilot_status
+    from dowsing.pipelines.analysis import pilot_status
     from dowsing.config import AnalysisConfig
 
     before = workspace.active_set()

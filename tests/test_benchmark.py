@@ -14,12 +14,12 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing.alignment import (adam_preconditioner, capture_block_inputs, domain_alignment, tail_grad_fn,
+from dowsing.kernels.alignment import (adam_preconditioner, capture_block_inputs, domain_alignment, tail_grad_fn,
                                tail_model, tail_parameters)
-from dowsing.models import load_model
-from dowsing.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
+from dowsing.access.models import load_model
+from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
 from dowsing.validation.correlations import domain_bootstrap, spearman
-from dowsing.training import Recipe
+from dowsing.kernels.training import Recipe
 from dowsing.validation.finetune import measured_delta_n
 from dowsing.validation.leaderboard import choose_winner, reliability
 from dowsing.domains import benchmark_domains, benchmark_groups
@@ -376,7 +376,7 @@ def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monke
     monkeypatch.setenv("DOWSING_CACHE", str(cache))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     st.cache_resource.clear()
-    from dowsing.jobs import JobState, JobStore, now_iso
+    from dowsing.background.jobs import JobState, JobStore, now_iso
     from dowsing.validation.benchmark import BenchmarkResult
 
     store = JobStore()
@@ -406,9 +406,9 @@ def test_benchmark_page_shows_the_run(quick_run, tiny_llama_dir, tmp_path, monke
 
 
 def test_derivatives_of_all_directions_at_once_equal_the_per_direction_twin(tiny64):
-    from dowsing.forward import split_pass
-    from dowsing.subspace_terms import all_domain_terms, domain_terms
-    from dowsing.splitting import split_domains
+    from dowsing.kernels.forward import split_pass
+    from dowsing.kernels.subspace_terms import all_domain_terms, domain_terms
+    from dowsing.kernels.splitting import split_domains
 
     domains = [{"name": n, "facts": FACTS[2 * i: 2 * i + 2] + [f"{n} is a letter of the alphabet."]}
                for i, n in enumerate(("A", "B", "C"))]

@@ -48,7 +48,7 @@ def _seed_embedded_model(cache: Path) -> None:
     load (which loads the default model) takes a second instead of a ~40 s
     conversion in the middle of the test. Converts once into the repo cache
     on a fresh checkout (the CLI test reuses it), then copies it."""
-    from dowsing.models import converted_dir, embedded_gguf_path
+    from dowsing.access.models import converted_dir, embedded_gguf_path
 
     saved = os.environ.get("DOWSING_CACHE")
     os.environ["DOWSING_CACHE"] = str(REPO / "cache")
@@ -131,7 +131,7 @@ def _job_result(cache: Path, job_id: str) -> dict:
     """The finished analysis `job_id` as the app's job store holds it."""
     import json
 
-    code = ("import sys; from dowsing.jobs import default_runner; "
+    code = ("import sys; from dowsing.background.jobs import default_runner; "
             "print(default_runner().result(sys.argv[1]).to_json())")
     out = subprocess.run([sys.executable, "-c", code, job_id], cwd=REPO,
                          env=dict(os.environ, DOWSING_CACHE=str(cache)), capture_output=True, text=True, check=True)
@@ -263,7 +263,7 @@ def test_edit_run_results_and_reload(server, page):
 
 
 def _check_results(page, cache: Path) -> None:
-    from dowsing import verdict
+    from dowsing.presentation import verdict
     from dowsing.result import Result
 
     page.get_by_role("heading", name="Results").wait_for()

@@ -9,9 +9,9 @@ import re
 import numpy as np
 import pytest
 
-from dowsing import charts, comparison, report
+from dowsing.presentation import charts, comparison, report
 from dowsing.result import DomainResult, Result, format_sci
-from dowsing.verdict import format_number
+from dowsing.presentation.verdict import format_number
 
 
 def _domain(name, rank, mean, share, n_facts, dn=None, reason=None, alpha=0.5, n0=3.0, c=None, points=True,
@@ -353,7 +353,7 @@ def ranked_by_alignment(result: Result) -> Result:
 
 def test_a_result_ranked_by_another_estimator_shows_its_priority_next_to_the_papers_mean():
     from dowsing.cli import format_table
-    from dowsing.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
+    from dowsing.validation.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 
     result = ranked_by_alignment(paper_like_result())
     table = report.formatted_table(result)
@@ -393,7 +393,7 @@ def test_a_result_ranked_by_another_estimator_shows_its_priority_next_to_the_pap
 
 
 def test_the_paper_estimator_says_so_and_quotes_its_evidence():
-    from dowsing.evidence import evidence_sentence
+    from dowsing.validation.evidence import evidence_sentence
 
     result = with_uncertainty(paper_like_result())
     result.config = dict(result.config, estimator="paper")
@@ -516,7 +516,7 @@ def test_ranked_by_the_paper_the_share_is_the_share_of_mean_and_shows_once():
 def _measured_plan(budget=30.0, **fields):
     """A plan on hand-made pilot points (no model): two domains whose drops
     rise like a + b ln n with noise across facts, and one too small for a pilot."""
-    from dowsing.plan import PilotMeasurements, PlanConfig, fit_pilots, plan_from_pilots
+    from dowsing.pipelines.plan import PilotMeasurements, PlanConfig, fit_pilots, plan_from_pilots
 
     rng = np.random.default_rng(0)
     entries = []
@@ -536,8 +536,8 @@ def _measured_plan(budget=30.0, **fields):
 
 
 def test_the_plan_figures_show_the_plan_s_numbers():
-    from dowsing import plan_charts
-    from dowsing.plan import recommendation
+    from dowsing.presentation import plan_charts
+    from dowsing.pipelines.plan import recommendation
 
     plan, curves = _measured_plan(have_by_domain={"Physics": 8, "Astronomy": 10})
     counts = [d["collect"] for d in plan.domains]
@@ -578,8 +578,8 @@ def test_the_plan_csv_and_report_carry_the_table():
     import csv
     import io
 
-    from dowsing import plan_charts
-    from dowsing.plan import PLAN_ROW_FIELDS, plan_csv
+    from dowsing.presentation import plan_charts
+    from dowsing.pipelines.plan import PLAN_ROW_FIELDS, plan_csv
 
     plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
     rows = list(csv.DictReader(io.StringIO(plan_csv(plan))))
@@ -619,7 +619,7 @@ def test_pilot_curves_draw_the_fitted_line_through_the_pilot_points():
     import dataclasses
     import math
 
-    from dowsing import charts
+    from dowsing.presentation import charts
 
     base = paper_like_result()
     fits = [{"sizes": [2, 4, 8], "drop": [0.1, 0.15, 0.2], "intercept": 0.03, "slope_per_ln_n": 0.08, "target": 32},
@@ -710,7 +710,7 @@ def test_a_plan_for_other_domains_or_another_model_is_refused_in_one_line():
 def pilot_ranked(result: Result, probabilities: dict, priorities: dict, kinds: dict) -> Result:
     """`result` ranked by the pilot learning curve with these rank
     probabilities and priorities (nats), each domain diagnosed as `kinds`."""
-    from dowsing import diagnosis
+    from dowsing.kernels import diagnosis
 
     result = with_uncertainty(result)
     order = sorted(priorities, key=priorities.get, reverse=True)
@@ -733,13 +733,13 @@ def pilot_ranked(result: Result, probabilities: dict, priorities: dict, kinds: d
 
 
 def _kind(helps: bool) -> str:
-    from dowsing import diagnosis
+    from dowsing.kernels import diagnosis
 
     return next(k for k, v in diagnosis.HELPS.items() if v is helps)
 
 
 def test_verdict_names_the_first_domain_how_sure_and_the_number_with_its_unit():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.05, 0.95, 0, 0], "Astronomy": [0.93, 0.05, 0.02, 0],
@@ -755,7 +755,7 @@ def test_verdict_names_the_first_domain_how_sure_and_the_number_with_its_unit():
 
 
 def test_unstable_ranks_read_as_a_tie_in_plain_words():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.4, 0.3, 0.3, 0], "Astronomy": [0.3, 0.4, 0.3, 0],
@@ -778,7 +778,7 @@ def test_unstable_ranks_read_as_a_tie_in_plain_words():
 
 
 def test_plain_numbers():
-    from dowsing.verdict import format_number
+    from dowsing.presentation.verdict import format_number
 
     assert format_number(0.18) == "0.180" and format_number(2.8634) == "2.86" and format_number(1234.5) == "1,234"
     assert format_number(None) == "—" and format_number(float("nan")) == "—" and format_number(0) == "0"
@@ -786,7 +786,7 @@ def test_plain_numbers():
 
 
 def test_the_papers_section_says_how_it_fared_and_where_it_disagrees():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.05, 0.95, 0, 0], "Astronomy": [0.03, 0.02, 0.05, 0.9],
@@ -811,7 +811,7 @@ def test_the_papers_section_says_how_it_fared_and_where_it_disagrees():
 
 
 def test_no_sentence_contradicts_a_diagnosis_unless_it_names_its_method():
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     result = pilot_ranked(paper_like_result(),
                           {"Physics": [0.9, 0.1, 0, 0], "Astronomy": [0.1, 0.9, 0, 0],
@@ -855,7 +855,7 @@ def test_saturation_bands_are_cut_to_a_readable_range_around_the_points():
 
 
 def test_fact_differences_between_two_sets():
-    from dowsing.fact_diff import diff_rows, set_diff
+    from dowsing.presentation.fact_diff import diff_rows, set_diff
 
     before = [{"name": "A", "facts": ["x", "y", "z"]}, {"name": "B", "facts": ["q"]}]
     after = [{"name": "A", "facts": ["x", "Y", "z", "w"]}, {"name": "C", "facts": ["r"]}]
@@ -872,7 +872,7 @@ def test_fact_differences_between_two_sets():
 def test_every_sentence_of_the_report_agrees_with_the_diagnoses(helps, signs):
     """Whatever the kinds and whichever Means are negative, the report names
     the paper's method wherever it says otherwise than a diagnosis."""
-    from dowsing import verdict
+    from dowsing.presentation import verdict
 
     names = ["Physics", "Astronomy", "Biology", "Economics"]
     result = pilot_ranked(paper_like_result(),
@@ -889,8 +889,8 @@ def test_every_sentence_of_the_report_agrees_with_the_diagnoses(helps, signs):
 def test_the_allocation_chart_draws_the_even_split_when_the_plan_is_not_shown_better():
     from dataclasses import replace as dc_replace
 
-    from dowsing import plan_charts
-    from dowsing.plan import recommendation
+    from dowsing.presentation import plan_charts
+    from dowsing.pipelines.plan import recommendation
 
     plan, _ = _measured_plan()
     even = dc_replace(plan, verdict={**plan.verdict, "recommend": "even"})

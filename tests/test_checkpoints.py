@@ -10,12 +10,12 @@ import json
 import pytest
 import torch
 
-from dowsing.checkpoints import CheckpointError, parse_list, validate_checkpoints
-from dowsing.models import load_model
-from dowsing.subspace import per_fact_losses
-from dowsing.forward import split_pass
-from dowsing.training import Recipe, TailTrainer
-from dowsing.splitting import split_domains
+from dowsing.access.checkpoints import CheckpointError, parse_list, validate_checkpoints
+from dowsing.access.models import load_model
+from dowsing.kernels.subspace import per_fact_losses
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.training import Recipe, TailTrainer
+from dowsing.kernels.splitting import split_domains
 from dowsing.estimators.trajectory import load_user_trajectory, trajectory_scores
 from test_trajectory import DOMAINS
 from tiny_models import build_tiny
@@ -157,7 +157,7 @@ def test_per_fact_values_average_to_the_priority_and_inputs_are_restored(prepare
 
 
 def test_analysis_ranks_by_a_checkpoint_estimator(trajectory_dirs):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
 
     kind, dirs = trajectory_dirs
@@ -264,7 +264,7 @@ def test_cli_bad_checkpoints_exit_2_and_write_nothing(command, shapes, tmp_path,
 
 def test_analysis_config_needs_checkpoints_for_their_estimators():
     from dowsing.config import AnalysisConfig
-    from dowsing.ranking import check_estimator
+    from dowsing.pipelines.ranking import check_estimator
 
     with pytest.raises(ValueError, match="at least 2") as exc:
         check_estimator(AnalysisConfig(estimator="diffin"))

@@ -193,7 +193,7 @@ def test_a_hub_id_loads_from_the_local_cache_offline_and_keys_on_its_snapshot(tm
                                                                               tiny_gpt2_dir):
     from huggingface_hub import constants
 
-    from dowsing.analysis import cache_key, model_fingerprint
+    from dowsing.pipelines.analysis import cache_key, model_fingerprint
 
     repo, old, new = "dowsing-test/tiny-gpt2", "a" * 40, "b" * 40
     hub = tmp_path / "hub"
@@ -234,8 +234,8 @@ def test_the_estimator_ranks_and_paper_reproduces_the_ranking_by_mean(tmp_path, 
     Mean column); the default: rank and share follow the estimator's priority."""
     from dowsing import estimators
     from dowsing.config import DEFAULT_ESTIMATOR
-    from dowsing.evidence import evidence_sentence
-    from dowsing.metrics import ranks_by_mean, shares_pct
+    from dowsing.validation.evidence import evidence_sentence
+    from dowsing.kernels.metrics import ranks_by_mean, shares_pct
 
     data = {"domains": GOOD["domains"] + [
         {"name": "Economics", "facts": ["Prices rise when demand exceeds supply.", "Taxes pay for public services."]}]}

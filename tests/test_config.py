@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 
 from dowsing.config import AnalysisConfig, settings_changes
-from dowsing.jobs import JobState
+from dowsing.background.jobs import JobState
 
 
 def test_defaults_describe_as_nothing_and_changes_as_name_value_pairs():
@@ -46,7 +46,7 @@ def test_a_run_label_names_its_non_default_settings():
 def test_ranking_estimator_settings():
     from dowsing import estimators
     from dowsing.config import DEFAULT_ESTIMATOR
-    from dowsing.ranking import check_estimator
+    from dowsing.pipelines.ranking import check_estimator
 
     offered = estimators.names("analysis")
     assert AnalysisConfig().estimator == DEFAULT_ESTIMATOR in offered

@@ -8,8 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from dowsing import diagnosis as dg
-from dowsing.diagnosis import HELPS, KINDS, Cuts, diagnose
+from dowsing.kernels import diagnosis as dg
+from dowsing.kernels.diagnosis import HELPS, KINDS, Cuts, diagnose
 
 CUTS = Cuts(drop_share=0.04, high_loss=4.5, saturated_loss=1.0)
 NAMES = ["Garbled", "Codes", "Known", "Gap", "Clash", "Converged"]

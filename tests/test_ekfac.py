@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from transformers.pytorch_utils import Conv1D
 
-from dowsing.models import load_model
+from dowsing.access.models import load_model
 from dowsing.estimators.ekfac import ekfac_pairwise_scores, tracked_module_names
 
-from dowsing.alignment import tail_model
+from dowsing.kernels.alignment import tail_model
 
 FIRST = 1  # keep the last of the two blocks
 FACTS = [

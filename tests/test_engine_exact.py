@@ -12,14 +12,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dowsing.analysis import analyze
-from dowsing.subspace_solve import _cg_mu
-from dowsing.forward import forward_pass
-from dowsing.saturation import DenseSystem, mu_function
-from dowsing.solvers import conjugate_gradient, damped
+from dowsing.pipelines.analysis import analyze
+from dowsing.kernels.subspace_solve import _cg_mu
+from dowsing.kernels.forward import forward_pass
+from dowsing.kernels.saturation import DenseSystem, mu_function
+from dowsing.kernels.solvers import conjugate_gradient, damped
 from dowsing.config import AnalysisConfig
-from dowsing.curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
-from dowsing.subspace import encode_facts, find_anatomy, make_batches
+from dowsing.kernels.curvature import SubspaceObjective, structured_fact_gradients, structured_hessian, tail_coefficients
+from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches
 
 DOMAINS = [
     {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",

@@ -13,14 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from dowsing import analysis_costs, calibration, cost_report, costs, pilots
-from dowsing import estimate as est
+from dowsing.estimates import analysis_costs, calibration, cost_report
+from dowsing import costs
+from dowsing.kernels import pilots
+from dowsing.estimates import estimate as est
 from dowsing.estimators import pilot as pilot_family
 from dowsing.validation import costs as validation_costs
 from tiny_models import SMALL_VOCAB
 from dowsing.cli import main
 from dowsing.config import AnalysisConfig
-from dowsing.training import Recipe
+from dowsing.kernels.training import Recipe
 
 GOOD = {"domains": [
     {"name": "Physics", "facts": ["Energy is conserved in a closed system.", "Light travels faster than sound.",
@@ -102,7 +104,7 @@ def use_calibration(calibrated: Path) -> None:
 # --- arithmetic ----------------------------------------------------------------------------------------------------
 
 def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
 
     shape = calibration.model_shape(load_model(str(tiny_gpt2_dir)).model)
     assert shape["block_params"] == TINY_BLOCK == 1960
@@ -140,7 +142,7 @@ def test_passes_through_the_last_blocks_by_hand():
 
 
 def test_analysis_stages_and_memory_by_hand():
-    from dowsing.saturation import n_grid
+    from dowsing.kernels.saturation import n_grid
 
     cal = tiny_calibration()
     domains = [("A", [5, 6]), ("B", [4, 3, 8])]
@@ -285,7 +287,7 @@ def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():
 
 
 def test_a_plan_counts_its_pilot_fine_tunes_by_hand():
-    from dowsing.plan import PilotConfig
+    from dowsing.pipelines.plan import PilotConfig
 
     cal = tiny_calibration()
     # A: halves of 4 facts of 5 tokens (pilot sizes 2, 4); B: halves of 8 facts of 6 tokens (2, 4, 8)
@@ -313,7 +315,7 @@ STORED_CASE = [("A", [5] * 32), ("B", [6] * 32), ("C", [7] * 20)]
 @pytest.mark.parametrize("estimator, stage", [("pilot_curve", "ranking"), ("pilot_gain", "ranking"),
                                               ("mean_loss", "diagnosis")])
 def test_stored_pilots_price_exactly_the_other_domains_pilots(estimator, stage):
-    from dowsing.splitting import split_order
+    from dowsing.kernels.splitting import split_order
 
     cal = tiny_calibration()
     config = AnalysisConfig(estimator=estimator)
@@ -357,7 +359,7 @@ def test_stage_ranking_drops_exactly_the_papers_stages(route):
 
 
 def test_a_plan_with_stored_pilots_prices_only_the_others():
-    from dowsing.plan import PilotConfig, PlanConfig
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig
 
     cal = tiny_calibration()
     train, held = [("A", [5] * 4), ("B", [6] * 8)], [("A", [5] * 4), ("B", [6] * 8)]
@@ -380,8 +382,8 @@ def test_a_plan_with_stored_pilots_prices_only_the_others():
 
 
 def test_estimates_after_a_ranking_stage_analysis_read_its_stored_pilots(tiny_gpt2_dir, calibrated):
-    from dowsing.analysis import pilot_status, run_analysis
-    from dowsing.plan import PlanConfig
+    from dowsing.pipelines.analysis import pilot_status, run_analysis
+    from dowsing.pipelines.plan import PlanConfig
 
     use_calibration(calibrated)
     model = str(tiny_gpt2_dir)
@@ -408,7 +410,7 @@ def test_estimates_after_a_ranking_stage_analysis_read_its_stored_pilots(tiny_gp
 
 
 def test_plan_estimate_exits_0_prints_and_writes_nothing(tmp_path, capsys, monkeypatch, tiny_gpt2_dir, calibrated):
-    import dowsing.plan
+    import dowsing.pipelines.plan
     from dowsing.paths import cache_dir
 
     use_calibration(calibrated)
@@ -417,7 +419,7 @@ def test_plan_estimate_exits_0_prints_and_writes_nothing(tmp_path, capsys, monke
         raise AssertionError("--estimate ran the plan")
 
     for name in ("run_plan", "pilot_measurements", "measure_pilots"):
-        monkeypatch.setattr(dowsing.plan, name, no_run)
+        monkeypatch.setattr(dowsing.pipelines.plan, name, no_run)
     domains = tmp_path / "d.json"
     domains.write_text(json.dumps(GOOD))
     out = tmp_path / "out.json"
@@ -449,7 +451,7 @@ def test_bad_input_to_plan_estimate_is_one_line_and_exit_2(bad, tmp_path, capsys
 
 
 def test_an_estimate_of_cached_pilots_says_they_return_at_once(tiny_gpt2_dir, calibrated):
-    from dowsing.plan import PilotConfig, PlanConfig, pilot_measurements
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig, pilot_measurements
 
     use_calibration(calibrated)
     fresh = est.estimate_plan(str(tiny_gpt2_dir), GOOD["domains"], PilotConfig())
@@ -575,7 +577,7 @@ def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
 
 def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, capsys, monkeypatch, tiny_gpt2_dir,
                                                                  calibrated):
-    import dowsing.analysis
+    import dowsing.pipelines.analysis
     from dowsing.paths import cache_dir
 
     use_calibration(calibrated)
@@ -583,8 +585,8 @@ def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, caps
     def no_run(*args, **kwargs):
         raise AssertionError("--estimate ran the analysis")
 
-    monkeypatch.setattr(dowsing.analysis, "run_analysis", no_run)
-    monkeypatch.setattr(dowsing.analysis, "analyze", no_run)
+    monkeypatch.setattr(dowsing.pipelines.analysis, "run_analysis", no_run)
+    monkeypatch.setattr(dowsing.pipelines.analysis, "analyze", no_run)
     domains = tmp_path / "d.json"
     domains.write_text(json.dumps(GOOD))
     out = tmp_path / "out.json"
@@ -638,7 +640,7 @@ def test_bad_input_with_estimate_is_the_runs_one_line_error(command, tmp_path, c
 
 
 def test_an_estimate_of_a_cached_result_says_it_returns_at_once(tiny_gpt2_dir, calibrated):
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
 
     use_calibration(calibrated)
     config = AnalysisConfig(bootstrap_resamples=200)

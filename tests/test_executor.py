@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from dowsing.domains import Domain
-from dowsing.executor import ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore
+from dowsing.pipelines.executor import ExecutorConfig, LocalExecutor, RunCancelled, Shared, Unit, UnitStore
 from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
-from dowsing.training import Recipe
+from dowsing.kernels.training import Recipe
 from dowsing.domains import benchmark_domains
 
 
@@ -190,9 +190,9 @@ def test_a_worker_killed_mid_run_is_retried_and_the_numbers_do_not_change(ray_ex
 
 
 def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_llama64, tmp_path):
-    from dowsing.training import TailTrainer, build_trainer
+    from dowsing.kernels.training import TailTrainer, build_trainer
     from dowsing.validation.protocol import collection_split, protocol_unit, protocol_units
-    from dowsing.forward import split_pass
+    from dowsing.kernels.forward import split_pass
 
     # the benchmark's ground-truth trainer: every domain's sample then its pool, its test facts held out
     protocol = collection_split(_domains(), 0, SAMPLE, TEST)
@@ -216,7 +216,7 @@ def test_cancel_stops_the_ray_tasks_and_keeps_what_finished(ray_executor, tiny_l
 
 
 def test_analysis_per_domain_solves_on_ray_equal_the_in_process_ones(ray_executor, tiny_llama64):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
 
     # the exact route through Hessian-vector products: the one whose per-domain work is worth shipping
@@ -238,9 +238,9 @@ def test_analysis_per_domain_solves_on_ray_equal_the_in_process_ones(ray_executo
 
 def test_several_models_are_one_unit_each_and_equal_their_own_analyses(ray_executor, tiny_gpt2_dir,
                                                                        tiny_llama_dir):
-    from dowsing.analysis import run_analyses, run_analysis
+    from dowsing.pipelines.analysis import run_analyses, run_analysis
     from dowsing.config import AnalysisConfig
-    from dowsing.models import ModelError
+    from dowsing.access.models import ModelError
 
     domains = [Domain(d.name, d.facts[:4]) for d in benchmark_domains(quick=True)[:3]]
     config = AnalysisConfig(dtype="float64")
@@ -269,7 +269,7 @@ def test_validation_fine_tunes_on_ray_equal_the_in_process_ones(ray_executor, ti
 
 
 def test_execution_is_described_in_one_line():
-    from dowsing.executor import cli_arguments, execution_text
+    from dowsing.pipelines.executor import cli_arguments, execution_text
 
     assert cli_arguments(ExecutorConfig()) == []
     assert cli_arguments(ExecutorConfig(kind="ray", address="auto", num_cpus=4)) == [

@@ -18,7 +18,7 @@ import pytest
 
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain, default_domains
-from dowsing.jobs import (
+from dowsing.background.jobs import (
     ACTIVE,
     WAITING_MESSAGE,
     JobRequest,
@@ -28,7 +28,7 @@ from dowsing.jobs import (
     LocalJobRunner,
     default_runner,
 )
-from dowsing.models import ModelError
+from dowsing.access.models import ModelError
 from tiny_models import stand_in_result
 
 JOB2, JOB3 = "2" * 64, "3" * 64  # stand-in workers' job ids, of the one form a job id has
@@ -52,7 +52,7 @@ def runner(tmp_path, monkeypatch):
 
 
 def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, tmp_path, monkeypatch):
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     reports = []
@@ -87,7 +87,7 @@ def validation_request(model_dir, **fields) -> JobRequest:
 
 
 def benchmark_request(model_dir, **fields) -> JobRequest:
-    from dowsing.training import Recipe
+    from dowsing.kernels.training import Recipe
     from dowsing.validation.benchmark import BenchmarkConfig
 
     config = BenchmarkConfig.quick(estimators=("mean_loss", "alignment"), seeds=1, curve_domains=(),
@@ -103,7 +103,7 @@ EIGHT = [Domain(n, tuple(f"{n} item {i} is stored in box {w}{i * 7 % 5}." for i 
 
 
 def plan_request(model_dir, domains=EIGHT, **fields) -> JobRequest:
-    from dowsing.plan import PilotConfig
+    from dowsing.pipelines.plan import PilotConfig
 
     return JobRequest(kind="plan", model_id=str(model_dir), domains=list(domains), config=PilotConfig(),
                       domain_set_name="Eight", **fields)
@@ -150,7 +150,7 @@ def test_a_large_state_never_reads_as_absent_while_another_process_updates_it(tm
     finds it."""
     import threading
 
-    from dowsing.jobs import JobState, JobStore
+    from dowsing.background.jobs import JobState, JobStore
 
     writer, reader = JobStore(tmp_path), JobStore(tmp_path)
     request = {"kind": "plan", "domains": [[f"D{i}", [f"fact {j} " + "x" * 60 for j in range(40)]] for i in range(20)]}
@@ -250,7 +250,7 @@ def test_a_job_runs_a_repeat_is_instant_a_corrupt_result_reruns_and_jobs_queue(r
     # A corrupt cached result is never shown as done: it is recomputed...
     import diskcache
 
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     entries = diskcache.Cache(str(ResultStore().folder))
     entries.set(job_id, entries.get(job_id)[:-40])  # a truncated write
@@ -356,7 +356,7 @@ def test_a_missing_model_is_refused_before_any_worker_starts(runner, tmp_path):
 # --- every kind through one runner ------------------------------------------------
 
 def test_an_analysis_and_a_validation_take_turns_and_give_the_numbers_of_each_run_alone(runner, tiny_gpt2_dir):
-    from dowsing.analysis import run_analysis
+    from dowsing.pipelines.analysis import run_analysis
     from dowsing.validation.validate import ValidationResult, validate
 
     analysis, check = request(tiny_gpt2_dir), validation_request(tiny_gpt2_dir)
@@ -436,7 +436,7 @@ def test_a_plan_job_measures_the_pilots_run_plan_would_and_cancels_like_the_othe
     store, and the same cache entry `run_plan` reads), any budget's plan on
     them is `run_plan`'s, a repeat is instant, and Cancel stops it mid-pilots."""
     from dowsing.domains import benchmark_domains
-    from dowsing.plan import PilotMeasurements, PlanConfig, plan_from_pilots, plan_key, run_plan
+    from dowsing.pipelines.plan import PilotMeasurements, PlanConfig, plan_from_pilots, plan_key, run_plan
 
     req = plan_request(tiny_llama_dir)
     job_id = runner.submit(req)
@@ -487,7 +487,7 @@ def test_cancel_leaves_no_process_of_a_run_on_ray_behind(runner, tiny_llama_dir)
 
 
 def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
-    """A stand-in worker (it looks like `dowsing.worker JOB3` in /proc) that
+    """A stand-in worker (it looks like `dowsing.background.worker JOB3` in /proc) that
     exits on SIGTERM, with a child in a process group of its own (as Ray's
     task workers are) that ignores SIGTERM: cancel must not stop at the worker."""
     child = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); " \
@@ -495,7 +495,7 @@ def test_cancel_kills_what_the_worker_started_when_that_ignores_sigterm(runner):
     worker = ("import os, subprocess, sys, time; "
               f"c = subprocess.Popen([sys.executable, '-c', {child!r}], stdout=subprocess.PIPE, "
               "preexec_fn=os.setpgrp); c.stdout.readline(); print(c.pid, flush=True); time.sleep(60)")
-    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.worker", JOB3], stdout=subprocess.PIPE,
+    stand_in = subprocess.Popen([sys.executable, "-c", worker, "dowsing.background.worker", JOB3], stdout=subprocess.PIPE,
                                 start_new_session=True)
     child_pid = int(stand_in.stdout.readline())
     assert os.getpgid(child_pid) != stand_in.pid and len(session_members(stand_in.pid)) == 2
@@ -515,7 +515,8 @@ def _queued_job(store: JobStore, model_dir) -> str:
 
 
 def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, tiny_gpt2_dir):
-    from dowsing import analysis, worker
+    from dowsing.pipelines import analysis
+    from dowsing.background import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -549,7 +550,8 @@ def test_worker_throttles_progress_and_writes_the_last(tmp_path, monkeypatch, ti
 
 def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_when_done(tmp_path, monkeypatch,
                                                                                            tiny_gpt2_dir):
-    from dowsing import analysis, worker
+    from dowsing.pipelines import analysis
+    from dowsing.background import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -578,7 +580,8 @@ def test_a_running_analysis_job_shows_its_ranking_before_the_paper_and_drops_it_
      (RuntimeError("boom\nsecond line"), "RuntimeError: boom")],
 )
 def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, error, expected):
-    from dowsing import analysis, worker
+    from dowsing.pipelines import analysis
+    from dowsing.background import worker
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     store = JobStore()
@@ -596,10 +599,10 @@ def test_worker_failures_are_one_line(tmp_path, monkeypatch, tiny_gpt2_dir, erro
 
 def test_cancel_kills_a_worker_that_ignores_sigterm(runner):
     # A stand-in worker stuck where SIGTERM cannot reach Python code; the
-    # trailing arguments make it look like `dowsing.worker JOB2` in /proc.
+    # trailing arguments make it look like `dowsing.background.worker JOB2` in /proc.
     stuck = subprocess.Popen(
         [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
-         "print('ready', flush=True); time.sleep(60)", "dowsing.worker", JOB2],
+         "print('ready', flush=True); time.sleep(60)", "dowsing.background.worker", JOB2],
         stdout=subprocess.PIPE, start_new_session=True,
     )
     assert stuck.stdout.readline().strip() == b"ready"

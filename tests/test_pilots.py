@@ -12,13 +12,13 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing import pilots
-from dowsing.alignment import tail_parameters
+from dowsing.kernels import pilots
+from dowsing.kernels.alignment import tail_parameters
 from dowsing.domains import Domain
-from dowsing.forward import split_pass
-from dowsing.splitting import split_domains
-from dowsing.subspace import per_fact_losses
-from dowsing.training import Recipe, TailTrainer
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.splitting import split_domains
+from dowsing.kernels.subspace import per_fact_losses
+from dowsing.kernels.training import Recipe, TailTrainer
 
 DOMAINS = [Domain(name, tuple(f"{name} item {i} is stored in box {word}{i * 7 % 5}." for i in range(8)))
            for name, word in (("Alpha", "red"), ("Beta", "green"))]
@@ -109,9 +109,9 @@ def test_the_curve_is_scipys_least_squares_line_in_ln_n():
 
 def test_an_analysis_ranks_a_domain_too_small_for_a_pilot_by_mean_loss_and_says_so(tiny_llama_dir, tmp_path,
                                                                                     monkeypatch):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.config import AnalysisConfig
-    from dowsing.models import load_model
+    from dowsing.access.models import load_model
 
     monkeypatch.setenv("DOWSING_CACHE", str(tmp_path))
     loaded = load_model(str(tiny_llama_dir))

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 from scipy import optimize, stats
 
-from dowsing import curves
+from dowsing.kernels import curves
 from dowsing.cli import main
-from dowsing.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, format_plan,
+from dowsing.pipelines.plan import (DomainCurve, PlanConfig, PlanResult, allocate, build_plan, concave_from_zero, format_plan,
                           gain_function, load_values, match_domains, most_examples, next_round, plan_csv, plan_rows,
                           recommendation)
 
@@ -396,7 +396,7 @@ def test_bad_collected_counts_are_refused_in_one_line(collected, says):
 
 
 def test_where_the_plan_is_not_shown_better_the_even_split_is_what_is_recommended_everywhere():
-    from dowsing import report
+    from dowsing.presentation import report
 
     twins = [_domain(name, 0.02, 3) for name in ("A", "B", "C", "D")]
     plan = build_plan(twins, PlanConfig(budget=42, have=8, bootstrap_resamples=300))
@@ -483,7 +483,7 @@ def test_fit_pilots_shrinks_only_when_told_to():
         rows = _per_fact([2, 4, 8], 16, rng, slope=slope)
         entries.append({"name": f"D{k}", "n_facts": 16, "mean_loss": 3.0, "sizes": [2, 4, 8],
                         "drop": list(rows.mean(axis=1)), "per_fact_by_size": rows.tolist(), "strata": [8, 8]})
-    from dowsing.plan import fit_pilots
+    from dowsing.pipelines.plan import fit_pilots
 
     plain = fit_pilots({"domains": entries}, PlanConfig(budget=1))
     pooled = fit_pilots({"domains": entries}, PlanConfig(budget=1, shrink=True))
@@ -492,7 +492,7 @@ def test_fit_pilots_shrinks_only_when_told_to():
 
 
 def test_the_pilot_scale_and_its_cross_validated_error_match_a_direct_computation():
-    from dowsing.plan import CALIBRATION_FILE, pilot_scale
+    from dowsing.pipelines.plan import CALIBRATION_FILE, pilot_scale
 
     data = json.loads(CALIBRATION_FILE.read_text())
     pilot = np.array([r["pilot_gain_32"] for r in data["domains"]])
@@ -628,9 +628,9 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
             assert d["identifiable"] and d["gain_band"][0] <= d["gain"] <= d["gain_band"][1]
     _pilots_match_a_direct_run(plan, tiny_llama_dir, domain_file)
 
-    import dowsing.models
+    import dowsing.access.models
 
-    monkeypatch.setattr(dowsing.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded again"))
+    monkeypatch.setattr(dowsing.access.models, "load_model", lambda *a, **k: pytest.fail("the model was loaded again"))
     (tmp_path / "costs.csv").write_text("Alpha,3\n")
     (tmp_path / "have.json").write_text('{"Beta": 10}')
     t0 = time.perf_counter()
@@ -648,7 +648,7 @@ def test_a_plan_on_the_tiny_llama_then_another_budget_from_the_cache(domain_file
 def test_the_next_round_on_the_tiny_llama_reruns_only_the_changed_domain_s_pilot(domain_file, tmp_path, capsys,
                                                                                  tiny_llama_dir):
     from dowsing.domains import load_domains
-    from dowsing.plan import PlanConfig, pilot_measurements, plan_from_pilots
+    from dowsing.pipelines.plan import PlanConfig, pilot_measurements, plan_from_pilots
 
     out = tmp_path / "plan.json"
     assert main(["plan", "--budget", "20", "--model", str(tiny_llama_dir), "--domains", str(domain_file),
@@ -682,11 +682,11 @@ def _pilots_match_a_direct_run(plan, model_dir, domain_file):
     import dataclasses
 
     from dowsing.domains import load_domains
-    from dowsing.forward import split_pass
-    from dowsing.models import load_model
-    from dowsing.pilots import PILOT_RECIPE, pilot_curve
-    from dowsing.splitting import split_domains
-    from dowsing.training import TailTrainer
+    from dowsing.kernels.forward import split_pass
+    from dowsing.access.models import load_model
+    from dowsing.kernels.pilots import PILOT_RECIPE, pilot_curve
+    from dowsing.kernels.splitting import split_domains
+    from dowsing.kernels.training import TailTrainer
 
     loaded = load_model(str(model_dir))
     train, held = split_domains(load_domains(domain_file), seed=0)
@@ -699,7 +699,7 @@ def _pilots_match_a_direct_run(plan, model_dir, domain_file):
 
 
 def test_the_training_calibration_of_each_setting_matches_a_direct_computation(monkeypatch):
-    from dowsing import plan as plan_mod
+    from dowsing.pipelines import plan as plan_mod
 
     rows = [{"domain": "a", "predicted": 0.1, "realised": 0.3}, {"domain": "a", "predicted": 0.2, "realised": 0.5},
             {"domain": "b", "predicted": 0.4, "realised": 0.2}, {"domain": "c", "predicted": 0.3, "realised": 0.6},
@@ -749,7 +749,7 @@ def test_what_training_realised_on_the_benchmark_overrules_the_curves(monkeypatc
     """Where the benchmark's check of the plan's setting, at the checked
     budget nearest this one, realised less for the plan than for a simple
     split, that split is recommended, with the realised numbers said."""
-    from dowsing import plan as plan_mod
+    from dowsing.pipelines import plan as plan_mod
 
     checks = {"not_in_training": {"budgets": {
         "3": {"seeds": 2, "realised": {"plan": 0.29, "even": 0.33, "mean_loss": 0.34, "ranking": 0.37}},

@@ -12,12 +12,12 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing.curves import LearningCurve, log_params
+from dowsing.kernels.curves import LearningCurve, log_params
 from dowsing.domains import Domain
-from dowsing.forward import split_pass
-from dowsing import plan as plan_mod
-from dowsing.plan import DomainCurve
-from dowsing.training import Recipe, TailTrainer, cycled
+from dowsing.kernels.forward import split_pass
+from dowsing.pipelines import plan as plan_mod
+from dowsing.pipelines.plan import DomainCurve
+from dowsing.kernels.training import Recipe, TailTrainer, cycled
 from dowsing.validation import plan_check, protocol
 from dowsing.validation.benchmark import BenchmarkConfig
 
@@ -162,7 +162,7 @@ def test_the_extrapolation_refits_the_measured_doses_and_scales_the_pilot():
 @pytest.mark.parametrize("chunk", [48, 2])
 def test_a_plan_run_equals_a_hand_run_fine_tune(tiny64, chunk, monkeypatch):
     # chunk 2: each step's 6 facts go through the trainer 2 at a time, their gradients summed
-    monkeypatch.setattr("dowsing.training.STEP_CHUNK", chunk)
+    monkeypatch.setattr("dowsing.kernels.training.STEP_CHUNK", chunk)
     parts = protocol.collection_split(DOMAINS, seed=0, sample=4, test=3)
     grown = [Domain(s.name, s.facts + p.facts) for s, p in zip(parts["sample"], parts["pool"])]
     split = split_pass(tiny64, grown, parts["test"], capture_block=0)
@@ -171,8 +171,8 @@ def test_a_plan_run_equals_a_hand_run_fine_tune(tiny64, chunk, monkeypatch):
     counts = (3, 0, 2)
     units = protocol.plan_units(recipe, 0, (2, 4), 4, {(5, "plan"): counts})
     got = protocol.protocol_unit(trainer, *units[0].args)
-    from dowsing.alignment import tail_parameters
-    from dowsing.subspace import per_fact_losses
+    from dowsing.kernels.alignment import tail_parameters
+    from dowsing.kernels.subspace import per_fact_losses
 
     # by hand: the protocol's 4 steps (2 x 4 pool facts / 2 a step); 5 added facts each seen at least twice,
     # so 3 a step (ceil(2 x 5 / 4)), with weight 5 / 4 (B / n_max) in all

@@ -74,8 +74,8 @@ def editor(at):
 
 def job_id(tiny: str) -> str:
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest
-    from dowsing.plan import PilotConfig
+    from dowsing.background.jobs import JobRequest
+    from dowsing.pipelines.plan import PilotConfig
 
     domains = [Domain(d["name"], tuple(d["facts"])) for d in DOMAINS]
     return JobRequest(kind="plan", model_id=tiny, domains=domains, config=PilotConfig()).job_id()
@@ -85,8 +85,8 @@ def expected_counts(tiny: str, budget: float, costs=None, caps=None, weights=Non
     """`allocate` on the mean gain over the bootstrap curves fitted to the job's pilots, read from `have`."""
     import dataclasses
 
-    from dowsing.jobs import default_runner
-    from dowsing.plan import PlanConfig, allocate, fit_pilots, gain_function, most_examples
+    from dowsing.background.jobs import default_runner
+    from dowsing.pipelines.plan import PlanConfig, allocate, fit_pilots, gain_function, most_examples
 
     curves = fit_pilots(default_runner().result(job_id(tiny)).to_dict(), PlanConfig(budget=budget))
     costs_or_1, caps_or_none = costs or [1.0] * len(curves), caps or [None] * len(curves)
@@ -119,8 +119,8 @@ def planned(tiny):
 
 
 def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny):
-    from dowsing.jobs import default_runner
-    from dowsing.plan import PilotMeasurements
+    from dowsing.background.jobs import default_runner
+    from dowsing.pipelines.plan import PilotMeasurements
 
     at, seen = planned
     assert seen and any(s.startswith(("**loading model**", "**pilots**", "**starting**", "**queued**")) for s in seen)
@@ -139,7 +139,7 @@ def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny
     shown = {m.label: m for m in at.metric}
     assert {"Spread evenly", "Split by mean loss"} <= set(shown)
     # the verdict the library gives is what the page says, above the metrics
-    from dowsing.plan import PlanConfig, plan_from_pilots
+    from dowsing.pipelines.plan import PlanConfig, plan_from_pilots
 
     library = plan_from_pilots(default_runner().result(job_id(tiny)), PlanConfig(budget=100))
     want = library.verdict["sentences"]
@@ -157,7 +157,7 @@ def test_start_runs_the_pilots_as_a_job_and_the_table_is_allocates(planned, tiny
 
 
 def test_another_budget_costs_and_caps_reallocate_without_a_new_job(planned, tiny):
-    from dowsing.jobs import default_runner
+    from dowsing.background.jobs import default_runner
 
     at, _ = planned
     before = default_runner().state(job_id(tiny))
@@ -179,7 +179,7 @@ def test_another_budget_costs_and_caps_reallocate_without_a_new_job(planned, tin
 
 
 def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, tiny):
-    from dowsing.plan import PlanConfig
+    from dowsing.pipelines.plan import PlanConfig
 
     at, _ = planned
     at.number_input(key="plan_budget").set_value(40).run()
@@ -203,7 +203,7 @@ def test_bad_input_says_what_the_cli_says_and_the_previous_plan_stays(planned, t
 
 def test_facts_already_in_training_move_where_the_curves_are_read_and_too_many_are_refused(planned, tiny):
     from dowsing.domains import Domain
-    from dowsing.plan import PlanConfig, check_plan
+    from dowsing.pipelines.plan import PlanConfig, check_plan
 
     at, _ = planned
     at.session_state[editor(at).key] = {"edited_rows": {}, "added_rows": [], "deleted_rows": []}
@@ -230,7 +230,7 @@ def test_a_fresh_session_shows_the_measured_plan_at_once(planned, tiny):
 def test_with_a_finished_analysis_of_the_same_model_and_domains_its_report_is_offered_with_the_plan(planned, tiny):
     from dowsing.config import AnalysisConfig
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, default_runner
+    from dowsing.background.jobs import JobRequest, default_runner
 
     at = plan_page(tiny)
     labels = {d.label for d in at.get("download_button")}
@@ -250,8 +250,8 @@ def test_with_a_finished_analysis_of_the_same_model_and_domains_its_report_is_of
 
 def _library_plan(tiny: str, budget: float, job: str | None = None, collected=None):
     """The library's plan of the job's pilots at `budget` (then, with `collected`, its next round)."""
-    from dowsing.jobs import default_runner
-    from dowsing.plan import PlanConfig, next_round, plan_from_pilots
+    from dowsing.background.jobs import default_runner
+    from dowsing.pipelines.plan import PlanConfig, next_round, plan_from_pilots
 
     config = PlanConfig(budget=budget)
     if collected is not None:
@@ -296,8 +296,8 @@ def test_the_next_round_adds_the_collected_facts_and_plans_what_is_left(planned,
 
     from dowsing import workspace
     from dowsing.domains import Domain
-    from dowsing.jobs import JobRequest, default_runner
-    from dowsing.plan import PilotConfig, PlanConfig, allocate, fit_pilots, gain_function, most_examples
+    from dowsing.background.jobs import JobRequest, default_runner
+    from dowsing.pipelines.plan import PilotConfig, PlanConfig, allocate, fit_pilots, gain_function, most_examples
 
     at, _ = planned
     _reset_inputs(at, 40)

@@ -12,8 +12,8 @@ from scipy import stats
 
 from dowsing.domains import Domain
 from dowsing.estimators import EstimatorScore
-from dowsing.forward import split_pass
-from dowsing.training import Recipe, TailTrainer, cycled
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.training import Recipe, TailTrainer, cycled
 from dowsing.validation import protocol
 from dowsing.validation.leaderboard import choose_default, group_leaderboards
 
@@ -72,8 +72,8 @@ def test_dose_gains_equal_a_hand_run_fine_tune(tiny64):
     values = {u.key: protocol.protocol_unit(trainer, *u.args) for u in units}
     gains = protocol.protocol_gains(split.held_rows, values, units, len(DOMAINS), (2, 4))
     # by hand: the same minibatches (the base mixture's seeded draws, the pool's seeded permutations), AdamW
-    from dowsing.alignment import tail_parameters
-    from dowsing.subspace import per_fact_losses
+    from dowsing.kernels.alignment import tail_parameters
+    from dowsing.kernels.subspace import per_fact_losses
 
     base = [r for rows in split.train_rows for r in rows[:4]]
     steps = protocol.dose_steps(recipe, 4)

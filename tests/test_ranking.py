@@ -13,13 +13,14 @@ import torch
 import torch.nn.functional as F
 from scipy import stats
 
-from dowsing import metrics, report
-from dowsing.analysis import analyze
+from dowsing.kernels import metrics
+from dowsing.presentation import report
+from dowsing.pipelines.analysis import analyze
 from dowsing.config import AnalysisConfig
-from dowsing.models import load_model
-from dowsing.ranking import rank, ranking_split
+from dowsing.access.models import load_model
+from dowsing.pipelines.ranking import rank, ranking_split
 from dowsing.result import Result
-from dowsing.subspace import encode_facts, find_anatomy, make_batches
+from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches
 
 # Three domains of four facts: twelve facts, so Adam's minibatches of 8 differ.
 DOMAINS = [
@@ -179,8 +180,8 @@ def test_a_tail_that_does_not_reproduce_the_loss_is_refused(tiny64):
     anatomy = find_anatomy(net)
     encoded = encode_facts(tiny64.tokenizer, FACTS, anatomy.max_positions)
     batches = make_batches(encoded, 4, "cpu")
-    from dowsing.alignment import capture_block_inputs
-    from dowsing.forward import forward_pass
+    from dowsing.kernels.alignment import capture_block_inputs
+    from dowsing.kernels.forward import forward_pass
 
     fact_domain = [k for k, d in enumerate(DOMAINS) for _ in d["facts"]]
     directions, _, tokens = forward_pass(net, anatomy, batches, fact_domain, len(DOMAINS))
@@ -222,9 +223,9 @@ def test_an_old_result_without_priority_loads_and_shows_mean_as_priority(tiny_gp
 @pytest.mark.parametrize("estimator", ["alignment_heldout", "alignment_heldout_adam"])
 def test_heldout_alignment_splits_like_the_benchmark_and_equals_the_explicit_sum(tiny64, estimator):
     """The analysis splits each domain's facts with the benchmark's seeded rule
-    (dowsing.splitting.split_domains) and scores g_bar_A^T P g_bar_B, each fact
+    (dowsing.kernels.splitting.split_domains) and scores g_bar_A^T P g_bar_B, each fact
     against the other half."""
-    from dowsing.splitting import split_domains
+    from dowsing.kernels.splitting import split_domains
 
     config = AnalysisConfig(dtype="float64", estimator=estimator, align_blocks=1, adam_batches=5, seed=3)
     result = analyze(tiny64, DOMAINS, config)

@@ -2,8 +2,9 @@
 estimator (one finite priority per domain, per-fact values that belong to
 the right facts, seeded and repeatable), a toy estimator added in a test
 reaching the analysis, the CLI and the benchmark's leaderboard through its
-family module alone, and the package's layering (no import circle, no
-function over 80 lines)."""
+family module alone, and the package's layering (no import circle, each layer
+importing only from the layers below it, no private name taken from another
+layer, no function over 80 lines)."""
 from __future__ import annotations
 
 import ast
@@ -16,10 +17,10 @@ from dowsing import estimators
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain
 from dowsing.estimators import EstimatorContext, EstimatorSettings, compute, registry
-from dowsing.forward import split_pass
-from dowsing.models import load_model
-from dowsing.splitting import split_domains
-from dowsing.training import Recipe
+from dowsing.kernels.forward import split_pass
+from dowsing.access.models import load_model
+from dowsing.kernels.splitting import split_domains
+from dowsing.kernels.training import Recipe
 
 PACKAGE = Path(__file__).resolve().parent.parent / "dowsing"
 DOMAINS = [Domain(name, tuple(f"{name} fact number {i} says {word} is {i + 2}." for i in range(6)))
@@ -104,7 +105,7 @@ def toy_estimator():
 
 def test_a_toy_estimator_reaches_the_analysis_the_cli_and_the_leaderboard(toy_estimator, tiny_llama_dir,
                                                                            tmp_path, monkeypatch):
-    from dowsing.analysis import analyze
+    from dowsing.pipelines.analysis import analyze
     from dowsing.cli import build_parser
     from dowsing.validation.benchmark import BenchmarkConfig, run_benchmark
 
@@ -190,8 +191,62 @@ def _cycles(graph: dict) -> list:
 def test_the_package_has_no_import_circle():
     graph = _module_imports()
     # the walk sees the imports the layers rest on
-    assert "dowsing.estimators" in graph["dowsing.ranking"] and "dowsing.ranking" in graph["dowsing.analysis"]
+    assert "dowsing.estimators" in graph["dowsing.pipelines.ranking"] and "dowsing.pipelines.ranking" in graph["dowsing.pipelines.analysis"]
     assert _cycles(graph) == []
+
+
+# The package's layers, bottom first: a layer imports only from layers of a lower rank. The
+# shared base is the package's own modules (configuration, records, domains, paths, costs...);
+# the command line and the package's face stand on top.
+LAYER_RANK = {"base": 0, "dowsing.access": 1, "dowsing.kernels": 2, "dowsing.storage": 2,
+              "dowsing.estimators": 3, "dowsing.pipelines": 4, "dowsing.validation": 5,
+              "dowsing.presentation": 6, "dowsing.estimates": 6, "dowsing.background": 6,
+              "dowsing.data": 7, "top": 7}
+TOP = {"dowsing", "dowsing.cli", "dowsing.__main__"}
+
+
+def _layer(module: str) -> str:
+    """The layer a module is in: its subpackage of dowsing, else the base (or the top)."""
+    if module in TOP:
+        return "top"
+    parts = module.split(".")
+    return ".".join(parts[:2]) if (PACKAGE / parts[1]).is_dir() else "base"
+
+
+def _layer_imports(graph: dict) -> dict:
+    """The module graph with each module replaced by its layer (no arrow from a layer to itself)."""
+    layers: dict = {}
+    for module, targets in graph.items():
+        layers.setdefault(_layer(module), set()).update(_layer(t) for t in targets)
+    return {layer: targets - {layer} for layer, targets in layers.items()}
+
+
+def test_each_layer_imports_only_from_layers_below_it():
+    layers = _layer_imports(_module_imports())
+    assert set(layers) == set(LAYER_RANK)
+    # the walk sees the arrows the layers rest on
+    assert {"dowsing.kernels", "dowsing.storage", "dowsing.estimators"} <= layers["dowsing.pipelines"]
+    upward = sorted(f"{layer} -> {target}" for layer, targets in layers.items() for target in targets
+                    if LAYER_RANK[target] >= LAYER_RANK[layer])
+    assert upward == []
+    assert _cycles(layers) == []
+
+
+def test_no_private_name_is_imported_from_another_layer():
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}
+    crossing = []
+    for name, path in modules.items():
+        package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("dowsing")):
+                base = node.module or ""
+                if node.level:
+                    parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                    base = ".".join(parts + ([base] if base else []))
+                crossing += [f"{name}: {base}.{a.name}" for a in node.names
+                             if a.name.startswith("_") and _layer(base) != _layer(name)]
+    assert crossing == []
 
 
 def test_the_cycle_finder_finds_a_circle():

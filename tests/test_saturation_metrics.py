@@ -6,8 +6,8 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing import metrics
-from dowsing.saturation import (DenseSystem, LowRankSystem, delta_n_from_fit, delta_n_on_curve, fit_power_law,
+from dowsing.kernels import metrics
+from dowsing.kernels.saturation import (DenseSystem, LowRankSystem, delta_n_from_fit, delta_n_on_curve, fit_power_law,
                                 mu_function, n_grid, resampling_kernels, saturation)
 
 

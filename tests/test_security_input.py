@@ -57,7 +57,7 @@ def test_the_model_picker_is_not_tied_to_the_url(cache, tiny_gpt2_dir):
 
 
 def test_every_path_outside_the_roots_gets_one_message(roots, tmp_path):
-    from dowsing.models import NOT_ALLOWED, ModelError, allowed_model, load_model
+    from dowsing.access.models import NOT_ALLOWED, ModelError, allowed_model, load_model
 
     root, outside = roots
     (root / "link").symlink_to(outside / "model")  # inside by name, outside once resolved
@@ -78,7 +78,7 @@ def test_every_path_outside_the_roots_gets_one_message(roots, tmp_path):
 
 
 def test_the_app_shows_one_message_for_paths_outside_the_roots(cache, roots):
-    from dowsing.models import NOT_ALLOWED
+    from dowsing.access.models import NOT_ALLOWED
 
     _, outside = roots
     shown = []
@@ -93,12 +93,12 @@ def test_the_app_shows_one_message_for_paths_outside_the_roots(cache, roots):
 
 
 def test_checkpoints_outside_the_roots_are_refused_in_the_app_and_the_worker(cache, roots):
-    from dowsing.checkpoints import CheckpointError, allowed_checkpoints
+    from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints
     from dowsing.config import AnalysisConfig
     from dowsing.domains import default_domains
-    from dowsing.jobs import JobRequest
-    from dowsing.models import NOT_ALLOWED, ModelError
-    from dowsing.worker import check_model_paths
+    from dowsing.background.jobs import JobRequest
+    from dowsing.access.models import NOT_ALLOWED, ModelError
+    from dowsing.background.worker import check_model_paths
 
     root, outside = roots
     specs = (str(outside / "model"), str(outside / "empty"))
@@ -194,7 +194,7 @@ def test_facts_over_the_token_cap_are_refused_before_the_run(tmp_path, capsys, m
 
 
 def test_a_run_over_the_memory_available_is_refused(cache, tmp_path, capsys, monkeypatch, tiny_gpt2_dir):
-    from dowsing import cost_report
+    from dowsing.estimates import cost_report
     from dowsing.cli import main
 
     monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
@@ -263,7 +263,7 @@ def _cells(text: str) -> list:
 def test_the_results_csv_neutralises_formulas():
     from test_charts_report import paper_like_result
 
-    from dowsing import report
+    from dowsing.presentation import report
 
     result = paper_like_result()
     for d, name in zip(result.domains, FORMULAS):
@@ -277,7 +277,7 @@ def test_the_results_csv_neutralises_formulas():
 def test_the_plan_csv_neutralises_formulas():
     from test_charts_report import _measured_plan
 
-    from dowsing.plan import plan_csv
+    from dowsing.pipelines.plan import plan_csv
 
     plan, _ = _measured_plan()
     for rows in (plan.domains, plan.even_domains):  # the CSV holds whichever split is recommended

@@ -17,9 +17,9 @@ from pathlib import Path
 import diskcache
 import pytest
 
-from dowsing import caches
+from dowsing.storage import caches
 from dowsing.domains import Domain
-from dowsing.jobs import MAX_ACTIVE_JOBS, JobRequest, JobState, JobStore, LocalJobRunner, QueueFull, now_iso
+from dowsing.background.jobs import MAX_ACTIVE_JOBS, JobRequest, JobState, JobStore, LocalJobRunner, QueueFull, now_iso
 from tiny_models import stand_in_result
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +81,7 @@ def test_an_id_that_is_not_a_job_id_is_never_looked_up_and_removes_nothing(runne
 
 
 def test_the_worker_refuses_an_id_that_is_not_a_job_id(cache):
-    from dowsing import worker
+    from dowsing.background import worker
 
     for job_id in ["../x", "/tmp/x", "a" * 63]:
         assert worker.main([job_id]) == 2
@@ -139,8 +139,8 @@ def test_a_pickled_job_row_is_refused_unread_and_dropped(runner, tmp_path):
 
 
 def test_a_pickled_result_or_unit_row_is_refused_unread(cache, tmp_path):
-    from dowsing.executor import UnitStore
-    from dowsing.store import JsonStore, ResultStore
+    from dowsing.pipelines.executor import UnitStore
+    from dowsing.storage.store import JsonStore, ResultStore
 
     marker = tmp_path / "unpickled"
     for folder, key in ((cache / "results", "k"), (cache / "plans", "k"), (cache / "units", "run/u0")):
@@ -184,7 +184,7 @@ def _damage_pages(db: Path) -> None:
 
 
 def test_a_store_that_is_not_a_database_is_moved_aside_and_rebuilt(cache):
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     ResultStore().put("k", stand_in_result())
     _damage_header(cache / "results" / "cache.db")
@@ -199,7 +199,7 @@ def test_a_store_that_is_not_a_database_is_moved_aside_and_rebuilt(cache):
 
 
 def test_a_store_damaged_while_open_is_moved_aside_on_read_and_works(cache):
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     store = ResultStore()
     for i in range(300):
@@ -253,7 +253,7 @@ def test_a_page_over_a_damaged_store_says_so_and_does_not_crash(cache):
 
 def test_the_cache_folder_stores_and_logs_are_private(cache, runner):
     from dowsing.paths import cache_dir
-    from dowsing.store import ResultStore
+    from dowsing.storage.store import ResultStore
 
     os.chmod(cache, 0o755)  # as a fresh checkout's cache/ is
     assert stat.S_IMODE(cache_dir().stat().st_mode) == 0o700
@@ -352,9 +352,9 @@ def test_with_a_login_configured_nothing_shows_before_the_visitor_logs_in(cache)
 
 def test_clear_results_empties_the_result_stores_but_never_the_domains_or_models(cache, runner):
     from dowsing import workspace
-    from dowsing.executor import UnitStore
-    from dowsing.jobs import clear_results
-    from dowsing.store import JsonStore, ResultStore
+    from dowsing.pipelines.executor import UnitStore
+    from dowsing.background.jobs import clear_results
+    from dowsing.storage.store import JsonStore, ResultStore
 
     results, units, plans = ResultStore(), UnitStore("run"), JsonStore("plans")  # open, as in a running app
     domain_units = JsonStore("domain_units")
@@ -398,8 +398,8 @@ def test_the_run_page_shows_the_cache_size_and_clears_results_but_not_the_domain
     import streamlit as st
 
     from dowsing import workspace
-    from dowsing.jobs import cache_usage
-    from dowsing.store import JsonStore, ResultStore
+    from dowsing.background.jobs import cache_usage
+    from dowsing.storage.store import JsonStore, ResultStore
 
     st.cache_resource.clear()  # the app's job runner, pointed at this test's cache
     ResultStore().put("k", stand_in_result())

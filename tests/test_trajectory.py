@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 import torch
 
-from dowsing.alignment import tail_grad_fn, tail_parameters
-from dowsing.subspace import find_anatomy, per_fact_losses
-from dowsing.forward import split_pass
-from dowsing.training import Recipe, TailTrainer
-from dowsing.splitting import split_domains
+from dowsing.kernels.alignment import tail_grad_fn, tail_parameters
+from dowsing.kernels.subspace import find_anatomy, per_fact_losses
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.training import Recipe, TailTrainer
+from dowsing.kernels.splitting import split_domains
 from dowsing.estimators.trajectory import (TRAJECTORY_ESTIMATORS, finite_difference_hvp, flat, load_checkpoint,
                                            mean_grad, record_trajectory, trajectory_scores, working_precision)
 

@@ -16,12 +16,12 @@ import json
 import numpy as np
 import pytest
 
-from dowsing import curves
+from dowsing.kernels import curves
 from dowsing.cli import main
 from dowsing.domains import Domain
-from dowsing.plan import (DomainCurve, PilotConfig, PlanConfig, PlanResult, build_plan, effective_weights,
+from dowsing.pipelines.plan import (DomainCurve, PilotConfig, PlanConfig, PlanResult, build_plan, effective_weights,
                           measure_pilots, transfer_ratios)
-from dowsing.units import DomainUnits
+from dowsing.storage.units import DomainUnits
 
 FACTS = {"Alpha": "red", "Beta": "green", "Gamma": "blue"}
 
@@ -72,10 +72,10 @@ def test_the_diagonal_is_the_pilot_curves_own_drop_at_its_largest_size(measured)
 
 
 def test_an_off_diagonal_entry_is_a_fine_tune_on_one_domain_read_on_the_others_halves(measured):
-    from dowsing.forward import split_pass
-    from dowsing.pilots import PILOT_RECIPE
-    from dowsing.splitting import split_domains
-    from dowsing.training import TailTrainer
+    from dowsing.kernels.forward import split_pass
+    from dowsing.kernels.pilots import PILOT_RECIPE
+    from dowsing.kernels.splitting import split_domains
+    from dowsing.kernels.training import TailTrainer
 
     loaded, _, _, _, fresh = measured
     train, held = split_domains(_domains(), seed=0)

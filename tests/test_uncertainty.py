@@ -8,9 +8,9 @@ import time
 import numpy as np
 import pytest
 
-from dowsing.metrics import shares_pct
-from dowsing.saturation import delta_n_from_fit, fit_power_law, n_grid
-from dowsing.uncertainty import (RANK_STABLE_PROBABILITY, DomainKernels, _profile_gradient,
+from dowsing.kernels.metrics import shares_pct
+from dowsing.kernels.saturation import delta_n_from_fit, fit_power_law, n_grid
+from dowsing.kernels.uncertainty import (RANK_STABLE_PROBABILITY, DomainKernels, _profile_gradient,
                                  bootstrap_domains, fit_power_law_batch, magnitude_interval,
                                  resampled_curves)
 
@@ -232,7 +232,7 @@ def test_share_interval_of_a_domain_whose_sign_is_unsure_reaches_zero_and_holds_
 def test_priority_bootstrap_equals_a_direct_numpy_loop():
     """bootstrap_priorities against a plain loop over resamples: the same seeded
     index draws, then means, signed shares, ranks and percentiles by hand."""
-    from dowsing.uncertainty import bootstrap_priorities
+    from dowsing.kernels.uncertainty import bootstrap_priorities
 
     rng = np.random.default_rng(7)
     per_fact = [rng.normal(0.4, 1.0, 9), rng.normal(0.1, 0.5, 14), rng.normal(-0.3, 2.0, 6), rng.normal(0.35, 0.2, 11)]

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from dowsing import pilots
-from dowsing.analysis import run_analysis
+from dowsing.kernels import pilots
+from dowsing.pipelines.analysis import run_analysis
 from dowsing.config import AnalysisConfig
 from dowsing.domains import Domain, as_domains
 from dowsing.estimators import pilot as pilot_family
@@ -46,9 +46,9 @@ def counted(monkeypatch, tmp_path):
         return real(trainer, recipe, seed, rows_a, rows_b, sizes)
 
     monkeypatch.setattr(pilot_family, "pilot_curve", counting)
-    import dowsing.plan
+    import dowsing.pipelines.plan
 
-    monkeypatch.setattr(dowsing.plan, "pilot_curve", counting)
+    monkeypatch.setattr(dowsing.pipelines.plan, "pilot_curve", counting)
     return calls
 
 
@@ -66,7 +66,7 @@ def _same(a, b, tol: float) -> None:
 
 
 def test_an_edit_recomputes_one_domain_and_equals_a_fresh_analysis_in_float64(tiny_llama_dir, counted):
-    from dowsing.analysis import pilot_status
+    from dowsing.pipelines.analysis import pilot_status
 
     model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64")
     assert pilot_status(model, FOUR, config)["message"] == "all 4 domains computed"
@@ -115,15 +115,15 @@ def test_the_same_ranking_after_an_edit_in_float32(tiny_gpt2_dir, counted):
 
 def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forward_pass(tiny_llama_dir, counted,
                                                                                         monkeypatch):
-    import dowsing.forward
-    from dowsing.plan import PlanConfig, run_plan
+    import dowsing.kernels.forward
+    from dowsing.pipelines.plan import PlanConfig, run_plan
 
     model = str(tiny_llama_dir)
     analysed = run_analysis(model, FOUR, AnalysisConfig(dtype="float64"))
     counted.clear()
     passes = []
-    real = dowsing.forward.split_pass
-    monkeypatch.setattr(dowsing.forward, "split_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
+    real = dowsing.kernels.forward.split_pass
+    monkeypatch.setattr(dowsing.kernels.forward, "split_pass", lambda *a, **k: passes.append(1) or real(*a, **k))
     config = PlanConfig(budget=100, dtype="float64")
     plan = run_plan(model, FOUR, config)
     assert counted == [] and passes == []
@@ -131,7 +131,7 @@ def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forwa
     assert len(counted) == 4 and passes == [1]
     assert [d["collect"] for d in plan.domains] == [d["collect"] for d in fresh.domains]
     # the plan's "split by the ranking's score" reads the default ranking's own scores off the same pilots
-    from dowsing.plan import fit_pilots, pilot_measurements, proportional_counts, ranking_scores
+    from dowsing.pipelines.plan import fit_pilots, pilot_measurements, proportional_counts, ranking_scores
 
     scores = ranking_scores(fit_pilots(pilot_measurements(model, FOUR, config).to_dict(), config))
     assert analysed.estimator == "pilot_curve"
@@ -146,7 +146,7 @@ def test_a_plan_after_an_analysis_of_the_same_domains_runs_no_pilot_and_no_forwa
 
 
 def test_a_plan_with_one_new_domain_measures_only_that_one(tiny_llama_dir, counted):
-    from dowsing.plan import PlanConfig, run_plan
+    from dowsing.pipelines.plan import PlanConfig, run_plan
 
     model, config = str(tiny_llama_dir), PlanConfig(budget=100, dtype="float64")
     run_plan(model, FOUR, config)

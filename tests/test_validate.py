@@ -8,17 +8,17 @@ import pytest
 import torch
 from scipy import stats
 
-from dowsing.analysis import analyze
+from dowsing.pipelines.analysis import analyze
 from dowsing.config import AnalysisConfig
-from dowsing.curvature import tail_coefficients
-from dowsing.forward import split_pass
-from dowsing.subspace_terms import logit_line, tail_derivatives
+from dowsing.kernels.curvature import tail_coefficients
+from dowsing.kernels.forward import split_pass
+from dowsing.kernels.subspace_terms import logit_line, tail_derivatives
 from dowsing.estimators import EstimatorContext, EstimatorSettings, compute
 from dowsing.estimators.subspace import domain_terms_of
-from dowsing.models import load_model
-from dowsing.solvers import lissa
+from dowsing.access.models import load_model
+from dowsing.kernels.solvers import lissa
 from dowsing.validation.correlations import bootstrap_spearman, kendall, spearman
-from dowsing.splitting import split_domains
+from dowsing.kernels.splitting import split_domains
 from dowsing.validation.subspace_truth import subspace_response
 from dowsing.validation.validate import ValidationConfig, ValidationResult, validate
 
@@ -142,7 +142,7 @@ def test_subspace_ground_truth_matches_influence_as_eps_goes_to_zero(tiny64):
 
 def _saturate(folder, facts, steps=60, lr=1e-2):
     """Fine-tune a tiny model hard on some facts until their loss is near zero."""
-    from dowsing.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
+    from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses
 
     loaded = load_model(str(folder), dtype="float32")
     net = loaded.model

@@ -49,7 +49,7 @@ def build_tiny(kind: str, folder: Path, seed: int = 0, n_layer: int = 2, tokeniz
     if tokenizer == "small":
         tokenizer = small_tokenizer()
     elif tokenizer == "embedded":
-        from dowsing.models import embedded_tokenizer_dir
+        from dowsing.access.models import embedded_tokenizer_dir
 
         tokenizer = AutoTokenizer.from_pretrained(str(embedded_tokenizer_dir()))
     else:

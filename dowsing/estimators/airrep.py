@@ -192,7 +192,7 @@ def airrep_scores(loaded, split, recipe, seed: int = 0, config: AirRepConfig | N
     domains. details: per fold the domains scored, the rows its training
     saw, the ranking loss before and after, and the seconds of data,
     training and inference."""
-    from ..training import TailTrainer
+    from ..kernels.training import TailTrainer
 
     config = config or AirRepConfig()
     report = progress or (lambda fraction, message: None)

@@ -1,5 +1,5 @@
 """The alignment family: gradient alignment over the parameters fine-tuning
-changes (the last blocks and the final norm; `dowsing.alignment`), with the
+changes (the last blocks and the final norm; `dowsing.kernels.alignment`), with the
 identity or Adam's preconditioner P.
 
 * ``alignment`` / ``alignment_adam``: between a domain's own facts,
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 
-from ..alignment import (ADAM_EPS, adam_preconditioner, alignment_blocks, blocks_of, domain_alignment, tail_grad_fn, tail_model,
+from ..kernels.alignment import (ADAM_EPS, adam_preconditioner, alignment_blocks, blocks_of, domain_alignment, tail_grad_fn, tail_model,
                          tail_parameters)
 from ..costs import (GRAD_CHUNK, Cost, adam_moment_s, chunked, gradients_s, ranking_tail_bytes, tail_params,
                      trainable_params)
@@ -64,7 +64,7 @@ def _domain_values(grad_of, preconditioners: dict, train: list, held: list, name
 
 
 def alignment_scores(ctx, names) -> list:
-    """The named alignment estimators (`dowsing.alignment`) over the last
+    """The named alignment estimators (`dowsing.kernels.alignment`) over the last
     `settings.blocks` transformer blocks and the final norm, from the block
     inputs cached by the forward pass. Adam's second moment comes from
     `adam_batches` seeded minibatches of `adam_batch` facts of the pool

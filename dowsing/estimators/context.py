@@ -8,7 +8,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Callable
 
-from ..training import Recipe
+from ..kernels.training import Recipe
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ def build_context(payload: dict) -> EstimatorContext:
     """A worker's EstimatorContext, rebuilt from the shipped weights."""
     from transformers import AutoModelForCausalLM
 
-    from ..models import LoadedModel
+    from ..access.models import LoadedModel
 
     net = AutoModelForCausalLM.from_config(payload["model_config"], attn_implementation="eager",
                                            dtype=payload["dtype"])

@@ -84,7 +84,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils import data
 
-from ..alignment import blocks_of, tail_model, tail_parameters
+from ..kernels.alignment import blocks_of, tail_model, tail_parameters
 from ..costs import Cost, expected_padded, gradients_s, matmul_s, padded_tokens, tail_params, trainer_step_bytes
 from .registry import Estimator, EstimatorScore, get, register, register_family
 

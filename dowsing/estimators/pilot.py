@@ -1,5 +1,5 @@
 """The pilot family: pilot fine-tunes on each domain's own facts
-(`dowsing.pilots`), split into two seeded halves A (the training half) and
+(`dowsing.kernels.pilots`), split into two seeded halves A (the training half) and
 B (the held-out half).
 
 * ``pilot_gain``: train the last blocks briefly on A alone and measure the
@@ -24,12 +24,12 @@ import time
 
 import numpy as np
 
-from ..alignment import blocks_of
+from ..kernels.alignment import blocks_of
 from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, tail_params, tail_pass_s,
                      trainable_params)
-from ..pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
-from ..training import TailTrainer
-from ..units import pilot_key, recomputed_message
+from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
+from ..kernels.training import TailTrainer
+from ..storage.units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 MIN_HALF = 2

@@ -25,10 +25,10 @@ import time
 
 import torch
 
-from ..alignment import padded_block_batch, tail_model
-from ..solvers import conjugate_gradient, damped, dense_solve, lissa
-from ..subspace import Encoded, make_batches, per_fact_losses
-from ..subspace_terms import DomainTerms, all_domain_terms, train_hessian
+from ..kernels.alignment import padded_block_batch, tail_model
+from ..kernels.solvers import conjugate_gradient, damped, dense_solve, lissa
+from ..kernels.subspace import Encoded, make_batches, per_fact_losses
+from ..kernels.subspace_terms import DomainTerms, all_domain_terms, train_hessian
 from ..costs import (CALIBRATION_DOMAINS, LINE_CHUNK, Cost, chunked, gradients_s, hessian_s, line_work, matmul_s,
                      predicted_tokens, solve_s)
 from .registry import Estimator, EstimatorScore, get, register, register_family

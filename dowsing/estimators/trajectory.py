@@ -93,11 +93,11 @@ from dataclasses import dataclass
 
 import torch
 
-from ..alignment import blocks_of, padded_block_batch, tail_grad_fn, tail_parameters
+from ..kernels.alignment import blocks_of, padded_block_batch, tail_grad_fn, tail_parameters
 from ..costs import (Cost, adam_moment_s, chunked, expected_padded, finetune_s, gradients_s, padded_tokens,
                      ranking_tail_bytes, tail_pass_s, trainable_params, trained_bytes, trainer_step_bytes)
-from ..subspace import per_fact_losses
-from ..training import Recipe
+from ..kernels.subspace import per_fact_losses
+from ..kernels.training import Recipe
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 _TRAJ = {"block_inputs", "held_out", "trajectory"}
@@ -171,7 +171,7 @@ def fact_batches(ids: list, batch_size: int, device) -> list:
 
 def load_user_trajectory(checkpoints: list, trainer, blocks: int, lr: float | None = None,
                          batch_size: int = 16, report=None) -> Trajectory:
-    """The trajectory of the user's checkpoints (`dowsing.checkpoints`,
+    """The trajectory of the user's checkpoints (`dowsing.access.checkpoints`,
     validated, oldest first) for `trainer`'s facts: each checkpoint is loaded
     once, runs its blocks before the first kept one over every fact (its own
     block inputs) and gives the truncated model's parameters. lr: the step
@@ -180,7 +180,7 @@ def load_user_trajectory(checkpoints: list, trainer, blocks: int, lr: float | No
     `diffin_scores`."""
     from transformers import AutoModelForCausalLM
 
-    from ..alignment import capture_block_inputs, tail_model
+    from ..kernels.alignment import capture_block_inputs, tail_model
 
     report = report or (lambda fraction, message: None)
     t0 = time.perf_counter()
@@ -515,7 +515,7 @@ def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, s
     trajectory of the baseline fine-tune of `recipe` and `seed` (the
     benchmark's main recipe and first seed: the run whose checkpoints a user
     without their own would have), or over the user's `checkpoints`
-    (validated by `dowsing.checkpoints`, oldest first, the last being the
+    (validated by `dowsing.access.checkpoints`, oldest first, the last being the
     loaded model) with step size `checkpoint_lr` (None: estimated per
     interval, `step_length_lr`); the recipe then gives only the optimizer
     (its preconditioner) and the blocks. blocks: train the last `blocks`
@@ -528,7 +528,7 @@ def trajectory_scores(loaded, split, names=TRAJECTORY_ESTIMATORS, recipe=None, s
     Each score's time is the forward pass, the recorded fine-tune, and the
     work it needs (shared work charged in full to each estimator sharing it,
     as the alignment family does)."""
-    from ..training import Recipe, TailTrainer
+    from ..kernels.training import Recipe, TailTrainer
 
     unknown = [n for n in names if n not in TRAJECTORY_ESTIMATORS]
     if unknown:
@@ -585,7 +585,7 @@ class _Run:
 
 def _gradient_path_scores(run: _Run, names: list, adam_batch: int, adam_batches: int, all_facts: bool) -> dict:
     """TracIn over checkpoints and Diff-In, sharing their gradients."""
-    from ..alignment import adam_preconditioner
+    from ..kernels.alignment import adam_preconditioner
 
     trainer, trajectory, params, recipe = run.trainer, run.trajectory, run.params, run.recipe
     t0 = time.perf_counter()
@@ -647,7 +647,7 @@ def trajectory_family(ctx, names) -> list:
     """The trajectory family's compute: over the user's checkpoints when the
     context has them, else over the settings' recipe's baseline fine-tune;
     the recipe trains no more blocks than the split captured."""
-    from ..alignment import blocks_of
+    from ..kernels.alignment import blocks_of
 
     s, split = ctx.settings, ctx.split
     kept = len(blocks_of(ctx.loaded.model)) - split.capture_block

@@ -32,23 +32,23 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoints import checkpoint_fields
+from ..access.checkpoints import checkpoint_fields
 from ..domains import Domain, benchmark_domains, benchmark_groups, domain_set
 from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
                           check_names, family_unit, names)
 from ..estimators.subspace import domain_terms_of
-from ..executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
-from ..forward import split_pass
-from ..models import LoadedModel, load_model
+from ..pipelines.executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
+from ..kernels.forward import split_pass
+from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
 from ..result import ENGINE_VERSION
-from ..saturation import DenseSystem, mu_function, saturation
-from ..solvers import damped, dense_solve
-from ..splitting import split_domains
-from ..curvature import structured_hessian
-from ..subspace import find_anatomy
-from ..training import Recipe, TailTrainer, build_trainer
+from ..kernels.saturation import DenseSystem, mu_function, saturation
+from ..kernels.solvers import damped, dense_solve
+from ..kernels.splitting import split_domains
+from ..kernels.curvature import structured_hessian
+from ..kernels.subspace import find_anatomy
+from ..kernels.training import Recipe, TailTrainer, build_trainer
 from .finetune import measured_delta_n
 from .leaderboard import (BASELINE, benchmark_leaderboard, choose_default, choose_winner, group_leaderboards,
                           reliability, stacked_scores)
@@ -306,7 +306,7 @@ def run_benchmark(model, domains=None, config: BenchmarkConfig | None = None,
     the shipped benchmark domains (ordinary and hard cases).
 
     executor: where the estimator families and the fine-tunes run
-    (`dowsing.executor`; in this process by default; on Ray each is a task,
+    (`dowsing.pipelines.executor`; in this process by default; on Ray each is a task,
     the families first). resume: keep each finished unit in the unit store
     under the run's fingerprint (model, domains, configuration, engine
     version) and reuse what an earlier, interrupted run of the same
@@ -357,7 +357,7 @@ def _prepared(model, domains, config: BenchmarkConfig, device: str, say, timings
     checked before the model is loaded."""
     checkpoints = None
     if config.checkpoints:
-        from ..checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)
@@ -641,7 +641,7 @@ def _execution(executor, run: BenchmarkSplit, timings: dict) -> dict:
 
 
 def evidence_from_result(result: BenchmarkResult) -> dict:
-    """The summary the app quotes next to a ranking (`dowsing.evidence`):
+    """The summary the app quotes next to a ranking (`dowsing.validation.evidence`):
     per estimator, rho on the main recipe with its interval and the paired
     difference against mean loss, plus the ground truth's own ceiling."""
     main = result.config["main_recipe"]

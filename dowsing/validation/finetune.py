@@ -6,7 +6,7 @@ import time
 
 import torch
 
-from ..training import Recipe, TailTrainer, build_trainer
+from ..kernels.training import Recipe, TailTrainer, build_trainer
 
 
 def validation_recipe(config, blocks: int) -> Recipe:
@@ -31,7 +31,7 @@ def finetune_gains(loaded, split, train, config, report=None, executor=None, sto
     "runs" {name: [...]}, with "held_rows", "gain" (own held-out drop against
     the baseline), "drop_matrix" and "baseline_drop".
     """
-    from ..executor import LocalExecutor, Shared, Unit
+    from ..pipelines.executor import LocalExecutor, Shared, Unit
 
     report = report or (lambda fraction, message: None)
     executor = executor or LocalExecutor()

@@ -95,7 +95,7 @@ def allocations(plan, scores: list, budget: int, caps: list) -> dict:
     the plan's domain order: the plan's, the page's recommendation (the
     plan's, or spreading evenly when the plan is not shown to beat it), and
     the simple splits; "ranking" splits in proportion to max(score, 0)."""
-    from ..plan import proportional_counts
+    from ..pipelines.plan import proportional_counts
 
     plan_counts = [int(r["collect"]) for r in plan.domains]
     even = [int(v) for v in plan.totals["even"]["counts"].values()]
@@ -111,7 +111,7 @@ def allocations(plan, scores: list, budget: int, caps: list) -> dict:
 
 def encode(tokenizer, facts: list, max_positions: int) -> list:
     """Token ids of each fact (the product's encoding, `subspace.encode_facts`)."""
-    from ..subspace import encode_facts
+    from ..kernels.subspace import encode_facts
 
     return encode_facts(tokenizer, facts, max_positions).ids
 
@@ -124,7 +124,7 @@ def _wide(logits: torch.Tensor) -> torch.Tensor:
 def _batches(ids: list, size: int) -> list:
     """(input_ids, mask) micro-batches of facts sorted by length, so little
     is padded; right padding leaves every real token's loss unchanged."""
-    from ..subspace import pad_ids
+    from ..kernels.subspace import pad_ids
 
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
     return [(pad_ids([ids[i] for i in order[s:s + size]], "cpu"), order[s:s + size])
@@ -134,7 +134,7 @@ def _batches(ids: list, size: int) -> list:
 def fact_losses(model, ids: list, size: int = 16) -> np.ndarray:
     """Each fact's mean next-token loss (`subspace.per_fact_losses`) under
     the model, in the facts' order."""
-    from ..subspace import per_fact_losses
+    from ..kernels.subspace import per_fact_losses
 
     out = np.empty(len(ids))
     model.eval()
@@ -150,7 +150,7 @@ def train_full_batch(model, ids: list, config: FreshCheckConfig) -> list:
     the loss is the mean over facts of their mean token loss, its gradient
     summed over micro-batches. Trains `model` in place; returns the loss
     before each step."""
-    from ..subspace import per_fact_losses
+    from ..kernels.subspace import per_fact_losses
 
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -196,9 +196,9 @@ def product_advice(model_id, split: dict, budgets: list, caps: list) -> dict:
     """What the product tells a user with these samples: the default
     ranking's scores (analysis up to the ranking) and the plan of each
     budget with have = 0."""
-    from ..analysis import run_analysis
+    from ..pipelines.analysis import run_analysis
     from ..config import AnalysisConfig
-    from ..plan import PlanConfig, pilot_measurements, plan_from_pilots
+    from ..pipelines.plan import PlanConfig, pilot_measurements, plan_from_pilots
 
     sample = split["sample"]
     ranking = run_analysis(model_id, sample, AnalysisConfig(stage="ranking"))
@@ -218,7 +218,7 @@ def run_seed(loaded, model_id, domains: list, seed: int, config: FreshCheckConfi
     caps = [len(d.facts) for d in split["pool"]]
     budgets = [b * len(domains) for b in config.budgets_per_domain]
     advice = product_advice(model_id, split, budgets, caps)
-    from ..subspace import find_anatomy
+    from ..kernels.subspace import find_anatomy
 
     max_pos = find_anatomy(loaded.model).max_positions
     test_ids = [encode(loaded.tokenizer, d.facts, max_pos) for d in split["test"]]
@@ -255,7 +255,7 @@ def plan_summary(plan) -> dict:
 def run_check(model_id, config: FreshCheckConfig, out: Path, report=print) -> dict:
     """The whole check, seed by seed, kept in `out` (JSON) after every
     fine-tune; a run started again with the same out and config resumes."""
-    from ..models import load_model
+    from ..access.models import load_model
 
     domains = benchmark_domains(config.domains)
     state = json.loads(out.read_text()) if out.exists() else {}
@@ -382,9 +382,9 @@ def diagnosis_rows(state: dict, model_id=None) -> list:
     cached analysis of `product_advice`, read again: instant) and the gain
     fraction training realised, the even split's gain at the smaller budget
     over the domain's test loss before."""
-    from ..analysis import run_analysis
+    from ..pipelines.analysis import run_analysis
     from ..config import AnalysisConfig
-    from ..diagnosis import HELPS
+    from ..kernels.diagnosis import HELPS
 
     config = FreshCheckConfig.from_dict({k: tuple(v) if isinstance(v, list) else v
                                          for k, v in state["config"].items()})

@@ -4,7 +4,7 @@ the learning curves extrapolate?
 
 For a budget B (examples, every one costing 1) and the benchmark's domains:
 
-* "plan": `dowsing.plan.allocate` on each domain's learning curve, fitted
+* "plan": `dowsing.pipelines.plan.allocate` on each domain's learning curve, fitted
   (`plan.fit_pilots`) to the pilot fine-tunes the pilot estimators ran on
   the domain's sample (sizes up to the half's 8 facts), have = the sample's
   size (what the product assumes), cap = the domain's pool;
@@ -30,8 +30,8 @@ import math
 
 import numpy as np
 
-from ..curves import FITTERS, choose_form, predict
-from ..plan import (DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
+from ..kernels.curves import FITTERS, choose_form, predict
+from ..pipelines.plan import (DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
                     paired_difference, predicted_total, proportional_counts)
 
 ALLOCATIONS = ("plan", "plan_weighted", "recommended", "even", "proportional", "ranking")

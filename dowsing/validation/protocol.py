@@ -29,7 +29,7 @@ import random
 import numpy as np
 
 from ..domains import Domain, as_domains
-from ..training import Recipe, TailTrainer
+from ..kernels.training import Recipe, TailTrainer
 
 
 def facts_needed(sample: int, test: int, doses) -> int:
@@ -131,7 +131,7 @@ def plan_run_losses(trainer: TailTrainer, recipe: Recipe, seed: int, steps: int,
 def plan_units(recipe: Recipe, seed: int, doses, sample: int, allocations: dict) -> list:
     """One seed's plan-check runs: {(budget, allocation name): counts} ->
     one unit each, on the protocol's steps."""
-    from ..executor import Unit
+    from ..pipelines.executor import Unit
 
     n_max = max(doses)
     steps = dose_steps(recipe, n_max)
@@ -149,7 +149,7 @@ def _digest(counts) -> str:
 def protocol_units(recipe: Recipe, seed: int, n_domains: int, doses, sample: int, second_reading: bool) -> list:
     """One seed of one recipe: the baseline, every domain at every dose, and
     (second_reading) every domain with its sample added."""
-    from ..executor import Unit
+    from ..pipelines.executor import Unit
 
     n_max = max(doses)
     steps = dose_steps(recipe, n_max)

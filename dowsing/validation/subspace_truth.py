@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from ..curvature import structured_hessian
-from ..solvers import damped, dense_solve
+from ..kernels.curvature import structured_hessian
+from ..kernels.solvers import damped, dense_solve
 from .correlations import pearson, spearman
-from ..subspace_terms import logit_line, token_weights
+from ..kernels.subspace_terms import logit_line, token_weights
 
 
 def subspace_response(split, terms, k: int, eps_values, damping: float, newton_steps: int = 2):

@@ -29,18 +29,18 @@ from typing import Callable
 import numpy as np
 import torch
 
-from ..checkpoints import checkpoint_fields
-from ..curvature import structured_hessian, tail_coefficients
+from ..access.checkpoints import checkpoint_fields
+from ..kernels.curvature import structured_hessian, tail_coefficients
 from ..domains import Domain, as_domains
 from ..estimators import PAPER, EstimatorContext, EstimatorSettings, check_names, compute, get, names
 from ..estimators.subspace import domain_terms_of
-from ..forward import split_pass
-from ..models import LoadedModel, load_model
+from ..kernels.forward import split_pass
+from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
-from ..solvers import damped, dense_solve
-from ..splitting import split_domains
-from ..subspace import encode_facts, find_anatomy
+from ..kernels.solvers import damped, dense_solve
+from ..kernels.splitting import split_domains
+from ..kernels.subspace import encode_facts, find_anatomy
 from .correlations import bootstrap_spearman, kendall, spearman
 from .finetune import finetune_gains, validation_recipe
 from .subspace_truth import subspace_response, summarise_subspace
@@ -159,7 +159,7 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
 
     model: a LoadedModel, or a model id / path (None = embedded default),
     loaded in float32 on the CPU. executor: where the fine-tuning runs go
-    (`dowsing.executor`; in this process by default).
+    (`dowsing.pipelines.executor`; in this process by default).
     """
     from datetime import datetime, timezone
 
@@ -169,7 +169,7 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     timings = {}
     checkpoints = None
     if config.checkpoints:
-        from ..checkpoints import check_last_is_model, validate_checkpoints
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
 
         checkpoints = validate_checkpoints(config.checkpoints)
         check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)
@@ -275,10 +275,10 @@ def exactness_check(loaded, domains, damping: float = 1e-3, max_facts: int = 8, 
     B = 1 subspace, on at most max_facts facts per domain (so it takes
     seconds). Returns the relative error ||z_cg - z_dense|| / ||z_dense||, CG's
     iterations and residual, and whether CG met non-positive curvature."""
-    from ..forward import forward_pass
-    from ..curvature import structured_fact_gradients
-    from ..solvers import conjugate_gradient
-    from ..subspace import make_batches
+    from ..kernels.forward import forward_pass
+    from ..kernels.curvature import structured_fact_gradients
+    from ..kernels.solvers import conjugate_gradient
+    from ..kernels.subspace import make_batches
 
     domains = as_domains(domains)
     small = [Domain(d.name, d.facts[:max_facts]) for d in domains]

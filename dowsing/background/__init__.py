@@ -1,0 +1,1 @@
+"""Background jobs: the job store and the worker process that runs one job."""

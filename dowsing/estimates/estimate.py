@@ -1,0 +1,469 @@
+"""What a run will cost before it starts: wall time on this machine and peak
+memory (the process's resident memory on the CPU, allocated GPU memory with
+device cuda) for an analysis, a benchmark, a validation or a plan's pilots.
+
+Two parts:
+
+* The machine's speed constants, measured once per model by a short
+  calibration (`calibration.calibrate`, cached).
+* Per pipeline (`analysis_cost`, `benchmark_cost`, `validation_cost`,
+  `plan_cost`) the sum over its stages of what each stage declares it costs
+  beside its own code: every estimator family in its module in
+  `estimators/` (`Family.cost`, read from the registry, so a new family is
+  priced without an edit here), the analysis' solves in `analysis_costs`,
+  the forward pass in `forward`, the pilots in `pilots`, the ground truth's
+  fine-tunes in `validation/costs`; the shared arithmetic is in `costs`.
+
+The record and its text, the memory check and --estimate's output are in
+`cost_report`. Everything here predicts; nothing runs the analysis.
+"""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+from .analysis_costs import (analysis_memory, analysis_route, analysis_run, analysis_subspace_s, diagnosis_cost,
+                             pilot_stage, ranking_cost)
+from .calibration import (Calibration, cached_calibration, calibrate, calibration_in_subprocess,  # noqa: F401
+                          calibration_path, default_threads)
+from .cost_report import (Estimate, available_memory_bytes, format_bytes, format_estimate,  # noqa: F401
+                          format_seconds, load_note, memory_refusal, report)
+from ..costs import RAY_STARTUP_S, RunShape, predicted_tokens, resident_bytes
+from ..paths import cache_dir
+
+
+def _basis(cal: Calibration) -> list:
+    busy = cal.load_average >= (os.cpu_count() or 1)
+    caveat = (f" (the machine was busy then, load average {cal.load_average:.1f}: if it is quiet now, delete "
+              f"{calibration_path(cal.fingerprint, cal.device, cal.dtype, cal.threads)} for a new calibration)"
+              if busy else "")
+    when = cal.created_at[:16].replace("T", " ")
+    threads = f"{cal.threads} torch thread{'' if cal.threads == 1 else 's'}"
+    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {threads}) at {when} "
+            f"UTC{caveat}: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
+            f"fine-tune step {cal.tail_s_per_param_token * 1e12:.0f} ps per parameter and token, "
+            f"float64 {cal.matmul_flops / 1e9:.0f} GFLOP/s",
+            f"the model: {cal.n_params / 1e6:.0f}M parameters, {cal.n_layers} blocks, d_ff {cal.d_ff}, "
+            f"vocabulary {cal.vocab}",
+            "the machine as quiet as the calibration found it (other work on the cores slows a run)"]
+
+
+# --- the sums over each pipeline's stages ------------------------------------------------------------------------
+
+def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
+                  pilots_stored=frozenset()) -> Estimate:
+    """The estimate of one analysis. domains: [(name, [tokens per fact])];
+    ray_workers: the Ray workers the per-domain units would spread over (0:
+    in this process; the structured route always stays here);
+    pilots_stored: the names of the domains whose pilot curves are stored
+    units (`analysis.pilot_status`'s "reused"): their pilot fine-tunes are
+    not priced. The forward pass covers every domain whatever is stored
+    (`analysis._forward`). With config.stage "ranking" the paper's solve,
+    saturation and bootstrap do not run and are not priced."""
+    from ..estimators.pilot import to_tune
+    from ..kernels.forward import forward_pass_s  # torch: imported when an estimate is made, not with this module
+    lengths = [list(d) for _, d in domains]
+    flat = [n for d in lengths for n in d]
+    route = analysis_route(config)
+    paper = config.stage != "ranking"
+    stages = {"start-up": cal.start_s, "load model": cal.load_s,
+              "forward pass": forward_pass_s(cal, config.batch_size, flat)}
+    notes = []
+    if ray_workers:
+        stages["ray start-up"] = RAY_STARTUP_S
+    if paper:
+        subspace = analysis_subspace_s(cal, lengths, config)
+        if ray_workers and route != "structured":
+            # one thread per worker: the calibrated seconds times the threads they were measured at (an upper bound)
+            spread = cal.threads / min(ray_workers, len(lengths))
+            subspace = {k: v * spread for k, v in subspace.items()}
+            notes.append(f"per-domain solves spread over {min(ray_workers, len(lengths))} single-threaded Ray "
+                         f"workers")
+        stages.update(subspace)
+    else:
+        notes.append("stage ranking: the run stops after the ranking and the diagnosis; the paper's solve, "
+                     "saturation and bootstrap do not run and are not counted")
+    stored = frozenset(pilots_stored) & {n for n, _ in domains}
+    ranking, diagnosis = ranking_cost(cal, domains, config, stored), diagnosis_cost(cal, domains, config, stored)
+    stages["ranking"] = ranking.seconds
+    if diagnosis is not None:
+        stages["diagnosis"] = diagnosis.seconds
+    where = pilot_stage(config)
+    if where is not None and stored:
+        run = analysis_run(cal, domains, config, stored)
+        with_pilot, todo = len(to_tune(run.train, run.held)), len(to_tune(run.train, run.held, run.pilots_stored))
+        notes.insert(0, f"{with_pilot - todo} of {with_pilot} domains' pilot curves from cache: the {where} counts "
+                        f"the pilot fine-tunes of the other {todo} (the forward pass still covers every domain)")
+    basis = _basis(cal) + [f"{len(flat)} facts, {predicted_tokens(flat)} predicted tokens, {len(lengths)} domains, "
+                           f"route {route}, ranking by {config.estimator}"]
+    if paper and route == "cg":
+        notes.append("CG is counted at its iteration limit (the subspace dimension unless cg_maxiter is set): "
+                     "an upper bound")
+    if paper and route != "structured":
+        notes.append("Hessian-vector products are scaled from the fine-tune step, not measured themselves")
+    memory = analysis_memory(cal, lengths, config, ranking, diagnosis)
+    memory["ray start-up"], memory["start-up"] = memory["load model"], cal.base_bytes
+    return Estimate("analysis", stages, {k: memory[k] for k in stages}, cal.device, basis, notes)
+
+
+def family_costs(cal: Calibration, run: RunShape, wanted) -> dict:
+    """{family: Cost} of the estimator families of the wanted names, in the
+    registry's order, each priced by its own cost function."""
+    from ..estimators import FAMILIES
+
+    return {family: FAMILIES[family].price(cal, run, members) for family, members in wanted.items()}
+
+
+def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: list, config, ray_workers: int = 0,
+                   ray_local: bool = True) -> Estimate:
+    """The estimate of one benchmark under the collection protocol
+    (`validation.protocol`). train / held: [(name, [tokens per fact])] of
+    the halves of each domain's sample (what the estimators see); test /
+    pool: the same of its test facts and its pool (in the order the doses
+    take it). ray_workers: Ray workers for the fine-tunes (0: in this
+    process); ray_local: they share this machine's cores with the
+    estimators."""
+    from ..estimators import FAMILIES, PAPER, by_family, get
+    from ..kernels.forward import forward_pass_s
+    from ..validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
+                                   curve_predictions_s, truth_trainer_s)
+    from ..validation.plan_check import ALLOCATIONS
+    from ..validation.protocol import dose_steps
+
+    names = [n for n, _ in train]
+    tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
+    te, po = [list(x) for _, x in test], [list(x) for _, x in pool]
+    sample = [a + b for a, b in zip(tr, he)]
+    keep = min(cal.n_layers, max([r.blocks for r in config.recipes] + [config.align_blocks]))
+    flat = [n for d in tr for n in d] + [n for d in he for n in d]
+    # the ground truth's pass: every domain's sample then its pool, then every domain's test facts
+    everything = [n for s, p in zip(sample, po) for n in s + p] + [n for d in te for n in d]
+    stages = {"start-up": cal.start_s, "load model": cal.load_s,
+              "forward pass": forward_pass_s(cal, config.batch_size, flat, everything)}
+    main = next(r for r in config.recipes if r.name == config.main_recipe)
+    run = RunShape("benchmark", tr, he, keep, recipe=main, recipes=tuple(config.recipes), truth=everything,
+                   batch_size=config.batch_size, adam_batches=config.adam_batches, align_blocks=config.align_blocks,
+                   ekfac_blocks=config.ekfac_blocks, ekfac_fit_facts=config.ekfac_fit_facts,
+                   pilot_sizes=config.pilot_sizes, checkpoints=len(config.checkpoints),
+                   lr_known=not config.checkpoints or config.checkpoint_lr is not None)
+    wanted = by_family(config.estimators)
+    if config.curve_domains:  # the learning-curve predictions read the paper's subspace terms
+        wanted.setdefault(get(PAPER).family, [])
+    families = family_costs(cal, run, {f: wanted[f] for f in FAMILIES if f in wanted})
+    seconds = {FAMILIES[f].stage: cost.seconds for f, cost in families.items()}
+    stages.update(seconds)
+    units = benchmark_units_s(cal, sample, te, po, config, keep)
+    notes = []
+    if ray_workers:
+        # each unit on one thread: the calibrated seconds times its threads (an upper bound)
+        work = sum(units) * cal.threads
+        estimators = sum(seconds.values())
+        wall = (estimators + work) / ray_workers if ray_local else max(estimators, math.ceil(
+            len(units) / ray_workers) * work / len(units))
+        stages["ray start-up"] = RAY_STARTUP_S
+        stages["fine-tunes"] = max(wall - estimators, 0.0)
+        notes.append(f"{len(units)} fine-tunes on {ray_workers} single-threaded Ray workers beside the estimators")
+    else:
+        stages["fine-tunes"] = sum(units)
+    stages["fine-tunes"] += truth_trainer_s(cal, te, keep)
+    stages["learning-curve predictions"] = curve_predictions_s(cal, tr, sum(1 for n in config.curve_domains
+                                                                            if n in names))
+    stages["leaderboard"] = benchmark_leaderboard_s(cal, names, config)
+    per_seed = 1 + len(names) * (len(config.doses) + int(config.second_reading))
+    steps = ", ".join(sorted({str(dose_steps(r, max(config.doses))) for r in config.recipes}, key=int))
+    basis = _basis(cal) + [
+        f"{len(names)} domains: samples of {sum(map(len, sample))} facts ({predicted_tokens(flat)} predicted "
+        f"tokens), {sum(map(len, te))} test facts, pools of {sum(map(len, po))}; {len(config.estimators)} "
+        f"estimators; {len(units)} fine-tunes of {steps} steps ({len(config.recipes)} recipes x {config.seeds} seeds "
+        f"x {per_seed}: the baseline and per domain {len(config.doses)} doses"
+        + (" and its sample" if config.second_reading else "") + ")"
+        + (f", {len(ALLOCATIONS) * len(config.plan_budgets) * config.seeds} of them the plan check's "
+           f"({len(ALLOCATIONS)} allocations x "
+           f"{len(config.plan_budgets)} budgets x {config.seeds} seeds)" if config.plan_budgets else "")]
+    notes.append("AirRep's encoder training and kronfluence's bookkeeping are left out (seconds)")
+    memory, after = benchmark_memory(cal, run, ray_workers if ray_local else 0)
+    memory.update({FAMILIES[f].stage: after + cost.bytes for f, cost in families.items()})
+    return Estimate("benchmark", stages, {k: int(memory[k]) for k in stages}, cal.device, basis, notes)
+
+
+def validation_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0) -> Estimate:
+    """The estimate of one quick validation (`validation.validate`); train /
+    held as in `benchmark_cost`."""
+    from ..estimators import PAPER, EstimatorSettings, by_family, names as offered
+    from ..kernels.forward import forward_pass_s
+    from ..validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
+    from ..validation.finetune import validation_recipe
+    from ..validation.validate import scored_estimators
+
+    tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
+    keep = min(config.finetune_blocks, cal.n_layers)
+    recipe = validation_recipe(config, keep)
+    flat = [n for d in tr for n in d] + [n for d in he for n in d]
+    names = list(dict.fromkeys([PAPER] + list(config.estimators)))
+    stages = {"start-up": cal.start_s, "load model": cal.load_s,
+              "forward pass": forward_pass_s(cal, config.batch_size, flat)}
+    run = RunShape("validation", tr, he, keep, recipe=recipe, recipes=(recipe,), batch_size=config.batch_size,
+                   adam_batches=EstimatorSettings().adam_batches, align_blocks=keep, ekfac_blocks=0,
+                   lissa_depth=config.lissa_depth, lissa_batch=config.lissa_batch_facts,
+                   checkpoints=len(config.checkpoints),
+                   lr_known=not config.checkpoints or config.checkpoint_lr is not None)
+    # without the fine-tuning ground truth no block inputs are captured, and the estimators that need them drop out
+    scored = family_costs(cal, run, by_family(scored_estimators(config, config.finetune)))
+    stages["estimators"] = sum((cost.seconds for cost in scored.values()), 0.0)
+    if config.subspace:
+        stages["subspace ground truth"] = subspace_truth_s(cal, tr, he, len(config.eps), config.newton_steps)
+    if config.finetune:
+        stages["fine-tuning ground truth"] = validation_finetunes_s(cal, tr, he, recipe, keep, config.batch_size,
+                                                                    ray_workers, RAY_STARTUP_S)
+    stages["leaderboard"] = len(names) * config.bootstrap * cal.leaderboard_s_per_resample
+    memory, after = benchmark_memory(cal, run)
+    memory["estimators"] = after + max(cost.bytes for cost in family_costs(
+        cal, run, by_family(offered("validation"))).values())
+    memory["subspace ground truth"] = memory["leaderboard"] + 4 * cal.d_ff ** 2 * 8
+    memory["fine-tuning ground truth"] = memory["fine-tunes"]
+    basis = _basis(cal) + [f"{len(tr)} domains, {len(flat)} facts ({predicted_tokens(flat)} predicted tokens), "
+                           f"{len(names)} estimators, {len(tr) + 1} fine-tunes of {recipe.steps} steps"]
+    notes = ["CG and LiSSA are counted at d_ff iterations and their full depth: upper bounds"]
+    return Estimate("validation", stages, {k: int(memory[k]) for k in stages}, cal.device, basis, notes)
+
+
+def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=frozenset()) -> Estimate:
+    """The estimate of a plan's pilots (a PilotConfig or PlanConfig); train /
+    held as in `benchmark_cost`, the halves of `splitting.split_domains`.
+    pilots_stored: the names of the domains whose pilot curves are stored
+    units (`plan.pilot_status`'s "reused"): `plan.measure_pilots` neither
+    reads them in its forward pass (unless the transfer matrix needs every
+    domain) nor fine-tunes them. A PlanConfig adds the fits of the learning
+    curves (`plan.fit_pilots`: per domain with a pilot, its bootstrap
+    resamples, each a fit scaled from the calibration's per-curve fit of the
+    saturation bootstrap); a PilotConfig is the pilots alone (a plan job).
+    Memory as the benchmark's forward pass and fine-tunes hold it, without
+    the estimators' working sets."""
+    from ..costs import block_inputs_bytes, largest_batch
+    from ..estimators.pilot import to_tune
+    from ..kernels.forward import forward_pass_s
+    from ..kernels.pilots import PILOT_RECIPE, plan_pilots_cost
+
+    tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
+    stored = frozenset(k for k, (n, _) in enumerate(train) if n in pilots_stored)
+    transfer = bool(getattr(config, "transfer", False))
+    # a domain without a stored curve is read (one too small for a pilot too); a missing transfer entry reads all
+    read = [k for k in range(len(tr)) if transfer or k not in stored]
+    keep = min(PILOT_RECIPE.blocks, cal.n_layers)
+    flat = [n for k in read for n in tr[k] + he[k]]
+    pilots, units = plan_pilots_cost(cal, [tr[k] for k in read], [he[k] for k in read], config.pilot_sizes,
+                                     frozenset(p for p, k in enumerate(read) if k in stored))
+    stages = {"start-up": cal.start_s, "load model": cal.load_s}
+    b, d = cal.dtype_bytes, cal.d_ff
+    memory = {"start-up": cal.base_bytes, "load model": resident_bytes(cal)}
+    if flat:
+        resident = (resident_bytes(cal) + predicted_tokens(flat) * (d + cal.d_model + 6) * b
+                    + block_inputs_bytes(cal, flat))
+        stages["forward pass"] = forward_pass_s(cal, config.batch_size, flat)
+        memory["forward pass"] = resident + cal.forward_bytes_per_token * largest_batch(flat, config.batch_size)
+    if units:
+        stages["pilot fine-tunes"] = pilots.seconds
+        memory["pilot fine-tunes"] = resident + pilots.bytes
+    with_pilot = to_tune(tr, he)
+    resamples = getattr(config, "bootstrap_resamples", None)
+    if resamples is not None:
+        stages["fits"] = len(with_pilot) * resamples * cal.bootstrap_s_per_curve
+        memory["fits"] = resident_bytes(cal)
+    every = [n for d in tr + he for n in d]
+    basis = _basis(cal) + [f"{len(tr)} domains, {len(every)} facts ({predicted_tokens(every)} predicted tokens), "
+                           f"{len(units)} pilot fine-tunes of {PILOT_RECIPE.steps} steps on the last {keep} blocks"]
+    notes = []
+    reused = len(with_pilot) - len(to_tune(tr, he, stored))
+    if reused:
+        notes.append(f"{reused} of {len(with_pilot)} domains' pilot curves from cache: only the other "
+                     f"{len(with_pilot) - reused} are fine-tuned"
+                     + ("" if transfer else ", and the forward pass reads only the domains measured"))
+    if transfer:
+        notes.append("the transfer matrix's fine-tunes are left out; its forward pass is counted over every domain "
+                     "(an upper bound when its entries are stored)")
+    notes.append("the allocation after the fits takes well under a second and is left out" if resamples is not None
+                 else "the fits, bands and allocation after the pilots take well under a second and are left out")
+    return Estimate("plan", stages, memory, cal.device, basis, notes)
+
+
+def token_lengths(tokenizer, facts, max_positions: int) -> list:
+    """Tokens per fact as the engine encodes them (cut to the context)."""
+    return [min(len(tokenizer(f)["input_ids"]), max_positions) for f in facts]
+
+
+
+# --- from a request to an estimate -------------------------------------------------------------------------------
+
+def load_tokenizer(model_id):
+    """The model's tokenizer alone (for counting tokens when the calibration
+    is cached), from where `models.load_model` would take it."""
+    from transformers import AutoTokenizer
+
+    from ..access.models import ModelError, converted_dir, resolve_model
+
+    _, source, location = resolve_model(model_id)
+    folder = converted_dir(Path(location)) if source in ("embedded", "gguf") else location
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), local_files_only=source == "hub", trust_remote_code=False)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"The tokenizer of '{model_id}' could not be loaded: {str(exc).splitlines()[0]}") from None
+
+
+def domain_tokens(tokenizer, cal: Calibration, domains) -> list:
+    """[(name, [tokens per fact])] of Domain objects; ValueError when they come
+    to more tokens than a run accepts, as the run itself would refuse."""
+    from ..limits import too_many_tokens
+
+    counted, total = [], 0
+    for d in domains:
+        lengths = token_lengths(tokenizer, d.facts, cal.max_positions)
+        total += sum(lengths)
+        refusal = too_many_tokens(total)
+        if refusal:
+            raise ValueError(refusal[:1].upper() + refusal[1:])
+        counted.append((d.name, lengths))
+    return counted
+
+
+def ray_workers(executor) -> tuple:
+    """(workers, local) of an ExecutorConfig (None: in this process): a Ray
+    started here has num_cpus (else every core) single-threaded workers; for
+    a cluster joined by address the same count is assumed."""
+    if executor is None or executor.kind != "ray":
+        return 0, True
+    return int(executor.num_cpus or os.cpu_count() or 1), executor.address is None
+
+
+def _calibrated(model_id, device: str, dtype: str, threads: int | None, calibration):
+    if calibration is not None:
+        return calibration, None
+    return calibrate(model_id, device, dtype, threads)
+
+
+def _stored(status, use_cache: bool) -> frozenset:
+    """The names of the domains whose pilot curves the run will find stored
+    (status(): `analysis.pilot_status` or `plan.pilot_status`), looked up
+    here so the cost functions stay arithmetic; none without the cache or
+    before any unit was stored (the unit store is not created by an
+    estimate)."""
+    if not use_cache or not (cache_dir() / "domain_units").is_dir():
+        return frozenset()
+    found = status()
+    return frozenset(found["reused"]) if found else frozenset()
+
+
+def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: bool = True,
+                      calibration: Calibration | None = None, tokenizer=None) -> Estimate:
+    """What `analysis.run_analysis(model_id, domains, config)` would cost.
+    Bad input raises what the run raises (DomainError, ModelError,
+    ValueError), before anything is measured. With use_cache and a stored
+    result the run returns at once; the estimate says so and what computing
+    it afresh would cost. executor: an ExecutorConfig; calibration and
+    tokenizer: the model's, when the caller has them. Domains whose pilot
+    curves are stored (`analysis.pilot_status`) are priced without their
+    pilot fine-tunes; config.stage "ranking" without the paper's stages."""
+    from ..pipelines.analysis import cache_key, pilot_status
+    from ..config import AnalysisConfig
+    from ..domains import as_domains
+
+    config = config or AnalysisConfig()
+    domains = as_domains(domains)
+    if config.checkpoints:
+        from ..access.checkpoints import validate_checkpoints
+
+        validate_checkpoints(config.checkpoints)
+    cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
+    tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
+    workers, _ = ray_workers(executor)
+    estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers,
+                             _stored(lambda: pilot_status(model_id, domains, config), use_cache))
+    if use_cache and (cache_dir() / "results").is_dir():
+        from ..storage.store import ResultStore
+
+        if ResultStore().get(cache_key(model_id, domains, config)) is not None:
+            estimate.notes.insert(0, f"a result of this request is cached: the run returns it at once "
+                                     f"(computed afresh, with --no-cache, about {format_seconds(estimate.total_s)})")
+            estimate.stages_s = {"cached result": 0.0}
+            estimate.memory_bytes = {"cached result": cal.base_bytes}
+    return estimate
+
+
+def estimate_benchmark(model_id=None, domains=None, config=None, device: str = "cpu", threads: int | None = None,
+                       executor=None, calibration: Calibration | None = None, tokenizer=None) -> Estimate:
+    """What `validation.benchmark.run_benchmark` would cost (domains None:
+    the shipped benchmark domains, ordinary and hard cases). Each domain is
+    cut as the run cuts it (max_facts, then the collection protocol's
+    sample, test facts and pool, and the sample's halves). threads: the
+    torch threads it would run with (None: the current setting)."""
+    from ..domains import benchmark_domains
+    from ..kernels.splitting import split_domains
+    from ..validation.benchmark import BenchmarkConfig, check_domains
+    from ..validation.protocol import collection_split
+
+    config = config or BenchmarkConfig()
+    if config.checkpoints:
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
+
+        check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
+    domains = check_domains(domains if domains is not None else benchmark_domains(), config)
+    protocol = collection_split(domains, config.seed, config.sample_facts, config.test_facts)
+    train, held = split_domains(protocol["sample"], config.seed, config.held_out_fraction)
+    cal, loaded = _calibrated(model_id, device, "float32", threads, calibration)
+    tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
+    workers, local = ray_workers(executor)
+    parts = [domain_tokens(tokenizer, cal, part) for part in (train, held, protocol["test"], protocol["pool"])]
+    return benchmark_cost(cal, *parts, config, workers, local)
+
+
+def estimate_validation(model_id, domains, config=None, held_out=None, executor=None,
+                        calibration: Calibration | None = None, tokenizer=None) -> Estimate:
+    """What `validation.validate.validate` would cost (float32 on the CPU,
+    as it runs). held_out: {name: [facts]} or None (a seeded half)."""
+    from ..domains import as_domains
+    from ..kernels.splitting import split_domains
+    from ..validation.validate import ValidationConfig
+
+    config = config or ValidationConfig()
+    if config.checkpoints:
+        from ..access.checkpoints import check_last_is_model, validate_checkpoints
+
+        check_last_is_model(validate_checkpoints(config.checkpoints), model_id)
+    train, held = split_domains(as_domains(domains), config.seed, config.held_out_fraction, held_out)
+    cal, loaded = _calibrated(model_id, "cpu", "float32", None, calibration)
+    tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
+    workers, _ = ray_workers(executor)
+    return validation_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config,
+                           workers)
+
+
+def estimate_plan(model_id, domains, config=None, use_cache: bool = True, calibration: Calibration | None = None,
+                  tokenizer=None) -> Estimate:
+    """What a plan's pilots (`plan.pilot_measurements`, a plan job) would
+    cost; config a PilotConfig or PlanConfig (then with the fits). With
+    use_cache and the pilots stored under their `plan_key` the run returns
+    them at once, and the estimate says so; else the domains whose pilot
+    curves are stored units (`plan.pilot_status`, an analysis or another
+    plan measured them) are priced without their fine-tunes."""
+    from ..domains import as_domains
+    from ..pipelines.plan import PilotConfig, pilot_status, plan_key
+    from ..kernels.splitting import split_domains
+
+    config = config or PilotConfig()
+    domains = as_domains(domains)
+    train, held = split_domains(domains, config.seed)
+    cal, loaded = _calibrated(model_id, config.device, config.dtype, None, calibration)
+    tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
+    estimate = plan_cost(cal, domain_tokens(tokenizer, cal, train), domain_tokens(tokenizer, cal, held), config,
+                         _stored(lambda: pilot_status(model_id, domains, config), use_cache))
+    if use_cache and (cache_dir() / "plans").is_dir():
+        from ..storage.store import JsonStore
+
+        if JsonStore("plans").get(plan_key(model_id, domains, config)) is not None:
+            estimate.notes.insert(0, f"these pilots are cached: the run returns them at once (measured afresh, "
+                                     f"about {format_seconds(estimate.total_s)})")
+            # the fits run on the cached pilots all the same, with no model loaded
+            kept = {k: v for k, v in estimate.stages_s.items() if k == "fits"}
+            estimate.stages_s = {"cached pilots": 0.0, **kept}
+            estimate.memory_bytes = {k: cal.base_bytes for k in estimate.stages_s}
+    return estimate

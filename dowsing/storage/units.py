@@ -1,0 +1,143 @@
+"""Per-domain units of work, addressed by what they read.
+
+A unit is one domain's piece of a run that depends on that domain alone: its
+pilot learning curve (`pilots.pilot_curve` on its two seeded halves, with
+the per-fact losses the drops are measured from). Its key is the sha256 of
+
+    (kind, model identity, the unit's own facts in the order it reads them,
+     the settings that unit reads, ENGINE_VERSION, UNITS_VERSION)
+
+and never of the whole request: the other domains, their order, the
+budget or the ranking estimator are not in it. So editing one fact of one
+domain, or adding a domain, leaves every other domain's units where they
+were, and an analysis and a plan of the same domains share their pilots.
+
+The facts are keyed as text in the order the unit reads them (the halves
+A and B of `splitting.split_order`, seeded by (seed, domain name)): the
+split is part of the content, so a renamed domain, whose halves differ, is
+a new unit. The model identity is the same string whether it comes from a
+loaded model (`loaded_identity`) or from a model id without loading it
+(`analysis.model_fingerprint`), with the dtype and the device.
+
+An entry of the plan's transfer matrix (what training on one domain's half
+does to another's held-out half) reads exactly two domains and is a unit
+keyed by both (`transfer_key`). What spans more domains is not a unit and
+is recomputed from them: the paper's curvature and solve (H_k sums over
+every fact of every domain), ranks, shares, bootstraps over domains, the
+fallback's fitted line, the diagnosis and the plan's allocation.
+
+Values are JSON (through `store.JsonStore`, which stores text only).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from ..result import ENGINE_VERSION
+
+UNITS_VERSION = 1  # bump when what a unit holds, or how it is computed, changes
+
+
+def loaded_identity(info) -> str:
+    """A loaded model's identity (`models.ModelInfo`): the same string as
+    `analysis.model_fingerprint` of its id, with its dtype and device."""
+    if info.source == "hub":
+        fingerprint = f"hub:{info.id}@{info.fingerprint}"
+    else:
+        fingerprint = f"{info.source}:{info.fingerprint}"
+    return model_identity(fingerprint, info.dtype, info.device)
+
+
+def model_identity(fingerprint: str, dtype: str, device: str) -> str:
+    return f"{fingerprint}|{dtype}|{device}"
+
+
+def unit_key(kind: str, model: str, content: dict, settings: dict) -> str:
+    """sha256 over (kind, model identity, content, settings, engine and unit versions)."""
+    payload = json.dumps({"kind": kind, "model": model, "content": content, "settings": settings,
+                          "engine": ENGINE_VERSION, "units": UNITS_VERSION}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+def pilot_key(model: str, half_a: list, half_b: list, recipe_label: str, seed: int, sizes: list) -> str:
+    """The key of one domain's two-way pilot curve: the texts of its
+    halves A and B in order, the recipe, the seed of the minibatches and the
+    nested sizes actually run (`pilots.pilot_sizes`)."""
+    return unit_key("pilot", model, {"a": list(half_a), "b": list(half_b)},
+                    {"recipe": recipe_label, "seed": int(seed), "sizes": [int(n) for n in sizes]})
+
+
+def transfer_key(model: str, source: tuple, target: tuple, recipe_label: str, seed: int, size: int) -> str:
+    """The key of one entry of the transfer matrix: what training on the
+    source domain's halves (A_j[:n], B_j[:n]) does to the target's halves.
+    It reads two domains, so it is keyed by both domains' halves in order
+    (source = (A_j, B_j), target = (A_i, B_i)), the recipe, the seed and the
+    size n: an edit of either domain is a new unit, any other domain's is
+    not."""
+    return unit_key("transfer", model, {"source": {"a": list(source[0]), "b": list(source[1])},
+                                        "target": {"a": list(target[0]), "b": list(target[1])}},
+                    {"recipe": recipe_label, "seed": int(seed), "size": int(size)})
+
+
+class DomainUnits:
+    """The per-domain units of one run: where they are stored (cache/units
+    as JSON) and which were computed and which reused, per kind, by domain
+    name. `row_text[r]` is the text of the run's fact row r, for keys built
+    from row numbers."""
+
+    def __init__(self, model: str, row_text: list | None = None, store=None):
+        if store is None:
+            from .store import JsonStore
+
+            store = JsonStore("domain_units")
+        self.model = model
+        self.row_text = list(row_text) if row_text is not None else None
+        self.store = store
+        self.computed: dict = {}
+        self.reused: dict = {}
+
+    def texts(self, rows) -> list:
+        return [self.row_text[r] for r in rows]
+
+    def get(self, kind: str, key: str, name: str) -> dict | None:
+        value = self.store.get(key)
+        if value is not None:
+            self.reused.setdefault(kind, []).append(name)
+        return value
+
+    def put(self, kind: str, key: str, name: str, value: dict) -> None:
+        try:
+            self.store.put(key, value)
+        except ValueError:  # a NaN or inf is not JSON: the unit is used in this run and not kept
+            pass
+        self.computed.setdefault(kind, []).append(name)
+
+    def note_blocks(self, blocks: int) -> None:
+        """Remember the model's number of blocks (the pilot recipe's depth
+        is min(4, blocks)), so which domains a run will recompute can be told
+        before the model is loaded (`analysis.pilot_status`)."""
+        if self.model is not None:
+            self.store.put(unit_key("model", self.model, {}, {}), {"blocks": int(blocks)})
+
+    def blocks(self) -> int | None:
+        stored = self.store.get(unit_key("model", self.model, {}, {})) if self.model is not None else None
+        return stored.get("blocks") if isinstance(stored, dict) else None
+
+    def has(self, key: str) -> bool:
+        return self.store.get(key) is not None
+
+    def summary(self, kind: str) -> dict:
+        return {"computed": list(self.computed.get(kind, [])), "reused": list(self.reused.get(kind, []))}
+
+    def to_dict(self) -> dict:
+        return {kind: self.summary(kind) for kind in sorted(set(self.computed) | set(self.reused))}
+
+
+def recomputed_message(to_compute: int, total: int, what: str = "domains") -> str:
+    """'2 of 4 domains recomputed, 2 from cache' (or 'all 4 ... computed')."""
+    cached = total - to_compute
+    if cached == 0:
+        return f"all {total} {what} computed"
+    if to_compute == 0:
+        return f"all {total} {what} from cache"
+    return f"{to_compute} of {total} {what} recomputed, {cached} from cache"
