@@ -584,7 +584,9 @@ def test_the_plan_csv_and_report_carry_the_table():
     plan, curves = _measured_plan(budget=21.0, budget_unit="money", costs={"Physics": 3.0})
     rows = list(csv.DictReader(io.StringIO(plan_csv(plan))))
     assert tuple(rows[0]) == PLAN_ROW_FIELDS
-    recommended = plan.even_domains if plan.verdict["recommend"] == "even" else plan.domains
+    from dowsing.pipelines.plan import recommendation
+
+    recommended = recommendation(plan)["rows"]  # the plan's, or the simple split recommended instead
     assert [int(r["collect"]) for r in rows] == [d["collect"] for d in recommended]
     assert [int(r["curves_prefer"]) for r in rows] == [d["collect"] for d in plan.domains]
     assert float(rows[0]["cost"]) == 3.0 * recommended[0]["collect"]
@@ -644,7 +646,7 @@ def _plan_table(page: str, after: str) -> tuple[list[str], list[int]]:
     table = table[:table.index("</table>")]
     head = re.findall(r"<th>(.*?)</th>", table[:table.index("</thead>")])
     rows = [re.findall(r"<td>(.*?)</td>", row, re.S) for row in table.split("<tbody>")[1].split("</tr>")[:-1]]
-    domain, collect = head.index("Domain"), head.index("Collect")
+    domain, collect = head.index("Domain"), next(k for k, h in enumerate(head) if h.startswith("Collect"))
     return [r[domain] for r in rows], [int(r[collect]) for r in rows]
 
 
@@ -668,8 +670,10 @@ def test_the_analysis_report_carries_the_collection_plan_section():
     section = page[page.index("<h2>Collection plan</h2>"):page.index("<h2>Domains</h2>")]
     assert "budget 21 money, spent" in section and plan.pilot["recipe"] in section
     names, counts = _plan_table(section, "Per domain")
+    from dowsing.pipelines.plan import recommendation
+
     assert names == [d["domain"] for d in plan.domains]
-    assert counts == [d["collect"] for d in plan.domains] and sum(counts) > 0
+    assert counts == [m for _, m in recommendation(plan)["counts"]] and sum(counts) > 0
     t = plan.totals
     assert f"<b>This plan</b>: {t['plan']['expected']:.3g} [{t['plan']['band'][0]:.3g}, {t['plan']['band'][1]:.3g}]" in section
     assert "<b>Spread evenly</b>" in section

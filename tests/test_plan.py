@@ -709,14 +709,10 @@ def test_the_training_calibration_of_each_setting_matches_a_direct_computation(m
     assert plan_mod.setting_of(0) == "not_in_training" and plan_mod.setting_of(3) == "in_training"
     assert plan_mod.training_calibration("in_training") is None  # no rows: no calibration
     cal = plan_mod.training_calibration("not_in_training")
-    good = rows[:4]
-    ratios = np.array([r["realised"] / r["predicted"] for r in good])
     assert cal["n"] == 4 and cal["domains"] == 3
-    assert cal["scale"] == pytest.approx(stats.gmean(ratios))
-    errors = []
-    for r, ratio in zip(good, ratios):
-        others = [x for q, x in zip(good, ratios) if q["domain"] != r["domain"]]
-        errors.append(np.log(ratio) - np.log(stats.gmean(others)))
+    assert cal["scale"] == pytest.approx(1.7 / 1.0)  # every domain's realised gain over the predictions' sum
+    without = {"a": 0.9 / 0.7, "b": 1.5 / 0.6, "c": 1.1 / 0.7}
+    errors = [np.log(r["realised"] / (without[r["domain"]] * r["predicted"])) for r in rows[:4]]
     assert cal["log_error_band"] == pytest.approx([np.quantile(errors, 0.05), np.quantile(errors, 0.95)])
     assert cal["cv_median_error"] == pytest.approx(np.median(np.abs(np.exp(errors) - 1)))
     value, band = plan_mod.in_training_nats(0.2, [0.1, 0.3], cal)

@@ -1323,20 +1323,25 @@ def calibration_rows(setting: str) -> list:
 
 def training_calibration(setting: str) -> dict | None:
     """The factor from the pilot's nats to the nats a real training run
-    realised, in one setting: s = exp(mean ln(g / p)) over the rows with
-    both positive; s_-k fitted without domain k's rows; the left-out log
-    errors e = ln(g / (s_-k p)), their 5% and 95% quantiles (the band's
-    widening) and the median |s_-k p - g| / g. None without three rows."""
-    rows = [r for r in calibration_rows(setting) if r["predicted"] > 0 and r["realised"] > 0]
-    if len(rows) < 3:
+    realised, in one setting: s = sum g / sum p over the setting's rows (a
+    row with p = 0, a domain its plan collected nothing for, still adds its
+    realised gain g: what a prediction is worth in every domain's gain);
+    s_-k the same without domain k's rows; the left-out log errors
+    e = ln(g / (s_-k p)) of the rows with p, g > 0, their 5% and 95%
+    quantiles (the band's widening) and the median |s_-k p - g| / g. None
+    without three such rows."""
+    rows = calibration_rows(setting)
+    good = [r for r in rows if r["predicted"] > 0 and r["realised"] > 0]
+    total_p = sum(r["predicted"] for r in rows)
+    if len(good) < 3 or total_p <= 0:
         return None
-    logs = np.array([math.log(r["realised"] / r["predicted"]) for r in rows])
-    names = [r["domain"] for r in rows]
-    whole = float(logs.mean())
-    without = {n: float(np.mean([x for x, m in zip(logs, names) if m != n])) if len(set(names)) > 1 else whole
-               for n in set(names)}
-    errors = np.array([x - without[n] for x, n in zip(logs, names)])
-    return {"setting": setting, "scale": math.exp(whole), "n": len(rows), "domains": len(set(names)),
+    whole = sum(r["realised"] for r in rows) / total_p
+    without = {}
+    for n in {r["domain"] for r in rows}:
+        p = sum(r["predicted"] for r in rows if r["domain"] != n)
+        without[n] = sum(r["realised"] for r in rows if r["domain"] != n) / p if p > 0 else whole
+    errors = np.array([math.log(r["realised"] / (without[r["domain"]] * r["predicted"])) for r in good])
+    return {"setting": setting, "scale": whole, "n": len(good), "domains": len({r["domain"] for r in good}),
             "log_error_band": [float(np.quantile(errors, 0.05)), float(np.quantile(errors, 0.95))],
             "cv_median_error": float(np.median(np.abs(np.exp(errors) - 1)))}
 

@@ -343,21 +343,24 @@ def calibration_rows(state: dict) -> list:
 
 
 def calibration(rows: list) -> dict:
-    """One scale s = exp(mean ln(realised / predicted)) over the collected
-    rows where both are positive; its error cross-validated by domain: each
-    domain's rows predicted with s_-k fitted on the other domains' rows,
-    median |s_-k p - g| / g, beside the median |p - g| / g of the pilot's
-    nats. Per (seed, budget), the plan's total over every domain (0
-    predicted where it collects nothing) predicted with the left-out scales,
-    against the realised total: the median relative error."""
+    """One factor s = sum g / sum p over every row (a domain the plan
+    collects nothing for has p = 0 and still adds its realised gain g: what
+    a prediction is worth in all domains' gain); s_-k the same without
+    domain k's rows. Its error cross-validated by domain: per collected row
+    with p, g > 0, |s_-k p - g| / g (median), beside |p - g| / g of the
+    pilot's nats; per (seed, budget), the plan's total sum_k s_-k p_k
+    against sum_k g_k over every domain (median relative error), beside
+    the pilot's own sum."""
     good = [r for r in rows if r["collected"] and r["predicted"] > 0 and r["realised"] > 0]
-    if len(good) < 3:
+    total_p = sum(r["predicted"] for r in rows)
+    if len(good) < 3 or total_p <= 0:
         return {"n": len(good), "scale": None}
-    logs = np.array([math.log(r["realised"] / r["predicted"]) for r in good])
-    names = [r["domain"] for r in good]
-    whole = math.exp(float(logs.mean()))
-    scale_without = {n: math.exp(float(np.mean([l for l, m in zip(logs, names) if m != n])))
-                     if any(m != n for m in names) else whole for n in set(names)}
+    whole = sum(r["realised"] for r in rows) / total_p
+    names = {r["domain"] for r in rows}
+    scale_without = {}
+    for n in names:
+        p = sum(r["predicted"] for r in rows if r["domain"] != n)
+        scale_without[n] = sum(r["realised"] for r in rows if r["domain"] != n) / p if p > 0 else whole
     cv = [abs(scale_without[r["domain"]] * r["predicted"] - r["realised"]) / r["realised"] for r in good]
     raw = [abs(r["predicted"] - r["realised"]) / r["realised"] for r in good]
     totals = {}
@@ -365,7 +368,7 @@ def calibration(rows: list) -> dict:
         t = totals.setdefault(f"seed {r['seed']}, budget {r['budget']}",
                               {"predicted": 0.0, "calibrated": 0.0, "realised": 0.0})
         t["predicted"] += r["predicted"]
-        t["calibrated"] += scale_without.get(r["domain"], whole) * r["predicted"]
+        t["calibrated"] += scale_without[r["domain"]] * r["predicted"]
         t["realised"] += r["realised"]
     errors = [abs(t["calibrated"] - t["realised"]) / abs(t["realised"]) for t in totals.values() if t["realised"]]
     raw_totals = [abs(t["predicted"] - t["realised"]) / abs(t["realised"]) for t in totals.values() if t["realised"]]
