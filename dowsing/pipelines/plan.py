@@ -1332,18 +1332,25 @@ def training_calibration(setting: str) -> dict | None:
     without three such rows."""
     rows = calibration_rows(setting)
     good = [r for r in rows if r["predicted"] > 0 and r["realised"] > 0]
-    total_p = sum(r["predicted"] for r in rows)
-    if len(good) < 3 or total_p <= 0:
+    if len(good) < 3 or sum(r["predicted"] for r in rows) <= 0:
         return None
-    whole = sum(r["realised"] for r in rows) / total_p
-    without = {}
-    for n in {r["domain"] for r in rows}:
-        p = sum(r["predicted"] for r in rows if r["domain"] != n)
-        without[n] = sum(r["realised"] for r in rows if r["domain"] != n) / p if p > 0 else whole
+    whole, without = ratio_scales(rows)
     errors = np.array([math.log(r["realised"] / (without[r["domain"]] * r["predicted"])) for r in good])
     return {"setting": setting, "scale": whole, "n": len(good), "domains": len({r["domain"] for r in good}),
             "log_error_band": [float(np.quantile(errors, 0.05)), float(np.quantile(errors, 0.95))],
             "cv_median_error": float(np.median(np.abs(np.exp(errors) - 1)))}
+
+
+def ratio_scales(rows: list) -> tuple:
+    """(s, {domain: s_-k}): s = sum g / sum p over the rows ("predicted" p,
+    "realised" g), s_-k the same without domain k's rows (s where nothing
+    else is left). Needs sum p > 0."""
+    whole = sum(r["realised"] for r in rows) / sum(r["predicted"] for r in rows)
+    without = {}
+    for n in {r["domain"] for r in rows}:
+        p = sum(r["predicted"] for r in rows if r["domain"] != n)
+        without[n] = sum(r["realised"] for r in rows if r["domain"] != n) / p if p > 0 else whole
+    return whole, without
 
 
 def training_total(rows: list, weights: list) -> dict | None:

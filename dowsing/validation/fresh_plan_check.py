@@ -351,16 +351,12 @@ def calibration(rows: list) -> dict:
     pilot's nats; per (seed, budget), the plan's total sum_k s_-k p_k
     against sum_k g_k over every domain (median relative error), beside
     the pilot's own sum."""
+    from ..pipelines.plan import ratio_scales
+
     good = [r for r in rows if r["collected"] and r["predicted"] > 0 and r["realised"] > 0]
-    total_p = sum(r["predicted"] for r in rows)
-    if len(good) < 3 or total_p <= 0:
+    if len(good) < 3 or sum(r["predicted"] for r in rows) <= 0:
         return {"n": len(good), "scale": None}
-    whole = sum(r["realised"] for r in rows) / total_p
-    names = {r["domain"] for r in rows}
-    scale_without = {}
-    for n in names:
-        p = sum(r["predicted"] for r in rows if r["domain"] != n)
-        scale_without[n] = sum(r["realised"] for r in rows if r["domain"] != n) / p if p > 0 else whole
+    whole, scale_without = ratio_scales(rows)
     cv = [abs(scale_without[r["domain"]] * r["predicted"] - r["realised"]) / r["realised"] for r in good]
     raw = [abs(r["predicted"] - r["realised"]) / r["realised"] for r in good]
     totals = {}
