@@ -884,22 +884,20 @@ def baseline_counts(curves: list, config: PlanConfig) -> dict:
     m = min(cap, floor(B / c)) on the domain of highest mean loss alone.
     A budget in examples is spent whole: "even" by `even_counts`, "mean_loss"
     by `proportional_counts` (largest remainders, caps refilled)."""
-    losses = [max(dc.mean_loss, 0.0) if math.isfinite(dc.mean_loss) else 0.0 for dc in curves]
     if config.budget_unit == "examples":
         budget = math.floor(config.budget + 1e-9)
-        caps = [budget if config.cap(dc.name) is None else config.cap(dc.name) for dc in curves]
-        even, by_loss = even_counts(budget, caps), proportional_counts(budget, losses, caps)
+        even = even_counts(budget, [budget if config.cap(dc.name) is None else config.cap(dc.name) for dc in curves])
     else:
         share = config.budget / len(curves)
         even = [most_examples(share, config.cost(dc.name), config.cap(dc.name)) for dc in curves]
-        total_loss = sum(losses)
-        by_loss = [most_examples(config.budget * loss / total_loss, config.cost(dc.name), config.cap(dc.name))
-                   if total_loss > 0 else 0 for dc, loss in zip(curves, losses)]
+    scores = ranking_scores(curves)
+    # no positive score says nothing about where to collect: the ranking split is then the even one
+    by_rank = proportional_split(scores, config, curves) if any(v > 0 for v in scores) else even
     top = max(range(len(curves)), key=lambda k: curves[k].mean_loss)
     highest = [0] * len(curves)
     highest[top] = most_examples(config.budget, config.cost(curves[top].name), config.cap(curves[top].name))
-    return {"even": even, "mean_loss": by_loss, "ranking": proportional_split(ranking_scores(curves), config, curves),
-            "highest_loss": highest, "highest_loss_domain": curves[top].name}
+    return {"even": even, "mean_loss": proportional_split([dc.mean_loss for dc in curves], config, curves),
+            "ranking": by_rank, "highest_loss": highest, "highest_loss_domain": curves[top].name}
 
 
 # the default ranking reads each pilot curve's line in ln n at the benchmark's largest dose
@@ -925,19 +923,19 @@ def ranking_scores(curves: list) -> list:
 
 
 def proportional_split(scores: list, config: PlanConfig, curves: list) -> list:
-    """The budget split in proportion to max(score, 0) (`proportional_counts`
-    in examples; in money, each share's examples within its cap); the even
-    split where no score is positive."""
+    """The budget split in proportion to max(score, 0): in examples by
+    `proportional_counts` (largest remainders, caps refilled); in money,
+    m_k = min(cap_k, floor(B s_k / (sum_j s_j c_k))). Nothing anywhere when
+    no score is positive."""
     positive = [max(float(v), 0.0) if math.isfinite(v) else 0.0 for v in scores]
     names = [dc.name for dc in curves]
     if config.budget_unit == "examples":
         budget = math.floor(config.budget + 1e-9)
-        caps = [budget if config.cap(n) is None else config.cap(n) for n in names]
-        return proportional_counts(budget, positive, caps) if sum(positive) > 0 else even_counts(budget, caps)
+        return proportional_counts(budget, positive, [budget if config.cap(n) is None else config.cap(n)
+                                                      for n in names])
     total = sum(positive)
-    if total <= 0:
-        return [most_examples(config.budget / len(names), config.cost(n), config.cap(n)) for n in names]
-    return [most_examples(config.budget * v / total, config.cost(n), config.cap(n)) for n, v in zip(names, positive)]
+    return [most_examples(config.budget * v / total, config.cost(n), config.cap(n)) if total > 0 else 0
+            for n, v in zip(names, positive)]
 
 
 def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
