@@ -141,3 +141,8 @@ def test_runs_apart_merge_by_seed_and_budget():
     assert out["seeds"]["0"]["budgets"] == {"3": "a3", "12": "a12"} and out["seeds"]["1"]["budgets"] == {"3": "b3"}
     with pytest.raises(ValueError, match="differ"):
         merged([a, {**b, "config": {**b["config"], "lr": 1e-4}}])
+
+
+def test_the_recommended_allocation_is_the_split_the_verdict_names():
+    plan = _plan([6, 0, 0], [2, 2, 2], [3, 2, 1], "mean_loss")
+    assert allocations(plan, [1.0, 1.0, 1.0], 6, [10, 10, 10])["recommended"] == [3, 2, 1]

@@ -93,7 +93,7 @@ def fresh_split(domains: list, seed: int, config: FreshCheckConfig) -> dict:
 def allocations(plan, scores: list, budget: int, caps: list) -> dict:
     """Every allocation of one budget in examples, as counts per domain in
     the plan's domain order: the plan's, the page's recommendation (the
-    plan's, or spreading evenly when the plan is not shown to beat it), and
+    plan's, or the simple split its verdict names), and
     the simple splits; "ranking" splits in proportion to max(score, 0)."""
     from ..pipelines.plan import proportional_counts
 
@@ -102,7 +102,9 @@ def allocations(plan, scores: list, budget: int, caps: list) -> dict:
     by_loss = [int(v) for v in plan.totals["mean_loss"]["counts"].values()]
     positive = [max(float(s), 0.0) if s is not None and math.isfinite(s) else 0.0 for s in scores]
     by_rank = proportional_counts(budget, positive, caps) if sum(positive) > 0 else even
-    recommended = even if plan.verdict.get("recommend") == "even" else plan_counts
+    by = plan.verdict.get("recommend", "plan")
+    # the page recommends the plan, or a simple split the plan computed beside it
+    recommended = plan_counts if by == "plan" else [int(v) for v in plan.totals[by]["counts"].values()]
     return {"plan": plan_counts, "recommended": recommended, "even": even, "mean_loss": by_loss,
             "ranking": [int(v) for v in by_rank]}
 
