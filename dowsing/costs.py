@@ -21,7 +21,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-COEF_CHUNK = 512  # tail_coefficients' chunk of tokens (curvature.py)
 LINE_CHUNK = 256  # derivatives_at_zero's chunk (subspace_terms.py)
 CALIBRATION_DOMAINS = 4  # directions of the calibration's LM-head derivatives
 ADAM_BATCH = 8  # facts per minibatch of Adam's second moment (the alignment's and the benchmark's)

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from dowsing.pipelines.analysis import analyze
-from dowsing.kernels.subspace_solve import _cg_mu
+from dowsing.kernels.subspace_solve import _cg_mu, line_coefficients
 from dowsing.kernels.forward import forward_pass
 from dowsing.kernels.saturation import DenseSystem, mu_function
 from dowsing.kernels.solvers import conjugate_gradient, damped
@@ -135,6 +135,20 @@ def test_structured_route_equals_reference_gradients_and_curvature(tiny64, curva
             assert _rel(grads[i], g_ref) < 1e-6
         h_ref = reference.curvature(curvature, u0, v, [1.0 / m] * m)
         assert _rel(hess, h_ref) < 1e-6
+
+
+@pytest.mark.parametrize("curvature", ["hessian", "ggn"])
+def test_every_domain_coefficients_at_once_equal_double_backprop(tiny64, curvature):
+    """The analysis takes every domain's a_t, c_t from one closed-form pass
+    over the tokens; each column equals the per-domain double backward
+    (GPT-2's LayerNorm and Llama's RMSNorm)."""
+    anatomy, _, directions, tokens = _engine_pass(tiny64, 4)
+    got = line_coefficients(anatomy, tokens, directions, curvature)
+    assert got is not None, "the closed form should hold for RMSNorm and LayerNorm heads"
+    for k in range(len(DOMAINS)):
+        a_ref, c_ref = tail_coefficients(anatomy, tokens.h, tokens.targets, directions[k], curvature)
+        assert _rel(got[0][:, k], a_ref) < 1e-6
+        assert _rel(got[1][:, k], c_ref) < 1e-6
 
 
 @pytest.mark.parametrize("curvature", ["hessian", "ggn"])

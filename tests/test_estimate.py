@@ -151,9 +151,11 @@ def test_analysis_stages_and_memory_by_hand():
     assert (got.stages_s["start-up"], got.stages_s["load model"]) == (3.0, 1.0)
     assert got.stages_s["forward pass"] == pytest.approx(1e-3 * 5 * 8)
     d, n, flops, factor = 24, 21, 1e9, 5e8
-    solve = 0.0
+    # every token's coefficients along both domains' directions in one pass: the calibration's pass along 4
+    # directions (1e-3 s a token) scaled by the work per token, 2 d_model + 6 K + 16 vocabulary-sized operations
+    solve = n * 1e-3 * (2 * 16 + 6 * 2 + 16) / (2 * 16 + 6 * 4 + 16)
     for r, m in ((9, 2), (12, 3)):  # both low rank (r < d_ff): Woodbury
-        solve += n * 2e-3 + 2 * n * d * d / flops + (d ** 3 / 3 / factor + 1e-6)
+        solve += 2 * n * d * d / flops + (d ** 3 / 3 / factor + 1e-6)
         solve += (2 * d ** 3 / 3) / factor + r * 1e-6 + 2 * r * r * d / flops
     assert got.stages_s["solve"] == pytest.approx(solve)
     assert got.stages_s["ranking"] == 0.0  # mean loss reuses the forward pass
@@ -164,7 +166,8 @@ def test_analysis_stages_and_memory_by_hand():
     assert got.total_s == pytest.approx(sum(got.stages_s.values()))
     weights, tokens = TINY_PARAMS * 4, n * (24 + 16) * 4 + n * 8 * 3
     assert got.memory_bytes["forward pass"] == 100_000_000 + weights + tokens + 1000 * 40
-    solve_bytes = (5 * d + 4 * d * d + 2 * 12 * d + 12 * 12) * 8 + max(2000 * n, 2 * n * d * 8)
+    # the coefficients' pass: one chunk's vocabulary rows (2000 bytes a token here) and (a, c) per domain
+    solve_bytes = (5 * d + 4 * d * d + 2 * 12 * d + 12 * 12) * 8 + max(2000 * n + 2 * n * 2 * 8, 2 * n * d * 8)
     assert got.memory_bytes["solve"] == 100_000_000 + weights + tokens + solve_bytes
     assert got.peak_bytes == max(got.memory_bytes.values())
 

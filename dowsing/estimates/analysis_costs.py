@@ -7,8 +7,9 @@ arithmetic over a calibration (`calibration.Calibration`) and the
 domains' tokens per fact."""
 from __future__ import annotations
 
-from ..costs import (COEF_CHUNK, Cost, RunShape, block_inputs_bytes, largest_batch, matmul_s, padded_tokens,
-                    predicted_tokens, resident_bytes, solve_s, substitution_s, tail_pass_s, hessian_s)
+from ..costs import (CALIBRATION_DOMAINS, LINE_CHUNK, Cost, RunShape, block_inputs_bytes, largest_batch, line_work,
+                    matmul_s, padded_tokens, predicted_tokens, resident_bytes, solve_s, substitution_s, tail_pass_s,
+                    hessian_s)
 
 
 def analysis_route(config) -> str:
@@ -27,13 +28,13 @@ def _grid_points(n_k: int, config) -> int:
 
 def structured_domain_s(cal, n_tokens: int, r: int, m_k: int, points: int) -> tuple:
     """(solve, saturation, kernels) seconds of one domain on the structured
-    route: the curvature coefficients of every token, H = X^T diag X
-    (float64), the dense solve, and the saturation system (Woodbury with
-    rank r = the domain's tokens when r < d_ff, else dense) solved at every
-    grid point for mu(n) and, with the domain's m_k facts as right-hand
-    sides, for the bootstrap kernels."""
+    route: H = X^T diag X (float64) over every token, the dense solve, and
+    the saturation system (Woodbury with rank r = the domain's tokens when
+    r < d_ff, else dense) solved at every grid point for mu(n) and, with the
+    domain's m_k facts as right-hand sides, for the bootstrap kernels. The
+    per-token coefficients are shared by every domain (`coefficients_s`)."""
     d = cal.d_ff
-    solve = n_tokens * cal.coef_s_per_token + hessian_s(cal, n_tokens) + solve_s(cal, d)
+    solve = hessian_s(cal, n_tokens) + solve_s(cal, d)
     if r < d:
         solve += (2.0 * d ** 3 / 3.0) / cal.factor_flops + substitution_s(cal, d, r) + matmul_s(cal, 2.0 * r * r * d)
         point = substitution_s(cal, d) + matmul_s(cal, 4.0 * r * d) + solve_s(cal, r, lu=True)
@@ -44,6 +45,13 @@ def structured_domain_s(cal, n_tokens: int, r: int, m_k: int, points: int) -> tu
         point = solve_s(cal, d, lu=True)
         kernel = solve_s(cal, d, rhs=m_k, lu=True) + matmul_s(cal, 2.0 * m_k * m_k * d)
     return solve, points * point, points * kernel
+
+
+def coefficients_s(cal, n_tokens: int, domains: int) -> float:
+    """Every token's curvature coefficients along every domain's direction
+    in one pass (`subspace_solve.line_coefficients`), scaled from the
+    calibration's timing of that pass along CALIBRATION_DOMAINS directions."""
+    return n_tokens * cal.line_s_per_token * line_work(cal, domains) / line_work(cal, CALIBRATION_DOMAINS)
 
 
 def hvp_domain_s(cal, padded: float, config, route: str, points: int) -> tuple:
@@ -75,6 +83,8 @@ def analysis_subspace_s(cal, lengths: list, config) -> dict:
     n_tokens = predicted_tokens(flat)
     padded = padded_tokens(flat, config.batch_size)
     totals = [0.0, 0.0, 0.0]
+    if route == "structured" or (route == "cg" and config.blocks == 1):
+        totals[0] += coefficients_s(cal, n_tokens, len(lengths))
     for domain in lengths:
         points = _grid_points(len(domain), config)
         if route == "structured":
@@ -174,7 +184,9 @@ def analysis_memory(cal, lengths: list, config, ranking: Cost, diagnosis: Cost |
     if analysis_route(config) != "structured":
         dim = config.blocks * d
         system = (facts * dim + 4 * dim * dim) * 8 + 2 * n_tokens * cal.step_bytes_per_token
-    solve_transient = max(cal.coef_bytes_per_token * min(n_tokens, COEF_CHUNK), 2 * n_tokens * d * 8)
+    # the coefficients' pass holds one chunk of vocabulary-sized rows, and (a, c) for every domain
+    solve_transient = max(cal.coef_bytes_per_token * min(n_tokens, LINE_CHUNK) + 2 * n_tokens * len(lengths) * 8,
+                          2 * n_tokens * d * 8)
     inputs = block_inputs_bytes(cal, flat) if config.diagnose else 0
     memory = {"load model": resident,
               "forward pass": resident + tokens + cal.forward_bytes_per_token * batch,

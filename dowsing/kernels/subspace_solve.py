@@ -20,12 +20,34 @@ from ..progress import Progress
 from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
 from .solvers import conjugate_gradient, damped, dense_solve
 from .subspace import find_anatomy
+from .subspace_terms import LogitLine, derivatives_at_zero
 
 
-def _structured_domain(anatomy, tokens: FactTokens, v, rows, n_total: int, config: AnalysisConfig):
+def line_coefficients(anatomy, tokens: FactTokens, directions: torch.Tensor, curvature: str) -> tuple | None:
+    """(a, c), each (N, K) in float64: every token's a_t and c_t (Hessian or
+    Gauss-Newton) along every domain's direction at once, from the closed
+    form of the logits along h_t + s v_k (`subspace_terms.derivatives_at_zero`:
+    one LM-head product per token for all domains, instead of a double
+    backward through the head per domain). None where that form does not
+    reproduce the model's final norm and head (the caller then takes
+    `tail_coefficients` per domain)."""
+    line = LogitLine(anatomy, tokens.h, keep=False)
+    if not line.ok:
+        return None
+    a, c, c_ggn = derivatives_at_zero(line, directions, tokens.targets)
+    return a, (c if curvature == "hessian" else c_ggn)
+
+
+def _structured_domain(anatomy, tokens: FactTokens, v, rows, n_total: int, config: AnalysisConfig,
+                       coefficients: tuple | None = None):
     """B = 1: per-fact gradients of all facts, H_k + lambda I, and the
-    saturation system for domain k, from the per-token coefficients."""
-    a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, config.curvature)
+    saturation system for domain k, from the per-token coefficients
+    (`coefficients`: this domain's (a, c) when computed for every domain at
+    once, else computed here)."""
+    if coefficients is not None:
+        a, c = coefficients
+    else:
+        a, c = tail_coefficients(anatomy, tokens.h, tokens.targets, v, config.curvature)
     grads = structured_fact_gradients(tokens.x, tokens.token_fact, tokens.token_scale, a, n_total)
     base = damped(structured_hessian(tokens.x, tokens.token_scale / n_total, c), config.damping)
     n_k = len(rows)
@@ -84,6 +106,14 @@ class DomainContext:
     route: str
     config: AnalysisConfig
     report: Callable | None = None
+    coefficients: tuple | None = None  # `line_coefficients` of every domain, where B = 1 and the form holds
+
+    def domain_coefficients(self, k: int) -> tuple | None:
+        """Domain k's (a, c) from `coefficients`, or None."""
+        if self.coefficients is None:
+            return None
+        a, c = self.coefficients
+        return a[:, k], c[:, k]
 
     def payload(self) -> dict:
         """Everything but the model module, plus its configuration and
@@ -93,7 +123,8 @@ class DomainContext:
         return {"model_config": model_config, "state": state, "device": str(next(self.net.parameters()).device),
                 "batches": [(ids.cpu(), mask.cpu(), rows) for ids, mask, rows in self.batches],
                 "tokens": self.tokens, "directions": self.directions.cpu(), "rows_of": self.rows_of,
-                "n_total": self.n_total, "route": self.route, "config": self.config}
+                "n_total": self.n_total, "route": self.route, "config": self.config,
+                "coefficients": self.coefficients}
 
 
 def build_domain_context(payload: dict) -> DomainContext:
@@ -112,7 +143,8 @@ def build_domain_context(payload: dict) -> DomainContext:
                                else getattr(tokens, f)) for f in tokens.__dataclass_fields__})
     return DomainContext(net=net, anatomy=find_anatomy(net), batches=batches, tokens=tokens,
                          directions=payload["directions"].to(device), rows_of=payload["rows_of"],
-                         n_total=payload["n_total"], route=payload["route"], config=config)
+                         n_total=payload["n_total"], route=payload["route"], config=config,
+                         coefficients=payload.get("coefficients"))
 
 
 def solve_domain(ctx: DomainContext, k: int) -> dict:
@@ -133,7 +165,8 @@ def solve_domain(ctx: DomainContext, k: int) -> dict:
     w_k[rows] = 1.0 / n_k
     t0 = time.perf_counter()
     if ctx.route == "structured":
-        grads, base, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config)
+        grads, base, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config,
+                                                 ctx.domain_coefficients(k))
         g_bar = grads[rows].mean(dim=0)
         solve = dense_solve(base, g_bar, method="auto (structured Hessian, dense solve)")
         mu = mu_function(system, g_bar)
@@ -161,7 +194,8 @@ def solve_domain(ctx: DomainContext, k: int) -> dict:
                 # B = 1: the saturation curve needs a solve per n; the
                 # structured system gives them exactly at a fraction of
                 # the cost of a CG run per n.
-                _, _, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config)
+                _, _, system = _structured_domain(ctx.anatomy, tokens, v, rows, n_total, config,
+                                                  ctx.domain_coefficients(k))
                 mu = mu_function(system, g_bar)
             else:
                 system = None  # the bootstrap would need N_k CG solves per n

@@ -77,10 +77,15 @@ class LogitLine:
     vocabulary. The form is checked against the real norm and head when
     built; where it does not hold (another norm), `ok` is False and
     `derivatives` falls back to `tail_derivatives`.
+
+    keep: hold A for every token (a vocabulary-sized row each, reused by
+    every later call) or recompute each chunk's rows when asked (memory of
+    one chunk, for a single pass over the tokens as `derivatives_at_zero`).
     """
 
-    def __init__(self, anatomy, h: torch.Tensor, chunk: int = 256):
+    def __init__(self, anatomy, h: torch.Tensor, chunk: int = 256, keep: bool = True):
         self.anatomy, self.h, self.chunk = anatomy, h, chunk
+        self.a_base = None
         norm, head = anatomy.final_norm, anatomy.lm_head
         self.ok = False
         if isinstance(norm, torch.nn.LayerNorm) and norm.elementwise_affine:
@@ -95,7 +100,8 @@ class LogitLine:
         with torch.no_grad():
             self.g, self.w = norm.weight, head.weight
             hc = self._p(h)
-            self.a_base = torch.cat([(self.g * hc[i: i + chunk]) @ self.w.T for i in range(0, h.shape[0], chunk)])
+            if keep:
+                self.a_base = torch.cat([self.head(slice(i, i + chunk)) for i in range(0, h.shape[0], chunk)])
             self.q0 = (hc.to(torch.float64) ** 2).mean(-1)
             c = torch.zeros(self.w.shape[0], dtype=h.dtype, device=h.device)
             if self.beta is not None:
@@ -114,6 +120,13 @@ class LogitLine:
     def _p(self, x):
         return x - x.mean(-1, keepdim=True) if self.center else x
 
+    def head(self, rows) -> torch.Tensor:
+        """A_t = W (g * P h_t) for the tokens `rows` (an index or a slice)."""
+        if self.a_base is not None:
+            return self.a_base[rows]
+        with torch.no_grad():
+            return (self.g * self._p(self.h[rows])) @ self.w.T
+
     def _direction(self, v):
         vc = self._p(v)
         return {"b": self.w @ (self.g * vc), "vc": vc.to(torch.float64), "q2": float((vc.to(torch.float64) ** 2).mean())}
@@ -122,7 +135,7 @@ class LogitLine:
         hc = self._p(self.h[idx]).to(torch.float64)
         q1 = (hc * d["vc"]).mean(-1)
         r = torch.sqrt(self.q0[idx] + 2 * s * q1 + s * s * d["q2"] + self.eps)
-        num = self.a_base[idx].to(torch.float64) + s[:, None] * d["b"].to(torch.float64)
+        num = self.head(idx).to(torch.float64) + s[:, None] * d["b"].to(torch.float64)
         # vocabulary-sized arrays in the model's dtype (float32: half the time of float64)
         num = num.to(self.h.dtype)
         return num / r[:, None].to(num.dtype) + self.c_const, num, r, q1
@@ -194,7 +207,7 @@ def derivatives_at_zero(line: LogitLine, directions: torch.Tensor, targets: torc
             q1 = hc @ vc64.T / hc.shape[-1]  # (C, K)
             r1 = q1 / r
             r2 = (q2[None, :] - r1 ** 2) / r
-            a_tok = line.a_base[sl]  # (C, V)
+            a_tok = line.head(sl)  # (C, V)
             z = a_tok / r.to(a_tok.dtype) + line.c_const
             p = torch.softmax(z, dim=-1)
             pb = (p @ big_b).to(torch.float64)  # (C, K)

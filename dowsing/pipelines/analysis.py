@@ -28,7 +28,8 @@ from .ranking import capture_block, check_estimator, rank, ranking_split
 from ..result import ENGINE_VERSION, DomainResult, Result
 from ..kernels.saturation import n_grid
 from ..kernels.subspace import encode_facts, find_anatomy, make_batches
-from ..kernels.subspace_solve import DomainContext, build_domain_context, choose_route, solve_domain
+from ..kernels.subspace_solve import (DomainContext, build_domain_context, choose_route, line_coefficients,
+                                      solve_domain)
 from ..kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
 from ..storage.units import DomainUnits, loaded_identity
 
@@ -208,9 +209,18 @@ def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, 
     """Each domain's solve, saturation fit and bootstrap kernels
     (`subspace_solve.solve_domain`), one unit of the executor each."""
     net = model.model
-    context = DomainContext(net=net, anatomy=find_anatomy(net), batches=passed.batches, tokens=passed.tokens,
+    anatomy = find_anatomy(net)
+    t0 = time.perf_counter()
+    coefficients = None
+    if config.blocks == 1 and passed.tokens.tail_matches and passed.route in ("structured", "cg"):
+        # every domain's per-token coefficients in one pass over the tokens (the head product is shared)
+        report(Progress("solve", 0.1, "per-token curvature coefficients of every domain"))
+        directions = passed.directions.to(passed.tokens.h.dtype)
+        coefficients = line_coefficients(anatomy, passed.tokens, directions, config.curvature)
+    coefficient_s = time.perf_counter() - t0
+    context = DomainContext(net=net, anatomy=anatomy, batches=passed.batches, tokens=passed.tokens,
                             directions=passed.directions, rows_of=passed.rows_of, n_total=len(passed.facts),
-                            route=passed.route, config=config, report=report)
+                            route=passed.route, config=config, report=report, coefficients=coefficients)
     executor = executor or LocalExecutor()
     if executor.kind != "local" and passed.route == "structured":
         # Each domain's structured solve takes milliseconds: shipping the
@@ -232,7 +242,7 @@ def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, 
     outcomes = [values[u.key] for u in units]
     timings["saturation"] = sum(o["seconds"]["saturation"] for o in outcomes)
     # each unit also fitted its saturation curve and its bootstrap kernels: those count where they did before
-    timings["solve"] = (time.perf_counter() - t0 - timings["saturation"]
+    timings["solve"] = (coefficient_s + time.perf_counter() - t0 - timings["saturation"]
                         - sum(o["seconds"]["kernels"] for o in outcomes))
     return outcomes
 
