@@ -553,6 +553,14 @@ def test_a_registered_toy_family_is_in_every_estimate_without_an_edit_of_estimat
     without = est.validation_cost(cal, *validation, ValidationConfig(estimators=("mean_loss",)))
     with_toy = est.validation_cost(cal, *validation, ValidationConfig(estimators=("mean_loss", toy_family)))
     assert with_toy.stages_s["estimators"] == pytest.approx(without.stages_s["estimators"] + 24.0)
+    # the pilot estimators run in a validation too: their fine-tunes are priced over its halves (the last
+    # finetune_blocks blocks kept, as the validation captures them)
+    config = ValidationConfig(estimators=("mean_loss", "pilot_curve"))
+    with_pilots = est.validation_cost(cal, *validation, config)
+    tr, he = [list(x) for _, x in validation[0]], [list(x) for _, x in validation[1]]
+    pilots = pilot_family.pilot_family_s(cal, tr, he, {"pilot_curve"}, min(config.finetune_blocks, cal.n_layers))
+    assert pilots > 0
+    assert with_pilots.stages_s["estimators"] == pytest.approx(without.stages_s["estimators"] + pilots)
     ranked = est.analysis_cost(cal, [(n, [6] * 8) for n in names], AnalysisConfig(estimator=toy_family,
                                                                                  diagnose=False))
     assert ranked.stages_s["ranking"] == 12.0  # the seeded halves' training facts: 4 of each domain's 8

@@ -275,11 +275,8 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
 
 def pilot_cost(cal, run, names) -> Cost:
     """`pilot_family_s` and `pilot_memory` over the run's halves; in an
-    analysis every fact's block inputs are held beside them. The quick
-    validation's estimate leaves the pilot estimators out (priced as free).
-    The domains of run.pilots_stored run no pilot fine-tunes."""
-    if run.pipeline == "validation":
-        return Cost(0.0, 0.0)
+    analysis every fact's block inputs are held beside them. The domains of
+    run.pilots_stored run no pilot fine-tunes."""
     seconds = pilot_family_s(cal, run.train, run.held, names, run.keep, run.pilot_sizes, run.batch_size,
                              run.pilots_stored)
     memory = pilot_memory(cal, run.train, run.held, run.keep, names, run.batch_size, run.pilots_stored)
