@@ -4,6 +4,8 @@ over all facts (all parameters requiring grad).
 
   python benchmarks/bench_analysis.py                 # embedded default model, default domains, CPU
   python benchmarks/bench_analysis.py --cold          # also time the first GGUF conversion
+  python benchmarks/bench_analysis.py --benchmark-domains 16 --facts 15
+      # the first 16 benchmark domains (ordinary, then hard cases), 15 facts each
   python benchmarks/bench_analysis.py --device cuda --random gpt2 --facts 50
       # random-init GPT-2 124M ("gpt2") or 1.5B ("gpt2-xl") shapes: honest for timing
       # on a GPU machine that has no weights
@@ -26,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dowsing.pipelines.analysis import analyze  # noqa: E402
 from dowsing.config import AnalysisConfig  # noqa: E402
-from dowsing.domains import Domain, default_domains  # noqa: E402
+from dowsing.domains import Domain, benchmark_domains, default_domains  # noqa: E402
 from dowsing.access.models import LoadedModel, ModelInfo, embedded_tokenizer_dir, load_model  # noqa: E402
 from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches, per_fact_losses  # noqa: E402
 
@@ -87,12 +89,20 @@ def domains_with(n_facts: int):
     return out
 
 
+def first_benchmark_domains(count: int, n_facts: int) -> list:
+    """The first `count` benchmark domains, each cut to its first n_facts facts (all when 0)."""
+    chosen = benchmark_domains()[:count]
+    return [Domain(d.name, tuple(d.facts[:n_facts] if n_facts else d.facts)) for d in chosen]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--random", choices=sorted(SHAPES), default=None)
     parser.add_argument("--facts", type=int, default=0, help="facts per domain (0: the default set as is)")
+    parser.add_argument("--benchmark-domains", type=int, default=0,
+                        help="analyse the first N benchmark domains instead of the default ones")
     parser.add_argument("--cold", action="store_true", help="time the first GGUF conversion in a fresh cache")
     parser.add_argument("--repeats", type=int, default=1)
     args = parser.parse_args()
@@ -113,8 +123,12 @@ def main() -> None:
     loaded = random_model(args.random, args.device, args.dtype) if args.random else load_model(None, args.device, args.dtype)
     report["load_cached_s"] = time.perf_counter() - start
     report["model"] = loaded.info.to_dict()
-    domains = domains_with(args.facts) if args.facts else default_domains()
+    if args.benchmark_domains:
+        domains = first_benchmark_domains(args.benchmark_domains, args.facts)
+    else:
+        domains = domains_with(args.facts) if args.facts else default_domains()
     report["facts"] = sum(len(d.facts) for d in domains)
+    report["domains"] = [d.name for d in domains]
     config = AnalysisConfig(device=args.device, dtype=args.dtype)
     runs = []
     for _ in range(args.repeats):
@@ -130,7 +144,7 @@ def main() -> None:
     report["ratio_analysis_to_forward_backward"] = report["analysis"]["total_s"] / report["plain_forward_backward_s"]
     out = Path(__file__).resolve().parent / "out"
     out.mkdir(exist_ok=True)
-    name = f"{args.random or 'embedded'}-{args.device}-{args.dtype}-{report['facts']}facts.json"
+    name = f"{args.random or 'embedded'}-{args.device}-{args.dtype}-{len(domains)}domains-{report['facts']}facts.json"
     (out / name).write_text(json.dumps(report, indent=2))
     print(json.dumps(report, indent=2))
 
