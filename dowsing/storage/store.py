@@ -85,3 +85,6 @@ class JsonStore:
 
     def delete(self, key: str) -> None:
         self._cache.delete(key)
+
+    def keys(self) -> list[str]:
+        return list(self._cache.iterkeys())
