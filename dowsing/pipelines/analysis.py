@@ -6,7 +6,6 @@ import hashlib
 import json
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,13 +14,13 @@ from typing import Callable
 import torch
 
 from ..kernels import metrics
-from ..kernels.alignment import block_inputs_by_fact, capture_inputs_during
 from ..config import AnalysisConfig
 from ..domains import as_domains
 from ..estimators import PAPER, PILOT_CURVE, PILOT_GAIN
 from ..estimators import get as get_estimator
 from .executor import LocalExecutor, Shared, Unit
-from ..kernels.forward import FactTokens, forward_pass
+from ..kernels.forward import FactTokens, merge_pieces
+from .forward_units import domain_pieces
 from ..access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from ..progress import Progress
 from .ranking import capture_block, check_estimator, rank, ranking_split
@@ -63,9 +62,10 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     clock = time.perf_counter()
     domains = as_domains(domains)
     model, checkpoints = _prepared_model(model, config, report, timings)
-    passed = _forward(model, domains, config, report, timings)
     if units is not None:
         units.model = units.model or loaded_identity(model.info)
+    passed = _forward(model, domains, config, report, timings, units)
+    if units is not None:
         units.row_text = passed.facts
         units.note_blocks(len(find_anatomy(model.model).down_projs))
     outcomes = bootstrap = None
@@ -167,29 +167,35 @@ def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
     return model, checkpoints
 
 
-def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict) -> AnalysisPass:
-    """One plain forward pass over every fact: concept vectors, per-token
-    quantities, and the ranking estimator's block inputs from the same pass."""
+def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict, units=None) -> AnalysisPass:
+    """The plain forward pass over every fact: concept vectors, per-token
+    quantities, and the ranking estimator's block inputs from the same pass.
+    Each domain's share is a unit (`forward_units.domain_pieces`): a domain
+    whose facts did not change is read from `units`, not run again."""
     net, anatomy = model.model, find_anatomy(model.model)
     facts = [f for d in domains for f in d.facts]
-    fact_domain = [k for k, d in enumerate(domains) for _ in d.facts]
-    rows_of = [[i for i, k in enumerate(fact_domain) if k == kk] for kk in range(len(domains))]
+    starts = [0]
+    for d in domains:
+        starts.append(starts[-1] + len(d.facts))
+    rows_of = [list(range(starts[k], starts[k + 1])) for k in range(len(domains))]
     t0 = time.perf_counter()
     report(Progress("concept vectors", 0.05, f"forward pass over {len(facts)} facts"))
+    # every fact at once, as the limit on a run's tokens and the note on truncated facts read them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoded = encode_facts(model.tokenizer, facts, anatomy.max_positions)
     notes = [str(w.message) for w in caught]
     for note in notes:
         warnings.warn(note, stacklevel=3)
+    # the solve's routes that run the model again read the facts in these batches
     batches = make_batches(encoded, config.batch_size, next(net.parameters()).device)
     first = capture_block(net, config)
-    captured: list = []
-    # the ranking estimator's block inputs come with this pass rather than a second one
-    with capture_inputs_during(net, first, captured) if first is not None else nullcontext():
-        directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, len(domains))
-    block_inputs = block_inputs_by_fact(batches, captured) if first is not None else None
-    del captured
+    pieces = domain_pieces(model, [d.name for d in domains], [list(d.facts) for d in domains],
+                           [encoded.ids[starts[k]:starts[k + 1]] for k in range(len(domains))], config.batch_size,
+                           first, units, report)
+    merged = merge_pieces(pieces)
+    del pieces
+    tokens = merged.tokens
     bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -200,8 +206,8 @@ def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict
     route = choose_route(config, tokens.tail_matches)
     if config.solver == "auto" and config.blocks == 1 and not tokens.tail_matches:
         notes.append("The model's final norm and LM head do not reproduce its logits; used the exact HVP route.")
-    return AnalysisPass([d.name for d in domains], facts, rows_of, encoded.ids, batches, directions, norms, tokens, block_inputs, first,
-                        route, notes, timings["forward"])
+    return AnalysisPass([d.name for d in domains], facts, rows_of, merged.ids, batches, merged.directions,
+                        merged.norms, tokens, merged.block_inputs, first, route, notes, timings["forward"])
 
 
 def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, executor, store, should_stop,
