@@ -488,6 +488,27 @@ def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: 
             "message": recomputed_message(len(computed), len(computed) + len(reused))}
 
 
+def forward_status(model_id: str | None, domains, config: AnalysisConfig | None = None) -> dict:
+    """Before a run, without loading the model: which domains' forward
+    pieces (`forward_units`) `run_analysis` would compute and which it would
+    find stored, {"computed": [names], "reused": [names], "message"}. A
+    model never run here counts every domain as to compute."""
+    from ..storage.units import forward_key, model_identity, recomputed_message
+    from .forward_units import forward_settings
+    from .ranking import capture_block_of
+
+    config = config or AnalysisConfig()
+    domains = as_domains(domains)
+    units = DomainUnits(model_identity(model_fingerprint(model_id), config.dtype, config.device))
+    blocks = units.blocks()
+    settings = None if blocks is None else forward_settings(config.batch_size, capture_block_of(blocks, config))
+    computed, reused = [], []
+    for domain in domains:
+        stored = settings is not None and units.present(forward_key(units.model, list(domain.facts), settings))
+        (reused if stored else computed).append(domain.name)
+    return {"computed": computed, "reused": reused, "message": recomputed_message(len(computed), len(domains))}
+
+
 def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = None,
                  progress: Callable[[Progress], None] | None = None, use_cache: bool = True,
                  executor=None, should_stop: Callable[[], bool] | None = None,
