@@ -295,6 +295,7 @@ def _same_paper(a, b, tol: float) -> None:
 
 
 def test_an_edit_reruns_the_forward_pass_of_that_domain_alone(tiny_llama_dir, counted, forward_counted):
+    from dowsing.pipelines.analysis import forward_status
     from dowsing.storage.units import recomputed_message
 
     model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64")
@@ -304,6 +305,9 @@ def test_an_edit_reruns_the_forward_pass_of_that_domain_alone(tiny_llama_dir, co
 
     forward_counted.clear()
     edited = _edited(FOUR, 2)
+    # told before the run, without the model
+    assert forward_status(model, edited, config) == {"computed": ["Gamma"], "reused": ["Alpha", "Beta", "Delta"],
+                                                     "message": "1 of 4 domains recomputed, 3 from cache"}
     said = []
     incremental = run_analysis(model, edited, config, progress=lambda p: said.append(p.message))
     assert forward_counted == [8]
