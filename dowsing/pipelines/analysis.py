@@ -47,8 +47,9 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     (`dowsing.pipelines.executor`; in this process by default; the structured route
     always runs here). store: a UnitStore that keeps each finished domain.
     units: a `units.DomainUnits` where the per-domain units (each domain's
-    pilot curve) are found and kept, so domains whose facts did not change
-    are not computed again; None: every unit is computed.
+    pilot curve and its piece of the forward pass) are found and kept, so
+    domains whose facts did not change are not computed again; None: every
+    unit is computed (through the same per-domain path).
     on_ranking(result): called with the ranking and the diagnosis as soon
     as they are ready, before the paper's quantities (their fields None,
     extras["partial"] says what is still computing); not called when the
@@ -514,7 +515,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
                  executor=None, should_stop: Callable[[], bool] | None = None,
                  on_ranking: Callable[[Result], None] | None = None) -> Result:
     """The cached entry point: a repeat of the same request returns at once.
-    Each domain's units (its pilot curve, `dowsing.storage.units`) are kept under
+    Each domain's units (its pilot curve and forward piece, `dowsing.storage.units`) are kept under
     their own content key, so a request that shares a domain with an earlier
     one (an edit of another domain, an added domain, a plan) reuses them.
     on_ranking: see `analyze`.
@@ -547,7 +548,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0
     units = UnitStore(f"analysis/{key}") if use_cache else None
-    # the per-domain units (pilot curves) outlive the request: another request sharing a domain reuses them
+    # the per-domain units (pilot curves, forward pieces) outlive the request: another request sharing a domain reuses them
     domain_units = DomainUnits(None) if use_cache else None
     result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop,
                      units=domain_units, on_ranking=on_ranking)
