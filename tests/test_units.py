@@ -345,3 +345,96 @@ def test_a_damaged_forward_piece_is_computed_again(tiny_llama_dir, counted, forw
     assert forward_counted == [8, 8]
     assert again.extras["units"]["forward"] == {"computed": ["Alpha", "Beta"], "reused": []}
     _same_paper(again, first, 1e-9)
+
+
+@pytest.fixture(scope="module")
+def stored_piece(tiny_llama64):
+    """One domain's forward piece with its block inputs, and its JSON value as the store keeps it."""
+    import json
+
+    from dowsing.kernels.forward import domain_forward
+    from dowsing.kernels.subspace import encode_facts, find_anatomy
+    from dowsing.pipelines.forward_units import piece_value
+
+    anatomy = find_anatomy(tiny_llama64.model)
+    ids = encode_facts(tiny_llama64.tokenizer, list(FOUR[1].facts), anatomy.max_positions).ids
+    piece = domain_forward(tiny_llama64.model, anatomy, ids, 3, capture_block=1)
+    return piece, ids, json.loads(json.dumps(piece_value(piece), allow_nan=False))
+
+
+def test_a_forward_piece_comes_back_from_json_bit_for_bit(stored_piece):
+    import torch
+
+    from dowsing.pipelines.forward_units import TENSORS, piece_from_value
+
+    piece, ids, value = stored_piece
+    back = piece_from_value(value, ids, "cpu", torch.float64)
+    for name in TENSORS:
+        assert torch.equal(getattr(back, name), getattr(piece, name)), name
+        assert getattr(back, name).dtype == getattr(piece, name).dtype
+    assert (back.n_facts, back.tail_matches, back.ids) == (piece.n_facts, piece.tail_matches, piece.ids)
+    assert len(back.block_inputs) == len(piece.block_inputs) == 8
+    assert all(torch.equal(a, b) for a, b in zip(back.block_inputs, piece.block_inputs))
+
+
+def _tampered_pieces(value: dict) -> list:
+    """(what, tampered copy) pairs of a stored piece: each is well-formed JSON."""
+    import copy
+
+    import torch
+
+    from dowsing.storage.tensors import decode_tensor, encode_tensor
+
+    def with_tensor(name, change):
+        out = copy.deepcopy(value)
+        out[name] = encode_tensor(change(decode_tensor(value[name])))
+        return out
+
+    def edited(change):
+        out = copy.deepcopy(value)
+        change(out)
+        return out
+
+    return [
+        ("a field missing", {k: v for k, v in value.items() if k != "h"}),
+        ("other token ids", edited(lambda v: v["ids"][0].__setitem__(1, v["ids"][0][1] + 1))),
+        ("a fact count as text", edited(lambda v: v.__setitem__("n_facts", "8"))),
+        ("a wrong fact count", edited(lambda v: v.__setitem__("n_facts", 7))),
+        ("a tail flag as a number", edited(lambda v: v.__setitem__("tail_matches", 1))),
+        ("another dtype than the model's", with_tensor("x", lambda t: t.to(torch.float32))),
+        ("a scalar concept sum", with_tensor("concept_sum", lambda t: t[0])),
+        ("a token row missing", with_tensor("x", lambda t: t[1:])),
+        ("fact rows out of order", with_tensor("token_fact", lambda t: t.flip(0))),
+        ("targets that are not its tokens", with_tensor("targets", lambda t: t + 1)),
+        ("token scales edited", with_tensor("token_scale", lambda t: t * 2)),
+        ("one loss too many", with_tensor("fact_losses", lambda t: torch.cat([t, t[:1]]))),
+        ("losses in float32", with_tensor("fact_losses", lambda t: t.to(torch.float32))),
+        ("a block input missing", edited(lambda v: v["block_inputs"].pop())),
+        ("block inputs not a list", edited(lambda v: v.__setitem__("block_inputs", {"0": 1}))),
+        ("a block input cut short", edited(lambda v: v["block_inputs"].__setitem__(
+            0, encode_tensor(decode_tensor(v["block_inputs"][0])[1:])))),
+        ("a tensor's bytes cut short", edited(lambda v: v["h"].__setitem__("data", v["h"]["data"][:-8]))),
+        ("a tensor as a pickle", edited(lambda v: v["x"].__setitem__("dtype", "object"))),
+    ]
+
+
+def test_a_tampered_forward_piece_is_refused_and_the_run_computes_it_again(stored_piece, tmp_path):
+    import torch
+
+    from dowsing.pipelines.forward_units import piece_from_value
+    from dowsing.storage.store import JsonStore
+    from dowsing.storage.units import DomainUnits
+
+    _, ids, value = stored_piece
+    cases = _tampered_pieces(value)
+    for what, tampered in cases:
+        with pytest.raises(ValueError, match="forward piece|stored tensor"):
+            piece_from_value(tampered, ids, "cpu", torch.float64)
+    # through the units: a tampered entry reads as missing and is not counted as reused
+    units = DomainUnits("model", store=JsonStore("units", folder=tmp_path / "units"))
+    units.store.put("k", cases[-1][1])
+    assert units.get("forward", "k", "Beta", lambda v: piece_from_value(v, ids, "cpu", torch.float64)) is None
+    assert units.summary("forward") == {"computed": [], "reused": []}
+    units.store.put("k", value)
+    assert units.get("forward", "k", "Beta", lambda v: piece_from_value(v, ids, "cpu", torch.float64)) is not None
+    assert units.summary("forward") == {"computed": [], "reused": ["Beta"]}

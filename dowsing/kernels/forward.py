@@ -161,33 +161,36 @@ def merge_pieces(pieces: list) -> MergedForward:
 def check_piece(piece: ForwardPiece) -> None:
     """ValueError unless the piece's parts agree with each other and with its
     token ids (a piece read back from storage is checked before use, so a
-    damaged one is recomputed instead of failing later in the analysis)."""
+    damaged one is recomputed instead of failing later in the analysis).
+    Each check reads only what the ones before it have checked."""
     n, lengths = piece.n_facts, [len(i) for i in piece.ids]
     tokens = sum(lengths) - n
-    expected_fact = torch.repeat_interleave(torch.arange(n), torch.tensor(lengths) - 1) if n else None
-    wants = [
-        (n > 0 and len(lengths) == n and min(lengths) >= 2, "a fact count and token ids per fact"),
-        (piece.concept_sum.dim() == 1 and piece.concept_sum.dtype == torch.float64, "a float64 concept sum"),
-        (piece.x.dim() == 2 and piece.h.dim() == 2 and piece.x.dtype == piece.h.dtype, "x and h of one dtype"),
-        (piece.h.shape[-1] == piece.concept_sum.shape[0], "h as wide as the concept sum"),
-        (all(t.shape[0] == tokens for t in (piece.x, piece.h, piece.targets, piece.token_fact, piece.token_scale)),
-         "one row per predicted token"),
-        (tuple(piece.fact_losses.shape) == (n,) and piece.fact_losses.dtype == torch.float64, "one loss per fact"),
-        (piece.token_scale.dtype == torch.float64, "float64 token scales"),
-        (piece.targets.dtype == torch.long and piece.token_fact.dtype == torch.long, "long targets and fact rows"),
+    per_token = (piece.x, piece.h, piece.targets, piece.token_fact, piece.token_scale)
+    checks = [
+        (lambda: n > 0 and len(lengths) == n and min(lengths) >= 2, "a fact count and token ids per fact"),
+        (lambda: piece.concept_sum.dim() == 1 and piece.concept_sum.dtype == torch.float64, "a float64 concept sum"),
+        (lambda: piece.x.dim() == 2 and piece.h.dim() == 2 and piece.x.dtype == piece.h.dtype,
+         "x and h of one dtype"),
+        (lambda: piece.h.shape[1] == piece.concept_sum.shape[0], "h as wide as the concept sum"),
+        (lambda: all(t.dim() >= 1 and t.shape[0] == tokens for t in per_token), "one row per predicted token"),
+        (lambda: tuple(piece.fact_losses.shape) == (n,) and piece.fact_losses.dtype == torch.float64,
+         "one float64 loss per fact"),
+        (lambda: piece.targets.dtype == torch.long and piece.token_fact.dtype == torch.long,
+         "long targets and fact rows"),
+        (lambda: torch.equal(piece.targets.cpu(), torch.tensor([t for i in piece.ids for t in i[1:]])),
+         "its token ids as targets"),
+        (lambda: torch.equal(piece.token_fact.cpu(), torch.arange(n).repeat_interleave(torch.tensor(lengths) - 1)),
+         "each token's fact row"),
+        (lambda: torch.equal(piece.token_scale.cpu(), torch.cat(
+            [torch.full((t - 1,), 1.0 / (t - 1), dtype=torch.float64) for t in lengths])),
+         "1 / (T_i - 1) as each token's scale"),
+        (lambda: piece.block_inputs is None or (len(piece.block_inputs) == n and all(
+            b.dim() == 2 and b.shape[0] == t and b.shape[1] == piece.h.shape[1] and b.dtype == piece.h.dtype
+            for b, t in zip(piece.block_inputs, lengths))), "one block input row per token of each fact"),
     ]
-    for ok, what in wants:
-        if not ok:
+    for ok, what in checks:
+        if not ok():
             raise ValueError(f"A forward piece must have {what}.")
-    if not torch.equal(piece.token_fact.cpu(), expected_fact):
-        raise ValueError("A forward piece's token rows do not follow its facts' lengths.")
-    if not torch.equal(piece.targets.cpu(), torch.tensor([t for i in piece.ids for t in i[1:]], dtype=torch.long)):
-        raise ValueError("A forward piece's targets are not its token ids.")
-    if piece.block_inputs is not None and (
-            len(piece.block_inputs) != n
-            or any(b.dim() != 2 or b.shape[0] != length or b.shape[1] != piece.h.shape[1] or b.dtype != piece.h.dtype
-                   for b, length in zip(piece.block_inputs, lengths))):
-        raise ValueError("A forward piece must have one block input row per token of each fact.")
 
 
 @dataclass
