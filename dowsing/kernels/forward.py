@@ -1,7 +1,9 @@
 """The plain forward pass over facts that every estimator and the analysis
 share: concept vectors, the per-token quantities of the last MLP projection
 and the final norm, each fact's loss, and (on request) each fact's input to
-one transformer block."""
+one transformer block. Over all facts at once (`forward_pass`), or one domain
+at a time (`domain_forward`) with the pieces merged (`merge_pieces`) into the
+same pass, so a domain's piece can be kept while another domain changes."""
 from __future__ import annotations
 
 import time
