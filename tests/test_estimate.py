@@ -147,9 +147,10 @@ def test_analysis_stages_and_memory_by_hand():
     cal = tiny_calibration()
     domains = [("A", [5, 6]), ("B", [4, 3, 8])]
     got = est.analysis_cost(cal, domains, AnalysisConfig(estimator="mean_loss"))
-    # one batch of 5 facts padded to 8 tokens; 21 predicted tokens, 9 in A and 12 in B
+    # each domain in batches of its own: A's 2 facts padded to 6 tokens, B's 3 to 8; 21 predicted tokens, 9 in A
+    # and 12 in B
     assert (got.stages_s["start-up"], got.stages_s["load model"]) == (3.0, 1.0)
-    assert got.stages_s["forward pass"] == pytest.approx(1e-3 * 5 * 8)
+    assert got.stages_s["forward pass"] == pytest.approx(1e-3 * (2 * 6 + 3 * 8))
     d, n, flops, factor = 24, 21, 1e9, 5e8
     # every token's coefficients along both domains' directions in one pass: the calibration's pass along 4
     # directions (1e-3 s a token) scaled by the work per token, 2 d_model + 6 K + 16 vocabulary-sized operations
@@ -165,7 +166,7 @@ def test_analysis_stages_and_memory_by_hand():
     assert got.stages_s["saturation"] == pytest.approx(saturation)
     assert got.total_s == pytest.approx(sum(got.stages_s.values()))
     weights, tokens = TINY_PARAMS * 4, n * (24 + 16) * 4 + n * 8 * 3
-    assert got.memory_bytes["forward pass"] == 100_000_000 + weights + tokens + 1000 * 40
+    assert got.memory_bytes["forward pass"] == 100_000_000 + weights + tokens + 1000 * 24  # B's batch
     # the coefficients' pass: one chunk's vocabulary rows (2000 bytes a token here) and (a, c) per domain
     solve_bytes = (5 * d + 4 * d * d + 2 * 12 * d + 12 * 12) * 8 + max(2000 * n + 2 * n * 2 * 8, 2 * n * d * 8)
     assert got.memory_bytes["solve"] == 100_000_000 + weights + tokens + solve_bytes
@@ -346,6 +347,24 @@ def test_stored_pilots_price_exactly_the_other_domains_pilots(estimator, stage):
             == est.analysis_cost(cal, STORED_CASE, plain).stages_s)
 
 
+def test_stored_forward_pieces_price_exactly_the_other_domains_forward_pass():
+    cal = tiny_calibration()
+    config = AnalysisConfig(estimator="mean_loss")
+    fresh = est.analysis_cost(cal, STORED_CASE, config)
+    got = est.analysis_cost(cal, STORED_CASE, config, forward_stored={"B", "C"})
+    # A's facts in batches of their own, as an analysis of A alone runs them
+    alone = est.analysis_cost(cal, STORED_CASE[:1], config)
+    assert got.stages_s["forward pass"] == pytest.approx(alone.stages_s["forward pass"]) == pytest.approx(1e-3 * 32 * 5)
+    # each domain in batches of its own: C's 20 facts one batch of 16 and one of 4
+    assert fresh.stages_s["forward pass"] == pytest.approx(1e-3 * (32 * 5 + 32 * 6 + 20 * 7))
+    # the other stages span every domain (the solve needs every domain's tokens, stored or not)
+    assert {k: v for k, v in got.stages_s.items() if k != "forward pass"} == {
+        k: v for k, v in fresh.stages_s.items() if k != "forward pass"}
+    assert "2 of 3 domains' forward passes from cache: the forward pass counts the other 1" in got.notes
+    assert est.analysis_cost(cal, STORED_CASE, config, forward_stored={"A", "B", "C"}).stages_s["forward pass"] == 0.0
+    assert est.analysis_cost(cal, STORED_CASE, config, forward_stored={"Z"}).stages_s == fresh.stages_s
+
+
 @pytest.mark.parametrize("route", [dict(blocks=1), dict(blocks=2, solver="exact"), dict(blocks=2, solver="cg")])
 def test_stage_ranking_drops_exactly_the_papers_stages(route):
     cal = tiny_calibration()
@@ -384,8 +403,8 @@ def test_a_plan_with_stored_pilots_prices_only_the_others():
     assert {k: v for k, v in planned.stages_s.items() if k != "fits"} == got.stages_s
 
 
-def test_estimates_after_a_ranking_stage_analysis_read_its_stored_pilots(tiny_gpt2_dir, calibrated):
-    from dowsing.pipelines.analysis import pilot_status, run_analysis
+def test_estimates_after_a_ranking_stage_analysis_read_its_stored_units(tiny_gpt2_dir, calibrated):
+    from dowsing.pipelines.analysis import forward_status, pilot_status, run_analysis
     from dowsing.pipelines.plan import PlanConfig
 
     use_calibration(calibrated)
@@ -404,7 +423,13 @@ def test_estimates_after_a_ranking_stage_analysis_read_its_stored_pilots(tiny_gp
     fresh = est.estimate_analysis(model, three, config, use_cache=False)
     assert got.notes[0].startswith("2 of 3 domains' pilot curves from cache")
     assert 0 < got.stages_s["ranking"] < fresh.stages_s["ranking"]
-    assert got.stages_s["forward pass"] == fresh.stages_s["forward pass"]
+    # and its forward pass alone: the two stored domains' forward pieces are not priced either
+    assert forward_status(model, three, config) == {"computed": ["Chemistry"], "reused": ["Physics", "Biology"],
+                                                    "message": "1 of 3 domains recomputed, 2 from cache"}
+    alone = est.estimate_analysis(model, [chemistry], config, use_cache=False)
+    assert 0 < got.stages_s["forward pass"] == pytest.approx(alone.stages_s["forward pass"])
+    assert got.stages_s["forward pass"] < fresh.stages_s["forward pass"]
+    assert "2 of 3 domains' forward passes from cache: the forward pass counts the other 1" in got.notes
     assert not {"solve", "saturation", "bootstrap"} & set(got.stages_s)
     # a plan of the same domains finds the analysis' curves: no forward pass, no fine-tune, only the fits
     plan = est.estimate_plan(model, GOOD["domains"], PlanConfig(budget=10))

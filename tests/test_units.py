@@ -195,3 +195,246 @@ def test_analyze_stage_ranking_on_the_command_line(tiny_llama_dir, tmp_path, mon
     assert written["config"]["stage"] == "ranking" and all(d["mean"] is None for d in written["domains"])
     assert main([*args, "--estimator", "paper"]) == 2
     assert "cannot skip" in capsys.readouterr().err
+
+
+# --- the forward pass as per-domain units -----------------------------------------------------------------------
+
+def _uneven_domains() -> list:
+    """Domains of 3, 7 and 5 facts: with batches of 4, the pass over every
+    fact mixes domains in a batch, the per-domain pieces never do."""
+    return [_domain("Alpha", 3), _domain("Beta", 7), _domain("Gamma", 5)]
+
+
+@pytest.mark.parametrize("block", [None, 1])
+def test_the_merged_per_domain_pieces_are_the_pass_over_every_fact(tiny64, block):
+    import torch
+
+    from dowsing.kernels.alignment import block_inputs_by_fact, capture_inputs_during
+    from dowsing.kernels.forward import domain_forward, forward_pass, merge_pieces
+    from dowsing.kernels.subspace import encode_facts, find_anatomy, make_batches
+
+    net, anatomy = tiny64.model, find_anatomy(tiny64.model)
+    domains = _uneven_domains()
+    facts = [f for d in domains for f in d.facts]
+    groups = [k for k, d in enumerate(domains) for _ in d.facts]
+    encoded = encode_facts(tiny64.tokenizer, facts, anatomy.max_positions)
+    batches = make_batches(encoded, 4, "cpu")
+    captured = []
+    if block is None:
+        directions, norms, tokens = forward_pass(net, anatomy, batches, groups, len(domains))
+    else:
+        with capture_inputs_during(net, block, captured):
+            directions, norms, tokens = forward_pass(net, anatomy, batches, groups, len(domains))
+    starts = [0, 3, 10, 15]
+    merged = merge_pieces([domain_forward(net, anatomy, encoded.ids[a:b], 4, block)
+                           for a, b in zip(starts, starts[1:])])
+    assert torch.allclose(merged.directions, directions, rtol=0, atol=1e-8)
+    assert torch.allclose(merged.norms, norms, rtol=1e-8, atol=1e-8)
+    got = merged.tokens
+    for name in ("x", "h", "token_scale", "fact_losses"):
+        assert getattr(got, name).shape == getattr(tokens, name).shape, name
+        assert torch.allclose(getattr(got, name), getattr(tokens, name), rtol=1e-8, atol=1e-8), name
+    assert torch.equal(got.targets, tokens.targets) and torch.equal(got.token_fact, tokens.token_fact)
+    assert got.tail_matches == tokens.tail_matches is True
+    assert merged.ids == encoded.ids
+    if block is None:
+        assert merged.block_inputs is None
+    else:
+        expected = block_inputs_by_fact(batches, captured)
+        assert len(merged.block_inputs) == len(expected) == len(facts)
+        for a, b in zip(merged.block_inputs, expected):
+            assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_merging_keeps_the_degenerate_concept_vector_error(tiny_llama64):
+    import torch
+
+    from dowsing.kernels.forward import domain_forward, merge_pieces
+    from dowsing.kernels.subspace import encode_facts, find_anatomy
+
+    anatomy = find_anatomy(tiny_llama64.model)
+    ids = encode_facts(tiny_llama64.tokenizer, list(FOUR[0].facts), anatomy.max_positions).ids
+    piece = domain_forward(tiny_llama64.model, anatomy, ids, 4)
+    piece.concept_sum = torch.zeros_like(piece.concept_sum)
+    with pytest.raises(ValueError, match="concept vector is zero"):
+        merge_pieces([piece])
+
+
+@pytest.fixture
+def forward_counted(monkeypatch):
+    """A list that grows by each domain's fact count for each per-domain
+    forward pass actually run."""
+    from dowsing.kernels import forward
+    from dowsing.pipelines import forward_units
+
+    runs = []
+    real = forward.domain_forward
+
+    def counting(net, anatomy, ids, batch_size, capture_block=None):
+        runs.append(len(ids))
+        return real(net, anatomy, ids, batch_size, capture_block)
+
+    monkeypatch.setattr(forward_units, "domain_forward", counting)
+    return runs
+
+
+def _same_paper(a, b, tol: float) -> None:
+    """The paper's fields: Mean, each fact's influence, the concept vectors'
+    norms, the transfer matrix, the losses, and the ranking."""
+    assert [d.rank for d in a.domains] == [d.rank for d in b.domains]
+    for x, y in zip(a.domains, b.domains):
+        assert x.priority == pytest.approx(y.priority, abs=tol, rel=tol)
+        assert x.mean == pytest.approx(y.mean, abs=tol, rel=tol)
+    for x, y in zip(a.per_example, b.per_example):
+        assert x["influence"] == pytest.approx(y["influence"], abs=tol, rel=tol)
+    assert [d.concept_vector_norm for d in a.domains] == pytest.approx([d.concept_vector_norm for d in b.domains],
+                                                                       rel=tol)
+    for x, y in zip(a.extras["transfer"]["matrix"], b.extras["transfer"]["matrix"]):
+        assert x == pytest.approx(y, abs=tol, rel=tol)
+    assert a.extras["domain_loss"] == pytest.approx(b.extras["domain_loss"], rel=tol)
+
+
+def test_an_edit_reruns_the_forward_pass_of_that_domain_alone(tiny_llama_dir, counted, forward_counted):
+    from dowsing.pipelines.analysis import forward_status
+    from dowsing.storage.units import recomputed_message
+
+    model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64")
+    first = run_analysis(model, FOUR, config)
+    assert forward_counted == [8] * 4
+    assert first.extras["units"]["forward"] == {"computed": [d.name for d in FOUR], "reused": []}
+
+    forward_counted.clear()
+    edited = _edited(FOUR, 2)
+    # told before the run, without the model
+    assert forward_status(model, edited, config) == {"computed": ["Gamma"], "reused": ["Alpha", "Beta", "Delta"],
+                                                     "message": "1 of 4 domains recomputed, 3 from cache"}
+    said = []
+    incremental = run_analysis(model, edited, config, progress=lambda p: said.append(p.message))
+    assert forward_counted == [8]
+    done = incremental.extras["units"]["forward"]
+    assert done == {"computed": ["Gamma"], "reused": ["Alpha", "Beta", "Delta"]}
+    assert recomputed_message(len(done["computed"]), 4) == "1 of 4 domains recomputed, 3 from cache"
+    assert "forward pass, domain 3 of 4: Gamma" in said
+    assert incremental.extras["units"]["pilot"]["computed"] == ["Gamma"]
+
+    forward_counted.clear()
+    fresh = run_analysis(model, edited, config, use_cache=False)
+    assert forward_counted == [8] * 4
+    _same(incremental, fresh, 1e-6)
+    _same_paper(incremental, fresh, 1e-6)
+
+
+def test_a_damaged_forward_piece_is_computed_again(tiny_llama_dir, counted, forward_counted):
+    from dowsing.storage.store import JsonStore, ResultStore
+
+    model, config = str(tiny_llama_dir), AnalysisConfig(dtype="float64", estimator="mean_loss", diagnose=False)
+    first = run_analysis(model, FOUR[:2], config)
+    ResultStore().delete(first.cache_key)  # the request again, not its stored result
+    store = JsonStore("domain_units")
+    keys = [k for k in store.keys() if (store.get(k) or {}).get("n_facts") == 8]
+    assert len(keys) == 2
+    damaged = store.get(keys[0])
+    damaged["x"]["shape"][0] += 1  # a shape its bytes do not fill
+    store.put(keys[0], damaged)
+    edited = store.get(keys[1])
+    edited["targets"]["data"] = edited["token_fact"]["data"]  # well-formed, but not the facts' tokens
+    store.put(keys[1], edited)
+
+    forward_counted.clear()
+    again = run_analysis(model, FOUR[:2], config)
+    assert forward_counted == [8, 8]
+    assert again.extras["units"]["forward"] == {"computed": ["Alpha", "Beta"], "reused": []}
+    _same_paper(again, first, 1e-9)
+
+
+@pytest.fixture(scope="module")
+def stored_piece(tiny_llama64):
+    """One domain's forward piece with its block inputs, and its JSON value as the store keeps it."""
+    import json
+
+    from dowsing.kernels.forward import domain_forward
+    from dowsing.kernels.subspace import encode_facts, find_anatomy
+    from dowsing.pipelines.forward_units import piece_value
+
+    anatomy = find_anatomy(tiny_llama64.model)
+    ids = encode_facts(tiny_llama64.tokenizer, list(FOUR[1].facts), anatomy.max_positions).ids
+    piece = domain_forward(tiny_llama64.model, anatomy, ids, 3, capture_block=1)
+    return piece, ids, json.loads(json.dumps(piece_value(piece), allow_nan=False))
+
+
+def test_a_forward_piece_comes_back_from_json_bit_for_bit(stored_piece):
+    import torch
+
+    from dowsing.pipelines.forward_units import TENSORS, piece_from_value
+
+    piece, ids, value = stored_piece
+    back = piece_from_value(value, ids, "cpu", torch.float64)
+    for name in TENSORS:
+        assert torch.equal(getattr(back, name), getattr(piece, name)), name
+        assert getattr(back, name).dtype == getattr(piece, name).dtype
+    assert (back.n_facts, back.tail_matches, back.ids) == (piece.n_facts, piece.tail_matches, piece.ids)
+    assert len(back.block_inputs) == len(piece.block_inputs) == 8
+    assert all(torch.equal(a, b) for a, b in zip(back.block_inputs, piece.block_inputs))
+
+
+def _tampered_pieces(value: dict) -> list:
+    """(what, tampered copy) pairs of a stored piece: each is well-formed JSON."""
+    import copy
+
+    import torch
+
+    from dowsing.storage.tensors import decode_tensor, encode_tensor
+
+    def with_tensor(name, change):
+        out = copy.deepcopy(value)
+        out[name] = encode_tensor(change(decode_tensor(value[name])))
+        return out
+
+    def edited(change):
+        out = copy.deepcopy(value)
+        change(out)
+        return out
+
+    return [
+        ("a field missing", {k: v for k, v in value.items() if k != "h"}),
+        ("other token ids", edited(lambda v: v["ids"][0].__setitem__(1, v["ids"][0][1] + 1))),
+        ("a fact count as text", edited(lambda v: v.__setitem__("n_facts", "8"))),
+        ("a wrong fact count", edited(lambda v: v.__setitem__("n_facts", 7))),
+        ("a tail flag as a number", edited(lambda v: v.__setitem__("tail_matches", 1))),
+        ("another dtype than the model's", with_tensor("x", lambda t: t.to(torch.float32))),
+        ("a scalar concept sum", with_tensor("concept_sum", lambda t: t[0])),
+        ("a token row missing", with_tensor("x", lambda t: t[1:])),
+        ("fact rows out of order", with_tensor("token_fact", lambda t: t.flip(0))),
+        ("targets that are not its tokens", with_tensor("targets", lambda t: t + 1)),
+        ("token scales edited", with_tensor("token_scale", lambda t: t * 2)),
+        ("one loss too many", with_tensor("fact_losses", lambda t: torch.cat([t, t[:1]]))),
+        ("losses in float32", with_tensor("fact_losses", lambda t: t.to(torch.float32))),
+        ("a block input missing", edited(lambda v: v["block_inputs"].pop())),
+        ("block inputs not a list", edited(lambda v: v.__setitem__("block_inputs", {"0": 1}))),
+        ("a block input cut short", edited(lambda v: v["block_inputs"].__setitem__(
+            0, encode_tensor(decode_tensor(v["block_inputs"][0])[1:])))),
+        ("a tensor's bytes cut short", edited(lambda v: v["h"].__setitem__("data", v["h"]["data"][:-8]))),
+        ("a tensor as a pickle", edited(lambda v: v["x"].__setitem__("dtype", "object"))),
+    ]
+
+
+def test_a_tampered_forward_piece_is_refused_and_the_run_computes_it_again(stored_piece, tmp_path):
+    import torch
+
+    from dowsing.pipelines.forward_units import piece_from_value
+    from dowsing.storage.store import JsonStore
+    from dowsing.storage.units import DomainUnits
+
+    _, ids, value = stored_piece
+    cases = _tampered_pieces(value)
+    for what, tampered in cases:
+        with pytest.raises(ValueError, match="forward piece|stored tensor"):
+            piece_from_value(tampered, ids, "cpu", torch.float64)
+    # through the units: a tampered entry reads as missing and is not counted as reused
+    units = DomainUnits("model", store=JsonStore("units", folder=tmp_path / "units"))
+    units.store.put("k", cases[-1][1])
+    assert units.get("forward", "k", "Beta", lambda v: piece_from_value(v, ids, "cpu", torch.float64)) is None
+    assert units.summary("forward") == {"computed": [], "reused": []}
+    units.store.put("k", value)
+    assert units.get("forward", "k", "Beta", lambda v: piece_from_value(v, ids, "cpu", torch.float64)) is not None
+    assert units.summary("forward") == {"computed": [], "reused": ["Beta"]}

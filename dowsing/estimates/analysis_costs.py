@@ -178,7 +178,7 @@ def analysis_memory(cal, lengths: list, config, ranking: Cost, diagnosis: Cost |
     n_tokens, facts = predicted_tokens(flat), len(flat)
     resident = resident_bytes(cal)
     tokens = n_tokens * (d + cal.d_model) * b + n_tokens * 8 * 3
-    batch = largest_batch(flat, config.batch_size)
+    batch = max(largest_batch(dom, config.batch_size) for dom in lengths)  # each domain in batches of its own
     r = max(predicted_tokens(dom) for dom in lengths)
     system = (facts * d + 4 * d * d + 2 * r * d + r * r) * 8
     if analysis_route(config) != "structured":

@@ -52,13 +52,15 @@ def _basis(cal: Calibration) -> list:
 # --- the sums over each pipeline's stages ------------------------------------------------------------------------
 
 def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
-                  pilots_stored=frozenset()) -> Estimate:
+                  pilots_stored=frozenset(), forward_stored=frozenset()) -> Estimate:
     """The estimate of one analysis. domains: [(name, [tokens per fact])];
     ray_workers: the Ray workers the per-domain units would spread over (0:
     in this process; the structured route always stays here);
     pilots_stored: the names of the domains whose pilot curves are stored
     units (`analysis.pilot_status`'s "reused"): their pilot fine-tunes are
-    not priced. The forward pass covers every domain whatever is stored
+    not priced. forward_stored: the names of the domains whose forward
+    pieces are stored (`analysis.forward_status`'s "reused"): the forward
+    pass runs over each other domain's facts in batches of its own
     (`analysis._forward`). With config.stage "ranking" the paper's solve,
     saturation and bootstrap do not run and are not priced."""
     from ..estimators.pilot import to_tune
@@ -67,9 +69,13 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
     flat = [n for d in lengths for n in d]
     route = analysis_route(config)
     paper = config.stage != "ranking"
+    to_run = [list(d) for n, d in domains if n not in forward_stored]
     stages = {"start-up": cal.start_s, "load model": cal.load_s,
-              "forward pass": forward_pass_s(cal, config.batch_size, flat)}
+              "forward pass": forward_pass_s(cal, config.batch_size, *to_run)}
     notes = []
+    if len(to_run) < len(lengths):
+        notes.append(f"{len(lengths) - len(to_run)} of {len(lengths)} domains' forward passes from cache: the "
+                     f"forward pass counts the other {len(to_run)}")
     if ray_workers:
         stages["ray start-up"] = RAY_STARTUP_S
     if paper:
@@ -94,7 +100,7 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
         run = analysis_run(cal, domains, config, stored)
         with_pilot, todo = len(to_tune(run.train, run.held)), len(to_tune(run.train, run.held, run.pilots_stored))
         notes.insert(0, f"{with_pilot - todo} of {with_pilot} domains' pilot curves from cache: the {where} counts "
-                        f"the pilot fine-tunes of the other {todo} (the forward pass still covers every domain)")
+                        f"the pilot fine-tunes of the other {todo}")
     basis = _basis(cal) + [f"{len(flat)} facts, {predicted_tokens(flat)} predicted tokens, {len(lengths)} domains, "
                            f"route {route}, ranking by {config.estimator}"]
     if paper and route == "cg":
@@ -342,8 +348,9 @@ def _calibrated(model_id, device: str, dtype: str, threads: int | None, calibrat
 
 
 def _stored(status, use_cache: bool) -> frozenset:
-    """The names of the domains whose pilot curves the run will find stored
-    (status(): `analysis.pilot_status` or `plan.pilot_status`), looked up
+    """The names of the domains whose units the run will find stored
+    (status(): `analysis.pilot_status`, `plan.pilot_status` or
+    `analysis.forward_status`), looked up
     here so the cost functions stay arithmetic; none without the cache or
     before any unit was stored (the unit store is not created by an
     estimate)."""
@@ -362,8 +369,10 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     it afresh would cost. executor: an ExecutorConfig; calibration and
     tokenizer: the model's, when the caller has them. Domains whose pilot
     curves are stored (`analysis.pilot_status`) are priced without their
-    pilot fine-tunes; config.stage "ranking" without the paper's stages."""
-    from ..pipelines.analysis import cache_key, pilot_status
+    pilot fine-tunes, those whose forward pieces are stored
+    (`analysis.forward_status`) without their forward pass; config.stage
+    "ranking" without the paper's stages."""
+    from ..pipelines.analysis import cache_key, forward_status, pilot_status
     from ..config import AnalysisConfig
     from ..domains import as_domains
 
@@ -377,7 +386,8 @@ def estimate_analysis(model_id, domains, config=None, executor=None, use_cache: 
     tokenizer = tokenizer or (loaded.tokenizer if loaded is not None else load_tokenizer(model_id))
     workers, _ = ray_workers(executor)
     estimate = analysis_cost(cal, domain_tokens(tokenizer, cal, domains), config, workers,
-                             _stored(lambda: pilot_status(model_id, domains, config), use_cache))
+                             _stored(lambda: pilot_status(model_id, domains, config), use_cache),
+                             _stored(lambda: forward_status(model_id, domains, config), use_cache))
     if use_cache and (cache_dir() / "results").is_dir():
         from ..storage.store import ResultStore
 

@@ -237,12 +237,18 @@ def alignment_blocks(net, align_blocks: int) -> tuple[int, int, str | None]:
     blocks = min(align_blocks, depth) and first = depth - blocks; a note when
     the model has fewer blocks than asked."""
     depth = len(blocks_of(net))
-    blocks = min(align_blocks, depth)
+    first, blocks = alignment_span(depth, align_blocks)
     note = None
     if align_blocks > depth:
         note = (f"align_blocks = {align_blocks} but the model has {depth} blocks: the alignment used all "
                 f"{depth} blocks and the final norm.")
-    return depth - blocks, blocks, note
+    return first, blocks, note
+
+
+def alignment_span(depth: int, align_blocks: int) -> tuple[int, int]:
+    """(first, blocks) of `alignment_blocks` for a model of `depth` blocks."""
+    blocks = min(align_blocks, depth)
+    return depth - blocks, blocks
 
 
 @contextmanager

@@ -6,7 +6,6 @@ import hashlib
 import json
 import time
 import warnings
-from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -15,13 +14,13 @@ from typing import Callable
 import torch
 
 from ..kernels import metrics
-from ..kernels.alignment import block_inputs_by_fact, capture_inputs_during
 from ..config import AnalysisConfig
 from ..domains import as_domains
 from ..estimators import PAPER, PILOT_CURVE, PILOT_GAIN
 from ..estimators import get as get_estimator
 from .executor import LocalExecutor, Shared, Unit
-from ..kernels.forward import FactTokens, forward_pass
+from ..kernels.forward import FactTokens, merge_pieces
+from .forward_units import domain_pieces
 from ..access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from ..progress import Progress
 from .ranking import capture_block, check_estimator, rank, ranking_split
@@ -48,8 +47,9 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     (`dowsing.pipelines.executor`; in this process by default; the structured route
     always runs here). store: a UnitStore that keeps each finished domain.
     units: a `units.DomainUnits` where the per-domain units (each domain's
-    pilot curve) are found and kept, so domains whose facts did not change
-    are not computed again; None: every unit is computed.
+    pilot curve and its piece of the forward pass) are found and kept, so
+    domains whose facts did not change are not computed again; None: every
+    unit is computed (through the same per-domain path).
     on_ranking(result): called with the ranking and the diagnosis as soon
     as they are ready, before the paper's quantities (their fields None,
     extras["partial"] says what is still computing); not called when the
@@ -63,9 +63,10 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     clock = time.perf_counter()
     domains = as_domains(domains)
     model, checkpoints = _prepared_model(model, config, report, timings)
-    passed = _forward(model, domains, config, report, timings)
     if units is not None:
         units.model = units.model or loaded_identity(model.info)
+    passed = _forward(model, domains, config, report, timings, units)
+    if units is not None:
         units.row_text = passed.facts
         units.note_blocks(len(find_anatomy(model.model).down_projs))
     outcomes = bootstrap = None
@@ -167,29 +168,35 @@ def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
     return model, checkpoints
 
 
-def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict) -> AnalysisPass:
-    """One plain forward pass over every fact: concept vectors, per-token
-    quantities, and the ranking estimator's block inputs from the same pass."""
+def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict, units=None) -> AnalysisPass:
+    """The plain forward pass over every fact: concept vectors, per-token
+    quantities, and the ranking estimator's block inputs from the same pass.
+    Each domain's share is a unit (`forward_units.domain_pieces`): a domain
+    whose facts did not change is read from `units`, not run again."""
     net, anatomy = model.model, find_anatomy(model.model)
     facts = [f for d in domains for f in d.facts]
-    fact_domain = [k for k, d in enumerate(domains) for _ in d.facts]
-    rows_of = [[i for i, k in enumerate(fact_domain) if k == kk] for kk in range(len(domains))]
+    starts = [0]
+    for d in domains:
+        starts.append(starts[-1] + len(d.facts))
+    rows_of = [list(range(starts[k], starts[k + 1])) for k in range(len(domains))]
     t0 = time.perf_counter()
     report(Progress("concept vectors", 0.05, f"forward pass over {len(facts)} facts"))
+    # every fact at once, as the limit on a run's tokens and the note on truncated facts read them
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         encoded = encode_facts(model.tokenizer, facts, anatomy.max_positions)
     notes = [str(w.message) for w in caught]
     for note in notes:
         warnings.warn(note, stacklevel=3)
+    # the solve's routes that run the model again read the facts in these batches
     batches = make_batches(encoded, config.batch_size, next(net.parameters()).device)
     first = capture_block(net, config)
-    captured: list = []
-    # the ranking estimator's block inputs come with this pass rather than a second one
-    with capture_inputs_during(net, first, captured) if first is not None else nullcontext():
-        directions, norms, tokens = forward_pass(net, anatomy, batches, fact_domain, len(domains))
-    block_inputs = block_inputs_by_fact(batches, captured) if first is not None else None
-    del captured
+    pieces = domain_pieces(model, [d.name for d in domains], [list(d.facts) for d in domains],
+                           [encoded.ids[starts[k]:starts[k + 1]] for k in range(len(domains))], config.batch_size,
+                           first, units, report)
+    merged = merge_pieces(pieces)
+    del pieces
+    tokens = merged.tokens
     bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:
         raise ValueError(
@@ -200,8 +207,8 @@ def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict
     route = choose_route(config, tokens.tail_matches)
     if config.solver == "auto" and config.blocks == 1 and not tokens.tail_matches:
         notes.append("The model's final norm and LM head do not reproduce its logits; used the exact HVP route.")
-    return AnalysisPass([d.name for d in domains], facts, rows_of, encoded.ids, batches, directions, norms, tokens, block_inputs, first,
-                        route, notes, timings["forward"])
+    return AnalysisPass([d.name for d in domains], facts, rows_of, merged.ids, batches, merged.directions,
+                        merged.norms, tokens, merged.block_inputs, first, route, notes, timings["forward"])
 
 
 def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, executor, store, should_stop,
@@ -482,12 +489,33 @@ def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: 
             "message": recomputed_message(len(computed), len(computed) + len(reused))}
 
 
+def forward_status(model_id: str | None, domains, config: AnalysisConfig | None = None) -> dict:
+    """Before a run, without loading the model: which domains' forward
+    pieces (`forward_units`) `run_analysis` would compute and which it would
+    find stored, {"computed": [names], "reused": [names], "message"}. A
+    model never run here counts every domain as to compute."""
+    from ..storage.units import forward_key, model_identity, recomputed_message
+    from .forward_units import forward_settings
+    from .ranking import capture_block_of
+
+    config = config or AnalysisConfig()
+    domains = as_domains(domains)
+    units = DomainUnits(model_identity(model_fingerprint(model_id), config.dtype, config.device))
+    blocks = units.blocks()
+    settings = None if blocks is None else forward_settings(config.batch_size, capture_block_of(blocks, config))
+    computed, reused = [], []
+    for domain in domains:
+        stored = settings is not None and units.present(forward_key(units.model, list(domain.facts), settings))
+        (reused if stored else computed).append(domain.name)
+    return {"computed": computed, "reused": reused, "message": recomputed_message(len(computed), len(domains))}
+
+
 def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = None,
                  progress: Callable[[Progress], None] | None = None, use_cache: bool = True,
                  executor=None, should_stop: Callable[[], bool] | None = None,
                  on_ranking: Callable[[Result], None] | None = None) -> Result:
     """The cached entry point: a repeat of the same request returns at once.
-    Each domain's units (its pilot curve, `dowsing.storage.units`) are kept under
+    Each domain's units (its pilot curve and forward piece, `dowsing.storage.units`) are kept under
     their own content key, so a request that shares a domain with an earlier
     one (an edit of another domain, an added domain, a plan) reuses them.
     on_ranking: see `analyze`.
@@ -520,7 +548,7 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
     loaded = load_model(model_id, config.device, config.dtype)
     load_s = time.perf_counter() - t0
     units = UnitStore(f"analysis/{key}") if use_cache else None
-    # the per-domain units (pilot curves) outlive the request: another request sharing a domain reuses them
+    # the per-domain units (pilot curves, forward pieces) outlive the request: another request sharing a domain reuses them
     domain_units = DomainUnits(None) if use_cache else None
     result = analyze(loaded, domains, config, progress, executor=executor, store=units, should_stop=should_stop,
                      units=domain_units, on_ranking=on_ranking)

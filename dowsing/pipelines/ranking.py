@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ..kernels.alignment import alignment_blocks, blocks_of, check_tail, tail_model
+from ..kernels.alignment import alignment_span, blocks_of, check_tail, tail_model
 from ..config import AnalysisConfig
 from ..estimators import MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
 from ..kernels.forward import SplitPass
@@ -52,11 +52,16 @@ def capture_block(net, config: AnalysisConfig) -> int | None:
     """The block whose inputs the ranking estimator and the diagnosis's
     pilot fine-tunes need from the forward pass (the first block either
     trains), or None when neither runs."""
+    return capture_block_of(len(blocks_of(net)), config)
+
+
+def capture_block_of(depth: int, config: AnalysisConfig) -> int | None:
+    """`capture_block` for a model of `depth` blocks, without the model (a
+    forward piece's key is known before the model is loaded)."""
     wanted = []
     if "block_inputs" in get(config.estimator).needs:
-        wanted.append(alignment_blocks(net, config.align_blocks)[0])
+        wanted.append(alignment_span(depth, config.align_blocks)[0])
     if config.diagnose:
-        depth = len(blocks_of(net))
         wanted.append(depth - min(PILOT_RECIPE.blocks, depth))
     return min(wanted) if wanted else None
 

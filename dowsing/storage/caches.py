@@ -209,6 +209,10 @@ class DataCache:
     def delete(self, key) -> None:
         self._call("delete", key)
 
+    def contains(self, key) -> bool:
+        """Whether key is stored, without reading (or unpickling) its value."""
+        return bool(self._call("__contains__", key))
+
     def iterkeys(self) -> list:
         """Every key (a list, read at once); keys stored pickled are left out."""
         try:

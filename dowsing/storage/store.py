@@ -59,6 +59,10 @@ class ResultStore:
     def delete(self, key: str) -> None:
         self._cache.delete(key)
 
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under key, without reading it."""
+        return self._cache.contains(key)
+
     def keys(self) -> list[str]:
         return list(self._cache.iterkeys())
 
@@ -85,3 +89,10 @@ class JsonStore:
 
     def delete(self, key: str) -> None:
         self._cache.delete(key)
+
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under key, without reading it."""
+        return self._cache.contains(key)
+
+    def keys(self) -> list[str]:
+        return list(self._cache.iterkeys())

@@ -2,22 +2,30 @@
 
 A unit is one domain's piece of a run that depends on that domain alone: its
 pilot learning curve (`pilots.pilot_curve` on its two seeded halves, with
-the per-fact losses the drops are measured from). Its key is the sha256 of
+the per-fact losses the drops are measured from), and its share of the
+analysis' forward pass (`forward.domain_forward` over its facts: the summed
+concept vector, the per-token quantities, the per-fact losses, and the
+block inputs the ranking asks for; tensors stored by `tensors`). Its key is
+the sha256 of
 
     (kind, model identity, the unit's own facts in the order it reads them,
      the settings that unit reads, ENGINE_VERSION, UNITS_VERSION)
 
 and never of the whole request: the other domains, their order, the
-budget or the ranking estimator are not in it. So editing one fact of one
-domain, or adding a domain, leaves every other domain's units where they
-were, and an analysis and a plan of the same domains share their pilots.
+budget or the ranking estimator are not in it (only the block whose inputs
+a forward piece keeps, which the ranking estimator and the diagnosis pick).
+So editing one fact of one domain, or adding a domain, leaves every other
+domain's units where they were, and an analysis and a plan of the same
+domains share their pilots.
 
-The facts are keyed as text in the order the unit reads them (the halves
-A and B of `splitting.split_order`, seeded by (seed, domain name)): the
-split is part of the content, so a renamed domain, whose halves differ, is
-a new unit. The model identity is the same string whether it comes from a
-loaded model (`loaded_identity`) or from a model id without loading it
-(`analysis.model_fingerprint`), with the dtype and the device.
+The facts are keyed as text in the order the unit reads them: a forward
+piece the domain's facts as given (a renamed domain with the same facts
+reuses it), a pilot the halves A and B of `splitting.split_order`, seeded
+by (seed, domain name), so the split is part of the content and a renamed
+domain, whose halves differ, is a new pilot. The model identity is the same
+string whether it comes from a loaded model (`loaded_identity`) or from a
+model id without loading it (`analysis.model_fingerprint`), with the dtype
+and the device.
 
 An entry of the plan's transfer matrix (what training on one domain's half
 does to another's held-out half) reads exactly two domains and is a unit
@@ -67,6 +75,13 @@ def pilot_key(model: str, half_a: list, half_b: list, recipe_label: str, seed: i
                     {"recipe": recipe_label, "seed": int(seed), "sizes": [int(n) for n in sizes]})
 
 
+def forward_key(model: str, facts_text: list, settings: dict) -> str:
+    """The key of one domain's forward piece: its facts' texts in order and
+    the settings the piece depends on (the batch size, the block whose
+    inputs are captured, None for none)."""
+    return unit_key("forward", model, {"facts": list(facts_text)}, dict(settings))
+
+
 def transfer_key(model: str, source: tuple, target: tuple, recipe_label: str, seed: int, size: int) -> str:
     """The key of one entry of the transfer matrix: what training on the
     source domain's halves (A_j[:n], B_j[:n]) does to the target's halves.
@@ -99,8 +114,16 @@ class DomainUnits:
     def texts(self, rows) -> list:
         return [self.row_text[r] for r in rows]
 
-    def get(self, kind: str, key: str, name: str) -> dict | None:
+    def get(self, kind: str, key: str, name: str, decode=None):
+        """The unit stored under key (through `decode`, when given), or None
+        when absent or when decode raises ValueError: a damaged entry is
+        computed again, and only a unit actually used counts as reused."""
         value = self.store.get(key)
+        if value is not None and decode is not None:
+            try:
+                value = decode(value)
+            except ValueError:
+                value = None
         if value is not None:
             self.reused.setdefault(kind, []).append(name)
         return value
@@ -125,6 +148,13 @@ class DomainUnits:
 
     def has(self, key: str) -> bool:
         return self.store.get(key) is not None
+
+    def present(self, key: str) -> bool:
+        """`has`, without reading the entry where the store can tell (a
+        forward piece is megabytes): a damaged one still counts, and is
+        computed again when the run reads it."""
+        has = getattr(self.store, "has", None)
+        return has(key) if has is not None else self.has(key)
 
     def summary(self, kind: str) -> dict:
         return {"computed": list(self.computed.get(kind, [])), "reused": list(self.reused.get(kind, []))}

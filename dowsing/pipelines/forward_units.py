@@ -1,0 +1,83 @@
+"""The analysis' forward pass as per-domain units: each domain's piece
+(`forward.domain_forward` over its facts alone) is found in or kept in the
+run's `units.DomainUnits` under `units.forward_key`, and the pieces, stored
+or fresh, are merged (`forward.merge_pieces`) into the pass over every
+domain. A fresh analysis takes the same path with nothing stored, so an
+analysis after an edit computes what a fresh one does.
+
+A piece is stored as JSON: its tensors through `tensors.encode_tensor`,
+its token ids and flags as they are. One read back is checked against the
+run's own token ids and dtype and against itself (`forward.check_piece`)
+before use; one that fails is computed again."""
+from __future__ import annotations
+
+from ..kernels.forward import ForwardPiece, check_piece, domain_forward
+from ..kernels.subspace import find_anatomy
+from ..progress import Progress
+from ..storage.tensors import decode_tensor, encode_tensor
+from ..storage.units import forward_key
+
+TENSORS = ("concept_sum", "x", "h", "targets", "token_fact", "token_scale", "fact_losses")
+FIELDS = set(TENSORS) | {"n_facts", "tail_matches", "ids", "block_inputs"}
+
+
+def forward_settings(batch_size: int, capture_block: int | None) -> dict:
+    """What a piece depends on besides the model and its facts: the batch
+    size (the pass is the same up to rounding at any batch size, but a
+    stored piece is the one computed) and the block whose inputs it keeps."""
+    return {"batch_size": int(batch_size), "capture_block": None if capture_block is None else int(capture_block)}
+
+
+def piece_value(piece: ForwardPiece) -> dict:
+    """The piece as a JSON value (`piece_from_value` reads it back)."""
+    value = {name: encode_tensor(getattr(piece, name)) for name in TENSORS}
+    value.update(n_facts=int(piece.n_facts), tail_matches=bool(piece.tail_matches),
+                 ids=[[int(t) for t in i] for i in piece.ids],
+                 block_inputs=None if piece.block_inputs is None else [encode_tensor(b) for b in piece.block_inputs])
+    return value
+
+
+def piece_from_value(value, ids: list, device, dtype) -> ForwardPiece:
+    """The piece `piece_value` wrote, on `device`; ValueError unless it is
+    one for these token ids (per fact), the model's dtype, and whole."""
+    if not isinstance(value, dict) or set(value) != FIELDS:
+        raise ValueError("A stored forward piece has other fields than a forward piece.")
+    if value["ids"] != [list(i) for i in ids]:
+        raise ValueError("A stored forward piece is for other token ids.")
+    if type(value["n_facts"]) is not int or type(value["tail_matches"]) is not bool:
+        raise ValueError("A stored forward piece's fact count or tail flag is not what was written.")
+    blocks = value["block_inputs"]
+    if blocks is not None and not isinstance(blocks, list):
+        raise ValueError("A stored forward piece's block inputs are not a list.")
+    tensors = {name: decode_tensor(value[name], device) for name in TENSORS}
+    piece = ForwardPiece(**tensors, n_facts=value["n_facts"], tail_matches=value["tail_matches"],
+                         ids=[list(i) for i in ids],
+                         block_inputs=None if blocks is None else [decode_tensor(b, device) for b in blocks])
+    if piece.x.dtype != dtype:
+        raise ValueError(f"A stored forward piece is in {piece.x.dtype}, the model in {dtype}.")
+    check_piece(piece)
+    return piece
+
+
+def domain_pieces(loaded, names: list, facts_of: list, ids_of: list, batch_size: int, capture_block: int | None,
+                  units=None, report=None) -> list:
+    """Each domain's forward piece, in domain order: from `units` where one
+    is stored for its facts and these settings, else computed (and kept
+    there). facts_of / ids_of: per domain its facts' texts and token ids."""
+    report = report or (lambda p: None)
+    net = loaded.model
+    anatomy = find_anatomy(net)
+    parameter = next(net.parameters())
+    settings = forward_settings(batch_size, capture_block)
+    pieces = []
+    for k, (name, facts, ids) in enumerate(zip(names, facts_of, ids_of)):
+        key = forward_key(units.model, facts, settings) if units is not None else None
+        piece = None if key is None else units.get(
+            "forward", key, name, lambda value: piece_from_value(value, ids, parameter.device, parameter.dtype))
+        if piece is None:
+            report(Progress("concept vectors", 0.05, f"forward pass, domain {k + 1} of {len(names)}: {name}"))
+            piece = domain_forward(net, anatomy, ids, batch_size, capture_block)
+            if key is not None:
+                units.put("forward", key, name, piece_value(piece))
+        pieces.append(piece)
+    return pieces
