@@ -2,9 +2,10 @@
 estimator (one finite priority per domain, per-fact values that belong to
 the right facts, seeded and repeatable), a toy estimator added in a test
 reaching the analysis, the CLI and the benchmark's leaderboard through its
-family module alone, and the package's layering (no import circle, each layer
-importing only from the layers below it, no private name taken from another
-layer, no function over 80 lines)."""
+family module alone, estimator names spelled only by their families, and the
+package's layering (no import circle, each layer importing only from the
+layers below it, no private name taken from another layer, no function over
+80 lines)."""
 from __future__ import annotations
 
 import ast
