@@ -5,6 +5,7 @@ import json
 from dataclasses import dataclass
 
 from .records import ConfigRecord
+from .result import PAPER_ESTIMATOR
 
 SOLVERS = ("auto", "cg", "exact")
 STAGES = ("all", "ranking")  # where an analysis stops: everything, or after the ranking and the diagnosis
@@ -20,6 +21,8 @@ DTYPES = ("float32", "float64", "bfloat16")
 # fine-tuning (`validation.leaderboard.choose_default`, written into the
 # shipped evidence by `python -m dowsing benchmark --evidence`; docs/VALIDATION.md);
 # mean loss where the evidence names none.
+# This module sits below the estimator registry and cannot import it, so it
+# spells the name itself (tests/test_registry.py pins it to estimators.MEAN_LOSS).
 FALLBACK_ESTIMATOR = "mean_loss"
 
 
@@ -138,7 +141,7 @@ class AnalysisConfig(ConfigRecord):
             raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
-        if self.stage == "ranking" and self.estimator == "paper":
+        if self.stage == "ranking" and self.estimator == PAPER_ESTIMATOR:
             raise ValueError("the paper's estimator ranks by the paper's solve: --stage ranking cannot skip it "
                              "(choose another estimator, or --stage all)")
 

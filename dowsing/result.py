@@ -11,6 +11,11 @@ import pandas as pd
 # order of stages) is recomputed, not shown with today's labels.
 ENGINE_VERSION = "1.6.0"
 
+# The paper's estimator, which ranks by the analysis' own solve. This base
+# module sits below the estimator registry and cannot import it, so it spells
+# the name itself (tests/test_registry.py pins it to estimators.PAPER).
+PAPER_ESTIMATOR = "paper"
+
 
 @dataclass
 class DomainResult:
@@ -78,8 +83,9 @@ class Result:
 
     @property
     def estimator(self) -> str:
-        """The ranking estimator; "paper" for results of engines before 1.3.0."""
-        return (self.config or {}).get("estimator") or "paper"
+        """The ranking estimator; the paper's for results of engines before
+        1.3.0, which ranked by it alone and stored no estimator."""
+        return (self.config or {}).get("estimator") or PAPER_ESTIMATOR
 
     def table(self) -> pd.DataFrame:
         """The ranked table: Rank, Concept, Priority (the ranking estimator's

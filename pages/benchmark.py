@@ -16,6 +16,7 @@ import streamlit as st
 
 from dowsing import workspace
 from dowsing.domains import DomainError, benchmark_domains
+from dowsing.estimators import MEAN_LOSS
 from dowsing.pipelines.executor import execution_text
 from dowsing.background.jobs import JobRequest, one_line
 from dowsing.access.models import ModelError
@@ -148,7 +149,7 @@ if result is not None:
     st.caption(execution_text(result.execution, result.timings))
     board = {r["estimator"]: r for r in result.leaderboard}
     winner = board.get(result.winner)
-    baseline = board.get("mean_loss")
+    baseline = board.get(MEAN_LOSS)
     ceiling = result.reliability["between_seeds"][main]
     cols = st.columns(3)
     if winner:
@@ -164,8 +165,8 @@ if result is not None:
                        delta=f"mean of seeds: {ceiling['spearman_brown']:.2f}" if ceiling["spearman_brown"] else None,
                        delta_color="off", help="Spearman between the realised gains of two seeds of the same "
                                                "recipe: the ceiling any estimator can reach.")
-    if winner and winner["estimator"] == "mean_loss":
-        rivals = [r for r in result.leaderboard if r["estimator"] != "mean_loss"
+    if winner and winner["estimator"] == MEAN_LOSS:
+        rivals = [r for r in result.leaderboard if r["estimator"] != MEAN_LOSS
                   and r["recipes"][main]["spearman"] is not None]
         if rivals:
             best = max(rivals, key=lambda r: r["recipes"][main]["spearman"])
@@ -173,7 +174,7 @@ if result is not None:
             st.info(f"No estimator beats ranking by mean loss here. The best, {best['label']}, has "
                     f"ρ = {cell['spearman']:.2f}, a difference of {cell['diff_vs_mean_loss']:+.2f} with paired 90% "
                     f"interval {interval_text(cell['diff_interval'])}.")
-    if winner and winner["estimator"] != "mean_loss":
+    if winner and winner["estimator"] != MEAN_LOSS:
         cell = winner["recipes"][main]
         lo = (cell["diff_interval"] or [None])[0]
         if lo is not None and lo > 0:

@@ -30,8 +30,9 @@ from dowsing import workspace
 from dowsing.domains import DomainError, facts_from_text, validation_problems, with_added_facts
 from dowsing.background.jobs import JobRequest, newest_match, one_line
 from dowsing.access.models import ModelError
-from dowsing.pipelines.plan import (SIMPLE_RULES, PilotConfig, PlanConfig, check_plan, fit_pilots, fit_text, next_round, pilot_status,
-                          plan_csv, plan_from_pilots, plan_rows, recommendation, round_text)
+from dowsing.pipelines.plan import (MEAN_LOSS_RULE, SIMPLE_RULES, PilotConfig, PlanConfig, check_plan, fit_pilots,
+                                   fit_text, next_round, pilot_status, plan_csv, plan_from_pilots, plan_rows,
+                                   recommendation, round_text)
 from dowsing.safe_text import md_escape
 from pages import _shared
 
@@ -282,7 +283,7 @@ cols = st.columns(4)
 cols[0].metric("This plan", f"{totals['plan']['expected']:.3g}",
                help=f"Predicted total gain (weighted; mean over the bootstrap curves), 90% band "
                     f"{_band(totals['plan']['band'])}.")
-for col, key, label in ((cols[1], "even", "Spread evenly"), (cols[2], "mean_loss", "Split by mean loss"),
+for col, key, label in ((cols[1], "even", "Spread evenly"), (cols[2], MEAN_LOSS_RULE, "Split by mean loss"),
                         (cols[3], "highest_loss", f"All on {totals['highest_loss'].get('domain')}")):
     diff = totals[key]["plan_minus_this"]
     delta = (f"plan − this {diff['expected']:+.3g} {_band(diff['band'])}" if diff["shown"]

@@ -17,10 +17,14 @@ from __future__ import annotations
 
 import streamlit as st
 
+from dowsing.estimators import PAPER
 from dowsing.presentation import charts, report, verdict
 from dowsing.safe_text import md_escape
 from dowsing.pipelines.plan import fit_pilots, plan_from_pilots
 from pages import _shared
+
+# The anchor of the paper's section, a URL fragment that links point at.
+PAPER_SECTION = "paper"
 
 _shared.ensure_router()
 st.title("Results")
@@ -60,8 +64,8 @@ if result is None:
 if partial is not None:
     st.warning("**The paper's quantities are still computing.** What shows is the ranking and the diagnosis, "
                "ready ahead of them; Mean, Share of Mean, Δn@10%, the saturation curves and the transfer heatmap "
-               "follow in [the paper's section](#paper) when the run finishes, and this page then shows the whole "
-               "result.", icon=":material/hourglass_top:")
+               f"follow in [the paper's section](#{PAPER_SECTION}) when the run finishes, and this page then shows "
+               "the whole result.", icon=":material/hourglass_top:")
 
 done = [s for s in runner.history("analysis") if s.status == "done"]
 if len(done) > 1:
@@ -84,7 +88,7 @@ stale = _shared.out_of_date_note(state)
 if stale:
     st.warning(stale, icon=":material/update:")
 
-paper = result.estimator == "paper"
+paper = result.estimator == PAPER
 estimator_label = charts.estimator_label(result)
 found = verdict.verdict(result, esc=md_escape, strong=lambda s: f"**{s}**")
 if found is not None:
@@ -146,7 +150,7 @@ if rank_chart is not None and pilot_fig is not None:
 
 if partial is not None:
     st.divider()
-    st.header("The paper's concept-subspace method", anchor="paper")
+    st.header("The paper's concept-subspace method", anchor=PAPER_SECTION)
     st.markdown("**computing…** Mean, Share of Mean, Δn@10%, the saturation curves and the transfer heatmap appear "
                 "here when the run finishes; so do each fact's influence, the solver diagnostics and the downloads.")
     _shared.follow_job(job_id, "analysis")  # polled; the whole page reruns onto the whole result once it ends
@@ -181,7 +185,7 @@ else:
     st.caption("This result holds no per-example influences.")
 
 st.divider()
-st.header("The paper's concept-subspace method", anchor="paper")
+st.header("The paper's concept-subspace method", anchor=PAPER_SECTION)
 for line in report.paper_intro(result, md_escape):
     st.markdown(line)
 st.markdown(report.paper_table_html(result, colors), unsafe_allow_html=True)

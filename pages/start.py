@@ -8,6 +8,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dowsing import workspace
+from dowsing.estimators import MEAN_LOSS
 from dowsing.validation.evidence import estimator_evidence, evidence_label, load_evidence
 from dowsing.safe_text import md_escape
 from pages import _shared
@@ -81,7 +82,7 @@ data = load_evidence()
 if data:
     default = (data.get("default") or {}).get("estimator")
     entry = estimator_evidence(default) if default else None
-    mean_loss = estimator_evidence("mean_loss")
+    mean_loss = estimator_evidence(MEAN_LOSS)
     if entry:
         st.subheader("Why you can trust the ranking")
         st.markdown(

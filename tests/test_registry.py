@@ -2,9 +2,10 @@
 estimator (one finite priority per domain, per-fact values that belong to
 the right facts, seeded and repeatable), a toy estimator added in a test
 reaching the analysis, the CLI and the benchmark's leaderboard through its
-family module alone, and the package's layering (no import circle, each layer
-importing only from the layers below it, no private name taken from another
-layer, no function over 80 lines)."""
+family module alone, estimator names spelled only by their families, and the
+package's layering (no import circle, each layer importing only from the
+layers below it, no private name taken from another layer, no function over
+80 lines)."""
 from __future__ import annotations
 
 import ast
@@ -261,3 +262,72 @@ def test_no_function_in_the_package_is_over_80_lines():
                 if node.end_lineno - node.lineno + 1 > 80:
                     long.append(f"{path.relative_to(PACKAGE.parent)}:{node.name}")
     assert long == []
+
+
+# Module constants that spell an estimator's name but mean something else, or mirror one
+# where the registry cannot be imported: {path: {constant: why}}. Every other quoted
+# estimator name outside dowsing/estimators/ is an import of the family's constant.
+SAME_SPELLING = {
+    "dowsing/config.py": {
+        "FALLBACK_ESTIMATOR": "the base layer's mirror of estimators.MEAN_LOSS (pinned below)",
+    },
+    "dowsing/result.py": {
+        "PAPER_ESTIMATOR": "the base layer's mirror of estimators.PAPER (pinned below)",
+    },
+    "dowsing/kernels/diagnosis.py": {
+        "MEAN_LOSS_KEY": "the column of the shipped benchmark rows that holds a domain's mean loss",
+    },
+    "dowsing/pipelines/plan.py": {
+        "MEAN_LOSS_FIELD": "a stored domain curve's mean loss",
+        "MEAN_LOSS_RULE": "the simple split in proportion to mean loss, a key of stored plans",
+    },
+    "dowsing/presentation/verdict.py": {
+        "METHOD_WORDS": "words of a sentence, not a name",
+    },
+    "pages/results.py": {
+        "PAPER_SECTION": "the page's anchor of the paper's section, a URL fragment",
+    },
+}
+
+
+def _quoted_estimator_names() -> list:
+    """'path:line: name' for every string literal equal to a registered
+    estimator's name in the package outside dowsing/estimators/, the pages
+    and app.py, but the values of the constants in SAME_SPELLING."""
+    root = PACKAGE.parent
+    paths = [p for p in PACKAGE.rglob("*.py") if "estimators" not in p.relative_to(PACKAGE).parts]
+    paths += sorted((root / "pages").rglob("*.py")) + [root / "app.py"]
+    found = []
+    for path in paths:
+        relative = path.relative_to(root).as_posix()
+        tree = ast.parse(path.read_text())
+        allowed = set()
+        for node in tree.body:
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+            if any(isinstance(t, ast.Name) and t.id in SAME_SPELLING.get(relative, {}) for t in targets):
+                allowed.update(id(n) for n in ast.walk(node.value))
+        found += [f"{relative}:{n.lineno}: {n.value}" for n in ast.walk(tree)
+                  if isinstance(n, ast.Constant) and isinstance(n.value, str) and n.value in registry.ESTIMATORS
+                  and id(n) not in allowed]
+    return found
+
+
+def test_estimator_names_are_spelled_only_by_their_family():
+    """Adding or renaming an estimator touches its family's module alone:
+    everything else imports the family's constant."""
+    assert _quoted_estimator_names() == []
+
+
+def test_the_base_layers_mirrors_of_estimator_names_match_the_registry():
+    """The configuration and the result sit below the registry and spell the
+    names they need themselves; they are the families' names."""
+    from dowsing import config, result
+
+    assert config.FALLBACK_ESTIMATOR == estimators.MEAN_LOSS
+    assert result.PAPER_ESTIMATOR == estimators.PAPER
+
+
+def test_the_name_check_sees_a_quoted_name(monkeypatch):
+    """The walk finds a quoted name where no constant allows it."""
+    monkeypatch.setitem(SAME_SPELLING, "dowsing/config.py", {})
+    assert any(line.startswith("dowsing/config.py:") for line in _quoted_estimator_names())

@@ -36,6 +36,7 @@ MIN_HALF = 2
 
 PILOT_GAIN = "pilot_gain"  # also the diagnosis' reading of each domain
 PILOT_CURVE = "pilot_curve"  # also the plan's curves
+LOOKAHEAD_SIGN = "lookahead_sign"
 
 register(Estimator(PILOT_GAIN, "Pilot gain: train on half, drop of the other half", "pilot",
                    "fine-tune briefly on one half of a domain's facts, drop of the other half's loss, both ways",
@@ -43,7 +44,7 @@ register(Estimator(PILOT_GAIN, "Pilot gain: train on half, drop of the other hal
 register(Estimator(PILOT_CURVE, "Pilot learning curve, extrapolated", "pilot",
                    "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",
                    needs={"block_inputs", "held_out"}, in_analysis=True))
-register(Estimator("lookahead_sign", "One-step Adam lookahead, all parameters", "pilot",
+register(Estimator(LOOKAHEAD_SIGN, "One-step Adam lookahead, all parameters", "pilot",
                    "first-order drop of one half's loss after one Adam (sign) step on the other, every parameter",
                    needs={"held_out"}, in_analysis=True))
 
@@ -67,8 +68,8 @@ def _curve_values(curve: dict, target: int, n_a: int, n_b: int) -> dict:
     per_fact_curve = [extrapolate(sizes, by_fact[:, j], target) for j in range(by_fact.shape[1])]
     curve_facts = per_fact_curve[n_b:] + per_fact_curve[:n_b]
     a, b = log_fit(sizes, curve["drop"])
-    return {"pilot_gain": (curve["drop"][-1], gain_facts),
-            "pilot_curve": (a + b * math.log(target), curve_facts),
+    return {PILOT_GAIN: (curve["drop"][-1], gain_facts),
+            PILOT_CURVE: (a + b * math.log(target), curve_facts),
             "fit": {"sizes": sizes, "drop": curve["drop"], "intercept": a, "slope_per_ln_n": b, "target": target,
                     # what a collection plan's learning curve is fitted to (`plan.fit_pilots`)
                     "per_fact_by_size": curve["per_fact_by_size"], "strata": [n_b, n_a]}}
@@ -85,7 +86,7 @@ class _PilotCurves:
     def __init__(self, ctx, wanted: set):
         self.ctx, self.wanted, self.units = ctx, wanted, ctx.units if wanted else None
         self.trainer = None
-        self.sizes = ctx.settings.pilot_sizes if "pilot_curve" in wanted else None
+        self.sizes = ctx.settings.pilot_sizes if PILOT_CURVE in wanted else None
         self.recipe = PILOT_RECIPE
         if wanted and ctx.split.capture_block is not None:
             # only the blocks after the captured inputs can train (the depth of the trainer's tail copy)
@@ -141,7 +142,7 @@ def pilot_scores(ctx, names) -> list:
     values = {n: ([], []) for n in names}
     seconds = {n: 0.0 for n in names}
     fits, small = [], []
-    curves = _PilotCurves(ctx, {"pilot_gain", "pilot_curve"} & set(names))
+    curves = _PilotCurves(ctx, {PILOT_GAIN, PILOT_CURVE} & set(names))
     recipe = curves.recipe
     stored = [curves.cached(k, list(split.train_rows[k]), list(split.held_rows[k])) for k in range(n_domains)]
     if curves.units is not None:
@@ -161,17 +162,17 @@ def pilot_scores(ctx, names) -> list:
         if curves.wanted:
             curve = curves.curve(k, rows_a, rows_b)
             got.update(_curve_values(curve, s.pilot_target, len(rows_a), len(rows_b)))
-            seconds["pilot_gain"] = seconds.get("pilot_gain", 0.0) + curve["seconds"][-1]
-            seconds["pilot_curve"] = seconds.get("pilot_curve", 0.0) + sum(curve["seconds"])
+            seconds[PILOT_GAIN] = seconds.get(PILOT_GAIN, 0.0) + curve["seconds"][-1]
+            seconds[PILOT_CURVE] = seconds.get(PILOT_CURVE, 0.0) + sum(curve["seconds"])
             fits.append(got.pop("fit"))
-        if "lookahead_sign" in names:
+        if LOOKAHEAD_SIGN in names:
             t1 = time.perf_counter()
             look = sign_lookahead(ctx.loaded.model, split.ids, rows_a, rows_b, s.recipe.lr, per_fact=s.all_facts,
                                   batch_size=s.batch_size)
             facts = (_in_row_order(look["per_fact_a"], look["per_fact_b"], len(rows_a), len(rows_b))
                      if s.all_facts else None)
-            got["lookahead_sign"] = (look["score"], facts)
-            seconds["lookahead_sign"] += time.perf_counter() - t1
+            got[LOOKAHEAD_SIGN] = (look["score"], facts)
+            seconds[LOOKAHEAD_SIGN] += time.perf_counter() - t1
         for n in names:
             priority, facts = got[n]
             values[n][0].append(float(priority))
@@ -183,7 +184,7 @@ def pilot_scores(ctx, names) -> list:
     for n in names:
         # per-fact values exist over both halves only: the benchmark's mode (training facts) gets none
         per_example = values[n][1] if s.all_facts else None
-        extra = {"fits": fits} if n == "pilot_curve" else {}
+        extra = {"fits": fits} if n == PILOT_CURVE else {}
         notes = ([f"{len(small)} domain(s) have fewer than {2 * MIN_HALF} facts: no pilot ({', '.join(map(str, small))})"]
                  if small else [])
         out.append(EstimatorScore(n, get(n).label, values[n][0], per_example, split.forward_s + seconds[n],
@@ -219,7 +220,7 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
     priced only when some domain still runs (`_PilotCurves` builds it on
     first need; its check reads the first 16 facts of every domain's B)."""
     names = set(names)
-    tuned = bool(names & {"pilot_gain", "pilot_curve"})
+    tuned = bool(names & {PILOT_GAIN, PILOT_CURVE})
     blocks = min(PILOT_RECIPE.blocks, keep)
     seconds = 0.0
     if tuned and to_tune(train, held, stored):
@@ -228,12 +229,12 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
         if min(len(a), len(b)) < MIN_HALF:
             continue
         if tuned and k not in stored:
-            wanted = sizes if "pilot_curve" in names else (max(len(a), len(b)),)
+            wanted = sizes if PILOT_CURVE in names else (max(len(a), len(b)),)
             for n in pilot_sizes(wanted, len(a), len(b)):
                 for taught, read in ((a, b), (b, a)):
                     seconds += finetune_s(cal, PILOT_RECIPE.steps, n * max(taught[:n]), keep, blocks,
                                           padded_tokens(read, 16))
-        if "lookahead_sign" in names:
+        if LOOKAHEAD_SIGN in names:
             seconds += full_gradient_s(cal, a, batch_size) + full_gradient_s(cal, b, batch_size)
             seconds += 4 * cal.n_params * cal.vector_s_per_element
     return seconds
@@ -263,11 +264,11 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
         return 0.0
     half = max(max(len(d) for d in train + held), 1)
     trainer = step = lookahead = 0.0
-    if names & {"pilot_gain", "pilot_curve"} and to_tune(train, held, stored):
+    if names & {PILOT_GAIN, PILOT_CURVE} and to_tune(train, held, stored):
         trainer = (sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b
                    + 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b)
         step = cal.step_bytes_per_token * half * max(flat)
-    if "lookahead_sign" in names:
+    if LOOKAHEAD_SIGN in names:
         per_token = cal.step_bytes_per_token + (cal.n_layers - 1) * (10 * cal.d_model + 4 * cal.d_ff) * b
         lookahead = 4 * cal.n_params * b + per_token * batch_size * max(flat)
     return trainer + max(step, lookahead)

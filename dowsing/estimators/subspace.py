@@ -267,12 +267,12 @@ def _mean_loss(d: _Domain):
 # name -> fn(_Domain) -> (priority, per-example values, details or None): one
 # entry per estimator of this family that is computed domain by domain.
 DOMAIN_SCORES = {
-    "paper": _solved(_paper), "influence_ggn": _solved(_influence_ggn), "influence_cg": _solved(_influence_cg),
+    PAPER: _solved(_paper), "influence_ggn": _solved(_influence_ggn), "influence_cg": _solved(_influence_cg),
     "influence_lissa": _solved(_influence_lissa), "tracin": _solved(_tracin),
-    "heldout_influence": _heldout(False), "heldout_influence_ggn": _heldout(True), "mean_loss": _mean_loss,
+    "heldout_influence": _heldout(False), "heldout_influence_ggn": _heldout(True), MEAN_LOSS: _mean_loss,
 }
 # Estimators that need no per-domain terms in S_k.
-WITHOUT_TERMS = ("mean_loss", "grad_norm")
+WITHOUT_TERMS = (MEAN_LOSS, "grad_norm")
 
 
 def _grad_norms(ctx) -> list:
@@ -348,7 +348,7 @@ def subspace_cost(cal, run, names) -> Cost:
     seconds = n_tokens * cal.line_s_per_token * line_work(cal, k) / line_work(cal, CALIBRATION_DOMAINS)
     seconds += k * hessian_s(cal, n_train)
     names = set(names)
-    solves = len(names & {"paper", "heldout_influence", "influence_ggn", "heldout_influence_ggn"})
+    solves = len(names & {PAPER, "heldout_influence", "influence_ggn", "heldout_influence_ggn"})
     seconds += k * solves * solve_s(cal, d)
     if names & {"influence_ggn", "heldout_influence_ggn"}:
         seconds += k * hessian_s(cal, n_train)

@@ -275,10 +275,12 @@ def block_inputs_by_fact(batches, captured: list) -> list:
     return [out[i] for i in range(len(out))]
 
 
-def check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) -> None:
+def check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int, instead: tuple) -> None:
     """The truncated model must reproduce every fact's loss from its block
     inputs; otherwise the architecture does something on the way (e.g.
-    position embeddings added inside the model) that tail_model cannot undo."""
+    position embeddings added inside the model) that tail_model cannot undo.
+    instead: the estimators the refusal suggests, named by the caller (the
+    registry is a layer above)."""
     device = next(work.parameters()).device
     worst = 0.0
     with torch.no_grad():
@@ -295,4 +297,4 @@ def check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int) -> 
     if not worst <= tolerance:
         raise ValueError(f"The gradient-alignment estimators cannot run on this model: its last blocks do not "
                          f"reproduce its loss from their inputs (relative error {worst:.1e}). Choose the "
-                         f"estimator 'paper' or 'mean_loss'.")
+                         f"estimator {' or '.join(repr(name) for name in instead)}.")

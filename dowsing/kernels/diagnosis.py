@@ -46,6 +46,8 @@ HELPS = {
     "known": False,
 }
 BENCHMARK_FILE = Path(__file__).resolve().parent.parent / "data" / "diagnosis_benchmark.json"
+# The shipped rows' column of a domain's mean loss, a key of the file, not an estimator.
+MEAN_LOSS_KEY = "mean_loss"
 # Below this mean loss (nats per token; a geometric-mean token probability above
 # e^-1 = 0.37) the model already predicts the facts: a chosen value, since the
 # benchmark's lowest domain loss is 2.45 nats and cannot place it.
@@ -94,7 +96,7 @@ def fit_cuts(rows) -> Cuts:
     """Cuts fitted on benchmark rows: drop_share = split_point of
     ln(gain_32 / mean_loss) on pilot_drop / mean_loss, high_loss =
     split_point of the same on mean_loss."""
-    loss = np.array([r["mean_loss"] for r in rows], dtype=float)
+    loss = np.array([r[MEAN_LOSS_KEY] for r in rows], dtype=float)
     share = np.array([r["pilot_drop"] for r in rows], dtype=float) / loss
     realised = np.log(np.array([r["gain_32"] for r in rows], dtype=float) / loss)
     return Cuts(split_point(share, realised), split_point(loss, realised))
@@ -116,8 +118,8 @@ def agreement(rows, cuts: Cuts | None = None, leave_one_out: bool = False) -> di
     kinds = []
     for i, row in enumerate(rows):
         fitted = fit_cuts(rows[:i] + rows[i + 1:]) if leave_one_out else (cuts or benchmark_cuts())
-        kinds.append(classify(row["mean_loss"], row["pilot_drop"], fitted))
-    fraction = np.array([r["gain_32"] / r["mean_loss"] for r in rows])
+        kinds.append(classify(row[MEAN_LOSS_KEY], row["pilot_drop"], fitted))
+    fraction = np.array([r["gain_32"] / r[MEAN_LOSS_KEY] for r in rows])
     helps = np.array([HELPS[k] for k in kinds])
     told, not_told = fraction[helps], fraction[~helps]
     groups = {}

@@ -68,6 +68,12 @@ MIN_HALF = 2  # a pilot trains on one half and measures the other: two facts eac
 # of several examples (the reported gap bound covers what stepping costs).
 MAX_STEPS = 100_000
 PLAN_VERSION = 1  # bump when what the cached pilot measurements hold changes
+# A measured domain's mean loss, as stored in the pilot measurements and the plan's rows.
+MEAN_LOSS_FIELD = "mean_loss"
+# The simple split in proportion to each domain's mean loss (a key of the plan's
+# totals and of what it recommends). Both are stored spellings that happen to be
+# the mean-loss estimator's name; neither is that estimator, so neither follows it.
+MEAN_LOSS_RULE = "mean_loss"
 
 
 def _pairs(values, kind=float) -> tuple:
@@ -393,7 +399,7 @@ def _measured_entries(domains: list, train: list, held: list, curves: list) -> l
     for domain, a, b, c in zip(domains, train, held, curves):
         curve = c["curve"]
         entry = {"name": domain.name, "n_facts": len(domain.facts),
-                 "mean_loss": float(np.mean(curve["losses_a"] + curve["losses_b"])),
+                 MEAN_LOSS_FIELD: float(np.mean(curve["losses_a"] + curve["losses_b"])),
                  "sizes": [], "drop": [], "per_fact_by_size": [], "strata": [], "seconds": []}
         if curve.get("sizes"):
             entry.update({key: curve[key] for key in ("sizes", "drop", "per_fact_by_size", "seconds")},
@@ -558,7 +564,7 @@ def fit_pilots(measured: dict, config: PlanConfig) -> list:
         else:
             curve = LearningCurve([], [], reason=f"too few facts for a pilot: each half needs {MIN_HALF} "
                                                  f"(the domain has {entry['n_facts']})")
-        out.append(DomainCurve(entry["name"], entry["n_facts"], entry["mean_loss"], curve))
+        out.append(DomainCurve(entry["name"], entry["n_facts"], entry[MEAN_LOSS_FIELD], curve))
     if config.shrink:
         shrunk = shrink_curves([dc.curve for dc in out])
         out = [replace(dc, curve=curve) for dc, curve in zip(out, shrunk)]
@@ -896,7 +902,7 @@ def baseline_counts(curves: list, config: PlanConfig) -> dict:
     top = max(range(len(curves)), key=lambda k: curves[k].mean_loss)
     highest = [0] * len(curves)
     highest[top] = most_examples(config.budget, config.cost(curves[top].name), config.cap(curves[top].name))
-    return {"even": even, "mean_loss": proportional_split([dc.mean_loss for dc in curves], config, curves),
+    return {"even": even, MEAN_LOSS_RULE: proportional_split([dc.mean_loss for dc in curves], config, curves),
             "ranking": by_rank, "highest_loss": highest, "highest_loss_domain": curves[top].name}
 
 
@@ -947,7 +953,7 @@ def domain_row(dc: DomainCurve, m: int, config: PlanConfig) -> dict:
     curve, have = dc.curve, dc.start
     largest = max(curve.sizes) if curve.sizes else None
     row = {"domain": dc.name, "round": config.round, "n_facts": dc.n_facts, "have": config.have_of(dc.name),
-           "collected_before": config.collected_of(dc.name), "reads_from": have, "mean_loss": dc.mean_loss,
+           "collected_before": config.collected_of(dc.name), "reads_from": have, MEAN_LOSS_FIELD: dc.mean_loss,
            "collect": int(m),
            "cost": m * config.cost(dc.name), "cost_per_example": config.cost(dc.name),
            "weight": config.weight(dc.name), "cap": config.cap(dc.name), "identifiable": curve.identifiable,
@@ -1026,13 +1032,13 @@ def transfer_section(curves: list, counts: list, matrix: list, ratios: list, wei
             "gain_on": gain_on, "transfer_s": measured.get("transfer_s")}
 
 
-BASELINES = {"even": "spreading evenly", "mean_loss": "splitting by mean loss",
+BASELINES = {"even": "spreading evenly", MEAN_LOSS_RULE: "splitting by mean loss",
              "ranking": "splitting by the ranking's score",
              "highest_loss": "all on the highest mean loss"}
 
 
 # the simple splits a plan can recommend instead of its own counts, and how the page names them
-SIMPLE_RULES = {"even": "spread evenly", "mean_loss": "split by mean loss",
+SIMPLE_RULES = {"even": "spread evenly", MEAN_LOSS_RULE: "split by mean loss",
                 "ranking": "split by the ranking's score"}
 
 
@@ -1046,7 +1052,7 @@ def verdict(totals: dict, evidence: dict | None = None) -> dict:
     most) is recommended, whatever the curves predict, with a sentence that
     gives the realised numbers."""
     out = {"recommend": "plan", "sentences": []}
-    for key in ("even", "mean_loss"):
+    for key in ("even", MEAN_LOSS_RULE):
         diff = totals[key]["plan_minus_this"]
         band = f"{diff['expected']:+.3g}, 90% band [{diff['band'][0]:+.3g}, {diff['band'][1]:+.3g}]"
         if diff["shown"]:
@@ -1116,7 +1122,7 @@ def build_plan(curves: list, config: PlanConfig, measured: dict | None = None) -
     base = baseline_counts(curves, config)
     totals = {"plan": predicted_total(curves, bought.counts, weights),
               "even": predicted_total(curves, base["even"], weights),
-              "mean_loss": predicted_total(curves, base["mean_loss"], weights),
+              MEAN_LOSS_RULE: predicted_total(curves, base[MEAN_LOSS_RULE], weights),
               "ranking": predicted_total(curves, base["ranking"], weights),
               "highest_loss": {**predicted_total(curves, base["highest_loss"], weights),
                                "domain": base["highest_loss_domain"]}}
@@ -1568,10 +1574,10 @@ def match_domains(values: dict, names: list, what: str, source: str) -> dict:
     return out
 
 
-PLAN_ROW_FIELDS = ("domain", "round", "n_facts", "have", "collected_before", "mean_loss", "recommended_by", "collect",
-                   "curves_prefer", "cost_per_example", "cost", "weight", "cap", "gain", "expected_gain", "gain_5pct",
-                   "gain_95pct", "training_gain", "training_5pct", "training_95pct", "marginal_gain_last", "reads_to",
-                   "extrapolation", "form", "fit_error", "reason")
+PLAN_ROW_FIELDS = ("domain", "round", "n_facts", "have", "collected_before", MEAN_LOSS_FIELD, "recommended_by",
+                   "collect", "curves_prefer", "cost_per_example", "cost", "weight", "cap", "gain", "expected_gain",
+                   "gain_5pct", "gain_95pct", "training_gain", "training_5pct", "training_95pct", "marginal_gain_last",
+                   "reads_to", "extrapolation", "form", "fit_error", "reason")
 
 
 def plan_rows(result: PlanResult) -> list:
@@ -1592,7 +1598,7 @@ def plan_rows(result: PlanResult) -> list:
     for d, planned in zip(rec["rows"], result.domains):
         band = d["gain_band"] or [None, None]
         rows.append({"domain": d["domain"], "round": d.get("round", 1), "n_facts": d["n_facts"], "have": d.get("have"),
-                     "collected_before": d.get("collected_before", 0), "mean_loss": d["mean_loss"],
+                     "collected_before": d.get("collected_before", 0), MEAN_LOSS_FIELD: d[MEAN_LOSS_FIELD],
                      "recommended_by": by, "collect": d["collect"], "curves_prefer": planned["collect"],
                      "cost_per_example": d["cost_per_example"], "cost": d["cost"], "weight": d["weight"],
                      "cap": d["cap"], "gain": d["gain"], "expected_gain": d.get("expected_gain"),
@@ -1664,7 +1670,8 @@ def format_plan(result: PlanResult) -> str:
                  and d["identifiable"] else "—")
         rows.append([d["domain"], str(d["n_facts"]), f"{d.get('have', d['n_facts']):g}"]
                     + ([str(d.get("collected_before", 0))] if alloc.get("round", 1) > 1 else [])
-                    + [f"{d['mean_loss']:.3f}", fit, str(d["collect"])] + ([str(planned["collect"])] if even else [])
+                    + [f"{d[MEAN_LOSS_FIELD]:.3f}", fit, str(d["collect"])]
+                    + ([str(planned["collect"])] if even else [])
                     + [_g(d["cost"]), gain, trained, _g(d["marginal_gain_last"]), reach])
     widths = [max(len(r[i]) for r in rows + [header]) for i in range(len(header))]
     spent = sum(d["cost"] for d in rec["rows"])
@@ -1678,7 +1685,7 @@ def format_plan(result: PlanResult) -> str:
     t = result.totals
     lines += ["", "Predicted total gain (weighted, nats; mean over the bootstrap curves) [90% band]; this plan minus "
                   "each [paired 90% band]:"]
-    for key, label in (("plan", "this plan"), ("even", "spread evenly"), ("mean_loss", "split by mean loss"),
+    for key, label in (("plan", "this plan"), ("even", "spread evenly"), (MEAN_LOSS_RULE, "split by mean loss"),
                        ("ranking", "split by the ranking's score"), ("highest_loss", f"all on {t['highest_loss']['domain']} (highest mean loss)")):
         if key not in t:
             continue

@@ -166,6 +166,7 @@ def check_ranking_tail(net, split: SplitPass, config: AnalysisConfig) -> None:
                          f"'{MEAN_LOSS}'.") from exc
     try:
         work.eval()
-        check_tail(work, embed, split.ids, split.block_inputs, split.tokens.fact_losses, config.batch_size)
+        check_tail(work, embed, split.ids, split.block_inputs, split.tokens.fact_losses, config.batch_size,
+                   (PAPER, MEAN_LOSS))
     finally:
         del work

@@ -151,9 +151,11 @@ def _layout(fig: go.Figure, **kwargs) -> go.Figure:
 def share_donut(result: Result, colors: dict[str, str] | None = None) -> go.Figure:
     """Donut of Share (%) per domain, in set order: |priority_k| / Σ_j |priority_j| × 100
     of the ranking estimator (with the paper's, |Σ_i I_ki| / Σ_j |Σ_i I_ji| × 100)."""
+    from ..estimators import PAPER
+
     colors = colors or result_colors(result)
     domains = result.domains
-    paper = result.estimator == "paper"
+    paper = result.estimator == PAPER
     fig = go.Figure(
         go.Pie(
             labels=[d.name for d in domains],

@@ -12,7 +12,7 @@ import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
 from ..kernels.curves import BAND, predict
-from ..pipelines.plan import SIMPLE_RULES, DomainCurve, PlanResult, recommendation
+from ..pipelines.plan import MEAN_LOSS_RULE, SIMPLE_RULES, DomainCurve, PlanResult, recommendation
 
 UNITS_NOTE = ("Gains are drops of held-out loss in nats per fact after the short pilot fine-tunes: they rank the "
               "domains and split the budget; a full training run's nats differ.")
@@ -147,7 +147,7 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
                    legend=dict(title=dict(text="Domain (click to toggle)")), hovermode="closest", height=480)
 
 
-TOTAL_LABELS = {"plan": "This plan", "even": "Spread evenly", "mean_loss": "Split by mean loss",
+TOTAL_LABELS = {"plan": "This plan", "even": "Spread evenly", MEAN_LOSS_RULE: "Split by mean loss",
                 "ranking": "Split by the ranking's score", "highest_loss": "All on the highest loss"}
 
 

@@ -16,6 +16,7 @@ from datetime import datetime
 import pandas as pd
 
 from . import charts
+from ..estimators import MEAN_LOSS, PAPER, PILOT_CURVE, PILOT_GAIN
 from ..kernels import metrics
 from ..validation.evidence import beats_mean_loss, estimator_evidence, evidence_sentence
 from ..result import Result, format_sci
@@ -67,7 +68,7 @@ def mean_share_is_share(result: Result) -> bool:
     """True when the Share column already is the Share of Mean: ranked by the
     paper's estimator (the two are then one formula) and they agree to the
     digits shown (a result from an engine that ranked otherwise does not)."""
-    if result.estimator != "paper":
+    if result.estimator != PAPER:
         return False
     shares = mean_shares(result)
     return all(shares[d.name] is not None and d.share_pct is not None
@@ -111,7 +112,7 @@ def ranking_statement(result: Result) -> str:
     """Which estimator ranked the domains, in one sentence."""
     name = result.estimator
     label = charts.estimator_label(result)
-    if name == "paper":
+    if name == PAPER:
         return (f"Ranked by {label} (estimator “paper”, the Data Dowsing paper's method): "
                 "Priority = Mean = ḡᵀ(H+λI)⁻¹ḡ.")
     return (f"Ranked by {label} (estimator “{name}”). Share is each domain's |priority| out of the total; "
@@ -128,7 +129,7 @@ def evidence_is_weak(result: Result) -> bool:
     """True when the estimator did not beat ranking by mean loss on the benchmark
     (mean loss itself, an unmeasured estimator, or an interval that includes 0)."""
     name = result.estimator
-    return name == "mean_loss" or not beats_mean_loss(estimator_evidence(name))
+    return name == MEAN_LOSS or not beats_mean_loss(estimator_evidence(name))
 
 
 def table_rows(result: Result) -> list[dict]:
@@ -213,7 +214,7 @@ def interval_note(result: Result) -> str | None:
     threshold = source.get("rank_stable_probability", 0.8)
     text = (f"[lo, hi]: {level:.0%} bootstrap interval over each domain's facts "
             f"({source.get('n_resamples', '?')} resamples")
-    if ranking.get("priority_interval") and (result.estimator != "paper" or not boot):
+    if ranking.get("priority_interval") and (result.estimator != PAPER or not boot):
         text += ("): Priority, Share and rank stability resample the estimator's per-fact values; "
                  "Mean (paper) and Δn@10% resample the gradients with the curvature held fixed." if boot else
                  "; the estimator's per-fact values).")
@@ -420,7 +421,7 @@ def paper_intro(result: Result, esc=lambda s: s) -> list[str]:
     evidence = verdict_mod.paper_evidence_sentence(result)
     if evidence:
         out.append(evidence)
-    if result.estimator == "paper":
+    if result.estimator == PAPER:
         out.append("This result is ranked by the paper's method itself: the ranking above is this method's.")
         return out
     disagreements = verdict_mod.paper_disagreements(result, esc)
@@ -530,22 +531,22 @@ def share_meaning(result: Result) -> str:
     the result: Share_k = |priority_k| / sum_j |priority_j| (the paper's
     estimator: of |sum_i I_ki|)."""
     name = result.estimator
-    if name == "paper":
+    if name == PAPER:
         return "the domain's part of the total |influence| (the paper's Share)"
-    if name == "pilot_curve":
+    if name == PILOT_CURVE:
         target = ((result.extras or {}).get("ranking") or {}).get("details", {}).get("target_n", 32)
         return (f"the domain's part of the total predicted gain at {target} more facts (the pilot learning curve's "
                 "extrapolated drop of held-out loss; magnitudes)")
-    if name == "pilot_gain":
+    if name == PILOT_GAIN:
         return "the domain's part of the total pilot gain (drop of held-out loss after the pilot fine-tunes; magnitudes)"
-    if name == "mean_loss":
+    if name == MEAN_LOSS:
         return "the domain's part of the total mean loss in nats, which says little about what more data buys"
     return "the domain's part of the total |priority|"
 
 
 def share_heading(result: Result) -> str:
-    return {"paper": "Share of influence", "pilot_curve": "Share of the predicted gain",
-            "pilot_gain": "Share of the pilot gain", "mean_loss": "Share of mean loss"}.get(result.estimator,
+    return {PAPER: "Share of influence", PILOT_CURVE: "Share of the predicted gain",
+            PILOT_GAIN: "Share of the pilot gain", MEAN_LOSS: "Share of mean loss"}.get(result.estimator,
                                                                                         "Share of |priority|")
 
 
@@ -841,7 +842,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
     chart and the notes. `heading` is the level of its headings;
     `include_plotlyjs` embeds plotly.js with its first chart."""
     from . import plan_charts
-    from ..pipelines.plan import SIMPLE_RULES, fit_text, plan_rows, recommendation, round_text
+    from ..pipelines.plan import MEAN_LOSS_RULE, SIMPLE_RULES, fit_text, plan_rows, recommendation, round_text
 
     esc = html.escape
     figs = plan_charts.plan_figures(plan, curves) if curves is not None else {
@@ -865,7 +866,7 @@ def plan_section_html(plan, curves: list | None = None, heading: str = "h2", inc
         f"<p>{esc(round_text(plan))}</p>" if round_text(plan) else "")
     totals = plan.totals
     lines = []
-    for key, label in (("plan", "This plan"), ("even", "Spread evenly"), ("mean_loss", "Split by mean loss"),
+    for key, label in (("plan", "This plan"), ("even", "Spread evenly"), (MEAN_LOSS_RULE, "Split by mean loss"),
                        ("ranking", "Split by the ranking's score"), ("highest_loss", f"All on {totals['highest_loss'].get('domain')} (highest mean loss)")):
         if key not in totals:
             continue

@@ -14,6 +14,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from ..estimators import MEAN_LOSS, PAPER, PILOT_CURVE, PILOT_GAIN
 from ..kernels import diagnosis as diagnosis_mod
 from ..validation.evidence import estimator_evidence, evidence_label, load_evidence
 from .charts import estimator_label, ranking_domains
@@ -32,10 +33,10 @@ def priority_meaning(result: Result) -> tuple[str, str]:
     name = result.estimator
     target = (((result.extras or {}).get("ranking") or {}).get("details") or {}).get("target_n", 32)
     return {
-        "pilot_curve": (f"predicted drop of loss after {target} more facts", "nats"),
-        "pilot_gain": ("drop of held-out loss after the pilot fine-tune", "nats"),
-        "mean_loss": ("mean loss", "nats"),
-        "paper": ("mean influence by the paper's method", ""),
+        PILOT_CURVE: (f"predicted drop of loss after {target} more facts", "nats"),
+        PILOT_GAIN: ("drop of held-out loss after the pilot fine-tune", "nats"),
+        MEAN_LOSS: ("mean loss", "nats"),
+        PAPER: ("mean influence by the paper's method", ""),
     }.get(name, ("priority", ""))
 
 
@@ -227,7 +228,7 @@ def paper_evidence_sentence(result: Result) -> str | None:
     """How the paper's method fared on the shipped benchmark, beside the
     estimator that ranked this result; None without shipped evidence."""
     data = load_evidence()
-    paper = estimator_evidence("paper")
+    paper = estimator_evidence(PAPER)
     if not data or not paper or paper.get("spearman") is None:
         return None
 
@@ -238,11 +239,11 @@ def paper_evidence_sentence(result: Result) -> str | None:
     text = (f"On the shipped benchmark ({data['n_domains']} domains, real fine-tunes), the paper's method "
             f"ranked the domains with {rho(paper)} against the realised gain")
     name = result.estimator
-    mine = estimator_evidence(name) if name != "paper" else None
+    mine = estimator_evidence(name) if name != PAPER else None
     if mine and mine.get("spearman") is not None:
         text += f"; {evidence_label(name, mine)}, which ranks here, reached {rho(mine)}"
-    mean_loss = estimator_evidence("mean_loss")
-    if mean_loss and mean_loss.get("spearman") is not None and name != "mean_loss":
+    mean_loss = estimator_evidence(MEAN_LOSS)
+    if mean_loss and mean_loss.get("spearman") is not None and name != MEAN_LOSS:
         text += f", and plain mean loss {mean_loss['spearman']:.2f}"
     return text + ". Its numbers are shown for what they are: a different, less accurate reading."
 
@@ -254,7 +255,7 @@ def paper_disagreements(result: Result, esc=lambda s: s) -> list[str]:
     drop of loss (Mean ≤ 0) while the diagnosis says more facts help (or a
     drop where the diagnosis says they do not). Empty for a result ranked
     by the paper's method."""
-    if result.estimator == "paper" or not result.domains:
+    if result.estimator == PAPER or not result.domains:
         return []
     by_paper = paper_ranks(result)
     ranked = result.ranked()

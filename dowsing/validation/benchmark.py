@@ -509,7 +509,7 @@ def _plan_allocations(run: BenchmarkSplit, config: BenchmarkConfig, scores: dict
                          main_recipe(config).added_weight)
     weighted = plan_curves(run.names, fits, losses, have, config.seed, PLAN_RESAMPLES)
     caps = [len(p.facts) for p in run.protocol["pool"]]
-    ranking = scores["pilot_curve"].priority
+    ranking = scores[PILOT_CURVE].priority
     budgets = {b: check_allocations(curves, b, caps, weighted, ranking) for b in config.plan_budgets}
     # allocations with the same counts (the recommendation is the plan or the even split) share one run
     wanted, alias = {}, {}

@@ -9,7 +9,7 @@ import json
 from functools import lru_cache
 
 from ..domains import DATA_DIR
-from ..estimators import ESTIMATORS
+from ..estimators import ESTIMATORS, MEAN_LOSS
 
 EVIDENCE_FILE = DATA_DIR / "benchmark_evidence.json"
 
@@ -81,9 +81,9 @@ def _main_sentence(name: str) -> str:
     ceiling = (data.get("ceiling") or {}).get("spearman")
     if ceiling is not None:
         text += f" (the ground truth agrees with itself across seeds at ρ = {ceiling:.2f})"
-    if name == "mean_loss":
+    if name == MEAN_LOSS:
         rivals = [(n, e) for n, e in (data.get("estimators") or {}).items()
-                  if n != "mean_loss" and e.get("spearman") is not None]
+                  if n != MEAN_LOSS and e.get("spearman") is not None]
         winners = [n for n, e in rivals if beats_mean_loss(e)]
         if winners:
             return text + f"; {', '.join(winners)} beat it (paired interval above 0)."

@@ -6,6 +6,8 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from .leaderboard import BASELINE
+
 GROUP_COLORS = {"everyday": "#1f77b4", "encyclopedic": "#2ca02c", "specialist": "#9467bd", "language": "#ff7f0e",
                 "invented": "#d62728", "other": "#7f7f7f"}
 
@@ -21,7 +23,7 @@ def leaderboard_chart(result: dict, recipe: str, ceiling: float | None = None) -
     plus = [h - v if h is not None and v is not None else 0 for v, h in zip(rho, hi)]
     minus = [v - low if low is not None and v is not None else 0 for v, low in zip(rho, lo)]
     colors = ["#d62728" if r["estimator"] == result.get("winner") else
-              ("#7f7f7f" if r["estimator"] == "mean_loss" else "#1f77b4") for r in rows]
+              ("#7f7f7f" if r["estimator"] == BASELINE else "#1f77b4") for r in rows]
     fig = go.Figure(go.Bar(
         x=rho, y=labels, orientation="h", marker_color=colors,
         error_x={"type": "data", "array": plus, "arrayminus": minus, "visible": True},

@@ -35,16 +35,17 @@ import numpy as np
 import torch
 
 from ..domains import Domain
+from ..pipelines.plan import MEAN_LOSS_RULE
 from ..records import ConfigRecord
 from .plan_check import realised_difference
 from .protocol import collection_split
 
 BENCHMARK_FILE = Path(__file__).resolve().parent.parent / "data" / "benchmark.json"
-ALLOCATIONS = ("plan", "recommended", "even", "mean_loss", "ranking")
+ALLOCATIONS = ("plan", "recommended", "even", MEAN_LOSS_RULE, "ranking")
 ALLOCATION_LABELS = {"plan": "the plan's counts", "recommended": "what the Plan page recommends",
-                     "even": "spread evenly", "mean_loss": "proportional to mean loss",
+                     "even": "spread evenly", MEAN_LOSS_RULE: "proportional to mean loss",
                      "ranking": "proportional to the default ranking's score"}
-COMPARED = ("even", "mean_loss", "ranking")
+COMPARED = ("even", MEAN_LOSS_RULE, "ranking")
 
 
 @dataclass(frozen=True)
@@ -99,13 +100,13 @@ def allocations(plan, scores: list, budget: int, caps: list) -> dict:
 
     plan_counts = [int(r["collect"]) for r in plan.domains]
     even = [int(v) for v in plan.totals["even"]["counts"].values()]
-    by_loss = [int(v) for v in plan.totals["mean_loss"]["counts"].values()]
+    by_loss = [int(v) for v in plan.totals[MEAN_LOSS_RULE]["counts"].values()]
     positive = [max(float(s), 0.0) if s is not None and math.isfinite(s) else 0.0 for s in scores]
     by_rank = proportional_counts(budget, positive, caps) if sum(positive) > 0 else even
     by = plan.verdict.get("recommend", "plan")
     # the page recommends the plan, or a simple split the plan computed beside it
     recommended = plan_counts if by == "plan" else [int(v) for v in plan.totals[by]["counts"].values()]
-    return {"plan": plan_counts, "recommended": recommended, "even": even, "mean_loss": by_loss,
+    return {"plan": plan_counts, "recommended": recommended, "even": even, MEAN_LOSS_RULE: by_loss,
             "ranking": [int(v) for v in by_rank]}
 
 
@@ -322,7 +323,7 @@ def summarise(state: dict) -> dict:
             entry[f"{lead}_minus"] = {b: realised_difference(gains[lead], gains[b], config["resamples"], 0,
                                                              config["interval_pct"]) for b in COMPARED}
         entry["predicted"] = {a: [r["plan"]["predicted"].get(a, {}).get("expected") for r in rows]
-                              for a in ("plan", "even", "mean_loss")}
+                              for a in ("plan", "even", MEAN_LOSS_RULE)}
         out["budgets"][budget] = entry
     out["calibration"] = calibration(calibration_rows(state))
     return out

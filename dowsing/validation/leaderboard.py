@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..estimators import LOOKAHEAD_SIGN, MEAN_LOSS, PILOT_GAIN, EstimatorScore
 from .correlations import domain_bootstrap, spearman
 
-BASELINE = "mean_loss"
+BASELINE = MEAN_LOSS
 
 
 def mean_gain(gains_by_seed: list) -> list:
@@ -157,7 +158,7 @@ def choose_default(by_group: dict, interval_pct: float = 90.0) -> dict:
                        f"{pick['diff_vs_mean_loss']:+.2f} [{lo:+.2f}, {hi:+.2f}] against mean loss")}
 
 
-STACK_INPUTS = ("mean_loss", "pilot_gain", "lookahead_sign")
+STACK_INPUTS = (MEAN_LOSS, PILOT_GAIN, LOOKAHEAD_SIGN)
 STACKED = "stacked_cv"
 
 
@@ -170,8 +171,6 @@ def stacked_scores(scores, gains_by_seed: list, forward_s: float = 0.0):
     are STACK_INPUTS that the run scored; None with fewer than two of them.
     Its time is the inputs' times with the shared forward pass counted once."""
     from scipy.stats import rankdata
-
-    from ..estimators import EstimatorScore
 
     inputs = [s for s in scores if s.name in STACK_INPUTS]
     n = len(gains_by_seed[0]) if gains_by_seed else 0

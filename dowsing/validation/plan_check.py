@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from ..kernels.curves import FITTERS, choose_form, predict
-from ..pipelines.plan import (DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
+from ..pipelines.plan import (MEAN_LOSS_FIELD, DomainCurve, PlanConfig, allocate, even_counts, fit_pilots, gain_function, most_examples,
                     paired_difference, predicted_total, proportional_counts)
 
 ALLOCATIONS = ("plan", "plan_weighted", "recommended", "even", "proportional", "ranking")
@@ -62,7 +62,7 @@ def pilot_measurements(names: list, fits: list, mean_losses: list, have: float) 
     sizes (no curve)."""
     out = []
     for name, fit, loss in zip(names, fits, mean_losses):
-        entry = {"name": name, "n_facts": have, "mean_loss": float(loss), "sizes": [], "drop": [],
+        entry = {"name": name, "n_facts": have, MEAN_LOSS_FIELD: float(loss), "sizes": [], "drop": [],
                  "per_fact_by_size": [], "strata": []}
         if fit:
             entry.update(sizes=fit["sizes"], drop=fit["drop"], per_fact_by_size=fit["per_fact_by_size"],
