@@ -397,6 +397,17 @@ def test_a_plan_with_stored_pilots_prices_only_the_others():
     assert both.stages_s["forward pass"] == est.plan_cost(cal, train, held, PilotConfig()).stages_s["forward pass"]
     assert both.stages_s["pilot fine-tunes"] < est.plan_cost(cal, train, held, PilotConfig()).stages_s[
         "pilot fine-tunes"]
+    # the transfer matrix, none of its entries stored: after each source's two runs every domain's halves are
+    # read through the kept blocks (A: 2 x 4 facts of 5 tokens, B: 2 x 8 of 6, one padded batch each); B's pilot
+    # is stored, so its two runs at its largest pilot size (8 facts of 6 tokens, every fact each step) come first
+    from dowsing.costs import finetune_s, tail_pass_s
+    from dowsing.kernels.pilots import PILOT_RECIPE
+
+    keep, steps = min(PILOT_RECIPE.blocks, cal.n_layers), PILOT_RECIPE.steps
+    reads = tail_pass_s(cal, 2 * 4 * 5, keep) + tail_pass_s(cal, 2 * 8 * 6, keep)
+    runs_b = 2 * finetune_s(cal, steps, 8 * 6, keep, keep, 0)
+    assert both.stages_s["transfer"] == pytest.approx(2 * reads + runs_b)
+    assert "transfer" not in est.plan_cost(cal, train, held, PilotConfig(), pilots_stored={"B"}).stages_s
     # a whole plan fits each domain's curve: resamples x the calibrated per-curve fit, per domain with a pilot
     planned = est.plan_cost(cal, train, held, PlanConfig(budget=10, bootstrap_resamples=500), pilots_stored={"B"})
     assert planned.stages_s["fits"] == pytest.approx(2 * 500 * 1e-4)

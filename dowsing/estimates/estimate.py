@@ -249,7 +249,7 @@ def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=f
     from ..costs import block_inputs_bytes, largest_batch
     from ..estimators.pilot import to_tune
     from ..kernels.forward import forward_pass_s
-    from ..kernels.pilots import PILOT_RECIPE, plan_pilots_cost
+    from ..kernels.pilots import PILOT_RECIPE, plan_pilots_cost, transfer_s
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
     stored = frozenset(k for k, (n, _) in enumerate(train) if n in pilots_stored)
@@ -271,6 +271,9 @@ def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=f
     if units:
         stages["pilot fine-tunes"] = pilots.seconds
         memory["pilot fine-tunes"] = resident + pilots.bytes
+    if transfer and flat:
+        stages["transfer"] = transfer_s(cal, tr, he, config.pilot_sizes, PILOT_RECIPE.steps, keep, stored)
+        memory["transfer"] = resident + max(pilots.bytes, plan_pilots_cost(cal, tr, he, config.pilot_sizes)[0].bytes)
     with_pilot = to_tune(tr, he)
     resamples = getattr(config, "bootstrap_resamples", None)
     if resamples is not None:
@@ -286,8 +289,9 @@ def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=f
                      f"{len(with_pilot) - reused} are fine-tuned"
                      + ("" if transfer else ", and the forward pass reads only the domains measured"))
     if transfer:
-        notes.append("the transfer matrix's fine-tunes are left out; its forward pass is counted over every domain "
-                     "(an upper bound when its entries are stored)")
+        notes.append("the transfer matrix is counted with none of its entries stored (reads of every domain after "
+                     "each source's runs, two fine-tunes per source whose pilot is stored), and its forward pass "
+                     "over every domain: an upper bound when entries are stored")
     notes.append("the allocation after the fits takes well under a second and is left out" if resamples is not None
                  else "the fits, bands and allocation after the pilots take well under a second and are left out")
     return Estimate("plan", stages, memory, cal.device, basis, notes)

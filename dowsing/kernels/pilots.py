@@ -252,6 +252,29 @@ def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int, sto
     return units
 
 
+def transfer_s(cal, train: list, held: list, sizes, steps: int, keep: int, stored=frozenset()) -> float:
+    """Seconds of the plan's transfer matrix with no entry stored (an upper
+    bound otherwise): per source j whose halves hold a pilot, every domain
+    i's halves B_i and A_i read through the trained blocks after the runs on
+    A_j and on B_j cut to j's largest pilot size; a source whose pilot
+    curve is stored (`stored`) first runs those two fine-tunes
+    (`pilots.transfer_drops`), one whose pilot runs now is read from the
+    pilot's own largest runs (`pilot_curve`'s targets)."""
+    from ..costs import finetune_s, padded_tokens, tail_pass_s
+
+    reads = sum(tail_pass_s(cal, padded_tokens(b, 16) + padded_tokens(a, 16), keep) for a, b in zip(train, held))
+    seconds = 0.0
+    for k, (a, b) in enumerate(zip(train, held)):
+        if min(len(a), len(b)) < 2:
+            continue
+        seconds += reads
+        if k in stored:
+            n = pilot_sizes(sizes, len(a), len(b))[-1]
+            seconds += finetune_s(cal, steps, n * max(a[:n]), keep, keep, 0) + finetune_s(
+                cal, steps, n * max(b[:n]), keep, keep, 0)
+    return seconds
+
+
 def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) -> tuple:
     """(costs.Cost, units) of a plan's pilot fine-tunes on the last
     PILOT_RECIPE.blocks blocks: every unit of `plan_units_s` and the trainer
