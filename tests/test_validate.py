@@ -118,7 +118,9 @@ def test_default_estimator_equals_the_engine_on_the_training_half(tiny64):
     assert by_name["paper"].priority == pytest.approx(engine, rel=1e-6)
     # with lambda = 2 the system is positive definite, and CG agrees with the dense solve
     assert by_name["influence_cg"].priority == pytest.approx(engine, rel=1e-6)
-    assert by_name["mean_loss"].priority == pytest.approx(result.extras["domain_loss"], rel=1e-9)
+    # the analysis batches each domain's facts on their own, the split pass all of them together: Llama's
+    # float32 rotary tables move float64 losses by a few 1e-9 between batch shapes
+    assert by_name["mean_loss"].priority == pytest.approx(result.extras["domain_loss"], rel=1e-7)
     for k, s in enumerate(by_name["paper"].per_example):
         assert np.mean(s) == pytest.approx(by_name["paper"].priority[k], rel=1e-9)
 
