@@ -40,10 +40,28 @@ def put_checked_text(cache, key: str, text: str) -> None:
     cache.set(key, hashlib.sha256(text.encode()).hexdigest() + "\n" + text)
 
 
-class ResultStore:
-    def __init__(self, folder=None):
-        self.folder = folder or cache_dir() / "results"
+class _CheckedStore:
+    """A bounded diskcache of checked text entries (`put_checked_text`):
+    what the result store and the JSON store share besides how they read."""
+
+    def __init__(self, folder):
+        self.folder = folder
         self._cache = DataCache(self.folder, **BOUNDED)
+
+    def delete(self, key: str) -> None:
+        self._cache.delete(key)
+
+    def has(self, key: str) -> bool:
+        """Whether an entry is stored under key, without reading it."""
+        return self._cache.contains(key)
+
+    def keys(self) -> list[str]:
+        return list(self._cache.iterkeys())
+
+
+class ResultStore(_CheckedStore):
+    def __init__(self, folder=None):
+        super().__init__(folder or cache_dir() / "results")
 
     def get(self, key: str) -> Result | None:
         text = checked_text(self._cache, key)
@@ -56,25 +74,14 @@ class ResultStore:
     def put(self, key: str, result: Result) -> None:
         put_checked_text(self._cache, key, result.to_json(indent=None))
 
-    def delete(self, key: str) -> None:
-        self._cache.delete(key)
 
-    def has(self, key: str) -> bool:
-        """Whether an entry is stored under key, without reading it."""
-        return self._cache.contains(key)
-
-    def keys(self) -> list[str]:
-        return list(self._cache.iterkeys())
-
-
-class JsonStore:
+class JsonStore(_CheckedStore):
     """JSON-able dicts on disk (diskcache under cache/<name>), stored as the
     result store stores results: text with its sha256 beside it, a corrupt
     entry dropped."""
 
     def __init__(self, name: str, folder=None):
-        self.folder = folder or cache_dir() / name
-        self._cache = DataCache(self.folder, **BOUNDED)
+        super().__init__(folder or cache_dir() / name)
 
     def get(self, key: str) -> dict | None:
         text = checked_text(self._cache, key)
@@ -86,13 +93,3 @@ class JsonStore:
 
     def put(self, key: str, value: dict) -> None:
         put_checked_text(self._cache, key, json.dumps(value, allow_nan=False))
-
-    def delete(self, key: str) -> None:
-        self._cache.delete(key)
-
-    def has(self, key: str) -> bool:
-        """Whether an entry is stored under key, without reading it."""
-        return self._cache.contains(key)
-
-    def keys(self) -> list[str]:
-        return list(self._cache.iterkeys())
