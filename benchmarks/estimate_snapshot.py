@@ -29,7 +29,7 @@ CAL = dict(
     n_layers=30, d_model=576, d_ff=1536, vocab=49152, max_positions=2048, block_params=3_540_000,
     head_params=28_311_552, linear_shapes=((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536),
                                            (576, 1536), (1536, 576)),
-    dtype_bytes=4, start_s=3.1, load_s=1.7, forward_s_per_token=2.1e-4, coef_s_per_token=3.3e-5,
+    dtype_bytes=4, start_s=3.1, load_s=1.7, forward_s_per_token=2.1e-4,
     line_s_per_token=4.4e-4, tail_s_per_param_token=1.3e-11, grad_call_s=0.012, vector_s_per_element=1.1e-9,
     copy_s=0.41, matmul_flops=3.1e10, matmul32_flops=6.7e10, factor_flops=1.9e10, substitution_size=1536,
     substitution_1_s=3.2e-4, substitution_32_s=2.1e-3, bootstrap_s_per_curve=2.3e-4,

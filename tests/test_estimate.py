@@ -56,7 +56,7 @@ def tiny_calibration(**changes) -> est.Calibration:
         model="tiny", fingerprint="tiny", device="cpu", dtype="float32", threads=1, n_params=TINY_PARAMS, n_layers=2,
         d_model=16, d_ff=24, vocab=49152, max_positions=128, block_params=TINY_BLOCK, head_params=TINY_HEAD,
         linear_shapes=((16, 48), (16, 16), (16, 24), (24, 16)), dtype_bytes=4, start_s=3.0, load_s=1.0,
-        forward_s_per_token=1e-3, coef_s_per_token=2e-3, line_s_per_token=1e-3, tail_s_per_param_token=1e-9,
+        forward_s_per_token=1e-3, line_s_per_token=1e-3, tail_s_per_param_token=1e-9,
         grad_call_s=0.01, vector_s_per_element=0.0, copy_s=0.0, matmul_flops=1e9, matmul32_flops=2e9, factor_flops=5e8,
         substitution_size=24, substitution_1_s=1e-6, substitution_32_s=32e-6, bootstrap_s_per_curve=1e-4,
         leaderboard_s_per_resample=1e-4, base_bytes=100_000_000, model_bytes=0, forward_bytes_per_token=1000.0,
@@ -614,7 +614,7 @@ def test_calibration_is_measured_once_and_cached(tiny_gpt2_dir, calibrated):
     assert loaded is None  # read back, not measured again
     assert cached == est.Calibration.from_dict(json.loads(stored[1].read_text()))
     assert cached.block_params == TINY_BLOCK and cached.n_params == BUILT_PARAMS
-    for name in ("forward_s_per_token", "coef_s_per_token", "line_s_per_token", "tail_s_per_param_token",
+    for name in ("forward_s_per_token", "line_s_per_token", "tail_s_per_param_token",
                  "matmul_flops", "factor_flops", "bootstrap_s_per_curve", "base_bytes", "forward_bytes_per_token"):
         assert getattr(cached, name) > 0, name
     # the batch's logits are held at once: the extra memory per token is at least one row of them

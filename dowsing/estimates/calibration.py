@@ -1,7 +1,8 @@
 """The machine's speed constants for the estimate before a run
 (`estimate`): a short calibration on the actual model (`calibrate`) that
-measures the seconds per token of the forward pass over a few facts, of
-the per-token curvature coefficients and of the LM-head derivatives, one
+measures the seconds per token of the forward pass over a few facts and
+of the LM-head derivatives, the memory of the per-token curvature
+coefficients' double backward (the fallback route's), one
 fine-tune step of the last block and single-fact gradients of it,
 float32/float64 matrix rates, the bootstrap's per-curve cost, and the
 memory the process holds before and after loading and needs on top per
@@ -66,7 +67,6 @@ class Calibration:
     start_s: float
     load_s: float
     forward_s_per_token: float
-    coef_s_per_token: float
     line_s_per_token: float
     tail_s_per_param_token: float
     grad_call_s: float
@@ -374,9 +374,11 @@ def _probe_forward(loaded, device: str) -> dict:
 
 
 def _probe_coefficients(probe: dict, device: str) -> dict:
-    """tail_coefficients (the analysis' per-domain curvature, double backprop
-    through the final norm and LM head) and the LM-head derivatives along
-    several directions at once (the benchmark's subspace terms)."""
+    """The memory of tail_coefficients (the per-domain double backprop
+    through the final norm and LM head, the analysis' fallback; its chunk's
+    working set also bounds the closed-form pass's) and the seconds of the
+    LM-head derivatives along several directions at once (the analysis'
+    coefficients of every domain and the benchmark's subspace terms)."""
     from ..kernels.curvature import tail_coefficients
     from ..kernels.subspace_terms import LogitLine, derivatives_at_zero
 
@@ -386,8 +388,7 @@ def _probe_coefficients(probe: dict, device: str) -> dict:
     coef = _timed(device, lambda: tail_coefficients(anatomy, tokens.h, tokens.targets, v, "hessian"))
     line = _timed(device, lambda: derivatives_at_zero(LogitLine(anatomy, tokens.h), probe["directions"],
                                                       tokens.targets), repeats=1)
-    return {"coef_s_per_token": coef.seconds / n, "coef_bytes_per_token": coef.extra_bytes / n,
-            "line_s_per_token": line.seconds / n}
+    return {"coef_bytes_per_token": coef.extra_bytes / n, "line_s_per_token": line.seconds / n}
 
 
 def _probe_tail(loaded, probe: dict, device: str, shape) -> dict:

@@ -273,7 +273,8 @@ def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=f
         memory["pilot fine-tunes"] = resident + pilots.bytes
     if transfer and flat:
         stages["transfer"] = transfer_s(cal, tr, he, config.pilot_sizes, PILOT_RECIPE.steps, keep, stored)
-        memory["transfer"] = resident + max(pilots.bytes, plan_pilots_cost(cal, tr, he, config.pilot_sizes)[0].bytes)
+        # the trainer and a step, as when every pilot runs (a source whose pilot is stored still trains)
+        memory["transfer"] = resident + plan_pilots_cost(cal, tr, he, config.pilot_sizes)[0].bytes
     with_pilot = to_tune(tr, he)
     resamples = getattr(config, "bootstrap_resamples", None)
     if resamples is not None:

@@ -222,8 +222,7 @@ def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, 
     if config.blocks == 1 and passed.tokens.tail_matches and passed.route in ("structured", "cg"):
         # every domain's per-token coefficients in one pass over the tokens (the head product is shared)
         report(Progress("solve", 0.1, "per-token curvature coefficients of every domain"))
-        directions = passed.directions.to(passed.tokens.h.dtype)
-        coefficients = line_coefficients(anatomy, passed.tokens, directions, config.curvature)
+        coefficients = line_coefficients(anatomy, passed.tokens, passed.directions, config.curvature)
     coefficient_s = time.perf_counter() - t0
     context = DomainContext(net=net, anatomy=anatomy, batches=passed.batches, tokens=passed.tokens,
                             directions=passed.directions, rows_of=passed.rows_of, n_total=len(passed.facts),
