@@ -6,12 +6,14 @@ from dataclasses import dataclass
 
 from .records import ConfigRecord
 from .result import PAPER_ESTIMATOR
+# DEVICES and DTYPES belong to the model's settings; the command line and the pages read them from here
+from .settings import DEVICES, DTYPES, BootstrapSettings, InfluenceSettings, ModelSettings
 
 SOLVERS = ("auto", "cg", "exact")
 STAGES = ("all", "ranking")  # where an analysis stops: everything, or after the ranking and the diagnosis
 CURVATURES = ("hessian", "ggn")
-DEVICES = ("cpu", "cuda")
-DTYPES = ("float32", "float64", "bfloat16")
+# the bootstrap's rank probabilities and 90% intervals are too coarse below this many resamples
+MIN_RESAMPLES = 200
 
 # What orders the domains (`dowsing.pipelines.ranking`): a name from the estimator
 # registry (`dowsing.estimators`), checked there. The paper's
@@ -105,20 +107,16 @@ class AnalysisConfig(ConfigRecord):
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "checkpoints", tuple(str(c) for c in (self.checkpoints or ())))
-        if not (self.damping >= 0.0) or self.damping != self.damping:
-            raise ValueError(f"damping must be a number >= 0, got {self.damping!r}")
+        # the shared fields are checked by the settings they belong to (`dowsing.settings`)
+        self.model_settings()
+        self.bootstrap_settings()
+        self.influence_settings()
         if int(self.blocks) != self.blocks or self.blocks < 1:
             raise ValueError(f"blocks must be an integer >= 1, got {self.blocks!r}")
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {', '.join(SOLVERS)}, got {self.solver!r}")
         if self.curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {', '.join(CURVATURES)}, got {self.curvature!r}")
-        if self.device not in DEVICES:
-            raise ValueError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
-        if self.dtype == "bfloat16" and self.device != "cuda":
-            raise ValueError("bfloat16 is only supported with device cuda")
         if not (0 < self.cg_rtol < 1):
             raise ValueError(f"cg_rtol must be in (0, 1), got {self.cg_rtol!r}")
         if self.cg_maxiter < 0:
@@ -127,23 +125,22 @@ class AnalysisConfig(ConfigRecord):
             raise ValueError(f"saturation_points must be >= 20, got {self.saturation_points!r}")
         if self.saturation_max_factor < 10:
             raise ValueError("saturation_max_factor must be >= 10")
-        if self.bootstrap_resamples < 200:
-            raise ValueError(f"bootstrap_resamples must be >= 200, got {self.bootstrap_resamples!r}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size!r}")
         if not isinstance(self.estimator, str) or not self.estimator:
             raise ValueError(f"estimator must be an estimator's name, got {self.estimator!r}")
-        if int(self.align_blocks) != self.align_blocks or self.align_blocks < 1:
-            raise ValueError(f"align_blocks must be an integer >= 1, got {self.align_blocks!r}")
-        if int(self.adam_batches) != self.adam_batches or self.adam_batches < 1:
-            raise ValueError(f"adam_batches must be an integer >= 1, got {self.adam_batches!r}")
-        if self.checkpoint_lr is not None and not (self.checkpoint_lr > 0):
-            raise ValueError(f"checkpoint_lr must be > 0, got {self.checkpoint_lr!r}")
         if self.stage not in STAGES:
             raise ValueError(f"stage must be one of {', '.join(STAGES)}, got {self.stage!r}")
         if self.stage == "ranking" and self.estimator == PAPER_ESTIMATOR:
             raise ValueError("the paper's estimator ranks by the paper's solve: --stage ranking cannot skip it "
                              "(choose another estimator, or --stage all)")
+
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(self.device, self.dtype, self.batch_size)
+
+    def bootstrap_settings(self) -> BootstrapSettings:
+        return BootstrapSettings(self.bootstrap_resamples, self.seed, MIN_RESAMPLES, "bootstrap_resamples")
+
+    def influence_settings(self) -> InfluenceSettings:
+        return InfluenceSettings(self.damping, self.align_blocks, self.adam_batches, self.checkpoint_lr)
 
     def canonical_json(self) -> str:
         """Stable text form: part of the cache key."""

@@ -196,11 +196,11 @@ def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: 
 def validation_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0) -> Estimate:
     """The estimate of one quick validation (`validation.validate`); train /
     held as in `benchmark_cost`."""
-    from ..estimators import PAPER, EstimatorSettings, by_family, names as offered
+    from ..estimators import PAPER, by_family, names as offered
     from ..kernels.forward import forward_pass_s
     from ..validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
     from ..validation.finetune import validation_recipe
-    from ..validation.validate import scored_estimators
+    from ..validation.validate import scored_estimators, validation_settings
 
     tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
     keep = min(config.finetune_blocks, cal.n_layers)
@@ -210,7 +210,7 @@ def validation_cost(cal: Calibration, train: list, held: list, config, ray_worke
     stages = {"start-up": cal.start_s, "load model": cal.load_s,
               "forward pass": forward_pass_s(cal, config.batch_size, flat)}
     run = RunShape("validation", tr, he, keep, recipe=recipe, recipes=(recipe,), batch_size=config.batch_size,
-                   adam_batches=EstimatorSettings().adam_batches, align_blocks=keep, ekfac_blocks=0,
+                   adam_batches=validation_settings(config, keep).adam_batches, align_blocks=keep, ekfac_blocks=0,
                    lissa_depth=config.lissa_depth, lissa_batch=config.lissa_batch_facts,
                    checkpoints=len(config.checkpoints),
                    lr_known=not config.checkpoints or config.checkpoint_lr is not None)

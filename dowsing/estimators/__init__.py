@@ -9,6 +9,6 @@ from . import airrep  # noqa: F401
 from . import pilot  # noqa: F401
 from .pilot import LOOKAHEAD_SIGN, PILOT_CURVE, PILOT_GAIN  # noqa: F401
 from .subspace import MEAN_LOSS, PAPER  # noqa: F401
-from .context import EstimatorContext, EstimatorSettings, build_context  # noqa: F401
+from .context import EstimatorContext, EstimatorSettings, build_context, estimator_settings  # noqa: F401
 from .registry import (ESTIMATORS, FAMILIES, Estimator, EstimatorScore, by_family, check_names, compute,  # noqa: F401
                        family_unit, get, label, names)

@@ -53,6 +53,22 @@ class EstimatorSettings:
     all_facts: bool = False
 
 
+def estimator_settings(config, **overrides) -> EstimatorSettings:
+    """The settings an estimator reads, from any pipeline's configuration
+    through the settings it shares with the others (`dowsing.settings`):
+    damping, the alignment's blocks, Adam's minibatches and the checkpoints'
+    step size from its influence settings, the seed from its bootstrap
+    settings (a run has one seed), the batch size from its model settings.
+    `overrides` are what is the pipeline's own (the trajectory's recipe,
+    blocks capped at the model's depth, all_facts, ...); every other field
+    keeps EstimatorSettings' default."""
+    influence = config.influence_settings()
+    shared = dict(damping=influence.damping, blocks=influence.align_blocks, adam_batches=influence.adam_batches,
+                  checkpoint_lr=influence.checkpoint_lr, seed=config.bootstrap_settings().seed,
+                  batch_size=config.model_settings().batch_size)
+    return EstimatorSettings(**{**shared, **overrides})
+
+
 @dataclass
 class EstimatorContext:
     """loaded: a LoadedModel; split: a SplitPass (block inputs captured at

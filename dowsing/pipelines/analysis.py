@@ -306,7 +306,7 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
     if not config.diagnose:
         return None
     from ..kernels.diagnosis import diagnose
-    from ..estimators import EstimatorContext, EstimatorSettings, compute
+    from ..estimators import EstimatorContext, compute, estimator_settings
 
     t0 = time.perf_counter()
     if scores.name == PILOT_GAIN:
@@ -320,7 +320,8 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
         split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
-        settings = EstimatorSettings(seed=config.seed, batch_size=config.batch_size, all_facts=True)
+        # the pilot gain reads the seed, the batch size and all_facts alone, as when it ranks
+        settings = estimator_settings(config, all_facts=True)
         drops = compute(EstimatorContext(model, split, settings, units=units), [PILOT_GAIN])[0].priority
     loss = [float(passed.tokens.fact_losses[rows].mean()) for rows in passed.rows_of]
     timings["diagnosis"] = time.perf_counter() - t0
@@ -451,13 +452,13 @@ def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = 
     for a pilot], "message": "2 of 4 domains recomputed, 2 from cache"}; None when the run has no pilots (neither
     the ranking estimator nor the diagnosis runs them). A model never run
     here counts every domain as to compute."""
-    from ..estimators import EstimatorSettings
+    from ..estimators import estimator_settings
 
     config = config or AnalysisConfig()
     curve = config.estimator == PILOT_CURVE
     if not (curve or config.estimator == PILOT_GAIN or config.diagnose):
         return None
-    sizes = EstimatorSettings().pilot_sizes
+    sizes = estimator_settings(config).pilot_sizes
     return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
                          (lambda a, b: sizes) if curve else (lambda a, b: (max(len(a), len(b)),)))
 

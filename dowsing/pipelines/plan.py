@@ -51,18 +51,19 @@ from typing import Callable
 
 import numpy as np
 
-from ..config import DEVICES, DTYPES
 from ..kernels.curves import BAND, LearningCurve, fit_curve, predict_from_zero, shrink_curves
 from ..domains import as_domains
 from ..kernels.pilots import PILOT_RECIPE, PILOT_SIZES, pilot_curve
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
 from ..result import ENGINE_VERSION, finite_or_none
+from ..settings import BootstrapSettings, ModelSettings
 
 BUDGET_UNITS = ("examples", "money")
 # How the budget is split: "expected" maximises the mean over the bootstrap
 # curves of the weighted gain; "point" reads the fitted curve alone.
 RULES = ("expected", "point")
+MIN_RESAMPLES = 100  # the curves' 90% bands are too coarse below this many bootstrap resamples
 MIN_HALF = 2  # a pilot trains on one half and measures the other: two facts each at least
 # The greedy takes one example at a time up to this many steps, then steps
 # of several examples (the reported gap bound covers what stepping costs).
@@ -164,9 +165,14 @@ class PlanConfig(ConfigRecord):
         for name, weight in self.weights:
             if not (math.isfinite(weight) and weight >= 0):
                 raise ValueError(f"the weight of {name!r} must be a number >= 0, got {weight!r}")
-        if self.bootstrap_resamples < 100:
-            raise ValueError(f"bootstrap_resamples must be >= 100, got {self.bootstrap_resamples!r}")
+        self.bootstrap_settings()
         _check_pilot_settings(self)
+
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(self.device, self.dtype, self.batch_size)
+
+    def bootstrap_settings(self) -> BootstrapSettings:
+        return BootstrapSettings(self.bootstrap_resamples, self.seed, MIN_RESAMPLES, "bootstrap_resamples")
 
     def cost(self, name: str) -> float:
         return dict(self.costs).get(name, 1.0)
@@ -222,6 +228,9 @@ class PilotConfig(ConfigRecord):
         object.__setattr__(self, "pilot_sizes", tuple(int(n) for n in self.pilot_sizes))
         _check_pilot_settings(self)
 
+    def model_settings(self) -> ModelSettings:
+        return ModelSettings(self.device, self.dtype, self.batch_size)
+
     def curve_settings(self) -> dict:
         settings = {"pilot_sizes": list(self.pilot_sizes), "seed": self.seed, "device": self.device,
                     "dtype": self.dtype, "batch_size": self.batch_size, "recipe": PILOT_RECIPE.label()}
@@ -230,13 +239,11 @@ class PilotConfig(ConfigRecord):
 
 
 def _check_pilot_settings(config) -> None:
-    """A one-line ValueError for pilot sizes, device, dtype or batch size that cannot run."""
+    """A one-line ValueError for pilot sizes, device, dtype or batch size that cannot run
+    (the last three checked by `settings.ModelSettings`)."""
     if not config.pilot_sizes or min(config.pilot_sizes) < 1:
         raise ValueError(f"pilot_sizes must be integers >= 1, got {config.pilot_sizes!r}")
-    if config.device not in DEVICES or config.dtype not in DTYPES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)} and dtype one of {', '.join(DTYPES)}")
-    if config.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {config.batch_size!r}")
+    config.model_settings()
 
 
 def _whole(value) -> int:

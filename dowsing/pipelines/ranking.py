@@ -31,7 +31,8 @@ from typing import Callable
 
 from ..kernels.alignment import alignment_span, blocks_of, check_tail, tail_model
 from ..config import AnalysisConfig
-from ..estimators import MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names, compute, get
+from ..estimators import (MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names,
+                          compute, estimator_settings, get)
 from ..kernels.forward import SplitPass
 from ..kernels.splitting import split_order
 from ..kernels.pilots import PILOT_RECIPE
@@ -87,6 +88,15 @@ def paper_scores(paper_means: list, paper_per_fact: list) -> EstimatorScore:
                           {"source": "the paper's concept-subspace influence, I_ki = g_ki^T z_k"})
 
 
+def ranking_settings(config: AnalysisConfig, depth: int) -> EstimatorSettings:
+    """What the ranking estimator reads, on a model of `depth` blocks: the
+    analysis' shared settings, values for every fact of a domain (all_facts),
+    and the recipe of the user's checkpoints."""
+    # AdamW: the preconditioner of TracIn and Diff-In over the user's checkpoints is Adam's, as for alignment_adam
+    recipe = Recipe("checkpoints", "adamw", blocks=min(config.align_blocks, depth))
+    return estimator_settings(config, recipe=recipe, all_facts=True)
+
+
 def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_means: list, paper_per_fact: list,
          checkpoints: list | None = None, progress: Callable[[float, str], None] | None = None,
          units=None) -> EstimatorScore:
@@ -100,12 +110,7 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
     net = loaded.model
     if split.capture_block is not None:
         check_ranking_tail(net, split, config)
-    depth = len(blocks_of(net))
-    # AdamW: the preconditioner of TracIn and Diff-In over the user's checkpoints is Adam's, as for alignment_adam
-    settings = EstimatorSettings(damping=config.damping, blocks=config.align_blocks, adam_batches=config.adam_batches,
-                                 seed=config.seed, batch_size=config.batch_size,
-                                 recipe=Recipe("checkpoints", "adamw", blocks=min(config.align_blocks, depth)),
-                                 checkpoint_lr=config.checkpoint_lr, all_facts=True)
+    settings = ranking_settings(config, len(blocks_of(net)))
     ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units)
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)

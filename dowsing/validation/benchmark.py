@@ -34,14 +34,15 @@ import torch
 
 from ..access.checkpoints import checkpoint_fields
 from ..domains import Domain, benchmark_domains, benchmark_groups, domain_set
-from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, EstimatorSettings, build_context, by_family,
-                          check_names, family_unit, names)
+from ..estimators import (PILOT_CURVE, EstimatorContext, EstimatorScore, build_context, by_family, check_names,
+                          estimator_settings, family_unit, names)
 from ..estimators.subspace import domain_terms_of
 from ..pipelines.executor import LocalExecutor, Shared, Unit, UnitStore, fingerprint
 from ..kernels.forward import split_pass
 from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
+from ..settings import BootstrapSettings, InfluenceSettings, ModelSettings
 from ..result import ENGINE_VERSION
 from ..kernels.saturation import DenseSystem, mu_function, saturation
 from ..kernels.solvers import damped, dense_solve
@@ -170,8 +171,22 @@ class BenchmarkConfig(ConfigRecord):
         need = self.sample_facts + self.test_facts + self.doses[-1]
         if self.max_facts and self.max_facts < need:
             raise ValueError(f"max_facts must be 0 (all) or >= {need} (sample + test + largest dose)")
-        if self.bootstrap < 0:
-            raise ValueError("bootstrap must be >= 0")
+        # the shared fields are checked by the settings they belong to (`dowsing.settings`)
+        self.model_settings()
+        self.bootstrap_settings()
+        self.influence_settings()
+
+    def model_settings(self, device: str = "cpu") -> ModelSettings:
+        """The model is loaded in float32 on the run's device (`benchmark`'s
+        argument, not a field: it does not change what is measured)."""
+        return ModelSettings(device, "float32", self.batch_size)
+
+    def bootstrap_settings(self) -> BootstrapSettings:
+        # 0 resamples: no intervals
+        return BootstrapSettings(self.bootstrap, self.seed, 0, "bootstrap")
+
+    def influence_settings(self) -> InfluenceSettings:
+        return InfluenceSettings(self.damping, self.align_blocks, self.adam_batches, self.checkpoint_lr)
 
     @classmethod
     def quick(cls, **changes) -> "BenchmarkConfig":
@@ -370,7 +385,8 @@ def _prepared(model, domains, config: BenchmarkConfig, device: str, say, timings
     if not isinstance(model, LoadedModel):
         say(Progress("loading model", 0.0, "loading model"))
         t0 = time.perf_counter()
-        model = load_model(model, device, "float32")
+        running = config.model_settings(device)
+        model = load_model(model, running.device, running.dtype)
         timings["load_model"] = time.perf_counter() - t0
     return model, domains, checkpoints
 
@@ -425,12 +441,10 @@ def estimator_context(model, run: BenchmarkSplit, config: BenchmarkConfig, check
     checkpoints when given, else a baseline fine-tune of the main recipe on
     the samples' training halves (first seed), the trajectory a user
     without checkpoints of their own would have."""
-    settings = EstimatorSettings(damping=config.damping, blocks=min(config.align_blocks, run.keep),
-                                 adam_batches=config.adam_batches, seed=config.seed,
-                                 ekfac_blocks=min(config.ekfac_blocks, run.keep),
-                                 ekfac_fit_facts=config.ekfac_fit_facts or None, batch_size=config.batch_size,
-                                 recipe=main_recipe(config), checkpoint_lr=config.checkpoint_lr,
-                                 pilot_sizes=config.pilot_sizes, pilot_target=config.doses[-1])
+    settings = estimator_settings(config, blocks=min(config.align_blocks, run.keep),
+                                  ekfac_blocks=min(config.ekfac_blocks, run.keep),
+                                  ekfac_fit_facts=config.ekfac_fit_facts or None, recipe=main_recipe(config),
+                                  pilot_sizes=config.pilot_sizes, pilot_target=config.doses[-1])
     return EstimatorContext(model, run.split, settings, checkpoints)
 
 

@@ -32,12 +32,14 @@ import torch
 from ..access.checkpoints import checkpoint_fields
 from ..kernels.curvature import structured_hessian, tail_coefficients
 from ..domains import Domain, as_domains
-from ..estimators import PAPER, EstimatorContext, EstimatorSettings, check_names, compute, get, names
+from ..estimators import (PAPER, EstimatorContext, EstimatorSettings, check_names, compute, estimator_settings, get,
+                          names)
 from ..estimators.subspace import domain_terms_of
 from ..kernels.forward import split_pass
 from ..access.models import LoadedModel, load_model
 from ..progress import Progress
 from ..records import ConfigRecord, ResultRecord
+from ..settings import BootstrapSettings, InfluenceSettings, ModelSettings
 from ..kernels.solvers import damped, dense_solve
 from ..kernels.splitting import split_domains
 from ..kernels.subspace import encode_facts, find_anatomy
@@ -109,8 +111,23 @@ class ValidationConfig(ConfigRecord):
         check_names(self.estimators, "validation")
         if self.finetune_steps < 1 or self.finetune_batch < 1 or self.finetune_added_batch < 1:
             raise ValueError("finetune_steps, finetune_batch and finetune_added_batch must be >= 1")
-        if self.bootstrap < 0:
-            raise ValueError("bootstrap must be >= 0")
+        # the shared fields are checked by the settings they belong to (`dowsing.settings`)
+        self.model_settings()
+        self.bootstrap_settings()
+        self.influence_settings()
+
+    def model_settings(self) -> ModelSettings:
+        """A model given by id is loaded in float32 on the CPU (`validate`)."""
+        return ModelSettings(batch_size=self.batch_size)
+
+    def bootstrap_settings(self) -> BootstrapSettings:
+        # 0 resamples: no interval on rho
+        return BootstrapSettings(self.bootstrap, self.seed, 0, "bootstrap")
+
+    def influence_settings(self) -> InfluenceSettings:
+        """The alignment's blocks are the fine-tune's (`validate`), its Adam
+        minibatches the estimators' default."""
+        return InfluenceSettings(damping=self.damping, checkpoint_lr=self.checkpoint_lr)
 
 
 @dataclass
@@ -151,6 +168,15 @@ def _interval_text(pair) -> str:
 
 
 
+def validation_settings(config: ValidationConfig, blocks: int) -> EstimatorSettings:
+    """What the estimators read in a validation whose fine-tunes train the
+    last `blocks` blocks: the alignment estimators use the same blocks."""
+    # the trajectory is the user's checkpoints when given, else the validation's own baseline fine-tune
+    # (same recipe, seed and minibatches)
+    return estimator_settings(config, blocks=blocks, lissa_depth=config.lissa_depth,
+                              lissa_batch_facts=config.lissa_batch_facts, recipe=validation_recipe(config, blocks))
+
+
 def validate(model, domains, config: ValidationConfig | None = None, held_out=None,
              progress: Callable[[Progress], None] | None = None, executor=None,
              should_stop: Callable[[], bool] | None = None) -> ValidationResult:
@@ -175,7 +201,8 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
         check_last_is_model(checkpoints, model.info.id if isinstance(model, LoadedModel) else model)
     if not isinstance(model, LoadedModel):
         say(Progress("loading model", 0.0, "loading model"))
-        model = load_model(model, "cpu", "float32")
+        running = config.model_settings()
+        model = load_model(model, running.device, running.dtype)
         timings["load_model"] = time.perf_counter() - clock
     train, held = split_domains(domains, config.seed, config.held_out_fraction, held_out)
     domain_names = [d.name for d in train]
@@ -187,12 +214,7 @@ def validate(model, domains, config: ValidationConfig | None = None, held_out=No
     timings["forward"] = split.forward_s
 
     t0 = time.perf_counter()
-    ctx = EstimatorContext(model, split, EstimatorSettings(
-        damping=config.damping, blocks=blocks, seed=config.seed, lissa_depth=config.lissa_depth,
-        lissa_batch_facts=config.lissa_batch_facts, batch_size=config.batch_size,
-        # the trajectory is the user's checkpoints when given, else the validation's own baseline fine-tune
-        # (same recipe, seed and minibatches)
-        recipe=validation_recipe(config, blocks), checkpoint_lr=config.checkpoint_lr), checkpoints,
+    ctx = EstimatorContext(model, split, validation_settings(config, blocks), checkpoints,
         lambda f, m: say(Progress("estimators", 0.05 + 0.25 * f, m)))
     scores = compute(ctx, scored_estimators(config, split.block_inputs is not None))
     timings["estimators"] = time.perf_counter() - t0
