@@ -13,7 +13,7 @@ import torch
 from scipy import stats
 
 from dowsing.kernels import pilots
-from dowsing.kernels.alignment import tail_parameters
+from dowsing.kernels.alignment import padded_block_batch, tail_parameters
 from dowsing.domains import Domain
 from dowsing.kernels.forward import split_pass
 from dowsing.kernels.splitting import split_domains
@@ -75,24 +75,34 @@ def test_each_pilot_point_is_a_fine_tune_on_that_many_facts_of_one_half(passed):
     trainer = TailTrainer(loaded, split)
     recipe = Recipe("pilot", "adamw", lr=1e-3, steps=3, blocks=1, batch=64)
     a, b = list(split.train_rows[1]), list(split.held_rows[1])
-    curve = pilots.pilot_curve(trainer, recipe, 0, a, b, sizes=(2, 3))
-    assert curve["sizes"] == [2, 3, 4]
-    # by hand: a plain AdamW loop on the tail, every fact of the run in every step
+    assert min(len(a), len(b)) == 4
+    curve = pilots.pilot_curve(trainer, recipe, 0, a, b, sizes=(2, 3, 8))
+    assert curve["sizes"] == [2, 3, 4]  # the largest size cut to the smaller half
+    assert pilots.pilot_curve(trainer, recipe, 0, a, b, sizes=(2, 3))["sizes"] == [2, 3]  # never past the largest
+
+    def full_logits(rows):
+        # the tail model's whole forward, logits at every position, as the reference for the trainer's own path
+        ids, mask, hidden = padded_block_batch([trainer.data.ids[r] for r in rows],
+                                               [trainer.data.block_inputs[r] for r in rows], trainer.device)
+        return trainer.work(inputs_embeds=trainer.embed(hidden), attention_mask=mask, use_cache=False).logits, ids, mask
+
+    # by hand: a plain (unfused) AdamW loop on the tail, every fact of the run in every step
     for i, n in enumerate(curve["sizes"]):
         drops = []
         for train_rows, eval_rows in ((a[:n], b), (b[:n], a)):
             trainer.reset()
             trainable = tail_parameters(trainer.work, 1)
-            opt = torch.optim.AdamW(trainable, lr=1e-3)
+            opt = torch.optim.AdamW(trainable, lr=1e-3, foreach=False)
             for _ in range(3):
-                logits, ids, mask = trainer._logits(train_rows)
+                logits, ids, mask = full_logits(train_rows)
                 loss = per_fact_losses(logits, ids, mask).mean()
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-            after = trainer.losses(eval_rows)
+            with torch.no_grad():
+                after = per_fact_losses(*full_logits(eval_rows)).to(torch.float64)
             drops.append(float((split.tokens.fact_losses[eval_rows] - after).mean()))
-        assert curve["drop"][i] == pytest.approx(0.5 * sum(drops), rel=1e-7, abs=1e-12)
+        assert curve["drop"][i] == pytest.approx(0.5 * sum(drops), rel=1e-6, abs=1e-9)
         assert np.mean(curve["per_fact_by_size"][i]) == pytest.approx(curve["drop"][i], rel=1e-9, abs=1e-12)
 
 
@@ -105,6 +115,7 @@ def test_the_curve_is_scipys_least_squares_line_in_ln_n():
     assert pilots.log_fit([8], [0.2]) == (0.2, 0.0)
     assert pilots.pilot_sizes((2, 4, 8), 8, 7) == [2, 4, 7]
     assert pilots.pilot_sizes((2, 4, 8), 1, 1) == [1]
+    assert pilots.pilot_sizes((2, 4, 8), 17, 16) == [2, 4, 8]  # halves beyond the largest size: not trained on
 
 
 def test_an_analysis_ranks_a_domain_too_small_for_a_pilot_by_mean_loss_and_says_so(tiny_llama_dir, tmp_path,
@@ -127,3 +138,22 @@ def test_an_analysis_ranks_a_domain_too_small_for_a_pilot_by_mean_loss_and_says_
     kinds = {d["domain"]: d for d in result.extras["diagnosis"]}
     assert kinds["Small"]["pilot_drop"] is None and "loss alone" in kinds["Small"]["sentence"]
     assert kinds["Alpha"]["pilot_drop"] == pytest.approx(result.domains[0].priority)
+
+
+def test_the_head_on_predicting_positions_alone_gives_every_facts_loss():
+    from dowsing.kernels.subspace import head_losses
+
+    gen = torch.Generator().manual_seed(0)
+    lengths = [5, 2, 7, 3]
+    hidden = torch.randn(4, 7, 6, generator=gen, dtype=torch.float64)
+    head = torch.nn.Linear(6, 11, bias=False).to(torch.float64)
+    ids = torch.randint(0, 11, (4, 7), generator=gen)
+    mask = torch.zeros(4, 7, dtype=torch.long)
+    for i, n in enumerate(lengths):
+        mask[i, :n] = 1
+    got = head_losses(hidden, head, ids, mask)
+    want = per_fact_losses(head(hidden), ids, mask)
+    assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    # and by hand for one fact: the mean cross-entropy of its 4 predicted tokens
+    logp = torch.log_softmax(head(hidden[0]), dim=-1)
+    assert float(got[0]) == pytest.approx(float(-sum(logp[t, ids[0, t + 1]] for t in range(4)) / 4), rel=1e-12)

@@ -151,6 +151,22 @@ def per_fact_losses(logits: torch.Tensor, input_ids: torch.Tensor, mask: torch.T
     return ce.sum(dim=1) / valid.sum(dim=1)
 
 
+def head_losses(hidden: torch.Tensor, head: torch.nn.Module, input_ids: torch.Tensor,
+                mask: torch.Tensor) -> torch.Tensor:
+    """`per_fact_losses` from the last hidden states (after the final norm),
+    putting only the predicting positions through the LM head: every fact's
+    tokens but its last, no padding. The head is most of a short pass's
+    work, and padding and last positions are a third of its rows on facts of
+    uneven length; the losses are the same numbers."""
+    valid = mask[:, 1:].bool()
+    h = hidden[:, :-1][valid]
+    target = input_ids[:, 1:][valid]
+    ce = F.cross_entropy(head(h), target, reduction="none")
+    fact = torch.arange(valid.shape[0], device=valid.device).unsqueeze(1).expand_as(valid)[valid]
+    sums = torch.zeros(valid.shape[0], dtype=ce.dtype, device=ce.device).index_add(0, fact, ce)
+    return sums / valid.sum(dim=1).to(ce.dtype)
+
+
 @contextmanager
 def concept_adapter(anatomy: Anatomy, direction: torch.Tensor, u_rows: torch.Tensor):
     """Add v * (x . u_b) to the output of the last B MLP output projections.
