@@ -94,7 +94,8 @@ class _PilotCurves:
             self.recipe = dataclasses.replace(PILOT_RECIPE, blocks=min(PILOT_RECIPE.blocks, depth))
 
     def _sizes(self, rows_a: list, rows_b: list) -> list:
-        sizes = self.sizes if self.sizes is not None else (max(len(rows_a), len(rows_b)),)
+        # the pilot gain alone: only the curve's last point, at the largest pilot size
+        sizes = self.sizes if self.sizes is not None else (max(self.ctx.settings.pilot_sizes),)
         return pilot_sizes(sizes, len(rows_a), len(rows_b))
 
     def key(self, rows_a: list, rows_b: list) -> str | None:
@@ -209,8 +210,8 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
     (held); a domain whose halves cannot hold two facts each costs nothing.
     pilot_gain / pilot_curve: a trainer (a tail copy, checked on 16 facts of
     B), then per domain and per pilot size n (`pilots.pilot_sizes`: the
-    pilot sizes below the smaller half, and its whole size; pilot_gain
-    alone: that size only) two runs, A's first n facts teaching B and the
+    pilot sizes, the last cut to the smaller half; pilot_gain alone: the
+    last only) two runs, A's first n facts teaching B and the
     other way, each PILOT_RECIPE.steps steps of all n facts on the last
     min(PILOT_RECIPE.blocks, keep) blocks and a read of the other half.
     lookahead_sign: per domain the whole model's gradient of each half's
@@ -229,7 +230,7 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
         if min(len(a), len(b)) < MIN_HALF:
             continue
         if tuned and k not in stored:
-            wanted = sizes if PILOT_CURVE in names else (max(len(a), len(b)),)
+            wanted = sizes if PILOT_CURVE in names else (max(sizes),)
             for n in pilot_sizes(wanted, len(a), len(b)):
                 for taught, read in ((a, b), (b, a)):
                     seconds += finetune_s(cal, PILOT_RECIPE.steps, n * max(taught[:n]), keep, blocks,

@@ -43,8 +43,17 @@ def pilot_drops(trainer, recipe: Recipe, seed: int, train_rows: list, eval_rows:
 
 def pilot_sizes(sizes, half_a: int, half_b: int) -> list:
     """The nested sizes both halves can supply, ascending, ending with the
-    smaller half's whole size (the pilot gain's own point)."""
-    top = min(half_a, half_b)
+    largest asked size, or with the smaller half's whole size where that is
+    smaller (the pilot gain's own point).
+
+    No run trains on more than the largest asked size, however large the
+    halves: every check of the pilots against real training (the benchmark,
+    the plan checks, the check on domains outside the repo) ran them on at
+    most 8 facts a half, so that is the curve the ranking's evidence is
+    for, and a run's cost grows with its size. The rest of the other half
+    is still read: every fact of B is evaluated after training on A's first
+    n, and the other way."""
+    top = min(half_a, half_b, max(int(n) for n in sizes)) if len(sizes) else min(half_a, half_b)
     out = sorted({int(n) for n in sizes if 0 < int(n) < top})
     return out + [top] if top > 0 else out
 

@@ -313,7 +313,7 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
         drops = scores.priority if not scores.details.get("fallback") else [
             None if name in scores.details["fallback"]["domains"] else p for name, p in zip(passed.names, scores.priority)]
     elif scores.name == PILOT_CURVE and scores.details.get("fits"):
-        # the curve's largest size is the whole half: the pilot gain's own runs
+        # the curve's largest size is the pilot gain's own: the same runs
         drops = [fit["drop"][-1] if fit else None for fit in scores.details["fits"]]
     else:
         report(Progress("diagnosis", 0.99, "pilot fine-tunes for the diagnosis"))
@@ -460,7 +460,7 @@ def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = 
         return None
     sizes = estimator_settings(config).pilot_sizes
     return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
-                         (lambda a, b: sizes) if curve else (lambda a, b: (max(len(a), len(b)),)))
+                         (lambda a, b: sizes) if curve else (lambda a, b: (max(sizes),)))
 
 
 def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: str, sizes_of) -> dict:
