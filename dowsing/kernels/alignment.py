@@ -275,17 +275,19 @@ def block_inputs_by_fact(batches, captured: list) -> list:
     return [out[i] for i in range(len(out))]
 
 
-def check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int, instead: tuple) -> None:
-    """The truncated model must reproduce every fact's loss from its block
+def check_tail(work, embed, ids, block_inputs, fact_losses, batch_size: int, instead: tuple,
+               rows: list | None = None) -> None:
+    """The truncated model must reproduce the facts' losses from their block
     inputs; otherwise the architecture does something on the way (e.g.
     position embeddings added inside the model) that tail_model cannot undo.
-    instead: the estimators the refusal suggests, named by the caller (the
-    registry is a layer above)."""
+    rows: the facts checked (None: every fact). instead: the estimators the
+    refusal suggests, named by the caller (the registry is a layer above)."""
     device = next(work.parameters()).device
+    checked = list(range(len(ids))) if rows is None else list(rows)
     worst = 0.0
     with torch.no_grad():
-        for start in range(0, len(ids), batch_size):
-            rows = list(range(start, min(start + batch_size, len(ids))))
+        for start in range(0, len(checked), batch_size):
+            rows = checked[start: start + batch_size]
             input_ids, mask, hidden = padded_block_batch([ids[r] for r in rows], [block_inputs[r] for r in rows],
                                                          device)
             logits = work(inputs_embeds=embed(hidden), attention_mask=mask, use_cache=False).logits
