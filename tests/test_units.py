@@ -246,6 +246,18 @@ def test_the_merged_per_domain_pieces_are_the_pass_over_every_fact(tiny64, block
             assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-8, atol=1e-8)
 
 
+def test_batches_by_length_name_their_facts_and_pad_less():
+    from dowsing.kernels.subspace import Encoded, make_batches
+
+    ids = [[1] * n for n in (9, 2, 7, 2, 5, 9, 3)]
+    plain = make_batches(Encoded(ids, []), 3, "cpu")
+    by_length = make_batches(Encoded(ids, []), 3, "cpu", by_length=True)
+    assert [rows for _, _, rows in by_length] == [[1, 3, 6], [4, 2, 0], [5]]  # ties keep fact order
+    for input_ids, mask, rows in by_length:
+        assert [int(m.sum()) for m in mask] == [len(ids[r]) for r in rows]
+    assert sum(m.numel() for _, m, _ in by_length) == 3 * 3 + 3 * 9 + 9 < sum(m.numel() for _, m, _ in plain)
+
+
 def test_merging_keeps_the_degenerate_concept_vector_error(tiny_llama64):
     import torch
 
@@ -438,3 +450,18 @@ def test_a_tampered_forward_piece_is_refused_and_the_run_computes_it_again(store
     units.store.put("k", value)
     assert units.get("forward", "k", "Beta", lambda v: piece_from_value(v, ids, "cpu", torch.float64)) is not None
     assert units.summary("forward") == {"computed": [], "reused": ["Beta"]}
+
+
+def test_a_unit_too_large_to_keep_is_used_named_and_not_stored(tmp_path, monkeypatch):
+    from dowsing.storage import caches
+    from dowsing.storage.store import JsonStore
+    from dowsing.storage.units import DomainUnits
+
+    monkeypatch.setattr(caches, "UNIT_SIZE_LIMIT_BYTES", 100)
+    units = DomainUnits("model", store=JsonStore("units", folder=tmp_path / "units"))
+    small, large = {"drop": [0.1, 0.2]}, {"x": "a" * 200}
+    units.put("forward", "small", "Alpha", small)
+    units.put("forward", "large", "Beta", large)
+    assert units.store.get("small") == small and units.store.get("large") is None
+    assert not units.has("large")
+    assert units.summary("forward") == {"computed": ["Alpha", "Beta"], "reused": [], "not_kept": ["Beta"]}

@@ -43,8 +43,9 @@ def summed_pass(model, anatomy, batches, fact_domain, n_domains):
     """(sums, tokens): the forward pass with the concept vectors left as
     sums[k] = the sum over domain k's facts of each fact's mean last hidden
     state (float64), so passes over parts of the facts add up to the pass
-    over all of them."""
-    xs, hs, ys, facts, scales, losses = [], [], [], [], [], []
+    over all of them. The tokens are laid out fact by fact in fact order
+    whatever order the batches take the facts in."""
+    by_fact: dict = {}  # row -> (x, h, targets, loss)
     tail = tail_function(anatomy)
     tail_ok = True
     sums = None
@@ -53,7 +54,7 @@ def summed_pass(model, anatomy, batches, fact_domain, n_domains):
             store: dict = {}
             with capture_tail_inputs(anatomy, store):
                 out = model(input_ids=input_ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-            losses.append(per_fact_losses(out.logits, input_ids, mask).to(torch.float64))
+            losses = per_fact_losses(out.logits, input_ids, mask).to(torch.float64)
             hidden = out.hidden_states[-1]
             m = mask.unsqueeze(-1).to(hidden.dtype)
             fact_means = ((hidden * m).sum(dim=1) / m.sum(dim=1)).to(torch.float64)
@@ -62,21 +63,24 @@ def summed_pass(model, anatomy, batches, fact_domain, n_domains):
             for j, row in enumerate(rows):
                 sums[fact_domain[row]] += fact_means[j]
                 length = int(mask[j].sum())
-                xs.append(store["x"][j, : length - 1])
-                hs.append(store["h"][j, : length - 1])
-                ys.append(input_ids[j, 1:length])
-                facts.append(torch.full((length - 1,), row, dtype=torch.long))
-                scales.append(torch.full((length - 1,), 1.0 / (length - 1), dtype=torch.float64))
+                by_fact[row] = (store["x"][j, : length - 1], store["h"][j, : length - 1], input_ids[j, 1:length],
+                                losses[j])
             if tail_ok:
-                logits_again = tail(store["h"])
-                scale = out.logits.abs().max().clamp_min(1.0)
+                # the final norm and the head against the model's logits, on one fact of each batch: whether
+                # they match is the architecture's, and the whole batch again would be a second LM-head pass
+                logits_again = tail(store["h"][:1])
+                scale = out.logits[:1].abs().max().clamp_min(1.0)
                 tol = 1e-3 if out.logits.dtype != torch.float64 else 1e-9
-                tail_ok = bool(((logits_again - out.logits).abs().max() / scale) < tol)
+                tail_ok = bool(((logits_again - out.logits[:1]).abs().max() / scale) < tol)
+    rows = sorted(by_fact)
+    xs, hs, ys, losses = zip(*(by_fact[r] for r in rows))
+    counts = [len(y) for y in ys]
     device = xs[0].device
     tokens = FactTokens(
         x=torch.cat(xs), h=torch.cat(hs), targets=torch.cat(ys).to(device),
-        token_fact=torch.cat(facts).to(device), token_scale=torch.cat(scales).to(device),
-        fact_losses=torch.cat(losses), tail_matches=tail_ok,
+        token_fact=torch.cat([torch.full((n,), r, dtype=torch.long) for r, n in zip(rows, counts)]).to(device),
+        token_scale=torch.cat([torch.full((n,), 1.0 / n, dtype=torch.float64) for n in counts]).to(device),
+        fact_losses=torch.stack(losses), tail_matches=tail_ok,
     )
     return sums, tokens
 
@@ -115,7 +119,7 @@ def domain_forward(net, anatomy, ids: list, batch_size: int, capture_block: int 
     from the same pass. Right padding leaves every real token as it is, so
     the result does not depend on which facts share a batch."""
     device = next(net.parameters()).device
-    batches = make_batches(Encoded(list(ids), []), batch_size, device)
+    batches = make_batches(Encoded(list(ids), []), batch_size, device, by_length=True)
     captured: list = []
     with capture_inputs_during(net, capture_block, captured) if capture_block is not None else nullcontext():
         sums, tokens = summed_pass(net, anatomy, batches, [0] * len(ids), 1)
@@ -242,7 +246,7 @@ def split_pass(loaded, train, held, batch_size: int = 16, capture_block: int | N
         facts += list(d.facts)
         groups += [len(train) + k] * len(d.facts)
     encoded = encode_facts(loaded.tokenizer, facts, anatomy.max_positions)
-    batches = make_batches(encoded, batch_size, next(net.parameters()).device)
+    batches = make_batches(encoded, batch_size, next(net.parameters()).device, by_length=True)
     captured: list = []
     if capture_block is None:
         directions, _, tokens = forward_pass(net, anatomy, batches, groups, 2 * len(train))
@@ -258,8 +262,8 @@ def split_pass(loaded, train, held, batch_size: int = 16, capture_block: int | N
 def forward_pass_s(cal, batch_size: int, *passes) -> float:
     """What forward passes cost before they run: the calibrated seconds per
     token (`calibration.Calibration`) times the tokens of each pass's
-    right-padded batches of `batch_size` facts taken in order
+    right-padded batches of `batch_size` facts taken by length
     (`costs.padded_tokens`). passes: tokens per fact of each pass."""
     from ..costs import padded_tokens
 
-    return cal.forward_s_per_token * sum(padded_tokens(lengths, batch_size) for lengths in passes)
+    return cal.forward_s_per_token * sum(padded_tokens(sorted(lengths), batch_size) for lengths in passes)

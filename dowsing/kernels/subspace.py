@@ -127,17 +127,22 @@ def pad_ids(rows: list, device) -> tuple[torch.Tensor, torch.Tensor]:
     return input_ids.to(device), mask.to(device)
 
 
-def make_batches(encoded: Encoded, batch_size: int, device) -> list:
+def make_batches(encoded: Encoded, batch_size: int, device, by_length: bool = False) -> list:
     """Right-padded batches (input_ids, attention_mask, fact indices).
 
     Right padding keeps every real token's position id and causal context
-    unchanged, so results do not depend on batching.
+    unchanged, so results do not depend on batching. by_length: the facts
+    ordered by length first (ties in fact order), so a batch pads little;
+    each batch still names its facts.
     """
+    order = list(range(len(encoded.ids)))
+    if by_length:
+        order.sort(key=lambda i: len(encoded.ids[i]))
     out = []
-    for start in range(0, len(encoded.ids), batch_size):
-        rows = encoded.ids[start : start + batch_size]
-        input_ids, mask = pad_ids(rows, device)
-        out.append((input_ids, mask, list(range(start, start + len(rows)))))
+    for start in range(0, len(order), batch_size):
+        rows = order[start: start + batch_size]
+        input_ids, mask = pad_ids([encoded.ids[i] for i in rows], device)
+        out.append((input_ids, mask, rows))
     return out
 
 
