@@ -45,8 +45,10 @@ class MemoryStore:
     def get(self, key):
         return json.loads(self.values[key]) if key in self.values else None
 
-    def put(self, key, value):
-        self.values[key] = json.dumps(value, allow_nan=False)
+    def put(self, key, value, max_bytes=None):
+        text = json.dumps(value, allow_nan=False)
+        assert max_bytes is None or len(text) <= max_bytes
+        self.values[key] = text
 
 
 @pytest.fixture(scope="module")

@@ -105,6 +105,13 @@ def _finished(result: Result, units, partial: bool = False) -> Result:
     extras["partial"]: what is still being computed."""
     if units is not None:
         result.extras["units"] = units.to_dict()
+        large = sorted({name for names in units.not_kept.values() for name in names})
+        if large:
+            note = (f"Too large to keep in the cache, computed again on every run: the units of {', '.join(large)} "
+                    "(many facts or a wide model).")
+            result.extras.setdefault("warnings", [])
+            if note not in result.extras["warnings"]:
+                result.extras["warnings"].append(note)
     if partial:
         result.extras["partial"] = {"computing": ["mean", "share_pct (paper)", "delta_n", "saturation", "transfer",
                                                   "bootstrap"]}

@@ -12,7 +12,8 @@ the user, and rebuilt when damaged.
   (``<folder>.damaged-<UTC time>``), said so in one line (logged, and kept
   for the pages and the CLI in `damage_notes`), and started empty.
 - STORE_SIZE_LIMIT_BYTES bounds each store of results or units, evicting the
-  least recently used entries. Model conversions (``cache/models``) are
+  least recently used entries; UNIT_SIZE_LIMIT_BYTES bounds one per-domain
+  unit (a larger one is not kept). Model conversions (``cache/models``) are
   plain folders, not stores, and are never evicted.
 """
 from __future__ import annotations
@@ -36,6 +37,10 @@ logger = logging.getLogger("dowsing.cache")
 # least recently read or written entries go first (a result is recomputed).
 STORE_SIZE_LIMIT_BYTES = 2 * 2 ** 30
 BOUNDED = {"size_limit": STORE_SIZE_LIMIT_BYTES, "eviction_policy": "least-recently-used"}
+# No single per-domain unit larger than this is kept (it is used in its run and computed again in the
+# next): a forward piece of a model with a wide MLP or a domain of thousands of facts runs to hundreds
+# of MB, and storing it would evict many small units that are cheaper to keep.
+UNIT_SIZE_LIMIT_BYTES = STORE_SIZE_LIMIT_BYTES // 16
 
 _SQLITE_CORRUPT = 11
 _SQLITE_NOTADB = 26

@@ -91,5 +91,15 @@ class JsonStore(_CheckedStore):
             self._cache.delete(key)
             return None
 
-    def put(self, key: str, value: dict) -> None:
-        put_checked_text(self._cache, key, json.dumps(value, allow_nan=False))
+    def put(self, key: str, value: dict, max_bytes: int | None = None) -> None:
+        """Store value as JSON; ValueError when it holds a NaN or an
+        infinity, EntryTooLarge when its text passes max_bytes (nothing is
+        stored then)."""
+        text = json.dumps(value, allow_nan=False)
+        if max_bytes is not None and len(text) > max_bytes:
+            raise EntryTooLarge(f"{len(text)} bytes, more than the {max_bytes} an entry may take")
+        put_checked_text(self._cache, key, text)
+
+
+class EntryTooLarge(ValueError):
+    """A value whose JSON text is larger than its store takes for one entry."""

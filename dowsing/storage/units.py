@@ -110,6 +110,7 @@ class DomainUnits:
         self.store = store
         self.computed: dict = {}
         self.reused: dict = {}
+        self.not_kept: dict = {}  # kind -> domains whose unit was too large to keep
 
     def texts(self, rows) -> list:
         return [self.row_text[r] for r in rows]
@@ -129,9 +130,17 @@ class DomainUnits:
         return value
 
     def put(self, kind: str, key: str, name: str, value: dict) -> None:
+        """Keep a computed unit; one over UNIT_SIZE_LIMIT_BYTES, or holding a
+        NaN or an infinity (not JSON), is used in this run and not kept, and
+        a larger one is named in `not_kept`."""
+        from .caches import UNIT_SIZE_LIMIT_BYTES
+        from .store import EntryTooLarge
+
         try:
-            self.store.put(key, value)
-        except ValueError:  # a NaN or inf is not JSON: the unit is used in this run and not kept
+            self.store.put(key, value, max_bytes=UNIT_SIZE_LIMIT_BYTES)
+        except EntryTooLarge:
+            self.not_kept.setdefault(kind, []).append(name)
+        except ValueError:
             pass
         self.computed.setdefault(kind, []).append(name)
 
@@ -157,7 +166,10 @@ class DomainUnits:
         return has(key) if has is not None else self.has(key)
 
     def summary(self, kind: str) -> dict:
-        return {"computed": list(self.computed.get(kind, [])), "reused": list(self.reused.get(kind, []))}
+        out = {"computed": list(self.computed.get(kind, [])), "reused": list(self.reused.get(kind, []))}
+        if self.not_kept.get(kind):
+            out["not_kept"] = list(self.not_kept[kind])
+        return out
 
     def to_dict(self) -> dict:
         return {kind: self.summary(kind) for kind in sorted(set(self.computed) | set(self.reused))}
