@@ -17,28 +17,19 @@ estimators, and the collection plan reads the same curves.
 from __future__ import annotations
 
 import math
-import time
 from contextlib import contextmanager
 
 import numpy as np
 import torch
 
 from .subspace import pad_ids, per_fact_losses
-from .training import Recipe
+from .training import Recipe, lockstep_bytes
 
 PILOT_SIZES = (2, 4, 8)
 # AdamW on the last blocks, every fact of the run in every step (the batch is
 # larger than any half): a few steps, so the drop reads how far the domain's
 # facts carry to its other facts, not how well a long run memorises them.
 PILOT_RECIPE = Recipe("pilot", "adamw", lr=1e-4, steps=4, blocks=4, batch=4096)
-
-
-def pilot_drops(trainer, recipe: Recipe, seed: int, train_rows: list, eval_rows: list) -> torch.Tensor:
-    """Per fact of eval_rows: its loss under the starting weights minus its
-    loss after `recipe` trained the last blocks on train_rows alone."""
-    trainer.train(recipe, seed, list(train_rows))
-    after = trainer.losses(list(eval_rows))
-    return trainer.data.fact_losses[list(eval_rows)].to(torch.float64) - after
 
 
 def pilot_sizes(sizes, half_a: int, half_b: int) -> list:
@@ -58,6 +49,12 @@ def pilot_sizes(sizes, half_a: int, half_b: int) -> list:
     return out + [top] if top > 0 else out
 
 
+def _mean_drop(trainer, rows: list, after: torch.Tensor) -> float:
+    """The mean per-fact drop of these rows: their losses under the
+    starting weights minus `after`."""
+    return float((trainer.data.fact_losses[list(rows)].to(torch.float64) - after).mean())
+
+
 def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, sizes=PILOT_SIZES,
                 targets: list | None = None) -> dict:
     """The two-way pilot learning curve of one domain.
@@ -72,37 +69,45 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     "per_fact_by_size" [[per fact of B then A, scaled so their mean is
     drop(n)] per size], "seconds" [per size]}.
 
+    The runs (two per size) go through `trainer.train_runs`, which steps
+    them together where it can; each is the fine-tune it would be alone.
+    The seconds per size share the runs' training time by their facts and
+    the reading time by the facts read.
+
     targets: other domains' halves [(rows A_i, rows B_i)] to read at the
     largest n from the same two runs (`transfer_drops`' entries, at no more
     fine-tuning), returned under "transfer" with the seconds the reading
     took ("transfer_s", left out of "seconds").
     """
     sizes = pilot_sizes(sizes, len(rows_a), len(rows_b))
-    drops, by_size, last, seconds = [], [], None, []
-    read_b, read_a, read_s = [], [], 0.0
+    runs = []
     for n in sizes:
-        t0 = time.perf_counter()
-        on_b = pilot_drops(trainer, recipe, seed, rows_a[:n], rows_b)
-        t1 = time.perf_counter()
-        if targets and n == sizes[-1]:
-            read_b = [_drops_now(trainer, b) for _, b in targets]
-        t2 = time.perf_counter()
-        on_a = pilot_drops(trainer, recipe, seed, rows_b[:n], rows_a)
-        t3 = time.perf_counter()
-        if targets and n == sizes[-1]:
-            read_a = [_drops_now(trainer, a) for a, _ in targets]
-        read_s += (t2 - t1) + (time.perf_counter() - t3)
+        extra = bool(targets) and n == sizes[-1]
+        runs.append((rows_a[:n], [rows_b] + ([b for _, b in targets] if extra else [])))
+        runs.append((rows_b[:n], [rows_a] + ([a for a, _ in targets] if extra else [])))
+    losses, train_s, read_s = trainer.train_runs(recipe, seed, runs)
+    trained = sum(len(pool) for pool, _ in runs) or 1
+    read = sum(len(rows) for _, lists in runs for rows in lists) or 1
+    total = len(rows_a) + len(rows_b)
+    drops, by_size, seconds = [], [], []
+    per_fact = {"b": [], "a": []}
+    for i, n in enumerate(sizes):
+        after_b, after_a = losses[2 * i][0], losses[2 * i + 1][0]
+        on_b = trainer.data.fact_losses[list(rows_b)].to(torch.float64) - after_b
+        on_a = trainer.data.fact_losses[list(rows_a)].to(torch.float64) - after_a
         drops.append(0.5 * (float(on_b.mean()) + float(on_a.mean())))
         # each half weighs half whatever the halves' sizes, so the mean over all facts is drop(n)
-        total = len(rows_a) + len(rows_b)
         by_size.append([float(x) * total / (2 * len(rows_b)) for x in on_b]
                        + [float(x) * total / (2 * len(rows_a)) for x in on_a])
-        last = (on_b, on_a)
-        seconds.append((t1 - t0) + (t3 - t2))
-    per_fact = {"b": [float(x) for x in last[0]], "a": [float(x) for x in last[1]]} if last else {"b": [], "a": []}
+        seconds.append(train_s * 2 * n / trained + read_s * total / read)
+        per_fact = {"b": [float(x) for x in on_b], "a": [float(x) for x in on_a]}  # the largest size's, in the end
     out = {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
     if targets is not None:
-        out.update(transfer=_two_way(read_b, read_a), transfer_s=read_s)
+        reading = bool(targets) and bool(sizes)
+        read_b = [_mean_drop(trainer, b, after) for (_, b), after in zip(targets, losses[-2][1:])] if reading else []
+        read_a = [_mean_drop(trainer, a, after) for (a, _), after in zip(targets, losses[-1][1:])] if reading else []
+        target_facts = sum(len(a) + len(b) for a, b in targets)
+        out.update(transfer=_two_way(read_b, read_a), transfer_s=read_s * target_facts / read)
     return out
 
 
@@ -120,18 +125,12 @@ def transfer_drops(trainer, recipe: Recipe, seed: int, source_a: list, source_b:
     (the same runs, the same arithmetic). Two fine-tunes whatever the number
     of targets; each target costs a forward pass through the trained blocks.
     Returns [{"on_b", "on_a", "drop"}] in the targets' order."""
-    trainer.train(recipe, seed, list(source_a[:size]))
-    read_b = [_drops_now(trainer, b) for _, b in targets]
-    trainer.train(recipe, seed, list(source_b[:size]))
-    read_a = [_drops_now(trainer, a) for a, _ in targets]
+    runs = [(list(source_a[:size]), [list(b) for _, b in targets]),
+            (list(source_b[:size]), [list(a) for a, _ in targets])]
+    (after_b, after_a), _, _ = trainer.train_runs(recipe, seed, runs)
+    read_b = [_mean_drop(trainer, b, after) for (_, b), after in zip(targets, after_b)]
+    read_a = [_mean_drop(trainer, a, after) for (a, _), after in zip(targets, after_a)]
     return _two_way(read_b, read_a)
-
-
-def _drops_now(trainer, rows) -> float:
-    """The mean per-fact drop of these rows under the trainer's current
-    weights (as `pilot_drops` computes it, without training)."""
-    rows = list(rows)
-    return float((trainer.data.fact_losses[rows].to(torch.float64) - trainer.losses(rows)).mean())
 
 
 def _two_way(read_b: list, read_a: list) -> list:
@@ -290,7 +289,8 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
     (a tail copy, checked on 16 held-out facts); bytes beside the forward
     pass: the trainer's own copy of the block inputs, the tail copy and its
     starting weights, the trained blocks' gradients and AdamW's two moments,
-    and a step over the largest half. train / held: the domains of the
+    a step over the largest half, and the runs stepped together
+    (`training.lockstep_bytes`). train / held: the domains of the
     forward pass; stored: positions among them whose pilot curves are
     stored. No trainer (nothing) when no unit is left to run."""
     from ..costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
@@ -302,6 +302,8 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
         return Cost(0.0, 0.0), units
     b = cal.dtype_bytes
     largest = max([min(len(a), len(h)) for a, h in zip(train, held)] + [1])
+    facts_run = max([2 * sum(pilot_sizes(sizes, len(a), len(h))) for a, h in zip(train, held)] + [0])
+    copies, joined = lockstep_bytes(cal, keep, facts_run, max(flat))
     memory = (block_inputs_bytes(cal, flat) + 2 * tail_params(cal, keep) * b + 3 * trainable_params(cal, keep) * b
-              + cal.step_bytes_per_token * largest * max(flat))
+              + copies + cal.step_bytes_per_token * max(largest * max(flat), joined))
     return Cost(sum(units) + cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep), memory), units
