@@ -22,7 +22,7 @@ from pathlib import Path
 from ..costs import CALIBRATION_DOMAINS, tail_work
 from ..paths import cache_dir
 
-CALIBRATION_VERSION = 1
+CALIBRATION_VERSION = 2
 
 
 # --- the calibration -----------------------------------------------------------------------------------------
