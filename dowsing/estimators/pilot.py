@@ -39,7 +39,7 @@ PILOT_CURVE = "pilot_curve"  # also the plan's curves
 LOOKAHEAD_SIGN = "lookahead_sign"
 
 register(Estimator(PILOT_GAIN, "Pilot gain: train on half, drop of the other half", "pilot",
-                   "fine-tune briefly on one half of a domain's facts, drop of the other half's loss, both ways",
+                   "fine-tune briefly on one half of a domain's facts (at most 8), drop of the other half's loss, both ways",
                    needs={"block_inputs", "held_out"}, in_analysis=True))
 register(Estimator(PILOT_CURVE, "Pilot learning curve, extrapolated", "pilot",
                    "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",

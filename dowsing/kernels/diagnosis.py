@@ -198,7 +198,8 @@ def diagnose(names: list, loss: list, pilot_drop: list, pilot_facts: int | None 
     loss_ranks = _ranks(loss)
     drop_ranks = _ranks([d if d is not None else float("nan") for d in drops])
     n, n_drops = len(names), sum(d is not None for d in drops)
-    half = f"half of your facts ({pilot_facts} facts)" if pilot_facts else "half of your facts"
+    # a pilot trains on at most 8 facts of one half (`pilots.pilot_sizes`) and reads the whole other half
+    half = f"{pilot_facts} of your facts" if pilot_facts else "half of your facts (at most 8 of them)"
     out = []
     for k, name in enumerate(names):
         L, D = loss[k], drops[k]

@@ -551,7 +551,8 @@ def share_heading(result: Result) -> str:
 
 
 DIAGNOSIS_HELP = ("Each domain's kind from measured numbers only: its mean loss, and how much fine-tuning the last "
-                  "blocks briefly on one half of its facts lowered the other half's loss (both ways, averaged). "
+                  "blocks briefly on one half of its facts (at most 8 of them) lowered the other half's loss "
+                  "(both ways, averaged). "
                   "Loss says what the model does not know yet; the drop says how much of that more facts like "
                   "these can teach.")
 
