@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .calibration import current_load_average
+from .calibration import calibration_path, current_load_average
 
 
 @dataclass
@@ -166,3 +166,21 @@ def report(build, out=None) -> int:
         print(f"error: {refusals[0]}", file=sys.stderr)
         return 2
     return 0
+
+
+def calibration_basis(cal) -> list:
+    """What an estimate rests on: the calibration (flagged when the machine
+    was busy then), the model's shape, and a quiet machine."""
+    busy = cal.load_average >= (os.cpu_count() or 1)
+    caveat = (f" (the machine was busy then, load average {cal.load_average:.1f}: if it is quiet now, delete "
+              f"{calibration_path(cal.fingerprint, cal.device, cal.dtype, cal.threads)} for a new calibration)"
+              if busy else "")
+    when = cal.created_at[:16].replace("T", " ")
+    threads = f"{cal.threads} torch thread{'' if cal.threads == 1 else 's'}"
+    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {threads}) at {when} "
+            f"UTC{caveat}: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
+            f"fine-tune step {cal.tail_s_per_param_token * 1e12:.0f} ps per parameter and token, "
+            f"float64 {cal.matmul_flops / 1e9:.0f} GFLOP/s",
+            f"the model: {cal.n_params / 1e6:.0f}M parameters, {cal.n_layers} blocks, d_ff {cal.d_ff}, "
+            f"vocabulary {cal.vocab}",
+            "the machine as quiet as the calibration found it (other work on the cores slows a run)"]

@@ -6,8 +6,8 @@ Two parts:
 
 * The machine's speed constants, measured once per model by a short
   calibration (`calibration.calibrate`, cached).
-* Per pipeline (`analysis_cost`, `benchmark_cost`, `validation_cost`,
-  `plan_cost`) the sum over its stages of what each stage declares it costs
+* Per pipeline (`analysis_cost` and `plan_cost` here, `benchmark_cost` and
+  `validation_cost` in `validation_estimates`) the sum over its stages of what each stage declares it costs
   beside its own code: every estimator family in its module in
   `estimators/` (`Family.cost`, read from the registry, so a new family is
   priced without an edit here), the analysis' solves in `analysis_costs`,
@@ -19,7 +19,6 @@ The record and its text, the memory check and --estimate's output are in
 """
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -27,26 +26,11 @@ from .analysis_costs import (analysis_memory, analysis_route, analysis_run, anal
                              pilot_stage, ranking_cost)
 from .calibration import (Calibration, cached_calibration, calibrate, calibration_in_subprocess,  # noqa: F401
                           calibration_path, default_threads)
-from .cost_report import (Estimate, available_memory_bytes, format_bytes, format_estimate,  # noqa: F401
-                          format_seconds, load_note, memory_refusal, report)
-from ..costs import RAY_STARTUP_S, RunShape, predicted_tokens, resident_bytes
+from .cost_report import (Estimate, available_memory_bytes, calibration_basis, format_bytes,  # noqa: F401
+                          format_estimate, format_seconds, load_note, memory_refusal, report)
+from .validation_estimates import benchmark_cost, family_costs, validation_cost  # noqa: F401
+from ..costs import RAY_STARTUP_S, predicted_tokens, resident_bytes
 from ..paths import cache_dir
-
-
-def _basis(cal: Calibration) -> list:
-    busy = cal.load_average >= (os.cpu_count() or 1)
-    caveat = (f" (the machine was busy then, load average {cal.load_average:.1f}: if it is quiet now, delete "
-              f"{calibration_path(cal.fingerprint, cal.device, cal.dtype, cal.threads)} for a new calibration)"
-              if busy else "")
-    when = cal.created_at[:16].replace("T", " ")
-    threads = f"{cal.threads} torch thread{'' if cal.threads == 1 else 's'}"
-    return [f"calibration of {cal.model} on {cal.device} ({cal.dtype}, {threads}) at {when} "
-            f"UTC{caveat}: forward {cal.forward_s_per_token * 1e3:.2f} ms/token, "
-            f"fine-tune step {cal.tail_s_per_param_token * 1e12:.0f} ps per parameter and token, "
-            f"float64 {cal.matmul_flops / 1e9:.0f} GFLOP/s",
-            f"the model: {cal.n_params / 1e6:.0f}M parameters, {cal.n_layers} blocks, d_ff {cal.d_ff}, "
-            f"vocabulary {cal.vocab}",
-            "the machine as quiet as the calibration found it (other work on the cores slows a run)"]
 
 
 # --- the sums over each pipeline's stages ------------------------------------------------------------------------
@@ -101,8 +85,9 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
         with_pilot, todo = len(to_tune(run.train, run.held)), len(to_tune(run.train, run.held, run.pilots_stored))
         notes.insert(0, f"{with_pilot - todo} of {with_pilot} domains' pilot curves from cache: the {where} counts "
                         f"the pilot fine-tunes of the other {todo}")
-    basis = _basis(cal) + [f"{len(flat)} facts, {predicted_tokens(flat)} predicted tokens, {len(lengths)} domains, "
-                           f"route {route}, ranking by {config.estimator}"]
+    basis = calibration_basis(cal) + [
+        f"{len(flat)} facts, {predicted_tokens(flat)} predicted tokens, {len(lengths)} domains, "
+        f"route {route}, ranking by {config.estimator}"]
     if paper and route == "cg":
         notes.append("CG is counted at its iteration limit (the subspace dimension unless cg_maxiter is set): "
                      "an upper bound")
@@ -111,127 +96,6 @@ def analysis_cost(cal: Calibration, domains: list, config, ray_workers: int = 0,
     memory = analysis_memory(cal, lengths, config, ranking, diagnosis)
     memory["ray start-up"], memory["start-up"] = memory["load model"], cal.base_bytes
     return Estimate("analysis", stages, {k: memory[k] for k in stages}, cal.device, basis, notes)
-
-
-def family_costs(cal: Calibration, run: RunShape, wanted) -> dict:
-    """{family: Cost} of the estimator families of the wanted names, in the
-    registry's order, each priced by its own cost function."""
-    from ..estimators import FAMILIES
-
-    return {family: FAMILIES[family].price(cal, run, members) for family, members in wanted.items()}
-
-
-def benchmark_cost(cal: Calibration, train: list, held: list, test: list, pool: list, config, ray_workers: int = 0,
-                   ray_local: bool = True) -> Estimate:
-    """The estimate of one benchmark under the collection protocol
-    (`validation.protocol`). train / held: [(name, [tokens per fact])] of
-    the halves of each domain's sample (what the estimators see); test /
-    pool: the same of its test facts and its pool (in the order the doses
-    take it). ray_workers: Ray workers for the fine-tunes (0: in this
-    process); ray_local: they share this machine's cores with the
-    estimators."""
-    from ..estimators import FAMILIES, PAPER, by_family, get
-    from ..kernels.forward import forward_pass_s
-    from ..validation.costs import (benchmark_leaderboard_s, benchmark_memory, benchmark_units_s,
-                                   curve_predictions_s, truth_trainer_s)
-    from ..validation.plan_check import ALLOCATIONS
-    from ..validation.protocol import dose_steps
-
-    names = [n for n, _ in train]
-    tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
-    te, po = [list(x) for _, x in test], [list(x) for _, x in pool]
-    sample = [a + b for a, b in zip(tr, he)]
-    keep = min(cal.n_layers, max([r.blocks for r in config.recipes] + [config.align_blocks]))
-    flat = [n for d in tr for n in d] + [n for d in he for n in d]
-    # the ground truth's pass: every domain's sample then its pool, then every domain's test facts
-    everything = [n for s, p in zip(sample, po) for n in s + p] + [n for d in te for n in d]
-    stages = {"start-up": cal.start_s, "load model": cal.load_s,
-              "forward pass": forward_pass_s(cal, config.batch_size, flat, everything)}
-    main = next(r for r in config.recipes if r.name == config.main_recipe)
-    run = RunShape("benchmark", tr, he, keep, recipe=main, recipes=tuple(config.recipes), truth=everything,
-                   batch_size=config.batch_size, adam_batches=config.adam_batches, align_blocks=config.align_blocks,
-                   ekfac_blocks=config.ekfac_blocks, ekfac_fit_facts=config.ekfac_fit_facts,
-                   pilot_sizes=config.pilot_sizes, checkpoints=len(config.checkpoints),
-                   lr_known=not config.checkpoints or config.checkpoint_lr is not None)
-    wanted = by_family(config.estimators)
-    if config.curve_domains:  # the learning-curve predictions read the paper's subspace terms
-        wanted.setdefault(get(PAPER).family, [])
-    families = family_costs(cal, run, {f: wanted[f] for f in FAMILIES if f in wanted})
-    seconds = {FAMILIES[f].stage: cost.seconds for f, cost in families.items()}
-    stages.update(seconds)
-    units = benchmark_units_s(cal, sample, te, po, config, keep)
-    notes = []
-    if ray_workers:
-        # each unit on one thread: the calibrated seconds times its threads (an upper bound)
-        work = sum(units) * cal.threads
-        estimators = sum(seconds.values())
-        wall = (estimators + work) / ray_workers if ray_local else max(estimators, math.ceil(
-            len(units) / ray_workers) * work / len(units))
-        stages["ray start-up"] = RAY_STARTUP_S
-        stages["fine-tunes"] = max(wall - estimators, 0.0)
-        notes.append(f"{len(units)} fine-tunes on {ray_workers} single-threaded Ray workers beside the estimators")
-    else:
-        stages["fine-tunes"] = sum(units)
-    stages["fine-tunes"] += truth_trainer_s(cal, te, keep)
-    stages["learning-curve predictions"] = curve_predictions_s(cal, tr, sum(1 for n in config.curve_domains
-                                                                            if n in names))
-    stages["leaderboard"] = benchmark_leaderboard_s(cal, names, config)
-    per_seed = 1 + len(names) * (len(config.doses) + int(config.second_reading))
-    steps = ", ".join(sorted({str(dose_steps(r, max(config.doses))) for r in config.recipes}, key=int))
-    basis = _basis(cal) + [
-        f"{len(names)} domains: samples of {sum(map(len, sample))} facts ({predicted_tokens(flat)} predicted "
-        f"tokens), {sum(map(len, te))} test facts, pools of {sum(map(len, po))}; {len(config.estimators)} "
-        f"estimators; {len(units)} fine-tunes of {steps} steps ({len(config.recipes)} recipes x {config.seeds} seeds "
-        f"x {per_seed}: the baseline and per domain {len(config.doses)} doses"
-        + (" and its sample" if config.second_reading else "") + ")"
-        + (f", {len(ALLOCATIONS) * len(config.plan_budgets) * config.seeds} of them the plan check's "
-           f"({len(ALLOCATIONS)} allocations x "
-           f"{len(config.plan_budgets)} budgets x {config.seeds} seeds)" if config.plan_budgets else "")]
-    notes.append("AirRep's encoder training and kronfluence's bookkeeping are left out (seconds)")
-    memory, after = benchmark_memory(cal, run, ray_workers if ray_local else 0)
-    memory.update({FAMILIES[f].stage: after + cost.bytes for f, cost in families.items()})
-    return Estimate("benchmark", stages, {k: int(memory[k]) for k in stages}, cal.device, basis, notes)
-
-
-def validation_cost(cal: Calibration, train: list, held: list, config, ray_workers: int = 0) -> Estimate:
-    """The estimate of one quick validation (`validation.validate`); train /
-    held as in `benchmark_cost`."""
-    from ..estimators import PAPER, by_family, names as offered
-    from ..kernels.forward import forward_pass_s
-    from ..validation.costs import benchmark_memory, subspace_truth_s, validation_finetunes_s
-    from ..validation.finetune import validation_recipe
-    from ..validation.validate import scored_estimators, validation_settings
-
-    tr, he = [list(x) for _, x in train], [list(x) for _, x in held]
-    keep = min(config.finetune_blocks, cal.n_layers)
-    recipe = validation_recipe(config, keep)
-    flat = [n for d in tr for n in d] + [n for d in he for n in d]
-    names = list(dict.fromkeys([PAPER] + list(config.estimators)))
-    stages = {"start-up": cal.start_s, "load model": cal.load_s,
-              "forward pass": forward_pass_s(cal, config.batch_size, flat)}
-    run = RunShape("validation", tr, he, keep, recipe=recipe, recipes=(recipe,), batch_size=config.batch_size,
-                   adam_batches=validation_settings(config, keep).adam_batches, align_blocks=keep, ekfac_blocks=0,
-                   lissa_depth=config.lissa_depth, lissa_batch=config.lissa_batch_facts,
-                   checkpoints=len(config.checkpoints),
-                   lr_known=not config.checkpoints or config.checkpoint_lr is not None)
-    # without the fine-tuning ground truth no block inputs are captured, and the estimators that need them drop out
-    scored = family_costs(cal, run, by_family(scored_estimators(config, config.finetune)))
-    stages["estimators"] = sum((cost.seconds for cost in scored.values()), 0.0)
-    if config.subspace:
-        stages["subspace ground truth"] = subspace_truth_s(cal, tr, he, len(config.eps), config.newton_steps)
-    if config.finetune:
-        stages["fine-tuning ground truth"] = validation_finetunes_s(cal, tr, he, recipe, keep, config.batch_size,
-                                                                    ray_workers, RAY_STARTUP_S)
-    stages["leaderboard"] = len(names) * config.bootstrap * cal.leaderboard_s_per_resample
-    memory, after = benchmark_memory(cal, run)
-    memory["estimators"] = after + max(cost.bytes for cost in family_costs(
-        cal, run, by_family(offered("validation"))).values())
-    memory["subspace ground truth"] = memory["leaderboard"] + 4 * cal.d_ff ** 2 * 8
-    memory["fine-tuning ground truth"] = memory["fine-tunes"]
-    basis = _basis(cal) + [f"{len(tr)} domains, {len(flat)} facts ({predicted_tokens(flat)} predicted tokens), "
-                           f"{len(names)} estimators, {len(tr) + 1} fine-tunes of {recipe.steps} steps"]
-    notes = ["CG and LiSSA are counted at d_ff iterations and their full depth: upper bounds"]
-    return Estimate("validation", stages, {k: int(memory[k]) for k in stages}, cal.device, basis, notes)
 
 
 def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=frozenset()) -> Estimate:
@@ -281,8 +145,9 @@ def plan_cost(cal: Calibration, train: list, held: list, config, pilots_stored=f
         stages["fits"] = len(with_pilot) * resamples * cal.bootstrap_s_per_curve
         memory["fits"] = resident_bytes(cal)
     every = [n for d in tr + he for n in d]
-    basis = _basis(cal) + [f"{len(tr)} domains, {len(every)} facts ({predicted_tokens(every)} predicted tokens), "
-                           f"{len(units)} pilot fine-tunes of {PILOT_RECIPE.steps} steps on the last {keep} blocks"]
+    basis = calibration_basis(cal) + [
+        f"{len(tr)} domains, {len(every)} facts ({predicted_tokens(every)} predicted tokens), "
+        f"{len(units)} pilot fine-tunes of {PILOT_RECIPE.steps} steps on the last {keep} blocks"]
     notes = []
     reused = len(with_pilot) - len(to_tune(tr, he, stored))
     if reused:
