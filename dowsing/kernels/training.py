@@ -4,14 +4,12 @@ benchmark's ground truth, the trajectory estimators and the AirRep
 estimator's counterfactual runs all train with it."""
 from __future__ import annotations
 
+import copy
 import random
+import time
 from dataclasses import dataclass
 
 import torch
-
-import copy
-import time
-
 import torch.nn.functional as F
 
 from .alignment import FROZEN_KINDS, blocks_of, padded_block_batch, tail_embedding, tail_model, tail_parameters
@@ -250,7 +248,7 @@ class TailTrainer:
         the frozen embeddings and LM head with it (made once, reset each
         time)."""
         while len(self.spares) < count:
-            memo = {i: p for p in self.params for i in [id(p)] if i in self.shared}
+            memo = {id(p): p for p in self.params if id(p) in self.shared}  # deepcopy keeps these as they are
             self.spares.append(copy.deepcopy(self.work, memo))
         with torch.no_grad():
             for work in self.spares[:count]:

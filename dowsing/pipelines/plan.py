@@ -93,8 +93,8 @@ class PlanConfig(ConfigRecord):
     costs / caps / weights: (domain, value) pairs (a dict is accepted);
         a domain not named costs 1, has no cap (the most examples of it to
         collect) and weighs 1 (its gain counts weight times).
-    pilot_sizes: the pilot's nested sizes (`pilots.pilot_sizes` ends them at
-        the smaller half's size).
+    pilot_sizes: the pilot's nested sizes (`pilots.pilot_sizes` cuts the
+        largest to the smaller half's size; no run trains on more).
     seed: the halves, the pilot's minibatches and the bootstrap.
     bootstrap_resamples: resamples of the facts' per-fact drops for the bands.
     device / dtype / batch_size: how the model runs, as in an analysis.
