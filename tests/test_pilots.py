@@ -151,11 +151,11 @@ def test_the_head_on_predicting_positions_alone_gives_every_facts_loss():
     mask = torch.zeros(4, 7, dtype=torch.long)
     for i, n in enumerate(lengths):
         mask[i, :n] = 1
-    got = head_losses(hidden, head, ids, mask)
-    want = per_fact_losses(head(hidden), ids, mask)
+    got = head_losses(hidden, head, ids, mask).detach()
+    want = per_fact_losses(head(hidden), ids, mask).detach()
     assert torch.allclose(got, want, rtol=1e-12, atol=0)
     # and by hand for one fact: the mean cross-entropy of its 4 predicted tokens
-    logp = torch.log_softmax(head(hidden[0]), dim=-1)
+    logp = torch.log_softmax(head(hidden[0]), dim=-1).detach()
     assert float(got[0]) == pytest.approx(float(-sum(logp[t, ids[0, t + 1]] for t in range(4)) / 4), rel=1e-12)
 
 
