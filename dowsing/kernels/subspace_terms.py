@@ -195,6 +195,9 @@ def derivatives_at_zero(line: LogitLine, directions: torch.Tensor, targets: torc
     dirs = directions.to(h.dtype)
     vc = line._p(dirs)  # (K, d)
     big_b = (line.w @ (line.g * vc).T)  # (V, K)
+    n_dirs = big_b.shape[1]
+    # p B and p B^2 in one product: every vocabulary-sized pass over a chunk is a trip through memory
+    b_and_bb = torch.cat([big_b, big_b * big_b], dim=1)  # (V, 2K)
     vc64 = vc.to(torch.float64)
     q2 = (vc64 ** 2).mean(-1)  # (K,)
     out_a, out_c, out_g = [], [], []
@@ -208,13 +211,13 @@ def derivatives_at_zero(line: LogitLine, directions: torch.Tensor, targets: torc
             r1 = q1 / r
             r2 = (q2[None, :] - r1 ** 2) / r
             a_tok = line.head(sl)  # (C, V)
-            z = a_tok / r.to(a_tok.dtype) + line.c_const
-            p = torch.softmax(z, dim=-1)
-            pb = (p @ big_b).to(torch.float64)  # (C, K)
-            pbb = (p @ (big_b * big_b)).to(torch.float64)
-            pab = ((p * a_tok) @ big_b).to(torch.float64)
-            pa = (p * a_tok).sum(-1, dtype=torch.float64)[:, None]  # (C, 1)
-            paa = (p * a_tok * a_tok).sum(-1, dtype=torch.float64)[:, None]
+            p = torch.softmax(torch.addcdiv(line.c_const, a_tok, r.to(a_tok.dtype)), dim=-1)
+            both = (p @ b_and_bb).to(torch.float64)  # (C, 2K)
+            pb, pbb = both[:, :n_dirs], both[:, n_dirs:]
+            p_a = p.mul_(a_tok)  # p * A in place: p itself is not needed again
+            pab = (p_a @ big_b).to(torch.float64)
+            pa = p_a.sum(-1, dtype=torch.float64)[:, None]  # (C, 1)
+            paa = p_a.mul_(a_tok).sum(-1, dtype=torch.float64)[:, None]
             by = big_b[y].to(torch.float64)  # (C, K)
             ay = a_tok.gather(1, y[:, None]).to(torch.float64)  # (C, 1)
             m1 = pb / r - pa * r1 / r ** 2
