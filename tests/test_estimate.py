@@ -262,17 +262,12 @@ def test_pilot_estimators_by_hand():
     # and AdamW's moments of 2 blocks) with a step over the larger half (4 facts); the lookahead's whole-model
     # gradients and signs with a batch's activations (the one-block step's 500 B a token, then the other block's
     # 10 x 16 + 4 x 24 values)
-    # and the five other runs stepped together (a copy of the 2 blocks each, with gradients and moments);
-    # the joined step holds both ways of every pilot size at once
     trainer = 18 * 6 * 16 * 4 + 2 * TINY_PARAMS * 4 + 3 * 2 * TINY_BLOCK * 4  # both blocks kept: the whole model
-    trainer += 5 * 4 * 2 * TINY_BLOCK * 4
-    step = 500 * 2 * 4 * 6  # pilot_gain: both ways at 4 facts of 6 tokens
-    step_curve = 500 * 2 * (2 + 4) * 6  # pilot_curve: both ways at 2 and at 4
+    step = 500 * 4 * 6
     lookahead = 4 * TINY_PARAMS * 4 + (500 + (10 * 16 + 4 * 24) * 4) * 16 * 6
     assert pilot_family.pilot_memory(cal, train, held, 2, ["pilot_gain"]) == trainer + step
     assert pilot_family.pilot_memory(cal, train, held, 2, ["lookahead_sign"]) == lookahead
-    assert pilot_family.pilot_memory(cal, train, held, 2, ["pilot_curve", "lookahead_sign"]) == trainer + max(
-        step_curve, lookahead)
+    assert pilot_family.pilot_memory(cal, train, held, 2, ["pilot_curve", "lookahead_sign"]) == trainer + max(step, lookahead)
 
 
 def test_the_analysis_counts_its_diagnosis_and_pilot_rankings():

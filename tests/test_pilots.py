@@ -157,27 +157,3 @@ def test_the_head_on_predicting_positions_alone_gives_every_facts_loss():
     # and by hand for one fact: the mean cross-entropy of its 4 predicted tokens
     logp = torch.log_softmax(head(hidden[0]), dim=-1).detach()
     assert float(got[0]) == pytest.approx(float(-sum(logp[t, ids[0, t + 1]] for t in range(4)) / 4), rel=1e-12)
-
-
-def test_runs_stepped_together_are_the_runs_one_after_another(passed, monkeypatch):
-    from dowsing.kernels import training
-
-    loaded, split = passed
-    trainer = TailTrainer(loaded, split)
-    recipe = Recipe("pilot", "adamw", lr=1e-3, steps=3, blocks=1, batch=3)  # minibatches smaller than a pool
-    a, b = list(split.train_rows[0]), list(split.held_rows[1])
-    runs = [(a[:2], [b]), (b[:4], [a, b[:1]]), (a, [a + b])]
-    assert trainer.lockstep_size() >= 3
-    together, train_s, read_s = trainer.train_runs(recipe, 0, runs)
-    assert train_s > 0 and read_s > 0
-    for (pool, reads), got in zip(runs, together):
-        trainer.train(recipe, 0, pool)
-        for rows, losses in zip(reads, got):
-            assert torch.allclose(losses, trainer.losses(rows), rtol=1e-10, atol=1e-12)
-    # where a copy does not fit, the runs go one after another: the same numbers
-    monkeypatch.setattr(training, "LOCKSTEP_BYTES", 1)
-    assert trainer.lockstep_size() == 1
-    alone, _, _ = trainer.train_runs(recipe, 0, runs)
-    for x, y in zip(alone, together):
-        for u, v in zip(x, y):
-            assert torch.allclose(u, v, rtol=1e-10, atol=1e-12)

@@ -27,8 +27,8 @@ import numpy as np
 from ..kernels.alignment import blocks_of
 from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, tail_params, tail_pass_s,
                      trainable_params)
-from ..kernels.pilots import PILOT_RECIPE, PILOT_SIZES, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
-from ..kernels.training import TailTrainer, lockstep_bytes
+from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
+from ..kernels.training import TailTrainer
 from ..storage.units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
@@ -247,13 +247,11 @@ def to_tune(train: list, held: list, stored=frozenset()) -> list:
     return [k for k, (a, b) in enumerate(zip(train, held)) if min(len(a), len(b)) >= MIN_HALF and k not in stored]
 
 
-def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int = 16, stored=frozenset(),
-                 sizes=PILOT_SIZES) -> float:
+def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int = 16, stored=frozenset()) -> float:
     """Bytes the named pilot estimators add over the halves A (train) and B
     (held): pilot_gain / pilot_curve a trainer (its own copy of the block
     inputs, a tail copy and its starting weights, gradients and AdamW's two
-    moments of the trained blocks, and the copies of the runs stepped
-    together, `training.lockstep_bytes`) and a step over the larger half;
+    moments of the trained blocks) and a step over the larger half;
     lookahead_sign, one domain at a time beside it, the whole model's
     gradients of both halves and their signs, and one batch's activations
     kept for the backward pass: the calibrated one-block step's per token
@@ -268,13 +266,9 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
     half = max(max(len(d) for d in train + held), 1)
     trainer = step = lookahead = 0.0
     if names & {PILOT_GAIN, PILOT_CURVE} and to_tune(train, held, stored):
-        blocks = min(PILOT_RECIPE.blocks, keep)
-        wanted = sizes if PILOT_CURVE in names else (max(sizes),)
-        facts_run = max(2 * sum(pilot_sizes(wanted, len(a), len(h))) for a, h in zip(train, held))
-        copies, joined = lockstep_bytes(cal, blocks, facts_run, max(flat))
         trainer = (sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b
-                   + 3 * trainable_params(cal, blocks) * b + copies)
-        step = cal.step_bytes_per_token * max(half * max(flat), joined)
+                   + 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b)
+        step = cal.step_bytes_per_token * half * max(flat)
     if LOOKAHEAD_SIGN in names:
         per_token = cal.step_bytes_per_token + (cal.n_layers - 1) * (10 * cal.d_model + 4 * cal.d_ff) * b
         lookahead = 4 * cal.n_params * b + per_token * batch_size * max(flat)
@@ -287,8 +281,7 @@ def pilot_cost(cal, run, names) -> Cost:
     run.pilots_stored run no pilot fine-tunes."""
     seconds = pilot_family_s(cal, run.train, run.held, names, run.keep, run.pilot_sizes, run.batch_size,
                              run.pilots_stored)
-    memory = pilot_memory(cal, run.train, run.held, run.keep, names, run.batch_size, run.pilots_stored,
-                          run.pilot_sizes)
+    memory = pilot_memory(cal, run.train, run.held, run.keep, names, run.batch_size, run.pilots_stored)
     if run.pipeline == "analysis":
         memory += block_inputs_bytes(cal, [n for _, d in run.domains for n in d])
     return Cost(seconds, memory)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from .subspace import pad_ids, per_fact_losses
-from .training import Recipe, lockstep_bytes
+from .training import Recipe
 
 PILOT_SIZES = (2, 4, 8)
 # AdamW on the last blocks, every fact of the run in every step (the batch is
@@ -69,10 +69,9 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     "per_fact_by_size" [[per fact of B then A, scaled so their mean is
     drop(n)] per size], "seconds" [per size]}.
 
-    The runs (two per size) go through `trainer.train_runs`, which steps
-    them together where it can; each is the fine-tune it would be alone.
-    The seconds per size share the runs' training time by their facts and
-    the reading time by the facts read.
+    The runs (two per size) go through `trainer.train_runs`. The seconds
+    per size share the runs' training time by their facts and the reading
+    time by the facts read.
 
     targets: other domains' halves [(rows A_i, rows B_i)] to read at the
     largest n from the same two runs (`transfer_drops`' entries, at no more
@@ -289,8 +288,7 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
     (a tail copy, checked on 16 held-out facts); bytes beside the forward
     pass: the trainer's own copy of the block inputs, the tail copy and its
     starting weights, the trained blocks' gradients and AdamW's two moments,
-    a step over the largest half, and the runs stepped together
-    (`training.lockstep_bytes`). train / held: the domains of the
+    and a step over the largest half. train / held: the domains of the
     forward pass; stored: positions among them whose pilot curves are
     stored. No trainer (nothing) when no unit is left to run."""
     from ..costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
@@ -302,8 +300,6 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
         return Cost(0.0, 0.0), units
     b = cal.dtype_bytes
     largest = max([min(len(a), len(h)) for a, h in zip(train, held)] + [1])
-    facts_run = max([2 * sum(pilot_sizes(sizes, len(a), len(h))) for a, h in zip(train, held)] + [0])
-    copies, joined = lockstep_bytes(cal, keep, facts_run, max(flat))
     memory = (block_inputs_bytes(cal, flat) + 2 * tail_params(cal, keep) * b + 3 * trainable_params(cal, keep) * b
-              + copies + cal.step_bytes_per_token * max(largest * max(flat), joined))
+              + cal.step_bytes_per_token * largest * max(flat))
     return Cost(sum(units) + cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep), memory), units

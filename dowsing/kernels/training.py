@@ -4,15 +4,13 @@ benchmark's ground truth, the trajectory estimators and the AirRep
 estimator's counterfactual runs all train with it."""
 from __future__ import annotations
 
-import copy
 import random
 import time
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
-from .alignment import FROZEN_KINDS, blocks_of, padded_block_batch, tail_embedding, tail_model, tail_parameters
+from .alignment import blocks_of, padded_block_batch, tail_embedding, tail_model, tail_parameters
 from .subspace import head_losses, per_fact_losses
 
 
@@ -21,35 +19,6 @@ STEP_CHUNK = 48  # facts a training step puts through the model at once
 # model types whose logits are the LM head applied to the final hidden states, nothing after it
 # (no soft-capping or scaling), so the head can run on the predicting positions alone
 PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
-# Runs stepped together (`TailTrainer.train_runs`) each hold a copy of the trained blocks with its
-# gradients and AdamW's two moments; no more copies than fit in this many bytes are made.
-LOCKSTEP_BYTES = 3 * 2 ** 29
-# Nor do runs join whose pools come to more tokens than this: their joined step holds the head's
-# logits for every position at once (49,152 floats a position on the default model).
-JOINED_TOKENS = 2048
-HEAD_TOKENS = 512  # predicting positions put through the LM head at once when reading
-
-
-def lockstep_bytes(cal, keep: int, facts_run: int, longest: int) -> tuple[float, int]:
-    """(bytes, positions) that stepping runs together adds before a run
-    (`costs`' calibration `cal`, the last `keep` blocks kept): the other
-    runs' copies of the kept blocks with their gradients and AdamW's two
-    moments, and the positions a joined step holds at most, for runs that
-    train on `facts_run` facts in all (a pilot curve: both ways at every
-    size) of at most `longest` tokens. No copies, one run's positions, when
-    the runs go one after another."""
-    from ..costs import trainable_params
-
-    run = 4 * trainable_params(cal, keep) * cal.dtype_bytes
-    extra = lockstep_runs(run) - 1
-    return float(extra * run), (min(JOINED_TOKENS, facts_run * longest) if extra else 0)
-
-
-def lockstep_runs(run_bytes: float) -> int:
-    """How many runs step together when one more run holds `run_bytes`
-    (`TailTrainer.run_bytes`): as many as LOCKSTEP_BYTES holds, at most 6 (a
-    pilot curve's three sizes times two directions), at least 1."""
-    return int(max(1, min(6, LOCKSTEP_BYTES // max(1, int(run_bytes)))))
 
 
 @dataclass(frozen=True)
@@ -159,8 +128,6 @@ class TailTrainer:
         self.depth = len(list(blocks_of(self.work)))
         plain = getattr(work.config, "model_type", None) in PLAIN_HEADS
         self.head = work.get_output_embeddings() if plain else None
-        self.shared = {id(p) for name, p in self.work.named_parameters() if any(k in name for k in FROZEN_KINDS)}
-        self.spares: list = []  # copies of `work` sharing its frozen weights, for runs stepped together
 
     def reset(self) -> None:
         """Back to the starting weights."""
@@ -216,138 +183,18 @@ class TailTrainer:
             raise RuntimeError("The truncated model does not reproduce the full model's losses; "
                                "fine-tuning ground truth is not available for this architecture.")
 
-    def run_bytes(self) -> int:
-        """What one more run stepped alongside others holds: its copy of
-        the weights that are not shared, their gradients and AdamW's two
-        moments."""
-        return 4 * sum(p.numel() * p.element_size() for p in self.params if id(p) not in self.shared)
-
-    def lockstep_size(self) -> int:
-        """How many runs `train_runs` steps together at most
-        (`lockstep_runs`); 1 (one after another) where the head is not
-        plain."""
-        return 1 if self.head is None else lockstep_runs(self.run_bytes())
-
-    def _groups(self, runs: list) -> list:
-        """The runs in order, cut into groups of at most `lockstep_size()`
-        whose pools come to at most JOINED_TOKENS tokens (a run alone may
-        pass it)."""
-        size, groups = self.lockstep_size(), []
-        for run in runs:
-            tokens = sum(len(self.data.ids[r]) for r in run[0])
-            last = groups[-1] if groups else None
-            if last is not None and len(last[0]) < size and last[1] + tokens <= JOINED_TOKENS:
-                last[0].append(run)
-                last[1] += tokens
-            else:
-                groups.append([[run], tokens])
-        return [g for g, _ in groups]
-
-    def _spare_copies(self, count: int) -> list:
-        """`count` copies of the kept model at the starting weights, sharing
-        the frozen embeddings and LM head with it (made once, reset each
-        time)."""
-        while len(self.spares) < count:
-            memo = {id(p): p for p in self.params if id(p) in self.shared}  # deepcopy keeps these as they are
-            self.spares.append(copy.deepcopy(self.work, memo))
-        with torch.no_grad():
-            for work in self.spares[:count]:
-                for p, p0 in zip(work.parameters(), self.original):
-                    if id(p) not in self.shared:
-                        p.copy_(p0)
-        return self.spares[:count]
-
     def train_runs(self, recipe: Recipe, seed: int, runs: list) -> tuple[list, float, float]:
-        """Each run (pool, [rows, ...]) as `train(recipe, seed, pool)` then
-        `losses(rows)` for each list would give it, one run after another:
-        ([per run, per list, the per-fact losses], training seconds, reading
-        seconds).
-
-        Where the head is plain, up to `lockstep_size()` runs step together
-        (as many as come to JOINED_TOKENS tokens),
-        each on its own copy of the kept blocks: at every step each run puts
-        its minibatch through its own blocks, and the frozen LM head
-        multiplies every run's predicting positions in one product, as it
-        does their reads after the last step. On a CPU the head's weights
-        (49,152 x 576 on the default model) are read from memory once per
-        product however few facts a pilot run has, so this takes a pilot
-        curve's six small runs for little more than its largest. The sum
-        of the runs' losses has each run's gradient in its own copy, and
-        AdamW's update is per tensor, so each run trains as it would alone."""
+        """Each run (pool, [rows, ...]): `train(recipe, seed, pool)`, then
+        `losses(rows)` for each list. Returns ([per run, per list, the
+        per-fact losses], training seconds, reading seconds)."""
         out, train_s, read_s = [], 0.0, 0.0
-        for group in self._groups(runs):
-            if len(group) == 1:
-                t0 = time.perf_counter()
-                self.train(recipe, seed, list(group[0][0]))
-                t1 = time.perf_counter()
-                out.append([self.losses(list(rows)) for rows in group[0][1]])
-                train_s, read_s = train_s + t1 - t0, read_s + time.perf_counter() - t1
-                continue
+        for pool, reads in runs:
             t0 = time.perf_counter()
-            works = self._steps_together(recipe, seed, [list(pool) for pool, _ in group])
+            self.train(recipe, seed, list(pool))
             t1 = time.perf_counter()
-            out += self._read_together(works, [[list(rows) for rows in reads] for _, reads in group])
+            out.append([self.losses(list(rows)) for rows in reads])
             train_s, read_s = train_s + t1 - t0, read_s + time.perf_counter() - t1
         return out, train_s, read_s
-
-    def _last_positions(self, work, rows) -> tuple:
-        """(hidden states entering the head at the facts' predicting
-        positions, their next tokens, each position's fact 0..len(rows)-1,
-        each fact's number of them) under `work`'s weights."""
-        data = self.data
-        input_ids, mask, hidden = padded_block_batch([data.ids[r] for r in rows],
-                                                     [data.block_inputs[r] for r in rows], self.device)
-        last = work.base_model(inputs_embeds=self.embed(hidden), attention_mask=mask, use_cache=False).last_hidden_state
-        valid = mask[:, 1:].bool()
-        fact = torch.arange(len(rows), device=valid.device).unsqueeze(1).expand_as(valid)[valid]
-        return last[:, :-1][valid], input_ids[:, 1:][valid], fact, valid.sum(dim=1)
-
-    def _steps_together(self, recipe: Recipe, seed: int, pools: list) -> list:
-        """The runs of `train` on each pool (no added data), stepped
-        together; returns each run's trained copy."""
-        if recipe.blocks > self.depth:
-            raise ValueError(f"recipe {recipe.name!r} trains {recipe.blocks} blocks but only {self.depth} "
-                             "are kept; raise the benchmark's captured depth")
-        works = self._spare_copies(len(pools))
-        trainable = [p for work in works for p in tail_parameters(work, recipe.blocks)]
-        if recipe.optimizer == "adamw":
-            opt = torch.optim.AdamW(trainable, lr=recipe.lr, fused=True)
-        else:
-            opt = torch.optim.SGD(trainable, lr=recipe.lr)
-        rngs = [random.Random(seed) for _ in pools]  # each run draws its minibatches as `train` does
-        for _ in range(recipe.steps):
-            opt.zero_grad(set_to_none=True)
-            parts, weights = [], []
-            for work, rng, pool in zip(works, rngs, pools):
-                pick = rng.sample(pool, min(recipe.batch, len(pool)))
-                parts.append(self._last_positions(work, pick))
-                weights += [1.0 / len(pick)] * len(pick)
-            losses = _joined_losses(self.head, parts)
-            (losses * torch.tensor(weights, dtype=losses.dtype, device=losses.device)).sum().backward()
-            opt.step()
-        del opt
-        return works
-
-    def _read_together(self, works: list, reads: list) -> list:
-        """Per run, per list of rows, the per-fact losses under that run's
-        copy (float64, in the order asked): every run's predicting positions
-        through the head in products of up to HEAD_TOKENS positions."""
-        parts, where = [], []
-        with torch.no_grad():
-            for r, (work, lists) in enumerate(zip(works, reads)):
-                for j, rows in enumerate(lists):
-                    order = sorted(range(len(rows)), key=lambda i: len(self.data.ids[rows[i]]))
-                    for start in range(0, len(order), STEP_CHUNK):
-                        part = order[start: start + STEP_CHUNK]
-                        parts.append(self._last_positions(work, [rows[i] for i in part]))
-                        where.append((r, j, part))
-            losses = _joined_losses(self.head, parts, HEAD_TOKENS).to(torch.float64).cpu()
-        out = [[torch.zeros(len(rows), dtype=torch.float64) for rows in lists] for lists in reads]
-        offset = 0
-        for (r, j, part) in where:
-            out[r][j][part] = losses[offset: offset + len(part)]
-            offset += len(part)
-        return out
 
     def fact_losses(self, rows) -> torch.Tensor:
         """Per-fact losses of these fact rows under the current weights, in
@@ -418,23 +265,6 @@ class TailTrainer:
         if on_step is not None:
             on_step(steps, trainable, recipe.lr)
         del opt
-
-
-def _joined_losses(head, parts: list, chunk: int | None = None) -> torch.Tensor:
-    """Per-fact losses of several groups of facts (`_last_positions` of
-    each), the groups' facts one after another: the head applied once to
-    every group's positions (in products of `chunk` positions when given),
-    then each fact's mean cross-entropy, as `subspace.head_losses` gives it."""
-    h = torch.cat([p[0] for p in parts])
-    targets = torch.cat([p[1] for p in parts])
-    offsets = torch.tensor([0] + [len(p[3]) for p in parts]).cumsum(0)
-    fact = torch.cat([p[2] + int(o) for p, o in zip(parts, offsets[:-1])])
-    counts = torch.cat([p[3] for p in parts])
-    step = chunk or max(1, h.shape[0])
-    ce = torch.cat([F.cross_entropy(head(h[i: i + step]), targets[i: i + step], reduction="none")
-                    for i in range(0, h.shape[0], step)])
-    sums = torch.zeros(len(counts), dtype=ce.dtype, device=ce.device).index_add(0, fact, ce)
-    return sums / counts.to(ce.dtype)
 
 
 def cycled(items: list, count: int, rng: random.Random) -> list:
