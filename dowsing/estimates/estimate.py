@@ -28,7 +28,7 @@ from .calibration import (Calibration, cached_calibration, calibrate, calibratio
                           calibration_path, default_threads)
 from .cost_report import (Estimate, available_memory_bytes, calibration_basis, format_bytes,  # noqa: F401
                           format_estimate, format_seconds, load_note, memory_refusal, report)
-from .validation_estimates import benchmark_cost, family_costs, validation_cost  # noqa: F401
+from .validation_estimates import benchmark_cost, validation_cost  # noqa: F401
 from ..costs import RAY_STARTUP_S, predicted_tokens, resident_bytes
 from ..paths import cache_dir
 

@@ -155,10 +155,6 @@ def capture_block_inputs(net, batches, first: int) -> list:
     return [out[i] for i in range(len(out))]
 
 
-# parameters no fine-tune of the last blocks trains, by name: the embeddings and the (tied) LM head
-FROZEN_KINDS = ("wte", "wpe", "embed_tokens", "lm_head")
-
-
 def tail_parameters(work, blocks: int) -> list:
     """The parameters of the last `blocks` transformer blocks of `work` and
     every parameter after them (the final norm; the tied LM head stays frozen
@@ -170,7 +166,7 @@ def tail_parameters(work, blocks: int) -> list:
     block_ids = {id(p) for p in kept.parameters()}
     chosen = []
     for name, p in work.named_parameters():
-        frozen_kind = any(key in name for key in FROZEN_KINDS)
+        frozen_kind = any(key in name for key in ("wte", "wpe", "embed_tokens", "lm_head"))
         if id(p) in chosen_ids or (id(p) not in block_ids and not frozen_kind):
             chosen.append(p)
     for p in work.parameters():

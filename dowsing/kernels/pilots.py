@@ -17,6 +17,7 @@ estimators, and the collection plan reads the same curves.
 from __future__ import annotations
 
 import math
+import time
 from contextlib import contextmanager
 
 import numpy as np
@@ -30,6 +31,14 @@ PILOT_SIZES = (2, 4, 8)
 # larger than any half): a few steps, so the drop reads how far the domain's
 # facts carry to its other facts, not how well a long run memorises them.
 PILOT_RECIPE = Recipe("pilot", "adamw", lr=1e-4, steps=4, blocks=4, batch=4096)
+
+
+def pilot_drops(trainer, recipe: Recipe, seed: int, train_rows: list, eval_rows: list) -> torch.Tensor:
+    """Per fact of eval_rows: its loss under the starting weights minus its
+    loss after `recipe` trained the last blocks on train_rows alone."""
+    trainer.train(recipe, seed, list(train_rows))
+    after = trainer.losses(list(eval_rows))
+    return trainer.data.fact_losses[list(eval_rows)].to(torch.float64) - after
 
 
 def pilot_sizes(sizes, half_a: int, half_b: int) -> list:
@@ -49,12 +58,6 @@ def pilot_sizes(sizes, half_a: int, half_b: int) -> list:
     return out + [top] if top > 0 else out
 
 
-def _mean_drop(trainer, rows: list, after: torch.Tensor) -> float:
-    """The mean per-fact drop of these rows: their losses under the
-    starting weights minus `after`."""
-    return float((trainer.data.fact_losses[list(rows)].to(torch.float64) - after).mean())
-
-
 def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, sizes=PILOT_SIZES,
                 targets: list | None = None) -> dict:
     """The two-way pilot learning curve of one domain.
@@ -69,44 +72,37 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     "per_fact_by_size" [[per fact of B then A, scaled so their mean is
     drop(n)] per size], "seconds" [per size]}.
 
-    The runs (two per size) go through `trainer.train_runs`. The seconds
-    per size share the runs' training time by their facts and the reading
-    time by the facts read.
-
     targets: other domains' halves [(rows A_i, rows B_i)] to read at the
     largest n from the same two runs (`transfer_drops`' entries, at no more
     fine-tuning), returned under "transfer" with the seconds the reading
     took ("transfer_s", left out of "seconds").
     """
     sizes = pilot_sizes(sizes, len(rows_a), len(rows_b))
-    runs = []
+    drops, by_size, last, seconds = [], [], None, []
+    read_b, read_a, read_s = [], [], 0.0
     for n in sizes:
-        extra = bool(targets) and n == sizes[-1]
-        runs.append((rows_a[:n], [rows_b] + ([b for _, b in targets] if extra else [])))
-        runs.append((rows_b[:n], [rows_a] + ([a for a, _ in targets] if extra else [])))
-    losses, train_s, read_s = trainer.train_runs(recipe, seed, runs)
-    trained = sum(len(pool) for pool, _ in runs) or 1
-    read = sum(len(rows) for _, lists in runs for rows in lists) or 1
-    total = len(rows_a) + len(rows_b)
-    drops, by_size, seconds = [], [], []
-    per_fact = {"b": [], "a": []}
-    for i, n in enumerate(sizes):
-        after_b, after_a = losses[2 * i][0], losses[2 * i + 1][0]
-        on_b = trainer.data.fact_losses[list(rows_b)].to(torch.float64) - after_b
-        on_a = trainer.data.fact_losses[list(rows_a)].to(torch.float64) - after_a
+        t0 = time.perf_counter()
+        on_b = pilot_drops(trainer, recipe, seed, rows_a[:n], rows_b)
+        t1 = time.perf_counter()
+        if targets and n == sizes[-1]:
+            read_b = [_drops_now(trainer, b) for _, b in targets]
+        t2 = time.perf_counter()
+        on_a = pilot_drops(trainer, recipe, seed, rows_b[:n], rows_a)
+        t3 = time.perf_counter()
+        if targets and n == sizes[-1]:
+            read_a = [_drops_now(trainer, a) for a, _ in targets]
+        read_s += (t2 - t1) + (time.perf_counter() - t3)
         drops.append(0.5 * (float(on_b.mean()) + float(on_a.mean())))
         # each half weighs half whatever the halves' sizes, so the mean over all facts is drop(n)
+        total = len(rows_a) + len(rows_b)
         by_size.append([float(x) * total / (2 * len(rows_b)) for x in on_b]
                        + [float(x) * total / (2 * len(rows_a)) for x in on_a])
-        seconds.append(train_s * 2 * n / trained + read_s * total / read)
-        per_fact = {"b": [float(x) for x in on_b], "a": [float(x) for x in on_a]}  # the largest size's, in the end
+        last = (on_b, on_a)
+        seconds.append((t1 - t0) + (t3 - t2))
+    per_fact = {"b": [float(x) for x in last[0]], "a": [float(x) for x in last[1]]} if last else {"b": [], "a": []}
     out = {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
     if targets is not None:
-        reading = bool(targets) and bool(sizes)
-        read_b = [_mean_drop(trainer, b, after) for (_, b), after in zip(targets, losses[-2][1:])] if reading else []
-        read_a = [_mean_drop(trainer, a, after) for (a, _), after in zip(targets, losses[-1][1:])] if reading else []
-        target_facts = sum(len(a) + len(b) for a, b in targets)
-        out.update(transfer=_two_way(read_b, read_a), transfer_s=read_s * target_facts / read)
+        out.update(transfer=_two_way(read_b, read_a), transfer_s=read_s)
     return out
 
 
@@ -124,12 +120,18 @@ def transfer_drops(trainer, recipe: Recipe, seed: int, source_a: list, source_b:
     (the same runs, the same arithmetic). Two fine-tunes whatever the number
     of targets; each target costs a forward pass through the trained blocks.
     Returns [{"on_b", "on_a", "drop"}] in the targets' order."""
-    runs = [(list(source_a[:size]), [list(b) for _, b in targets]),
-            (list(source_b[:size]), [list(a) for a, _ in targets])]
-    (after_b, after_a), _, _ = trainer.train_runs(recipe, seed, runs)
-    read_b = [_mean_drop(trainer, b, after) for (_, b), after in zip(targets, after_b)]
-    read_a = [_mean_drop(trainer, a, after) for (a, _), after in zip(targets, after_a)]
+    trainer.train(recipe, seed, list(source_a[:size]))
+    read_b = [_drops_now(trainer, b) for _, b in targets]
+    trainer.train(recipe, seed, list(source_b[:size]))
+    read_a = [_drops_now(trainer, a) for a, _ in targets]
     return _two_way(read_b, read_a)
+
+
+def _drops_now(trainer, rows) -> float:
+    """The mean per-fact drop of these rows under the trainer's current
+    weights (as `pilot_drops` computes it, without training)."""
+    rows = list(rows)
+    return float((trainer.data.fact_losses[rows].to(torch.float64) - trainer.losses(rows)).mean())
 
 
 def _two_way(read_b: list, read_a: list) -> list:

@@ -5,7 +5,6 @@ estimator's counterfactual runs all train with it."""
 from __future__ import annotations
 
 import random
-import time
 from dataclasses import dataclass
 
 import torch
@@ -182,19 +181,6 @@ class TailTrainer:
         if float((got - want).abs().max()) > 1e-3 * float(want.abs().max()):
             raise RuntimeError("The truncated model does not reproduce the full model's losses; "
                                "fine-tuning ground truth is not available for this architecture.")
-
-    def train_runs(self, recipe: Recipe, seed: int, runs: list) -> tuple[list, float, float]:
-        """Each run (pool, [rows, ...]): `train(recipe, seed, pool)`, then
-        `losses(rows)` for each list. Returns ([per run, per list, the
-        per-fact losses], training seconds, reading seconds)."""
-        out, train_s, read_s = [], 0.0, 0.0
-        for pool, reads in runs:
-            t0 = time.perf_counter()
-            self.train(recipe, seed, list(pool))
-            t1 = time.perf_counter()
-            out.append([self.losses(list(rows)) for rows in reads])
-            train_s, read_s = train_s + t1 - t0, read_s + time.perf_counter() - t1
-        return out, train_s, read_s
 
     def fact_losses(self, rows) -> torch.Tensor:
         """Per-fact losses of these fact rows under the current weights, in
