@@ -101,6 +101,17 @@ def padded_tokens(lengths, batch_size: int) -> int:
                    for i in range(0, len(lengths), batch_size)))
 
 
+# facts `kernels.training.TailTrainer.losses` reads at once, sorted by length (a read's batch)
+READ_BATCH = 48
+
+
+def read_tokens(lengths) -> int:
+    """Tokens a fine-tune's read of facts of these lengths puts through the
+    model (`TailTrainer.losses`): batches of READ_BATCH facts sorted by
+    length, each padded to its longest."""
+    return padded_tokens(sorted(lengths), READ_BATCH)
+
+
 def largest_batch(lengths, batch_size: int) -> int:
     """Padded tokens of the largest of those batches."""
     lengths = list(lengths)

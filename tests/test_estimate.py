@@ -117,6 +117,12 @@ def test_model_shape_counts_the_tiny_model_by_hand(tiny_gpt2_dir):
 def test_padding_and_the_expected_longest_fact_against_enumeration():
     lengths = [3, 7, 4, 9, 5]
     assert costs.padded_tokens(lengths, 2) == 2 * 7 + 2 * 9 + 1 * 5
+    # a fine-tune's read: batches of 48 sorted by length, as TailTrainer.losses takes them
+    assert costs.read_tokens(lengths) == 5 * 9
+    assert costs.read_tokens([2] * 47 + [9, 3]) == 48 * 3 + 1 * 9  # 47 twos and the 3, then the 9
+    from dowsing.kernels.training import TailTrainer
+    import inspect
+    assert inspect.signature(TailTrainer.losses).parameters["batch_size"].default == costs.READ_BATCH
     assert costs.predicted_tokens(lengths) == 2 + 6 + 3 + 8 + 4
     assert costs.chunked(lengths, 2) == (3, 37)
     for k in range(1, 6):

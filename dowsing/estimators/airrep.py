@@ -47,7 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..costs import Cost, expected_padded, finetune_s, padded_tokens, trained_bytes, trainer_step_bytes
+from ..costs import Cost, expected_padded, finetune_s, read_tokens, trained_bytes, trainer_step_bytes
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
 register(Estimator("airrep", "AirRep: trained encoder, cross-validated by domain", "airrep",
@@ -256,7 +256,7 @@ def airrep_cost(cal, run, names) -> Cost:
     held_all = [n for d in run.held for n in d]
     targets = held_all[: round(len(held_all) * (folds - 1) / folds)]
     step = expected_padded(pool, recipe.batch) + expected_padded(pool, min(recipe.added_batch, air.subset_facts))
-    one = finetune_s(cal, recipe.steps, step, keep, min(recipe.blocks, keep), padded_tokens(targets, 16))
+    one = finetune_s(cal, recipe.steps, step, keep, min(recipe.blocks, keep), read_tokens(targets))
     memory = 3 * trained_bytes(cal, run) + trainer_step_bytes(cal, run)
     return Cost(cal.copy_s + folds * air.runs_per_fold * one, memory)
 

@@ -25,7 +25,7 @@ import time
 import numpy as np
 
 from ..kernels.alignment import blocks_of
-from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, tail_params, tail_pass_s,
+from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, read_tokens, tail_params, tail_pass_s,
                      trainable_params)
 from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
 from ..kernels.training import TailTrainer
@@ -39,7 +39,8 @@ PILOT_CURVE = "pilot_curve"  # also the plan's curves
 LOOKAHEAD_SIGN = "lookahead_sign"
 
 register(Estimator(PILOT_GAIN, "Pilot gain: train on half, drop of the other half", "pilot",
-                   "fine-tune briefly on one half of a domain's facts (at most 8), drop of the other half's loss, both ways",
+                   "fine-tune briefly on one half of a domain's facts (at most 8), drop of the other half's loss, "
+                   "both ways",
                    needs={"block_inputs", "held_out"}, in_analysis=True))
 register(Estimator(PILOT_CURVE, "Pilot learning curve, extrapolated", "pilot",
                    "the pilot gain at 2, 4, 8 facts, a line in ln n, read at the largest dose",
@@ -225,7 +226,7 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
     blocks = min(PILOT_RECIPE.blocks, keep)
     seconds = 0.0
     if tuned and to_tune(train, held, stored):
-        seconds += cal.copy_s + tail_pass_s(cal, padded_tokens([n for d in held for n in d][:16], 16), keep)
+        seconds += cal.copy_s + tail_pass_s(cal, read_tokens([n for d in held for n in d][:16]), keep)
     for k, (a, b) in enumerate(zip(train, held)):
         if min(len(a), len(b)) < MIN_HALF:
             continue
@@ -234,7 +235,7 @@ def pilot_family_s(cal, train: list, held: list, names, keep: int, sizes=(2, 4, 
             for n in pilot_sizes(wanted, len(a), len(b)):
                 for taught, read in ((a, b), (b, a)):
                     seconds += finetune_s(cal, PILOT_RECIPE.steps, n * max(taught[:n]), keep, blocks,
-                                          padded_tokens(read, 16))
+                                          read_tokens(read))
         if LOOKAHEAD_SIGN in names:
             seconds += full_gradient_s(cal, a, batch_size) + full_gradient_s(cal, b, batch_size)
             seconds += 4 * cal.n_params * cal.vector_s_per_element

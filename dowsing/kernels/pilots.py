@@ -249,15 +249,15 @@ def plan_units_s(cal, train: list, held: list, sizes, steps: int, keep: int, sto
     train / held: tokens per fact of each domain's halves; stored: the
     positions of the domains whose pilot curves are stored units (none of
     their fine-tunes run)."""
-    from ..costs import finetune_s, padded_tokens
+    from ..costs import finetune_s, read_tokens
 
     units = []
     for k, (a, b) in enumerate(zip(train, held)):
         if min(len(a), len(b)) < 2 or k in stored:
             continue
         for n in pilot_sizes(sizes, len(a), len(b)):
-            units.append(finetune_s(cal, steps, n * max(a[:n]), keep, keep, padded_tokens(b, 16)))
-            units.append(finetune_s(cal, steps, n * max(b[:n]), keep, keep, padded_tokens(a, 16)))
+            units.append(finetune_s(cal, steps, n * max(a[:n]), keep, keep, read_tokens(b)))
+            units.append(finetune_s(cal, steps, n * max(b[:n]), keep, keep, read_tokens(a)))
     return units
 
 
@@ -269,9 +269,9 @@ def transfer_s(cal, train: list, held: list, sizes, steps: int, keep: int, store
     curve is stored (`stored`) first runs those two fine-tunes
     (`pilots.transfer_drops`), one whose pilot runs now is read from the
     pilot's own largest runs (`pilot_curve`'s targets)."""
-    from ..costs import finetune_s, padded_tokens, tail_pass_s
+    from ..costs import finetune_s, read_tokens, tail_pass_s
 
-    reads = sum(tail_pass_s(cal, padded_tokens(b, 16) + padded_tokens(a, 16), keep) for a, b in zip(train, held))
+    reads = sum(tail_pass_s(cal, read_tokens(b) + read_tokens(a), keep) for a, b in zip(train, held))
     seconds = 0.0
     for k, (a, b) in enumerate(zip(train, held)):
         if min(len(a), len(b)) < 2:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..costs import READ_BATCH
 from .alignment import blocks_of, padded_block_batch, tail_embedding, tail_model, tail_parameters
 from .subspace import head_losses, per_fact_losses
 
@@ -18,6 +19,7 @@ STEP_CHUNK = 48  # facts a training step puts through the model at once
 # model types whose logits are the LM head applied to the final hidden states, nothing after it
 # (no soft-capping or scaling), so the head can run on the predicting positions alone
 PLAIN_HEADS = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
+FUSED_ADAM_DEVICES = ("cpu", "cuda")  # where torch has a fused AdamW for every floating dtype
 
 
 @dataclass(frozen=True)
@@ -159,7 +161,7 @@ class TailTrainer:
         self.reset()
         return self.work.state_dict()
 
-    def losses(self, rows, batch_size: int = STEP_CHUNK) -> torch.Tensor:
+    def losses(self, rows, batch_size: int = READ_BATCH) -> torch.Tensor:
         """Per-fact losses of the given fact rows under the current weights.
         A batch as wide as a training step's chunk: on a CPU the LM head's
         weights are read from memory once per batch whatever its width, so a
@@ -219,7 +221,7 @@ class TailTrainer:
         if recipe.optimizer == "adamw":
             # one fused kernel over every tensor instead of a pass per elementwise op: the same update,
             # and on a CPU a few-step pilot spends a tenth of its time in the optimizer without it
-            opt = torch.optim.AdamW(trainable, lr=recipe.lr, fused=True)
+            opt = torch.optim.AdamW(trainable, lr=recipe.lr, fused=self.device.type in FUSED_ADAM_DEVICES)
         else:
             opt = torch.optim.SGD(trainable, lr=recipe.lr)
         weight = recipe.added_weight if added_weight is None else added_weight

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 
 from ..costs import (CALIBRATION_DOMAINS, RunShape, block_inputs_bytes, finetune_s, hessian_s, largest_batch,
-                     line_work, padded_tokens, predicted_tokens, resident_bytes, solve_s, step_padded, tail_params,
-                     tail_pass_s, trained_bytes, trainer_step_bytes)
+                     line_work, padded_tokens, predicted_tokens, read_tokens, resident_bytes, solve_s, step_padded,
+                     tail_params, tail_pass_s, trained_bytes, trainer_step_bytes)
 
 
 def benchmark_units_s(cal, sample: list, test: list, pool: list, config, keep: int) -> list:
@@ -34,9 +34,9 @@ def benchmark_units_s(cal, sample: list, test: list, pool: list, config, keep: i
         blocks = min(recipe.blocks, keep)
         steps = dose_steps(recipe, n_max)
         one_seed = [finetune_s(cal, steps, step_padded(base, None, recipe.batch, recipe.added_batch), keep, blocks,
-                               2 * padded_tokens(tests, 16))]
+                               2 * read_tokens(tests))]
         for k in range(len(sample)):
-            read = padded_tokens(test[k], 16)
+            read = read_tokens(test[k])
             for n in sorted(config.doses):
                 step = step_padded(base, pool[k][:n], recipe.batch, recipe.added_batch, cycled=True)
                 one_seed.append(finetune_s(cal, steps, step, keep, blocks, read))
@@ -67,13 +67,13 @@ def plan_check_units_s(cal, base: list, tests: list, pool: list, config, keep: i
         added = [n for p, m in zip(pool, counts) for n in p[:m]]
         wide = max(recipe.added_batch, math.ceil(2 * len(added) / steps))
         step = step_padded(base, added, recipe.batch, wide, cycled=True)
-        units += [finetune_s(cal, steps, step, keep, blocks, padded_tokens(tests, 16))] * (len(ALLOCATIONS) * config.seeds)
+        units += [finetune_s(cal, steps, step, keep, blocks, read_tokens(tests))] * (len(ALLOCATIONS) * config.seeds)
     return units
 
 
 def truth_trainer_s(cal, test: list, keep: int) -> float:
     """The ground truth's trainer: a tail copy, checked on the first 16 test facts."""
-    return cal.copy_s + tail_pass_s(cal, padded_tokens([n for d in test for n in d][:16], 16), keep)
+    return cal.copy_s + tail_pass_s(cal, read_tokens([n for d in test for n in d][:16]), keep)
 
 
 def curve_predictions_s(cal, train: list, curves: int) -> float:
@@ -120,10 +120,10 @@ def validation_finetunes_s(cal, train: list, held: list, recipe, keep: int, batc
     them). On Ray workers (one thread each) the runs spread over them."""
     pool, held_all = [n for d in train for n in d], [n for d in held for n in d]
     runs = [finetune_s(cal, recipe.steps, step_padded(pool, rows, recipe.batch, recipe.added_batch), keep,
-                       keep, padded_tokens(held_all, batch_size)) for rows in [None] + train]
+                       keep, padded_tokens(sorted(held_all), batch_size)) for rows in [None] + train]
     if ray_workers:
         return ray_startup_s + math.ceil(len(runs) / ray_workers) * max(runs) * cal.threads
-    return sum(runs) + cal.copy_s + tail_pass_s(cal, padded_tokens(held_all, batch_size), keep)
+    return sum(runs) + cal.copy_s + tail_pass_s(cal, padded_tokens(sorted(held_all), batch_size), keep)
 
 
 def benchmark_memory(cal, run: RunShape, ray_workers: int = 0) -> tuple:
