@@ -157,3 +157,52 @@ def test_the_head_on_predicting_positions_alone_gives_every_facts_loss():
     # and by hand for one fact: the mean cross-entropy of its 4 predicted tokens
     logp = torch.log_softmax(head(hidden[0]), dim=-1).detach()
     assert float(got[0]) == pytest.approx(float(-sum(logp[t, ids[0, t + 1]] for t in range(4)) / 4), rel=1e-12)
+
+
+def test_a_pool_runs_a_curves_fine_tunes_side_by_side_with_the_numbers_of_one_trainer(passed):
+    from dowsing.kernels.trainer_pool import TrainerPool, pool_workers, threads_per_run
+
+    loaded, split = passed
+    recipe = Recipe("pilot", "adamw", lr=1e-3, steps=3, blocks=1, batch=64)
+    a, b = list(split.train_rows[0]), list(split.held_rows[0])
+    trainer = TailTrainer(loaded, split)
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = pilots.pilot_curve(trainer, recipe, 0, a, b, sizes=(2, 3))
+    finally:
+        torch.set_num_threads(saved)
+    pool = TrainerPool(trainer, 3, threads=3)
+    assert pool.threads == 1 and torch.get_num_threads() == saved
+    side = pilots.pilot_curve(pool, recipe, 0, a, b, sizes=(2, 3), targets=[(a, b)])
+    assert len(pool.trainers) == 3  # the twins were made for the four runs
+    assert torch.get_num_threads() == saved  # the caller's threads are given back
+    # each run on one thread, whichever thread took it: the same numbers, bit for bit
+    assert side["drop"] == alone["drop"] and side["per_fact_by_size"] == alone["per_fact_by_size"]
+    # a domain's own halves as the target: its pilot drop at the largest size, from the same two runs
+    assert side["transfer"][0]["drop"] == pytest.approx(side["drop"][-1], rel=1e-12)
+    # each twin trains its own copy of the weights and goes back to the first trainer's starting weights
+    trainer.reset()
+    for twin in pool.trainers[1:]:
+        assert any(not torch.equal(p, q) for p, q in zip(twin.params, trainer.params))  # its last run's weights
+        twin.reset()
+        for p, q in zip(twin.params, trainer.params):
+            assert p is not q and torch.equal(p, q)
+    assert pool_workers("cuda", 16) == 1 and pool_workers("cpu", 2) == 2 and pool_workers("cpu", 16, runs=2) == 2
+    assert threads_per_run(2, 16) == 8 and threads_per_run(4, 2) == 1
+
+
+def test_a_run_that_fails_in_a_pool_fails_the_map_on_the_callers_thread(passed):
+    from dowsing.kernels.trainer_pool import TrainerPool
+
+    loaded, split = passed
+    pool = TrainerPool(TailTrainer(loaded, split), 2, threads=2)
+
+    def run(trainer, item):
+        if item == 3:
+            raise ValueError("run 3 failed")
+        return item * 10
+
+    assert pool.map(run, [0, 1, 2]) == [0, 10, 20]
+    with pytest.raises(ValueError, match="run 3 failed"):
+        pool.map(run, [0, 1, 2, 3, 4, 5])

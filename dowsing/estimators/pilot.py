@@ -28,6 +28,7 @@ from ..kernels.alignment import blocks_of
 from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, read_tokens, tail_params, tail_pass_s,
                      trainable_params)
 from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
+from ..kernels.trainer_pool import TrainerPool, pool_workers
 from ..kernels.training import TailTrainer
 from ..storage.units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
@@ -111,8 +112,10 @@ class _PilotCurves:
 
     def _trainer(self):
         if self.trainer is None:
-            self.trainer = TailTrainer(self.ctx.loaded, self.ctx.split)
-            self.trainer.check()
+            trainer = TailTrainer(self.ctx.loaded, self.ctx.split)
+            trainer.check()
+            # a curve's fine-tunes are independent: they run side by side, one per core
+            self.trainer = TrainerPool(trainer, pool_workers(trainer.device.type))
         return self.trainer
 
     def curve(self, k: int, rows_a: list, rows_b: list) -> dict:
@@ -253,7 +256,8 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
     (held): pilot_gain / pilot_curve a trainer (its own copy of the block
     inputs, a tail copy and its starting weights, gradients and AdamW's two
     moments of the trained blocks) and a step over the larger half;
-    lookahead_sign, one domain at a time beside it, the whole model's
+    the runs side by side (`trainer_pool`) add each further worker's tail
+    copy, moments and step; lookahead_sign, one domain at a time beside it, the whole model's
     gradients of both halves and their signs, and one batch's activations
     kept for the backward pass: the calibrated one-block step's per token
     (the LM head's logits and one block) plus, for each further block,
@@ -267,9 +271,11 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
     half = max(max(len(d) for d in train + held), 1)
     trainer = step = lookahead = 0.0
     if names & {PILOT_GAIN, PILOT_CURVE} and to_tune(train, held, stored):
-        trainer = (sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b
-                   + 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b)
+        trained = 3 * trainable_params(cal, min(PILOT_RECIPE.blocks, keep)) * b
         step = cal.step_bytes_per_token * half * max(flat)
+        trainer = sum(flat) * cal.d_model * b + 2 * tail_params(cal, keep) * b + trained
+        # the runs side by side: each further worker its own tail copy, moments and step
+        trainer += (pool_workers(cal.device, cal.threads) - 1) * (tail_params(cal, keep) * b + trained + step)
     if LOOKAHEAD_SIGN in names:
         per_token = cal.step_bytes_per_token + (cal.n_layers - 1) * (10 * cal.d_model + 4 * cal.d_ff) * b
         lookahead = 4 * cal.n_params * b + per_token * batch_size * max(flat)

@@ -68,9 +68,13 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     n the per-fact drops of B (trained on A) and of A (trained on B) are kept
     as well, in that order: each fact's own reading of the pilot gain.
 
+    trainer: a TailTrainer, or a `trainer_pool.TrainerPool` that runs the
+    curve's fine-tunes side by side (each starts from the same weights and
+    needs nothing from the others).
+
     Returns {"sizes", "drop" [per size], "per_fact" {"b": [...], "a": [...]},
     "per_fact_by_size" [[per fact of B then A, scaled so their mean is
-    drop(n)] per size], "seconds" [per size]}.
+    drop(n)] per size], "seconds" [per size: both runs' own seconds]}.
 
     targets: other domains' halves [(rows A_i, rows B_i)] to read at the
     largest n from the same two runs (`transfer_drops`' entries, at no more
@@ -78,32 +82,39 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     took ("transfer_s", left out of "seconds").
     """
     sizes = pilot_sizes(sizes, len(rows_a), len(rows_b))
-    drops, by_size, last, seconds = [], [], None, []
-    read_b, read_a, read_s = [], [], 0.0
+    runs = []
     for n in sizes:
-        t0 = time.perf_counter()
-        on_b = pilot_drops(trainer, recipe, seed, rows_a[:n], rows_b)
-        t1 = time.perf_counter()
-        if targets and n == sizes[-1]:
-            read_b = [_drops_now(trainer, b) for _, b in targets]
-        t2 = time.perf_counter()
-        on_a = pilot_drops(trainer, recipe, seed, rows_b[:n], rows_a)
-        t3 = time.perf_counter()
-        if targets and n == sizes[-1]:
-            read_a = [_drops_now(trainer, a) for a, _ in targets]
-        read_s += (t2 - t1) + (time.perf_counter() - t3)
+        last = bool(targets) and n == sizes[-1]
+        runs.append((rows_a[:n], rows_b, [b for _, b in targets] if last else []))
+        runs.append((rows_b[:n], rows_a, [a for a, _ in targets] if last else []))
+    done = trainer.map(lambda t, run: _pilot_run(t, recipe, seed, run), runs)
+    drops, by_size, seconds = [], [], []
+    total = len(rows_a) + len(rows_b)
+    for (on_b, _, own_b, _), (on_a, _, own_a, _) in zip(done[0::2], done[1::2]):
         drops.append(0.5 * (float(on_b.mean()) + float(on_a.mean())))
         # each half weighs half whatever the halves' sizes, so the mean over all facts is drop(n)
-        total = len(rows_a) + len(rows_b)
         by_size.append([float(x) * total / (2 * len(rows_b)) for x in on_b]
                        + [float(x) * total / (2 * len(rows_a)) for x in on_a])
-        last = (on_b, on_a)
-        seconds.append((t1 - t0) + (t3 - t2))
-    per_fact = {"b": [float(x) for x in last[0]], "a": [float(x) for x in last[1]]} if last else {"b": [], "a": []}
+        seconds.append(own_b + own_a)
+    per_fact = {"b": [float(x) for x in done[-2][0]], "a": [float(x) for x in done[-1][0]]} if done \
+        else {"b": [], "a": []}
     out = {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
     if targets is not None:
-        out.update(transfer=_two_way(read_b, read_a), transfer_s=read_s)
+        read_b, read_a = (done[-2][1], done[-1][1]) if done and targets else ([], [])
+        out.update(transfer=_two_way(read_b, read_a), transfer_s=sum(run[3] for run in done))
     return out
+
+
+def _pilot_run(trainer, recipe: Recipe, seed: int, run: tuple) -> tuple:
+    """One fine-tune of a pilot curve, run = (rows taught, rows read, other
+    halves read too): (the read rows' per-fact drops, each other half's mean
+    drop, seconds of the run and its own read, seconds of the other reads)."""
+    taught, read, others = run
+    t0 = time.perf_counter()
+    drops = pilot_drops(trainer, recipe, seed, taught, read)
+    t1 = time.perf_counter()
+    reads = [_drops_now(trainer, rows) for rows in others]
+    return drops, reads, t1 - t0, time.perf_counter() - t1
 
 
 def transfer_drops(trainer, recipe: Recipe, seed: int, source_a: list, source_b: list, size: int,
@@ -118,12 +129,16 @@ def transfer_drops(trainer, recipe: Recipe, seed: int, source_a: list, source_b:
     the mirror of `pilot_curve`'s two directions (A_j's run read on B, B_j's
     on A), so the source's own halves as the target give its pilot drop at n
     (the same runs, the same arithmetic). Two fine-tunes whatever the number
-    of targets; each target costs a forward pass through the trained blocks.
+    of targets (side by side on a `TrainerPool`); each target costs a
+    forward pass through the trained blocks.
     Returns [{"on_b", "on_a", "drop"}] in the targets' order."""
-    trainer.train(recipe, seed, list(source_a[:size]))
-    read_b = [_drops_now(trainer, b) for _, b in targets]
-    trainer.train(recipe, seed, list(source_b[:size]))
-    read_a = [_drops_now(trainer, a) for a, _ in targets]
+    def run(t, job):
+        taught, halves = job
+        t.train(recipe, seed, list(taught))
+        return [_drops_now(t, rows) for rows in halves]
+
+    read_b, read_a = trainer.map(run, [(source_a[:size], [b for _, b in targets]),
+                                       (source_b[:size], [a for a, _ in targets])])
     return _two_way(read_b, read_a)
 
 
@@ -290,10 +305,12 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
     (a tail copy, checked on 16 held-out facts); bytes beside the forward
     pass: the trainer's own copy of the block inputs, the tail copy and its
     starting weights, the trained blocks' gradients and AdamW's two moments,
-    and a step over the largest half. train / held: the domains of the
+    and a step over the largest half, and as much again but the starting
+    weights and block inputs for each further worker of `trainer_pool`. train / held: the domains of the
     forward pass; stored: positions among them whose pilot curves are
     stored. No trainer (nothing) when no unit is left to run."""
     from ..costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
+    from .trainer_pool import pool_workers
 
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
     flat = [n for d in train for n in d] + [n for d in held for n in d]
@@ -302,6 +319,9 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
         return Cost(0.0, 0.0), units
     b = cal.dtype_bytes
     largest = max([min(len(a), len(h)) for a, h in zip(train, held)] + [1])
-    memory = (block_inputs_bytes(cal, flat) + 2 * tail_params(cal, keep) * b + 3 * trainable_params(cal, keep) * b
-              + cal.step_bytes_per_token * largest * max(flat))
+    step = cal.step_bytes_per_token * largest * max(flat)
+    trained = 3 * trainable_params(cal, keep) * b
+    # each further worker of the runs side by side: its own tail copy, moments and step
+    twins = (pool_workers(cal.device, cal.threads) - 1) * (tail_params(cal, keep) * b + trained + step)
+    memory = block_inputs_bytes(cal, flat) + 2 * tail_params(cal, keep) * b + trained + step + twins
     return Cost(sum(units) + cal.copy_s + tail_pass_s(cal, 16 * max(flat), keep), memory), units

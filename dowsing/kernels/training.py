@@ -114,21 +114,29 @@ class TailTrainer:
         self._setup(work, TailData.from_split(split))
 
     @classmethod
-    def from_parts(cls, work: torch.nn.Module, data: TailData) -> "TailTrainer":
+    def from_parts(cls, work: torch.nn.Module, data: TailData, original: list | None = None) -> "TailTrainer":
+        """A trainer on this truncated model and data. original: the starting
+        weights, in the order of work.parameters(), when another trainer on a
+        copy of the same model already holds them (they are only read)."""
         trainer = cls.__new__(cls)
-        trainer._setup(work, data)
+        trainer._setup(work, data, original)
         return trainer
 
-    def _setup(self, work, data: TailData) -> None:
+    def _setup(self, work, data: TailData, original: list | None = None) -> None:
         self.data = data
         self.work, self.embed = work, tail_embedding(work)
         self.work.eval()  # no dropout: runs differ only by the added data
         self.params = list(self.work.parameters())
-        self.original = [p.detach().clone() for p in self.params]
+        self.original = original if original is not None else [p.detach().clone() for p in self.params]
         self.device = self.params[0].device
         self.depth = len(list(blocks_of(self.work)))
         plain = getattr(work.config, "model_type", None) in PLAIN_HEADS
         self.head = work.get_output_embeddings() if plain else None
+
+    def map(self, fn, items: list) -> list:
+        """fn(self, item) for each item, one after the other: the interface
+        `trainer_pool.TrainerPool` shares, for code that takes either."""
+        return [fn(self, item) for item in items]
 
     def reset(self) -> None:
         """Back to the starting weights."""

@@ -496,7 +496,7 @@ def _measure_curves(loaded, split, rows: list, train: list, curves: list, config
     `split`. reads[j]: the positions in `split` of the domains the pilot's
     largest runs are also read on (`pilot_curve`'s targets), their entries
     left in the curve under "transfer" and "transfer_s", not in the unit.
-    Returns the TailTrainer (None if no pilot ran)."""
+    Returns the pilots' trainer pool (None if no pilot ran)."""
     losses = split.tokens.fact_losses
     trainer = None
     for j, domain in enumerate(train):
@@ -520,8 +520,10 @@ def _measure_curves(loaded, split, rows: list, train: list, curves: list, config
 
 
 def _pilot_trainer(loaded, split):
-    """The TailTrainer of the pilots, checked to reproduce the model's
-    losses; a one-line ValueError for an architecture it cannot cut."""
+    """The pilots' TailTrainer, checked to reproduce the model's losses, in
+    a pool that runs a curve's fine-tunes side by side; a one-line
+    ValueError for an architecture it cannot cut."""
+    from ..kernels.trainer_pool import TrainerPool, pool_workers
     from ..kernels.training import TailTrainer
 
     try:
@@ -529,7 +531,7 @@ def _pilot_trainer(loaded, split):
         trainer.check()
     except (RuntimeError, AttributeError, TypeError, ValueError) as exc:
         raise ValueError(f"the pilot fine-tunes cannot run on this model: {exc}") from exc
-    return trainer
+    return TrainerPool(trainer, pool_workers(trainer.device.type))
 
 
 @dataclass
