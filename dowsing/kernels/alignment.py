@@ -183,7 +183,9 @@ def tail_model(net, first: int):
     the block input first; the caller checks the copy reproduces the logits.
     """
     path = next(p for p in BLOCK_PATHS if dotted_attr(net, p) is not None)
-    work = copy.deepcopy(net)
+    # the blocks before `first` are cut out of the copy at once: the copy shares them instead of copying
+    # them (most of the model's weights), and drops them below
+    work = copy.deepcopy(net, {id(block): block for block in list(dotted_attr(net, path))[:first]})
     parent_path, attr = path.rsplit(".", 1)
     parent = dotted_attr(work, parent_path)
     setattr(parent, attr, torch.nn.ModuleList(list(getattr(parent, attr))[first:]))
