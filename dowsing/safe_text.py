@@ -46,6 +46,20 @@ def md_lines(text) -> str:
     return "  \n".join(md_escape(line) for line in str(text).splitlines() if line.strip())
 
 
+def chart_text(text) -> str:
+    """User text as a Plotly chart shows it, character for character.
+    Plotly reads its own markup in every label, legend entry, tick and hover
+    line (<b>, <br>, <a href=...>; an entity such as &lt; turns into < before
+    that), and %{...} in a hover template pulls in a value: a domain's name
+    could bold, break, link or rewrite the chart a stakeholder is shown. A
+    word joiner after each <, & and % breaks those patterns and shows
+    nothing."""
+    text = str(text)
+    for special in ("&", "<", "%"):  # "&" first: the others add no "&"
+        text = text.replace(special, special + _WORD_JOINER)
+    return text
+
+
 def csv_cell(value):
     """A CSV cell a spreadsheet will not run: text that starts like a formula gets a
     leading apostrophe (shown as text by Excel, LibreOffice and Sheets); numbers and

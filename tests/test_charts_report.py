@@ -905,3 +905,51 @@ def test_the_allocation_chart_draws_the_even_split_when_the_plan_is_not_shown_be
     mine = dc_replace(plan, verdict={**plan.verdict, "recommend": "plan"})
     fig = plan_charts.allocation_chart(mine)
     assert len(fig.data) == 1 and list(fig.data[0].x) == [d["collect"] for d in plan.domains]
+
+
+HOSTILE_NAMES = ('<a href="https://evil.example/">Physics</a>', "Bold <b>x</b> &lt;i&gt;",
+                 "Rate 100%{y}", "Economics & more")
+
+
+def _strings(value):
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v)
+    elif hasattr(value, "tolist"):
+        yield from _strings(value.tolist())
+
+
+def test_a_domain_name_shows_in_every_chart_as_written_never_as_plotly_markup():
+    import dataclasses
+
+    from dowsing.safe_text import chart_text
+
+    base = paper_like_result()
+    domains = [dataclasses.replace(d, name=name) for d, name in zip(base.domains, HOSTILE_NAMES)]
+    names = [d.name for d in domains]
+    fits = [{"sizes": [2, 4, 8], "drop": [0.1, 0.15, 0.2], "intercept": 0.03, "slope_per_ln_n": 0.08,
+             "target": 32}] * 4
+    extras = {"ranking": {"details": {"fits": fits}, "rank_probabilities": [[1, 0, 0, 0], [0, 1, 0, 0],
+                                                                             [0, 0, 1, 0], [0, 0, 0, 1]]},
+              "transfer": {"domains": names, "matrix": [[0.1 * (i + j) for j in range(4)] for i in range(4)]}}
+    result = dataclasses.replace(base, domains=domains, extras=extras)
+    figs = dict(charts.figures(result), compare=charts.rank_comparison(result, result))
+    assert {"share", "saturation", "pilot", "transfer", "rank"} <= set(figs)
+    # what plotly would read as markup: its tags, its entities, a hover template's placeholders
+    tag = re.compile(r"<(/?)(a|b|i|em|span|sup|sub|br|extra|s|u)\b", re.IGNORECASE)
+    entity = re.compile(r"&(#\d+|#x[\da-fA-F]+|[a-z]+);")
+    for key, fig in figs.items():
+        texts = list(_strings(fig.to_plotly_json()))
+        joined = "\n".join(texts)
+        for name in names:
+            assert chart_text(name) in joined, (key, name)  # the name is there, character for character
+        for text in texts:
+            assert not entity.search(text), (key, text)
+            assert all(m.group(2).lower() in ("b", "br", "extra", "sup") for m in tag.finditer(text)), (key, text)
+        assert "100%{y}" not in joined and "<a " not in joined and "&lt;" not in joined, key
+    assert chart_text(names[0]).replace("\u2060", "") == names[0]

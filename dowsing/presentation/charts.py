@@ -13,6 +13,7 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 
 from ..result import DomainResult, Result, format_number, format_sci
+from ..safe_text import chart_text
 
 # Tableau 10 first (distinct, colour-blind friendlier), then more hues for big sets.
 PALETTE: tuple[str, ...] = tuple(qualitative.T10) + tuple(qualitative.Alphabet)
@@ -158,7 +159,7 @@ def share_donut(result: Result, colors: dict[str, str] | None = None) -> go.Figu
     paper = result.estimator == PAPER
     fig = go.Figure(
         go.Pie(
-            labels=[d.name for d in domains],
+            labels=[chart_text(d.name) for d in domains],
             values=[max(float(d.share_pct or 0.0), 0.0) for d in domains],
             hole=0.55,
             sort=False,
@@ -226,25 +227,25 @@ def _near_points(xs: list, ys: list):
 def _saturation_marks(fig: go.Figure, d, mu_now: float, xs: list, color: str) -> None:
     """A domain's marks on the saturation chart: where it is now (N_k, μ(N_k)),
     its 10% line, and the saturation point (N_k + Δn, 0.1·μ(N_k)) when it has one."""
-    group = d.name
+    group = label = chart_text(d.name)
     fig.add_trace(go.Scatter(
-        x=[d.n_facts], y=[mu_now], mode="markers", name=f"{d.name} now", legendgroup=group, showlegend=False,
+        x=[d.n_facts], y=[mu_now], mode="markers", name=f"{label} now", legendgroup=group, showlegend=False,
         marker=dict(color=color, size=13, symbol="diamond", line=dict(color="black", width=1)),
-        hovertemplate=f"<b>{d.name}</b> now<br>n = N = {d.n_facts}<br>μ = %{{y:.3e}}<extra></extra>",
+        hovertemplate=f"<b>{label}</b> now<br>n = N = {d.n_facts}<br>μ = %{{y:.3e}}<extra></extra>",
     ))
     ten_pct = 0.1 * mu_now
     fig.add_trace(go.Scatter(
-        x=[min(xs), max(xs)], y=[ten_pct, ten_pct], mode="lines", name=f"{d.name} 10%",
+        x=[min(xs), max(xs)], y=[ten_pct, ten_pct], mode="lines", name=f"{label} 10%",
         legendgroup=group, showlegend=False, line=dict(color=color, width=1, dash="dot"),
-        hovertemplate=f"<b>{d.name}</b>: 10% of μ(N) = %{{y:.3e}}<extra></extra>",
+        hovertemplate=f"<b>{label}</b>: 10% of μ(N) = %{{y:.3e}}<extra></extra>",
     ))
     if d.delta_n_10pct is not None and d.delta_n_10pct > 0:
         n_sat = d.n_facts + d.delta_n_10pct
         fig.add_trace(go.Scatter(
-            x=[n_sat], y=[ten_pct], mode="markers", name=f"{d.name} n+Δn", legendgroup=group,
+            x=[n_sat], y=[ten_pct], mode="markers", name=f"{label} n+Δn", legendgroup=group,
             showlegend=False,
             marker=dict(color=color, size=14, symbol="star", line=dict(color="black", width=1)),
-            hovertemplate=f"<b>{d.name}</b> saturates<br>n + Δn = %{{x:,.0f}}"
+            hovertemplate=f"<b>{label}</b> saturates<br>n + Δn = %{{x:,.0f}}"
             f"<br>Δn@10% = {format_sci(d.delta_n_10pct)}<br>μ = %{{y:.3e}}<extra></extra>",
         ))
 
@@ -264,7 +265,7 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
     fig = go.Figure()
     for d in result.domains:
         color = colors[d.name]
-        group = d.name
+        group = label = chart_text(d.name)
         xs, ys = _positive_points(d)
         sat = d.saturation or {}
         # The band is cut to a factor of BAND_FACTOR either side of the computed
@@ -275,17 +276,17 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
             # First, so the points and the fit are drawn over it.
             fig.add_trace(go.Scatter(
                 x=band_x, y=band_y, mode="lines", fill="toself", fillcolor=_rgba(color, 0.18),
-                line=dict(color=color, width=0), name=f"{d.name} 90% band", legendgroup=group,
+                line=dict(color=color, width=0), name=f"{label} 90% band", legendgroup=group,
                 showlegend=False, hoverinfo="skip",
             ))
         if not xs:
-            fig.add_trace(go.Scatter(x=[None], y=[None], name=f"{d.name} (no positive μ)", legendgroup=group,
+            fig.add_trace(go.Scatter(x=[None], y=[None], name=f"{label} (no positive μ)", legendgroup=group,
                                      mode="markers", marker=dict(color=color)))
             continue
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines+markers", name=d.name, legendgroup=group,
+            x=xs, y=ys, mode="lines+markers", name=label, legendgroup=group,
             line=dict(color=color, width=1.5, dash="dot"), marker=dict(color=color, size=5, opacity=0.8),
-            hovertemplate=f"<b>{d.name}</b><br>n = %{{x:,.0f}}<br>μ(n) = %{{y:.3e}}<extra>computed</extra>",
+            hovertemplate=f"<b>{label}</b><br>n = %{{x:,.0f}}<br>μ(n) = %{{y:.3e}}<extra>computed</extra>",
         ))
         fitted = all(sat.get(k) is not None for k in ("alpha", "n0", "c"))
         if fitted:
@@ -294,9 +295,9 @@ def saturation_curves(result: Result, colors: dict[str, str] | None = None) -> g
             fit_label = f"α={sat['alpha']:.3g}, N0={sat['n0']:.3g}" + (f", R²={r2:.3f}" if r2 is not None else "")
             fig.add_trace(go.Scatter(
                 x=grid, y=power_law(grid, sat["alpha"], sat["n0"], sat["c"]), mode="lines",
-                name=f"{d.name} fit", legendgroup=group, showlegend=False,
+                name=f"{label} fit", legendgroup=group, showlegend=False,
                 line=dict(color=color, width=2),
-                hovertemplate=f"<b>{d.name}</b> fit ({fit_label})<br>n = %{{x:,.0f}}<br>μ = %{{y:.3e}}<extra></extra>",
+                hovertemplate=f"<b>{label}</b> fit ({fit_label})<br>n = %{{x:,.0f}}<br>μ = %{{y:.3e}}<extra></extra>",
             ))
         mu_now = current_mu(d)
         if mu_now is not None and mu_now > 0:
@@ -324,7 +325,7 @@ def rank_probability_chart(result: Result) -> go.Figure | None:
     k = max(len(boot[d.name]["rank_probabilities"]) for d in rows)
     z = [[float(p) for p in boot[d.name]["rank_probabilities"]] + [0.0] * (k - len(boot[d.name]["rank_probabilities"]))
          for d in rows]
-    labels = [d.name + ("" if boot[d.name].get("rank_stable", True) else " ⚠") for d in rows]
+    labels = [chart_text(d.name) + ("" if boot[d.name].get("rank_stable", True) else " ⚠") for d in rows]
     n_resamples = ranking_resamples(result)
     fig = go.Figure(go.Heatmap(
         z=z, x=[str(r) for r in range(1, k + 1)], y=labels, zmin=0, zmax=1, colorscale="Blues",
@@ -351,7 +352,7 @@ def transfer_heatmap(result: Result) -> go.Figure | None:
     z = [[None if v is None else float(v) for v in row] for row in matrix]
     text = [[format_number(v) for v in row] for row in z]
     fig = go.Figure(go.Heatmap(
-        z=z, x=names, y=names, zmid=0, colorscale="RdBu", text=text, texttemplate="%{text}",
+        z=z, x=[chart_text(n) for n in names], y=[chart_text(n) for n in names], zmid=0, colorscale="RdBu", text=text, texttemplate="%{text}",
         colorbar=dict(title="loss falls by<br>∇L_jᵀz_k", exponentformat="power"), xgap=2, ygap=2,
         hovertemplate="Collect <b>%{x}</b> → loss of <b>%{y}</b> falls by %{text} (negative: rises)<extra></extra>",
     ))
@@ -378,11 +379,11 @@ def rank_comparison(a: Result, b: Result, label_a: str = "A", label_b: str = "B"
             xs.append(label_b)
             ys.append(ranks_b[name])
         fig.add_trace(go.Scatter(
-            x=xs, y=ys, mode="lines+markers+text", name=name, line=dict(color=colors[name], width=3),
-            marker=dict(size=12), text=[name] * len(xs),
+            x=xs, y=ys, mode="lines+markers+text", name=chart_text(name), line=dict(color=colors[name], width=3),
+            marker=dict(size=12), text=[chart_text(name)] * len(xs),
             # Names outside the lines: left of run A, right of run B.
             textposition=["middle left" if x == label_a else "middle right" for x in xs],
-            hovertemplate=f"<b>{name}</b><br>%{{x}}: rank %{{y}}<extra></extra>",
+            hovertemplate=f"<b>{chart_text(name)}</b><br>%{{x}}: rank %{{y}}<extra></extra>",
         ))
     n_max = max([*ranks_a.values(), *ranks_b.values(), 1])
     fig.update_yaxes(autorange=False, range=[n_max + 0.5, 0.5], dtick=1, title="rank")
@@ -409,21 +410,21 @@ def pilot_curves(result: Result, colors: dict[str, str] | None = None) -> go.Fig
     for d, fit in zip(result.domains, fits):
         if not fit:
             continue
-        color = colors.get(d.name, "#999")
+        color, label = colors.get(d.name, "#999"), chart_text(d.name)
         target = fit["target"]
         grid = np.geomspace(1, 2 * target, 60)
         line = fit["intercept"] + fit["slope_per_ln_n"] * np.log(grid)
-        fig.add_trace(go.Scatter(x=grid, y=line, mode="lines", line=dict(color=color), name=d.name,
-                                 legendgroup=d.name,
-                                 hovertemplate=f"{d.name}<br>n = %{{x:.0f}}<br>predicted drop %{{y:.3f}} nats<extra></extra>"))
+        fig.add_trace(go.Scatter(x=grid, y=line, mode="lines", line=dict(color=color), name=label,
+                                 legendgroup=label,
+                                 hovertemplate=f"{label}<br>n = %{{x:.0f}}<br>predicted drop %{{y:.3f}} nats<extra></extra>"))
         fig.add_trace(go.Scatter(x=fit["sizes"], y=fit["drop"], mode="markers", marker=dict(color=color, size=8),
-                                 legendgroup=d.name, showlegend=False,
-                                 hovertemplate=f"{d.name}: pilot on %{{x}} facts<br>drop %{{y:.3f}} nats<extra></extra>"))
+                                 legendgroup=label, showlegend=False,
+                                 hovertemplate=f"{label}: pilot on %{{x}} facts<br>drop %{{y:.3f}} nats<extra></extra>"))
         at = fit["intercept"] + fit["slope_per_ln_n"] * math.log(target)
         seen += [float(v) for v in fit["drop"] if v is not None and math.isfinite(v)] + [float(at)]
         fig.add_trace(go.Scatter(x=[target], y=[at], mode="markers", marker=dict(color=color, size=13, symbol="star"),
-                                 legendgroup=d.name, showlegend=False,
-                                 hovertemplate=f"{d.name}: read at n = {target}<br>%{{y:.3f}} nats<extra></extra>"))
+                                 legendgroup=label, showlegend=False,
+                                 hovertemplate=f"{label}: read at n = {target}<br>%{{y:.3f}} nats<extra></extra>"))
     fig.update_xaxes(type="log", title="n facts trained on (pilot)")
     fig.update_yaxes(title="drop of held-out loss (nats)")
     if seen:
@@ -465,9 +466,10 @@ def validation_scatter(validation) -> go.Figure | None:
         row, col = i // columns + 1, i % columns + 1
         for name, priority, gain in zip(validation.domains, est["priority"], validation.finetune["gain"]):
             fig.add_trace(go.Scatter(
-                x=[priority], y=[gain], mode="markers", name=name, legendgroup=name, showlegend=i == 0,
+                x=[priority], y=[gain], mode="markers", name=chart_text(name), legendgroup=chart_text(name),
+                showlegend=i == 0,
                 marker=dict(color=colors[name], size=11, line=dict(width=1, color="white")),
-                hovertemplate=f"<b>{name}</b><br>{est['label']}: %{{x:.3g}}<br>realised gain: %{{y:.3g}}<extra></extra>",
+                hovertemplate=f"<b>{chart_text(name)}</b><br>{est['label']}: %{{x:.3g}}<br>realised gain: %{{y:.3g}}<extra></extra>",
             ), row=row, col=col)
     fig.update_yaxes(title_text="realised gain", col=1)
     return _layout(fig, height=90 + 250 * rows, legend=dict(title=dict(text="Domain")),
@@ -492,10 +494,11 @@ def subspace_response_scatter(validation) -> go.Figure | None:
             predicted, realised = resp["predicted"][i], resp["realised"][i]
             everything += list(predicted) + list(realised)
             fig.add_trace(go.Scatter(
-                x=predicted, y=realised, mode="markers", name=f"{name}, ε = {eps:g}", legendgroup=name,
+                x=predicted, y=realised, mode="markers", name=f"{chart_text(name)}, ε = {eps:g}",
+                legendgroup=chart_text(name),
                 marker=dict(color=colors[name], size=9, symbol=symbols[eps_values.index(eps) % len(symbols)]),
-                text=list(validation.domains),
-                hovertemplate=(f"add <b>{name}</b> (ε = {eps:g})<br>measured on %{{text}}<br>"
+                text=[chart_text(n) for n in validation.domains],
+                hovertemplate=(f"add <b>{chart_text(name)}</b> (ε = {eps:g})<br>measured on %{{text}}<br>"
                                "predicted %{x:.3g}<br>realised %{y:.3g}<extra></extra>"),
             ))
     finite = [v for v in everything if v is not None and math.isfinite(v)]

@@ -11,6 +11,7 @@ import numpy as np
 import plotly.graph_objects as go
 
 from .charts import _layout, _rgba, domain_colors
+from ..safe_text import chart_text
 from ..kernels.curves import BAND, predict
 from ..pipelines.plan import MEAN_LOSS_RULE, SIMPLE_RULES, DomainCurve, PlanResult, recommendation
 
@@ -37,12 +38,12 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
     rows = rec["rows"]
     unit = plan.allocation["budget_unit"]
     text = [str(d["collect"]) if d["identifiable"] else "not identifiable" for d in rows]
-    hover = [f"<b>{d['domain']}</b><br>collect {d['collect']}<br>cost {_g(d['cost'])}"
+    hover = [f"<b>{chart_text(d['domain'])}</b><br>collect {d['collect']}<br>cost {_g(d['cost'])}"
              + (f"<br>predicted gain {_g(d.get('expected_gain', d['gain']))} [{_g(d['gain_band'][0])}, "
                 f"{_g(d['gain_band'][1])}]"
-                if d["identifiable"] else f"<br>{d['reason']}") for d in rows]
+                if d["identifiable"] else f"<br>{chart_text(d['reason'])}") for d in rows]
     fig = go.Figure(go.Bar(
-        y=[d["domain"] for d in rows], x=[d["collect"] for d in rows], orientation="h",
+        y=[chart_text(d["domain"]) for d in rows], x=[d["collect"] for d in rows], orientation="h",
         marker=dict(color=[colors[d["domain"]] for d in rows]), text=text, name="recommended",
         # an empty bar has no inside: its "0" or "not identifiable" goes beside it
         textposition=["inside" if d["collect"] else "outside" for d in rows],
@@ -50,7 +51,7 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
     ))
     if rec["preference"] is not None:
         fig.add_trace(go.Scatter(
-            y=[n for n, _ in rec["preference"]], x=[m for _, m in rec["preference"]], mode="markers",
+            y=[chart_text(n) for n, _ in rec["preference"]], x=[m for _, m in rec["preference"]], mode="markers",
             name="the curves' preference",
             marker=dict(symbol="diamond-open", size=12, color="#333", line=dict(width=2)),
             hovertemplate="<b>%{y}</b><br>the curves would collect %{x}<extra></extra>"))
@@ -60,7 +61,7 @@ def allocation_chart(plan: PlanResult, colors: dict[str, str] | None = None) -> 
     by = {"plan": "the plan", "even": "spread evenly (the plan is not shown to beat it)"}.get(
         rec["by"], f"{SIMPLE_RULES.get(rec['by'], rec['by'])} (the plan realised less on the benchmark)")
     spent = sum(d["cost"] for d in rows)
-    title = f"Examples to collect, recommended: {by}; budget {alloc['budget']:g} {unit}, spent {spent:g}"
+    title = f"Examples to collect, recommended: {by}; budget {alloc['budget']:g} {chart_text(unit)}, spent {spent:g}"
     return _layout(fig, title=dict(text=title, x=0), showlegend=rec["preference"] is not None,
                    height=max(260, 60 + 34 * len(rows)))
 
@@ -101,29 +102,30 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
     grid = np.geomspace(max(1.0, min(sizes)), 1.3 * right, 120)
     fig = go.Figure()
     for dc in curves:
-        color, group, row = colors[dc.name], dc.name, rows[dc.name]
+        color, row = colors[dc.name], rows[dc.name]
+        group = label = chart_text(dc.name)
         curve = dc.curve
         if not curve.identifiable:
             fig.add_trace(go.Scatter(
                 x=curve.sizes or [None], y=curve.drops or [None], mode="markers", legendgroup=group,
-                name=f"{dc.name} (not identifiable)", marker=dict(color=color, size=7, symbol="x"),
-                hovertemplate=f"<b>{dc.name}</b>: {curve.reason}<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
+                name=f"{label} (not identifiable)", marker=dict(color=color, size=7, symbol="x"),
+                hovertemplate=f"<b>{label}</b>: {chart_text(curve.reason)}<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
             ))
             continue
         point, low, high = curve_band(dc, grid)
         fig.add_trace(go.Scatter(
             x=np.concatenate([grid, grid[::-1]]), y=np.concatenate([high, low[::-1]]), mode="lines",
             fill="toself", fillcolor=_rgba(color, 0.16), line=dict(color=color, width=0), legendgroup=group,
-            name=f"{dc.name} 90% band", showlegend=False, hoverinfo="skip",
+            name=f"{label} 90% band", showlegend=False, hoverinfo="skip",
         ))
         fig.add_trace(go.Scatter(
-            x=grid, y=point, mode="lines", line=dict(color=color, width=2), legendgroup=group, name=dc.name,
-            hovertemplate=f"<b>{dc.name}</b> ({curve.form} fit)<br>n = %{{x:,.0f}}<br>G(n) = %{{y:.3g}}<extra></extra>",
+            x=grid, y=point, mode="lines", line=dict(color=color, width=2), legendgroup=group, name=label,
+            hovertemplate=f"<b>{label}</b> ({curve.form} fit)<br>n = %{{x:,.0f}}<br>G(n) = %{{y:.3g}}<extra></extra>",
         ))
         fig.add_trace(go.Scatter(
             x=curve.sizes, y=curve.drops, mode="markers", legendgroup=group, showlegend=False,
-            name=f"{dc.name} pilot", marker=dict(color=color, size=7, line=dict(color="white", width=1)),
-            hovertemplate=f"<b>{dc.name}</b> pilot<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
+            name=f"{label} pilot", marker=dict(color=color, size=7, line=dict(color="white", width=1)),
+            hovertemplate=f"<b>{label}</b> pilot<br>n = %{{x}}<br>drop %{{y:.3g}}<extra></extra>",
         ))
         # from have = 0 the curve starts at G(0) = 0, off a log axis: the star alone
         now = _have(row, dc)
@@ -133,11 +135,11 @@ def plan_curves_chart(plan: PlanResult, curves: list, colors: dict[str, str] | N
             marks.append((after, "after the plan", row["collect"], "star", 15))
         fig.add_trace(go.Scatter(
             x=[m[0] for m in marks], y=[curve.value(m[0]) for m in marks], mode="markers", legendgroup=group,
-            showlegend=False, name=f"{dc.name} plan",
+            showlegend=False, name=f"{label} plan",
             marker=dict(color=color, size=[m[4] for m in marks], symbol=[m[3] for m in marks],
                         line=dict(color="black", width=1)),
             customdata=[[m[1], m[2]] for m in marks],
-            hovertemplate=f"<b>{dc.name}</b> %{{customdata[0]}}<br>n = %{{x:,.0f}} (+%{{customdata[1]}})"
+            hovertemplate=f"<b>{label}</b> %{{customdata[0]}}<br>n = %{{x:,.0f}} (+%{{customdata[1]}})"
                           f"<br>G(n) = %{{y:.3g}}<br>gain {_g(row['gain'])} [{_g((row['gain_band'] or [None])[0])}, "
                           f"{_g((row['gain_band'] or [None, None])[1])}]<extra></extra>",
         ))
@@ -158,7 +160,7 @@ def totals_chart(plan: PlanResult) -> go.Figure:
     (what the plan maximises), each with its 90% band as an error bar."""
     totals = plan.totals
     keys = [k for k in TOTAL_LABELS if k in totals]
-    labels = [TOTAL_LABELS[k] + (f" ({totals[k]['domain']})" if k == "highest_loss" else "") for k in keys]
+    labels = [TOTAL_LABELS[k] + (f" ({chart_text(totals[k]['domain'])})" if k == "highest_loss" else "") for k in keys]
     gains = [totals[k].get("expected", totals[k]["gain"]) for k in keys]
     fig = go.Figure(go.Bar(
         x=labels, y=gains, marker=dict(color=["#4e79a7"] + ["#bab0ac"] * (len(keys) - 1)),

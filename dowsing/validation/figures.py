@@ -6,6 +6,7 @@ from __future__ import annotations
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from ..safe_text import chart_text
 from .leaderboard import BASELINE
 
 GROUP_COLORS = {"everyday": "#1f77b4", "encyclopedic": "#2ca02c", "specialist": "#9467bd", "language": "#ff7f0e",
@@ -50,7 +51,7 @@ def scatter_chart(result: dict, estimator: str, recipe: str) -> go.Figure:
             continue
         fig.add_trace(go.Scatter(
             x=[row["priority"][i] for i in idx], y=[gain[i] for i in idx], mode="markers+text",
-            text=[result["domains"][i] for i in idx], textposition="top center", name=group,
+            text=[chart_text(result["domains"][i]) for i in idx], textposition="top center", name=group,
             marker={"color": color, "size": 9},
             hovertemplate="%{text}<br>priority %{x:.3g}<br>realised gain %{y:.3g}<extra></extra>"))
     rho = row["recipes"][recipe]["spearman"]
