@@ -107,10 +107,9 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
     if name == PAPER:
         return paper_scores(paper_means, paper_per_fact)
     t0 = time.perf_counter()
-    net = loaded.model
+    settings = ranking_settings(config, len(split.anatomy.down_projs))
     if split.capture_block is not None:
-        check_ranking_tail(net, split, config)
-    settings = ranking_settings(config, len(blocks_of(net)))
+        check_ranking_tail(loaded.model, split, config)
     ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units)
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
