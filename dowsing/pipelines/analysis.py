@@ -23,7 +23,7 @@ from ..kernels.forward import FactTokens, merge_pieces
 from .forward_units import domain_pieces
 from ..access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from ..progress import Progress
-from .model_description import ModelDescription, describe_model
+from .model_description import ModelDescription, prepared_model
 from .ranking import check_estimator, rank, ranking_split
 from ..result import ENGINE_VERSION, DomainResult, Result
 from ..kernels.saturation import n_grid
@@ -63,10 +63,7 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     timings: dict = {}
     clock = time.perf_counter()
     domains = as_domains(domains)
-    model, checkpoints = _prepared_model(model, config, report, timings)
-    described = describe_model(model, config)
-    if config.blocks > described.depth:
-        raise ValueError(f"blocks = {config.blocks} but the model has only {described.depth} blocks.")
+    model, described, checkpoints = prepared_model(model, config, report, timings)
     if units is not None:
         units.model = units.model or described.identity
     passed = _forward(model, described, domains, config, report, timings, units)
@@ -153,29 +150,6 @@ class AnalysisPass:
     route: str
     notes: list
     seconds: float
-
-
-def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
-    """(LoadedModel, checked checkpoints or None): loads the model when given
-    an id, refuses one loaded with other settings, and checks the user's
-    checkpoints (the last must be the model)."""
-    if not isinstance(model, LoadedModel):
-        report(Progress("loading model", 0.0, "loading model"))
-        t0 = time.perf_counter()
-        model = load_model(model, config.device, config.dtype)
-        timings["load_model"] = time.perf_counter() - t0
-    if model.info.dtype != config.dtype or model.info.device != config.device:
-        raise ValueError(
-            f"The model is loaded as {model.info.dtype} on {model.info.device} but the configuration asks for "
-            f"{config.dtype} on {config.device}: load it with those settings."
-        )
-    checkpoints = None
-    if config.checkpoints:
-        from ..access.checkpoints import check_last_is_model, validate_checkpoints
-
-        checkpoints = validate_checkpoints(config.checkpoints)
-        check_last_is_model(checkpoints, model.info.id)
-    return model, checkpoints
 
 
 def _forward(model: LoadedModel, described: ModelDescription, domains: list, config: AnalysisConfig, report,
