@@ -73,21 +73,21 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     outcomes = bootstrap = None
     paper_first = config.estimator == PAPER  # it ranks by the solve: the paper's quantities come first
     if paper_first:
-        outcomes, bootstrap = _paper(model.model, described, domains, passed, config, report, executor, store,
-                                     should_stop, timings)
+        outcomes, bootstrap = _paper(model.model, described.anatomy, domains, passed, config, report, executor,
+                                     store, should_stop, timings)
     # the stages report their fractions for the paper-first order; the other order rescales them, so they rise
     ranked = report if paper_first else _rescaled(report, (0.78, 1.0), (0.1, 0.5))
-    scores, ranking = _ranking(model, described, domains, passed, outcomes, bootstrap, config, checkpoints, ranked,
-                               timings, units)
-    ranking["diagnosis"] = _diagnosis(model, described, passed, scores, config, ranked, timings, units)
+    scores, ranking = _ranking(model, described.anatomy, domains, passed, outcomes, bootstrap, config, checkpoints,
+                               ranked, timings, units)
+    ranking["diagnosis"] = _diagnosis(model, described.anatomy, passed, scores, config, ranked, timings, units)
     later = _rescaled(report, (0.05, 0.78), (0.5, 0.98))
     if outcomes is None and on_ranking is not None:
         timings["ranking_ready"] = time.perf_counter() - clock
         on_ranking(_finished(_result(described, domains, config, passed, None, None, scores, dict(ranking),
                                      dict(timings)), units, partial=config.stage != "ranking"))
     if outcomes is None and config.stage == "all":
-        outcomes, bootstrap = _paper(model.model, described, domains, passed, config, later, executor, store,
-                                     should_stop, timings)
+        outcomes, bootstrap = _paper(model.model, described.anatomy, domains, passed, config, later, executor,
+                                     store, should_stop, timings)
     timings["total"] = time.perf_counter() - clock
     report(Progress("done", 1.0, "analysis complete" if config.stage == "all" else "ranking complete"))
     return _finished(_result(described, domains, config, passed, outcomes, bootstrap, scores, ranking, timings), units)
@@ -121,12 +121,12 @@ def _finished(result: Result, units, partial: bool = False) -> Result:
     return result
 
 
-def _paper(net, described: ModelDescription, domains: list, passed, config: AnalysisConfig, report, executor, store,
-           should_stop, timings: dict) -> tuple:
+def _paper(net, anatomy, domains: list, passed, config: AnalysisConfig, report, executor, store, should_stop,
+           timings: dict) -> tuple:
     """(outcomes, bootstrap): the paper's quantities, every domain's solve,
     saturation and kernels, then their bootstrap. Not per-domain units:
     H_k is the curvature of the loss over every fact of every domain."""
-    outcomes = _solve_domains(net, described.anatomy, passed, config, report, executor, store, should_stop, timings)
+    outcomes = _solve_domains(net, anatomy, passed, config, report, executor, store, should_stop, timings)
     return outcomes, _paper_bootstrap(domains, passed, outcomes, config, report, timings)
 
 
@@ -257,14 +257,14 @@ def _paper_bootstrap(domains: list, passed: AnalysisPass, outcomes: list, config
     return bootstrap
 
 
-def _ranking(model: LoadedModel, described: ModelDescription, domains: list, passed: AnalysisPass, outcomes: list, bootstrap, config: AnalysisConfig,
-             checkpoints, report, timings: dict, units=None):
+def _ranking(model: LoadedModel, anatomy, domains: list, passed: AnalysisPass, outcomes: list, bootstrap,
+             config: AnalysisConfig, checkpoints, report, timings: dict, units=None):
     """(scores, extras["ranking"]): the ranking estimator's priorities
     (`dowsing.pipelines.ranking`) and their intervals; the paper's quantities above
     stay as they are."""
     t0 = time.perf_counter()
     report(Progress("ranking", 0.78, f"ranking estimator: {get_estimator(config.estimator).label}"))
-    split = ranking_split(described.anatomy, passed.directions, passed.tokens, passed.ids,
+    split = ranking_split(anatomy, passed.directions, passed.tokens, passed.ids,
                           passed.block_inputs, passed.first_block, passed.rows_of, passed.names,
                           config, passed.seconds)
     outcomes = outcomes or [None] * len(domains)
@@ -279,8 +279,8 @@ def _ranking(model: LoadedModel, described: ModelDescription, domains: list, pas
     return scores, ranking
 
 
-def _diagnosis(model: LoadedModel, described: ModelDescription, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict,
-               units=None) -> list | None:
+def _diagnosis(model: LoadedModel, anatomy, passed: AnalysisPass, scores, config: AnalysisConfig, report,
+               timings: dict, units=None) -> list | None:
     """Per domain, what kind of domain it looks like (`dowsing.kernels.diagnosis`)
     from its mean loss and its pilot gain (the ranking's own runs when it
     ranks by a pilot estimator, else the pilot family's on the same seeded
@@ -299,7 +299,7 @@ def _diagnosis(model: LoadedModel, described: ModelDescription, passed: Analysis
         drops = [fit["drop"][-1] if fit else None for fit in scores.details["fits"]]
     else:
         report(Progress("diagnosis", 0.99, "pilot fine-tunes for the diagnosis"))
-        split = ranking_split(described.anatomy, passed.directions, passed.tokens, passed.ids,
+        split = ranking_split(anatomy, passed.directions, passed.tokens, passed.ids,
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         # the pilot gain reads the seed, the batch size and all_facts alone, as when it ranks
@@ -310,8 +310,8 @@ def _diagnosis(model: LoadedModel, described: ModelDescription, passed: Analysis
     return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
 
 
-def _result(described: ModelDescription, domains: list, config: AnalysisConfig, passed: AnalysisPass, outcomes: list | None, bootstrap,
-            scores, ranking: dict, timings: dict) -> Result:
+def _result(described: ModelDescription, domains: list, config: AnalysisConfig, passed: AnalysisPass,
+            outcomes: list | None, bootstrap, scores, ranking: dict, timings: dict) -> Result:
     """The Result: per domain its rank, Share, t vs rest, the paper's Mean,
     saturation and solve, per fact its influence and priority, and the
     extras (transfer matrix, bootstrap, ranking, warnings). outcomes None:
