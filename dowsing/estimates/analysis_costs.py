@@ -99,7 +99,7 @@ def analysis_subspace_s(cal, lengths: list, config) -> dict:
 
 
 def analysis_pilot_keep(cal, config) -> int:
-    """The blocks after the analysis' captured block inputs (`ranking.capture_block`):
+    """The blocks after the analysis' captured block inputs (`ranking.capture_block_of`):
     the alignment's when the ranking estimator trains on block inputs, the
     pilot recipe's when the diagnosis runs, the more of the two."""
     from ..estimators import get

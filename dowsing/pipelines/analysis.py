@@ -23,14 +23,15 @@ from ..kernels.forward import FactTokens, merge_pieces
 from .forward_units import domain_pieces
 from ..access.models import LoadedModel, directory_fingerprint, file_sha256, hub_snapshot, load_model, resolve_model
 from ..progress import Progress
-from .ranking import capture_block, check_estimator, rank, ranking_split
+from .model_description import ModelDescription, prepared_model
+from .ranking import check_estimator, rank, ranking_split
 from ..result import ENGINE_VERSION, DomainResult, Result
 from ..kernels.saturation import n_grid
-from ..kernels.subspace import encode_facts, find_anatomy, make_batches
+from ..kernels.subspace import encode_facts, make_batches
 from ..kernels.subspace_solve import (DomainContext, build_domain_context, choose_route, line_coefficients,
                                       solve_domain)
 from ..kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
-from ..storage.units import DomainUnits, loaded_identity
+from ..storage.units import DomainUnits, model_identity
 
 
 def analyze(model, domains, config: AnalysisConfig | None = None,
@@ -62,32 +63,34 @@ def analyze(model, domains, config: AnalysisConfig | None = None,
     timings: dict = {}
     clock = time.perf_counter()
     domains = as_domains(domains)
-    model, checkpoints = _prepared_model(model, config, report, timings)
+    model, described, checkpoints = prepared_model(model, config, report, timings)
     if units is not None:
-        units.model = units.model or loaded_identity(model.info)
-    passed = _forward(model, domains, config, report, timings, units)
+        units.model = units.model or described.identity
+    passed = _forward(model, described, domains, config, report, timings, units)
     if units is not None:
         units.row_text = passed.facts
-        units.note_blocks(len(find_anatomy(model.model).down_projs))
+        units.note_blocks(described.depth)
     outcomes = bootstrap = None
     paper_first = config.estimator == PAPER  # it ranks by the solve: the paper's quantities come first
     if paper_first:
-        outcomes, bootstrap = _paper(model, domains, passed, config, report, executor, store, should_stop, timings)
+        outcomes, bootstrap = _paper(model.model, described.anatomy, domains, passed, config, report, executor,
+                                     store, should_stop, timings)
     # the stages report their fractions for the paper-first order; the other order rescales them, so they rise
     ranked = report if paper_first else _rescaled(report, (0.78, 1.0), (0.1, 0.5))
-    scores, ranking = _ranking(model, domains, passed, outcomes, bootstrap, config, checkpoints, ranked, timings,
-                               units)
-    ranking["diagnosis"] = _diagnosis(model, passed, scores, config, ranked, timings, units)
+    scores, ranking = _ranking(model, described.anatomy, domains, passed, outcomes, bootstrap, config, checkpoints,
+                               ranked, timings, units)
+    ranking["diagnosis"] = _diagnosis(model, described.anatomy, passed, scores, config, ranked, timings, units)
     later = _rescaled(report, (0.05, 0.78), (0.5, 0.98))
     if outcomes is None and on_ranking is not None:
         timings["ranking_ready"] = time.perf_counter() - clock
-        on_ranking(_finished(_result(model, domains, config, passed, None, None, scores, dict(ranking), dict(timings)),
-                             units, partial=config.stage != "ranking"))
+        on_ranking(_finished(_result(described, domains, config, passed, None, None, scores, dict(ranking),
+                                     dict(timings)), units, partial=config.stage != "ranking"))
     if outcomes is None and config.stage == "all":
-        outcomes, bootstrap = _paper(model, domains, passed, config, later, executor, store, should_stop, timings)
+        outcomes, bootstrap = _paper(model.model, described.anatomy, domains, passed, config, later, executor,
+                                     store, should_stop, timings)
     timings["total"] = time.perf_counter() - clock
     report(Progress("done", 1.0, "analysis complete" if config.stage == "all" else "ranking complete"))
-    return _finished(_result(model, domains, config, passed, outcomes, bootstrap, scores, ranking, timings), units)
+    return _finished(_result(described, domains, config, passed, outcomes, bootstrap, scores, ranking, timings), units)
 
 
 def _rescaled(report, old: tuple, new: tuple):
@@ -118,12 +121,12 @@ def _finished(result: Result, units, partial: bool = False) -> Result:
     return result
 
 
-def _paper(model, domains: list, passed, config: AnalysisConfig, report, executor, store, should_stop,
+def _paper(net, anatomy, domains: list, passed, config: AnalysisConfig, report, executor, store, should_stop,
            timings: dict) -> tuple:
     """(outcomes, bootstrap): the paper's quantities, every domain's solve,
     saturation and kernels, then their bootstrap. Not per-domain units:
     H_k is the curvature of the loss over every fact of every domain."""
-    outcomes = _solve_domains(model, passed, config, report, executor, store, should_stop, timings)
+    outcomes = _solve_domains(net, anatomy, passed, config, report, executor, store, should_stop, timings)
     return outcomes, _paper_bootstrap(domains, passed, outcomes, config, report, timings)
 
 
@@ -149,38 +152,13 @@ class AnalysisPass:
     seconds: float
 
 
-def _prepared_model(model, config: AnalysisConfig, report, timings: dict):
-    """(LoadedModel, checked checkpoints or None): loads the model when given
-    an id, refuses one loaded with other settings, and checks the user's
-    checkpoints (the last must be the model)."""
-    if not isinstance(model, LoadedModel):
-        report(Progress("loading model", 0.0, "loading model"))
-        t0 = time.perf_counter()
-        model = load_model(model, config.device, config.dtype)
-        timings["load_model"] = time.perf_counter() - t0
-    if model.info.dtype != config.dtype or model.info.device != config.device:
-        raise ValueError(
-            f"The model is loaded as {model.info.dtype} on {model.info.device} but the configuration asks for "
-            f"{config.dtype} on {config.device}: load it with those settings."
-        )
-    checkpoints = None
-    if config.checkpoints:
-        from ..access.checkpoints import check_last_is_model, validate_checkpoints
-
-        checkpoints = validate_checkpoints(config.checkpoints)
-        check_last_is_model(checkpoints, model.info.id)
-    blocks = len(find_anatomy(model.model).down_projs)
-    if config.blocks > blocks:
-        raise ValueError(f"blocks = {config.blocks} but the model has only {blocks} blocks.")
-    return model, checkpoints
-
-
-def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict, units=None) -> AnalysisPass:
+def _forward(model: LoadedModel, described: ModelDescription, domains: list, config: AnalysisConfig, report,
+             timings: dict, units=None) -> AnalysisPass:
     """The plain forward pass over every fact: concept vectors, per-token
     quantities, and the ranking estimator's block inputs from the same pass.
     Each domain's share is a unit (`forward_units.domain_pieces`): a domain
     whose facts did not change is read from `units`, not run again."""
-    net, anatomy = model.model, find_anatomy(model.model)
+    net, anatomy, first = model.model, described.anatomy, described.capture_block
     facts = [f for d in domains for f in d.facts]
     starts = [0]
     for d in domains:
@@ -197,8 +175,7 @@ def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict
         warnings.warn(note, stacklevel=3)
     # the solve's routes that run the model again read the facts in these batches
     batches = make_batches(encoded, config.batch_size, next(net.parameters()).device)
-    first = capture_block(net, config)
-    pieces = domain_pieces(model, [d.name for d in domains], [list(d.facts) for d in domains],
+    pieces = domain_pieces(net, anatomy, [d.name for d in domains], [list(d.facts) for d in domains],
                            [encoded.ids[starts[k]:starts[k + 1]] for k in range(len(domains))], config.batch_size,
                            first, units, report)
     merged = merge_pieces(pieces)
@@ -218,12 +195,10 @@ def _forward(model, domains: list, config: AnalysisConfig, report, timings: dict
                         merged.norms, tokens, merged.block_inputs, first, route, notes, timings["forward"])
 
 
-def _solve_domains(model, passed: AnalysisPass, config: AnalysisConfig, report, executor, store, should_stop,
+def _solve_domains(net, anatomy, passed: AnalysisPass, config: AnalysisConfig, report, executor, store, should_stop,
                    timings: dict) -> list:
     """Each domain's solve, saturation fit and bootstrap kernels
     (`subspace_solve.solve_domain`), one unit of the executor each."""
-    net = model.model
-    anatomy = find_anatomy(net)
     t0 = time.perf_counter()
     coefficients = None
     if config.blocks == 1 and passed.tokens.tail_matches and passed.route in ("structured", "cg"):
@@ -282,14 +257,14 @@ def _paper_bootstrap(domains: list, passed: AnalysisPass, outcomes: list, config
     return bootstrap
 
 
-def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstrap, config: AnalysisConfig,
-             checkpoints, report, timings: dict, units=None):
+def _ranking(model: LoadedModel, anatomy, domains: list, passed: AnalysisPass, outcomes: list, bootstrap,
+             config: AnalysisConfig, checkpoints, report, timings: dict, units=None):
     """(scores, extras["ranking"]): the ranking estimator's priorities
     (`dowsing.pipelines.ranking`) and their intervals; the paper's quantities above
     stay as they are."""
     t0 = time.perf_counter()
     report(Progress("ranking", 0.78, f"ranking estimator: {get_estimator(config.estimator).label}"))
-    split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,
+    split = ranking_split(anatomy, passed.directions, passed.tokens, passed.ids,
                           passed.block_inputs, passed.first_block, passed.rows_of, passed.names,
                           config, passed.seconds)
     outcomes = outcomes or [None] * len(domains)
@@ -304,8 +279,8 @@ def _ranking(model, domains: list, passed: AnalysisPass, outcomes: list, bootstr
     return scores, ranking
 
 
-def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, report, timings: dict,
-               units=None) -> list | None:
+def _diagnosis(model: LoadedModel, anatomy, passed: AnalysisPass, scores, config: AnalysisConfig, report,
+               timings: dict, units=None) -> list | None:
     """Per domain, what kind of domain it looks like (`dowsing.kernels.diagnosis`)
     from its mean loss and its pilot gain (the ranking's own runs when it
     ranks by a pilot estimator, else the pilot family's on the same seeded
@@ -324,7 +299,7 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
         drops = [fit["drop"][-1] if fit else None for fit in scores.details["fits"]]
     else:
         report(Progress("diagnosis", 0.99, "pilot fine-tunes for the diagnosis"))
-        split = ranking_split(find_anatomy(model.model), passed.directions, passed.tokens, passed.ids,
+        split = ranking_split(anatomy, passed.directions, passed.tokens, passed.ids,
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         # the pilot gain reads the seed, the batch size and all_facts alone, as when it ranks
@@ -335,8 +310,8 @@ def _diagnosis(model, passed: AnalysisPass, scores, config: AnalysisConfig, repo
     return [d.to_dict() for d in diagnose(passed.names, loss, drops)]
 
 
-def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, outcomes: list | None, bootstrap,
-            scores, ranking: dict, timings: dict) -> Result:
+def _result(described: ModelDescription, domains: list, config: AnalysisConfig, passed: AnalysisPass,
+            outcomes: list | None, bootstrap, scores, ranking: dict, timings: dict) -> Result:
     """The Result: per domain its rank, Share, t vs rest, the paper's Mean,
     saturation and solve, per fact its influence and priority, and the
     extras (transfer matrix, bootstrap, ranking, warnings). outcomes None:
@@ -372,12 +347,12 @@ def _result(model, domains: list, config: AnalysisConfig, passed: AnalysisPass, 
                        for j in range(n_domains)],
         } if outcomes else None,
         "domain_loss": [float(passed.tokens.fact_losses[r].mean()) for r in rows_of],
-        "n_tokens": int(passed.tokens.x.shape[0]), "subspace_dim": config.blocks * find_anatomy(model.model).d_ff,
+        "n_tokens": int(passed.tokens.x.shape[0]), "subspace_dim": config.blocks * described.anatomy.d_ff,
         "warnings": list(passed.notes),
         "domains_input": [{"name": d.name, "facts": list(d.facts)} for d in domains],
     }
     return Result(
-        model=model.info.to_dict(), config=config.to_dict(), domains=results, per_example=per_example,
+        model=described.info.to_dict(), config=config.to_dict(), domains=results, per_example=per_example,
         timings=timings, created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"), extras=extras,
     )
 
@@ -439,10 +414,14 @@ def model_fingerprint(model_id: str | None) -> str:
 
 def cache_key(model_id: str | None, domains, config: AnalysisConfig | None = None) -> str:
     """sha256 over (model fingerprint, domains, config, engine version)."""
-    config = config or AnalysisConfig()
+    return request_key(model_fingerprint(model_id), domains, config or AnalysisConfig())
+
+
+def request_key(fingerprint: str, domains, config: AnalysisConfig) -> str:
+    """`cache_key` of the model whose `model_fingerprint` is `fingerprint`."""
     domains = as_domains(domains)
     payload = json.dumps({
-        "model": model_fingerprint(model_id),
+        "model": fingerprint,
         "domains": [[d.name, list(d.facts)] for d in domains],
         "config": config.to_dict(),
         # what the checkpoints hold, not only where they are: a folder trained further is a new trajectory
@@ -459,28 +438,33 @@ def pilot_status(model_id: str | None, domains, config: AnalysisConfig | None = 
     for a pilot], "message": "2 of 4 domains recomputed, 2 from cache"}; None when the run has no pilots (neither
     the ranking estimator nor the diagnosis runs them). A model never run
     here counts every domain as to compute."""
+    return stored_pilot_status(model_fingerprint(model_id), domains, config or AnalysisConfig())
+
+
+def stored_pilot_status(fingerprint: str, domains, config: AnalysisConfig) -> dict | None:
+    """`pilot_status` of the model whose `model_fingerprint` is `fingerprint`."""
     from ..estimators import estimator_settings
 
-    config = config or AnalysisConfig()
     curve = config.estimator == PILOT_CURVE
     if not (curve or config.estimator == PILOT_GAIN or config.diagnose):
         return None
     sizes = estimator_settings(config).pilot_sizes
-    return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
+    return stored_pilots(model_identity(fingerprint, config.dtype, config.device), domains, config.seed,
                          (lambda a, b: sizes) if curve else (lambda a, b: (max(sizes),)))
 
 
-def stored_pilots(model_id: str | None, domains, seed: int, device: str, dtype: str, sizes_of) -> dict:
+def stored_pilots(identity: str, domains, seed: int, sizes_of) -> dict:
     """Which domains' pilot curves at `sizes_of(half_a, half_b)` (the sizes
     asked for; the halves of `splitting.split_order` under `seed`) are
-    stored in `units` for this model, dtype and device, and which are to
-    compute: `pilot_status`'s dict. Loads no model."""
+    stored in `units` for the model of this units identity
+    (`units.model_identity`: fingerprint, dtype and device), and which are
+    to compute: `pilot_status`'s dict. Loads no model."""
     from ..kernels.pilots import PILOT_RECIPE, pilot_sizes
     from ..kernels.splitting import split_order
-    from ..storage.units import model_identity, pilot_key, recomputed_message
+    from ..storage.units import pilot_key, recomputed_message
 
     domains = as_domains(domains)
-    units = DomainUnits(model_identity(model_fingerprint(model_id), dtype, device))
+    units = DomainUnits(identity)
     blocks = units.blocks()
     computed, reused, no_pilot = [], [], []
     for domain in domains:
@@ -501,7 +485,7 @@ def forward_status(model_id: str | None, domains, config: AnalysisConfig | None 
     pieces (`forward_units`) `run_analysis` would compute and which it would
     find stored, {"computed": [names], "reused": [names], "message"}. A
     model never run here counts every domain as to compute."""
-    from ..storage.units import forward_key, model_identity, recomputed_message
+    from ..storage.units import forward_key, recomputed_message
     from .forward_units import forward_settings
     from .ranking import capture_block_of
 
@@ -540,14 +524,16 @@ def run_analysis(model_id: str | None, domains, config: AnalysisConfig | None = 
         from ..access.checkpoints import validate_checkpoints
 
         validate_checkpoints(config.checkpoints)  # a one-line error before anything is loaded or keyed
-    key = cache_key(model_id, domains, config)
+    # the model is resolved once: the result's key and the stored units both read its fingerprint
+    fingerprint = model_fingerprint(model_id)
+    key = request_key(fingerprint, domains, config)
     store = ResultStore()
     if use_cache:
         cached = store.get(key)
         if cached is not None:
             report(Progress("done", 1.0, "cached result"))
             return cached
-    status = pilot_status(model_id, domains, config) if use_cache else None
+    status = stored_pilot_status(fingerprint, domains, config) if use_cache else None
     # which domains this run recomputes, said before it starts
     # The stage already says "loading model": the message carries only what is new.
     report(Progress("loading model", 0.0, f"pilot curves: {status['message']}" if status else "loading model"))

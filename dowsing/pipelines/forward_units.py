@@ -12,7 +12,6 @@ before use; one that fails is computed again."""
 from __future__ import annotations
 
 from ..kernels.forward import ForwardPiece, check_piece, domain_forward
-from ..kernels.subspace import find_anatomy
 from ..progress import Progress
 from ..storage.tensors import decode_tensor, encode_tensor
 from ..storage.units import forward_key
@@ -59,14 +58,13 @@ def piece_from_value(value, ids: list, device, dtype) -> ForwardPiece:
     return piece
 
 
-def domain_pieces(loaded, names: list, facts_of: list, ids_of: list, batch_size: int, capture_block: int | None,
-                  units=None, report=None) -> list:
+def domain_pieces(net, anatomy, names: list, facts_of: list, ids_of: list, batch_size: int,
+                  capture_block: int | None, units=None, report=None) -> list:
     """Each domain's forward piece, in domain order: from `units` where one
     is stored for its facts and these settings, else computed (and kept
-    there). facts_of / ids_of: per domain its facts' texts and token ids."""
+    there). facts_of / ids_of: per domain its facts' texts and token ids;
+    anatomy: the model's (`subspace.find_anatomy`)."""
     report = report or (lambda p: None)
-    net = loaded.model
-    anatomy = find_anatomy(net)
     parameter = next(net.parameters())
     settings = forward_settings(batch_size, capture_block)
     pieces = []

@@ -1429,10 +1429,11 @@ def pilot_status(model_id: str | None, domains, config: PlanConfig | PilotConfig
     pilot curves `pilot_measurements` would compute and which it finds in
     the units (`analysis.stored_pilots`), with the message "1 of 4 domains
     recomputed, 3 from cache"."""
-    from .analysis import stored_pilots
+    from ..storage.units import model_identity
+    from .analysis import model_fingerprint, stored_pilots
 
-    return stored_pilots(model_id, domains, config.seed, config.device, config.dtype,
-                         lambda a, b: config.pilot_sizes)
+    return stored_pilots(model_identity(model_fingerprint(model_id), config.dtype, config.device), domains,
+                         config.seed, lambda a, b: config.pilot_sizes)
 
 
 def pilot_measurements(model_id: str | None, domains, config: PlanConfig | PilotConfig,

@@ -29,7 +29,7 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-from ..kernels.alignment import alignment_span, blocks_of, check_tail, tail_model
+from ..kernels.alignment import alignment_span, check_tail, tail_model
 from ..config import AnalysisConfig
 from ..estimators import (MEAN_LOSS, PAPER, EstimatorContext, EstimatorScore, EstimatorSettings, check_names,
                           compute, estimator_settings, get)
@@ -49,16 +49,11 @@ def check_estimator(config: AnalysisConfig) -> None:
                          f"oldest first (got {len(config.checkpoints)})")
 
 
-def capture_block(net, config: AnalysisConfig) -> int | None:
-    """The block whose inputs the ranking estimator and the diagnosis's
-    pilot fine-tunes need from the forward pass (the first block either
-    trains), or None when neither runs."""
-    return capture_block_of(len(blocks_of(net)), config)
-
-
 def capture_block_of(depth: int, config: AnalysisConfig) -> int | None:
-    """`capture_block` for a model of `depth` blocks, without the model (a
-    forward piece's key is known before the model is loaded)."""
+    """The block whose inputs the ranking estimator and the diagnosis's
+    pilot fine-tunes need from the forward pass of a model of `depth` blocks
+    (the first block either trains), or None when neither runs. It reads the
+    depth alone, so a forward piece's key is known before the model is loaded."""
     wanted = []
     if "block_inputs" in get(config.estimator).needs:
         wanted.append(alignment_span(depth, config.align_blocks)[0])
@@ -107,10 +102,9 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
     if name == PAPER:
         return paper_scores(paper_means, paper_per_fact)
     t0 = time.perf_counter()
-    net = loaded.model
+    settings = ranking_settings(config, len(split.anatomy.down_projs))
     if split.capture_block is not None:
-        check_ranking_tail(net, split, config)
-    settings = ranking_settings(config, len(blocks_of(net)))
+        check_ranking_tail(loaded.model, split, config)
     ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units)
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
