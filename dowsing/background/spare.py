@@ -20,11 +20,21 @@ import sys
 SPARE_FLAG = "--spare"
 
 
+def settings_of(env: dict) -> dict:
+    """What in an environment changes what a job does: the DOWSING_*
+    variables and the import path."""
+    return {k: v for k, v in env.items() if k.startswith("DOWSING_") or k == "PYTHONPATH"}
+
+
 class SpareWorker:
     """One warm worker process waiting for a job id on its stdin.
 
-    env, cwd: those of a cold worker; a spare whose env differs from the one
-    a job needs now is not used (`matches`).
+    env, cwd: those of a cold worker. A spare is used only while this
+    process's own settings (the DOWSING_* variables) and the import path are
+    what they were when it started (`matches`); other variables are left
+    out, since libraries set their defaults in os.environ as they import
+    (torch sets TORCHINDUCTOR_CACHE_DIR) and the spare's own imports set the
+    same.
     """
 
     def __init__(self, env: dict, cwd: str):
@@ -51,7 +61,7 @@ class SpareWorker:
         return self.proc.poll() is None
 
     def matches(self, env: dict, cwd: str) -> bool:
-        return self.env == env and self.cwd == cwd
+        return settings_of(self.env) == settings_of(env) and self.cwd == cwd
 
     def hand_over(self, job_id: str) -> subprocess.Popen | None:
         """Give the spare `job_id`; its process handle, now the job's worker,
