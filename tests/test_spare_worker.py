@@ -190,3 +190,29 @@ def test_the_spare_is_on_unless_switched_off(monkeypatch):
     assert spare_wanted()
     monkeypatch.setenv(SPARE_ENV, "0")
     assert not spare_wanted()
+
+
+def test_two_pages_submitting_at_once_share_one_spare_and_closing_spares_their_jobs(runner, tiny_gpt2_dir):
+    """The app's pages run in threads of one process and share its runner:
+    of two submits at the same moment one gets the spare and the other a
+    fresh worker; closing the runner then ends no job, only the spare."""
+    import threading
+
+    spare = runner.spare_pid
+    requests = [request(tiny_gpt2_dir, SMALL, "First"), request(tiny_gpt2_dir, list(reversed(SMALL)), "Second")]
+    ids, start = [None, None], threading.Barrier(2)
+
+    def submit(i):
+        start.wait()
+        ids[i] = runner.submit(requests[i])
+
+    threads = [threading.Thread(target=submit, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert ids[0] != ids[1]
+    runner.close()
+    done = [wait(runner, job_id, lambda s: not s.active)[0] for job_id in ids]
+    assert [s.status for s in done] == ["done", "done"], done
+    assert sorted(s.pid == spare for s in done) == [False, True]

@@ -39,6 +39,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -754,6 +755,8 @@ class LocalJobRunner:
         self.grace_s = grace_s
         self.keeps_spare = spare
         self._spare: SpareWorker | None = None
+        # the app's pages share one runner across threads: one of them takes the spare, or starts one
+        self._spare_lock = threading.Lock()
         # Workers started by this process, so their exit codes can be read
         # (and they are reaped rather than left as zombies: `_reap`).
         self._procs: dict[str, subprocess.Popen] = {}
@@ -780,12 +783,13 @@ class LocalJobRunner:
     def _ensure_spare(self) -> None:
         """Start a spare unless one is kept already (a spare that died is
         found at the next submit, which then starts its job cold)."""
-        if self._spare is not None:
-            return
-        try:
-            self._spare = SpareWorker(*self._worker_env())
-        except OSError:
-            pass  # jobs then start cold, as without a spare
+        with self._spare_lock:
+            if self._spare is not None or not self.keeps_spare:
+                return
+            try:
+                self._spare = SpareWorker(*self._worker_env())
+            except OSError:
+                pass  # jobs then start cold, as without a spare
 
     @property
     def spare_pid(self) -> int | None:
@@ -796,8 +800,9 @@ class LocalJobRunner:
     def close(self) -> None:
         """End the spare worker (jobs already running are not touched) and
         keep none from now on."""
-        self.keeps_spare = False
-        spare, self._spare = self._spare, None
+        with self._spare_lock:
+            self.keeps_spare = False
+            spare, self._spare = self._spare, None
         if spare is not None:
             spare.close()
 
@@ -893,7 +898,8 @@ class LocalJobRunner:
         env, package_root = self._worker_env()
         # 0600: the log holds the user's facts in its error lines
         log = os.fdopen(os.open(self.store.log_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
-        spare, self._spare = self._spare, None
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
         if spare is not None:
             proc = spare.hand_over(job_id) if spare.matches(env, package_root) else None
             if proc is not None:

@@ -40,6 +40,7 @@ class SpareWorker:
     def __init__(self, env: dict, cwd: str):
         self.env = dict(env)
         self.cwd = cwd
+        self.handed_over = False
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "dowsing.background.worker", SPARE_FLAG],
             stdin=subprocess.PIPE,
@@ -66,18 +67,22 @@ class SpareWorker:
     def hand_over(self, job_id: str) -> subprocess.Popen | None:
         """Give the spare `job_id`; its process handle, now the job's worker,
         or None when the spare has died (the caller starts a cold worker)."""
-        if not self.alive():
+        if self.handed_over or not self.alive():
             return None
         try:
             self.proc.stdin.write(job_id.encode("ascii") + b"\n")
             self.proc.stdin.close()
         except (BrokenPipeError, OSError, ValueError):
             return None
+        self.handed_over = True
         return self.proc
 
     def close(self, wait_s: float = 0.5) -> None:
         """End the spare: EOF on its stdin, which it answers by exiting;
-        SIGKILL if it has not within `wait_s` (it may still be importing)."""
+        SIGKILL if it has not within `wait_s` (it may still be importing).
+        A spare already handed a job is that job's worker: left alone."""
+        if self.handed_over:
+            return
         try:
             self.proc.stdin.close()
         except OSError:
