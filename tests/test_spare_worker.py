@@ -87,8 +87,12 @@ def test_cancel_of_a_job_in_a_former_spare_ends_its_whole_session(runner, tiny_g
     state, _ = wait(runner, job_id, lambda s: s.stage in ENGINE_STAGES or not s.active)
     assert state.status == "running" and state.pid == spare, state
     assert os.getsid(spare) == spare and session_members(spare)  # the spare leads its own session
-    runner.cancel(job_id)
-    assert runner.state(job_id).status == "cancelled"
+    # The page after an app restart: a runner that did not start the worker knows it by pid and start
+    # time (its command line names no job), sees it running, and its cancel reaches the whole session.
+    page = LocalJobRunner()
+    assert page.state(job_id).status == "running" and page.state(job_id).pid_start_ticks is not None
+    page.cancel(job_id)
+    assert page.state(job_id).status == "cancelled" and runner.state(job_id).status == "cancelled"
     assert session_members(spare) == [] and not running(spare)
     time.sleep(0.5)  # a late write of the dying worker must not undo the cancel
     assert runner.state(job_id).status == "cancelled"
