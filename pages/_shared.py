@@ -19,7 +19,8 @@ from dowsing.access.checkpoints import CheckpointError, allowed_checkpoints, par
 from dowsing.access.checkpoints import summary as checkpoint_summary
 from dowsing import estimators
 from dowsing.config import CURVATURES, DEFAULT_ESTIMATOR, DEVICES, DTYPES, SOLVERS, AnalysisConfig, settings_changes
-from dowsing.background.jobs import NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match
+from dowsing.background.jobs import (NO_SUCH_JOB, JobRunner, JobState, default_runner, is_job_id, newest_match,
+                                     spare_wanted)
 from dowsing.access.models import EMBEDDED_ID, ModelError, allowed_model, is_hub_id, load_model
 from dowsing.safe_text import md_escape
 
@@ -69,10 +70,18 @@ def ensure_router() -> None:
         st.rerun()
 
 
-@st.cache_resource(show_spinner=False)
+def _close_runner(jobs: JobRunner) -> None:
+    close = getattr(jobs, "close", None)
+    if close is not None:
+        close()
+
+
+# on_release: a runner dropped from the cache (cleared, or the server stopping) ends its spare worker at once
+@st.cache_resource(show_spinner=False, on_release=_close_runner)
 def runner() -> JobRunner:
-    """One job runner per server process: it remembers the workers it started."""
-    return default_runner()
+    """One job runner per server process: it remembers the workers it started
+    and keeps one warm spare for the next run (unless DOWSING_SPARE_WORKER=0)."""
+    return default_runner(spare=spare_wanted())
 
 
 @st.cache_resource(show_spinner=False, max_entries=2)

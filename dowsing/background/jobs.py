@@ -7,7 +7,9 @@ between the kinds (their configuration, the engine call that runs them,
 where their result is kept, what the history says about them) is one
 `JobKind` in KINDS; a new kind is one more entry there. Everything else is
 shared by every kind: one worker (`python -m dowsing.background.worker JOB_ID`), one
-runner lock, one cancel path and one liveness check.
+runner lock, one cancel path and one liveness check. The app's runner keeps one
+worker started and warmed ahead of the next job (`spare.SpareWorker`), so a
+run does not first wait for torch to import.
 
 The pages only talk to the `JobRunner` protocol. `LocalJobRunner` runs each
 job in its own worker process on this machine, one heavy run at a time
@@ -37,6 +39,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -47,6 +50,7 @@ from typing import Callable, Protocol, runtime_checkable
 from ..storage.caches import DataCache, StoreDamaged
 from ..config import DEVICES, AnalysisConfig
 from ..paths import cache_dir, private_dir
+from .spare import SpareWorker
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled")
 ACTIVE = ("queued", "running")
@@ -354,6 +358,9 @@ class JobState:
     (a validation or benchmark) or pilots (a plan: the domains measured).
     run_id changes with every fresh run of the same job id, so a late write
     of an old worker cannot overwrite a newer run.
+    pid_start_ticks: when the worker `pid` started (clock ticks after boot,
+    /proc/PID/stat field 22), so a later process with the same pid is not
+    taken for it; None in states from before it was recorded.
     waiting_for: while queued, the job it waits behind (None: unknown).
     """
 
@@ -364,6 +371,7 @@ class JobState:
     message: str = ""
     error: str | None = None
     pid: int | None = None
+    pid_start_ticks: int | None = None
     created_at: str = ""
     started_at: str | None = None
     finished_at: str | None = None
@@ -607,9 +615,24 @@ def _proc_stat(pid: int | str) -> list[str] | None:
     return stat[stat.rindex(")") + 2:].split()
 
 
-def pid_alive(pid: int, job_id: str | None = None) -> bool:
+def process_start_ticks(pid: int) -> int | None:
+    """When process `pid` started, in clock ticks after boot (/proc/PID/stat
+    field 22); None without such a process or /proc. A pid and this together
+    name one process: a pid reused later has a later start."""
+    fields = _proc_stat(pid)
+    try:
+        return int(fields[19]) if fields is not None else None
+    except (IndexError, ValueError):
+        return None
+
+
+def pid_alive(pid: int, job_id: str | None = None, start_ticks: int | None = None) -> bool:
     """Whether `pid` is a live (not zombie) process, and, where /proc can
-    tell, still our worker for `job_id` rather than a reused pid."""
+    tell, still our worker rather than a reused pid: the process that
+    started at `start_ticks` when that is known, else one whose command line
+    names the worker and `job_id` (states that only have a pid; a worker
+    that was a spare has no job id in its command line, but always records
+    its start)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -621,6 +644,8 @@ def pid_alive(pid: int, job_id: str | None = None) -> bool:
     fields = _proc_stat(pid)
     if fields is None or fields[0] in ("Z", "X"):
         return False
+    if start_ticks is not None:
+        return process_start_ticks(pid) == start_ticks
     if job_id is not None:
         try:
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -700,35 +725,86 @@ def worker_live(state: JobState) -> bool:
     if state.pid is None:
         created = parse_time(state.created_at)
         return created is not None and time.time() - created < START_TIMEOUT_S
-    return pid_alive(state.pid, state.job_id)
+    return pid_alive(state.pid, state.job_id, state.pid_start_ticks)
+
+
+# Set to 0 to start every job in a fresh worker, without a warm spare.
+SPARE_ENV = "DOWSING_SPARE_WORKER"
+
+
+def spare_wanted() -> bool:
+    """Whether the app's runner keeps a warm spare worker (DOWSING_SPARE_WORKER
+    unset or anything but 0)."""
+    return os.environ.get(SPARE_ENV, "1").strip() != "0"
 
 
 class LocalJobRunner:
     """Runs each job in a worker process on this machine, one at a time.
 
     grace_s: how long cancel waits after SIGTERM before SIGKILL.
+    spare: keep one worker started and warmed for the next job, handed the
+        job at submit (the app's runner does; a runner made to read states,
+        clear results or poll from a test does not need one). The spare is
+        started here, and again whenever this runner has no worker of its
+        own running: a spare warming up next to a running job would take a
+        core from it. `close()` ends it.
     """
 
-    def __init__(self, root: Path | None = None, grace_s: float = 3.0):
+    def __init__(self, root: Path | None = None, grace_s: float = 3.0, spare: bool = False):
         self.store = JobStore(root)
         self.grace_s = grace_s
+        self.keeps_spare = spare
+        self._spare: SpareWorker | None = None
+        # the app's pages share one runner across threads: one of them takes the spare, or starts one
+        self._spare_lock = threading.Lock()
         # Workers started by this process, so their exit codes can be read
         # (and they are reaped rather than left as zombies: `_reap`).
         self._procs: dict[str, subprocess.Popen] = {}
         self._exit_codes: dict[str, int] = {}  # of reaped workers, by job id, until the job is looked at
         self._results = None
+        if spare:
+            self._ensure_spare()
 
     def _reap(self) -> None:
         """Collect every worker of ours that has ended, without waiting
         (waitpid WNOHANG through Popen.poll), keeping its exit code. Called
         on every submit, state and history, so a finished worker does not
-        stay a zombie under a long-lived app process."""
+        stay a zombie under a long-lived app process; once none runs, a
+        spare is started again."""
         for job_id, proc in list(self._procs.items()):
             code = proc.poll()
             if code is not None:
                 self._exit_codes[job_id] = code
                 if self._procs.get(job_id) is proc:
                     del self._procs[job_id]
+        if self.keeps_spare and self._spare is None and not self._procs:
+            self._ensure_spare()
+
+    def _ensure_spare(self) -> None:
+        """Start a spare unless one is kept already (a spare that died is
+        found at the next submit, which then starts its job cold)."""
+        with self._spare_lock:
+            if self._spare is not None or not self.keeps_spare:
+                return
+            try:
+                self._spare = SpareWorker(*self._worker_env())
+            except OSError:
+                pass  # jobs then start cold, as without a spare
+
+    @property
+    def spare_pid(self) -> int | None:
+        """The pid of the spare waiting for the next job, if one is."""
+        spare = self._spare
+        return spare.pid if spare is not None and spare.alive() else None
+
+    def close(self) -> None:
+        """End the spare worker (jobs already running are not touched) and
+        keep none from now on."""
+        with self._spare_lock:
+            self.keeps_spare = False
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            spare.close()
 
     @property
     def results(self):
@@ -807,14 +883,29 @@ class LocalJobRunner:
         self._procs[job_id] = proc
         return job_id
 
-    def _spawn(self, job_id: str) -> subprocess.Popen:
+    def _worker_env(self) -> tuple[dict, str]:
+        """(environment, working folder) of every worker, cold or spare."""
         package_root = str(Path(__file__).resolve().parent.parent.parent)
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
         env["DOWSING_CACHE"] = str(self.store.root.parent)
         env["PYTHONUNBUFFERED"] = "1"
+        return env, package_root
+
+    def _spawn(self, job_id: str) -> subprocess.Popen:
+        """The job's worker: the spare, handed the job id, when one waits
+        with this job's environment; else a fresh process."""
+        env, package_root = self._worker_env()
         # 0600: the log holds the user's facts in its error lines
         log = os.fdopen(os.open(self.store.log_path(job_id), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb")
+        with self._spare_lock:
+            spare, self._spare = self._spare, None
+        if spare is not None:
+            proc = spare.hand_over(job_id) if spare.matches(env, package_root) else None
+            if proc is not None:
+                log.close()
+                return proc
+            spare.close()  # dead, or started under another environment: this job starts cold
         try:
             return subprocess.Popen(
                 [sys.executable, "-m", "dowsing.background.worker", job_id],
@@ -987,7 +1078,9 @@ class LocalJobRunner:
         proc = self._procs.get(job_id)
         if proc is not None and proc.pid == pid:
             return proc.poll() is None  # also reaps it, so it does not linger as a zombie
-        return pid_alive(pid, job_id)
+        state = self.store.get(job_id)
+        start_ticks = state.pid_start_ticks if state is not None and state.pid == pid else None
+        return pid_alive(pid, job_id, start_ticks)
 
     def history(self, kind: str | None = None) -> list[JobState]:
         """Every job (of `kind`), newest first (liveness refreshed for active ones)."""
@@ -1025,9 +1118,12 @@ def newest_match(runner: JobRunner, kind: str, domain_names, fingerprint: str | 
     return None
 
 
-def default_runner() -> JobRunner:
-    """The job runner the app uses; swap here for a distributed one."""
-    return LocalJobRunner()
+def default_runner(spare: bool = False) -> JobRunner:
+    """The job runner the app uses; swap here for a distributed one. spare:
+    keep a warm worker for the next job (the app's one runner per server
+    process asks for it, as `spare_wanted` says; a runner made only to look
+    at jobs does not)."""
+    return LocalJobRunner(spare=spare)
 
 
 # The stores that hold computed results, under the cache folder; clear_results empties them.

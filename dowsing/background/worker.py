@@ -1,4 +1,5 @@
-"""The worker process of one job, whatever its kind: ``python -m dowsing.background.worker JOB_ID``.
+"""The worker process of one job, whatever its kind: ``python -m dowsing.background.worker JOB_ID``,
+or, started before there is a job, ``... worker --spare`` (`serve_as_spare`).
 
 It reads the job's request from the job store, waits for the machine's runner
 lock (one heavy run at a time, whatever its kind; meanwhile the job stays
@@ -30,10 +31,12 @@ from .jobs import (
     is_job_id,
     now_iso,
     one_line,
+    process_start_ticks,
     result_summary,
     waiting_message,
     worker_live,
 )
+from .spare import SPARE_FLAG
 
 FINAL = ("done", "failed", "cancelled")
 # At most this many progress writes per second reach the job store.
@@ -209,7 +212,8 @@ def run_job(job_id: str, store: JobStore | None = None) -> int:
         note(f"job {job_id} is {state.status}; nothing to do")
         return 0
     run_id = state.run_id
-    store.update(job_id, run_id=run_id, unless=FINAL, pid=os.getpid())
+    # the start time with the pid: a later process given the same pid is not taken for this worker
+    store.update(job_id, run_id=run_id, unless=FINAL, pid=os.getpid(), pid_start_ticks=process_start_ticks(os.getpid()))
     note(f"worker pid {os.getpid()} for {state.kind} job {job_id}")
     lock = None
     writer = None
@@ -281,9 +285,75 @@ def _error_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
 
 
-def main(argv: list[str] | None = None) -> int:
+def warm_up() -> None:
+    """Import what every run imports first, so a spare handed a job starts
+    computing at once: torch, the engine's pipelines, and the pieces of
+    transformers `load_model` takes (the Auto classes and the default
+    model's Llama classes). About 5 s in a fresh process; `load_model` of the
+    default model then takes 0.4 s instead of 5. No weights are loaded: which
+    model a job wants is not known yet, and a spare holds little memory."""
+    import torch  # noqa: F401
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
+    from transformers.models.llama import configuration_llama, modeling_llama, tokenization_llama  # noqa: F401
+
+    from ..access import models  # noqa: F401
+    from ..kernels import diagnosis  # noqa: F401
+    from ..pipelines import analysis, plan  # noqa: F401
+    from ..storage import store  # noqa: F401
+    from ..validation import benchmark, validate  # noqa: F401
+
+
+def await_job(stream) -> str | None:
+    """The job id of the one line read from `stream`; None at EOF (the
+    runner closed, or its process died) or for anything that is not a job id."""
+    line = stream.readline()
+    if isinstance(line, bytes):
+        line = line.decode("ascii", errors="replace")
+    job_id = line.strip()
+    return job_id if is_job_id(job_id) else None
+
+
+def take_over_output(log_path) -> None:
+    """Point fd 1 and 2 at the job's log (appended to: the runner has
+    created it, 0600) and fd 0 at /dev/null, as a cold worker's are, so what
+    this process and its children write lands in the job's log."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = os.open(log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    try:
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+    finally:
+        os.close(log)
+        os.close(null)
+
+
+def serve_as_spare(stream=None) -> int:
+    """Warm up, wait for one job id on stdin, then run that job as a cold
+    worker would; exit 0 at once without one."""
+    try:
+        warm_up()
+    except Exception:  # noqa: BLE001 - the job's own run reports what is broken, in its log
+        pass
+    job_id = await_job(stream if stream is not None else sys.stdin.buffer)
+    if job_id is None:
+        return 0
     signal.signal(signal.SIGTERM, _on_sigterm)
+    take_over_output(JobStore().log_path(job_id))
+    return run_job(job_id)
+
+
+def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args == [SPARE_FLAG]:
+        # until it has a job, SIGTERM ends a spare as it ends any process: it has nothing to clean up
+        try:
+            return serve_as_spare()
+        except (JobCancelled, RunCancelled):
+            return CANCELLED_EXIT
+    signal.signal(signal.SIGTERM, _on_sigterm)
     if len(args) != 1 or not is_job_id(args[0]):
         print("usage: python -m dowsing.background.worker JOB_ID (a job id: 64 hex digits)", file=sys.stderr)
         return 2
