@@ -160,7 +160,7 @@ def test_the_head_on_predicting_positions_alone_gives_every_facts_loss():
 
 
 def test_a_pool_runs_a_curves_fine_tunes_side_by_side_with_the_numbers_of_one_trainer(passed):
-    from dowsing.kernels.trainer_pool import TrainerPool, pool_workers, threads_per_run
+    from dowsing.kernels.side_by_side import TrainerPool, pool_workers, threads_per_run
 
     loaded, split = passed
     recipe = Recipe("pilot", "adamw", lr=1e-3, steps=3, blocks=1, batch=64)
@@ -193,7 +193,7 @@ def test_a_pool_runs_a_curves_fine_tunes_side_by_side_with_the_numbers_of_one_tr
 
 
 def test_a_run_that_fails_in_a_pool_fails_the_map_on_the_callers_thread(passed):
-    from dowsing.kernels.trainer_pool import TrainerPool
+    from dowsing.kernels.side_by_side import TrainerPool
 
     loaded, split = passed
     pool = TrainerPool(TailTrainer(loaded, split), 2, threads=2)

@@ -246,6 +246,33 @@ def test_the_merged_per_domain_pieces_are_the_pass_over_every_fact(tiny64, block
             assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-8, atol=1e-8)
 
 
+def test_domains_computed_side_by_side_are_the_pieces_computed_one_after_another(tiny_gpt2_dir):
+    import torch
+
+    from dowsing.access.models import load_model
+    from dowsing.kernels.forward import domain_forward
+    from dowsing.kernels.subspace import encode_facts, find_anatomy
+    from dowsing.pipelines.forward_units import domain_pieces
+
+    tiny = load_model(str(tiny_gpt2_dir))  # float32: the dtype where a different order of sums would show
+    net, anatomy = tiny.model, find_anatomy(tiny.model)
+    domains = _uneven_domains()
+    ids = [encode_facts(tiny.tokenizer, list(d.facts), anatomy.max_positions).ids for d in domains]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(2)  # two workers, whatever this machine has
+    try:
+        side = domain_pieces(net, anatomy, [d.name for d in domains], [d.facts for d in domains], ids, 4, 1)
+    finally:
+        torch.set_num_threads(saved)
+    # each thread's hooks took its own passes only: every piece is the one computed alone, bit for bit
+    for piece, own in zip(side, ids):
+        alone = domain_forward(net, anatomy, own, 4, 1)
+        assert piece.ids == alone.ids and piece.n_facts == alone.n_facts
+        for name in ("concept_sum", "x", "h", "targets", "token_fact", "token_scale", "fact_losses"):
+            assert torch.equal(getattr(piece, name), getattr(alone, name)), name
+        assert all(torch.equal(a, b) for a, b in zip(piece.block_inputs, alone.block_inputs))
+
+
 def test_batches_by_length_name_their_facts_and_pad_less():
     from dowsing.kernels.subspace import Encoded, make_batches
 

@@ -168,17 +168,21 @@ def diagnosis_cost(cal, domains: list, config, pilots_stored=frozenset()) -> Cos
 def analysis_memory(cal, lengths: list, config, ranking: Cost, diagnosis: Cost | None) -> dict:
     """Peak bytes per stage: the process and the weights, the forward pass's
     per-token tensors (d_ff and d_model per predicted token), and on top the
-    largest batch's activations (forward), the solve's float64 matrices
+    largest batches' activations (forward, as many as run side by side), the solve's float64 matrices
     (gradients of every fact, H, its factor, the Woodbury pieces) with the
     larger of a chunk's double backprop and H's float64 copies of X, and
     what the ranking and the diagnosis add (every fact's block inputs at
     least, when the diagnosis captures them)."""
+    from ..kernels.side_by_side import pool_workers
+
     b, d = cal.dtype_bytes, cal.d_ff
     flat = [n for dom in lengths for n in dom]
     n_tokens, facts = predicted_tokens(flat), len(flat)
     resident = resident_bytes(cal)
     tokens = n_tokens * (d + cal.d_model) * b + n_tokens * 8 * 3
-    batch = max(largest_batch(dom, config.batch_size) for dom in lengths)  # each domain in batches of its own
+    # each domain in batches of its own, `pool_workers` domains side by side: their largest batches at once
+    side = pool_workers(cal.device, cal.threads, runs=len(lengths))
+    batch = sum(sorted((largest_batch(dom, config.batch_size) for dom in lengths), reverse=True)[:side])
     r = max(predicted_tokens(dom) for dom in lengths)
     system = (facts * d + 4 * d * d + 2 * r * d + r * r) * 8
     if analysis_route(config) != "structured":

@@ -28,7 +28,7 @@ from ..kernels.alignment import blocks_of
 from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, read_tokens, tail_params, tail_pass_s,
                      trainable_params)
 from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
-from ..kernels.trainer_pool import TrainerPool, pool_workers
+from ..kernels.side_by_side import TrainerPool, pool_workers
 from ..kernels.training import TailTrainer
 from ..storage.units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
@@ -256,7 +256,7 @@ def pilot_memory(cal, train: list, held: list, keep: int, names, batch_size: int
     (held): pilot_gain / pilot_curve a trainer (its own copy of the block
     inputs, a tail copy and its starting weights, gradients and AdamW's two
     moments of the trained blocks) and a step over the larger half;
-    the runs side by side (`trainer_pool`) add each further worker's tail
+    the runs side by side (`side_by_side`) add each further worker's tail
     copy, moments and step; lookahead_sign, one domain at a time beside it, the whole model's
     gradients of both halves and their signs, and one batch's activations
     kept for the backward pass: the calibrated one-block step's per token

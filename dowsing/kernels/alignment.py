@@ -28,6 +28,7 @@ optimizer state.
 from __future__ import annotations
 
 import copy
+import threading
 from contextlib import contextmanager
 import random
 from dataclasses import dataclass
@@ -257,9 +258,13 @@ def alignment_span(depth: int, align_blocks: int) -> tuple[int, int]:
 def capture_inputs_during(net, first: int, captured: list):
     """While active, each forward pass appends the (padded) input of block
     `first` to `captured`: block inputs come with a forward pass the analysis
-    makes anyway, instead of a second one (`capture_block_inputs`)."""
+    makes anyway, instead of a second one (`capture_block_inputs`). Only
+    this thread's passes: another thread may run its own through the model."""
+    owner = threading.get_ident()
+
     def grab(module, args, kwargs):
-        captured.append((args[0] if args else kwargs["hidden_states"]).detach())
+        if threading.get_ident() == owner:
+            captured.append((args[0] if args else kwargs["hidden_states"]).detach())
 
     handle = blocks_of(net)[first].register_forward_pre_hook(grab, with_kwargs=True)
     try:

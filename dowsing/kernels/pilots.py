@@ -68,7 +68,7 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
     n the per-fact drops of B (trained on A) and of A (trained on B) are kept
     as well, in that order: each fact's own reading of the pilot gain.
 
-    trainer: a TailTrainer, or a `trainer_pool.TrainerPool` that runs the
+    trainer: a TailTrainer, or a `side_by_side.TrainerPool` that runs the
     curve's fine-tunes side by side (each starts from the same weights and
     needs nothing from the others).
 
@@ -306,11 +306,11 @@ def plan_pilots_cost(cal, train: list, held: list, sizes, stored=frozenset()) ->
     pass: the trainer's own copy of the block inputs, the tail copy and its
     starting weights, the trained blocks' gradients and AdamW's two moments,
     and a step over the largest half, and as much again but the starting
-    weights and block inputs for each further worker of `trainer_pool`. train / held: the domains of the
+    weights and block inputs for each further worker of `side_by_side`. train / held: the domains of the
     forward pass; stored: positions among them whose pilot curves are
     stored. No trainer (nothing) when no unit is left to run."""
     from ..costs import Cost, block_inputs_bytes, tail_params, tail_pass_s, trainable_params
-    from .trainer_pool import pool_workers
+    from .side_by_side import pool_workers
 
     keep = min(PILOT_RECIPE.blocks, cal.n_layers)
     flat = [n for d in train for n in d] + [n for d in held for n in d]

@@ -16,6 +16,7 @@ gradient and Hessian-vector products.
 """
 from __future__ import annotations
 
+import threading
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -202,13 +203,18 @@ def concept_adapter(anatomy: Anatomy, direction: torch.Tensor, u_rows: torch.Ten
 
 @contextmanager
 def capture_tail_inputs(anatomy: Anatomy, store: dict):
-    """Record the last MLP projection's input x and the final norm's input h."""
+    """Record the last MLP projection's input x and the final norm's input h
+    of the forward passes this thread runs (another thread may run its own
+    pass through the same modules at the same time)."""
+    owner = threading.get_ident()
 
     def down_hook(module, inputs, output):
-        store["x"] = inputs[0].detach()
+        if threading.get_ident() == owner:
+            store["x"] = inputs[0].detach()
 
     def norm_hook(module, inputs, output):
-        store["h"] = inputs[0].detach()
+        if threading.get_ident() == owner:
+            store["h"] = inputs[0].detach()
 
     handles = [
         anatomy.down_projs[-1].register_forward_hook(down_hook),

@@ -135,7 +135,7 @@ class TailTrainer:
 
     def map(self, fn, items: list) -> list:
         """fn(self, item) for each item, one after the other: the interface
-        `trainer_pool.TrainerPool` shares, for code that takes either."""
+        `side_by_side.TrainerPool` shares, for code that takes either."""
         return [fn(self, item) for item in items]
 
     def reset(self) -> None:

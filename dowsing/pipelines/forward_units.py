@@ -12,6 +12,7 @@ before use; one that fails is computed again."""
 from __future__ import annotations
 
 from ..kernels.forward import ForwardPiece, check_piece, domain_forward
+from ..kernels.side_by_side import pool_workers, side_by_side, threads_per_run
 from ..progress import Progress
 from ..storage.tensors import decode_tensor, encode_tensor
 from ..storage.units import forward_key
@@ -63,19 +64,30 @@ def domain_pieces(net, anatomy, names: list, facts_of: list, ids_of: list, batch
     """Each domain's forward piece, in domain order: from `units` where one
     is stored for its facts and these settings, else computed (and kept
     there). facts_of / ids_of: per domain its facts' texts and token ids;
-    anatomy: the model's (`subspace.find_anatomy`)."""
+    anatomy: the model's (`subspace.find_anatomy`).
+
+    The domains to compute run side by side (`side_by_side`), one per core
+    on one thread each: a piece is the same whichever thread computes it
+    and whatever runs beside it (each fact's numbers come from its own rows
+    of every product)."""
     report = report or (lambda p: None)
     parameter = next(net.parameters())
     settings = forward_settings(batch_size, capture_block)
-    pieces = []
-    for k, (name, facts, ids) in enumerate(zip(names, facts_of, ids_of)):
-        key = forward_key(units.model, facts, settings) if units is not None else None
-        piece = None if key is None else units.get(
-            "forward", key, name, lambda value: piece_from_value(value, ids, parameter.device, parameter.dtype))
-        if piece is None:
-            report(Progress("concept vectors", 0.05, f"forward pass, domain {k + 1} of {len(names)}: {name}"))
-            piece = domain_forward(net, anatomy, ids, batch_size, capture_block)
-            if key is not None:
-                units.put("forward", key, name, piece_value(piece))
-        pieces.append(piece)
+    keys = [forward_key(units.model, facts, settings) if units is not None else None for facts in facts_of]
+    pieces = [None if key is None else units.get(
+        "forward", key, name, lambda value, ids=ids: piece_from_value(value, ids, parameter.device, parameter.dtype))
+        for key, name, ids in zip(keys, names, ids_of)]
+    missing = [k for k, piece in enumerate(pieces) if piece is None]
+    if not missing:
+        return pieces
+    workers = pool_workers(parameter.device.type, runs=len(missing))
+    report(Progress("concept vectors", 0.05, f"forward pass, domain {missing[0] + 1} of {len(names)}: "
+                    f"{names[missing[0]]}" if len(missing) == 1 else
+                    f"forward pass over {len(missing)} of {len(names)} domains, {workers} side by side"))
+    fresh = side_by_side(lambda model, k: domain_forward(model, anatomy, ids_of[k], batch_size, capture_block),
+                         missing, [net] * workers, threads_per_run(workers))
+    for k, piece in zip(missing, fresh):
+        pieces[k] = piece
+        if keys[k] is not None:
+            units.put("forward", keys[k], names[k], piece_value(piece))
     return pieces

@@ -523,7 +523,7 @@ def _pilot_trainer(loaded, split):
     """The pilots' TailTrainer, checked to reproduce the model's losses, in
     a pool that runs a curve's fine-tunes side by side; a one-line
     ValueError for an architecture it cannot cut."""
-    from ..kernels.trainer_pool import TrainerPool, pool_workers
+    from ..kernels.side_by_side import TrainerPool, pool_workers
     from ..kernels.training import TailTrainer
 
     try:
