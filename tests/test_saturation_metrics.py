@@ -89,6 +89,9 @@ def test_saturation_gives_reasons_instead_of_numbers():
     last_fall = ns[ns < 40].max()
     assert dip["delta_n_10pct"] is None
     assert f"n ≈ {last_fall:.3g}" in dip["reason"] and f"{100 * (1 / last_fall) / 0.1:.0f}% of today" in dip["reason"]
+    slow = saturation(lambda n: (n + 5.0) ** -0.002, 10, 15.0 ** -0.002, 20, 1000.0)
+    assert slow["alpha"] == pytest.approx(0.002, rel=1e-6) and slow["delta_n_10pct"] is None
+    assert "too slow" in slow["reason"]
     fine = saturation(lambda n: 2.0 * (n + 5.0) ** -1.2, 10, 2.0 * 15.0 ** -1.2, 20, 1000.0)
     assert fine["reason"] is None
     assert fine["delta_n_10pct"] == pytest.approx(delta_n_from_fit(10, 5.0, 1.2), rel=1e-4)

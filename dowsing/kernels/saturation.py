@@ -173,7 +173,10 @@ def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: flo
         out["reason"] = f"The power-law fit failed: {exc}."
         return out
     out.update(alpha=fit.alpha, n0=fit.n0, c=fit.c, r2=fit.r2)
-    dn = delta_n_from_fit(n_k, fit.n0, fit.alpha)
+    try:
+        dn = delta_n_from_fit(n_k, fit.n0, fit.alpha)
+    except OverflowError:  # 0.1^(-1/alpha) beyond floats: a slower decay than any finite dn
+        dn = math.inf
     if not math.isfinite(dn):
         out["reason"] = f"The fitted decay is too slow (α = {fit.alpha:.2g}) for a finite Δn."
         return out
