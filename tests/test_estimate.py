@@ -167,9 +167,20 @@ def test_analysis_stages_and_memory_by_hand():
     assert got.stages_s["solve"] == pytest.approx(solve)
     assert got.stages_s["ranking"] == 0.0  # mean loss reuses the forward pass
     points = [len(n_grid(m, 24, 1000.0)) for m in (2, 3)]
-    saturation = sum(p * (1e-6 + 4 * r * d / flops + r ** 3 / 1.5 / factor + 1e-6 * (r / 24) ** 2)
-                     for p, r in zip(points, (9, 12)))
+    # the grid from one eigendecomposition per domain: the fit's brentq is O(r) per step
+    saturation = sum(p * 8 * r / flops for p, r in zip(points, (9, 12)))
     assert got.stages_s["saturation"] == pytest.approx(saturation)
+    # the kernels and the curve's grid for the m + 1 rows [G; g]: eig of diag(d) P (20 r^3 / 1.5) and the complex
+    # LU of its eigenvectors (4 r^3 / 1.5) with 4 substitutions, the rows' products, two Woodbury solves at the
+    # grid's ends, 8 r (m + 1)^2 per grid point; then 200 resampled curves per domain
+    bootstrap = 2 * 200 * 1e-4
+    for p, r, m in zip(points, (9, 12), (2, 3)):
+        rows = m + 1
+        products = 1e-6 * rows * (d / 24) ** 2 + (4 * r * d * rows + 2 * rows * rows * d) / flops
+        woodbury = products + r ** 3 / 1.5 / factor + 1e-6 * rows * (r / 24) ** 2
+        spectrum = 24 * r ** 3 / 1.5 / factor + 4 * 1e-6 * rows * (r / 24) ** 2
+        bootstrap += spectrum + products + 2 * woodbury + p * 8 * r * rows * rows / flops
+    assert got.stages_s["bootstrap"] == pytest.approx(bootstrap)
     assert got.total_s == pytest.approx(sum(got.stages_s.values()))
     weights, tokens = TINY_PARAMS * 4, n * (24 + 16) * 4 + n * 8 * 3
     assert got.memory_bytes["forward pass"] == 100_000_000 + weights + tokens + 1000 * 24  # B's batch

@@ -26,25 +26,36 @@ def _grid_points(n_k: int, config) -> int:
     return len(n_grid(n_k, config.saturation_points, config.saturation_max_factor))
 
 
+# torch.linalg.eig of diag(d) P on the default model's domains (r = 520 to
+# 640) took 17 to 21 times r^3 / 1.5 at the rate of an LU factorisation.
+EIG_FLOPS_PER_R3 = 20.0
+
+
 def structured_domain_s(cal, n_tokens: int, r: int, m_k: int, points: int) -> tuple:
     """(solve, saturation, kernels) seconds of one domain on the structured
     route: H = X^T diag X (float64) over every token, the dense solve, and
-    the saturation system (Woodbury with rank r = the domain's tokens when
-    r < d_ff, else dense) solved at every grid point for mu(n) and, with the
-    domain's m_k facts as right-hand sides, for the bootstrap kernels. The
-    per-token coefficients are shared by every domain (`coefficients_s`)."""
+    the saturation system. With rank r = the domain's tokens < d_ff
+    (`saturation.LowRankSystem`): the Woodbury factors, one eigendecomposition
+    of diag(d) P (priced as eig, the exact Hessian's case; Gauss-Newton's
+    eigh costs less) with the complex LU of its eigenvectors, the spectral
+    parts for the m_k + 1 rows [G; g], two Woodbury solves of those rows that
+    check the form at the grid's ends, and O(r (m_k + 1)^2) per grid point;
+    all of it counts to the kernels, and the saturation fit's brentq is O(r)
+    per step. Otherwise (dense) a solve of the m_k + 1 rows per grid point.
+    The per-token coefficients are shared by every domain (`coefficients_s`)."""
     d = cal.d_ff
+    rows = m_k + 1
     solve = hessian_s(cal, n_tokens) + solve_s(cal, d)
     if r < d:
         solve += (2.0 * d ** 3 / 3.0) / cal.factor_flops + substitution_s(cal, d, r) + matmul_s(cal, 2.0 * r * r * d)
-        point = substitution_s(cal, d) + matmul_s(cal, 4.0 * r * d) + solve_s(cal, r, lu=True)
-        kernel = substitution_s(cal, d, m_k) + matmul_s(cal, 4.0 * r * d * m_k + 2.0 * m_k * m_k * d) + solve_s(
-            cal, r, rhs=m_k, lu=True)
-    else:
-        solve += hessian_s(cal, r)
-        point = solve_s(cal, d, lu=True)
-        kernel = solve_s(cal, d, rhs=m_k, lu=True) + matmul_s(cal, 2.0 * m_k * m_k * d)
-    return solve, points * point, points * kernel
+        products = substitution_s(cal, d, rows) + matmul_s(cal, 4.0 * r * d * rows + 2.0 * rows * rows * d)
+        woodbury = products + solve_s(cal, r, rhs=rows, lu=True)
+        spectrum = (EIG_FLOPS_PER_R3 + 4.0) * r ** 3 / 1.5 / cal.factor_flops + 4.0 * substitution_s(cal, r, rows)
+        kernels = spectrum + products + 2.0 * woodbury + points * matmul_s(cal, 8.0 * r * rows * rows)
+        return solve, points * matmul_s(cal, 8.0 * r), kernels
+    solve += hessian_s(cal, r)
+    kernels = solve_s(cal, d, rhs=rows, lu=True) + matmul_s(cal, 2.0 * rows * rows * d)
+    return solve, 0.0, points * kernels
 
 
 def coefficients_s(cal, n_tokens: int, domains: int) -> float:

@@ -28,6 +28,63 @@ class DenseSystem:
     def solve(self, n: float, rhs: torch.Tensor) -> torch.Tensor:
         return torch.linalg.solve(self.base + ((n - self.n_k) / self.n_total) * self.hbar_k, rhs)
 
+    def forms(self, ns, left: torch.Tensor) -> np.ndarray:
+        """forms[q] = left (H_k(n_q) + lambda I)^-1 left^T, one solve per n."""
+        return _forms_by_solves(self, ns, left)
+
+
+def _forms_by_solves(system, ns, left: torch.Tensor) -> np.ndarray:
+    lt = left.T.contiguous()
+    return np.stack([(left @ system.solve(float(n), lt)).cpu().numpy() for n in ns])
+
+
+# The spectral form is used only where, at both ends of the range of n it is
+# asked for, every row of its forms matches the Woodbury solve's to this
+# relative error (2-norm of the row).
+SPECTRAL_RTOL = 1e-10
+
+
+@dataclass
+class PencilSpectrum:
+    """c (I + c diag(d) P)^-1 diag(d) = V diag(c / (1 + c lam)) R for every c,
+    from one eigendecomposition (P = U B^-1 U^T, symmetric):
+
+    * d of one sign s ("symmetric"): with h = sqrt(|d|), h P h = W diag(l) W^T
+      (eigh) gives V = diag(h) W, R = s V^T, lam = s l, because
+      (I + c D P)^-1 D = s H (I + c s H P H)^-1 H for D = s H^2;
+    * otherwise ("general"): diag(d) P = V diag(lam) V^-1 (eig; lam and V may
+      be complex), R = V^-1 diag(d), applied through the LU factors of V.
+    """
+
+    v: torch.Tensor
+    lam: torch.Tensor
+    how: str
+    sign: float = 1.0
+    v_lu: tuple | None = None
+    d: torch.Tensor | None = None
+
+    def weights(self, c: float) -> torch.Tensor:
+        """c / (1 + c lam), one per eigenvalue."""
+        return c / (1.0 + c * self.lam)
+
+    def right(self, x: torch.Tensor) -> torch.Tensor:
+        """R x."""
+        if self.v_lu is None:
+            return self.sign * (self.v.T @ x)
+        return torch.linalg.lu_solve(*self.v_lu, (self.d.unsqueeze(-1) * x).to(self.v.dtype))
+
+
+def pencil_spectrum(p: torch.Tensor, d: torch.Tensor) -> PencilSpectrum:
+    """The PencilSpectrum of (P, diag(d)): symmetric where d has one sign,
+    general otherwise."""
+    if bool((d >= 0).all()) or bool((d <= 0).all()):
+        sign = 1.0 if bool((d >= 0).all()) else -1.0
+        h = d.abs().sqrt()
+        lam, w = torch.linalg.eigh(0.5 * (p + p.T) * h.unsqueeze(-1) * h)
+        return PencilSpectrum(h.unsqueeze(-1) * w, sign * lam, "symmetric", sign=sign)
+    lam, v = torch.linalg.eig(d.unsqueeze(-1) * p)
+    return PencilSpectrum(v, lam, "general", v_lu=torch.linalg.lu_factor(v), d=d)
+
 
 class LowRankSystem:
     """The same solves through the Woodbury identity, for Hbar_k = U^T diag(d) U of rank r.
@@ -35,6 +92,12 @@ class LowRankSystem:
     (B + U^T C U)^-1 = B^-1 - B^-1 U^T (I + C P)^-1 C U B^-1, P = U B^-1 U^T,
     so each n costs an r x r solve instead of a D x D one. C = (n-N_k)/M diag(d)
     needs no inverse, so tokens with zero or negative curvature are fine.
+
+    `forms` and `mu_function` go further with a `PencilSpectrum`: with
+    c = (n - N_k)/M and c (I + C P)^-1 diag(d) = V diag(c / (1 + c lam)) R,
+    left A(n)^-1 left^T = K0 - (left B^-1 U^T V) diag(c / (1 + c lam)) (R U B^-1 left^T),
+    K0 = left B^-1 left^T, so after one r x r eigendecomposition each n costs
+    O(r N^2) for N rows of left, not an r x r solve.
     """
 
     def __init__(self, base: torch.Tensor, u: torch.Tensor, d: torch.Tensor, n_k: int, n_total: int):
@@ -43,6 +106,8 @@ class LowRankSystem:
         self.binv_ut = torch.linalg.lu_solve(*self.lu, u.T.contiguous())
         self.p = u @ self.binv_ut
         self.eye = torch.eye(u.shape[0], dtype=base.dtype, device=base.device)
+        self.spectrum: PencilSpectrum | None = None
+        self._trusted: bool | None = None
 
     def solve(self, n: float, rhs: torch.Tensor) -> torch.Tensor:
         column = rhs.dim() == 1
@@ -53,17 +118,68 @@ class LowRankSystem:
         out = binv_rhs - self.binv_ut @ inner
         return out.squeeze(-1) if column else out
 
+    def _spectral_parts(self, left: torch.Tensor):
+        """(K0, left B^-1 U^T V, R U B^-1 left^T) of the spectral form."""
+        binv_lt = torch.linalg.lu_solve(*self.lu, left.T.contiguous())
+        v = self.spectrum.v
+        return left @ binv_lt, (left @ self.binv_ut).to(v.dtype) @ v, self.spectrum.right(self.u @ binv_lt)
 
-def mu_function(system, g: torch.Tensor) -> Callable:
-    """mu(n) = g^T (H_k(n) + lambda I)^-1 g."""
+    def _forms_spectral(self, ns, left: torch.Tensor) -> np.ndarray:
+        k0, lf, rf = self._spectral_parts(left)
+        w = torch.stack([self.spectrum.weights((float(n) - self.n_k) / self.n_total) for n in ns])
+        return (k0 - torch.einsum("im,qm,mj->qij", lf, w, rf).real).cpu().numpy()
+
+    def spectral(self, ns, left: torch.Tensor) -> bool:
+        """Whether the spectral form is used: at the smallest and the largest
+        of ns (the ends of the range of n asked for), every row of its forms
+        for `left` matches the Woodbury solve's to SPECTRAL_RTOL (relative
+        2-norm). Decided at the first call; where it fails (an eigenvector
+        basis too ill-conditioned, a defective diag(d) P) every n is a solve."""
+        if self._trusted is None:
+            try:
+                self.spectrum = pencil_spectrum(self.p, self.d)
+            except RuntimeError:  # the eigenvalue iteration did not converge
+                self._trusted = False
+                return False
+            ends = [float(np.min(ns)), float(np.max(ns))]
+            direct = _forms_by_solves(self, ends, left)
+            fast = self._forms_spectral(ends, left)
+            self._trusted = bool(np.all(np.linalg.norm(fast - direct, axis=-1)
+                                        <= SPECTRAL_RTOL * np.linalg.norm(direct, axis=-1)))
+        return self._trusted
+
+    def forms(self, ns, left: torch.Tensor) -> np.ndarray:
+        """forms[q] = left (H_k(n_q) + lambda I)^-1 left^T: by the spectral form
+        where it is used (`spectral`), else by one Woodbury solve per n."""
+        if self.spectral(ns, left):
+            return self._forms_spectral(ns, left)
+        return _forms_by_solves(self, ns, left)
+
+    def quadratic(self, g: torch.Tensor, ns) -> Callable | None:
+        """n -> g^T (H_k(n) + lambda I)^-1 g in O(r) per n by the spectral form,
+        or None where it is not used (`spectral`, asked with ns and g)."""
+        if not self.spectral(ns, g.unsqueeze(0)):
+            return None
+        k0, lf, rf = self._spectral_parts(g.unsqueeze(0))
+        mu0, lf, rf = float(k0), lf[0], rf[:, 0]
+        return lambda n: mu0 - float(((lf * self.spectrum.weights((n - self.n_k) / self.n_total)) @ rf).real)
+
+
+def mu_function(system, g: torch.Tensor, ns=None) -> Callable:
+    """mu(n) = g^T (H_k(n) + lambda I)^-1 g. With ns (the n it will be asked
+    for lie in [min ns, max ns]) a LowRankSystem gives it by its spectral form
+    where that is used; otherwise each n is a solve."""
+    if ns is not None and isinstance(system, LowRankSystem):
+        fast = system.quadratic(g, ns)
+        if fast is not None:
+            return fast
     return lambda n: float(g @ system.solve(n, g))
 
 
 def resampling_kernels(system, grads: torch.Tensor, grid) -> np.ndarray:
     """kernels[q] = G (H_k(n_q) + lambda I)^-1 G^T for the bootstrap: with counts
     m, the resampled mu(n_q) is m^T kernels[q] m / N_k^2."""
-    gt = grads.T.contiguous()
-    return np.stack([(grads @ system.solve(float(n), gt)).cpu().numpy() for n in grid])
+    return system.forms(grid, grads)
 
 
 def n_grid(n_k: int, points: int, max_factor: float) -> np.ndarray:
@@ -146,11 +262,12 @@ def rise_reason(ns: np.ndarray, mus: np.ndarray, n_k: int, i: int) -> str:
             "so no power law describes the curve.")
 
 
-def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: float) -> dict:
-    """Evaluate mu on the grid, fit the power law, and give both dn estimates
-    or the reason there is none."""
+def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: float, mus=None) -> dict:
+    """Evaluate mu on the grid (or take mus, its values there, where the caller
+    has them), fit the power law, and give both dn estimates or the reason
+    there is none."""
     ns = n_grid(n_k, points, max_factor)
-    mus = np.array([mu(float(n)) for n in ns])
+    mus = np.array([mu(float(n)) for n in ns]) if mus is None else np.asarray(mus, dtype=float)
     out = {
         "alpha": None, "n0": None, "c": None, "r2": None,
         "points": [[float(n), float(m)] for n, m in zip(ns, mus)],
@@ -173,7 +290,10 @@ def saturation(mu: Callable, n_k: int, mean: float, points: int, max_factor: flo
         out["reason"] = f"The power-law fit failed: {exc}."
         return out
     out.update(alpha=fit.alpha, n0=fit.n0, c=fit.c, r2=fit.r2)
-    dn = delta_n_from_fit(n_k, fit.n0, fit.alpha)
+    try:
+        dn = delta_n_from_fit(n_k, fit.n0, fit.alpha)
+    except OverflowError:  # 0.1^(-1/alpha) beyond floats: a slower decay than any finite dn
+        dn = math.inf
     if not math.isfinite(dn):
         out["reason"] = f"The fitted decay is too slow (α = {fit.alpha:.2g}) for a finite Δn."
         return out

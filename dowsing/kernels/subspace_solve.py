@@ -17,7 +17,7 @@ from .curvature import SubspaceObjective, structured_fact_gradients, structured_
 from .forward import FactTokens
 from ..access.models import DTYPES
 from ..progress import Progress
-from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, resampling_kernels, saturation
+from .saturation import DenseSystem, LowRankSystem, mu_function, n_grid, saturation
 from .solvers import conjugate_gradient, damped, dense_solve
 from .subspace import find_anatomy
 from .subspace_terms import LogitLine, derivatives_at_zero
@@ -205,17 +205,21 @@ def solve_domain(ctx: DomainContext, k: int) -> dict:
     mean = float(g_bar @ solve.x)
     t_solve = time.perf_counter() - t0
     t0 = time.perf_counter()
+    grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
+    kernels = mus = None
+    if system is not None:
+        # One pass over the grid with [G; g_bar] as the left factor gives the
+        # bootstrap's kernels G A(n)^-1 G^T and the curve g_bar^T A(n)^-1 g_bar.
+        forms = torch.from_numpy(system.forms(grid, torch.vstack([grads[rows], g_bar.unsqueeze(0)])))
+        kernels, mus = forms[:, :-1, :-1].contiguous(), forms[:, -1, -1].numpy()
+        mu = mu_function(system, g_bar, grid)
+    t_kernels = time.perf_counter() - t0
+    t0 = time.perf_counter()
     report(Progress("saturation", base_fraction, f"domain {k + 1}: saturation fit"))
-    sat = json.loads(json.dumps(saturation(mu, n_k, mean, config.saturation_points, config.saturation_max_factor),
-                                default=float))
+    sat = json.loads(json.dumps(saturation(mu, n_k, mean, config.saturation_points, config.saturation_max_factor,
+                                           mus=mus), default=float))
     if obj is not None:
         obj.release()
-    t_sat = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    kernels = None
-    if system is not None:
-        grid = n_grid(n_k, config.saturation_points, config.saturation_max_factor)
-        kernels = torch.from_numpy(resampling_kernels(system, grads[rows], grid))
     return {"influence_all": influence_all, "mean": mean, "solve": solve.summary(), "saturation": sat,
-            "kernels": kernels, "seconds": {"solve": t_solve, "saturation": t_sat,
-                                            "kernels": time.perf_counter() - t0}}
+            "kernels": kernels, "seconds": {"solve": t_solve, "saturation": time.perf_counter() - t0,
+                                            "kernels": t_kernels}}
