@@ -74,7 +74,8 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
 
     Returns {"sizes", "drop" [per size], "per_fact" {"b": [...], "a": [...]},
     "per_fact_by_size" [[per fact of B then A, scaled so their mean is
-    drop(n)] per size], "seconds" [per size: both runs' own seconds]}.
+    drop(n)] per size], "seconds" [per size: its share of the curve's wall
+    time]}.
 
     targets: other domains' halves [(rows A_i, rows B_i)] to read at the
     largest n from the same two runs (`transfer_drops`' entries, at no more
@@ -87,7 +88,12 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
         last = bool(targets) and n == sizes[-1]
         runs.append((rows_a[:n], rows_b, [b for _, b in targets] if last else []))
         runs.append((rows_b[:n], rows_a, [a for a, _ in targets] if last else []))
+    t0 = time.perf_counter()
     done = trainer.map(lambda t, run: _pilot_run(t, recipe, seed, run), runs)
+    # runs side by side overlap: each size gets its share of the wall time, in proportion to its runs' own
+    # seconds, so the seconds add up to what the curve took
+    own = sum(run[2] + run[3] for run in done)
+    scale = (time.perf_counter() - t0) / own if own > 0 else 1.0
     drops, by_size, seconds = [], [], []
     total = len(rows_a) + len(rows_b)
     for (on_b, _, own_b, _), (on_a, _, own_a, _) in zip(done[0::2], done[1::2]):
@@ -95,13 +101,13 @@ def pilot_curve(trainer, recipe: Recipe, seed: int, rows_a: list, rows_b: list, 
         # each half weighs half whatever the halves' sizes, so the mean over all facts is drop(n)
         by_size.append([float(x) * total / (2 * len(rows_b)) for x in on_b]
                        + [float(x) * total / (2 * len(rows_a)) for x in on_a])
-        seconds.append(own_b + own_a)
+        seconds.append((own_b + own_a) * scale)
     per_fact = {"b": [float(x) for x in done[-2][0]], "a": [float(x) for x in done[-1][0]]} if done \
         else {"b": [], "a": []}
     out = {"sizes": sizes, "drop": drops, "per_fact": per_fact, "per_fact_by_size": by_size, "seconds": seconds}
     if targets is not None:
         read_b, read_a = (done[-2][1], done[-1][1]) if done and targets else ([], [])
-        out.update(transfer=_two_way(read_b, read_a), transfer_s=sum(run[3] for run in done))
+        out.update(transfer=_two_way(read_b, read_a), transfer_s=scale * sum(run[3] for run in done))
     return out
 
 

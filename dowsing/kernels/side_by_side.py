@@ -49,6 +49,9 @@ def side_by_side(fn: Callable, items: list, contexts: list, threads: int) -> lis
     the caller's thread receives while it waits (a cancelled job), and the
     pieces in flight are then left to the process's exit."""
     items = list(items)
+    contexts = contexts[:max(1, len(items))]
+    if len(contexts) == 1:
+        return _in_turn(fn, items, contexts[0], threads)
     results: list = [None] * len(items)
     errors: list = []
     lock = threading.Lock()
@@ -72,7 +75,7 @@ def side_by_side(fn: Callable, items: list, contexts: list, threads: int) -> lis
     torch.set_num_threads(threads)
     # daemon threads: a cancelled job exits without waiting for the pieces in flight
     workers = [threading.Thread(target=work, args=(c,), daemon=True, name=f"side-by-side-{k}")
-               for k, c in enumerate(contexts[:max(1, len(items))])]
+               for k, c in enumerate(contexts)]
     try:
         for t in workers:
             t.start()
@@ -88,6 +91,17 @@ def side_by_side(fn: Callable, items: list, contexts: list, threads: int) -> lis
     if errors:
         raise errors[0]
     return results
+
+
+def _in_turn(fn: Callable, items: list, context, threads: int) -> list:
+    """One worker: the items on the caller's thread, which keeps the OpenMP
+    team it has (a new thread would start a team of its own)."""
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return [fn(context, item) for item in items]
+    finally:
+        torch.set_num_threads(saved)
 
 
 def twin(trainer):
