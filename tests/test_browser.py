@@ -67,7 +67,10 @@ def server(tmp_path_factory, tiny_gpt2_dir, converted_embedded_model):
     cache = tmp_path_factory.mktemp("browser-cache")
     _seed_embedded_model(cache)
     port = _free_port()
-    env = dict(os.environ, DOWSING_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
+    # cold workers: a warm spare runs the tiny model's analysis in half a second, before the page's first look,
+    # and this test reads the progress the page shows while a job runs (the spare has tests of its own)
+    env = dict(os.environ, DOWSING_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
+               DOWSING_SPARE_WORKER="0")
     log = open(cache / "streamlit.log", "wb")
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
