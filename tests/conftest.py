@@ -34,8 +34,8 @@ from tiny_models import build_tiny  # noqa: E402
 
 # The longest modules first (wall time on two workers), so that no long one starts last.
 LONGEST_FIRST = ("test_cli.py", "test_app.py", "test_executor.py", "test_benchmark.py", "test_registry.py",
-                 "test_jobs.py", "test_browser.py", "test_trajectory.py", "test_engine_exact.py", "test_checkpoints.py",
-                 "test_validate.py")
+                 "test_jobs.py", "test_spare_worker.py", "test_browser.py", "test_trajectory.py", "test_engine_exact.py",
+                 "test_checkpoints.py", "test_validate.py")
 
 
 def pytest_collection_modifyitems(config, items):
