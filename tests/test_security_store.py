@@ -332,6 +332,21 @@ def test_make_run_and_the_config_bind_to_localhost_unless_told():
     assert config["server"]["address"] == "127.0.0.1"
 
 
+def test_tables_export_only_through_the_apps_neutralising_csv_buttons():
+    """A dataframe's built-in CSV download and copy write cells as they are,
+    so a hostile domain name would reach a spreadsheet as a formula: the
+    config turns them off, and the app's own CSV neutralises such cells."""
+    from dowsing.domains import Domain, domains_to_csv
+
+    config = tomllib.loads((REPO / ".streamlit" / "config.toml").read_text())
+    assert config["client"]["disableDataExport"] is True
+    import csv
+    import io
+
+    rows = list(csv.reader(io.StringIO(domains_to_csv([Domain("=HYPERLINK(\"http://x\")", ("a fact",))]))))
+    assert rows[1][0] == "'=HYPERLINK(\"http://x\")"  # text to a spreadsheet, not a formula
+
+
 def test_with_a_login_configured_nothing_shows_before_the_visitor_logs_in(cache):
     at = app_without_model()
     at.secrets["auth"] = {"redirect_uri": "http://localhost:8501/oauth2callback", "cookie_secret": "x",
