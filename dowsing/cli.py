@@ -163,7 +163,8 @@ def estimate_first(args, build, models: list, device: str, dtype: str, threads: 
     the estimate itself fails (one note says why) and with
     --ignore-memory-estimate (nothing is estimated). models, device, dtype,
     threads: the calibrations the estimates read, so the first one, measured
-    on the model here, is announced rather than waited out in silence."""
+    on the model here, is announced (a progress line: not with --quiet)
+    rather than waited out in silence."""
     from .domains import DomainError
     from .estimates import cost_report
     from .estimates.calibration import cached_calibration, default_threads
@@ -174,7 +175,7 @@ def estimate_first(args, build, models: list, device: str, dtype: str, threads: 
         return None
     try:
         threads = int(threads or default_threads())
-        if any(cached_calibration(m, device, dtype, threads) is None for m in models):
+        if not args.quiet and any(cached_calibration(m, device, dtype, threads) is None for m in models):
             print("note: measuring this machine once for the memory check (a short calibration on the model, kept "
                   "under cache/estimates/; about half a minute on the default model)…", file=sys.stderr, flush=True)
         estimates = build()

@@ -840,13 +840,16 @@ def test_the_first_check_says_it_measures_and_a_failed_estimate_does_not_block_t
         raise RuntimeError("no calibration on this machine")
 
     monkeypatch.setattr(est, "calibrate", broken)  # no calibration is stored: the check must measure
-    code = main(real_run_args("analyze", tiny_gpt2_dir, tmp_path))
-    stdout, stderr = capsys.readouterr()
-    assert code == 0, stderr
-    notes = [line for line in stderr.splitlines() if line.startswith("note: ")]
-    assert len(notes) == 2 and "measuring this machine once" in notes[0]
-    assert "no calibration on this machine" in notes[1] and "running anyway" in notes[1]
-    assert (tmp_path / "out.json").exists()
+    for quiet in (False, True):
+        args = real_run_args("analyze", tiny_gpt2_dir, tmp_path)
+        code = main([a for a in args if quiet or a != "--quiet"])
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        notes = [line for line in stderr.splitlines() if line.startswith("note: ")]
+        # the announcement is a progress line; the failed estimate is said even with --quiet
+        assert len(notes) == 1 + (not quiet) and ("measuring this machine once" in notes[0]) != quiet
+        assert "no calibration on this machine" in notes[-1] and "running anyway" in notes[-1]
+        assert (tmp_path / "out.json").exists()
 
 
 @pytest.mark.parametrize("command", list(RUNS))
