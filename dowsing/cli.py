@@ -423,7 +423,7 @@ def run_analyze(args) -> int:
                                              for m in models], models, config.device, config.dtype)
         if stop is not None:
             return stop
-        executor = open_executor(executor_config(args, config.device), config.device)
+        executor = open_executor(on, config.device)
         cancel_on_sigterm()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -469,7 +469,7 @@ def run_validate(args) -> int:
                               "cpu", "float32")
         if stop is not None:
             return stop
-        executor = open_executor(executor_config(args))
+        executor = open_executor(on)
     except (DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -563,7 +563,7 @@ def run_benchmark_command(args) -> int:
                               [model], args.device, "float32", args.threads)
         if stop is not None:
             return stop
-        executor = open_executor(executor_config(args, args.device), args.device)
+        executor = open_executor(on, args.device)
     except (DomainError, ValueError, OSError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
