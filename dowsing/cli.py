@@ -405,7 +405,8 @@ def run_plan_command(args) -> int:
 
 
 def run_analyze(args) -> int:
-    from .pipelines.analysis import run_analysis
+    from .pipelines.analysis import cache_key, run_analysis
+    from .storage.store import ResultStore
     from .domains import DomainError, default_domains, load_domains
 
     try:
@@ -419,8 +420,12 @@ def run_analyze(args) -> int:
         from .estimates.estimate import estimate_analysis
 
         on = executor_config(args, config.device)
-        stop = estimate_first(args, lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache)
-                                             for m in models], models, config.device, config.dtype)
+        # a stored result is printed as it is: nothing loads, so there is no memory to check
+        stored = not args.estimate and not args.no_cache and all(
+            ResultStore().get(cache_key(m, domains, config)) is not None for m in models)
+        stop = None if stored else estimate_first(
+            args, lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache) for m in models],
+            models, config.device, config.dtype)
         if stop is not None:
             return stop
         executor = open_executor(on, config.device)
