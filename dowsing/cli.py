@@ -142,6 +142,59 @@ def estimator_help() -> str:
 
 
 ESTIMATE_HELP = "print the predicted wall time and peak memory on this machine, then exit without running"
+IGNORE_MEMORY_HELP = ("start the run without first predicting its peak memory (by default a run whose predicted "
+                      "peak exceeds the memory available is refused). The prediction can be pessimistic; but if the "
+                      "run does need more than the machine has, the machine swaps, slowing the run and everything "
+                      "else on it, or the system kills the run and its result is lost")
+
+
+def add_estimate_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
+    parser.add_argument("--ignore-memory-estimate", action="store_true", help=IGNORE_MEMORY_HELP)
+
+
+def estimate_first(args, build, models: list, device: str, dtype: str, threads: int | None = None) -> int | None:
+    """What a command does before its real run. With --estimate: `report`
+    prints the estimates (`build()`, a list of Estimate) and its exit code
+    is the command's. Otherwise the same estimates are checked against the
+    memory this machine has available: 2 after one line of refusal and one
+    on how to run anyway when a predicted peak exceeds it, or after the
+    run's one-line error on bad input; None to go on to the run, also when
+    the estimate itself fails (one note says why) and with
+    --ignore-memory-estimate (nothing is estimated). models, device, dtype,
+    threads: the calibrations the estimates read, so the first one, measured
+    on the model here, is announced (a progress line: not with --quiet)
+    rather than waited out in silence."""
+    from .domains import DomainError
+    from .estimates import cost_report
+    from .estimates.calibration import cached_calibration, default_threads
+
+    if args.estimate:
+        return cost_report.report(build)
+    if args.ignore_memory_estimate:
+        return None
+    try:
+        threads = int(threads or default_threads())
+        if not args.quiet and any(cached_calibration(m, device, dtype, threads) is None for m in models):
+            print("note: measuring this machine once for the memory check (a short calibration on the model, kept "
+                  "under cache/estimates/; about half a minute on the default model)…", file=sys.stderr, flush=True)
+        estimates = build()
+    except (ModelError, DomainError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return BAD_INPUT
+    except Exception as exc:  # the estimate's own failure is no reason to refuse the run
+        reason = (str(exc).strip().splitlines() or [""])[0] or type(exc).__name__
+        print(f"note: no memory check before this run, its estimate failed ({reason}); running anyway",
+              file=sys.stderr)
+        return None
+    for estimate in estimates:
+        refusal = cost_report.memory_refusal(estimate, cost_report.available_memory_bytes(estimate.device))
+        if refusal:
+            print(f"error: {refusal}", file=sys.stderr)
+            print("To run anyway, add --ignore-memory-estimate (the estimate can be pessimistic, but a run that "
+                  "runs out of memory swaps or is killed).", file=sys.stderr)
+            return BAD_INPUT
+    return None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,7 +250,7 @@ def add_analyze_command(sub) -> None:
                               "(default: %(default)s)")
     analyze.add_argument("--no-cache", action="store_true", help="recompute even if a cached result exists")
     analyze.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    analyze.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
+    add_estimate_arguments(analyze)
     add_executor_arguments(analyze)
 
 
@@ -212,7 +265,7 @@ def add_validate_command(sub) -> None:
     validate.add_argument("--out", default=None, help="write the full validation result as JSON here")
     validate.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     validate.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    validate.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
+    add_estimate_arguments(validate)
     add_checkpoint_arguments(validate, "the model validated (then --model may be left out); the trajectory "
                                        "estimators read them instead of the baseline fine-tune")
     add_executor_arguments(validate)
@@ -249,7 +302,7 @@ def add_benchmark_command(sub) -> None:
     add_checkpoint_arguments(bench, "the model benchmarked (then --model may be left out); the trajectory "
                                     "estimators read them instead of the main recipe's baseline fine-tune")
     bench.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    bench.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
+    add_estimate_arguments(bench)
     add_executor_arguments(bench)
 
 
@@ -292,7 +345,7 @@ def add_plan_command(sub) -> None:
     plan.add_argument("--progress-file", default=None, help="keep the latest progress as JSON here")
     plan.add_argument("--no-cache", action="store_true", help="rerun the pilot fine-tunes even if cached")
     plan.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    plan.add_argument("--estimate", action="store_true", help=ESTIMATE_HELP)
+    add_estimate_arguments(plan)
 
 
 def plan_config(args, domains: list):
@@ -334,10 +387,12 @@ def run_plan_command(args) -> int:
     try:
         domains = load_domains(args.domains) if args.domains else default_domains()
         config = plan_config(args, domains)
-        if args.estimate:
-            from .estimates.estimate import estimate_plan, report
+        from .estimates.estimate import estimate_plan
 
-            return report(lambda: [estimate_plan(args.model, domains, config, use_cache=not args.no_cache)])
+        stop = estimate_first(args, lambda: [estimate_plan(args.model, domains, config, use_cache=not args.no_cache)],
+                              [args.model], config.device, config.dtype)
+        if stop is not None:
+            return stop
         result = run_plan(args.model, domains, config, progress=_progress_writer(args), use_cache=not args.no_cache)
     except (ModelError, DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -350,7 +405,8 @@ def run_plan_command(args) -> int:
 
 
 def run_analyze(args) -> int:
-    from .pipelines.analysis import run_analysis
+    from .pipelines.analysis import cache_key, run_analysis
+    from .storage.store import ResultStore
     from .domains import DomainError, default_domains, load_domains
 
     try:
@@ -361,13 +417,18 @@ def run_analyze(args) -> int:
                                 checkpoints=tuple(args.checkpoints or ()), checkpoint_lr=args.checkpoint_lr,
                                 stage=args.stage)
         domains = load_domains(args.domains) if args.domains else default_domains()
-        if args.estimate:
-            from .estimates.estimate import estimate_analysis, report
+        from .estimates.estimate import estimate_analysis
 
-            on = executor_config(args, config.device)
-            return report(lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache)
-                                   for m in models])
-        executor = open_executor(executor_config(args, config.device), config.device)
+        on = executor_config(args, config.device)
+        # a stored result is printed as it is: nothing loads, so there is no memory to check
+        stored = not args.estimate and not args.no_cache and all(
+            ResultStore().get(cache_key(m, domains, config)) is not None for m in models)
+        stop = None if stored else estimate_first(
+            args, lambda: [estimate_analysis(m, domains, config, on, use_cache=not args.no_cache) for m in models],
+            models, config.device, config.dtype)
+        if stop is not None:
+            return stop
+        executor = open_executor(on, config.device)
         cancel_on_sigterm()
         with warnings.catch_warnings():
             warnings.simplefilter("always")
@@ -406,12 +467,14 @@ def run_validate(args) -> int:
         config = ValidationConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else default_domains()
         held_out = {d.name: list(d.facts) for d in load_domains(args.held_out)} if args.held_out else None
-        if args.estimate:
-            from .estimates.estimate import estimate_validation, report
+        from .estimates.estimate import estimate_validation
 
-            on = executor_config(args)
-            return report(lambda: [estimate_validation(model, domains, config, held_out, on)])
-        executor = open_executor(executor_config(args))
+        on = executor_config(args)
+        stop = estimate_first(args, lambda: [estimate_validation(model, domains, config, held_out, on)], [model],
+                              "cpu", "float32")
+        if stop is not None:
+            return stop
+        executor = open_executor(on)
     except (DomainError, ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT
@@ -498,12 +561,14 @@ def run_benchmark_command(args) -> int:
         config = BenchmarkConfig.quick(**fields) if args.quick else BenchmarkConfig.from_dict(fields)
         domains = load_domains(args.domains) if args.domains else benchmark_domains(quick=args.quick)
         check_domains(domains, config)
-        if args.estimate:
-            from .estimates.estimate import estimate_benchmark, report
+        from .estimates.estimate import estimate_benchmark
 
-            on = executor_config(args, args.device)
-            return report(lambda: [estimate_benchmark(model, domains, config, args.device, args.threads, on)])
-        executor = open_executor(executor_config(args, args.device), args.device)
+        on = executor_config(args, args.device)
+        stop = estimate_first(args, lambda: [estimate_benchmark(model, domains, config, args.device, args.threads, on)],
+                              [model], args.device, "float32", args.threads)
+        if stop is not None:
+            return stop
+        executor = open_executor(on, args.device)
     except (DomainError, ValueError, OSError, TypeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return BAD_INPUT

@@ -738,3 +738,151 @@ def test_run_benchmark_and_plan_pages_show_the_estimate_and_warn_about_memory(ti
         assert any("exceeds" in w.value for w in at.warning)
     st.cache_resource.clear()
 
+
+
+# --- the memory check before a real run ------------------------------------------------------------------------------
+
+RUNS = {"analyze": ("dowsing.pipelines.analysis", "run_analysis"), "validate": ("dowsing.validation.validate", "validate"),
+        "benchmark": ("dowsing.validation.benchmark", "run_benchmark"), "plan": ("dowsing.pipelines.plan", "run_plan")}
+ESTIMATES = {"analyze": "estimate_analysis", "validate": "estimate_validation", "benchmark": "estimate_benchmark",
+             "plan": "estimate_plan"}
+
+
+class Ran(Exception):
+    """Raised where a command's run would begin."""
+
+
+def real_run_args(command: str, model, tmp_path: Path) -> list:
+    """`command` on the tiny model and the smallest domains it accepts, writing --out (no --estimate)."""
+    domains = tmp_path / "d.json"
+    extra = []
+    if command == "benchmark":
+        domains.write_text(json.dumps(many_facts(6)))
+        config = tmp_path / "config.json"
+        config.write_text(json.dumps({"max_facts": 0, "sample_facts": 4, "test_facts": 1, "doses": [1]}))
+        extra = ["--quick", "--config", str(config)]
+    else:
+        domains.write_text(json.dumps(GOOD))
+    if command == "plan":
+        extra = ["--budget", "10"]
+    return [command, "--model", str(model), "--domains", str(domains), "--out", str(tmp_path / "out.json"),
+            "--quiet", *extra]
+
+
+def no_run_or_load(monkeypatch, command: str) -> None:
+    """The command's run and the model loader raise Ran: a run that starts, or a model loaded, shows."""
+    import importlib
+
+    import dowsing.access.models
+
+    def ran(*args, **kwargs):
+        raise Ran(command)
+
+    module, name = RUNS[command]
+    monkeypatch.setattr(importlib.import_module(module), name, ran)
+    monkeypatch.setattr(dowsing.access.models, "load_model", ran)
+
+
+@pytest.mark.parametrize("command", list(RUNS))
+def test_a_run_over_the_memory_available_is_refused_before_it_starts(command, tmp_path, capsys, monkeypatch,
+                                                                     tiny_gpt2_dir, calibrated):
+    from dowsing.paths import cache_dir
+
+    use_calibration(calibrated)
+    no_run_or_load(monkeypatch, command)
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
+    before = sorted(cache_dir().rglob("*"))
+    code = main(real_run_args(command, tiny_gpt2_dir, tmp_path))
+    out, err = capsys.readouterr()
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("error: The predicted peak") and "1 kB" in lines[0]
+    assert "--ignore-memory-estimate" in lines[1] and out == ""
+    assert not (tmp_path / "out.json").exists()
+    # nothing stored but the memo of the model files' hashes that finds the calibration; the results'
+    # store may have been opened to look for a stored result (its database files, nothing in them)
+    new = [p for p in sorted(cache_dir().rglob("*")) if p not in before and "hashes" not in p.parts]
+    assert all(p.name.startswith("cache.db") or p.name == "results" for p in new), new
+
+
+@pytest.mark.parametrize("command", list(RUNS))
+def test_ignore_memory_estimate_runs_without_estimating(command, tmp_path, capsys, monkeypatch, tiny_gpt2_dir):
+    def no_estimate(*args, **kwargs):
+        raise AssertionError("an estimate was built")
+
+    monkeypatch.setattr(est, ESTIMATES[command], no_estimate)
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
+    no_run_or_load(monkeypatch, command)
+    with pytest.raises(Ran):
+        main(real_run_args(command, tiny_gpt2_dir, tmp_path) + ["--ignore-memory-estimate"])
+    assert "error" not in capsys.readouterr().err
+
+
+def test_an_analysis_over_the_memory_estimate_runs_with_the_flag_and_as_before_with_memory(tmp_path, capsys,
+                                                                                          monkeypatch, tiny_gpt2_dir,
+                                                                                          calibrated):
+    use_calibration(calibrated)
+    out = tmp_path / "out.json"
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
+    code = main(real_run_args("analyze", tiny_gpt2_dir, tmp_path) + ["--ignore-memory-estimate"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "Rank" in stdout and json.loads(out.read_text())["domains"] and "memory" not in stderr
+    out.unlink()
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 10 ** 15)
+    code = main(real_run_args("analyze", tiny_gpt2_dir, tmp_path) + ["--no-cache"])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    assert "Rank" in stdout and out.exists() and "memory" not in stderr and "note" not in stderr
+
+
+def test_a_stored_analysis_is_printed_without_a_memory_check(tmp_path, capsys, monkeypatch, tiny_gpt2_dir,
+                                                              calibrated):
+    use_calibration(calibrated)
+    args = real_run_args("analyze", tiny_gpt2_dir, tmp_path)
+    assert main(args) == 0
+    first = json.loads((tmp_path / "out.json").read_text())
+    capsys.readouterr()
+
+    def no_estimate(*a, **k):
+        raise AssertionError("an estimate was built for a stored result")
+
+    monkeypatch.setattr(est, "estimate_analysis", no_estimate)
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
+    assert main(args) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out.json").read_text())["domains"] == first["domains"]
+    # with --no-cache it computes again, so it is checked, and refused here
+    monkeypatch.undo()
+    monkeypatch.setattr(cost_report, "available_memory_bytes", lambda device="cpu": 1000)
+    assert main(args + ["--no-cache"]) == 2 and "predicted peak" in capsys.readouterr().err
+
+
+def test_the_first_check_says_it_measures_and_a_failed_estimate_does_not_block_the_run(tmp_path, capsys,
+                                                                                       monkeypatch, tiny_gpt2_dir):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no calibration on this machine")
+
+    monkeypatch.setattr(est, "calibrate", broken)  # no calibration is stored: the check must measure
+    for quiet in (False, True):
+        args = real_run_args("analyze", tiny_gpt2_dir, tmp_path) + ["--no-cache"]  # a stored result is not checked
+        code = main([a for a in args if quiet or a != "--quiet"])
+        stdout, stderr = capsys.readouterr()
+        assert code == 0, stderr
+        notes = [line for line in stderr.splitlines() if line.startswith("note: ")]
+        # the announcement is a progress line; the failed estimate is said even with --quiet
+        assert len(notes) == 1 + (not quiet) and ("measuring this machine once" in notes[0]) != quiet
+        assert "no calibration on this machine" in notes[-1] and "running anyway" in notes[-1]
+        assert (tmp_path / "out.json").exists()
+
+
+@pytest.mark.parametrize("command", list(RUNS))
+def test_bad_input_to_a_real_run_is_the_same_one_line_error_with_or_without_the_check(command, tmp_path, capsys):
+    # (the benchmark's run warns about its two domains before it loads the model; the check stops before that)
+    args = real_run_args(command, tmp_path / "no-such-model", tmp_path)
+    errors = []
+    for flag in ([], ["--ignore-memory-estimate"]):
+        code = main(args + flag)
+        errors.append([line for line in capsys.readouterr().err.splitlines() if not line.startswith("warning: ")])
+        assert code == 2 and len(errors[-1]) == 1 and errors[-1][0].startswith("error: ")
+    assert errors[0] == errors[1] and "not found" in errors[0][0].lower()
+    assert not (tmp_path / "out.json").exists()
