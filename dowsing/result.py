@@ -9,7 +9,7 @@ import pandas as pd
 
 # Part of every cache key: a result computed by an older engine (another diagnosis, another
 # order of stages) is recomputed, not shown with today's labels.
-ENGINE_VERSION = "1.7.1"
+ENGINE_VERSION = "1.7.2"
 
 # The paper's estimator, which ranks by the analysis' own solve. This base
 # module sits below the estimator registry and cannot import it, so it spells

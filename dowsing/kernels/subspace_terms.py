@@ -216,8 +216,11 @@ def derivatives_at_zero(line: LogitLine, directions: torch.Tensor, targets: torc
             pb, pbb = both[:, :n_dirs], both[:, n_dirs:]
             p_a = p.mul_(a_tok)  # p * A in place: p itself is not needed again
             pab = (p_a @ big_b).to(torch.float64)
-            pa = p_a.sum(-1, dtype=torch.float64)[:, None]  # (C, 1)
-            paa = p_a.mul_(a_tok).sum(-1, dtype=torch.float64)[:, None]
+            # Summed in the model's dtype, as p B, p B^2 and (p * A) B are: torch's blocked sums keep
+            # them to a few 1e-9 of sum |p A|, below the rounding of p * A itself, at a third of the
+            # time of a float64 sum; the row-wise dot reads A without writing p A^2.
+            pa = p_a.sum(-1).to(torch.float64)[:, None]  # (C, 1)
+            paa = torch.linalg.vecdot(p_a, a_tok).to(torch.float64)[:, None]
             by = big_b[y].to(torch.float64)  # (C, K)
             ay = a_tok.gather(1, y[:, None]).to(torch.float64)  # (C, 1)
             m1 = pb / r - pa * r1 / r ** 2
