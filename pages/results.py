@@ -74,7 +74,10 @@ if len(done) > 1:
     if job_id not in labels:
         ids.insert(0, job_id)
         labels[job_id] = "this run" if partial is None else "this run (still computing)"
-    picked = st.selectbox("Run", ids, index=ids.index(job_id), format_func=labels.get, key=f"result_pick_{job_id}",
+    # a key of its own once the run is whole: under the same key the browser kept showing the label
+    # "this run (still computing)" after the whole result had replaced the partial one
+    picked = st.selectbox("Run", ids, index=ids.index(job_id), format_func=labels.get,
+                          key=f"result_pick_{job_id}" + ("_partial" if partial is not None else ""),
                           help="Every finished run in the history, and what differs from the one before it.")
     if picked != job_id:
         _shared.set_current_job(picked)
