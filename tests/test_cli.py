@@ -156,7 +156,10 @@ def test_cli_end_to_end_on_embedded_default_model(tmp_path, monkeypatch, convert
     monkeypatch.delenv("DOWSING_CACHE")  # reuse the converted model under cache/
     out = tmp_path / "default.json"
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "dowsing", "analyze", "--no-cache", "--quiet", "--out", str(out)],
+    # The memory check before the run has its own tests (tests/test_estimate.py); here its first calibration
+    # on this model, half a minute on a fresh checkout, would only lengthen the suite's longest test.
+    proc = subprocess.run([sys.executable, "-m", "dowsing", "analyze", "--no-cache", "--quiet",
+                           "--ignore-memory-estimate", "--out", str(out)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(out.read_text())
