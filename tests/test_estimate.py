@@ -666,19 +666,8 @@ def test_analyze_estimate_exits_0_writes_nothing_and_runs_nothing(tmp_path, caps
 @pytest.mark.parametrize("command", ["benchmark", "validate"])
 def test_benchmark_and_validate_estimate(command, tmp_path, capsys, tiny_gpt2_dir, calibrated):
     use_calibration(calibrated)
-    domains = tmp_path / "d.json"
-    extra = []
-    if command == "benchmark":
-        # six facts a domain and the smallest collection protocol: a sample of 4, 1 test fact, a dose of 1
-        domains.write_text(json.dumps(many_facts(6)))
-        config = tmp_path / "config.json"
-        config.write_text(json.dumps({"max_facts": 0, "sample_facts": 4, "test_facts": 1, "doses": [1]}))
-        extra = ["--quick", "--config", str(config)]
-    else:
-        domains.write_text(json.dumps(GOOD))
     out = tmp_path / "out.json"
-    code = main([command, "--model", str(tiny_gpt2_dir), "--domains", str(domains), "--out", str(out), "--quiet",
-                 "--estimate", *extra])
+    code = main(real_run_args(command, tiny_gpt2_dir, tmp_path) + ["--estimate"])
     stdout, stderr = capsys.readouterr()
     assert code == 0, stderr
     assert f"Estimated {'benchmark' if command == 'benchmark' else 'validation'}:" in stdout
@@ -757,6 +746,7 @@ def real_run_args(command: str, model, tmp_path: Path) -> list:
     domains = tmp_path / "d.json"
     extra = []
     if command == "benchmark":
+        # six facts a domain and the smallest collection protocol: a sample of 4, 1 test fact, a dose of 1
         domains.write_text(json.dumps(many_facts(6)))
         config = tmp_path / "config.json"
         config.write_text(json.dumps({"max_facts": 0, "sample_facts": 4, "test_facts": 1, "doses": [1]}))
