@@ -206,3 +206,35 @@ def test_a_run_that_fails_in_a_pool_fails_the_map_on_the_callers_thread(passed):
     assert pool.map(run, [0, 1, 2]) == [0, 10, 20]
     with pytest.raises(ValueError, match="run 3 failed"):
         pool.map(run, [0, 1, 2, 3, 4, 5])
+
+
+def test_an_analysis_copies_the_tail_once_and_its_pilots_equal_a_trainer_built_apart(tiny_llama_dir, monkeypatch):
+    """The tail the ranking checks is the one the pilot curve trains: one
+    copy of the model's last blocks in the run, not one to check and one to
+    train. Its priorities and per-fact values equal, bit for bit, a run where
+    the family copies and checks a tail of its own."""
+    from dowsing.access.models import load_model
+    from dowsing.config import AnalysisConfig
+    from dowsing.estimators.context import EstimatorContext
+    from dowsing.kernels import alignment, training
+    from dowsing.pipelines import ranking
+    from dowsing.pipelines.analysis import analyze
+
+    loaded = load_model(str(tiny_llama_dir), dtype="float64")
+    copies = []
+
+    def counted(net, first):
+        copies.append(first)
+        return alignment.tail_model(net, first)
+
+    monkeypatch.setattr(ranking, "tail_model", counted)
+    monkeypatch.setattr(training, "tail_model", counted)
+    config = AnalysisConfig(dtype="float64", estimator="pilot_curve", stage="ranking")
+    shared = analyze(loaded, DOMAINS, config)
+    assert len(copies) == 1
+
+    monkeypatch.setattr(EstimatorContext, "take_tail", lambda self: None)
+    apart = analyze(loaded, DOMAINS, config)
+    assert len(copies) == 3  # the ranking's check, then the family's own copy
+    assert [d.priority for d in shared.domains] == [d.priority for d in apart.domains]
+    assert [e["priority"] for e in shared.per_example] == [e["priority"] for e in apart.per_example]

@@ -82,6 +82,16 @@ class EstimatorContext:
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
     # `units.DomainUnits`: where the per-domain units (the pilot curves) are kept and found; None: none kept
     units: object | None = None
+    # the truncated model (`alignment.tail_model`) the pipeline has checked against the forward pass's
+    # losses, at its starting weights; a family that trains it takes it (`take_tail`), so no one else reads
+    # weights that training changes. None: not built (each family builds its own). Never shipped to workers.
+    tail: object | None = None
+
+    def take_tail(self):
+        """The checked truncated model, handed over once (None after that,
+        or when there is none)."""
+        tail, self.tail = self.tail, None
+        return tail
 
     def payload(self) -> dict:
         """Everything but the model module: its configuration and weights on

@@ -29,7 +29,7 @@ from ..costs import (Cost, block_inputs_bytes, finetune_s, padded_tokens, read_t
                      trainable_params)
 from ..kernels.pilots import PILOT_RECIPE, extrapolate, log_fit, pilot_curve, pilot_sizes, sign_lookahead
 from ..kernels.side_by_side import TrainerPool, pool_workers
-from ..kernels.training import TailTrainer
+from ..kernels.training import TailData, TailTrainer
 from ..storage.units import pilot_key, recomputed_message
 from .registry import Estimator, EstimatorScore, get, register, register_family
 
@@ -112,8 +112,12 @@ class _PilotCurves:
 
     def _trainer(self):
         if self.trainer is None:
-            trainer = TailTrainer(self.ctx.loaded, self.ctx.split)
-            trainer.check()
+            tail = self.ctx.take_tail()
+            if tail is not None:  # checked by the pipeline on every domain's facts: no second copy, no second check
+                trainer = TailTrainer.from_parts(tail, TailData.from_split(self.ctx.split))
+            else:
+                trainer = TailTrainer(self.ctx.loaded, self.ctx.split)
+                trainer.check()
             # a curve's fine-tunes are independent: they run side by side, one per core
             self.trainer = TrainerPool(trainer, pool_workers(trainer.device.type))
         return self.trainer

@@ -103,9 +103,9 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
         return paper_scores(paper_means, paper_per_fact)
     t0 = time.perf_counter()
     settings = ranking_settings(config, len(split.anatomy.down_projs))
-    if split.capture_block is not None:
-        check_ranking_tail(loaded.model, split, config)
-    ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units)
+    tail = check_ranking_tail(loaded.model, split, config) if split.capture_block is not None else None
+    ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units,
+                           tail=tail)
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
     if score.details.get("too_small"):
@@ -153,24 +153,25 @@ def in_fact_order(per_example: list, split: SplitPass, rows_of: list) -> list:
     return out
 
 
-def check_ranking_tail(net, split: SplitPass, config: AnalysisConfig) -> None:
-    """The truncated model must reproduce the facts' losses from their block
-    inputs (`alignment.check_tail`) on the first fact of each domain's two
-    parts: what it catches is the architecture's, which any fact shows, and
-    each domain's block inputs come from its own forward piece, so each is
-    read once. Every fact would cost a pass through the tail (2.7 s on the
-    default domains, a sixth of an analysis after an edit). An architecture
-    whose blocks cannot be cut out is refused in one line too."""
+def check_ranking_tail(net, split: SplitPass, config: AnalysisConfig):
+    """The truncated model (`alignment.tail_model`), once it has reproduced
+    the facts' losses from their block inputs (`alignment.check_tail`) on the
+    first fact of each domain's two parts: what it catches is the
+    architecture's, which any fact shows, and each domain's block inputs come
+    from its own forward piece, so each is read once. Every fact would cost a
+    pass through the tail (2.7 s on the default domains, a sixth of an
+    analysis after an edit). An architecture whose blocks cannot be cut out
+    is refused in one line too. The checked copy goes to the estimator's
+    context, so a family that fine-tunes the tail starts from it instead of
+    copying and checking the model again."""
     try:
         work, embed = tail_model(net, split.capture_block)
     except Exception as exc:  # an architecture whose blocks cannot be cut out
         raise ValueError(f"The estimator {config.estimator} cannot run on this model: its last blocks could not "
                          f"be separated ({type(exc).__name__}: {exc}). Choose the estimator '{PAPER}' or "
                          f"'{MEAN_LOSS}'.") from exc
-    try:
-        work.eval()
-        rows = [part[0] for parts in (split.train_rows, split.held_rows) for part in parts if part]
-        check_tail(work, embed, split.ids, split.block_inputs, split.tokens.fact_losses, config.batch_size,
-                   (PAPER, MEAN_LOSS), sorted(rows))
-    finally:
-        del work
+    work.eval()
+    rows = [part[0] for parts in (split.train_rows, split.held_rows) for part in parts if part]
+    check_tail(work, embed, split.ids, split.block_inputs, split.tokens.fact_losses, config.batch_size,
+               (PAPER, MEAN_LOSS), sorted(rows))
+    return work
