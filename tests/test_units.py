@@ -261,9 +261,11 @@ def test_domains_computed_side_by_side_are_the_pieces_computed_one_after_another
     saved = torch.get_num_threads()
     torch.set_num_threads(2)  # two workers, whatever this machine has
     try:
-        side = domain_pieces(net, anatomy, [d.name for d in domains], [d.facts for d in domains], ids, 4, 1)
+        side, notes = domain_pieces(net, anatomy, tiny.tokenizer, [d.name for d in domains], [d.facts for d in domains],
+                                    4, 1)
     finally:
         torch.set_num_threads(saved)
+    assert notes == []
     # each thread's hooks took its own passes only: every piece is the one computed alone, bit for bit
     for piece, own in zip(side, ids):
         alone = domain_forward(net, anatomy, own, 4, 1)

@@ -27,7 +27,7 @@ from .model_description import ModelDescription, prepared_model
 from .ranking import check_estimator, rank, ranking_split
 from ..result import ENGINE_VERSION, DomainResult, Result
 from ..kernels.saturation import n_grid
-from ..kernels.subspace import encode_facts, make_batches
+from ..kernels.subspace import Encoded, make_batches
 from ..kernels.subspace_solve import (DomainContext, build_domain_context, choose_route, line_coefficients,
                                       solve_domain)
 from ..kernels.uncertainty import DomainKernels, bootstrap_domains, bootstrap_priorities
@@ -166,20 +166,14 @@ def _forward(model: LoadedModel, described: ModelDescription, domains: list, con
     rows_of = [list(range(starts[k], starts[k + 1])) for k in range(len(domains))]
     t0 = time.perf_counter()
     report(Progress("concept vectors", 0.05, f"forward pass over {len(facts)} facts"))
-    # every fact at once, as the limit on a run's tokens and the note on truncated facts read them
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        encoded = encode_facts(model.tokenizer, facts, anatomy.max_positions)
-    notes = [str(w.message) for w in caught]
+    pieces, notes = domain_pieces(net, anatomy, model.tokenizer, [d.name for d in domains],
+                                  [list(d.facts) for d in domains], config.batch_size, first, units, report)
     for note in notes:
         warnings.warn(note, stacklevel=3)
-    # the solve's routes that run the model again read the facts in these batches
-    batches = make_batches(encoded, config.batch_size, next(net.parameters()).device)
-    pieces = domain_pieces(net, anatomy, [d.name for d in domains], [list(d.facts) for d in domains],
-                           [encoded.ids[starts[k]:starts[k + 1]] for k in range(len(domains))], config.batch_size,
-                           first, units, report)
     merged = merge_pieces(pieces)
     del pieces
+    # the solve's routes that run the model again read the facts in these batches
+    batches = make_batches(Encoded(merged.ids, []), config.batch_size, next(net.parameters()).device)
     tokens = merged.tokens
     bad = (~torch.isfinite(tokens.fact_losses)).nonzero().flatten().tolist()
     if bad:

@@ -11,8 +11,11 @@ run's own token ids and dtype and against itself (`forward.check_piece`)
 before use; one that fails is computed again."""
 from __future__ import annotations
 
+import warnings
+
 from ..kernels.forward import ForwardPiece, check_piece, domain_forward
 from ..kernels.side_by_side import pool_workers, side_by_side, threads_per_run
+from ..kernels.subspace import encode_facts
 from ..progress import Progress
 from ..storage.tensors import decode_tensor, encode_tensor
 from ..storage.units import forward_key
@@ -59,17 +62,31 @@ def piece_from_value(value, ids: list, device, dtype) -> ForwardPiece:
     return piece
 
 
-def domain_pieces(net, anatomy, names: list, facts_of: list, ids_of: list, batch_size: int,
-                  capture_block: int | None, units=None, report=None) -> list:
-    """Each domain's forward piece, in domain order: from `units` where one
+def domain_pieces(net, anatomy, tokenizer, names: list, facts_of: list, batch_size: int,
+                  capture_block: int | None, units=None, report=None) -> tuple[list, list]:
+    """(pieces, notes): each domain's forward piece, in domain order, from `units` where one
     is stored for its facts and these settings, else computed (and kept
-    there). facts_of / ids_of: per domain its facts' texts and token ids;
-    anatomy: the model's (`subspace.find_anatomy`).
+    there). facts_of: per domain its facts' texts; anatomy: the model's
+    (`subspace.find_anatomy`).
+
+    Every fact is tokenised first, all domains at once (`subspace.encode_facts`:
+    the limit on a run's tokens is over all of them, and one warning names
+    every truncated fact: that warning is in `notes`, for the user),
+    whether its piece is stored or not: a stored piece is used only for the
+    token ids its facts have now.
 
     The domains to compute run side by side (`side_by_side`), one per core
     on one thread each: a piece is the same whichever thread computes it
     and whatever runs beside it (each fact's numbers come from its own rows
     of every product)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        encoded = encode_facts(tokenizer, [f for facts in facts_of for f in facts], anatomy.max_positions)
+    notes = [str(w.message) for w in caught]
+    starts = [0]
+    for facts in facts_of:
+        starts.append(starts[-1] + len(facts))
+    ids_of = [encoded.ids[a:b] for a, b in zip(starts, starts[1:])]
     report = report or (lambda p: None)
     parameter = next(net.parameters())
     settings = forward_settings(batch_size, capture_block)
@@ -79,7 +96,7 @@ def domain_pieces(net, anatomy, names: list, facts_of: list, ids_of: list, batch
         for key, name, ids in zip(keys, names, ids_of)]
     missing = [k for k, piece in enumerate(pieces) if piece is None]
     if not missing:
-        return pieces
+        return pieces, notes
     workers = pool_workers(parameter.device.type, runs=len(missing))
     report(Progress("concept vectors", 0.05, f"forward pass, domain {missing[0] + 1} of {len(names)}: "
                     f"{names[missing[0]]}" if len(missing) == 1 else
@@ -90,4 +107,4 @@ def domain_pieces(net, anatomy, names: list, facts_of: list, ids_of: list, batch
         pieces[k] = piece
         if keys[k] is not None:
             units.put("forward", keys[k], names[k], piece_value(piece))
-    return pieces
+    return pieces, notes
