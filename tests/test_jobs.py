@@ -65,6 +65,11 @@ def test_the_engine_reports_every_stage_to_its_progress_callback(tiny_gpt2_dir, 
     assert {"concept vectors", "solve", "saturation"} <= set(stages) and set(stages) & ENGINE_STAGES
     fractions = [p.fraction for p in reports]
     assert fractions == sorted(fractions) and fractions[-1] == 1.0
+    # the default ranks before the paper's quantities: the bar's shares follow where the time goes, the pilots
+    # from the end of the forward pass to 0.8, the paper's solve after them
+    ranking = [p.fraction for p in reports if p.stage == "ranking"]
+    solve = [p.fraction for p in reports if p.stage == "solve"]
+    assert 0.2 <= min(ranking) and max(ranking) <= 0.8 <= min(solve)
 
 
 # Three domains of four facts: the fewest a validation's rank correlation and split take.

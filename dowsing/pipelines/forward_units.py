@@ -11,6 +11,7 @@ run's own token ids and dtype and against itself (`forward.check_piece`)
 before use; one that fails is computed again."""
 from __future__ import annotations
 
+import threading
 import warnings
 
 from ..kernels.forward import ForwardPiece, check_piece, domain_forward
@@ -101,8 +102,18 @@ def domain_pieces(net, anatomy, tokenizer, names: list, facts_of: list, batch_si
     report(Progress("concept vectors", 0.05, f"forward pass, domain {missing[0] + 1} of {len(names)}: "
                     f"{names[missing[0]]}" if len(missing) == 1 else
                     f"forward pass over {len(missing)} of {len(names)} domains, {workers} side by side"))
-    fresh = side_by_side(lambda model, k: domain_forward(model, anatomy, ids_of[k], batch_size, capture_block),
-                         missing, [net] * workers, threads_per_run(workers))
+    finished = []
+    lock = threading.Lock()
+
+    def piece_of(model, k):
+        piece = domain_forward(model, anatomy, ids_of[k], batch_size, capture_block)
+        with lock:  # the pieces finish on the workers' threads
+            finished.append(k)
+            report(Progress("concept vectors", 0.05 + 0.05 * len(finished) / len(missing),
+                            f"forward pass: {len(finished)} of {len(missing)} domains done"))
+        return piece
+
+    fresh = side_by_side(piece_of, missing, [net] * workers, threads_per_run(workers))
     for k, piece in zip(missing, fresh):
         pieces[k] = piece
         if keys[k] is not None:
