@@ -757,6 +757,7 @@ class LocalJobRunner:
         self._spare: SpareWorker | None = None
         # the app's pages share one runner across threads: one of them takes the spare, or starts one
         self._spare_lock = threading.Lock()
+        self._reap_lock = threading.Lock()
         # Workers started by this process, so their exit codes can be read
         # (and they are reaped rather than left as zombies: `_reap`).
         self._procs: dict[str, subprocess.Popen] = {}
@@ -768,16 +769,18 @@ class LocalJobRunner:
     def _reap(self) -> None:
         """Collect every worker of ours that has ended, without waiting
         (waitpid WNOHANG through Popen.poll), keeping its exit code. Called
-        on every submit, state and history, so a finished worker does not
-        stay a zombie under a long-lived app process; once none runs, a
-        spare is started again."""
-        for job_id, proc in list(self._procs.items()):
-            code = proc.poll()
-            if code is not None:
-                self._exit_codes[job_id] = code
-                if self._procs.get(job_id) is proc:
-                    del self._procs[job_id]
-        if self.keeps_spare and self._spare is None and not self._procs:
+        on every submit, state and history, and as each worker ends, so a
+        finished worker does not stay a zombie under a long-lived app
+        process; once none runs, a spare is started again."""
+        with self._reap_lock:  # the pages' threads and the threads awaiting each worker's end
+            for job_id, proc in list(self._procs.items()):
+                code = proc.poll()
+                if code is not None:
+                    self._exit_codes[job_id] = code
+                    if self._procs.get(job_id) is proc:
+                        del self._procs[job_id]
+            idle = not self._procs
+        if self.keeps_spare and self._spare is None and idle:
             self._ensure_spare()
 
     def _ensure_spare(self) -> None:
@@ -881,7 +884,16 @@ class LocalJobRunner:
         # could be judged "not our worker" (dead) by a poll in that window.
         # Until then this process knows the worker by its Popen handle.
         self._procs[job_id] = proc
+        if self.keeps_spare:
+            # the next spare starts when this worker ends, not at the next page's poll: the pages stop polling
+            # once a job is done, and a worker ends about a second after its job does, so a spare that waited
+            # for a poll could still be importing, or not started, when the user next clicks
+            threading.Thread(target=self._after_exit, args=(proc,), daemon=True, name=f"await-{job_id[:8]}").start()
         return job_id
+
+    def _after_exit(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        self._reap()
 
     def _worker_env(self) -> tuple[dict, str]:
         """(environment, working folder) of every worker, cold or spare."""
