@@ -238,3 +238,6 @@ def test_an_analysis_copies_the_tail_once_and_its_pilots_equal_a_trainer_built_a
     assert len(copies) == 3  # the ranking's check, then the family's own copy
     assert [d.priority for d in shared.domains] == [d.priority for d in apart.domains]
     assert [e["priority"] for e in shared.per_example] == [e["priority"] for e in apart.per_example]
+    # ranked by mean loss, nothing of the ranking reads the tail: the diagnosis's pilots alone copy one
+    analyze(loaded, DOMAINS, AnalysisConfig(dtype="float64", estimator="mean_loss", stage="ranking"))
+    assert len(copies) == 4

@@ -190,7 +190,8 @@ def test_a_tail_that_does_not_reproduce_the_loss_is_refused(tiny64):
     names = [d["name"] for d in DOMAINS]
 
     def ranked(block_inputs):
-        split = ranking_split(anatomy, directions, tokens, encoded.ids, block_inputs, 1, rows_of, names, config, 0.0)
+        split = ranking_split(net, anatomy, directions, tokens, encoded.ids, block_inputs, 1, rows_of, names, config,
+                              0.0)
         return rank(tiny64, split, rows_of, config, [0.0] * 3, [[0.0]] * 3)
 
     wrong = capture_block_inputs(net, batches, 0)  # the input of block 0, not of block 1

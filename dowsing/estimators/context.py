@@ -82,15 +82,13 @@ class EstimatorContext:
     progress: Callable[[float, str], None] = field(default=lambda fraction, message: None)
     # `units.DomainUnits`: where the per-domain units (the pilot curves) are kept and found; None: none kept
     units: object | None = None
-    # the truncated model (`alignment.tail_model`) the pipeline has checked against the forward pass's
-    # losses, at its starting weights; a family that trains it takes it (`take_tail`), so no one else reads
-    # weights that training changes. None: not built (each family builds its own). Never shipped to workers.
-    tail: object | None = None
 
     def take_tail(self):
-        """The checked truncated model, handed over once (None after that,
-        or when there is none)."""
-        tail, self.tail = self.tail, None
+        """The split pass's checked truncated model (`SplitPass.tail`),
+        handed over once: a family that trains it takes it, so no one else
+        reads weights that training changes. None after that, or where the
+        pipeline built none (the family then builds and checks its own)."""
+        tail, self.split.tail = self.split.tail, None
         return tail
 
     def payload(self) -> dict:
@@ -98,7 +96,7 @@ class EstimatorContext:
         the CPU (a module can hold unpicklable state), for a worker."""
         net = self.loaded.model
         # what the split derives on first use is rebuilt there, not shipped (the terms are K Hessians)
-        split = dataclasses.replace(self.split, line=None, terms=None)
+        split = dataclasses.replace(self.split, line=None, terms=None, tail=None)
         return {"model_config": net.config, "state": {k: v.detach().cpu() for k, v in net.state_dict().items()},
                 "dtype": next(net.parameters()).dtype, "tokenizer": self.loaded.tokenizer, "info": self.loaded.info,
                 "split": split, "settings": self.settings, "checkpoints": self.checkpoints}

@@ -223,6 +223,9 @@ class SplitPass:
     names: list | None = None  # the domains' names
     line: object | None = None  # the LogitLine over these tokens, built on first use (`subspace_terms.logit_line`)
     terms: list | None = None  # DomainTerms per domain, computed on first use (`estimators.subspace.domain_terms_of`)
+    # the truncated model that reads block_inputs, checked against them (`pipelines.ranking.ranking_split`),
+    # at its starting weights until a family that trains it takes it (`EstimatorContext.take_tail`)
+    tail: object | None = None
 
     @property
     def n_train(self) -> int:

@@ -269,7 +269,7 @@ def _ranking(model: LoadedModel, anatomy, domains: list, passed: AnalysisPass, o
     stay as they are."""
     t0 = time.perf_counter()
     report(Progress("ranking", 0.78, f"ranking estimator: {get_estimator(config.estimator).label}"))
-    split = ranking_split(anatomy, passed.directions, passed.tokens, passed.ids,
+    split = ranking_split(model.model, anatomy, passed.directions, passed.tokens, passed.ids,
                           passed.block_inputs, passed.first_block, passed.rows_of, passed.names,
                           config, passed.seconds)
     outcomes = outcomes or [None] * len(domains)
@@ -304,7 +304,7 @@ def _diagnosis(model: LoadedModel, anatomy, passed: AnalysisPass, scores, config
         drops = [fit["drop"][-1] if fit else None for fit in scores.details["fits"]]
     else:
         report(Progress("diagnosis", 0.99, "pilot fine-tunes for the diagnosis"))
-        split = ranking_split(anatomy, passed.directions, passed.tokens, passed.ids,
+        split = ranking_split(model.model, anatomy, passed.directions, passed.tokens, passed.ids,
                               passed.block_inputs, passed.first_block, passed.rows_of, passed.names, config,
                               passed.seconds, halves=True)
         # the pilot gain reads the seed, the batch size and all_facts alone, as when it ranks

@@ -62,19 +62,45 @@ def capture_block_of(depth: int, config: AnalysisConfig) -> int | None:
     return min(wanted) if wanted else None
 
 
-def ranking_split(anatomy, directions, tokens, ids: list, block_inputs: list | None, first: int | None,
+def ranking_split(net, anatomy, directions, tokens, ids: list, block_inputs: list | None, first: int | None,
                   rows_of: list, names: list, config: AnalysisConfig, forward_s: float,
                   halves: bool | None = None) -> SplitPass:
     """The analysis's forward pass as the split pass the ranking estimator
     reads: halves A / B of each domain's rows where it needs a held-out
-    half (or `halves` says so), otherwise every row as a training row."""
+    half (or `halves` says so), otherwise every row as a training row.
+
+    Where the ranking estimator reads block inputs (captured at block
+    `first`), the pass carries the truncated model that reads them (`alignment.tail_model`, blocks first..
+    of `net`), once it has reproduced the facts' losses from those inputs
+    (`alignment.check_tail`) on the first fact of each domain's two parts:
+    what it catches is the architecture's, which any fact shows, and each
+    domain's block inputs come from its own forward piece, so each is read
+    once (every fact would cost a pass through the tail, 2.7 s on the
+    default domains). A family that fine-tunes the tail starts from that
+    checked copy (`EstimatorContext.take_tail`) instead of copying and
+    checking the model again. An architecture whose blocks cannot be cut out
+    is refused in one line."""
     if halves if halves is not None else "held_out" in get(config.estimator).needs:
         halves = [split_order(list(rows), names[k], config.seed) for k, rows in enumerate(rows_of)]
         train, held = [a for a, _ in halves], [b for _, b in halves]
     else:
         train, held = [list(rows) for rows in rows_of], [[] for _ in rows_of]
-    return SplitPass(anatomy, directions, tokens, train, held, sum(len(r) for r in rows_of), forward_s, ids,
-                     block_inputs, first, list(names))
+    split = SplitPass(anatomy, directions, tokens, train, held, sum(len(r) for r in rows_of), forward_s, ids,
+                      block_inputs, first, list(names))
+    if first is None or block_inputs is None or "block_inputs" not in get(config.estimator).needs:
+        return split  # no tail for the ranking (the diagnosis's pilots, if any, build and check their own)
+    try:
+        work, embed = tail_model(net, first)
+    except Exception as exc:  # an architecture whose blocks cannot be cut out
+        raise ValueError(f"The estimator {config.estimator} cannot run on this model: its last blocks could not "
+                         f"be separated ({type(exc).__name__}: {exc}). Choose the estimator '{PAPER}' or "
+                         f"'{MEAN_LOSS}'.") from exc
+    work.eval()
+    rows = [part[0] for parts in (train, held) for part in parts if part]
+    check_tail(work, embed, ids, block_inputs, tokens.fact_losses, config.batch_size, (PAPER, MEAN_LOSS),
+               sorted(rows))
+    split.tail = work
+    return split
 
 
 def paper_scores(paper_means: list, paper_per_fact: list) -> EstimatorScore:
@@ -103,9 +129,7 @@ def rank(loaded, split: SplitPass, rows_of: list, config: AnalysisConfig, paper_
         return paper_scores(paper_means, paper_per_fact)
     t0 = time.perf_counter()
     settings = ranking_settings(config, len(split.anatomy.down_projs))
-    tail = check_ranking_tail(loaded.model, split, config) if split.capture_block is not None else None
-    ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units,
-                           tail=tail)
+    ctx = EstimatorContext(loaded, split, settings, checkpoints, progress or (lambda fraction, message: None), units)
     score = compute(ctx, [name])[0]
     score.per_example = in_fact_order(score.per_example, split, rows_of)
     if score.details.get("too_small"):
@@ -151,27 +175,3 @@ def in_fact_order(per_example: list, split: SplitPass, rows_of: list) -> list:
         value = dict(zip(list(split.train_rows[k]) + list(split.held_rows[k]), per_example[k]))
         out.append([float(value[r]) for r in rows])
     return out
-
-
-def check_ranking_tail(net, split: SplitPass, config: AnalysisConfig):
-    """The truncated model (`alignment.tail_model`), once it has reproduced
-    the facts' losses from their block inputs (`alignment.check_tail`) on the
-    first fact of each domain's two parts: what it catches is the
-    architecture's, which any fact shows, and each domain's block inputs come
-    from its own forward piece, so each is read once. Every fact would cost a
-    pass through the tail (2.7 s on the default domains, a sixth of an
-    analysis after an edit). An architecture whose blocks cannot be cut out
-    is refused in one line too. The checked copy goes to the estimator's
-    context, so a family that fine-tunes the tail starts from it instead of
-    copying and checking the model again."""
-    try:
-        work, embed = tail_model(net, split.capture_block)
-    except Exception as exc:  # an architecture whose blocks cannot be cut out
-        raise ValueError(f"The estimator {config.estimator} cannot run on this model: its last blocks could not "
-                         f"be separated ({type(exc).__name__}: {exc}). Choose the estimator '{PAPER}' or "
-                         f"'{MEAN_LOSS}'.") from exc
-    work.eval()
-    rows = [part[0] for parts in (split.train_rows, split.held_rows) for part in parts if part]
-    check_tail(work, embed, split.ids, split.block_inputs, split.tokens.fact_losses, config.batch_size,
-               (PAPER, MEAN_LOSS), sorted(rows))
-    return work
