@@ -223,3 +223,42 @@ def test_two_pages_submitting_at_once_share_one_spare_and_closing_spares_their_j
     done = [wait(runner, job_id, lambda s: not s.active)[0] for job_id in ids]
     assert [s.status for s in done] == ["done", "done"], done
     assert sorted(s.pid == spare for s in done) == [False, True]
+
+
+def test_a_preloaded_model_is_the_next_load_of_it_once_and_another_model_frees_it(tiny_gpt2_dir, tiny_llama_dir,
+                                                                                   tmp_path):
+    """What a spare loads before its job is what the job's load_model gets,
+    once, while the model's files are unchanged; a job that wants another
+    model (or dtype) gets that one, and the preloaded copy is let go."""
+    import shutil
+
+    from dowsing.access import models
+
+    folder = tmp_path / "gpt2"
+    shutil.copytree(tiny_gpt2_dir, folder)
+    kept = models.preload(str(folder))
+    assert models.load_model(str(folder)) is kept
+    again = models.load_model(str(folder))  # taken once: this one is loaded
+    assert again is not kept and again.info.fingerprint == kept.info.fingerprint
+
+    for other in (lambda: models.load_model(str(tiny_llama_dir)), lambda: models.load_model(str(folder), dtype="float64")):
+        kept = models.preload(str(folder))
+        assert other() is not kept and models._preloaded == {}
+
+    kept = models.preload(str(folder))
+    config = folder / "config.json"
+    config.write_text(config.read_text().replace("}", ', "dowsing_note": 1}', 1))  # its files changed since
+    assert models.load_model(str(folder)) is not kept and models._preloaded == {}
+
+
+def test_the_default_is_preloaded_only_where_its_converted_copy_exists(tmp_path, monkeypatch,
+                                                                       converted_embedded_model):
+    from dowsing.access import models
+
+    monkeypatch.setenv("DOWSING_CACHE", str(tmp_path / "empty"))
+    assert models.preload_default() is False and models._preloaded == {}
+    assert not (tmp_path / "empty" / "models").exists()  # nothing converted by a waiting worker
+    monkeypatch.setenv("DOWSING_CACHE", str(converted_embedded_model.parent.parent))
+    assert models.preload_default() is True
+    kept = next(iter(models._preloaded.values()))
+    assert kept.info.id == models.EMBEDDED_ID and models.load_model(None) is kept and models._preloaded == {}

@@ -202,10 +202,14 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
         raise
 
 
+def converted_path(gguf: Path) -> Path:
+    """Where the safetensors copy of a GGUF file is kept (made or not)."""
+    return cache_dir() / "models" / f"{gguf.stem}-{file_sha256(gguf)[:12]}-v{CONVERSION_VERSION}"
+
+
 def converted_dir(gguf: Path) -> Path:
     """The safetensors copy of a GGUF file, made on first use."""
-    digest = file_sha256(gguf)
-    target = cache_dir() / "models" / f"{gguf.stem}-{digest[:12]}-v{CONVERSION_VERSION}"
+    target = converted_path(gguf)
     if not (target / "config.json").is_file():
         target.parent.mkdir(parents=True, exist_ok=True)
         _quiet_transformers()
@@ -324,9 +328,41 @@ def _revision(model) -> str:
     return str(getattr(model.config, "_commit_hash", None) or getattr(model.config, "_name_or_path", "unknown"))
 
 
+# The model a worker loaded before it had a job (`preload`), by (id, device, dtype): the job's `load_model`
+# takes it instead of reading the weights again. At most one, taken once; a job that wants another model frees
+# it before loading that one.
+_preloaded: dict = {}
+
+
+def preload(model_id: str | None = None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
+    """Load a model now for this process's next `load_model` of it (the
+    app's spare worker does, for the default model, before its job comes).
+    A local model only: a hub model's identity is read as it loads."""
+    loaded = load_model(model_id, device, dtype)
+    _preloaded.clear()
+    if loaded.info.source != "hub":
+        _preloaded[(loaded.info.id, device, dtype)] = loaded
+    return loaded
+
+
+def preload_default() -> bool:
+    """`preload` the embedded default model where its converted copy exists
+    already: a worker waiting for a job never converts (half a minute of CPU
+    beside the app's first pages). True when it was loaded."""
+    try:
+        ready = (converted_path(embedded_gguf_path()) / "config.json").is_file()
+    except ModelError:
+        return False
+    if ready:
+        preload(None)
+    return ready
+
+
 def load_model(model_id: str | None = None, device: str = "cpu", dtype: str = "float32") -> LoadedModel:
     """Load a causal LM in eval mode with eager attention (double backprop
-    does not pass through fused attention kernels)."""
+    does not pass through fused attention kernels). The copy `preload`
+    loaded, when it is this model (its files' fingerprint unchanged), is
+    returned instead of loading again."""
     if dtype not in DTYPES:
         raise ModelError(f"Unknown dtype {dtype!r}: use float32, float64 or bfloat16.")
     if dtype == "bfloat16" and device != "cuda":
@@ -339,6 +375,8 @@ def load_model(model_id: str | None = None, device: str = "cpu", dtype: str = "f
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     canonical, source, location = resolve_model(model_id)
+    kept = _preloaded.pop((canonical, device, dtype), None)
+    _preloaded.clear()  # another model: the preloaded one is freed before this one loads
     torch_dtype = DTYPES[dtype]
     try:
         if source in ("embedded", "gguf"):
@@ -349,6 +387,8 @@ def load_model(model_id: str | None = None, device: str = "cpu", dtype: str = "f
             fingerprint = directory_fingerprint(folder)
         else:
             folder = None
+        if folder is not None and kept is not None and kept.info.fingerprint == str(fingerprint):
+            return kept
         if folder is not None:
             tokenizer = AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
             model = AutoModelForCausalLM.from_pretrained(
