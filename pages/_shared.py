@@ -466,7 +466,7 @@ def model_status(box) -> None:
             return
         if choice.note:
             st.caption(md_escape(choice.note))
-        with st.spinner("Loading model… (the embedded model is converted once, ~40 s)"):
+        with st.spinner("Loading model… (the embedded model is converted once, about 15 s)"):
             loaded, error = _load(choice.model_id, device, dtype)
         if error:
             st.error(md_escape(error))

@@ -70,7 +70,7 @@ def tiny_llama_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def converted_embedded_model() -> Path:
     """The embedded default model's safetensors copy under the repo's cache/
-    (made once on a fresh checkout, ~40 s), shared by every process."""
+    (made once on a fresh checkout, 10-15 s), shared by every process."""
     from dowsing.access.models import converted_dir, embedded_gguf_path
 
     cache = REPO / "cache"

