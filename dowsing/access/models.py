@@ -350,7 +350,7 @@ def preload(model_id: str | None = None, device: str = "cpu", dtype: str = "floa
 
 def preload_default() -> bool:
     """`preload` the embedded default model where its converted copy exists
-    already: a worker waiting for a job never converts (half a minute of CPU
+    already: a worker waiting for a job never converts (10-15 s of CPU
     beside the app's first pages). True when it was loaded."""
     try:
         ready = (converted_path(embedded_gguf_path()) / "config.json").is_file()
