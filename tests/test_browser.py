@@ -45,7 +45,7 @@ def _free_port() -> int:
 
 def _seed_embedded_model(cache: Path) -> None:
     """Give the app an already converted embedded model, so the first page
-    load (which loads the default model) takes a second instead of a ~40 s
+    load (which loads the default model) takes a second instead of a 10-15 s
     conversion in the middle of the test. Converts once into the repo cache
     on a fresh checkout (the CLI test reuses it), then copies it."""
     from dowsing.access.models import converted_dir, embedded_gguf_path
