@@ -40,18 +40,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(REPO / "tests"))  # the browser tests' server start, shared
+
+import streamlit_server  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 POLL_MS = 250  # a user does not query the page ten times a second: the probe itself takes CPU from the run
@@ -76,48 +77,10 @@ PROBE = """(names) => {
 }"""
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_server(cache: Path) -> tuple[subprocess.Popen, str]:
     env = dict(os.environ, DOWSING_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1")
     env.pop("DOWSING_SPARE_WORKER", None)  # the default: a warm spare
-    port = free_port()
-    log = open(cache / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read().strip() == b"ok":
-                    return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("streamlit did not start:\n" + (cache / "streamlit.log").read_text()[-3000:])
-        time.sleep(0.3)
-
-
-def stop_server(proc: subprocess.Popen) -> None:
-    # the server's own session: its spare worker goes with it
-    try:
-        os.killpg(proc.pid, 15)
-        proc.wait(timeout=15)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        try:
-            os.killpg(proc.pid, 9)
-        except ProcessLookupError:
-            pass
+    return streamlit_server.start(REPO / "app.py", REPO, env, cache / "streamlit.log")
 
 
 def idle(page, timeout_s: float = 180) -> None:
@@ -297,7 +260,7 @@ def main() -> None:
                     page.screenshot(path=str(HERE / "out" / f"browser-run-{name}.png"), full_page=True)
                 browser.close()
         finally:
-            stop_server(proc)
+            streamlit_server.stop(proc)
     (HERE / "out" / args.out).write_text(json.dumps(report, indent=2))
 
 

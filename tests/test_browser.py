@@ -10,14 +10,14 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
+
+import streamlit_server
 
 REPO = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -35,12 +35,6 @@ pytestmark = pytest.mark.skipif(
     not Path(CHROMIUM).exists(),
     reason="Debian's Chromium is not installed at /usr/bin/chromium (apt-get install chromium; .ci/run does it)",
 )
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _seed_embedded_model(cache: Path) -> None:
@@ -66,38 +60,13 @@ def _seed_embedded_model(cache: Path) -> None:
 def server(tmp_path_factory, tiny_gpt2_dir, converted_embedded_model):
     cache = tmp_path_factory.mktemp("browser-cache")
     _seed_embedded_model(cache)
-    port = _free_port()
     # cold workers: a warm spare runs the tiny model's analysis in half a second, before the page's first look,
     # and this test reads the progress the page shows while a job runs (the spare has tests of its own)
     env = dict(os.environ, DOWSING_CACHE=str(cache), HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
                DOWSING_SPARE_WORKER="0")
-    log = open(cache / "streamlit.log", "wb")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", str(REPO / "app.py"), "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true", "--browser.gatherUsageStats", "false",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
-                if response.read().strip() == b"ok":
-                    break
-        except OSError:
-            pass
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("streamlit did not start:\n" + (cache / "streamlit.log").read_text()[-3000:])
-        time.sleep(0.3)
+    proc, url = streamlit_server.start(REPO / "app.py", REPO, env, cache / "streamlit.log")
     yield {"url": url, "cache": cache, "tiny": str(tiny_gpt2_dir)}
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    log.close()
+    streamlit_server.stop(proc)
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,8 @@ from streamlit.testing.v1 import AppTest
 
 from dowsing.safe_text import md_escape
 
+import streamlit_server
+
 APP = str(Path(__file__).resolve().parent.parent / "app.py")
 
 
@@ -363,11 +365,6 @@ def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
     (the invisible word joiners aside), no element but the paragraph, and no
     request anywhere."""
     import re
-    import socket
-    import subprocess
-    import sys
-    import time
-    import urllib.request
 
     playwright = pytest.importorskip("playwright.sync_api")
     repo = Path(__file__).resolve().parent.parent
@@ -383,28 +380,14 @@ def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
         "st.button('B1<<' + md_escape(HOSTILE[1]) + '>>')\n"
         "with st.expander('E0<<' + md_escape(HOSTILE[0]) + '>>'):\n"
         "    pass\n")
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    server = subprocess.Popen([sys.executable, "-m", "streamlit", "run", str(script), "--server.headless", "true",
-                               "--server.port", str(port), "--server.address", "127.0.0.1",
-                               "--browser.gatherUsageStats", "false"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+    server, url = streamlit_server.start(script, tmp_path, dict(os.environ))
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "streamlit did not start"
-                time.sleep(0.5)
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
             page = browser.new_page()
             requests = []
             page.on("request", lambda r: requests.append(r.url))
-            page.goto(f"http://127.0.0.1:{port}/")
+            page.goto(f"{url}/")
             page.wait_for_selector("text=E0<<", timeout=60_000)
             page.wait_for_timeout(2000)  # lazily loaded Markdown plugins (emoji, KaTeX)
             shown = page.eval_on_selector_all(
@@ -412,8 +395,7 @@ def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
                 "els => els.map(e => [e.innerText, e.innerHTML])")
             browser.close()
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        streamlit_server.stop(server)
     seen = set()
     for text, html in shown:
         found = re.fullmatch(r"([MCIBE])(\d+)<<(.*)>>", text.replace("\u2060", ""), re.S)
@@ -423,7 +405,7 @@ def test_escaped_text_renders_as_typed_in_a_real_browser(tmp_path):
         assert set(re.findall(r"<(\w+)", html)) <= {"p"}, (kind, html)
         seen.add(kind + index)
     assert len(seen) == 2 * len(MARKDOWN_HOSTILE) + 3
-    assert all(r.startswith(f"http://127.0.0.1:{port}/") for r in requests), requests
+    assert all(r.startswith(f"{url}/") for r in requests), requests
 
 
 HOSTILE_SET = "<b>Hostile :red[set] ![s](x)"
